@@ -1,0 +1,71 @@
+"""Typed settings for models and pipelines.
+
+They live in the pipeline package so that the pipeline can run without the
+node; ``dicom_node.config`` embeds them in the node's settings.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Task(str, Enum):
+    """What a pipeline does with its model's output."""
+
+    CLASSIFY = "classify"
+    SEGMENT = "segment"
+
+
+class Output(str, Enum):
+    """Artifacts a pipeline can write."""
+
+    JSON = "json"
+    PNG = "png"
+    PDF = "pdf"
+    SR = "sr"
+    SECONDARY_CAPTURE = "sc"
+    ENCAPSULATED_PDF = "encapsulated_pdf"
+    SEG = "seg"
+
+
+class ModelSpec(_Frozen):
+    """One loadable model version (a MONAI bundle folder or a TorchScript file)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: Path
+    version: str | None = None
+    default: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(default=8, ge=1, le=1024)
+    max_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    warmup: bool = True
+
+
+class SeriesRules(_Frozen):
+    """Which series of a study a pipeline can use; empty lists accept anything."""
+
+    modalities: list[str] = Field(default_factory=list)
+    sop_class_uids: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    min_instances: int = Field(default=1, ge=1)
+
+
+class PipelineSpec(_Frozen):
+    """A named pipeline: a model, a task, series rules and the artifacts to write."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str
+    model_version: str | None = None
+    task: Task
+    series: SeriesRules = Field(default_factory=SeriesRules)
+    outputs: list[Output] = Field(default_factory=lambda: list(Output))
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    destinations: list[str] = Field(default_factory=list)

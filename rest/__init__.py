@@ -1,0 +1,1 @@
+"""The node's HTTP side: one aiohttp application, one module per API family."""
