@@ -1,0 +1,303 @@
+"""``dicom-node``: serve, check a config, manage jobs, mint tokens.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dicom_node
+from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.errors import NodeError
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+_EPILOG = """\
+examples:
+  dicom-node serve                          # embedded defaults, data in ./data
+  dicom-node serve --config configs/node.yaml --data-dir /srv/dicom-node
+  dicom-node check-config configs/node.yaml
+  dicom-node jobs list --state failed
+  dicom-node token --scope infer --expires 8h
+
+Settings come from the YAML file, then DICOM_NODE_* environment variables
+(DICOM_NODE_DIMSE__PORT=11113), then the options below.
+"""
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, metavar="FILE",
+                   help="YAML settings (default: built-in defaults, see configs/node.yaml)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="where the store, studies, results and inbox live (default ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-node",
+        description="A DICOM node that receives studies, runs AI models on them and sends "
+        "the results back.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version",
+                        version=f"dicom-node {dicom_node.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the node (DICOM, HTTP, drop folders, jobs)",
+                           description="Run the node until Ctrl-C or SIGTERM. Running jobs "
+                           "get executor.grace_period_s to finish; the rest are re-queued.")
+    _config_options(serve)
+    serve.add_argument("--dicom-port", type=int, metavar="N", help="DICOM listening port")
+    serve.add_argument("--http-port", type=int, metavar="N", help="HTTP listening port")
+    serve.add_argument("--ae-title", metavar="T", help="the node's own AE title")
+
+    check = sub.add_parser("check-config", help="validate a settings file and exit",
+                           description="Load FILE as `serve` would; print the problem and exit "
+                           "2 if it is wrong, print a summary and exit 0 if not.")
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--data-dir", type=Path, metavar="DIR")
+
+    jobs = sub.add_parser("jobs", help="list, show, cancel or retry jobs",
+                          description="Inspect and steer jobs in the store (works whether or "
+                          "not the node is running).")
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    jl = jsub.add_parser("list", help="recent jobs, newest first")
+    _config_options(jl)
+    jl.add_argument("--state", action="append",
+                    choices=["queued", "retrieving", "running", "exporting", "succeeded",
+                             "failed", "cancelled"], help="only jobs in this state (repeatable)")
+    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--json", action="store_true", help="one JSON object per line")
+    for name, text in (("show", "one job with its history, artifacts and exports"),
+                       ("cancel", "cancel a queued job, or stop a running one"),
+                       ("retry", "queue a failed or cancelled job again")):
+        jp = jsub.add_parser(name, help=text)
+        _config_options(jp)
+        jp.add_argument("job_id", metavar="JOB_ID")
+        if name == "show":
+            jp.add_argument("--json", action="store_true")
+
+    token = sub.add_parser("token", help="mint a JWT for the HTTP APIs",
+                           description="Sign a token with the node's secret and print it alone "
+                           "on the last line.")
+    _config_options(token)
+    token.add_argument("--subject", default="dicom-node-cli", help="the `sub` claim")
+    token.add_argument("--scope", action="append", choices=["infer", "read", "admin"],
+                       help="scopes to grant (repeatable; default infer and read)")
+    token.add_argument("--expires", default="1h", metavar="DURATION",
+                       help="lifetime: seconds or a number with s/m/h/d (default 1h)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        if args.command == "check-config":
+            return _check_config(args)
+        settings = _settings(args)
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "jobs":
+            return _jobs(args, settings)
+        if args.command == "token":
+            return _token(args, settings)
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    parser.error(f"unknown command {args.command}")
+    return EXIT_CONFIG
+
+
+def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
+    overrides: dict[str, Any] = {
+        "storage.data_dir": str(args.data_dir) if getattr(args, "data_dir", None) else None,
+        "dimse.port": getattr(args, "dicom_port", None),
+        "rest.port": getattr(args, "http_port", None),
+        "dimse.ae_title": getattr(args, "ae_title", None),
+    }
+    return load_settings(config or getattr(args, "config", None), overrides=overrides)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    s = _settings(args, config=args.file)
+    print(f"{args.file}: OK")
+    print(f"  data directory  {s.data_dir.resolve()}")
+    print(f"  store           {s.database_url}")
+    print(f"  DICOM           {s.dimse.ae_title} on port {s.dimse.port}; called AE titles: "
+          f"{', '.join(a.ae_title for a in s.ae_titles) or 'none'}")
+    print(f"  HTTP            port {s.rest.port}" if s.rest.enabled else "  HTTP            off")
+    print(f"  models          {', '.join(m.name for m in s.models) or 'none'}")
+    print(f"  pipelines       {', '.join(p.name for p in s.pipelines) or 'none'}")
+    print(f"  destinations    {', '.join(d.name for d in s.destinations) or 'none'}")
+    print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    from dicom_node.logs import configure_logging
+    from dicom_node.node import Node
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    node = Node(settings)
+    try:
+        asyncio.run(node.run())
+    except OSError as exc:  # a port in use, a data directory we cannot write
+        node.log.error("cannot start", error=str(exc))
+        print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except NodeError as exc:
+        node.log.error("cannot start", error=str(exc))
+        print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0
+
+
+def _open_store(settings: Settings) -> Any:
+    from dicom_node.store import Store
+
+    return Store(settings.database_url).open()
+
+
+def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node.store import JobState
+
+    store = _open_store(settings)
+    try:
+        if args.jobs_command == "list":
+            states = [JobState(s) for s in args.state] if args.state else None
+            rows = store.list_jobs(states, limit=args.limit)
+            if args.json:
+                for job in rows:
+                    print(json.dumps(_job_json(job)))
+                return 0
+            if not rows:
+                print("no jobs")
+                return 0
+            print(f"{'JOB ID':36}  {'STATE':10}  {'PRI':>3}  {'TRY':>3}  {'PIPELINE':16}  CREATED")
+            for job in rows:
+                print(f"{job.id:36}  {job.state.value:10}  {job.priority:>3}  "
+                      f"{job.attempts:>3}  {job.pipeline[:16]:16}  "
+                      f"{job.created_at:%Y-%m-%d %H:%M:%S}Z")
+            return 0
+        job_id = args.job_id
+        if args.jobs_command == "show":
+            job = store.find_job(job_id)
+            data = _job_json(job)
+            data["events"] = [{"at": e.at.isoformat(), "state": e.state.value,
+                               "message": e.message} for e in store.events(job.id)]
+            data["artifacts"] = [{"kind": a.kind, "path": a.path, "media_type": a.media_type}
+                                 for a in store.artifacts_of(job.id)]
+            data["exports"] = [{"destination": x.destination, "state": x.state,
+                                "attempts": x.attempts, "sent": x.sent, "message": x.message}
+                               for x in store.exports_of(job.id)]
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                _print_job(data)
+            return 0
+        if args.jobs_command == "cancel":
+            job = store.request_cancel(store.find_job(job_id).id)
+            print(f"{job.id}: {'cancelled' if job.state is JobState.CANCELLED else 'cancel requested'}")
+            return 0
+        if args.jobs_command == "retry":
+            job = store.retry(store.find_job(job_id).id)
+            print(f"{job.id}: queued again")
+            return 0
+    finally:
+        store.close()
+    return EXIT_CONFIG
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    def ts(v: Any) -> str | None:
+        return v.isoformat() if v else None
+
+    return {
+        "id": job.id, "state": job.state.value, "pipeline": job.pipeline, "kind": job.kind,
+        "priority": job.priority, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "study_instance_uid": job.study_instance_uid, "called_ae": job.called_ae,
+        "calling_ae": job.calling_ae, "transaction_id": job.transaction_id,
+        "created_at": ts(job.created_at), "started_at": ts(job.started_at),
+        "finished_at": ts(job.finished_at), "error": job.error, "result": job.result,
+    }
+
+
+def _print_job(d: dict[str, Any]) -> None:
+    for key in ("id", "state", "pipeline", "kind", "priority", "attempts", "study_instance_uid",
+                "called_ae", "calling_ae", "transaction_id", "created_at", "started_at",
+                "finished_at", "error"):
+        if d.get(key) not in (None, ""):
+            print(f"{key:20} {d[key]}")
+    print("history:")
+    for e in d["events"]:
+        print(f"  {e['at']}  {e['state']:10}  {e['message'] or ''}")
+    if d["artifacts"]:
+        print("artifacts:")
+        for a in d["artifacts"]:
+            print(f"  {a['kind']:16} {a['path']}")
+    if d["exports"]:
+        print("exports:")
+        for x in d["exports"]:
+            print(f"  {x['destination']:16} {x['state']:10} sent {x['sent']} in "
+                  f"{x['attempts']} attempts  {x['message'] or ''}")
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``8h``, ``30d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise NodeError(f"--expires: {text!r} is not a duration like 900, 15m, 8h or 30d") from None
+    if value <= 0:
+        raise NodeError("--expires must be positive")
+    return int(value)
+
+
+def _token(args: argparse.Namespace, settings: Settings) -> int:
+    import jwt
+
+    from dicom_node.secrets import read_jwt_secret
+
+    if "HS256" not in settings.auth.algorithms:
+        raise NodeError("this node verifies tokens with a public key; mint them where the "
+                        "private key is")
+    secret = read_jwt_secret(settings.jwt_secret_file)
+    now = int(time.time())
+    lifetime = parse_duration(args.expires)
+    claims: dict[str, Any] = {"sub": args.subject, "iat": now, "exp": now + lifetime,
+                              "scope": " ".join(args.scope or ["infer", "read"])}
+    if settings.auth.audience:
+        claims["aud"] = settings.auth.audience
+    if settings.auth.issuer:
+        claims["iss"] = settings.auth.issuer
+    token = jwt.encode(claims, secret, algorithm="HS256")
+    print(f"# scopes: {claims['scope']}; expires in {lifetime} s "
+          f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))})", file=sys.stderr)
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

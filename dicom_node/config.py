@@ -1,0 +1,444 @@
+"""The node's settings: one frozen, typed object loaded from YAML + environment + CLI.
+
+Loading order (later wins): built-in defaults, the YAML file, ``DICOM_NODE_…``
+environment variables (``__`` separates nested keys, e.g.
+``DICOM_NODE_DIMSE__PORT=11113``), then CLI overrides. Every problem is raised
+as one :class:`ConfigError` naming the file, the key path and what is wrong.
+
+Relative paths inside the settings are relative to ``storage.data_dir``, so
+moving the data directory moves the store, the studies, the results and the
+drop folder together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.settings import ModelSpec, PipelineSpec
+
+ENV_PREFIX = "DICOM_NODE_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# AE titles: up to 16 characters of the Default Character Repertoire, no backslash
+# or control characters, not all spaces (PS3.5 6.2).
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names the file and the key path."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            "must be 1-16 printable ASCII characters, no backslash, not all spaces"
+        )
+    return value.strip()
+
+
+class Grouping(str, Enum):
+    STUDY = "study"
+    SERIES = "series"
+
+
+class DuplicatePolicy(str, Enum):
+    OVERWRITE = "overwrite"
+    KEEP_FIRST = "keep_first"
+
+
+class TlsSettings(_Section):
+    """TLS for a listener or a connection; paths are relative to the data directory."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificate: Path | None = None  # when set, peers must present a certificate it signed
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/node.db
+    studies_dir: Path = Path("studies")
+    results_dir: Path = Path("results")
+    min_free_mb: int = Field(default=500, ge=0)
+
+
+class DimseSettings(_Section):
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_associations: int = Field(default=25, ge=1, le=1000)
+    maximum_pdu_size: int = Field(default=0, ge=0)
+    acse_timeout_s: float = Field(default=30, gt=0)
+    dimse_timeout_s: float = Field(default=30, gt=0)
+    network_timeout_s: float = Field(default=60, gt=0)
+    tls: TlsSettings | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class AETitleSettings(_Section):
+    """A called AE title the node answers to, and what it does with what it receives."""
+
+    ae_title: str
+    pipelines: list[str] = Field(default_factory=list)
+    grouping: Grouping = Grouping.STUDY
+    timeout_s: float = Field(default=5.0, gt=0, le=86_400)
+    complete_on_release: bool = True
+    sources: list[str] = Field(default_factory=list)  # names in `sources`
+    reject_unknown_sources: bool = False
+    allowed_sop_classes: list[str] = Field(default_factory=list)  # empty: all storage
+    ignored_sop_classes: list[str] = Field(default_factory=list)
+    duplicates: DuplicatePolicy = DuplicatePolicy.OVERWRITE
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class SourceSettings(_Section):
+    """A peer that sends to us or that we retrieve from (a PACS)."""
+
+    name: str = Field(pattern=_NAME)
+    ae_title: str
+    host: str
+    port: int = Field(default=104, ge=1, le=65535)
+    retrieve: Literal["c-move", "c-get"] = "c-move"
+    dicomweb_url: str | None = None
+    tls: TlsSettings | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    backoff_s: float = Field(default=2.0, ge=0)
+    backoff_max_s: float = Field(default=300.0, ge=0)
+
+
+class DestinationSettings(_Section):
+    """Where results go: a DIMSE peer (C-STORE), a DICOMweb server (STOW-RS) or a folder."""
+
+    name: str = Field(pattern=_NAME)
+    type: Literal["dimse", "dicomweb", "folder"]
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    url: str | None = None
+    path: Path | None = None
+    tls: TlsSettings | None = None
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    @model_validator(mode="after")
+    def _needs(self) -> DestinationSettings:
+        required = {"dimse": ("ae_title", "host", "port"), "dicomweb": ("url",), "folder": ("path",)}
+        missing = [k for k in required[self.type] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a {self.type} destination needs {', '.join(missing)}")
+        if self.ae_title is not None:
+            _check_ae_title(self.ae_title)
+        return self
+
+
+class WatchSettings(_Section):
+    """A drop folder."""
+
+    name: str = Field(pattern=_NAME)
+    path: Path
+    pipelines: list[str] = Field(default_factory=list)
+    grouping: Grouping = Grouping.STUDY
+    output: Path | None = None  # default: <results_dir>/<name>
+    destinations: list[str] = Field(default_factory=list)
+    on_done: Literal["move", "delete", "keep"] = "move"
+    recursive: bool = True
+    settle_s: float = Field(default=2.0, ge=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class RestSettings(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=5000, ge=1, le=65535)
+    max_body_mb: float = Field(default=50, gt=0)
+    # Server-side paths named in requests must resolve inside one of these.
+    allowed_roots: list[Path] = Field(
+        default_factory=lambda: [Path("."), PROJECT_ROOT / "samples"]
+    )
+    allow_any_url: bool = False
+    tls: TlsSettings | None = None
+
+
+class ApiKeySettings(_Section):
+    name: str = Field(pattern=_NAME)
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    group: str = "default"
+    scopes: list[Literal["infer", "read", "admin"]] = Field(default_factory=lambda: ["infer", "read"])
+
+
+class AuthSettings(_Section):
+    jwt_secret_file: Path = Path("jwt_secret")
+    jwt_public_key_file: Path | None = None
+    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(default_factory=lambda: ["HS256"])
+    audience: str | None = None
+    issuer: str | None = None
+    token_default_expiry_s: int = Field(default=3600, ge=1)
+    api_keys: list[ApiKeySettings] = Field(default_factory=list)
+
+
+class ExecutorSettings(_Section):
+    kind: Literal["thread", "celery"] = "thread"
+    workers: int = Field(default=1, ge=1, le=64)
+    runner: str = Field(default="dicom_node.handler:create_handler", pattern=r"^[\w.]+:\w+$")
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    grace_period_s: float = Field(default=30.0, ge=0)
+    poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    lease_s: float = Field(default=60.0, gt=1)
+    broker_url: str | None = None
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    """Everything the node needs to start; valid once constructed."""
+
+    node_name: str = Field(default="dicom-node", pattern=_NAME)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    dimse: DimseSettings = Field(default_factory=DimseSettings)
+    ae_titles: list[AETitleSettings] = Field(
+        default_factory=lambda: [AETitleSettings(ae_title="DICOMNODE")]
+    )
+    sources: list[SourceSettings] = Field(default_factory=list)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    models: list[ModelSpec] = Field(default_factory=list)
+    pipelines: list[PipelineSpec] = Field(default_factory=list)
+    watch: list[WatchSettings] = Field(
+        default_factory=lambda: [WatchSettings(name="inbox", path=Path("inbox"))]
+    )
+    rest: RestSettings = Field(default_factory=RestSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        """Names used in one section must exist in another; names are unique."""
+        _unique("ae_titles", [a.ae_title for a in self.ae_titles])
+        _unique("sources", [s.name for s in self.sources])
+        _unique("destinations", [d.name for d in self.destinations])
+        _unique("pipelines", [p.name for p in self.pipelines])
+        _unique("watch", [w.name for w in self.watch])
+        _unique("models", [f"{m.name}@{m.version}" for m in self.models if m.version])
+        pipelines = {p.name for p in self.pipelines}
+        destinations = {d.name for d in self.destinations}
+        sources = {s.name for s in self.sources}
+        models = {m.name for m in self.models}
+        for i, ae in enumerate(self.ae_titles):
+            _known(f"ae_titles.{i}.pipelines", ae.pipelines, pipelines, "pipelines")
+            _known(f"ae_titles.{i}.sources", ae.sources, sources, "sources")
+        for i, w in enumerate(self.watch):
+            _known(f"watch.{i}.pipelines", w.pipelines, pipelines, "pipelines")
+            _known(f"watch.{i}.destinations", w.destinations, destinations, "destinations")
+        for i, p in enumerate(self.pipelines):
+            _known(f"pipelines.{i}.model", [p.model], models, "models")
+            _known(f"pipelines.{i}.destinations", p.destinations, destinations, "destinations")
+        return self
+
+    # -- derived paths -------------------------------------------------------------
+
+    def path(self, p: Path) -> Path:
+        """Resolve a configured path: relative ones are relative to the data directory."""
+        p = p.expanduser()
+        return p if p.is_absolute() else self.storage.data_dir / p
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_dir
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.data_dir / 'node.db').resolve()}"
+
+    @property
+    def studies_dir(self) -> Path:
+        return self.path(self.storage.studies_dir)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path(self.storage.results_dir)
+
+    @property
+    def jwt_secret_file(self) -> Path:
+        return self.path(self.auth.jwt_secret_file)
+
+    def model_path(self, spec: ModelSpec) -> Path:
+        """Model paths are relative to the source tree's root (where bundles ship), or absolute."""
+        p = spec.path.expanduser()
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    def ae_title(self, called: str) -> AETitleSettings | None:
+        for ae in self.ae_titles:
+            if ae.ae_title == called.strip():
+                return ae
+        return None
+
+
+def _unique(section: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if n in seen:
+            raise _KeyedError(f"{section}.{i}", f"duplicate name {n!r}")
+        seen.add(n)
+
+
+def _known(key: str, used: list[str], defined: set[str], section: str) -> None:
+    for i, name in enumerate(used):
+        if name not in defined:
+            raise _KeyedError(f"{key}.{i}" if len(used) > 1 else key,
+                              f"{name!r} is not defined in {section}")
+
+
+class _KeyedError(ValueError):
+    """A cross-reference problem that knows its own key path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    """The embedded default configuration shipped with the source tree."""
+    return Path(__file__).resolve().parent.parent / "configs" / "node.yaml"
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Load settings from ``path`` (or the built-in defaults), the environment and overrides.
+
+    ``overrides`` use dotted keys (``{"dimse.port": 11113}``). Raises
+    :class:`ConfigError` naming the file and key on any problem.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(path)
+    env = os.environ if environ is None else environ
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, keys, value, f"environment variable {name}")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted.split("."), value, f"override {dotted}")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if isinstance(err.get("ctx", {}).get("error"), _KeyedError):
+            ke: _KeyedError = err["ctx"]["error"]
+            raise ConfigError(source, ke.key, ke.problem) from None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise ConfigError(source, key, msg) from None
+    _check_files(settings, source)
+    return settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), "", "file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(str(path), where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "", f"cannot be read ({exc})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(str(path), "", "the top level must be a mapping of sections")
+    return loaded
+
+
+def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, origin: str) -> None:
+    node: Any = data
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(origin, ".".join(keys), "list index out of range")
+            node = node[int(k)]
+            continue
+        node = node.setdefault(k, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(origin, ".".join(keys), f"{k!r} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(origin, ".".join(keys), "list index out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _check_files(settings: Settings, source: str) -> None:
+    """Files the settings name must exist: a typo should stop start-up, not a request."""
+    tls_sections: list[tuple[str, TlsSettings | None]] = [
+        ("dimse.tls", settings.dimse.tls),
+        ("rest.tls", settings.rest.tls),
+    ]
+    tls_sections += [(f"sources.{i}.tls", s.tls) for i, s in enumerate(settings.sources)]
+    tls_sections += [(f"destinations.{i}.tls", d.tls) for i, d in enumerate(settings.destinations)]
+    for key, tls in tls_sections:
+        if tls is None:
+            continue
+        for field in ("certificate", "private_key", "ca_certificate"):
+            p = getattr(tls, field)
+            if p is not None and not settings.path(p).is_file():
+                raise ConfigError(source, f"{key}.{field}", f"file not found: {settings.path(p)}")
+    if settings.auth.jwt_public_key_file is not None:
+        p = settings.path(settings.auth.jwt_public_key_file)
+        if not p.is_file():
+            raise ConfigError(source, "auth.jwt_public_key_file", f"file not found: {p}")
+    for i, m in enumerate(settings.models):
+        if not settings.model_path(m).exists():
+            raise ConfigError(source, f"models.{i}.path", f"not found: {settings.model_path(m)}")
+

@@ -1,0 +1,83 @@
+"""Structured logging: JSON lines on stdout, a console renderer on a TTY.
+
+Every line about a job carries ``job_id``; pixel data and patient names never
+reach a log line (a processor drops such keys whatever the caller passes).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+# Keys that may carry protected health information or pixel data.
+_FORBIDDEN_KEYS = frozenset(
+    {
+        "patient_name",
+        "PatientName",
+        "patientname",
+        "pixel_data",
+        "PixelData",
+        "pixels",
+        "patient_birth_date",
+        "PatientBirthDate",
+    }
+)
+
+
+def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    for key in _FORBIDDEN_KEYS.intersection(event_dict):
+        event_dict[key] = "<removed>"
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
+) -> None:
+    """Configure structlog and the standard library's logging for the whole process."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    numeric = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_phi,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=True)
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries (pynetdicom, aiohttp, sqlalchemy) log through the standard library:
+    # route them through the same renderer, at warning level unless we debug.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        processor=renderer,
+        foreign_pre_chain=shared,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for noisy in ("pynetdicom", "aiohttp.access", "sqlalchemy", "watchdog", "asyncio"):
+        logging.getLogger(noisy).setLevel(numeric if level == "debug" else logging.WARNING)
+
+
+def get_logger(name: str | None = None, **context: Any) -> Any:
+    """A bound structlog logger, with ``context`` bound once."""
+    log = structlog.get_logger(name)
+    return log.bind(**context) if context else log

@@ -1,0 +1,138 @@
+"""The composition root: builds every service from the settings and runs them in one loop.
+
+Each long-lived part starts and stops as a pair inside one ``AsyncExitStack``:
+parts stop in reverse order (intake first, then the scheduler with its grace
+period, then the store), and a part that failed to start is not stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from dicom_node.config import Settings
+from dicom_node.logs import get_logger
+from dicom_node.scheduler import Scheduler, load_handler
+from dicom_node.secrets import ensure_jwt_secret
+from dicom_node.store import Store
+
+
+class Node:
+    """One running node. ``await node.run()`` until a signal or ``request_stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = get_logger("node", node=settings.node_name)
+        self.store: Store | None = None
+        self.scheduler: Scheduler | None = None
+        self.parts: dict[str, str] = {}
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._part("store", self._store()))
+            await stack.enter_async_context(self._part("secrets", self._secrets()))
+            await stack.enter_async_context(self._part("scheduler", self._scheduler()))
+            if self.settings.rest.enabled:
+                await stack.enter_async_context(self._part("http", self._http()))
+            self.log.info("node started", dicom_port=self.settings.dimse.port,
+                          http_port=self.settings.rest.port,
+                          data_dir=str(self.settings.data_dir.resolve()))
+            self.started.set()
+            await self._stop.wait()
+            self.log.info("stopping: intake first, then running jobs")
+        self.log.info("node stopped")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("second signal: exiting now; running jobs are re-queued at start")
+            os._exit(1)
+        self.log.info("signal received", signal=sig.name)
+        self._stop.set()
+
+    @asynccontextmanager
+    async def _part(self, name: str, cm: Any) -> AsyncIterator[None]:
+        self.parts[name] = "starting"
+        try:
+            await cm.__aenter__()
+        except BaseException:
+            self.parts[name] = "failed"
+            raise
+        self.parts[name] = "running"
+        try:
+            yield
+        finally:
+            self.parts[name] = "stopping"
+            try:
+                await cm.__aexit__(None, None, None)
+            finally:
+                self.parts[name] = "stopped"
+
+    # -- parts ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _store(self) -> AsyncIterator[None]:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await asyncio.to_thread(Store(self.settings.database_url).open)
+        self.store = store
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(store.close)
+
+    @asynccontextmanager
+    async def _secrets(self) -> AsyncIterator[None]:
+        path = self.settings.jwt_secret_file
+        _, created = await asyncio.to_thread(ensure_jwt_secret, path)
+        if created:
+            self.log.info("created a JWT secret (mode 0600); `dicom-node token` reads it",
+                          path=str(path.resolve()))
+        yield
+
+    @asynccontextmanager
+    async def _scheduler(self) -> AsyncIterator[None]:
+        assert self.store is not None
+        handler = load_handler(self.settings, self.store)
+        scheduler = Scheduler(self.store, handler, self.settings.executor,
+                              owner=self.settings.node_name,
+                              work_root=self.settings.path(self.settings.storage.results_dir)
+                              / "work")
+        await scheduler.start()
+        self.scheduler = scheduler
+        try:
+            yield
+        finally:
+            await scheduler.stop()
+
+    @asynccontextmanager
+    async def _http(self) -> AsyncIterator[None]:
+        from rest.app import create_app
+
+        rest = self.settings.rest
+        runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, rest.host, rest.port, reuse_address=True)
+            await site.start()
+            self.log.info("HTTP listening", host=rest.host, port=rest.port)
+            yield
+        finally:
+            await runner.cleanup()

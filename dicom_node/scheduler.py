@@ -1,0 +1,382 @@
+"""The scheduler: a priority queue over the store, worker slots, retries, cancel, recovery.
+
+The store is the source of truth. Workers claim the most urgent runnable job
+with a conditional update, run it in a worker thread (never on the event loop,
+never in a DIMSE handler), and record every state change. At start-up, jobs
+that this node was running when it died are queued again.
+
+A job goes ``queued → [retrieving →] running → exporting → succeeded``, or to
+``failed``/``cancelled``. The work itself is done by a :class:`JobHandler`, so
+the scheduler can be tested with a test handler before the pipeline exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from dicom_node.config import ExecutorSettings, Settings
+from dicom_node.errors import JobCancelled, PermanentJobError
+from dicom_node.logs import get_logger
+from dicom_node.store import Job, JobState, NewJob, Store, utcnow
+from pipeline.types import Artifact
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """What happened when a job's artifacts were sent to one destination."""
+
+    destination: str
+    ok: bool
+    attempts: int = 1
+    sent: int = 0
+    message: str | None = None
+
+
+@dataclass
+class JobContext:
+    """What a handler gets for one attempt at a job."""
+
+    job: Job
+    store: Store
+    work_dir: Path
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _set_state: Callable[[JobState, str | None], None] | None = None
+
+    @property
+    def log(self) -> Any:
+        return get_logger("job", job_id=self.job.id, study_uid=self.job.study_instance_uid)
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`JobCancelled` when a cancel was requested; call between steps."""
+        if self.cancelled.is_set():
+            raise JobCancelled(f"job {self.job.id} was cancelled")
+
+    def set_state(self, state: JobState, message: str | None = None) -> None:
+        """Record a stage change (e.g. ``retrieving`` → ``running``)."""
+        if self._set_state is not None:
+            self._set_state(state, message)
+
+
+class JobHandler(Protocol):
+    """Does a job's work. Methods run in a worker thread and may block."""
+
+    def needs_retrieval(self, job: Job) -> bool:
+        """Whether the job's input must be fetched before it runs."""
+        ...
+
+    def retrieve(self, ctx: JobContext) -> None:
+        """Fetch the job's input (C-MOVE, C-GET, WADO-RS)."""
+        ...
+
+    def run(self, ctx: JobContext) -> list[Artifact]:
+        """Run the pipeline; raise PermanentJobError for input that can never work."""
+        ...
+
+    def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
+        """Send the artifacts to the job's destinations."""
+        ...
+
+
+HandlerFactory = Callable[[Settings, Store], JobHandler]
+
+
+def load_handler(settings: Settings, store: Store) -> JobHandler:
+    """Build the handler named by ``executor.runner`` (``module:factory``)."""
+    module_name, _, attr = settings.executor.runner.partition(":")
+    module = importlib.import_module(module_name)
+    factory: HandlerFactory = getattr(module, attr)
+    return factory(settings, store)
+
+
+class _DaemonPool:
+    """Worker threads that never keep the process alive.
+
+    A job still running after the shutdown grace period is re-queued in the store;
+    its thread must not block the interpreter's exit (ThreadPoolExecutor's would).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._count = 0
+
+    def submit(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def target() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # delivered to the awaiting task
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._count += 1
+        threading.Thread(target=target, name=f"{self._name}-{self._count}", daemon=True).start()
+        return fut
+
+
+def _set_result(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class Scheduler:
+    """Runs queued jobs in ``workers`` slots until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        handler: JobHandler,
+        settings: ExecutorSettings,
+        owner: str,
+        work_root: Path,
+    ) -> None:
+        self.store = store
+        self.handler = handler
+        self.settings = settings
+        self.owner = owner
+        self.work_root = work_root
+        self.log = get_logger("scheduler")
+        self._pool = _DaemonPool("job")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._workers: list[asyncio.Task[None]] = []
+        self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        requeued = await asyncio.to_thread(self.store.requeue_interrupted, self.owner)
+        for job_id in requeued:
+            self.log.warning("job interrupted by a restart; queued again", job_id=job_id)
+        self._stopping = False
+        self._workers = [
+            asyncio.create_task(self._worker(i), name=f"worker-{i}")
+            for i in range(self.settings.workers)
+        ]
+        self._workers.append(asyncio.create_task(self._keeper(), name="lease-keeper"))
+        self.log.info("scheduler started", workers=self.settings.workers, requeued=len(requeued))
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop claiming; let running jobs finish within the grace period, else re-queue them."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self._stopping = True
+        self.notify()
+        running = [task for _, task in self._running.values()]
+        if running:
+            self.log.info("waiting for running jobs", count=len(running), grace_s=grace)
+            await asyncio.wait(running, timeout=grace)
+        for job_id, (ctx, task) in list(self._running.items()):
+            if task.done():
+                continue
+            ctx.cancelled.set()  # ask the thread to stop; it can no longer write the job
+            if await asyncio.to_thread(
+                self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
+                message="node stopped before the job finished; queued again",
+            ):
+                self.log.warning("job re-queued at shutdown", job_id=job_id)
+            task.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self.log.info("scheduler stopped")
+
+    def notify(self) -> None:
+        """Wake idle workers; safe from any thread."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
+
+    async def submit(self, new: NewJob) -> Job:
+        job = await asyncio.to_thread(self.store.create_job, new)
+        self.log.info("job queued", job_id=job.id, pipeline=job.pipeline, priority=job.priority)
+        self.notify()
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        entry = self._running.get(job_id)
+        if entry is not None:
+            entry[0].cancelled.set()
+        return job
+
+    @property
+    def running_jobs(self) -> list[str]:
+        return list(self._running)
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def _worker(self, slot: int) -> None:
+        assert self._wake is not None
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                job = await asyncio.to_thread(
+                    self.store.claim_next, self.owner, self.settings.lease_s, self._first_state
+                )
+            except Exception:
+                self.log.exception("cannot claim a job; will try again")
+                job = None
+            if job is None:
+                await self._idle()
+                continue
+            if self._stopping:  # claimed just as we stopped: give it back
+                await asyncio.to_thread(self.store.transition, job.id, JobState.QUEUED,
+                                        token=job.lease_token, message="node stopping")
+                break
+            ctx = JobContext(job=job, store=self.store, work_dir=self.work_root / job.id)
+            ctx._set_state = self._state_setter(job)
+            task = asyncio.create_task(self._run(ctx), name=f"job-{job.id}")
+            self._running[job.id] = (ctx, task)
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+            finally:
+                self._running.pop(job.id, None)
+
+    def _first_state(self, job: Job) -> JobState:
+        return JobState.RETRIEVING if self.handler.needs_retrieval(job) else JobState.RUNNING
+
+    async def _idle(self) -> None:
+        assert self._wake is not None
+        timeout = self.settings.poll_interval_s
+        due = await asyncio.to_thread(self.store.next_due)
+        if due is not None:
+            timeout = max(0.01, min(timeout, (due - utcnow()).total_seconds()))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        except TimeoutError:
+            pass
+
+    async def _keeper(self) -> None:
+        """Renew leases and pick up cancel requests made by other processes (the CLI)."""
+        interval = max(0.2, min(self.settings.lease_s / 3, self.settings.poll_interval_s))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                leases = await asyncio.to_thread(
+                    self.store.renew_leases, self.owner, self.settings.lease_s
+                )
+            except Exception:
+                self.log.exception("cannot renew job leases")
+                continue
+            for job_id, cancel in leases:
+                entry = self._running.get(job_id)
+                if cancel and entry is not None and not entry[0].cancelled.is_set():
+                    self.log.info("cancel requested", job_id=job_id)
+                    entry[0].cancelled.set()
+
+    def _state_setter(self, job: Job) -> Callable[[JobState, str | None], None]:
+        def set_state(state: JobState, message: str | None) -> None:
+            self.store.transition(job.id, state, token=job.lease_token, message=message)
+
+        return set_state
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        assert self._loop is not None
+        return await self._pool.submit(self._loop, fn)
+
+    async def _run(self, ctx: JobContext) -> None:
+        job = ctx.job
+        log = ctx.log.bind(pipeline=job.pipeline, attempt=job.attempts)
+        token = job.lease_token
+        log.info("job started", state=(await asyncio.to_thread(self.store.get_job, job.id))
+                 .state.value)
+        try:
+            ctx.work_dir.mkdir(parents=True, exist_ok=True)
+            if self.handler.needs_retrieval(job):
+                await self._in_thread(lambda: self.handler.retrieve(ctx))
+                ctx.check_cancelled()
+                await asyncio.to_thread(self.store.transition, job.id, JobState.RUNNING,
+                                        token=token, message="input retrieved")
+            produced = await self._in_thread(lambda: self.handler.run(ctx))
+            ctx.check_cancelled()
+            for a in produced:
+                await asyncio.to_thread(self.store.add_artifact, job.id, a.kind, a.path,
+                                        a.media_type, a.sop_instance_uid)
+            await asyncio.to_thread(self.store.transition, job.id, JobState.EXPORTING,
+                                    token=token, message=f"{len(produced)} artifacts")
+            outcomes = await self._in_thread(lambda: self.handler.export(ctx, produced))
+            for o in outcomes:
+                await asyncio.to_thread(self.store.record_export, job.id, o.destination,
+                                        "succeeded" if o.ok else "failed", o.attempts, o.sent,
+                                        o.message)
+        except asyncio.CancelledError:
+            raise
+        except JobCancelled:
+            await self._finish(job, JobState.CANCELLED, "cancelled", log)
+            return
+        except PermanentJobError as exc:
+            await self._finish(job, JobState.FAILED, str(exc), log)
+            return
+        except Exception as exc:
+            if ctx.cancelled.is_set() and (await asyncio.to_thread(
+                    self.store.get_job, job.id)).cancel_requested:
+                await self._finish(job, JobState.CANCELLED, "cancelled", log)
+                return
+            await self._failed_attempt(job, exc, log)
+            return
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            msg = "; ".join(f"export to {o.destination} failed: {o.message}" for o in failed)
+            await self._finish(job, JobState.FAILED, msg, log)
+        else:
+            result = {"artifacts": len(produced), "exports": len(outcomes)}
+            await self._finish(job, JobState.SUCCEEDED, "done", log, result=result)
+
+    async def _finish(
+        self, job: Job, state: JobState, message: str, log: Any,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        ok = await asyncio.to_thread(self.store.transition, job.id, state,
+                                     token=job.lease_token, message=message, result=result)
+        if not ok:
+            log.warning("job outcome not recorded: its lease was lost", outcome=state.value)
+        elif state is JobState.SUCCEEDED:
+            log.info("job succeeded")
+        elif state is JobState.CANCELLED:
+            log.info("job cancelled")
+        else:
+            log.error("job failed", error=message)
+
+    async def _failed_attempt(self, job: Job, exc: Exception, log: Any) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        retry = self.settings.retry
+        if job.attempts >= min(job.max_attempts, retry.max_attempts):
+            await self._finish(job, JobState.FAILED,
+                               f"{message} (gave up after {job.attempts} attempts)", log)
+            return
+        delay = min(retry.backoff_s * (2 ** (job.attempts - 1)), retry.backoff_max_s)
+        when = utcnow() + timedelta(seconds=delay)
+        await asyncio.to_thread(self.store.transition, job.id, JobState.QUEUED,
+                                token=job.lease_token, message=message, not_before=when)
+        log.warning("job attempt failed; will retry", error=message, retry_in_s=delay)
+        self.notify()

@@ -1,0 +1,799 @@
+"""The durable store: instances, studies, jobs, job events, artifacts and exports.
+
+SQLAlchemy 2 Core over SQLite (WAL) by default or PostgreSQL for several
+machines. The store is the source of truth for jobs; the scheduler's queue is
+only a view of it, so a crash loses nothing. All timestamps are UTC.
+
+Every method is synchronous and thread-safe (one pooled connection per call);
+async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from dicom_node.errors import Conflict, NotFound, StoreError
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+schema_info = sa.Table(
+    "schema_info",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("patient_id", sa.String(64)),
+    sa.Column("accession_number", sa.String(64)),
+    sa.Column("study_date", sa.String(8)),
+    sa.Column("called_ae", sa.String(16)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("patient_id", sa.String(64)),
+    sa.Column("modality", sa.String(16)),
+    sa.Column("transfer_syntax_uid", sa.String(64)),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False, default=0),
+    sa.Column("called_ae", sa.String(16)),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("source", sa.String(16), nullable=False),  # dimse, stow, watch, retrieve
+    sa.Column("received_at", UTCDateTime, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("pipeline", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("not_before", UTCDateTime),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("lease_owner", sa.String(128)),
+    sa.Column("lease_token", sa.String(36)),
+    sa.Column("lease_expires", UTCDateTime),
+    sa.Column("study_instance_uid", sa.String(64), index=True),
+    sa.Column("called_ae", sa.String(16)),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("transaction_id", sa.String(256)),
+    sa.Column("owner", sa.String(256)),
+    sa.Column("input", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_jobs_queue", "state", "priority", "created_at"),
+    sa.UniqueConstraint("owner", "transaction_id", name="uq_jobs_owner_transaction"),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text),
+)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("media_type", sa.String(128), nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+exports = sa.Table(
+    "exports",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
+    sa.Column("destination", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # succeeded, failed
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("sent", sa.Integer, nullable=False, default=0),
+    sa.Column("message", sa.Text),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    for table in (studies, instances, jobs, job_events, artifacts, exports):
+        table.create(conn, checkfirst=True)
+
+
+# Ordered schema migrations: entry i takes the schema from version i to i + 1.
+# Append, never edit: a deployed store has already run the earlier ones.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RETRIEVING = "retrieving"
+    RUNNING = "running"
+    EXPORTING = "exporting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_STATES
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+ACTIVE_STATES = frozenset({JobState.RETRIEVING, JobState.RUNNING, JobState.EXPORTING})
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+PRIORITY_NORMAL = 128
+PRIORITY_IMMEDIATE = 255
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One stored DICOM instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    size_bytes: int
+    source: str
+    patient_id: str = ""
+    modality: str = ""
+    transfer_syntax_uid: str = ""
+    called_ae: str = ""
+    calling_ae: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    received_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a caller asks the scheduler to run."""
+
+    pipeline: str
+    kind: str = "dimse"
+    priority: int = PRIORITY_NORMAL
+    input: dict[str, Any] = field(default_factory=dict)
+    max_attempts: int = 5
+    study_instance_uid: str | None = None
+    called_ae: str | None = None
+    calling_ae: str | None = None
+    transaction_id: str | None = None
+    owner: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.priority <= 255:
+            raise ValueError(f"priority must be 0-255, got {self.priority}")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    pipeline: str
+    state: JobState
+    priority: int
+    attempts: int
+    max_attempts: int
+    input: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    not_before: datetime | None = None
+    cancel_requested: bool = False
+    lease_owner: str | None = None
+    lease_token: str | None = None
+    lease_expires: datetime | None = None
+    study_instance_uid: str | None = None
+    called_ae: str | None = None
+    calling_ae: str | None = None
+    transaction_id: str | None = None
+    owner: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> Job:
+        m = dict(row._mapping)
+        m["state"] = JobState(m["state"])
+        m["cancel_requested"] = bool(m["cancel_requested"])
+        return cls(**m)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    at: datetime
+    state: JobState
+    message: str | None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    job_id: str
+    kind: str
+    path: str
+    media_type: str
+    sop_instance_uid: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    job_id: str
+    destination: str
+    state: str
+    attempts: int
+    sent: int
+    message: str | None
+    updated_at: datetime
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class Store:
+    """The node's database. ``open()`` connects and migrates; ``close()`` disposes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: Engine | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> Store:
+        url = sa.engine.make_url(self.url)
+        if url.drivername == "postgresql":  # psycopg 3, not psycopg2
+            url = url.set(drivername="postgresql+psycopg")
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+            if engine.dialect.name == "sqlite":
+                sa.event.listen(engine, "connect", _sqlite_pragmas)
+            self._engine = engine
+            self.migrate()
+        except SQLAlchemyError as exc:
+            self.close()
+            raise StoreError(f"cannot open the store at {url.render_as_string()}: {exc}") from exc
+        return self
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise StoreError("the store is not open")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except (SQLAlchemyError, StoreError):
+            return False
+
+    def migrate(self) -> int:
+        """Bring the schema to ``SCHEMA_VERSION``; safe when several processes start at once."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7061757)"))
+            schema_info.create(conn, checkfirst=True)
+            current = conn.execute(sa.select(schema_info.c.version)).scalar()
+            if current is None:
+                conn.execute(schema_info.insert().values(version=0))
+                current = 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store's schema is version {current}, newer than this program's "
+                    f"{SCHEMA_VERSION}: upgrade dicom-node"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+            conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
+        return SCHEMA_VERSION
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(schema_info.c.version)).scalar_one())
+
+    # -- instances and studies -----------------------------------------------------------
+
+    def add_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
+        """Record a stored instance; returns False when it was known and kept as it was."""
+        now = utcnow()
+        values = {
+            "sop_instance_uid": rec.sop_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "study_instance_uid": rec.study_instance_uid,
+            "series_instance_uid": rec.series_instance_uid,
+            "patient_id": rec.patient_id,
+            "modality": rec.modality,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": str(rec.path),
+            "size_bytes": rec.size_bytes,
+            "called_ae": rec.called_ae,
+            "calling_ae": rec.calling_ae,
+            "source": rec.source,
+            "received_at": rec.received_at,
+        }
+        with self._begin() as conn:
+            existing = conn.execute(
+                sa.select(instances.c.id).where(
+                    instances.c.sop_instance_uid == rec.sop_instance_uid
+                )
+            ).scalar()
+            if existing is not None:
+                if not overwrite:
+                    return False
+                conn.execute(instances.update().where(instances.c.id == existing).values(values))
+            else:
+                conn.execute(instances.insert().values(values))
+            self._upsert_study(conn, rec, now)
+        return existing is None
+
+    def _upsert_study(self, conn: Connection, rec: InstanceRecord, now: datetime) -> None:
+        found = conn.execute(
+            sa.select(studies.c.id).where(studies.c.study_instance_uid == rec.study_instance_uid)
+        ).scalar()
+        if found is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        studies.insert().values(
+                            study_instance_uid=rec.study_instance_uid,
+                            patient_id=rec.patient_id,
+                            accession_number=rec.accession_number,
+                            study_date=rec.study_date,
+                            called_ae=rec.called_ae,
+                            created_at=now,
+                            updated_at=now,
+                        )
+                    )
+                return
+            except IntegrityError:  # another writer inserted it first
+                pass
+        conn.execute(
+            studies.update()
+            .where(studies.c.study_instance_uid == rec.study_instance_uid)
+            .values(updated_at=now)
+        )
+
+    def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+        return _instance(row) if row else None
+
+    def instances_of(
+        self, study_instance_uid: str, series_instance_uid: str | None = None
+    ) -> list[InstanceRecord]:
+        q = sa.select(instances).where(instances.c.study_instance_uid == study_instance_uid)
+        if series_instance_uid:
+            q = q.where(instances.c.series_instance_uid == series_instance_uid)
+        with self.engine.connect() as conn:
+            return [_instance(r) for r in conn.execute(q.order_by(instances.c.id))]
+
+    def count_instances(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def create_job(self, new: NewJob) -> Job:
+        now = utcnow()
+        job_id = str(uuid.uuid4())
+        try:
+            with self._begin() as conn:
+                conn.execute(
+                    jobs.insert().values(
+                        id=job_id,
+                        kind=new.kind,
+                        pipeline=new.pipeline,
+                        state=JobState.QUEUED.value,
+                        priority=new.priority,
+                        attempts=0,
+                        max_attempts=new.max_attempts,
+                        cancel_requested=False,
+                        study_instance_uid=new.study_instance_uid,
+                        called_ae=new.called_ae,
+                        calling_ae=new.calling_ae,
+                        transaction_id=new.transaction_id,
+                        owner=new.owner,
+                        input=new.input,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._event(conn, job_id, JobState.QUEUED, "queued", now)
+        except IntegrityError as exc:
+            if new.transaction_id is not None:
+                raise Conflict(
+                    f"transactionID {new.transaction_id!r} was already used by this caller"
+                ) from exc
+            raise
+        return self.get_job(job_id)
+
+    def get_job(self, job_id: str) -> Job:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return Job.from_row(row)
+
+    def find_job(self, ref: str, owner: str | None = None) -> Job:
+        """A job by id or by the caller's transactionID."""
+        q = sa.select(jobs).where(sa.or_(jobs.c.id == ref, jobs.c.transaction_id == ref))
+        if owner is not None:
+            q = q.where(jobs.c.owner == owner)
+        with self.engine.connect() as conn:
+            row = conn.execute(q.limit(1)).first()
+        if row is None:
+            raise NotFound(f"no job {ref!r}")
+        return Job.from_row(row)
+
+    def list_jobs(
+        self, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Job]:
+        q = sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit).offset(offset)
+        if states:
+            q = q.where(jobs.c.state.in_([s.value for s in states]))
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(q)]
+
+    def count_jobs(self) -> dict[JobState, int]:
+        q = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
+        counts = dict.fromkeys(JobState, 0)
+        with self.engine.connect() as conn:
+            for state, n in conn.execute(q):
+                counts[JobState(state)] = int(n)
+        return counts
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        q = sa.select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)
+        with self.engine.connect() as conn:
+            return [JobEvent(r.at, JobState(r.state), r.message) for r in conn.execute(q)]
+
+    def claim_next(
+        self, owner: str, lease_s: float, first_state: Callable[[Job], JobState] | None = None
+    ) -> Job | None:
+        """Take the most urgent runnable job: highest priority first, then oldest.
+
+        The claim is a conditional update (``WHERE state = 'queued'``), so two
+        workers or two machines never take the same job.
+        """
+        now = utcnow()
+        q = (
+            sa.select(jobs)
+            .where(jobs.c.state == JobState.QUEUED.value)
+            .where(sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
+            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+            .limit(8)
+        )
+        with self.engine.connect() as conn:
+            candidates = [Job.from_row(r) for r in conn.execute(q)]
+        for job in candidates:
+            state = first_state(job) if first_state else JobState.RUNNING
+            token = str(uuid.uuid4())
+            with self._begin() as conn:
+                claimed = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job.id, jobs.c.state == JobState.QUEUED.value)
+                    .values(
+                        state=state.value,
+                        attempts=jobs.c.attempts + 1,
+                        lease_owner=owner,
+                        lease_token=token,
+                        lease_expires=now + timedelta(seconds=lease_s),
+                        started_at=now,
+                        updated_at=now,
+                        not_before=None,
+                        error=None,
+                    )
+                ).rowcount
+                if claimed:
+                    self._event(conn, job.id, state, f"attempt {job.attempts + 1} on {owner}", now)
+            if claimed:
+                return self.get_job(job.id)
+        return None
+
+    def next_due(self) -> datetime | None:
+        """When the earliest delayed (backing-off) job becomes runnable."""
+        q = sa.select(sa.func.min(jobs.c.not_before)).where(
+            jobs.c.state == JobState.QUEUED.value, jobs.c.not_before.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(q).scalar()
+        return UTCDateTime().process_result_value(value, self.engine.dialect) if value else None
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        token: str | None = None,
+        message: str | None = None,
+        result: dict[str, Any] | None = None,
+        not_before: datetime | None = None,
+    ) -> bool:
+        """Move a job to ``to``; with ``token`` only if the caller still holds its lease.
+
+        Returns False (and changes nothing) when the lease was lost, e.g. the job was
+        re-queued after a shutdown grace period.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {"state": to.value, "updated_at": now}
+        if to.final:
+            values.update(finished_at=now, lease_owner=None, lease_token=None, lease_expires=None)
+        if to is JobState.QUEUED:
+            values.update(lease_owner=None, lease_token=None, lease_expires=None,
+                          not_before=not_before)
+        if to is JobState.FAILED or (to is JobState.QUEUED and message):
+            values["error"] = message
+        if result is not None:
+            values["result"] = result
+        stmt = jobs.update().where(jobs.c.id == job_id).values(values)
+        if token is not None:
+            stmt = stmt.where(jobs.c.lease_token == token)
+        with self._begin() as conn:
+            changed = conn.execute(stmt).rowcount
+            if changed:
+                self._event(conn, job_id, to, message, now)
+        return bool(changed)
+
+    def renew_leases(self, owner: str, lease_s: float) -> list[tuple[str, bool]]:
+        """Extend this owner's leases; returns (job_id, cancel_requested) for each."""
+        now = utcnow()
+        active = [s.value for s in ACTIVE_STATES]
+        with self._begin() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.lease_owner == owner, jobs.c.state.in_(active))
+                .values(lease_expires=now + timedelta(seconds=lease_s))
+            )
+            rows = conn.execute(
+                sa.select(jobs.c.id, jobs.c.cancel_requested).where(
+                    jobs.c.lease_owner == owner, jobs.c.state.in_(active)
+                )
+            ).all()
+        return [(r.id, bool(r.cancel_requested)) for r in rows]
+
+    def requeue_interrupted(self, owner: str) -> list[str]:
+        """Queue again the jobs this owner was running when it died, and any whose lease expired.
+
+        The interrupted attempt does not count against ``max_attempts``: the job did
+        not fail, the process did.
+        """
+        now = utcnow()
+        active = [s.value for s in ACTIVE_STATES]
+        cond = sa.and_(
+            jobs.c.state.in_(active),
+            sa.or_(jobs.c.lease_owner == owner, jobs.c.lease_expires < now),
+        )
+        with self._begin() as conn:
+            ids = [r.id for r in conn.execute(sa.select(jobs.c.id).where(cond))]
+            for job_id in ids:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state=JobState.QUEUED.value,
+                        attempts=sa.func.max(jobs.c.attempts - 1, 0)
+                        if conn.dialect.name == "sqlite"
+                        else sa.func.greatest(jobs.c.attempts - 1, 0),
+                        lease_owner=None,
+                        lease_token=None,
+                        lease_expires=None,
+                        updated_at=now,
+                    )
+                )
+                self._event(conn, job_id, JobState.QUEUED, "interrupted; queued again", now)
+        return ids
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or ask its worker to stop a running one."""
+        job = self.get_job(job_id)
+        if job.state.final:
+            raise Conflict(f"job {job_id} has already {job.state.value}")
+        now = utcnow()
+        with self._begin() as conn:
+            if job.state is JobState.QUEUED:
+                changed = conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                    .values(state=JobState.CANCELLED.value, cancel_requested=True,
+                            finished_at=now, updated_at=now)
+                ).rowcount
+                if changed:
+                    self._event(conn, job_id, JobState.CANCELLED, "cancelled while queued", now)
+                    return self.get_job(job_id)
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
+                                                                updated_at=now)
+            )
+        return self.get_job(job_id)
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again with a fresh attempt count."""
+        now = utcnow()
+        with self._begin() as conn:
+            changed = conn.execute(
+                jobs.update()
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
+                )
+                .values(state=JobState.QUEUED.value, attempts=0, cancel_requested=False,
+                        not_before=None, error=None, finished_at=None, updated_at=now)
+            ).rowcount
+            if changed:
+                self._event(conn, job_id, JobState.QUEUED, "retry requested", now)
+        if not changed:
+            job = self.get_job(job_id)
+            raise Conflict(f"job {job_id} is {job.state.value}; only failed or cancelled "
+                           "jobs can be retried")
+        return self.get_job(job_id)
+
+    # -- artifacts and exports -----------------------------------------------------------
+
+    def add_artifact(
+        self, job_id: str, kind: str, path: Path, media_type: str,
+        sop_instance_uid: str | None = None,
+    ) -> None:
+        with self._begin() as conn:
+            conn.execute(artifacts.insert().values(
+                job_id=job_id, kind=kind, path=str(path), media_type=media_type,
+                sop_instance_uid=sop_instance_uid, created_at=utcnow()))
+
+    def artifacts_of(self, job_id: str) -> list[ArtifactRecord]:
+        q = sa.select(artifacts).where(artifacts.c.job_id == job_id).order_by(artifacts.c.id)
+        with self.engine.connect() as conn:
+            return [ArtifactRecord(r.job_id, r.kind, r.path, r.media_type, r.sop_instance_uid,
+                                   r.created_at) for r in conn.execute(q)]
+
+    def record_export(
+        self, job_id: str, destination: str, state: str, attempts: int, sent: int,
+        message: str | None = None,
+    ) -> None:
+        with self._begin() as conn:
+            conn.execute(exports.insert().values(
+                job_id=job_id, destination=destination, state=state, attempts=attempts,
+                sent=sent, message=message, updated_at=utcnow()))
+
+    def exports_of(self, job_id: str) -> list[ExportRecord]:
+        q = sa.select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)
+        with self.engine.connect() as conn:
+            return [ExportRecord(r.job_id, r.destination, r.state, r.attempts, r.sent,
+                                 r.message, r.updated_at) for r in conn.execute(q)]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _begin(self) -> Any:
+        return self.engine.begin()
+
+    @staticmethod
+    def _event(
+        conn: Connection, job_id: str, state: JobState, message: str | None, at: datetime
+    ) -> None:
+        conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
+                                                message=message))
+
+
+def _instance(row: sa.Row[Any]) -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=row.sop_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        path=Path(row.path),
+        size_bytes=row.size_bytes,
+        source=row.source,
+        patient_id=row.patient_id or "",
+        modality=row.modality or "",
+        transfer_syntax_uid=row.transfer_syntax_uid or "",
+        called_ae=row.called_ae or "",
+        calling_ae=row.calling_ae or "",
+        received_at=row.received_at,
+    )
+
+
+__all__: Sequence[str] = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "PRIORITY_IMMEDIATE",
+    "PRIORITY_NORMAL",
+    "SCHEMA_VERSION",
+    "ArtifactRecord",
+    "ExportRecord",
+    "InstanceRecord",
+    "Job",
+    "JobEvent",
+    "JobState",
+    "NewJob",
+    "Store",
+    "utcnow",
+]
