@@ -214,7 +214,8 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.jobs_command == "cancel":
             job = store.request_cancel(store.find_job(job_id).id)
-            print(f"{job.id}: {'cancelled' if job.state is JobState.CANCELLED else 'cancel requested'}")
+            done = job.state is JobState.CANCELLED
+            print(f"{job.id}: {'cancelled' if done else 'cancel requested'}")
             return 0
         if args.jobs_command == "retry":
             job = store.retry(store.find_job(job_id).id)
@@ -264,12 +265,9 @@ def parse_duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
     try:
-        if text and text[-1] in units:
-            value = float(text[:-1]) * units[text[-1]]
-        else:
-            value = float(text)
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
     except ValueError:
-        raise NodeError(f"--expires: {text!r} is not a duration like 900, 15m, 8h or 30d") from None
+        raise NodeError(f"--expires: {text!r} is not a duration like 900, 15m or 8h") from None
     if value <= 0:
         raise NodeError("--expires must be positive")
     return int(value)

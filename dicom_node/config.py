@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,12 +55,12 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
-class Grouping(str, Enum):
+class Grouping(StrEnum):
     STUDY = "study"
     SERIES = "series"
 
 
-class DuplicatePolicy(str, Enum):
+class DuplicatePolicy(StrEnum):
     OVERWRITE = "overwrite"
     KEEP_FIRST = "keep_first"
 
@@ -147,7 +147,9 @@ class DestinationSettings(_Section):
 
     @model_validator(mode="after")
     def _needs(self) -> DestinationSettings:
-        required = {"dimse": ("ae_title", "host", "port"), "dicomweb": ("url",), "folder": ("path",)}
+        required = {
+            "dimse": ("ae_title", "host", "port"), "dicomweb": ("url",), "folder": ("path",)
+        }
         missing = [k for k in required[self.type] if getattr(self, k) is None]
         if missing:
             raise ValueError(f"a {self.type} destination needs {', '.join(missing)}")
@@ -184,17 +186,21 @@ class RestSettings(_Section):
     tls: TlsSettings | None = None
 
 
+Scope = Literal["infer", "read", "admin"]
+Algorithm = Literal["HS256", "RS256", "ES256"]
+
+
 class ApiKeySettings(_Section):
     name: str = Field(pattern=_NAME)
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     group: str = "default"
-    scopes: list[Literal["infer", "read", "admin"]] = Field(default_factory=lambda: ["infer", "read"])
+    scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["infer", "read"]))
 
 
 class AuthSettings(_Section):
     jwt_secret_file: Path = Path("jwt_secret")
     jwt_public_key_file: Path | None = None
-    algorithms: list[Literal["HS256", "RS256", "ES256"]] = Field(default_factory=lambda: ["HS256"])
+    algorithms: list[Algorithm] = Field(default_factory=lambda: list[Algorithm](["HS256"]))
     audience: str | None = None
     issuer: str | None = None
     token_default_expiry_s: int = Field(default=3600, ge=1)
@@ -389,7 +395,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(str(path), where, f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(str(path), where, f"not valid YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), "", f"cannot be read ({exc})") from None
     if loaded is None:

@@ -8,6 +8,7 @@ period, then the store), and a part that failed to start is not stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -42,10 +43,8 @@ class Node:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._on_signal, sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._part("store", self._store()))
             await stack.enter_async_context(self._part("secrets", self._secrets()))

@@ -13,6 +13,7 @@ the scheduler can be tested with a test handler before the pipeline exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import threading
 from collections.abc import Callable
@@ -271,10 +272,8 @@ class Scheduler:
         due = await asyncio.to_thread(self.store.next_due)
         if due is not None:
             timeout = max(0.01, min(timeout, (due - utcnow()).total_seconds()))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-        except TimeoutError:
-            pass
 
     async def _keeper(self) -> None:
         """Renew leases and pick up cancel requests made by other processes (the CLI)."""

@@ -6,7 +6,7 @@ node; ``dicom_node.config`` embeds them in the node's settings.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -17,14 +17,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     """What a pipeline does with its model's output."""
 
     CLASSIFY = "classify"
     SEGMENT = "segment"
 
 
-class Output(str, Enum):
+class Output(StrEnum):
     """Artifacts a pipeline can write."""
 
     JSON = "json"
