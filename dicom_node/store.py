@@ -680,6 +680,7 @@ class Store:
         if job.state.final:
             raise Conflict(f"job {job_id} has already {job.state.value}")
         now = utcnow()
+        changed = 0
         with self._begin() as conn:
             if job.state is JobState.QUEUED:
                 changed = conn.execute(
@@ -690,11 +691,11 @@ class Store:
                 ).rowcount
                 if changed:
                     self._event(conn, job_id, JobState.CANCELLED, "cancelled while queued", now)
-                    return self.get_job(job_id)
-            conn.execute(
-                jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
-                                                                updated_at=now)
-            )
+            if not changed:
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
+                                                                    updated_at=now)
+                )
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:
