@@ -13,15 +13,18 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
-from dicom_node.secrets import ensure_jwt_secret
+from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
+
+if TYPE_CHECKING:
+    from rest.auth import Authenticator
 
 
 class Node:
@@ -36,6 +39,18 @@ class Node:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
+
+    def authenticator(self) -> Authenticator:
+        """Checks HTTP credentials against this node's secret, public key and API keys."""
+        from rest.auth import Authenticator
+
+        auth = self.settings.auth
+        secret = None
+        if "HS256" in auth.algorithms:
+            secret = read_jwt_secret(self.settings.jwt_secret_file)
+        public = self.settings.path(auth.jwt_public_key_file) if auth.jwt_public_key_file \
+            else None
+        return Authenticator(auth, secret, public)
 
     def request_stop(self) -> None:
         self._stop.set()
