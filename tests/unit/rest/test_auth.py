@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dicom_node.config import ApiKeySettings, AuthSettings, Settings
 from dicom_node.node import Node
 from rest.app import Route, create_app, principal
-from rest.auth import AuthError, Authenticator, AuthFailure, hash_api_key
+from rest.auth import Authenticator, AuthError, AuthFailure, hash_api_key
 from rest.errors import ErrorStyle
 
 SECRET = b"s" * 48
