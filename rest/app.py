@@ -110,8 +110,10 @@ def create_app(
     )
     app[NODE] = node
     app[AUTH] = authenticator or node.authenticator()
+    from rest import inference
+
     table: dict[Any, Route] = {}
-    for route in [*base_routes(), *(extra_routes or [])]:
+    for route in [*base_routes(), *inference.routes(), *(extra_routes or [])]:
         table[app.router.add_route(route.method, route.path, route.handler)] = route
     app[ROUTES] = table
     return app
