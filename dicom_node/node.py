@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dicom_node import runtime_config
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
@@ -31,7 +32,9 @@ class Node:
     """One running node. ``await node.run()`` until a signal or ``request_stop()``."""
 
     def __init__(self, settings: Settings) -> None:
+        self.file_settings = settings  # as loaded; runtime config objects apply on top
         self.settings = settings
+        self.settings_listeners: list[Callable[[Settings], None]] = []
         self.log = get_logger("node", node=settings.node_name)
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -51,6 +54,20 @@ class Node:
         public = self.settings.path(auth.jwt_public_key_file) if auth.jwt_public_key_file \
             else None
         return Authenticator(auth, secret, public)
+
+    async def change_config(self, kind: str, name: str, body: dict[str, Any] | None, *,
+                            create: bool = False) -> Settings:
+        """Validate, persist and apply one runtime config change; tell the listeners."""
+        assert self.store is not None
+        new = runtime_config.change(self.settings, kind, name, body, create=create)
+        stored = None if body is None else runtime_config.objects_of(new, kind)[name]
+        await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
+        self.settings = new
+        for listener in self.settings_listeners:
+            listener(new)
+        self.log.info("configuration changed", kind=kind, name=name,
+                      action="create" if create else "delete" if body is None else "update")
+        return new
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -107,6 +124,11 @@ class Node:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(Store(self.settings.database_url).open)
         self.store = store
+        objects = await asyncio.to_thread(store.config_objects)
+        if objects:
+            self.settings = runtime_config.merge(self.file_settings, objects)
+            self.log.info("runtime configuration applied",
+                          objects=sum(len(v) for v in objects.values()))
         try:
             yield
         finally:

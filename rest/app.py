@@ -110,10 +110,10 @@ def create_app(
     )
     app[NODE] = node
     app[AUTH] = authenticator or node.authenticator()
-    from rest import inference
+    from rest import config_api, inference
 
     table: dict[Any, Route] = {}
-    for route in [*base_routes(), *inference.routes(), *(extra_routes or [])]:
+    for route in [*base_routes(), *inference.routes(), *config_api.routes(), *(extra_routes or [])]:
         table[app.router.add_route(route.method, route.path, route.handler)] = route
     app[ROUTES] = table
     return app
