@@ -8,10 +8,13 @@ middleware authenticates, one turns exceptions into that shape.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from aiohttp import web
 
 import dicom_node
@@ -94,8 +97,27 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document describing every route (``rest/openapi.yaml``)."""
+    doc: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    doc["info"]["version"] = dicom_node.__version__
+    return doc
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 def base_routes() -> list[Route]:
-    return [Route("GET", "/health", health, scope=None)]
+    return [
+        Route("GET", "/health", health, scope=None),
+        Route("GET", "/openapi.json", openapi, scope=None),
+        Route("OPTIONS", "/", openapi, scope=None),
+    ]
 
 
 def create_app(
