@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
-    ComputedRadiographyImageStorage,
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
+    PYDICOM_ROOT_UID,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
-UID_PREFIX = "1.2.826.0.1.3680043.10.1234."  # generate_uid() hashes the seed under it
+UID_PREFIX = PYDICOM_ROOT_UID  # pydicom's root; generate_uid() hashes the seed under it
 
 
 def seeded_uid(seed: str, *parts: object) -> str:
@@ -109,7 +110,7 @@ def _save(ds: Dataset, folder: Path) -> Path:
 
 def make_cr_study(folder: Path, seed: str = "cr", *, patient_id: str | None = None,
                   accession_number: str | None = None) -> SyntheticStudy:
-    """One CR instance, 256×256, 16-bit, in ``folder``."""
+    """One CR instance, 256x256, 16-bit, in ``folder``."""
     patient_id = patient_id or f"PAT-{seed}"
     accession = accession_number or f"ACC-{seed}"[:16]
     study = SyntheticStudy(seeded_uid(seed, "study"), patient_id, accession, "CR")
@@ -131,7 +132,7 @@ def make_cr_study(folder: Path, seed: str = "cr", *, patient_id: str | None = No
 def make_ct_study(folder: Path, seed: str = "ct", slices: int = 20, *,
                   patient_id: str | None = None,
                   accession_number: str | None = None) -> SyntheticStudy:
-    """One CT series of ``slices`` axial 64×64 16-bit slices, 2.5 mm apart, in ``folder``."""
+    """One CT series of ``slices`` axial 64x64 16-bit slices, 2.5 mm apart, in ``folder``."""
     patient_id = patient_id or f"PAT-{seed}"
     accession = accession_number or f"ACC-{seed}"[:16]
     study = SyntheticStudy(seeded_uid(seed, "study"), patient_id, accession, "CT")
