@@ -1,0 +1,315 @@
+"""The DICOMweb client against a real Orthanc (DICOMweb plugin) on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_node.dicomweb import (
+    BasicAuth,
+    BearerAuth,
+    DicomWebClient,
+    DicomWebError,
+    DicomWebNotFound,
+    InstanceRef,
+)
+from dicom_node.errors import NodeError, NotFound
+from tests.integration.conftest import OrthancFactory
+from tests.support.dicom_factory import (
+    SyntheticStudy,
+    make_cr_study,
+    make_ct_study,
+    make_sc_instance,
+)
+from tests.support.orthanc import Orthanc, orthanc_server
+from tests.support.peers import free_port
+
+pytestmark = pytest.mark.peers
+
+CT_SLICES = 20
+UNKNOWN_UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+@dataclass
+class LoadedPacs:
+    orthanc: Orthanc
+    cr: SyntheticStudy
+    ct: SyntheticStudy
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPacs]:
+    """One Orthanc for the read-only tests, loaded over REST with a CR and a 20-slice CT."""
+    src = tmp_path_factory.mktemp("src")
+    cr = make_cr_study(src / "cr", seed="dw-cr")
+    ct = make_ct_study(src / "ct", seed="dw-ct", slices=CT_SLICES)
+    with orthanc_server() as orthanc:
+        orthanc.upload([*cr.paths, *ct.paths])
+        assert len(orthanc.instances()) == 1 + CT_SLICES
+        yield LoadedPacs(orthanc, cr, ct)
+
+
+@pytest.fixture
+def client(pacs: LoadedPacs) -> Iterator[DicomWebClient]:
+    with DicomWebClient(pacs.orthanc.dicomweb_url) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- QIDO
+def test_search_studies_by_study_uid(pacs: LoadedPacs, client: DicomWebClient) -> None:
+    found = client.search_studies(study_uid=pacs.ct.study_uid)
+    assert len(found) == 1
+    study = found[0]
+    assert study.study_uid == pacs.ct.study_uid
+    assert study.patient_id == pacs.ct.patient_id
+    assert study.accession_number == pacs.ct.accession_number
+    assert study.modalities == ("CT",)
+    assert study.number_of_series == 1
+    assert study.number_of_instances == CT_SLICES
+
+
+def test_search_all_studies(pacs: LoadedPacs, client: DicomWebClient) -> None:
+    uids = {s.study_uid for s in client.search_studies()}
+    assert uids == {pacs.cr.study_uid, pacs.ct.study_uid}
+    assert len(client.search_studies(limit=1)) == 1
+
+
+def test_search_by_patient_id(pacs: LoadedPacs, client: DicomWebClient) -> None:
+    studies = client.search_studies(patient_id=pacs.cr.patient_id)
+    assert [s.study_uid for s in studies] == [pacs.cr.study_uid]
+    series = client.search_series(patient_id=pacs.cr.patient_id)
+    assert [(s.study_uid, s.series_uid, s.modality, s.number_of_instances)
+            for s in series] == [(pacs.cr.study_uid, pacs.cr.series_uid, "CR", 1)]
+
+
+def test_search_by_accession_number(pacs: LoadedPacs, client: DicomWebClient) -> None:
+    studies = client.search_studies(accession_number=pacs.ct.accession_number)
+    assert [s.study_uid for s in studies] == [pacs.ct.study_uid]
+    series = client.search_series(accession_number=pacs.ct.accession_number)
+    assert [s.series_uid for s in series] == [pacs.ct.series_uid]
+    assert series[0].number_of_instances == CT_SLICES
+
+
+def test_search_series_and_instances_of_a_study(pacs: LoadedPacs,
+                                                client: DicomWebClient) -> None:
+    series = client.search_series(study_uid=pacs.ct.study_uid)
+    assert [(s.series_uid, s.modality, s.series_number) for s in series] == [
+        (pacs.ct.series_uid, "CT", 1)]
+    instances = client.search_instances(study_uid=pacs.ct.study_uid,
+                                        series_uid=pacs.ct.series_uid)
+    assert {i.sop_uid for i in instances} == set(pacs.ct.sop_uids)
+    assert {i.series_uid for i in instances} == {pacs.ct.series_uid}
+    assert {i.sop_class_uid for i in instances} == {pydicom.uid.CTImageStorage}
+    assert sorted(i.instance_number or 0 for i in instances) == list(range(1, CT_SLICES + 1))
+    # paged: several requests, same answer
+    paged = client.search_instances(study_uid=pacs.ct.study_uid, page_size=7)
+    assert {i.sop_uid for i in paged} == set(pacs.ct.sop_uids)
+    by_series_key = client.search_instances(series_uid=pacs.ct.series_uid)
+    assert {i.sop_uid for i in by_series_key} == set(pacs.ct.sop_uids)
+
+
+def test_unknown_study_searches_empty(client: DicomWebClient) -> None:
+    assert client.search_studies(study_uid=UNKNOWN_UID) == []
+    assert client.search_studies(patient_id="NO-SUCH-PATIENT") == []
+    assert client.search_series(accession_number="NO-SUCH-ACC") == []
+
+
+# ----------------------------------------------------------------------------- WADO
+def _assert_same_instances(paths: list[Path], study: SyntheticStudy) -> None:
+    sources = {pydicom.dcmread(p).SOPInstanceUID: p for p in study.paths}
+    assert {p.name for p in paths} == {f"{uid}.dcm" for uid in study.sop_uids}
+    for path in paths:
+        got = pydicom.dcmread(path)  # a readable Part 10 file
+        src = pydicom.dcmread(sources[got.SOPInstanceUID])
+        assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+        assert got.file_meta.MediaStorageSOPInstanceUID == got.SOPInstanceUID
+        assert got.StudyInstanceUID == study.study_uid
+        assert got.SeriesInstanceUID in study.series_uids
+        assert got.PixelData == src.PixelData
+        assert np.array_equal(got.pixel_array, src.pixel_array)
+
+
+def test_retrieve_study_streams_to_folder(pacs: LoadedPacs, client: DicomWebClient,
+                                          tmp_path: Path) -> None:
+    result = client.retrieve_study(pacs.ct.study_uid, tmp_path / "study")
+    assert result.ok, result.failed
+    assert len(result.succeeded) == CT_SLICES
+    assert {o.sop_uid for o in result.outcomes} == set(pacs.ct.sop_uids)
+    _assert_same_instances(result.paths, pacs.ct)
+    # nothing but the instances: no temporary files left behind
+    assert sorted((tmp_path / "study").iterdir()) == sorted(result.paths)
+
+
+def test_retrieve_series(pacs: LoadedPacs, client: DicomWebClient, tmp_path: Path) -> None:
+    result = client.retrieve_series(pacs.cr.study_uid, pacs.cr.series_uid, tmp_path)
+    assert result.ok, result.failed
+    _assert_same_instances(result.paths, pacs.cr)
+    ds = pydicom.dcmread(result.paths[0])
+    assert (ds.Rows, ds.Columns, ds.BitsAllocated) == (256, 256, 16)
+
+
+def test_retrieve_listed_instances_reports_each(pacs: LoadedPacs, client: DicomWebClient,
+                                                tmp_path: Path) -> None:
+    wanted = [InstanceRef(pacs.ct.study_uid, pacs.ct.series_uid, uid)
+              for uid in pacs.ct.sop_uids[:3]]
+    missing = InstanceRef(pacs.ct.study_uid, pacs.ct.series_uid, UNKNOWN_UID)
+    result = client.retrieve_instances([*wanted, missing], tmp_path)
+    assert [o.ok for o in result.outcomes] == [True, True, True, False]
+    assert [o.sop_uid for o in result.outcomes] == [*pacs.ct.sop_uids[:3], UNKNOWN_UID]
+    assert "404" in (result.outcomes[-1].reason or "")
+    for outcome in result.succeeded:
+        assert outcome.path is not None
+        assert pydicom.dcmread(outcome.path).SOPInstanceUID == outcome.sop_uid
+
+
+def test_retrieve_unknown_study_is_a_clear_not_found(pacs: LoadedPacs, client: DicomWebClient,
+                                                     tmp_path: Path) -> None:
+    with pytest.raises(DicomWebNotFound) as info:
+        client.retrieve_study(UNKNOWN_UID, tmp_path)
+    assert isinstance(info.value, NotFound)
+    assert info.value.status == 404
+    assert "404" in str(info.value)
+    assert UNKNOWN_UID in str(info.value)
+    assert pacs.orthanc.url in str(info.value)
+
+
+# ----------------------------------------------------------------------------- STOW
+def test_stow_adds_instance_to_its_study(orthanc: Orthanc, tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "cr", seed="stow-cr")
+    orthanc.upload(cr.paths)
+    sc = make_sc_instance(tmp_path / "sc", cr, seed="stow-sc")
+    sc_uid = pydicom.dcmread(sc).SOPInstanceUID
+
+    with DicomWebClient(orthanc.dicomweb_url) as client:
+        result = client.store([sc])
+        assert result.ok, result.failed
+        assert result.referenced == [sc_uid]
+        assert result.requests == 1
+        assert orthanc.study_sop_uids(cr.study_uid) == {cr.sop_uids[0], sc_uid}
+        study = orthanc.find_study(cr.study_uid)
+        assert study is not None and len(study["Series"]) == 2
+        # and the node's own QIDO sees the new series
+        series = client.search_series(study_uid=cr.study_uid)
+        assert {s.modality for s in series} == {"CR", "OT"}
+
+
+def test_stow_batches_and_reports_unreadable_files(orthanc: Orthanc, tmp_path: Path) -> None:
+    ct = make_ct_study(tmp_path / "ct", seed="stow-ct", slices=CT_SLICES)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with DicomWebClient(orthanc.dicomweb_url) as client:
+        result = client.store([*ct.paths, junk], batch_size=8)
+    assert result.requests == 3
+    assert sorted(result.referenced) == sorted(ct.sop_uids)
+    assert len(result.failed) == 1
+    assert result.failed[0].path == junk
+    assert "junk.dcm" in result.failed[0].reason
+    assert orthanc.study_sop_uids(ct.study_uid) == set(ct.sop_uids)
+
+
+# ----------------------------------------------------------------------------- auth
+def test_basic_auth(orthanc_factory: OrthancFactory, tmp_path: Path) -> None:
+    orthanc = orthanc_factory(users={"alice": "s3cret"}, dicom_server=False)
+    cr = make_cr_study(tmp_path, seed="auth-cr")
+    orthanc.upload(cr.paths)
+
+    with DicomWebClient(orthanc.dicomweb_url, BasicAuth("alice", "s3cret")) as good:
+        assert [s.study_uid for s in good.search_studies()] == [cr.study_uid]
+        assert good.retrieve_study(cr.study_uid, tmp_path / "out").ok
+
+    for auth in (BasicAuth("alice", "wrong"), None):
+        with DicomWebClient(orthanc.dicomweb_url, auth) as bad:
+            with pytest.raises(DicomWebError) as info:
+                bad.search_studies()
+            assert info.value.status == 401
+            assert "401" in str(info.value)
+            assert orthanc.dicomweb_url in str(info.value)
+            assert "wrong" not in str(info.value)
+            with pytest.raises(DicomWebError, match="401"):
+                bad.retrieve_study(cr.study_uid, tmp_path / "bad")
+            with pytest.raises(DicomWebError, match="401"):
+                bad.store(cr.paths)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with an empty QIDO result, after ``delay`` seconds."""
+
+    headers_seen: list[dict[str, str]] = []
+    delay = 0.0
+
+    def do_GET(self) -> None:
+        type(self).headers_seen.append(dict(self.headers))
+        time.sleep(self.delay)
+        body = json.dumps([]).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, type[_Recorder]]]:
+    handler = type("Handler", (_Recorder,), {"headers_seen": [], "delay": 0.0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_bearer_token_is_sent(recorder: tuple[str, type[_Recorder]]) -> None:
+    url, handler = recorder
+    with DicomWebClient(url, BearerAuth("tok.en.value")) as client:
+        assert client.search_studies() == []
+    assert handler.headers_seen[-1]["Authorization"] == "Bearer tok.en.value"
+
+
+def test_read_timeout_is_a_dicomweb_error(recorder: tuple[str, type[_Recorder]]) -> None:
+    url, handler = recorder
+    handler.delay = 3.0
+    with DicomWebClient(url, read_timeout_s=0.3, retries=1) as client:
+        with pytest.raises(DicomWebError, match="timed out") as info:
+            client.search_studies()
+    assert url in str(info.value)
+
+
+# ----------------------------------------------------------------------------- down
+def test_server_down_is_a_connection_error(orthanc: Orthanc, tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "cr", seed="down-cr")
+    url = orthanc.dicomweb_url
+    orthanc.stop()
+    with DicomWebClient(url, connect_timeout_s=2) as client:
+        for call in (lambda: client.search_studies(),
+                     lambda: client.retrieve_study(cr.study_uid, tmp_path / "out"),
+                     lambda: client.retrieve_series(cr.study_uid, cr.series_uid, tmp_path),
+                     lambda: client.store(cr.paths)):
+            with pytest.raises(DicomWebError) as info:
+                call()
+            assert "connection" in str(info.value)
+            assert url in str(info.value)
+            assert info.value.status is None
+            assert isinstance(info.value, NodeError)
+
+
+def test_nothing_listening_is_a_connection_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with DicomWebClient(url, connect_timeout_s=2) as client, \
+            pytest.raises(DicomWebError, match="connection"):
+        client.search_studies(patient_id="X")
