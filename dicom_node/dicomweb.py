@@ -400,9 +400,10 @@ class DicomWebClient:
     ``auth`` is None, :class:`BasicAuth` or :class:`BearerAuth`. Timeouts are in
     seconds: ``connect_timeout_s`` to open a connection, ``read_timeout_s``
     between bytes of an answer (not for a whole transfer). ``retries`` is how
-    many times a request answered 408/429/503/504 is tried in all (with
-    exponential backoff). ``trust_env`` lets ``requests`` use proxy settings
-    from the environment.
+    many times a request is tried in all (backoff 1 s, 2 s, 4 s…) when it fails
+    to connect, times out or is answered 408/429/503/504 (dicomweb-client's
+    retry policy); ``retries=1`` tries once. ``trust_env`` lets ``requests``
+    use proxy settings from the environment.
 
     Raises :class:`InvalidInput` for a URL that is not http(s). Every method
     raises :class:`DicomWebError` (or :class:`DicomWebNotFound` for a 404) when

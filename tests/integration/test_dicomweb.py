@@ -284,9 +284,9 @@ def test_bearer_token_is_sent(recorder: tuple[str, type[_Recorder]]) -> None:
 def test_read_timeout_is_a_dicomweb_error(recorder: tuple[str, type[_Recorder]]) -> None:
     url, handler = recorder
     handler.delay = 3.0
-    with DicomWebClient(url, read_timeout_s=0.3, retries=1) as client:
-        with pytest.raises(DicomWebError, match="timed out") as info:
-            client.search_studies()
+    with DicomWebClient(url, read_timeout_s=0.3, retries=1) as client, \
+            pytest.raises(DicomWebError, match="timed out") as info:
+        client.search_studies()
     assert url in str(info.value)
 
 
@@ -295,7 +295,7 @@ def test_server_down_is_a_connection_error(orthanc: Orthanc, tmp_path: Path) -> 
     cr = make_cr_study(tmp_path / "cr", seed="down-cr")
     url = orthanc.dicomweb_url
     orthanc.stop()
-    with DicomWebClient(url, connect_timeout_s=2) as client:
+    with DicomWebClient(url, connect_timeout_s=2, retries=1) as client:
         for call in (lambda: client.search_studies(),
                      lambda: client.retrieve_study(cr.study_uid, tmp_path / "out"),
                      lambda: client.retrieve_series(cr.study_uid, cr.series_uid, tmp_path),
@@ -310,6 +310,7 @@ def test_server_down_is_a_connection_error(orthanc: Orthanc, tmp_path: Path) -> 
 
 def test_nothing_listening_is_a_connection_error() -> None:
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    # with the default retries (3 attempts, backoff): still one clear error
     with DicomWebClient(url, connect_timeout_s=2) as client, \
             pytest.raises(DicomWebError, match="connection"):
         client.search_studies(patient_id="X")
