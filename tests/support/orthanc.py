@@ -17,6 +17,7 @@ is in its environment: we always set it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,15 +127,41 @@ class Orthanc:
             self._request("DELETE", f"/patients/{patient}")
 
     # ---- lifecycle ----------------------------------------------------------------
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL); idempotent."""
-        if self.process.poll() is None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the server; idempotent.
+
+        ``graceful``: SIGTERM and wait (Orthanc takes ~3 s to close its HTTP and
+        DICOM servers), SIGKILL if it does not exit. Otherwise SIGKILL at once.
+        """
+        if self.process.poll() is not None:
+            return
+        if graceful:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
+                return
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=20)
+                pass
+        self.process.kill()
+        self.process.wait(timeout=20)
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux for SIGKILL when the test process dies (no orphan).
+
+    libc is loaded here, in the parent: the child only makes one system call.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+    return preexec
 
 
 def orthanc_config(
@@ -182,7 +209,10 @@ def orthanc_server(
     users: Mapping[str, str] | None = None,
     dicom_server: bool = True,
 ) -> Iterator[Orthanc]:
-    """Start Orthanc in a fresh folder; yield it; stop it and remove the folder.
+    """Start Orthanc in a fresh folder; yield it; kill it and remove the folder.
+
+    The server is stopped however the ``with`` block ends (a failed assertion
+    included), and gets SIGKILL from the kernel if the test process dies first.
 
     ``modalities`` maps a name to ``(AE title, host, port)`` — register the node's
     AE there so a C-MOVE to it works. ``users`` maps user name to password and
@@ -206,7 +236,7 @@ def orthanc_server(
     env = {**os.environ, "TCP_NODELAY": "1"}
     log = (folder / "orthanc.log").open("wb")
     process = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
-                               env=env, cwd=folder, start_new_session=True)
+                               env=env, cwd=folder, preexec_fn=_death_signal())
     log.close()
     server = Orthanc(process=process, folder=folder, http_port=http_port,
                      dicom_port=dicom_port, aet=aet, users=dict(users or {}))
@@ -214,7 +244,8 @@ def orthanc_server(
         _wait_ready(server)
         yield server
     finally:
-        server.stop()
+        # Its storage is thrown away: no need to wait for a graceful stop.
+        server.stop(graceful=False)
         shutil.rmtree(folder, ignore_errors=True)
 
 
