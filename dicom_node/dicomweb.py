@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +402,8 @@ class DicomWebClient:
     between bytes of an answer (not for a whole transfer). ``retries`` is how
     many times a request is tried in all (backoff 1 s, 2 s, 4 s…) when it fails
     to connect, times out or is answered 408/429/503/504 (dicomweb-client's
-    retry policy); ``retries=1`` tries once. ``trust_env`` lets ``requests``
+    retry policy); ``retries=1`` tries once. ``chunk_size`` is how many bytes
+    are read (WADO) or sent (STOW) at a time. ``trust_env`` lets ``requests``
     use proxy settings from the environment.
 
     Raises :class:`InvalidInput` for a URL that is not http(s). Every method
@@ -662,7 +663,8 @@ class DicomWebClient:
 
     # -- WADO-RS
     def _stream_to(self, what: str, url: str, folder: Path,
-                   open_stream: Callable[[], Iterator[Dataset]]) -> RetrieveResult:
+                   open_stream: Callable[[], Iterator[Dataset]],
+                   expect: Collection[str] | None = None) -> RetrieveResult:
         """Write each dataset of a streamed multipart answer to ``folder``.
 
         Failure to *start* the transfer raises :class:`DicomWebError`; a failure
@@ -706,24 +708,33 @@ class DicomWebClient:
                 with suppress(Exception):
                     close()
             _fsync_dir(folder)
+        if expect is not None:
+            received = {o.sop_uid for o in result.outcomes}
+            result.outcomes.extend(
+                InstanceOutcome(uid, False, reason=f"not received from {url}")
+                for uid in expect if uid not in received)
         log.info("dicomweb_retrieved", url=url, ok=len(result.succeeded),
                  failed=len(result.failed))
         return result
 
-    def retrieve_study(self, study_uid: str, folder: Path | str) -> RetrieveResult:
+    def retrieve_study(self, study_uid: str, folder: Path | str, *,
+                       expect: Collection[str] | None = None) -> RetrieveResult:
         """WADO-RS the whole study, streaming each instance to ``folder``.
 
-        Raises :class:`InvalidInput` (bad UID), :class:`DicomWebNotFound` (no
-        such study) or :class:`DicomWebError` (transfer could not start).
+        ``expect``: SOPInstanceUIDs that must arrive (e.g. from a QIDO search);
+        any that does not becomes a failed outcome. Raises :class:`InvalidInput`
+        (bad UID), :class:`DicomWebNotFound` (no such study) or
+        :class:`DicomWebError` (the transfer could not start).
         """
         _check_uid(study_uid, "StudyInstanceUID")
         url = self._url(f"studies/{study_uid}")
         return self._stream_to("WADO-RS retrieve study", url, Path(folder),
                                lambda: self._client.iter_study(study_uid,
-                                                               media_types=_AS_STORED))
+                                                               media_types=_AS_STORED),
+                               expect)
 
-    def retrieve_series(self, study_uid: str, series_uid: str,
-                        folder: Path | str) -> RetrieveResult:
+    def retrieve_series(self, study_uid: str, series_uid: str, folder: Path | str, *,
+                        expect: Collection[str] | None = None) -> RetrieveResult:
         """WADO-RS one series, streaming each instance to ``folder``.
 
         Raises like :meth:`retrieve_study`.
@@ -733,7 +744,8 @@ class DicomWebClient:
         url = self._url(f"studies/{study_uid}/series/{series_uid}")
         return self._stream_to("WADO-RS retrieve series", url, Path(folder),
                                lambda: self._client.iter_series(study_uid, series_uid,
-                                                                media_types=_AS_STORED))
+                                                                media_types=_AS_STORED),
+                               expect)
 
     def retrieve_instances(self, refs: Iterable[InstanceRef],
                            folder: Path | str) -> RetrieveResult:

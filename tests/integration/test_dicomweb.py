@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import http.server
-import json
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
 from dicom_node.dicomweb import (
     BasicAuth,
@@ -240,32 +241,40 @@ def test_basic_auth(orthanc_factory: OrthancFactory, tmp_path: Path) -> None:
                 bad.store(cr.paths)
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    """Answers every GET with an empty QIDO result, after ``delay`` seconds."""
+class _FakeServer(http.server.BaseHTTPRequestHandler):
+    """A scripted DICOMweb server: records headers, answers every GET with ``body``.
+
+    ``delay`` seconds before answering; ``truncate_at`` bytes of the body sent
+    (with the full Content-Length) before the connection is dropped.
+    """
 
     headers_seen: list[dict[str, str]] = []
     delay = 0.0
+    body = b"[]"
+    content_type = "application/dicom+json"
+    truncate_at: int | None = None
 
     def do_GET(self) -> None:
         type(self).headers_seen.append(dict(self.headers))
         time.sleep(self.delay)
-        body = json.dumps([]).encode()
         try:
             self.send_response(200)
-            self.send_header("Content-Type", "application/dicom+json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", self.content_type)
+            self.send_header("Content-Length", str(len(self.body)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(self.body[: self.truncate_at])
+            self.wfile.flush()
         except OSError:
             pass
+        self.close_connection = True
 
     def log_message(self, *args: object) -> None:
         pass
 
 
 @pytest.fixture
-def recorder() -> Iterator[tuple[str, type[_Recorder]]]:
-    handler = type("Handler", (_Recorder,), {"headers_seen": [], "delay": 0.0})
+def fake_server() -> Iterator[tuple[str, type[_FakeServer]]]:
+    handler = type("Handler", (_FakeServer,), {"headers_seen": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -274,20 +283,73 @@ def recorder() -> Iterator[tuple[str, type[_Recorder]]]:
     server.server_close()
 
 
-def test_bearer_token_is_sent(recorder: tuple[str, type[_Recorder]]) -> None:
-    url, handler = recorder
+def _multipart(parts: list[bytes]) -> tuple[bytes, str]:
+    """A WADO-RS multipart answer, encoded by dicomweb-client itself."""
+    content_type = 'multipart/related; type="application/dicom"; boundary="b0undary"'
+    return DICOMwebClient._encode_multipart_message(parts, content_type), content_type
+
+
+def test_bearer_token_is_sent(fake_server: tuple[str, type[_FakeServer]]) -> None:
+    url, handler = fake_server
     with DicomWebClient(url, BearerAuth("tok.en.value")) as client:
         assert client.search_studies() == []
     assert handler.headers_seen[-1]["Authorization"] == "Bearer tok.en.value"
 
 
-def test_read_timeout_is_a_dicomweb_error(recorder: tuple[str, type[_Recorder]]) -> None:
-    url, handler = recorder
+def test_read_timeout_is_a_dicomweb_error(fake_server: tuple[str, type[_FakeServer]]) -> None:
+    url, handler = fake_server
     handler.delay = 3.0
     with DicomWebClient(url, read_timeout_s=0.3, retries=1) as client, \
             pytest.raises(DicomWebError, match="timed out") as info:
         client.search_studies()
     assert url in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_server_cannot_choose_file_names(fake_server: tuple[str, type[_FakeServer]],
+                                         tmp_path: Path) -> None:
+    """A part whose SOPInstanceUID is a path is refused; the others are written."""
+    url, handler = fake_server
+    cr = make_cr_study(tmp_path / "src", seed="evil-cr")
+    good = cr.paths[0].read_bytes()
+    evil = pydicom.dcmread(cr.paths[0])
+    evil.SOPInstanceUID = "../../escaped"
+    evil.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    buffer = io.BytesIO()
+    with pydicom.config.disable_value_validation():
+        evil.save_as(buffer)
+    handler.body, handler.content_type = _multipart([buffer.getvalue(), good])
+    out = tmp_path / "out"
+    with DicomWebClient(url) as client:
+        result = client.retrieve_study(cr.study_uid, out, expect=[cr.sop_uids[0], "1.2.9"])
+    assert [(o.sop_uid, o.ok) for o in result.outcomes] == [
+        ("../../escaped", False), (cr.sop_uids[0], True), ("1.2.9", False)]
+    assert "SOPInstanceUID" in (result.outcomes[0].reason or "")
+    assert "not received" in (result.outcomes[2].reason or "")
+    assert [p.name for p in out.iterdir()] == [f"{cr.sop_uids[0]}.dcm"]
+    assert not (tmp_path / "escaped.dcm").exists()
+    assert handler.headers_seen[-1]["Accept"].count("transfer-syntax=*") == 1
+
+
+def test_transfer_cut_short_keeps_what_arrived(fake_server: tuple[str, type[_FakeServer]],
+                                               tmp_path: Path) -> None:
+    url, handler = fake_server
+    ct = make_ct_study(tmp_path / "src", seed="cut-ct", slices=4)
+    parts = [p.read_bytes() for p in ct.paths]
+    handler.body, handler.content_type = _multipart(parts)
+    # the first two parts and half of the third arrive, then the connection drops
+    handler.truncate_at = len(parts[0]) + len(parts[1]) + len(parts[2]) // 2 + 200
+    # read in small chunks: a chunk that never completes is lost with the connection
+    with DicomWebClient(url, retries=1, chunk_size=1024) as client:
+        result = client.retrieve_series(ct.study_uid, ct.series_uid, tmp_path / "out",
+                                        expect=ct.sop_uids)
+    assert [o.sop_uid for o in result.succeeded] == ct.sop_uids[:2]
+    interrupted = [o for o in result.failed if o.sop_uid is None]
+    assert len(interrupted) == 1
+    assert "interrupted after 2 instance(s)" in (interrupted[0].reason or "")
+    assert {o.sop_uid for o in result.failed if o.sop_uid} == set(ct.sop_uids[2:])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"{uid}.dcm" for uid in ct.sop_uids[:2])
 
 
 # ----------------------------------------------------------------------------- down
