@@ -404,7 +404,9 @@ class DicomWebClient:
     to connect, times out or is answered 408/429/503/504 (dicomweb-client's
     retry policy); ``retries=1`` tries once. ``chunk_size`` is how many bytes
     are read (WADO) or sent (STOW) at a time. ``trust_env`` lets ``requests``
-    use proxy settings from the environment.
+    use proxy settings from the environment. Redirects are refused (an error)
+    unless ``follow_redirects``: a server must not send us to another URL
+    behind :func:`url_allowed`'s back.
 
     Raises :class:`InvalidInput` for a URL that is not http(s). Every method
     raises :class:`DicomWebError` (or :class:`DicomWebNotFound` for a 404) when
@@ -422,12 +424,15 @@ class DicomWebClient:
         retries: int = 3,
         chunk_size: int = 1 << 20,
         trust_env: bool = True,
+        follow_redirects: bool = False,
     ) -> None:
         self.base_url = validate_base_url(base_url)
         if connect_timeout_s <= 0 or read_timeout_s <= 0:
             raise InvalidInput("DICOMweb timeouts must be positive")
         self._session = requests.Session()
         self._session.trust_env = trust_env
+        if not follow_redirects:
+            self._session.hooks["response"].append(_refuse_redirect)
         if isinstance(auth, BasicAuth):
             self._session.auth = (auth.username, auth.password)
         elif isinstance(auth, BearerAuth):
@@ -550,6 +555,10 @@ class DicomWebClient:
                 continue
             if k.endswith("_uid"):
                 _check_uid(v, names[k])
+            elif not v.strip() or any(c in v for c in "*?\\"):
+                # Empty means "any", '*' and '?' are wildcards, '\\' separates
+                # values: a caller's ID must never widen the search.
+                raise InvalidInput(f"{names[k]} {v!r} is empty or has wildcard characters")
             out[names[k]] = v
         return out
 
@@ -558,8 +567,9 @@ class DicomWebClient:
                        page_size: int = 500) -> list[StudyResult]:
         """QIDO-RS ``/studies`` with the given matching keys (all optional, ANDed).
 
-        Returns an empty list when nothing matches. Raises :class:`InvalidInput`
-        for a malformed UID, :class:`DicomWebError` if the search fails.
+        Matching is exact. Returns an empty list when nothing matches. Raises
+        :class:`InvalidInput` for a malformed UID or an empty or wildcard
+        (``*``, ``?``, ``\\``) value, :class:`DicomWebError` if the search fails.
         """
         filters = self._filters(study_uid=study_uid, patient_id=patient_id,
                                 accession_number=accession_number)
@@ -591,8 +601,9 @@ class DicomWebClient:
                       page_size: int = 500) -> list[SeriesResult]:
         """QIDO-RS series search (``/studies/{uid}/series`` when ``study_uid`` is given).
 
-        Returns an empty list when nothing matches. Raises :class:`InvalidInput`
-        for a malformed UID, :class:`DicomWebError` if the search fails.
+        Matching is exact. Returns an empty list when nothing matches. Raises
+        :class:`InvalidInput` for a malformed UID or an empty or wildcard
+        (``*``, ``?``, ``\\``) value, :class:`DicomWebError` if the search fails.
         """
         filters = self._filters(series_uid=series_uid, patient_id=patient_id,
                                 accession_number=accession_number, modality=modality)
@@ -625,9 +636,10 @@ class DicomWebClient:
                          page_size: int = 1000) -> list[InstanceResult]:
         """QIDO-RS instance search (under the study/series when their UIDs are given).
 
-        ``series_uid`` without ``study_uid`` is sent as a matching key. Returns
-        an empty list when nothing matches. Raises :class:`InvalidInput` for a
-        malformed UID, :class:`DicomWebError` if the search fails.
+        ``series_uid`` without ``study_uid`` is sent as a matching key. Matching
+        is exact. Returns an empty list when nothing matches. Raises
+        :class:`InvalidInput` for a malformed UID or an empty or wildcard value,
+        :class:`DicomWebError` if the search fails.
         """
         if study_uid is not None:
             _check_uid(study_uid, "StudyInstanceUID")
@@ -861,6 +873,15 @@ class DicomWebClient:
         for uid, path in by_uid.items():
             if uid not in accounted:
                 result.failed.append(FailedSop(uid, "not acknowledged by the server", path))
+
+
+def _refuse_redirect(response: requests.Response, *args: object, **kwargs: object) -> None:
+    """``requests`` response hook: a redirect is an error, not followed."""
+    if response.is_redirect:
+        target = str(response.headers.get("Location", ""))[:200]
+        raise DicomWebError(
+            f"{response.url} answered HTTP {response.status_code} redirecting to {target!r}; "
+            f"redirects are not followed", url=str(response.url), status=response.status_code)
 
 
 def _stow_error_body(exc: BaseException) -> Dataset | None:

@@ -23,7 +23,7 @@ from dicom_node.dicomweb import (
     DicomWebNotFound,
     InstanceRef,
 )
-from dicom_node.errors import NodeError, NotFound
+from dicom_node.errors import InvalidInput, NodeError, NotFound
 from tests.integration.conftest import OrthancFactory
 from tests.support.dicom_factory import (
     SyntheticStudy,
@@ -253,12 +253,16 @@ class _FakeServer(http.server.BaseHTTPRequestHandler):
     body = b"[]"
     content_type = "application/dicom+json"
     truncate_at: int | None = None
+    status = 200
+    location = ""
 
     def do_GET(self) -> None:
         type(self).headers_seen.append(dict(self.headers))
         time.sleep(self.delay)
         try:
-            self.send_response(200)
+            self.send_response(self.status)
+            if self.location:
+                self.send_header("Location", self.location)
             self.send_header("Content-Type", self.content_type)
             self.send_header("Content-Length", str(len(self.body)))
             self.end_headers()
@@ -350,6 +354,30 @@ def test_transfer_cut_short_keeps_what_arrived(fake_server: tuple[str, type[_Fak
     assert {o.sop_uid for o in result.failed if o.sop_uid} == set(ct.sop_uids[2:])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         f"{uid}.dcm" for uid in ct.sop_uids[:2])
+
+
+def test_redirects_are_refused(fake_server: tuple[str, type[_FakeServer]],
+                               orthanc: Orthanc) -> None:
+    """A server cannot send the client to another URL (the SSRF guard checks only ours)."""
+    url, handler = fake_server
+    handler.status, handler.location = 302, orthanc.dicomweb_url + "/studies"
+    with DicomWebClient(url, retries=1) as client, \
+            pytest.raises(DicomWebError, match="redirects are not followed") as info:
+        client.search_studies()
+    assert info.value.status == 302
+    assert len(handler.headers_seen) == 1
+    with DicomWebClient(url, retries=1, follow_redirects=True) as client:
+        assert client.search_studies() == []  # followed to the (empty) Orthanc
+
+
+def test_wildcards_cannot_widen_a_search(pacs: LoadedPacs, client: DicomWebClient) -> None:
+    for value in ("*", "PAT-*", "PAT-dw-c?", "", "  ", "A\\B"):
+        with pytest.raises(InvalidInput):
+            client.search_studies(patient_id=value)
+        with pytest.raises(InvalidInput):
+            client.search_series(accession_number=value)
+    with pytest.raises(InvalidInput):
+        client.search_instances(study_uid="1.2.*")
 
 
 # ----------------------------------------------------------------------------- down
