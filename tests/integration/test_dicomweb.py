@@ -318,7 +318,7 @@ def test_server_cannot_choose_file_names(fake_server: tuple[str, type[_FakeServe
     good = cr.paths[0].read_bytes()
     evil = pydicom.dcmread(cr.paths[0])
     evil.SOPInstanceUID = "../../escaped"
-    evil.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    evil.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID("1.2.3")
     buffer = io.BytesIO()
     with pydicom.config.disable_value_validation():
         evil.save_as(buffer)
