@@ -321,11 +321,16 @@ def _redact(url: str) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+def _values(item: Any, tag: str) -> list[Any]:
+    """The ``Value`` list of ``tag`` in a DICOM JSON object; [] for anything malformed."""
+    element = item.get(tag) if isinstance(item, dict) else None
+    values = element.get("Value") if isinstance(element, dict) else None
+    return values if isinstance(values, list) else []
+
+
 def _first(item: dict[str, Any], tag: str) -> Any:
-    values = item.get(tag, {}).get("Value")
-    if not values:
-        return None
-    return values[0]
+    values = _values(item, tag)
+    return values[0] if values else None
 
 
 def _str(item: dict[str, Any], tag: str) -> str | None:
@@ -346,7 +351,7 @@ def _int(item: dict[str, Any], tag: str) -> int | None:
 
 
 def _strs(item: dict[str, Any], tag: str) -> tuple[str, ...]:
-    return tuple(str(v) for v in item.get(tag, {}).get("Value") or () if v is not None)
+    return tuple(str(v) for v in _values(item, tag) if v is not None)
 
 
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
@@ -506,10 +511,9 @@ class DicomWebClient:
     def _mapped(self, what: str, url: str) -> Iterator[None]:
         try:
             yield
-        except DicomWebError:
+        except NodeError:
             raise
-        except (requests.RequestException, retrying.RetryError, ValueError, KeyError,
-                InvalidDicomError) as exc:
+        except Exception as exc:  # network boundary: whatever the answer did, say so
             self._raise(exc, what, url)
 
     def _call(self, what: str, url: str, fn: Callable[[], T]) -> T:
@@ -532,6 +536,9 @@ class DicomWebClient:
             if size <= 0:
                 break
             page = self._call(what, url, lambda s=size, o=offset: fn(filters, s, o))  # type: ignore[misc]
+            if not isinstance(page, list):
+                raise DicomWebError(f"{what}: {url} answered something other than a list",
+                                    url=url)
             fresh = []
             for item in page:
                 k = key(item)
@@ -621,7 +628,7 @@ class DicomWebClient:
                              limit, lambda i: _str(i, _SERIES_UID))
         return [
             SeriesResult(
-                study_uid=str(_str(i, _STUDY_UID) or study_uid),
+                study_uid=_str(i, _STUDY_UID) or study_uid or "",
                 series_uid=str(_str(i, _SERIES_UID)),
                 modality=_str(i, _MODALITY),
                 series_number=_int(i, _SERIES_NUMBER),
@@ -664,8 +671,8 @@ class DicomWebClient:
                              limit, lambda i: _str(i, _SOP_UID))
         return [
             InstanceResult(
-                study_uid=str(_str(i, _STUDY_UID) or study_uid),
-                series_uid=str(_str(i, _SERIES_UID) or scoped_series),
+                study_uid=_str(i, _STUDY_UID) or study_uid or "",
+                series_uid=_str(i, _SERIES_UID) or scoped_series or "",
                 sop_uid=str(_str(i, _SOP_UID)),
                 sop_class_uid=_str(i, _SOP_CLASS),
                 instance_number=_int(i, _INSTANCE_NUMBER),
@@ -698,8 +705,7 @@ class DicomWebClient:
                     ds = next(iterator)
                 except StopIteration:
                     break
-                except (requests.RequestException, ValueError, KeyError, InvalidDicomError,
-                        OSError, EOFError) as exc:
+                except Exception as exc:  # decoding what the server sent; it may be anything
                     if not result.outcomes and isinstance(exc, requests.HTTPError):
                         self._raise(exc, what, url)
                     result.outcomes.append(InstanceOutcome(
@@ -709,7 +715,7 @@ class DicomWebClient:
                 sop_uid = str(ds.get("SOPInstanceUID", "")) or None
                 try:
                     path = _write_dataset(ds, folder)
-                except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+                except Exception as exc:  # that instance fails, the others go on
                     result.outcomes.append(InstanceOutcome(sop_uid, False, reason=_short(exc)))
                 else:
                     result.outcomes.append(InstanceOutcome(sop_uid, True, path=path))
@@ -794,7 +800,7 @@ class DicomWebClient:
                 path = _write_dataset(ds, folder)
             except DicomWebError as exc:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, False, reason=str(exc)))
-            except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            except Exception as exc:  # that instance fails, the others go on
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, False, reason=_short(exc)))
             else:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, True, path=path))
@@ -852,7 +858,9 @@ class DicomWebClient:
             answer = _stow_error_body(exc) if status == 409 else None
             if answer is None:
                 self._raise(exc, what, url)
-        except (requests.RequestException, retrying.RetryError, ValueError, KeyError) as exc:
+        except NodeError:
+            raise
+        except Exception as exc:  # network boundary, as in _mapped
             self._raise(exc, what, url)
         by_uid = {str(ds.SOPInstanceUID): path for path, ds in batch}
         accounted: set[str] = set()

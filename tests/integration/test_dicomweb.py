@@ -356,6 +356,21 @@ def test_transfer_cut_short_keeps_what_arrived(fake_server: tuple[str, type[_Fak
         f"{uid}.dcm" for uid in ct.sop_uids[:2])
 
 
+@pytest.mark.filterwarnings("ignore:message sent by origin server")
+@pytest.mark.parametrize("body", [b"<html>proxy error</html>", b'"a string"', b"[1, 2]"])
+def test_garbage_answers_are_dicomweb_errors_or_ignored(
+        fake_server: tuple[str, type[_FakeServer]], body: bytes, tmp_path: Path) -> None:
+    url, handler = fake_server
+    handler.body = body
+    with DicomWebClient(url, retries=1) as client:
+        try:
+            assert client.search_studies() == []  # items without a StudyInstanceUID
+        except DicomWebError as exc:
+            assert url in str(exc)
+        with pytest.raises(DicomWebError):
+            client.retrieve_study(UNKNOWN_UID, tmp_path)  # not multipart at all
+
+
 def test_redirects_are_refused(fake_server: tuple[str, type[_FakeServer]],
                                orthanc: Orthanc) -> None:
     """A server cannot send the client to another URL (the SSRF guard checks only ours)."""
