@@ -10,14 +10,12 @@ C-MOVE or Basic-auth users; every one started is stopped when the test ends::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 
 import pytest
 
-from tests.support.orthanc import Orthanc, orthanc_server
-
-OrthancFactory = Callable[..., Orthanc]
+from tests.support.orthanc import Orthanc, OrthancFactory, orthanc_server
 
 
 @pytest.fixture

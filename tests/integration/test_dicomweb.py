@@ -6,6 +6,7 @@ import http.server
 import io
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,13 @@ from dicom_node.dicomweb import (
     InstanceRef,
 )
 from dicom_node.errors import InvalidInput, NodeError, NotFound
-from tests.integration.conftest import OrthancFactory
 from tests.support.dicom_factory import (
     SyntheticStudy,
     make_cr_study,
     make_ct_study,
     make_sc_instance,
 )
-from tests.support.orthanc import Orthanc, orthanc_server
+from tests.support.orthanc import Orthanc, OrthancFactory, orthanc_server
 from tests.support.peers import free_port
 
 pytestmark = pytest.mark.peers
@@ -148,6 +148,23 @@ def test_retrieve_study_streams_to_folder(pacs: LoadedPacs, client: DicomWebClie
     _assert_same_instances(result.paths, pacs.ct)
     # nothing but the instances: no temporary files left behind
     assert sorted((tmp_path / "study").iterdir()) == sorted(result.paths)
+
+
+def test_retrieve_streams_instead_of_holding_the_study(orthanc: Orthanc,
+                                                       tmp_path: Path) -> None:
+    """A study much larger than the read chunk never sits in memory whole."""
+    big = make_ct_study(tmp_path / "src", seed="big-ct", slices=60, size=256)
+    total = sum(p.stat().st_size for p in big.paths)  # ~7.7 MB
+    orthanc.upload(big.paths)
+    with DicomWebClient(orthanc.dicomweb_url, chunk_size=64 * 1024) as client:
+        tracemalloc.start()
+        try:
+            result = client.retrieve_study(big.study_uid, tmp_path / "out")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert result.ok and len(result.paths) == 60
+    assert peak < total / 2, (peak, total)
 
 
 def test_retrieve_series(pacs: LoadedPacs, client: DicomWebClient, tmp_path: Path) -> None:

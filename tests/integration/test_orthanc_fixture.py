@@ -11,9 +11,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.integration.conftest import OrthancFactory
 from tests.support.dicom_factory import make_cr_study, make_ct_study
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import Orthanc, OrthancFactory
 from tests.support.peers import free_port, need_binary
 
 pytestmark = pytest.mark.peers

@@ -131,9 +131,10 @@ def make_cr_study(folder: Path, seed: str = "cr", *, patient_id: str | None = No
 
 
 def make_ct_study(folder: Path, seed: str = "ct", slices: int = 20, *,
-                  patient_id: str | None = None,
-                  accession_number: str | None = None) -> SyntheticStudy:
-    """One CT series of ``slices`` axial 64x64 16-bit slices, 2.5 mm apart, in ``folder``."""
+                  patient_id: str | None = None, accession_number: str | None = None,
+                  size: int = 64) -> SyntheticStudy:
+    """One CT series of ``slices`` axial 16-bit slices (``size`` square, 64 by default),
+    2.5 mm apart, in ``folder``."""
     patient_id = patient_id or f"PAT-{seed}"
     accession = accession_number or f"ACC-{seed}"[:16]
     study = SyntheticStudy(seeded_uid(seed, "study"), patient_id, accession, "CT")
@@ -155,7 +156,7 @@ def make_ct_study(folder: Path, seed: str = "ct", slices: int = 20, *,
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
         ds.KVP = 120
-        _image(ds, _pixels(seed, i, 64))
+        _image(ds, _pixels(seed, i, size))
         study.paths.append(_save(ds, folder))
         study.sop_uids.append(sop_uid)
     return study

@@ -164,6 +164,10 @@ def _death_signal() -> Callable[[], None] | None:
     return preexec
 
 
+# The ``orthanc_factory`` fixture: ``(aet=, modalities=, users=, dicom_server=) -> Orthanc``.
+OrthancFactory = Callable[..., Orthanc]
+
+
 def orthanc_config(
     *,
     storage: Path,
