@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicom_node.config import Settings
+from dicom_node.dicomweb import url_allowed
 from dicom_node.store import Job, JobState, NewJob
 from rest.app import NODE, Route, principal
 from rest.errors import ApiError
@@ -221,7 +222,7 @@ def _resolve_peer(r: Resource, path: str, settings: Settings,
         return None, [{"field": f"{field}.uri", "message": "required for DICOMweb"}]
     bases = [s.dicomweb_url for s in settings.sources if s.dicomweb_url]
     bases += [d.url for d in settings.destinations if d.type == "dicomweb" and d.url]
-    if not settings.rest.allow_any_url and not any(url_under(cd.uri, b) for b in bases):
+    if not url_allowed(cd.uri, bases, settings.rest.allow_any_url):
         return None, [{"field": f"{field}.uri",
                        "message": "not under a configured DICOMweb base URL "
                                   "(rest.allow_any_url is off)"}]
@@ -230,17 +231,6 @@ def _resolve_peer(r: Resource, path: str, settings: Settings,
                        "message": f"required with authType {cd.authType}"}]
     return {"interface": "DICOMweb", "uri": cd.uri, "authType": cd.authType,
             "authId": cd.authId, "operations": cd.operations}, []
-
-
-def url_under(url: str, base: str) -> bool:
-    """Whether ``url`` is ``base`` or below it: same scheme, host, port; path prefix."""
-    u, b = urlsplit(url), urlsplit(base)
-    if u.username or u.password or ".." in u.path.split("/"):
-        return False
-    if (u.scheme, u.hostname, u.port) != (b.scheme, b.hostname, b.port):
-        return False
-    base_path = b.path.rstrip("/")
-    return u.path.rstrip("/") == base_path or u.path.startswith(base_path + "/")
 
 
 # -- handlers ------------------------------------------------------------------------
