@@ -36,13 +36,13 @@ import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import (
+from pydicom.pixels.processing import (
     apply_color_lut,
     apply_modality_lut,
     apply_voi_lut,
     apply_windowing,
-    pixel_array,
 )
+from pydicom.pixels.utils import pixel_array
 from pydicom.tag import Tag
 
 from pipeline.settings import SeriesRules
@@ -302,9 +302,7 @@ def _header_copy(ds: Dataset) -> Dataset:
     return hdr
 
 
-def _check_modality(
-    ds: Dataset, modalities: Iterable[str] | None, path: Path | None
-) -> None:
+def _check_modality(ds: Dataset, modalities: Iterable[str] | None, path: Path | None) -> None:
     if modalities is None:
         return
     wanted = {m.upper() for m in modalities}
@@ -542,8 +540,7 @@ def _floats(ds: Dataset, keyword: str, n: int, path: Path | None) -> npt.NDArray
         out = None
     if out is None or out.shape != (n,) or not np.all(np.isfinite(out)):
         raise SeriesError(
-            f"{where}{keyword} is missing or invalid ({value!r}); a volume needs it on every "
-            "slice",
+            f"{where}{keyword} is missing or invalid ({value!r}); a volume needs it on every slice",
             path=path,
         )
     return out
@@ -690,6 +687,7 @@ def load_ct_volume(
     origin_ds = slices[0][2]
     origin = tuple(float(v) for v in origin_ds.ImagePositionPatient)
     iop = ref["iop"]
+    nrm = ref["normal"]
     return Volume(
         array=np.ascontiguousarray(stack, dtype=np.float32),
         spacing=(nominal, float(ref["spacing"][0]), float(ref["spacing"][1])),
@@ -697,7 +695,7 @@ def load_ct_volume(
         direction=(
             (float(iop[0]), float(iop[1]), float(iop[2])),
             (float(iop[3]), float(iop[4]), float(iop[5])),
-            tuple(float(v) for v in ref["normal"]),  # type: ignore[misc]
+            (float(nrm[0]), float(nrm[1]), float(nrm[2])),
         ),
         paths=[s[1] for s in slices],
         series_instance_uid=uid,
