@@ -407,8 +407,19 @@ def _voi(
             mini.PhotometricInterpretation = "MONOCHROME2"
             mini.PixelRepresentation = 0
             mini.BitsStored = int(ds.get("BitsStored", 16))
-            out = np.asarray(apply_voi_lut(values, mini, index=0, prefer_lut=True), np.float64)
-            lut = np.asarray(item.LUTData, dtype=np.float64).ravel()
+            mini.file_meta = pydicom.dataset.FileMetaDataset()
+            tsyntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)
+            little = tsyntax.is_little_endian if tsyntax.is_transfer_syntax else True
+            mini.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            )
+            indices = np.rint(values).astype(np.int64)  # LUT inputs are stored integers
+            out = np.asarray(apply_voi_lut(indices, mini, index=0, prefer_lut=True), np.float64)
+            raw = item.LUTData
+            if isinstance(raw, bytes):  # OW: 16-bit words whatever the LUT's bit depth
+                lut = np.frombuffer(raw, dtype="<u2" if little else ">u2").astype(np.float64)
+            else:
+                lut = np.asarray(raw, dtype=np.float64).ravel()
             lo, hi = float(lut.min()), float(lut.max())
             if hi > lo:
                 return np.clip((out - lo) / (hi - lo), 0.0, 1.0), "lut", None
