@@ -211,7 +211,7 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
 
 
 def test_window_from_file_after_rescale(tmp_path: Path) -> None:
-    hu = np.array([[-1000, -200, -100, 40], [240, 300, 1000, 3000]], dtype=np.int32)
+    hu = np.array([[-1000, -200, -100, 40], [200, 300, 1000, 3000]], dtype=np.int32)
     stored = (hu + 1024).astype(np.uint16)
     ds = make_image(
         stored,
@@ -251,7 +251,8 @@ def test_modality_lut_sequence(tmp_path: Path) -> None:
     item = Dataset()
     item.LUTDescriptor = [4, 0, 16]
     item.ModalityLUTType = "HU"
-    item.LUTData = np.array([100, 400, 200, 300], "<u2").tobytes()  # not monotonic: proves the LUT was used
+    # not monotonic: proves the LUT was used
+    item.LUTData = np.array([100, 400, 200, 300], "<u2").tobytes()
     ds = make_image(stored, ModalityLUTSequence=DicomSequence([item]))
     img = load_image_2d(save(ds, tmp_path / "mlut.dcm"))
     np.testing.assert_allclose(img.pixels, [[0.0, 1.0], [1 / 3, 2 / 3]], atol=1e-6)
