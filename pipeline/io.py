@@ -18,7 +18,12 @@ Display pipeline of :func:`load_image_2d` (PS3.3 C.11, in this order):
    (:func:`pydicom.pixels.apply_modality_lut`);
 4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width
    pair (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image;
+   pixels equal to Pixel Padding Value (or in its range limit) are left out
+   of the min-max and shown black;
 5. MONOCHROME1 is inverted so that, as for MONOCHROME2, 1.0 is white.
+
+CT volumes (:func:`load_ct_volume`) keep raw HU, padding included: models clip
+HU in their own pre-processing.
 """
 
 from __future__ import annotations
@@ -441,6 +446,22 @@ def _voi(
     return _minmax(values), "minmax", None
 
 
+def _padding_mask(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.bool_] | None:
+    """Pixels equal to Pixel Padding Value (or within its range limit), or None."""
+    try:
+        pad = ds.get("PixelPaddingValue")
+        if pad is None:
+            return None
+        limit = ds.get("PixelPaddingRangeLimit")
+        lo, hi = (int(pad), int(pad)) if limit is None else sorted((int(pad), int(limit)))
+    except (TypeError, ValueError):
+        return None
+    mask = (arr >= lo) & (arr <= hi)
+    if not mask.any() or mask.all():
+        return None
+    return np.asarray(mask, dtype=np.bool_)
+
+
 def _luminance(rgb: npt.NDArray[Any], max_value: float) -> npt.NDArray[np.float64]:
     y = np.asarray(rgb, dtype=np.float64) @ _LUMA
     return np.clip(y / max_value, 0.0, 1.0) if max_value > 0 else _minmax(y)
@@ -510,11 +531,16 @@ def load_image_2d(
                 raise InputError(
                     f"{where}expected a 2D monochrome frame, decoded shape {arr.shape}", path=path
                 )
+            padding = _padding_mask(arr, ds)
             modality_values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+            if padding is not None:  # keep padding out of min-max and the LUT
+                modality_values[padding] = modality_values[~padding].min()
             values, voi, window = _voi(modality_values, ds)
             inverted = photometric == "MONOCHROME1"
             if inverted:
                 values = 1.0 - values
+            if padding is not None:
+                values[padding] = 0.0  # padding shows black
     except InputError:
         raise
     except Exception as exc:
