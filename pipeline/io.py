@@ -596,8 +596,10 @@ def load_ct_volume(
     Slices are ordered by ``ImagePositionPatient . (row x column)`` (never by
     InstanceNumber). Spacing between slices is checked: when it varies by
     more than ``spacing_tolerance`` (relative) the slices are linearly
-    interpolated onto a uniform grid at the median spacing, from the first to
-    the last position (``Volume.resampled``).
+    interpolated onto a uniform grid from the first to the last position,
+    with the spacing closest to the median that divides that span
+    (``Volume.resampled``). Gantry tilt is not corrected: slices are stacked
+    along the normal and the in-plane offset between them is ignored.
 
     Args:
         sources: file paths or datasets of one series (any order).
@@ -711,10 +713,13 @@ def load_ct_volume(
     missing_total = int(sum(max(round(d / nominal) - 1, 0) for d in diffs))
     stack = np.stack([s[3] for s in slices])
     resampled = False
+    span = float(positions[-1] - positions[0])
+    step = span / (len(positions) - 1)  # the mean spacing when it is uniform
     if np.any(np.abs(diffs - nominal) > spacing_tolerance * nominal):
-        n = round((positions[-1] - positions[0]) / nominal) + 1
-        grid = positions[0] + np.arange(n) * nominal
-        grid[-1] = min(grid[-1], positions[-1])
+        # Uniform grid from the first to the last slice, close to the median spacing.
+        n = max(round(span / nominal), 1) + 1
+        step = span / (n - 1)
+        grid = positions[0] + np.arange(n) * step
         upper = np.clip(np.searchsorted(positions, grid, side="right"), 1, len(positions) - 1)
         lower = upper - 1
         t = ((grid - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
@@ -727,7 +732,7 @@ def load_ct_volume(
     nrm = ref["normal"]
     return Volume(
         array=np.ascontiguousarray(stack, dtype=np.float32),
-        spacing=(nominal, float(ref["spacing"][0]), float(ref["spacing"][1])),
+        spacing=(step, float(ref["spacing"][0]), float(ref["spacing"][1])),
         origin=(origin[0], origin[1], origin[2]),
         direction=(
             (float(iop[0]), float(iop[1]), float(iop[2])),

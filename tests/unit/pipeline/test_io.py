@@ -408,8 +408,8 @@ def test_varying_spacing_is_resampled_linearly(write_series: WriteSeries) -> Non
     zs = [0.0, 2.0, 4.0, 7.0, 10.0, 13.0]  # diffs 2,2,3,3,3: median 3
     vol = load_ct_volume(write_series(zs))
     assert vol.resampled
-    assert vol.spacing[0] == pytest.approx(3.0)
-    np.testing.assert_allclose(vol.array[:, 0, 0], [0, 30, 60, 90, 120], atol=1e-3)
+    assert vol.spacing[0] == pytest.approx(3.25)  # 4 steps over 13 mm
+    np.testing.assert_allclose(vol.array[:, 0, 0], [0, 32.5, 65, 97.5, 130], atol=1e-3)
 
 
 def test_absurd_gap_is_refused(write_series: WriteSeries) -> None:
