@@ -550,8 +550,11 @@ class BatchedModel:
             (batch if r.key == head.key and len(batch) < self.max_batch else keep).append(r)
         self._pending = keep
         deadline = head.t_enqueue + self.max_delay_ns
+        set_aside = 0
         while len(batch) < self.max_batch and not stopping:
             remaining = deadline - time.perf_counter_ns()
+            if remaining <= 0 and set_aside >= 4 * self.max_batch:
+                break  # a flood of other shapes must not delay this batch forever
             item = self._take(remaining > 0, max(remaining, 0) / 1e9)
             if item is None:
                 break
@@ -563,6 +566,7 @@ class BatchedModel:
                 batch.append(item)
             else:
                 self._pending.append(item)
+                set_aside += 1
         return batch, stopping
 
     def _run(self) -> None:
