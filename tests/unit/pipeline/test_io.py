@@ -554,3 +554,13 @@ def test_pixel_padding_is_ignored_by_minmax_and_shown_black(tmp_path: Path) -> N
     m1 = make_image(values, photometric="MONOCHROME1", PixelPaddingValue=-2000)
     img1 = load_image_2d(save(m1, tmp_path / "p1.dcm"))
     np.testing.assert_allclose(img1.pixels, [[0, 0, 1], [0.75, 0.5, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rtdose.dcm", "rtdose_rle.dcm", "rtdose_expb.dcm"])
+def test_monochrome_multiframe_middle_frame(name: str) -> None:
+    path = bundled(name)
+    img = load_image_2d(path)
+    assert (img.frame_index, img.number_of_frames) == (7, 15)
+    frame = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
+    expected = (frame - frame.min()) / (frame.max() - frame.min())
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
