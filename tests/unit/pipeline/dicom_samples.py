@@ -11,7 +11,7 @@ import pydicom
 import pydicom.data
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -31,7 +31,7 @@ def make_image(
     photometric: str = "MONOCHROME2",
     bits_stored: int | None = None,
     series_uid: str | None = None,
-    sop_class: str = CTImageStorage,
+    sop_class: UID = CTImageStorage,
     **attrs: Any,
 ) -> Dataset:
     """A minimal single-frame monochrome image dataset around ``pixels`` (int array)."""

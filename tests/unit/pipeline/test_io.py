@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     BasicTextSRStorage,
@@ -550,10 +550,10 @@ def test_select_series_reports_unreadable_files(tmp_path: Path) -> None:
 def test_pixel_padding_is_ignored_by_minmax_and_shown_black(tmp_path: Path) -> None:
     values = np.array([[-2000, -2000, 0], [100, 200, 400]], dtype=np.int16)
     img = load_image_2d(save(make_image(values, PixelPaddingValue=-2000), tmp_path / "p.dcm"))
-    np.testing.assert_allclose(img.pixels, [[0, 0, 0], [0.25, 0.5, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(img.pixels, [[0.0, 0.0, 0.0], [0.25, 0.5, 1.0]], atol=1e-6)
     m1 = make_image(values, photometric="MONOCHROME1", PixelPaddingValue=-2000)
     img1 = load_image_2d(save(m1, tmp_path / "p1.dcm"))
-    np.testing.assert_allclose(img1.pixels, [[0, 0, 1], [0.75, 0.5, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(img1.pixels, [[0.0, 0.0, 1.0], [0.75, 0.5, 0.0]], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["rtdose.dcm", "rtdose_rle.dcm", "rtdose_expb.dcm"])
