@@ -1,0 +1,870 @@
+"""Loading DICOM inputs for the models: 2D images, CT volumes and series selection.
+
+Everything here turns a file (or a pydicom ``Dataset``) into arrays a model can
+use, and turns every problem with the input into an :class:`InputError` (or one
+of its subclasses) whose message says what is wrong and what to send instead.
+Callers never see a bare numpy or pydicom exception from these functions.
+
+Display pipeline of :func:`load_image_2d` (PS3.3 C.11, in this order):
+
+1. decode the pixel data with pydicom's pixel handlers (native, RLE, deflate,
+   JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000 through the
+   installed pylibjpeg plugins); multi-frame objects give their middle frame
+   unless a frame index is asked for;
+2. colour images (RGB, YBR_*, PALETTE COLOR) become luminance
+   (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B) scaled by their bit depth and
+   skip steps 3-4;
+3. modality LUT: Rescale Slope/Intercept or the Modality LUT Sequence
+   (:func:`pydicom.pixels.apply_modality_lut`);
+4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width
+   pair (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image;
+   pixels equal to Pixel Padding Value (or in its range limit) are left out
+   of the min-max and shown black;
+5. MONOCHROME1 is inverted so that, as for MONOCHROME2, 1.0 is white.
+
+CT volumes (:func:`load_ct_volume`) keep raw HU, padding included: models clip
+HU in their own pre-processing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.processing import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    apply_windowing,
+)
+from pydicom.pixels.utils import pixel_array
+from pydicom.tag import Tag
+
+from pipeline.settings import SeriesRules
+
+__all__ = [
+    "CorruptPixelDataError",
+    "Image2D",
+    "ImageSizeError",
+    "InputError",
+    "NoPixelDataError",
+    "SelectedSeries",
+    "SeriesError",
+    "Source",
+    "UnreadableFileError",
+    "Volume",
+    "WrongModalityError",
+    "load_ct_volume",
+    "load_image_2d",
+    "read_dataset",
+    "select_series",
+]
+
+Source: TypeAlias = "str | PathLike[str] | Dataset"
+
+_PIXEL_TAGS = frozenset(
+    Tag(t)
+    for t in (
+        0x7FE00010,  # Pixel Data
+        0x7FE00008,  # Float Pixel Data
+        0x7FE00009,  # Double Float Pixel Data
+    )
+)
+_COLOUR = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
+)
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class InputError(Exception):
+    """An input the pipeline cannot use; ``str(err)`` is meant for a person.
+
+    ``path`` names the offending file when there is one.
+    """
+
+    def __init__(self, message: str, *, path: str | PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+
+
+class UnreadableFileError(InputError):
+    """The file is missing, unreadable, or not DICOM."""
+
+
+class NoPixelDataError(InputError):
+    """The object carries no image (an SR, RT structure set, RT plan, waveform...)."""
+
+
+class WrongModalityError(InputError):
+    """The object's modality is not one the model accepts."""
+
+
+class CorruptPixelDataError(InputError):
+    """The pixel data cannot be decoded (truncated, corrupted, unsupported codec)."""
+
+
+class ImageSizeError(InputError):
+    """The image is empty, a single pixel or otherwise of a size a model cannot use."""
+
+
+class SeriesError(InputError):
+    """A series cannot form a volume, or no series of a study matches the rules."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Image2D:
+    """One 2D image ready for display and models.
+
+    ``pixels`` is float32 H x W in [0, 1] with 1.0 white whatever the
+    photometric interpretation. ``header`` is a copy of the dataset without its
+    pixel data. ``photometric`` is the source's Photometric Interpretation;
+    ``window`` is the (center, width) applied, in modality units, or ``None``
+    when a VOI LUT, min-max scaling or a colour conversion was used instead
+    (``voi`` says which: ``"lut"``, ``"window"``, ``"minmax"`` or ``"colour"``).
+    """
+
+    pixels: npt.NDArray[np.float32]
+    header: Dataset
+    photometric: str
+    inverted: bool
+    voi: str
+    window: tuple[float, float] | None
+    frame_index: int
+    number_of_frames: int
+    path: Path | None = None
+
+    @property
+    def modality(self) -> str:
+        """The header's Modality, or ``""``."""
+        return str(self.header.get("Modality", ""))
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The header's SOP Instance UID, or ``""``."""
+        return str(self.header.get("SOPInstanceUID", ""))
+
+    @property
+    def series_instance_uid(self) -> str:
+        """The header's Series Instance UID, or ``""``."""
+        return str(self.header.get("SeriesInstanceUID", ""))
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units, slices sorted along the slice normal.
+
+    ``array`` is float32 Z x Y x X. ``spacing`` is (z, y, x) in mm, with z the
+    distance between consecutive slices. ``origin`` is the patient position
+    (x, y, z, LPS mm) of the first voxel of the first slice. ``direction``
+    holds the unit vectors, in patient LPS coordinates, along which the x, y
+    and z indices grow: (row direction, column direction, slice normal).
+    ``paths`` are the source files in slice order (``None`` entries for
+    in-memory datasets). ``resampled`` is true when the slices were
+    interpolated onto a uniform grid; ``missing_slices`` is the number of
+    slices that looked missing from the gaps between positions.
+    """
+
+    array: npt.NDArray[np.float32]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[tuple[float, float, float], ...]
+    paths: list[Path | None]
+    series_instance_uid: str
+    headers: list[Dataset] = field(default_factory=list, repr=False)
+    resampled: bool = False
+    missing_slices: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X)."""
+        z, y, x = self.array.shape
+        return int(z), int(y), int(x)
+
+    def affine(self) -> npt.NDArray[np.float64]:
+        """4 x 4 matrix mapping (x, y, z, 1) voxel indices to patient LPS mm."""
+        m = np.eye(4)
+        d = np.asarray(self.direction, dtype=np.float64)
+        sz, sy, sx = self.spacing
+        m[:3, 0] = d[0] * sx
+        m[:3, 1] = d[1] * sy
+        m[:3, 2] = d[2] * sz
+        m[:3, 3] = self.origin
+        return m
+
+
+@dataclass(frozen=True)
+class SelectedSeries:
+    """The series of a study chosen by :func:`select_series`.
+
+    ``paths`` and ``headers`` are in the same order (the order given; use
+    :func:`load_ct_volume` to sort by position). ``rejected`` maps every other
+    series UID to the reason it was not chosen.
+    """
+
+    series_instance_uid: str
+    modality: str
+    sop_class_uid: str
+    body_part: str
+    description: str
+    paths: list[Path | None]
+    headers: list[Dataset]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> list[str | PathLike[str] | Dataset]:
+        """What to pass to the loaders: the path when known, else the dataset."""
+        return [p if p is not None else h for p, h in zip(self.paths, self.headers, strict=True)]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM file (or pass a ``Dataset`` through).
+
+    Files without the 128-byte preamble / File Meta header are accepted when
+    they still parse as DICOM (they carry a SOP Class UID or Modality).
+
+    Raises:
+        UnreadableFileError: the file is missing, unreadable or not DICOM.
+    """
+    if isinstance(source, Dataset):
+        return source
+    path = Path(source)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        pass
+    except (OSError, EOFError) as exc:
+        raise UnreadableFileError(
+            f"cannot read {path}: {exc.__class__.__name__}: {exc}", path=path
+        ) from exc
+    except Exception as exc:
+        raise UnreadableFileError(
+            f"{path} is not a readable DICOM file ({exc.__class__.__name__}: {exc}); "
+            "check that the file is complete and was not altered in transfer",
+            path=path,
+        ) from exc
+    # No preamble: try a forced read but only accept something that looks like DICOM.
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        ok = "SOPClassUID" in ds or "Modality" in ds
+    except Exception:
+        ok = False
+    if not ok:
+        raise UnreadableFileError(
+            f"{path} is not a DICOM file (no 'DICM' prefix and no DICOM attributes found); "
+            "send a DICOM Part 10 file",
+            path=path,
+        )
+    return ds
+
+
+def _source_path(source: Source) -> Path | None:
+    if isinstance(source, Dataset):
+        name = getattr(source, "filename", None)
+        return Path(name) if isinstance(name, (str, PathLike)) else None
+    return Path(source)
+
+
+def _describe(ds: Dataset) -> str:
+    sop = ds.get("SOPClassUID")
+    name = getattr(sop, "name", None) or str(sop or "unknown SOP class")
+    return f"{name} (modality {ds.get('Modality', '?')})"
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(t in ds for t in _PIXEL_TAGS)
+
+
+def _header_copy(ds: Dataset) -> Dataset:
+    hdr = Dataset()
+    for elem in ds:
+        if elem.tag not in _PIXEL_TAGS:
+            hdr.add(copy.deepcopy(elem))
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        hdr.file_meta = copy.deepcopy(meta)
+    hdr.is_little_endian = getattr(ds, "is_little_endian", None)
+    hdr.is_implicit_VR = getattr(ds, "is_implicit_VR", None)
+    return hdr
+
+
+def _check_modality(ds: Dataset, modalities: Iterable[str] | None, path: Path | None) -> None:
+    if modalities is None:
+        return
+    wanted = {m.upper() for m in modalities}
+    if not wanted:
+        return
+    have = str(ds.get("Modality", "")).upper()
+    if have not in wanted:
+        where = f"{path}: " if path else ""
+        raise WrongModalityError(
+            f"{where}modality {have or '(missing)'} is not accepted by this model "
+            f"(expects {', '.join(sorted(wanted))}); send a {'/'.join(sorted(wanted))} image",
+            path=path,
+        )
+
+
+def _require_pixels(ds: Dataset, path: Path | None) -> None:
+    where = f"{path}: " if path else ""
+    if not _has_pixels(ds):
+        raise NoPixelDataError(
+            f"{where}{_describe(ds)} has no pixel data; an image model needs an image "
+            "object (e.g. CR, DX, CT, MR), not a report, structure set, plan or waveform",
+            path=path,
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        raise CorruptPixelDataError(
+            f"{where}pixel data without Rows/Columns; the image pixel module is incomplete",
+            path=path,
+        )
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    if rows < 2 or cols < 2:
+        raise ImageSizeError(
+            f"{where}image is {rows} x {cols} pixels; at least 2 x 2 is needed", path=path
+        )
+
+
+def _decode(ds: Dataset, path: Path | None, index: int | None) -> npt.NDArray[Any]:
+    where = f"{path}: " if path else ""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # Files without meta (read with force) are implicit/explicit VR little endian.
+        ds.file_meta = ds.get("file_meta") or pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if getattr(ds, "is_implicit_VR", True)
+            else pydicom.uid.ExplicitVRLittleEndian
+        )
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    try:
+        arr = pixel_array(ds, index=index)
+    except Exception as exc:
+        raise CorruptPixelDataError(
+            f"{where}cannot decode the pixel data ({getattr(tsyntax, 'name', tsyntax)}): "
+            f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}; "
+            "the file may be truncated or corrupted, or its compression unsupported - "
+            "resend it, or send it uncompressed",
+            path=path,
+        ) from exc
+    if arr.size == 0:
+        raise ImageSizeError(f"{where}the decoded image is empty", path=path)
+    return arr
+
+
+# --------------------------------------------------------------------------- 2D images
+
+
+def _window_pair(ds: Dataset) -> tuple[float, float] | None:
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        c, w = ds.WindowCenter, ds.WindowWidth
+        c = c[0] if isinstance(c, Sequence) and not isinstance(c, str) else c
+        w = w[0] if isinstance(w, Sequence) and not isinstance(w, str) else w
+        center, width = float(c), float(w)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+        return None
+    return center, width
+
+
+def _minmax(arr: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros_like(arr)
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return np.nan_to_num((arr - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def _voi(
+    values: npt.NDArray[np.float64], ds: Dataset
+) -> tuple[npt.NDArray[np.float64], str, tuple[float, float] | None]:
+    """Map modality values to [0, 1]: VOI LUT, else first window, else min-max."""
+    seq = ds.get("VOILUTSequence")
+    if seq:
+        try:
+            item = seq[0]
+            mini = Dataset()
+            mini.VOILUTSequence = [item]
+            mini.PhotometricInterpretation = "MONOCHROME2"
+            mini.PixelRepresentation = 0
+            mini.BitsStored = int(ds.get("BitsStored", 16))
+            mini.file_meta = pydicom.dataset.FileMetaDataset()
+            tsyntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)
+            little = tsyntax.is_little_endian if tsyntax.is_transfer_syntax else True
+            mini.file_meta.TransferSyntaxUID = (
+                pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+            )
+            indices = np.rint(values).astype(np.int64)  # LUT inputs are stored integers
+            out = np.asarray(apply_voi_lut(indices, mini, index=0, prefer_lut=True), np.float64)
+            raw = item.LUTData
+            if isinstance(raw, bytes):  # OW: 16-bit words whatever the LUT's bit depth
+                lut = np.frombuffer(raw, dtype="<u2" if little else ">u2").astype(np.float64)
+            else:
+                lut = np.asarray(raw, dtype=np.float64).ravel()
+            lo, hi = float(lut.min()), float(lut.max())
+            if hi > lo:
+                return np.clip((out - lo) / (hi - lo), 0.0, 1.0), "lut", None
+        except Exception:  # a broken VOI LUT falls back to the window or min-max
+            pass
+    pair = _window_pair(ds)
+    if pair is not None:
+        mini = Dataset()
+        mini.WindowCenter = pair[0]
+        mini.WindowWidth = pair[1]
+        mini.VOILUTFunction = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        if mini.VOILUTFunction.upper() not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+            mini.VOILUTFunction = "LINEAR"
+        mini.PhotometricInterpretation = "MONOCHROME2"
+        mini.PixelRepresentation = 0
+        mini.BitsStored = 16  # output range 0..65535, scaled to [0, 1] below
+        out = np.asarray(apply_windowing(values, mini), dtype=np.float64)
+        return np.clip(out / 65535.0, 0.0, 1.0), "window", pair
+    return _minmax(values), "minmax", None
+
+
+def _padding_mask(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.bool_] | None:
+    """Pixels equal to Pixel Padding Value (or within its range limit), or None."""
+    try:
+        pad = ds.get("PixelPaddingValue")
+        if pad is None:
+            return None
+        limit = ds.get("PixelPaddingRangeLimit")
+        lo, hi = (int(pad), int(pad)) if limit is None else sorted((int(pad), int(limit)))
+    except (TypeError, ValueError):
+        return None
+    mask = (arr >= lo) & (arr <= hi)
+    if not mask.any() or mask.all():
+        return None
+    return np.asarray(mask, dtype=np.bool_)
+
+
+def _luminance(rgb: npt.NDArray[Any], max_value: float) -> npt.NDArray[np.float64]:
+    y = np.asarray(rgb, dtype=np.float64) @ _LUMA
+    return np.clip(y / max_value, 0.0, 1.0) if max_value > 0 else _minmax(y)
+
+
+def load_image_2d(
+    source: Source,
+    *,
+    modalities: Iterable[str] | None = None,
+    frame: int | None = None,
+) -> Image2D:
+    """Load one 2D image as float32 H x W in [0, 1] (1.0 white).
+
+    Args:
+        source: a file path or a pydicom ``Dataset`` (with its pixel data).
+        modalities: accepted Modality values (case-insensitive); ``None`` or
+            empty accepts any.
+        frame: the frame of a multi-frame object to use (0-based); by default
+            the middle frame, ``NumberOfFrames // 2``.
+
+    Returns:
+        An :class:`Image2D` (see the module docstring for the display steps).
+
+    Raises:
+        UnreadableFileError: the file is missing or not DICOM.
+        NoPixelDataError: an SR, RT or other object without pixel data.
+        WrongModalityError: the modality is not in ``modalities``.
+        ImageSizeError: an empty or 1-pixel-wide image, or a bad frame index.
+        CorruptPixelDataError: pixel data that cannot be decoded.
+        InputError: any other problem with the values (all of the above are
+            subclasses of it).
+    """
+    path = _source_path(source)
+    where = f"{path}: " if path else ""
+    ds = read_dataset(source)
+    _require_pixels(ds, path)
+    _check_modality(ds, modalities, path)
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n_frames = 1
+    index = n_frames // 2 if frame is None else frame
+    if not 0 <= index < n_frames:
+        raise ImageSizeError(
+            f"{where}frame {index} asked for but the object has {n_frames} frame(s)", path=path
+        )
+    arr = _decode(ds, path, index if n_frames > 1 else None)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+        if photometric == "PALETTE COLOR":
+            rgb = apply_color_lut(arr, ds)
+            lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            values = _luminance(rgb, float(2 ** (16 if lut_bits > 8 else 8) - 1))
+            voi, window, inverted = "colour", None, False
+        elif samples == 3 or photometric in _COLOUR:
+            if arr.ndim != 3 or arr.shape[-1] != 3:
+                raise InputError(
+                    f"{where}colour image with unexpected shape {arr.shape}", path=path
+                )
+            # pydicom already converted YBR_* to RGB while decoding.
+            values = _luminance(arr, float(2**bits - 1))
+            voi, window, inverted = "colour", None, False
+        else:
+            if arr.ndim != 2:
+                raise InputError(
+                    f"{where}expected a 2D monochrome frame, decoded shape {arr.shape}", path=path
+                )
+            padding = _padding_mask(arr, ds)
+            modality_values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+            if padding is not None:  # keep padding out of min-max and the LUT
+                modality_values[padding] = modality_values[~padding].min()
+            values, voi, window = _voi(modality_values, ds)
+            inverted = photometric == "MONOCHROME1"
+            if inverted:
+                values = 1.0 - values
+            if padding is not None:
+                values[padding] = 0.0  # padding shows black
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"{where}cannot convert the pixel values for display "
+            f"({exc.__class__.__name__}: {exc}); check the image pixel module attributes",
+            path=path,
+        ) from exc
+    pixels = np.ascontiguousarray(values, dtype=np.float32)
+    if pixels.ndim != 2 or min(pixels.shape) < 2:
+        raise ImageSizeError(f"{where}image of shape {pixels.shape} is too small", path=path)
+    return Image2D(
+        pixels=pixels,
+        header=_header_copy(ds),
+        photometric=photometric,
+        inverted=inverted,
+        voi=voi,
+        window=window,
+        frame_index=index,
+        number_of_frames=n_frames,
+        path=path,
+    )
+
+
+# --------------------------------------------------------------------------- CT volumes
+
+
+def _floats(ds: Dataset, keyword: str, n: int, path: Path | None) -> npt.NDArray[np.float64]:
+    where = f"{path}: " if path else ""
+    value = ds.get(keyword)
+    try:
+        out = np.asarray([float(v) for v in value], dtype=np.float64) if value else None
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise SeriesError(
+            f"{where}{keyword} is missing or invalid ({value!r}); a volume needs it on every slice",
+            path=path,
+        )
+    return out
+
+
+def load_ct_volume(
+    sources: Sequence[Source],
+    *,
+    modalities: Iterable[str] | None = ("CT",),
+    min_slices: int = 2,
+    max_gap_ratio: float = 1.5,
+    spacing_tolerance: float = 0.01,
+) -> Volume:
+    """Load the slices of one series as a volume in HU, sorted along the slice normal.
+
+    Slices are ordered by ``ImagePositionPatient . (row x column)`` (never by
+    InstanceNumber). Spacing between slices is checked: when it varies by
+    more than ``spacing_tolerance`` (relative) the slices are linearly
+    interpolated onto a uniform grid from the first to the last position,
+    with the spacing closest to the median that divides that span
+    (``Volume.resampled``). Gantry tilt is not corrected: slices are stacked
+    along the normal and the in-plane offset between them is ignored.
+
+    Args:
+        sources: file paths or datasets of one series (any order).
+        modalities: accepted Modality values; ``None`` accepts any.
+        min_slices: fewest slices accepted.
+        max_gap_ratio: a gap between consecutive slices larger than this
+            multiple of the median spacing is refused as missing slices. The
+            default (1.5) refuses any missing slice; raise it (e.g. 2.5) to
+            interpolate over isolated missing slices instead.
+        spacing_tolerance: relative spacing variation treated as uniform.
+
+    Raises:
+        UnreadableFileError, NoPixelDataError, WrongModalityError,
+        CorruptPixelDataError, ImageSizeError: as for :func:`load_image_2d`,
+            for any slice.
+        SeriesError: fewer than ``min_slices``, slices of several series,
+            mixed orientations, sizes or pixel spacings, missing position or
+            orientation, duplicate positions, multi-frame slices, or gaps
+            larger than ``max_gap_ratio`` times the typical spacing.
+    """
+    if len(sources) < min_slices:
+        raise SeriesError(
+            f"a volume needs at least {min_slices} slices, got {len(sources)}; "
+            "send the complete series"
+        )
+    slices: list[tuple[float, Path | None, Dataset, npt.NDArray[np.float32]]] = []
+    ref: dict[str, Any] = {}
+    for source in sources:
+        path = _source_path(source)
+        where = f"{path}: " if path else ""
+        ds = read_dataset(source)
+        _require_pixels(ds, path)
+        _check_modality(ds, modalities, path)
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise SeriesError(
+                f"{where}multi-frame (enhanced) objects are not supported as CT slices; "
+                "send the series as single-frame images",
+                path=path,
+            )
+        iop = _floats(ds, "ImageOrientationPatient", 6, path)
+        ipp = _floats(ds, "ImagePositionPatient", 3, path)
+        spacing = _floats(ds, "PixelSpacing", 2, path)
+        row, col = iop[:3], iop[3:]
+        normal = np.cross(row, col)
+        if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
+            raise SeriesError(f"{where}ImageOrientationPatient is not orthonormal", path=path)
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        size = (int(ds.Rows), int(ds.Columns))
+        if not ref:
+            ref = {"iop": iop, "normal": normal, "size": size, "spacing": spacing, "uid": uid}
+        else:
+            if uid != ref["uid"]:
+                raise SeriesError(
+                    f"{where}slices come from several series ({ref['uid']} and {uid}); "
+                    "select one series first",
+                    path=path,
+                )
+            if not np.allclose(iop, ref["iop"], atol=1e-3):
+                raise SeriesError(
+                    f"{where}mixed slice orientations in series {uid} "
+                    f"({ref['iop'].round(4).tolist()} vs {iop.round(4).tolist()}); "
+                    "a volume needs parallel slices",
+                    path=path,
+                )
+            if size != ref["size"]:
+                raise SeriesError(
+                    f"{where}mixed image sizes in series {uid} ({ref['size']} vs {size})",
+                    path=path,
+                )
+            if not np.allclose(spacing, ref["spacing"], rtol=1e-3, atol=1e-4):
+                raise SeriesError(
+                    f"{where}mixed pixel spacings in series {uid} "
+                    f"({ref['spacing'].tolist()} vs {spacing.tolist()})",
+                    path=path,
+                )
+        arr = _decode(ds, path, None)
+        if arr.ndim != 2:
+            raise SeriesError(
+                f"{where}expected a 2D monochrome slice, decoded shape {arr.shape}", path=path
+            )
+        try:
+            hu = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        except Exception as exc:
+            raise InputError(
+                f"{where}cannot apply the modality LUT / rescale ({exc}); check Rescale "
+                "Slope/Intercept",
+                path=path,
+            ) from exc
+        slices.append((float(np.dot(ipp, ref["normal"])), path, _header_copy(ds), hu))
+
+    slices.sort(key=lambda s: s[0])
+    positions = np.asarray([s[0] for s in slices], dtype=np.float64)
+    diffs = np.diff(positions)
+    uid = str(ref["uid"])
+    if np.any(diffs < 1e-3):
+        i = int(np.argmin(diffs))
+        raise SeriesError(
+            f"series {uid} has two slices at the same position ({positions[i]:.3f} mm: "
+            f"{slices[i][1]} and {slices[i + 1][1]}); remove duplicates or select one series"
+        )
+    nominal = float(np.median(diffs))
+    worst = int(np.argmax(diffs))
+    if diffs[worst] > max_gap_ratio * nominal:
+        missing = round(diffs[worst] / nominal) - 1
+        raise SeriesError(
+            f"series {uid} has a gap of {diffs[worst]:.2f} mm between slices at "
+            f"{positions[worst]:.2f} and {positions[worst + 1]:.2f} mm (typical spacing "
+            f"{nominal:.2f} mm): about {max(missing, 1)} slice(s) missing; "
+            "resend the complete series"
+        )
+    missing_total = int(sum(max(round(d / nominal) - 1, 0) for d in diffs))
+    stack = np.stack([s[3] for s in slices])
+    resampled = False
+    span = float(positions[-1] - positions[0])
+    step = span / (len(positions) - 1)  # the mean spacing when it is uniform
+    if np.any(np.abs(diffs - nominal) > spacing_tolerance * nominal):
+        # Uniform grid from the first to the last slice, close to the median spacing.
+        n = max(round(span / nominal), 1) + 1
+        step = span / (n - 1)
+        grid = positions[0] + np.arange(n) * step
+        upper = np.clip(np.searchsorted(positions, grid, side="right"), 1, len(positions) - 1)
+        lower = upper - 1
+        t = ((grid - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+        t = t.astype(np.float32)[:, None, None]
+        stack = stack[lower] * (1 - t) + stack[upper] * t
+        resampled = True
+    origin_ds = slices[0][2]
+    origin = tuple(float(v) for v in origin_ds.ImagePositionPatient)
+    iop = ref["iop"]
+    nrm = ref["normal"]
+    return Volume(
+        array=np.ascontiguousarray(stack, dtype=np.float32),
+        spacing=(step, float(ref["spacing"][0]), float(ref["spacing"][1])),
+        origin=(origin[0], origin[1], origin[2]),
+        direction=(
+            (float(iop[0]), float(iop[1]), float(iop[2])),
+            (float(iop[3]), float(iop[4]), float(iop[5])),
+            (float(nrm[0]), float(nrm[1]), float(nrm[2])),
+        ),
+        paths=[s[1] for s in slices],
+        series_instance_uid=uid,
+        headers=[s[2] for s in slices],
+        resampled=resampled,
+        missing_slices=missing_total,
+    )
+
+
+# --------------------------------------------------------------------------- series selection
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = image_type.split("\\")
+    return any(str(v).upper() == "LOCALIZER" for v in image_type)
+
+
+def _is_original(ds: Dataset) -> bool:
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = image_type.split("\\")
+    return bool(image_type) and str(image_type[0]).upper() == "ORIGINAL"
+
+
+def select_series(
+    sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
+    rules: SeriesRules,
+) -> SelectedSeries:
+    """Group instances by Series Instance UID and choose the series the rules accept.
+
+    A series is eligible when its modality, SOP class and body part are in the
+    rules' lists (empty lists accept anything; a series without Body Part
+    Examined is accepted but ranked after those that match), it holds images
+    (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
+    has at least ``rules.min_instances`` instances. Among eligible series the
+    choice prefers a matching body part, then ORIGINAL images, then the most
+    instances - so a CT study with a scout and an axial series picks the axial.
+
+    Args:
+        sources: a mapping path -> header (e.g. read with
+            ``stop_before_pixels=True``), or an iterable of paths and/or
+            datasets; paths are read here with ``stop_before_pixels=True``.
+            Unreadable files are skipped and reported if nothing matches.
+        rules: the pipeline's :class:`~pipeline.settings.SeriesRules`.
+
+    Raises:
+        SeriesError: no series is eligible; the message lists every series
+            with the reason it was refused.
+    """
+    items: list[tuple[Path | None, Dataset]] = []
+    problems: list[str] = []
+    if isinstance(sources, Mapping):
+        items = [(Path(p), ds) for p, ds in sources.items()]
+    else:
+        for src in sources:
+            try:
+                items.append((_source_path(src), read_dataset(src, stop_before_pixels=True)))
+            except InputError as exc:
+                problems.append(str(exc))
+    groups: dict[str, list[tuple[Path | None, Dataset]]] = {}
+    for path, ds in items:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+
+    modalities = {m.upper() for m in rules.modalities}
+    sop_classes = set(rules.sop_class_uids)
+    body_parts = {b.upper() for b in rules.body_parts}
+    rejected: dict[str, str] = {}
+    ranked: list[tuple[tuple[int, int, int], str]] = []
+    for uid, members in groups.items():
+        first = members[0][1]
+        modality = str(first.get("Modality", "")).upper()
+        sop = str(first.get("SOPClassUID", ""))
+        body = str(first.get("BodyPartExamined", "")).upper()
+        label = f"series {uid or '(no UID)'} ({modality or '?'}, {len(members)} instance(s))"
+        reason = ""
+        if not uid:
+            reason = "instances without a Series Instance UID"
+        elif modalities and modality not in modalities:
+            reason = f"modality {modality or '(missing)'} not in {sorted(modalities)}"
+        elif sop_classes and sop not in sop_classes:
+            reason = f"SOP class {_describe(first)} not accepted"
+        elif not any("Rows" in ds for _, ds in members):
+            reason = f"{_describe(first)} holds no images"
+        elif all(_is_localizer(ds) for _, ds in members):
+            reason = "localizer/scout images"
+        elif body_parts and body and body not in body_parts:
+            reason = f"body part {body} not in {sorted(body_parts)}"
+        else:
+            usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])]
+            if len(usable) < rules.min_instances:
+                reason = f"{len(usable)} image(s), fewer than the {rules.min_instances} required"
+            else:
+                groups[uid] = usable
+                key = (
+                    int(bool(body_parts) and body in body_parts),
+                    int(all(_is_original(ds) for _, ds in usable)),
+                    len(usable),
+                )
+                ranked.append((key, uid))
+        if reason:
+            rejected[uid] = f"{label}: {reason}"
+    if not ranked:
+        details = list(rejected.values()) + problems
+        wanted = (
+            f"modalities={sorted(modalities) or 'any'}, "
+            f"body parts={sorted(body_parts) or 'any'}, "
+            f"SOP classes={sorted(sop_classes) or 'any'}, min instances={rules.min_instances}"
+        )
+        raise SeriesError(
+            f"no series matches the model's rules ({wanted}); "
+            + ("; ".join(details) if details else "no instances were given")
+        )
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    best = ranked[0][1]
+    for _, uid in ranked[1:]:
+        rejected[uid] = f"series {uid}: eligible but ranked after {best}"
+    chosen = groups[best]
+    first = chosen[0][1]
+    return SelectedSeries(
+        series_instance_uid=best,
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        body_part=str(first.get("BodyPartExamined", "")),
+        description=str(first.get("SeriesDescription", "")),
+        paths=[p for p, _ in chosen],
+        headers=[ds for _, ds in chosen],
+        rejected=rejected,
+    )

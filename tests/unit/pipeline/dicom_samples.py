@@ -1,0 +1,123 @@
+"""Helpers for the pipeline unit tests: pydicom's bundled files and synthetic DICOM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def bundled(name: str) -> Path:
+    """A file pydicom ships in its wheel (never downloaded); skips when absent."""
+    path = TEST_FILES / name
+    if not path.exists():
+        pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
+    return path
+
+
+def make_image(
+    pixels: np.ndarray,
+    *,
+    modality: str = "CT",
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    series_uid: str | None = None,
+    sop_class: UID = CTImageStorage,
+    **attrs: Any,
+) -> Dataset:
+    """A minimal single-frame monochrome image dataset around ``pixels`` (int array)."""
+    pixels = np.asarray(pixels)
+    signed = pixels.dtype.kind == "i"
+    bits = pixels.dtype.itemsize * 8
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.PatientID = "P1"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = (int(s) for s in pixels.shape)
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits_stored or bits
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ct_slice(
+    position: Sequence[float],
+    value: float,
+    *,
+    series_uid: str,
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    size: tuple[int, int] = (8, 8),
+    spacing: tuple[float, float] = (0.7, 0.7),
+    instance: int = 1,
+    **attrs: Any,
+) -> Dataset:
+    """A CT slice whose HU are all ``value`` (stored with intercept -1024)."""
+    stored = np.full(size, round(value + 1024), dtype=np.uint16)
+    return make_image(
+        stored,
+        series_uid=series_uid,
+        ImageOrientationPatient=list(orientation),
+        ImagePositionPatient=list(position),
+        PixelSpacing=list(spacing),
+        SliceThickness=2.5,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        InstanceNumber=instance,
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        BodyPartExamined="CHEST",
+        **attrs,
+    )
+
+
+@pytest.fixture
+def write_series(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Write one axial CT series at z positions; each slice's HU = 10 * z."""
+
+    def _write(
+        zs: Sequence[float],
+        *,
+        series_uid: str | None = None,
+        folder: str = "series",
+        order: Sequence[int] | None = None,
+        **attrs: Any,
+    ) -> list[Path]:
+        uid = series_uid or generate_uid()
+        paths = []
+        idx = list(order) if order is not None else list(range(len(zs)))
+        for n, i in enumerate(idx):
+            ds = ct_slice(
+                (-10.0, -20.0, zs[i]), 10 * zs[i], series_uid=uid, instance=n + 1, **attrs
+            )
+            paths.append(save(ds, tmp_path / folder / f"im{n:03d}.dcm"))
+        return paths
+
+    return _write

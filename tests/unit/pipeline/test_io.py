@@ -1,0 +1,566 @@
+"""Tests of pipeline.io: 2D images, CT volumes, series selection and input errors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels.utils import pixel_array
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    BasicTextSRStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from pipeline.io import (
+    CorruptPixelDataError,
+    Image2D,
+    ImageSizeError,
+    InputError,
+    NoPixelDataError,
+    SeriesError,
+    UnreadableFileError,
+    Volume,
+    WrongModalityError,
+    load_ct_volume,
+    load_image_2d,
+    read_dataset,
+    select_series,
+)
+from pipeline.settings import SeriesRules
+from tests.unit.pipeline.dicom_samples import (
+    bundled,
+    ct_slice,
+    make_image,
+    save,
+    write_series,
+)
+
+__all__ = ["write_series"]  # the fixture, imported so that pytest finds it
+
+WriteSeries = Callable[..., list[Path]]
+
+
+def _check_image(img: Image2D) -> None:
+    assert isinstance(img, Image2D)
+    assert img.pixels.dtype == np.float32
+    assert img.pixels.ndim == 2
+    assert np.isfinite(img.pixels).all()
+    assert img.pixels.min() >= 0.0
+    assert img.pixels.max() <= 1.0
+    assert "PixelData" not in img.header
+
+
+# --------------------------------------------------------------------------- bundled files
+
+
+def test_ct_small_applies_rescale_then_minmax() -> None:
+    path = bundled("CT_small.dcm")
+    img = load_image_2d(path)
+    _check_image(img)
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = (hu - hu.min()) / (hu.max() - hu.min())
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+    assert img.voi == "minmax"
+    assert img.window is None
+    assert img.modality == "CT"
+    assert img.path == path
+    assert img.sop_instance_uid == ds.SOPInstanceUID
+    assert img.series_instance_uid == ds.SeriesInstanceUID
+    assert img.header.PatientName == ds.PatientName
+
+
+def test_mr_small_uses_first_window_from_file() -> None:
+    path = bundled("MR_small.dcm")
+    img = load_image_2d(path)
+    _check_image(img)
+    ds = pydicom.dcmread(path)
+    assert img.voi == "window"
+    assert img.window == (float(ds.WindowCenter), float(ds.WindowWidth))
+    c, w = img.window
+    values = ds.pixel_array.astype(np.float64)
+    expected = np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_expb.dcm",
+    ],
+)
+def test_lossless_transfer_syntaxes_decode_to_the_same_image(name: str) -> None:
+    reference = load_image_2d(bundled("MR_small.dcm")).pixels
+    img = load_image_2d(bundled(name))
+    _check_image(img)
+    np.testing.assert_allclose(img.pixels, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        ("JPEG2000.dcm", (1024, 256)),  # JPEG 2000, NM, signed 16 bit
+        ("693_J2KI.dcm", (512, 512)),  # JPEG 2000 CT with a window
+        ("JPGExtended.dcm", (1024, 256)),  # JPEG extended 12 bit
+        ("JPEGLSNearLossless_16.dcm", (50, 10)),  # JPEG-LS near-lossless
+        ("SC_rgb_jpeg_gdcm.dcm", (100, 100)),  # JPEG lossless, RGB
+        ("SC_rgb_jpeg_dcmtk.dcm", (100, 100)),  # JPEG baseline, YBR_FULL
+        ("image_dfl.dcm", (512, 512)),  # deflated explicit VR little endian
+        ("rtdose_1frame.dcm", (10, 10)),  # 32-bit unsigned
+    ],
+)
+def test_compressed_and_unusual_files_load(name: str, shape: tuple[int, int]) -> None:
+    img = load_image_2d(bundled(name))
+    _check_image(img)
+    assert img.pixels.shape == shape
+    assert img.pixels.max() > img.pixels.min()
+
+
+def test_jpeg_lossy_12bit_loads_or_fails_cleanly() -> None:
+    # pylibjpeg cannot decode this 12-bit lossy JPEG; either outcome must be clean.
+    try:
+        img = load_image_2d(bundled("JPEG-lossy.dcm"))
+    except CorruptPixelDataError as exc:
+        assert "JPEG Extended" in str(exc)
+        assert exc.path is not None
+    else:
+        _check_image(img)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_rle.dcm",
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_rle_16bit.dcm",
+    ],
+)
+def test_colour_images_become_luminance(name: str) -> None:
+    path = bundled(name)
+    img = load_image_2d(path)
+    _check_image(img)
+    ds = pydicom.dcmread(path)
+    rgb = pixel_array(ds).astype(np.float64)  # YBR converted to RGB by pydicom
+    expected = (rgb @ np.array([0.299, 0.587, 0.114])) / (2 ** int(ds.BitsStored) - 1)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-5)
+    assert img.voi == "colour"
+
+
+def test_palette_colour_image_loads() -> None:
+    img = load_image_2d(bundled("examples_palette.dcm"))
+    _check_image(img)
+    assert img.photometric == "PALETTE COLOR"
+    assert img.pixels.shape == (350, 800)
+
+
+def test_multiframe_uses_middle_frame_by_default() -> None:
+    path = bundled("examples_ybr_color.dcm")
+    img = load_image_2d(path)
+    _check_image(img)
+    assert (img.number_of_frames, img.frame_index) == (30, 15)
+    first = load_image_2d(path, frame=0)
+    assert first.frame_index == 0
+    assert first.pixels.shape == img.pixels.shape == (240, 320)
+    with pytest.raises(ImageSizeError, match="frame 30"):
+        load_image_2d(path, frame=30)
+
+
+def test_multiframe_rle_picks_frame_one_of_two() -> None:
+    path = bundled("SC_rgb_rle_2frame.dcm")
+    img = load_image_2d(path)
+    ds = pydicom.dcmread(path)
+    frame = ds.pixel_array[1].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
+    np.testing.assert_allclose(img.pixels, frame, atol=1e-5)
+    assert img.frame_index == 1
+
+
+def test_dataset_input_is_accepted() -> None:
+    ds = pydicom.dcmread(bundled("MR_small.dcm"))
+    img = load_image_2d(ds)
+    _check_image(img)
+    assert "PixelData" in ds  # the caller's dataset is left alone
+
+
+# --------------------------------------------------------------------------- synthetic images
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 16
+    m2 = load_image_2d(save(make_image(ramp, modality="CR"), tmp_path / "m2.dcm"))
+    m1 = load_image_2d(
+        save(make_image(ramp, modality="CR", photometric="MONOCHROME1"), tmp_path / "m1.dcm")
+    )
+    assert m1.inverted and not m2.inverted
+    np.testing.assert_allclose(m1.pixels, 1.0 - m2.pixels, atol=1e-6)
+    assert m1.pixels[0, 0] == pytest.approx(1.0)  # lowest value is white in MONOCHROME1
+
+
+def test_window_from_file_after_rescale(tmp_path: Path) -> None:
+    hu = np.array([[-1000, -200, -100, 40], [200, 300, 1000, 3000]], dtype=np.int32)
+    stored = (hu + 1024).astype(np.uint16)
+    ds = make_image(
+        stored,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=[40, 300],
+        WindowWidth=[400, 1500],
+    )
+    img = load_image_2d(save(ds, tmp_path / "w.dcm"))
+    assert img.voi == "window"
+    assert img.window == (40.0, 400.0)
+    px = img.pixels
+    assert px[0, 0] == 0.0 and px[0, 1] == 0.0  # below the window
+    assert px[0, 3] == pytest.approx(0.5, abs=0.01)  # the center
+    assert px[1, 1] == 1.0 and px[1, 3] == 1.0  # above the window
+    assert 0.0 < px[0, 2] < px[0, 3] < px[1, 0] < 1.0
+
+
+def test_signed_16_bit_without_window_uses_minmax(tmp_path: Path) -> None:
+    values = np.array([[-2000, -1000], [0, 2000]], dtype=np.int16)
+    img = load_image_2d(save(make_image(values), tmp_path / "s.dcm"))
+    np.testing.assert_allclose(img.pixels, [[0.0, 0.25], [0.5, 1.0]], atol=1e-6)
+    assert img.voi == "minmax"
+
+
+def test_12_bit_and_8_bit(tmp_path: Path) -> None:
+    twelve = np.array([[0, 1024], [2048, 4095]], dtype=np.uint16)
+    img12 = load_image_2d(save(make_image(twelve, bits_stored=12), tmp_path / "12.dcm"))
+    np.testing.assert_allclose(img12.pixels, twelve / 4095, atol=1e-6)
+    eight = np.array([[0, 64], [128, 255]], dtype=np.uint8)
+    img8 = load_image_2d(save(make_image(eight, modality="OT"), tmp_path / "8.dcm"))
+    np.testing.assert_allclose(img8.pixels, eight / 255, atol=1e-6)
+
+
+def test_modality_lut_sequence(tmp_path: Path) -> None:
+    stored = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 16]
+    item.ModalityLUTType = "HU"
+    # not monotonic: proves the LUT was used
+    item.LUTData = np.array([100, 400, 200, 300], "<u2").tobytes()
+    ds = make_image(stored, ModalityLUTSequence=DicomSequence([item]))
+    img = load_image_2d(save(ds, tmp_path / "mlut.dcm"))
+    np.testing.assert_allclose(img.pixels, [[0.0, 1.0], [1 / 3, 2 / 3]], atol=1e-6)
+
+
+def test_voi_lut_sequence(tmp_path: Path) -> None:
+    stored = np.array([[0, 1], [2, 3]], dtype=np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 8]
+    item.LUTData = np.array([0, 255, 51, 102], "<u2").tobytes()
+    ds = make_image(stored, VOILUTSequence=DicomSequence([item]), WindowCenter=1, WindowWidth=2)
+    img = load_image_2d(save(ds, tmp_path / "vlut.dcm"))
+    assert img.voi == "lut"
+    np.testing.assert_allclose(img.pixels, [[0.0, 1.0], [0.2, 0.4]], atol=1e-6)
+
+
+def test_constant_image_gives_zeros(tmp_path: Path) -> None:
+    img = load_image_2d(save(make_image(np.full((4, 4), 7, np.uint16)), tmp_path / "c.dcm"))
+    assert not img.pixels.any()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("rtstruct.dcm", "RT Structure Set"),
+        ("test-SR.dcm", "SR"),
+        ("reportsi.dcm", "SR"),
+        ("rtplan.dcm", "RT Plan"),
+        ("waveform_ecg.dcm", "ECG"),
+    ],
+)
+def test_objects_without_pixels_are_refused(name: str, kind: str) -> None:
+    with pytest.raises(NoPixelDataError, match="has no pixel data") as info:
+        load_image_2d(bundled(name))
+    assert kind in str(info.value)
+    assert isinstance(info.value, InputError)
+
+
+def test_wrong_modality() -> None:
+    with pytest.raises(WrongModalityError, match=r"modality MR is not accepted.*CR, DX"):
+        load_image_2d(bundled("MR_small.dcm"), modalities=["dx", "CR"])
+    assert load_image_2d(bundled("MR_small.dcm"), modalities=["mr"]).modality == "MR"
+
+
+def test_truncated_pixel_data() -> None:
+    with pytest.raises(CorruptPixelDataError, match="truncated or corrupted"):
+        load_image_2d(bundled("MR_truncated.dcm"))
+
+
+def test_corrupted_compressed_pixel_data(tmp_path: Path) -> None:
+    ds = make_image(np.arange(256, dtype=np.uint16).reshape(16, 16))
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([b"\x01\x00\x00\x00" + b"\x00" * 60 + b"garbage"])
+    ds["PixelData"].VR = "OB"
+    with pytest.raises(CorruptPixelDataError, match="RLE Lossless"):
+        load_image_2d(save(ds, tmp_path / "bad_rle.dcm"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 16), (16, 1)])
+def test_one_pixel_wide_images_are_refused(tmp_path: Path, shape: tuple[int, int]) -> None:
+    ds = make_image(np.zeros(shape, dtype=np.uint16))
+    with pytest.raises(ImageSizeError, match="at least 2 x 2"):
+        load_image_2d(save(ds, tmp_path / "tiny.dcm"))
+
+
+def test_zero_size_image_is_refused(tmp_path: Path) -> None:
+    ds = make_image(np.zeros((4, 4), dtype=np.uint16))
+    ds.Rows = 0
+    ds.PixelData = b""
+    with pytest.raises(ImageSizeError):
+        load_image_2d(save(ds, tmp_path / "empty.dcm"))
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(UnreadableFileError, match="cannot read"):
+        load_image_2d(tmp_path / "missing.dcm")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"this is not DICOM at all" * 10)
+    with pytest.raises(UnreadableFileError, match="not a DICOM file"):
+        load_image_2d(junk)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    with pytest.raises(UnreadableFileError):
+        load_image_2d(empty)
+    with pytest.raises(UnreadableFileError):
+        load_image_2d(tmp_path)  # a directory
+
+
+def test_read_dataset_accepts_files_without_preamble() -> None:
+    ds = read_dataset(bundled("ExplVR_LitEndNoMeta.dcm"))
+    assert "SOPClassUID" in ds
+
+
+# --------------------------------------------------------------------------- CT volumes
+
+
+def test_volume_sorted_by_position_not_instance_number(write_series: WriteSeries) -> None:
+    zs = [float(z) for z in np.arange(10) * 2.5 - 30]
+    order = list(range(10))
+    random.Random(4).shuffle(order)
+    paths = write_series(zs, order=order)
+    vol = load_ct_volume(list(reversed(paths)))
+    assert isinstance(vol, Volume)
+    assert vol.array.dtype == np.float32
+    assert vol.shape == (10, 8, 8)
+    np.testing.assert_allclose(vol.array[:, 0, 0], [10 * z for z in zs], atol=1e-4)
+    assert vol.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert vol.origin == pytest.approx((-10.0, -20.0, -30.0))
+    assert vol.direction == ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    assert not vol.resampled and vol.missing_slices == 0
+    assert [pydicom.dcmread(p).ImagePositionPatient[2] for p in vol.paths] == zs  # type: ignore[arg-type]
+    assert len(vol.headers) == 10 and "PixelData" not in vol.headers[0]
+    affine = vol.affine()
+    np.testing.assert_allclose(affine @ [0, 0, 9, 1], [-10, -20, -7.5, 1])
+
+
+def test_volume_follows_the_slice_normal(tmp_path: Path) -> None:
+    # Sagittal slices: row (0,1,0) x column (0,0,-1) = normal (-1,0,0).
+    uid = generate_uid()
+    xs = [0.0, 3.0, 6.0, 9.0]
+    paths = [
+        save(
+            ct_slice((x, 0.0, 0.0), x, series_uid=uid, orientation=(0, 1, 0, 0, 0, -1)),
+            tmp_path / f"s{i}.dcm",
+        )
+        for i, x in enumerate(xs)
+    ]
+    vol = load_ct_volume(paths)
+    np.testing.assert_allclose(vol.array[:, 0, 0], [9, 6, 3, 0])  # along -x
+    assert vol.direction[2] == pytest.approx((-1, 0, 0))
+    assert vol.spacing[0] == pytest.approx(3.0)
+
+
+def test_missing_slice_is_refused_by_default(write_series: WriteSeries) -> None:
+    zs = [0.0, 2.5, 5.0, 10.0, 12.5, 15.0]  # 7.5 missing
+    paths = write_series(zs)
+    with pytest.raises(SeriesError, match=r"gap of 5.00 mm.*1 slice\(s\) missing"):
+        load_ct_volume(paths)
+
+
+def test_missing_slice_interpolated_when_allowed(write_series: WriteSeries) -> None:
+    zs = [0.0, 2.5, 5.0, 10.0, 12.5, 15.0]
+    vol = load_ct_volume(write_series(zs), max_gap_ratio=2.5)
+    assert vol.resampled and vol.missing_slices == 1
+    assert vol.shape[0] == 7
+    np.testing.assert_allclose(vol.array[:, 3, 3], np.arange(7) * 25.0, atol=1e-3)
+
+
+def test_varying_spacing_is_resampled_linearly(write_series: WriteSeries) -> None:
+    zs = [0.0, 2.0, 4.0, 7.0, 10.0, 13.0]  # diffs 2,2,3,3,3: median 3
+    vol = load_ct_volume(write_series(zs))
+    assert vol.resampled
+    assert vol.spacing[0] == pytest.approx(3.25)  # 4 steps over 13 mm
+    np.testing.assert_allclose(vol.array[:, 0, 0], [0, 32.5, 65, 97.5, 130], atol=1e-3)
+
+
+def test_absurd_gap_is_refused(write_series: WriteSeries) -> None:
+    with pytest.raises(SeriesError, match="resend the complete series"):
+        load_ct_volume(write_series([0.0, 2.5, 5.0, 7.5, 100.0]), max_gap_ratio=2.5)
+
+
+def test_mixed_orientation_is_refused(tmp_path: Path) -> None:
+    uid = generate_uid()
+    a = save(ct_slice((0, 0, 0), 0, series_uid=uid), tmp_path / "a.dcm")
+    b = save(
+        ct_slice((0, 0, 2), 0, series_uid=uid, orientation=(1, 0, 0, 0, 0, -1)), tmp_path / "b.dcm"
+    )
+    with pytest.raises(SeriesError, match="mixed slice orientations"):
+        load_ct_volume([a, b])
+
+
+def test_mixed_sizes_and_series_are_refused(tmp_path: Path) -> None:
+    uid = generate_uid()
+    a = save(ct_slice((0, 0, 0), 0, series_uid=uid), tmp_path / "a.dcm")
+    b = save(ct_slice((0, 0, 2), 0, series_uid=uid, size=(8, 9)), tmp_path / "b.dcm")
+    with pytest.raises(SeriesError, match="mixed image sizes"):
+        load_ct_volume([a, b])
+    c = save(ct_slice((0, 0, 2), 0, series_uid=generate_uid()), tmp_path / "c.dcm")
+    with pytest.raises(SeriesError, match="several series"):
+        load_ct_volume([a, c])
+    d = save(ct_slice((0, 0, 2), 0, series_uid=uid, spacing=(0.5, 0.5)), tmp_path / "d.dcm")
+    with pytest.raises(SeriesError, match="mixed pixel spacings"):
+        load_ct_volume([a, d])
+
+
+def test_duplicate_positions_and_too_few_slices(write_series: WriteSeries) -> None:
+    with pytest.raises(SeriesError, match="same position"):
+        load_ct_volume(write_series([0.0, 2.5, 2.5, 5.0]))
+    with pytest.raises(SeriesError, match="at least 2 slices"):
+        load_ct_volume(write_series([0.0], folder="one"))
+
+
+def test_volume_refuses_wrong_modality_and_missing_geometry(tmp_path: Path) -> None:
+    uid = generate_uid()
+    mr = [
+        save(ct_slice((0, 0, z), 0, series_uid=uid, Modality="MR"), tmp_path / f"{z}.dcm")
+        for z in (0, 1)
+    ]
+    with pytest.raises(WrongModalityError):
+        load_ct_volume(mr)
+    assert load_ct_volume(mr, modalities=None).shape == (2, 8, 8)
+    ds = ct_slice((0, 0, 5), 0, series_uid=uid, Modality="MR")
+    del ds.ImagePositionPatient
+    with pytest.raises(SeriesError, match="ImagePositionPatient is missing"):
+        load_ct_volume([*mr, save(ds, tmp_path / "nopos.dcm")], modalities=None)
+
+
+def test_volume_refuses_an_sr_in_the_list(write_series: WriteSeries) -> None:
+    paths = write_series([0.0, 2.5])
+    with pytest.raises(NoPixelDataError):
+        load_ct_volume([*paths, bundled("test-SR.dcm")])
+
+
+# --------------------------------------------------------------------------- series selection
+
+
+@pytest.fixture
+def study(tmp_path: Path, write_series: WriteSeries) -> dict[str, list[Path]]:
+    """A CT study: a 3-image scout, a 12-slice axial series, an SR and an RT structure set."""
+    scout_uid, axial_uid = generate_uid(), generate_uid()
+    scout = []
+    for i in range(3):
+        ds = ct_slice((0, 0, 0), 0, series_uid=scout_uid, orientation=(1, 0, 0, 0, 0, -1))
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.append(save(ds, tmp_path / "study" / f"scout{i}.dcm"))
+    zs = [float(z) for z in range(0, 36, 3)]
+    order = list(range(len(zs)))
+    random.Random(7).shuffle(order)
+    axial = write_series(zs, series_uid=axial_uid, folder="study", order=order)
+    sr = Dataset()
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.SOPClassUID = BasicTextSRStorage
+    sr.SOPInstanceUID = generate_uid()
+    sr.SeriesInstanceUID = generate_uid()
+    sr.Modality = "SR"
+    others = [save(sr, tmp_path / "study" / "sr.dcm")]
+    return {"scout": scout, "axial": axial, "other": others}
+
+
+def test_select_series_picks_axial_over_scout(study: dict[str, list[Path]]) -> None:
+    everything = study["scout"] + study["axial"] + study["other"]
+    random.Random(1).shuffle(everything)
+    chosen = select_series(everything, SeriesRules(modalities=["CT"], body_parts=["chest"]))
+    assert sorted(chosen.paths) == sorted(study["axial"])  # type: ignore[type-var]
+    assert chosen.modality == "CT" and chosen.body_part == "CHEST"
+    assert len(chosen.rejected) == 2
+    assert any("localizer" in r for r in chosen.rejected.values())
+    assert any("modality SR" in r for r in chosen.rejected.values())
+    assert all("PixelData" not in h for h in chosen.headers)
+    vol = load_ct_volume(chosen.sources)
+    assert vol.shape == (12, 8, 8)
+    np.testing.assert_allclose(vol.array[:, 0, 0], np.arange(0, 36, 3) * 10.0)
+
+
+def test_select_series_ranks_by_instances_when_scout_is_not_flagged(
+    study: dict[str, list[Path]],
+) -> None:
+    headers = {
+        p: pydicom.dcmread(p, stop_before_pixels=True) for p in study["scout"] + study["axial"]
+    }
+    for p in study["scout"]:
+        headers[p].ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    chosen = select_series(headers, SeriesRules(modalities=["CT"]))
+    assert len(chosen.paths) == 12
+    assert "ranked after" in next(iter(chosen.rejected.values()))
+    with pytest.raises(SeriesError, match="fewer than the 20 required"):
+        select_series(headers, SeriesRules(min_instances=20))
+
+
+def test_select_series_explains_why_nothing_matches(study: dict[str, list[Path]]) -> None:
+    paths = study["scout"] + study["axial"] + study["other"]
+    with pytest.raises(SeriesError) as info:
+        select_series(paths, SeriesRules(modalities=["CT"], body_parts=["HEAD"]))
+    message = str(info.value)
+    assert "no series matches" in message
+    assert "body part CHEST not in ['HEAD']" in message
+    assert "localizer" in message and "modality SR" in message
+    with pytest.raises(SeriesError, match="SOP class"):
+        select_series(paths, SeriesRules(sop_class_uids=[SecondaryCaptureImageStorage]))
+    with pytest.raises(SeriesError, match="holds no images"):
+        select_series(study["other"], SeriesRules())
+
+
+def test_select_series_reports_unreadable_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"nope")
+    with pytest.raises(SeriesError, match="not a DICOM file"):
+        select_series([junk], SeriesRules())
+
+
+def test_pixel_padding_is_ignored_by_minmax_and_shown_black(tmp_path: Path) -> None:
+    values = np.array([[-2000, -2000, 0], [100, 200, 400]], dtype=np.int16)
+    img = load_image_2d(save(make_image(values, PixelPaddingValue=-2000), tmp_path / "p.dcm"))
+    np.testing.assert_allclose(img.pixels, [[0.0, 0.0, 0.0], [0.25, 0.5, 1.0]], atol=1e-6)
+    m1 = make_image(values, photometric="MONOCHROME1", PixelPaddingValue=-2000)
+    img1 = load_image_2d(save(m1, tmp_path / "p1.dcm"))
+    np.testing.assert_allclose(img1.pixels, [[0.0, 0.0, 1.0], [0.75, 0.5, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rtdose.dcm", "rtdose_rle.dcm", "rtdose_expb.dcm"])
+def test_monochrome_multiframe_middle_frame(name: str) -> None:
+    path = bundled(name)
+    img = load_image_2d(path)
+    assert (img.frame_index, img.number_of_frames) == (7, 15)
+    frame = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
+    expected = (frame - frame.min()) / (frame.max() - frame.min())
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
