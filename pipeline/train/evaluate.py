@@ -26,8 +26,8 @@ from tqdm import tqdm
 from pipeline.bundle import LoadedModel, load_model
 from pipeline.explain import gradcam
 from pipeline.train._common import EVAL_SEED_START
-from pipeline.train.phantoms_cxr import LOCALISED, make_cxr_phantom
 from pipeline.train.phantoms_ct import make_ct_phantom
+from pipeline.train.phantoms_cxr import LOCALISED, make_cxr_phantom
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -401,10 +401,10 @@ def write_dicom(phantom: CXRPhantom, path: str | Path, *, patient_id: str | None
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
         ComputedRadiographyImageStorage,
         DigitalXRayImageStorageForPresentation,
         ExplicitVRLittleEndian,
-        PYDICOM_IMPLEMENTATION_UID,
     )
 
     if modality not in ("DX", "CR"):
