@@ -1,0 +1,368 @@
+"""Load models: MONAI bundles (Model Zoo layout) or bare TorchScript files.
+
+A bundle folder holds::
+
+    configs/metadata.json     name, version, labels, task, input description ...
+    configs/inference.json    network_def, preprocessing, inferer, postprocessing
+    models/model.pt           state dict for network_def   (and/or)
+    models/model.ts           TorchScript
+
+``model.pt`` + ``network_def`` is preferred (an eager module supports Grad-CAM
+hooks); ``model.ts`` is the fallback. A bare TorchScript file ``x.ts`` needs a
+JSON sidecar ``x.ts.json`` (or ``x.json``) with at least ``labels``; optional
+keys: ``name``, ``version``, ``task``, ``spatial_size``, ``gradcam_target_layer``,
+``preprocessing`` (a MONAI bundle-syntax transform list).
+
+Every failure is a :class:`BundleError` whose message names the offending file.
+Nothing here knows about particular models.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.settings import ModelSpec
+
+__all__ = ["BundleError", "LoadedModel", "ModelRegistry", "load_model", "resolve_device"]
+
+
+class BundleError(Exception):
+    """A model bundle or TorchScript file is missing, incomplete or corrupt."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what the pipeline needs to feed it."""
+
+    name: str
+    version: str
+    task: str  # "classify" or "segment"
+    labels: list[str]
+    spatial_size: tuple[int, ...] | None
+    network: torch.nn.Module
+    path: Path
+    source: str  # "state_dict" or "torchscript"
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+    inferer: dict[str, Any] | None = None
+    postprocessing: list[dict[str, Any]] = field(default_factory=list)
+    gradcam_layer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
+    _inferer: Any = field(default=None, repr=False)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes (from spatial_size, else from the task)."""
+        if self.spatial_size is not None:
+            return len(self.spatial_size)
+        return 2 if self.task == "classify" else 3
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        """Move the network to ``device`` (in place) and return self."""
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        return self
+
+    def preprocess(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
+        """Apply the declared preprocessing to one channel-less image/volume -> C x ...."""
+        if self._pre is None:
+            self._pre = _build_transforms(self.preprocessing, self.path)
+        return torch.as_tensor(self._pre(array)).float()
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run the network (through the declared inferer, e.g. a sliding window) -> logits."""
+        if self._inferer is None and self.inferer is not None:
+            self._inferer = _parse(dict(self.inferer), self.path, "inferer")
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            if self._inferer is not None:
+                out = self._inferer(batch, self.network)
+            else:
+                out = self.network(batch)
+        if not isinstance(out, torch.Tensor):
+            raise BundleError(f"{self.path}: network returned {type(out).__name__}, not a tensor")
+        return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BundleError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"corrupt JSON in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _parse(config: dict[str, Any], where: Path, key: str) -> Any:
+    from monai.bundle import ConfigParser
+
+    cfg = {"imports": ["$import torch", "$import monai"], key: copy.deepcopy(config)}
+    try:
+        return ConfigParser(cfg).get_parsed_content(key)
+    except Exception as exc:
+        raise BundleError(f"{where}: cannot instantiate '{key}': {exc}") from exc
+
+
+def _build_transforms(transforms: list[dict[str, Any]], where: Path) -> Callable[[Any], Any]:
+    return _parse({"_target_": "Compose", "transforms": transforms}, where,  # type: ignore[no-any-return]
+                  "preprocessing")
+
+
+def _transform_list(section: Any) -> list[dict[str, Any]]:
+    if section is None:
+        return []
+    if isinstance(section, dict) and "transforms" in section:
+        return list(section["transforms"])
+    if isinstance(section, list):
+        return list(section)
+    return [section]
+
+
+def _labels_from(meta: dict[str, Any]) -> list[str]:
+    labels = meta.get("labels")
+    if isinstance(labels, list) and all(isinstance(x, str) for x in labels):
+        return list(labels)
+    try:
+        cdef = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+        return [str(cdef[k]) for k in sorted(cdef, key=int)]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def _spatial_from(meta: dict[str, Any]) -> tuple[int, ...] | None:
+    size = meta.get("spatial_size")
+    if size is None:
+        try:
+            size = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+        except (KeyError, TypeError):
+            return None
+    try:
+        return tuple(int(s) for s in size)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"bad spatial size {size!r}") from exc
+
+
+def _task_from(meta: dict[str, Any]) -> str:
+    task = str(meta.get("task", "")).lower()
+    if task in ("classify", "classification"):
+        return "classify"
+    if task in ("segment", "segmentation"):
+        return "segment"
+    try:
+        fmt = meta["network_data_format"]["outputs"]["pred"]["format"]
+        return "segment" if fmt == "segmentation" else "classify"
+    except (KeyError, TypeError):
+        return "classify"
+
+
+def _load_torchscript(path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise BundleError(f"missing file: {path}")
+    try:
+        module: torch.nn.Module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise BundleError(f"corrupt TorchScript file {path}: {exc}") from exc
+    return module
+
+
+def _load_bundle(folder: Path) -> LoadedModel:
+    meta_path = folder / "configs" / "metadata.json"
+    inf_path = folder / "configs" / "inference.json"
+    meta = _read_json(meta_path)
+    inference = _read_json(inf_path) if inf_path.is_file() else {}
+    pt, ts = folder / "models" / "model.pt", folder / "models" / "model.ts"
+    network: torch.nn.Module
+    if pt.is_file() and "network_def" in inference:
+        network = _parse(inference["network_def"], inf_path, "network_def")
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BundleError(f"corrupt weights file {pt}: {exc}") from exc
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        try:
+            network.load_state_dict(state)
+        except Exception as exc:
+            raise BundleError(f"{pt} does not match network_def of {inf_path}: {exc}") from exc
+        source = "state_dict"
+    elif ts.is_file():
+        network = _load_torchscript(ts)
+        source = "torchscript"
+    elif pt.is_file():
+        raise BundleError(f"{pt} needs 'network_def' in {inf_path}")
+    else:
+        raise BundleError(f"missing file: {folder / 'models'} has neither model.pt nor model.ts")
+    labels = _labels_from(meta)
+    if not labels:
+        raise BundleError(f"{meta_path}: no 'labels' (or output channel_def)")
+    return LoadedModel(
+        name=str(meta.get("name") or folder.name),
+        version=str(meta.get("version", "0")),
+        task=_task_from(meta),
+        labels=labels,
+        spatial_size=_spatial_from(meta),
+        network=network.eval(),
+        path=folder,
+        source=source,
+        preprocessing=_transform_list(inference.get("preprocessing")),
+        inferer=inference.get("inferer"),
+        postprocessing=_transform_list(inference.get("postprocessing")),
+        gradcam_layer=meta.get("gradcam_target_layer"),
+        metadata=meta,
+    )
+
+
+def _default_preprocessing(task: str, size: tuple[int, ...] | None) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = [{"_target_": "EnsureChannelFirst", "channel_dim": "no_channel"}]
+    if task == "classify" and size:
+        steps.append({"_target_": "Resize", "spatial_size": list(size), "mode": "area"})
+    steps.append({"_target_": "ScaleIntensity", "minv": 0.0, "maxv": 1.0})
+    return steps
+
+
+def _load_file(path: Path) -> LoadedModel:
+    sidecar = Path(str(path) + ".json")
+    if not sidecar.is_file() and path.with_suffix(".json").is_file():
+        sidecar = path.with_suffix(".json")
+    meta = _read_json(sidecar)
+    network = _load_torchscript(path)
+    labels = _labels_from(meta)
+    if not labels:
+        raise BundleError(f"{sidecar}: no 'labels'")
+    task = _task_from(meta)
+    size = _spatial_from(meta)
+    pre = meta.get("preprocessing")
+    return LoadedModel(
+        name=str(meta.get("name") or path.stem),
+        version=str(meta.get("version", "0")),
+        task=task,
+        labels=labels,
+        spatial_size=size,
+        network=network.eval(),
+        path=path,
+        source="torchscript",
+        preprocessing=_transform_list(pre) if pre else _default_preprocessing(task, size),
+        inferer=meta.get("inferer"),
+        gradcam_layer=meta.get("gradcam_target_layer"),
+        metadata=meta,
+    )
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a bundle folder or a TorchScript file (with JSON sidecar) onto ``device``."""
+    path = Path(path)
+    if path.is_dir():
+        model = _load_bundle(path)
+    elif path.is_file():
+        model = _load_file(path)
+    else:
+        raise BundleError(f"missing file: {path} (neither a bundle folder nor a model file)")
+    return model.to(device)
+
+
+_VERSION_PART = re.compile(r"(\d+)|([^\d.]+)")
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(n)) if n else (1, s) for n, s in _VERSION_PART.findall(version))
+
+
+class ModelRegistry:
+    """Holds :class:`ModelSpec` s and loads them on first use (several versions per name).
+
+    The default version of a name is the one whose spec says ``default`` (the
+    last such spec wins); without one, the highest version.
+    """
+
+    def __init__(self, specs: Iterable[ModelSpec] = (),
+                 loader: Callable[[Path, torch.device], LoadedModel] | None = None) -> None:
+        self._loader = loader or (lambda p, d: load_model(p, d))
+        self._specs: dict[str, list[ModelSpec]] = {}
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._versions: dict[tuple[str, int], str] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: ModelSpec) -> None:
+        """Register ``spec`` (not loaded yet)."""
+        self._specs.setdefault(spec.name, []).append(spec)
+
+    def names(self) -> list[str]:
+        """Registered model names."""
+        return sorted(self._specs)
+
+    def _specs_of(self, name: str) -> list[ModelSpec]:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; known: {self.names()}") from None
+
+    def _spec_version(self, spec: ModelSpec) -> str:
+        if spec.version is not None:
+            return spec.version
+        key = (spec.name, id(spec))
+        if key not in self._versions:
+            model = self._load_spec(spec)
+            self._versions[key] = model.version
+            self._loaded.setdefault((spec.name, model.version), model)
+        return self._versions[key]
+
+    def versions(self, name: str) -> list[str]:
+        """All versions registered for ``name``, oldest first."""
+        return sorted({self._spec_version(s) for s in self._specs_of(name)}, key=_version_key)
+
+    def default_version(self, name: str) -> str:
+        """The version served when a request names none."""
+        specs = self._specs_of(name)
+        defaults = [s for s in specs if s.default]
+        if defaults:
+            return self._spec_version(defaults[-1])
+        return self.versions(name)[-1]
+
+    def spec(self, name: str, version: str | None = None) -> ModelSpec:
+        """The spec of ``name`` at ``version`` (default version when None)."""
+        version = version or self.default_version(name)
+        for s in reversed(self._specs_of(name)):
+            if self._spec_version(s) == version:
+                return s
+        raise KeyError(f"model {name!r} has no version {version!r}; known: "
+                       f"{self.versions(name)}")
+
+    def _load_spec(self, spec: ModelSpec) -> LoadedModel:
+        model = self._loader(spec.path, resolve_device(spec.device))
+        if spec.version is not None:
+            model.version = spec.version
+        model.name = spec.name
+        return model
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The loaded model (loading it on first use)."""
+        spec = self.spec(name, version)
+        key = (name, self._spec_version(spec))
+        if key not in self._loaded:
+            self._loaded[key] = self._load_spec(spec)
+        return self._loaded[key]
+
+    def load_all(self) -> list[LoadedModel]:
+        """Load every registered version (e.g. at start-up); raises on the first failure."""
+        return [self.get(n, v) for n in self.names() for v in self.versions(n)]

@@ -1,0 +1,57 @@
+"""Grad-CAM heatmaps for classifiers (``monai.visualize.GradCAM``).
+
+The target layer comes from the model's metadata (``gradcam_target_layer``);
+the heatmap is returned at the source image size, scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from pipeline.bundle import BundleError, LoadedModel
+
+
+def _class_index(model: LoadedModel, target: int | str) -> int:
+    if isinstance(target, str):
+        try:
+            return model.labels.index(target)
+        except ValueError:
+            raise ValueError(f"{model.name} has no label {target!r}") from None
+    if not 0 <= target < len(model.labels):
+        raise ValueError(f"class index {target} out of range for {model.name}")
+    return int(target)
+
+
+def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
+            layer: str | None = None,
+            input_tensor: torch.Tensor | None = None) -> npt.NDArray[np.float32]:
+    """Grad-CAM of class ``target`` (index or label) for one H x W source ``image``.
+
+    ``input_tensor`` (C x h x w, already preprocessed) skips the preprocessing.
+    Returns an H x W float32 heatmap in [0, 1] at the source image size.
+    """
+    from monai.visualize import GradCAM
+
+    layer = layer or model.gradcam_layer
+    if not layer:
+        raise BundleError(f"{model.path}: no 'gradcam_target_layer' in the metadata")
+    if model.source == "torchscript":
+        raise BundleError(f"{model.path}: Grad-CAM needs an eager network (model.pt + "
+                          "network_def), not TorchScript")
+    idx = _class_index(model, target)
+    x = input_tensor if input_tensor is not None else model.preprocess(image)
+    x = x[None].to(model.device).float()
+    cam = GradCAM(nn_module=model.network, target_layers=layer)
+    with torch.enable_grad():
+        heat = cam(x, class_idx=idx)  # 1 x 1 x h x w, upsampled to the input size
+    heat_t = torch.as_tensor(heat).detach().float().cpu()
+    out_size = tuple(int(s) for s in np.asarray(image).shape[-2:])
+    heat_t = torch.nn.functional.interpolate(heat_t, size=out_size, mode="bilinear",
+                                             align_corners=False)[0, 0]
+    lo, hi = float(heat_t.min()), float(heat_t.max())
+    h = (heat_t - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat_t)
+    return h.numpy().astype(np.float32)

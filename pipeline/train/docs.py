@@ -1,0 +1,57 @@
+"""Text of the demo bundles' ``docs/README.md`` (kept next to the generators)."""
+
+from __future__ import annotations
+
+
+def cxr_readme() -> str:
+    """README of the cxr-findings bundle."""
+    from pipeline.train import phantoms_cxr
+
+    return f"""# cxr-findings (demo bundle)
+
+A small MONAI `DenseNet` (2D, two dense blocks) that scores 11 chest-radiograph
+findings (multi-label, sigmoid outputs). **It was trained only on synthetic
+phantoms and is meant for demonstrating and testing dicom-node; it says
+nothing about real patients and must not be used clinically.**
+
+- Input: one frontal chest radiograph (DX/CR, MONOCHROME2), resized to
+  128x128 (area), min-max scaled to [0, 1]; see `configs/inference.json`.
+- Output: 11 probabilities in the order of `labels` in `configs/metadata.json`.
+  The overall result is `TB Presumptive` when Tuberculosis >= threshold,
+  `Abnormal` when any other finding is, else `Normal`.
+- Grad-CAM target layer: `class_layers.relu` (16x16 feature map).
+- Held-out scores (phantom seeds >= 10,000,000, disjoint from training):
+  `held_out` in `configs/metadata.json`.
+
+Reproduce: `python -m pipeline.train.train_cxr --out pipeline/models/cxr-findings`
+then `python -m pipeline.train.evaluate --write`.
+
+## Phantom appearance
+
+{phantoms_cxr.__doc__}
+"""
+
+
+def ct_readme() -> str:
+    """README of the ct-organs bundle."""
+    from pipeline.train import phantoms_ct
+
+    return f"""# ct-organs (demo bundle)
+
+A small MONAI 3D `UNet` that segments organ-like structures in abdominal CT
+phantoms, run with `monai.inferers.sliding_window_inference`. **Trained only on
+synthetic phantoms; for demonstrating and testing dicom-node, not for clinical use.**
+
+- Input: a CT volume in Hounsfield units (Z x Y x X, axial slices), at about
+  the training spacing (see `configs/metadata.json`), windowed [-200, 300] HU
+  to [0, 1] (`ScaleIntensityRange`, clipped).
+- Output: label map (argmax of softmax), labels listed in `configs/metadata.json`.
+- Held-out Dice per structure: `held_out` in `configs/metadata.json`.
+
+Reproduce: `python -m pipeline.train.train_ct --out pipeline/models/ct-organs`
+then `python -m pipeline.train.evaluate --write`.
+
+## Phantom appearance
+
+{phantoms_ct.__doc__}
+"""

@@ -1,0 +1,157 @@
+"""Bundle loading: an on-the-fly tiny bundle, TorchScript + sidecar, errors, registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import BundleError, LoadedModel, ModelRegistry, load_model
+from pipeline.explain import gradcam
+from pipeline.settings import ModelSpec
+
+MODELS = Path(__file__).resolve().parents[3] / "pipeline" / "models"
+
+NET_DEF: dict[str, Any] = {"_target_": "DenseNet", "spatial_dims": 2, "in_channels": 1,
+                           "out_channels": 3, "init_features": 4, "growth_rate": 2,
+                           "block_config": [1, 1], "bn_size": 1}
+
+
+def make_tiny_bundle(folder: Path, version: str = "0.1.0", with_ts: bool = False) -> Path:
+    """A random tiny classifier bundle in Model Zoo layout."""
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(0)
+    net = ConfigParser({"network_def": dict(NET_DEF)}).get_parsed_content("network_def")
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    if with_ts:
+        torch.jit.trace(net.eval(), torch.zeros(1, 1, 32, 32)).save(
+            str(folder / "models" / "model.ts"))
+    meta = {"name": "tiny", "version": version, "task": "classify", "labels": ["a", "b", "c"],
+            "gradcam_target_layer": "class_layers.relu",
+            "network_data_format": {"inputs": {"image": {"spatial_shape": [32, 32]}}}}
+    inference = {"network_def": NET_DEF, "preprocessing": {"_target_": "Compose", "transforms": [
+        {"_target_": "EnsureChannelFirst", "channel_dim": "no_channel"},
+        {"_target_": "Resize", "spatial_size": [32, 32], "mode": "area"},
+        {"_target_": "ScaleIntensity"}]}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    return folder
+
+
+def test_tiny_bundle_loads_and_runs(tmp_path: Path) -> None:
+    m = load_model(make_tiny_bundle(tmp_path / "tiny"))
+    assert isinstance(m, LoadedModel)
+    assert (m.name, m.version, m.task, m.labels) == ("tiny", "0.1.0", "classify", ["a", "b", "c"])
+    assert m.spatial_size == (32, 32) and m.source == "state_dict"
+    img = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    x = m.preprocess(img)
+    assert tuple(x.shape) == (1, 32, 32)
+    assert tuple(m.infer(x[None]).shape) == (1, 3)
+    heat = gradcam(m, img, "b")
+    assert heat.shape == (50, 70) and heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+
+
+def test_bare_torchscript_with_sidecar(tmp_path: Path) -> None:
+    b = make_tiny_bundle(tmp_path / "b", with_ts=True)
+    ts = tmp_path / "model.ts"
+    ts.write_bytes((b / "models" / "model.ts").read_bytes())
+    Path(str(ts) + ".json").write_text(json.dumps({"labels": ["x", "y", "z"],
+                                                   "spatial_size": [32, 32], "version": "2"}))
+    m = load_model(ts)
+    assert m.source == "torchscript" and m.labels == ["x", "y", "z"] and m.version == "2"
+    out = m.infer(m.preprocess(np.ones((40, 40), np.float32))[None])
+    assert tuple(out.shape) == (1, 3)
+
+
+def test_bundle_falls_back_to_torchscript(tmp_path: Path) -> None:
+    b = make_tiny_bundle(tmp_path / "b", with_ts=True)
+    (b / "models" / "model.pt").unlink()
+    assert load_model(b).source == "torchscript"
+
+
+@pytest.mark.parametrize("breakage", ["no_meta", "bad_json", "no_model", "bad_pt", "bad_ts",
+                                      "mismatch", "no_labels", "missing_path", "no_sidecar"])
+def test_bad_bundle_raises_bundle_error(tmp_path: Path, breakage: str) -> None:
+    b = make_tiny_bundle(tmp_path / "b")
+    target: Path = b
+    culprit = ""
+    if breakage == "no_meta":
+        (b / "configs" / "metadata.json").unlink()
+        culprit = "metadata.json"
+    elif breakage == "bad_json":
+        (b / "configs" / "metadata.json").write_text("{not json")
+        culprit = "metadata.json"
+    elif breakage == "no_model":
+        (b / "models" / "model.pt").unlink()
+        culprit = "models"
+    elif breakage == "bad_pt":
+        (b / "models" / "model.pt").write_bytes(b"garbage")
+        culprit = "model.pt"
+    elif breakage == "bad_ts":
+        (b / "models" / "model.pt").unlink()
+        (b / "models" / "model.ts").write_bytes(b"garbage")
+        culprit = "model.ts"
+    elif breakage == "mismatch":
+        torch.save({"weight": torch.zeros(1)}, b / "models" / "model.pt")
+        culprit = "model.pt"
+    elif breakage == "no_labels":
+        (b / "configs" / "metadata.json").write_text(json.dumps({"name": "x"}))
+        culprit = "metadata.json"
+    elif breakage == "missing_path":
+        target = tmp_path / "nope"
+        culprit = "nope"
+    elif breakage == "no_sidecar":
+        target = tmp_path / "m.ts"
+        target.write_bytes(b"x")
+        culprit = "m.ts.json"
+    with pytest.raises(BundleError) as info:
+        load_model(target)
+    assert culprit in str(info.value)
+
+
+def test_registry_versions_and_default(tmp_path: Path) -> None:
+    v1 = make_tiny_bundle(tmp_path / "v1", version="1.0.0")
+    v2 = make_tiny_bundle(tmp_path / "v2", version="1.10.0")
+    v3 = make_tiny_bundle(tmp_path / "v3", version="1.2.0")
+    reg = ModelRegistry([ModelSpec(name="tiny", path=v1, default=False),
+                         ModelSpec(name="tiny", path=v2, default=False),
+                         ModelSpec(name="tiny", path=v3, default=False, device="cpu")])
+    assert reg.names() == ["tiny"]
+    assert reg.versions("tiny") == ["1.0.0", "1.2.0", "1.10.0"]
+    assert reg.default_version("tiny") == "1.10.0"  # highest without an explicit default
+    assert reg.get("tiny").version == "1.10.0"
+    assert reg.get("tiny", "1.0.0").path == v1
+    assert reg.get("tiny", "1.0.0") is reg.get("tiny", "1.0.0")
+    reg.add(ModelSpec(name="tiny", path=v1, version="0.9", default=True))
+    assert reg.default_version("tiny") == "0.9" and reg.get("tiny").version == "0.9"
+    with pytest.raises(KeyError):
+        reg.get("tiny", "7")
+    with pytest.raises(KeyError):
+        reg.get("other")
+    assert len(reg.load_all()) == 4
+
+
+@pytest.mark.parametrize(("name", "task", "n_labels"), [("cxr-findings", "classify", 11),
+                                                        ("ct-organs", "segment", 5)])
+def test_demo_bundles_load(name: str, task: str, n_labels: int) -> None:
+    folder = MODELS / name
+    for f in ("configs/metadata.json", "configs/inference.json", "models/model.pt",
+              "models/model.ts", "docs/README.md"):
+        assert (folder / f).is_file(), f
+        assert (folder / f).stat().st_size < 20 * 1024 * 1024
+    m = load_model(folder)
+    assert m.name == name and m.task == task and len(m.labels) == n_labels
+    assert m.metadata["held_out"], "held-out scores missing from metadata.json"
+    if task == "classify":
+        assert m.gradcam_layer and m.spatial_size
+        dict(m.network.named_modules())[m.gradcam_layer]  # the layer exists
+    scripted = torch.jit.load(str(folder / "models" / "model.ts"))
+    assert isinstance(scripted, torch.jit.ScriptModule)
