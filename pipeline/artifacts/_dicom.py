@@ -1,0 +1,113 @@
+"""Shared pieces of the DICOM writers: patient/study copy, equipment, file meta."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+from pipeline.artifacts._common import SeriesInfo
+
+__all__ = [
+    "PATIENT_ATTRIBUTES",
+    "STUDY_ATTRIBUTES",
+    "copy_patient_study",
+    "new_file_dataset",
+    "set_equipment",
+    "set_series",
+    "save",
+]
+
+#: Patient module (and Patient Study module) attributes copied from the source.
+PATIENT_ATTRIBUTES: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+)
+
+#: General Study module attributes copied from the source.
+STUDY_ATTRIBUTES: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+)
+
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    """Copy the patient and study modules from ``source`` into ``target``.
+
+    Type 2 attributes missing in the source are written empty.
+
+    Raises:
+        ValueError: when the source has no StudyInstanceUID.
+    """
+    if not source.get("StudyInstanceUID"):
+        raise ValueError("the source dataset has no StudyInstanceUID")
+    for keyword in PATIENT_ATTRIBUTES + STUDY_ATTRIBUTES:
+        if keyword in source and source[keyword].value not in (None, ""):
+            target[keyword] = source[keyword]
+    for keyword in _TYPE2:
+        if keyword not in target:
+            setattr(target, keyword, "")
+
+
+def set_equipment(ds: Dataset, info: SeriesInfo) -> None:
+    """Set the General Equipment module from ``info``."""
+    ds.Manufacturer = info.manufacturer
+    ds.ManufacturerModelName = info.manufacturer_model_name
+    ds.SoftwareVersions = info.software_version
+    ds.DeviceSerialNumber = info.device_serial_number
+    if info.institution_name:
+        ds.InstitutionName = info.institution_name
+
+
+def set_series(ds: Dataset, info: SeriesInfo, series_uid: str, modality: str) -> None:
+    """Set the series attributes of a new derived series."""
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = info.series_number
+    ds.SeriesDescription = info.series_description
+
+
+def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) -> Dataset:
+    """An empty dataset with file meta and the SOP Common module filled in."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = UID(sop_class_uid)
+    ds.SOPInstanceUID = UID(sop_instance_uid)
+    ds.InstanceCreationDate = when.strftime("%Y%m%d")
+    ds.InstanceCreationTime = when.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = "+0000"
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM Part 10 file (explicit VR little endian).
+
+    Raises:
+        OSError: when writing fails.
+    """
+    ds.save_as(Path(path), enforce_file_format=True)
