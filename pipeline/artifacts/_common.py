@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 
 from pydicom.sr.codedict import codes
@@ -16,6 +17,7 @@ __all__ = [
     "PRIVATE_SCHEME",
     "SeriesInfo",
     "concept_for_name",
+    "package_version",
     "patient_dir",
     "utc_now",
     "validate_patient_id",
@@ -61,6 +63,14 @@ def patient_dir(out_dir: Path, patient_id: str) -> Path:
     return folder
 
 
+def package_version() -> str:
+    """The installed dicom-node version, or ``0.0.0`` when not installed."""
+    try:
+        return metadata.version("dicom-node")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
 def utc_now() -> datetime:
     """Current time in UTC (timezone-aware)."""
     return datetime.now(UTC)
@@ -74,7 +84,7 @@ class SeriesInfo:
     series_number: int = 9001
     manufacturer: str = "dicom-node"
     manufacturer_model_name: str = "dicom-node"
-    software_version: str = "0.1.0"
+    software_version: str = field(default_factory=package_version)
     device_serial_number: str = "0"
     institution_name: str | None = None
 

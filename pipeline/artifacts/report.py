@@ -135,9 +135,12 @@ def _styles() -> dict[str, ParagraphStyle]:
         "subtitle": ParagraphStyle("st", parent=base["Normal"], fontName=regular, fontSize=9.5,
                                    textColor=colors.HexColor("#D6E0EC")),
         "h2": ParagraphStyle("h2", parent=base["Heading2"], fontName=bold, fontSize=11.5,
-                             textColor=NAVY, spaceBefore=8, spaceAfter=4),
+                             textColor=NAVY, spaceBefore=6, spaceAfter=3),
         "body": ParagraphStyle("b", parent=base["Normal"], fontName=regular, fontSize=9,
                                leading=11.5),
+        "center_label": ParagraphStyle("cl", parent=base["Normal"], fontName=bold,
+                                       fontSize=8.5, leading=11, alignment=TA_CENTER,
+                                       textColor=colors.HexColor("#52606D")),
         "label": ParagraphStyle("l", parent=base["Normal"], fontName=bold, fontSize=8.5,
                                 leading=11, textColor=colors.HexColor("#52606D")),
         "value": ParagraphStyle("v", parent=base["Normal"], fontName=regular, fontSize=9,
@@ -211,7 +214,7 @@ def _patient_table(
         if len(chunk) == 1:
             row += ["", ""]
         rows.append(row)
-    lw = 28 * mm
+    lw = 32 * mm
     vw = width / 2 - lw
     t = Table(rows, colWidths=[lw, vw, lw, vw])
     style = [
@@ -237,13 +240,13 @@ def _result_box(result: str, st: dict[str, ParagraphStyle], width: float,
     else:
         fg, bg = (GREEN, GREEN_BG) if result == NORMAL else (RED, RED_BG)
     style = ParagraphStyle("res", parent=st["result"], textColor=fg)
-    t = Table([[_p(label, st["label"])], [_p(result, style)]], colWidths=[width])
+    t = Table([[_p(label, st["center_label"])], [_p(result, style)]], colWidths=[width])
     t.setStyle(TableStyle([
         ("BACKGROUND", (0, 0), (-1, -1), bg),
         ("BOX", (0, 0), (-1, -1), 1.5, fg),
         ("ALIGN", (0, 0), (-1, -1), "CENTER"),
-        ("TOPPADDING", (0, 0), (-1, 0), 6),
-        ("BOTTOMPADDING", (0, -1), (-1, -1), 9),
+        ("TOPPADDING", (0, 0), (-1, 0), 4),
+        ("BOTTOMPADDING", (0, -1), (-1, -1), 7),
     ]))
     return t
 
@@ -267,8 +270,8 @@ def _findings_table(result: ClassificationResult, st: dict[str, ParagraphStyle],
         ("LINEBELOW", (0, 1), (-1, -1), 0.25, GRID),
         ("BOX", (0, 0), (-1, -1), 0.5, GRID),
         ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
-        ("TOPPADDING", (0, 0), (-1, -1), 3),
-        ("BOTTOMPADDING", (0, 0), (-1, -1), 3),
+        ("TOPPADDING", (0, 0), (-1, -1), 1.5),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
     ]
     white = ParagraphStyle("wh", parent=st["cellb"], textColor=colors.white)
     rows[0] = [_p(h, white) for h in ("Finding", "Presence", "Confidence", "")]
@@ -340,10 +343,21 @@ def _footer_factory(model: str, generated: datetime) -> Any:
 
 def _model_table(rows: Sequence[tuple[str, str]], st: dict[str, ParagraphStyle],
                  width: float) -> Table:
-    t = Table([[_p(k, st["label"]), _p(v, st["value"])] for k, v in rows],
-              colWidths=[38 * mm, width - 38 * mm])
+    """Pairs in two columns; the last pair (a long UID) spans the full width."""
+    *short, last = rows
+    data: list[list[Any]] = []
+    for i in range(0, len(short), 2):
+        row: list[Any] = []
+        for k, v in short[i:i + 2]:
+            row += [_p(k, st["label"]), _p(v, st["value"])]
+        data.append(row + [""] * (4 - len(row)))
+    data.append([_p(last[0], st["label"]), _p(last[1], st["value"]), "", ""])
+    lw = 32 * mm
+    t = Table(data, colWidths=[lw, width / 2 - lw, lw, width / 2 - lw])
     t.setStyle(TableStyle([
         ("LINEBELOW", (0, 0), (-1, -1), 0.25, GRID),
+        ("SPAN", (1, -1), (3, -1)),
+        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
         ("TOPPADDING", (0, 0), (-1, -1), 2),
         ("BOTTOMPADDING", (0, 0), (-1, -1), 2),
     ]))
@@ -354,7 +368,7 @@ def _build(path: Path, story: list[Flowable], title: str, model: str,
            generated: datetime) -> None:
     doc = SimpleDocTemplate(
         str(path), pagesize=A4, leftMargin=16 * mm, rightMargin=16 * mm,
-        topMargin=14 * mm, bottomMargin=20 * mm, title=title,
+        topMargin=12 * mm, bottomMargin=19 * mm, title=title,
         author="dicom-node", subject=model, creator="dicom-node",
     )
     footer = _footer_factory(model, generated)
@@ -397,7 +411,7 @@ def write_classification_report(
         _findings_table(result, st, width),
     ]
     img_w = (width - 8 * mm) / 2
-    img_h = 80 * mm
+    img_h = 50 * mm
     src = _rl_image(source_image(result.image), img_w, img_h)
     if result.heatmap is not None and result.result != NORMAL:
         heat: Flowable = _rl_image(heatmap_overlay(result.image, result.heatmap), img_w, img_h)
@@ -412,15 +426,15 @@ def write_classification_report(
     )
     images.setStyle(TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER"),
                                 ("VALIGN", (0, 0), (-1, -1), "MIDDLE")]))
-    story += [KeepTogether([_p("Images", st["h2"]), images])]
+    story += [Spacer(1, 8), images]
     story += [
-        _p("Model and processing", st["h2"]),
+        _p("Model", st["h2"]),
         _model_table([
             ("Model", result.model_name or "—"),
             ("Model version", result.model_version or "—"),
-            ("Source SOP Instance UID", result.sop_instance_uid or "—"),
             ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
             ("Software", software),
+            ("Source SOP UID", result.sop_instance_uid or "—"),
         ], st, width),
     ]
     path = Path(path)
@@ -485,15 +499,16 @@ def write_segmentation_report(
             _rl_image(overlay, width, 90 * mm),
             _p("Representative axial slices with the segmented structures.", st["caption"]),
         ]),
-        _p("Model and processing", st["h2"]),
+        _p("Model", st["h2"]),
         _model_table([
             ("Model", result.model_name or "—"),
             ("Model version", result.model_version or "—"),
-            ("Source series UID", result.series_instance_uid or "—"),
-            ("Volume", f"{result.labels.shape[0]} × {result.labels.shape[1]} × "
-                       f"{result.labels.shape[2]} voxels, spacing {dz:g} × {dy:g} × {dx:g} mm"),
             ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
             ("Software", software),
+            ("Volume", f"{result.labels.shape[0]} × {result.labels.shape[1]} × "
+                       f"{result.labels.shape[2]} voxels"),
+            ("Spacing", f"{dz:g} × {dy:g} × {dx:g} mm"),
+            ("Source series UID", result.series_instance_uid or "—"),
         ], st, width),
     ]
     path = Path(path)

@@ -48,6 +48,14 @@ def build_secondary_capture(
     copy_patient_study(source_ds, ds)
     set_series(ds, info, series_uid or generate_uid(), "OT")
     set_equipment(ds, info)
+    # Laterality is Type 2C in General Series: copied from the source; left empty
+    # (unknown) only when the source does not name its body part either.
+    if source_ds.get("BodyPartExamined"):
+        ds.BodyPartExamined = source_ds.BodyPartExamined
+        if source_ds.get("Laterality"):
+            ds.Laterality = source_ds.Laterality
+    else:
+        ds.Laterality = source_ds.get("Laterality", "")
     ds.ConversionType = "WSD"
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = source_ds.get("PatientOrientation", "")

@@ -26,7 +26,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pipeline.artifacts._common import PRIVATE_SCHEME, SeriesInfo, concept_for_name
+from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
@@ -44,7 +44,7 @@ CONFIDENCE = codes.DCM.CertaintyOfFinding
 #: UCUM millilitre.
 MILLILITER = Code("mL", "UCUM", "milliliter")
 #: Name of the qualitative evaluation that carries the overall result.
-OVERALL_RESULT = Code("RESULT", PRIVATE_SCHEME, "Overall result")
+OVERALL_RESULT = codes.DCM.Impression
 
 
 def _observation_context(model_name: str, model_version: str, info: SeriesInfo) -> ObservationContext:

@@ -75,7 +75,7 @@ def write_classification_artifacts(
     wanted = set(outputs)
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
-    base = series or SeriesInfo(software_version=result.model_version or "unknown")
+    base = series or SeriesInfo()
     generated = generated_at or utc_now()
     abnormal = result.result != NORMAL
     if abnormal and result.heatmap is None:
@@ -152,7 +152,7 @@ def write_segmentation_artifacts(
     if not source_datasets:
         raise ValueError("no source datasets")
     first = source_datasets[0]
-    base = series or SeriesInfo(software_version=result.model_version or "unknown")
+    base = series or SeriesInfo()
     generated = generated_at or utc_now()
     artifacts: list[Artifact] = []
     if Output.JSON in wanted:
