@@ -35,6 +35,7 @@ __all__ = [
     "write_segmentation",
     "write_segmentation_artifacts",
     "write_segmentation_overlay_png",
+    "write_segmentation_report",
     "write_source_png",
     "write_sr",
     "write_volumes_json",

@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from pipeline.artifacts._common import SeriesInfo
 
@@ -15,9 +15,9 @@ __all__ = [
     "STUDY_ATTRIBUTES",
     "copy_patient_study",
     "new_file_dataset",
+    "save",
     "set_equipment",
     "set_series",
-    "save",
 ]
 
 #: Patient module (and Patient Study module) attributes copied from the source.
@@ -46,8 +46,17 @@ STUDY_ATTRIBUTES: tuple[str, ...] = (
     "StudyDescription",
 )
 
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:

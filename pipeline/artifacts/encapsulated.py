@@ -88,11 +88,17 @@ def write_encapsulated_pdf(
         ValueError: when the file is not a PDF. OSError: when reading or writing fails.
     """
     ds = build_encapsulated_pdf(
-        Path(pdf_path).read_bytes(), source_ds, info, title=title,
-        series_uid=series_uid, sources=sources,
+        Path(pdf_path).read_bytes(),
+        source_ds,
+        info,
+        title=title,
+        series_uid=series_uid,
+        sources=sources,
     )
     save(ds, path)
     return Artifact(
-        kind="encapsulated_pdf", path=Path(path), media_type="application/dicom",
+        kind="encapsulated_pdf",
+        path=Path(path),
+        media_type="application/dicom",
         sop_instance_uid=str(ds.SOPInstanceUID),
     )

@@ -124,7 +124,7 @@ def _pick_slices(labels: npt.NDArray[np.uint8], count: int) -> list[int]:
     if labelled.size <= count:
         return [int(i) for i in labelled]
     picks = np.linspace(labelled[0], labelled[-1], count + 2)[1:-1]
-    return sorted({int(round(p)) for p in picks})
+    return sorted({round(float(p)) for p in picks})
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -173,7 +173,8 @@ def segmentation_overlay(
     small = _font(12)
     legend_h = 28 + 20 * ((len(segments) + 2) // 3)
     pad = 6
-    canvas = Image.new("RGB", (len(picks) * (tw + pad) + pad, th + 2 * pad + 18 + legend_h), "black")
+    size = (len(picks) * (tw + pad) + pad, th + 2 * pad + 18 + legend_h)
+    canvas = Image.new("RGB", size, "black")
     draw = ImageDraw.Draw(canvas)
     for i, z in enumerate(picks):
         gray = _window(vol[z], *window).astype(np.float32)

@@ -102,6 +102,8 @@ def write_secondary_capture(
     )
     save(ds, path)
     return Artifact(
-        kind="sc", path=Path(path), media_type="application/dicom",
+        kind="sc",
+        path=Path(path),
+        media_type="application/dicom",
         sop_instance_uid=str(ds.SOPInstanceUID),
     )

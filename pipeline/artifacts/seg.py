@@ -121,7 +121,9 @@ def write_segmentation(
     )
     seg_ds.save_as(Path(path), enforce_file_format=True)
     art = Artifact(
-        kind="seg", path=Path(path), media_type="application/dicom",
+        kind="seg",
+        path=Path(path),
+        media_type="application/dicom",
         sop_instance_uid=str(seg_ds.SOPInstanceUID),
     )
     return art, seg_ds

@@ -47,7 +47,9 @@ MILLILITER = Code("mL", "UCUM", "milliliter")
 OVERALL_RESULT = codes.DCM.Impression
 
 
-def _observation_context(model_name: str, model_version: str, info: SeriesInfo) -> ObservationContext:
+def _observation_context(
+    model_name: str, model_version: str, info: SeriesInfo
+) -> ObservationContext:
     device = DeviceObserverIdentifyingAttributes(
         uid=generate_uid(),
         name=f"{model_name} {model_version}"[:64],
@@ -63,7 +65,8 @@ def _observation_context(model_name: str, model_version: str, info: SeriesInfo) 
 
 def _algorithm(model_name: str, model_version: str) -> AlgorithmIdentification:
     return AlgorithmIdentification(
-        name=model_name[:64], version=model_version[:64] or "unknown",
+        name=model_name[:64],
+        version=model_version[:64] or "unknown",
         family=codes.cid7162.ArtificialIntelligence,
     )
 
@@ -188,7 +191,9 @@ def build_segmentation_sr(
     for number, seg in enumerate(result.segments, start=1):
         _, kind = segment_codes(seg.name, codes_by_name)
         volume = Measurement(
-            name=codes.SCT.Volume, value=round(float(seg.volume_ml), 3), unit=MILLILITER,
+            name=codes.SCT.Volume,
+            value=round(float(seg.volume_ml), 3),
+            unit=MILLILITER,
             algorithm_id=algorithm,
         )
         tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
@@ -234,6 +239,8 @@ def write_sr(sr: ComprehensiveSR, path: Path) -> Artifact:
     """
     sr.save_as(Path(path), enforce_file_format=True)
     return Artifact(
-        kind="sr", path=Path(path), media_type="application/dicom",
+        kind="sr",
+        path=Path(path),
+        media_type="application/dicom",
         sop_instance_uid=str(sr.SOPInstanceUID),
     )

@@ -83,29 +83,36 @@ def write_classification_artifacts(
     artifacts: list[Artifact] = []
     if wanted & {Output.PNG, Output.JSON}:
         source_png = write_source_png(result, folder / f"{pid}_source_image.png")
-        heat_png = (
-            write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None
-        )
+        heat_png = write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None
         artifacts += [a for a in (source_png, heat_png) if a is not None]
         if Output.JSON in wanted:
             artifacts.append(
                 write_predictions_json(
-                    result, study, folder / f"{pid}_predictions.json", source_png.path,
+                    result,
+                    study,
+                    folder / f"{pid}_predictions.json",
+                    source_png.path,
                     heat_png.path if heat_png else None,
                 )
             )
     with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
         if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
             pdf = write_classification_report(
-                result, study, _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
-                generated_at=generated, software=f"{base.manufacturer} {base.software_version}",
+                result,
+                study,
+                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
+                generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}",
             )
             if Output.PDF in wanted:
                 artifacts.append(pdf)
             if Output.ENCAPSULATED_PDF in wanted:
                 artifacts.append(
                     write_encapsulated_pdf(
-                        pdf.path, source_ds, folder / f"{pid}_report.dcm", _series(base, "pdf"),
+                        pdf.path,
+                        source_ds,
+                        folder / f"{pid}_report.dcm",
+                        _series(base, "pdf"),
                         title="AI inference report",
                     )
                 )
@@ -117,8 +124,9 @@ def write_classification_artifacts(
     if Output.SECONDARY_CAPTURE in wanted and abnormal and result.heatmap is not None:
         overlay = heatmap_overlay(result.image, result.heatmap)
         artifacts.append(
-            write_secondary_capture(overlay, source_ds, folder / f"{pid}_sc.dcm",
-                                    _series(base, "sc"))
+            write_secondary_capture(
+                overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
+            )
         )
     return artifacts
 
@@ -163,34 +171,48 @@ def write_segmentation_artifacts(
             artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
         if Output.SECONDARY_CAPTURE in wanted:
             artifacts.append(
-                write_secondary_capture(overlay, first, folder / f"{pid}_sc.dcm",
-                                        _series(base, "sc"))
+                write_secondary_capture(
+                    overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc")
+                )
             )
     with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
         if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
             pdf = write_segmentation_report(
-                result, study, _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
-                generated_at=generated, software=f"{base.manufacturer} {base.software_version}",
+                result,
+                study,
+                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
+                generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}",
             )
             if Output.PDF in wanted:
                 artifacts.append(pdf)
             if Output.ENCAPSULATED_PDF in wanted:
                 artifacts.append(
                     write_encapsulated_pdf(
-                        pdf.path, first, folder / f"{pid}_report.dcm", _series(base, "pdf"),
-                        title="AI segmentation report", sources=list(source_datasets),
+                        pdf.path,
+                        first,
+                        folder / f"{pid}_report.dcm",
+                        _series(base, "pdf"),
+                        title="AI segmentation report",
+                        sources=list(source_datasets),
                     )
                 )
     seg_ds = None
     if Output.SEG in wanted:
         seg_art, seg_ds = write_segmentation(
-            result, source_datasets, folder / f"{pid}_seg.dcm", _series(base, "seg"),
+            result,
+            source_datasets,
+            folder / f"{pid}_seg.dcm",
+            _series(base, "seg"),
             codes_by_name=codes_by_name,
         )
         artifacts.append(seg_art)
     if Output.SR in wanted:
         sr = build_segmentation_sr(
-            result, source_datasets, _series(base, "sr"), seg_ds=seg_ds,
+            result,
+            source_datasets,
+            _series(base, "sr"),
+            seg_ds=seg_ds,
             codes_by_name=codes_by_name,
         )
         artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))

@@ -27,9 +27,17 @@ from pipeline.types import (
 )
 
 LABELS = [
-    "Tuberculosis", "Cardiomegaly", "Pleural Thickening", "Pleural Effusion",
-    "Pneumothorax", "Consolidation", "Atelectasis", "Nodule Mass", "Fibrosis",
-    "Infiltration", "Calcification",
+    "Tuberculosis",
+    "Cardiomegaly",
+    "Pleural Thickening",
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Consolidation",
+    "Atelectasis",
+    "Nodule Mass",
+    "Fibrosis",
+    "Infiltration",
+    "Calcification",
 ]
 STUDY_UID = generate_uid()
 
@@ -91,9 +99,15 @@ def dx_ds() -> Dataset:
 @pytest.fixture
 def study() -> PatientStudy:
     return PatientStudy(
-        patient_id="PAT001", patient_name="Doe^John", patient_sex="M", patient_age="045Y",
-        patient_birth_date="19800115", study_instance_uid=STUDY_UID, study_date="20250314",
-        accession_number="ACC12345", study_description="CHEST PA",
+        patient_id="PAT001",
+        patient_name="Doe^John",
+        patient_sex="M",
+        patient_age="045Y",
+        patient_birth_date="19800115",
+        study_instance_uid=STUDY_UID,
+        study_date="20250314",
+        accession_number="ACC12345",
+        study_description="CHEST PA",
     )
 
 
@@ -114,8 +128,13 @@ def make_classification(result: str, dx: Dataset) -> ClassificationResult:
         y, x = np.mgrid[0:16, 0:12].astype(np.float32)
         heat = np.exp(-(((x - 4) / 3) ** 2 + ((y - 5) / 3) ** 2)).astype(np.float32)
     return ClassificationResult(
-        model_name="cxr-findings", model_version="v1.0.1", result=result, findings=findings,
-        image=_image(), heatmap=heat, sop_instance_uid=str(dx.SOPInstanceUID),
+        model_name="cxr-findings",
+        model_version="v1.0.1",
+        result=result,
+        findings=findings,
+        image=_image(),
+        heatmap=heat,
+        sop_instance_uid=str(dx.SOPInstanceUID),
         series_instance_uid=str(dx.SeriesInstanceUID),
     )
 
@@ -184,8 +203,12 @@ def seg_result(ct_series: list[Dataset]) -> SegmentationResult:
     names = {1: "Liver", 2: "Spleen", 3: "Blob organ"}
     segments = [Segment(k, v, float((labels == k).sum() * voxel_ml)) for k, v in names.items()]
     return SegmentationResult(
-        model_name="ct-organs", model_version="v0.3.0", labels=labels, segments=segments,
-        volume=volume, spacing=(5.0, 5.0, 5.0),
+        model_name="ct-organs",
+        model_version="v0.3.0",
+        labels=labels,
+        segments=segments,
+        volume=volume,
+        spacing=(5.0, 5.0, 5.0),
         series_instance_uid=str(ct_series[0].SeriesInstanceUID),
     )
 

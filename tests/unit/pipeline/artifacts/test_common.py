@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts._common import PRIVATE_SCHEME, concept_for_name, patient_dir
 from pipeline.artifacts import validate_patient_id
+from pipeline.artifacts._common import PRIVATE_SCHEME, concept_for_name, patient_dir
 
 
 @pytest.mark.parametrize("pid", ["PAT001", "12345", "Müller-01", "a.b_c", "A B"])
@@ -15,8 +15,23 @@ def test_valid_patient_ids(pid: str) -> None:
 
 @pytest.mark.parametrize(
     "pid",
-    ["", "   ", ".", "..", "../etc", "a/b", "a\\b", "a..b", "x\x00y", "x\ny", "x\ty",
-     "C:", "a*b", " lead", "trail "],
+    [
+        "",
+        "   ",
+        ".",
+        "..",
+        "../etc",
+        "a/b",
+        "a\\b",
+        "a..b",
+        "x\x00y",
+        "x\ny",
+        "x\ty",
+        "C:",
+        "a*b",
+        " lead",
+        "trail ",
+    ],
 )
 def test_invalid_patient_ids_raise_naming_the_value(pid: str) -> None:
     with pytest.raises(ValueError, match="Invalid patient_id") as info:

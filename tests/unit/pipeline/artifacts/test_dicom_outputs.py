@@ -36,8 +36,14 @@ def _common(ds: Dataset, source: Dataset, sop_class: str) -> None:
     assert ds.StudyInstanceUID == source.StudyInstanceUID
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     assert ds.SOPInstanceUID != source.SOPInstanceUID
-    for kw in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
-               "StudyDate"):
+    for kw in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyDate",
+    ):
         assert ds[kw].value == source[kw].value, kw
     assert ds.Manufacturer == "dicom-node"
     assert ds.SoftwareVersions == "9.9.9"
@@ -55,8 +61,9 @@ def _content_items(ds: Dataset) -> list[Dataset]:
     return out
 
 
-def test_classification_sr(tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
-                           dciodvfy: Callable[[Path], str]) -> None:
+def test_classification_sr(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, dciodvfy: Callable[[Path], str]
+) -> None:
     sr = build_classification_sr(tb_result, dx_ds, INFO)
     art = write_sr(sr, tmp_path / "sr.dcm")
     assert (art.kind, art.media_type) == ("sr", "application/dicom")
@@ -73,24 +80,33 @@ def test_classification_sr(tmp_path: Path, dx_ds: Dataset, tb_result: Classifica
     assert len(nums) == len(tb_result.findings)
     values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in nums)
     assert values == pytest.approx(sorted(f.confidence for f in tb_result.findings), abs=1e-5)
-    present = [i for i in items if i.ValueType == "CODE"
-               and i.ConceptCodeSequence[0].CodeMeaning == "Present"]
+    present = [
+        i
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Present"
+    ]
     assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in present} == {
-        "Tuberculosis", "Consolidation"}
+        "Tuberculosis",
+        "Consolidation",
+    }
     images = [i for i in items if i.ValueType == "IMAGE"]
     assert images and all(
-        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID
-        for i in images)
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID for i in images
+    )
     # highdicom can parse it back as a TID 1500 report
     report = hd.sr.srread(art.path)
-    groups = report.content.get_observation_groups() if hasattr(
-        report.content, "get_observation_groups") else None
+    groups = (
+        report.content.get_observation_groups()
+        if hasattr(report.content, "get_observation_groups")
+        else None
+    )
     assert groups is None or groups
     dciodvfy(art.path)
 
 
-def test_secondary_capture(tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
-                           dciodvfy: Callable[[Path], str]) -> None:
+def test_secondary_capture(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, dciodvfy: Callable[[Path], str]
+) -> None:
     assert tb_result.heatmap is not None
     img = heatmap_overlay(tb_result.image, tb_result.heatmap)
     art = write_secondary_capture(img, dx_ds, tmp_path / "sc.dcm", INFO)
@@ -104,8 +120,13 @@ def test_secondary_capture(tmp_path: Path, dx_ds: Dataset, tb_result: Classifica
     dciodvfy(art.path)
 
 
-def test_encapsulated_pdf(tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
-                          study: PatientStudy, dciodvfy: Callable[[Path], str]) -> None:
+def test_encapsulated_pdf(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    tb_result: ClassificationResult,
+    study: PatientStudy,
+    dciodvfy: Callable[[Path], str],
+) -> None:
     pdf = write_classification_report(tb_result, study, tmp_path / "r.pdf")
     art = write_encapsulated_pdf(pdf.path, dx_ds, tmp_path / "r.dcm", INFO)
     ds = pydicom.dcmread(art.path)
@@ -127,9 +148,12 @@ def test_encapsulated_pdf_rejects_non_pdf(tmp_path: Path, dx_ds: Dataset) -> Non
         write_encapsulated_pdf(bad, dx_ds, tmp_path / "x.dcm", INFO)
 
 
-def test_segmentation_and_volume_sr(tmp_path: Path, ct_series: list[Dataset],
-                                    seg_result: SegmentationResult,
-                                    dciodvfy: Callable[[Path], str]) -> None:
+def test_segmentation_and_volume_sr(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
     art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
     ds = pydicom.dcmread(art.path)
     _common(ds, ct_series[0], SegmentationStorage)
@@ -149,8 +173,10 @@ def test_segmentation_and_volume_sr(tmp_path: Path, ct_series: list[Dataset],
     seg = hd.seg.segread(art.path)
     source_uids = [(str(d.SOPInstanceUID)) for d in ct_series]
     labelmap = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=source_uids, combine_segments=True,
-        ignore_spatial_locations=True, skip_overlap_checks=True,
+        source_sop_instance_uids=source_uids,
+        combine_segments=True,
+        ignore_spatial_locations=True,
+        skip_overlap_checks=True,
     )
     assert np.array_equal(labelmap, seg_result.labels)
     dciodvfy(art.path)
@@ -162,28 +188,41 @@ def test_segmentation_and_volume_sr(tmp_path: Path, ct_series: list[Dataset],
     items = _content_items(sr_ds)
     nums = [i for i in items if i.ValueType == "NUM"]
     assert sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in nums) == pytest.approx(
-        sorted(s.volume_ml for s in seg_result.segments), abs=1e-3)
-    assert all(n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mL"
-               for n in nums)
-    segrefs = [i for i in items if i.ValueType == "IMAGE"
-               and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg_ds.SOPInstanceUID]
+        sorted(s.volume_ml for s in seg_result.segments), abs=1e-3
+    )
+    assert all(
+        n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mL" for n in nums
+    )
+    segrefs = [
+        i
+        for i in items
+        if i.ValueType == "IMAGE"
+        and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg_ds.SOPInstanceUID
+    ]
     assert len(segrefs) == 3
     assert sorted(i.ReferencedSOPSequence[0].ReferencedSegmentNumber for i in segrefs) == [1, 2, 3]
-    evidence_series = {s.SeriesInstanceUID for e in sr_ds.CurrentRequestedProcedureEvidenceSequence
-                       for s in e.ReferencedSeriesSequence}
+    evidence_series = {
+        s.SeriesInstanceUID
+        for e in sr_ds.CurrentRequestedProcedureEvidenceSequence
+        for s in e.ReferencedSeriesSequence
+    }
     assert evidence_series == {ct_series[0].SeriesInstanceUID, seg_ds.SeriesInstanceUID}
     dciodvfy(sr_art.path)
 
 
-def test_volume_sr_without_seg(tmp_path: Path, ct_series: list[Dataset],
-                               seg_result: SegmentationResult,
-                               dciodvfy: Callable[[Path], str]) -> None:
+def test_volume_sr_without_seg(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
     sr = build_segmentation_sr(seg_result, ct_series, INFO)
     art = write_sr(sr, tmp_path / "sr.dcm")
     dciodvfy(art.path)
 
 
-def test_segmentation_rejects_mismatched_series(tmp_path: Path, ct_series: list[Dataset],
-                                                seg_result: SegmentationResult) -> None:
+def test_segmentation_rejects_mismatched_series(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult
+) -> None:
     with pytest.raises(ValueError, match="does not match"):
         write_segmentation(seg_result, ct_series[:-1], tmp_path / "seg.dcm", INFO)

@@ -30,13 +30,12 @@ def test_heatmap_png_is_rgb_overlay(tmp_path: Path, tb_result: ClassificationRes
     arr = np.asarray(img).astype(int)
     # The hot spot (heatmap peak near x=16, y=20 after upscaling 4x) is reddish,
     # a cold corner stays gray.
-    r, g, b = arr[21, 17]
+    r, _g, b = arr[21, 17]
     assert r > b + 40
     assert abs(arr[63, 47, 0] - arr[63, 47, 2]) < 10
 
 
-def test_heatmap_png_requires_heatmap(tmp_path: Path,
-                                      normal_result: ClassificationResult) -> None:
+def test_heatmap_png_requires_heatmap(tmp_path: Path, normal_result: ClassificationResult) -> None:
     with pytest.raises(ValueError):
         write_heatmap_png(normal_result, tmp_path / "h.png")
 

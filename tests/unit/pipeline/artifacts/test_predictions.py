@@ -14,8 +14,14 @@ from pipeline.types import ClassificationResult, PatientStudy
 from .conftest import LABELS
 
 SEED_KEYS = ["result", "findings", "source_image", "heatmap", "metadata"]
-SEED_METADATA_KEYS = ["model_version", "patient_id", "patient_name", "sop_instance_uid", "age",
-                      "sex"]
+SEED_METADATA_KEYS = [
+    "model_version",
+    "patient_id",
+    "patient_name",
+    "sop_instance_uid",
+    "age",
+    "sex",
+]
 
 
 def _check_shape(data: dict, result: ClassificationResult, study: PatientStudy) -> None:
@@ -39,11 +45,11 @@ def _check_shape(data: dict, result: ClassificationResult, study: PatientStudy) 
     assert all(isinstance(v, str) for v in data["metadata"].values())
 
 
-def test_predictions_json_matches_seed(tmp_path: Path, tb_result: ClassificationResult,
-                                       study: PatientStudy) -> None:
+def test_predictions_json_matches_seed(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
     src, heat = tmp_path / "PAT001_source_image.png", tmp_path / "PAT001_heatmap.png"
-    art = write_predictions_json(tb_result, study, tmp_path / "PAT001_predictions.json", src,
-                                 heat)
+    art = write_predictions_json(tb_result, study, tmp_path / "PAT001_predictions.json", src, heat)
     assert art.kind == "json" and art.media_type == "application/json"
     data = json.loads(art.path.read_text(encoding="utf-8"))
     _check_shape(data, tb_result, study)
@@ -53,21 +59,25 @@ def test_predictions_json_matches_seed(tmp_path: Path, tb_result: Classification
     assert present == ["Tuberculosis", "Consolidation"]
 
 
-def test_normal_result_has_empty_heatmap(tmp_path: Path, normal_result: ClassificationResult,
-                                         study: PatientStudy) -> None:
-    art = write_predictions_json(normal_result, study, tmp_path / "p.json",
-                                 tmp_path / "s.png", None)
+def test_normal_result_has_empty_heatmap(
+    tmp_path: Path, normal_result: ClassificationResult, study: PatientStudy
+) -> None:
+    art = write_predictions_json(
+        normal_result, study, tmp_path / "p.json", tmp_path / "s.png", None
+    )
     data = json.loads(art.path.read_text())
     _check_shape(data, normal_result, study)
     assert data["heatmap"] == ""
     # Even when a heatmap path is passed, Normal means "".
-    data = build_api_data(normal_result, study, source_image_path=tmp_path / "s.png",
-                          heatmap_path=tmp_path / "h.png")
+    data = build_api_data(
+        normal_result, study, source_image_path=tmp_path / "s.png", heatmap_path=tmp_path / "h.png"
+    )
     assert data["heatmap"] == ""
 
 
-def test_abnormal_without_heatmap_path_raises(tb_result: ClassificationResult,
-                                              study: PatientStudy, tmp_path: Path) -> None:
+def test_abnormal_without_heatmap_path_raises(
+    tb_result: ClassificationResult, study: PatientStudy, tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="heatmap_path"):
         build_api_data(tb_result, study, source_image_path=tmp_path / "s.png")
 
@@ -87,8 +97,9 @@ def test_api_data_base64_mode(tb_result: ClassificationResult, study: PatientStu
     json.dumps(data)  # serialisable as the response body
 
 
-def test_api_data_base64_mode_normal(normal_result: ClassificationResult,
-                                     study: PatientStudy) -> None:
+def test_api_data_base64_mode_normal(
+    normal_result: ClassificationResult, study: PatientStudy
+) -> None:
     data = build_api_data(normal_result, study)
     assert data["heatmap"] == ""
     assert _png(data["source_image"]).mode == "L"

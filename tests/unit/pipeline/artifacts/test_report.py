@@ -16,8 +16,9 @@ def _render(pdf: Path, tmp_path: Path) -> list[Path]:
     exe = shutil.which("pdftoppm")
     if exe is None:
         pytest.skip("pdftoppm (poppler-utils) is not installed")
-    subprocess.run([exe, "-png", "-r", "40", str(pdf), str(tmp_path / "page")], check=True,
-                   timeout=120)
+    subprocess.run(
+        [exe, "-png", "-r", "40", str(pdf), str(tmp_path / "page")], check=True, timeout=120
+    )
     return sorted(tmp_path.glob("page*.png"))
 
 
@@ -33,29 +34,31 @@ def _check_pdf(path: Path, tmp_path: Path) -> list[Path]:
     return pages
 
 
-def test_classification_report(tmp_path: Path, tb_result: ClassificationResult,
-                               study: PatientStudy) -> None:
+def test_classification_report(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
     art = write_classification_report(tb_result, study, tmp_path / "r.pdf")
     assert (art.kind, art.media_type) == ("pdf", "application/pdf")
     pages = _check_pdf(art.path, tmp_path)
     assert len(pages) == 1  # fits one A4 page with 11 findings
 
 
-def test_classification_report_normal(tmp_path: Path, normal_result: ClassificationResult,
-                                      study: PatientStudy) -> None:
+def test_classification_report_normal(
+    tmp_path: Path, normal_result: ClassificationResult, study: PatientStudy
+) -> None:
     art = write_classification_report(normal_result, study, tmp_path / "r.pdf")
     _check_pdf(art.path, tmp_path)
 
 
-def test_report_escapes_markup_and_unicode(tmp_path: Path, tb_result: ClassificationResult
-                                           ) -> None:
+def test_report_escapes_markup_and_unicode(tmp_path: Path, tb_result: ClassificationResult) -> None:
     study = PatientStudy(patient_id="P<1>&", patient_name="Ünal^Zoë", study_description="<b>")
     art = write_classification_report(tb_result, study, tmp_path / "r.pdf")
     _check_pdf(art.path, tmp_path)
 
 
-def test_segmentation_report(tmp_path: Path, seg_result: SegmentationResult,
-                             study: PatientStudy) -> None:
+def test_segmentation_report(
+    tmp_path: Path, seg_result: SegmentationResult, study: PatientStudy
+) -> None:
     art = write_segmentation_report(seg_result, study, tmp_path / "r.pdf")
     _check_pdf(art.path, tmp_path)
 
