@@ -19,6 +19,7 @@ __all__ = [
     "concept_for_name",
     "package_version",
     "patient_dir",
+    "person_name",
     "utc_now",
     "validate_patient_id",
 ]
@@ -69,6 +70,19 @@ def package_version() -> str:
         return metadata.version("dicom-node")
     except metadata.PackageNotFoundError:
         return "0.0.0"
+
+
+def person_name(value: str) -> str:
+    """A DICOM PN as people write it: ``Doe^John^^Dr`` -> ``Dr John Doe``.
+
+    Values without ``^`` are returned unchanged (stripped); only the alphabetic
+    representation (before the first ``=``) is used.
+    """
+    text = str(value or "").split("=")[0].strip()
+    if "^" not in text:
+        return text
+    family, given, middle, prefix, suffix = ([p.strip() for p in text.split("^")] + [""] * 5)[:5]
+    return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
 
 
 def utc_now() -> datetime:

@@ -8,12 +8,13 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from pipeline.artifacts._common import SeriesInfo
+from pipeline.artifacts._common import PRIVATE_SCHEME, SeriesInfo
 
 __all__ = [
     "PATIENT_ATTRIBUTES",
     "STUDY_ATTRIBUTES",
     "copy_patient_study",
+    "declare_private_scheme",
     "new_file_dataset",
     "save",
     "set_equipment",
@@ -111,6 +112,31 @@ def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) 
     ds.InstanceCreationTime = when.strftime("%H%M%S")
     ds.TimezoneOffsetFromUTC = "+0000"
     return ds
+
+
+def _uses_scheme(ds: Dataset, scheme: str) -> bool:
+    for elem in ds:
+        if elem.VR == "SQ":
+            if any(_uses_scheme(item, scheme) for item in elem.value):
+                return True
+        elif elem.keyword == "CodingSchemeDesignator" and elem.value == scheme:
+            return True
+    return False
+
+
+def declare_private_scheme(ds: Dataset) -> None:
+    """Identify the private ``99DCMNODE`` coding scheme in the Coding Scheme
+    Identification Sequence when any code in ``ds`` uses it (PS3.3 C.12.1.1.7)."""
+    if not _uses_scheme(ds, PRIVATE_SCHEME):
+        return
+    existing = ds.get("CodingSchemeIdentificationSequence", [])
+    if any(item.get("CodingSchemeDesignator") == PRIVATE_SCHEME for item in existing):
+        return
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "dicom-node local concepts"
+    item.CodingSchemeResponsibleOrganization = "dicom-node"
+    ds.CodingSchemeIdentificationSequence = [*existing, item]
 
 
 def save(ds: Dataset, path: Path) -> None:

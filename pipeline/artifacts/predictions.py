@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts._common import person_name
 from pipeline.artifacts.images import heatmap_overlay, png_bytes, source_image
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
@@ -37,7 +38,9 @@ def build_predictions(
     """The seed-001 predictions object, keys in the seed's order.
 
     ``source_image`` and ``heatmap`` are paths or base64 PNG strings; ``heatmap`` is
-    forced to ``""`` when the result is Normal. Findings keep the model's label order.
+    forced to ``""`` when the result is Normal. Findings keep the model's label order
+    (all of them, present or not). The patient name is written as people read it
+    (``Doe^John`` -> ``John Doe``, as in the seed's example).
     """
     return {
         "result": result.result,
@@ -54,7 +57,7 @@ def build_predictions(
         "metadata": {
             "model_version": result.model_version,
             "patient_id": study.patient_id,
-            "patient_name": study.patient_name,
+            "patient_name": person_name(study.patient_name),
             "sop_instance_uid": result.sop_instance_uid,
             "age": study.patient_age,
             "sex": study.patient_sex,
@@ -139,7 +142,7 @@ def build_volumes(result: SegmentationResult, study: PatientStudy) -> dict[str, 
             "model_name": result.model_name,
             "model_version": result.model_version,
             "patient_id": study.patient_id,
-            "patient_name": study.patient_name,
+            "patient_name": person_name(study.patient_name),
             "series_instance_uid": result.series_instance_uid,
             "age": study.patient_age,
             "sex": study.patient_sex,

@@ -387,6 +387,9 @@ def _findings_table(
 
 
 def _rl_image(img: PILImage.Image, max_w: float, max_h: float) -> Image:
+    if max(img.size) > 1024:  # about 300 dpi at the printed size; keeps the PDF small
+        img = img.copy()
+        img.thumbnail((1024, 1024), PILImage.Resampling.LANCZOS)
     w, h = img.size
     scale = min(max_w / w, max_h / h)
     return Image(io.BytesIO(png_bytes(img)), width=w * scale, height=h * scale)

@@ -13,6 +13,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._dicom import declare_private_scheme
 from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
 
@@ -99,6 +100,7 @@ def build_segmentation(
         content_label="SEGMENTATION",
         series_description=info.series_description,
     )
+    declare_private_scheme(seg_ds)
     return seg_ds
 
 

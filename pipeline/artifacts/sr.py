@@ -27,6 +27,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._dicom import declare_private_scheme
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
@@ -95,6 +96,7 @@ def _document(
     sr.ManufacturerModelName = info.manufacturer_model_name
     sr.SoftwareVersions = info.software_version
     sr.DeviceSerialNumber = info.device_serial_number
+    declare_private_scheme(sr)
     return sr
 
 

@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import validate_patient_id
-from pipeline.artifacts._common import PRIVATE_SCHEME, concept_for_name, patient_dir
+from pipeline.artifacts._common import (
+    PRIVATE_SCHEME,
+    concept_for_name,
+    patient_dir,
+    person_name,
+)
 
 
 @pytest.mark.parametrize("pid", ["PAT001", "12345", "Müller-01", "a.b_c", "A B"])
@@ -60,3 +65,17 @@ def test_concept_for_name_falls_back_to_private_scheme() -> None:
     long = concept_for_name("A very long structure name that exceeds sixteen")
     assert len(long.value) <= 16
     assert long != concept_for_name("A very long structure name that exceeds sixteen!")
+
+
+@pytest.mark.parametrize(
+    ("pn", "expected"),
+    [
+        ("Doe^John", "John Doe"),
+        ("Doe^John^Q^Dr^Jr", "Dr John Q Doe Jr"),
+        ("John Doe", "John Doe"),
+        ("", ""),
+        ("Yamada^Tarou=山田^太郎", "Tarou Yamada"),
+    ],
+)
+def test_person_name(pn: str, expected: str) -> None:
+    assert person_name(pn) == expected

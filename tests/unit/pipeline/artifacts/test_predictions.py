@@ -37,7 +37,7 @@ def _check_shape(data: dict, result: ClassificationResult, study: PatientStudy) 
     assert data["metadata"] == {
         "model_version": "v1.0.1",
         "patient_id": "PAT001",
-        "patient_name": "Doe^John",
+        "patient_name": "John Doe",
         "sop_instance_uid": result.sop_instance_uid,
         "age": "045Y",
         "sex": "M",
