@@ -178,8 +178,8 @@ def build_segmentation_sr(
     """Build a Comprehensive SR (TID 1500) with the volume (mL) of every structure.
 
     With ``seg_ds`` each group is a volumetric ROI group referencing its segment of
-    the SEG (and the source series); without it each group references the source
-    images directly.
+    the SEG (and the source series); without it, or for a segment with no voxels,
+    the group references the source images directly.
 
     Raises:
         ValueError: when there are no source datasets or a segment is missing in the SEG.
@@ -190,6 +190,7 @@ def build_segmentation_sr(
     groups: list[
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     ] = []
+    sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
     for number, seg in enumerate(result.segments, start=1):
         _, kind = segment_codes(seg.name, codes_by_name)
         volume = Measurement(
@@ -199,13 +200,17 @@ def build_segmentation_sr(
             algorithm_id=algorithm,
         )
         tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
+        referenced: ReferencedSegment | None = None
         if seg_ds is not None:
+            try:
+                referenced = ReferencedSegment.from_segmentation(seg_ds, segment_number=number)
+            except ValueError:  # an empty segment has no frames to reference
+                referenced = None
+        if referenced is not None:
             groups.append(
                 VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
-                    referenced_segment=ReferencedSegment.from_segmentation(
-                        seg_ds, segment_number=number
-                    ),
+                    referenced_segment=referenced,
                     finding_type=kind,
                     algorithm_id=algorithm,
                     measurements=[volume],
@@ -218,10 +223,7 @@ def build_segmentation_sr(
                     finding_type=kind,
                     algorithm_id=algorithm,
                     measurements=[volume],
-                    source_images=[
-                        SourceImageForMeasurementGroup.from_source_image(ds)
-                        for ds in source_datasets
-                    ],
+                    source_images=sources,
                 )
             )
     report = MeasurementReport(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pipeline.artifacts import (
     write_sr,
 )
 from pipeline.artifacts.images import heatmap_overlay
-from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
+from pipeline.types import ClassificationResult, PatientStudy, Segment, SegmentationResult
 
 INFO = SeriesInfo(series_description="AI test", series_number=77, software_version="9.9.9")
 
@@ -226,3 +227,29 @@ def test_segmentation_rejects_mismatched_series(
 ) -> None:
     with pytest.raises(ValueError, match="does not match"):
         write_segmentation(seg_result, ct_series[:-1], tmp_path / "seg.dcm", INFO)
+
+
+def test_empty_segment_and_empty_labelmap(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    extra = dataclasses.replace(
+        seg_result, segments=[*seg_result.segments, Segment(9, "Kidney", 0.0)]
+    )
+    art, seg_ds = write_segmentation(extra, ct_series, tmp_path / "seg.dcm", INFO)
+    assert len(pydicom.dcmread(art.path).SegmentSequence) == 4
+    dciodvfy(art.path)
+    sr_art = write_sr(
+        build_segmentation_sr(extra, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr.dcm"
+    )
+    dciodvfy(sr_art.path)
+
+    empty = dataclasses.replace(seg_result, labels=np.zeros_like(seg_result.labels))
+    art, seg_ds = write_segmentation(empty, ct_series, tmp_path / "seg0.dcm", INFO)
+    dciodvfy(art.path)
+    sr_art = write_sr(
+        build_segmentation_sr(empty, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr0.dcm"
+    )
+    dciodvfy(sr_art.path)
