@@ -1,0 +1,104 @@
+"""Encapsulated PDF of the report, written with pydicom."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import EncapsulatedPDFStorage, generate_uid
+
+from pipeline.artifacts._common import SeriesInfo, utc_now
+from pipeline.artifacts._dicom import (
+    copy_patient_study,
+    new_file_dataset,
+    save,
+    set_equipment,
+    set_series,
+)
+from pipeline.types import Artifact
+
+__all__ = ["build_encapsulated_pdf", "write_encapsulated_pdf"]
+
+
+def build_encapsulated_pdf(
+    pdf: bytes,
+    source_ds: Dataset,
+    info: SeriesInfo,
+    *,
+    title: str = "AI inference report",
+    series_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    sources: list[Dataset] | None = None,
+    when: datetime | None = None,
+) -> Dataset:
+    """Build an Encapsulated PDF Storage dataset holding ``pdf`` in a new series.
+
+    The patient and study modules come from ``source_ds``; ``sources`` (default: the
+    source dataset) are listed in the Source Instance Sequence.
+
+    Raises:
+        ValueError: when ``pdf`` is not a PDF or ``source_ds`` has no StudyInstanceUID.
+    """
+    if not pdf.startswith(b"%PDF"):
+        raise ValueError("the document is not a PDF")
+    when = when or utc_now()
+    sop_uid = sop_instance_uid or generate_uid()
+    ds = new_file_dataset(EncapsulatedPDFStorage, sop_uid, when)
+    copy_patient_study(source_ds, ds)
+    set_series(ds, info, series_uid or generate_uid(), "DOC")
+    set_equipment(ds, info)
+    ds.ConversionType = "SYN"
+    ds.InstanceNumber = instance_number
+    ds.ContentDate = when.strftime("%Y%m%d")
+    ds.ContentTime = when.strftime("%H%M%S")
+    ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"  # the PDF shows patient identification
+    ds.DocumentTitle = title[:64]
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    refs = []
+    for src in sources if sources is not None else [source_ds]:
+        if "SOPInstanceUID" in src and "SOPClassUID" in src:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            refs.append(ref)
+    if refs:
+        ds.SourceInstanceSequence = refs
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
+    return ds
+
+
+def write_encapsulated_pdf(
+    pdf_path: Path,
+    source_ds: Dataset,
+    path: Path,
+    info: SeriesInfo,
+    *,
+    title: str = "AI inference report",
+    series_uid: str | None = None,
+    sources: list[Dataset] | None = None,
+) -> Artifact:
+    """Wrap the PDF file at ``pdf_path`` in DICOM at ``path`` (kind ``encapsulated_pdf``).
+
+    Raises:
+        ValueError: when the file is not a PDF. OSError: when reading or writing fails.
+    """
+    ds = build_encapsulated_pdf(
+        Path(pdf_path).read_bytes(),
+        source_ds,
+        info,
+        title=title,
+        series_uid=series_uid,
+        sources=sources,
+    )
+    save(ds, path)
+    return Artifact(
+        kind="encapsulated_pdf",
+        path=Path(path),
+        media_type="application/dicom",
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    )

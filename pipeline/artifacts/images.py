@@ -1,0 +1,262 @@
+"""PNG artifacts: source image, heatmap overlay and segmentation overlay (numpy + Pillow)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.types import Artifact, ClassificationResult, Segment, SegmentationResult
+
+__all__ = [
+    "SEGMENT_COLORS",
+    "heatmap_overlay",
+    "jet",
+    "png_bytes",
+    "segment_color",
+    "segmentation_overlay",
+    "source_image",
+    "to_uint8",
+    "write_heatmap_png",
+    "write_png",
+    "write_segmentation_overlay_png",
+    "write_source_png",
+]
+
+#: Distinct colours for segment labels 1, 2, 3, ... (cycled).
+SEGMENT_COLORS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 190),
+)
+
+
+def segment_color(index: int) -> tuple[int, int, int]:
+    """Colour of the ``index``-th segment (0-based), cycling through :data:`SEGMENT_COLORS`."""
+    return SEGMENT_COLORS[index % len(SEGMENT_COLORS)]
+
+
+def to_uint8(image: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """Scale an image in [0, 1] (values outside are clipped; NaN is 0) to 8-bit.
+
+    Raises:
+        ValueError: when the array is not 2D.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2D image, got shape {arr.shape}")
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def jet(values: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """Map values in [0, 1] to RGB with the classic 'jet' colormap; returns ... x 3 uint8."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return np.round(np.stack([r, g, b], axis=-1) * 255.0).astype(np.uint8)
+
+
+def source_image(image: npt.ArrayLike) -> Image.Image:
+    """The source image (H x W in [0, 1]) as an 8-bit grayscale ('L') Pillow image.
+
+    Raises:
+        ValueError: when the array is not 2D.
+    """
+    return Image.fromarray(to_uint8(image), mode="L")
+
+
+def heatmap_overlay(
+    image: npt.ArrayLike, heatmap: npt.ArrayLike, alpha: float = 0.45
+) -> Image.Image:
+    """Blend a jet-coloured heatmap over the grayscale source; returns an RGB image.
+
+    The heatmap (values in [0, 1]) is resized to the image when the shapes differ.
+    Each pixel's opacity grows with its heat (``alpha * sqrt(heat)``), so cold
+    regions keep the anatomy visible.
+
+    Raises:
+        ValueError: when either array is not 2D or ``alpha`` is outside [0, 1].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    gray = to_uint8(image)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"expected a 2D heatmap, got shape {heat.shape}")
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    if heat.shape != gray.shape:
+        resized = Image.fromarray(heat, mode="F").resize(
+            (gray.shape[1], gray.shape[0]), Image.Resampling.BILINEAR
+        )
+        heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    base = np.repeat(gray[..., None].astype(np.float32), 3, axis=-1)
+    colour = jet(heat).astype(np.float32)
+    a = (alpha * np.sqrt(heat))[..., None]
+    out = base * (1.0 - a) + colour * a
+    return Image.fromarray(np.round(out).astype(np.uint8), mode="RGB")
+
+
+def _window(volume_slice: npt.NDArray[np.float32], center: float, width: float) -> np.ndarray:
+    lo = center - width / 2.0
+    return to_uint8((volume_slice - lo) / width)
+
+
+def _pick_slices(labels: npt.NDArray[np.uint8], count: int) -> list[int]:
+    """Up to ``count`` slice indices spread over the labelled range, best-covered first."""
+    z = labels.shape[0]
+    areas = (labels > 0).reshape(z, -1).sum(axis=1)
+    labelled = np.nonzero(areas)[0]
+    if labelled.size == 0:
+        return [z // 2]
+    if labelled.size <= count:
+        return [int(i) for i in labelled]
+    picks = np.linspace(labelled[0], labelled[-1], count + 2)[1:-1]
+    return sorted({round(float(p)) for p in picks})
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (OSError, TypeError):  # pragma: no cover - Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _boundary(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def segmentation_overlay(
+    volume: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    segments: Sequence[Segment],
+    *,
+    slices: int = 4,
+    window: tuple[float, float] = (40.0, 400.0),
+    tile: int = 256,
+    alpha: float = 0.35,
+) -> Image.Image:
+    """A montage of up to ``slices`` axial slices with coloured label fills, contours and legend.
+
+    ``volume`` and ``labels`` are Z x Y x X; ``window`` is (center, width) in HU.
+    Returns an RGB image.
+
+    Raises:
+        ValueError: when the arrays are not 3D or their shapes differ.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    lab = np.asarray(labels)
+    if vol.ndim != 3 or lab.shape != vol.shape:
+        raise ValueError(f"volume {vol.shape} and labels {lab.shape} must be equal 3D shapes")
+    picks = _pick_slices(lab.astype(np.uint8), slices)
+    ny, nx = vol.shape[1:]
+    scale = tile / max(ny, nx)
+    tw, th = max(1, round(nx * scale)), max(1, round(ny * scale))
+    font = _font(14)
+    small = _font(12)
+    legend_h = 28 + 20 * ((len(segments) + 2) // 3)
+    pad = 6
+    size = (len(picks) * (tw + pad) + pad, th + 2 * pad + 18 + legend_h)
+    canvas = Image.new("RGB", size, "black")
+    draw = ImageDraw.Draw(canvas)
+    for i, z in enumerate(picks):
+        gray = _window(vol[z], *window).astype(np.float32)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        for j, seg in enumerate(segments):
+            mask = lab[z] == seg.label
+            if not mask.any():
+                continue
+            colour = np.asarray(segment_color(j), dtype=np.float32)
+            rgb[mask] = rgb[mask] * (1.0 - alpha) + colour * alpha
+        img = Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB").resize(
+            (tw, th), Image.Resampling.NEAREST
+        )
+        # Contours drawn at display resolution so they stay one pixel wide.
+        big = np.asarray(
+            Image.fromarray(lab[z].astype(np.uint8), mode="L").resize(
+                (tw, th), Image.Resampling.NEAREST
+            )
+        )
+        arr = np.array(img)
+        for j, seg in enumerate(segments):
+            edge = _boundary(big == seg.label)
+            arr[edge] = segment_color(j)
+        x0 = pad + i * (tw + pad)
+        canvas.paste(Image.fromarray(arr, mode="RGB"), (x0, pad + 18))
+        draw.text((x0, pad), f"slice {z + 1}/{vol.shape[0]}", fill="white", font=small)
+    y = pad + 18 + th + 10
+    draw.text((pad, y), "Legend", fill="white", font=font)
+    col_w = max(1, (canvas.width - 2 * pad) // 3)
+    for j, seg in enumerate(segments):
+        cx = pad + (j % 3) * col_w
+        cy = y + 20 + 20 * (j // 3)
+        draw.rectangle((cx, cy + 2, cx + 12, cy + 14), fill=segment_color(j))
+        draw.text((cx + 18, cy), f"{seg.name} ({seg.volume_ml:.1f} mL)", fill="white", font=small)
+    return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Encode a Pillow image as PNG bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_png(image: Image.Image, path: Path, kind: str = "png") -> Artifact:
+    """Write ``image`` as PNG to ``path`` and return its artifact.
+
+    Raises:
+        OSError: when the file cannot be written.
+    """
+    path = Path(path)
+    path.write_bytes(png_bytes(image))
+    return Artifact(kind=kind, path=path, media_type="image/png")
+
+
+def write_source_png(result: ClassificationResult, path: Path) -> Artifact:
+    """Write ``<patient_id>_source_image.png``: the source as 8-bit grayscale.
+
+    Raises:
+        ValueError: when the image is not 2D. OSError: when writing fails.
+    """
+    return write_png(source_image(result.image), path)
+
+
+def write_heatmap_png(result: ClassificationResult, path: Path, alpha: float = 0.45) -> Artifact:
+    """Write ``<patient_id>_heatmap.png``: the jet heatmap blended over the source (RGB).
+
+    Raises:
+        ValueError: when the result has no heatmap. OSError: when writing fails.
+    """
+    if result.heatmap is None:
+        raise ValueError("the result has no heatmap")
+    return write_png(heatmap_overlay(result.image, result.heatmap, alpha), path)
+
+
+def write_segmentation_overlay_png(
+    result: SegmentationResult, path: Path, slices: int = 4
+) -> Artifact:
+    """Write ``<patient_id>_overlay.png``: a montage of labelled slices with a legend.
+
+    Raises:
+        ValueError: when volume and labels differ in shape. OSError: when writing fails.
+    """
+    img = segmentation_overlay(result.volume, result.labels, result.segments, slices=slices)
+    return write_png(img, path)

@@ -1,0 +1,131 @@
+"""DICOM Segmentation (highdicom, BINARY) of a label map over the source CT series."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._dicom import declare_private_scheme
+from pipeline.artifacts.images import segment_color
+from pipeline.types import Artifact, SegmentationResult
+
+__all__ = ["build_segmentation", "segment_codes", "write_segmentation"]
+
+
+def segment_codes(
+    name: str, overrides: Mapping[str, tuple[Code, Code]] | None = None
+) -> tuple[Code, Code]:
+    """(category, type) codes of a structure: SCT where pydicom knows the name.
+
+    ``overrides`` maps a structure name to explicit codes and wins over the lookup.
+    """
+    if overrides and name in overrides:
+        return overrides[name]
+    return codes.SCT.AnatomicalStructure, concept_for_name(name, "SCT")
+
+
+def build_segmentation(
+    result: SegmentationResult,
+    source_datasets: Sequence[Dataset],
+    info: SeriesInfo,
+    *,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+    codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+) -> hd.seg.Segmentation:
+    """Build a BINARY DICOM SEG, one segment per structure of ``result``.
+
+    ``source_datasets`` are the CT instances in the order of the label map's slices.
+    Segment numbers are 1..N in the order of ``result.segments``.
+
+    Raises:
+        ValueError: when there are no segments, the slice count differs from the
+            label map, or a segment label repeats.
+    """
+    labels = np.asarray(result.labels)
+    if not result.segments:
+        raise ValueError("the segmentation has no segments")
+    if labels.ndim != 3 or labels.shape[0] != len(source_datasets):
+        raise ValueError(
+            f"label map {labels.shape} does not match {len(source_datasets)} source slices"
+        )
+    if len({s.label for s in result.segments}) != len(result.segments):
+        raise ValueError("segment labels must be unique")
+    mask = np.zeros(labels.shape, dtype=np.uint8)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=result.model_name[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=result.model_version[:64] or "unknown",
+    )
+    descriptions = []
+    for number, seg in enumerate(result.segments, start=1):
+        mask[labels == seg.label] = number
+        category, kind = segment_codes(seg.name, codes_by_name)
+        r, g, b = segment_color(number - 1)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=seg.name[:64],
+                segmented_property_category=category,
+                segmented_property_type=kind,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=generate_uid(),
+                tracking_id=seg.name[:64],
+                display_color=hd.color.CIELabColor.from_rgb(r, g, b),
+            )
+        )
+    seg_ds = hd.seg.Segmentation(
+        source_images=list(source_datasets),
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid or generate_uid(),
+        series_number=info.series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=info.manufacturer,
+        manufacturer_model_name=info.manufacturer_model_name,
+        software_versions=info.software_version,
+        device_serial_number=info.device_serial_number,
+        content_description=f"{result.model_name} {result.model_version}"[:64],
+        content_label="SEGMENTATION",
+        series_description=info.series_description,
+    )
+    declare_private_scheme(seg_ds)
+    return seg_ds
+
+
+def write_segmentation(
+    result: SegmentationResult,
+    source_datasets: Sequence[Dataset],
+    path: Path,
+    info: SeriesInfo,
+    *,
+    series_uid: str | None = None,
+    codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+) -> tuple[Artifact, hd.seg.Segmentation]:
+    """Write the SEG to ``path``; return its artifact (kind ``seg``) and the dataset.
+
+    Raises:
+        ValueError: see :func:`build_segmentation`. OSError: when writing fails.
+    """
+    seg_ds = build_segmentation(
+        result, source_datasets, info, series_uid=series_uid, codes_by_name=codes_by_name
+    )
+    seg_ds.save_as(Path(path), enforce_file_format=True)
+    art = Artifact(
+        kind="seg",
+        path=Path(path),
+        media_type="application/dicom",
+        sop_instance_uid=str(seg_ds.SOPInstanceUID),
+    )
+    return art, seg_ds

@@ -1,0 +1,250 @@
+"""Comprehensive SR (TID 1500 Measurement Report) of classification and segmentation results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    ComprehensiveSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._dicom import declare_private_scheme
+from pipeline.artifacts.seg import segment_codes
+from pipeline.types import Artifact, ClassificationResult, SegmentationResult
+
+__all__ = [
+    "CONFIDENCE",
+    "MILLILITER",
+    "OVERALL_RESULT",
+    "build_classification_sr",
+    "build_segmentation_sr",
+    "write_sr",
+]
+
+#: Numeric confidence of a finding (CAD "Certainty of Finding"), unit UCUM "1", 0..1.
+CONFIDENCE = codes.DCM.CertaintyOfFinding
+#: UCUM millilitre.
+MILLILITER = Code("mL", "UCUM", "milliliter")
+#: Name of the qualitative evaluation that carries the overall result.
+OVERALL_RESULT = codes.DCM.Impression
+
+
+def _observation_context(
+    model_name: str, model_version: str, info: SeriesInfo
+) -> ObservationContext:
+    device = DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(),
+        name=f"{model_name} {model_version}"[:64],
+        manufacturer_name=info.manufacturer,
+        model_name=info.manufacturer_model_name,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _algorithm(model_name: str, model_version: str) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
+        name=model_name[:64],
+        version=model_version[:64] or "unknown",
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+
+
+def _document(
+    evidence: Sequence[Dataset],
+    report: MeasurementReport,
+    info: SeriesInfo,
+    series_uid: str | None,
+    instance_number: int,
+) -> ComprehensiveSR:
+    sr = ComprehensiveSR(
+        evidence=list(evidence),
+        content=report,
+        series_instance_uid=series_uid or generate_uid(),
+        series_number=info.series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=info.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=info.institution_name,
+    )
+    sr.SeriesDescription = info.series_description
+    sr.ManufacturerModelName = info.manufacturer_model_name
+    sr.SoftwareVersions = info.software_version
+    sr.DeviceSerialNumber = info.device_serial_number
+    declare_private_scheme(sr)
+    return sr
+
+
+def build_classification_sr(
+    result: ClassificationResult,
+    source_ds: Dataset,
+    info: SeriesInfo,
+    *,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+    finding_codes: Mapping[str, Code] | None = None,
+) -> ComprehensiveSR:
+    """Build a Comprehensive SR holding a TID 1500 report of ``result``.
+
+    One measurement group per finding (model label order): a qualitative evaluation
+    (finding: Present/Absent) and a numeric Certainty of Finding (0..1), each
+    referencing the source image; plus a group with the overall result. Findings are
+    SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
+    overrides per name.
+
+    Raises:
+        ValueError: when ``source_ds`` lacks study/instance UIDs (raised by highdicom).
+    """
+    source = SourceImageForMeasurementGroup.from_source_image(source_ds)
+    algorithm = _algorithm(result.model_name, result.model_version)
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+    overall = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier="Overall result"),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            QualitativeEvaluation(OVERALL_RESULT, concept_for_name(result.result, "SCT"))
+        ],
+        source_images=[source],
+    )
+    groups.append(overall)
+    for finding in result.findings:
+        code = (finding_codes or {}).get(finding.name) or concept_for_name(finding.name, "SCT")
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=generate_uid(), identifier=finding.name[:64]
+                ),
+                finding_type=code,
+                algorithm_id=algorithm,
+                measurements=[
+                    Measurement(
+                        name=CONFIDENCE,
+                        value=round(float(finding.confidence), 6),
+                        unit=codes.UCUM.NoUnits,
+                        algorithm_id=algorithm,
+                    )
+                ],
+                qualitative_evaluations=[
+                    QualitativeEvaluation(
+                        code, codes.SCT.Present if finding.presence else codes.SCT.Absent
+                    )
+                ],
+                source_images=[source],
+            )
+        )
+    report = MeasurementReport(
+        observation_context=_observation_context(result.model_name, result.model_version, info),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    return _document([source_ds], report, info, series_uid, instance_number)
+
+
+def build_segmentation_sr(
+    result: SegmentationResult,
+    source_datasets: Sequence[Dataset],
+    info: SeriesInfo,
+    *,
+    seg_ds: hd.seg.Segmentation | None = None,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+    codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+) -> ComprehensiveSR:
+    """Build a Comprehensive SR (TID 1500) with the volume (mL) of every structure.
+
+    With ``seg_ds`` each group is a volumetric ROI group referencing its segment of
+    the SEG (and the source series); without it, or for a segment with no voxels,
+    the group references the source images directly.
+
+    Raises:
+        ValueError: when there are no source datasets or a segment is missing in the SEG.
+    """
+    if not source_datasets:
+        raise ValueError("no source datasets")
+    algorithm = _algorithm(result.model_name, result.model_version)
+    groups: list[
+        VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+    ] = []
+    sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
+    for number, seg in enumerate(result.segments, start=1):
+        _, kind = segment_codes(seg.name, codes_by_name)
+        volume = Measurement(
+            name=codes.SCT.Volume,
+            value=round(float(seg.volume_ml), 3),
+            unit=MILLILITER,
+            algorithm_id=algorithm,
+        )
+        tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
+        referenced: ReferencedSegment | None = None
+        if seg_ds is not None:
+            try:
+                referenced = ReferencedSegment.from_segmentation(seg_ds, segment_number=number)
+            except ValueError:  # an empty segment has no frames to reference
+                referenced = None
+        if referenced is not None:
+            groups.append(
+                VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_segment=referenced,
+                    finding_type=kind,
+                    algorithm_id=algorithm,
+                    measurements=[volume],
+                )
+            )
+        else:
+            groups.append(
+                MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=kind,
+                    algorithm_id=algorithm,
+                    measurements=[volume],
+                    source_images=sources,
+                )
+            )
+    report = MeasurementReport(
+        observation_context=_observation_context(result.model_name, result.model_version, info),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]
+    return _document(evidence, report, info, series_uid, instance_number)
+
+
+def write_sr(sr: ComprehensiveSR, path: Path) -> Artifact:
+    """Write an SR document to ``path`` and return its artifact (kind ``sr``).
+
+    Raises:
+        OSError: when writing fails.
+    """
+    sr.save_as(Path(path), enforce_file_format=True)
+    return Artifact(
+        kind="sr",
+        path=Path(path),
+        media_type="application/dicom",
+        sop_instance_uid=str(sr.SOPInstanceUID),
+    )

@@ -1,0 +1,219 @@
+"""One entry point per task: write every requested artifact under ``<out_dir>/<patient_id>/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from pipeline.artifacts._common import SeriesInfo, patient_dir, utc_now
+from pipeline.artifacts.encapsulated import write_encapsulated_pdf
+from pipeline.artifacts.images import (
+    heatmap_overlay,
+    segmentation_overlay,
+    write_heatmap_png,
+    write_png,
+    write_source_png,
+)
+from pipeline.artifacts.predictions import NORMAL, write_predictions_json, write_volumes_json
+from pipeline.artifacts.report import write_classification_report, write_segmentation_report
+from pipeline.artifacts.sc import write_secondary_capture
+from pipeline.artifacts.seg import write_segmentation
+from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr, write_sr
+from pipeline.settings import Output
+from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
+
+__all__ = ["write_classification_artifacts", "write_segmentation_artifacts"]
+
+# Offsets from the base series number; each DICOM output gets its own new series
+# (they have different modalities, which one series cannot mix).
+_SERIES = {"sr": (0, "SR"), "sc": (1, "heatmap"), "pdf": (2, "report"), "seg": (3, "SEG")}
+
+
+def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
+    offset, suffix = _SERIES[kind]
+    return dataclasses.replace(
+        base,
+        series_number=base.series_number + offset,
+        series_description=f"{base.series_description} ({suffix})"[:64],
+    )
+
+
+def _pdf_path(folder: Path, pid: str, keep: bool, tmp: Path) -> Path:
+    return folder / f"{pid}_report.pdf" if keep else tmp / f"{pid}_report.pdf"
+
+
+def write_classification_artifacts(
+    result: ClassificationResult,
+    study: PatientStudy,
+    source_ds: Dataset,
+    out_dir: Path,
+    outputs: Collection[Output],
+    *,
+    series: SeriesInfo | None = None,
+    generated_at: datetime | None = None,
+    finding_codes: Mapping[str, Code] | None = None,
+) -> list[Artifact]:
+    """Write the requested classification artifacts; return them in writing order.
+
+    Files (seed 001 names) in ``<out_dir>/<patient_id>/``: ``_predictions.json``,
+    ``_source_image.png``, ``_heatmap.png`` (not when Normal), ``_report.pdf``, and the
+    DICOM outputs ``_sr.dcm``, ``_sc.dcm`` (heatmap; not when Normal) and
+    ``_report.dcm``, each in a new series of the source study. The JSON names the PNG
+    files, so asking for JSON writes the PNGs too. ``patient_id`` is ``study.patient_id``.
+
+    Raises:
+        ValueError: when the patient ID is not a safe path component, or the result is
+            not Normal and has no heatmap.
+        OSError: when a file cannot be written.
+    """
+    wanted = set(outputs)
+    pid = study.patient_id
+    folder = patient_dir(out_dir, pid)
+    base = series or SeriesInfo()
+    generated = generated_at or utc_now()
+    abnormal = result.result != NORMAL
+    if abnormal and result.heatmap is None:
+        raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
+    artifacts: list[Artifact] = []
+    if wanted & {Output.PNG, Output.JSON}:
+        source_png = write_source_png(result, folder / f"{pid}_source_image.png")
+        heat_png = write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None
+        artifacts += [a for a in (source_png, heat_png) if a is not None]
+        if Output.JSON in wanted:
+            artifacts.append(
+                write_predictions_json(
+                    result,
+                    study,
+                    folder / f"{pid}_predictions.json",
+                    source_png.path,
+                    heat_png.path if heat_png else None,
+                )
+            )
+    with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
+        if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
+            pdf = write_classification_report(
+                result,
+                study,
+                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
+                generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}",
+            )
+            if Output.PDF in wanted:
+                artifacts.append(pdf)
+            if Output.ENCAPSULATED_PDF in wanted:
+                artifacts.append(
+                    write_encapsulated_pdf(
+                        pdf.path,
+                        source_ds,
+                        folder / f"{pid}_report.dcm",
+                        _series(base, "pdf"),
+                        title="AI inference report",
+                    )
+                )
+    if Output.SR in wanted:
+        sr = build_classification_sr(
+            result, source_ds, _series(base, "sr"), finding_codes=finding_codes
+        )
+        artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+    if Output.SECONDARY_CAPTURE in wanted and abnormal and result.heatmap is not None:
+        overlay = heatmap_overlay(result.image, result.heatmap)
+        artifacts.append(
+            write_secondary_capture(
+                overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
+            )
+        )
+    return artifacts
+
+
+def write_segmentation_artifacts(
+    result: SegmentationResult,
+    study: PatientStudy,
+    source_datasets: Sequence[Dataset],
+    out_dir: Path,
+    outputs: Collection[Output],
+    *,
+    series: SeriesInfo | None = None,
+    generated_at: datetime | None = None,
+    codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+) -> list[Artifact]:
+    """Write the requested segmentation artifacts; return them in writing order.
+
+    Files in ``<out_dir>/<patient_id>/``: ``_volumes.json``, ``_overlay.png``,
+    ``_report.pdf``, and DICOM ``_seg.dcm`` (BINARY SEG over ``source_datasets``,
+    which are in the label map's slice order), ``_sr.dcm`` (volumes, referencing the
+    SEG when one is written), ``_sc.dcm`` (the overlay) and ``_report.dcm``.
+
+    Raises:
+        ValueError: when the patient ID is not a safe path component, there are no
+            source datasets, or the label map does not match them.
+        OSError: when a file cannot be written.
+    """
+    wanted = set(outputs)
+    pid = study.patient_id
+    folder = patient_dir(out_dir, pid)
+    if not source_datasets:
+        raise ValueError("no source datasets")
+    first = source_datasets[0]
+    base = series or SeriesInfo()
+    generated = generated_at or utc_now()
+    artifacts: list[Artifact] = []
+    if Output.JSON in wanted:
+        artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
+    if wanted & {Output.PNG, Output.SECONDARY_CAPTURE}:
+        overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+        if Output.PNG in wanted:
+            artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
+        if Output.SECONDARY_CAPTURE in wanted:
+            artifacts.append(
+                write_secondary_capture(
+                    overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc")
+                )
+            )
+    with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
+        if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
+            pdf = write_segmentation_report(
+                result,
+                study,
+                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
+                generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}",
+            )
+            if Output.PDF in wanted:
+                artifacts.append(pdf)
+            if Output.ENCAPSULATED_PDF in wanted:
+                artifacts.append(
+                    write_encapsulated_pdf(
+                        pdf.path,
+                        first,
+                        folder / f"{pid}_report.dcm",
+                        _series(base, "pdf"),
+                        title="AI segmentation report",
+                        sources=list(source_datasets),
+                    )
+                )
+    seg_ds = None
+    if Output.SEG in wanted:
+        seg_art, seg_ds = write_segmentation(
+            result,
+            source_datasets,
+            folder / f"{pid}_seg.dcm",
+            _series(base, "seg"),
+            codes_by_name=codes_by_name,
+        )
+        artifacts.append(seg_art)
+    if Output.SR in wanted:
+        sr = build_segmentation_sr(
+            result,
+            source_datasets,
+            _series(base, "sr"),
+            seg_ds=seg_ds,
+            codes_by_name=codes_by_name,
+        )
+        artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+    return artifacts

@@ -1,0 +1,255 @@
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
+from pipeline.artifacts import (
+    SeriesInfo,
+    build_classification_sr,
+    build_segmentation_sr,
+    write_classification_report,
+    write_encapsulated_pdf,
+    write_secondary_capture,
+    write_segmentation,
+    write_sr,
+)
+from pipeline.artifacts.images import heatmap_overlay
+from pipeline.types import ClassificationResult, PatientStudy, Segment, SegmentationResult
+
+INFO = SeriesInfo(series_description="AI test", series_number=77, software_version="9.9.9")
+
+
+def _common(ds: Dataset, source: Dataset, sop_class: str) -> None:
+    assert ds.SOPClassUID == sop_class
+    assert ds.StudyInstanceUID == source.StudyInstanceUID
+    assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert ds.SOPInstanceUID != source.SOPInstanceUID
+    for kw in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyDate",
+    ):
+        assert ds[kw].value == source[kw].value, kw
+    assert ds.Manufacturer == "dicom-node"
+    assert ds.SoftwareVersions == "9.9.9"
+    assert ds.SeriesNumber == 77
+    assert ds.SeriesDescription == "AI test"
+
+
+def _content_items(ds: Dataset) -> list[Dataset]:
+    out: list[Dataset] = []
+    stack = list(ds.ContentSequence)
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return out
+
+
+def test_classification_sr(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, dciodvfy: Callable[[Path], str]
+) -> None:
+    sr = build_classification_sr(tb_result, dx_ds, INFO)
+    art = write_sr(sr, tmp_path / "sr.dcm")
+    assert (art.kind, art.media_type) == ("sr", "application/dicom")
+    ds = pydicom.dcmread(art.path)
+    assert art.sop_instance_uid == ds.SOPInstanceUID
+    _common(ds, dx_ds, ComprehensiveSRStorage)
+    assert ds.Modality == "SR"
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert ref.ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID
+    items = _content_items(ds)
+    nums = [i for i in items if i.ValueType == "NUM"]
+    assert len(nums) == len(tb_result.findings)
+    values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in nums)
+    assert values == pytest.approx(sorted(f.confidence for f in tb_result.findings), abs=1e-5)
+    present = [
+        i
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Present"
+    ]
+    assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in present} == {
+        "Tuberculosis",
+        "Consolidation",
+    }
+    images = [i for i in items if i.ValueType == "IMAGE"]
+    assert images and all(
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID for i in images
+    )
+    # highdicom can parse it back as a TID 1500 report
+    report = hd.sr.srread(art.path)
+    groups = (
+        report.content.get_observation_groups()
+        if hasattr(report.content, "get_observation_groups")
+        else None
+    )
+    assert groups is None or groups
+    dciodvfy(art.path)
+
+
+def test_secondary_capture(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, dciodvfy: Callable[[Path], str]
+) -> None:
+    assert tb_result.heatmap is not None
+    img = heatmap_overlay(tb_result.image, tb_result.heatmap)
+    art = write_secondary_capture(img, dx_ds, tmp_path / "sc.dcm", INFO)
+    ds = pydicom.dcmread(art.path)
+    _common(ds, dx_ds, SecondaryCaptureImageStorage)
+    assert (ds.PhotometricInterpretation, ds.SamplesPerPixel) == ("RGB", 3)
+    assert ds.pixel_array.shape == (64, 48, 3)
+    assert np.array_equal(ds.pixel_array, np.asarray(img))
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID
+    assert art.kind == "sc" and art.sop_instance_uid == ds.SOPInstanceUID
+    dciodvfy(art.path)
+
+
+def test_encapsulated_pdf(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    tb_result: ClassificationResult,
+    study: PatientStudy,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    pdf = write_classification_report(tb_result, study, tmp_path / "r.pdf")
+    art = write_encapsulated_pdf(pdf.path, dx_ds, tmp_path / "r.dcm", INFO)
+    ds = pydicom.dcmread(art.path)
+    _common(ds, dx_ds, EncapsulatedPDFStorage)
+    assert ds.Modality == "DOC"
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    raw = pdf.path.read_bytes()
+    assert ds.EncapsulatedDocumentLength == len(raw)
+    assert bytes(ds.EncapsulatedDocument)[: len(raw)] == raw
+    assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID
+    assert art.kind == "encapsulated_pdf"
+    dciodvfy(art.path)
+
+
+def test_encapsulated_pdf_rejects_non_pdf(tmp_path: Path, dx_ds: Dataset) -> None:
+    bad = tmp_path / "x.pdf"
+    bad.write_bytes(b"hello")
+    with pytest.raises(ValueError):
+        write_encapsulated_pdf(bad, dx_ds, tmp_path / "x.dcm", INFO)
+
+
+def test_segmentation_and_volume_sr(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
+    ds = pydicom.dcmread(art.path)
+    _common(ds, ct_series[0], SegmentationStorage)
+    assert ds.SegmentationType == "BINARY"
+    assert ds.FrameOfReferenceUID == ct_series[0].FrameOfReferenceUID
+    segs = ds.SegmentSequence
+    assert [s.SegmentLabel for s in segs] == ["Liver", "Spleen", "Blob organ"]
+    assert [s.SegmentNumber for s in segs] == [1, 2, 3]
+    types = [s.SegmentedPropertyTypeCodeSequence[0] for s in segs]
+    assert (types[0].CodingSchemeDesignator, types[0].CodeValue) == ("SCT", "10200004")
+    assert (types[1].CodingSchemeDesignator, types[1].CodeValue) == ("SCT", "78961009")
+    assert types[2].CodingSchemeDesignator == "99DCMNODE"
+    assert all(s.SegmentAlgorithmType == "AUTOMATIC" for s in segs)
+    refs = ds.ReferencedSeriesSequence[0]
+    assert refs.SeriesInstanceUID == ct_series[0].SeriesInstanceUID
+    # Round trip of the label map through highdicom.
+    seg = hd.seg.segread(art.path)
+    source_uids = [(str(d.SOPInstanceUID)) for d in ct_series]
+    labelmap = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=source_uids,
+        combine_segments=True,
+        ignore_spatial_locations=True,
+        skip_overlap_checks=True,
+    )
+    assert np.array_equal(labelmap, seg_result.labels)
+    dciodvfy(art.path)
+
+    sr = build_segmentation_sr(seg_result, ct_series, INFO, seg_ds=seg_ds)
+    sr_art = write_sr(sr, tmp_path / "sr.dcm")
+    sr_ds = pydicom.dcmread(sr_art.path)
+    _common(sr_ds, ct_series[0], ComprehensiveSRStorage)
+    items = _content_items(sr_ds)
+    nums = [i for i in items if i.ValueType == "NUM"]
+    assert sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in nums) == pytest.approx(
+        sorted(s.volume_ml for s in seg_result.segments), abs=1e-3
+    )
+    assert all(
+        n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "mL" for n in nums
+    )
+    segrefs = [
+        i
+        for i in items
+        if i.ValueType == "IMAGE"
+        and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg_ds.SOPInstanceUID
+    ]
+    assert len(segrefs) == 3
+    assert sorted(i.ReferencedSOPSequence[0].ReferencedSegmentNumber for i in segrefs) == [1, 2, 3]
+    evidence_series = {
+        s.SeriesInstanceUID
+        for e in sr_ds.CurrentRequestedProcedureEvidenceSequence
+        for s in e.ReferencedSeriesSequence
+    }
+    assert evidence_series == {ct_series[0].SeriesInstanceUID, seg_ds.SeriesInstanceUID}
+    dciodvfy(sr_art.path)
+
+
+def test_volume_sr_without_seg(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    sr = build_segmentation_sr(seg_result, ct_series, INFO)
+    art = write_sr(sr, tmp_path / "sr.dcm")
+    dciodvfy(art.path)
+
+
+def test_segmentation_rejects_mismatched_series(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult
+) -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        write_segmentation(seg_result, ct_series[:-1], tmp_path / "seg.dcm", INFO)
+
+
+def test_empty_segment_and_empty_labelmap(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    extra = dataclasses.replace(
+        seg_result, segments=[*seg_result.segments, Segment(9, "Kidney", 0.0)]
+    )
+    art, seg_ds = write_segmentation(extra, ct_series, tmp_path / "seg.dcm", INFO)
+    assert len(pydicom.dcmread(art.path).SegmentSequence) == 4
+    dciodvfy(art.path)
+    sr_art = write_sr(
+        build_segmentation_sr(extra, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr.dcm"
+    )
+    dciodvfy(sr_art.path)
+
+    empty = dataclasses.replace(seg_result, labels=np.zeros_like(seg_result.labels))
+    art, seg_ds = write_segmentation(empty, ct_series, tmp_path / "seg0.dcm", INFO)
+    dciodvfy(art.path)
+    sr_art = write_sr(
+        build_segmentation_sr(empty, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr0.dcm"
+    )
+    dciodvfy(sr_art.path)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.artifacts import (
+    write_heatmap_png,
+    write_segmentation_overlay_png,
+    write_source_png,
+)
+from pipeline.artifacts.images import heatmap_overlay, jet, to_uint8
+from pipeline.types import ClassificationResult, SegmentationResult
+
+
+def test_source_png_is_8bit_gray(tmp_path: Path, tb_result: ClassificationResult) -> None:
+    art = write_source_png(tb_result, tmp_path / "s.png")
+    assert art.media_type == "image/png"
+    img = Image.open(art.path)
+    assert (img.format, img.mode, img.size) == ("PNG", "L", (48, 64))
+    assert np.array_equal(np.asarray(img), to_uint8(tb_result.image))
+
+
+def test_heatmap_png_is_rgb_overlay(tmp_path: Path, tb_result: ClassificationResult) -> None:
+    art = write_heatmap_png(tb_result, tmp_path / "h.png")
+    img = Image.open(art.path)
+    assert (img.format, img.mode, img.size) == ("PNG", "RGB", (48, 64))
+    arr = np.asarray(img).astype(int)
+    # The hot spot (heatmap peak near x=16, y=20 after upscaling 4x) is reddish,
+    # a cold corner stays gray.
+    r, _g, b = arr[21, 17]
+    assert r > b + 40
+    assert abs(arr[63, 47, 0] - arr[63, 47, 2]) < 10
+
+
+def test_heatmap_png_requires_heatmap(tmp_path: Path, normal_result: ClassificationResult) -> None:
+    with pytest.raises(ValueError):
+        write_heatmap_png(normal_result, tmp_path / "h.png")
+
+
+def test_jet_endpoints() -> None:
+    cmap = jet(np.array([0.0, 0.5, 1.0]))
+    assert cmap.dtype == np.uint8 and cmap.shape == (3, 3)
+    assert cmap[0, 2] > 100 and cmap[0, 0] == 0  # blue
+    assert cmap[1, 1] == 255  # green-ish middle
+    assert cmap[2, 0] > 100 and cmap[2, 2] == 0  # red
+
+
+def test_overlay_rejects_bad_input() -> None:
+    with pytest.raises(ValueError):
+        heatmap_overlay(np.zeros((4, 4, 3)), np.zeros((4, 4)))
+    with pytest.raises(ValueError):
+        heatmap_overlay(np.zeros((4, 4)), np.zeros((4, 4)), alpha=2.0)
+
+
+def test_segmentation_overlay_png(tmp_path: Path, seg_result: SegmentationResult) -> None:
+    art = write_segmentation_overlay_png(seg_result, tmp_path / "o.png")
+    img = Image.open(art.path)
+    assert img.format == "PNG" and img.mode == "RGB"
+    assert img.width > img.height > 256
+    colours = {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
+    assert (230, 25, 75) in colours  # first segment colour (contour/legend)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.artifacts import write_classification_report, write_segmentation_report
+from pipeline.artifacts.report import format_age, format_date, format_person_name
+from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
+
+
+def _render(pdf: Path, tmp_path: Path) -> list[Path]:
+    exe = shutil.which("pdftoppm")
+    if exe is None:
+        pytest.skip("pdftoppm (poppler-utils) is not installed")
+    subprocess.run(
+        [exe, "-png", "-r", "40", str(pdf), str(tmp_path / "page")], check=True, timeout=120
+    )
+    return sorted(tmp_path.glob("page*.png"))
+
+
+def _check_pdf(path: Path, tmp_path: Path) -> list[Path]:
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF")
+    assert b"%%EOF" in data[-1024:]
+    pages = _render(path, tmp_path)
+    assert pages
+    for page in pages:
+        img = Image.open(page)
+        assert img.width > 100 and img.height > img.width
+    return pages
+
+
+def test_classification_report(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
+    art = write_classification_report(tb_result, study, tmp_path / "r.pdf")
+    assert (art.kind, art.media_type) == ("pdf", "application/pdf")
+    pages = _check_pdf(art.path, tmp_path)
+    assert len(pages) == 1  # fits one A4 page with 11 findings
+
+
+def test_classification_report_normal(
+    tmp_path: Path, normal_result: ClassificationResult, study: PatientStudy
+) -> None:
+    art = write_classification_report(normal_result, study, tmp_path / "r.pdf")
+    _check_pdf(art.path, tmp_path)
+
+
+def test_report_escapes_markup_and_unicode(tmp_path: Path, tb_result: ClassificationResult) -> None:
+    study = PatientStudy(patient_id="P<1>&", patient_name="Ünal^Zoë", study_description="<b>")
+    art = write_classification_report(tb_result, study, tmp_path / "r.pdf")
+    _check_pdf(art.path, tmp_path)
+
+
+def test_segmentation_report(
+    tmp_path: Path, seg_result: SegmentationResult, study: PatientStudy
+) -> None:
+    art = write_segmentation_report(seg_result, study, tmp_path / "r.pdf")
+    _check_pdf(art.path, tmp_path)
+
+
+def test_formatters() -> None:
+    assert format_date("20250314") == "2025-03-14"
+    assert format_date("") == "—"
+    assert format_age("045Y") == "45 years"
+    assert format_age("003M") == "3 months"
+    assert format_person_name("Doe^John") == "Doe, John"
+    assert format_person_name("Doe^John^Q") == "Doe, John Q"
+    assert format_person_name("") == "—"

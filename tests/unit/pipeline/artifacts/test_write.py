@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from pipeline.artifacts import (
+    SeriesInfo,
+    write_classification_artifacts,
+    write_segmentation_artifacts,
+)
+from pipeline.settings import Output
+from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
+
+ALL = set(Output)
+
+
+def test_classification_all_outputs(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
+    folder = tmp_path / "PAT001"
+    names = sorted(a.path.name for a in arts)
+    assert names == sorted(
+        [
+            "PAT001_predictions.json",
+            "PAT001_source_image.png",
+            "PAT001_heatmap.png",
+            "PAT001_report.pdf",
+            "PAT001_sr.dcm",
+            "PAT001_sc.dcm",
+            "PAT001_report.dcm",
+        ]
+    )
+    assert sorted(p.name for p in folder.iterdir()) == names  # nothing else left behind
+    assert all(a.path.parent == folder for a in arts)
+    data = json.loads((folder / "PAT001_predictions.json").read_text())
+    assert data["source_image"] == str(folder / "PAT001_source_image.png")
+    assert data["heatmap"] == str(folder / "PAT001_heatmap.png")
+    series = set()
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            assert art.sop_instance_uid
+            ds = pydicom.dcmread(art.path)
+            assert ds.StudyInstanceUID == dx_ds.StudyInstanceUID
+            assert ds.SOPInstanceUID == art.sop_instance_uid
+            series.add(ds.SeriesInstanceUID)
+            dciodvfy(art.path)
+        else:
+            assert art.sop_instance_uid is None
+    assert len(series) == 3 and dx_ds.SeriesInstanceUID not in series
+
+
+def test_classification_normal(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, normal_result: ClassificationResult
+) -> None:
+    arts = write_classification_artifacts(normal_result, study, dx_ds, tmp_path, ALL)
+    names = {a.path.name for a in arts}
+    assert "PAT001_heatmap.png" not in names and "PAT001_sc.dcm" not in names
+    data = json.loads((tmp_path / "PAT001" / "PAT001_predictions.json").read_text())
+    assert data["result"] == "Normal" and data["heatmap"] == ""
+
+
+def test_classification_subset_and_series_info(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult
+) -> None:
+    info = SeriesInfo(series_description="CXR AI", series_number=500, software_version="2.0")
+    arts = write_classification_artifacts(
+        tb_result, study, dx_ds, tmp_path, {Output.ENCAPSULATED_PDF, Output.SR}, series=info
+    )
+    assert [a.kind for a in arts] == ["encapsulated_pdf", "sr"]
+    # The PDF was only an intermediate: not kept on disk.
+    assert not (tmp_path / "PAT001" / "PAT001_report.pdf").exists()
+    pdf_ds = pydicom.dcmread(arts[0].path)
+    sr_ds = pydicom.dcmread(arts[1].path)
+    assert (sr_ds.SeriesNumber, pdf_ds.SeriesNumber) == (500, 502)
+    assert sr_ds.SeriesDescription == "CXR AI (SR)"
+    assert pdf_ds.SoftwareVersions == "2.0"
+
+
+def test_request_patient_id_names_folder(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult
+) -> None:
+    study = PatientStudy(patient_id="REQ-7", patient_name="Doe^John")
+    arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, {Output.JSON})
+    assert {a.path.name for a in arts} == {
+        "REQ-7_predictions.json",
+        "REQ-7_source_image.png",
+        "REQ-7_heatmap.png",
+    }
+    data = json.loads((tmp_path / "REQ-7" / "REQ-7_predictions.json").read_text())
+    assert data["metadata"]["patient_id"] == "REQ-7"
+
+
+@pytest.mark.parametrize("pid", ["", "..", "../x", "a/b", "a\\b", "a\x01b"])
+def test_unsafe_patient_id_rejected(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    pid: str,
+    tb_result: ClassificationResult,
+    seg_result: SegmentationResult,
+    ct_series: list[Dataset],
+) -> None:
+    study = PatientStudy(patient_id=pid)
+    with pytest.raises(ValueError, match="Invalid patient_id"):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path / "o", ALL)
+    with pytest.raises(ValueError, match="Invalid patient_id"):
+        write_segmentation_artifacts(seg_result, study, ct_series, tmp_path / "o", ALL)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.*"))
+
+
+def test_segmentation_all_outputs(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL)
+    names = sorted(a.path.name for a in arts)
+    assert names == sorted(
+        [
+            "PAT001_volumes.json",
+            "PAT001_overlay.png",
+            "PAT001_report.pdf",
+            "PAT001_seg.dcm",
+            "PAT001_sr.dcm",
+            "PAT001_sc.dcm",
+            "PAT001_report.dcm",
+        ]
+    )
+    vol = json.loads((tmp_path / "PAT001" / "PAT001_volumes.json").read_text())
+    assert [s["name"] for s in vol["segments"]] == ["Liver", "Spleen", "Blob organ"]
+    assert vol["segments"][0]["volume_ml"] == pytest.approx(seg_result.segments[0].volume_ml)
+    by_kind = {a.kind: a for a in arts}
+    seg_uid = by_kind["seg"].sop_instance_uid
+    sr = pydicom.dcmread(by_kind["sr"].path)
+    evidence = {
+        r.ReferencedSOPInstanceUID
+        for e in sr.CurrentRequestedProcedureEvidenceSequence
+        for s in e.ReferencedSeriesSequence
+        for r in s.ReferencedSOPSequence
+    }
+    assert seg_uid in evidence
+    assert {str(d.SOPInstanceUID) for d in ct_series} <= evidence
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            dciodvfy(art.path)
+
+
+def test_segmentation_requires_sources(
+    tmp_path: Path, study: PatientStudy, seg_result: SegmentationResult
+) -> None:
+    with pytest.raises(ValueError, match="no source"):
+        write_segmentation_artifacts(seg_result, study, [], tmp_path, ALL)
