@@ -1,0 +1,320 @@
+"""The pipeline runner: DICOM files in, results and artifacts out.
+
+It wires the steps in one place — select the series, load it, run the model
+through the batching engine, explain, write artifacts — so the same code serves
+node jobs, the HTTP APIs, drop folders and ``dicom-node infer FILE``. Each step
+is a plain function of the modules it calls; this class only holds the loaded
+models.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from pipeline import artifacts as art
+from pipeline.bundle import BundleError, LoadedModel, ModelRegistry, load_model
+from pipeline.engine import InferenceEngine
+from pipeline.explain import gradcam
+from pipeline.io import (
+    Image2D,
+    InputError,
+    load_ct_volume,
+    load_image_2d,
+    select_series,
+)
+from pipeline.settings import ModelSpec, Output, PipelineSpec, Task
+from pipeline.types import (
+    Artifact,
+    ClassificationResult,
+    Finding,
+    PatientStudy,
+    Segment,
+    SegmentationResult,
+)
+
+NORMAL = "Normal"
+ABNORMAL = "Abnormal"
+# Seed 001's overall result: a finding that, when present, names the result.
+PRESUMPTIVE = {"Tuberculosis": "TB Presumptive"}
+
+
+class PipelineError(Exception):
+    """A pipeline cannot run on this input; the message says what to send instead."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A classifier's answer on one image, before any artifact is written."""
+
+    model: LoadedModel
+    labels: list[str]
+    probabilities: list[float]
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What one pipeline run produced."""
+
+    result: ClassificationResult | SegmentationResult
+    study: PatientStudy
+    artifacts: list[Artifact]
+
+
+class _Network(torch.nn.Module):
+    """Serves a loaded model (network plus its declared inferer) to the batching engine."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.infer(batch)
+
+
+def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
+    """Patient and study attributes of a source header (``patient_id`` overrides)."""
+
+    def text(keyword: str) -> str:
+        return str(header.get(keyword, "") or "").strip()
+
+    return PatientStudy(
+        patient_id=patient_id if patient_id is not None else text("PatientID"),
+        patient_name=text("PatientName"),
+        patient_sex=text("PatientSex"),
+        patient_age=text("PatientAge"),
+        patient_birth_date=text("PatientBirthDate"),
+        study_instance_uid=text("StudyInstanceUID"),
+        study_date=text("StudyDate"),
+        accession_number=text("AccessionNumber"),
+        study_description=text("StudyDescription"),
+    )
+
+
+def overall_result(findings: Sequence[Finding]) -> str:
+    """``Normal`` when nothing is present, a presumptive label's result, else ``Abnormal``."""
+    present = [f.name for f in findings if f.presence]
+    if not present:
+        return NORMAL
+    for name, result in PRESUMPTIVE.items():
+        if name in present:
+            return result
+    return ABNORMAL
+
+
+class PipelineRunner:
+    """Holds the models of the configured pipelines and runs them.
+
+    ``start()`` loads and warms every model; ``close()`` stops the engine's
+    threads. Thread-safe: many jobs and requests may run at once.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[ModelSpec],
+        pipelines: Sequence[PipelineSpec],
+        resolve: Callable[[ModelSpec], Path] = lambda spec: spec.path,
+    ) -> None:
+        self.pipelines = {p.name: p for p in pipelines}
+        self._specs = [s.model_copy(update={"path": resolve(s)}) for s in models]
+        self.registry = ModelRegistry(self._specs, loader=lambda p, d: load_model(p, d))
+        self.engine = InferenceEngine()
+        self._explainers: dict[tuple[str, str], tuple[LoadedModel, threading.Lock]] = {}
+        self._lock = threading.Lock()
+        self.failed: dict[str, str] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every model version into the engine; a model that fails is reported in
+        ``failed`` (and its pipelines fail their jobs) rather than stopping the node."""
+        for spec in self._specs:
+            try:
+                model = self.registry.get(spec.name, spec.version)
+                sample = None
+                if model.spatial_size is not None:
+                    sample = (1, *model.spatial_size) if model.task == "classify" else None
+                self.engine.add_model(
+                    spec.name, _Network(model), version=model.version, default=spec.default,
+                    device=spec.device, max_batch=spec.max_batch if model.task == "classify"
+                    else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
+                    sample_shape=sample,
+                )
+            except (BundleError, OSError, KeyError, ValueError, RuntimeError) as exc:
+                self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # -- models --------------------------------------------------------------------------
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        """A loaded model; raises KeyError naming what exists."""
+        if name in self.failed:
+            raise KeyError(f"model {name!r} failed to load: {self.failed[name]}")
+        return self.registry.get(name, version)
+
+    def _explainer(self, model: LoadedModel) -> tuple[LoadedModel, threading.Lock]:
+        """A private eager copy for Grad-CAM: its hooks must not see the engine's batches."""
+        key = (model.name, model.version)
+        with self._lock:
+            if key not in self._explainers:
+                clone = copy.copy(model)
+                clone.network = copy.deepcopy(model.network).to(model.device).eval()
+                clone._pre = None
+                self._explainers[key] = (clone, threading.Lock())
+            return self._explainers[key]
+
+    def predict(self, image: npt.NDArray[np.float32], name: str,
+                version: str | None = None) -> Prediction:
+        """Classify one H x W image in [0, 1] through the batching engine."""
+        model = self.model(name, version)
+        if model.task != "classify":
+            raise PipelineError(f"model {name!r} segments; it does not classify images")
+        tensor = model.preprocess(image)
+        out = self.engine.infer(name, tensor, version=model.version)
+        probs = torch.sigmoid(torch.as_tensor(out).float().reshape(-1)).tolist()
+        return Prediction(model, list(model.labels), [float(p) for p in probs])
+
+    def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
+              ) -> list[float]:
+        """The classifier's penultimate features (the input of its last linear layer)."""
+        model = self.model(name, version)
+        clone, lock = self._explainer(model)
+        last = [m for m in clone.network.modules() if isinstance(m, torch.nn.Linear)]
+        if not last:
+            raise PipelineError(f"model {name!r} has no linear output layer to embed with")
+        captured: list[torch.Tensor] = []
+        with lock:
+            handle = last[-1].register_forward_hook(
+                lambda _m, inp, _out: captured.append(inp[0].detach()))
+            try:
+                with torch.inference_mode():
+                    clone.network(clone.preprocess(image)[None].to(clone.device))
+            finally:
+                handle.remove()
+        return [float(v) for v in captured[0].reshape(-1).cpu().tolist()]
+
+    # -- pipelines -------------------------------------------------------------------------
+
+    def spec(self, pipeline: str) -> PipelineSpec:
+        try:
+            return self.pipelines[pipeline]
+        except KeyError:
+            raise PipelineError(
+                f"pipeline {pipeline!r} is not configured; configured: "
+                f"{', '.join(sorted(self.pipelines)) or 'none'}") from None
+
+    def run(
+        self,
+        pipeline: str,
+        files: Sequence[Path],
+        out_dir: Path,
+        *,
+        patient_id: str | None = None,
+        outputs: Collection[Output] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> RunOutput:
+        """Run ``pipeline`` on a study's files and write its artifacts under ``out_dir``.
+
+        Raises PipelineError or InputError (from :mod:`pipeline.io`) with a message a
+        person can act on when the input cannot be used.
+        """
+        spec = self.spec(pipeline)
+        if not files:
+            raise PipelineError("the job has no input files")
+        selected = select_series(list(files), spec.series)
+        wanted = set(outputs) if outputs is not None else set(spec.outputs)
+        if cancelled is not None and cancelled.is_set():
+            raise PipelineError("cancelled")
+        if spec.task is Task.CLASSIFY:
+            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted)
+        return self._segment(spec, selected.sources, out_dir, patient_id, wanted)
+
+    def classify(self, spec: PipelineSpec, image: Image2D,
+                 patient_id: str | None = None) -> tuple[ClassificationResult, PatientStudy]:
+        """Findings, overall result and heatmap for one loaded image."""
+        pred = self.predict(image.pixels, spec.model, spec.model_version)
+        findings = [Finding(label, p >= spec.threshold, round(p, 4))
+                    for label, p in zip(pred.labels, pred.probabilities, strict=False)]
+        result = overall_result(findings)
+        heatmap = None
+        if result != NORMAL:
+            top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
+            clone, lock = self._explainer(pred.model)
+            with lock:
+                heatmap = gradcam(clone, image.pixels, top.name)
+        study = patient_study(image.header, patient_id)
+        return ClassificationResult(
+            model_name=pred.model.name, model_version=pred.model.version, result=result,
+            findings=findings, image=image.pixels, heatmap=heatmap, source_path=image.path,
+            sop_instance_uid=image.sop_instance_uid,
+            series_instance_uid=image.series_instance_uid,
+        ), study
+
+    def _classify(self, spec: PipelineSpec, source: Any, out_dir: Path,
+                  patient_id: str | None, wanted: set[Output]) -> RunOutput:
+        image = load_image_2d(source, modalities=spec.series.modalities or None)
+        result, study = self.classify(spec, image, patient_id)
+        files = art.write_classification_artifacts(
+            result, study, image.header, out_dir, wanted,
+            series=self._series_info(result.model_name, result.model_version))
+        return RunOutput(result, study, files)
+
+    def _segment(self, spec: PipelineSpec, sources: Sequence[Any], out_dir: Path,
+                 patient_id: str | None, wanted: set[Output]) -> RunOutput:
+        model = self.model(spec.model, spec.model_version)
+        if model.task != "segment":
+            raise PipelineError(f"model {spec.model!r} classifies; it does not segment")
+        volume = load_ct_volume(list(sources),
+                                modalities=spec.series.modalities or ("CT",))
+        tensor = model.preprocess(volume.array)
+        logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
+                                                   version=model.version))
+        labels = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        if labels.shape != volume.array.shape:
+            raise PipelineError(f"model {spec.model!r} returned a {labels.shape} label map "
+                                f"for a {volume.array.shape} volume")
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        names = list(model.labels)
+        segments = [Segment(i, names[i] if i < len(names) else f"label {i}",
+                            round(float((labels == i).sum()) * voxel_ml, 2))
+                    for i in range(1, max(len(names), int(labels.max()) + 1))]
+        header = volume.headers[0]
+        study = patient_study(header, patient_id)
+        result = SegmentationResult(
+            model_name=model.name, model_version=model.version, labels=labels,
+            segments=segments, volume=volume.array.astype(np.float32),
+            spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
+            source_paths=[Path(p) for p in volume.paths if p is not None],
+            series_instance_uid=volume.series_instance_uid,
+        )
+        if volume.resampled:  # slices were interpolated: a SEG cannot reference them 1:1
+            wanted = wanted - {Output.SEG}
+        files = art.write_segmentation_artifacts(
+            result, study, volume.headers, out_dir, wanted,
+            series=self._series_info(model.name, model.version))
+        return RunOutput(result, study, files)
+
+    @staticmethod
+    def _series_info(model: str, version: str) -> art.SeriesInfo:
+        return art.SeriesInfo(series_description=f"AI {model} {version}"[:64])
+
+
+__all__ = [
+    "InputError",
+    "PipelineError",
+    "PipelineRunner",
+    "Prediction",
+    "RunOutput",
+    "overall_result",
+    "patient_study",
+]

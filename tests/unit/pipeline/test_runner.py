@@ -1,0 +1,120 @@
+"""The pipeline runner end to end on tiny on-the-fly bundles (nothing special-cases the demos)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import torch
+
+from pipeline.io import InputError
+from pipeline.runner import PipelineError, PipelineRunner, overall_result
+from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
+from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
+from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+from pipeline.types import Finding
+from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+SEG_NET: dict[str, Any] = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1,
+                           "out_channels": 3, "channels": [4, 8], "strides": [2],
+                           "num_res_units": 0}
+
+
+def make_tiny_seg_bundle(folder: Path) -> Path:
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(0)
+    net = ConfigParser({"network_def": dict(SEG_NET)}).get_parsed_content("network_def")
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    meta = {"name": "tinyseg", "version": "0.2.0", "task": "segment",
+            "labels": ["background", "organ a", "organ b"]}
+    inference = {"network_def": SEG_NET,
+                 "preprocessing": {"_target_": "Compose", "transforms": [
+                     {"_target_": "EnsureChannelFirst", "channel_dim": "no_channel"},
+                     {"_target_": "ScaleIntensityRange", "a_min": -200, "a_max": 300,
+                      "b_min": 0.0, "b_max": 1.0, "clip": True}]},
+                 "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 32, 32],
+                             "sw_batch_size": 2}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("bundles")
+    cls = make_tiny_bundle(root / "tiny")
+    seg = make_tiny_seg_bundle(root / "tinyseg")
+    r = PipelineRunner(
+        [ModelSpec(name="tiny", path=cls, max_batch=4, max_delay_ms=2),
+         ModelSpec(name="tinyseg", path=seg)],
+        [PipelineSpec(name="cls", model="tiny", task="classify", threshold=0.01,
+                      series=SeriesRules(modalities=["DX", "CR"])),
+         PipelineSpec(name="never-normal", model="tiny", task="classify", threshold=0.99),
+         PipelineSpec(name="seg", model="tinyseg", task="segment",
+                      series=SeriesRules(modalities=["CT"], min_instances=4))],
+    )
+    r.start()
+    yield r
+    r.close()
+
+
+def test_classification_writes_every_artifact(runner: PipelineRunner, tmp_path: Path) -> None:
+    src = write_dicom(make_cxr_phantom(7), tmp_path / "in" / "cr.dcm", patient_id="PAT7")
+    out = runner.run("cls", [src], tmp_path / "out")
+    assert out.result.result == "Abnormal"  # type: ignore[union-attr]
+    names = sorted(a.path.name for a in out.artifacts)
+    assert names == sorted(["PAT7_source_image.png", "PAT7_heatmap.png", "PAT7_predictions.json",
+                            "PAT7_report.pdf", "PAT7_report.dcm", "PAT7_sr.dcm", "PAT7_sc.dcm"])
+    pred = json.loads((tmp_path / "out" / "PAT7" / "PAT7_predictions.json").read_text())
+    assert [f["name"] for f in pred["findings"]] == ["a", "b", "c"]
+    assert pred["metadata"]["patient_id"] == "PAT7"
+    sr = pydicom.dcmread(tmp_path / "out" / "PAT7" / "PAT7_sr.dcm")
+    assert sr.StudyInstanceUID == pydicom.dcmread(src).StudyInstanceUID
+
+
+def test_normal_has_no_heatmap_and_patient_override(runner: PipelineRunner,
+                                                    tmp_path: Path) -> None:
+    src = write_dicom(make_cxr_phantom(8), tmp_path / "cr.dcm")
+    out = runner.run("never-normal", [src], tmp_path / "out", patient_id="override")
+    assert out.result.result == "Normal"  # type: ignore[union-attr]
+    pred = json.loads((tmp_path / "out" / "override" / "override_predictions.json").read_text())
+    assert pred["heatmap"] == "" and pred["findings"]
+
+
+def test_segmentation_writes_seg_and_volumes(runner: PipelineRunner, tmp_path: Path) -> None:
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct",
+                               patient_id="CT3")
+    out = runner.run("seg", files[::-1], tmp_path / "out")  # order must not matter
+    kinds = {a.kind for a in out.artifacts}
+    assert {"seg", "json", "png"} <= kinds
+    vols = json.loads(next(a.path for a in out.artifacts if a.kind == "json").read_text())
+    assert vols
+    seg = pydicom.dcmread(next(a.path for a in out.artifacts if a.kind == "seg"))
+    assert seg.Modality == "SEG"
+
+
+def test_bad_inputs_fail_with_a_message(runner: PipelineRunner, tmp_path: Path) -> None:
+    src = write_dicom(make_cxr_phantom(9), tmp_path / "cr.dcm")
+    with pytest.raises((InputError, PipelineError)):
+        runner.run("seg", [src], tmp_path / "out")  # a radiograph to a CT model
+    with pytest.raises(PipelineError, match="not configured"):
+        runner.run("nope", [src], tmp_path / "out")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises((InputError, PipelineError)):
+        runner.run("cls", [junk], tmp_path / "out")
+
+
+def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
+    import numpy as np
+
+    vec = runner.embed(np.zeros((64, 64), np.float32), "tiny")
+    assert len(vec) > 1
+    assert overall_result([Finding("Tuberculosis", True, 0.9)]) == "TB Presumptive"
+    assert overall_result([Finding("Fibrosis", False, 0.1)]) == "Normal"
