@@ -143,6 +143,8 @@ class DestinationSettings(_Section):
     url: str | None = None
     path: Path | None = None
     tls: TlsSettings | None = None
+    auth: Literal["none", "basic", "bearer"] = "none"  # DICOMweb
+    credentials: str | None = None  # "user:password" for basic, the token for bearer
     retry: RetrySettings = Field(default_factory=RetrySettings)
 
     @model_validator(mode="after")

@@ -71,15 +71,42 @@ class FolderSender:
         return result
 
 
+class DicomWebSender:
+    """STOW-RS to a DICOMweb server (Basic or Bearer credentials from the destination)."""
+
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+        from dicom_node.dicomweb import BasicAuth, BearerAuth, DicomWebAuth, DicomWebClient
+
+        assert dest.url is not None
+        auth: DicomWebAuth = None
+        if dest.auth == "basic" and dest.credentials:
+            user, _, password = dest.credentials.partition(":")
+            auth = BasicAuth(user, password)
+        elif dest.auth == "bearer" and dest.credentials:
+            auth = BearerAuth(dest.credentials)
+        with DicomWebClient(dest.url, auth, retries=1) as client:
+            stored = client.store(files)
+        return SendResult(
+            sent=len(stored.referenced),
+            failed=[(Path(f.path) if f.path else Path(f.sop_uid or "?"), f.reason)
+                    for f in stored.failed],
+        )
+
+
 class Exporter:
     """Routes artifacts to destinations by name and retries each with backoff."""
 
     def __init__(self, settings: Settings, senders: dict[str, Sender] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 dimse: Callable[[DestinationSettings, list[Path]], ExportOutcome] | None = None,
+                 ) -> None:
         self.settings = settings
-        self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path)}
+        self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path),
+                                           "dicomweb": DicomWebSender()}
         self.senders.update(senders or {})
         self.sleep = sleep
+        # The DIMSE client retries per instance within its own associations.
+        self.dimse = dimse
 
     def export(self, names: list[str], artifacts: list[Artifact],
                cancelled: threading.Event | None = None,
@@ -107,6 +134,8 @@ class Exporter:
         if not files:
             return ExportOutcome(dest.name, ok=True, attempts=0, sent=0,
                                  message="nothing to send to this kind of destination")
+        if dest.type == "dimse" and self.dimse is not None and "dimse" not in self.senders:
+            return self.dimse(dest, files)
         sender = self.senders.get(dest.type)
         if sender is None:
             return ExportOutcome(dest.name, ok=False, attempts=0,

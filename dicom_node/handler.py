@@ -1,43 +1,183 @@
 """The job handler the node runs by default: retrieval, the pipeline, then export.
 
-Each step is a service built from the settings; a step that is not available in
-this build fails the job with a message that says so, never silently.
+- **retrieve** (ACR requests): resolve each query (study UIDs, PatientID or
+  AccessionNumber) on the request's sources, then fetch with C-MOVE/C-GET or
+  QIDO/WADO-RS; what arrives is stored like any received instance. Progress is
+  published per study in the job's result.
+- **run**: the job's instances, grouped by study, go through the configured
+  pipeline; artifacts land in the job's output folder.
+- **export**: artifacts go to the pipeline's destinations and the job's own.
+
+Input that can never work (unknown pipeline, wrong modality, unreadable
+pixels) fails the job at once with the reason; anything else is retried.
 """
 
 from __future__ import annotations
 
-from dicom_node.config import Settings
+import base64
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.config import DestinationSettings, Settings
 from dicom_node.errors import PermanentJobError
+from dicom_node.export import Exporter
 from dicom_node.scheduler import ExportOutcome, JobContext
 from dicom_node.store import Job, Store
 from pipeline.types import Artifact
 
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+    from pipeline.runner import PipelineRunner
 
 class NodeHandler:
     """Runs a job's configured pipeline on its instances and sends the results on."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
-        self.store = store
-        self.pipelines = {p.name: p for p in settings.pipelines}
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @property
+    def settings(self) -> Settings:
+        return self.node.settings  # the live settings: runtime config changes apply
+
+    @property
+    def store(self) -> Store:
+        assert self.node.store is not None
+        return self.node.store
+
+    @property
+    def runner(self) -> PipelineRunner:
+        if self.node.runner is None:
+            raise PermanentJobError("the inference pipeline is not running on this node")
+        return self.node.runner
+
+    # -- retrieve ------------------------------------------------------------------------
 
     def needs_retrieval(self, job: Job) -> bool:
         return bool(job.input.get("retrieve"))
 
     def retrieve(self, ctx: JobContext) -> None:
-        raise PermanentJobError("retrieval from a PACS is not available in this build")
+        from dicom_node.retrieve import Retriever
+
+        spec = ctx.job.input["retrieve"]
+        retriever = Retriever(self.node, ctx)
+        paths = retriever.run(spec.get("queries", []), spec.get("sources", []))
+        ctx.data["paths"] = paths
+
+    # -- run -----------------------------------------------------------------------------
+
+    def _input_paths(self, ctx: JobContext) -> list[Path]:
+        if "paths" in ctx.data:
+            return list(ctx.data["paths"])
+        paths: list[Path] = []
+        missing = 0
+        for sop in ctx.job.input.get("instances", []):
+            rec = self.store.get_instance(sop)
+            if rec is None or not Path(rec.path).exists():
+                missing += 1
+                continue
+            paths.append(Path(rec.path))
+        if missing:
+            ctx.log.warning("instances of the job are no longer on disk", missing=missing)
+        return paths
+
+    def output_dir(self, job: Job) -> Path:
+        configured = job.input.get("output_dir")
+        return Path(configured) if configured else self.settings.results_dir / job.id
 
     def run(self, ctx: JobContext) -> list[Artifact]:
-        if ctx.job.pipeline not in self.pipelines:
-            raise PermanentJobError(
-                f"pipeline {ctx.job.pipeline!r} is not configured; configured: "
-                f"{', '.join(sorted(self.pipelines)) or 'none'}"
-            )
-        raise PermanentJobError("the inference pipeline is not available in this build")
+        from pipeline.io import InputError
+        from pipeline.runner import PipelineError
+
+        job = ctx.job
+        runner = self.runner
+        try:
+            runner.spec(job.pipeline)
+        except PipelineError as exc:
+            raise PermanentJobError(str(exc)) from None
+        paths = self._input_paths(ctx)
+        if not paths:
+            raise PermanentJobError("none of the job's instances is available to run on")
+        by_study: dict[str, list[Path]] = defaultdict(list)
+        for p in paths:
+            by_study[_study_of(p)].append(p)
+        out_dir = self.output_dir(job)
+        produced: list[Artifact] = []
+        results: list[dict[str, Any]] = []
+        for study, files in by_study.items():
+            ctx.check_cancelled()
+            try:
+                out = runner.run(job.pipeline, files, out_dir, cancelled=ctx.cancelled)
+            except (InputError, PipelineError, ValueError) as exc:
+                raise PermanentJobError(f"study {study}: {exc}") from None
+            except KeyError as exc:  # a model that failed to load
+                raise PermanentJobError(str(exc).strip("'\"")) from None
+            produced += out.artifacts
+            results.append(_summary(study, out.result))
+        ctx.result["results"] = results
+        ctx.result["output_dir"] = str(out_dir)
+        return produced
+
+    # -- export --------------------------------------------------------------------------
 
     def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
-        return []
+        job = ctx.job
+        names: list[str] = []
+        spec = self.runner.pipelines.get(job.pipeline)
+        if spec is not None:
+            names += spec.destinations
+        extra: list[DestinationSettings] = []
+        for i, d in enumerate(job.input.get("destinations", [])):
+            if isinstance(d, str):
+                names.append(d)
+            elif d.get("name"):
+                names.append(d["name"])
+            elif d.get("interface") == "DICOMweb":
+                extra.append(_dicomweb_destination(f"request-output-{i}", d))
+        if not names and not extra:
+            return []
+        exporter = Exporter(self.settings, dimse=self._dimse_export)
+        return exporter.export(names, artifacts, ctx.cancelled, extra)
+
+    def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
+        outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
+        return outcome
 
 
-def create_handler(settings: Settings, store: Store) -> NodeHandler:
-    return NodeHandler(settings, store)
+def _study_of(path: Path) -> str:
+    """The study a stored instance belongs to (studies/<study>/<series>/<sop>.dcm)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        return str(ds.get("StudyInstanceUID", "")) or "unknown"
+    except Exception:  # an unreadable file fails later, in the pipeline, with a reason
+        return "unknown"
+
+
+def _summary(study: str, result: Any) -> dict[str, Any]:
+    if hasattr(result, "findings"):
+        return {"study": study, "result": result.result,
+                "findings": [{"name": f.name, "presence": f.presence,
+                              "confidence": f.confidence} for f in result.findings]}
+    return {"study": study, "segments": [{"name": s.name, "volume_ml": s.volume_ml}
+                                         for s in result.segments]}
+
+
+def _dicomweb_destination(name: str, d: dict[str, Any]) -> DestinationSettings:
+    """An ACR request's DICOMweb output (already checked against the configuration)."""
+    auth = str(d.get("authType") or "None").lower()
+    credentials = d.get("authId")
+    if auth == "basic" and credentials and ":" not in credentials:
+        # Clara sends base64("user:password")
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            credentials = base64.b64decode(credentials).decode("utf-8")
+    return DestinationSettings.model_validate({
+        "name": name, "type": "dicomweb", "url": d["uri"],
+        "auth": auth if auth in ("basic", "bearer") else "none", "credentials": credentials})
+
+
+def create_handler(node: Node) -> NodeHandler:
+    return NodeHandler(node)
+

@@ -25,6 +25,7 @@ from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
 
 if TYPE_CHECKING:
+    from pipeline.runner import PipelineRunner
     from rest.auth import Authenticator
 
 
@@ -38,6 +39,7 @@ class Node:
         self.log = get_logger("node", node=settings.node_name)
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
+        self.runner: PipelineRunner | None = None
         self.parts: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._signals = 0
@@ -80,6 +82,7 @@ class Node:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._part("store", self._store()))
             await stack.enter_async_context(self._part("secrets", self._secrets()))
+            await stack.enter_async_context(self._part("models", self._models()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
             if self.settings.rest.enabled:
                 await stack.enter_async_context(self._part("http", self._http()))
@@ -144,9 +147,28 @@ class Node:
         yield
 
     @asynccontextmanager
+    async def _models(self) -> AsyncIterator[None]:
+        from pipeline.runner import PipelineRunner
+
+        runner = PipelineRunner(self.settings.models, self.settings.pipelines,
+                                self.settings.model_path)
+        await asyncio.to_thread(runner.start)  # loads and warms every model
+        for name, problem in runner.failed.items():
+            self.log.error("model failed to load; its pipelines will fail", model=name,
+                           error=problem)
+        if self.settings.models:
+            self.log.info("models ready", models=[m.name for m in self.settings.models],
+                          failed=sorted(runner.failed))
+        self.runner = runner
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(runner.close)
+
+    @asynccontextmanager
     async def _scheduler(self) -> AsyncIterator[None]:
         assert self.store is not None
-        handler = load_handler(self.settings, self.store)
+        handler = load_handler(self)
         scheduler = Scheduler(self.store, handler, self.settings.executor,
                               owner=self.settings.node_name,
                               work_root=self.settings.path(self.settings.storage.results_dir)

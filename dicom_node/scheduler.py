@@ -20,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from dicom_node.config import ExecutorSettings, Settings
+from dicom_node.config import ExecutorSettings
 from dicom_node.errors import JobCancelled, PermanentJobError
 from dicom_node.logs import get_logger
 from dicom_node.store import Job, JobState, NewJob, Store, utcnow
 from pipeline.types import Artifact
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
 
 T = TypeVar("T")
 
@@ -50,6 +53,10 @@ class JobContext:
     store: Store
     work_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Handler-owned state for this attempt (e.g. the files a retrieval brought in) and
+    # what to keep in the job's result (shown by the status APIs).
+    data: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
     _set_state: Callable[[JobState, str | None], None] | None = None
 
     @property
@@ -60,6 +67,11 @@ class JobContext:
         """Raise :class:`JobCancelled` when a cancel was requested; call between steps."""
         if self.cancelled.is_set():
             raise JobCancelled(f"job {self.job.id} was cancelled")
+
+    def publish(self, **values: Any) -> None:
+        """Record progress in the job's result now, so status requests can show it."""
+        self.result.update(values)
+        self.store.update_result(self.job.id, self.result, token=self.job.lease_token)
 
     def set_state(self, state: JobState, message: str | None = None) -> None:
         """Record a stage change (e.g. ``retrieving`` → ``running``)."""
@@ -87,15 +99,15 @@ class JobHandler(Protocol):
         ...
 
 
-HandlerFactory = Callable[[Settings, Store], JobHandler]
+HandlerFactory = Callable[["Node"], JobHandler]
 
 
-def load_handler(settings: Settings, store: Store) -> JobHandler:
-    """Build the handler named by ``executor.runner`` (``module:factory``)."""
-    module_name, _, attr = settings.executor.runner.partition(":")
+def load_handler(node: Node) -> JobHandler:
+    """Build the handler named by ``executor.runner`` (``module:factory``) for ``node``."""
+    module_name, _, attr = node.settings.executor.runner.partition(":")
     module = importlib.import_module(module_name)
     factory: HandlerFactory = getattr(module, attr)
-    return factory(settings, store)
+    return factory(node)
 
 
 class _DaemonPool:
@@ -334,7 +346,7 @@ class Scheduler:
             await self._finish(job, JobState.CANCELLED, "cancelled", log)
             return
         except PermanentJobError as exc:
-            await self._finish(job, JobState.FAILED, str(exc), log)
+            await self._finish(job, JobState.FAILED, str(exc), log, result=ctx.result or None)
             return
         except Exception as exc:
             if ctx.cancelled.is_set() and (await asyncio.to_thread(
@@ -346,9 +358,10 @@ class Scheduler:
         failed = [o for o in outcomes if not o.ok]
         if failed:
             msg = "; ".join(f"export to {o.destination} failed: {o.message}" for o in failed)
-            await self._finish(job, JobState.FAILED, msg, log)
+            await self._finish(job, JobState.FAILED, msg, log,
+                               result={**ctx.result, "artifacts": len(produced)})
         else:
-            result = {"artifacts": len(produced), "exports": len(outcomes)}
+            result = {**ctx.result, "artifacts": len(produced), "exports": len(outcomes)}
             await self._finish(job, JobState.SUCCEEDED, "done", log, result=result)
 
     async def _finish(

@@ -641,6 +641,16 @@ class Store:
                 self._event(conn, job_id, to, message, now)
         return bool(changed)
 
+    def update_result(self, job_id: str, result: dict[str, Any], *,
+                      token: str | None = None) -> bool:
+        """Replace a running job's result (progress); only while ``token`` holds the lease."""
+        stmt = jobs.update().where(jobs.c.id == job_id).values(result=result,
+                                                              updated_at=utcnow())
+        if token is not None:
+            stmt = stmt.where(jobs.c.lease_token == token)
+        with self._begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
     def renew_leases(self, owner: str, lease_s: float) -> list[tuple[str, bool]]:
         """Extend this owner's leases; returns (job_id, cancel_requested) for each."""
         now = utcnow()

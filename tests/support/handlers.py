@@ -12,10 +12,10 @@ import os
 import time
 from pathlib import Path
 
-from dicom_node.config import Settings
 from dicom_node.errors import PermanentJobError
+from dicom_node.node import Node
 from dicom_node.scheduler import ExportOutcome, JobContext
-from dicom_node.store import Job, Store
+from dicom_node.store import Job
 from pipeline.types import Artifact
 
 
@@ -29,7 +29,7 @@ def _mark(ctx: JobContext, what: str) -> None:
 
 
 class RecordingHandler:
-    def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
+    def __init__(self) -> None:
         self.order: list[str] = []
 
     def needs_retrieval(self, job: Job) -> bool:
@@ -60,5 +60,5 @@ class RecordingHandler:
         return [ExportOutcome("folder", ok=True, sent=len(artifacts))]
 
 
-def create_handler(settings: Settings, store: Store) -> RecordingHandler:
-    return RecordingHandler(settings, store)
+def create_handler(node: Node) -> RecordingHandler:
+    return RecordingHandler()

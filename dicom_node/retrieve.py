@@ -1,0 +1,221 @@
+"""Retrieval for ACR requests: find the named studies on a PACS and fetch them.
+
+Each query (study UIDs, a PatientID or accession numbers) is resolved to
+studies on the request's sources, tried in order; each study is fetched from
+the first source that has it, by C-MOVE / C-GET or by WADO-RS. Everything that
+arrives is stored like a received instance. Progress per study goes into the
+job's result as it happens.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.config import SourceSettings
+from dicom_node.errors import NodeError, PermanentJobError
+from dicom_node.scheduler import JobContext
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+
+
+class RetrievalError(NodeError):
+    """A source could not be reached; the job is retried with backoff."""
+
+
+@dataclass
+class Target:
+    """One study (or some of its series or instances) to fetch."""
+
+    study: str
+    series: str | None = None
+    instances: list[str] = field(default_factory=list)
+
+    def key(self) -> str:
+        return "/".join(x for x in (self.study, self.series) if x)
+
+
+@dataclass
+class Progress:
+    study: str
+    source: str = ""
+    state: str = "pending"  # pending, retrieved, partial, failed
+    received: int = 0
+    failed: int = 0
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"study": self.study, "source": self.source, "state": self.state,
+                "received": self.received, "failed": self.failed, "message": self.message}
+
+
+class Retriever:
+    """Fetches a job's studies; returns the stored paths of what arrived."""
+
+    def __init__(self, node: Node, ctx: JobContext) -> None:
+        self.node = node
+        self.ctx = ctx
+        self.unreachable: list[str] = []
+
+    # -- sources -------------------------------------------------------------------------
+
+    def _dimse_source(self, name: str) -> SourceSettings:
+        for s in self.node.settings.sources:
+            if s.name == name:
+                return s
+        raise PermanentJobError(f"source {name!r} is no longer configured")
+
+    def _web_client(self, src: dict[str, Any]) -> Any:
+        from dicom_node.dicomweb import BasicAuth, BearerAuth, DicomWebClient
+
+        auth: Any = None
+        kind = str(src.get("authType") or "None").lower()
+        secret = src.get("authId") or ""
+        if kind == "basic":
+            if ":" not in secret:
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    secret = base64.b64decode(secret).decode("utf-8")
+            user, _, password = secret.partition(":")
+            auth = BasicAuth(user, password)
+        elif kind == "bearer":
+            auth = BearerAuth(secret)
+        return DicomWebClient(src["uri"], auth, retries=1)
+
+    @staticmethod
+    def _label(src: dict[str, Any]) -> str:
+        return str(src.get("name") or src.get("uri") or "?")
+
+    # -- resolve -------------------------------------------------------------------------
+
+    def resolve(self, query: dict[str, Any], sources: list[dict[str, Any]]) -> list[Target]:
+        kind = query.get("type")
+        if kind == "DICOM_UID":
+            targets = []
+            for st in query.get("studies", []):
+                series = st.get("series") or []
+                if not series:
+                    targets.append(Target(st["StudyInstanceUID"]))
+                for se in series:
+                    sops = [u for inst in se.get("instances") or []
+                            for u in inst.get("SOPInstanceUID", [])]
+                    targets.append(Target(st["StudyInstanceUID"], se["SeriesInstanceUID"], sops))
+            return targets
+        keys: list[dict[str, str]] = []
+        if kind == "DICOM_PATIENT_ID":
+            keys = [{"patient_id": query["PatientID"]}]
+        elif kind == "ACCESSION_NUMBER":
+            keys = [{"accession_number": a} for a in query.get("accessionNumber", [])]
+        found: dict[str, Target] = {}
+        for key in keys:
+            for src in sources:
+                for uid in self._find_studies(src, key):
+                    found.setdefault(uid, Target(uid))
+        if not found:
+            what = ", ".join(f"{k}={v}" for key in keys for k, v in key.items())
+            if self.unreachable:
+                raise RetrievalError(f"no study found for {what}; unreachable: "
+                                     f"{'; '.join(self.unreachable)}")
+            raise PermanentJobError(f"no study found for {what} on "
+                                    f"{', '.join(self._label(s) for s in sources)}")
+        return list(found.values())
+
+    def _find_studies(self, src: dict[str, Any], key: dict[str, str]) -> list[str]:
+        from dicom_node.dicomweb import DicomWebError
+
+        if src["interface"] == "DICOMweb":
+            try:
+                with self._web_client(src) as client:
+                    return [s.study_uid for s in client.search_studies(**key)]
+            except DicomWebError as exc:
+                self.unreachable.append(f"{self._label(src)}: {exc}")
+                return []
+        from dicom_node.scu import Query, QueryLevel
+
+        source = self._dimse_source(src["name"])
+        result = self.node.dicom_client().find(source, Query(QueryLevel.STUDY, **key))
+        if not result.ok:
+            self.unreachable.append(f"{source.name}: {result.message}")
+        return [str(m.StudyInstanceUID) for m in result.matches
+                if m.get("StudyInstanceUID")]
+
+    # -- fetch ---------------------------------------------------------------------------
+
+    def run(self, queries: list[dict[str, Any]], sources: list[dict[str, Any]]) -> list[Path]:
+        targets: list[Target] = []
+        for q in queries:
+            targets += self.resolve(q, sources)
+        progress = [Progress(t.key()) for t in targets]
+        self.ctx.publish(retrieval=[p.as_dict() for p in progress])
+        paths: list[Path] = []
+        for target, prog in zip(targets, progress, strict=True):
+            self.ctx.check_cancelled()
+            for src in sources:
+                got, failed, message = self._fetch(src, target)
+                prog.source = self._label(src)
+                if got:
+                    paths += got
+                    prog.received, prog.failed = len(got), failed
+                    prog.state = "retrieved" if not failed else "partial"
+                    prog.message = message
+                    break
+                prog.state, prog.message = "failed", message
+            self.ctx.publish(retrieval=[p.as_dict() for p in progress])
+        if not paths:
+            reasons = "; ".join(f"{p.study}: {p.message}" for p in progress)
+            if self.unreachable or any("cannot" in p.message or "refused" in p.message
+                                       or "unreachable" in p.message for p in progress):
+                raise RetrievalError(f"nothing retrieved ({reasons})")
+            raise PermanentJobError(f"nothing retrieved ({reasons})")
+        return paths
+
+    def _fetch(self, src: dict[str, Any], t: Target) -> tuple[list[Path], int, str]:
+        """(stored paths, failed count, message) of one target from one source."""
+        if src["interface"] == "DICOMweb":
+            return self._fetch_web(src, t)
+        from dicom_node.scu import Query, QueryLevel
+
+        source = self._dimse_source(src["name"])
+        level = (QueryLevel.IMAGE if t.instances else
+                 QueryLevel.SERIES if t.series else QueryLevel.STUDY)
+        query = Query(level, study_instance_uid=t.study, series_instance_uid=t.series,
+                      sop_instance_uid="\\".join(t.instances) or None)
+        result = self.node.dicom_client().retrieve(source, query)
+        got = [r.path for r in result.received]
+        message = result.message or ("" if got else "the source has no such study")
+        if not result.ok and not got and "associat" in message:
+            self.unreachable.append(f"{source.name}: {message}")
+        return got, result.failed + len(result.failures), message
+
+    def _fetch_web(self, src: dict[str, Any], t: Target) -> tuple[list[Path], int, str]:
+        from dicom_node.dicomweb import DicomWebError, DicomWebNotFound, InstanceRef
+
+        folder = self.ctx.work_dir / "retrieved"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._web_client(src) as client:
+                if t.instances:
+                    assert t.series is not None
+                    result = client.retrieve_instances(
+                        [InstanceRef(t.study, t.series, s) for s in t.instances], folder)
+                elif t.series:
+                    result = client.retrieve_series(t.study, t.series, folder)
+                else:
+                    result = client.retrieve_study(t.study, folder)
+        except DicomWebNotFound:
+            return [], 0, "the source has no such study"
+        except DicomWebError as exc:
+            self.unreachable.append(f"{self._label(src)}: {exc}")
+            return [], 0, f"unreachable: {exc}"
+        writer = self.node.instance_writer()
+        stored: list[Path] = []
+        for path in result.paths:
+            received = writer.write(path, called_ae=self.node.settings.dimse.ae_title,
+                                    calling_ae="DICOMWEB", association_id=0,
+                                    source="retrieve")
+            stored.append(received.path)
+        message = "" if stored else "the source has no such study"
+        return stored, len(result.failed), message
