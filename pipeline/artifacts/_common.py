@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -16,6 +19,7 @@ from pydicom.sr.coding import Code
 __all__ = [
     "PRIVATE_SCHEME",
     "SeriesInfo",
+    "atomic_path",
     "concept_for_name",
     "package_version",
     "patient_dir",
@@ -83,6 +87,22 @@ def person_name(value: str) -> str:
         return text
     family, given, middle, prefix, suffix = ([p.strip() for p in text.split("^")] + [""] * 5)[:5]
     return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; on success rename it to ``path``.
+
+    Readers (exporters, watch folders) never see a half-written file. On error the
+    temporary file is removed and the exception propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def utc_now() -> datetime:

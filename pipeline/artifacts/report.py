@@ -30,7 +30,7 @@ from reportlab.platypus import (
     TableStyle,
 )
 
-from pipeline.artifacts._common import utc_now
+from pipeline.artifacts._common import atomic_path, utc_now
 from pipeline.artifacts.images import (
     heatmap_overlay,
     png_bytes,
@@ -462,8 +462,15 @@ def _model_table(
 
 
 def _build(path: Path, story: list[Flowable], title: str, model: str, generated: datetime) -> None:
+    with atomic_path(path) as tmp:
+        _build_to(tmp, story, title, model, generated)
+
+
+def _build_to(
+    tmp: Path, story: list[Flowable], title: str, model: str, generated: datetime
+) -> None:
     doc = SimpleDocTemplate(
-        str(path),
+        str(tmp),
         pagesize=A4,
         leftMargin=16 * mm,
         rightMargin=16 * mm,
