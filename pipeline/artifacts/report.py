@@ -10,6 +10,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from PIL import Image as PILImage
+from reportlab import rl_config
 from reportlab.graphics.shapes import Drawing, Rect
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
@@ -482,7 +483,14 @@ def _build_to(
         creator="dicom-node",
     )
     footer = _footer_factory(model, generated)
-    doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    # reportlab's pure-Python ASCII85 encoding of images is slow; binary streams are
+    # valid PDF and several times faster to write.
+    saved = rl_config.useA85
+    rl_config.useA85 = 0
+    try:
+        doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    finally:
+        rl_config.useA85 = saved
 
 
 def write_classification_report(

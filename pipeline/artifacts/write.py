@@ -68,11 +68,11 @@ def write_classification_artifacts(
     files, so asking for JSON writes the PNGs too. ``patient_id`` is ``study.patient_id``.
 
     Raises:
-        ValueError: when the patient ID is not a safe path component, or the result is
-            not Normal and has no heatmap.
+        ValueError: when the patient ID is not a safe path component, an output name is
+            unknown, or the result is not Normal and has no heatmap.
         OSError: when a file cannot be written.
     """
-    wanted = set(outputs)
+    wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
     base = series or SeriesInfo()
@@ -150,11 +150,11 @@ def write_segmentation_artifacts(
     SEG when one is written), ``_sc.dcm`` (the overlay) and ``_report.dcm``.
 
     Raises:
-        ValueError: when the patient ID is not a safe path component, there are no
-            source datasets, or the label map does not match them.
+        ValueError: when the patient ID is not a safe path component, an output name is
+            unknown, there are no source datasets, or the label map does not match them.
         OSError: when a file cannot be written.
     """
-    wanted = set(outputs)
+    wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
     if not source_datasets:
