@@ -262,7 +262,7 @@ def _patient_table(
         ("Birth date", format_date(study.patient_birth_date)),
         ("Study date", format_date(study.study_date)),
         ("Accession no.", study.accession_number or "—"),
-        ("Study description", study.study_description or "—"),
+        ("Description", study.study_description or "—"),
         *extra,
         ("Study UID", study.study_instance_uid or "—"),
     ]
@@ -278,7 +278,7 @@ def _patient_table(
         if len(chunk) == 1:
             row += ["", ""]
         rows.append(row)
-    lw = 32 * mm
+    lw = 34 * mm
     vw = width / 2 - lw
     t = Table(rows, colWidths=[lw, vw, lw, vw])
     style = [
@@ -410,7 +410,11 @@ class _Placeholder(Flowable):  # type: ignore[misc]
         c.rect(0, 0, self.width, self.height, fill=1)
         c.setFillColor(colors.HexColor("#52606D"))
         c.setFont(_fonts()[0], 9)
-        c.drawCentredString(self.width / 2, self.height / 2, self.text)
+        lines = self.text.splitlines() or [""]
+        y = self.height / 2 + (len(lines) - 1) * 6 - 3
+        for line in lines:
+            c.drawCentredString(self.width / 2, y, line)
+            y -= 12
 
 
 def _footer_factory(model: str, generated: datetime) -> Any:
@@ -537,7 +541,7 @@ def write_classification_report(
         heat_caption = "Heatmap (regions that drove the model's output)"
     else:
         heat = _Placeholder(
-            float(src.drawWidth), float(src.drawHeight), "No heatmap: result is Normal"
+            float(src.drawWidth), float(src.drawHeight), "No heatmap\n(result is Normal)"
         )
         heat_caption = "Heatmap"
     images = Table(

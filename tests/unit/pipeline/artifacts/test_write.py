@@ -161,3 +161,12 @@ def test_segmentation_requires_sources(
 ) -> None:
     with pytest.raises(ValueError, match="no source"):
         write_segmentation_artifacts(seg_result, study, [], tmp_path, ALL)
+
+
+def test_outputs_accept_names_and_reject_unknown(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult
+) -> None:
+    arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ["sr", "pdf"])
+    assert [a.kind for a in arts] == ["pdf", "sr"]
+    with pytest.raises(ValueError):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ["bogus"])
