@@ -57,13 +57,14 @@ def validate_patient_id(patient_id: str) -> str:
 
 
 def patient_dir(out_dir: Path, patient_id: str) -> Path:
-    """Create and return ``<out_dir>/<patient_id>/``.
+    """Create and return the absolute folder ``<out_dir>/<patient_id>/``.
 
     Raises:
         ValueError: when ``patient_id`` is not a safe path component.
         OSError: when the folder cannot be created.
     """
-    folder = Path(out_dir) / validate_patient_id(patient_id)
+    # Absolute (not symlink-resolved), so paths written into JSON are absolute as in seed 001.
+    folder = Path(os.path.abspath(Path(out_dir) / validate_patient_id(patient_id)))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

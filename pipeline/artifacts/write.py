@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
+import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -30,6 +32,9 @@ from pipeline.types import Artifact, ClassificationResult, PatientStudy, Segment
 
 __all__ = ["write_classification_artifacts", "write_segmentation_artifacts"]
 
+# Log lines carry kinds, counts and timings only: no patient name, ID or path.
+log = structlog.get_logger(__name__)
+
 # Offsets from the base series number; each DICOM output gets its own new series
 # (they have different modalities, which one series cannot mix).
 _SERIES = {"sr": (0, "SR"), "sc": (1, "heatmap"), "pdf": (2, "report"), "seg": (3, "SEG")}
@@ -41,6 +46,16 @@ def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
         base,
         series_number=base.series_number + offset,
         series_description=f"{base.series_description} ({suffix})"[:64],
+    )
+
+
+def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
+    log.info(
+        "artifacts.written",
+        task=task,
+        kinds=[a.kind for a in artifacts],
+        count=len(artifacts),
+        duration_s=round(time.perf_counter() - started, 3),
     )
 
 
@@ -72,6 +87,7 @@ def write_classification_artifacts(
             unknown, or the result is not Normal and has no heatmap.
         OSError: when a file cannot be written.
     """
+    started = time.perf_counter()
     wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
@@ -128,6 +144,7 @@ def write_classification_artifacts(
                 overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
             )
         )
+    _log_done("classification", artifacts, started)
     return artifacts
 
 
@@ -154,6 +171,7 @@ def write_segmentation_artifacts(
             unknown, there are no source datasets, or the label map does not match them.
         OSError: when a file cannot be written.
     """
+    started = time.perf_counter()
     wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
@@ -216,4 +234,5 @@ def write_segmentation_artifacts(
             codes_by_name=codes_by_name,
         )
         artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+    _log_done("segmentation", artifacts, started)
     return artifacts
