@@ -81,6 +81,7 @@ def write_classification_artifacts(
     DICOM outputs ``_sr.dcm``, ``_sc.dcm`` (heatmap; not when Normal) and
     ``_report.dcm``, each in a new series of the source study. The JSON names the PNG
     files, so asking for JSON writes the PNGs too. ``patient_id`` is ``study.patient_id``.
+    For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -97,6 +98,10 @@ def write_classification_artifacts(
     if abnormal and result.heatmap is None:
         raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
     artifacts: list[Artifact] = []
+    if not abnormal:
+        # A Normal result has no heatmap: drop one left by an earlier run of this patient.
+        for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
+            (folder / stale).unlink(missing_ok=True)
     if wanted & {Output.PNG, Output.JSON}:
         source_png = write_source_png(result, folder / f"{pid}_source_image.png")
         heat_png = write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None

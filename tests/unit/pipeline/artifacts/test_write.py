@@ -63,7 +63,11 @@ def test_classification_all_outputs(
 def test_classification_normal(
     tmp_path: Path, dx_ds: Dataset, study: PatientStudy, normal_result: ClassificationResult
 ) -> None:
+    # A previous abnormal run left a heatmap behind.
+    (tmp_path / "PAT001").mkdir()
+    (tmp_path / "PAT001" / "PAT001_heatmap.png").write_bytes(b"old")
     arts = write_classification_artifacts(normal_result, study, dx_ds, tmp_path, ALL)
+    assert not (tmp_path / "PAT001" / "PAT001_heatmap.png").exists()
     names = {a.path.name for a in arts}
     assert "PAT001_heatmap.png" not in names and "PAT001_sc.dcm" not in names
     data = json.loads((tmp_path / "PAT001" / "PAT001_predictions.json").read_text())
