@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -16,6 +19,7 @@ from pydicom.sr.coding import Code
 __all__ = [
     "PRIVATE_SCHEME",
     "SeriesInfo",
+    "atomic_path",
     "concept_for_name",
     "package_version",
     "patient_dir",
@@ -53,13 +57,14 @@ def validate_patient_id(patient_id: str) -> str:
 
 
 def patient_dir(out_dir: Path, patient_id: str) -> Path:
-    """Create and return ``<out_dir>/<patient_id>/``.
+    """Create and return the absolute folder ``<out_dir>/<patient_id>/``.
 
     Raises:
         ValueError: when ``patient_id`` is not a safe path component.
         OSError: when the folder cannot be created.
     """
-    folder = Path(out_dir) / validate_patient_id(patient_id)
+    # Absolute (not symlink-resolved), so paths written into JSON are absolute as in seed 001.
+    folder = Path(os.path.abspath(Path(out_dir) / validate_patient_id(patient_id)))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -83,6 +88,22 @@ def person_name(value: str) -> str:
         return text
     family, given, middle, prefix, suffix = ([p.strip() for p in text.split("^")] + [""] * 5)[:5]
     return " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; on success rename it to ``path``.
+
+    Readers (exporters, watch folders) never see a half-written file. On error the
+    temporary file is removed and the exception propagates.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def utc_now() -> datetime:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from pipeline.artifacts._common import PRIVATE_SCHEME, SeriesInfo
+from pipeline.artifacts._common import PRIVATE_SCHEME, SeriesInfo, atomic_path
 
 __all__ = [
     "PATIENT_ATTRIBUTES",
@@ -145,4 +145,5 @@ def save(ds: Dataset, path: Path) -> None:
     Raises:
         OSError: when writing fails.
     """
-    ds.save_as(Path(path), enforce_file_format=True)
+    with atomic_path(Path(path)) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)

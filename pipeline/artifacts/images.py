@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.artifacts._common import atomic_path
 from pipeline.types import Artifact, ClassificationResult, Segment, SegmentationResult
 
 __all__ = [
@@ -226,7 +227,8 @@ def write_png(image: Image.Image, path: Path, kind: str = "png") -> Artifact:
         OSError: when the file cannot be written.
     """
     path = Path(path)
-    path.write_bytes(png_bytes(image))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png_bytes(image))
     return Artifact(kind=kind, path=path, media_type="image/png")
 
 

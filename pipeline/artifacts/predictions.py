@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts._common import person_name
+from pipeline.artifacts._common import atomic_path, person_name
 from pipeline.artifacts.images import heatmap_overlay, png_bytes, source_image
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
@@ -107,7 +107,9 @@ def write_json(obj: Any, path: Path, kind: str = "json") -> Artifact:
         TypeError: when ``obj`` is not JSON-serialisable. OSError: when writing fails.
     """
     path = Path(path)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Artifact(kind=kind, path=path, media_type="application/json")
 
 

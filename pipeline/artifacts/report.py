@@ -10,6 +10,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from PIL import Image as PILImage
+from reportlab import rl_config
 from reportlab.graphics.shapes import Drawing, Rect
 from reportlab.lib import colors
 from reportlab.lib.enums import TA_CENTER
@@ -30,7 +31,7 @@ from reportlab.platypus import (
     TableStyle,
 )
 
-from pipeline.artifacts._common import utc_now
+from pipeline.artifacts._common import atomic_path, utc_now
 from pipeline.artifacts.images import (
     heatmap_overlay,
     png_bytes,
@@ -261,7 +262,7 @@ def _patient_table(
         ("Birth date", format_date(study.patient_birth_date)),
         ("Study date", format_date(study.study_date)),
         ("Accession no.", study.accession_number or "—"),
-        ("Study description", study.study_description or "—"),
+        ("Description", study.study_description or "—"),
         *extra,
         ("Study UID", study.study_instance_uid or "—"),
     ]
@@ -277,7 +278,7 @@ def _patient_table(
         if len(chunk) == 1:
             row += ["", ""]
         rows.append(row)
-    lw = 32 * mm
+    lw = 34 * mm
     vw = width / 2 - lw
     t = Table(rows, colWidths=[lw, vw, lw, vw])
     style = [
@@ -409,7 +410,11 @@ class _Placeholder(Flowable):  # type: ignore[misc]
         c.rect(0, 0, self.width, self.height, fill=1)
         c.setFillColor(colors.HexColor("#52606D"))
         c.setFont(_fonts()[0], 9)
-        c.drawCentredString(self.width / 2, self.height / 2, self.text)
+        lines = self.text.splitlines() or [""]
+        y = self.height / 2 + (len(lines) - 1) * 6 - 3
+        for line in lines:
+            c.drawCentredString(self.width / 2, y, line)
+            y -= 12
 
 
 def _footer_factory(model: str, generated: datetime) -> Any:
@@ -462,8 +467,15 @@ def _model_table(
 
 
 def _build(path: Path, story: list[Flowable], title: str, model: str, generated: datetime) -> None:
+    with atomic_path(path) as tmp:
+        _build_to(tmp, story, title, model, generated)
+
+
+def _build_to(
+    tmp: Path, story: list[Flowable], title: str, model: str, generated: datetime
+) -> None:
     doc = SimpleDocTemplate(
-        str(path),
+        str(tmp),
         pagesize=A4,
         leftMargin=16 * mm,
         rightMargin=16 * mm,
@@ -475,7 +487,14 @@ def _build(path: Path, story: list[Flowable], title: str, model: str, generated:
         creator="dicom-node",
     )
     footer = _footer_factory(model, generated)
-    doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    # reportlab's pure-Python ASCII85 encoding of images is slow; binary streams are
+    # valid PDF and several times faster to write.
+    saved = rl_config.useA85
+    rl_config.useA85 = 0
+    try:
+        doc.build(story, onFirstPage=footer, onLaterPages=footer)
+    finally:
+        rl_config.useA85 = saved
 
 
 def write_classification_report(
@@ -522,7 +541,7 @@ def write_classification_report(
         heat_caption = "Heatmap (regions that drove the model's output)"
     else:
         heat = _Placeholder(
-            float(src.drawWidth), float(src.drawHeight), "No heatmap: result is Normal"
+            float(src.drawWidth), float(src.drawHeight), "No heatmap\n(result is Normal)"
         )
         heat_caption = "Heatmap"
     images = Table(

@@ -13,7 +13,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme
+from pipeline.artifacts._dicom import declare_private_scheme, save
 from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
 
@@ -121,7 +121,7 @@ def write_segmentation(
     seg_ds = build_segmentation(
         result, source_datasets, info, series_uid=series_uid, codes_by_name=codes_by_name
     )
-    seg_ds.save_as(Path(path), enforce_file_format=True)
+    save(seg_ds, Path(path))
     art = Artifact(
         kind="seg",
         path=Path(path),

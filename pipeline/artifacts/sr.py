@@ -27,7 +27,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme
+from pipeline.artifacts._dicom import declare_private_scheme, save
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
@@ -241,7 +241,7 @@ def write_sr(sr: ComprehensiveSR, path: Path) -> Artifact:
     Raises:
         OSError: when writing fails.
     """
-    sr.save_as(Path(path), enforce_file_format=True)
+    save(sr, Path(path))
     return Artifact(
         kind="sr",
         path=Path(path),

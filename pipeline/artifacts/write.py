@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
+import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -30,6 +32,9 @@ from pipeline.types import Artifact, ClassificationResult, PatientStudy, Segment
 
 __all__ = ["write_classification_artifacts", "write_segmentation_artifacts"]
 
+# Log lines carry kinds, counts and timings only: no patient name, ID or path.
+log = structlog.get_logger(__name__)
+
 # Offsets from the base series number; each DICOM output gets its own new series
 # (they have different modalities, which one series cannot mix).
 _SERIES = {"sr": (0, "SR"), "sc": (1, "heatmap"), "pdf": (2, "report"), "seg": (3, "SEG")}
@@ -44,6 +49,16 @@ def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
     )
 
 
+def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
+    log.info(
+        "artifacts.written",
+        task=task,
+        kinds=[a.kind for a in artifacts],
+        count=len(artifacts),
+        duration_s=round(time.perf_counter() - started, 3),
+    )
+
+
 def _pdf_path(folder: Path, pid: str, keep: bool, tmp: Path) -> Path:
     return folder / f"{pid}_report.pdf" if keep else tmp / f"{pid}_report.pdf"
 
@@ -53,7 +68,7 @@ def write_classification_artifacts(
     study: PatientStudy,
     source_ds: Dataset,
     out_dir: Path,
-    outputs: Collection[Output],
+    outputs: Collection[Output | str],
     *,
     series: SeriesInfo | None = None,
     generated_at: datetime | None = None,
@@ -66,13 +81,15 @@ def write_classification_artifacts(
     DICOM outputs ``_sr.dcm``, ``_sc.dcm`` (heatmap; not when Normal) and
     ``_report.dcm``, each in a new series of the source study. The JSON names the PNG
     files, so asking for JSON writes the PNGs too. ``patient_id`` is ``study.patient_id``.
+    For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
 
     Raises:
-        ValueError: when the patient ID is not a safe path component, or the result is
-            not Normal and has no heatmap.
+        ValueError: when the patient ID is not a safe path component, an output name is
+            unknown, or the result is not Normal and has no heatmap.
         OSError: when a file cannot be written.
     """
-    wanted = set(outputs)
+    started = time.perf_counter()
+    wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
     base = series or SeriesInfo()
@@ -81,6 +98,10 @@ def write_classification_artifacts(
     if abnormal and result.heatmap is None:
         raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
     artifacts: list[Artifact] = []
+    if not abnormal:
+        # A Normal result has no heatmap: drop one left by an earlier run of this patient.
+        for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
+            (folder / stale).unlink(missing_ok=True)
     if wanted & {Output.PNG, Output.JSON}:
         source_png = write_source_png(result, folder / f"{pid}_source_image.png")
         heat_png = write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None
@@ -128,6 +149,7 @@ def write_classification_artifacts(
                 overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
             )
         )
+    _log_done("classification", artifacts, started)
     return artifacts
 
 
@@ -136,7 +158,7 @@ def write_segmentation_artifacts(
     study: PatientStudy,
     source_datasets: Sequence[Dataset],
     out_dir: Path,
-    outputs: Collection[Output],
+    outputs: Collection[Output | str],
     *,
     series: SeriesInfo | None = None,
     generated_at: datetime | None = None,
@@ -150,11 +172,12 @@ def write_segmentation_artifacts(
     SEG when one is written), ``_sc.dcm`` (the overlay) and ``_report.dcm``.
 
     Raises:
-        ValueError: when the patient ID is not a safe path component, there are no
-            source datasets, or the label map does not match them.
+        ValueError: when the patient ID is not a safe path component, an output name is
+            unknown, there are no source datasets, or the label map does not match them.
         OSError: when a file cannot be written.
     """
-    wanted = set(outputs)
+    started = time.perf_counter()
+    wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
     if not source_datasets:
@@ -216,4 +239,5 @@ def write_segmentation_artifacts(
             codes_by_name=codes_by_name,
         )
         artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+    _log_done("segmentation", artifacts, started)
     return artifacts

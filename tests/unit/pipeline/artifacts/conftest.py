@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +22,8 @@ from pipeline.types import (
     Segment,
     SegmentationResult,
 )
+
+from .dicom_check import assert_dciodvfy_clean, dciodvfy_executable
 
 LABELS = [
     "Tuberculosis",
@@ -215,23 +214,6 @@ def seg_result(ct_series: list[Dataset]) -> SegmentationResult:
 
 @pytest.fixture
 def dciodvfy() -> Callable[[Path], str]:
-    """Run dciodvfy on a file; fail on any line starting with 'Error'.
-
-    Skips when dciodvfy is missing, unless REQUIRE_PEERS=1, in which case it fails.
-    """
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("REQUIRE_PEERS") == "1":
-            pytest.fail("dciodvfy is required (REQUIRE_PEERS=1) but not installed")
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-
-    def run(path: Path) -> str:
-        proc = subprocess.run(
-            [exe, str(path)], capture_output=True, text=True, timeout=120, check=False
-        )
-        text = proc.stdout + proc.stderr
-        errors = [line for line in text.splitlines() if line.startswith("Error")]
-        assert not errors, f"dciodvfy errors for {path.name}:\n{text}"
-        return text
-
-    return run
+    """``dciodvfy`` as a checker: skips (or fails with REQUIRE_PEERS=1) when missing."""
+    dciodvfy_executable()
+    return assert_dciodvfy_clean

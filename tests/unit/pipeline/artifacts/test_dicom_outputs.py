@@ -94,14 +94,15 @@ def test_classification_sr(
     assert images and all(
         i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID for i in images
     )
-    # highdicom can parse it back as a TID 1500 report
-    report = hd.sr.srread(art.path)
-    groups = (
-        report.content.get_observation_groups()
-        if hasattr(report.content, "get_observation_groups")
-        else None
-    )
-    assert groups is None or groups
+    # highdicom parses it back as a TID 1500 report: overall result + one group per finding.
+    report = hd.sr.srread(art.path).content
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == 1 + len(tb_result.findings)
+    tb = groups[1]
+    assert tb.finding_type.meaning == "Tuberculosis"
+    (confidence,) = tb.get_measurements()
+    assert confidence.value == pytest.approx(0.87)
+    assert confidence.name.value == "111012"
     dciodvfy(art.path)
 
 
@@ -208,6 +209,8 @@ def test_segmentation_and_volume_sr(
         for s in e.ReferencedSeriesSequence
     }
     assert evidence_series == {ct_series[0].SeriesInstanceUID, seg_ds.SeriesInstanceUID}
+    volumetric = hd.sr.srread(sr_art.path).content.get_volumetric_roi_measurement_groups()
+    assert [g.get_measurements()[0].unit.value for g in volumetric] == ["mL"] * 3
     dciodvfy(sr_art.path)
 
 

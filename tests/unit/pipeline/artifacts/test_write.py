@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog.testing
 from pydicom.dataset import Dataset
 
 from pipeline.artifacts import (
@@ -62,7 +63,11 @@ def test_classification_all_outputs(
 def test_classification_normal(
     tmp_path: Path, dx_ds: Dataset, study: PatientStudy, normal_result: ClassificationResult
 ) -> None:
+    # A previous abnormal run left a heatmap behind.
+    (tmp_path / "PAT001").mkdir()
+    (tmp_path / "PAT001" / "PAT001_heatmap.png").write_bytes(b"old")
     arts = write_classification_artifacts(normal_result, study, dx_ds, tmp_path, ALL)
+    assert not (tmp_path / "PAT001" / "PAT001_heatmap.png").exists()
     names = {a.path.name for a in arts}
     assert "PAT001_heatmap.png" not in names and "PAT001_sc.dcm" not in names
     data = json.loads((tmp_path / "PAT001" / "PAT001_predictions.json").read_text())
@@ -161,3 +166,30 @@ def test_segmentation_requires_sources(
 ) -> None:
     with pytest.raises(ValueError, match="no source"):
         write_segmentation_artifacts(seg_result, study, [], tmp_path, ALL)
+
+
+def test_outputs_accept_names_and_reject_unknown(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult
+) -> None:
+    arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ["sr", "pdf"])
+    assert [a.kind for a in arts] == ["pdf", "sr"]
+    with pytest.raises(ValueError):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ["bogus"])
+
+
+def test_relative_out_dir_gives_absolute_paths_and_quiet_logs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dx_ds: Dataset,
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        arts = write_classification_artifacts(tb_result, study, dx_ds, Path("out"), ALL)
+    assert all(a.path.is_absolute() for a in arts)
+    data = json.loads((tmp_path / "out" / "PAT001" / "PAT001_predictions.json").read_text())
+    assert data["source_image"] == str(tmp_path / "out" / "PAT001" / "PAT001_source_image.png")
+    assert logs and logs[-1]["event"] == "artifacts.written"
+    text = repr(logs)
+    assert "Doe" not in text and "John" not in text and "PAT001" not in text
