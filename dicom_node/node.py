@@ -17,9 +17,11 @@ from typing import Any
 
 from aiohttp import web
 
+from dicom_node.assembler import Assembler
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
+from dicom_node.scp import StorageSCP
 from dicom_node.secrets import ensure_jwt_secret
 from dicom_node.store import Store
 
@@ -32,6 +34,8 @@ class Node:
         self.log = get_logger("node", node=settings.node_name)
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
+        self.assembler: Assembler | None = None
+        self.scp: StorageSCP | None = None
         self.parts: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._signals = 0
@@ -49,6 +53,10 @@ class Node:
             await stack.enter_async_context(self._part("store", self._store()))
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
+            # After the scheduler, so that on the way out DICOM intake stops first and the
+            # assembler then hands its open groups to a scheduler that is still running.
+            await stack.enter_async_context(self._part("assembler", self._assembler()))
+            await stack.enter_async_context(self._part("dicom", self._dicom()))
             if self.settings.rest.enabled:
                 await stack.enter_async_context(self._part("http", self._http()))
             self.log.info("node started", dicom_port=self.settings.dimse.port,
@@ -120,6 +128,27 @@ class Node:
             yield
         finally:
             await scheduler.stop()
+
+    @asynccontextmanager
+    async def _assembler(self) -> AsyncIterator[None]:
+        assert self.scheduler is not None
+        assembler = Assembler(self.settings, self.scheduler.submit)
+        async with assembler:
+            self.assembler = assembler
+            yield
+
+    @asynccontextmanager
+    async def _dicom(self) -> AsyncIterator[None]:
+        assert self.store is not None and self.assembler is not None
+        scp = StorageSCP(self.settings, self.store,
+                         on_instance=self.assembler.instance_received,
+                         on_association_end=self.assembler.association_ended)
+        await asyncio.to_thread(scp.start)
+        self.scp = scp
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scp.stop)
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[None]:
