@@ -395,7 +395,10 @@ class DicomClient:
             ae.add_requested_context(sop_class, _UNCOMPRESSED if ts == "uncompressed" else [ts])
         assoc, error = self._associate(ae, peer)
         if assoc is None:
-            return [], [InstanceFailure(i.sop_instance_uid, None, error) for i in items], [], error
+            failed = [InstanceFailure(i.sop_instance_uid, None, error) for i in items]
+            if "rejected-permanent" in error:  # the same request will be refused again
+                return [], [], failed, error
+            return [], failed, [], error
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
         sent: list[str] = []

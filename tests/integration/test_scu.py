@@ -78,14 +78,15 @@ def test_export_to_a_destination_that_is_down_fails_with_backoff(node: RunningNo
 
 
 def test_export_to_a_refusing_destination(node: RunningNode, tmp_path: Path) -> None:
+    # The node's own SCP is the refusing peer: it does not know this called AE title.
     slept: list[float] = []
-    with storescp(tmp_path / "out", "STORESCP", "--refuse") as peer:
-        result = DicomClient(node.settings, sleep=slept.append).export(
-            destination(peer.port, max_attempts=2), [sample("CT_small.dcm")]
-        )
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae="NOBODY", max_attempts=2), [sample("CT_small.dcm")]
+    )
     assert not result.ok
-    assert "rejected the association" in result.message
-    assert result.attempts == 2
+    assert ("rejected the association: rejected-permanent, service-user, called AE title "
+            "not recognised") in result.message
+    assert result.attempts == 1 and slept == []  # a permanent rejection is not retried
 
 
 def test_export_unreadable_file_fails_only_itself(node: RunningNode, tmp_path: Path) -> None:
