@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import AETitleSettings, DuplicatePolicy, Settings, TlsSettings
@@ -194,7 +196,7 @@ class InstanceWriter:
             study_date=_text(elems["StudyDate"], 8),
         )
         try:
-            self.store.add_instance(
+            self.store.record_instance(
                 record, overwrite=duplicates is DuplicatePolicy.OVERWRITE
             )
         except SQLAlchemyError as exc:
@@ -256,6 +258,60 @@ def _place(source: Path, final: Path) -> int:
     finally:
         os.close(dfd)
     return size
+
+
+class _TunedSocket(AssociationSocket):
+    """pynetdicom's association socket, tuned for receiving large datasets.
+
+    pynetdicom 3.0 reads a PDU 4 KiB at a time into a growing bytearray, and its DUL
+    thread polls the socket with a zero timeout then sleeps 1 ms, so every C-STORE
+    waits up to a millisecond for the thread to notice the data (or our response).
+    Here ``recv`` fills one preallocated buffer, and ``ready`` waits in ``select``
+    (woken at once by data) for a short time while the peer is busy, a longer one
+    when it is idle, so an idle association does not spin. Only the class of each
+    accepted association's socket changes (see :func:`_tune`), nothing global.
+    """
+
+    _busy_until: float = 0.0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:  # connection closed: return what we have, as pynetdicom does
+                del view
+                return buf[:got]
+            got += n
+        del view
+        self._busy_until = time.monotonic() + 0.25
+        return buf
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        wait = 0.0002 if time.monotonic() < self._busy_until else 0.001
+        try:
+            readable, _, _ = select.select([sock], [], [], wait)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        return bool(readable)
+
+
+def _tune(assoc: Association) -> None:
+    """Swap in :class:`_TunedSocket` and let its ``select`` pace the DUL loop."""
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = _TunedSocket
+        assoc.dul._run_loop_delay = 0  # ``ready`` waits instead of sleeping blind
 
 
 def server_ssl_context(settings: Settings, tls: TlsSettings) -> ssl.SSLContext:
@@ -431,6 +487,7 @@ class StorageSCP:
                 cx for cx in assoc.acceptor.supported_contexts
                 if str(cx.abstract_syntax) in allowed
             ]
+        _tune(assoc)
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
         self.log.info("association requested", called_ae=called, calling_ae=calling,

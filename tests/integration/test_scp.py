@@ -399,7 +399,7 @@ def test_store_failure_answers_a700_and_keeps_nothing_acknowledged_lost(
     def broken(*a: object, **k: object) -> bool:
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(node.store, "add_instance", broken)
+    monkeypatch.setattr(node.store, "record_instance", broken)
     bad = synthetic(generate_uid(), generate_uid())
     assert assoc.send_c_store(bad).Status == 0xA700
     assoc.release()
