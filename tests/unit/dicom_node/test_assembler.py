@@ -146,7 +146,9 @@ async def test_ae_title_without_pipelines_only_stores() -> None:
     assert jobs.jobs == [] and len(done) == 1
 
 
-async def test_release_to_queued_for_a_300_instance_study(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_release_to_queued_for_a_300_instance_study(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Instances arrive from a foreign thread, as from the SCP; prints the latency."""
     jobs = Jobs()
     async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
