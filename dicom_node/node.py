@@ -22,6 +22,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import StorageSCP
+from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret
 from dicom_node.store import Store
 
@@ -36,6 +37,7 @@ class Node:
         self.scheduler: Scheduler | None = None
         self.assembler: Assembler | None = None
         self.scp: StorageSCP | None = None
+        self.dicom: DicomClient | None = None  # C-ECHO / export / retrieval for other parts
         self.parts: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._signals = 0
@@ -145,9 +147,11 @@ class Node:
                          on_association_end=self.assembler.association_ended)
         await asyncio.to_thread(scp.start)
         self.scp = scp
+        self.dicom = DicomClient(self.settings, self.store, scp)
         try:
             yield
         finally:
+            self.dicom = None
             await asyncio.to_thread(scp.stop)
 
     @asynccontextmanager
