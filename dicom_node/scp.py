@@ -387,6 +387,13 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        staging = Path(tempfile.gettempdir())
+        if staging.stat().st_dev != self.writer.studies_dir.stat().st_dev:
+            # pynetdicom streams each dataset into the temp dir; on another filesystem
+            # every instance is copied instead of renamed into place.
+            self.log.warning("the temp dir is on another filesystem than the studies dir; "
+                             "set TMPDIR beside the data dir for faster receiving",
+                             temp_dir=str(staging), studies_dir=str(self.writer.studies_dir))
         ssl_ctx = server_ssl_context(self.settings, dimse.tls) if dimse.tls else None
         self._server = ae.start_server(
             (dimse.host, dimse.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
@@ -586,12 +593,24 @@ class StorageSCP:
     def _on_closed(self, event: evt.Event) -> None:
         # A connection lost without A-RELEASE or A-ABORT counts as aborted (no-op otherwise).
         self._end(event, released=False)
+        _discard_partial(event.assoc)
 
     def _on_released(self, event: evt.Event) -> None:
         self._end(event, released=True)
 
     def _on_aborted(self, event: evt.Event) -> None:
         self._end(event, released=False)
+
+
+def _discard_partial(assoc: Association) -> None:
+    """Delete the temp file of an instance cut off by an abort (pynetdicom leaves it)."""
+    msg = getattr(assoc.dimse, "message", None)
+    partial = getattr(msg, "_data_set_file", None)
+    if partial is None:
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+        os.unlink(partial.name)
 
 
 def _ae_text(value: object) -> str:
