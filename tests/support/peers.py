@@ -45,8 +45,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until something listens on 127.0.0.1:port (or the process died)."""
     for _ in range(500):
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise RuntimeError(f"peer exited with {proc.returncode}: {out[-2000:]}")
+            raise RuntimeError(f"peer {proc.args!r} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.02)
@@ -77,10 +76,13 @@ def storescp(directory: Path, ae_title: str = "STORESCP", *extra: str) -> Iterat
     exe = require("storescp")
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    # Output goes to a file beside the data: a pipe nobody reads would fill and stall it.
+    log = (directory.parent / f"storescp-{port}.log").open("wb")
     proc = subprocess.Popen(
         [exe, "-aet", ae_title, "-od", str(directory), *extra, str(port)],
-        env=peer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=peer_env(), stdout=log, stderr=subprocess.STDOUT,
     )
+    log.close()
     try:
         wait_port(port, proc)
         yield Peer(ae_title, port, directory, proc)
@@ -109,8 +111,10 @@ def dcmqrscp(
         "VendorTable BEGIN\nVendorTable END\n\n"
         f"AETable BEGIN\n{ae_title} {storage} RW (200, 1024mb) ANY\nAETable END\n"
     )
+    log = (root / "dcmqrscp.log").open("wb")
     proc = subprocess.Popen([exe, "-c", str(cfg), "--disable-host-lookup", str(port)],
-                            env=peer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=peer_env(), stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     try:
         wait_port(port, proc)
         yield Peer(ae_title, port, storage, proc)
