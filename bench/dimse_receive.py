@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{exe} (dcmtk) is not installed", file=sys.stderr)
             return 2
 
+    print(f"load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     root = Path(tempfile.mkdtemp(prefix="dimse-bench-"))
     try:
         print(f"writing {args.count} synthetic CT instances (512x512 int16)...", flush=True)
@@ -205,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
               "one association each:")
         print(f"  node SCP      {mb / n:7.1f} MB/s  {args.count / n:7.1f} instances/s")
         print(f"  storescp +B   {mb / d:7.1f} MB/s  {args.count / d:7.1f} instances/s")
-        print(f"  ratio node/storescp  {d / n:.2f}")
+        per_run = [b / a for a, b in zip(node_s, dcmtk_s, strict=True)]
+        print(f"  ratio node/storescp  {d / n:.2f} (of the medians); per run "
+              + ", ".join(f"{r:.2f}" for r in per_run)
+              + f" (median {statistics.median(per_run):.2f})")
+        print(f"  load average at the end: {os.getloadavg()[0]:.2f} "
+              f"on {os.cpu_count()} CPUs (other work on the machine skews both sides)")
         print(f"  node peak RSS increase while receiving: max {max(rss_mb):.1f} MiB, "
               f"median {statistics.median(rss_mb):.1f} MiB")
     finally:
