@@ -540,6 +540,7 @@ class StorageSCP:
                 path, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                 association_id=id(event.assoc), duplicates=ae.duplicates,
                 expected_sop_class=sop_class, expected_sop_instance=sop,
+                source="retrieve" if self._collector_for(peer) else "dimse",
             )
         except _Mismatch as exc:
             return self._answer(log, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
@@ -563,12 +564,24 @@ class StorageSCP:
             log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
         return int(status)
 
-    def _deliver(self, got: ReceivedInstance) -> None:
+    def _collector_for(self, peer: _Peer) -> _Collector | None:
+        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE)."""
+        if peer.called_ae != self.settings.dimse.ae_title:
+            return None
         with self._lock:
             for c in self._collectors:
-                if c.calling_ae == got.calling_ae:
-                    c.received.append(got)
-                    return
+                if c.calling_ae == peer.calling_ae:
+                    return c
+        return None
+
+    def _deliver(self, got: ReceivedInstance) -> None:
+        collector = self._collector_for(
+            _Peer(got.called_ae, got.calling_ae, "", 0)
+        )
+        if collector is not None:
+            with self._lock:
+                collector.received.append(got)
+            return
         if self.on_instance is not None:
             try:
                 self.on_instance(got)

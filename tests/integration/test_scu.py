@@ -175,7 +175,7 @@ def test_move_study_lands_in_store(node: RunningNode, archive) -> None:  # type:
     assert uids == sorted(d.SOPInstanceUID for d in archive.datasets)
     for uid in uids:
         rec = node.store.get_instance(uid)
-        assert rec is not None and rec.source == "dimse" and Path(rec.path).is_file()
+        assert rec is not None and rec.source == "retrieve" and Path(rec.path).is_file()
     assert node.store.list_jobs() == []  # retrieved instances make no DIMSE job
 
 
