@@ -230,3 +230,50 @@ def test_retrieve_from_a_source_that_is_down(node: RunningNode) -> None:
     result = client_for(node).retrieve(source(free_port()),
                                        Query(QueryLevel.STUDY, study_instance_uid="1.2.3"))
     assert not result.ok and "cannot" in result.message
+
+
+def test_export_retries_out_of_resources_then_succeeds(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's own SCP answers 0xA700 once (disk full), then accepts: one retry."""
+    assert node.node is not None and node.node.scp is not None
+    writer = node.node.scp.writer
+    real = writer.write
+    calls: list[str] = []
+
+    def flaky(path, **kw):  # type: ignore[no-untyped-def]
+        calls.append(str(kw.get("expected_sop_instance")))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(path, **kw)
+
+    monkeypatch.setattr(writer, "write", flaky)
+    slept: list[float] = []
+    src = sample("CT_small.dcm")
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae=NODE_AE, backoff_s=0.25), [src]
+    )
+    assert result.ok, result.message
+    assert result.attempts == 2 and slept == [0.25]
+    assert node.store.get_instance(pydicom.dcmread(src).SOPInstanceUID) is not None
+
+
+def test_export_permanent_failure_status_is_reported_per_instance(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    """An instance the peer cannot understand (0xC210) fails alone and is not retried."""
+    good = sample("CT_small.dcm")
+    ds = pydicom.dcmread(good)
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2.3.not-a-uid"  # the node refuses it: 0xC210
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    slept: list[float] = []
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae=NODE_AE), [bad, good]
+    )
+    assert not result.ok
+    assert result.attempts == 1 and slept == []
+    assert result.sent == [str(pydicom.dcmread(good).SOPInstanceUID)]
+    assert [(f.sop_instance_uid, f.status) for f in result.failures] == [
+        (str(ds.SOPInstanceUID), 0xC210)]
