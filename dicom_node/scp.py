@@ -442,11 +442,10 @@ class StorageSCP:
         ae = self.ae_settings(called)
         if ae is None:
             return REJECT_CALLED_AE
-        if ae.reject_unknown_sources or ae.sources:
+        if ae.reject_unknown_sources:
             allowed = [self._sources[n] for n in ae.sources if n in self._sources]
-            known = any(s.ae_title == calling and _host_matches(s.host, address)
-                        for s in allowed)
-            if not known and ae.reject_unknown_sources:
+            if not any(s.ae_title == calling and _host_matches(s.host, address)
+                       for s in allowed):
                 return REJECT_CALLING_AE
         min_free = self.settings.storage.min_free_mb * 1024 * 1024
         if min_free and shutil.disk_usage(self.writer.studies_dir).free < min_free:
@@ -462,6 +461,12 @@ class StorageSCP:
         calling = _ae_text(getattr(rq, "calling_ae_title", ""))
         address, port = str(assoc.requestor.address), int(assoc.requestor.port)
         rejection = self._decide(called, calling, address)
+        if rejection is None:
+            with self._lock:
+                if len(self._admitted) >= self.settings.dimse.max_associations:
+                    rejection = REJECT_LOCAL_LIMIT
+                else:
+                    self._admitted.add(id(assoc))
         if rejection is not None:
             self.log.warning("association rejected", reason=rejection.text, called_ae=called,
                              calling_ae=calling, peer=f"{address}:{port}",
@@ -469,20 +474,6 @@ class StorageSCP:
                              diagnostic=rejection.reason)
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
             assoc.kill()  # as pynetdicom does after its own rejections: wait for the DUL
-            return
-        with self._lock:
-            if len(self._admitted) >= self.settings.dimse.max_associations:
-                rejection = REJECT_LOCAL_LIMIT
-            else:
-                self._admitted.add(id(assoc))
-        if rejection is not None:
-            self.log.warning("association rejected", reason=rejection.text, called_ae=called,
-                             calling_ae=calling, peer=f"{address}:{port}",
-                             result=rejection.result, source=rejection.source,
-                             diagnostic=rejection.reason,
-                             max_associations=self.settings.dimse.max_associations)
-            assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
-            assoc.kill()
             return
         ae = self.ae_settings(called)
         assert ae is not None
