@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dicom_node import runtime_config
+from dicom_node.assembler import Assembler
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
+from dicom_node.scp import InstanceWriter, StorageSCP
+from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
 
@@ -40,6 +43,9 @@ class Node:
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
         self.runner: PipelineRunner | None = None
+        self.assembler: Assembler | None = None
+        self.scp: StorageSCP | None = None
+        self.dicom: DicomClient | None = None  # C-ECHO / export / retrieval for other parts
         self.parts: dict[str, str] = {}
         self._stop = asyncio.Event()
         self._signals = 0
@@ -71,6 +77,19 @@ class Node:
                       action="create" if create else "delete" if body is None else "update")
         return new
 
+    def dicom_client(self) -> DicomClient:
+        """The DIMSE client (with the SCP when it runs, so C-MOVE to ourselves works)."""
+        if self.dicom is not None:
+            return self.dicom
+        return DicomClient(self.settings, self.store, None)
+
+    def instance_writer(self) -> InstanceWriter:
+        """Places instances that arrive by other ways (STOW-RS, WADO-RS, drop folders)."""
+        if self.scp is not None:
+            return self.scp.writer
+        assert self.store is not None
+        return InstanceWriter(self.settings, self.store)
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -84,6 +103,10 @@ class Node:
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("models", self._models()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
+            # After the scheduler, so that on the way out DICOM intake stops first and the
+            # assembler then hands its open groups to a scheduler that is still running.
+            await stack.enter_async_context(self._part("assembler", self._assembler()))
+            await stack.enter_async_context(self._part("dicom", self._dicom()))
             if self.settings.rest.enabled:
                 await stack.enter_async_context(self._part("http", self._http()))
             self.log.info("node started", dicom_port=self.settings.dimse.port,
@@ -179,6 +202,41 @@ class Node:
             yield
         finally:
             await scheduler.stop()
+
+    @asynccontextmanager
+    async def _assembler(self) -> AsyncIterator[None]:
+        assert self.scheduler is not None
+        assembler = Assembler(self.settings, self.scheduler.submit)
+        async with assembler:
+            self.assembler = assembler
+            self.settings_listeners.append(self._update_assembler)
+            try:
+                yield
+            finally:
+                self.settings_listeners.remove(self._update_assembler)
+
+    def _update_assembler(self, settings: Settings) -> None:
+        """A live AE title change (timeout, pipelines, grouping) applies to new groups."""
+        if self.assembler is not None:
+            self.assembler.settings = settings
+        if self.scp is not None:
+            self.scp.settings = settings
+            self.scp._sources = {s.name: s for s in settings.sources}
+
+    @asynccontextmanager
+    async def _dicom(self) -> AsyncIterator[None]:
+        assert self.store is not None and self.assembler is not None
+        scp = StorageSCP(self.settings, self.store,
+                         on_instance=self.assembler.instance_received,
+                         on_association_end=self.assembler.association_ended)
+        await asyncio.to_thread(scp.start)
+        self.scp = scp
+        self.dicom = DicomClient(self.settings, self.store, scp)
+        try:
+            yield
+        finally:
+            self.dicom = None
+            await asyncio.to_thread(scp.stop)
 
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[None]:

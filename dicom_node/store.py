@@ -458,6 +458,69 @@ class Store:
             .values(updated_at=now)
         )
 
+    def record_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
+        """Like :meth:`add_instance`, in two cached upsert statements: the receive hot path.
+
+        Returns False when the instance was known and kept as it was (``overwrite=False``).
+        Backends without ``ON CONFLICT`` fall back to :meth:`add_instance`.
+        """
+        stmts = self._upserts(overwrite)
+        if stmts is None:
+            return self.add_instance(rec, overwrite=overwrite)
+        now = utcnow()
+        values = {
+            "sop_instance_uid": rec.sop_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "study_instance_uid": rec.study_instance_uid,
+            "series_instance_uid": rec.series_instance_uid,
+            "patient_id": rec.patient_id,
+            "modality": rec.modality,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": str(rec.path),
+            "size_bytes": rec.size_bytes,
+            "called_ae": rec.called_ae,
+            "calling_ae": rec.calling_ae,
+            "source": rec.source,
+            "received_at": rec.received_at,
+        }
+        study = {
+            "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
+            "accession_number": rec.accession_number, "study_date": rec.study_date,
+            "called_ae": rec.called_ae, "created_at": now, "updated_at": now,
+        }
+        with self._begin() as conn:
+            written = conn.execute(stmts[0], values).rowcount
+            if written:
+                conn.execute(stmts[1], study)
+        return bool(written)
+
+    def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
+        """Built once: constructing SQLAlchemy statements costs more than running them."""
+        cache: dict[bool, tuple[Any, Any]] = self.__dict__.setdefault("_upsert_cache", {})
+        if overwrite in cache:
+            return cache[overwrite]
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        elif self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert  # type: ignore[assignment]
+        else:
+            return None
+        ins = upsert(instances)
+        if overwrite:
+            ins = ins.on_conflict_do_update(
+                index_elements=["sop_instance_uid"],
+                set_={c.name: ins.excluded[c.name] for c in instances.columns
+                      if c.name not in ("id", "sop_instance_uid")},
+            )
+        else:
+            ins = ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        study = upsert(studies)
+        study = study.on_conflict_do_update(
+            index_elements=["study_instance_uid"], set_={"updated_at": study.excluded.updated_at}
+        )
+        cache[overwrite] = (ins, study)
+        return cache[overwrite]
+
     def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self.engine.connect() as conn:
             row = conn.execute(

@@ -1,4 +1,4 @@
-"""Shared fixtures: stores on SQLite and on a real PostgreSQL server."""
+"""Shared fixtures: stores on SQLite and PostgreSQL, a running node on free loopback ports."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from dicom_node.store import Store
+from tests.support.node import RunningNode, node_settings, running_node
 from tests.support.postgres import postgres_server
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[RunningNode]:
+    with running_node(node_settings(tmp_path / "data")) as rn:
+        yield rn
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,187 @@
+"""Study assembly: group received instances per called AE title and turn groups into jobs.
+
+A group (called AE title + study, or + series) is complete when every association
+that fed it has been released (when the AE title says ``complete_on_release``),
+or after ``timeout_s`` without a new instance, whichever comes first. An
+instance arriving for a group that already completed starts a new group, so it
+becomes a later job and is never lost. Everything here runs on the asyncio loop;
+the SCP's threads reach it only through :meth:`Assembler.instance_received` and
+:meth:`Assembler.association_ended`, which hop over with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicom_node.config import AETitleSettings, Grouping, Settings
+from dicom_node.logs import get_logger
+from dicom_node.scp import AssociationEnd, ReceivedInstance
+from dicom_node.store import NewJob
+
+__all__ = ["Assembler", "CompletedGroup"]
+
+Submit = Callable[[NewJob], Awaitable[Any]]
+GroupKey = tuple[str, str, str | None]  # called AE, study UID, series UID (series grouping)
+
+
+@dataclass
+class _Group:
+    key: GroupKey
+    settings: AETitleSettings
+    calling_ae: str
+    instances: dict[str, None] = field(default_factory=dict)  # ordered set of SOP UIDs
+    open_associations: set[int] = field(default_factory=set)
+    aborted: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(frozen=True)
+class CompletedGroup:
+    """A complete group, as handed to the scheduler."""
+
+    called_ae: str
+    calling_ae: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    instances: list[str]
+    reason: str  # "released", "timeout" or "shutdown"
+    completed_at: float  # time.monotonic()
+
+
+class Assembler:
+    """Groups instances and submits one job per pipeline of the AE title per complete group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        submit: Submit,
+        *,
+        on_complete: Callable[[CompletedGroup], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._submit = submit
+        self._on_complete = on_complete
+        self.log = get_logger("dimse.assembler")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._groups: dict[GroupKey, _Group] = {}
+        self._by_association: dict[int, set[GroupKey]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        """Complete every open group now (its instances are stored), then wait for submits."""
+        for key in list(self._groups):
+            self._complete(key, "shutdown")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._loop = None
+
+    async def __aenter__(self) -> Assembler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def open_groups(self) -> int:
+        return len(self._groups)
+
+    # -- thread-safe entry points ----------------------------------------------------------
+
+    def instance_received(self, inst: ReceivedInstance) -> None:
+        """Called from an association thread for every stored instance."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.log.warning("instance stored while assembly is stopped; no job made",
+                             sop_instance_uid=inst.sop_instance_uid)
+            return
+        loop.call_soon_threadsafe(self._add, inst)
+
+    def association_ended(self, end: AssociationEnd) -> None:
+        """Called from an association thread when it is released or aborted."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._ended, end)
+
+    # -- on the loop ---------------------------------------------------------------------
+
+    def _settings_for(self, called_ae: str) -> AETitleSettings:
+        found = self.settings.ae_title(called_ae)
+        return found if found is not None else AETitleSettings(ae_title=called_ae)
+
+    def _add(self, inst: ReceivedInstance) -> None:
+        ae = self._settings_for(inst.called_ae)
+        series = inst.series_instance_uid if ae.grouping is Grouping.SERIES else None
+        key: GroupKey = (inst.called_ae, inst.study_instance_uid, series)
+        group = self._groups.get(key)
+        if group is None:
+            group = _Group(key, ae, inst.calling_ae)
+            self._groups[key] = group
+        group.instances[inst.sop_instance_uid] = None
+        group.open_associations.add(inst.association_id)
+        self._by_association.setdefault(inst.association_id, set()).add(key)
+        if group.timer is not None:
+            group.timer.cancel()
+        assert self._loop is not None
+        group.timer = self._loop.call_later(ae.timeout_s, self._complete, key, "timeout")
+
+    def _ended(self, end: AssociationEnd) -> None:
+        for key in self._by_association.pop(end.association_id, set()):
+            group = self._groups.get(key)
+            if group is None:
+                continue
+            group.open_associations.discard(end.association_id)
+            if not end.released:
+                group.aborted = True  # only the timeout completes it now
+            elif (group.settings.complete_on_release and not group.open_associations
+                  and not group.aborted):
+                self._complete(key, "released")
+
+    def _complete(self, key: GroupKey, reason: str) -> None:
+        group = self._groups.pop(key, None)
+        if group is None:
+            return
+        if group.timer is not None:
+            group.timer.cancel()
+        for assoc_id in group.open_associations:
+            keys = self._by_association.get(assoc_id)
+            if keys is not None:
+                keys.discard(key)
+        called, study, series = key
+        done = CompletedGroup(called, group.calling_ae, study, series, list(group.instances),
+                              reason, time.monotonic())
+        self.log.info("group complete", called_ae=called, calling_ae=group.calling_ae,
+                      study_uid=study, series_uid=series, instances=len(done.instances),
+                      reason=reason, pipelines=group.settings.pipelines)
+        if self._on_complete is not None:
+            self._on_complete(done)
+        for pipeline in group.settings.pipelines:
+            task = asyncio.ensure_future(self._make_job(pipeline, done))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _make_job(self, pipeline: str, group: CompletedGroup) -> None:
+        payload: dict[str, Any] = {
+            "instances": group.instances,
+            "study_instance_uid": group.study_instance_uid,
+        }
+        if group.series_instance_uid is not None:
+            payload["series_instance_uid"] = group.series_instance_uid
+        new = NewJob(pipeline=pipeline, kind="dimse", input=payload,
+                     study_instance_uid=group.study_instance_uid,
+                     called_ae=group.called_ae, calling_ae=group.calling_ae)
+        try:
+            await self._submit(new)
+        except Exception:
+            # The instances are stored; a person can re-run the study from the store.
+            self.log.exception("cannot queue the job for a complete group",
+                               pipeline=pipeline, study_uid=group.study_instance_uid)

@@ -1,0 +1,643 @@
+"""The Storage SCP: C-ECHO and C-STORE on several called AE titles, with an accept policy.
+
+Instances are written exactly as received (pynetdicom's chunked receive mode
+streams each dataset to a file; we never decode and re-encode it), fsynced,
+renamed to ``<studies_dir>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` and recorded
+in the store *before* Success is answered. The handler stays thin: write,
+record, answer. Grouping into jobs happens on the asyncio loop (the
+assembler), reached through the ``on_instance`` / ``on_association_end``
+callbacks, which must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shutil
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node.config import AETitleSettings, DuplicatePolicy, Settings, TlsSettings
+from dicom_node.dimse_status import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    REJECT_NO_SPACE,
+    Rejection,
+    Status,
+)
+from dicom_node.errors import InvalidInput, StoreError
+from dicom_node.logs import get_logger
+from dicom_node.store import InstanceRecord, Store
+
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "AssociationEnd",
+    "InstanceWriter",
+    "ReceivedInstance",
+    "StorageSCP",
+    "safe_uid",
+]
+
+# Stream every received dataset to a file instead of memory: raw, bounded memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "Modality", "AccessionNumber", "StudyDate",
+]
+
+
+def safe_uid(value: object, name: str) -> str:
+    """Return ``value`` as a UID usable in a path: digits and dots, at most 64 characters.
+
+    Raises :class:`InvalidInput` naming the attribute otherwise, so that nothing is
+    ever written outside the studies directory (``..``, ``/`` cannot pass).
+    """
+    text = str(value or "").strip().rstrip("\x00").strip()
+    if not text:
+        raise InvalidInput(f"{name} is missing")
+    if len(text) > 64 or not _UID.match(text):
+        raise InvalidInput(f"{name} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance stored and recorded; what the assembler and retrieval callers see."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    called_ae: str
+    calling_ae: str
+    association_id: int
+    stored: bool = True  # False: a duplicate kept as it was (keep_first)
+
+
+@dataclass(frozen=True)
+class AssociationEnd:
+    """An association ended; ``released`` is False when it was aborted."""
+
+    association_id: int
+    called_ae: str
+    calling_ae: str
+    released: bool
+
+
+@dataclass
+class _Peer:
+    called_ae: str
+    calling_ae: str
+    address: str
+    port: int
+    instances: int = 0
+
+
+class InstanceWriter:
+    """Writes a received instance durably and records it; shared by the SCP and C-GET."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.studies_dir = settings.studies_dir.resolve()
+        self.log = get_logger("dimse.store")
+
+    def write(
+        self,
+        source_path: Path,
+        *,
+        called_ae: str,
+        calling_ae: str,
+        association_id: int,
+        source: str = "dimse",
+        duplicates: DuplicatePolicy = DuplicatePolicy.OVERWRITE,
+        expected_sop_class: str | None = None,
+        expected_sop_instance: str | None = None,
+    ) -> ReceivedInstance:
+        """Move the DICOM file at ``source_path`` into the studies dir and record it.
+
+        ``source_path`` is consumed (renamed or copied then left for its owner to delete).
+        Raises :class:`InvalidInput` when the file or its UIDs cannot be read (0xC210) or
+        do not match the request (0xA900 via ``ValueError``), :class:`OSError` or
+        :class:`StoreError` when it cannot be kept (0xA700).
+        """
+        try:
+            # A full parse (pixel data included) is what catches a truncated dataset;
+            # values stay raw bytes, so this costs a read, not a decode.
+            ds = dcmread(source_path, force=False)
+            meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            _check_complete(ds)
+            elems = {t: ds.get(t) for t in _TAGS}
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+                NotImplementedError) as exc:
+            raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
+        except Exception as exc:  # pydicom raises many shapes on corrupt input
+            raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
+        del ds
+        sop = safe_uid(elems["SOPInstanceUID"], "SOPInstanceUID")
+        sop_class = safe_uid(elems["SOPClassUID"], "SOPClassUID")
+        study = safe_uid(elems["StudyInstanceUID"], "StudyInstanceUID")
+        series = safe_uid(elems["SeriesInstanceUID"], "SeriesInstanceUID")
+        if expected_sop_instance and sop != expected_sop_instance.strip():
+            raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
+        if expected_sop_class and sop_class != expected_sop_class.strip():
+            raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
+
+        final = self.studies_dir / study / series / f"{sop}.dcm"
+        if duplicates is DuplicatePolicy.KEEP_FIRST:
+            known = self.store.get_instance(sop)
+            if known is not None and Path(known.path).exists():
+                return ReceivedInstance(sop, sop_class, study, series, Path(known.path),
+                                        called_ae, calling_ae, association_id, stored=False)
+        size = _place(source_path, final)
+        record = InstanceRecord(
+            sop_instance_uid=sop, sop_class_uid=sop_class, study_instance_uid=study,
+            series_instance_uid=series, path=final, size_bytes=size, source=source,
+            patient_id=_text(elems["PatientID"], 64), modality=_text(elems["Modality"], 16),
+            transfer_syntax_uid=meta_ts, called_ae=called_ae, calling_ae=calling_ae,
+            accession_number=_text(elems["AccessionNumber"], 64),
+            study_date=_text(elems["StudyDate"], 8),
+        )
+        try:
+            self.store.record_instance(
+                record, overwrite=duplicates is DuplicatePolicy.OVERWRITE
+            )
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
+        return ReceivedInstance(sop, sop_class, study, series, final, called_ae, calling_ae,
+                                association_id)
+
+
+def _check_complete(ds: Any) -> None:
+    """Raise when an element's value is shorter than its declared length (a truncated send).
+
+    pydicom reads a short final value without complaint; the raw elements still carry
+    the declared length, so comparing the two catches a dataset cut off mid-value.
+    """
+    for elem in ds.values():  # raw, not yet converted: cheap
+        length = getattr(elem, "length", None)
+        value = getattr(elem, "value", None)
+        if (isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF
+                and len(value) != length):
+            raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
+
+
+class _Mismatch(InvalidInput):
+    """The dataset does not match the C-STORE request (0xA900)."""
+
+
+def _text(value: Any, limit: int) -> str:
+    return str(value or "")[:limit]
+
+
+def _place(source: Path, final: Path) -> int:
+    """Durably move ``source`` to ``final``: fsync the data, rename, fsync the directory."""
+    directory = final.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the writer flushed to the OS; make it reach the disk
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    try:
+        os.replace(source, final)
+    except OSError:
+        # Another filesystem (the temp dir): copy to a temporary name beside the target.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the rename itself must survive a power cut
+    finally:
+        os.close(dfd)
+    return size
+
+
+class _TunedSocket(AssociationSocket):
+    """pynetdicom's association socket, tuned for receiving large datasets.
+
+    pynetdicom 3.0 reads a PDU 4 KiB at a time into a growing bytearray, and its DUL
+    thread polls the socket with a zero timeout then sleeps 1 ms, so every C-STORE
+    waits up to a millisecond for the thread to notice the data (or our response).
+    Here ``recv`` fills one preallocated buffer, and ``ready`` waits in ``select``
+    (woken at once by data) for a short time while the peer is busy, a longer one
+    when it is idle, so an idle association does not spin. Only the class of each
+    accepted association's socket changes (see :func:`_tune`), nothing global.
+    """
+
+    _busy_until: float = 0.0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:  # connection closed: return what we have, as pynetdicom does
+                del view
+                return buf[:got]
+            got += n
+        del view
+        self._busy_until = time.monotonic() + 0.25
+        return buf
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        wait = 0.0002 if time.monotonic() < self._busy_until else 0.001
+        try:
+            readable, _, _ = select.select([sock], [], [], wait)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        return bool(readable)
+
+
+def _tune(assoc: Association) -> None:
+    """Swap in :class:`_TunedSocket` and let its ``select`` pace the DUL loop."""
+    sock = assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = _TunedSocket
+        assoc.dul._run_loop_delay = 0  # ``ready`` waits instead of sleeping blind
+
+
+def server_ssl_context(settings: Settings, tls: TlsSettings) -> ssl.SSLContext:
+    """TLS for the DICOM port; peers must present a certificate when a CA is configured."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.path(tls.certificate), settings.path(tls.private_key))
+    if tls.ca_certificate is not None:
+        ctx.load_verify_locations(settings.path(tls.ca_certificate))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+InstanceCallback = Callable[[ReceivedInstance], None]
+EndCallback = Callable[[AssociationEnd], None]
+
+
+@dataclass
+class _Collector:
+    """Instances sent by one peer during a retrieval (C-MOVE to ourselves)."""
+
+    calling_ae: str
+    received: list[ReceivedInstance] = field(default_factory=list)
+
+
+class StorageSCP:
+    """The node's DICOM listener. ``start()`` / ``stop()`` as a pair; thread-based."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        on_instance: InstanceCallback | None = None,
+        on_association_end: EndCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = InstanceWriter(settings, store)
+        self.on_instance = on_instance
+        self.on_association_end = on_association_end
+        self.log = get_logger("dimse.scp")
+        self._server: ThreadedAssociationServer | None = None
+        self._peers: dict[int, _Peer] = {}
+        self._admitted: set[int] = set()  # associations counted against max_associations
+        self._collectors: list[_Collector] = []
+        self._lock = threading.Lock()
+        self._sources = {s.name: s for s in settings.sources}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        dimse = self.settings.dimse
+        self.settings.studies_dir.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=dimse.ae_title)
+        # The limit is enforced in _on_requested, counting only associations we admitted;
+        # pynetdicom's own count includes ones being rejected, which under a burst would
+        # refuse peers below the limit. Its guard stays, well above ours.
+        ae.maximum_associations = dimse.max_associations + 1000
+        ae.maximum_pdu_size = dimse.maximum_pdu_size
+        ae.acse_timeout = dimse.acse_timeout_s
+        ae.dimse_timeout = dimse.dimse_timeout_s
+        ae.network_timeout = dimse.network_timeout_s
+        # Called AE titles are checked per association (several are served); see _on_requested.
+        ae.require_called_aet = False
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        staging = Path(tempfile.gettempdir())
+        if staging.stat().st_dev != self.writer.studies_dir.stat().st_dev:
+            # pynetdicom streams each dataset into the temp dir; on another filesystem
+            # every instance is copied instead of renamed into place.
+            self.log.warning("the temp dir is on another filesystem than the studies dir; "
+                             "set TMPDIR beside the data dir for faster receiving",
+                             temp_dir=str(staging), studies_dir=str(self.writer.studies_dir))
+        ssl_ctx = server_ssl_context(self.settings, dimse.tls) if dimse.tls else None
+        self._server = ae.start_server(
+            (dimse.host, dimse.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
+        )
+        self.log.info("DICOM listening", host=dimse.host, port=self.port,
+                      ae_titles=[a.ae_title for a in self.settings.ae_titles],
+                      tls=ssl_ctx is not None)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            self.log.info("DICOM listener stopped")
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.dimse.port
+        return int(self._server.server_address[1])
+
+    @contextlib.contextmanager
+    def collect_from(self, calling_ae: str) -> Iterator[list[ReceivedInstance]]:
+        """Route instances sent by ``calling_ae`` to the yielded list, not to the assembler.
+
+        Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title.
+        """
+        collector = _Collector(calling_ae.strip())
+        with self._lock:
+            self._collectors.append(collector)
+        try:
+            yield collector.received
+        finally:
+            with self._lock:
+                self._collectors.remove(collector)
+
+    # -- policy ------------------------------------------------------------------------
+
+    def ae_settings(self, called: str) -> AETitleSettings | None:
+        """The settings for a called AE title; the node's own AE title always stores."""
+        found = self.settings.ae_title(called)
+        if found is None and called.strip() == self.settings.dimse.ae_title:
+            return AETitleSettings(ae_title=self.settings.dimse.ae_title)
+        return found
+
+    def _decide(self, called: str, calling: str, address: str) -> Rejection | None:
+        ae = self.ae_settings(called)
+        if ae is None:
+            return REJECT_CALLED_AE
+        if ae.reject_unknown_sources:
+            allowed = [self._sources[n] for n in ae.sources if n in self._sources]
+            if not any(s.ae_title == calling and _host_matches(s.host, address)
+                       for s in allowed):
+                return REJECT_CALLING_AE
+        min_free = self.settings.storage.min_free_mb * 1024 * 1024
+        if min_free and shutil.disk_usage(self.writer.studies_dir).free < min_free:
+            return REJECT_NO_SPACE
+        return None
+
+    # -- handlers (association threads) -----------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        called = _ae_text(getattr(rq, "called_ae_title", ""))
+        calling = _ae_text(getattr(rq, "calling_ae_title", ""))
+        address, port = str(assoc.requestor.address), int(assoc.requestor.port)
+        rejection = self._decide(called, calling, address)
+        if rejection is None:
+            with self._lock:
+                if len(self._admitted) >= self.settings.dimse.max_associations:
+                    rejection = REJECT_LOCAL_LIMIT
+                else:
+                    self._admitted.add(id(assoc))
+        if rejection is not None:
+            self.log.warning("association rejected", reason=rejection.text, called_ae=called,
+                             calling_ae=calling, peer=f"{address}:{port}",
+                             result=rejection.result, source=rejection.source,
+                             diagnostic=rejection.reason)
+            assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
+            assoc.kill()  # as pynetdicom does after its own rejections: wait for the DUL
+            return
+        ae = self.ae_settings(called)
+        assert ae is not None
+        if ae.allowed_sop_classes:
+            # Contexts for other SOP classes are refused at negotiation (abstract syntax
+            # not supported): the peer learns it before sending anything.
+            allowed = set(ae.allowed_sop_classes) | {str(Verification)}
+            assoc.acceptor.supported_contexts = [
+                cx for cx in assoc.acceptor.supported_contexts
+                if str(cx.abstract_syntax) in allowed
+            ]
+        _tune(assoc)
+        with self._lock:
+            self._peers[id(assoc)] = _Peer(called, calling, address, port)
+        self.log.info("association requested", called_ae=called, calling_ae=calling,
+                      peer=f"{address}:{port}")
+
+    def _peer(self, assoc: Association) -> _Peer:
+        with self._lock:
+            peer = self._peers.get(id(assoc))
+        if peer is None:  # only when EVT_REQUESTED did not run; be safe anyway
+            rq = assoc.requestor.primitive
+            peer = _Peer(_ae_text(getattr(rq, "called_ae_title", "")),
+                         _ae_text(getattr(rq, "calling_ae_title", "")),
+                         str(assoc.requestor.address), int(assoc.requestor.port))
+        return peer
+
+    def _on_echo(self, event: evt.Event) -> int:
+        peer = self._peer(event.assoc)
+        self.log.info("C-ECHO", called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+                      peer=f"{peer.address}:{peer.port}", status=0)
+        return int(Status.SUCCESS)
+
+    def _on_store(self, event: evt.Event) -> int:
+        peer = self._peer(event.assoc)
+        req: Any = event.request
+        sop = str(req.AffectedSOPInstanceUID or "")
+        sop_class = str(req.AffectedSOPClassUID or "")
+        log = self.log.bind(called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+                            peer=f"{peer.address}:{peer.port}", sop_instance_uid=sop[:64])
+        ae = self.ae_settings(peer.called_ae)
+        if ae is None:  # cannot happen after EVT_REQUESTED; refuse rather than guess
+            return self._answer(log, Status.PROCESSING_FAILURE, "called AE title unknown")
+        if str(event.context.abstract_syntax) != sop_class:
+            return self._answer(log, Status.SOP_CLASS_NOT_SUPPORTED,
+                                "SOP class does not match the presentation context")
+        if sop_class in ae.ignored_sop_classes:
+            return self._answer(log, Status.SUCCESS, "SOP class ignored; not kept")
+        try:
+            path = event.dataset_path
+        except AttributeError:  # chunked mode switched off by someone: fall back to bytes
+            path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
+        try:
+            got = self.writer.write(
+                path, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+                association_id=id(event.assoc), duplicates=ae.duplicates,
+                expected_sop_class=sop_class, expected_sop_instance=sop,
+                source="retrieve" if self._collector_for(peer) else "dimse",
+            )
+        except _Mismatch as exc:
+            return self._answer(log, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except InvalidInput as exc:
+            return self._answer(log, Status.CANNOT_UNDERSTAND, str(exc))
+        except (OSError, StoreError) as exc:
+            return self._answer(log, Status.OUT_OF_RESOURCES, f"cannot keep the instance: {exc}")
+        except Exception as exc:  # never let a bug become a silent Success
+            log.exception("C-STORE failed")
+            return self._answer(log, Status.OUT_OF_RESOURCES, type(exc).__name__)
+        peer.instances += 1
+        self._deliver(got)
+        return self._answer(log, Status.SUCCESS,
+                            "stored" if got.stored else "duplicate; first copy kept",
+                            study_uid=got.study_instance_uid)
+
+    def _answer(self, log: Any, status: Status, message: str, **extra: Any) -> int:
+        if status is Status.SUCCESS:
+            log.info("C-STORE", status=f"0x{status:04X}", message=message, **extra)
+        else:
+            log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
+        return int(status)
+
+    def _collector_for(self, peer: _Peer) -> _Collector | None:
+        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE)."""
+        if peer.called_ae != self.settings.dimse.ae_title:
+            return None
+        with self._lock:
+            for c in self._collectors:
+                if c.calling_ae == peer.calling_ae:
+                    return c
+        return None
+
+    def _deliver(self, got: ReceivedInstance) -> None:
+        collector = self._collector_for(
+            _Peer(got.called_ae, got.calling_ae, "", 0)
+        )
+        if collector is not None:
+            with self._lock:
+                collector.received.append(got)
+            return
+        if self.on_instance is not None:
+            try:
+                self.on_instance(got)
+            except Exception:  # the instance is safe on disk and in the store
+                self.log.exception("cannot hand the instance to the assembler",
+                                   sop_instance_uid=got.sop_instance_uid)
+
+    def _end(self, event: evt.Event, released: bool) -> None:
+        with self._lock:
+            peer = self._peers.pop(id(event.assoc), None)
+            self._admitted.discard(id(event.assoc))
+        if peer is None:
+            return
+        self.log.info("association released" if released else "association aborted",
+                      called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+                      peer=f"{peer.address}:{peer.port}", instances=peer.instances)
+        if self.on_association_end is not None:
+            self.on_association_end(
+                AssociationEnd(id(event.assoc), peer.called_ae, peer.calling_ae, released)
+            )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        # A connection lost without A-RELEASE or A-ABORT counts as aborted (no-op otherwise).
+        self._end(event, released=False)
+        _discard_partial(event.assoc)
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event, released=True)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event, released=False)
+
+
+def _discard_partial(assoc: Association) -> None:
+    """Delete the temp file of an instance cut off by an abort (pynetdicom leaves it)."""
+    msg = getattr(assoc.dimse, "message", None)
+    partial = getattr(msg, "_data_set_file", None)
+    if partial is None:
+        return
+    with contextlib.suppress(OSError):
+        partial.close()
+        os.unlink(partial.name)
+
+
+def _ae_text(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip()
+
+
+def _host_matches(configured: str, address: str) -> bool:
+    if configured in ("*", "", "0.0.0.0", "any"):
+        return True
+    if configured == address:
+        return True
+    try:
+        import socket
+
+        return address in {ai[4][0] for ai in socket.getaddrinfo(configured, None)}
+    except OSError:
+        return False
+
+
+def _spool(data: bytes, studies_dir: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=studies_dir, prefix=".", suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(name)

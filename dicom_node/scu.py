@@ -1,0 +1,645 @@
+"""The node as a DICOM client: C-STORE export, C-ECHO, and C-FIND / C-MOVE / C-GET retrieval.
+
+Every operation returns a typed result object and never raises into the node for a
+peer's behaviour (refused, down, failed sub-operations): a destination that fails
+fails that export, with a message a person can act on. Operations block; call them
+from a worker thread (``asyncio.to_thread``), never from the event loop.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from dicom_node.config import (
+    DestinationSettings,
+    RetrySettings,
+    Settings,
+    SourceSettings,
+    TlsSettings,
+)
+from dicom_node.dimse_status import Status
+from dicom_node.errors import InvalidInput, StoreError
+from dicom_node.logs import get_logger
+from dicom_node.scheduler import ExportOutcome
+from dicom_node.scp import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    InstanceWriter,
+    ReceivedInstance,
+    StorageSCP,
+    safe_uid,
+)
+from dicom_node.store import Store
+
+__all__ = [
+    "DicomClient",
+    "EchoResult",
+    "ExportResult",
+    "FindResult",
+    "InstanceFailure",
+    "Peer",
+    "Query",
+    "QueryLevel",
+    "RetrieveResult",
+]
+
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
+
+# Storage SOP classes offered for C-GET (a C-GET association carries the storage contexts
+# as well as the query/retrieve one, within 128 in all).
+GET_STORAGE_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # mammography
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.2.1",  # enhanced CT
+    "1.2.840.10008.5.1.4.1.1.3.1",  # US multi-frame
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.4.1",  # enhanced MR
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # SC multi-frame grayscale byte
+    "1.2.840.10008.5.1.4.1.1.7.4",  # SC multi-frame true colour
+    "1.2.840.10008.5.1.4.1.1.12.1",  # XA
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+    "1.2.840.10008.5.1.4.1.1.66.4",  # segmentation
+    "1.2.840.10008.5.1.4.1.1.88.22",  # enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.104.1",  # encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT image
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT dose
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT structure set
+    "1.2.840.10008.5.1.4.1.1.11.1",  # grayscale softcopy presentation state
+]
+
+
+# -- typed requests and results --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote application entity."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: TlsSettings | None = None
+    name: str = ""
+
+    @classmethod
+    def from_settings(cls, s: SourceSettings | DestinationSettings) -> Peer:
+        if s.ae_title is None or s.host is None or s.port is None:
+            raise InvalidInput(f"{s.name} is not a DIMSE peer (ae_title, host, port)")
+        return cls(s.ae_title, s.host, s.port, s.tls, s.name)
+
+    def __str__(self) -> str:
+        return f"{self.name or self.ae_title}({self.ae_title}@{self.host}:{self.port})"
+
+
+class QueryLevel(StrEnum):
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+@dataclass(frozen=True)
+class Query:
+    """A Study Root query: the level and the keys that select what to find or retrieve."""
+
+    level: QueryLevel
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", QueryLevel(self.level))
+        for name in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+            value = getattr(self, name)
+            if value is not None:
+                for uid in value.split("\\"):  # a list of UIDs is a valid match key
+                    safe_uid(uid, name)
+        if self.level is not QueryLevel.STUDY and not self.study_instance_uid:
+            raise InvalidInput(f"a {self.level} level query needs study_instance_uid")
+        if self.level is QueryLevel.IMAGE and not self.series_instance_uid:
+            raise InvalidInput("an IMAGE level query needs series_instance_uid")
+        if not any((self.study_instance_uid, self.patient_id, self.accession_number)):
+            raise InvalidInput(
+                "a query needs study_instance_uid, patient_id or accession_number"
+            )
+
+    def to_dataset(self, *, for_find: bool) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = self.level.value
+        ds.StudyInstanceUID = self.study_instance_uid or ""
+        if self.patient_id is not None or for_find:
+            ds.PatientID = self.patient_id or ""
+        if self.accession_number is not None or for_find:
+            ds.AccessionNumber = self.accession_number or ""
+        if self.level in (QueryLevel.SERIES, QueryLevel.IMAGE):
+            ds.SeriesInstanceUID = self.series_instance_uid or ""
+        if self.level is QueryLevel.IMAGE:
+            ds.SOPInstanceUID = self.sop_instance_uid or ""
+        if for_find:  # return keys
+            ds.StudyDate = ""
+            if self.level is QueryLevel.STUDY:
+                ds.ModalitiesInStudy = ""
+                ds.NumberOfStudyRelatedInstances = ""
+            if self.level is QueryLevel.SERIES:
+                ds.Modality = ""
+                ds.SeriesNumber = ""
+                ds.NumberOfSeriesRelatedInstances = ""
+            if self.level is QueryLevel.IMAGE:
+                ds.SOPClassUID = ""
+                ds.InstanceNumber = ""
+        return ds
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    peer: str
+    ok: bool
+    status: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceFailure:
+    """One instance that could not be sent or retrieved, and why."""
+
+    sop_instance_uid: str
+    status: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The outcome of sending a batch of instances to one destination."""
+
+    destination: str
+    ok: bool
+    attempts: int
+    sent: list[str] = field(default_factory=list)
+    failures: list[InstanceFailure] = field(default_factory=list)
+    message: str = ""
+
+    def to_outcome(self) -> ExportOutcome:
+        return ExportOutcome(destination=self.destination, ok=self.ok, attempts=self.attempts,
+                             sent=len(self.sent), message=self.message or None)
+
+
+@dataclass(frozen=True)
+class FindResult:
+    peer: str
+    ok: bool
+    matches: list[Dataset] = field(default_factory=list)
+    status: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """What a C-MOVE or C-GET brought in: stored instances and per-instance failures."""
+
+    peer: str
+    method: str  # "c-move" or "c-get"
+    ok: bool
+    received: list[ReceivedInstance] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failures: list[InstanceFailure] = field(default_factory=list)
+    status: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+# -- the client ------------------------------------------------------------------------
+
+
+class DicomClient:
+    """DIMSE client operations for the node (thread-safe; each call has its own AE)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        scp: StorageSCP | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.scp = scp
+        self._sleep = sleep
+        self.log = get_logger("dimse.scu")
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _ae(self) -> AE:
+        d = self.settings.dimse
+        ae = AE(ae_title=d.ae_title)
+        ae.acse_timeout = d.acse_timeout_s
+        ae.dimse_timeout = d.dimse_timeout_s
+        ae.network_timeout = d.network_timeout_s
+        ae.maximum_pdu_size = d.maximum_pdu_size
+        return ae
+
+    def _tls(self, peer: Peer) -> tuple[ssl.SSLContext, str] | None:
+        if peer.tls is None:
+            return None
+        tls = peer.tls
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.load_cert_chain(self.settings.path(tls.certificate),
+                            self.settings.path(tls.private_key))
+        if tls.ca_certificate is not None:
+            ctx.load_verify_locations(self.settings.path(tls.ca_certificate))
+        else:  # no CA configured: encrypt, but the peer's certificate cannot be checked
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx, peer.host
+
+    def _associate(self, ae: AE, peer: Peer, **kwargs: Any) -> tuple[Association | None, str]:
+        """Associate; on failure return ``None`` and a message naming the reason."""
+        try:
+            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                                 tls_args=self._tls(peer), **kwargs)
+        except (OSError, ssl.SSLError) as exc:
+            return None, f"cannot connect to {peer}: {exc}"
+        if assoc.is_established:
+            return assoc, ""
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            reason = _reject_text(rj) if rj is not None else "rejected"
+            return None, f"{peer} rejected the association: {reason}"
+        # pynetdicom reports a refused TCP connection as an abort too.
+        return None, (f"cannot associate with {peer}: connection refused, aborted or "
+                      "timed out")
+
+    # -- C-ECHO --------------------------------------------------------------------------
+
+    def echo(self, peer: Peer) -> EchoResult:
+        ae = self._ae()
+        ae.add_requested_context(Verification)
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            self.log.warning("C-ECHO failed", peer=str(peer), message=error)
+            return EchoResult(str(peer), False, None, error)
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            _close(assoc)
+        status = int(rsp.Status) if "Status" in rsp else None
+        ok = status == Status.SUCCESS
+        message = "" if ok else ("no response" if status is None else f"status 0x{status:04X}")
+        self.log.info("C-ECHO", peer=str(peer), status=status, ok=ok)
+        return EchoResult(str(peer), ok, status, message)
+
+    # -- C-STORE export ------------------------------------------------------------------
+
+    def export(self, destination: DestinationSettings, paths: Sequence[Path]) -> ExportResult:
+        """Send ``paths`` to a DIMSE destination, retrying with exponential backoff."""
+        try:
+            peer = Peer.from_settings(destination)
+        except InvalidInput as exc:
+            return ExportResult(destination.name, False, 0, message=str(exc))
+        return self.store_instances(peer, paths, destination.retry)
+
+    def store_instances(
+        self, peer: Peer, paths: Sequence[Path], retry: RetrySettings | None = None
+    ) -> ExportResult:
+        retry = retry or RetrySettings()
+        items: list[_Item] = []
+        failures: dict[str, InstanceFailure] = {}
+        for p in paths:
+            try:
+                items.append(_read_item(Path(p)))
+            except InvalidInput as exc:
+                failures[str(p)] = InstanceFailure(str(p), None, str(exc))
+        pending = items
+        sent: list[str] = []
+        attempt = 0
+        last_error = ""
+        while pending and attempt < retry.max_attempts:
+            if attempt:
+                delay = min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s)
+                self.log.info("export: retrying", peer=str(peer), in_s=delay,
+                              pending=len(pending), attempt=attempt + 1)
+                self._sleep(delay)
+            attempt += 1
+            done, retryable, permanent, last_error = self._store_once(peer, pending)
+            sent += done
+            for f in permanent:
+                failures[f.sop_instance_uid] = f
+            for f in retryable:
+                failures[f.sop_instance_uid] = f
+            retry_uids = {f.sop_instance_uid for f in retryable}
+            pending = [i for i in pending if i.sop_instance_uid in retry_uids]
+        for uid in sent:
+            failures.pop(uid, None)
+        ok = not failures
+        if ok:
+            message = f"{len(sent)} instances sent"
+        else:
+            first = next(iter(failures.values()))
+            message = (f"{len(failures)} of {len(paths)} instances not sent to {peer} after "
+                       f"{attempt} attempts: {last_error or first.message}")
+        log = self.log.info if ok else self.log.warning
+        log("export finished", peer=str(peer), ok=ok, sent=len(sent), failed=len(failures),
+            attempts=attempt)
+        return ExportResult(peer.name or peer.ae_title, ok, attempt, sent,
+                            list(failures.values()), message)
+
+    def _store_once(
+        self, peer: Peer, items: list[_Item]
+    ) -> tuple[list[str], list[InstanceFailure], list[InstanceFailure], str]:
+        """One association: (sent, retryable failures, permanent failures, association error)."""
+        ae = self._ae()
+        contexts: set[tuple[str, str]] = set()
+        for it in items:
+            contexts.add((it.sop_class_uid, it.transfer_syntax_uid))
+            contexts.add((it.sop_class_uid, "uncompressed"))
+        # Each object's own syntax in its own context, so the peer cannot pick an
+        # uncompressed one that would force a decode; uncompressed as the fallback.
+        for sop_class, ts in sorted(contexts)[:_MAX_CONTEXTS]:
+            ae.add_requested_context(sop_class, _UNCOMPRESSED if ts == "uncompressed" else [ts])
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            failed = [InstanceFailure(i.sop_instance_uid, None, error) for i in items]
+            if "rejected-permanent" in error:  # the same request will be refused again
+                return [], [], failed, error
+            return [], failed, [], error
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
+        sent: list[str] = []
+        retryable: list[InstanceFailure] = []
+        permanent: list[InstanceFailure] = []
+        error = ""
+        try:
+            for it in items:
+                if not assoc.is_established:
+                    error = f"{peer} ended the association"
+                    retryable.append(InstanceFailure(it.sop_instance_uid, None, error))
+                    continue
+                try:
+                    ds = _dataset_for(it, accepted)
+                except InvalidInput as exc:
+                    permanent.append(InstanceFailure(it.sop_instance_uid, None, str(exc)))
+                    continue
+                try:
+                    rsp = assoc.send_c_store(ds)
+                except (ValueError, AttributeError, RuntimeError) as exc:
+                    permanent.append(InstanceFailure(it.sop_instance_uid, None, str(exc)))
+                    continue
+                status = int(rsp.Status) if "Status" in rsp else None
+                if status is None:
+                    error = f"no C-STORE response from {peer} (timeout or abort)"
+                    retryable.append(InstanceFailure(it.sop_instance_uid, None, error))
+                elif status == 0 or (status & 0xF000) == 0xB000:  # success or warning
+                    sent.append(it.sop_instance_uid)
+                elif (status & 0xFF00) == 0xA700:  # out of resources: may pass later
+                    retryable.append(InstanceFailure(it.sop_instance_uid, status,
+                                                     f"status 0x{status:04X}"))
+                else:
+                    permanent.append(InstanceFailure(it.sop_instance_uid, status,
+                                                     f"status 0x{status:04X}"))
+        finally:
+            _close(assoc)
+        return sent, retryable, permanent, error
+
+    # -- C-FIND --------------------------------------------------------------------------
+
+    def find(self, source: SourceSettings | Peer, query: Query) -> FindResult:
+        peer = source if isinstance(source, Peer) else Peer.from_settings(source)
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            return FindResult(str(peer), False, message=error)
+        matches: list[Dataset] = []
+        status: int | None = None
+        try:
+            for rsp, identifier in assoc.send_c_find(
+                query.to_dataset(for_find=True), StudyRootQueryRetrieveInformationModelFind
+            ):
+                status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+                if status in (0xFF00, 0xFF01) and identifier is not None:
+                    matches.append(identifier)
+        finally:
+            _close(assoc)
+        ok = status == Status.SUCCESS
+        message = "" if ok else _status_text("C-FIND", status)
+        self.log.info("C-FIND", peer=str(peer), level=query.level.value, matches=len(matches),
+                      status=status)
+        return FindResult(str(peer), ok, matches, status, message)
+
+    # -- C-MOVE / C-GET ------------------------------------------------------------------
+
+    def retrieve(self, source: SourceSettings, query: Query) -> RetrieveResult:
+        """C-MOVE to the node's own AE title, or C-GET when the source says ``c-get``."""
+        peer = Peer.from_settings(source)
+        if source.retrieve == "c-get":
+            return self.get(peer, query)
+        return self.move(peer, query)
+
+    def move(self, peer: Peer, query: Query) -> RetrieveResult:
+        """C-MOVE ``query`` to our own AE title; our running SCP receives the instances."""
+        if self.scp is None:
+            return RetrieveResult(str(peer), "c-move", False,
+                                  message="the node's DICOM listener is not running")
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            return RetrieveResult(str(peer), "c-move", False, message=error)
+        with self.scp.collect_from(peer.ae_title) as received:
+            try:
+                responses = assoc.send_c_move(
+                    query.to_dataset(for_find=False), self.settings.dimse.ae_title,
+                    StudyRootQueryRetrieveInformationModelMove,
+                )
+                result = _collect_retrieve(responses)
+            finally:
+                _close(assoc)
+            got = list(received)
+        return self._retrieve_result(peer, "c-move", query, result, got)
+
+    def get(self, peer: Peer, query: Query) -> RetrieveResult:
+        """C-GET ``query``: the instances come back on this association and are stored."""
+        if self.store is None:
+            return RetrieveResult(str(peer), "c-get", False, message="no store to keep into")
+        writer = InstanceWriter(self.settings, self.store)
+        received: list[ReceivedInstance] = []
+        failures: list[InstanceFailure] = []
+        lock = threading.Lock()
+
+        def on_store(event: evt.Event) -> int:
+            req: Any = event.request
+            sop = str(req.AffectedSOPInstanceUID or "")
+            try:
+                got = writer.write(
+                    event.dataset_path, called_ae=self.settings.dimse.ae_title,
+                    calling_ae=peer.ae_title, association_id=id(event.assoc),
+                    source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
+                    expected_sop_instance=sop,
+                )
+            except InvalidInput as exc:
+                with lock:
+                    failures.append(InstanceFailure(sop, int(Status.CANNOT_UNDERSTAND), str(exc)))
+                return int(Status.CANNOT_UNDERSTAND)
+            except (OSError, StoreError) as exc:
+                with lock:
+                    failures.append(InstanceFailure(sop, int(Status.OUT_OF_RESOURCES), str(exc)))
+                return int(Status.OUT_OF_RESOURCES)
+            with lock:
+                received.append(got)
+            return int(Status.SUCCESS)
+
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        roles = []
+        for sop_class in GET_STORAGE_CLASSES[: _MAX_CONTEXTS - 1]:
+            ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+            roles.append(build_role(sop_class, scp_role=True))
+        assoc, error = self._associate(ae, peer, ext_neg=roles,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        if assoc is None:
+            return RetrieveResult(str(peer), "c-get", False, message=error)
+        try:
+            result = _collect_retrieve(
+                assoc.send_c_get(query.to_dataset(for_find=False),
+                                 StudyRootQueryRetrieveInformationModelGet)
+            )
+        finally:
+            _close(assoc)
+        known = {f.sop_instance_uid for f in result.failures}
+        result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
+        return self._retrieve_result(peer, "c-get", query, result, received)
+
+    def _retrieve_result(self, peer: Peer, method: str, query: Query, r: _RetrieveTally,
+                         received: list[ReceivedInstance]) -> RetrieveResult:
+        ok = r.status == Status.SUCCESS and not r.failed and not r.failures
+        if ok:
+            message = f"{len(received)} instances retrieved"
+        elif r.status is None:
+            message = f"{method.upper()}: no final response from {peer}"
+        else:
+            message = (f"{method.upper()} finished with status 0x{r.status:04X}: "
+                       f"{r.completed} completed, {r.failed} failed, {r.warning} warning")
+        log = self.log.info if ok else self.log.warning
+        log(method.upper(), peer=str(peer), level=query.level.value, received=len(received),
+            completed=r.completed, failed=r.failed, status=r.status)
+        return RetrieveResult(str(peer), method, ok, received, r.completed, r.failed,
+                              r.warning, r.failures, r.status, message)
+
+
+@dataclass
+class _RetrieveTally:
+    status: int | None = None
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failures: list[InstanceFailure] = field(default_factory=list)
+
+
+def _collect_retrieve(responses: Iterable[tuple[Dataset, Dataset | None]]) -> _RetrieveTally:
+    tally = _RetrieveTally()
+    for rsp, identifier in responses:
+        if rsp is None or "Status" not in rsp:
+            tally.status = None
+            continue
+        tally.status = int(rsp.Status)
+        tally.completed = int(rsp.get("NumberOfCompletedSuboperations", tally.completed) or 0)
+        tally.failed = int(rsp.get("NumberOfFailedSuboperations", tally.failed) or 0)
+        tally.warning = int(rsp.get("NumberOfWarningSuboperations", tally.warning) or 0)
+        if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+            uids = identifier.FailedSOPInstanceUIDList
+            for uid in [uids] if isinstance(uids, str) else list(uids):
+                if uid:
+                    tally.failures.append(
+                        InstanceFailure(str(uid), tally.status, "failed sub-operation"))
+    return tally
+
+
+def _read_item(path: Path) -> _Item:
+    try:
+        ds = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        return _Item(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                     str(ds.file_meta.TransferSyntaxUID))
+    except Exception as exc:  # any unreadable file fails only itself
+        raise InvalidInput(f"{path.name} cannot be read as DICOM ({type(exc).__name__})") from exc
+
+
+def _dataset_for(it: _Item, accepted: set[tuple[str, str]]) -> Dataset:
+    """The dataset to send: as stored when its syntax was accepted, else decompressed."""
+    ds = dcmread(it.path)
+    if (it.sop_class_uid, it.transfer_syntax_uid) in accepted:
+        return ds
+    if any((it.sop_class_uid, ts) in accepted for ts in _UNCOMPRESSED):
+        if UID(it.transfer_syntax_uid).is_compressed:
+            try:
+                ds.decompress()
+            except Exception as exc:
+                raise InvalidInput(
+                    f"the peer accepts only uncompressed {it.sop_class_uid} and the "
+                    f"instance cannot be decompressed ({type(exc).__name__})"
+                ) from exc
+        return ds
+    raise InvalidInput(f"the peer accepted no presentation context for SOP class "
+                       f"{it.sop_class_uid} in {it.transfer_syntax_uid} or uncompressed")
+
+
+def _close(assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+
+
+def _status_text(op: str, status: int | None) -> str:
+    return f"{op}: no final response" if status is None else f"{op} status 0x{status:04X}"
+
+
+_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+_SOURCES = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_REASONS = {
+    (1, 1): "no reason given", (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised", (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given", (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion", (3, 2): "local limit exceeded",
+}
+
+
+def _reject_text(rj: Any) -> str:
+    result, source, reason = int(rj.result), int(rj.result_source), int(rj.diagnostic)
+    return (f"{_RESULTS.get(result, result)}, {_SOURCES.get(source, source)}, "
+            f"{_REASONS.get((source, reason), reason)}")

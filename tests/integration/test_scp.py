@@ -1,0 +1,447 @@
+"""The node's Storage SCP against dcmtk ``storescu`` / ``echoscu`` and pynetdicom clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from dicom_node.config import AETitleSettings
+from dicom_node.store import JobState
+from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
+from tests.support.peers import PROPOSE_FLAG, dataset_bytes, echoscu, storescu
+
+pytestmark = pytest.mark.peers
+
+TEST_FILES = [
+    "CT_small.dcm",  # explicit VR little endian
+    "MR_small_RLE.dcm",
+    "JPEG2000.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPEG-lossy.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "SC_rgb_rle.dcm",
+    "MR_small_bigendian.dcm",
+    "image_dfl.dcm",
+]
+
+
+def sample(name: str) -> Path:
+    found = get_testdata_file(name)
+    if found is None:
+        pytest.skip(f"pydicom test file {name} is not available")
+    return Path(str(found))
+
+
+def same_elements(a: Path, b: Path) -> bool:
+    """Element-wise equality, ignoring what dcmtk drops on send (trailing padding, group
+    lengths)."""
+
+    def elements(p: Path) -> dict[object, object]:
+        ds = pydicom.dcmread(p)
+        return {e.tag: e.value for e in ds
+                if e.tag != 0xFFFCFFFC and e.tag.element != 0}
+
+    return elements(a) == elements(b)
+
+
+def wait_for(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()`` is truthy; a generous guard, not a timing assertion."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def test_echo(node: RunningNode) -> None:
+    res = echoscu(node.port, NODE_AE)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_unknown_called_ae_is_rejected(node: RunningNode) -> None:
+    res = echoscu(node.port, "NOT_OURS")
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "Rejected Permanent" in out and "Service User" in out
+    assert "Called AE Title Not Recognized" in out
+
+
+@pytest.mark.parametrize("name", TEST_FILES)
+def test_storescu_instance_is_stored_byte_identical(node: RunningNode, name: str) -> None:
+    src = sample(name)
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    flag = PROPOSE_FLAG[str(ds.file_meta.TransferSyntaxUID)]
+    storescu(node.port, [src], NODE_AE, "MODALITY", flag)
+    rec = node.store.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None
+    expected = node.settings.studies_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
+    assert Path(rec.path) == (expected / f"{ds.SOPInstanceUID}.dcm").resolve()
+    stored = pydicom.dcmread(rec.path, stop_before_pixels=True)
+    assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert rec.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+    assert rec.calling_ae == "MODALITY" and rec.called_ae == NODE_AE
+    # storescu re-serialises what it read (padding, lengths), so the bytes it sent are not
+    # the file's; every element must still be the same. The raw-sender test below checks
+    # that the node keeps the exact bytes it receives.
+    assert same_elements(Path(rec.path), src)
+
+
+@pytest.mark.parametrize("name", TEST_FILES)
+def test_raw_sender_bytes_are_kept_exactly(
+    node: RunningNode, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's chunked sender sends the file's dataset bytes untouched: compare them."""
+    src = sample(name)
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(src)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    rec = node.store.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None
+    assert dataset_bytes(Path(rec.path)) == dataset_bytes(src)
+
+
+def synthetic(study: str, series: str, *, rows: int = 8) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientID = "TEST-1"
+    ds.PatientName = "Test^Not^Real"
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\x01\x00" * rows * rows
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def write_files(tmp: Path, datasets: list[Dataset]) -> list[Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        p = tmp / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def test_study_becomes_one_job_on_release(node: RunningNode, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    dss = [synthetic(study, series) for _ in range(5)]
+    dss += [synthetic(study, generate_uid()) for _ in range(3)]
+    storescu(node.port, write_files(tmp_path / "in", dss), "AI_STUDY", "CT1")
+    jobs = wait_for(lambda: node.store.list_jobs(), "a job")
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job.pipeline == "demo" and job.kind == "dimse"
+    assert job.study_instance_uid == study
+    assert job.called_ae == "AI_STUDY" and job.calling_ae == "CT1"
+    assert sorted(job.input["instances"]) == sorted(str(d.SOPInstanceUID) for d in dss)
+    assert "series_instance_uid" not in job.input
+    wait_for(lambda: node.store.get_job(job.id).state is JobState.SUCCEEDED, "job done")
+
+
+def test_series_grouping_completes_on_timeout(node: RunningNode, tmp_path: Path) -> None:
+    study = generate_uid()
+    s1, s2 = generate_uid(), generate_uid()
+    dss = [synthetic(study, s1) for _ in range(2)] + [synthetic(study, s2) for _ in range(3)]
+    storescu(node.port, write_files(tmp_path / "in", dss), "AI_SERIES", "CT1")
+    jobs = wait_for(lambda: (j := node.store.list_jobs()) and len(j) == 2 and j, "2 jobs")
+    by_series = {j.input["series_instance_uid"]: j for j in jobs}
+    assert set(by_series) == {s1, s2}
+    assert len(by_series[s1].input["instances"]) == 2
+    assert len(by_series[s2].input["instances"]) == 3
+
+
+def test_late_instance_starts_a_new_group(node: RunningNode, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    first = write_files(tmp_path / "a", [synthetic(study, series) for _ in range(2)])
+    storescu(node.port, first, "AI_STUDY", "CT1")
+    wait_for(lambda: len(node.store.list_jobs()) == 1, "first job")
+    late = write_files(tmp_path / "b", [synthetic(study, series)])
+    storescu(node.port, late, "AI_STUDY", "CT1")
+    jobs = wait_for(lambda: (j := node.store.list_jobs()) and len(j) == 2 and j, "second job")
+    sizes = sorted(len(j.input["instances"]) for j in jobs)
+    assert sizes == [1, 2]
+
+
+def test_ae_without_pipelines_just_stores(node: RunningNode, tmp_path: Path) -> None:
+    files = write_files(tmp_path, [synthetic(generate_uid(), generate_uid())])
+    storescu(node.port, files, NODE_AE, "CT1")
+    assert node.store.count_instances() == 1
+    time.sleep(0.5)
+    assert node.store.list_jobs() == []
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def _send_raw(port: int, called: str, sop_class: str, sop_instance: str, data: bytes,
+              context_class: str | None = None) -> int:
+    """Send a C-STORE with hand-made dataset bytes (explicit VR little endian)."""
+    from io import BytesIO
+
+    ae = AE(ae_title="BADSCU")
+    ae.add_requested_context(context_class or sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req.DataSet = BytesIO(data)
+        cx = assoc.accepted_contexts[0]
+        assoc._reactor_checkpoint.clear()
+        try:
+            assoc.dimse.send_msg(req, int(cx.context_id))
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        assert rsp is not None
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def _encoded(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_little_endian = True
+    buf.is_implicit_VR = False
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def test_truncated_dataset_is_refused_c210(node: RunningNode) -> None:
+    ds = synthetic(generate_uid(), generate_uid(), rows=64)
+    data = _encoded(ds)
+    status = _send_raw(node.port, NODE_AE, CTImageStorage, ds.SOPInstanceUID, data[:-1000])
+    assert status == 0xC210
+    assert node.store.get_instance(ds.SOPInstanceUID) is None
+    assert not list(node.settings.studies_dir.rglob("*.dcm"))
+
+
+def test_dataset_without_sop_instance_uid_is_refused_c210(node: RunningNode) -> None:
+    ds = synthetic(generate_uid(), generate_uid())
+    uid = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    status = _send_raw(node.port, NODE_AE, CTImageStorage, uid, _encoded(ds))
+    assert status == 0xC210
+    assert node.store.count_instances() == 0
+
+
+def test_bad_uid_never_escapes_the_studies_dir(node: RunningNode) -> None:
+    ds = synthetic("1.2.3", "../../../../../tmp/evil")
+    status = _send_raw(node.port, NODE_AE, CTImageStorage, ds.SOPInstanceUID, _encoded(ds))
+    assert status == 0xC210
+    assert node.store.count_instances() == 0
+
+
+def test_wrong_sop_class_for_context_is_refused(node: RunningNode) -> None:
+    ds = synthetic(generate_uid(), generate_uid())  # a CT image...
+    status = _send_raw(node.port, NODE_AE, CTImageStorage, ds.SOPInstanceUID, _encoded(ds),
+                       context_class=MRImageStorage)  # ...on an MR context
+    assert status == 0x0122
+    assert node.store.count_instances() == 0
+
+
+def test_peer_abort_mid_instance_keeps_acknowledged(node: RunningNode, tmp_path: Path) -> None:
+    import tempfile
+
+    staging = Path(tempfile.gettempdir())
+    before = set(staging.glob("tmp*.dcm"))
+    study, series = generate_uid(), generate_uid()
+    dss = [synthetic(study, series) for _ in range(3)]
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AI_STUDY")
+    assert assoc.is_established
+    for ds in dss[:2]:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    # Send only the first P-DATA of the third instance, then abort.
+    big = synthetic(study, series, rows=512)
+    data = _encoded(big)
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdata = P_DATA()
+    cx_id = int(assoc.accepted_contexts[0].context_id)
+    command = C_STORE()
+    command.MessageID = 9
+    command.AffectedSOPClassUID = CTImageStorage
+    command.AffectedSOPInstanceUID = big.SOPInstanceUID
+    command.Priority = 2
+    command.DataSet = __import__("io").BytesIO(data)
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(command)
+    parts = list(msg.encode_msg(cx_id, 16384))
+    for p in parts[:3]:  # the command and the start of the dataset
+        assoc.dul.send_pdu(p)
+    del pdata
+    time.sleep(0.2)
+    assoc.abort()
+    # Both acknowledged instances are kept and, after the timeout, become a job.
+    for ds in dss[:2]:
+        assert node.store.get_instance(ds.SOPInstanceUID) is not None
+    assert node.store.get_instance(big.SOPInstanceUID) is None
+    jobs = wait_for(lambda: node.store.list_jobs(), "job after abort")
+    assert sorted(jobs[0].input["instances"]) == sorted(d.SOPInstanceUID for d in dss[:2])
+    # The partial dataset's temp file does not outlive the association.
+    assert not set(staging.glob("tmp*.dcm")) - before
+
+
+def test_odd_called_ae_title_is_rejected(node: RunningNode) -> None:
+    ae = AE(ae_title="ODDSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="..;/*?%")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
+
+
+def test_unknown_calling_ae_rejected_when_configured(tmp_path: Path) -> None:
+    from dicom_node.config import SourceSettings
+
+    settings = node_settings(
+        tmp_path / "data",
+        ae_titles=[AETitleSettings(ae_title="STRICT", sources=["ct1"],
+                                   reject_unknown_sources=True)],
+        sources=[SourceSettings(name="ct1", ae_title="CT1", host="127.0.0.1")],
+    )
+    with running_node(settings) as rn:
+        ok = echoscu(rn.port, "STRICT", "CT1")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        bad = echoscu(rn.port, "STRICT", "INTRUDER")
+        assert bad.returncode != 0
+        assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
+
+
+def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path / "data",
+        ae_titles=[
+            AETitleSettings(ae_title="ONLY_MR", allowed_sop_classes=[MRImageStorage]),
+            AETitleSettings(ae_title="NO_CT", ignored_sop_classes=[CTImageStorage]),
+        ],
+    )
+    ds = synthetic(generate_uid(), generate_uid())
+    with running_node(settings) as rn:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="ONLY_MR")
+        # No context is accepted for CT: the association is refused or has nothing usable.
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="NO_CT")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert rn.store.count_instances() == 0
+
+
+def test_duplicate_policy_keep_first(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path / "data", ae_titles=[AETitleSettings(ae_title="KEEP", duplicates="keep_first")]
+    )
+    ds = synthetic(generate_uid(), generate_uid())
+    with running_node(settings) as rn:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="KEEP")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        first = Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes()
+        ds.PatientID = "CHANGED"
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes() == first
+
+
+def test_store_failure_answers_a700_and_keeps_nothing_acknowledged_lost(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok = synthetic(generate_uid(), generate_uid())
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.send_c_store(ok).Status == 0x0000
+    from sqlalchemy.exc import OperationalError
+
+    def broken(*a: object, **k: object) -> bool:
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(node.store, "record_instance", broken)
+    bad = synthetic(generate_uid(), generate_uid())
+    assert assoc.send_c_store(bad).Status == 0xA700
+    assoc.release()
+    monkeypatch.undo()
+    assert node.store.get_instance(ok.SOPInstanceUID) is not None
+
+
+def test_hundred_associations_at_once_only_25_accepted(node: RunningNode) -> None:
+    results: list[tuple[bool, tuple[int, int, int] | None]] = []
+    lock = threading.Lock()
+    hold = threading.Event()
+
+    def one() -> None:
+        ae = AE(ae_title="MANY")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = 60
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        rj = None
+        if assoc.is_rejected:
+            p = assoc.acceptor.primitive
+            rj = (int(p.result), int(p.result_source), int(p.diagnostic))
+        with lock:
+            results.append((assoc.is_established, rj))
+        if assoc.is_established:
+            hold.wait(60)
+            assoc.release()
+
+    threads = [threading.Thread(target=one) for _ in range(100)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(results) == 100, "100 association attempts", 120)
+    hold.set()
+    for t in threads:
+        t.join(60)
+    accepted = sum(1 for ok, _ in results if ok)
+    rejected = [rj for ok, rj in results if not ok]
+    assert accepted == 25
+    assert len(rejected) == 75
+    assert all(rj == (2, 3, 2) for rj in rejected)

@@ -1,0 +1,90 @@
+"""TLS on the DICOM port, the free-space refusal, and log lines for refusals."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.config import TlsSettings
+from dicom_node.scu import DicomClient, Peer
+from tests.integration.test_scp import _encoded, _send_raw, synthetic
+from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
+from tests.support.peers import echoscu, require
+
+pytestmark = pytest.mark.peers
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A CA, and a server and a client certificate it signed (openssl)."""
+    openssl = require_openssl()
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", "/CN=localhost")
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+            "-extfile", f"{name}.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem",
+                               "client.key")}
+
+
+def require_openssl() -> str:
+    import shutil
+
+    path = shutil.which("openssl")
+    if path is None:
+        pytest.skip("openssl is not installed")
+    return path
+
+
+def test_tls_with_client_verification(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    settings = node_settings(tmp_path / "data", dimse={"tls": TlsSettings(
+        certificate=pki["server.pem"], private_key=pki["server.key"],
+        ca_certificate=pki["ca.pem"])})
+    with running_node(settings) as rn:
+        client = DicomClient(rn.settings)
+        good = TlsSettings(certificate=pki["client.pem"], private_key=pki["client.key"],
+                           ca_certificate=pki["ca.pem"])
+        assert client.echo(Peer(NODE_AE, "127.0.0.1", rn.port, good)).ok
+        # Plain TCP to the TLS port gets nowhere.
+        assert echoscu(rn.port, NODE_AE).returncode != 0
+        # A client certificate from another CA is refused (the peer is verified).
+        other = make_pki(tmp_path / "other")
+        bad = TlsSettings(certificate=other["client.pem"], private_key=other["client.key"],
+                          ca_certificate=pki["ca.pem"])
+        assert not client.echo(Peer(NODE_AE, "127.0.0.1", rn.port, bad)).ok
+
+
+def test_low_disk_space_refuses_new_associations(tmp_path: Path) -> None:
+    require("echoscu")
+    settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # a petabyte free: never
+    with running_node(settings) as rn:
+        res = echoscu(rn.port, NODE_AE)
+    assert res.returncode != 0
+    assert "Rejected Transient" in res.stdout + res.stderr
+
+
+def test_refusals_are_logged(node: RunningNode, capfd: pytest.CaptureFixture[str]) -> None:
+    ds = synthetic(generate_uid(), generate_uid())
+    uid = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    assert _send_raw(node.port, NODE_AE, CTImageStorage, uid, _encoded(ds)) == 0xC210
+    echoscu(node.port, "WHO_ARE_YOU")
+    out = capfd.readouterr().out
+    assert "C-STORE refused" in out and "0xC210" in out and "SOPInstanceUID is missing" in out
+    assert "BADSCU" in out and uid in out
+    assert "association rejected" in out and "called AE title not recognised" in out
+    assert "Test^Not^Real" not in out  # no patient names in logs

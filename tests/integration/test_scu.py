@@ -1,0 +1,279 @@
+"""The node's DICOM client against dcmtk ``storescp`` and ``dcmqrscp``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dicom_node.config import DestinationSettings, RetrySettings, SourceSettings
+from dicom_node.scheduler import ExportOutcome
+from dicom_node.scu import DicomClient, Peer, Query, QueryLevel
+from tests.integration.test_scp import synthetic, write_files
+from tests.support.node import NODE_AE, RunningNode
+from tests.support.peers import dcmqrscp, free_port, storescp, storescu
+
+pytestmark = pytest.mark.peers
+
+FILES = ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"]
+
+
+def sample(name: str) -> Path:
+    found = get_testdata_file(name)
+    if found is None:
+        pytest.skip(f"pydicom test file {name} is not available")
+    return Path(str(found))
+
+
+def destination(port: int, ae: str = "STORESCP", **retry: float) -> DestinationSettings:
+    return DestinationSettings(
+        name="pacs", type="dimse", ae_title=ae, host="127.0.0.1", port=port,
+        retry=RetrySettings(**{"max_attempts": 3, "backoff_s": 0.5, **retry}),
+    )
+
+
+def test_export_keeps_each_objects_transfer_syntax(node: RunningNode, tmp_path: Path) -> None:
+    files = [sample(n) for n in FILES]
+    with storescp(tmp_path / "out", "STORESCP", "+xa", "+B") as peer:
+        client = DicomClient(node.settings)
+        result = client.export(destination(peer.port), files)
+        assert result.ok, result.message
+        assert result.attempts == 1 and len(result.sent) == len(files)
+        outcome = result.to_outcome()
+        assert isinstance(outcome, ExportOutcome) and outcome.ok and outcome.sent == len(files)
+    received = {pydicom.dcmread(p).SOPInstanceUID: p for p in (tmp_path / "out").iterdir()}
+    for f in files:
+        src = pydicom.dcmread(f)
+        got = pydicom.dcmread(received[src.SOPInstanceUID])
+        assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID
+        assert got.PixelData == src.PixelData
+
+
+def test_export_decompresses_for_an_uncompressed_only_peer(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    src = sample("MR_small_RLE.dcm")
+    with storescp(tmp_path / "out") as peer:  # dcmtk's default: uncompressed only
+        result = DicomClient(node.settings).export(destination(peer.port), [src])
+    assert result.ok, result.message
+    (got,) = list((tmp_path / "out").iterdir())
+    ds = pydicom.dcmread(got)
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed
+    assert (ds.pixel_array == pydicom.dcmread(src).pixel_array).all()
+
+
+def test_export_to_a_destination_that_is_down_fails_with_backoff(node: RunningNode) -> None:
+    slept: list[float] = []
+    client = DicomClient(node.settings, sleep=slept.append)
+    result = client.export(destination(free_port(), backoff_s=1.0), [sample("CT_small.dcm")])
+    assert not result.ok
+    assert result.attempts == 3
+    assert slept == [1.0, 2.0]  # exponential backoff between attempts
+    assert "cannot associate" in result.message
+    assert result.failures and result.failures[0].status is None
+    assert result.to_outcome().ok is False
+
+
+def test_export_to_a_refusing_destination(node: RunningNode, tmp_path: Path) -> None:
+    # The node's own SCP is the refusing peer: it does not know this called AE title.
+    slept: list[float] = []
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae="NOBODY", max_attempts=2), [sample("CT_small.dcm")]
+    )
+    assert not result.ok
+    assert ("rejected the association: rejected-permanent, service-user, called AE title "
+            "not recognised") in result.message
+    assert result.attempts == 1 and slept == []  # a permanent rejection is not retried
+
+
+def test_export_unreadable_file_fails_only_itself(node: RunningNode, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    with storescp(tmp_path / "out") as peer:
+        result = DicomClient(node.settings).export(
+            destination(peer.port), [junk, sample("CT_small.dcm")]
+        )
+    assert not result.ok
+    assert len(result.sent) == 1
+    assert [f.sop_instance_uid for f in result.failures] == [str(junk)]
+
+
+def test_echo(node: RunningNode, tmp_path: Path) -> None:
+    client = DicomClient(node.settings)
+    with storescp(tmp_path / "out") as peer:
+        assert client.echo(Peer("STORESCP", "127.0.0.1", peer.port)).ok
+    down = client.echo(Peer("STORESCP", "127.0.0.1", free_port()))
+    assert not down.ok and down.message
+
+
+# -- retrieval from dcmqrscp -------------------------------------------------------------
+
+
+@pytest.fixture
+def archive(node: RunningNode, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """dcmqrscp holding one study of 2 series (3 + 2 instances) plus CT_small."""
+    study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+    dss = [synthetic(study, s1) for _ in range(3)] + [synthetic(study, s2) for _ in range(2)]
+    for i, ds in enumerate(dss):
+        ds.AccessionNumber = "ACC42"
+        ds.InstanceNumber = i + 1
+    files = write_files(tmp_path / "src", dss)
+    with dcmqrscp(tmp_path / "qr", "QRSCP", {NODE_AE: ("127.0.0.1", node.port)}) as qr:
+        storescu(qr.port, [*files, sample("CT_small.dcm")], "QRSCP", "LOADER")
+        qr.study = study  # type: ignore[attr-defined]
+        qr.series = (s1, s2)  # type: ignore[attr-defined]
+        qr.datasets = dss  # type: ignore[attr-defined]
+        yield qr
+
+
+def source(port: int, retrieve: str = "c-move") -> SourceSettings:
+    return SourceSettings(name="pacs", ae_title="QRSCP", host="127.0.0.1", port=port,
+                          retrieve=retrieve)  # type: ignore[arg-type]
+
+
+def client_for(node: RunningNode) -> DicomClient:
+    assert node.node is not None
+    return DicomClient(node.settings, node.store, node.node.scp)
+
+
+def test_find_at_each_level(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
+    client = client_for(node)
+    src = source(archive.port)
+    studies = client.find(src, Query(QueryLevel.STUDY, accession_number="ACC42"))
+    assert studies.ok, studies.message
+    assert [m.StudyInstanceUID for m in studies.matches] == [archive.study]
+    by_patient = client.find(src, Query(QueryLevel.STUDY, patient_id="TEST-1"))
+    assert [m.StudyInstanceUID for m in by_patient.matches] == [archive.study]
+    series = client.find(src, Query(QueryLevel.SERIES, study_instance_uid=archive.study))
+    assert sorted(m.SeriesInstanceUID for m in series.matches) == sorted(archive.series)
+    images = client.find(src, Query(QueryLevel.IMAGE, study_instance_uid=archive.study,
+                                    series_instance_uid=archive.series[0]))
+    assert len(images.matches) == 3
+
+
+def test_query_validation_names_the_parameter() -> None:
+    from dicom_node.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="study_instance_uid"):
+        Query(QueryLevel.SERIES, patient_id="X")
+    with pytest.raises(InvalidInput, match="series_instance_uid"):
+        Query(QueryLevel.IMAGE, study_instance_uid="1.2")
+    with pytest.raises(InvalidInput, match="study_instance_uid is not a valid UID"):
+        Query(QueryLevel.STUDY, study_instance_uid="1.2/../x")
+
+
+def test_move_study_lands_in_store(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
+    client = client_for(node)
+    result = client.retrieve(source(archive.port),
+                             Query(QueryLevel.STUDY, study_instance_uid=archive.study))
+    assert result.ok, result.message
+    assert result.method == "c-move" and result.completed == 5
+    uids = sorted(r.sop_instance_uid for r in result.received)
+    assert uids == sorted(d.SOPInstanceUID for d in archive.datasets)
+    for uid in uids:
+        rec = node.store.get_instance(uid)
+        assert rec is not None and rec.source == "retrieve" and Path(rec.path).is_file()
+    assert node.store.list_jobs() == []  # retrieved instances make no DIMSE job
+
+
+def test_move_series_partial_failure_is_reported_per_instance(
+    node: RunningNode, archive, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    assert node.node is not None and node.node.scp is not None
+    writer = node.node.scp.writer
+    bad = archive.datasets[1].SOPInstanceUID
+    real = writer.write
+
+    def failing(path, **kw):  # type: ignore[no-untyped-def]
+        if kw.get("expected_sop_instance") == bad:
+            raise OSError(28, "No space left on device")
+        return real(path, **kw)
+
+    monkeypatch.setattr(writer, "write", failing)
+    result = client_for(node).move(
+        Peer.from_settings(source(archive.port)),
+        Query(QueryLevel.SERIES, study_instance_uid=archive.study,
+              series_instance_uid=archive.series[0]),
+    )
+    assert not result.ok
+    assert result.completed == 2 and result.failed == 1
+    assert [f.sop_instance_uid for f in result.failures] == [bad]
+    assert len(result.received) == 2
+
+
+def test_get_study(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
+    result = client_for(node).retrieve(
+        source(archive.port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=archive.study)
+    )
+    assert result.ok, result.message
+    assert result.method == "c-get" and result.completed == 5
+    for r in result.received:
+        rec = node.store.get_instance(r.sop_instance_uid)
+        assert rec is not None and rec.source == "retrieve"
+
+
+def test_get_single_instance(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
+    ds = archive.datasets[4]
+    result = client_for(node).get(
+        Peer.from_settings(source(archive.port)),
+        Query(QueryLevel.IMAGE, study_instance_uid=archive.study,
+              series_instance_uid=archive.series[1], sop_instance_uid=ds.SOPInstanceUID),
+    )
+    assert result.ok, result.message
+    assert [r.sop_instance_uid for r in result.received] == [ds.SOPInstanceUID]
+
+
+def test_retrieve_from_a_source_that_is_down(node: RunningNode) -> None:
+    result = client_for(node).retrieve(source(free_port()),
+                                       Query(QueryLevel.STUDY, study_instance_uid="1.2.3"))
+    assert not result.ok and "cannot" in result.message
+
+
+def test_export_retries_out_of_resources_then_succeeds(
+    node: RunningNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's own SCP answers 0xA700 once (disk full), then accepts: one retry."""
+    assert node.node is not None and node.node.scp is not None
+    writer = node.node.scp.writer
+    real = writer.write
+    calls: list[str] = []
+
+    def flaky(path, **kw):  # type: ignore[no-untyped-def]
+        calls.append(str(kw.get("expected_sop_instance")))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(path, **kw)
+
+    monkeypatch.setattr(writer, "write", flaky)
+    slept: list[float] = []
+    src = sample("CT_small.dcm")
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae=NODE_AE, backoff_s=0.25), [src]
+    )
+    assert result.ok, result.message
+    assert result.attempts == 2 and slept == [0.25]
+    assert node.store.get_instance(pydicom.dcmread(src).SOPInstanceUID) is not None
+
+
+def test_export_permanent_failure_status_is_reported_per_instance(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    """An instance the peer cannot understand (0xC210) fails alone and is not retried."""
+    good = sample("CT_small.dcm")
+    ds = pydicom.dcmread(good)
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2.3.not-a-uid"  # the node refuses it: 0xC210
+    bad = tmp_path / "bad.dcm"
+    ds.save_as(bad)
+    slept: list[float] = []
+    result = DicomClient(node.settings, sleep=slept.append).export(
+        destination(node.port, ae=NODE_AE), [bad, good]
+    )
+    assert not result.ok
+    assert result.attempts == 1 and slept == []
+    assert result.sent == [str(pydicom.dcmread(good).SOPInstanceUID)]
+    assert [(f.sop_instance_uid, f.status) for f in result.failures] == [
+        (str(ds.SOPInstanceUID), 0xC210)]

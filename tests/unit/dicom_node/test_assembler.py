@@ -1,0 +1,180 @@
+"""Study assembly on the event loop: grouping, completion and jobs (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dicom_node.assembler import Assembler, CompletedGroup
+from dicom_node.config import AETitleSettings, Settings
+from dicom_node.scp import AssociationEnd, ReceivedInstance
+from dicom_node.store import NewJob
+from pipeline.settings import ModelSpec, PipelineSpec
+
+
+def settings(**ae: object) -> Settings:
+    return Settings(
+        ae_titles=[
+            AETitleSettings(**{"ae_title": "AI", "pipelines": ["p1", "p2"], "timeout_s": 0.2,
+                               **ae}),
+            AETitleSettings(ae_title="STORE"),
+        ],
+        models=[ModelSpec(name="m", path=Path("unused"))],
+        pipelines=[PipelineSpec(name="p1", model="m", task="classify"),
+                   PipelineSpec(name="p2", model="m", task="segment")],
+        watch=[],
+    )
+
+
+def inst(n: int, assoc: int = 1, study: str = "1.2.3", series: str = "1.2.3.1",
+         called: str = "AI") -> ReceivedInstance:
+    return ReceivedInstance(f"1.2.3.9.{n}", "1.2.840.10008.5.1.4.1.1.2", study, series,
+                            Path(f"/x/{n}.dcm"), called, "CT1", assoc)
+
+
+class Jobs:
+    def __init__(self) -> None:
+        self.jobs: list[NewJob] = []
+        self.at: list[float] = []
+
+    async def submit(self, new: NewJob) -> None:
+        self.jobs.append(new)
+        self.at.append(time.monotonic())
+
+
+async def settle(seconds: float = 0.05) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def test_release_completes_the_study_one_job_per_pipeline() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+        for i in range(3):
+            asm.instance_received(inst(i))
+        asm.instance_received(inst(3, series="1.2.3.2"))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+        assert asm.open_groups == 0
+    assert [j.pipeline for j in jobs.jobs] == ["p1", "p2"]
+    job = jobs.jobs[0]
+    assert job.kind == "dimse" and job.study_instance_uid == "1.2.3"
+    assert job.called_ae == "AI" and job.calling_ae == "CT1"
+    assert job.input == {"instances": [f"1.2.3.9.{i}" for i in range(4)],
+                         "study_instance_uid": "1.2.3"}
+
+
+async def test_timeout_completes_without_release() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(), jobs.submit) as asm:
+        asm.instance_received(inst(1))
+        await settle(0.6)
+        assert len(jobs.jobs) == 2
+        assert asm.open_groups == 0
+
+
+async def test_no_release_completion_when_disabled() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(complete_on_release=False, timeout_s=30), jobs.submit) as asm:
+        asm.instance_received(inst(1))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+        assert jobs.jobs == [] and asm.open_groups == 1
+    # stop() hands open groups over rather than dropping them
+    assert len(jobs.jobs) == 2
+
+
+async def test_late_instance_starts_a_new_group() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+        asm.instance_received(inst(1, assoc=1))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+        asm.instance_received(inst(2, assoc=2))
+        asm.association_ended(AssociationEnd(2, "AI", "CT1", released=True))
+        await settle()
+    assert [j.input["instances"] for j in jobs.jobs if j.pipeline == "p1"] == [
+        ["1.2.3.9.1"], ["1.2.3.9.2"]]
+
+
+async def test_group_fed_by_two_associations_waits_for_both() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+        asm.instance_received(inst(1, assoc=1))
+        asm.instance_received(inst(2, assoc=2))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+        assert jobs.jobs == []
+        asm.association_ended(AssociationEnd(2, "AI", "CT1", released=True))
+        await settle()
+        assert len(jobs.jobs[0].input["instances"]) == 2
+
+
+async def test_aborted_association_completes_on_timeout_only() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(), jobs.submit) as asm:
+        asm.instance_received(inst(1))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=False))
+        await settle()
+        assert jobs.jobs == []
+        await settle(0.6)
+        assert len(jobs.jobs) == 2
+
+
+async def test_series_grouping_names_the_series() -> None:
+    jobs = Jobs()
+    async with Assembler(settings(grouping="series", timeout_s=30), jobs.submit) as asm:
+        asm.instance_received(inst(1, series="1.2.3.1"))
+        asm.instance_received(inst(2, series="1.2.3.2"))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+    p1 = sorted((j.input["series_instance_uid"], j.input["instances"])
+                for j in jobs.jobs if j.pipeline == "p1")
+    assert p1 == [("1.2.3.1", ["1.2.3.9.1"]), ("1.2.3.2", ["1.2.3.9.2"])]
+
+
+async def test_ae_title_without_pipelines_only_stores() -> None:
+    jobs = Jobs()
+    done: list[CompletedGroup] = []
+    async with Assembler(settings(), jobs.submit, on_complete=done.append) as asm:
+        asm.instance_received(inst(1, called="STORE"))
+        asm.association_ended(AssociationEnd(1, "STORE", "CT1", released=True))
+        await settle()
+    assert jobs.jobs == [] and len(done) == 1
+
+
+async def test_release_to_queued_for_a_300_instance_study(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Instances arrive from a foreign thread, as from the SCP; prints the latency."""
+    jobs = Jobs()
+    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+        released: list[float] = []
+
+        def association() -> None:
+            for i in range(300):
+                asm.instance_received(inst(i))
+            released.append(time.monotonic())
+            asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+
+        t = threading.Thread(target=association)
+        t.start()
+        await asyncio.to_thread(t.join)
+        while len(jobs.jobs) < 2:
+            await settle(0.005)
+    assert len(jobs.jobs[0].input["instances"]) == 300
+    with capsys.disabled():
+        print(f"\n300-instance study: release -> jobs queued in "
+              f"{(max(jobs.at) - released[0]) * 1000:.1f} ms (target 200 ms)")
+
+
+async def test_instances_after_stop_are_not_lost_silently() -> None:
+    jobs = Jobs()
+    asm = Assembler(settings(), jobs.submit)
+    await asm.start()
+    await asm.stop()
+    asm.instance_received(inst(1))  # logs a warning; the instance is in the store already
+    assert asm.open_groups == 0
