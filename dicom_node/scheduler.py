@@ -128,9 +128,12 @@ class _DaemonPool:
             try:
                 result = fn()
             except BaseException as exc:  # delivered to the awaiting task
-                loop.call_soon_threadsafe(_set_exception, fut, exc)
+                deliver: Callable[[], object] = lambda: _set_exception(fut, exc)  # noqa: E731
             else:
-                loop.call_soon_threadsafe(_set_result, fut, result)
+                deliver = lambda: _set_result(fut, result)  # noqa: E731
+            # A job abandoned at shutdown may finish after the loop closed: nobody waits.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver)
 
         self._count += 1
         threading.Thread(target=target, name=f"{self._name}-{self._count}", daemon=True).start()
@@ -192,10 +195,12 @@ class Scheduler:
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         self._stopping = True
         self.notify()
-        running = [task for _, task in self._running.values()]
-        if running:
-            self.log.info("waiting for running jobs", count=len(running), grace_s=grace)
-            await asyncio.wait(running, timeout=grace)
+        # Workers finish the job in hand (also one claimed just now) and then exit.
+        workers = [w for w in self._workers if w.get_name() != "lease-keeper"]
+        if self._running:
+            self.log.info("waiting for running jobs", count=len(self._running), grace_s=grace)
+        if workers:
+            await asyncio.wait(workers, timeout=grace)
         for job_id, (ctx, task) in list(self._running.items()):
             if task.done():
                 continue
@@ -259,10 +264,6 @@ class Scheduler:
             if job is None:
                 await self._idle()
                 continue
-            if self._stopping:  # claimed just as we stopped: give it back
-                await asyncio.to_thread(self.store.transition, job.id, JobState.QUEUED,
-                                        token=job.lease_token, message="node stopping")
-                break
             ctx = JobContext(job=job, store=self.store, work_dir=self.work_root / job.id)
             ctx._set_state = self._state_setter(job)
             task = asyncio.create_task(self._run(ctx), name=f"job-{job.id}")
