@@ -34,7 +34,7 @@ from pipeline.train._common import (
 )
 from pipeline.train.phantoms_ct import DEFAULT_SHAPE, DEFAULT_SPACING, LABELS, make_ct_phantom
 
-ROI_SIZE = (32, 96, 96)
+ROI_SIZE = (16, 96, 96)
 HU_WINDOW = (-200.0, 300.0)
 
 NETWORK_DEF: dict[str, Any] = {
@@ -129,9 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("pipeline/models/ct-organs"))
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--n-train", type=int, default=160, help="number of training phantoms")
-    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--n-train", type=int, default=100, help="number of training phantoms")
+    ap.add_argument("--n-val", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="seed of weights init and sampling")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-3)
