@@ -77,7 +77,10 @@ class LoadedModel:
         """Apply the declared preprocessing to one channel-less image/volume -> C x ...."""
         if self._pre is None:
             self._pre = _build_transforms(self.preprocessing, self.path)
-        return torch.as_tensor(self._pre(array)).float()
+        out = self._pre(array)
+        if hasattr(out, "as_tensor"):  # MetaTensor -> plain tensor
+            out = out.as_tensor()
+        return torch.as_tensor(out).float()
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network (through the declared inferer, e.g. a sliding window) -> logits."""
