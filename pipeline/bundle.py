@@ -117,7 +117,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _parse(config: dict[str, Any], where: Path, key: str) -> Any:
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     cfg = {"imports": ["$import torch", "$import monai"], key: copy.deepcopy(config)}
     try:
@@ -182,7 +182,8 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise BundleError(f"missing file: {path}")
     try:
-        module: torch.nn.Module = torch.jit.load(str(path), map_location="cpu")
+        module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(path), map_location="cpu")
     except Exception as exc:
         raise BundleError(f"corrupt TorchScript file {path}: {exc}") from exc
     return module
