@@ -54,7 +54,7 @@ class LoadedModel:
     preprocessing: list[dict[str, Any]] = field(default_factory=list)
     inferer: dict[str, Any] | None = None
     postprocessing: list[dict[str, Any]] = field(default_factory=list)
-    gradcam_layer: str | None = None
+    gradcam_layer: str | list[str] | None = None  # several layers: maps are averaged
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)

@@ -1,12 +1,16 @@
 """Grad-CAM heatmaps for classifiers (``monai.visualize.GradCAM``).
 
-The target layer comes from the model's metadata (``gradcam_target_layer``);
-the heatmap is returned at the source image size, scaled to [0, 1].
+The target layer comes from the model's metadata (``gradcam_target_layer``): one
+layer name, or a list of names whose maps (each scaled to [0, 1]) are averaged
+(multi-layer fusion: a deep, coarse layer for class specificity with a
+shallower, finer one for position). The heatmap is returned at the source
+image size, scaled to [0, 1].
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +61,7 @@ def _cam(net: torch.nn.Module, layer: str) -> Any:
 
 
 def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
-            layer: str | None = None,
+            layer: str | Sequence[str] | None = None,
             input_tensor: torch.Tensor | None = None) -> npt.NDArray[np.float32]:
     """Grad-CAM of class ``target`` (index or label) for one H x W source ``image``.
 
@@ -73,10 +77,16 @@ def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
     idx = _class_index(model, target)
     x = input_tensor if input_tensor is not None else model.preprocess(image)
     x = x[None].to(model.device).float()
-    cam = _cam(model.network, layer)
-    with torch.enable_grad():
-        heat = cam(x, class_idx=idx)  # 1 x 1 x h x w, upsampled to the input size
-    heat_t = torch.as_tensor(heat).detach().float().cpu()
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    maps = []
+    for name in layers:
+        cam = _cam(model.network, name)
+        with torch.enable_grad():
+            heat = cam(x, class_idx=idx)  # 1 x 1 x h x w, upsampled to the input size
+        m = torch.as_tensor(heat).detach().float().cpu()
+        lo, hi = float(m.min()), float(m.max())
+        maps.append((m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m))
+    heat_t = torch.stack(maps).mean(0)
     out_size = tuple(int(s) for s in np.asarray(image).shape[-2:])
     heat_t = torch.nn.functional.interpolate(heat_t, size=out_size, mode="bilinear",
                                              align_corners=False)[0, 0]

@@ -19,7 +19,8 @@ nothing about real patients and must not be used clinically.**
 - Output: 11 probabilities in the order of `labels` in `configs/metadata.json`.
   The overall result is `TB Presumptive` when Tuberculosis >= threshold,
   `Abnormal` when any other finding is, else `Normal`.
-- Grad-CAM target layer: `class_layers.relu` (16x16 feature map).
+- Grad-CAM target layer: `gradcam_target_layer` in `configs/metadata.json`
+  (the final feature map, before global pooling).
 - Held-out scores (phantom seeds >= 10,000,000, disjoint from training):
   `held_out` in `configs/metadata.json`.
 
