@@ -54,7 +54,7 @@ class LoadedModel:
     preprocessing: list[dict[str, Any]] = field(default_factory=list)
     inferer: dict[str, Any] | None = None
     postprocessing: list[dict[str, Any]] = field(default_factory=list)
-    gradcam_layer: str | None = None
+    gradcam_layer: str | list[str] | None = None  # several layers: maps are averaged
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
@@ -77,7 +77,10 @@ class LoadedModel:
         """Apply the declared preprocessing to one channel-less image/volume -> C x ...."""
         if self._pre is None:
             self._pre = _build_transforms(self.preprocessing, self.path)
-        return torch.as_tensor(self._pre(array)).float()
+        out = self._pre(array)
+        if hasattr(out, "as_tensor"):  # MetaTensor -> plain tensor
+            out = out.as_tensor()
+        return torch.as_tensor(out).float()
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network (through the declared inferer, e.g. a sliding window) -> logits."""
@@ -114,7 +117,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _parse(config: dict[str, Any], where: Path, key: str) -> Any:
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     cfg = {"imports": ["$import torch", "$import monai"], key: copy.deepcopy(config)}
     try:
@@ -179,7 +182,8 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise BundleError(f"missing file: {path}")
     try:
-        module: torch.nn.Module = torch.jit.load(str(path), map_location="cpu")
+        module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(path), map_location="cpu")
     except Exception as exc:
         raise BundleError(f"corrupt TorchScript file {path}: {exc}") from exc
     return module

@@ -25,7 +25,8 @@ def gaussian_kernel(sigma: float) -> npt.NDArray[np.float32]:
     radius = max(1, int(np.ceil(3.0 * sigma)))
     x = np.arange(-radius, radius + 1, dtype=np.float32)
     k = np.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
-    return (k / k.sum()).astype(np.float32)
+    out: npt.NDArray[np.float32] = (k / k.sum()).astype(np.float32)
+    return out
 
 
 def blur(img: npt.NDArray[np.float32], sigma: float) -> npt.NDArray[np.float32]:
@@ -83,7 +84,8 @@ def write_bundle(out: str | Path, *, network: Any, example: Any, metadata: dict[
     network = network.eval().cpu()
     torch.save(network.state_dict(), out / "models" / "model.pt")
     with torch.no_grad():
-        traced = torch.jit.trace(network, example.cpu(), check_trace=False)
+        traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+            network, example.cpu(), check_trace=False)
     traced.save(str(out / "models" / "model.ts"))
     (out / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")

@@ -63,7 +63,8 @@ class CTPhantom:
 
 def _lowfreq(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> FArr:
     n = blur(rng.normal(0, 1, shape).astype(np.float32), sigma)
-    return (n / (n.std() + 1e-6)).astype(np.float32)
+    out: FArr = (n / (n.std() + 1e-6)).astype(np.float32)
+    return out
 
 
 def make_ct_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE,
@@ -183,7 +184,12 @@ def write_dicom_series(phantom: CTPhantom, folder: str | Path, *,
     slice ``k`` sits at ImagePositionPatient z = ``k * spacing_z``.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        UID,
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +207,7 @@ def write_dicom_series(phantom: CTPhantom, folder: str | Path, *,
         sop_uid = deterministic_uid("ct", seed, "sop", k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()

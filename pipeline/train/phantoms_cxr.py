@@ -317,7 +317,8 @@ def make_cxr_phantom(seed: int, size: int = 256,
         bx1 = lg.cx + lg.side * lg.rx * rng.uniform(0.0, 0.2)
         # triangle (hx,hy), (bx0,by_), (bx1,by_) via barycentric sign tests
         def _edge(ax: float, ay: float, bx: float, by: float) -> FArr:
-            return ((xx - ax) * (by - ay) - (yy - ay) * (bx - ax)).astype(np.float32)
+            e: FArr = ((xx - ax) * (by - ay) - (yy - ay) * (bx - ax)).astype(np.float32)
+            return e
         e1, e2, e3 = _edge(hx, hy, bx0, by_), _edge(bx0, by_, bx1, by_), _edge(bx1, by_, hx, hy)
         tri = ((e1 >= 0) & (e2 >= 0) & (e3 >= 0)) | ((e1 <= 0) & (e2 <= 0) & (e3 <= 0))
         tri &= lg.mask
@@ -402,6 +403,7 @@ def write_dicom(phantom: CXRPhantom, path: str | Path, *, patient_id: str | None
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
         PYDICOM_IMPLEMENTATION_UID,
+        UID,
         ComputedRadiographyImageStorage,
         DigitalXRayImageStorageForPresentation,
         ExplicitVRLittleEndian,
@@ -418,7 +420,7 @@ def write_dicom(phantom: CXRPhantom, path: str | Path, *, patient_id: str | None
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 

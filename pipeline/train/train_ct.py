@@ -34,7 +34,7 @@ from pipeline.train._common import (
 )
 from pipeline.train.phantoms_ct import DEFAULT_SHAPE, DEFAULT_SPACING, LABELS, make_ct_phantom
 
-ROI_SIZE = (32, 96, 96)
+ROI_SIZE = (16, 96, 96)
 HU_WINDOW = (-200.0, 300.0)
 
 NETWORK_DEF: dict[str, Any] = {
@@ -76,7 +76,7 @@ INFERENCE: dict[str, Any] = {
 
 def build_network() -> torch.nn.Module:
     """The segmentation net, instantiated from ``NETWORK_DEF`` by MONAI's config parser."""
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     parser = ConfigParser({"network_def": copy.deepcopy(NETWORK_DEF)})
     net: torch.nn.Module = parser.get_parsed_content("network_def")
@@ -116,7 +116,7 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, n_labels: int) -> list[flo
 
 def segment(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Sliding-window inference of a preprocessed N x 1 x Z x Y x X batch -> label maps."""
-    from monai.inferers import sliding_window_inference
+    from monai.inferers.utils import sliding_window_inference
 
     with torch.no_grad():
         logits = sliding_window_inference(x, ROI_SIZE, 2, net, overlap=0.25, mode="gaussian")
@@ -129,9 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("pipeline/models/ct-organs"))
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--n-train", type=int, default=160, help="number of training phantoms")
-    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--n-train", type=int, default=100, help="number of training phantoms")
+    ap.add_argument("--n-val", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="seed of weights init and sampling")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-3)
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.n_train <= MAX_TRAIN:
         ap.error(f"--n-train must be in 1..{MAX_TRAIN}")
 
-    from monai.losses import DiceCELoss
+    from monai.losses.dice import DiceCELoss
 
     t0 = time.time()
     torch.set_num_threads(args.threads)

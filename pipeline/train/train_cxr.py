@@ -35,7 +35,7 @@ from pipeline.train._common import (
 from pipeline.train.phantoms_cxr import FINDINGS, make_cxr_phantom
 
 SPATIAL_SIZE = (128, 128)
-GRADCAM_LAYER = "class_layers.relu"
+GRADCAM_LAYER = ["features.denseblock2", "features.transition1.conv"]
 
 NETWORK_DEF: dict[str, Any] = {
     "_target_": "DenseNet",
@@ -72,7 +72,7 @@ INFERENCE: dict[str, Any] = {
 
 def build_network() -> torch.nn.Module:
     """The classifier, instantiated from ``NETWORK_DEF`` through MONAI's config parser."""
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     parser = ConfigParser({"network_def": copy.deepcopy(NETWORK_DEF)})
     net: torch.nn.Module = parser.get_parsed_content("network_def")
@@ -81,7 +81,7 @@ def build_network() -> torch.nn.Module:
 
 def preprocess(image: np.ndarray) -> torch.Tensor:
     """Apply the bundle's declared preprocessing to one H x W image -> 1 x h x w."""
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     parser = ConfigParser({"imports": ["$import torch"],
                            "preprocessing": copy.deepcopy(INFERENCE["preprocessing"])})

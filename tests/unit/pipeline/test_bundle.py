@@ -152,6 +152,7 @@ def test_demo_bundles_load(name: str, task: str, n_labels: int) -> None:
     assert m.metadata["held_out"], "held-out scores missing from metadata.json"
     if task == "classify":
         assert m.gradcam_layer and m.spatial_size
-        dict(m.network.named_modules())[m.gradcam_layer]  # the layer exists
+        layers = [m.gradcam_layer] if isinstance(m.gradcam_layer, str) else m.gradcam_layer
+        assert set(layers) <= set(dict(m.network.named_modules()))  # the layers exist
     scripted = torch.jit.load(str(folder / "models" / "model.ts"))
     assert isinstance(scripted, torch.jit.ScriptModule)
