@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import threading
 from collections.abc import Callable
@@ -128,9 +129,9 @@ class _DaemonPool:
             try:
                 result = fn()
             except BaseException as exc:  # delivered to the awaiting task
-                deliver: Callable[[], object] = lambda: _set_exception(fut, exc)  # noqa: E731
+                deliver: Callable[[], object] = functools.partial(_set_exception, fut, exc)
             else:
-                deliver = lambda: _set_result(fut, result)  # noqa: E731
+                deliver = functools.partial(_set_result, fut, result)
             # A job abandoned at shutdown may finish after the loop closed: nobody waits.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(deliver)
