@@ -11,27 +11,33 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from dicom_node import runtime_config
 from dicom_node.assembler import Assembler
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import DicomClient
-from dicom_node.secrets import ensure_jwt_secret
+from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
+
+if TYPE_CHECKING:
+    from rest.auth import Authenticator
 
 
 class Node:
     """One running node. ``await node.run()`` until a signal or ``request_stop()``."""
 
     def __init__(self, settings: Settings) -> None:
+        self.file_settings = settings  # as loaded; runtime config objects apply on top
         self.settings = settings
+        self.settings_listeners: list[Callable[[Settings], None]] = []
         self.log = get_logger("node", node=settings.node_name)
         self.store: Store | None = None
         self.scheduler: Scheduler | None = None
@@ -42,6 +48,32 @@ class Node:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
+
+    def authenticator(self) -> Authenticator:
+        """Checks HTTP credentials against this node's secret, public key and API keys."""
+        from rest.auth import Authenticator
+
+        auth = self.settings.auth
+        secret = None
+        if "HS256" in auth.algorithms:
+            secret = read_jwt_secret(self.settings.jwt_secret_file)
+        public = self.settings.path(auth.jwt_public_key_file) if auth.jwt_public_key_file \
+            else None
+        return Authenticator(auth, secret, public)
+
+    async def change_config(self, kind: str, name: str, body: dict[str, Any] | None, *,
+                            create: bool = False) -> Settings:
+        """Validate, persist and apply one runtime config change; tell the listeners."""
+        assert self.store is not None
+        new = runtime_config.change(self.settings, kind, name, body, create=create)
+        stored = None if body is None else runtime_config.objects_of(new, kind)[name]
+        await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
+        self.settings = new
+        for listener in self.settings_listeners:
+            listener(new)
+        self.log.info("configuration changed", kind=kind, name=name,
+                      action="create" if create else "delete" if body is None else "update")
+        return new
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -102,6 +134,11 @@ class Node:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(Store(self.settings.database_url).open)
         self.store = store
+        objects = await asyncio.to_thread(store.config_objects)
+        if objects:
+            self.settings = runtime_config.merge(self.file_settings, objects)
+            self.log.info("runtime configuration applied",
+                          objects=sum(len(v) for v in objects.values()))
         try:
             yield
         finally:

@@ -156,14 +156,30 @@ exports = sa.Table(
 )
 
 
+# Runtime configuration made through the HTTP config API, merged over the YAML file
+# at start-up. A null body is a tombstone: the object was deleted at run time.
+config_objects = sa.Table(
+    "config_objects",
+    metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),  # ae, source, destination
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("body", sa.JSON),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (studies, instances, jobs, job_events, artifacts, exports):
         table.create(conn, checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    config_objects.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -743,6 +759,7 @@ class Store:
         if job.state.final:
             raise Conflict(f"job {job_id} has already {job.state.value}")
         now = utcnow()
+        changed = 0
         with self._begin() as conn:
             if job.state is JobState.QUEUED:
                 changed = conn.execute(
@@ -753,11 +770,11 @@ class Store:
                 ).rowcount
                 if changed:
                     self._event(conn, job_id, JobState.CANCELLED, "cancelled while queued", now)
-                    return self.get_job(job_id)
-            conn.execute(
-                jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
-                                                                updated_at=now)
-            )
+            if not changed:
+                conn.execute(
+                    jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
+                                                                    updated_at=now)
+                )
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:
@@ -812,6 +829,29 @@ class Store:
         with self.engine.connect() as conn:
             return [ExportRecord(r.job_id, r.destination, r.state, r.attempts, r.sent,
                                  r.message, r.updated_at) for r in conn.execute(q)]
+
+    # -- runtime configuration ----------------------------------------------------------
+
+    def config_objects(self) -> dict[str, dict[str, dict[str, Any] | None]]:
+        """Every runtime config object: ``{kind: {name: body-or-None}}``."""
+        out: dict[str, dict[str, dict[str, Any] | None]] = {}
+        with self.engine.connect() as conn:
+            for r in conn.execute(sa.select(config_objects)):
+                out.setdefault(r.kind, {})[r.name] = r.body
+        return out
+
+    def put_config_object(self, kind: str, name: str, body: dict[str, Any] | None) -> None:
+        """Create, replace or (with ``body=None``) tombstone one runtime config object."""
+        now = utcnow()
+        key = (config_objects.c.kind == kind) & (config_objects.c.name == name)
+        with self._begin() as conn:
+            found = conn.execute(sa.select(config_objects.c.name).where(key)).first()
+            if found:
+                conn.execute(config_objects.update().where(key).values(body=body,
+                                                                       updated_at=now))
+            else:
+                conn.execute(config_objects.insert().values(kind=kind, name=name, body=body,
+                                                            updated_at=now))
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -1,22 +1,50 @@
 """The node's aiohttp application: ``create_app(node) -> web.Application``.
 
-Routes are a table; shared state sits behind typed ``web.AppKey``s. The API
-families of later issues add their routes here.
+Each API family is a module with a ``routes(node) -> list[Route]`` table. A route
+declares the scope it needs (``None``: open) and its contract's error shape; one
+middleware authenticates, one turns exceptions into that shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from aiohttp import web
 
 import dicom_node
+from rest.auth import Authenticator, AuthError, Principal
+from rest.errors import ErrorStyle, error_response, map_exception
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 NODE: web.AppKey[Node] = web.AppKey("node")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+ROUTES: web.AppKey[dict[Any, Route]] = web.AppKey("routes")
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    scope: str | None = "read"  # None: open to anyone
+    style: ErrorStyle = ErrorStyle.DEFAULT
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller of a non-open route."""
+    p: Principal = request[PRINCIPAL]
+    return p
 
 
 async def health(request: web.Request) -> web.Response:
@@ -33,9 +61,81 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if store_ok else 503)
 
 
-def create_app(node: Node) -> web.Application:
+def _style_of(request: web.Request) -> ErrorStyle:
+    route = request.app[ROUTES].get(request.match_info.route)
+    if route is not None:
+        return route.style
+    return ErrorStyle.SEED_001 if request.path.startswith("/single_inference") \
+        else ErrorStyle.DEFAULT
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return map_exception(exc, _style_of(request), request)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.app[ROUTES].get(request.match_info.route)
+    if route is None or route.scope is None:  # open routes and 404/405 answers
+        return await handler(request)
+    try:
+        who = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+        who.require(route.scope)
+    except AuthError as exc:
+        message = exc.failure.value if route.style is ErrorStyle.SEED_001 else exc.detail
+        response = error_response(route.style, exc.status, message)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dicom-node"'
+        return response
+    request[PRINCIPAL] = who
+    return await handler(request)
+
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document describing every route (``rest/openapi.yaml``)."""
+    doc: dict[str, Any] = yaml.safe_load(OPENAPI_PATH.read_text(encoding="utf-8"))
+    doc["info"]["version"] = dicom_node.__version__
+    return doc
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def base_routes() -> list[Route]:
+    return [
+        Route("GET", "/health", health, scope=None),
+        Route("GET", "/openapi.json", openapi, scope=None),
+        Route("OPTIONS", "/", openapi, scope=None),
+    ]
+
+
+def create_app(
+    node: Node,
+    authenticator: Authenticator | None = None,
+    extra_routes: list[Route] | None = None,
+) -> web.Application:
     """Build the application for ``node``; the caller runs it."""
-    app = web.Application(client_max_size=int(node.settings.rest.max_body_mb * 1024 * 1024))
+    app = web.Application(
+        client_max_size=int(node.settings.rest.max_body_mb * 1024 * 1024),
+        middlewares=[error_middleware, auth_middleware],
+    )
     app[NODE] = node
-    app.add_routes([web.get("/health", health)])
+    app[AUTH] = authenticator or node.authenticator()
+    from rest import config_api, inference
+
+    table: dict[Any, Route] = {}
+    for route in [*base_routes(), *inference.routes(), *config_api.routes(), *(extra_routes or [])]:
+        table[app.router.add_route(route.method, route.path, route.handler)] = route
+    app[ROUTES] = table
     return app

@@ -164,3 +164,23 @@ def dataset_bytes(path: Path) -> bytes:
     # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4
     group_length = int.from_bytes(data[140:144], "little")
     return data[144 + group_length:]
+
+
+def require_peers() -> bool:
+    return os.environ.get("REQUIRE_PEERS", "") not in ("", "0", "false")
+
+
+def need_binary(name: str, *search: str) -> str:
+    """Path of a peer binary (also looked for in ``search`` globs), or skip/fail the test."""
+    found = shutil.which(name)
+    for folder in search:
+        if found:
+            break
+        candidates = sorted(Path("/").glob(folder.lstrip("/") + "/" + name))
+        found = str(candidates[-1]) if candidates else None
+    if found:
+        return found
+    message = f"peer program {name!r} is not installed (see .ci/run for the packages)"
+    if require_peers():
+        pytest.fail(message)
+    pytest.skip(message)

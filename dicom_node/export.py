@@ -1,0 +1,140 @@
+"""Export: send a job's artifacts to its destinations, with retries and backoff.
+
+A destination is a DIMSE peer (C-STORE), a DICOMweb server (STOW-RS) or a
+folder. DICOM artifacts go everywhere; other files (JSON, PNG, PDF) only to
+folders. A destination that keeps failing fails its export, never the node:
+the outcome says what happened, and the job records it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from dicom_node.config import DestinationSettings, Settings
+from dicom_node.logs import get_logger
+from dicom_node.scheduler import ExportOutcome
+from pipeline.types import Artifact
+
+DICOM_MEDIA_TYPE = "application/dicom"
+
+log = get_logger("export")
+
+
+@dataclass
+class SendResult:
+    """What one attempt at one destination achieved."""
+
+    sent: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class Sender(Protocol):
+    """Sends files to one kind of destination; raises on a connection-level failure."""
+
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult: ...
+
+
+class FolderSender:
+    """Copies files into a folder (atomically: temp name, fsync, rename)."""
+
+    def __init__(self, resolve: Callable[[Path], Path]) -> None:
+        self.resolve = resolve
+
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+        assert dest.path is not None
+        root = self.resolve(dest.path)
+        root.mkdir(parents=True, exist_ok=True)
+        result = SendResult()
+        for src in files:
+            target = root / src.name
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=".export-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+                    shutil.copyfileobj(inp, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+                result.sent += 1
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                result.failed.append((src, str(exc)))
+        return result
+
+
+class Exporter:
+    """Routes artifacts to destinations by name and retries each with backoff."""
+
+    def __init__(self, settings: Settings, senders: dict[str, Sender] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path)}
+        self.senders.update(senders or {})
+        self.sleep = sleep
+
+    def export(self, names: list[str], artifacts: list[Artifact],
+               cancelled: threading.Event | None = None,
+               extra: list[DestinationSettings] | None = None) -> list[ExportOutcome]:
+        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones)."""
+        by_name = {d.name: d for d in self.settings.destinations}
+        outcomes: list[ExportOutcome] = []
+        targets: list[DestinationSettings] = []
+        for name in dict.fromkeys(names):  # keep order, drop repeats
+            dest = by_name.get(name)
+            if dest is None:
+                outcomes.append(ExportOutcome(name, ok=False, attempts=0,
+                                              message="no such destination is configured"))
+            else:
+                targets.append(dest)
+        targets += extra or []
+        for dest in targets:
+            outcomes.append(self._one(dest, artifacts, cancelled))
+        return outcomes
+
+    def _one(self, dest: DestinationSettings, artifacts: list[Artifact],
+             cancelled: threading.Event | None) -> ExportOutcome:
+        files = [a.path for a in artifacts
+                 if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
+        if not files:
+            return ExportOutcome(dest.name, ok=True, attempts=0, sent=0,
+                                 message="nothing to send to this kind of destination")
+        sender = self.senders.get(dest.type)
+        if sender is None:
+            return ExportOutcome(dest.name, ok=False, attempts=0,
+                                 message=f"{dest.type} export is not available in this build")
+        retry = dest.retry
+        pending = list(files)
+        sent = 0
+        message = ""
+        for attempt in range(1, retry.max_attempts + 1):
+            try:
+                result = sender.send(dest, pending)
+            except Exception as exc:  # connection refused, association rejected, timeout
+                message = str(exc) or type(exc).__name__
+                result = None
+            if result is not None:
+                sent += result.sent
+                if not result.failed:
+                    log.info("export done", destination=dest.name, sent=sent, attempts=attempt)
+                    return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=sent)
+                pending = [p for p, _ in result.failed]
+                message = "; ".join(f"{p.name}: {why}" for p, why in result.failed[:5])
+            if attempt < retry.max_attempts and not (cancelled and cancelled.is_set()):
+                delay = min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s)
+                log.warning("export attempt failed; will retry", destination=dest.name,
+                            attempt=attempt, retry_in_s=delay, error=message)
+                self.sleep(delay)
+            else:
+                break
+        log.error("export failed", destination=dest.name, error=message)
+        return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=sent,
+                             message=f"{message} (after {attempt} attempts)")

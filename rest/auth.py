@@ -1,0 +1,152 @@
+"""Authentication: JWTs (HS256 secret or RS256/ES256 public key) and API keys.
+
+Accepted ``Authorization`` forms:
+
+- ``<jwt>`` (the bare token, as seed 001 shows) or ``Bearer <jwt>``;
+- ``Api-Key <key>`` (seed 002); keys are stored as SHA-256 hashes in the settings.
+
+Tokens must carry ``exp``; ``aud``/``iss`` are checked when configured; the
+algorithm must be one the settings allow *and* match the key kind, so neither
+``alg: none`` nor HS256-signed-with-the-public-key (algorithm confusion) passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import jwt
+
+from dicom_node.config import ApiKeySettings, AuthSettings
+
+_SYMMETRIC = frozenset({"HS256"})
+_ASYMMETRIC = frozenset({"RS256", "ES256"})
+DEFAULT_SCOPES = frozenset({"infer", "read"})
+
+
+class AuthFailure(StrEnum):
+    """Why a request was refused; the values are seed 001's messages."""
+
+    MISSING = "Token missing"
+    EXPIRED = "Token expired"
+    INVALID = "Invalid token"
+    FORBIDDEN = "Insufficient scope"
+
+
+class AuthError(Exception):
+    def __init__(self, failure: AuthFailure, detail: str = "") -> None:
+        super().__init__(detail or failure.value)
+        self.failure = failure
+        self.detail = detail or failure.value
+
+    @property
+    def status(self) -> int:
+        return 403 if self.failure is AuthFailure.FORBIDDEN else 401
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a token's subject or an API key's name, with scopes and group."""
+
+    subject: str
+    kind: str  # "jwt" or "api_key"
+    scopes: frozenset[str]
+    group: str | None = None
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise AuthError(AuthFailure.FORBIDDEN, f"this route needs the {scope!r} scope")
+
+    @property
+    def owner(self) -> str:
+        """A stable name for what this caller owns (jobs, transactionIDs)."""
+        return f"{self.kind}:{self.subject}"
+
+
+def hash_api_key(key: str) -> str:
+    """The SHA-256 hex digest that ``auth.api_keys[].key_sha256`` stores."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Authenticator:
+    """Checks ``Authorization`` headers against the configured secret, key and API keys."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        secret: bytes | None,
+        public_key_file: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.public_key = public_key_file.read_text() if public_key_file else None
+        self._keys: list[ApiKeySettings] = list(settings.api_keys)
+
+    def authenticate(self, header: str | None) -> Principal:
+        if header is None or not header.strip():
+            raise AuthError(AuthFailure.MISSING)
+        value = header.strip()
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "api-key":
+            return self._api_key(rest.strip())
+        if scheme.lower() == "bearer":
+            value = rest.strip()
+        if not value:
+            raise AuthError(AuthFailure.MISSING)
+        return self._jwt(value)
+
+    def _api_key(self, key: str) -> Principal:
+        if not key:
+            raise AuthError(AuthFailure.MISSING)
+        digest = hash_api_key(key)
+        for entry in self._keys:  # compare every entry: no early exit to time
+            if hmac.compare_digest(digest, entry.key_sha256):
+                return Principal(entry.name, "api_key", frozenset(entry.scopes), entry.group)
+        raise AuthError(AuthFailure.INVALID, "unknown API key")
+
+    def _jwt(self, token: str) -> Principal:
+        allowed = set(self.settings.algorithms)
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise AuthError(AuthFailure.INVALID) from None
+        key: str | bytes | None
+        if alg in _SYMMETRIC & allowed:
+            key = self.secret
+        elif alg in _ASYMMETRIC & allowed:
+            key = self.public_key
+        else:
+            raise AuthError(AuthFailure.INVALID, f"algorithm {alg!r} is not accepted")
+        if key is None:
+            raise AuthError(AuthFailure.INVALID, f"no key configured for {alg}")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                options={"require": ["exp"], "verify_aud": self.settings.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(AuthFailure.EXPIRED) from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(AuthFailure.INVALID, str(exc)) from None
+        return Principal(
+            subject=str(claims.get("sub", "anonymous")),
+            kind="jwt",
+            scopes=_scopes(claims),
+            group=claims.get("group"),
+        )
+
+
+def _scopes(claims: dict[str, object]) -> frozenset[str]:
+    raw = claims.get("scope", claims.get("scopes"))
+    if isinstance(raw, str):
+        return frozenset(raw.split())
+    if isinstance(raw, list):
+        return frozenset(str(s) for s in raw)
+    return DEFAULT_SCOPES

@@ -1,0 +1,106 @@
+"""Runtime management of AE titles, sources and destinations (admin scope).
+
+``/config/ae``, ``/config/source``, ``/config/destination``: GET (list, one),
+POST (201; 409 if the name exists), PUT (update in place — the safe way to
+change a live AE title's timeout or pipelines), DELETE (204). Changes are kept
+in the store and merged over the YAML file at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
+from rest.app import NODE, Route
+from rest.errors import ApiError
+
+
+def _kind(request: web.Request) -> str:
+    kind = request.match_info["kind"]
+    if kind not in KINDS:
+        raise ApiError(404, f"unknown configuration kind {kind!r}; one of "
+                       f"{', '.join(KINDS)}")
+    return kind
+
+
+def _origin(request: web.Request, kind: str, name: str) -> str:
+    node = request.app[NODE]
+    in_file = name in objects_of(node.file_settings, kind)
+    in_effective = objects_of(node.settings, kind).get(name)
+    if not in_file:
+        return "api"
+    return "file" if objects_of(node.file_settings, kind)[name] == in_effective else "api"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(422, "the body is not valid JSON",
+                       [{"field": "(body)", "message": "not valid JSON"}]) from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object",
+                       [{"field": "(body)", "message": "must be an object"}])
+    return body
+
+
+async def list_objects(request: web.Request) -> web.Response:
+    kind = _kind(request)
+    objs = objects_of(request.app[NODE].settings, kind)
+    return web.json_response([{**body, "origin": _origin(request, kind, name)}
+                              for name, body in objs.items()])
+
+
+async def get_object(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    body = objects_of(request.app[NODE].settings, kind).get(name)
+    if body is None:
+        raise ApiError(404, f"no {kind} named {name!r}")
+    return web.json_response({**body, "origin": _origin(request, kind, name)})
+
+
+async def _change(request: web.Request, kind: str, name: str, body: dict[str, Any] | None,
+                  create: bool) -> None:
+    try:
+        await request.app[NODE].change_config(kind, name, body, create=create)
+    except ConfigInvalid as exc:
+        raise ApiError(422, "the configuration object is invalid", exc.problems) from None
+
+
+async def create_object(request: web.Request) -> web.Response:
+    kind = _kind(request)
+    body = await _body(request)
+    key = KINDS[kind][1]
+    name = body.get(key)
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(422, "the configuration object is invalid",
+                       [{"field": key, "message": "required field is missing"}])
+    await _change(request, kind, name.strip(), body, create=True)
+    return web.json_response(objects_of(request.app[NODE].settings, kind)[name.strip()],
+                             status=201)
+
+
+async def update_object(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    await _change(request, kind, name, await _body(request), create=False)
+    return web.json_response(objects_of(request.app[NODE].settings, kind)[name])
+
+
+async def delete_object(request: web.Request) -> web.Response:
+    kind, name = _kind(request), request.match_info["name"]
+    await _change(request, kind, name, None, create=False)
+    return web.Response(status=204)
+
+
+def routes() -> list[Route]:
+    base = "/config/{kind:ae|source|destination}"
+    return [
+        Route("GET", base, list_objects, scope="admin"),
+        Route("POST", base, create_object, scope="admin"),
+        Route("GET", base + "/{name}", get_object, scope="admin"),
+        Route("PUT", base + "/{name}", update_object, scope="admin"),
+        Route("DELETE", base + "/{name}", delete_object, scope="admin"),
+    ]

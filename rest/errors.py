@@ -1,0 +1,78 @@
+"""One place that turns exceptions into each API's JSON error shape."""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from aiohttp import web
+
+from dicom_node.errors import Conflict, InvalidInput, NodeError, NotFound
+from dicom_node.logs import get_logger
+
+log = get_logger("rest")
+
+
+class ErrorStyle(StrEnum):
+    """The error body a route family's contract asks for."""
+
+    DEFAULT = "default"  # {"error": "...", "message": "..."}
+    SEED_001 = "seed001"  # {"Result": "Failure", "Data": null, "Message": "..."}
+    MESSAGE = "message"  # {"message": "..."} (seed 002)
+
+
+class ApiError(Exception):
+    """An HTTP error with a status, a message for a person and optional details."""
+
+    def __init__(self, status: int, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+_REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+            415: "unsupported_media_type", 422: "unprocessable_entity", 500: "internal_error",
+            503: "unavailable"}
+
+
+def error_response(style: ErrorStyle, status: int, message: str,
+                   details: Any = None) -> web.Response:
+    body: dict[str, Any]
+    if style is ErrorStyle.SEED_001:
+        body = {"Result": "Failure", "Data": None, "Message": message}
+    elif style is ErrorStyle.MESSAGE:
+        body = {"message": message}
+    else:
+        body = {"error": _REASONS.get(status, "error"), "message": message}
+    if details is not None and style is not ErrorStyle.SEED_001:
+        body["details"] = details
+    return web.json_response(body, status=status)
+
+
+def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -> web.Response:
+    """The response for an exception raised while handling ``request``."""
+    if isinstance(exc, ApiError):
+        return error_response(style, exc.status, exc.message, exc.details)
+    if isinstance(exc, NotFound):
+        return error_response(style, 404, str(exc))
+    if isinstance(exc, Conflict):
+        return error_response(style, 409, str(exc))
+    if isinstance(exc, InvalidInput):
+        return error_response(style, 400, str(exc))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return error_response(style, 413, "request body is larger than the configured limit "
+                              "(rest.max_body_mb)")
+    if isinstance(exc, web.HTTPException):
+        return error_response(style, exc.status, exc.reason)
+    if isinstance(exc, NodeError):
+        return error_response(style, 400, str(exc))
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("request failed", error_id=error_id, method=request.method,
+                  path=request.path)
+    message = f"internal error (error id {error_id}; see the node's log)"
+    if style is ErrorStyle.SEED_001:
+        message = "Single Inference failed due to an internal error"
+    return error_response(style, 500, message)

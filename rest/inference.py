@@ -1,0 +1,302 @@
+"""ACR / Clara inference requests: ``POST /api/inference``, ``GET /api/inference/status/{id}``.
+
+Contract: seed 000 (Clara DICOM Adapter's extension of the ACR DSI model API).
+A request names studies on a PACS (by UID, patient or accession), one
+``Algorithm`` resource naming the pipeline, sources to fetch from (DIMSE or
+DICOMweb) and destinations for the results. It becomes one durable job.
+
+By default a request may only name sources and destinations that match the
+configuration, so the API cannot be used to reach arbitrary hosts;
+``rest.allow_any_url`` lets an administrator allow any http/https URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicom_node.config import Settings
+from dicom_node.dicomweb import url_allowed
+from dicom_node.store import Job, JobState, NewJob
+from rest.app import NODE, Route, principal
+from rest.errors import ApiError
+
+UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
+_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InstanceRef(_Model):
+    SOPInstanceUID: list[UID] = Field(min_length=1)
+
+
+class SeriesRef(_Model):
+    SeriesInstanceUID: UID
+    instances: list[InstanceRef] | None = None
+
+
+class StudyRef(_Model):
+    StudyInstanceUID: UID
+    series: list[SeriesRef] | None = None
+
+
+class Details(_Model):
+    type: Literal["DICOM_UID", "DICOM_PATIENT_ID", "ACCESSION_NUMBER"]
+    studies: list[StudyRef] | None = None
+    PatientID: str | None = Field(default=None, min_length=1, max_length=64)
+    accessionNumber: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = None
+
+    def problems(self, path: str) -> list[dict[str, str]]:
+        """The field this detail type needs must be present."""
+        need = {"DICOM_UID": "studies", "DICOM_PATIENT_ID": "PatientID",
+                "ACCESSION_NUMBER": "accessionNumber"}[self.type]
+        if not getattr(self, need):
+            return [{"field": f"{path}.{need}", "message": f"required when type is {self.type}"}]
+        return []
+
+
+class InputMetadata(_Model):
+    details: Details | None = None
+    inputs: list[Details] | None = None
+
+
+class ConnectionDetails(_Model):
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    uri: str | None = Field(default=None, max_length=2048)
+    authType: Literal["None", "Basic", "Bearer"] = "None"
+    authId: str | None = Field(default=None, max_length=4096)
+    operations: list[Literal["QUERY", "RETRIEVE", "STORE"]] | None = None
+    aeTitle: str | None = None
+    host: str | None = Field(default=None, max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http or https URL")
+        return v
+
+    @field_validator("aeTitle")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        if v is not None and (not _AE.match(v) or not v.strip()):
+            raise ValueError("must be 1-16 printable characters without backslash")
+        return v
+
+
+class Resource(_Model):
+    interface: Literal["Algorithm", "DIMSE", "DICOMweb"]
+    connectionDetails: ConnectionDetails
+
+
+class InferenceRequest(_Model):
+    transactionID: str = Field(min_length=1, max_length=256)
+    priority: int = Field(default=128, ge=0, le=255)
+    inputMetadata: InputMetadata
+    inputResources: list[Resource] = Field(min_length=1)
+    outputResources: list[Resource] = Field(default_factory=list)
+
+
+def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(body)"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append({"field": path, "message": msg})
+    return out
+
+
+def validate_request(body: Any, settings: Settings) -> tuple[InferenceRequest, dict[str, Any]]:
+    """Check a request against the contract and the configuration.
+
+    Returns the parsed request and the job input it becomes; raises ApiError 422
+    listing every problem by its field path.
+    """
+    try:
+        req = InferenceRequest.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(422, "the request has invalid or missing fields",
+                       _field_errors(exc)) from None
+    problems: list[dict[str, str]] = []
+    meta = req.inputMetadata
+    queries: list[Details] = []
+    if meta.details is None and not meta.inputs:
+        problems.append({"field": "inputMetadata.details",
+                         "message": "required (or inputMetadata.inputs)"})
+    if meta.details is not None:
+        problems += meta.details.problems("inputMetadata.details")
+        queries.append(meta.details)
+    for i, d in enumerate(meta.inputs or []):
+        problems += d.problems(f"inputMetadata.inputs.{i}")
+        queries.append(d)
+
+    algorithms = [i for i, r in enumerate(req.inputResources) if r.interface == "Algorithm"]
+    pipeline = ""
+    if len(algorithms) != 1:
+        problems.append({"field": "inputResources",
+                         "message": f"exactly one Algorithm resource is required, "
+                                    f"found {len(algorithms)}"})
+    else:
+        i = algorithms[0]
+        pipeline = req.inputResources[i].connectionDetails.name or ""
+        known = {p.name for p in settings.pipelines}
+        if pipeline not in known:
+            problems.append({"field": f"inputResources.{i}.connectionDetails.name",
+                             "message": f"unknown pipeline {pipeline!r}; configured: "
+                                        f"{', '.join(sorted(known)) or 'none'}"})
+    sources: list[dict[str, Any]] = []
+    for i, r in enumerate(req.inputResources):
+        if r.interface == "Algorithm":
+            continue
+        resolved, errs = _resolve_peer(r, f"inputResources.{i}", settings, output=False)
+        problems += errs
+        if resolved:
+            sources.append(resolved)
+    if not sources and len(algorithms) == 1:
+        problems.append({"field": "inputResources",
+                         "message": "at least one DIMSE or DICOMweb source is required"})
+    destinations: list[dict[str, Any]] = []
+    for i, r in enumerate(req.outputResources):
+        if r.interface == "Algorithm":
+            problems.append({"field": f"outputResources.{i}.interface",
+                             "message": "an output must be DIMSE or DICOMweb"})
+            continue
+        resolved, errs = _resolve_peer(r, f"outputResources.{i}", settings, output=True)
+        problems += errs
+        if resolved:
+            destinations.append(resolved)
+    if problems:
+        raise ApiError(422, "the request has invalid or missing fields", problems)
+    job_input = {
+        "retrieve": {
+            "queries": [q.model_dump(exclude_none=True) for q in queries],
+            "sources": sources,
+        },
+        "destinations": destinations,
+    }
+    return req, job_input
+
+
+def _resolve_peer(r: Resource, path: str, settings: Settings,
+                  output: bool) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
+    """Turn a resource into a peer the node may talk to, or say why not."""
+    cd = r.connectionDetails
+    field = f"{path}.connectionDetails"
+    if r.interface == "DIMSE":
+        if cd.name:
+            pool = ([d.name for d in settings.destinations if d.type == "dimse"] if output
+                    else [s.name for s in settings.sources])
+            if cd.name not in pool:
+                kind = "destination" if output else "source"
+                return None, [{"field": f"{field}.name",
+                               "message": f"no configured DIMSE {kind} named {cd.name!r}"}]
+            return {"interface": "DIMSE", "name": cd.name}, []
+        if not (cd.aeTitle and cd.host and cd.port):
+            return None, [{"field": field,
+                           "message": "a DIMSE resource needs name, or aeTitle, host and port"}]
+        peers = ([(d.ae_title, d.host, d.port, d.name) for d in settings.destinations
+                  if d.type == "dimse"] if output
+                 else [(s.ae_title, s.host, s.port, s.name) for s in settings.sources])
+        for ae, host, port, name in peers:
+            if (ae, host, port) == (cd.aeTitle, cd.host, cd.port):
+                return {"interface": "DIMSE", "name": name}, []
+        return None, [{"field": field,
+                       "message": f"{cd.aeTitle}@{cd.host}:{cd.port} is not a configured "
+                                  "DIMSE peer"}]
+    # DICOMweb
+    if not cd.uri:
+        return None, [{"field": f"{field}.uri", "message": "required for DICOMweb"}]
+    bases = [s.dicomweb_url for s in settings.sources if s.dicomweb_url]
+    bases += [d.url for d in settings.destinations if d.type == "dicomweb" and d.url]
+    if not url_allowed(cd.uri, bases, settings.rest.allow_any_url):
+        return None, [{"field": f"{field}.uri",
+                       "message": "not under a configured DICOMweb base URL "
+                                  "(rest.allow_any_url is off)"}]
+    if cd.authType != "None" and not cd.authId:
+        return None, [{"field": f"{field}.authId",
+                       "message": f"required with authType {cd.authType}"}]
+    return {"interface": "DICOMweb", "uri": cd.uri, "authType": cd.authType,
+            "authId": cd.authId, "operations": cd.operations}, []
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def post_inference(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(422, "the body is not valid JSON",
+                       [{"field": "(body)", "message": "not valid JSON"}]) from None
+    req, job_input = validate_request(body, node.settings)
+    if node.scheduler is None:
+        raise ApiError(503, "the scheduler is not running")
+    pipeline = next(r.connectionDetails.name for r in req.inputResources
+                    if r.interface == "Algorithm")
+    job = await node.scheduler.submit(NewJob(
+        pipeline=pipeline or "",
+        kind="acr",
+        priority=req.priority,
+        input=job_input,
+        transaction_id=req.transactionID,
+        owner=principal(request).owner,
+    ))
+    return web.json_response({"transactionID": req.transactionID, "jobId": job.id})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    assert node.store is not None
+    ref = request.match_info["id"]
+    job = await asyncio.to_thread(node.store.find_job, ref, principal(request).owner)
+    exports = await asyncio.to_thread(node.store.exports_of, job.id)
+    return web.json_response(status_body(job, [
+        {"destination": x.destination, "state": x.state, "attempts": x.attempts,
+         "sent": x.sent, "message": x.message} for x in exports]))
+
+
+def status_body(job: Job, exports: list[dict[str, Any]]) -> dict[str, Any]:
+    def ts(v: Any) -> str | None:
+        return v.isoformat() if v else None
+
+    retrieval = (job.result or {}).get("retrieval", [])
+    return {
+        "transactionID": job.transaction_id,
+        "jobId": job.id,
+        "state": job.state.value,
+        "status": "Failed" if job.state is JobState.FAILED else
+        "Succeeded" if job.state is JobState.SUCCEEDED else
+        "Cancelled" if job.state is JobState.CANCELLED else "InProgress",
+        "pipeline": job.pipeline,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "created": ts(job.created_at),
+        "started": ts(job.started_at),
+        "finished": ts(job.finished_at),
+        "retrieval": retrieval,
+        "exports": exports,
+        "message": job.error,
+    }
+
+
+def routes() -> list[Route]:
+    return [
+        Route("POST", "/api/inference", post_inference, scope="infer"),
+        Route("POST", "/inference", post_inference, scope="infer"),
+        Route("GET", "/api/inference/status/{id}", get_status, scope="read"),
+    ]

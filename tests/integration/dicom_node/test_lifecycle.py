@@ -1,0 +1,141 @@
+"""The node as a real process: health, clean stop, crash recovery, the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+
+from dicom_node.store import JobState, NewJob, Store
+from tests.support.node_process import NodeProcess
+
+TEST_EXECUTOR = {"runner": "tests.support.handlers:create_handler", "poll_interval_s": 0.1,
+                 "grace_period_s": 2}
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProcess]:
+    n = NodeProcess(tmp_path / "data", {"executor": TEST_EXECUTOR})
+    yield n
+    n.stop()
+
+
+def store_of(node: NodeProcess) -> Store:
+    return Store(f"sqlite:///{(node.data_dir / 'node.db').resolve()}").open()
+
+
+def wait_for(predicate, what: str, node: NodeProcess) -> None:  # type: ignore[no-untyped-def]
+    while not predicate():  # no time limit: pytest-timeout guards the test
+        if node.proc is not None and node.proc.poll() is not None:
+            raise AssertionError(f"node died while waiting for {what}:\n{node.log()}")
+        time.sleep(0.05)
+
+
+def test_health_and_clean_stop_on_sigterm(node: NodeProcess) -> None:
+    node.start()
+    status, body = node.get("/health")
+    assert status == 200 and body["status"] == "ok" and body["store"]["ok"] is True
+    assert body["parts"]["scheduler"] == "running"
+    secret = node.data_dir / "jwt_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    node.signal(signal.SIGTERM)
+    assert node.wait() == 0
+    assert "node stopped" in node.log()
+
+
+def test_ctrl_c_stops_cleanly(node: NodeProcess) -> None:
+    node.start()
+    node.signal(signal.SIGINT)
+    assert node.wait() == 0
+
+
+def test_running_job_finishes_within_grace_on_sigterm(node: NodeProcess) -> None:
+    node.start()
+    marker = node.data_dir / "marker.txt"
+    store = store_of(node)
+    try:
+        job = store.create_job(NewJob(pipeline="p", input={"sleep": 0.5, "marker": str(marker)}))
+        wait_for(lambda: marker.exists(), "the job to start", node)
+        node.signal(signal.SIGTERM)
+        assert node.wait() == 0
+        assert store.get_job(job.id).state is JobState.SUCCEEDED
+    finally:
+        store.close()
+
+
+def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
+    marker = node.data_dir / "marker.txt"
+    node.start()
+    store = store_of(node)
+    try:
+        job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
+        wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
+        node.signal(signal.SIGKILL)
+        node.wait()
+        assert store.get_job(job.id).state is JobState.RUNNING  # died holding it
+        node.start()
+        wait_for(lambda: store.get_job(job.id).state.final, "the job to finish", node)
+        assert store.get_job(job.id).state is JobState.SUCCEEDED
+        lines = marker.read_text().splitlines()
+        assert [ln.split()[0] for ln in lines] == ["start", "start", "end"]
+        assert any(e.message == "interrupted; queued again" for e in store.events(job.id))
+        time.sleep(0.5)  # nothing runs it a third time
+        assert len(marker.read_text().splitlines()) == 3
+    finally:
+        store.close()
+
+
+def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
+    store = store_of(node)
+    try:
+        job = store.create_job(NewJob(pipeline="cxr", priority=200))
+    finally:
+        store.close()
+    out = node.cli("jobs", "list")
+    assert out.returncode == 0 and job.id in out.stdout and "queued" in out.stdout
+    out = node.cli("jobs", "cancel", job.id)
+    assert out.returncode == 0 and "cancelled" in out.stdout
+    out = node.cli("jobs", "show", job.id, "--json")
+    data = json.loads(out.stdout)
+    assert data["state"] == "cancelled" and [e["state"] for e in data["events"]] == [
+        "queued", "cancelled"]
+    assert node.cli("jobs", "retry", job.id).returncode == 0
+    shown = node.cli("jobs", "show", job.id)
+    assert "retry requested" in shown.stdout
+    missing = node.cli("jobs", "show", "no-such-job")
+    assert missing.returncode == 1 and "no job 'no-such-job'" in missing.stderr
+    listed = node.cli("jobs", "list", "--state", "queued", "--json")
+    assert json.loads(listed.stdout.splitlines()[0])["id"] == job.id
+
+
+def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
+    node.start()
+    out = node.cli("token", "--scope", "admin", "--expires", "15m")
+    assert out.returncode == 0
+    token = out.stdout.strip().splitlines()[-1]
+    secret = (node.data_dir / "jwt_secret").read_bytes().strip()
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["scope"] == "admin" and 800 < claims["exp"] - claims["iat"] <= 900
+
+
+def test_token_before_first_start_says_what_to_do(node: NodeProcess) -> None:
+    out = node.cli("token")
+    assert out.returncode == 1 and "start the node once" in out.stderr
+
+
+def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path) -> None:
+    node.start()
+    other = NodeProcess(tmp_path / "other", {"executor": TEST_EXECUTOR})
+    other.http_port = node.http_port
+    import yaml
+
+    cfg = yaml.safe_load(other.config_path.read_text())
+    cfg["rest"]["port"] = node.http_port
+    other.config_path.write_text(yaml.safe_dump(cfg))
+    out = other.cli("serve")  # `serve --config …`
+    assert out.returncode == 1 and "cannot start" in out.stderr

@@ -1,0 +1,64 @@
+"""A job handler for tests: behaviour comes from the job's input, effects go to a file.
+
+``input`` keys: ``sleep`` (seconds the run takes, in small steps that honour
+cancel), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise a
+PermanentJobError), ``marker`` (a file that gets ``start <id>`` and ``end <id>``
+lines, so a test can count how often a job ran and finished).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from dicom_node.config import Settings
+from dicom_node.errors import PermanentJobError
+from dicom_node.scheduler import ExportOutcome, JobContext
+from dicom_node.store import Job, Store
+from pipeline.types import Artifact
+
+
+def _mark(ctx: JobContext, what: str) -> None:
+    marker = ctx.job.input.get("marker")
+    if marker:
+        with open(marker, "a") as fh:
+            fh.write(f"{what} {ctx.job.id} {os.getpid()}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class RecordingHandler:
+    def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
+        self.order: list[str] = []
+
+    def needs_retrieval(self, job: Job) -> bool:
+        return bool(job.input.get("retrieve"))
+
+    def retrieve(self, ctx: JobContext) -> None:
+        _mark(ctx, "retrieve")
+
+    def run(self, ctx: JobContext) -> list[Artifact]:
+        self.order.append(ctx.job.input.get("name", ctx.job.id))
+        _mark(ctx, "start")
+        if ctx.job.input.get("permanent"):
+            raise PermanentJobError("this input can never work")
+        if ctx.job.attempts <= int(ctx.job.input.get("fail_times", 0)):
+            raise RuntimeError(f"transient failure on attempt {ctx.job.attempts}")
+        deadline = time.monotonic() + float(ctx.job.input.get("sleep", 0))
+        while time.monotonic() < deadline:
+            ctx.check_cancelled()
+            time.sleep(0.02)
+        out = ctx.work_dir / "result.txt"
+        out.write_text("ok")
+        _mark(ctx, "end")
+        return [Artifact(kind="txt", path=Path(out), media_type="text/plain")]
+
+    def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
+        if ctx.job.input.get("export_fails"):
+            return [ExportOutcome("pacs", ok=False, attempts=3, message="association rejected")]
+        return [ExportOutcome("folder", ok=True, sent=len(artifacts))]
+
+
+def create_handler(settings: Settings, store: Store) -> RecordingHandler:
+    return RecordingHandler(settings, store)

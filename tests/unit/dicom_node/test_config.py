@@ -1,0 +1,118 @@
+"""Settings: defaults, overrides, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ConfigError, Settings, default_config_path, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_default_file_equals_builtin_defaults() -> None:
+    assert load_settings(default_config_path(), environ={}) == load_settings(environ={})
+
+
+def test_defaults_match_the_product_card() -> None:
+    s = load_settings(environ={})
+    assert s.dimse.port == 11112 and s.dimse.ae_title == "DICOMNODE"
+    assert s.rest.port == 5000
+    assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("data/node.db")
+    assert s.path(s.watch[0].path) == Path("data/inbox")
+
+
+def test_data_dir_moves_everything_together(tmp_path: Path) -> None:
+    s = load_settings(overrides={"storage.data_dir": str(tmp_path)}, environ={})
+    assert s.studies_dir == tmp_path / "studies"
+    assert s.results_dir == tmp_path / "results"
+    assert s.path(s.watch[0].path) == tmp_path / "inbox"
+    assert s.jwt_secret_file == tmp_path / "jwt_secret"
+    assert str(tmp_path.resolve() / "node.db") in s.database_url
+
+
+def test_environment_and_cli_overrides(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "dimse:\n  port: 2000\n")
+    s = load_settings(cfg, environ={"DICOM_NODE_DIMSE__PORT": "3000",
+                                    "DICOM_NODE_REST__PORT": "6000"})
+    assert s.dimse.port == 3000 and s.rest.port == 6000
+    s = load_settings(cfg, environ={"DICOM_NODE_DIMSE__PORT": "3000"},
+                      overrides={"dimse.port": 4000})
+    assert s.dimse.port == 4000
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(Exception):
+        s.dimse = s.dimse  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("dimse:\n  prot: 104\n", "dimse.prot", "unknown key"),
+        ("dimse:\n  port: many\n", "dimse.port", "integer"),
+        ("dimse:\n  port: 70000\n", "dimse.port", "65535"),
+        ("dimse:\n  ae_title: THIS_TITLE_IS_TOO_LONG\n", "dimse.ae_title", "16"),
+        ("ae_titles:\n  - ae_title: 'BAD\\\\AE'\n", "ae_titles.0.ae_title", "backslash"),
+        ("ae_titles:\n  - ae_title: X\n    grouping: patient\n", "ae_titles.0.grouping", "study"),
+        ("ae_titles:\n  - ae_title: X\n    timeout_s: -1\n", "ae_titles.0.timeout_s", "greater"),
+        ("ae_titles:\n  - ae_title: X\n    pipelines: [nope]\n", "ae_titles.0.pipelines",
+         "'nope' is not defined in pipelines"),
+        ("executor:\n  workers: 0\n", "executor.workers", "greater"),
+        ("destinations:\n  - name: pacs\n    type: dimse\n    host: h\n", "destinations.0",
+         "needs ae_title, port"),
+        ("destinations:\n  - {name: a, type: folder, path: x}\n  - {name: a, type: folder, "
+         "path: y}\n", "destinations.1", "duplicate name 'a'"),
+        ("dimse:\n  tls:\n    certificate: nope.pem\n    private_key: nope.key\n",
+         "dimse.tls.certificate", "file not found"),
+        ("models:\n  - name: m\n    path: /does/not/exist\n", "models.0.path", "not found"),
+        ("logging: 3\n", "logging", "valid dictionary"),
+        ("dimse: [\n", "line", "not valid YAML"),
+        ("- a\n- b\n", "", "mapping of sections"),
+        ("auth:\n  algorithms: [none]\n", "auth.algorithms.0", "HS256"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    cfg = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    message = str(info.value)
+    assert message.startswith(str(cfg)), message
+    assert key in message and problem in message, message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothere.yaml: file not found"):
+        load_settings(tmp_path / "nothere.yaml", environ={})
+
+
+def test_bad_environment_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="dimse.port"):
+        load_settings(environ={"DICOM_NODE_DIMSE__PORT": "abc"})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args],
+                          capture_output=True, text=True)
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    ok = _cli("check-config", str(default_config_path()))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = _cli("check-config", str(write(tmp_path, "rest:\n  port: -1\n")))
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rest.port" in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_serve_with_bad_config_exits_2(tmp_path: Path) -> None:
+    r = _cli("serve", "--config", str(write(tmp_path, "colour: blue\n")))
+    assert r.returncode == 2 and "colour: unknown key" in r.stderr

@@ -1,0 +1,72 @@
+"""Export routing and retries (folder destinations are real; a failing sender is a real class)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom_node.config import DestinationSettings, Settings
+from dicom_node.export import DICOM_MEDIA_TYPE, Exporter, SendResult
+from pipeline.types import Artifact
+
+
+class FlakySender:
+    """Refuses the first ``failures`` attempts, as a PACS that is restarting would."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[list[Path]] = []
+
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+        self.calls.append(list(files))
+        if len(self.calls) <= self.failures:
+            raise ConnectionRefusedError(f"{dest.host}:{dest.port} refused the connection")
+        return SendResult(sent=len(files))
+
+
+def settings(tmp_path: Path) -> Settings:
+    return Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path)},
+        "destinations": [
+            {"name": "out", "type": "folder", "path": "exported"},
+            {"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+             "port": 1, "retry": {"max_attempts": 3, "backoff_s": 0.01}},
+        ],
+    })
+
+
+def artifacts(tmp_path: Path) -> list[Artifact]:
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "a.dcm").write_bytes(b"DICM")
+    return [Artifact("json", tmp_path / "a.json", "application/json"),
+            Artifact("sr", tmp_path / "a.dcm", DICOM_MEDIA_TYPE, "1.2.3")]
+
+
+def test_folder_gets_every_file_and_dimse_only_dicom(tmp_path: Path) -> None:
+    flaky = FlakySender(failures=0)
+    ex = Exporter(settings(tmp_path), {"dimse": flaky}, sleep=lambda s: None)
+    out = ex.export(["out", "pacs"], artifacts(tmp_path))
+    assert [(o.destination, o.ok, o.sent) for o in out] == [("out", True, 2), ("pacs", True, 1)]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["a.dcm", "a.json"]
+    assert flaky.calls == [[tmp_path / "a.dcm"]]
+
+
+def test_retries_with_backoff_then_succeeds(tmp_path: Path) -> None:
+    delays: list[float] = []
+    ex = Exporter(settings(tmp_path), {"dimse": FlakySender(failures=2)}, sleep=delays.append)
+    (o,) = ex.export(["pacs"], artifacts(tmp_path))
+    assert o.ok and o.attempts == 3
+    assert delays == [0.01, 0.02]
+
+
+def test_gives_up_with_the_reason(tmp_path: Path) -> None:
+    ex = Exporter(settings(tmp_path), {"dimse": FlakySender(failures=99)}, sleep=lambda s: None)
+    (o,) = ex.export(["pacs"], artifacts(tmp_path))
+    assert not o.ok and o.attempts == 3
+    assert "refused the connection" in (o.message or "") and "after 3 attempts" in (o.message or "")
+
+
+def test_unknown_destination_and_missing_sender(tmp_path: Path) -> None:
+    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
+    out = ex.export(["nowhere", "pacs"], artifacts(tmp_path))
+    assert [o.ok for o in out] == [False, False]
+    assert "no such destination" in (out[0].message or "")

@@ -1,0 +1,164 @@
+"""Scheduler: priority order, retries with backoff, cancel, shutdown, on both stores."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import ExecutorSettings, RetrySettings
+from dicom_node.scheduler import Scheduler
+from dicom_node.store import JobState, NewJob, Store
+from tests.support.handlers import RecordingHandler
+
+
+def make(store: Store, tmp_path: Path, **kw: object) -> tuple[Scheduler, RecordingHandler]:
+    handler = RecordingHandler()
+    settings = ExecutorSettings(
+        workers=int(kw.pop("workers", 1)),  # type: ignore[call-overload]
+        poll_interval_s=0.05,
+        retry=RetrySettings(max_attempts=int(kw.pop("max_attempts", 3)),  # type: ignore[call-overload]
+                            backoff_s=0.05, backoff_max_s=0.2),
+        grace_period_s=float(kw.pop("grace", 5)),  # type: ignore[arg-type]
+    )
+    return Scheduler(store, handler, settings, owner="test", work_root=tmp_path), handler
+
+
+async def wait_state(store: Store, job_id: str, *states: JobState) -> JobState:
+    while True:  # no time limit here: pytest-timeout guards the whole test
+        job = await asyncio.to_thread(store.get_job, job_id)
+        if job.state in states:
+            return job.state
+        await asyncio.sleep(0.02)
+
+
+async def test_runs_jobs_by_priority_then_age(store: Store, tmp_path: Path) -> None:
+    sched, handler = make(store, tmp_path)
+    # queued before the scheduler starts, so the order is the queue's, not arrival's
+    ids = []
+    for name, pri in [("low", 5), ("normal-1", 128), ("now", 255), ("normal-2", 128)]:
+        job = await asyncio.to_thread(store.create_job,
+                                      NewJob(pipeline="p", priority=pri, input={"name": name}))
+        ids.append(job.id)
+    await sched.start()
+    try:
+        for job_id in ids:
+            assert await wait_state(store, job_id, JobState.SUCCEEDED,
+                                    JobState.FAILED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == ["now", "normal-1", "normal-2", "low"]
+    events = [e.state for e in store.events(ids[0])]
+    assert events == [JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.SUCCEEDED]
+    assert store.artifacts_of(ids[0])[0].kind == "txt"
+    assert store.exports_of(ids[0])[0].state == "succeeded"
+
+
+async def test_transient_failures_retry_with_backoff(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path, max_attempts=3)
+    await sched.start()
+    try:
+        ok = await sched.submit(NewJob(pipeline="p", input={"fail_times": 2}))
+        assert await wait_state(store, ok.id, JobState.SUCCEEDED, JobState.FAILED) \
+            is JobState.SUCCEEDED
+        assert store.get_job(ok.id).attempts == 3
+        hopeless = await sched.submit(NewJob(pipeline="p", input={"fail_times": 99}))
+        assert await wait_state(store, hopeless.id, JobState.SUCCEEDED, JobState.FAILED) \
+            is JobState.FAILED
+    finally:
+        await sched.stop()
+    failed = store.get_job(hopeless.id)
+    assert failed.attempts == 3 and "gave up after 3 attempts" in (failed.error or "")
+    history = [e.state for e in store.events(hopeless.id)]
+    assert history.count(JobState.RUNNING) == 3 and history.count(JobState.QUEUED) == 3
+
+
+async def test_permanent_errors_do_not_retry(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"permanent": True}))
+        assert await wait_state(store, job.id, JobState.FAILED) is JobState.FAILED
+    finally:
+        await sched.stop()
+    failed = store.get_job(job.id)
+    assert failed.attempts == 1 and failed.error == "this input can never work"
+
+
+async def test_failed_export_fails_the_job_with_the_reason(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"export_fails": True}))
+        assert await wait_state(store, job.id, JobState.FAILED) is JobState.FAILED
+    finally:
+        await sched.stop()
+    assert "export to pacs failed: association rejected" in (store.get_job(job.id).error or "")
+
+
+async def test_cancel_queued_and_running(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path)
+    await sched.start()
+    try:
+        running = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+        assert await wait_state(store, running.id, JobState.RUNNING) is JobState.RUNNING
+        queued = await sched.submit(NewJob(pipeline="p"))
+        assert (await sched.cancel(queued.id)).state is JobState.CANCELLED
+        await sched.cancel(running.id)
+        assert await wait_state(store, running.id, JobState.CANCELLED, JobState.SUCCEEDED) \
+            is JobState.CANCELLED
+    finally:
+        await sched.stop()
+
+
+async def test_cancel_from_another_process_reaches_the_worker(store: Store,
+                                                              tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+        await wait_state(store, job.id, JobState.RUNNING)
+        await asyncio.to_thread(store.request_cancel, job.id)  # what `jobs cancel` does
+        assert await wait_state(store, job.id, JobState.CANCELLED) is JobState.CANCELLED
+    finally:
+        await sched.stop()
+
+
+async def test_stop_requeues_jobs_that_outlive_the_grace_period(store: Store,
+                                                                tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path, grace=0.1)
+    await sched.start()
+    job = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+    await wait_state(store, job.id, JobState.RUNNING)
+    await sched.stop()
+    again = store.get_job(job.id)
+    assert again.state is JobState.QUEUED and again.lease_owner is None
+
+
+async def test_stop_lets_short_jobs_finish(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path, grace=30)
+    await sched.start()
+    job = await sched.submit(NewJob(pipeline="p", input={"sleep": 0.3}))
+    await wait_state(store, job.id, JobState.RUNNING)
+    await sched.stop()
+    assert store.get_job(job.id).state is JobState.SUCCEEDED
+
+
+async def test_worker_slots_run_jobs_concurrently(sqlite_store: Store, tmp_path: Path) -> None:
+    sched, _ = make(sqlite_store, tmp_path, workers=3)
+    await sched.start()
+    try:
+        jobs = [await sched.submit(NewJob(pipeline="p", input={"sleep": 60})) for _ in range(3)]
+        for j in jobs:
+            await wait_state(sqlite_store, j.id, JobState.RUNNING)
+        assert len(sched.running_jobs) == 3
+        for j in jobs:
+            await sched.cancel(j.id)
+    finally:
+        await sched.stop()
+
+
+def test_new_job_validates_priority() -> None:
+    with pytest.raises(ValueError, match="priority must be 0-255"):
+        NewJob(pipeline="p", priority=300)

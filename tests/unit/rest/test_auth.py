@@ -1,0 +1,153 @@
+"""Authentication: JWT forms, expiry, algorithm confusion, API keys, contract error shapes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from dicom_node.config import ApiKeySettings, AuthSettings, Settings
+from dicom_node.node import Node
+from rest.app import Route, create_app, principal
+from rest.auth import Authenticator, AuthError, AuthFailure, hash_api_key
+from rest.errors import ErrorStyle
+
+SECRET = b"s" * 48
+API_KEY = "k-123-456"
+
+
+def token(claims: dict[str, Any] | None = None, key: Any = SECRET, alg: str = "HS256",
+          **headers: Any) -> str:
+    base: dict[str, Any] = {"sub": "ris", "exp": int(time.time()) + 60, "scope": "infer read"}
+    base.update(claims or {})
+    return jwt.encode({k: v for k, v in base.items() if v is not None}, key, algorithm=alg,
+                      headers=headers or None)
+
+
+def auth(**kw: Any) -> Authenticator:
+    settings = AuthSettings(api_keys=[ApiKeySettings(name="lab", key_sha256=hash_api_key(API_KEY),
+                                                     group="radiology", scopes=["infer"])],
+                            **kw)
+    return Authenticator(settings, SECRET)
+
+
+def test_bare_and_bearer_tokens() -> None:
+    a = auth()
+    t = token()
+    assert a.authenticate(t).subject == "ris"
+    p = a.authenticate(f"Bearer {t}")
+    assert p.scopes == {"infer", "read"} and p.kind == "jwt"
+
+
+@pytest.mark.parametrize(
+    ("header", "failure"),
+    [
+        (None, AuthFailure.MISSING),
+        ("", AuthFailure.MISSING),
+        ("Bearer ", AuthFailure.MISSING),
+        ("garbage", AuthFailure.INVALID),
+        (token({"exp": int(time.time()) - 10}), AuthFailure.EXPIRED),
+        (token({"exp": None}), AuthFailure.INVALID),  # exp is required
+        (token(key=b"another-secret-of-sufficient-length-0123456789"), AuthFailure.INVALID),
+        ("Api-Key wrong", AuthFailure.INVALID),
+    ],
+)
+def test_refusals(header: str | None, failure: AuthFailure) -> None:
+    with pytest.raises(AuthError) as info:
+        auth().authenticate(header)
+    assert info.value.failure is failure
+
+
+def test_alg_none_is_refused() -> None:
+    unsigned = jwt.encode({"sub": "x", "exp": int(time.time()) + 60}, key=None, algorithm="none")
+    with pytest.raises(AuthError, match="not accepted"):
+        auth().authenticate(unsigned)
+
+
+def _rsa() -> tuple[Any, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key, pub
+
+
+def test_rs256_and_es256_with_public_keys(tmp_path: Path) -> None:
+    key, pub = _rsa()
+    (tmp_path / "rsa.pem").write_bytes(pub)
+    a = Authenticator(AuthSettings(algorithms=["RS256"]), None, tmp_path / "rsa.pem")
+    assert a.authenticate(token(key=key, alg="RS256")).subject == "ris"
+    # algorithm confusion: HS256 signed with the public key as the secret
+    forged = jwt.api_jws.PyJWS().encode(
+        b'{"sub":"evil","exp":%d}' % (int(time.time()) + 60), key=b"x" * 32, algorithm="HS256")
+    with pytest.raises(AuthError, match="not accepted"):
+        a.authenticate(forged)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "ec.pem").write_bytes(ec_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    e = Authenticator(AuthSettings(algorithms=["ES256"]), None, tmp_path / "ec.pem")
+    assert e.authenticate(token(key=ec_key, alg="ES256")).kind == "jwt"
+
+
+def test_audience_and_issuer_checked_when_configured() -> None:
+    a = auth(audience="dicom-node", issuer="https://idp")
+    assert a.authenticate(token({"aud": "dicom-node", "iss": "https://idp"}))
+    for claims in ({"aud": "other", "iss": "https://idp"}, {"aud": "dicom-node", "iss": "x"}):
+        with pytest.raises(AuthError):
+            a.authenticate(token(claims))
+
+
+def test_api_keys() -> None:
+    p = auth().authenticate(f"Api-Key {API_KEY}")
+    assert (p.subject, p.group, p.scopes) == ("lab", "radiology", {"infer"})
+    with pytest.raises(AuthError) as info:
+        p.require("admin")
+    assert info.value.status == 403
+
+
+# -- the middleware, through a real aiohttp app -----------------------------------------
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response({"sub": principal(request).subject})
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, tmp_path: Path) -> TestClient:
+    node = Node(Settings.model_validate({"storage": {"data_dir": str(tmp_path)}}))
+    app = create_app(node, auth(), extra_routes=[
+        Route("POST", "/single_inference", whoami, scope="infer", style=ErrorStyle.SEED_001),
+        Route("POST", "/v1/infer/batch", whoami, scope="infer", style=ErrorStyle.MESSAGE),
+        Route("GET", "/admin", whoami, scope="admin"),
+    ])
+    return await aiohttp_client(app)  # type: ignore[no-any-return]
+
+
+async def test_seed_001_error_shape(client: TestClient) -> None:
+    r = await client.post("/single_inference")
+    assert r.status == 401
+    assert await r.json() == {"Result": "Failure", "Data": None, "Message": "Token missing"}
+    r = await client.post("/single_inference",
+                          headers={"Authorization": token({"exp": int(time.time()) - 5})})
+    assert (await r.json())["Message"] == "Token expired"
+    r = await client.post("/single_inference", headers={"Authorization": "nonsense"})
+    assert (await r.json())["Message"] == "Invalid token"
+    r = await client.post("/single_inference", headers={"Authorization": token()})
+    assert r.status == 200 and (await r.json()) == {"sub": "ris"}
+
+
+async def test_other_shapes_and_scopes(client: TestClient) -> None:
+    r = await client.post("/v1/infer/batch")
+    assert r.status == 401 and set(await r.json()) == {"message"}
+    r = await client.get("/admin", headers={"Authorization": f"Bearer {token()}"})
+    assert r.status == 403 and (await r.json())["error"] == "forbidden"
+    r = await client.get("/admin", headers={"Authorization": token({"scope": "admin"})})
+    assert r.status == 200
+    r = await client.get("/health")  # open
+    assert r.status in (200, 503)

@@ -1,0 +1,152 @@
+"""ACR inference requests: validation (422 by field), 409, status, ownership."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from rest.app import create_app
+from tests.support.inproc import node_settings, running_node
+
+PIPELINES = [{"name": "cxr", "model": "m", "task": "classify"}]
+CONFIG = {
+    "models": [{"name": "m", "path": "."}],
+    "pipelines": PIPELINES,
+    "sources": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242,
+                 "dicomweb_url": "http://127.0.0.1:8042/dicom-web"}],
+    "destinations": [{"name": "pacs-out", "type": "dimse", "ae_title": "ORTHANC",
+                      "host": "127.0.0.1", "port": 4242}],
+}
+GOOD: dict[str, Any] = {
+    "transactionID": "tx-1",
+    "priority": 200,
+    "inputMetadata": {"details": {"type": "DICOM_UID",
+                                  "studies": [{"StudyInstanceUID": "1.2.840.1"}]}},
+    "inputResources": [
+        {"interface": "Algorithm", "connectionDetails": {"name": "cxr"}},
+        {"interface": "DIMSE", "connectionDetails": {"name": "pacs"}},
+    ],
+    "outputResources": [{"interface": "DIMSE", "connectionDetails": {"name": "pacs-out"}}],
+}
+
+
+def tok(sub: str = "ris", scope: str = "infer read", secret: bytes = b"") -> str:
+    return jwt.encode({"sub": sub, "scope": scope, "exp": int(time.time()) + 300}, secret,
+                      algorithm="HS256")
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[tuple[TestClient, dict]]:
+    settings = node_settings(tmp_path / "data", **CONFIG)
+    async with running_node(settings) as node:
+        client = await aiohttp_client(create_app(node))
+        secret = (tmp_path / "data" / "jwt_secret").read_bytes().strip()
+        headers = {"Authorization": f"Bearer {tok(secret=secret)}"}
+        other = {"Authorization": f"Bearer {tok('someone-else', secret=secret)}"}
+        yield client, {"ris": headers, "other": other}
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    b = copy.deepcopy(GOOD)
+    b.update(changes)
+    return b
+
+
+async def test_accepts_and_reports_status(api: tuple[TestClient, dict]) -> None:
+    client, h = api
+    r = await client.post("/api/inference", json=GOOD, headers=h["ris"])
+    assert r.status == 200, await r.text()
+    data = await r.json()
+    assert data["transactionID"] == "tx-1" and data["jobId"]
+    for ref in ("tx-1", data["jobId"]):
+        s = await client.get(f"/api/inference/status/{ref}", headers=h["ris"])
+        assert s.status == 200
+        st = await s.json()
+        assert st["jobId"] == data["jobId"] and st["priority"] == 200
+        assert st["state"] in ("queued", "retrieving", "running", "exporting", "succeeded")
+        assert st["created"].endswith("+00:00")
+    # another caller can neither see it nor is blocked from using the same transactionID
+    assert (await client.get("/api/inference/status/tx-1", headers=h["other"])).status == 404
+    assert (await client.post("/inference", json=GOOD, headers=h["other"])).status == 200
+    # the same caller reusing its transactionID: 409
+    again = await client.post("/api/inference", json=GOOD, headers=h["ris"])
+    assert again.status == 409 and "tx-1" in (await again.json())["message"]
+
+
+async def test_unknown_status_is_404(api: tuple[TestClient, dict]) -> None:
+    client, h = api
+    assert (await client.get("/api/inference/status/nope", headers=h["ris"])).status == 404
+
+
+async def test_needs_credentials(api: tuple[TestClient, dict]) -> None:
+    client, _ = api
+    assert (await client.post("/api/inference", json=GOOD)).status == 401
+
+
+BAD_CASES = [
+    ("not json", "(body)"),
+    (body(priority=300), "priority"),
+    (body(priority="high"), "priority"),
+    ({k: v for k, v in GOOD.items() if k != "transactionID"}, "transactionID"),
+    (body(inputResources=[{"interface": "FTP", "connectionDetails": {}}]),
+     "inputResources.0.interface"),
+    (body(inputResources=[*GOOD["inputResources"],
+                          {"interface": "Algorithm", "connectionDetails": {"name": "cxr"}}]),
+     "inputResources"),
+    (body(inputResources=[{"interface": "Algorithm", "connectionDetails": {"name": "nope"}},
+                          GOOD["inputResources"][1]]), "inputResources.0.connectionDetails.name"),
+    (body(inputMetadata={"details": {"type": "DICOM_UID",
+                                     "studies": [{"StudyInstanceUID": "not-a-uid"}]}}),
+     "inputMetadata.details.studies.0.StudyInstanceUID"),
+    (body(inputMetadata={"details": {"type": "DICOM_PATIENT_ID"}}),
+     "inputMetadata.details.PatientID"),
+    (body(inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DICOMweb",
+                           "connectionDetails": {"uri": "ftp://pacs/dicom-web"}}]),
+     "inputResources.1.connectionDetails.uri"),
+    (body(inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DICOMweb",
+                           "connectionDetails": {"uri": "http://evil.example/dicom-web"}}]),
+     "inputResources.1.connectionDetails.uri"),
+    (body(inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DIMSE",
+                           "connectionDetails": {"aeTitle": "X", "host": "10.0.0.1",
+                                                 "port": 104}}]),
+     "inputResources.1.connectionDetails"),
+    (body(outputResources=[{"interface": "DIMSE", "connectionDetails": {"name": "nowhere"}}]),
+     "outputResources.0.connectionDetails.name"),
+]
+
+
+@pytest.mark.parametrize(("payload", "field"), BAD_CASES)
+async def test_invalid_requests_name_the_field(api: tuple[TestClient, dict], payload: Any,
+                                               field: str) -> None:
+    client, h = api
+    if isinstance(payload, str):
+        r = await client.post("/api/inference", data=payload, headers=h["ris"])
+    else:
+        r = await client.post("/api/inference", json=payload, headers=h["ris"])
+    assert r.status == 422, await r.text()
+    details = (await r.json())["details"]
+    assert field in [d["field"] for d in details], details
+
+
+async def test_configured_dicomweb_base_and_explicit_dimse_peer_are_accepted(
+        api: tuple[TestClient, dict]) -> None:
+    client, h = api
+    ok = body(transactionID="tx-web", inputResources=[
+        GOOD["inputResources"][0],
+        {"interface": "DICOMweb", "connectionDetails": {
+            "uri": "http://127.0.0.1:8042/dicom-web", "authType": "Basic", "authId": "dTpw"}},
+        {"interface": "DIMSE", "connectionDetails": {"aeTitle": "ORTHANC", "host": "127.0.0.1",
+                                                     "port": 4242}},
+    ])
+    r = await client.post("/api/inference", json=ok, headers=h["ris"])
+    assert r.status == 200, await r.text()
