@@ -129,6 +129,7 @@ class _Entry:
     sig_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
     again: bool = False  # an event came while it was queued or running
+    again_fast: bool = False  # ... and it said the writer is done (close-write, rename)
     attempts: int = 0
 
 
@@ -337,6 +338,7 @@ class DropFolder:
                 self._dispatch(path, entry, fast)
         else:
             entry.again = True
+            entry.again_fast = entry.again_fast or fast
 
     def _directory_event(self, path: str) -> None:
         if self.settings.recursive and self.accepts(path) and not self.watcher.stopping:
@@ -378,12 +380,16 @@ class DropFolder:
             else:
                 entry.sig, entry.sig_at = result.sig, time.monotonic()
                 delay = self.settings.settle_s
+                if entry.again_fast:  # closed while we looked: no need to wait
+                    entry.again = entry.again_fast = False
+                    self._dispatch(path, entry, True)
+                    return
             entry.state = "waiting"
-            entry.again = False
+            entry.again = entry.again_fast = False
             entry.timer = loop.call_later(delay, self._dispatch, path, entry, False)
             return
         if entry.again:  # it changed while we worked: look again once it settles
-            entry.again = False
+            entry.again = entry.again_fast = False
             entry.sig, entry.state = None, "waiting"
             entry.timer = loop.call_later(self.settings.settle_s, self._dispatch, path, entry,
                                           False)
@@ -440,7 +446,8 @@ class DropFolder:
                 return _Result("wait", None)
             if watcher.store.watch_input_known(self.name, sha):
                 # Taken before (a restart between recording and moving, or dropped again).
-                self.counters.known += 1
+                with self._lock:
+                    self.counters.known += 1
                 self.log.info("input already taken; finishing it", sha256=sha[:16])
                 self._finish(path, sig)
                 return _Result("known", sig)
@@ -458,7 +465,8 @@ class DropFolder:
         watcher.store.add_watch_inputs(self.name, taken.records)
         for inst in taken.instances:
             watcher.assembler.watched_instance(inst, self.policy)
-        self.counters.taken += 1
+        with self._lock:
+            self.counters.taken += 1
         self.log.info("input taken", sha256=sha[:16], instances=len(taken.instances),
                       skipped_entries=taken.skipped,
                       sop_instance_uid=taken.instances[0].sop_instance_uid
@@ -531,7 +539,8 @@ class DropFolder:
 
     def _refuse(self, path: str, sig: Signature | None, reason: str) -> _Result:
         """Move the input to ``failed/`` with ``<name>.reason.txt`` beside it."""
-        self.counters.failed += 1
+        with self._lock:
+            self.counters.failed += 1
         target = _free_name(self.failed_dir / os.path.relpath(path, self.root))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
