@@ -343,3 +343,34 @@ async def test_bare_dataset_without_preamble_is_taken(tmp_path: Path) -> None:
         rec = await asyncio.to_thread(node.store.get_instance, cr.sop_uids[0])
         assert rec is not None
         assert dcmread(rec.path).SOPInstanceUID == cr.sop_uids[0]
+
+
+async def test_instances_a_crash_left_without_a_job_are_assembled_at_start(
+        tmp_path: Path) -> None:
+    from dicom_node.scp import InstanceWriter
+    from dicom_node.store import Store
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-crash")
+    settings = settings_for(tmp_path)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    store = Store(settings.database_url).open()
+    try:  # what a crash after recording, before the group became a job, leaves behind
+        staged = tmp_path / "staged.dcm"
+        shutil.copy(cr.paths[0], staged)
+        InstanceWriter(settings, store).write(staged, called_ae="", calling_ae="",
+                                              association_id=0, source="watch")
+        store.add_watch_inputs("inbox", [("0" * 64, cr.sop_uids[0])])
+    finally:
+        store.close()
+    async with running_node(settings) as node:
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        assert (await watch_jobs(node))[0].input["instances"] == cr.sop_uids
+        assert node.store is not None
+
+        async def queued() -> bool:
+            assert node.store is not None
+            counts = await asyncio.to_thread(node.store.count_watch_inputs, "inbox")
+            return counts == {"queued": 1}
+        await wait_until(queued)

@@ -194,8 +194,10 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
                            timeout_s=0.2)
     policy = GroupPolicy.for_watch(folder, "/out/cd", on_queued)
     async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
-        asm.watched_instance(inst(1, assoc=0, called=""), policy)
-        asm.watched_instance(inst(2, assoc=0, called=""), policy)
+        for n in (1, 2):
+            asm.watched_instance(ReceivedInstance(
+                f"1.2.3.9.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.1",
+                Path(f"/x/{n}.dcm"), "", "", 0), policy)
         asm.instance_received(inst(3, assoc=0))  # same study over DICOM: a separate group
         asm.association_ended(AssociationEnd(0, "AI", "CT1", released=True))
         await settle()
