@@ -778,6 +778,11 @@ def _ensure_part10(path: str) -> bool | None:
             if str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 return None
             return True
+        # A bare dataset starts with a group 0002 or 0008 tag; anything else is not tried,
+        # so a large non-DICOM file is never handed to a forced parse.
+        if not head[:2] or {int.from_bytes(head[:2], "little"),
+                            int.from_bytes(head[:2], "big")}.isdisjoint({0x0002, 0x0008}):
+            raise _Refused("not DICOM: no DICM preamble and no DICOM dataset at the start")
         fh.seek(0)
         try:
             ds = dcmread(fh, force=True, stop_before_pixels=True)
