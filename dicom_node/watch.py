@@ -188,7 +188,7 @@ class DropFolder:
     # -- status ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """``{"state", "message", "path", "pending", "taken", "known", "failed"}``."""
+        """``state``, ``message``, ``path`` and counts: pending, taken, known, failed, ignored."""
         return {
             "state": self.state.value, "message": self.message, "path": str(self.root),
             "pending": len(self._pending), "taken": self.counters.taken,
@@ -219,8 +219,11 @@ class DropFolder:
                 next(it, None)
         except OSError as exc:
             return FolderState.UNREADABLE, f"cannot list the folder: {exc.strerror}", None
-        if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
-            return FolderState.UNREADABLE, "no read/write permission on the folder", None
+        # A read-only folder (a mounted CD) is fine when inputs are kept where they are.
+        need = os.R_OK | os.X_OK | (0 if self.settings.on_done == "keep" else os.W_OK)
+        if not os.access(self.root, need):
+            return FolderState.UNREADABLE, "no permission to read (or move files out of) " \
+                "the folder", None
         return FolderState.WATCHING, "watching", (st.st_dev, st.st_ino)
 
     async def poll(self) -> None:

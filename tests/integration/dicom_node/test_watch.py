@@ -315,6 +315,11 @@ async def test_folder_deleted_and_recreated(tmp_path: Path, aiohttp_client: Any)
         body = await (await client.get("/health")).json()
         assert body["watch"]["inbox"]["state"] == "missing"
         assert body["watch"]["inbox"]["message"]
+        inbox.write_text("a file where the folder was")
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["state"] == "unreadable")
+        assert "not a folder" in node.watch.status()["inbox"]["message"]
+        inbox.unlink()
         inbox.mkdir()
         await wait_until(lambda: node.watch is not None
                          and node.watch.status()["inbox"]["state"] == "watching")
