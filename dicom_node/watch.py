@@ -548,8 +548,11 @@ class DropFolder:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)
-            target.with_name(target.name + ".reason.txt").write_text(
-                f"{reason}\n", encoding="utf-8")
+            # Written aside and renamed: whoever reads failed/ never sees a half reason.
+            note = target.with_name(target.name + ".reason.txt")
+            tmp = note.with_name(f".{note.name}.tmp")
+            tmp.write_text(f"{reason}\n", encoding="utf-8")
+            os.replace(tmp, note)
         except FileNotFoundError:
             return _Result("gone")
         except OSError as exc:
