@@ -1,4 +1,4 @@
-"""Study assembly: group received instances per called AE title and turn groups into jobs.
+"""Study assembly: group received instances per called AE title (or drop folder) into jobs.
 
 A group (called AE title + study, or + series) is complete when every association
 that fed it has been released (when the AE title says ``complete_on_release``),
@@ -7,31 +7,72 @@ instance arriving for a group that already completed starts a new group, so it
 becomes a later job and is never lost. Everything here runs on the asyncio loop;
 the SCP's threads reach it only through :meth:`Assembler.instance_received` and
 :meth:`Assembler.association_ended`, which hop over with ``call_soon_threadsafe``.
+
+Drop folders (``dicom_node.watch``) feed the same path through
+:meth:`Assembler.watched_instance`: their grouping, timeout and pipelines come
+from the folder's :class:`WatchSettings`, their groups complete on the timeout
+only (there is no association to release), and their jobs are ``kind="watch"``
+with the folder's ``output_dir`` and ``destinations`` in the input.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dicom_node.config import AETitleSettings, Grouping, Settings
+from dicom_node.config import AETitleSettings, Grouping, Settings, WatchSettings
 from dicom_node.logs import get_logger
 from dicom_node.scp import AssociationEnd, ReceivedInstance
 from dicom_node.store import NewJob
 
-__all__ = ["Assembler", "CompletedGroup"]
+__all__ = ["Assembler", "CompletedGroup", "GroupPolicy"]
 
 Submit = Callable[[NewJob], Awaitable[Any]]
-GroupKey = tuple[str, str, str | None]  # called AE, study UID, series UID (series grouping)
+# origin ("ae:<called AE>" or "watch:<name>"), study UID, series UID (series grouping)
+GroupKey = tuple[str, str, str | None]
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """How one intake (a called AE title or a drop folder) groups instances into jobs."""
+
+    pipelines: tuple[str, ...]
+    grouping: Grouping
+    timeout_s: float
+    complete_on_release: bool = True
+    kind: str = "dimse"
+    watch: str | None = None  # the drop folder's name
+    extra_input: Mapping[str, Any] = field(default_factory=dict)  # merged into job inputs
+    # Called on the loop once every job of a group is queued (drop folders record it).
+    on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None
+
+    @classmethod
+    def for_ae(cls, ae: AETitleSettings) -> GroupPolicy:
+        """The policy of a called AE title."""
+        return cls(tuple(ae.pipelines), ae.grouping, ae.timeout_s, ae.complete_on_release)
+
+    @classmethod
+    def for_watch(
+        cls, watch: WatchSettings, output_dir: str,
+        on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None,
+    ) -> GroupPolicy:
+        """The policy of a drop folder; its jobs carry ``output_dir`` and ``destinations``."""
+        return cls(tuple(watch.pipelines), watch.grouping, watch.timeout_s,
+                   complete_on_release=False, kind="watch", watch=watch.name,
+                   extra_input={"output_dir": output_dir,
+                                "destinations": list(watch.destinations),
+                                "watch": watch.name},
+                   on_queued=on_queued)
 
 
 @dataclass
 class _Group:
     key: GroupKey
-    settings: AETitleSettings
+    settings: GroupPolicy
+    called_ae: str
     calling_ae: str
     instances: dict[str, None] = field(default_factory=dict)  # ordered set of SOP UIDs
     open_associations: set[int] = field(default_factory=set)
@@ -50,6 +91,7 @@ class CompletedGroup:
     instances: list[str]
     reason: str  # "released", "timeout" or "shutdown"
     completed_at: float  # time.monotonic()
+    watch: str | None = None  # the drop folder it came from, if any
 
 
 class Assembler:
@@ -106,6 +148,15 @@ class Assembler:
             return
         loop.call_soon_threadsafe(self._add, inst)
 
+    def watched_instance(self, inst: ReceivedInstance, policy: GroupPolicy) -> None:
+        """Called from a drop folder's worker thread for every instance it stored."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.log.warning("instance stored while assembly is stopped; no job made",
+                             sop_instance_uid=inst.sop_instance_uid, watch=policy.watch)
+            return
+        loop.call_soon_threadsafe(self._add, inst, policy)
+
     def association_ended(self, end: AssociationEnd) -> None:
         """Called from an association thread when it is released or aborted."""
         loop = self._loop
@@ -114,21 +165,24 @@ class Assembler:
 
     # -- on the loop ---------------------------------------------------------------------
 
-    def _settings_for(self, called_ae: str) -> AETitleSettings:
+    def _settings_for(self, called_ae: str) -> GroupPolicy:
         found = self.settings.ae_title(called_ae)
-        return found if found is not None else AETitleSettings(ae_title=called_ae)
+        return GroupPolicy.for_ae(found if found is not None
+                                  else AETitleSettings(ae_title=called_ae))
 
-    def _add(self, inst: ReceivedInstance) -> None:
-        ae = self._settings_for(inst.called_ae)
+    def _add(self, inst: ReceivedInstance, policy: GroupPolicy | None = None) -> None:
+        ae = policy if policy is not None else self._settings_for(inst.called_ae)
         series = inst.series_instance_uid if ae.grouping is Grouping.SERIES else None
-        key: GroupKey = (inst.called_ae, inst.study_instance_uid, series)
+        origin = f"watch:{ae.watch}" if ae.watch is not None else f"ae:{inst.called_ae}"
+        key: GroupKey = (origin, inst.study_instance_uid, series)
         group = self._groups.get(key)
         if group is None:
-            group = _Group(key, ae, inst.calling_ae)
+            group = _Group(key, ae, inst.called_ae, inst.calling_ae)
             self._groups[key] = group
         group.instances[inst.sop_instance_uid] = None
-        group.open_associations.add(inst.association_id)
-        self._by_association.setdefault(inst.association_id, set()).add(key)
+        if ae.watch is None:  # drop-folder instances come from no association
+            group.open_associations.add(inst.association_id)
+            self._by_association.setdefault(inst.association_id, set()).add(key)
         if group.timer is not None:
             group.timer.cancel()
         assert self._loop is not None
@@ -156,32 +210,55 @@ class Assembler:
             keys = self._by_association.get(assoc_id)
             if keys is not None:
                 keys.discard(key)
-        called, study, series = key
-        done = CompletedGroup(called, group.calling_ae, study, series, list(group.instances),
-                              reason, time.monotonic())
-        self.log.info("group complete", called_ae=called, calling_ae=group.calling_ae,
+        _, study, series = key
+        policy = group.settings
+        done = CompletedGroup(group.called_ae, group.calling_ae, study, series,
+                              list(group.instances), reason, time.monotonic(), policy.watch)
+        self.log.info("group complete", called_ae=group.called_ae,
+                      calling_ae=group.calling_ae, watch=policy.watch,
                       study_uid=study, series_uid=series, instances=len(done.instances),
-                      reason=reason, pipelines=group.settings.pipelines)
+                      reason=reason, pipelines=list(policy.pipelines))
         if self._on_complete is not None:
             self._on_complete(done)
-        for pipeline in group.settings.pipelines:
-            task = asyncio.ensure_future(self._make_job(pipeline, done))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if policy.on_queued is None:
+            for pipeline in policy.pipelines:
+                self._spawn(self._make_job(pipeline, done, policy))
+        else:
+            self._spawn(self._make_jobs(done, policy, policy.on_queued))
 
-    async def _make_job(self, pipeline: str, group: CompletedGroup) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _make_jobs(self, group: CompletedGroup, policy: GroupPolicy,
+                         on_queued: Callable[[CompletedGroup], Awaitable[None]]) -> None:
+        """Queue every pipeline's job, then tell the intake (only if all were queued)."""
+        results = [await self._make_job(p, group, policy) for p in policy.pipelines]
+        if all(results):
+            try:
+                await on_queued(group)
+            except Exception:
+                self.log.exception("cannot record that a group's jobs are queued",
+                                   watch=policy.watch, study_uid=group.study_instance_uid)
+
+    async def _make_job(self, pipeline: str, group: CompletedGroup,
+                        policy: GroupPolicy) -> bool:
         payload: dict[str, Any] = {
             "instances": group.instances,
             "study_instance_uid": group.study_instance_uid,
         }
         if group.series_instance_uid is not None:
             payload["series_instance_uid"] = group.series_instance_uid
-        new = NewJob(pipeline=pipeline, kind="dimse", input=payload,
+        payload.update(policy.extra_input)
+        new = NewJob(pipeline=pipeline, kind=policy.kind, input=payload,
                      study_instance_uid=group.study_instance_uid,
-                     called_ae=group.called_ae, calling_ae=group.calling_ae)
+                     called_ae=group.called_ae or None, calling_ae=group.calling_ae or None)
         try:
             await self._submit(new)
         except Exception:
             # The instances are stored; a person can re-run the study from the store.
             self.log.exception("cannot queue the job for a complete group",
                                pipeline=pipeline, study_uid=group.study_instance_uid)
+            return False
+        return True

@@ -26,6 +26,7 @@ from dicom_node.scp import InstanceWriter, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
+from dicom_node.watch import Watcher
 
 if TYPE_CHECKING:
     from pipeline.runner import PipelineRunner
@@ -45,6 +46,7 @@ class Node:
         self.runner: PipelineRunner | None = None
         self.assembler: Assembler | None = None
         self.scp: StorageSCP | None = None
+        self.watch: Watcher | None = None  # drop folders
         self.dicom: DicomClient | None = None  # C-ECHO / export / retrieval for other parts
         self.parts: dict[str, str] = {}
         self._stop = asyncio.Event()
@@ -106,6 +108,8 @@ class Node:
             # After the scheduler, so that on the way out DICOM intake stops first and the
             # assembler then hands its open groups to a scheduler that is still running.
             await stack.enter_async_context(self._part("assembler", self._assembler()))
+            # Drop folders feed the assembler: started after it, stopped before it.
+            await stack.enter_async_context(self._part("watch", self._watch()))
             await stack.enter_async_context(self._part("dicom", self._dicom()))
             if self.settings.rest.enabled:
                 await stack.enter_async_context(self._part("http", self._http()))
@@ -222,6 +226,17 @@ class Node:
         if self.scp is not None:
             self.scp.settings = settings
             self.scp._sources = {s.name: s for s in settings.sources}
+
+    @asynccontextmanager
+    async def _watch(self) -> AsyncIterator[None]:
+        assert self.store is not None and self.assembler is not None
+        watcher = Watcher(self.settings, self.store, self.assembler)
+        async with watcher:
+            self.watch = watcher
+            try:
+                yield
+            finally:
+                self.watch = None
 
     @asynccontextmanager
     async def _dicom(self) -> AsyncIterator[None]:

@@ -168,6 +168,24 @@ config_objects = sa.Table(
 )
 
 
+# Drop-folder inputs already taken into the store, so that a restart (or the same file
+# dropped again) processes nothing twice. One row per (watch folder, content hash);
+# ``state`` is "stored" until the instance's group has become jobs, then "queued".
+watch_inputs = sa.Table(
+    "watch_inputs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("watch", sa.String(64), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64)),  # None for an archive
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("watch", "sha256", name="uq_watch_inputs_watch_sha256"),
+    sa.Index("ix_watch_inputs_state", "watch", "state"),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (studies, instances, jobs, job_events, artifacts, exports):
         table.create(conn, checkfirst=True)
@@ -177,9 +195,17 @@ def _migration_2(conn: Connection) -> None:
     config_objects.create(conn, checkfirst=True)
 
 
+def _migration_watch_inputs(conn: Connection) -> None:
+    watch_inputs.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_watch_inputs,  # drop folders (issue #7)
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -839,6 +865,75 @@ class Store:
         with self.engine.connect() as conn:
             return [ExportRecord(r.job_id, r.destination, r.state, r.attempts, r.sent,
                                  r.message, r.updated_at) for r in conn.execute(q)]
+
+    # -- drop-folder inputs ---------------------------------------------------------------
+
+    def watch_input_known(self, watch: str, sha256: str) -> bool:
+        """Whether a file with this content was already taken in from drop folder ``watch``."""
+        q = sa.select(watch_inputs.c.id).where(watch_inputs.c.watch == watch,
+                                               watch_inputs.c.sha256 == sha256)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
+    def add_watch_inputs(
+        self, watch: str, inputs: Sequence[tuple[str, str | None]], state: str = "stored"
+    ) -> None:
+        """Record ``(sha256, sop_instance_uid)`` pairs as taken in; known ones are left as is."""
+        if not inputs:
+            return
+        now = utcnow()
+        rows = [{"watch": watch, "sha256": sha, "sop_instance_uid": sop, "state": state,
+                 "created_at": now, "updated_at": now} for sha, sop in inputs]
+        with self._begin() as conn:
+            if conn.dialect.name in ("sqlite", "postgresql"):
+                if conn.dialect.name == "sqlite":
+                    from sqlalchemy.dialects.sqlite import insert as upsert
+                else:
+                    from sqlalchemy.dialects.postgresql import (  # type: ignore[assignment]
+                        insert as upsert,
+                    )
+                conn.execute(upsert(watch_inputs).on_conflict_do_nothing(
+                    index_elements=["watch", "sha256"]), rows)
+                return
+            for row in rows:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(watch_inputs.insert().values(row))
+                except IntegrityError:
+                    pass
+
+    def mark_watch_inputs(self, watch: str, sop_instance_uids: Sequence[str],
+                          state: str = "queued") -> None:
+        """Move the inputs carrying these SOP Instance UIDs from "stored" to ``state``."""
+        now = utcnow()
+        with self._begin() as conn:
+            for i in range(0, len(sop_instance_uids), 500):
+                chunk = list(sop_instance_uids[i:i + 500])
+                conn.execute(
+                    watch_inputs.update()
+                    .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
+                           watch_inputs.c.sop_instance_uid.in_(chunk))
+                    .values(state=state, updated_at=now)
+                )
+
+    def pending_watch_instances(self, watch: str) -> list[InstanceRecord]:
+        """Instances taken in from ``watch`` whose group never became a job (a crash)."""
+        q = (
+            sa.select(instances)
+            .join(watch_inputs, watch_inputs.c.sop_instance_uid == instances.c.sop_instance_uid)
+            .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored")
+            .order_by(instances.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_instance(r) for r in conn.execute(q)]
+
+    def count_watch_inputs(self, watch: str | None = None) -> dict[str, int]:
+        """Inputs per state, for one drop folder or all."""
+        q = sa.select(watch_inputs.c.state, sa.func.count()).group_by(watch_inputs.c.state)
+        if watch is not None:
+            q = q.where(watch_inputs.c.watch == watch)
+        with self.engine.connect() as conn:
+            return {str(state): int(n) for state, n in conn.execute(q)}
 
     # -- runtime configuration ----------------------------------------------------------
 

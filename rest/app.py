@@ -57,6 +57,7 @@ async def health(request: web.Request) -> web.Response:
         "node": node.settings.node_name,
         "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None},
         "parts": dict(node.parts),
+        "watch": node.watch.status() if node.watch is not None else {},
     }
     return web.json_response(body, status=200 if store_ok else 503)
 

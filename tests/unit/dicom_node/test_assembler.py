@@ -178,3 +178,36 @@ async def test_instances_after_stop_are_not_lost_silently() -> None:
     await asm.stop()
     asm.instance_received(inst(1))  # logs a warning; the instance is in the store already
     assert asm.open_groups == 0
+
+
+async def test_drop_folder_groups_use_the_folder_policy() -> None:
+    from dicom_node.assembler import GroupPolicy
+    from dicom_node.config import WatchSettings
+
+    jobs = Jobs()
+    queued: list[CompletedGroup] = []
+
+    async def on_queued(group: CompletedGroup) -> None:
+        queued.append(group)
+
+    folder = WatchSettings(name="cd", path=Path("cd"), pipelines=["p2"], grouping="series",
+                           timeout_s=0.2)
+    policy = GroupPolicy.for_watch(folder, "/out/cd", on_queued)
+    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+        for n in (1, 2):
+            asm.watched_instance(ReceivedInstance(
+                f"1.2.3.9.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.1",
+                Path(f"/x/{n}.dcm"), "", "", 0), policy)
+        asm.instance_received(inst(3, assoc=0))  # same study over DICOM: a separate group
+        asm.association_ended(AssociationEnd(0, "AI", "CT1", released=True))
+        await settle()
+        assert [j.kind for j in jobs.jobs] == ["dimse", "dimse"]  # the drop folder waits
+        await settle(0.5)
+    watch_jobs = [j for j in jobs.jobs if j.kind == "watch"]
+    assert len(watch_jobs) == 1
+    job = watch_jobs[0]
+    assert job.pipeline == "p2" and job.called_ae is None and job.calling_ae is None
+    assert job.input == {"instances": ["1.2.3.9.1", "1.2.3.9.2"], "study_instance_uid": "1.2.3",
+                         "series_instance_uid": "1.2.3.1", "output_dir": "/out/cd",
+                         "destinations": [], "watch": "cd"}
+    assert [g.watch for g in queued] == ["cd"] and queued[0].reason == "timeout"

@@ -152,3 +152,18 @@ def test_sqlite_uses_wal(sqlite_store: Store) -> None:
 def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="cannot open the store"):
         Store("postgresql://nobody@127.0.0.1:1/none").open()
+
+
+def test_watch_inputs_record_once_and_track_jobs(store: Store) -> None:
+    store.add_instance(rec("1.2.3.4.1"))
+    store.add_instance(rec("1.2.3.4.2"))
+    store.add_watch_inputs("inbox", [("a" * 64, "1.2.3.4.1"), ("b" * 64, "1.2.3.4.2"),
+                                     ("c" * 64, None)])
+    store.add_watch_inputs("inbox", [("a" * 64, "1.2.3.4.1")])  # seen again: left as is
+    assert store.watch_input_known("inbox", "a" * 64)
+    assert not store.watch_input_known("other", "a" * 64)  # per drop folder
+    pending = store.pending_watch_instances("inbox")
+    assert [r.sop_instance_uid for r in pending] == ["1.2.3.4.1", "1.2.3.4.2"]
+    store.mark_watch_inputs("inbox", ["1.2.3.4.1"])
+    assert [r.sop_instance_uid for r in store.pending_watch_instances("inbox")] == ["1.2.3.4.2"]
+    assert store.count_watch_inputs("inbox") == {"queued": 1, "stored": 2}

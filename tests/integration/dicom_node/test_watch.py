@@ -1,0 +1,381 @@
+"""Drop folders with the whole node running: real files on a real filesystem.
+
+The node runs in the test's loop with the test job handler, so jobs are created
+(and run to nothing) but no model runs. No assertion has a wall-clock limit:
+``wait_until`` polls until a condition holds; pytest-timeout guards hangs.
+
+Unreadable inputs: the tests run as root, so a ``chmod 000`` file stays readable.
+Two honest stand-ins are used instead: a named pipe (a path that cannot be read as
+a file), and ``dicom_node.watch._open_input`` patched to raise ``PermissionError``
+for one file, exactly what ``open`` raises for a file without read permission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import zipfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+import dicom_node.watch as watch_module
+from dicom_node.node import Node
+from dicom_node.store import Job
+from rest.app import create_app
+from tests.support.dicom_factory import make_cr_study, make_ct_study
+from tests.support.inproc import node_settings, running_node
+from tests.support.peers import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def settings_for(tmp_path: Path, **watch: Any) -> Any:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(exist_ok=True)
+    folder = {"name": "inbox", "path": str(inbox), "pipelines": ["demo"], "settle_s": 0.3,
+              "timeout_s": 1.0, **watch}
+    return node_settings(
+        tmp_path / "data", watch=[folder],
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        models=[{"name": "demo-model", "path": "unused"}],
+        pipelines=[{"name": "demo", "model": "demo-model", "task": "classify"}],
+        destinations=[{"name": "out", "type": "folder", "path": str(tmp_path / "out")}],
+    )
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool] | bool], step: float = 0.05) -> None:
+    while True:
+        value = cond()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(step)
+
+
+async def watch_jobs(node: Node) -> list[Job]:
+    assert node.store is not None
+    jobs = await asyncio.to_thread(node.store.list_jobs, None, 10_000)
+    return [j for j in jobs if j.kind == "watch"]
+
+
+async def instance_count(node: Node) -> int:
+    assert node.store is not None
+    return await asyncio.to_thread(node.store.count_instances)
+
+
+def files_in(folder: Path) -> list[str]:
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def reason(tmp_path: Path, name: str) -> str:
+    return (tmp_path / "inbox" / "failed" / f"{name}.reason.txt").read_text()
+
+
+async def test_study_copied_file_by_file_gives_one_job(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-study", slices=6)
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        for p in study.paths:
+            shutil.copy(p, inbox / p.name)
+            await asyncio.sleep(0.05)
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        await wait_until(lambda: len(files_in(inbox / "done")) == 6)
+        job = (await watch_jobs(node))[0]
+        assert sorted(job.input["instances"]) == sorted(study.sop_uids)
+        assert job.input["study_instance_uid"] == study.study_uid
+        assert job.input["output_dir"] == str((tmp_path / "data" / "results" / "inbox")
+                                              .resolve())
+        assert job.input["destinations"] == []
+        assert job.pipeline == "demo"
+        assert [p.name for p in inbox.iterdir() if p.is_file()] == []
+        assert await instance_count(node) == 6
+        assert node.watch is not None
+        assert node.watch.status()["inbox"]["state"] == "watching"
+
+
+async def test_output_and_destinations_come_from_the_folder(tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-out")
+    settings = settings_for(tmp_path, output=str(tmp_path / "results-here"),
+                            destinations=["out"], grouping="series")
+    async with running_node(settings) as node:
+        shutil.copy(cr.paths[0], tmp_path / "inbox" / "image")  # no extension: content counts
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        job = (await watch_jobs(node))[0]
+        assert job.input["output_dir"] == str((tmp_path / "results-here").resolve())
+        assert job.input["destinations"] == ["out"]
+        assert job.input["series_instance_uid"] == cr.series_uid
+
+
+async def test_slow_copy_is_not_taken_early(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-slow", slices=1, size=256)
+    data = study.paths[0].read_bytes()
+    target = tmp_path / "inbox" / "slow.dcm"
+    async with running_node(settings_for(tmp_path, settle_s=2.0)) as node:
+        chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+        with open(target, "wb") as out:  # one handle, like cp: no close-write until the end
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+                await asyncio.sleep(0.08)  # ~3 s in all, far more than settle_s
+                assert await instance_count(node) == 0
+                assert not (tmp_path / "inbox" / "failed").exists()
+        await wait_until(lambda: files_in(tmp_path / "inbox" / "done") == ["slow.dcm"])
+        assert await instance_count(node) == 1
+        assert not (tmp_path / "inbox" / "failed").exists()
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in members.items():
+            zf.writestr(name, body)
+    return path
+
+
+async def test_zip_of_a_study_is_unpacked_and_bad_zips_refused(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-zip", slices=4)
+    members = {f"DICOM/IM{i}": p.read_bytes() for i, p in enumerate(study.paths)}
+    members["README.TXT"] = b"exported by a CD burner"
+    good = _zip(tmp_path / "study.zip", members)
+    slip = _zip(tmp_path / "slip.zip", {"../../escaped.dcm": study.paths[0].read_bytes()})
+    bomb = _zip(tmp_path / "bomb.zip", {"zeros.dcm": bytes(60 << 20)})
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        for z in (good, slip, bomb):
+            shutil.copy(z, inbox / z.name)
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        await wait_until(lambda: files_in(inbox / "failed") == [
+            "bomb.zip", "bomb.zip.reason.txt", "slip.zip", "slip.zip.reason.txt"])
+        job = (await watch_jobs(node))[0]
+        assert sorted(job.input["instances"]) == sorted(study.sop_uids)
+        assert files_in(inbox / "done") == ["study.zip"]
+        assert "outside the folder" in reason(tmp_path, "slip.zip")
+        assert "zip bomb" in reason(tmp_path, "bomb.zip")
+        assert not (tmp_path / "escaped.dcm").exists()
+        assert not (tmp_path.parent / "escaped.dcm").exists()
+        assert await instance_count(node) == 4
+
+
+async def test_non_dicom_fails_and_temporary_names_wait(tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-temp")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        (inbox / "notes.dcm").write_text("this is not an image\n")
+        (inbox / ".hidden").write_bytes(cr.paths[0].read_bytes())
+        shutil.copy(cr.paths[0], inbox / "copying.part")
+        (inbox / "backup~").write_text("editor backup")
+        await wait_until(lambda: files_in(inbox / "failed") == ["notes.dcm",
+                                                                "notes.dcm.reason.txt"])
+        assert "not DICOM" in reason(tmp_path, "notes.dcm")
+        assert await instance_count(node) == 0
+        assert (inbox / ".hidden").exists() and (inbox / "copying.part").exists()
+        assert (inbox / "backup~").exists()
+        os.rename(inbox / "copying.part", inbox / "copied.dcm")  # the copy tool finished
+        await wait_until(lambda: files_in(inbox / "done") == ["copied.dcm"])
+        assert await instance_count(node) == 1
+        assert (inbox / ".hidden").exists() and (inbox / "backup~").exists()
+
+
+async def test_unreadable_inputs_go_to_failed(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-locked")
+    real_open = watch_module._open_input
+
+    def deny(path: str) -> BinaryIO:
+        if path.endswith("locked.dcm"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path)
+
+    monkeypatch.setattr(watch_module, "_open_input", deny)
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        shutil.copy(cr.paths[0], inbox / "locked.dcm")
+        os.mkfifo(inbox / "pipe.dcm")
+        await wait_until(lambda: files_in(inbox / "failed") == [
+            "locked.dcm", "locked.dcm.reason.txt", "pipe.dcm.reason.txt"])
+        assert (inbox / "failed" / "pipe.dcm").exists()
+        assert "cannot be read" in reason(tmp_path, "locked.dcm")
+        assert "Permission denied" in reason(tmp_path, "locked.dcm")
+        assert "not a regular file" in reason(tmp_path, "pipe.dcm")
+        assert await instance_count(node) == 0
+
+
+async def test_restart_mid_drop_processes_every_file_once(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-200", slices=200, size=16)
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path, settle_s=0.2, timeout_s=0.5)
+    for p in study.paths:  # present before the node starts: the start-up scan takes them
+        shutil.copy(p, inbox / p.name)
+    async with running_node(settings) as node:
+        async def some_stored() -> bool:
+            return await instance_count(node) >= 20
+        await wait_until(some_stored, step=0.01)
+    left = len([p for p in inbox.iterdir() if p.is_file()])
+    print(f"stopped with {left} of 200 files not yet taken")
+    # A crash after recording but before moving leaves a taken file in place:
+    done = sorted((inbox / "done").iterdir())
+    shutil.copy(done[0], inbox / done[0].name)
+    async with running_node(settings) as node:
+        await wait_until(lambda: len(files_in(inbox / "done")) == 201 and not any(
+            p.is_file() for p in inbox.iterdir()))
+
+        async def all_in_jobs() -> bool:
+            return sum(len(j.input["instances"]) for j in await watch_jobs(node)) >= 200
+        await wait_until(all_in_jobs)
+        await asyncio.sleep(1.5)  # longer than timeout_s: a duplicate group would show now
+        jobs = await watch_jobs(node)
+        sops = [s for j in jobs for s in j.input["instances"]]
+        assert sorted(sops) == sorted(study.sop_uids)  # each exactly once
+        assert await instance_count(node) == 200
+        assert node.store is not None
+        counts = await asyncio.to_thread(node.store.count_watch_inputs, "inbox")
+        assert counts == {"queued": 200}
+        assert node.watch is not None and node.watch.status()["inbox"]["known"] == 1
+
+
+async def test_on_done_delete(tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-delete")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path, on_done="delete")) as node:
+        shutil.copy(cr.paths[0], inbox / "a.dcm")
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        await wait_until(lambda: not (inbox / "a.dcm").exists())
+        assert not (inbox / "done").exists()
+        assert node.store is not None
+        rec = await asyncio.to_thread(node.store.get_instance, cr.sop_uids[0])
+        assert rec is not None and rec.path.exists() and rec.source == "watch"
+
+
+async def test_on_done_keep_takes_each_file_once_across_restarts(tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-keep")
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path, on_done="keep")
+    async with running_node(settings) as node:
+        shutil.copy(cr.paths[0], inbox / "a.dcm")
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        assert (inbox / "a.dcm").exists()
+    async with running_node(settings) as node:
+        assert node.watch is not None
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["known"] == 1)
+        await asyncio.sleep(1.5)  # longer than timeout_s
+        assert len(await watch_jobs(node)) == 1
+        assert (inbox / "a.dcm").exists() and not (inbox / "done").exists()
+        assert await instance_count(node) == 1
+
+
+async def test_symlink_to_outside_is_not_followed(tmp_path: Path) -> None:
+    outside = make_cr_study(tmp_path / "outside", seed="watch-outside")
+    inside = make_cr_study(tmp_path / "src", seed="watch-inside")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        os.symlink(outside.paths[0], inbox / "link.dcm")
+        shutil.copy(inside.paths[0], inbox / "real.dcm")
+        assert node.watch is not None
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["ignored"] == 1)
+        await wait_until(lambda: files_in(inbox / "done") == ["real.dcm"])
+        assert node.store is not None
+        assert await asyncio.to_thread(node.store.get_instance, outside.sop_uids[0]) is None
+        assert (inbox / "link.dcm").is_symlink() and outside.paths[0].exists()
+
+
+async def test_folder_deleted_and_recreated(tmp_path: Path, aiohttp_client: Any) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-gone")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        client: TestClient = await aiohttp_client(create_app(node))
+        assert node.watch is not None
+        shutil.rmtree(inbox)
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["state"] == "missing")
+        body = await (await client.get("/health")).json()
+        assert body["watch"]["inbox"]["state"] == "missing"
+        assert body["watch"]["inbox"]["message"]
+        inbox.write_text("a file where the folder was")
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["state"] == "unreadable")
+        assert "not a folder" in node.watch.status()["inbox"]["message"]
+        inbox.unlink()
+        inbox.mkdir()
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["state"] == "watching")
+        shutil.copy(cr.paths[0], inbox / "back.dcm")
+        await wait_until(lambda: files_in(inbox / "done") == ["back.dcm"])
+        body = await (await client.get("/health")).json()
+        assert body["watch"]["inbox"]["state"] == "watching"
+
+
+async def test_bare_dataset_without_preamble_is_taken(tmp_path: Path) -> None:
+    cr = make_cr_study(tmp_path / "src", seed="watch-bare")
+    from pydicom import dcmread
+
+    ds = dcmread(cr.paths[0])
+    del ds.file_meta
+    ds.preamble = None
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    raw = buf.getvalue()
+    assert raw[128:132] != b"DICM"
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path)) as node:
+        (inbox / "IM000001").write_bytes(raw)
+        await wait_until(lambda: files_in(inbox / "done") == ["IM000001"])
+        assert node.store is not None
+        rec = await asyncio.to_thread(node.store.get_instance, cr.sop_uids[0])
+        assert rec is not None
+        assert dcmread(rec.path).SOPInstanceUID == cr.sop_uids[0]
+
+
+async def test_instances_a_crash_left_without_a_job_are_assembled_at_start(
+        tmp_path: Path) -> None:
+    from dicom_node.scp import InstanceWriter
+    from dicom_node.store import Store
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-crash")
+    settings = settings_for(tmp_path)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    store = Store(settings.database_url).open()
+    try:  # what a crash after recording, before the group became a job, leaves behind
+        staged = tmp_path / "staged.dcm"
+        shutil.copy(cr.paths[0], staged)
+        InstanceWriter(settings, store).write(staged, called_ae="", calling_ae="",
+                                              association_id=0, source="watch")
+        store.add_watch_inputs("inbox", [("0" * 64, cr.sop_uids[0])])
+    finally:
+        store.close()
+    async with running_node(settings) as node:
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        assert (await watch_jobs(node))[0].input["instances"] == cr.sop_uids
+        assert node.store is not None
+
+        async def queued() -> bool:
+            assert node.store is not None
+            counts = await asyncio.to_thread(node.store.count_watch_inputs, "inbox")
+            return counts == {"queued": 1}
+        await wait_until(queued)
