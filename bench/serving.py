@@ -402,9 +402,18 @@ def torchserve(venv: Path, work: Path, model: ModelInfo, *, workers: int, batch_
     pid_file = tmp / ".model_server.pid"
     started = False
     try:
-        run([str(ts_bin), "--start", "--ncs", "--model-store", str(store), "--ts-config",
-             str(config), "--log-config", _log_config(home, logs)], env=env, cwd=home)
-        started = True
+        # `torchserve --start` forks the Java frontend and returns; the frontend inherits
+        # the launcher's stdout/stderr, so they go to a file, not to pipes we would wait on.
+        started = True  # from here on, always try to stop it
+        with (logs / "launcher.log").open("wb") as out:
+            res = subprocess.run([str(ts_bin), "--start", "--ncs", "--model-store", str(store),
+                                  "--ts-config", str(config),
+                                  "--log-config", _log_config(home, logs)],
+                                 env=env, cwd=home, stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, timeout=120)
+        if res.returncode != 0:
+            raise BenchError(f"torchserve --start failed ({res.returncode})\n"
+                             f"{_tail(logs / 'launcher.log')}")
         base = f"http://127.0.0.1:{ports['inference']}"
         try:
             wait_http(f"{base}/ping", 120, what="TorchServe")
@@ -473,8 +482,8 @@ def _stop_torchserve(ts_bin: Path, env: dict[str, str], home: Path, pid_file: Pa
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_file.read_text().strip())
     with contextlib.suppress(subprocess.SubprocessError, OSError):
-        subprocess.run([str(ts_bin), "--stop"], env=env, cwd=home, capture_output=True,
-                       timeout=60)
+        subprocess.run([str(ts_bin), "--stop"], env=env, cwd=home, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
     if pid is None:
         return
     deadline = time.monotonic() + 30
@@ -677,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             except NodeRouteMissing as exc:
                 print(f"  {exc}", flush=True)
                 notes[server] = str(exc)
-            except BenchError as exc:
+            except (BenchError, subprocess.SubprocessError) as exc:
                 print(f"  {server} FAILED: {exc}", file=sys.stderr, flush=True)
                 notes[server] = f"failed: {exc}"
                 rc = 1
