@@ -225,6 +225,29 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+# The demo models ship in the source tree (trained by pipeline/train, see their READMEs),
+# so a fresh `make run` answers a chest X-ray or a CT with real results.
+DEMO_PIPELINE_NAMES = ("cxr-findings", "ct-organs")
+
+
+def demo_models() -> list[ModelSpec]:
+    return [ModelSpec(name="cxr-findings", path=Path("pipeline/models/cxr-findings")),
+            ModelSpec(name="ct-organs", path=Path("pipeline/models/ct-organs"))]
+
+
+def demo_pipelines() -> list[PipelineSpec]:
+    return [
+        PipelineSpec.model_validate({
+            "name": "cxr-findings", "model": "cxr-findings", "task": "classify",
+            "series": {"modalities": ["CR", "DX"]},
+            "outputs": ["json", "png", "pdf", "sr", "sc", "encapsulated_pdf"]}),
+        PipelineSpec.model_validate({
+            "name": "ct-organs", "model": "ct-organs", "task": "segment",
+            "series": {"modalities": ["CT"], "min_instances": 8},
+            "outputs": ["json", "png", "pdf", "seg"]}),
+    ]
+
+
 class Settings(_Section):
     """Everything the node needs to start; valid once constructed."""
 
@@ -245,6 +268,21 @@ class Settings(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_defaults(cls, data: Any) -> Any:
+        """With neither ``models`` nor ``pipelines`` given, the node runs the demo models,
+        and the default AE title and drop folder (when not given) feed them. A file
+        that names its own models gets no demo pipelines to trip over."""
+        if not isinstance(data, dict) or "models" in data or "pipelines" in data:
+            return data
+        data = {**data, "models": demo_models(), "pipelines": demo_pipelines()}
+        names = list(DEMO_PIPELINE_NAMES)
+        data.setdefault("ae_titles", [AETitleSettings(ae_title="DICOMNODE", pipelines=names)])
+        data.setdefault("watch", [WatchSettings(name="inbox", path=Path("inbox"),
+                                                pipelines=names)])
+        return data
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

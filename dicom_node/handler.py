@@ -105,8 +105,18 @@ class NodeHandler:
         out_dir = self.output_dir(job)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []
+        spec = runner.spec(job.pipeline)
+        skipped: list[dict[str, str]] = []
         for study, files in by_study.items():
             ctx.check_cancelled()
+            if job.kind in PUSHED_KINDS:
+                reason = _unsuitable(files, spec)
+                if reason is not None:
+                    # An AE title or drop folder feeds every study to all its pipelines;
+                    # a CT study is no failure of the chest X-ray pipeline.
+                    ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
+                    skipped.append({"study": study, "reason": reason})
+                    continue
             try:
                 out = runner.run(job.pipeline, files, out_dir, cancelled=ctx.cancelled)
             except (InputError, PipelineError, ValueError) as exc:
@@ -116,7 +126,10 @@ class NodeHandler:
             produced += out.artifacts
             results.append(_summary(study, out.result))
         ctx.result["results"] = results
-        ctx.result["output_dir"] = str(out_dir)
+        if skipped:
+            ctx.result["skipped"] = skipped
+        if results:
+            ctx.result["output_dir"] = str(out_dir)
         return produced
 
     # -- export --------------------------------------------------------------------------
@@ -143,6 +156,21 @@ class NodeHandler:
     def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
         outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
         return outcome
+
+
+# Jobs made by the assembler for whatever arrived, as opposed to requests naming a pipeline.
+PUSHED_KINDS = frozenset({"dimse", "watch", "stow"})
+
+
+def _unsuitable(files: list[Path], spec: Any) -> str | None:
+    """Why none of a study's series suits the pipeline's series rules, or None."""
+    from pipeline.io import SeriesError, select_series
+
+    try:
+        select_series(list(files), spec.series)
+    except SeriesError as exc:
+        return str(exc)
+    return None
 
 
 def _study_of(path: Path) -> str:

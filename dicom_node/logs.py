@@ -73,7 +73,8 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    for noisy in ("pynetdicom", "aiohttp.access", "sqlalchemy", "watchdog", "asyncio"):
+    for noisy in ("pynetdicom", "aiohttp.access", "sqlalchemy", "watchdog", "asyncio",
+                  "highdicom", "monai"):
         logging.getLogger(noisy).setLevel(numeric if level == "debug" else logging.WARNING)
 
 

@@ -198,7 +198,8 @@ class DropFolder:
 
     def _set_state(self, state: FolderState, message: str) -> None:
         if state is not self.state:
-            log = self.log.info if state is FolderState.WATCHING else self.log.warning
+            quiet = (FolderState.WATCHING, FolderState.STOPPED)
+            log = self.log.info if state in quiet else self.log.warning
             log("drop folder " + state.value, path=str(self.root), message=message)
         self.state, self.message = state, message
 

@@ -20,6 +20,8 @@ def node_settings(data_dir: Path, **sections: Any) -> Settings:
         "rest": {"enabled": False},
         "executor": {"runner": TEST_RUNNER, "poll_interval_s": 0.05, "grace_period_s": 1},
         "watch": [],
+        "models": [],  # no demo models unless a test asks: they take a while to load
+        "pipelines": [],
         "logging": {"format": "json"},
     }
     for key, value in sections.items():

@@ -116,3 +116,21 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 def test_serve_with_bad_config_exits_2(tmp_path: Path) -> None:
     r = _cli("serve", "--config", str(write(tmp_path, "colour: blue\n")))
     assert r.returncode == 2 and "colour: unknown key" in r.stderr
+
+
+def test_demo_models_feed_the_default_ae_title_and_drop_folder() -> None:
+    s = load_settings(environ={})
+    assert [m.name for m in s.models] == ["cxr-findings", "ct-organs"]
+    assert all(s.model_path(m).is_dir() for m in s.models)
+    assert s.ae_titles[0].pipelines == ["cxr-findings", "ct-organs"]
+    assert s.watch[0].pipelines == ["cxr-findings", "ct-organs"]
+    assert [p.series.modalities for p in s.pipelines] == [["CR", "DX"], ["CT"]]
+
+
+def test_a_file_with_its_own_models_gets_no_demo_pipelines(tmp_path: Path) -> None:
+    model = tmp_path / "m.ts"
+    model.write_bytes(b"")
+    s = load_settings(write(tmp_path, f"models:\n  - name: mine\n    path: {model}\n"),
+                      environ={})
+    assert [m.name for m in s.models] == ["mine"]
+    assert s.pipelines == [] and s.ae_titles[0].pipelines == [] and s.watch[0].pipelines == []
