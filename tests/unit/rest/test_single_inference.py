@@ -20,8 +20,10 @@ import pydicom
 import pytest
 from aiohttp.test_utils import TestClient
 
+from dicom_node.config import PROJECT_ROOT, Settings
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from rest.app import create_app
+from rest.single_inference import allowed_roots, resolve_inside
 from tests.support.dicom_factory import make_ct_study
 from tests.support.inproc import node_settings, running_node
 from tests.support.peers import free_port
@@ -358,3 +360,18 @@ async def test_no_classify_pipeline_is_503(aiohttp_client: Any, tmp_path: Path) 
                               json={"input_image_path": str(dcm), "save_to_disk": False})
         got = await r.json()
         assert r.status == 503 and got["Result"] == FAILURE and got["Data"] is None
+
+
+def test_default_roots_are_the_data_dir_and_samples(tmp_path: Path) -> None:
+    s = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")}})
+    assert allowed_roots(s) == [(tmp_path / "data").resolve(),
+                                (PROJECT_ROOT / "samples").resolve()]
+    custom = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                      "rest": {"allowed_roots": [str(tmp_path / "scans"),
+                                                                 "exchange"]}})
+    roots = allowed_roots(custom)
+    assert roots == [(tmp_path / "scans").resolve(), (tmp_path / "data" / "exchange").resolve()]
+    assert resolve_inside(str(tmp_path / "scans" / "a.dcm"), roots) is not None
+    assert resolve_inside(str(tmp_path / "data" / "a.dcm"), roots) is None
+    assert resolve_inside(str(tmp_path / "scans" / ".." / "a.dcm"), roots) is None
+    assert resolve_inside(str(tmp_path / "scans-evil" / "a.dcm"), roots) is None  # not a prefix
