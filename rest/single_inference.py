@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +114,13 @@ def validate(body: Any, settings: Settings) -> SingleInferenceRequest:
         if output_dir is None:
             raise _bad(f"Invalid path output_folder_path: {out_raw} (not an absolute path "
                        "inside the allowed roots)")
-    if not path.exists():
-        raise _bad(f"Input image path does not exist: {raw}")
-    if path.suffix.lower() != ".dcm" or not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise _bad(f"Input image path does not exist: {raw}") from None
+    except OSError as exc:  # a name too long, a folder it may not enter
+        raise _bad(f"Invalid path input_image_path: {raw} ({exc.strerror})") from None
+    if path.suffix.lower() != ".dcm" or not stat.S_ISREG(mode):
         raise _bad(f"Requested image is not a DICOM file: {raw}")
     try:
         header = read_dataset(path, stop_before_pixels=True)

@@ -118,6 +118,12 @@ async def test_invalid_input_path(api: Api, path: str) -> None:
     assert got["Message"].startswith(f"Invalid path input_image_path: {raw}"), got
 
 
+async def test_path_too_long_for_the_filesystem(api: Api) -> None:
+    long = f"{api.data}/{'a' * 5000}/x.dcm"
+    status, got = await api.post(body(api, input_image_path=long))
+    assert status == 400 and got["Message"].startswith(f"Invalid path input_image_path: {long}")
+
+
 async def test_input_path_of_wrong_type(api: Api) -> None:
     status, got = await api.post(body(api, input_image_path=42))
     assert status == 400 and got["Message"].startswith("Invalid path input_image_path: 42")
