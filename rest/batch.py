@@ -115,6 +115,11 @@ def projects(settings: Settings, store: Store) -> list[Project]:
     return sorted(found, key=lambda p: p.id)
 
 
+def _is_id(text: str) -> bool:
+    """Whether a string identifier is an integer id (short: int() refuses 4300 digits)."""
+    return text.strip().isdigit() and len(text.strip()) <= 18
+
+
 def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
     """A project by integer id or unique name; raises NotFound."""
     every = projects(settings, store)
@@ -125,7 +130,7 @@ def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
                        f"use its id ({', '.join(str(p.id) for p in named)})")
         if named:
             return named[0]
-        if not ident.strip().isdigit():
+        if not _is_id(ident):
             raise NotFound(f"no project {ident!r}; GET /v1/projects lists them")
         ident = int(ident)
     for p in every:
@@ -152,7 +157,7 @@ def find_output_layer(settings: Settings, store: Store, ident: str | int) -> tup
     ids = store.integer_ids(OUTPUT_LAYER, [d.name for d in settings.destinations])
     if isinstance(ident, str) and ident in ids:
         return ids[ident], ident
-    if isinstance(ident, int) or ident.strip().isdigit():
+    if isinstance(ident, int) or _is_id(ident):
         for name, i in ids.items():
             if i == int(ident):
                 return i, name
@@ -297,7 +302,7 @@ async def post_batch(request: web.Request) -> web.Response:
     store = _store(request)
     try:
         body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise _bad("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")

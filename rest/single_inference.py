@@ -213,7 +213,7 @@ async def single_inference(request: web.Request) -> web.Response:
     node = request.app[NODE]
     try:
         body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise _bad("The request body is not valid JSON") from None
     settings = node.settings
     req = await asyncio.to_thread(validate, body, settings)

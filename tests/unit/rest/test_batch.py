@@ -142,6 +142,8 @@ async def test_projects_and_sources(api: Api) -> None:
     assert ct["modalities"] == ["CT"] and ct["instances"] == 2
     status, got = await api.get("/v1/sources?projectIdentifier=AI_CXR&limit=1&offset=1")
     assert status == 200 and len(got["sources"]) == 1
+    status, got = await api.get("/v1/sources?projectIdentifier=" + "9" * 5000)
+    assert status == 404 and set(got) == {"message"}
     assert (await api.get("/v1/sources?projectIdentifier=NOPE")) == (
         404, {"message": "no project 'NOPE'; GET /v1/projects lists them"})
     status, got = await api.get("/v1/sources")
@@ -204,6 +206,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"groupName": 3}, "groupName must be a string"),
     ({"projectIdentifier": "NOPE"}, "no project 'NOPE'"),
     ({"projectIdentifier": 9999}, "no project with id 9999"),
+    ({"projectIdentifier": "9" * 5000}, "no project '999"),
+    ({"outputLayerIdentifier": "9" * 5000}, "no output layer '999"),
+    ({"outputLayerIdentifier": 2**70}, "no output layer 1180591620717411303424"),
     ({"modelIdentifier": "nope"}, "no model or pipeline 'nope'; configured pipelines: cxr"),
     ({"outputLayerIdentifier": "nowhere"}, "no output layer 'nowhere'"),
     ({"outputLayerIdentifier": 9999}, "no output layer 9999"),
@@ -231,7 +236,9 @@ async def test_sources_of_another_project_and_repeats_are_refused(api: Api) -> N
     assert status == 201, got
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[]", b"null", b'"x"'])
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b"null", b'"x"', b"",
+                                 b'{"sourceIds": [' + b"9" * 5000 + b"]}",
+                                 b"[" * 100_000 + b"]" * 100_000])
 async def test_body_that_is_not_an_object(api: Api, raw: bytes) -> None:
     r = await api.client.post("/v1/infer/batch", data=raw,
                               headers={**key("lab"), "Content-Type": "application/json"})

@@ -251,7 +251,9 @@ async def test_wrong_modality_is_400(api: Api) -> None:
 # -- bodies and tokens ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'"text"', b"\xff\xfe", b"",
+                                 b'{"save_to_disk": ' + b"9" * 5000 + b"}",
+                                 b"[" * 100_000 + b"]" * 100_000])
 async def test_body_that_is_not_a_json_object(api: Api, raw: bytes) -> None:
     status, got = await api.post(None, raw=raw)
     assert status == 400 and got["Result"] == FAILURE and got["Data"] is None
