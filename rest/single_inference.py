@@ -78,6 +78,7 @@ def _check_patient_id(value: Any) -> str:
     if not isinstance(value, str):
         raise _bad(f"Invalid patient_id: '{value}' in request body")
     try:
+        value.encode("utf-8")  # a lone surrogate from JSON cannot name a file
         return art.validate_patient_id(value)
     except ValueError:
         raise _bad(f"Invalid patient_id: '{value}' in request body") from None

@@ -105,6 +105,7 @@ async def test_missing_required_fields(api: Api) -> None:
 
 @pytest.mark.parametrize("path", [
     "relative/cr.dcm",
+    "{data}/in/\ud800.dcm",
     "C:/data/patient001.dcm",
     "/etc/hostname",
     "",
@@ -170,7 +171,7 @@ async def test_unreadable_dicom(api: Api, content: bytes) -> None:
 
 
 @pytest.mark.parametrize("pid", ["../evil", "..", "a/b", "a\\b", "/abs", "a\nb", "a\x00b",
-                                 "tab\there", "", "  ", 12, ["PAT"]])
+                                 "tab\there", "", "  ", 12, ["PAT"], "\ud800", "a\u202eb"])
 async def test_invalid_patient_id(api: Api, pid: Any) -> None:
     for save in (False, True):
         out = str(api.data / "out")
