@@ -121,7 +121,8 @@ def validate(body: Any, settings: Settings) -> SingleInferenceRequest:
         raise _bad(f"Input image path does not exist: {raw}") from None
     except OSError as exc:  # a name too long, a folder it may not enter
         raise _bad(f"Invalid path input_image_path: {raw} ({exc.strerror})") from None
-    if path.suffix.lower() != ".dcm" or not stat.S_ISREG(mode):
+    # the name asked for decides (a link named .dcm may point at a file named otherwise)
+    if Path(raw).suffix.lower() != ".dcm" or not stat.S_ISREG(mode):
         raise _bad(f"Requested image is not a DICOM file: {raw}")
     try:
         header = read_dataset(path, stop_before_pixels=True)
