@@ -184,6 +184,9 @@ class RestSettings(_Section):
     allowed_roots: list[Path] = Field(
         default_factory=lambda: [Path("."), PROJECT_ROOT / "samples"]
     )
+    # The pipeline POST /single_inference runs (seed 001 names no model); None: the
+    # first classify pipeline.
+    single_inference_pipeline: str | None = None
     allow_any_url: bool = False
     tls: TlsSettings | None = None
 
@@ -303,6 +306,12 @@ class Settings(_Section):
         for i, w in enumerate(self.watch):
             _known(f"watch.{i}.pipelines", w.pipelines, pipelines, "pipelines")
             _known(f"watch.{i}.destinations", w.destinations, destinations, "destinations")
+        if self.rest.single_inference_pipeline is not None:
+            name = self.rest.single_inference_pipeline
+            _known("rest.single_inference_pipeline", [name], pipelines, "pipelines")
+            if next(p for p in self.pipelines if p.name == name).task != "classify":
+                raise _KeyedError("rest.single_inference_pipeline",
+                                  f"pipeline {name!r} does not classify")
         for i, p in enumerate(self.pipelines):
             _known(f"pipelines.{i}.model", [p.model], models, "models")
             _known(f"pipelines.{i}.destinations", p.destinations, destinations, "destinations")

@@ -11,7 +11,7 @@ async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -87,6 +87,7 @@ instances = sa.Table(
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("source", sa.String(16), nullable=False),  # dimse, stow, watch, retrieve
     sa.Column("received_at", UTCDateTime, nullable=False),
+    sa.Index("ix_instances_called_ae", "called_ae"),
 )
 
 jobs = sa.Table(
@@ -186,6 +187,44 @@ watch_inputs = sa.Table(
 )
 
 
+# Integer ids for things the node names by string, where a contract asks for integers
+# (seed 002: projects are called AE titles or drop folders, output layers are
+# destinations). Assigned on first sight and never reused, so they stay stable.
+integer_ids = sa.Table(
+    "integer_ids",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("kind", "name", name="uq_integer_ids_kind_name"),
+)
+
+# Seed 002's batch inference jobs: an integer id over one node job per source (study).
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("group_name", sa.String(128), nullable=False),
+    sa.Column("owner", sa.String(256)),
+    sa.Column("project_id", sa.Integer, nullable=False),
+    sa.Column("pipeline", sa.String(128), nullable=False),
+    sa.Column("output_layer_id", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+batch_sources = sa.Table(
+    "batch_sources",
+    metadata,
+    sa.Column("batch_id", sa.Integer, sa.ForeignKey("batches.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True),
+    sa.Column("source_id", sa.Integer, nullable=False),
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (studies, instances, jobs, job_events, artifacts, exports):
         table.create(conn, checkfirst=True)
@@ -199,12 +238,21 @@ def _migration_watch_inputs(conn: Connection) -> None:
     watch_inputs.create(conn, checkfirst=True)
 
 
+def _migration_batches(conn: Connection) -> None:
+    for index in instances.indexes:
+        if index.name == "ix_instances_called_ae":
+            index.create(conn, checkfirst=True)
+    for table in (integer_ids, batches, batch_sources):
+        table.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
     _migration_2,
     _migration_watch_inputs,  # drop folders (issue #7)
+    _migration_batches,  # seed 002 batch jobs, projects and output layers (issue #6)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -306,7 +354,11 @@ class Job:
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> Job:
-        m = dict(row._mapping)
+        return cls.from_mapping(dict(row._mapping))
+
+    @classmethod
+    def from_mapping(cls, m: dict[str, Any]) -> Job:
+        m = dict(m)
         m["state"] = JobState(m["state"])
         m["cancel_requested"] = bool(m["cancel_requested"])
         return cls(**m)
@@ -338,6 +390,35 @@ class ExportRecord:
     sent: int
     message: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study the node holds, with its integer id (seed 002's source id)."""
+
+    id: int
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+    study_date: str
+    modalities: list[str]
+    instances: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A seed-002 batch job and its node jobs, one per source, in the order asked."""
+
+    id: int
+    group_name: str
+    owner: str | None
+    project_id: int
+    pipeline: str
+    output_layer_id: int
+    created_at: datetime
+    sources: list[tuple[int, Job]]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
@@ -571,30 +652,9 @@ class Store:
 
     def create_job(self, new: NewJob) -> Job:
         now = utcnow()
-        job_id = str(uuid.uuid4())
         try:
             with self._begin() as conn:
-                conn.execute(
-                    jobs.insert().values(
-                        id=job_id,
-                        kind=new.kind,
-                        pipeline=new.pipeline,
-                        state=JobState.QUEUED.value,
-                        priority=new.priority,
-                        attempts=0,
-                        max_attempts=new.max_attempts,
-                        cancel_requested=False,
-                        study_instance_uid=new.study_instance_uid,
-                        called_ae=new.called_ae,
-                        calling_ae=new.calling_ae,
-                        transaction_id=new.transaction_id,
-                        owner=new.owner,
-                        input=new.input,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                self._event(conn, job_id, JobState.QUEUED, "queued", now)
+                job_id = self._insert_job(conn, new, now)
         except IntegrityError as exc:
             if new.transaction_id is not None:
                 raise Conflict(
@@ -602,6 +662,31 @@ class Store:
                 ) from exc
             raise
         return self.get_job(job_id)
+
+    def _insert_job(self, conn: Connection, new: NewJob, now: datetime) -> str:
+        job_id = str(uuid.uuid4())
+        conn.execute(
+            jobs.insert().values(
+                id=job_id,
+                kind=new.kind,
+                pipeline=new.pipeline,
+                state=JobState.QUEUED.value,
+                priority=new.priority,
+                attempts=0,
+                max_attempts=new.max_attempts,
+                cancel_requested=False,
+                study_instance_uid=new.study_instance_uid,
+                called_ae=new.called_ae,
+                calling_ae=new.calling_ae,
+                transaction_id=new.transaction_id,
+                owner=new.owner,
+                input=new.input,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        self._event(conn, job_id, JobState.QUEUED, "queued", now)
+        return job_id
 
     def get_job(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
@@ -935,6 +1020,132 @@ class Store:
         with self.engine.connect() as conn:
             return {str(state): int(n) for state, n in conn.execute(q)}
 
+    # -- integer ids, projects and batches (seed 002) ------------------------------------
+
+    def integer_ids(self, kind: str, names: Iterable[str]) -> dict[str, int]:
+        """The stable integer id of each name of ``kind``, assigning new ones on first sight."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return {}
+        q = sa.select(integer_ids.c.name, integer_ids.c.id).where(integer_ids.c.kind == kind)
+        with self._begin() as conn:
+            known = {r.name: int(r.id) for r in conn.execute(q)}
+            missing = [n for n in wanted if n not in known]
+            now = utcnow()
+            for name in missing:
+                try:
+                    with conn.begin_nested():  # another process may assign it first
+                        conn.execute(integer_ids.insert().values(kind=kind, name=name,
+                                                                 created_at=now))
+                except IntegrityError:
+                    pass
+            if missing:
+                known = {r.name: int(r.id) for r in conn.execute(q)}
+        return {n: known[n] for n in wanted}
+
+    def name_of_id(self, kinds: Collection[str], id_: int) -> tuple[str, str] | None:
+        """``(kind, name)`` of an integer id assigned to one of ``kinds``, or None."""
+        q = sa.select(integer_ids.c.kind, integer_ids.c.name).where(
+            integer_ids.c.id == id_, integer_ids.c.kind.in_(list(kinds)))
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        return (str(row.kind), str(row.name)) if row else None
+
+    def called_ae_titles(self) -> list[str]:
+        """Every called AE title instances were received under."""
+        q = (sa.select(instances.c.called_ae).where(instances.c.called_ae.is_not(None),
+                                                    instances.c.called_ae != "")
+             .distinct().order_by(instances.c.called_ae))
+        with self.engine.connect() as conn:
+            return [str(r[0]) for r in conn.execute(q)]
+
+    def watch_names(self) -> list[str]:
+        """Every drop folder files were taken in from."""
+        q = sa.select(watch_inputs.c.watch).distinct().order_by(watch_inputs.c.watch)
+        with self.engine.connect() as conn:
+            return [str(r[0]) for r in conn.execute(q)]
+
+    def project_studies(
+        self, *, called_ae: str | None = None, watch: str | None = None,
+        ids: Collection[int] | None = None, limit: int = 1000, offset: int = 0,
+    ) -> list[StudyRecord]:
+        """Studies received under a called AE title or taken in from a drop folder.
+
+        ``ids`` restricts the answer to those study ids (those not in the project are
+        simply absent).
+        """
+        if (called_ae is None) == (watch is None):
+            raise ValueError("give exactly one of called_ae and watch")
+        if called_ae is not None:
+            members = sa.select(instances.c.study_instance_uid).where(
+                instances.c.called_ae == called_ae)
+        else:
+            members = (sa.select(instances.c.study_instance_uid)
+                       .join(watch_inputs,
+                             watch_inputs.c.sop_instance_uid == instances.c.sop_instance_uid)
+                       .where(watch_inputs.c.watch == watch))
+        q = sa.select(studies).where(studies.c.study_instance_uid.in_(members))
+        if ids is not None:
+            q = q.where(studies.c.id.in_(list(ids)))
+        q = q.order_by(studies.c.id).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(q))
+            uids = [r.study_instance_uid for r in rows]
+            counts: dict[str, dict[str, int]] = {}
+            if uids:
+                per = (sa.select(instances.c.study_instance_uid, instances.c.modality,
+                                 sa.func.count())
+                       .where(instances.c.study_instance_uid.in_(uids))
+                       .group_by(instances.c.study_instance_uid, instances.c.modality))
+                for uid, modality, n in conn.execute(per):
+                    counts.setdefault(uid, {})[modality or ""] = int(n)
+        return [StudyRecord(
+            id=int(r.id), study_instance_uid=r.study_instance_uid,
+            patient_id=r.patient_id or "", accession_number=r.accession_number or "",
+            study_date=r.study_date or "",
+            modalities=sorted(m for m in counts.get(r.study_instance_uid, {}) if m),
+            instances=sum(counts.get(r.study_instance_uid, {}).values()),
+            created_at=r.created_at, updated_at=r.updated_at) for r in rows]
+
+    def create_batch(
+        self, *, group_name: str, owner: str | None, project_id: int, pipeline: str,
+        output_layer_id: int, sources: Sequence[tuple[int, NewJob]],
+    ) -> Batch:
+        """Record a batch and queue one job per source, in one transaction."""
+        if not sources:
+            raise ValueError("a batch needs at least one source")
+        now = utcnow()
+        with self._begin() as conn:
+            batch_id = int(conn.execute(batches.insert().values(
+                group_name=group_name, owner=owner, project_id=project_id, pipeline=pipeline,
+                output_layer_id=output_layer_id, created_at=now)).inserted_primary_key[0])
+            for position, (source_id, new) in enumerate(sources):
+                # distinct creation times: jobs of equal priority are claimed in this order
+                job_id = self._insert_job(conn, new, now + timedelta(microseconds=position))
+                conn.execute(batch_sources.insert().values(
+                    batch_id=batch_id, position=position, source_id=source_id, job_id=job_id))
+        return self.get_batch(batch_id)
+
+    def get_batch(self, batch_id: int) -> Batch:
+        """A batch with its jobs; raises NotFound."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(batches).where(batches.c.id == batch_id)).first()
+            if row is None:
+                raise NotFound(f"no batch inference job {batch_id}")
+            q = (sa.select(batch_sources.c.source_id, jobs)
+                 .join(jobs, jobs.c.id == batch_sources.c.job_id)
+                 .where(batch_sources.c.batch_id == batch_id)
+                 .order_by(batch_sources.c.position))
+            sources = []
+            for r in conn.execute(q):
+                m = dict(r._mapping)
+                source_id = int(m.pop("source_id"))
+                sources.append((source_id, Job.from_mapping(m)))
+        return Batch(id=int(row.id), group_name=row.group_name, owner=row.owner,
+                     project_id=int(row.project_id), pipeline=row.pipeline,
+                     output_layer_id=int(row.output_layer_id), created_at=row.created_at,
+                     sources=sources)
+
     # -- runtime configuration ----------------------------------------------------------
 
     def config_objects(self) -> dict[str, dict[str, dict[str, Any] | None]]:
@@ -996,6 +1207,7 @@ __all__: Sequence[str] = [
     "PRIORITY_NORMAL",
     "SCHEMA_VERSION",
     "ArtifactRecord",
+    "Batch",
     "ExportRecord",
     "InstanceRecord",
     "Job",
@@ -1003,5 +1215,6 @@ __all__: Sequence[str] = [
     "JobState",
     "NewJob",
     "Store",
+    "StudyRecord",
     "utcnow",
 ]

@@ -78,6 +78,11 @@ def test_settings_are_frozen() -> None:
         ("dimse: [\n", "line", "not valid YAML"),
         ("- a\n- b\n", "", "mapping of sections"),
         ("auth:\n  algorithms: [none]\n", "auth.algorithms.0", "HS256"),
+        ("rest:\n  single_inference_pipeline: nope\n", "rest.single_inference_pipeline",
+         "'nope' is not defined in pipelines"),
+        ("models:\n  - {name: m, path: /}\npipelines:\n  - {name: seg, model: m, task: segment}\n"
+         "rest:\n  single_inference_pipeline: seg\n", "rest.single_inference_pipeline",
+         "does not classify"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, problem: str) -> None:

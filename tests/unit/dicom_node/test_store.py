@@ -167,3 +167,89 @@ def test_watch_inputs_record_once_and_track_jobs(store: Store) -> None:
     store.mark_watch_inputs("inbox", ["1.2.3.4.1"])
     assert [r.sop_instance_uid for r in store.pending_watch_instances("inbox")] == ["1.2.3.4.2"]
     assert store.count_watch_inputs("inbox") == {"queued": 1, "stored": 2}
+
+
+# -- seed 002: integer ids, projects and batches ------------------------------------------
+
+
+def test_integer_ids_are_stable_per_kind(store: Store) -> None:
+    first = store.integer_ids("project:ae", ["AI_CXR", "DICOMNODE"])
+    assert first["AI_CXR"] != first["DICOMNODE"]
+    again = store.integer_ids("project:ae", ["DICOMNODE", "NEW", "AI_CXR"])
+    assert {k: again[k] for k in first} == first and again["NEW"] not in first.values()
+    layer = store.integer_ids("destination", ["AI_CXR"])["AI_CXR"]
+    assert layer not in again.values()  # one sequence: an id names one thing
+    assert store.name_of_id(["project:ae", "project:watch"], first["AI_CXR"]) == (
+        "project:ae", "AI_CXR")
+    assert store.name_of_id(["project:ae"], layer) is None
+    assert store.integer_ids("destination", []) == {}
+
+
+def test_project_studies_by_called_ae_and_drop_folder(store: Store) -> None:
+    def with_ae(sop: str, study: str, ae: str, modality: str = "CR") -> InstanceRecord:
+        r = rec(sop, study)
+        return InstanceRecord(**{**r.__dict__, "called_ae": ae, "modality": modality})
+
+    store.add_instance(with_ae("1.1", "9.1", "AI_CXR"))
+    store.add_instance(with_ae("1.2", "9.1", "AI_CXR", "SR"))
+    store.add_instance(with_ae("2.1", "9.2", "OTHER"))
+    store.record_instance(with_ae("3.1", "9.3", ""))
+    store.add_watch_inputs("inbox", [("ab" * 32, "3.1")])
+    assert store.called_ae_titles() == ["AI_CXR", "OTHER"]
+    assert store.watch_names() == ["inbox"]
+    cxr = store.project_studies(called_ae="AI_CXR")
+    assert [s.study_instance_uid for s in cxr] == ["9.1"]
+    assert (cxr[0].modalities, cxr[0].instances, cxr[0].patient_id) == (["CR", "SR"], 2, "P1")
+    inbox = store.project_studies(watch="inbox")
+    assert [s.study_instance_uid for s in inbox] == ["9.3"]
+    ids = [s.id for s in store.project_studies(called_ae="OTHER")]
+    assert store.project_studies(called_ae="AI_CXR", ids=ids) == []
+    assert store.project_studies(called_ae="OTHER", ids=ids)[0].id == ids[0]
+    with pytest.raises(ValueError):
+        store.project_studies()
+
+
+def test_batches_queue_one_job_per_source(store: Store) -> None:
+    batch = store.create_batch(
+        group_name="radiology", owner="api_key:lab", project_id=3, pipeline="cxr",
+        output_layer_id=5,
+        sources=[(12, NewJob(pipeline="cxr", kind="batch", input={"instances": ["1"]})),
+                 (7, NewJob(pipeline="cxr", kind="batch", input={"instances": ["2"]}))])
+    assert isinstance(batch.id, int)
+    assert [s for s, _ in batch.sources] == [12, 7]  # the order asked
+    assert all(j.state is JobState.QUEUED and j.kind == "batch" for _, j in batch.sources)
+    assert batch.created_at.tzinfo is not None
+    claimed = store.claim_next("w", 30)
+    assert claimed is not None and claimed.id == batch.sources[0][1].id
+    again = store.get_batch(batch.id)
+    assert again.sources[0][1].state is JobState.RUNNING
+    assert (again.group_name, again.project_id, again.output_layer_id) == ("radiology", 3, 5)
+    second = store.create_batch(group_name="g", owner=None, project_id=1, pipeline="p",
+                                output_layer_id=1, sources=[(1, NewJob(pipeline="p"))])
+    assert second.id > batch.id
+    with pytest.raises(NotFound):
+        store.get_batch(10_000)
+    with pytest.raises(ValueError):
+        store.create_batch(group_name="g", owner=None, project_id=1, pipeline="p",
+                           output_layer_id=1, sources=[])
+
+
+def test_a_version_3_store_is_migrated(tmp_path: Path) -> None:
+    from dicom_node.store import MIGRATIONS, schema_info
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema_info.create(conn)
+        conn.execute(schema_info.insert().values(version=3))
+        for migration in MIGRATIONS[:3]:
+            migration(conn)
+    engine.dispose()
+    s = Store(url).open()
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.integer_ids("destination", ["pacs"])["pacs"] == 1
+        index_names = {i["name"] for i in sa.inspect(s.engine).get_indexes("instances")}
+        assert "ix_instances_called_ae" in index_names
+    finally:
+        s.close()

@@ -122,28 +122,29 @@ async def whoami(request: web.Request) -> web.Response:
 async def client(aiohttp_client: Any, tmp_path: Path) -> TestClient:
     node = Node(Settings.model_validate({"storage": {"data_dir": str(tmp_path)}}))
     app = create_app(node, auth(), extra_routes=[
-        Route("POST", "/single_inference", whoami, scope="infer", style=ErrorStyle.SEED_001),
-        Route("POST", "/v1/infer/batch", whoami, scope="infer", style=ErrorStyle.MESSAGE),
+        # probes with the seed-001 and seed-002 error styles (the real routes test themselves)
+        Route("POST", "/probe/seed001", whoami, scope="infer", style=ErrorStyle.SEED_001),
+        Route("POST", "/probe/seed002", whoami, scope="infer", style=ErrorStyle.MESSAGE),
         Route("GET", "/admin", whoami, scope="admin"),
     ])
     return await aiohttp_client(app)  # type: ignore[no-any-return]
 
 
 async def test_seed_001_error_shape(client: TestClient) -> None:
-    r = await client.post("/single_inference")
+    r = await client.post("/probe/seed001")
     assert r.status == 401
     assert await r.json() == {"Result": "Failure", "Data": None, "Message": "Token missing"}
-    r = await client.post("/single_inference",
+    r = await client.post("/probe/seed001",
                           headers={"Authorization": token({"exp": int(time.time()) - 5})})
     assert (await r.json())["Message"] == "Token expired"
-    r = await client.post("/single_inference", headers={"Authorization": "nonsense"})
+    r = await client.post("/probe/seed001", headers={"Authorization": "nonsense"})
     assert (await r.json())["Message"] == "Invalid token"
-    r = await client.post("/single_inference", headers={"Authorization": token()})
+    r = await client.post("/probe/seed001", headers={"Authorization": token()})
     assert r.status == 200 and (await r.json()) == {"sub": "ris"}
 
 
 async def test_other_shapes_and_scopes(client: TestClient) -> None:
-    r = await client.post("/v1/infer/batch")
+    r = await client.post("/probe/seed002")
     assert r.status == 401 and set(await r.json()) == {"message"}
     r = await client.get("/admin", headers={"Authorization": f"Bearer {token()}"})
     assert r.status == 403 and (await r.json())["error"] == "forbidden"

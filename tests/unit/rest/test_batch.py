@@ -1,0 +1,304 @@
+"""Seed 002 batch jobs: request checks, the 201/400/404 shapes, groups, projects, sources.
+
+A whole node runs in the test's loop with the node's own job handler and a tiny
+random classifier (the demo model runs in tests/integration/rest/test_batch.py).
+Studies are placed with the node's InstanceWriter, as C-STORE would place them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from dicom_node.node import Node
+from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+from rest.app import create_app
+from rest.auth import hash_api_key
+from rest.batch import batch_status
+from tests.support.dicom_factory import make_ct_study
+from tests.support.inproc import node_settings, running_node
+from tests.support.peers import free_port
+from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+pytestmark = pytest.mark.timeout(180)
+
+KEYS = {"lab": ("radiology", ["infer", "read"]), "cardio": ("cardiology", ["infer", "read"]),
+        "reader": ("radiology", ["read"]), "root": ("ops", ["admin"])}
+
+
+def key(name: str) -> dict[str, str]:
+    return {"Authorization": f"Api-Key secret-{name}"}
+
+
+@dataclass
+class Api:
+    client: TestClient
+    node: Node
+    tmp: Path
+    sources: dict[str, int]  # study label -> source id
+
+    async def post(self, body: Any, who: str = "lab") -> tuple[int, Any]:
+        r = await self.client.post("/v1/infer/batch", json=body, headers=key(who))
+        return r.status, await r.json()
+
+    async def get(self, path: str, who: str = "lab") -> tuple[int, Any]:
+        r = await self.client.get(path, headers=key(who))
+        return r.status, await r.json()
+
+
+def settings_for(tmp: Path) -> Any:
+    bundle = make_tiny_bundle(tmp / "bundles" / "tiny")
+    return node_settings(
+        tmp / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        ae_titles=[{"ae_title": "DICOMNODE"}, {"ae_title": "AI_CXR"}],
+        watch=[{"name": "inbox", "path": str(tmp / "inbox")}],
+        models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": 0.01,
+                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json", "png"]}],
+        destinations=[{"name": "gold-set", "type": "folder", "path": str(tmp / "gold")}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+        auth={"api_keys": [{"name": n, "key_sha256": hash_api_key(f"secret-{n}"), "group": g,
+                            "scopes": s} for n, (g, s) in KEYS.items()]},
+    )
+
+
+def place(node: Node, src: Path, called_ae: str) -> str:
+    """Store a file as if a modality had sent it to ``called_ae``; its study UID."""
+    sent = src.with_suffix(".sent")
+    shutil.copy(src, sent)
+    got = node.instance_writer().write(sent, called_ae=called_ae, calling_ae="MODALITY",
+                                       association_id=0)
+    return got.study_instance_uid
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Api]:
+    (tmp_path / "inbox").mkdir()
+    async with running_node(settings_for(tmp_path)) as node:
+        assert node.store is not None
+        client = await aiohttp_client(create_app(node))
+        incoming = tmp_path / "incoming"
+        uids: dict[str, str] = {}
+        for seed in (1, 2):
+            uids[f"cr{seed}"] = place(node, write_dicom(
+                make_cxr_phantom(seed, size=64), incoming / f"cr{seed}.dcm",
+                patient_id=f"P{seed}", modality="CR"), "AI_CXR")
+        for p in make_ct_study(incoming / "ct", slices=2).paths:
+            uids["ct"] = place(node, p, "AI_CXR")
+        uids["cr3"] = place(node, write_dicom(make_cxr_phantom(3, size=64), incoming / "cr3.dcm",
+                                              patient_id="P3", modality="CR"), "DICOMNODE")
+        by_uid = {s.study_instance_uid: s.id
+                  for ae in ("AI_CXR", "DICOMNODE")
+                  for s in node.store.project_studies(called_ae=ae)}
+        sources = {label: by_uid[uid] for label, uid in uids.items()}
+        yield Api(client, node, tmp_path, sources)
+
+
+def good(api: Api, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"projectIdentifier": "AI_CXR", "modelIdentifier": "cxr",
+                            "sourceIds": [api.sources["cr1"], api.sources["cr2"]],
+                            "outputLayerIdentifier": "gold-set", "groupName": "radiology"}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+async def wait_final(api: Api, job_id: int) -> dict[str, Any]:
+    while True:
+        status, got = await api.get(f"/v1/infer/batch/{job_id}")
+        assert status == 200, got
+        if got["status"] in ("Finished", "Errored"):
+            return got
+        await asyncio.sleep(0.1)
+
+
+async def test_projects_and_sources(api: Api) -> None:
+    status, got = await api.get("/v1/projects")
+    assert status == 200
+    names = {p["projectName"]: p for p in got["projects"]}
+    assert names["AI_CXR"]["kind"] == "calledAETitle"
+    assert names["inbox"]["kind"] == "dropFolder"
+    assert names["DICOMNODE"]["kind"] == "calledAETitle"
+    pid = names["AI_CXR"]["projectId"]
+    again = await api.get("/v1/projects")
+    assert again[1] == got  # ids are stable
+    for ident in ("AI_CXR", str(pid)):
+        status, got = await api.get(f"/v1/sources?projectIdentifier={ident}")
+        assert status == 200 and got["projectId"] == pid and got["projectName"] == "AI_CXR"
+        assert sorted(s["sourceId"] for s in got["sources"]) == sorted(
+            api.sources[k] for k in ("cr1", "cr2", "ct"))
+    ct = next(s for s in got["sources"] if s["sourceId"] == api.sources["ct"])
+    assert ct["modalities"] == ["CT"] and ct["instances"] == 2
+    status, got = await api.get("/v1/sources?projectIdentifier=AI_CXR&limit=1&offset=1")
+    assert status == 200 and len(got["sources"]) == 1
+    status, got = await api.get("/v1/sources?projectIdentifier=" + "9" * 5000)
+    assert status == 404 and set(got) == {"message"}
+    assert (await api.get("/v1/sources?projectIdentifier=NOPE")) == (
+        404, {"message": "no project 'NOPE'; GET /v1/projects lists them"})
+    status, got = await api.get("/v1/sources")
+    assert status == 400 and set(got) == {"message"}
+    status, got = await api.get("/v1/sources?projectIdentifier=AI_CXR&limit=-1")
+    assert status == 400 and "limit" in got["message"]
+
+
+async def test_created_then_finished_with_results(api: Api) -> None:
+    status, got = await api.post(good(api))
+    assert status == 201, got
+    projects = {p["projectName"]: p["projectId"] for p in (await api.get("/v1/projects"))[1]
+                ["projects"]}
+    assert isinstance(got["inferenceJobId"], int)
+    assert {k: v for k, v in got.items() if k not in ("inferenceJobId", "outputLayerId")} == {
+        "status": "Queued", "projectName": "AI_CXR", "projectId": projects["AI_CXR"],
+        "outputLayerName": "gold-set",
+        "sourceIds": [api.sources["cr1"], api.sources["cr2"]]}
+    assert isinstance(got["outputLayerId"], int)
+    done = await wait_final(api, got["inferenceJobId"])
+    assert done["status"] == "Finished", done
+    assert done["sourceIds"] == got["sourceIds"] and done["projectId"] == got["projectId"]
+    assert [r["sourceId"] for r in done["results"]] == got["sourceIds"]
+    for r in done["results"]:
+        assert r["status"] == "Finished" and r["result"] == "Abnormal" and r["message"] is None
+        assert [f["name"] for f in r["findings"]] == ["a", "b", "c"]
+        assert r["exports"][0]["outputLayerName"] == "gold-set"
+        assert r["exports"][0]["state"] == "succeeded"
+    assert (api.tmp / "gold" / "P1_predictions.json").is_file()
+    # the output layer by its integer id, the project by its integer id
+    status, again = await api.post(good(api, projectIdentifier=got["projectId"],
+                                        outputLayerIdentifier=got["outputLayerId"],
+                                        modelIdentifier="tiny"))
+    assert status == 201 and again["inferenceJobId"] > got["inferenceJobId"]
+    assert again["outputLayerName"] == "gold-set"
+
+
+async def test_a_source_the_model_cannot_read_errors_alone(api: Api) -> None:
+    status, got = await api.post(good(api, sourceIds=[api.sources["ct"], api.sources["cr1"]]))
+    assert status == 201
+    done = await wait_final(api, got["inferenceJobId"])
+    assert done["status"] == "Errored"
+    ct, cr = done["results"]
+    assert ct["status"] == "Errored" and "CT" in ct["message"]
+    assert cr["status"] == "Finished" and cr["result"] == "Abnormal"
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"projectIdentifier": ...}, "projectIdentifier is required"),
+    ({"modelIdentifier": ...}, "modelIdentifier is required"),
+    ({"sourceIds": ...}, "sourceIds is required"),
+    ({"outputLayerIdentifier": ...}, "outputLayerIdentifier is required"),
+    ({"groupName": ...}, "groupName is required"),
+    ({"sourceIds": []}, "sourceIds must hold 1 to 1000 source ids"),
+    ({"sourceIds": ["1"]}, "sourceIds must be an array of integer source ids"),
+    ({"sourceIds": [True]}, "sourceIds must be an array of integer source ids"),
+    ({"sourceIds": [2**40]}, "sourceIds must be an array of integer source ids"),
+    ({"sourceIds": 5}, "sourceIds must be an array of integer source ids"),
+    ({"projectIdentifier": ["x"]}, "projectIdentifier must be a string or an integer"),
+    ({"groupName": 3}, "groupName must be a string"),
+    ({"projectIdentifier": "NOPE"}, "no project 'NOPE'"),
+    ({"projectIdentifier": 9999}, "no project with id 9999"),
+    ({"projectIdentifier": "9" * 5000}, "no project '999"),
+    ({"outputLayerIdentifier": "9" * 5000}, "no output layer '999"),
+    ({"outputLayerIdentifier": 2**70}, "no output layer 1180591620717411303424"),
+    ({"modelIdentifier": "nope"}, "no model or pipeline 'nope'; configured pipelines: cxr"),
+    ({"outputLayerIdentifier": "nowhere"}, "no output layer 'nowhere'"),
+    ({"outputLayerIdentifier": 9999}, "no output layer 9999"),
+    ({"groupName": "cardiology"}, "groupName 'cardiology' is not the group of these"),
+    ({"sourceIds": [99999]}, "sources [99999] are not in project 'AI_CXR'"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD)
+async def test_cannot_start_is_400_with_a_message(api: Api, changes: dict[str, Any],
+                                                  message: str) -> None:
+    status, got = await api.post(good(api, **changes))
+    assert status == 400 and set(got) == {"message"}, got
+    assert got["message"].startswith(message), got
+
+
+async def test_sources_of_another_project_and_repeats_are_refused(api: Api) -> None:
+    status, got = await api.post(good(api, sourceIds=[api.sources["cr3"]]))
+    assert status == 400 and "not in project 'AI_CXR'" in got["message"]
+    status, got = await api.post(good(api, sourceIds=[api.sources["cr1"]] * 2))
+    assert status == 400 and "twice" in got["message"]
+    # the same source through its own project is fine
+    status, got = await api.post(good(api, projectIdentifier="DICOMNODE",
+                                      sourceIds=[api.sources["cr3"]]))
+    assert status == 201, got
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b"null", b'"x"', b"",
+                                 b'{"sourceIds": [' + b"9" * 5000 + b"]}",
+                                 b"[" * 100_000 + b"]" * 100_000])
+async def test_body_that_is_not_an_object(api: Api, raw: bytes) -> None:
+    r = await api.client.post("/v1/infer/batch", data=raw,
+                              headers={**key("lab"), "Content-Type": "application/json"})
+    assert r.status == 400 and set(await r.json()) == {"message"}
+
+
+async def test_status_is_404_when_unknown_or_another_groups(api: Api) -> None:
+    status, got = await api.post(good(api))
+    job = got["inferenceJobId"]
+    for path in ("/v1/infer/batch/99999", "/v1/infer/batch/abc", "/v1/infer/batch/-1",
+                 "/v1/infer/batch/" + "9" * 40):
+        status, got = await api.get(path)
+        assert status == 404 and set(got) == {"message"}, (path, got)
+    status, got = await api.get(f"/v1/infer/batch/{job}", who="cardio")
+    assert status == 404 and set(got) == {"message"}
+    assert (await api.get(f"/v1/infer/batch/{job}", who="reader"))[0] == 200  # same group
+    assert (await api.get(f"/v1/infer/batch/{job}", who="root"))[0] == 200  # admin
+
+
+async def test_credentials(api: Api) -> None:
+    for headers in ({}, {"Authorization": "Api-Key wrong"}, {"Authorization": "Api-Key "},
+                    {"Authorization": "garbage"}):
+        r = await api.client.post("/v1/infer/batch", json=good(api), headers=headers)
+        assert r.status == 401 and set(await r.json()) == {"message"}
+    status, got = await api.post(good(api), who="reader")  # no infer scope
+    assert status == 403 and set(got) == {"message"}
+    # a JWT with a group claim is accepted like an API key of that group
+    secret = (api.tmp / "data" / "jwt_secret").read_bytes().strip()
+    token = jwt.encode({"sub": "svc", "group": "radiology", "scope": "infer read",
+                        "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    r = await api.client.post("/v1/infer/batch", json=good(api),
+                              headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 201
+    no_group = jwt.encode({"sub": "svc", "exp": int(time.time()) + 60}, secret,
+                          algorithm="HS256")
+    r = await api.client.post("/v1/infer/batch", json=good(api),
+                              headers={"Authorization": f"Bearer {no_group}"})
+    assert r.status == 400 and "no group" in (await r.json())["message"]
+
+
+async def test_body_over_the_limit_is_413(api: Api) -> None:
+    big = b'{"groupName": "' + b"g" * (50 * 1024 * 1024 + 1) + b'"}'
+    r = await api.client.post("/v1/infer/batch", data=big,
+                              headers={**key("lab"), "Content-Type": "application/json"})
+    assert r.status == 413 and set(await r.json()) == {"message"}
+
+
+def test_batch_status_rules() -> None:
+    from dicom_node.store import Job, JobState, utcnow
+
+    def job(state: JobState) -> Job:
+        now = utcnow()
+        return Job(id="x", kind="batch", pipeline="p", state=state, priority=128, attempts=0,
+                   max_attempts=5, input={}, created_at=now, updated_at=now)
+
+    q, r, s, f = (job(JobState.QUEUED), job(JobState.RUNNING), job(JobState.SUCCEEDED),
+                  job(JobState.FAILED))
+    assert batch_status([q, q]) == "Queued"
+    assert batch_status([q, r]) == "Running"
+    assert batch_status([s, q]) == "Running"
+    assert batch_status([s, s]) == "Finished"
+    assert batch_status([s, f]) == "Errored"
+    assert batch_status([dataclasses.replace(f, state=JobState.CANCELLED)]) == "Errored"
