@@ -8,7 +8,6 @@ in the store and merged over the YAML file at start-up.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -38,7 +37,7 @@ def _origin(request: web.Request, kind: str, name: str) -> str:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(422, "the body is not valid JSON",
                        [{"field": "(body)", "message": "not valid JSON"}]) from None
     if not isinstance(body, dict):

@@ -240,7 +240,7 @@ async def post_inference(request: web.Request) -> web.Response:
     node = request.app[NODE]
     try:
         body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(422, "the body is not valid JSON",
                        [{"field": "(body)", "message": "not valid JSON"}]) from None
     req, job_input = validate_request(body, node.settings)

@@ -150,3 +150,14 @@ async def test_configured_dicomweb_base_and_explicit_dimse_peer_are_accepted(
     ])
     r = await client.post("/api/inference", json=ok, headers=h["ris"])
     assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b'{"priority": ' + b"9" * 5000 + b"}",
+                                  b"[" * 100_000 + b"]" * 100_000])
+async def test_bodies_that_are_not_json_are_422(api: tuple[TestClient, dict],
+                                                body: bytes) -> None:
+    client, headers = api
+    r = await client.post("/api/inference", data=body,
+                          headers={**headers["ris"], "Content-Type": "application/json"})
+    assert r.status == 422
+    assert (await r.json())["details"][0]["field"] == "(body)"
