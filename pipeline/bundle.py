@@ -11,6 +11,7 @@ A bundle folder holds::
 hooks); ``model.ts`` is the fallback. A bare TorchScript file ``x.ts`` needs a
 JSON sidecar ``x.ts.json`` (or ``x.json``) with at least ``labels``; optional
 keys: ``name``, ``version``, ``task``, ``spatial_size``, ``gradcam_target_layer``,
+``gradcam_guided``, ``gradcam_guided_sigma`` (see :mod:`pipeline.explain`),
 ``preprocessing`` (a MONAI bundle-syntax transform list).
 
 Every failure is a :class:`BundleError` whose message names the offending file.
@@ -55,6 +56,8 @@ class LoadedModel:
     inferer: dict[str, Any] | None = None
     postprocessing: list[dict[str, Any]] = field(default_factory=list)
     gradcam_layer: str | list[str] | None = None  # several layers: maps are averaged
+    gradcam_guided: bool = False  # Guided Grad-CAM: times the guided-backprop saliency
+    gradcam_sigma: float = 0.0  # Gaussian smoothing of that saliency, in input pixels
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
@@ -178,6 +181,23 @@ def _task_from(meta: dict[str, Any]) -> str:
         return "classify"
 
 
+def _gradcam_options(meta: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Grad-CAM settings of a metadata file, validated."""
+    layer = meta.get("gradcam_target_layer")
+    if layer is not None and not (isinstance(layer, str) or (
+            isinstance(layer, list) and layer and all(isinstance(x, str) for x in layer))):
+        raise BundleError(f"{where}: 'gradcam_target_layer' must be a layer name or a "
+                          f"non-empty list of names, not {layer!r}")
+    guided = meta.get("gradcam_guided", False)
+    if not isinstance(guided, bool):
+        raise BundleError(f"{where}: 'gradcam_guided' must be true or false, not {guided!r}")
+    sigma = meta.get("gradcam_guided_sigma", 0.0)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 64:
+        raise BundleError(f"{where}: 'gradcam_guided_sigma' must be a number of input "
+                          f"pixels in [0, 64], not {sigma!r}")
+    return {"gradcam_layer": layer, "gradcam_guided": guided, "gradcam_sigma": float(sigma)}
+
+
 def _load_torchscript(path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise BundleError(f"missing file: {path}")
@@ -231,8 +251,8 @@ def _load_bundle(folder: Path) -> LoadedModel:
         preprocessing=_transform_list(inference.get("preprocessing")),
         inferer=inference.get("inferer"),
         postprocessing=_transform_list(inference.get("postprocessing")),
-        gradcam_layer=meta.get("gradcam_target_layer"),
         metadata=meta,
+        **_gradcam_options(meta, meta_path),
     )
 
 
@@ -267,8 +287,8 @@ def _load_file(path: Path) -> LoadedModel:
         source="torchscript",
         preprocessing=_transform_list(pre) if pre else _default_preprocessing(task, size),
         inferer=meta.get("inferer"),
-        gradcam_layer=meta.get("gradcam_target_layer"),
         metadata=meta,
+        **_gradcam_options(meta, sidecar),
     )
 
 

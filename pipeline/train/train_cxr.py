@@ -35,7 +35,11 @@ from pipeline.train._common import (
 from pipeline.train.phantoms_cxr import FINDINGS, make_cxr_phantom
 
 SPATIAL_SIZE = (128, 128)
-GRADCAM_LAYER = ["features.denseblock2", "features.transition1.conv"]
+# Guided Grad-CAM on the last dense block, saliency smoothed by 3 input pixels: chosen on
+# phantom seeds 30,000,000+ and checked on 31,000,000+ (never on the held-out seeds).
+GRADCAM_LAYER = "features.denseblock2"
+GRADCAM_GUIDED = True
+GRADCAM_GUIDED_SIGMA = 3.0
 
 NETWORK_DEF: dict[str, Any] = {
     "_target_": "DenseNet",
@@ -201,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "result_rules": {"tb_label": "Tuberculosis", "normal": "Normal",
                          "tb": "TB Presumptive", "abnormal": "Abnormal", "threshold": 0.5},
         "gradcam_target_layer": GRADCAM_LAYER,
+        "gradcam_guided": GRADCAM_GUIDED,
+        "gradcam_guided_sigma": GRADCAM_GUIDED_SIGMA,
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "DX",

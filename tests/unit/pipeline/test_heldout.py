@@ -25,8 +25,6 @@ def test_cxr_heldout_auroc(cxr_scores: dict[str, Any]) -> None:
     assert cxr_scores["min_auroc"] >= 0.85, cxr_scores
 
 
-@pytest.mark.xfail(strict=False, reason="Grad-CAM hit-rate target 0.80 not met yet "
-                   "(~0.78 with the fused layers); see the cxr-findings metadata held_out")
 def test_cxr_heldout_gradcam_hit_rate(cxr_scores: dict[str, Any]) -> None:
     assert cxr_scores["gradcam_hit_rate"] >= 0.80, cxr_scores
 
