@@ -133,11 +133,11 @@ def create_app(
     )
     app[NODE] = node
     app[AUTH] = authenticator or node.authenticator()
-    from rest import config_api, inference, stow, wado
+    from rest import config_api, echo, inference, stow, wado
 
     table: dict[Any, Route] = {}
-    for route in [*base_routes(), *inference.routes(), *config_api.routes(), *stow.routes(),
-                  *wado.routes(), *(extra_routes or [])]:
+    for route in [*base_routes(), *inference.routes(), *config_api.routes(), *echo.routes(),
+                  *stow.routes(), *wado.routes(), *(extra_routes or [])]:
         table[app.router.add_route(route.method, route.path, route.handler)] = route
     app[ROUTES] = table
     return app
