@@ -114,6 +114,7 @@ class NodeHandler:
             except KeyError as exc:  # a model that failed to load
                 raise PermanentJobError(str(exc).strip("'\"")) from None
             produced += out.artifacts
+            _add_timings(ctx, out.timings)
             results.append(_summary(study, out.result))
         ctx.result["results"] = results
         ctx.result["output_dir"] = str(out_dir)
@@ -143,6 +144,13 @@ class NodeHandler:
     def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
         outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
         return outcome
+
+
+def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:
+    """Sum the pipeline's load/compute/write seconds over the job's studies."""
+    total = ctx.result.setdefault("timings", {})
+    for key, seconds in timings.items():
+        total[key] = round(total.get(key, 0.0) + seconds, 4)
 
 
 def _study_of(path: Path) -> str:

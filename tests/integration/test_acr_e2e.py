@@ -199,7 +199,8 @@ def test_cr_dimse_source_and_dimse_output(site: Site) -> None:
     [result] = st["results"]
     assert result["study"] == str(cr.StudyInstanceUID) and len(result["findings"]) == 11
     timings = st["timings"]
-    assert {"retrieve_s", "run_s", "export_s", "total_s"} <= set(timings)
+    assert {"retrieve_s", "run_s", "export_s", "total_s", "compute_s", "load_s"} <= set(timings)
+    assert timings["compute_s"] <= timings["run_s"]
     assert_results_in_pacs(site.pacs, cr)
 
 
