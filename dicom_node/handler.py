@@ -64,6 +64,7 @@ class NodeHandler:
         retriever = Retriever(self.node, ctx)
         paths = retriever.run(spec.get("queries", []), spec.get("sources", []))
         ctx.data["paths"] = paths
+        ctx.data["studies"] = retriever.by_study  # no need to read each file to group them
 
     # -- run -----------------------------------------------------------------------------
 
@@ -100,8 +101,11 @@ class NodeHandler:
         if not paths:
             raise PermanentJobError("none of the job's instances is available to run on")
         by_study: dict[str, list[Path]] = defaultdict(list)
-        for p in paths:
-            by_study[_study_of(p)].append(p)
+        if "studies" in ctx.data:
+            by_study.update(ctx.data["studies"])
+        else:
+            for p in paths:
+                by_study[_study_of(p)].append(p)
         out_dir = self.output_dir(job)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []

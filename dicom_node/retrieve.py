@@ -60,6 +60,7 @@ class Retriever:
         self.node = node
         self.ctx = ctx
         self.unreachable: list[str] = []
+        self.by_study: dict[str, list[Path]] = {}  # what arrived, by StudyInstanceUID
 
     # -- sources -------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class Retriever:
                 prog.source = self._label(src)
                 if got:
                     paths += got
+                    self.by_study.setdefault(target.study, []).extend(got)
                     prog.received, prog.failed = len(got), failed
                     prog.state = "retrieved" if not failed else "partial"
                     prog.message = message
@@ -225,7 +227,7 @@ class Retriever:
         for path in result.paths:
             received = writer.write(path, called_ae=self.node.settings.dimse.ae_title,
                                     calling_ae="DICOMWEB", association_id=0,
-                                    source="retrieve")
+                                    source="retrieve", durable=False)
             stored.append(received.path)
         message = "" if stored else "the source has no such study"
         return stored, len(result.failed), message

@@ -511,7 +511,7 @@ class DicomClient:
                     event.dataset_path, called_ae=self.settings.dimse.ae_title,
                     calling_ae=peer.ae_title, association_id=id(event.assoc),
                     source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
-                    expected_sop_instance=sop,
+                    expected_sop_instance=sop, durable=False,  # fetched again after a crash
                 )
             except InvalidInput as exc:
                 with lock:
