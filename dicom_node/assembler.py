@@ -139,14 +139,19 @@ class Assembler:
 
     # -- thread-safe entry points ----------------------------------------------------------
 
-    def instance_received(self, inst: ReceivedInstance) -> None:
-        """Called from an association thread for every stored instance."""
+    def instance_received(self, inst: ReceivedInstance,
+                          policy: GroupPolicy | None = None) -> None:
+        """Called from an association thread (or STOW-RS) for every stored instance.
+
+        ``policy`` overrides the called AE title's (STOW-RS makes ``kind="stow"`` jobs);
+        ``inst.association_id`` still ties the group to :meth:`association_ended`.
+        """
         loop = self._loop
         if loop is None or loop.is_closed():
             self.log.warning("instance stored while assembly is stopped; no job made",
                              sop_instance_uid=inst.sop_instance_uid)
             return
-        loop.call_soon_threadsafe(self._add, inst)
+        loop.call_soon_threadsafe(self._add, inst, policy)
 
     def watched_instance(self, inst: ReceivedInstance, policy: GroupPolicy) -> None:
         """Called from a drop folder's worker thread for every instance it stored."""

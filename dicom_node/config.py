@@ -189,6 +189,19 @@ class RestSettings(_Section):
     single_inference_pipeline: str | None = None
     allow_any_url: bool = False
     tls: TlsSettings | None = None
+    # STOW-RS intake (POST /dicomweb/studies) files instances as if they were sent to
+    # this called AE title: its pipelines, grouping, timeout, SOP class and duplicate
+    # policies apply. None: the node's own AE title (dimse.ae_title).
+    stow_ae_title: str | None = None
+    stow_max_mb: float = Field(default=4096, gt=0)  # one STOW-RS request, all parts
+    # The base URL clients reach the node at (behind a proxy), for the Retrieve URLs of
+    # STOW-RS answers; None: taken from each request.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+
+    @field_validator("stow_ae_title")
+    @classmethod
+    def _stow_ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae_title(v)
 
 
 Scope = Literal["infer", "read", "admin"]
@@ -303,6 +316,9 @@ class Settings(_Section):
         for i, ae in enumerate(self.ae_titles):
             _known(f"ae_titles.{i}.pipelines", ae.pipelines, pipelines, "pipelines")
             _known(f"ae_titles.{i}.sources", ae.sources, sources, "sources")
+        if self.rest.stow_ae_title is not None:
+            _known("rest.stow_ae_title", [self.rest.stow_ae_title],
+                   {a.ae_title for a in self.ae_titles}, "ae_titles")
         for i, w in enumerate(self.watch):
             _known(f"watch.{i}.pipelines", w.pipelines, pipelines, "pipelines")
             _known(f"watch.{i}.destinations", w.destinations, destinations, "destinations")
@@ -350,6 +366,11 @@ class Settings(_Section):
         """Model paths are relative to the source tree's root (where bundles ship), or absolute."""
         p = spec.path.expanduser()
         return p if p.is_absolute() else PROJECT_ROOT / p
+
+    def stow_ae(self) -> AETitleSettings:
+        """The called AE title whose policies STOW-RS intake follows."""
+        called = self.rest.stow_ae_title or self.dimse.ae_title
+        return self.ae_title(called) or AETitleSettings(ae_title=called)
 
     def ae_title(self, called: str) -> AETitleSettings | None:
         for ae in self.ae_titles:

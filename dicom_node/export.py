@@ -17,12 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from dicom_node.config import DestinationSettings, Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import ExportOutcome
 from pipeline.types import Artifact
+
+if TYPE_CHECKING:
+    from dicom_node.dicomweb import DicomWebClient
 
 DICOM_MEDIA_TYPE = "application/dicom"
 
@@ -71,20 +74,25 @@ class FolderSender:
         return result
 
 
+def dicomweb_client(dest: DestinationSettings) -> DicomWebClient:
+    """A DICOMweb client for a destination, with its Basic or Bearer credentials."""
+    from dicom_node.dicomweb import BasicAuth, BearerAuth, DicomWebAuth, DicomWebClient
+
+    assert dest.url is not None
+    auth: DicomWebAuth = None
+    if dest.auth == "basic" and dest.credentials:
+        user, _, password = dest.credentials.partition(":")
+        auth = BasicAuth(user, password)
+    elif dest.auth == "bearer" and dest.credentials:
+        auth = BearerAuth(dest.credentials)
+    return DicomWebClient(dest.url, auth, retries=1)
+
+
 class DicomWebSender:
     """STOW-RS to a DICOMweb server (Basic or Bearer credentials from the destination)."""
 
     def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
-        from dicom_node.dicomweb import BasicAuth, BearerAuth, DicomWebAuth, DicomWebClient
-
-        assert dest.url is not None
-        auth: DicomWebAuth = None
-        if dest.auth == "basic" and dest.credentials:
-            user, _, password = dest.credentials.partition(":")
-            auth = BasicAuth(user, password)
-        elif dest.auth == "bearer" and dest.credentials:
-            auth = BearerAuth(dest.credentials)
-        with DicomWebClient(dest.url, auth, retries=1) as client:
+        with dicomweb_client(dest) as client:
             stored = client.store(files)
         return SendResult(
             sent=len(stored.referenced),

@@ -64,6 +64,7 @@ class NodeHandler:
         retriever = Retriever(self.node, ctx)
         paths = retriever.run(spec.get("queries", []), spec.get("sources", []))
         ctx.data["paths"] = paths
+        ctx.data["studies"] = retriever.by_study  # no need to read each file to group them
 
     # -- run -----------------------------------------------------------------------------
 
@@ -100,8 +101,11 @@ class NodeHandler:
         if not paths:
             raise PermanentJobError("none of the job's instances is available to run on")
         by_study: dict[str, list[Path]] = defaultdict(list)
-        for p in paths:
-            by_study[_study_of(p)].append(p)
+        if "studies" in ctx.data:
+            by_study.update(ctx.data["studies"])
+        else:
+            for p in paths:
+                by_study[_study_of(p)].append(p)
         out_dir = self.output_dir(job)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []
@@ -124,6 +128,7 @@ class NodeHandler:
             except KeyError as exc:  # a model that failed to load
                 raise PermanentJobError(str(exc).strip("'\"")) from None
             produced += out.artifacts
+            _add_timings(ctx, out.timings)
             results.append(_summary(study, out.result))
         ctx.result["results"] = results
         if skipped:
@@ -171,6 +176,13 @@ def _unsuitable(files: list[Path], spec: Any) -> str | None:
     except SeriesError as exc:
         return str(exc)
     return None
+
+
+def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:
+    """Sum the pipeline's load/compute/write seconds over the job's studies."""
+    total = ctx.result.setdefault("timings", {})
+    for key, seconds in timings.items():
+        total[key] = round(total.get(key, 0.0) + seconds, 4)
 
 
 def _study_of(path: Path) -> str:

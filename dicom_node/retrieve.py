@@ -60,6 +60,7 @@ class Retriever:
         self.node = node
         self.ctx = ctx
         self.unreachable: list[str] = []
+        self.by_study: dict[str, list[Path]] = {}  # what arrived, by StudyInstanceUID
 
     # -- sources -------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class Retriever:
                 prog.source = self._label(src)
                 if got:
                     paths += got
+                    self.by_study.setdefault(target.study, []).extend(got)
                     prog.received, prog.failed = len(got), failed
                     prog.state = "retrieved" if not failed else "partial"
                     prog.message = message
@@ -183,11 +185,21 @@ class Retriever:
                  QueryLevel.SERIES if t.series else QueryLevel.STUDY)
         query = Query(level, study_instance_uid=t.study, series_instance_uid=t.series,
                       sop_instance_uid="\\".join(t.instances) or None)
-        result = self.node.dicom_client().retrieve(source, query)
+        client = self.node.dicom_client()
+        result = client.retrieve(source, query)
         got = [r.path for r in result.received]
         message = result.message or ("" if got else "the source has no such study")
         if not result.ok and not got and "associat" in message:
             self.unreachable.append(f"{source.name}: {message}")
+        elif not got:
+            # PACS answer a C-MOVE of an unknown study in different ways (Orthanc: 0xC000
+            # "unable to process"); a C-FIND tells a person what actually happened.
+            found = client.find(source, Query(level, study_instance_uid=t.study,
+                                              series_instance_uid=t.series,
+                                              sop_instance_uid=query.sop_instance_uid))
+            if found.ok and not found.matches:
+                what = "instances" if t.instances else "series" if t.series else "study"
+                message = f"the source has no such {what} (C-FIND found no match)"
         return got, result.failed + len(result.failures), message
 
     def _fetch_web(self, src: dict[str, Any], t: Target) -> tuple[list[Path], int, str]:
@@ -215,7 +227,7 @@ class Retriever:
         for path in result.paths:
             received = writer.write(path, called_ae=self.node.settings.dimse.ae_title,
                                     calling_ae="DICOMWEB", association_id=0,
-                                    source="retrieve")
+                                    source="retrieve", durable=False)
             stored.append(received.path)
         message = "" if stored else "the source has no such study"
         return stored, len(result.failed), message

@@ -511,7 +511,7 @@ class DicomClient:
                     event.dataset_path, called_ae=self.settings.dimse.ae_title,
                     calling_ae=peer.ae_title, association_id=id(event.assoc),
                     source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
-                    expected_sop_instance=sop,
+                    expected_sop_instance=sop, durable=False,  # fetched again after a crash
                 )
             except InvalidInput as exc:
                 with lock:
@@ -554,7 +554,8 @@ class DicomClient:
         elif r.status is None:
             message = f"{method.upper()}: no final response from {peer}"
         else:
-            message = (f"{method.upper()} finished with status 0x{r.status:04X}: "
+            message = (f"{method.upper()} finished with status 0x{r.status:04X}"
+                       f"{_retrieve_status_meaning(r.status)}: "
                        f"{r.completed} completed, {r.failed} failed, {r.warning} warning")
         log = self.log.info if ok else self.log.warning
         log(method.upper(), peer=str(peer), level=query.level.value, received=len(received),
@@ -623,6 +624,23 @@ def _dataset_for(it: _Item, accepted: set[tuple[str, str]]) -> Dataset:
 def _close(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
+
+
+def _retrieve_status_meaning(status: int) -> str:
+    """The words of a C-MOVE / C-GET final status (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    if status in (0xA701, 0xA702):
+        return " (out of resources)"
+    if status == 0xA801:
+        return " (move destination unknown: the PACS does not know the node's AE title)"
+    if status == 0xA900:
+        return " (identifier does not match SOP class)"
+    if status == 0xB000:
+        return " (some sub-operations failed)"
+    if status == 0xFE00:
+        return " (cancelled)"
+    if 0xC000 <= status <= 0xCFFF:
+        return " (unable to process)"
+    return ""
 
 
 def _status_text(op: str, status: int | None) -> str:

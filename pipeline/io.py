@@ -294,6 +294,18 @@ def _has_pixels(ds: Dataset) -> bool:
     return any(t in ds for t in _PIXEL_TAGS)
 
 
+def _header_of(ds: Dataset, source: Source) -> Dataset:
+    """``ds`` without its pixels: stripped in place when read here from a file (nobody
+    else holds it; a deep copy of every slice's header costs more than reading it),
+    copied when the caller passed the dataset in."""
+    if isinstance(source, Dataset):
+        return _header_copy(ds)
+    for tag in _PIXEL_TAGS:
+        if tag in ds:
+            del ds[tag]
+    return ds
+
+
 def _header_copy(ds: Dataset) -> Dataset:
     hdr = Dataset()
     for elem in ds:
@@ -688,7 +700,7 @@ def load_ct_volume(
                 "Slope/Intercept",
                 path=path,
             ) from exc
-        slices.append((float(np.dot(ipp, ref["normal"])), path, _header_copy(ds), hu))
+        slices.append((float(np.dot(ipp, ref["normal"])), path, _header_of(ds, source), hu))
 
     slices.sort(key=lambda s: s[0])
     positions = np.asarray([s[0] for s in slices], dtype=np.float64)

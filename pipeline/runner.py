@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class RunOutput:
     result: ClassificationResult | SegmentationResult
     study: PatientStudy
     artifacts: list[Artifact]
+    # Seconds spent loading the input (load_s), in the model (compute_s: forward passes,
+    # and Grad-CAM for a classifier) and writing artifacts (write_s).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Network(torch.nn.Module):
@@ -262,24 +266,31 @@ class PipelineRunner:
 
     def _classify(self, spec: PipelineSpec, source: Any, out_dir: Path,
                   patient_id: str | None, wanted: set[Output]) -> RunOutput:
+        t0 = time.perf_counter()
         image = load_image_2d(source, modalities=spec.series.modalities or None)
+        t1 = time.perf_counter()
         result, study = self.classify(spec, image, patient_id)
+        t2 = time.perf_counter()
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
             series=self._series_info(result.model_name, result.model_version))
-        return RunOutput(result, study, files)
+        timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
+        return RunOutput(result, study, files, timings)
 
     def _segment(self, spec: PipelineSpec, sources: Sequence[Any], out_dir: Path,
                  patient_id: str | None, wanted: set[Output]) -> RunOutput:
         model = self.model(spec.model, spec.model_version)
         if model.task != "segment":
             raise PipelineError(f"model {spec.model!r} classifies; it does not segment")
+        t0 = time.perf_counter()
         volume = load_ct_volume(list(sources),
                                 modalities=spec.series.modalities or ("CT",))
         tensor = model.preprocess(volume.array)
+        t1 = time.perf_counter()
         logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
                                                    version=model.version))
         labels = logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        t2 = time.perf_counter()
         if labels.shape != volume.array.shape:
             raise PipelineError(f"model {spec.model!r} returned a {labels.shape} label map "
                                 f"for a {volume.array.shape} volume")
@@ -302,7 +313,8 @@ class PipelineRunner:
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
             series=self._series_info(model.name, model.version))
-        return RunOutput(result, study, files)
+        timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
+        return RunOutput(result, study, files, timings)
 
     @staticmethod
     def _series_info(model: str, version: str) -> art.SeriesInfo:

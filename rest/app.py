@@ -133,11 +133,12 @@ def create_app(
     )
     app[NODE] = node
     app[AUTH] = authenticator or node.authenticator()
-    from rest import batch, config_api, inference, single_inference
+    from rest import batch, config_api, echo, inference, single_inference, stow, wado
 
     table: dict[Any, Route] = {}
-    for route in [*base_routes(), *inference.routes(), *config_api.routes(),
-                  *single_inference.routes(), *batch.routes(), *(extra_routes or [])]:
+    for route in [*base_routes(), *inference.routes(), *config_api.routes(), *echo.routes(),
+                  *stow.routes(), *wado.routes(), *single_inference.routes(), *batch.routes(),
+                  *(extra_routes or [])]:
         table[app.router.add_route(route.method, route.path, route.handler)] = route
     app[ROUTES] = table
     return app

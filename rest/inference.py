@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicom_node.config import Settings
 from dicom_node.dicomweb import url_allowed
-from dicom_node.store import Job, JobState, NewJob
+from dicom_node.store import Job, JobEvent, JobState, NewJob
 from rest.app import NODE, Route, principal
 from rest.errors import ApiError
 
@@ -265,16 +265,50 @@ async def get_status(request: web.Request) -> web.Response:
     ref = request.match_info["id"]
     job = await asyncio.to_thread(node.store.find_job, ref, principal(request).owner)
     exports = await asyncio.to_thread(node.store.exports_of, job.id)
+    events = await asyncio.to_thread(node.store.events, job.id)
     return web.json_response(status_body(job, [
         {"destination": x.destination, "state": x.state, "attempts": x.attempts,
-         "sent": x.sent, "message": x.message} for x in exports]))
+         "sent": x.sent, "message": x.message} for x in exports], events))
 
 
-def status_body(job: Job, exports: list[dict[str, Any]]) -> dict[str, Any]:
+def phase_timings(job: Job, events: list[JobEvent]) -> dict[str, float]:
+    """Seconds spent queued and in each stage of the job's last attempt.
+
+    From the store's state changes: the last claim (``attempt N on …``) starts the
+    attempt; ``retrieving → running → exporting → final`` split it.
+    """
+    claims = [i for i, e in enumerate(events)
+              if e.state in (JobState.RETRIEVING, JobState.RUNNING)
+              and (e.message or "").startswith("attempt ")]
+    if not claims:
+        return {}
+    attempt = events[claims[-1]:]
+    at: dict[JobState, float] = {}
+    for e in attempt:
+        at.setdefault(e.state, e.at.timestamp())
+    out = {"queued_s": attempt[0].at.timestamp() - job.created_at.timestamp()}
+    order = [JobState.RETRIEVING, JobState.RUNNING, JobState.EXPORTING]
+    names = {JobState.RETRIEVING: "retrieve_s", JobState.RUNNING: "run_s",
+             JobState.EXPORTING: "export_s"}
+    final = next((e.at.timestamp() for e in attempt if e.state.final), None)
+    for i, state in enumerate(order):
+        if state not in at:
+            continue
+        end = next((at[s] for s in order[i + 1:] if s in at), final)
+        if end is not None:
+            out[names[state]] = end - at[state]
+    if final is not None:
+        out["total_s"] = final - job.created_at.timestamp()
+    return {k: round(max(v, 0.0), 3) for k, v in out.items()}
+
+
+def status_body(job: Job, exports: list[dict[str, Any]],
+                events: list[JobEvent] | None = None) -> dict[str, Any]:
     def ts(v: Any) -> str | None:
         return v.isoformat() if v else None
 
-    retrieval = (job.result or {}).get("retrieval", [])
+    result = job.result or {}
+    retrieval = result.get("retrieval", [])
     return {
         "transactionID": job.transaction_id,
         "jobId": job.id,
@@ -290,6 +324,8 @@ def status_body(job: Job, exports: list[dict[str, Any]]) -> dict[str, Any]:
         "finished": ts(job.finished_at),
         "retrieval": retrieval,
         "exports": exports,
+        "results": result.get("results", []),
+        "timings": {**phase_timings(job, events or []), **result.get("timings", {})},
         "message": job.error,
     }
 

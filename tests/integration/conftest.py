@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
+from typing import Any
 
 import pytest
 
@@ -20,15 +21,17 @@ from tests.support.orthanc import Orthanc, OrthancFactory, orthanc_server
 
 @pytest.fixture
 def orthanc_factory() -> Iterator[OrthancFactory]:
-    """A function ``(aet=, modalities=, users=, dicom_server=) -> Orthanc``."""
+    """A function ``(aet=, modalities=, users=, dicom_server=, extra=) -> Orthanc``."""
     with ExitStack() as stack:
 
         def start(*, aet: str = "ORTHANC",
                   modalities: Mapping[str, tuple[str, str, int]] | None = None,
                   users: Mapping[str, str] | None = None,
-                  dicom_server: bool = True) -> Orthanc:
+                  dicom_server: bool = True,
+                  extra: Mapping[str, Any] | None = None) -> Orthanc:
             return stack.enter_context(orthanc_server(aet=aet, modalities=modalities,
-                                                      users=users, dicom_server=dicom_server))
+                                                      users=users, dicom_server=dicom_server,
+                                                      extra=extra))
 
         yield start
 

@@ -85,3 +85,22 @@ def test_c_move_to_a_registered_modality(orthanc_factory: OrthancFactory,
         scp.wait(timeout=20)
     got = {pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()}
     assert got == set(ct.sop_uids)
+
+
+def test_restart_keeps_ports_and_storage_and_extra_config_applies(
+        orthanc_factory: OrthancFactory, tmp_path: Path) -> None:
+    from tests.support.peers import echoscu
+
+    pacs = orthanc_factory(extra={"DicomCheckCalledAet": True})
+    cr = make_cr_study(tmp_path / "cr", seed="fx-restart")
+    pacs.upload(cr.paths)
+    ports = (pacs.http_port, pacs.dicom_port)
+    pacs.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", pacs.dicom_port)) != 0  # down
+    pacs.restart()
+    assert (pacs.http_port, pacs.dicom_port) == ports
+    assert pacs.study_sop_uids(cr.study_uid) == set(cr.sop_uids)
+    # DicomCheckCalledAet: a wrong called AE title is refused, the right one answered
+    assert echoscu(pacs.dicom_port, "WRONGAE").returncode != 0
+    assert echoscu(pacs.dicom_port, pacs.aet).returncode == 0

@@ -49,6 +49,7 @@ class Orthanc:
     dicom_port: int
     aet: str
     users: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)  # to start it again: restart()
 
     # ---- addresses -----------------------------------------------------------------
     @property
@@ -127,6 +128,12 @@ class Orthanc:
             self._request("DELETE", f"/patients/{patient}")
 
     # ---- lifecycle ----------------------------------------------------------------
+    def restart(self) -> None:
+        """Start a stopped server again: same configuration, ports and storage."""
+        self.stop(graceful=False)
+        self.process = _launch(self.command, self.folder)
+        _wait_ready(self)
+
     def stop(self, graceful: bool = True) -> None:
         """Stop the server; idempotent.
 
@@ -164,7 +171,7 @@ def _death_signal() -> Callable[[], None] | None:
     return preexec
 
 
-# The ``orthanc_factory`` fixture: ``(aet=, modalities=, users=, dicom_server=) -> Orthanc``.
+# The ``orthanc_factory`` fixture: ``(aet=, modalities=, users=, dicom_server=, extra=)``.
 OrthancFactory = Callable[..., Orthanc]
 
 
@@ -177,8 +184,9 @@ def orthanc_config(
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
     users: Mapping[str, str] | None = None,
     dicom_server: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON configuration of a test Orthanc."""
+    """The JSON configuration of a test Orthanc (``extra`` keys override)."""
     return {
         "Name": "dicom-node-test",
         "StorageDirectory": str(storage),
@@ -202,6 +210,7 @@ def orthanc_config(
         "StableAge": 1,
         "OverwriteInstances": True,
         "ConcurrentJobs": 1,
+        **(extra or {}),
     }
 
 
@@ -212,6 +221,7 @@ def orthanc_server(
     modalities: Mapping[str, tuple[str, str, int]] | None = None,
     users: Mapping[str, str] | None = None,
     dicom_server: bool = True,
+    extra: Mapping[str, Any] | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc in a fresh folder; yield it; kill it and remove the folder.
 
@@ -220,7 +230,8 @@ def orthanc_server(
 
     ``modalities`` maps a name to ``(AE title, host, port)`` — register the node's
     AE there so a C-MOVE to it works. ``users`` maps user name to password and
-    turns HTTP Basic authentication on. Skips the test (fails under
+    turns HTTP Basic authentication on. ``extra`` adds or overrides configuration
+    keys (e.g. ``{"DicomCheckCalledAet": True}``). Skips the test (fails under
     ``REQUIRE_PEERS=1``) if Orthanc or its DICOMweb plugin is not installed.
     """
     binary = need_binary("Orthanc", "/usr/sbin")
@@ -234,16 +245,13 @@ def orthanc_server(
         dicom_port = free_port()
     config = orthanc_config(storage=storage, http_port=http_port, dicom_port=dicom_port,
                             aet=aet, modalities=modalities, users=users,
-                            dicom_server=dicom_server)
+                            dicom_server=dicom_server, extra=extra)
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    log = (folder / "orthanc.log").open("wb")
-    process = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
-                               env=env, cwd=folder, preexec_fn=_death_signal())
-    log.close()
+    command = [binary, str(config_path)]
+    process = _launch(command, folder)
     server = Orthanc(process=process, folder=folder, http_port=http_port,
-                     dicom_port=dicom_port, aet=aet, users=dict(users or {}))
+                     dicom_port=dicom_port, aet=aet, users=dict(users or {}), command=command)
     try:
         _wait_ready(server)
         yield server
@@ -251,6 +259,14 @@ def orthanc_server(
         # Its storage is thrown away: no need to wait for a graceful stop.
         server.stop(graceful=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _launch(command: list[str], folder: Path) -> subprocess.Popen[bytes]:
+    """Start Orthanc with ``TCP_NODELAY=1``, its output appended to ``orthanc.log``."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    with (folder / "orthanc.log").open("ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=folder, preexec_fn=_death_signal())
 
 
 def _wait_ready(server: Orthanc) -> None:

@@ -161,3 +161,32 @@ async def test_bodies_that_are_not_json_are_422(api: tuple[TestClient, dict],
                           headers={**headers["ris"], "Content-Type": "application/json"})
     assert r.status == 422
     assert (await r.json())["details"][0]["field"] == "(body)"
+
+
+def test_phase_timings_take_the_last_attempt() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from dicom_node.store import Job, JobEvent, JobState
+    from rest.inference import phase_timings
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def at(s: float) -> datetime:
+        return t0 + timedelta(seconds=s)
+
+    job = Job(id="j", kind="acr", pipeline="p", state=JobState.SUCCEEDED, priority=128,
+              attempts=2, max_attempts=5, input={}, created_at=t0, updated_at=at(20))
+    events = [
+        JobEvent(t0, JobState.QUEUED, None),
+        JobEvent(at(1), JobState.RETRIEVING, "attempt 1 on node"),
+        JobEvent(at(2), JobState.QUEUED, "RetrievalError: down"),
+        JobEvent(at(10), JobState.RETRIEVING, "attempt 2 on node"),
+        JobEvent(at(12), JobState.RUNNING, "input retrieved"),
+        JobEvent(at(17), JobState.EXPORTING, "3 artifacts"),
+        JobEvent(at(18.5), JobState.SUCCEEDED, "done"),
+    ]
+    assert phase_timings(job, events) == {"queued_s": 10.0, "retrieve_s": 2.0, "run_s": 5.0,
+                                          "export_s": 1.5, "total_s": 18.5}
+    assert phase_timings(job, events[:1]) == {}
+    running = phase_timings(job, events[:5])  # still running: no end for the run yet
+    assert running == {"queued_s": 10.0, "retrieve_s": 2.0}

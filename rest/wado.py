@@ -1,0 +1,111 @@
+"""WADO-RS retrieval of the instances the node holds (PS3.18 §10.4).
+
+``GET /dicomweb/studies/{study}``, ``…/series/{series}`` and
+``…/series/{series}/instances/{instance}`` answer ``multipart/related;
+type="application/dicom"`` with the stored files as they were received (no
+transcoding: the transfer syntax is each instance's own). These are the Retrieve
+URLs of the STOW-RS response. Only instances recorded in the store are served,
+from their recorded paths inside the studies directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import IO
+
+from aiohttp import MultipartWriter, web
+from aiohttp.hdrs import ACCEPT, CONTENT_TYPE
+
+from dicom_node.errors import InvalidInput
+from dicom_node.scp import safe_uid
+from dicom_node.store import InstanceRecord
+from rest.app import NODE, Route
+from rest.errors import ApiError
+
+DICOM = "application/dicom"
+
+
+def _accepts_dicom(header: str | None) -> bool:
+    """Whether ``Accept`` allows multipart/related with application/dicom parts."""
+    if not header:
+        return True
+    for item in header.split(","):
+        media, _, params = item.strip().partition(";")
+        media = media.strip().lower()
+        if media in ("*/*", "multipart/*"):
+            return True
+        if media == "multipart/related":
+            inner = [p.split("=", 1)[1].strip().strip('"').lower()
+                     for p in params.split(";") if p.strip().lower().startswith("type=")]
+            if not inner or inner[0] in (DICOM, "application/*"):
+                return True
+    return False
+
+
+def _uid(request: web.Request, key: str, name: str) -> str | None:
+    value = request.match_info.get(key)
+    if value is None:
+        return None
+    try:
+        return safe_uid(value, name)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _served(records: list[InstanceRecord], root: Path) -> list[Path]:
+    """The recorded files that still exist inside the studies directory."""
+    paths = []
+    for rec in records:
+        p = Path(rec.path).resolve()
+        if p.is_relative_to(root) and p.is_file():
+            paths.append(p)
+    return paths
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    """A study, a series or one instance as multipart/related application/dicom."""
+    node = request.app[NODE]
+    if node.store is None:
+        raise ApiError(503, "the store is not open")
+    study = _uid(request, "study", "StudyInstanceUID")
+    series = _uid(request, "series", "SeriesInstanceUID")
+    sop = _uid(request, "instance", "SOPInstanceUID")
+    assert study is not None
+    if not _accepts_dicom(request.headers.get(ACCEPT)):
+        raise ApiError(406, f'only multipart/related; type="{DICOM}" is served')
+    records = await asyncio.to_thread(node.store.instances_of, study, series)
+    if sop is not None:
+        records = [r for r in records if r.sop_instance_uid == sop]
+    root = node.settings.studies_dir.resolve()
+    paths = await asyncio.to_thread(_served, records, root)
+    if not paths:
+        what = "instance" if sop else "series" if series else "study"
+        raise ApiError(404, f"no such {what} is held by this node")
+    mp = MultipartWriter("related")
+    files: list[IO[bytes]] = []
+    try:
+        for p in paths:
+            fh: IO[bytes] = await asyncio.to_thread(p.open, "rb")
+            files.append(fh)
+            mp.append(fh, {CONTENT_TYPE: DICOM})
+        response = web.Response(body=mp, headers={
+            CONTENT_TYPE: f'multipart/related; type="{DICOM}"; boundary="{mp.boundary}"'})
+        # Sent here, not after returning, so that the files are closed only once sent.
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    finally:
+        for fh in files:
+            with contextlib.suppress(OSError):
+                fh.close()
+
+
+def routes() -> list[Route]:
+    base = "/dicomweb/studies/{study}"
+    return [
+        Route("GET", base, retrieve, scope="read"),
+        Route("GET", base + "/series/{series}", retrieve, scope="read"),
+        Route("GET", base + "/series/{series}/instances/{instance}", retrieve, scope="read"),
+    ]

@@ -1,0 +1,267 @@
+"""STOW-RS intake (rest/stow.py) and WADO-RS retrieval of what it stored (rest/wado.py).
+
+The node runs in the test's loop with the recording test handler; the HTTP client
+side is dicomweb-client (blocking, so in a thread) or aiohttp's MultipartWriter for
+bodies dicomweb-client would not send (parts that are not DICOM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pydicom
+import pytest
+import requests
+from aiohttp import MultipartWriter
+from aiohttp.test_utils import TestClient
+from dicomweb_client.api import DICOMwebClient
+
+from dicom_node.config import ConfigError, load_settings
+from dicom_node.node import Node
+from dicom_node.store import Job
+from rest.app import create_app
+from rest.stow import FailureReason
+from tests.support.dicom_factory import SyntheticStudy, make_cr_study, make_ct_study
+from tests.support.inproc import node_settings, running_node
+from tests.support.peers import free_port
+
+CONFIG: dict[str, Any] = {
+    "dimse": {"port": free_port(), "host": "127.0.0.1"},
+    "models": [{"name": "m", "path": "."}],
+    "pipelines": [{"name": "cxr", "model": "m", "task": "classify"},
+                  {"name": "ct", "model": "m", "task": "segment"}],
+    "ae_titles": [{"ae_title": "DICOMNODE"},
+                  {"ae_title": "AI_STOW", "pipelines": ["cxr", "ct"], "timeout_s": 30}],
+    "rest": {"stow_ae_title": "AI_STOW"},
+}
+DICOM_JSON = "application/dicom+json"
+REFERENCED, FAILED, RETRIEVE_URL, REASON = "00081199", "00081198", "00081190", "00081197"
+SOP_UID = "00081155"
+
+
+def tok(secret: bytes, scope: str = "infer read") -> str:
+    return jwt.encode({"sub": "modality", "scope": scope, "exp": int(time.time()) + 300},
+                      secret, algorithm="HS256")
+
+
+class Api:
+    def __init__(self, client: TestClient, node: Node, secret: bytes) -> None:
+        self.client = client
+        self.node = node
+        self.secret = secret
+        self.headers = {"Authorization": f"Bearer {tok(secret)}"}
+
+    @property
+    def base(self) -> str:
+        return str(self.client.make_url("/dicomweb"))
+
+    def web(self) -> DICOMwebClient:
+        return DICOMwebClient(url=self.base, headers=self.headers)
+
+    async def jobs(self, n: int, timeout: float = 20) -> list[Job]:
+        assert self.node.store is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = await asyncio.to_thread(self.node.store.list_jobs)
+            if len(jobs) >= n or time.monotonic() > deadline:
+                return jobs
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Api]:
+    async with running_node(node_settings(tmp_path / "data", **CONFIG)) as node:
+        client = await aiohttp_client(create_app(node))
+        secret = (tmp_path / "data" / "jwt_secret").read_bytes().strip()
+        yield Api(client, node, secret)
+
+
+@pytest.fixture
+def ct(tmp_path: Path) -> SyntheticStudy:
+    return make_ct_study(tmp_path / "ct", slices=4, size=32)
+
+
+def datasets(study: SyntheticStudy) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in study.paths]
+
+
+def uids(items: list[dict[str, Any]]) -> list[str]:
+    return [i[SOP_UID]["Value"][0] for i in items if SOP_UID in i]
+
+
+def body(parts: list[tuple[bytes, str]]) -> MultipartWriter:
+    mp = MultipartWriter("related")
+    for data, media in parts:
+        mp.append(data, {"Content-Type": media})
+    return mp
+
+
+def headers_for(mp: MultipartWriter, api: Api) -> dict[str, str]:
+    return {**api.headers, "Content-Type":
+            f'multipart/related; type="application/dicom"; boundary="{mp.boundary}"'}
+
+
+async def test_dicomweb_client_store_makes_one_job_per_pipeline(api: Api,
+                                                                ct: SyntheticStudy) -> None:
+    answer = await asyncio.to_thread(api.web().store_instances, datasets(ct))
+    stored = [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence]
+    assert sorted(stored) == sorted(ct.sop_uids)
+    assert not answer.get("FailedSOPSequence")
+    assert answer.RetrieveURL == f"{api.base}/studies/{ct.study_uid}"
+    assert api.node.store is not None
+    for sop in ct.sop_uids:
+        rec = api.node.store.get_instance(sop)
+        assert rec is not None and rec.source == "stow" and rec.called_ae == "AI_STOW"
+        assert Path(rec.path).is_file()
+    # the request's end completes the group at once (complete_on_release), not the 30 s
+    jobs = await api.jobs(2, timeout=10)
+    assert sorted(j.pipeline for j in jobs) == ["ct", "cxr"]
+    for j in jobs:
+        assert j.kind == "stow" and j.study_instance_uid == ct.study_uid
+        assert sorted(j.input["instances"]) == sorted(ct.sop_uids)
+        assert j.called_ae == "AI_STOW" and j.calling_ae == "STOW-RS"
+
+
+async def test_retrieve_urls_serve_what_was_stored(api: Api, ct: SyntheticStudy) -> None:
+    answer = await asyncio.to_thread(api.web().store_instances, datasets(ct))
+    url = str(answer.ReferencedSOPSequence[0].RetrieveURL)
+    assert url.startswith(f"{api.base}/studies/{ct.study_uid}/series/{ct.series_uid}/instances/")
+    web = api.web()
+    got = await asyncio.to_thread(web.retrieve_study, ct.study_uid)
+    assert sorted(str(d.SOPInstanceUID) for d in got) == sorted(ct.sop_uids)
+    original = {str(d.SOPInstanceUID): d for d in datasets(ct)}
+    for d in got:  # the same data, pixels included
+        assert d.PixelData == original[str(d.SOPInstanceUID)].PixelData
+    one = await asyncio.to_thread(web.retrieve_instance, ct.study_uid, ct.series_uid,
+                                  ct.sop_uids[1])
+    assert str(one.SOPInstanceUID) == ct.sop_uids[1]
+    series = await asyncio.to_thread(web.retrieve_series, ct.study_uid, ct.series_uid)
+    assert len(series) == len(ct.sop_uids)
+    r = await api.client.get(f"/dicomweb/studies/{ct.study_uid}/series/1.2.3",
+                             headers=api.headers)
+    assert r.status == 404
+    r = await api.client.get("/dicomweb/studies/not-a-uid", headers=api.headers)
+    assert r.status == 400
+    r = await api.client.get(f"/dicomweb/studies/{ct.study_uid}",
+                             headers={**api.headers, "Accept": "application/dicom+json"})
+    assert r.status == 406
+
+
+async def test_target_study_mismatch_fails_only_those_instances(
+        api: Api, ct: SyntheticStudy, tmp_path: Path) -> None:
+    other = make_cr_study(tmp_path / "cr", seed="other")
+    web = api.web()
+    answer = await asyncio.to_thread(web.store_instances, [*datasets(ct), *datasets(other)],
+                                     ct.study_uid)
+    assert sorted(str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence) \
+        == sorted(ct.sop_uids)
+    [failed] = answer.FailedSOPSequence
+    assert str(failed.ReferencedSOPInstanceUID) == other.sop_uids[0]
+    assert failed.FailureReason == FailureReason.PROCESSING_FAILURE
+    assert api.node.store is not None
+    assert api.node.store.get_instance(other.sop_uids[0]) is None  # not kept
+    # every instance of another study: nothing stored, 409
+    with pytest.raises(requests.HTTPError) as err:
+        await asyncio.to_thread(web.store_instances, datasets(other), ct.study_uid)
+    assert err.value.response.status_code == 409
+    assert uids(err.value.response.json()[FAILED]["Value"]) == other.sop_uids
+
+
+async def test_parts_that_are_not_dicom(api: Api, ct: SyntheticStudy) -> None:
+    good = ct.paths[0].read_bytes()
+    mp = body([(good, "application/dicom"), (b"this is not DICOM", "application/dicom"),
+               (b'{"00100010": {}}', "application/dicom+json")])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 202, await r.text()
+    assert r.content_type == DICOM_JSON
+    answer = await r.json()
+    assert uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+    failed = answer[FAILED]["Value"]
+    assert [f[REASON]["Value"][0] for f in failed] == [FailureReason.CANNOT_UNDERSTAND] * 2
+    # nothing readable at all: the request is bad
+    mp = body([(b"\x00" * 200, "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 400
+    assert (await r.json())[FAILED]["Value"][0][REASON]["Value"] == [0xC000]
+
+
+async def test_refused_sop_class_and_truncated_instance(aiohttp_client: Any, tmp_path: Path,
+                                                        ct: SyntheticStudy) -> None:
+    config = {**CONFIG, "ae_titles": [
+        {"ae_title": "DICOMNODE"},
+        {"ae_title": "AI_STOW", "pipelines": ["ct"],
+         "allowed_sop_classes": ["1.2.840.10008.5.1.4.1.1.2"]}]}
+    async with running_node(node_settings(tmp_path / "data", **config)) as node:
+        client = await aiohttp_client(create_app(node))
+        api = Api(client, node, (tmp_path / "data" / "jwt_secret").read_bytes().strip())
+        cr = make_cr_study(tmp_path / "cr")
+        truncated = ct.paths[1].read_bytes()[:-100]
+        mp = body([(ct.paths[0].read_bytes(), "application/dicom"),
+                   (cr.paths[0].read_bytes(), "application/dicom"),
+                   (truncated, "application/dicom")])
+        r = await client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+        assert r.status == 202
+        answer = await r.json()
+        assert uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+        failed = {u: f[REASON]["Value"][0] for f in answer[FAILED]["Value"]
+                  for u in uids([f])}
+        assert failed == {cr.sop_uids[0]: FailureReason.SOP_CLASS_NOT_SUPPORTED,
+                          ct.sop_uids[1]: FailureReason.CANNOT_UNDERSTAND}
+        assert node.store is not None and node.store.get_instance(ct.sop_uids[1]) is None
+        leftovers = [p for p in node.settings.studies_dir.iterdir() if p.suffix == ".part"]
+        assert not leftovers
+
+
+async def test_wrong_media_type_target_auth_and_size(api: Api, ct: SyntheticStudy,
+                                                     tmp_path: Path) -> None:
+    data = ct.paths[0].read_bytes()
+    for content_type in ("application/dicom", "application/json",
+                         'multipart/related; type="application/dicom+json"; boundary=x',
+                         "multipart/mixed; boundary=x"):
+        r = await api.client.post("/dicomweb/studies", data=data,
+                                  headers={**api.headers, "Content-Type": content_type})
+        assert r.status == 415, content_type
+    mp = body([(data, "application/dicom")])
+    r = await api.client.post("/dicomweb/studies/1.2.x", data=mp, headers=headers_for(mp, api))
+    assert r.status == 400
+    mp = body([(data, "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp,
+                              headers={**headers_for(mp, api), "Accept": "application/dicom+xml"})
+    assert r.status == 406
+    r = await api.client.post("/dicomweb/studies", data=b"",
+                              headers=headers_for(body([]), api))
+    assert r.status == 400
+    mp = body([(data, "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp,
+                              headers={"Content-Type": headers_for(mp, api)["Content-Type"]})
+    assert r.status == 401
+    read_only = {"Authorization": f"Bearer {tok(api.secret, scope='read')}"}
+    mp = body([(data, "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp,
+                              headers={**headers_for(mp, api), **read_only})
+    assert r.status == 403
+
+
+async def test_request_over_the_size_limit(aiohttp_client: Any, tmp_path: Path,
+                                           ct: SyntheticStudy) -> None:
+    config = {**CONFIG, "rest": {"stow_ae_title": "AI_STOW", "stow_max_mb": 0.001}}
+    async with running_node(node_settings(tmp_path / "data", **config)) as node:
+        client = await aiohttp_client(create_app(node))
+        api = Api(client, node, (tmp_path / "data" / "jwt_secret").read_bytes().strip())
+        mp = body([(p.read_bytes(), "application/dicom") for p in ct.paths])
+        r = await client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+        assert r.status == 413
+        assert "stow_max_mb" in (await r.json())["message"]
+
+
+def test_stow_ae_title_must_be_configured(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("rest: {stow_ae_title: NOPE}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert err.value.key == "rest.stow_ae_title"
