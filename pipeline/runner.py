@@ -80,6 +80,11 @@ class _Network(torch.nn.Module):
         return self.model.infer(batch)
 
 
+def _probabilities(logits: Any) -> list[float]:
+    """Multi-label probabilities: a sigmoid over the classifier's outputs."""
+    return [float(p) for p in torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()]
+
+
 def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
     """Patient and study attributes of a source header (``patient_id`` overrides)."""
 
@@ -154,6 +159,11 @@ class PipelineRunner:
     def close(self) -> None:
         self.engine.close()
 
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """The configured model versions (paths resolved), loaded or not."""
+        return list(self._specs)
+
     # -- models --------------------------------------------------------------------------
 
     def model(self, name: str, version: str | None = None) -> LoadedModel:
@@ -173,16 +183,30 @@ class PipelineRunner:
                 self._explainers[key] = (clone, threading.Lock())
             return self._explainers[key]
 
-    def predict(self, image: npt.NDArray[np.float32], name: str,
-                version: str | None = None) -> Prediction:
-        """Classify one H x W image in [0, 1] through the batching engine."""
+    def classifier(self, name: str, version: str | None = None) -> LoadedModel:
+        """The loaded model ``name`` (``version``, else its default) if it classifies.
+
+        Raises KeyError (unknown or failed model, unknown version) or PipelineError.
+        """
         model = self.model(name, version)
         if model.task != "classify":
             raise PipelineError(f"model {name!r} segments; it does not classify images")
-        tensor = model.preprocess(image)
-        out = self.engine.infer(name, tensor, version=model.version)
-        probs = torch.sigmoid(torch.as_tensor(out).float().reshape(-1)).tolist()
-        return Prediction(model, list(model.labels), [float(p) for p in probs])
+        return model
+
+    def predict(self, image: npt.NDArray[np.float32], name: str,
+                version: str | None = None) -> Prediction:
+        """Classify one H x W image in [0, 1] through the batching engine."""
+        model = self.classifier(name, version)
+        out = self.engine.infer(name, model.preprocess(image), version=model.version)
+        return Prediction(model, list(model.labels), _probabilities(out))
+
+    async def predict_async(self, model: LoadedModel, tensor: torch.Tensor) -> Prediction:
+        """Classify one preprocessed sample (``model.preprocess``'s output) from asyncio.
+
+        The sample joins the engine's next batch for that model; the loop is not blocked.
+        """
+        out = await self.engine.infer_async(model.name, tensor, version=model.version)
+        return Prediction(model, list(model.labels), _probabilities(out))
 
     def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
               ) -> list[float]:
