@@ -48,6 +48,7 @@ def session(live: LiveNode) -> Iterator[requests.Session]:
         yield s
 
 
+schemathesis.serializer.alias("application/dicom", "application/octet-stream")
 schema = schemathesis.openapi.from_dict(openapi_document())
 
 
