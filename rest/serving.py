@@ -21,6 +21,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.decode import decode_image
 from pipeline.io import InputError
@@ -124,7 +125,8 @@ async def request_image(request: web.Request) -> bytes:
                     first = content
                 if first_file is None and part.filename:
                     first_file = content
-        except (ValueError, AssertionError, RuntimeError) as exc:  # a malformed body
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            # a malformed body (bad boundary, part headers, encoding)
             raise ApiError(400, f"the multipart body cannot be read ({exc}); send the image "
                            "as the part 'data' (curl -F data=@file)") from None
         data = next((d for d in (named, first_file, first) if d is not None), b"")
