@@ -10,6 +10,7 @@ models.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,32 @@ def _probabilities(logits: Any) -> list[float]:
     return [float(p) for p in torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()]
 
 
+def parallelism(spec: ModelSpec, model: LoadedModel,
+                cpus: int | None = None) -> tuple[int, int | None]:
+    """Batcher threads and torch threads per thread for a model (spec values win).
+
+    On CPU a classifier gets min(2, CPUs) workers that split the CPUs: a small
+    network's intra-op parallelism scales poorly, and on a busy machine threads
+    of one forward pass wait for each other; two single-threaded workers keep
+    both cores busy (TorchServe's default layout). A segmentation model runs one
+    large volume at a time, so it keeps one worker with all threads; on a GPU
+    one worker feeds the device.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    if spec.workers is not None:
+        workers = spec.workers
+    elif model.device.type == "cpu" and model.task == "classify":
+        workers = max(1, min(2, cpus))
+    else:
+        workers = 1
+    threads = spec.threads
+    if threads is None and model.device.type == "cpu" and workers > 1:
+        threads = max(1, cpus // workers)
+    return workers, threads
+
+
 def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
     """Patient and study attributes of a source header (``patient_id`` overrides)."""
 
@@ -147,11 +174,12 @@ class PipelineRunner:
                 sample = None
                 if model.spatial_size is not None:
                     sample = (1, *model.spatial_size) if model.task == "classify" else None
+                workers, threads = parallelism(spec, model)
                 self.engine.add_model(
                     spec.name, _Network(model), version=model.version, default=spec.default,
                     device=spec.device, max_batch=spec.max_batch if model.task == "classify"
                     else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
-                    sample_shape=sample,
+                    sample_shape=sample, workers=workers, threads=threads,
                 )
             except (BundleError, OSError, KeyError, ValueError, RuntimeError) as exc:
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"

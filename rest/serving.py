@@ -189,6 +189,8 @@ def describe_version(runner: PipelineRunner, model: LoadedModel) -> dict[str, An
         "device": str(served.device),
         "batchSize": served.max_batch,
         "maxBatchDelay": served.max_delay_ns / 1e6,
+        "workers": served.workers,
+        "threadsPerWorker": served.threads,
         "status": "ready" if served.alive else "stopped",
         "inferenceCount": stats.inference_count,
         "executionCount": stats.execution_count,

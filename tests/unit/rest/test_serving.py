@@ -223,6 +223,7 @@ async def test_model_description(live: LiveNode, path: str) -> None:
     assert d["default"] is True and d["status"] == "ready" and d["task"] == "classify"
     assert d["labels"] == CXR_LABELS and d["inputSize"] == [128, 128]
     assert d["device"] == "cpu" and d["batchSize"] == 8 and d["maxBatchDelay"] == 50.0
+    assert d["workers"] >= 1
     assert isinstance(d["inferenceCount"], int)
 
 
