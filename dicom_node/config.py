@@ -188,6 +188,9 @@ class RestSettings(_Section):
     # first classify pipeline.
     single_inference_pipeline: str | None = None
     allow_any_url: bool = False
+    # Hosts (``name`` or ``name:port``) that seed 003's image endpoints may download
+    # image URLs from; empty: image URLs are refused, only base64 images are taken.
+    image_url_hosts: list[str] = Field(default_factory=list)
     tls: TlsSettings | None = None
     # STOW-RS intake (POST /dicomweb/studies) files instances as if they were sent to
     # this called AE title: its pipelines, grouping, timeout, SOP class and duplicate
@@ -202,6 +205,17 @@ class RestSettings(_Section):
     @classmethod
     def _stow_ae(cls, v: str | None) -> str | None:
         return None if v is None else _check_ae_title(v)
+
+    @field_validator("image_url_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for h in hosts:
+            host = h.strip().lower()
+            if not re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?", host):
+                raise ValueError(f"{h!r} is not a host name or host:port (no scheme, no path)")
+            out.append(host)
+        return out
 
 
 Scope = Literal["infer", "read", "admin"]

@@ -20,6 +20,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from dicom_node.store import InstanceRecord, Store
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "AssociationEnd",
+    "DimseCounters",
     "InstanceWriter",
     "ReceivedInstance",
     "StorageSCP",
@@ -120,6 +122,23 @@ class AssociationEnd:
     called_ae: str
     calling_ae: str
     released: bool
+
+
+@dataclass(frozen=True)
+class DimseCounters:
+    """What the listener has done since it started (a snapshot, for metrics).
+
+    ``associations`` counts by outcome (``accepted``, ``rejected``, ``released``,
+    ``aborted``); ``c_store`` counts C-STORE responses by status (``0x0000``...);
+    ``instances_stored`` counts instances written (duplicates kept as they were
+    are not); ``active`` is the number of associations open now.
+    """
+
+    associations: dict[str, int]
+    c_echo: int
+    c_store: dict[str, int]
+    instances_stored: int
+    active: int
 
 
 @dataclass
@@ -434,6 +453,7 @@ class StorageSCP:
         self._collectors: list[_Collector] = []
         self._lock = threading.Lock()
         self._sources = {s.name: s for s in settings.sources}
+        self._counts: Counter[str] = Counter()  # guarded by _lock
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -488,6 +508,29 @@ class StorageSCP:
         if self._server is None:
             return self.settings.dimse.port
         return int(self._server.server_address[1])
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._server is not None
+
+    def counters(self) -> DimseCounters:
+        """A consistent snapshot of the listener's counters."""
+        with self._lock:
+            c = dict(self._counts)
+            active = len(self._peers)
+        return DimseCounters(
+            associations={k.split(":", 1)[1]: v for k, v in c.items()
+                          if k.startswith("assoc:")},
+            c_echo=c.get("echo", 0),
+            c_store={k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("store:")},
+            instances_stored=c.get("stored", 0),
+            active=active,
+        )
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
 
     @contextlib.contextmanager
     def collect_from(self, calling_ae: str) -> Iterator[list[ReceivedInstance]]:
@@ -547,6 +590,7 @@ class StorageSCP:
                              calling_ae=calling, peer=f"{address}:{port}",
                              result=rejection.result, source=rejection.source,
                              diagnostic=rejection.reason)
+            self._count("assoc:rejected")
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
             assoc.kill()  # as pynetdicom does after its own rejections: wait for the DUL
             return
@@ -563,6 +607,7 @@ class StorageSCP:
         _tune(assoc)
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
+            self._counts["assoc:accepted"] += 1
         self.log.info("association requested", called_ae=called, calling_ae=calling,
                       peer=f"{address}:{port}")
 
@@ -578,6 +623,7 @@ class StorageSCP:
 
     def _on_echo(self, event: evt.Event) -> int:
         peer = self._peer(event.assoc)
+        self._count("echo")
         self.log.info("C-ECHO", called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                       peer=f"{peer.address}:{peer.port}", status=0)
         return int(Status.SUCCESS)
@@ -620,12 +666,15 @@ class StorageSCP:
             log.exception("C-STORE failed")
             return self._answer(log, Status.OUT_OF_RESOURCES, type(exc).__name__)
         peer.instances += 1
+        if got.stored:
+            self._count("stored")
         self._deliver(got)
         return self._answer(log, Status.SUCCESS,
                             "stored" if got.stored else "duplicate; first copy kept",
                             study_uid=got.study_instance_uid)
 
     def _answer(self, log: Any, status: Status, message: str, **extra: Any) -> int:
+        self._count(f"store:0x{status:04X}")
         if status is Status.SUCCESS:
             log.info("C-STORE", status=f"0x{status:04X}", message=message, **extra)
         else:
@@ -661,6 +710,8 @@ class StorageSCP:
         with self._lock:
             peer = self._peers.pop(id(event.assoc), None)
             self._admitted.discard(id(event.assoc))
+            if peer is not None:
+                self._counts["assoc:released" if released else "assoc:aborted"] += 1
         if peer is None:
             return
         self.log.info("association released" if released else "association aborted",

@@ -337,6 +337,13 @@ class BatchedModel:
             passed to :meth:`submit`; its time counts as compute_input.
         postprocess: optional callable run on each caller's output row (in the
             batcher thread, counted as compute_output).
+        workers: batcher threads sharing the queue and the one model instance
+            (no copies): while one runs a forward pass, the next gathers and runs
+            the following batch. On CPU several workers with few torch threads
+            each use the cores better than one worker with many (as
+            TorchServe's workers or Triton's instance count).
+        threads: torch intra-op threads of each worker thread (``None``: torch's
+            default).
 
     Raises:
         DeviceUnavailableError: the device is not available.
@@ -358,9 +365,15 @@ class BatchedModel:
         autocast: AutocastDtype = "float16",
         preprocess: Preprocess | None = None,
         postprocess: Postprocess | None = None,
+        workers: int = 1,
+        threads: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be at least 1")
         if max_delay_ms < 0:
             raise ValueError("max_delay_ms must not be negative")
         self.name = name
@@ -379,15 +392,23 @@ class BatchedModel:
         self._pending: deque[_Request] = deque()
         self._lock = threading.Lock()
         self._closed = False
+        self.workers = workers
+        self.threads = threads
+        # One worker at a time gathers a batch; the others are computing theirs.
+        self._gather_lock = threading.Lock()
+        self._stopping = False  # the stop marker was taken (under _gather_lock)
+        self._finished = False  # queue drained after the stop marker (under _gather_lock)
         if warmup:
             if sample_shape is None:
                 log.info("no sample_shape for model %s:%s; warm-up skipped", name, version)
             else:
                 self._warmup(tuple(sample_shape), sample_dtype)
-        self._thread = threading.Thread(
-            target=self._run, name=f"batcher-{name}-{version}", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"batcher-{name}-{version}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
 
     # ----------------------------------------------------------------- public
 
@@ -470,21 +491,23 @@ class BatchedModel:
 
     @property
     def alive(self) -> bool:
-        """True while the batcher thread runs."""
-        return self._thread.is_alive()
+        """True while every batcher thread runs."""
+        return all(t.is_alive() for t in self._threads)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish those already queued, stop the thread.
 
         Idempotent. Waits up to ``timeout`` seconds (forever when ``None``)
-        for the batcher thread to end.
+        for the batcher threads to end.
         """
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self._queue.put(_STOP)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> BatchedModel:
         return self
@@ -570,17 +593,23 @@ class BatchedModel:
         return batch, stopping
 
     def _run(self) -> None:
-        stopping = False
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's intra-op threads
         while True:
-            try:
-                batch, stopping = self._next_batch(stopping)
-            except Exception:  # pragma: no cover - defensive, the loop must survive
-                log.exception("batcher of %s:%s failed to gather a batch", self.name, self.version)
-                continue
-            if not batch:
-                if stopping and not self._pending:
-                    break
-                continue
+            with self._gather_lock:
+                if self._finished:
+                    return
+                try:
+                    batch, self._stopping = self._next_batch(self._stopping)
+                except Exception:  # pragma: no cover - defensive, the loop must survive
+                    log.exception("batcher of %s:%s failed to gather a batch", self.name,
+                                  self.version)
+                    continue
+                if not batch:
+                    if self._stopping and not self._pending:
+                        self._finished = True
+                        return
+                    continue
             self._execute(batch)
 
     def _execute(self, batch: list[_Request]) -> None:
@@ -728,7 +757,7 @@ class InferenceEngine:
             max_batch=spec.max_batch,
             max_delay_ms=spec.max_delay_ms,
             warmup=spec.warmup,
-            **options,
+            **{"workers": spec.workers or 1, "threads": spec.threads, **options},
         )
 
     def get(self, name: str, version: str | None = None) -> BatchedModel:

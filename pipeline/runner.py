@@ -10,6 +10,7 @@ models.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -84,6 +85,37 @@ class _Network(torch.nn.Module):
         return self.model.infer(batch)
 
 
+def _probabilities(logits: Any) -> list[float]:
+    """Multi-label probabilities: a sigmoid over the classifier's outputs."""
+    return [float(p) for p in torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()]
+
+
+def parallelism(spec: ModelSpec, model: LoadedModel,
+                cpus: int | None = None) -> tuple[int, int | None]:
+    """Batcher threads and torch threads per thread for a model (spec values win).
+
+    On CPU a classifier gets min(2, CPUs) workers that split the CPUs: a small
+    network's intra-op parallelism scales poorly, and on a busy machine threads
+    of one forward pass wait for each other; two single-threaded workers keep
+    both cores busy (TorchServe's default layout). A segmentation model runs one
+    large volume at a time, so it keeps one worker with all threads; on a GPU
+    one worker feeds the device.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    if spec.workers is not None:
+        workers = spec.workers
+    elif model.device.type == "cpu" and model.task == "classify":
+        workers = max(1, min(2, cpus))
+    else:
+        workers = 1
+    threads = spec.threads
+    if threads is None and model.device.type == "cpu" and workers > 1:
+        threads = max(1, cpus // workers)
+    return workers, threads
+
+
 def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
     """Patient and study attributes of a source header (``patient_id`` overrides)."""
 
@@ -146,17 +178,23 @@ class PipelineRunner:
                 sample = None
                 if model.spatial_size is not None:
                     sample = (1, *model.spatial_size) if model.task == "classify" else None
+                workers, threads = parallelism(spec, model)
                 self.engine.add_model(
                     spec.name, _Network(model), version=model.version, default=spec.default,
                     device=spec.device, max_batch=spec.max_batch if model.task == "classify"
                     else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
-                    sample_shape=sample,
+                    sample_shape=sample, workers=workers, threads=threads,
                 )
             except (BundleError, OSError, KeyError, ValueError, RuntimeError) as exc:
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:
         self.engine.close()
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """The configured model versions (paths resolved), loaded or not."""
+        return list(self._specs)
 
     # -- models --------------------------------------------------------------------------
 
@@ -177,16 +215,30 @@ class PipelineRunner:
                 self._explainers[key] = (clone, threading.Lock())
             return self._explainers[key]
 
-    def predict(self, image: npt.NDArray[np.float32], name: str,
-                version: str | None = None) -> Prediction:
-        """Classify one H x W image in [0, 1] through the batching engine."""
+    def classifier(self, name: str, version: str | None = None) -> LoadedModel:
+        """The loaded model ``name`` (``version``, else its default) if it classifies.
+
+        Raises KeyError (unknown or failed model, unknown version) or PipelineError.
+        """
         model = self.model(name, version)
         if model.task != "classify":
             raise PipelineError(f"model {name!r} segments; it does not classify images")
-        tensor = model.preprocess(image)
-        out = self.engine.infer(name, tensor, version=model.version)
-        probs = torch.sigmoid(torch.as_tensor(out).float().reshape(-1)).tolist()
-        return Prediction(model, list(model.labels), [float(p) for p in probs])
+        return model
+
+    def predict(self, image: npt.NDArray[np.float32], name: str,
+                version: str | None = None) -> Prediction:
+        """Classify one H x W image in [0, 1] through the batching engine."""
+        model = self.classifier(name, version)
+        out = self.engine.infer(name, model.preprocess(image), version=model.version)
+        return Prediction(model, list(model.labels), _probabilities(out))
+
+    async def predict_async(self, model: LoadedModel, tensor: torch.Tensor) -> Prediction:
+        """Classify one preprocessed sample (``model.preprocess``'s output) from asyncio.
+
+        The sample joins the engine's next batch for that model; the loop is not blocked.
+        """
+        out = await self.engine.infer_async(model.name, tensor, version=model.version)
+        return Prediction(model, list(model.labels), _probabilities(out))
 
     def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
               ) -> list[float]:

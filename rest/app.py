@@ -47,21 +47,6 @@ def principal(request: web.Request) -> Principal:
     return p
 
 
-async def health(request: web.Request) -> web.Response:
-    """Open route: is the server up, and the state of its parts."""
-    node = request.app[NODE]
-    store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
-    body: dict[str, Any] = {
-        "status": "ok" if store_ok else "degraded",
-        "version": dicom_node.__version__,
-        "node": node.settings.node_name,
-        "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None},
-        "parts": dict(node.parts),
-        "watch": node.watch.status() if node.watch is not None else {},
-    }
-    return web.json_response(body, status=200 if store_ok else 503)
-
-
 def _style_of(request: web.Request) -> ErrorStyle:
     route = request.app[ROUTES].get(request.match_info.route)
     if route is not None:
@@ -115,7 +100,6 @@ async def openapi(request: web.Request) -> web.Response:
 
 def base_routes() -> list[Route]:
     return [
-        Route("GET", "/health", health, scope=None),
         Route("GET", "/openapi.json", openapi, scope=None),
         Route("OPTIONS", "/", openapi, scope=None),
     ]
@@ -133,11 +117,23 @@ def create_app(
     )
     app[NODE] = node
     app[AUTH] = authenticator or node.authenticator()
-    from rest import batch, config_api, echo, inference, single_inference, stow, wado
+    from rest import (
+        batch,
+        config_api,
+        echo,
+        images,
+        inference,
+        metrics,
+        serving,
+        single_inference,
+        stow,
+        wado,
+    )
 
     table: dict[Any, Route] = {}
     for route in [*base_routes(), *inference.routes(), *config_api.routes(), *echo.routes(),
                   *stow.routes(), *wado.routes(), *single_inference.routes(), *batch.routes(),
+                  *metrics.routes(), *serving.routes(), *images.routes(),
                   *(extra_routes or [])]:
         table[app.router.add_route(route.method, route.path, route.handler)] = route
     app[ROUTES] = table

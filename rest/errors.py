@@ -20,6 +20,7 @@ class ErrorStyle(StrEnum):
     DEFAULT = "default"  # {"error": "...", "message": "..."}
     SEED_001 = "seed001"  # {"Result": "Failure", "Data": null, "Message": "..."}
     MESSAGE = "message"  # {"message": "..."} (seed 002)
+    TORCHSERVE = "torchserve"  # {"code": 404, "type": "ModelNotFoundException", "message": ...}
 
 
 class ApiError(Exception):
@@ -38,6 +39,14 @@ _REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not
             503: "unavailable"}
 
 
+# The exception names TorchServe puts in "type" (seed 004's clients may switch on them).
+_TORCHSERVE_TYPES = {400: "BadRequestException", 401: "UnauthorizedException",
+                     403: "ForbiddenException", 404: "ModelNotFoundException",
+                     405: "MethodNotAllowedException", 413: "RequestEntityTooLargeException",
+                     415: "UnsupportedMediaTypeException", 422: "BadRequestException",
+                     500: "InternalServerException", 503: "ServiceUnavailableException"}
+
+
 def error_response(style: ErrorStyle, status: int, message: str,
                    details: Any = None) -> web.Response:
     body: dict[str, Any]
@@ -45,6 +54,9 @@ def error_response(style: ErrorStyle, status: int, message: str,
         body = {"Result": "Failure", "Data": None, "Message": message}
     elif style is ErrorStyle.MESSAGE:
         body = {"message": message}
+    elif style is ErrorStyle.TORCHSERVE:
+        body = {"code": status, "type": _TORCHSERVE_TYPES.get(status, "ServiceException"),
+                "message": message}
     else:
         body = {"error": _REASONS.get(status, "error"), "message": message}
     if details is not None and style is not ErrorStyle.SEED_001:

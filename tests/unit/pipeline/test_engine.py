@@ -364,6 +364,58 @@ def test_engine_close_stops_every_batcher() -> None:
         engine.add_model("c", Encode(), warmup=False)
 
 
+class Blocking(torch.nn.Module):
+    """Each forward pass records its thread's torch threads, then waits for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.running = threading.Semaphore(0)
+        self.threads: list[int] = []
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.threads.append(torch.get_num_threads())
+        self.running.release()
+        self.release.wait()
+        return x * 2
+
+
+def test_workers_run_batches_side_by_side_on_one_model() -> None:
+    net = Blocking()
+    model = BatchedModel("b", net, max_batch=2, max_delay_ms=0, warmup=False, workers=2,
+                         threads=1)
+    assert model.alive and model.workers == 2
+    first = model.submit(torch.ones(3))
+    net.running.acquire()  # worker 1 holds its batch...
+    second = model.submit(torch.full((3,), 2.0))
+    net.running.acquire()  # ...and worker 2 runs the next one meanwhile (the same module)
+    net.release.set()
+    assert first.result()[0].item() == 2.0 and second.result()[0].item() == 4.0
+    assert net.threads == [1, 1]  # each worker thread set its own torch threads
+    model.close()
+    assert not model.alive
+    assert model.statistics().execution_count == 2
+
+
+def test_close_with_workers_finishes_the_queue() -> None:
+    net = Blocking()
+    net.release.set()
+    model = BatchedModel("b", net, max_batch=3, max_delay_ms=1, warmup=False, workers=3)
+    futures = [model.submit(torch.full((2,), float(i))) for i in range(20)]
+    model.close()
+    assert not model.alive
+    assert [f.result()[0].item() for f in futures] == [2.0 * i for i in range(20)]
+
+
+def test_workers_and_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        BatchedModel("b", Encode(), warmup=False, workers=0)
+    with pytest.raises(ValueError, match="threads"):
+        BatchedModel("b", Encode(), warmup=False, threads=0)
+
+
 # --------------------------------------------------------------------------- registry
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.io import InputError
-from pipeline.runner import PipelineError, PipelineRunner, overall_result
+from pipeline.runner import PipelineError, PipelineRunner, overall_result, parallelism
 from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
@@ -118,3 +118,27 @@ def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
     assert len(vec) > 1
     assert overall_result([Finding("Tuberculosis", True, 0.9)]) == "TB Presumptive"
     assert overall_result([Finding("Fibrosis", False, 0.1)]) == "Normal"
+
+
+def _loaded(task: str, device: str = "cpu") -> Any:
+    from pipeline.bundle import LoadedModel
+
+    return LoadedModel(name="m", version="1", task=task, labels=["a"], spatial_size=None,
+                       network=torch.nn.Identity(), path=Path("."), source="state_dict",
+                       device=torch.device(device))
+
+
+@pytest.mark.parametrize("task, device, cpus, spec, expected", [
+    ("classify", "cpu", 2, {}, (2, 1)),
+    ("classify", "cpu", 16, {}, (2, 8)),
+    ("classify", "cpu", 1, {}, (1, None)),
+    ("segment", "cpu", 8, {}, (1, None)),
+    ("classify", "cuda", 8, {}, (1, None)),
+    ("classify", "cpu", 8, {"workers": 4}, (4, 2)),
+    ("classify", "cpu", 8, {"workers": 1, "threads": 3}, (1, 3)),
+    ("segment", "cpu", 8, {"threads": 2}, (1, 2)),
+])
+def test_parallelism(task: str, device: str, cpus: int, spec: dict[str, int],
+                     expected: tuple[int, int | None]) -> None:
+    s = ModelSpec(name="m", path=Path("."), **spec)
+    assert parallelism(s, _loaded(task, device), cpus) == expected

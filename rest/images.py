@@ -1,0 +1,308 @@
+"""Image classification and embeddings (seed 003): ``/classify_image``, ``/embed_image``,
+``/infer`` and ``/embed_text``.
+
+Images come as base64 (bare or a ``data:`` URI) or as http(s) URLs, one or a
+list. URLs are downloaded only from hosts an administrator listed in
+``rest.image_url_hosts`` (none by default), without following redirects and
+within ``rest.max_body_mb``, so the API cannot be used to reach other hosts.
+
+- ``/classify_image`` -> ``probabilities`` (one list per image, in the model's
+  label order; ``labels`` names them) and ``processingTimeMs``; the images go
+  through the engine's dynamic batching.
+- ``/embed_image`` -> ``embeddings``: the classifier's penultimate features
+  (the input of its last linear layer), cut to ``nDims`` and L2-normalised
+  when ``normalize`` (the default).
+- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images.
+- Text (``/embed_text``, ``text`` in ``/infer``) answers 400: the node serves
+  image models only, none has a text encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import math
+import time
+from typing import Annotated, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.decode import decode_image
+from pipeline.io import InputError
+from pipeline.runner import PipelineError, PipelineRunner
+from rest.app import NODE, Route
+from rest.errors import ApiError
+from rest.serving import body_limit, classifier, classify_bytes, runner_of
+
+MAX_IMAGES = 64  # per request: each may be a download
+DOWNLOAD_TIMEOUT_S = 30.0
+NO_TEXT_ENCODER = ("no loaded model has a text encoder: this node serves image models only; "
+                   "use /embed_image or /classify_image")
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+ImageRef = Annotated[str, Field(min_length=1)]
+Images = ImageRef | Annotated[list[ImageRef], Field(min_length=1, max_length=MAX_IMAGES)]
+Texts = Annotated[str, Field(min_length=1)] | Annotated[
+    list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_IMAGES)]
+
+
+class _Request(BaseModel):
+    # strict: "true" is not a boolean, "3" is not an integer
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ClassifyImageRequest(_Request):
+    name: Name
+    image: Images
+    image_download_headers: dict[str, str] | None = None
+
+
+class EmbedImageRequest(ClassifyImageRequest):
+    normalize: bool = True
+    nDims: Annotated[int, Field(ge=1)] | None = None
+
+
+class EmbedTextRequest(_Request):
+    name: Name
+    text: Texts
+    normalize: bool = True
+    nDims: Annotated[int, Field(ge=1)] | None = None
+
+
+class InferRequest(_Request):
+    name: Name
+    text: Texts | None = None
+    image: Images | None = None
+    normalize: bool = True
+    nDims: Annotated[int, Field(ge=1)] | None = None
+    image_download_headers: dict[str, str] | None = None
+
+
+M = TypeVar("M", bound=_Request)
+
+
+def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors():
+        # a union's branch name ("str", "list[...]") says nothing to a client: leave it out
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "list["))]
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        item = {"field": ".".join(loc) or "(body)", "message": msg}
+        if item not in out:
+            out.append(item)
+    return out
+
+
+async def _parse(request: web.Request, model: type[M]) -> M:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object",
+                       [{"field": "(body)", "message": "must be an object"}])
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(422, "the request has invalid or missing fields",
+                       _field_errors(exc)) from None
+
+
+# -- images --------------------------------------------------------------------------------
+
+
+def _host_allowed(url: str, hosts: list[str]) -> bool:
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if not host:
+        return False
+    if ":" in host:  # IPv6 literals are listed in brackets
+        host = f"[{host}]"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    return host in hosts or f"{host}:{port}" in hosts
+
+
+def _base64(ref: str, where: str) -> bytes:
+    payload = ref
+    if ref.startswith("data:"):
+        head, sep, payload = ref.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise ApiError(400, f"{where}: a data URI must be base64-encoded "
+                           "(data:image/png;base64,...)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: not an http(s) URL, a data URI or valid base64") from None
+
+
+async def _download(session: aiohttp.ClientSession, url: str, where: str, limit: int,
+                    headers: dict[str, str] | None) -> bytes:
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            if resp.status != 200:
+                hint = " (redirects are not followed)" if 300 <= resp.status < 400 else ""
+                raise ApiError(400, f"{where}: downloading {url} answered HTTP "
+                               f"{resp.status}{hint}")
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(256 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(400, f"{where}: the image at {url} is larger than "
+                                   f"rest.max_body_mb")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise ApiError(400, f"{where}: cannot download {url} "
+                       f"({type(exc).__name__}: {exc})") from None
+
+
+async def load_images(request: web.Request, refs: str | list[str],
+                      headers: dict[str, str] | None) -> list[bytes]:
+    """The bytes of each image reference (base64, data URI or allowed URL), in order."""
+    refs = [refs] if isinstance(refs, str) else refs
+    hosts = request.app[NODE].settings.rest.image_url_hosts
+    out: list[bytes | None] = [None] * len(refs)
+    urls: list[tuple[int, str]] = []
+    for i, ref in enumerate(refs):
+        where = f"image[{i}]" if len(refs) > 1 else "image"
+        if ref.startswith(("http://", "https://")):
+            if not _host_allowed(ref, hosts):
+                raise ApiError(400, f"{where}: downloads from {urlsplit(ref).netloc!r} are not "
+                               "allowed (rest.image_url_hosts lists the hosts an administrator "
+                               "allows); send the image as base64 instead")
+            urls.append((i, ref))
+        else:
+            out[i] = _base64(ref, where)
+    if urls:
+        limit = body_limit(request)
+        timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            got = await asyncio.gather(*(
+                _download(session, url, f"image[{i}]" if len(refs) > 1 else "image", limit,
+                          headers) for i, url in urls))
+        for (i, _), data in zip(urls, got, strict=True):
+            out[i] = data
+    return [d if d is not None else b"" for d in out]
+
+
+# -- work ----------------------------------------------------------------------------------
+
+
+async def _probabilities(runner: PipelineRunner, name: str,
+                         images: list[bytes]) -> tuple[list[str], list[list[float]]]:
+    model = classifier(runner, name)
+
+    async def one(i: int, data: bytes) -> list[float]:
+        try:
+            return (await classify_bytes(runner, model, data)).probabilities
+        except ApiError as exc:
+            where = f"image[{i}]" if len(images) > 1 else "image"
+            raise ApiError(exc.status, f"{where}: {exc.message}") from None
+
+    probs = await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
+    return list(model.labels), list(probs)
+
+
+def _embed_all(runner: PipelineRunner, name: str, images: list[bytes], normalize: bool,
+               n_dims: int | None) -> list[list[float]]:
+    """Decode and embed each image (blocking: runs in a worker thread)."""
+    out = []
+    for i, data in enumerate(images):
+        where = f"image[{i}]" if len(images) > 1 else "image"
+        try:
+            vector = runner.embed(decode_image(data).pixels, name)
+        except InputError as exc:
+            raise ApiError(400, f"{where}: {exc.message}") from None
+        if n_dims is not None:
+            if n_dims > len(vector):
+                raise ApiError(422, f"nDims {n_dims} is larger than the model's embedding "
+                               f"size {len(vector)}",
+                               [{"field": "nDims", "message": f"at most {len(vector)}"}])
+            vector = vector[:n_dims]
+        if normalize:
+            norm = math.sqrt(sum(v * v for v in vector))
+            if norm > 0:
+                vector = [v / norm for v in vector]
+        out.append(vector)
+    return out
+
+
+async def _embeddings(runner: PipelineRunner, name: str, images: list[bytes], normalize: bool,
+                      n_dims: int | None) -> list[list[float]]:
+    classifier(runner, name)  # 404 / 503 / 400 before any work
+    try:
+        return await asyncio.to_thread(_embed_all, runner, name, images, normalize, n_dims)
+    except PipelineError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _elapsed_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 2)
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+async def classify_image(request: web.Request) -> web.Response:
+    t0 = time.perf_counter()
+    req = await _parse(request, ClassifyImageRequest)
+    runner = runner_of(request)
+    classifier(runner, req.name)
+    images = await load_images(request, req.image, req.image_download_headers)
+    labels, probs = await _probabilities(runner, req.name, images)
+    return web.json_response({"probabilities": probs, "labels": labels,
+                              "processingTimeMs": _elapsed_ms(t0)})
+
+
+async def embed_image(request: web.Request) -> web.Response:
+    t0 = time.perf_counter()
+    req = await _parse(request, EmbedImageRequest)
+    runner = runner_of(request)
+    classifier(runner, req.name)
+    images = await load_images(request, req.image, req.image_download_headers)
+    vectors = await _embeddings(runner, req.name, images, req.normalize, req.nDims)
+    return web.json_response({"embeddings": vectors, "processingTimeMs": _elapsed_ms(t0)})
+
+
+async def infer(request: web.Request) -> web.Response:
+    t0 = time.perf_counter()
+    req = await _parse(request, InferRequest)
+    if req.text is not None:
+        raise ApiError(400, NO_TEXT_ENCODER)
+    if req.image is None:
+        raise ApiError(422, "the request has invalid or missing fields",
+                       [{"field": "image", "message": "required (text is not supported)"}])
+    runner = runner_of(request)
+    classifier(runner, req.name)
+    images = await load_images(request, req.image, req.image_download_headers)
+    vectors, (labels, probs) = await asyncio.gather(
+        _embeddings(runner, req.name, images, req.normalize, req.nDims),
+        _probabilities(runner, req.name, images))
+    return web.json_response({"imageEmbeddings": vectors, "probabilities": probs,
+                              "labels": labels, "processingTimeMs": _elapsed_ms(t0)})
+
+
+async def embed_text(request: web.Request) -> web.Response:
+    await _parse(request, EmbedTextRequest)
+    raise ApiError(400, NO_TEXT_ENCODER)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("POST", "/classify_image", classify_image, scope="infer"),
+        Route("POST", "/embed_image", embed_image, scope="infer"),
+        Route("POST", "/infer", infer, scope="infer"),
+        Route("POST", "/embed_text", embed_text, scope="infer"),
+    ]

@@ -1,0 +1,278 @@
+"""Health and metrics (seed 003): ``GET /health`` and ``GET /metrics``.
+
+``/health`` (open) says that the server runs, and the state of the store, the
+DICOM listener, the drop folders and each model. It answers 503 only when the
+store is unreachable (nothing works without it); a failed model or a stopped
+listener makes ``status`` ``degraded``.
+
+``/metrics`` with ``Accept: application/json`` answers seed 003's
+``{"modelStats": [...]}`` from the inference engine's statistics. Any other
+``Accept`` gets the Prometheus text format (OpenMetrics when asked for) of the
+same figures plus the DICOM listener's counters, the store's instance count
+and jobs by state. A collector reads the live figures at each scrape into a
+registry of its own (never prometheus-client's global one), so several nodes
+in one process never mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+import dicom_node
+from dicom_node.store import JobState
+from pipeline.engine import BatchedModel, ModelStatistics
+from rest.app import NODE, Route
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+
+RUNNING_MESSAGE = "The inference server is running."
+_PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+# -- /health ---------------------------------------------------------------------------
+
+
+def models_health(node: Node) -> dict[str, dict[str, Any]]:
+    """Per configured model: ``state`` (loading, ready, failed, stopped) and details."""
+    runner = node.runner
+    if runner is None:
+        state = node.parts.get("models", "starting")
+        return {m.name: {"state": "loading" if state in ("starting", "running") else state}
+                for m in node.settings.models}
+    out: dict[str, dict[str, Any]] = {}
+    served: dict[str, list[BatchedModel]] = {}
+    for m in runner.engine.models():
+        served.setdefault(m.name, []).append(m)
+    for spec in runner.specs:
+        if spec.name in out:
+            continue
+        if spec.name in runner.failed:
+            out[spec.name] = {"state": "failed", "error": runner.failed[spec.name]}
+            continue
+        versions = served.get(spec.name, [])
+        alive = bool(versions) and all(v.alive for v in versions)
+        out[spec.name] = {
+            "state": "ready" if alive else "stopped",
+            "versions": [v.version for v in versions],
+            "default": runner.registry.default_version(spec.name),
+            "device": versions[0].device.type if versions else None,
+        }
+    return out
+
+
+def dicom_health(node: Node) -> dict[str, Any]:
+    """The DICOM listener: state, AE title, port and open associations."""
+    scp = node.scp
+    body: dict[str, Any] = {"state": node.parts.get("dicom", "not started"),
+                            "ae_title": node.settings.dimse.ae_title}
+    if scp is not None:
+        body["port"] = scp.port
+        body["associations"] = scp.counters().active
+        if not scp.running:
+            body["state"] = "stopped"
+    return body
+
+
+async def health(request: web.Request) -> web.Response:
+    """Open route: the server runs; the state of the store, the listener and each model."""
+    node = request.app[NODE]
+    store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
+    models = models_health(node)
+    dicom = dicom_health(node)
+    degraded = (not store_ok or dicom["state"] != "running"
+                or any(m["state"] != "ready" for m in models.values()))
+    body: dict[str, Any] = {
+        "status": "degraded" if degraded else "ok",
+        "message": RUNNING_MESSAGE,
+        "version": dicom_node.__version__,
+        "node": node.settings.node_name,
+        "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None},
+        "dicom": dicom,
+        "models": models,
+        "parts": dict(node.parts),
+        "watch": node.watch.status() if node.watch is not None else {},
+    }
+    return web.json_response(body, status=200 if store_ok else 503)
+
+
+# -- /metrics ----------------------------------------------------------------------------
+
+
+def wants_json(accept: str) -> bool:
+    """True when ``application/json`` is the client's most preferred type in ``accept``."""
+    best_q, best_json = 0.0, False
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        if not media:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > best_q:  # ties keep the earlier type
+            best_q, best_json = q, media.lower() == "application/json"
+    return best_json
+
+
+def _seconds(ns: int) -> float:
+    return ns / 1e9
+
+
+class NodeCollector(Collector):
+    """Prometheus figures of one node, read from its engine, listener and store."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._models()
+        yield from self._dimse()
+        yield from self._store()
+
+    def _models(self) -> Iterable[Metric]:
+        runner = self.node.runner
+        stats: list[ModelStatistics] = runner.engine.statistics() if runner else []
+        mv = ["model", "version"]
+        requests = CounterMetricFamily(
+            "dicom_node_inference_requests", "Inference requests by outcome",
+            labels=[*mv, "outcome"])
+        duration = CounterMetricFamily(
+            "dicom_node_inference_request_duration_seconds",
+            "Cumulative end-to-end time of inference requests, by outcome",
+            labels=[*mv, "outcome"])
+        inferences = CounterMetricFamily(
+            "dicom_node_inference_count", "Samples inferred (a batch of n counts n)", labels=mv)
+        executions = CounterMetricFamily(
+            "dicom_node_inference_executions", "Forward passes (batches) run", labels=mv)
+        phases = CounterMetricFamily(
+            "dicom_node_inference_phase_duration_seconds",
+            "Cumulative time requests spent in each phase (queue, compute_input, "
+            "compute_infer, compute_output); each request of a batch is charged the batch's "
+            "compute time", labels=[*mv, "phase"])
+        cache = CounterMetricFamily(
+            "dicom_node_inference_cache", "Response cache lookups by result",
+            labels=[*mv, "result"])
+        batches = CounterMetricFamily(
+            "dicom_node_inference_batch_executions", "Forward passes by batch size",
+            labels=[*mv, "batch_size"])
+        batch_time = CounterMetricFamily(
+            "dicom_node_inference_batch_duration_seconds",
+            "Cumulative time of forward passes by batch size and phase",
+            labels=[*mv, "batch_size", "phase"])
+        last = GaugeMetricFamily(
+            "dicom_node_inference_last_timestamp_seconds",
+            "When the model's last batch finished (Unix time)", labels=mv)
+        up = GaugeMetricFamily(
+            "dicom_node_model_up", "1 when the model is loaded and its batcher runs",
+            labels=mv)
+        failed = GaugeMetricFamily(
+            "dicom_node_model_load_failed", "1 for a configured model that failed to load",
+            labels=["model"])
+        for s in stats:
+            lv = [s.name, s.version]
+            for outcome, d in (("success", s.success), ("fail", s.fail)):
+                requests.add_metric([*lv, outcome], d.count)
+                duration.add_metric([*lv, outcome], _seconds(d.ns))
+            inferences.add_metric(lv, s.inference_count)
+            executions.add_metric(lv, s.execution_count)
+            for phase in _PHASES:
+                phases.add_metric([*lv, phase], _seconds(getattr(s, phase).ns))
+            cache.add_metric([*lv, "hit"], s.cache_hit.count)
+            cache.add_metric([*lv, "miss"], s.cache_miss.count)
+            for b in s.batch_stats:
+                size = str(b.batch_size)
+                batches.add_metric([*lv, size], b.compute_infer.count)
+                for phase, d in (("compute_input", b.compute_input),
+                                 ("compute_infer", b.compute_infer),
+                                 ("compute_output", b.compute_output)):
+                    batch_time.add_metric([*lv, size, phase], _seconds(d.ns))
+            if s.last_inference_ms is not None:
+                last.add_metric(lv, s.last_inference_ms / 1000.0)
+        if runner is not None:
+            for m in runner.engine.models():
+                up.add_metric([m.name, m.version], 1.0 if m.alive else 0.0)
+            for name in runner.failed:
+                failed.add_metric([name], 1.0)
+        return [requests, duration, inferences, executions, phases, cache, batches, batch_time,
+                last, up, failed]
+
+    def _dimse(self) -> Iterable[Metric]:
+        assoc = CounterMetricFamily(
+            "dicom_node_dimse_associations", "DICOM associations by outcome (accepted, "
+            "rejected, released, aborted)", labels=["outcome"])
+        active = GaugeMetricFamily("dicom_node_dimse_active_associations",
+                                   "DICOM associations open now")
+        echo = CounterMetricFamily("dicom_node_dimse_c_echo", "C-ECHO requests answered")
+        store = CounterMetricFamily("dicom_node_dimse_c_store",
+                                    "C-STORE responses by status", labels=["status"])
+        received = CounterMetricFamily("dicom_node_dimse_instances_received",
+                                       "Instances received and written (duplicates kept as "
+                                       "they were are not counted)")
+        scp = self.node.scp
+        if scp is not None:
+            c = scp.counters()
+            for outcome in ("accepted", "rejected", "released", "aborted"):
+                assoc.add_metric([outcome], c.associations.get(outcome, 0))
+            active.add_metric([], c.active)
+            echo.add_metric([], c.c_echo)
+            for status, n in sorted(c.c_store.items()):
+                store.add_metric([status], n)
+            received.add_metric([], c.instances_stored)
+        return [assoc, active, echo, store, received]
+
+    def _store(self) -> Iterable[Metric]:
+        instances = GaugeMetricFamily("dicom_node_store_instances",
+                                      "Instances recorded in the store")
+        jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs in the store by state",
+                                 labels=["state"])
+        store = self.node.store
+        if store is not None:
+            instances.add_metric([], store.count_instances())
+            counts = store.count_jobs()
+            for state in JobState:
+                jobs.add_metric([state.value], counts.get(state, 0))
+        return [instances, jobs]
+
+
+def prometheus_text(node: Node, accept: str | None) -> tuple[bytes, str]:
+    """The node's figures in the format ``accept`` asks for; blocking (the store is read)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    if wants_json(request.headers.get("Accept", "")):
+        runner = node.runner
+        return web.json_response(runner.engine.metrics_json() if runner else {"modelStats": []})
+    body, content_type = await asyncio.to_thread(prometheus_text, node,
+                                                 request.headers.get("Accept"))
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def routes() -> list[Route]:
+    return [
+        Route("GET", "/health", health, scope=None),
+        Route("GET", "/metrics", metrics, scope="read"),
+    ]

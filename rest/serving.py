@@ -1,0 +1,253 @@
+"""TorchServe-style model serving (seed 004): ``/ping``, ``/predictions``, ``/models``.
+
+- ``GET /ping`` (open): ``{"health": "healthy!"}``; 503 with the reason while the
+  models load or when one failed to load.
+- ``POST|PUT /predictions/{model}[/{version}]``: one DICOM, PNG or JPEG image as
+  the raw body (``curl -T file`` sends PUT) or as a multipart part (``curl -F
+  data=@file``) -> ``[{"class": ..., "probability": ...}, ...]``, top class first.
+- ``GET /models``, ``GET /models/{name}[/{version}]`` (``all`` as version works as
+  in TorchServe): the loaded models, their versions, default, device and batching.
+
+Predictions go through the inference engine's dynamic batching, so concurrent
+requests for a model share forward passes. Decoding and preprocessing run in a
+worker thread; the event loop only moves bytes and awaits the batch. Errors
+have TorchServe's shape: ``{"code": 404, "type": "ModelNotFoundException",
+"message": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from pipeline.decode import decode_image
+from pipeline.io import InputError
+from pipeline.runner import PipelineError, PipelineRunner, Prediction
+from rest.app import NODE, Route
+from rest.errors import ApiError, ErrorStyle
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.bundle import LoadedModel
+
+# Multipart parts TorchServe hands its handlers as the request's input.
+_INPUT_PARTS = ("data", "body", "file", "image")
+
+
+def runner_of(request: web.Request) -> PipelineRunner:
+    """The node's model runner; 503 while the models are still loading."""
+    runner = request.app[NODE].runner
+    if runner is None:
+        raise ApiError(503, "the models are still loading; retry shortly")
+    return runner
+
+
+def classifier(runner: PipelineRunner, name: str, version: str | None = None) -> LoadedModel:
+    """The classifier ``name`` (at ``version``): 404 unknown, 503 failed, 400 not a classifier."""
+    if name in runner.failed:
+        raise ApiError(503, f"model {name!r} failed to load: {runner.failed[name]}")
+    try:
+        return runner.classifier(name, version)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0]) if exc.args else f"unknown model {name!r}") from None
+    except PipelineError as exc:
+        raise ApiError(400, f"{exc}; /predictions serves image classifiers") from None
+
+
+def _prepare(model: LoadedModel, data: bytes) -> torch.Tensor:
+    """Decode and preprocess one image (blocking: runs in a worker thread)."""
+    return model.preprocess(decode_image(data).pixels)
+
+
+async def classify_bytes(runner: PipelineRunner, model: LoadedModel, data: bytes) -> Prediction:
+    """Classify one encoded image through the batching engine without blocking the loop.
+
+    Raises ApiError 400 when the bytes are not an image the pipeline can read.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        tensor = await loop.run_in_executor(None, _prepare, model, data)
+    except InputError as exc:
+        raise ApiError(400, exc.message) from None
+    return await runner.predict_async(model, tensor)
+
+
+def findings(pred: Prediction) -> list[dict[str, Any]]:
+    """``[{"class", "probability"}]`` sorted by probability, top class first."""
+    pairs = sorted(zip(pred.labels, pred.probabilities, strict=False), key=lambda p: -p[1])
+    return [{"class": label, "probability": p} for label, p in pairs]
+
+
+async def _read_limited(part: BodyPartReader, budget: int) -> bytes:
+    """A multipart part's bytes; 413 beyond ``budget`` (the reader does not enforce a limit)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(256 * 1024):
+        size += len(chunk)
+        if size > budget:
+            raise web.HTTPRequestEntityTooLarge(max_size=budget, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_limit(request: web.Request) -> int:
+    """The configured largest request body, in bytes (``rest.max_body_mb``)."""
+    return int(request.app[NODE].settings.rest.max_body_mb * 1024 * 1024)
+
+
+async def request_image(request: web.Request) -> bytes:
+    """The image of a request: the raw body, or one part of a multipart form.
+
+    Of a multipart body, the part named ``data`` (or ``body``, ``file``, ``image``)
+    is used, else the first part with a file name, else the first part. Raises
+    ApiError 400 without an image, HTTPRequestEntityTooLarge beyond the limit.
+    """
+    if not request.content_type.startswith("multipart/"):
+        data = await request.read()  # aiohttp enforces client_max_size here
+    else:
+        budget = body_limit(request)
+        named = first_file = first = None
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    continue  # a nested multipart is not an image
+                content = await _read_limited(part, budget)
+                budget -= len(content)
+                if part.name in _INPUT_PARTS:
+                    named = content
+                    break
+                if first is None:
+                    first = content
+                if first_file is None and part.filename:
+                    first_file = content
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            # a malformed body (bad boundary, part headers, encoding)
+            raise ApiError(400, f"the multipart body cannot be read ({exc}); send the image "
+                           "as the part 'data' (curl -F data=@file)") from None
+        data = next((d for d in (named, first_file, first) if d is not None), b"")
+    if not data:
+        raise ApiError(400, "the request has no image: send a DICOM, PNG or JPEG image as the "
+                       "body (curl -T file) or as the multipart part 'data' (curl -F data=@file)")
+    return data
+
+
+# -- handlers ------------------------------------------------------------------------------
+
+
+async def ping(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    runner = node.runner
+    problem = None
+    if runner is None:
+        state = node.parts.get("models", "starting")
+        problem = "the models are still loading" if state in ("starting", "running") \
+            else f"the model runner is {state}"
+    elif runner.failed:
+        problem = "; ".join(f"model {n!r} failed to load: {e}" for n, e in runner.failed.items())
+    else:
+        dead = [f"{m.name}:{m.version}" for m in runner.engine.models() if not m.alive]
+        if dead:
+            problem = f"the inference threads of {', '.join(dead)} stopped"
+    if problem is not None:
+        return web.json_response({"health": "unhealthy!", "reason": problem}, status=503)
+    return web.json_response({"health": "healthy!"})
+
+
+async def predictions(request: web.Request) -> web.Response:
+    runner = runner_of(request)
+    model = classifier(runner, request.match_info["model"], request.match_info.get("version"))
+    data = await request_image(request)
+    return web.json_response(findings(await classify_bytes(runner, model, data)))
+
+
+def describe_version(runner: PipelineRunner, model: LoadedModel) -> dict[str, Any]:
+    """One loaded version as ``GET /models/{name}`` lists it (TorchServe's field names)."""
+    default = runner.registry.default_version(model.name)
+    body: dict[str, Any] = {
+        "modelName": model.name,
+        "modelVersion": model.version,
+        "default": model.version == default,
+        "status": "ready",
+        "task": model.task,
+        "labels": list(model.labels),
+        "inputSize": list(model.spatial_size) if model.spatial_size else None,
+        "source": model.source,
+        "device": str(model.device),
+    }
+    try:
+        served = runner.engine.get(model.name, model.version)
+    except KeyError:
+        body["status"] = "not serving"
+        return body
+    stats = served.statistics()
+    body.update({
+        "device": str(served.device),
+        "batchSize": served.max_batch,
+        "maxBatchDelay": served.max_delay_ns / 1e6,
+        "workers": served.workers,
+        "threadsPerWorker": served.threads,
+        "status": "ready" if served.alive else "stopped",
+        "inferenceCount": stats.inference_count,
+        "executionCount": stats.execution_count,
+    })
+    return body
+
+
+def _versions(runner: PipelineRunner, name: str) -> list[LoadedModel]:
+    """Every loaded version of ``name``, oldest first."""
+    return [runner.model(name, v) for v in runner.registry.versions(name)]
+
+
+def _failed(runner: PipelineRunner, name: str) -> dict[str, Any]:
+    specs = [s for s in runner.specs if s.name == name]
+    return {"modelName": name, "status": "failed", "error": runner.failed[name],
+            "versions": sorted({s.version for s in specs if s.version})}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    runner = runner_of(request)
+    out: list[dict[str, Any]] = []
+    for name in sorted({s.name for s in runner.specs}):
+        if name in runner.failed:
+            out.append(_failed(runner, name))
+            continue
+        versions = [m.version for m in _versions(runner, name)]
+        out.append({"modelName": name, "status": "ready", "versions": versions,
+                    "defaultVersion": runner.registry.default_version(name)})
+    return web.json_response({"models": out})
+
+
+async def describe_model(request: web.Request) -> web.Response:
+    runner = runner_of(request)
+    name = request.match_info["name"]
+    version = request.match_info.get("version")
+    if name not in {s.name for s in runner.specs}:
+        raise ApiError(404, f"model {name!r} is not loaded; GET /models lists the models")
+    if name in runner.failed:
+        return web.json_response([_failed(runner, name)])
+    if version in (None, "all"):
+        return web.json_response([describe_version(runner, m) for m in _versions(runner, name)])
+    try:
+        model = runner.model(name, version)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+    return web.json_response([describe_version(runner, model)])
+
+
+def routes() -> list[Route]:
+    ts = ErrorStyle.TORCHSERVE
+    table = [Route("GET", "/ping", ping, scope=None, style=ts)]
+    for path in ("/predictions/{model}", "/predictions/{model}/{version}"):
+        table += [Route(method, path, predictions, scope="infer", style=ts)
+                  for method in ("POST", "PUT")]
+    table += [
+        Route("GET", "/models", list_models, scope="read", style=ts),
+        Route("GET", "/models/{name}", describe_model, scope="read", style=ts),
+        Route("GET", "/models/{name}/{version}", describe_model, scope="read", style=ts),
+    ]
+    return table

@@ -1,0 +1,271 @@
+"""Seed 003's image endpoints: /classify_image, /embed_image, /infer, /embed_text."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.serving import (
+    CT,
+    CXR,
+    CXR_LABELS,
+    LiveNode,
+    live_node,
+    phantom_png,
+    serving_settings,
+)
+
+PNG = phantom_png(1)
+B64 = base64.b64encode(PNG).decode()
+DATA_URI = "data:image/png;base64," + B64
+EMBED_DIM = 224  # the demo DenseNet's features, the input of its last linear layer
+
+
+class _Images(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/img.png" or (self.path == "/private.png"
+                                       and self.headers.get("X-Token") == "s3cret"):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/img.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_response(403 if self.path == "/private.png" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iterator[LiveNode]:
+    data = tmp_path_factory.mktemp("images") / "data"
+    settings = serving_settings(data, models=[CXR, CT], image_url_hosts=[image_server],
+                                max_body_mb=1)
+    with live_node(settings) as ln:
+        yield ln
+
+
+async def post(live: LiveNode, path: str, body: Any, *, raw: bool = False,
+               auth: dict[str, str] | None = None) -> tuple[int, Any]:
+    headers = live.auth() if auth is None else auth
+    kwargs: dict[str, Any] = {"data": body} if raw else {"json": body}
+    async with aiohttp.ClientSession() as s, s.post(live.base_url + path, headers=headers,
+                                                    **kwargs) as r:
+        text = await r.text()
+        return r.status, json.loads(text)
+
+
+async def predictions(live: LiveNode, png: bytes) -> dict[str, float]:
+    async with aiohttp.ClientSession(headers=live.auth()) as s, s.post(
+            f"{live.base_url}/predictions/cxr-findings", data=png) as r:
+        return {f["class"]: f["probability"] for f in await r.json()}
+
+
+# -- /classify_image -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", [B64, DATA_URI, [B64], "\n".join([B64[:60], B64[60:]])])
+async def test_classify_one_image(live: LiveNode, image: Any) -> None:
+    status, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": image})
+    assert status == 200, body
+    assert set(body) == {"probabilities", "labels", "processingTimeMs"}
+    assert body["labels"] == CXR_LABELS and len(body["probabilities"]) == 1
+    assert body["processingTimeMs"] > 0
+    expected = await predictions(live, PNG)
+    got = dict(zip(body["labels"], body["probabilities"][0], strict=True))
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+async def test_classify_a_list_keeps_the_order(live: LiveNode) -> None:
+    pngs = [phantom_png(i) for i in (2, 3, 4)]
+    status, body = await post(live, "/classify_image", {
+        "name": "cxr-findings", "image": [base64.b64encode(p).decode() for p in pngs]})
+    assert status == 200 and len(body["probabilities"]) == 3
+    for png, probs in zip(pngs, body["probabilities"], strict=True):
+        expected = await predictions(live, png)
+        assert dict(zip(CXR_LABELS, probs, strict=True)) == pytest.approx(expected, abs=1e-4)
+
+
+async def test_classify_from_an_allowed_url(live: LiveNode, image_server: str) -> None:
+    status, body = await post(live, "/classify_image", {
+        "name": "cxr-findings", "image": [f"http://{image_server}/img.png", B64]})
+    assert status == 200, body
+    assert body["probabilities"][0] == pytest.approx(body["probabilities"][1], abs=1e-4)
+
+
+async def test_download_headers_are_sent(live: LiveNode, image_server: str) -> None:
+    url = f"http://{image_server}/private.png"
+    status, _ = await post(live, "/classify_image", {
+        "name": "cxr-findings", "image": url, "image_download_headers": {"X-Token": "s3cret"}})
+    assert status == 200
+    status, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": url})
+    assert status == 400 and "HTTP 403" in body["message"]
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/redirect", "redirects are not followed"),
+    ("/missing.png", "HTTP 404"),
+])
+async def test_url_problems_are_400(live: LiveNode, image_server: str, path: str,
+                                    message: str) -> None:
+    status, body = await post(live, "/classify_image", {
+        "name": "cxr-findings", "image": f"http://{image_server}{path}"})
+    assert status == 400 and message in body["message"]
+
+
+@pytest.mark.parametrize("url", ["http://example.com/x.png", "http://127.0.0.1:1/x.png",
+                                 "https://localhost/x.png", "http://[::1]/x.png"])
+async def test_urls_outside_the_allowed_hosts_are_refused(live: LiveNode, url: str) -> None:
+    status, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": url})
+    assert status == 400
+    assert "not allowed" in body["message"] and "rest.image_url_hosts" in body["message"]
+
+
+# -- /embed_image ----------------------------------------------------------------------------
+
+
+async def test_embeddings_are_normalised_by_default(live: LiveNode) -> None:
+    status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": [B64, B64]})
+    assert status == 200, body
+    assert set(body) == {"embeddings", "processingTimeMs"}
+    a, b = body["embeddings"]
+    assert len(a) == EMBED_DIM and a == pytest.approx(b)
+    assert math.fsum(v * v for v in a) == pytest.approx(1.0)
+
+
+async def test_embeddings_raw_and_cut_to_n_dims(live: LiveNode) -> None:
+    _, raw = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                               "normalize": False})
+    full = raw["embeddings"][0]
+    assert math.fsum(v * v for v in full) != pytest.approx(1.0)
+    _, cut = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                               "normalize": False, "nDims": 16})
+    assert cut["embeddings"][0] == pytest.approx(full[:16])
+    _, unit = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                                "nDims": 16, "normalize": True})
+    norm = math.sqrt(math.fsum(v * v for v in full[:16]))
+    assert unit["embeddings"][0] == pytest.approx([v / norm for v in full[:16]])
+
+
+async def test_n_dims_larger_than_the_embedding_is_422(live: LiveNode) -> None:
+    status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                                     "nDims": 100_000})
+    assert status == 422 and body["details"][0]["field"] == "nDims"
+
+
+# -- /infer and text -----------------------------------------------------------------------
+
+
+async def test_infer_gives_embeddings_and_probabilities(live: LiveNode) -> None:
+    status, body = await post(live, "/infer", {"name": "cxr-findings", "image": B64,
+                                               "text": None, "nDims": 8})
+    assert status == 200, body
+    assert len(body["imageEmbeddings"]) == 1 and len(body["imageEmbeddings"][0]) == 8
+    assert len(body["probabilities"][0]) == len(CXR_LABELS) and body["processingTimeMs"] > 0
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/embed_text", {"name": "cxr-findings", "text": "sample text"}),
+    ("/embed_text", {"name": "anything", "text": ["a", "b"], "normalize": True, "nDims": None}),
+    ("/infer", {"name": "cxr-findings", "text": "sample text", "image": B64}),
+])
+async def test_text_is_400_no_text_encoder(live: LiveNode, path: str, body: Any) -> None:
+    status, got = await post(live, path, body)
+    assert status == 400 and "no loaded model has a text encoder" in got["message"]
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer", "/embed_text"])
+async def test_not_json_is_400(live: LiveNode, path: str) -> None:
+    status, body = await post(live, path, b"{name: oops", raw=True)
+    assert status == 400 and body == {"error": "bad_request",
+                                      "message": "the body is not valid JSON"}
+
+
+@pytest.mark.parametrize("body, field", [
+    ([1, 2], "(body)"),
+    ({"image": B64}, "name"),
+    ({"name": "cxr-findings"}, "image"),
+    ({"name": "cxr-findings", "image": 5}, "image"),
+    ({"name": "cxr-findings", "image": []}, "image"),
+    ({"name": "cxr-findings", "image": [B64, 7]}, "image.1"),
+    ({"name": 3, "image": B64}, "name"),
+    ({"name": "cxr-findings", "image": B64, "normalize": "yes"}, "normalize"),
+    ({"name": "cxr-findings", "image": B64, "nDims": "3"}, "nDims"),
+    ({"name": "cxr-findings", "image": B64, "nDims": 0}, "nDims"),
+    ({"name": "cxr-findings", "image": B64, "surprise": 1}, "surprise"),
+    ({"name": "cxr-findings", "image": ["x"] * 65}, "image"),
+])
+async def test_wrong_types_are_422_by_field(live: LiveNode, body: Any, field: str) -> None:
+    status, got = await post(live, "/embed_image", body)
+    assert status == 422, got
+    assert field in [d["field"] for d in got["details"]]
+
+
+@pytest.mark.parametrize("image, message", [
+    ("not base64 at all!", "not an http(s) URL, a data URI or valid base64"),
+    ("data:image/png,rawdata", "must be base64-encoded"),
+    (base64.b64encode(b"hello world").decode(), "neither DICOM, PNG nor JPEG"),
+    ([B64, base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(30)).decode()],
+     "image[1]: cannot decode the PNG"),
+])
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image"])
+async def test_not_an_image_is_400(live: LiveNode, path: str, image: Any, message: str) -> None:
+    status, body = await post(live, path, {"name": "cxr-findings", "image": image})
+    assert status == 400 and message in body["message"]
+
+
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer"])
+async def test_unknown_model_is_404(live: LiveNode, path: str) -> None:
+    status, body = await post(live, path, {"name": "nope", "image": B64})
+    assert status == 404 and "unknown model 'nope'" in body["message"]
+    assert body["error"] == "not_found"
+
+
+async def test_segmentation_model_is_400(live: LiveNode) -> None:
+    status, body = await post(live, "/classify_image", {"name": "ct-organs", "image": B64})
+    assert status == 400 and "segments" in body["message"]
+
+
+async def test_body_over_the_limit_is_413(live: LiveNode) -> None:
+    big = {"name": "cxr-findings", "image": "A" * 1_200_000}  # rest.max_body_mb is 1
+    status, body = await post(live, "/classify_image", big)
+    assert status == 413 and body["error"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("kind, status", [("none", 401), ("expired", 401), ("other-key", 401),
+                                          ("read-only", 403)])
+async def test_credentials(live: LiveNode, kind: str, status: int) -> None:
+    auth = {"none": {}, "expired": live.auth(expires_in=-5),
+            "other-key": live.auth(secret=b"x" * 40), "read-only": live.auth(scope="read")}[kind]
+    got, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": B64},
+                           auth=auth)
+    assert got == status and body["error"] in ("unauthorized", "forbidden")

@@ -1,0 +1,192 @@
+"""Seed 003's /health and /metrics (JSON modelStats and the Prometheus text format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from rest.metrics import wants_json
+from tests.support.serving import CXR, LiveNode, live_node, phantom_png, serving_settings
+
+STAT_KEYS = ["success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+             "cache_hit", "cache_miss"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
+    data = tmp_path_factory.mktemp("metrics") / "data"
+    with live_node(serving_settings(data, models=[{**CXR, "max_delay_ms": 50}])) as ln:
+        yield ln
+
+
+async def get(live: LiveNode, path: str, headers: dict[str, str] | None = None,
+              auth: bool = True) -> tuple[int, str, str]:
+    h = {**(live.auth() if auth else {}), **(headers or {})}
+    async with aiohttp.ClientSession() as s, s.get(live.base_url + path, headers=h) as r:
+        return r.status, r.headers.get("Content-Type", ""), await r.text()
+
+
+async def predict(live: LiveNode, n: int) -> None:
+    async with aiohttp.ClientSession(headers=live.auth()) as s:
+        async def one(i: int) -> None:
+            async with s.post(f"{live.base_url}/predictions/cxr-findings",
+                              data=phantom_png(i)) as r:
+                assert r.status == 200
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def echo(port: int) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+# -- /health -------------------------------------------------------------------------------
+
+
+async def test_health_is_open_and_names_every_part(live: LiveNode) -> None:
+    status, _, text = await get(live, "/health", auth=False)
+    assert status == 200
+    body = json.loads(text)
+    assert body["status"] == "ok" and body["message"] == "The inference server is running."
+    assert body["store"] == {"ok": True, "backend": "sqlite"}
+    assert body["dicom"]["state"] == "running" and body["dicom"]["ae_title"] == "DICOMNODE"
+    assert body["dicom"]["port"] == live.node.scp.port
+    assert body["models"] == {"cxr-findings": {"state": "ready", "versions": ["1.0.0"],
+                                               "default": "1.0.0", "device": "cpu"}}
+
+
+async def test_health_reports_a_failed_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("health-broken")
+    (root / "bad" / "models").mkdir(parents=True)  # no configs/metadata.json
+    models = [CXR, {"name": "bad", "path": str(root / "bad"), "device": "cpu"}]
+    with live_node(serving_settings(root / "data", models=models)) as ln:
+        status, _, text = await get(ln, "/health", auth=False)
+    body = json.loads(text)
+    assert status == 200 and body["status"] == "degraded"
+    assert body["models"]["bad"]["state"] == "failed"
+    assert "metadata.json" in body["models"]["bad"]["error"]
+    assert body["models"]["cxr-findings"]["state"] == "ready"
+
+
+# -- /metrics JSON ---------------------------------------------------------------------------
+
+
+async def test_metrics_json_in_seed_003_shape(live: LiveNode) -> None:
+    await predict(live, 8)
+    status, ctype, text = await get(live, "/metrics", {"Accept": "application/json"})
+    assert status == 200 and ctype.startswith("application/json")
+    stats = json.loads(text)["modelStats"]
+    assert [s["name"] for s in stats] == ["cxr-findings"]
+    s = stats[0]
+    assert list(s) == ["name", "version", "lastInference", "inferenceCount", "executionCount",
+                       "inferenceStats", "batchStats"]
+    assert s["version"] == "1.0.0"
+    assert list(s["inferenceStats"]) == STAT_KEYS
+    n = int(s["inferenceCount"])
+    assert n >= 8 and 1 <= int(s["executionCount"]) < n  # concurrent requests were batched
+    assert s["inferenceStats"]["success"]["count"] == str(n)
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert s["inferenceStats"][key]["count"] == str(n)
+        assert int(s["inferenceStats"][key]["ns"]) > 0
+    for key in ("fail", "cache_hit", "cache_miss"):  # never recorded: null, as in the seed
+        assert s["inferenceStats"][key] == {"count": None, "ns": None}
+    assert int(s["lastInference"]) > 1_600_000_000_000  # ms since the epoch
+    sizes = {int(b["batchSize"]): b for b in s["batchStats"]}
+    assert sum(size * int(b["computeInfer"]["count"]) for size, b in sizes.items()) == n
+    assert any(size > 1 for size in sizes)
+    for b in s["batchStats"]:
+        assert list(b) == ["batchSize", "computeInput", "computeInfer", "computeOutput"]
+        assert all(isinstance(v, str) for v in b["computeInfer"].values())
+
+
+async def test_metrics_need_credentials(live: LiveNode) -> None:
+    status, _, _ = await get(live, "/metrics", {"Accept": "application/json"}, auth=False)
+    assert status == 401
+
+
+# -- /metrics Prometheus ---------------------------------------------------------------------
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict[str, Any], name: str, **labels: str) -> float:
+    for s in fams[name].samples:
+        if (s.name.endswith("_total") or s.name == name) and all(
+                s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "text/plain;version=0.0.4",
+                                    "text/plain, application/json;q=0.5"])
+async def test_prometheus_text_otherwise(live: LiveNode, accept: str | None) -> None:
+    await predict(live, 4)
+    await asyncio.to_thread(echo, live.node.scp.port)
+    status, ctype, text = await get(live, "/metrics", {"Accept": accept} if accept else {})
+    assert status == 200 and ctype.startswith("text/plain")
+    fams = families(text)
+    mv = {"model": "cxr-findings", "version": "1.0.0"}
+    ok = value(fams, "dicom_node_inference_requests", **mv, outcome="success")
+    assert ok >= 4
+    assert value(fams, "dicom_node_inference_count", **mv) == ok
+    assert 1 <= value(fams, "dicom_node_inference_executions", **mv) <= ok
+    assert value(fams, "dicom_node_inference_phase_duration_seconds", **mv,
+                 phase="compute_infer") > 0
+    assert value(fams, "dicom_node_model_up", **mv) == 1
+    assert value(fams, "dicom_node_dimse_associations", outcome="accepted") >= 1
+    assert value(fams, "dicom_node_dimse_associations", outcome="released") >= 1
+    assert value(fams, "dicom_node_dimse_c_echo") >= 1
+    assert value(fams, "dicom_node_dimse_active_associations") == 0
+    for state in ("queued", "running", "succeeded", "failed"):
+        assert value(fams, "dicom_node_jobs", state=state) == 0
+    assert value(fams, "dicom_node_store_instances") == 0
+
+
+async def test_prometheus_figures_match_the_json(live: LiveNode) -> None:
+    await predict(live, 2)
+    _, _, text = await get(live, "/metrics", {"Accept": "application/json"})
+    stats = json.loads(text)["modelStats"][0]
+    _, _, prom = await get(live, "/metrics")
+    fams = families(prom)
+    mv = {"model": "cxr-findings", "version": "1.0.0"}
+    # nothing ran between the two scrapes
+    assert value(fams, "dicom_node_inference_count", **mv) == int(stats["inferenceCount"])
+    assert value(fams, "dicom_node_inference_executions", **mv) == int(stats["executionCount"])
+    for b in stats["batchStats"]:
+        assert value(fams, "dicom_node_inference_batch_executions", **mv,
+                     batch_size=b["batchSize"]) == int(b["computeInfer"]["count"])
+
+
+async def test_openmetrics_when_asked(live: LiveNode) -> None:
+    status, ctype, text = await get(
+        live, "/metrics", {"Accept": "application/openmetrics-text;version=1.0.0"})
+    assert status == 200 and ctype.startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
+
+
+@pytest.mark.parametrize("accept, expected", [
+    ("application/json", True),
+    ("application/json, text/plain", True),
+    ("text/plain, application/json", False),
+    ("text/plain;q=0.5, application/json", True),
+    ("application/json;q=0", False),
+    ("*/*", False),
+    ("", False),
+    ("application/openmetrics-text;version=1.0.0,text/plain;q=0.5,*/*;q=0.1", False),
+])
+def test_wants_json(accept: str, expected: bool) -> None:
+    assert wants_json(accept) is expected
