@@ -49,6 +49,10 @@ def session(live: LiveNode) -> Iterator[requests.Session]:
 
 
 schemathesis.serializer.alias("application/dicom", "application/octet-stream")
+# STOW-RS bodies: arbitrary bytes sent as multipart/related (no boundary, no DICOM parts);
+# the node must refuse them with a declared 400/415, never a 5xx. Real STOW requests are
+# covered by tests/unit/rest/test_stow.py and the ACR end-to-end tests.
+schemathesis.serializer.alias("multipart/related", "application/octet-stream")
 schema = schemathesis.openapi.from_dict(openapi_document())
 
 
