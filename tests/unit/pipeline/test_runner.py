@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import torch
 
 from pipeline.io import InputError
-from pipeline.runner import PipelineError, PipelineRunner, overall_result, parallelism
+from pipeline.runner import (
+    PipelineError,
+    PipelineRunner,
+    label_map,
+    overall_result,
+    parallelism,
+)
 from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
@@ -157,6 +164,16 @@ def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
     assert len(vec) > 1
     assert overall_result([Finding("Tuberculosis", True, 0.9)]) == "TB Presumptive"
     assert overall_result([Finding("Fibrosis", False, 0.1)]) == "Normal"
+
+
+def test_label_map_is_the_argmax_slab_by_slab() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 37, 6, 7)  # 37 slices: the last slab is partial
+    labels = label_map(logits, slab=16)
+    assert labels.dtype == np.uint8 and labels.shape == (37, 6, 7)
+    np.testing.assert_array_equal(labels, logits.argmax(dim=0).numpy())
+    with pytest.raises(PipelineError, match="300 output channels"):
+        label_map(torch.zeros(300, 2, 2, 2))
 
 
 def _loaded(task: str, device: str = "cpu") -> Any:
