@@ -642,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'  engine batch size (mean, from its stats)':44s}"
               f"{fmt(pipe['engine_batch']['1'], '.2f'):>10s}"
               f"{fmt(pipe['engine_batch'][str(b)], '.2f'):>10s}")
+        print(f"{'pipeline - bare (overhead)':44s}{pipe['ms_b1'] - bare.ms_b1:10.2f}"
+              f"{pipe['ms_bn'] - bare.ms_b8:10.2f}")
         print(f"{'ratio pipeline/bare':44s}{ratio1:10.2f}{ratio_n:10.2f}"
               f"   target <= {TARGET_BATCH8} at batch {b}: "
               f"{verdict(ratio_n, TARGET_BATCH8, False)}")
@@ -689,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ms_per_image_b1": round(pipe["ms_b1"], 3),
                          f"ms_per_image_b{b}": round(pipe["ms_bn"], 3),
                          "stages_ms": pipe["stages_ms"], "engine_batch": pipe["engine_batch"],
-                         "max_probability_diff": max_diff},
+                         "max_probability_diff": max_diff,
+                         "overhead_ms_b1": round(pipe["ms_b1"] - bare.ms_b1, 3),
+                         f"overhead_ms_b{b}": round(pipe["ms_bn"] - bare.ms_b8, 3)},
             "ratios": {"pipeline_bare_b1": round(ratio1, 3),
                        f"pipeline_bare_b{b}": round(ratio_n, 3),
                        "batched_unbatched_rps": None if tp_ratio is None else round(tp_ratio, 3)},
