@@ -299,6 +299,9 @@ def _to_cpu_rows(out: Any, n: int, dtype_fix: bool) -> list[Any]:
         host = out.detach().to("cpu")
         if dtype_fix and host.dtype in (torch.float16, torch.bfloat16):
             host = host.float()
+        if n == 1:  # the row is the whole output: a view, not a copy (a CT's logits: GBs)
+            return [host[0]]
+        # separate copies, so that a caller keeping its row does not keep the whole batch
         return [row.clone() for row in host.unbind(0)]
     if isinstance(out, Mapping):
         per_key = {k: _to_cpu_rows(v, n, dtype_fix) for k, v in out.items()}

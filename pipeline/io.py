@@ -566,7 +566,7 @@ def load_image_2d(
         raise ImageSizeError(f"{where}image of shape {pixels.shape} is too small", path=path)
     return Image2D(
         pixels=pixels,
-        header=_header_copy(ds),
+        header=_header_of(ds, source),
         photometric=photometric,
         inverted=inverted,
         voi=voi,

@@ -117,6 +117,36 @@ def test_each_caller_gets_its_own_row() -> None:
         assert arr[0].item() == 3.0
 
 
+class Keep(torch.nn.Module):
+    """Doubles its input and keeps its outputs, to compare with what callers get."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.outputs.append(x * 2)
+        return self.outputs[-1]
+
+
+def test_a_lone_request_gets_a_view_and_a_batch_gets_copies() -> None:
+    net = Keep()
+    with BatchedModel("keep", net, max_batch=2, max_delay_ms=10_000, warmup=False,
+                      workers=1) as model:
+        first, second = model.submit(torch.ones(3)), model.submit(torch.full((3,), 2.0))
+        rows = [first.result(), second.result()]
+    # batch of 2: each row is its own copy, so that keeping one frees the batch
+    assert [r.tolist() for r in rows] == [[2.0] * 3, [4.0] * 3]
+    assert all(r.untyped_storage().data_ptr() != net.outputs[0].untyped_storage().data_ptr()
+               for r in rows)
+    net = Keep()
+    with BatchedModel("keep", net, max_batch=1, warmup=False, workers=1) as model:
+        row = model.infer(torch.ones(3))
+    # batch of 1: the row is the whole output; a copy would double a CT's logits
+    assert row.tolist() == [2.0] * 3
+    assert row.untyped_storage().data_ptr() == net.outputs[0].untyped_storage().data_ptr()
+
+
 def test_sixteen_threads_are_batched() -> None:
     gate = Gated()
     model = BatchedModel("enc", gate, max_batch=8, max_delay_ms=5, warmup=False)

@@ -79,6 +79,14 @@ def test_ct_small_applies_rescale_then_minmax() -> None:
     assert img.header.PatientName == ds.PatientName
 
 
+def test_header_of_a_passed_dataset_is_a_copy_and_leaves_it_whole() -> None:
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    img = load_image_2d(ds)
+    _check_image(img)
+    assert "PixelData" in ds and img.header is not ds  # the caller's dataset is untouched
+    assert img.header.SOPInstanceUID == ds.SOPInstanceUID
+
+
 def test_mr_small_uses_first_window_from_file() -> None:
     path = bundled("MR_small.dcm")
     img = load_image_2d(path)

@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import torch
 
 from pipeline.io import InputError
-from pipeline.runner import PipelineError, PipelineRunner, overall_result, parallelism
+from pipeline.runner import (
+    PipelineError,
+    PipelineRunner,
+    label_map,
+    overall_result,
+    parallelism,
+)
 from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
@@ -111,6 +118,45 @@ def test_bad_inputs_fail_with_a_message(runner: PipelineRunner, tmp_path: Path) 
         runner.run("cls", [junk], tmp_path / "out")
 
 
+def test_classify_many_shares_one_forward_pass(tmp_path: Path) -> None:
+    from pipeline.io import load_image_2d
+
+    bundle = make_tiny_bundle(tmp_path / "tiny")
+    # A long delay and max_batch 4: the batch runs only once all four are in, so the
+    # single forward pass below shows they were handed over together.
+    r = PipelineRunner([ModelSpec(name="tiny", path=bundle, max_batch=4, max_delay_ms=10_000,
+                                  workers=1)],
+                       [PipelineSpec(name="cls", model="tiny", task="classify", threshold=0.01)])
+    r.start()
+    try:
+        images = [load_image_2d(write_dicom(make_cxr_phantom(s), tmp_path / f"{s}.dcm",
+                                            patient_id=f"P{s}")) for s in (11, 12, 13, 14)]
+        before = r.engine.get("tiny").statistics().execution_count
+        out = r.classify_many(r.spec("cls"), images, [None, "X", None, None], explain=False)
+        stats = r.engine.get("tiny").statistics()
+        assert stats.execution_count == before + 1
+        assert [b.batch_size for b in stats.batch_stats] == [4]
+        assert [study.patient_id for _, study in out] == ["P11", "X", "P13", "P14"]
+        assert [res.sop_instance_uid for res, _ in out] == [i.sop_instance_uid for i in images]
+        for (res, _), image in zip(out, images, strict=True):
+            assert res.result != "Normal" and res.heatmap is None  # explain=False
+            assert res.image is image.pixels
+        with pytest.raises(ValueError, match="2 patient IDs given for 4 images"):
+            r.classify_many(r.spec("cls"), images, ["a", "b"])
+    finally:
+        r.close()
+
+
+def test_classify_explains_unless_told_not_to(runner: PipelineRunner, tmp_path: Path) -> None:
+    from pipeline.io import load_image_2d
+
+    image = load_image_2d(write_dicom(make_cxr_phantom(15), tmp_path / "cr.dcm"))
+    explained, _ = runner.classify(runner.spec("cls"), image)
+    bare, _ = runner.classify(runner.spec("cls"), image, explain=False)
+    assert explained.heatmap is not None and bare.heatmap is None
+    assert [f.confidence for f in bare.findings] == [f.confidence for f in explained.findings]
+
+
 def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
     import numpy as np
 
@@ -118,6 +164,16 @@ def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
     assert len(vec) > 1
     assert overall_result([Finding("Tuberculosis", True, 0.9)]) == "TB Presumptive"
     assert overall_result([Finding("Fibrosis", False, 0.1)]) == "Normal"
+
+
+def test_label_map_is_the_argmax_slab_by_slab() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 37, 6, 7)  # 37 slices: the last slab is partial
+    labels = label_map(logits, slab=16)
+    assert labels.dtype == np.uint8 and labels.shape == (37, 6, 7)
+    np.testing.assert_array_equal(labels, logits.argmax(dim=0).numpy())
+    with pytest.raises(PipelineError, match="300 output channels"):
+        label_map(torch.zeros(300, 2, 2, 2))
 
 
 def _loaded(task: str, device: str = "cpu") -> Any:
