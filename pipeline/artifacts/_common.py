@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import unicodedata
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,7 +99,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary file is removed and the exception propagates.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    # unique per call: two threads writing the same artifact must not share a temp file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -79,3 +79,28 @@ def test_concept_for_name_falls_back_to_private_scheme() -> None:
 )
 def test_person_name(pn: str, expected: str) -> None:
     assert person_name(pn) == expected
+
+
+def test_atomic_path_gives_concurrent_writers_their_own_temp_files(tmp_path: Path) -> None:
+    import threading
+
+    from pipeline.artifacts._common import atomic_path
+
+    target = tmp_path / "p_predictions.json"
+    barrier = threading.Barrier(8)
+    temps: list[Path] = []
+
+    def write(i: int) -> None:
+        with atomic_path(target) as tmp:
+            temps.append(tmp)
+            tmp.write_text(str(i) * 1000)
+            barrier.wait()  # every writer holds its temp file open at once
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(temps)) == 8
+    body = target.read_text()
+    assert len(body) == 1000 and len(set(body)) == 1  # one writer's whole file, not a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["p_predictions.json"]
