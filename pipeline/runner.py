@@ -129,6 +129,70 @@ def label_map(logits: torch.Tensor, slab: int = 16) -> npt.NDArray[np.uint8]:
     return result
 
 
+def model_spacing(model: LoadedModel) -> tuple[float, float, float] | None:
+    """The voxel spacing (z, y, x) in mm the model was trained at, from its metadata
+    (``network_data_format.inputs.image.pixdim_zyx_mm``), or None when not declared."""
+    try:
+        image = model.metadata["network_data_format"]["inputs"]["image"]
+        z, y, x = (float(v) for v in image["pixdim_zyx_mm"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (z, y, x) if min(z, y, x) > 0 else None
+
+
+def model_grid(shape: tuple[int, ...], spacing: Sequence[float],
+               trained: tuple[float, float, float] | None,
+               tolerance: float = 0.1) -> tuple[int, int, int] | None:
+    """The Z x Y x X shape that puts a ``shape`` volume of ``spacing`` mm at the model's
+    training spacing, or None when it is already within ``tolerance`` (relative) of it
+    or the model declares none."""
+    if trained is None or len(shape) != 3:
+        return None
+    if all(abs(s - t) <= tolerance * t for s, t in zip(spacing, trained, strict=True)):
+        return None
+    return tuple(max(1, round(n * s / t))  # type: ignore[return-value]
+                 for n, s, t in zip(shape, spacing, trained, strict=True))
+
+
+def resample(tensor: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """C x Z x Y x X to C x ``grid``: area averaging where it shrinks (no aliasing of
+    fine detail), trilinear where it grows."""
+    x = tensor.float()[None]
+    smaller = tuple(min(g, int(n)) for g, n in zip(grid, x.shape[2:], strict=True))
+    if smaller != tuple(x.shape[2:]):
+        x = torch.nn.functional.interpolate(x, size=smaller, mode="area")
+    if smaller != grid:
+        x = torch.nn.functional.interpolate(x, size=grid, mode="trilinear",
+                                            align_corners=False)
+    return x[0]
+
+
+def resampled_label_map(logits: torch.Tensor, shape: tuple[int, ...],
+                        slab: int = 8) -> npt.NDArray[np.uint8]:
+    """The label map at the source ``shape`` (Z x Y x X) of C x z x y x x ``logits``
+    made at the model's grid: bilinear in-plane once per model slice, then linear
+    between slices and argmax ``slab`` output slices at a time, so the full-size
+    C x Z x Y x X float map never exists (1.6 GB for five labels on a 512 x 512 x 300 CT)."""
+    if logits.shape[0] > 256:
+        raise PipelineError(f"{logits.shape[0]} output channels do not fit a uint8 label map")
+    nz, ny, nx = (int(v) for v in shape)
+    planes = torch.nn.functional.interpolate(  # z x C x Y x X
+        logits.float().permute(1, 0, 2, 3), size=(ny, nx), mode="bilinear",
+        align_corners=False)
+    zl = planes.shape[0]
+    out = torch.empty((nz, ny, nx), dtype=torch.uint8)
+    for z0 in range(0, nz, slab):
+        k = torch.arange(z0, min(z0 + slab, nz), dtype=torch.float32)
+        src = ((k + 0.5) * zl / nz - 0.5).clamp(0, zl - 1)  # align_corners=False mapping
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=zl - 1)
+        w = (src - lo.float()).view(-1, 1, 1, 1)
+        mixed = planes[lo] * (1 - w) + planes[hi] * w  # slab x C x Y x X
+        out[z0:z0 + len(k)] = mixed.argmax(dim=1)
+    result: npt.NDArray[np.uint8] = out.numpy()
+    return result
+
+
 def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
     """Patient and study attributes of a source header (``patient_id`` overrides)."""
 
@@ -381,11 +445,17 @@ class PipelineRunner:
         volume = load_ct_volume(list(sources),
                                 modalities=spec.series.modalities or ("CT",))
         tensor = model.preprocess(volume.array)
+        grid = model_grid(tuple(tensor.shape[1:]), volume.spacing, model_spacing(model))
+        if grid is not None:  # the model only knows organs at the size it was trained on
+            tensor = resample(torch.as_tensor(tensor), grid)
         t1 = time.perf_counter()
         logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
                                                    version=model.version))
         del tensor
-        labels = label_map(logits)
+        if grid is not None:
+            labels = resampled_label_map(logits, tuple(volume.array.shape))
+        else:
+            labels = label_map(logits)
         del logits  # C x the volume in float32: not kept while the artifacts are written
         t2 = time.perf_counter()
         if labels.shape != volume.array.shape:
@@ -425,6 +495,10 @@ __all__ = [
     "Prediction",
     "RunOutput",
     "label_map",
+    "model_grid",
+    "model_spacing",
     "overall_result",
     "patient_study",
+    "resample",
+    "resampled_label_map",
 ]

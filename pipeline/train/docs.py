@@ -54,9 +54,11 @@ A small MONAI 3D `UNet` that segments organ-like structures in abdominal CT
 phantoms, run with `monai.inferers.sliding_window_inference`. **Trained only on
 synthetic phantoms; for demonstrating and testing dicom-node, not for clinical use.**
 
-- Input: a CT volume in Hounsfield units (Z x Y x X, axial slices), at about
-  the training spacing (see `configs/metadata.json`), windowed [-200, 300] HU
-  to [0, 1] (`ScaleIntensityRange`, clipped).
+- Input: a CT volume in Hounsfield units (Z x Y x X, axial slices), windowed
+  [-200, 300] HU to [0, 1] (`ScaleIntensityRange`, clipped). A series whose
+  spacing is more than 10% off the training spacing (`pixdim_zyx_mm` in
+  `configs/metadata.json`, 5 x 4 x 4 mm) is resampled to it by the node (area
+  averaging) and the labels come back at the series' own grid.
 - Output: label map (argmax of softmax), labels listed in `configs/metadata.json`.
 - Held-out Dice per structure: `held_out` in `configs/metadata.json`.
 

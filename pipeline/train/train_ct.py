@@ -220,8 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(ascending ImagePositionPatient z), rows posterior, columns to "
                         "the patient's left (LPS)",
                 "preprocessing": f"HU windowed [{HU_WINDOW[0]:.0f}, {HU_WINDOW[1]:.0f}] to "
-                                 "[0, 1] and clipped (ScaleIntensityRange); no resampling "
-                                 "(expects about the training spacing)",
+                                 "[0, 1] and clipped (ScaleIntensityRange); the node resamples "
+                                 "a series more than 10% off pixdim_zyx_mm to it and the "
+                                 "labels back to the series' grid",
             }},
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": len(LABELS),
