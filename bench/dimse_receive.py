@@ -127,9 +127,14 @@ def start_node(root: Path) -> tuple[subprocess.Popen[bytes], int]:
         "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
+    # Receiving only: no pipelines, so no job competes for the CPU with the next run (the
+    # default configuration would segment each received CT study between runs).
+    config = root / "node.yaml"
+    config.write_text("ae_titles:\n  - {ae_title: DICOMNODE, pipelines: []}\n"
+                      "models: []\npipelines: []\nwatch: []\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "--data-dir", str(root / "node"),
-         "--dicom-port", str(port)],
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config),
+         "--data-dir", str(root / "node"), "--dicom-port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     wait_port(port, proc)

@@ -29,6 +29,7 @@ from typing import Any
 import pynetdicom
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -183,12 +184,18 @@ class InstanceWriter:
         :class:`StoreError` when it cannot be kept (0xA700).
         """
         try:
-            # A full parse (pixel data included) is what catches a truncated dataset;
-            # values stay raw bytes, so this costs a read, not a decode.
-            ds = dcmread(source_path, force=False)
+            # Every element header is parsed (that is what catches a truncated dataset),
+            # but values over 4 KiB (the pixels) are skipped, not read: their declared
+            # extent is checked against the file's size instead.
+            ds = dcmread(source_path, force=False, defer_size=_DEFER_BYTES)
             meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            _check_complete(ds)
+            if meta_ts == DeflatedExplicitVRLittleEndian:
+                # offsets are into the inflated stream: nothing to compare with the file
+                ds = dcmread(source_path, force=False)
+            _check_complete(ds, os.stat(source_path).st_size)
             elems = {t: ds.get(t) for t in _TAGS}
+        except InvalidInput:
+            raise  # already says what is wrong (a truncated element)
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
                 NotImplementedError) as exc:
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
@@ -229,17 +236,26 @@ class InstanceWriter:
                                 association_id)
 
 
-def _check_complete(ds: Any) -> None:
+_DEFER_BYTES = 4096
+
+
+def _check_complete(ds: Any, file_size: int) -> None:
     """Raise when an element's value is shorter than its declared length (a truncated send).
 
-    pydicom reads a short final value without complaint; the raw elements still carry
-    the declared length, so comparing the two catches a dataset cut off mid-value.
+    pydicom reads a short final value without complaint, and skips a deferred one by
+    seeking; the raw elements still carry the declared length (and, when deferred, the
+    value's offset), so a dataset cut off mid-value shows as a read value shorter than
+    its length or a skipped one that ends past the end of the file.
     """
     for elem in ds.values():  # raw, not yet converted: cheap
         length = getattr(elem, "length", None)
+        if length is None or length == 0xFFFFFFFF:
+            continue
         value = getattr(elem, "value", None)
-        if (isinstance(value, bytes) and length is not None and length != 0xFFFFFFFF
-                and len(value) != length):
+        if isinstance(value, bytes) and len(value) != length:
+            raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
+        tell = getattr(elem, "value_tell", None)
+        if value is None and tell is not None and tell + length > file_size:
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
 
 

@@ -18,6 +18,9 @@ have TorchServe's shape: ``{"code": 404, "type": "ModelNotFoundException",
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
@@ -63,6 +66,30 @@ def _prepare(model: LoadedModel, data: bytes) -> torch.Tensor:
     return model.preprocess(decode_image(data).pixels)
 
 
+_PREP_LOCK = threading.Lock()
+_PREP: ThreadPoolExecutor | None = None
+
+
+def _single_threaded_torch() -> None:
+    import torch
+
+    # One image's resize is too small to split; with torch's intra-op pool every one of
+    # these threads would fan out over all the cores and fight the engine's workers.
+    torch.set_num_threads(1)
+
+
+def prep_executor() -> ThreadPoolExecutor:
+    """The threads that decode and preprocess request images (one per CPU, torch on
+    one thread each), created on first use."""
+    global _PREP
+    with _PREP_LOCK:
+        if _PREP is None:
+            _PREP = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                       thread_name_prefix="image-prep",
+                                       initializer=_single_threaded_torch)
+        return _PREP
+
+
 async def classify_bytes(runner: PipelineRunner, model: LoadedModel, data: bytes) -> Prediction:
     """Classify one encoded image through the batching engine without blocking the loop.
 
@@ -70,7 +97,7 @@ async def classify_bytes(runner: PipelineRunner, model: LoadedModel, data: bytes
     """
     loop = asyncio.get_running_loop()
     try:
-        tensor = await loop.run_in_executor(None, _prepare, model, data)
+        tensor = await loop.run_in_executor(prep_executor(), _prepare, model, data)
     except InputError as exc:
         raise ApiError(400, exc.message) from None
     return await runner.predict_async(model, tensor)
