@@ -3,16 +3,30 @@
 N synthetic CT instances (512x512 int16, ~0.5 MB each) are pushed in ONE association
 by dcmtk ``storescu`` into (a) the node (``dicom-node serve``, full durability: fsync,
 rename, store record before Success) and (b) dcmtk ``storescp +B`` writing to disk,
-alternately, ``--runs`` times each. Prints the median throughput of both, the ratio
-node/storescp and the node's peak RSS increase while receiving. Not a test: the
+alternately, ``--runs`` times each. Three phases, in one run:
+
+1. idle: nothing else runs; prints the median throughput of both and the ratio
+   node/storescp.
+2. under inference: the node also serves the cxr-findings demo model, and
+   ``--inference-clients`` threads keep posting radiographs to its
+   ``/predictions/cxr-findings`` while each receiver (node, then storescp) is pushed to,
+   so both receive on a machine equally busy with the node's inference.
+3. memory: one multi-frame object of ``--multiframe-mb`` MB (512x512 int16 frames)
+   pushed to the node (and to storescp, for the time); prints the node's peak RSS
+   increase while receiving it and checks the stored file's size.
+
+The node's peak resident memory increase is printed for every push. Not a test: the
 numbers depend on the machine and its load.
 
     PYTHONPATH=. python bench/dimse_receive.py --count 500 --runs 3
+    PYTHONPATH=. python bench/dimse_receive.py --inference-clients 0 --multiframe-mb 0
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import shutil
 import socket
@@ -22,12 +36,24 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import psutil
+from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "cxr-findings"
 
 
 def free_port() -> int:
@@ -76,6 +102,123 @@ def make_instances(directory: Path, count: int) -> tuple[list[Path], int]:
     return paths, total
 
 
+def make_multiframe(directory: Path, megabytes: int) -> Path:
+    """Write one multi-frame secondary capture of about ``megabytes`` MB (512x512 int16)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    frames = max(1, round(megabytes * 1e6 / (512 * 512 * 2)))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (
+        generate_uid(), generate_uid(), generate_uid())
+    ds.PatientID, ds.Modality, ds.InstanceNumber = "BENCH", "OT", 1
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation, ds.SamplesPerPixel = 1, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    frame = np.random.default_rng(11).integers(0, 4096, size=(512, 512), dtype=np.int16)
+    ds.PixelData = np.broadcast_to(frame, (frames, 512, 512)).tobytes()
+    path = directory / "multiframe.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def same_dataset(sent: Path, studies: Path) -> bool:
+    """Whether the node kept ``sent``: a file named by its SOP Instance UID whose dataset
+    (everything after the file meta, which each receiver writes itself) has the same
+    length and ends with the same bytes."""
+    src = dcmread(sent, stop_before_pixels=True)
+    kept = list(studies.rglob(f"{src.SOPInstanceUID}.dcm"))
+    if len(kept) != 1:
+        return False
+
+    def dataset_bytes(path: Path) -> int:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        # preamble + "DICM" + the group length element (12 bytes) + the group
+        return path.stat().st_size - (132 + 12 + int(meta.FileMetaInformationGroupLength))
+
+    if dataset_bytes(sent) != dataset_bytes(kept[0]):
+        return False
+    tail = 1 << 20
+    with sent.open("rb") as a, kept[0].open("rb") as b:
+        a.seek(-tail, os.SEEK_END)
+        b.seek(-tail, os.SEEK_END)
+        return a.read() == b.read()
+
+
+def make_pngs(count: int) -> list[bytes]:
+    """Small 8-bit radiograph-like PNGs (a bright body, darker lungs, noise)."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    bodies = []
+    for i in range(count):
+        img = 180 - 60 * (((xx - 90 - i) ** 2 + (yy - 128) ** 2) < 50 ** 2)
+        img = img - 60 * (((xx - 166 + i) ** 2 + (yy - 128) ** 2) < 50 ** 2)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        bodies.append(buf.getvalue())
+    return bodies
+
+
+class InferenceLoad:
+    """Client threads posting radiographs to the node's model in a closed loop."""
+
+    def __init__(self, base: str, token: str, clients: int) -> None:
+        self.url = f"{base}/predictions/{MODEL}"
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/png"}
+        self.bodies = make_pngs(8)
+        self.clients = clients
+        self.done = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True)
+                         for k in range(clients)]
+        self.seconds = 0.0
+
+    def post(self, body: bytes) -> None:
+        req = urllib.request.Request(self.url, data=body, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            json.loads(resp.read())
+
+    def _run(self, k: int) -> None:
+        i = k
+        while not self._stop.is_set():
+            try:
+                self.post(self.bodies[i % len(self.bodies)])
+            except (OSError, urllib.error.HTTPError, ValueError) as exc:
+                with self._lock:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.1)
+                continue
+            i += 1
+            with self._lock:
+                self.done += 1
+
+    def __enter__(self) -> InferenceLoad:
+        self.done = 0
+        self._stop.clear()
+        self._t0 = time.perf_counter()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self.seconds = time.perf_counter() - self._t0
+        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True)
+                         for k in range(self.clients)]
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
 def push(port: int, called: str, files_dir: Path) -> float:
     """Send every file in ``files_dir`` with storescu in one association; seconds taken."""
     env = {**os.environ, "TCP_NODELAY": "1"}
@@ -116,29 +259,73 @@ class RssSampler:
         self._thread.join()
 
 
-def start_node(root: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DICOM_NODE_REST__ENABLED": "false",
-        "DICOM_NODE_DIMSE__HOST": "127.0.0.1",
-        "DICOM_NODE_LOGGING__LEVEL": "warning",
-        "DICOM_NODE_LOGGING__FORMAT": "json",
-        "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
-    # Receiving only: no pipelines, so no job competes for the CPU with the next run (the
-    # default configuration would segment each received CT study between runs).
-    config = root / "node.yaml"
-    config.write_text("ae_titles:\n  - {ae_title: DICOMNODE, pipelines: []}\n"
-                      "models: []\npipelines: []\nwatch: []\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config),
-         "--data-dir", str(root / "node"), "--dicom-port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    wait_port(port, proc)
-    return proc, port
+class Node:
+    """``dicom-node serve`` receiving on a free port; with ``model`` it also serves the
+    cxr-findings demo model over HTTP (``/predictions``) for the inference phase."""
+
+    def __init__(self, root: Path, *, model: bool) -> None:
+        self.root = root
+        self.port = free_port()
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
+        env["PYTHONPATH"] = str(REPO)
+        self.env = env
+        # Receiving only: no pipelines, so no job competes for the CPU with the next run
+        # (the default configuration would segment each received CT study between runs).
+        models = ([{"name": MODEL, "path": str(REPO / "pipeline/models" / MODEL),
+                    "device": "cpu"}] if model else [])
+        self.config = root / "node.yaml"
+        self.config.write_text(json.dumps({  # JSON is YAML
+            "storage": {"min_free_mb": 0},
+            "dimse": {"host": "127.0.0.1", "port": self.port},
+            "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": []}],
+            "rest": {"enabled": model, "host": "127.0.0.1", "port": self.http_port},
+            "models": models, "pipelines": [], "watch": [],
+            "logging": {"level": "warning", "format": "json"},
+        }, indent=1), encoding="utf-8")
+        self.data = root / "node"
+        self.log = (root / "node.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config),
+             "--data-dir", str(self.data)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.token = ""
+        try:
+            wait_port(self.port, self.proc, 180)
+            if model:
+                self._wait_http()
+                out = subprocess.run(
+                    [sys.executable, "-m", "dicom_node.cli", "token", "--config",
+                     str(self.config), "--data-dir", str(self.data), "--expires", "4h",
+                     "--scope", "infer"], env=env, capture_output=True, text=True, check=True)
+                self.token = out.stdout.strip().splitlines()[-1]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_http(self) -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the node exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("the node's HTTP API did not come up")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.log.close()
 
 
 def start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -160,11 +347,23 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def median_ratio(node_s: list[float], dcmtk_s: list[float]) -> str:
+    per_run = [b / a for a, b in zip(node_s, dcmtk_s, strict=True)]
+    n, d = statistics.median(node_s), statistics.median(dcmtk_s)
+    return (f"{d / n:.2f} (of the medians); per run " + ", ".join(f"{r:.2f}" for r in per_run))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--count", type=int, default=500, help="instances per run (default 500)")
     ap.add_argument("--runs", type=int, default=3, help="runs per receiver (default 3)")
+    ap.add_argument("--inference-clients", type=int, default=2, metavar="N",
+                    help="client threads keeping the node's model busy in phase 2 "
+                         "(default 2; 0 skips the phase)")
+    ap.add_argument("--multiframe-mb", type=int, default=1024, metavar="MB",
+                    help="size of the multi-frame object of phase 3 (default 1024; 0 skips)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
     for exe in ("storescu", "storescp"):
@@ -174,6 +373,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"load average at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     root = Path(tempfile.mkdtemp(prefix="dimse-bench-"))
+    rss_mb: list[float] = []
+
+    def push_node(node: Node, label: str, files: Path, mb: float, count: int) -> float:
+        with RssSampler(node.pid) as rss:
+            t = push(node.port, "DICOMNODE", files)
+        rss_mb.append((rss.peak - rss.before) / 2**20)
+        print(f"{label}: node     {mb / t:7.1f} MB/s {count / t:7.1f} inst/s "
+              f"(peak RSS +{rss_mb[-1]:.1f} MiB)", flush=True)
+        return t
+
+    def push_storescp(label: str, files: Path, mb: float, count: int) -> float:
+        out = root / "storescp"
+        scp, scp_port = start_storescp(out)
+        try:
+            t = push(scp_port, "STORESCP", files)
+        finally:
+            stop(scp)
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{label}: storescp {mb / t:7.1f} MB/s {count / t:7.1f} inst/s", flush=True)
+        return t
+
     try:
         print(f"writing {args.count} synthetic CT instances (512x512 int16)...", flush=True)
         _, total = make_instances(root / "src", args.count)
@@ -181,43 +401,74 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {mb:.1f} MB in {root / 'src'}", flush=True)
         node_s: list[float] = []
         dcmtk_s: list[float] = []
-        rss_mb: list[float] = []
-        node, node_port = start_node(root)
+        busy_node: list[float] = []
+        busy_dcmtk: list[float] = []
+        busy_rates: list[float] = []
+        errors: list[str] = []
+        mf: dict[str, float] = {}
+        node = Node(root, model=args.inference_clients > 0)
         try:
+            print("\nphase 1: idle", flush=True)
             for run in range(1, args.runs + 1):
-                # The node: a fresh AE title each run is not needed; re-sent instances
-                # overwrite (the default duplicate policy), doing the same work again.
-                with RssSampler(node.pid) as rss:
-                    t = push(node_port, "DICOMNODE", root / "src")
-                node_s.append(t)
-                rss_mb.append((rss.peak - rss.before) / 2**20)
-                print(f"run {run}: node     {mb / t:7.1f} MB/s {args.count / t:7.1f} inst/s "
-                      f"(peak RSS +{rss_mb[-1]:.1f} MiB)", flush=True)
-                out = root / f"storescp{run}"
-                scp, scp_port = start_storescp(out)
-                try:
-                    t = push(scp_port, "STORESCP", root / "src")
-                finally:
-                    stop(scp)
-                shutil.rmtree(out, ignore_errors=True)
-                dcmtk_s.append(t)
-                print(f"run {run}: storescp {mb / t:7.1f} MB/s {args.count / t:7.1f} inst/s",
-                      flush=True)
+                # Re-sent instances overwrite (the default duplicate policy): same work.
+                node_s.append(push_node(node, f"run {run}", root / "src", mb, args.count))
+                dcmtk_s.append(push_storescp(f"run {run}", root / "src", mb, args.count))
+            if args.inference_clients > 0:
+                load = InferenceLoad(node.base, node.token, args.inference_clients)
+                load.post(load.bodies[0])  # fails loudly if the model is not served
+                print(f"\nphase 2: while {args.inference_clients} clients keep the node's "
+                      f"{MODEL} model busy (POST /predictions)", flush=True)
+                for run in range(1, args.runs + 1):
+                    with load:
+                        busy_node.append(push_node(node, f"run {run}", root / "src", mb,
+                                                   args.count))
+                    busy_rates.append(load.rate)
+                    with load:
+                        busy_dcmtk.append(push_storescp(f"run {run}", root / "src", mb,
+                                                        args.count))
+                    busy_rates.append(load.rate)
+                    print(f"run {run}: inference {busy_rates[-2]:.1f} / {busy_rates[-1]:.1f} "
+                          "req/s during the node / storescp pushes", flush=True)
+                errors = load.errors
+            if args.multiframe_mb > 0:
+                print(f"\nphase 3: one {args.multiframe_mb} MB multi-frame object", flush=True)
+                path = make_multiframe(root / "mf", args.multiframe_mb)
+                size = path.stat().st_size
+                before = len(rss_mb)
+                mf["node_s"] = push_node(node, "multi-frame", root / "mf", size / 1e6, 1)
+                mf["rss"] = rss_mb[before]
+                mf["storescp_s"] = push_storescp("multi-frame", root / "mf", size / 1e6, 1)
+                mf["stored"] = float(same_dataset(path, node.data / "studies"))
+                mf["mb"] = size / 1e6
         finally:
-            stop(node)
+            node.stop()
         n, d = statistics.median(node_s), statistics.median(dcmtk_s)
         print()
         print(f"median over {args.runs} runs, {args.count} instances, {mb:.1f} MB, "
               "one association each:")
-        print(f"  node SCP      {mb / n:7.1f} MB/s  {args.count / n:7.1f} instances/s")
-        print(f"  storescp +B   {mb / d:7.1f} MB/s  {args.count / d:7.1f} instances/s")
-        per_run = [b / a for a, b in zip(node_s, dcmtk_s, strict=True)]
-        print(f"  ratio node/storescp  {d / n:.2f} (of the medians); per run "
-              + ", ".join(f"{r:.2f}" for r in per_run)
-              + f" (median {statistics.median(per_run):.2f})")
+        print(f"  idle:      node SCP {mb / n:7.1f} MB/s {args.count / n:7.1f} inst/s   "
+              f"storescp +B {mb / d:7.1f} MB/s {args.count / d:7.1f} inst/s")
+        print(f"  ratio node/storescp (idle)  {median_ratio(node_s, dcmtk_s)}   "
+              "(target >= 0.5)")
+        if busy_node:
+            bn, bd = statistics.median(busy_node), statistics.median(busy_dcmtk)
+            print(f"  inference: node SCP {mb / bn:7.1f} MB/s {args.count / bn:7.1f} inst/s   "
+                  f"storescp +B {mb / bd:7.1f} MB/s {args.count / bd:7.1f} inst/s   "
+                  f"model {statistics.median(busy_rates):.1f} req/s")
+            print(f"  ratio node/storescp (both under the node's inference load)  "
+                  f"{median_ratio(busy_node, busy_dcmtk)}   (target >= 0.4)")
+            print(f"  ratio node under inference / idle storescp  {d / bn:.2f}")
+            if errors:
+                print(f"  inference errors: {len(errors)}, first: {errors[0]}")
+        if mf:
+            print(f"  multi-frame {mf['mb']:.0f} MB: node {mf['mb'] / mf['node_s']:.1f} MB/s, "
+                  f"storescp {mf['mb'] / mf['storescp_s']:.1f} MB/s, ratio "
+                  f"{mf['storescp_s'] / mf['node_s']:.2f}; node peak RSS increase "
+                  f"{mf['rss']:.1f} MiB (target <= 150); stored intact: "
+                  f"{'yes' if mf['stored'] else 'NO'}")
         print(f"  load average at the end: {os.getloadavg()[0]:.2f} "
               f"on {os.cpu_count()} CPUs (other work on the machine skews both sides)")
-        print(f"  node peak RSS increase while receiving: max {max(rss_mb):.1f} MiB, "
+        print(f"  node peak RSS increase while receiving, any push: max {max(rss_mb):.1f} MiB, "
               f"median {statistics.median(rss_mb):.1f} MiB")
     finally:
         if not args.keep:
