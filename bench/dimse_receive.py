@@ -75,12 +75,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], limit_s: float = 60) -> 
     raise SystemExit(f"nothing listens on {port}")
 
 
-def make_instances(directory: Path, count: int) -> tuple[list[Path], int]:
+def make_instances(directory: Path, count: int, size: int = 512) -> tuple[list[Path], int]:
     """Write ``count`` CT instances of one study/series; returns paths and total bytes."""
     directory.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(), generate_uid()
     rng = np.random.default_rng(7)
-    base = rng.integers(-1000, 2000, size=(512, 512), dtype=np.int16)
+    base = rng.integers(-1000, 2000, size=(size, size), dtype=np.int16)
     paths, total = [], 0
     for i in range(count):
         ds = Dataset()
@@ -90,7 +90,7 @@ def make_instances(directory: Path, count: int) -> tuple[list[Path], int]:
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.PatientID, ds.Modality, ds.InstanceNumber = "BENCH", "CT", i + 1
-        ds.Rows = ds.Columns = 512
+        ds.Rows = ds.Columns = size
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation, ds.SamplesPerPixel = 1, 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--count", type=int, default=500, help="instances per run (default 500)")
     ap.add_argument("--runs", type=int, default=3, help="runs per receiver (default 3)")
+    ap.add_argument("--size", type=int, default=512, metavar="PIXELS",
+                    help="rows and columns of each CT instance (default 512: ~0.5 MB; a "
+                         "small size shows the per-message cost)")
     ap.add_argument("--inference-clients", type=int, default=2, metavar="N",
                     help="client threads keeping the node's model busy in phase 2 "
                          "(default 2; 0 skips the phase)")
@@ -395,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         return t
 
     try:
-        print(f"writing {args.count} synthetic CT instances (512x512 int16)...", flush=True)
-        _, total = make_instances(root / "src", args.count)
+        print(f"writing {args.count} synthetic CT instances ({args.size}x{args.size} int16)...",
+              flush=True)
+        _, total = make_instances(root / "src", args.count, args.size)
         mb = total / 1e6
         print(f"  {mb:.1f} MB in {root / 'src'}", flush=True)
         node_s: list[float] = []

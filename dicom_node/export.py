@@ -47,19 +47,30 @@ class Sender(Protocol):
 
 
 class FolderSender:
-    """Copies files into a folder (atomically: temp name, fsync, rename)."""
+    """Copies files into a folder (atomically: temp name, fsync, rename).
+
+    A file under ``base`` keeps its path relative to it (so a job's
+    ``<job id>/<patient>/<patient>_sr.dcm`` stays apart from another job's files for the
+    same patient); any other file goes to the folder's top by its name.
+    """
 
     def __init__(self, resolve: Callable[[Path], Path]) -> None:
         self.resolve = resolve
 
-    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+    def send(self, dest: DestinationSettings, files: list[Path],
+             base: Path | None = None) -> SendResult:
         assert dest.path is not None
         root = self.resolve(dest.path)
         root.mkdir(parents=True, exist_ok=True)
         result = SendResult()
         for src in files:
-            target = root / src.name
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=".export-", suffix=".part")
+            target = root / _relative(src, base)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".part")
+            except OSError as exc:
+                result.failed.append((src, str(exc)))
+                continue
             try:
                 with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
                     shutil.copyfileobj(inp, out, 1 << 20)
@@ -72,6 +83,19 @@ class FolderSender:
                     os.unlink(tmp)
                 result.failed.append((src, str(exc)))
         return result
+
+
+def _relative(src: Path, base: Path | None) -> Path:
+    """``src`` relative to ``base`` when it lies under it (never with ``..``), else its name."""
+    if base is not None:
+        try:
+            rel = src.resolve().relative_to(base.resolve())
+        except ValueError:
+            pass
+        else:
+            if rel.parts and ".." not in rel.parts:
+                return rel
+    return Path(src.name)
 
 
 def dicomweb_client(dest: DestinationSettings) -> DicomWebClient:
@@ -118,8 +142,13 @@ class Exporter:
 
     def export(self, names: list[str], artifacts: list[Artifact],
                cancelled: threading.Event | None = None,
-               extra: list[DestinationSettings] | None = None) -> list[ExportOutcome]:
-        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones)."""
+               extra: list[DestinationSettings] | None = None,
+               base: Path | None = None) -> list[ExportOutcome]:
+        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones).
+
+        A folder destination gets each artifact under ``base`` at its path relative to
+        ``base`` (the layout of the results), any other by its name.
+        """
         by_name = {d.name: d for d in self.settings.destinations}
         outcomes: list[ExportOutcome] = []
         targets: list[DestinationSettings] = []
@@ -132,11 +161,11 @@ class Exporter:
                 targets.append(dest)
         targets += extra or []
         for dest in targets:
-            outcomes.append(self._one(dest, artifacts, cancelled))
+            outcomes.append(self._one(dest, artifacts, cancelled, base))
         return outcomes
 
     def _one(self, dest: DestinationSettings, artifacts: list[Artifact],
-             cancelled: threading.Event | None) -> ExportOutcome:
+             cancelled: threading.Event | None, base: Path | None = None) -> ExportOutcome:
         files = [a.path for a in artifacts
                  if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
         if not files:
@@ -154,7 +183,10 @@ class Exporter:
         message = ""
         for attempt in range(1, retry.max_attempts + 1):
             try:
-                result = sender.send(dest, pending)
+                if isinstance(sender, FolderSender):
+                    result = sender.send(dest, pending, base)
+                else:
+                    result = sender.send(dest, pending)
             except Exception as exc:  # connection refused, association rejected, timeout
                 message = str(exc) or type(exc).__name__
                 result = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,7 @@ class NodeHandler:
         results: list[dict[str, Any]] = []
         spec = runner.spec(job.pipeline)
         skipped: list[dict[str, str]] = []
+        many = len(by_study) > 1
         for study, files in by_study.items():
             ctx.check_cancelled()
             if job.kind in PUSHED_KINDS:
@@ -121,8 +123,11 @@ class NodeHandler:
                     ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
                     skipped.append({"study": study, "reason": reason})
                     continue
+            # Several studies of one patient would write the same file names: each gets
+            # its own folder then (a single study keeps the plain layout).
+            study_dir = out_dir / _study_folder(study, len(results)) if many else out_dir
             try:
-                out = runner.run(job.pipeline, files, out_dir, cancelled=ctx.cancelled)
+                out = runner.run(job.pipeline, files, study_dir, cancelled=ctx.cancelled)
             except (InputError, PipelineError, ValueError) as exc:
                 raise PermanentJobError(f"study {study}: {exc}") from None
             except KeyError as exc:  # a model that failed to load
@@ -156,7 +161,11 @@ class NodeHandler:
         if not names and not extra:
             return []
         exporter = Exporter(self.settings, dimse=self._dimse_export)
-        return exporter.export(names, artifacts, ctx.cancelled, extra)
+        # Folder destinations mirror the results: <job id>/<patient>/... for the node's
+        # own results folder, <patient>/... for a drop folder's configured output.
+        configured = job.input.get("output_dir")
+        base = Path(configured) if configured else self.settings.results_dir
+        return exporter.export(names, artifacts, ctx.cancelled, extra, base=base)
 
     def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
         outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
@@ -194,6 +203,14 @@ def _study_of(path: Path) -> str:
         return str(ds.get("StudyInstanceUID", "")) or "unknown"
     except Exception:  # an unreadable file fails later, in the pipeline, with a reason
         return "unknown"
+
+
+def _study_folder(study: str, index: int) -> str:
+    """A folder name for one of a job's studies: its UID, or a numbered name for a UID
+    that is not one (an unreadable study, named "unknown")."""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", study) and len(study) <= 64:
+        return study
+    return f"study-{index + 1}"
 
 
 def _summary(study: str, result: Any) -> dict[str, Any]:

@@ -70,3 +70,39 @@ def test_unknown_destination_and_missing_sender(tmp_path: Path) -> None:
     out = ex.export(["nowhere", "pacs"], artifacts(tmp_path))
     assert [o.ok for o in out] == [False, False]
     assert "no such destination" in (out[0].message or "")
+
+
+def test_folder_keeps_the_layout_under_base(tmp_path: Path) -> None:
+    """Two jobs' results for one patient carry the same file names: under ``base`` each
+    keeps its own folder in the destination instead of overwriting the other's."""
+    results = tmp_path / "results"
+    made: list[Artifact] = []
+    for job, body in (("job-1", b"first study"), ("job-2", b"second study")):
+        f = results / job / "P1" / "P1_sr.dcm"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(body)
+        made.append(Artifact("sr", f, DICOM_MEDIA_TYPE))
+    outside = tmp_path / "elsewhere" / "note.json"
+    outside.parent.mkdir()
+    outside.write_text("{}")
+    made.append(Artifact("json", outside, "application/json"))
+    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
+    (o,) = ex.export(["out"], made, base=results)
+    assert o.ok and o.sent == 3
+    out = tmp_path / "exported"
+    assert (out / "job-1" / "P1" / "P1_sr.dcm").read_bytes() == b"first study"
+    assert (out / "job-2" / "P1" / "P1_sr.dcm").read_bytes() == b"second study"
+    assert (out / "note.json").read_text() == "{}"  # not under base: by its name
+    assert not list(out.rglob(".export-*"))  # no temporary file left behind
+
+
+def test_folder_reports_a_file_it_cannot_place(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    f = results / "job-1" / "P1" / "P1_sr.dcm"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"x")
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "job-1").write_text("a file where a folder should be")
+    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
+    (o,) = ex.export(["out"], [Artifact("sr", f, DICOM_MEDIA_TYPE)], base=results)
+    assert not o.ok and o.sent == 0 and "P1_sr.dcm" in (o.message or "")

@@ -172,7 +172,10 @@ async def test_created_then_finished_with_results(api: Api) -> None:
         assert [f["name"] for f in r["findings"]] == ["a", "b", "c"]
         assert r["exports"][0]["outputLayerName"] == "gold-set"
         assert r["exports"][0]["state"] == "succeeded"
-    assert (api.tmp / "gold" / "P1_predictions.json").is_file()
+    # the folder destination mirrors the results: <job id>/<patient>/<files>
+    (kept,) = (api.tmp / "gold").rglob("P1_predictions.json")
+    job_dir = kept.relative_to(api.tmp / "gold").parts[0]
+    assert (api.node.settings.results_dir / job_dir / "P1" / "P1_predictions.json").is_file()
     # the output layer by its integer id, the project by its integer id
     status, again = await api.post(good(api, projectIdentifier=got["projectId"],
                                         outputLayerIdentifier=got["outputLayerId"],

@@ -1,0 +1,70 @@
+"""The node's job handler: a job naming several studies of one patient.
+
+A whole node runs in the test's loop with its own job handler, scheduler and store and a
+tiny random classifier; the studies are placed with the node's InstanceWriter, as
+C-STORE would place them, and the folder destination is a real folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dicom_node.store import FINAL_STATES, JobState, NewJob
+from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+from tests.support.inproc import node_settings, running_node
+from tests.support.peers import free_port
+from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path) -> None:
+    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    settings = node_settings(
+        tmp_path / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        watch=[],
+        models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": 0.01,
+                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json", "sr"]}],
+        destinations=[{"name": "share", "type": "folder", "path": str(tmp_path / "share")}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+    )
+    async with running_node(settings) as node:
+        assert node.store is not None and node.scheduler is not None
+        sops, studies = [], []
+        for seed in (1, 2):  # two visits of patient P1: the same output file names
+            src = write_dicom(make_cxr_phantom(seed, size=64), tmp_path / f"cr{seed}.dcm",
+                              patient_id="P1", modality="CR")
+            sent = src.with_suffix(".sent")
+            shutil.copy(src, sent)
+            got = node.instance_writer().write(sent, called_ae="DICOMNODE",
+                                               calling_ae="MODALITY", association_id=0)
+            sops.append(got.sop_instance_uid)
+            studies.append(got.study_instance_uid)
+        assert studies[0] != studies[1]
+        job = await node.scheduler.submit(NewJob(
+            pipeline="cxr", kind="api",
+            input={"instances": sops, "destinations": ["share"]}))
+        while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
+            await asyncio.sleep(0.05)
+        assert job.state is JobState.SUCCEEDED, job.error
+
+    results = settings.results_dir / job.id
+    assert job.result is not None
+    assert [r["study"] for r in job.result["results"]] == studies
+    bodies = set()
+    for study in studies:
+        for name in ("P1_predictions.json", "P1_sr.dcm"):
+            kept = results / study / "P1" / name
+            assert kept.is_file(), kept
+            mirrored = tmp_path / "share" / job.id / study / "P1" / name
+            assert mirrored.read_bytes() == kept.read_bytes()
+        bodies.add((results / study / "P1" / "P1_sr.dcm").read_bytes())
+    assert len(bodies) == 2  # two different SRs, neither overwrote the other
+    assert not (results / "P1").exists()  # several studies: no shared folder
