@@ -74,6 +74,29 @@ def test_echo(node: RunningNode) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_each_association_gets_its_own_copy_of_the_contexts(node: RunningNode) -> None:
+    """pynetdicom deep-copies the server's contexts per association; ours copies each
+    context and its transfer syntax list but shares the (immutable) UIDs, instead of
+    validating ~2,200 of them again for every association."""
+    import copy
+
+    assert node.node is not None and node.node.scp is not None
+    server = node.node.scp._server
+    assert server is not None
+    original = server.contexts
+    copies = copy.deepcopy(original)
+    assert len(copies) == len(original) > 100
+    for a, b in zip(original, copies, strict=True):
+        assert a is not b and vars(a) == vars(b)
+        assert a._transfer_syntax is not b._transfer_syntax
+        assert a.abstract_syntax is b.abstract_syntax  # shared, not re-validated
+    copies[0].context_id = 1
+    copies[0]._transfer_syntax.clear()
+    assert original[0].context_id is None and original[0]._transfer_syntax
+    for _ in range(2):  # two associations in a row, each negotiated from a fresh copy
+        assert echoscu(node.port, NODE_AE).returncode == 0
+
+
 def test_unknown_called_ae_is_rejected(node: RunningNode) -> None:
     res = echoscu(node.port, "NOT_OURS")
     assert res.returncode != 0
