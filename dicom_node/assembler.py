@@ -89,7 +89,7 @@ class CompletedGroup:
     study_instance_uid: str
     series_instance_uid: str | None
     instances: list[str]
-    reason: str  # "released", "timeout" or "shutdown"
+    reason: str  # "released", "timeout", "shutdown" or "recovered"
     completed_at: float  # time.monotonic()
     watch: str | None = None  # the drop folder it came from, if any
 
@@ -103,10 +103,15 @@ class Assembler:
         submit: Submit,
         *,
         on_complete: Callable[[CompletedGroup], None] | None = None,
+        on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_queued`` runs once every job of a DICOM or STOW-RS group is queued (the
+        node marks its instances in the store, so a restart does not queue them again);
+        drop folders bring their own."""
         self.settings = settings
         self._submit = submit
         self._on_complete = on_complete
+        self._on_queued = on_queued
         self.log = get_logger("dimse.assembler")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._groups: dict[GroupKey, _Group] = {}
@@ -162,6 +167,21 @@ class Assembler:
             return
         loop.call_soon_threadsafe(self._add, inst, policy)
 
+    def recover(self, pending: list[tuple[ReceivedInstance, GroupPolicy | None]]) -> int:
+        """Group instances that were stored but never became jobs (the node stopped or
+        died before their group completed) and complete those groups now: their
+        associations are long gone and nothing more will arrive for them. Call on the
+        loop, after :meth:`start`. Each instance comes with its policy (STOW-RS's), or
+        None for its called AE title's. Returns the number of groups."""
+        keys: dict[GroupKey, None] = {}
+        for inst, policy in pending:
+            keys[self._add(inst, policy)] = None
+        for key in keys:
+            self._complete(key, "recovered")
+        if not self._by_association.get(0, True):
+            del self._by_association[0]  # no association feeds recovered groups
+        return len(keys)
+
     def association_ended(self, end: AssociationEnd) -> None:
         """Called from an association thread when it is released or aborted."""
         loop = self._loop
@@ -175,7 +195,7 @@ class Assembler:
         return GroupPolicy.for_ae(found if found is not None
                                   else AETitleSettings(ae_title=called_ae))
 
-    def _add(self, inst: ReceivedInstance, policy: GroupPolicy | None = None) -> None:
+    def _add(self, inst: ReceivedInstance, policy: GroupPolicy | None = None) -> GroupKey:
         ae = policy if policy is not None else self._settings_for(inst.called_ae)
         series = inst.series_instance_uid if ae.grouping is Grouping.SERIES else None
         origin = f"watch:{ae.watch}" if ae.watch is not None else f"ae:{inst.called_ae}"
@@ -192,6 +212,7 @@ class Assembler:
             group.timer.cancel()
         assert self._loop is not None
         group.timer = self._loop.call_later(ae.timeout_s, self._complete, key, "timeout")
+        return key
 
     def _ended(self, end: AssociationEnd) -> None:
         for key in self._by_association.pop(end.association_id, set()):
@@ -225,11 +246,12 @@ class Assembler:
                       reason=reason, pipelines=list(policy.pipelines))
         if self._on_complete is not None:
             self._on_complete(done)
-        if policy.on_queued is None:
+        on_queued = policy.on_queued or self._on_queued
+        if on_queued is None:
             for pipeline in policy.pipelines:
                 self._spawn(self._make_job(pipeline, done, policy))
         else:
-            self._spawn(self._make_jobs(done, policy, policy.on_queued))
+            self._spawn(self._make_jobs(done, policy, on_queued))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

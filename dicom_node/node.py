@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -18,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dicom_node import runtime_config
-from dicom_node.assembler import Assembler
+from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
-from dicom_node.scp import InstanceWriter, StorageSCP
+from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import Store
@@ -210,14 +211,39 @@ class Node:
     @asynccontextmanager
     async def _assembler(self) -> AsyncIterator[None]:
         assert self.scheduler is not None
-        assembler = Assembler(self.settings, self.scheduler.submit)
+        assembler = Assembler(self.settings, self.scheduler.submit,
+                              on_queued=self._group_queued)
         async with assembler:
             self.assembler = assembler
+            await self._recover_groups(assembler)
             self.settings_listeners.append(self._update_assembler)
             try:
                 yield
             finally:
                 self.settings_listeners.remove(self._update_assembler)
+
+    async def _group_queued(self, group: CompletedGroup) -> None:
+        """A DICOM or STOW-RS group's jobs are queued: its instances are no longer pending."""
+        assert self.store is not None
+        await asyncio.to_thread(self.store.mark_queued, group.instances)
+
+    async def _recover_groups(self, assembler: Assembler) -> None:
+        """Instances acknowledged before the last stop whose group never became jobs (the
+        node died, or its store failed, first) become jobs now, before intake opens."""
+        assert self.store is not None
+        pending = await asyncio.to_thread(self.store.pending_instances)
+        if not pending:
+            return
+        stow = self.settings.stow_ae()
+        stow_policy = dataclasses.replace(GroupPolicy.for_ae(stow), kind="stow")
+        received = [(ReceivedInstance(r.sop_instance_uid, r.sop_class_uid,
+                                      r.study_instance_uid, r.series_instance_uid, r.path,
+                                      r.called_ae, r.calling_ae, association_id=0),
+                     stow_policy if r.source == "stow" else None)
+                    for r in pending]
+        groups = assembler.recover(received)
+        self.log.warning("instances received before the last stop had no job yet; queued now",
+                         instances=len(received), groups=groups)
 
     def _update_assembler(self, settings: Settings) -> None:
         """A live AE title change (timeout, pipelines, grouping) applies to new groups."""

@@ -87,7 +87,11 @@ instances = sa.Table(
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("source", sa.String(16), nullable=False),  # dimse, stow, watch, retrieve
     sa.Column("received_at", UTCDateTime, nullable=False),
+    # When the instance's group became jobs; NULL while it waits in the assembler, so a
+    # node that died meanwhile finds it again at start-up (see pending_instances).
+    sa.Column("queued_at", UTCDateTime),
     sa.Index("ix_instances_called_ae", "called_ae"),
+    sa.Index("ix_instances_queued_at", "queued_at"),
 )
 
 jobs = sa.Table(
@@ -246,6 +250,19 @@ def _migration_batches(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _migration_pending_instances(conn: Connection) -> None:
+    """``instances.queued_at``; instances already in the store count as queued."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("instances")}
+    if "queued_at" not in columns:  # a store made by an older version
+        ddl = UTCDateTime().impl.compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE instances ADD COLUMN queued_at {ddl}"))
+    conn.execute(sa.text("UPDATE instances SET queued_at = received_at "
+                         "WHERE queued_at IS NULL"))
+    for index in instances.indexes:
+        if index.name == "ix_instances_queued_at":
+            index.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -253,6 +270,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_2,
     _migration_watch_inputs,  # drop folders (issue #7)
     _migration_batches,  # seed 002 batch jobs, projects and output layers (issue #6)
+    _migration_pending_instances,  # received instances whose group is not yet a job
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -522,6 +540,7 @@ class Store:
             "calling_ae": rec.calling_ae,
             "source": rec.source,
             "received_at": rec.received_at,
+            "queued_at": None,  # (again) waiting for its group to become jobs
         }
         with self._begin() as conn:
             existing = conn.execute(
@@ -589,6 +608,7 @@ class Store:
             "calling_ae": rec.calling_ae,
             "source": rec.source,
             "received_at": rec.received_at,
+            "queued_at": None,  # (again) waiting for its group to become jobs
         }
         study = {
             "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
@@ -627,6 +647,28 @@ class Store:
         )
         cache[overwrite] = (ins, study)
         return cache[overwrite]
+
+    def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:
+        """Note that these instances' group became jobs (or needed none)."""
+        now = utcnow()
+        uids = list(dict.fromkeys(sop_instance_uids))
+        with self._begin() as conn:
+            for i in range(0, len(uids), 500):  # bounded IN lists
+                conn.execute(instances.update()
+                             .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
+                             .values(queued_at=now))
+
+    def pending_instances(self, sources: Sequence[str] = ("dimse", "stow")
+                          ) -> list[InstanceRecord]:
+        """Instances received from ``sources`` whose group never became jobs (the node
+        stopped, or died, first), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(instances)
+                .where(instances.c.queued_at.is_(None), instances.c.source.in_(list(sources)))
+                .order_by(instances.c.id)
+            ).all()
+        return [_instance(r) for r in rows]
 
     def get_instance(self, sop_instance_uid: str) -> InstanceRecord | None:
         with self.engine.connect() as conn:

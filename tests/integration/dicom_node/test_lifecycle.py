@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
+import pydicom
 import pytest
 
 from dicom_node.store import JobState, NewJob, Store
@@ -139,3 +140,54 @@ def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path) -> None
     other.config_path.write_text(yaml.safe_dump(cfg))
     out = other.cli("serve")  # `serve --config …`
     assert out.returncode == 1 and "cannot start" in out.stderr
+
+
+def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
+        tmp_path: Path) -> None:
+    """A study is acknowledged (Success) but its group is still open (no release
+    completion, a long timeout) when the node is killed: the restarted node queues it,
+    exactly once."""
+    from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+    from tests.support.peers import storescu
+    from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    node = NodeProcess(tmp_path / "data", {
+        "models": [{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        "pipelines": [{"name": "cxr", "model": "tiny", "task": "classify",
+                       "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}],
+        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["cxr"], "timeout_s": 600,
+                       "complete_on_release": False}],
+        "watch": [],
+        "executor": {"poll_interval_s": 0.1, "grace_period_s": 2},
+    })
+    src = write_dicom(make_cxr_phantom(5, size=64), tmp_path / "cr.dcm", patient_id="P5",
+                      modality="CR")
+    sop = str(pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID)
+    try:
+        node.start()
+        storescu(node.dicom_port, [src], "DICOMNODE", "MODALITY")  # answered Success
+        store = store_of(node)
+        try:
+            assert store.get_instance(sop) is not None
+            node.signal(signal.SIGKILL)  # the group (600 s timeout) is still open
+            node.wait()
+            assert store.list_jobs() == []
+            assert [r.sop_instance_uid for r in store.pending_instances()] == [sop]
+
+            node.start()
+            wait_for(lambda: any(j.state is JobState.SUCCEEDED for j in store.list_jobs()),
+                     "the recovered job", node)
+            (job,) = store.list_jobs()
+            assert job.input["instances"] == [sop] and job.pipeline == "cxr"
+            assert store.pending_instances() == []
+            assert "had no job yet; queued now" in node.log()
+            node.signal(signal.SIGTERM)
+            assert node.wait() == 0
+
+            node.start()  # a further restart finds nothing pending: no second job
+            assert len(store.list_jobs()) == 1
+        finally:
+            store.close()
+    finally:
+        node.stop()

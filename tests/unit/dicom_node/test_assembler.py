@@ -211,3 +211,50 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
                          "series_instance_uid": "1.2.3.1", "output_dir": "/out/cd",
                          "destinations": [], "watch": "cd"}
     assert [g.watch for g in queued] == ["cd"] and queued[0].reason == "timeout"
+
+
+async def test_groups_left_pending_by_a_crash_are_recovered_at_once() -> None:
+    """Instances stored before the node died, never queued: grouped as they would have
+    been, completed now (no association will release them), then reported queued."""
+    import dataclasses
+
+    from dicom_node.assembler import GroupPolicy
+
+    jobs = Jobs()
+    queued: list[CompletedGroup] = []
+
+    async def on_queued(group: CompletedGroup) -> None:
+        queued.append(group)
+
+    stow = dataclasses.replace(GroupPolicy.for_ae(AETitleSettings(ae_title="AI",
+                                                                  pipelines=["p1"])),
+                               kind="stow")
+    async with Assembler(settings(timeout_s=600), jobs.submit, on_queued=on_queued) as asm:
+        pending = [(inst(1, assoc=0), None), (inst(2, assoc=0), None),
+                   (inst(3, assoc=0, study="1.2.4", called="STORE"), None),
+                   (inst(4, assoc=0, study="1.2.5"), stow)]
+        assert asm.recover(pending) == 3
+        await settle()
+        assert asm.open_groups == 0  # completed now, not after the 600 s timeout
+    assert sorted((j.study_instance_uid, j.pipeline, j.kind) for j in jobs.jobs) == [
+        ("1.2.3", "p1", "dimse"), ("1.2.3", "p2", "dimse"), ("1.2.5", "p1", "stow")]
+    by_study = {g.study_instance_uid: g for g in queued}
+    assert set(by_study) == {"1.2.3", "1.2.4", "1.2.5"}  # STORE has no pipelines: queued too
+    assert by_study["1.2.3"].instances == ["1.2.3.9.1", "1.2.3.9.2"]
+    assert {g.reason for g in queued} == {"recovered"}
+
+
+async def test_a_group_whose_job_cannot_be_queued_is_not_reported_queued() -> None:
+    queued: list[CompletedGroup] = []
+
+    async def on_queued(group: CompletedGroup) -> None:
+        queued.append(group)
+
+    async def failing(new: NewJob) -> None:
+        raise RuntimeError("the store is down")
+
+    async with Assembler(settings(), failing, on_queued=on_queued) as asm:
+        asm.instance_received(inst(1))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        await settle()
+    assert queued == []  # so the next start finds its instances pending again

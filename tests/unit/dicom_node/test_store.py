@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -251,5 +252,43 @@ def test_a_version_3_store_is_migrated(tmp_path: Path) -> None:
         assert s.integer_ids("destination", ["pacs"])["pacs"] == 1
         index_names = {i["name"] for i in sa.inspect(s.engine).get_indexes("instances")}
         assert "ix_instances_called_ae" in index_names
+    finally:
+        s.close()
+
+
+def test_instances_wait_for_their_group_to_become_jobs(store: Store) -> None:
+    store.record_instance(rec("1.1"))
+    store.add_instance(rec("1.2"))
+    store.record_instance(dataclasses.replace(rec("1.3"), source="retrieve"))
+    store.record_instance(dataclasses.replace(rec("1.4"), source="stow"))
+    assert [r.sop_instance_uid for r in store.pending_instances()] == ["1.1", "1.2", "1.4"]
+    store.mark_queued(["1.1", "1.2"])
+    assert [r.sop_instance_uid for r in store.pending_instances()] == ["1.4"]
+    store.record_instance(rec("1.1"))  # sent again (overwrite): waits for its new group
+    assert [r.sop_instance_uid for r in store.pending_instances()] == ["1.1", "1.4"]
+    store.record_instance(rec("1.2"), overwrite=False)  # kept first: stays queued
+    assert [r.sop_instance_uid for r in store.pending_instances(["stow"])] == ["1.4"]
+    store.mark_queued([f"9.{i}" for i in range(1200)] + ["1.1", "1.4"])  # several IN lists
+    assert store.pending_instances() == []
+
+
+def test_a_version_4_store_gets_queued_at_with_old_instances_counted_queued(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = Store(url).open()
+    s.record_instance(rec("1.1"))
+    with s.engine.begin() as conn:  # back to what version 4 made
+        conn.exec_driver_sql("DROP INDEX ix_instances_queued_at")
+        conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN queued_at")
+        conn.exec_driver_sql("UPDATE schema_info SET version = 4")
+    s.close()
+    s = Store(url).open()
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.pending_instances() == []  # received before the upgrade: not re-run
+        s.record_instance(rec("1.2"))
+        assert [r.sop_instance_uid for r in s.pending_instances()] == ["1.2"]
+        index_names = {i["name"] for i in sa.inspect(s.engine).get_indexes("instances")}
+        assert "ix_instances_queued_at" in index_names
     finally:
         s.close()
