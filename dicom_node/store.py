@@ -442,7 +442,10 @@ class Batch:
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+    # FULL: a commit reaches the disk before it returns. An instance is acknowledged only
+    # once recorded; with NORMAL a power cut could lose the record of a file we fsynced
+    # (~0.3 ms more per commit here).
+    cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

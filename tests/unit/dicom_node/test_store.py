@@ -145,9 +145,11 @@ def test_artifacts_and_exports(store: Store) -> None:
     assert counts[JobState.QUEUED] == 1
 
 
-def test_sqlite_uses_wal(sqlite_store: Store) -> None:
+def test_sqlite_uses_wal_and_commits_to_disk(sqlite_store: Store) -> None:
     with sqlite_store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        # 2 = FULL: a recorded instance survives a power cut, as its fsynced file does
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
 
 
 def test_unreachable_database_is_a_clear_error() -> None:
