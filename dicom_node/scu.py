@@ -47,6 +47,7 @@ from dicom_node.scp import (
     ReceivedInstance,
     StorageSCP,
     safe_uid,
+    tune_socket,
 )
 from dicom_node.store import Store
 
@@ -297,6 +298,7 @@ class DicomClient:
         except (OSError, ssl.SSLError) as exc:
             return None, f"cannot connect to {peer}: {exc}"
         if assoc.is_established:
+            tune_socket(assoc)
             return assoc, ""
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive

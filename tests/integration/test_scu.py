@@ -277,3 +277,34 @@ def test_export_permanent_failure_status_is_reported_per_instance(
     assert result.sent == [str(pydicom.dcmread(good).SOPInstanceUID)]
     assert [(f.sop_instance_uid, f.status) for f in result.failures] == [
         (str(ds.SOPInstanceUID), 0xC210)]
+
+
+def test_associations_ack_at_once_and_send_without_nagle(node: RunningNode) -> None:
+    """Both ends of the node's associations: Nagle's algorithm off (pynetdicom writes a
+    message's command and dataset as separate PDUs, and the second would wait for a
+    delayed ACK) and the socket that acknowledges each read at once."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    client = DicomClient(node.settings)
+    ae = AE(ae_title="NODESCU")
+    ae.add_requested_context(Verification)
+    assoc, error = client._associate(ae, Peer(NODE_AE, "127.0.0.1", node.port))
+    assert assoc is not None, error
+    try:
+        ours = assoc.dul.socket
+        assert type(ours).__name__ == "_TunedSocket"
+        assert ours.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert node.node is not None and node.node.scp is not None
+        server = node.node.scp._server
+        assert server is not None
+        accepted = [a for a in server.active_associations if a.is_established]
+        assert accepted, "the node's side of the association"
+        theirs = accepted[0].dul.socket
+        assert type(theirs).__name__ == "_TunedSocket"
+        assert theirs.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
