@@ -15,6 +15,10 @@ alternately, ``--runs`` times each. Three phases, in one run:
    pushed to the node (and to storescp, for the time); prints the node's peak RSS
    increase while receiving it and checks the stored file's size.
 
+4. a default sender: ``--default-sender-count`` small instances (128x128, 32 KB) from
+   ``storescu`` without ``TCP_NODELAY``, as dcmtk ships it (Nagle's algorithm on), to
+   both receivers: what a modality or PACS that never tuned its sockets sees.
+
 The node's peak resident memory increase is printed for every push. Not a test: the
 numbers depend on the machine and its load.
 
@@ -219,9 +223,15 @@ class InferenceLoad:
         return self.done / self.seconds if self.seconds else 0.0
 
 
-def push(port: int, called: str, files_dir: Path) -> float:
-    """Send every file in ``files_dir`` with storescu in one association; seconds taken."""
-    env = {**os.environ, "TCP_NODELAY": "1"}
+def push(port: int, called: str, files_dir: Path, nodelay: bool = True) -> float:
+    """Send every file in ``files_dir`` with storescu in one association; seconds taken.
+
+    ``nodelay`` sets ``TCP_NODELAY=1`` for storescu (Nagle's algorithm off); without it
+    storescu runs as dcmtk ships it, Nagle on.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
     cmd = ["storescu", "-aec", called, "-aet", "BENCHSCU", "+sd", "+r",
            "127.0.0.1", str(port), str(files_dir)]
     t0 = time.perf_counter()
@@ -367,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default 2; 0 skips the phase)")
     ap.add_argument("--multiframe-mb", type=int, default=1024, metavar="MB",
                     help="size of the multi-frame object of phase 3 (default 1024; 0 skips)")
+    ap.add_argument("--default-sender-count", type=int, default=200, metavar="N",
+                    help="small instances sent in phase 4 by storescu with Nagle's algorithm "
+                         "on, as dcmtk ships it (default 200; 0 skips)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
     for exe in ("storescu", "storescp"):
@@ -378,19 +391,21 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="dimse-bench-"))
     rss_mb: list[float] = []
 
-    def push_node(node: Node, label: str, files: Path, mb: float, count: int) -> float:
+    def push_node(node: Node, label: str, files: Path, mb: float, count: int,
+                  nodelay: bool = True) -> float:
         with RssSampler(node.pid) as rss:
-            t = push(node.port, "DICOMNODE", files)
+            t = push(node.port, "DICOMNODE", files, nodelay)
         rss_mb.append((rss.peak - rss.before) / 2**20)
         print(f"{label}: node     {mb / t:7.1f} MB/s {count / t:7.1f} inst/s "
               f"(peak RSS +{rss_mb[-1]:.1f} MiB)", flush=True)
         return t
 
-    def push_storescp(label: str, files: Path, mb: float, count: int) -> float:
+    def push_storescp(label: str, files: Path, mb: float, count: int,
+                      nodelay: bool = True) -> float:
         out = root / "storescp"
         scp, scp_port = start_storescp(out)
         try:
-            t = push(scp_port, "STORESCP", files)
+            t = push(scp_port, "STORESCP", files, nodelay)
         finally:
             stop(scp)
         shutil.rmtree(out, ignore_errors=True)
@@ -410,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         busy_rates: list[float] = []
         errors: list[str] = []
         mf: dict[str, float] = {}
+        small_node: list[float] = []
+        small_dcmtk: list[float] = []
         node = Node(root, model=args.inference_clients > 0)
         try:
             print("\nphase 1: idle", flush=True)
@@ -444,6 +461,17 @@ def main(argv: list[str] | None = None) -> int:
                 mf["storescp_s"] = push_storescp("multi-frame", root / "mf", size / 1e6, 1)
                 mf["stored"] = float(same_dataset(path, node.data / "studies"))
                 mf["mb"] = size / 1e6
+            if args.default_sender_count > 0:
+                n_small = args.default_sender_count
+                print(f"\nphase 4: {n_small} small instances (128x128, 32 KB) from storescu "
+                      "as dcmtk ships it (Nagle's algorithm on)", flush=True)
+                _, small_total = make_instances(root / "small", n_small, 128)
+                small_mb = small_total / 1e6
+                for run in range(1, args.runs + 1):
+                    small_node.append(push_node(node, f"run {run}", root / "small", small_mb,
+                                                n_small, nodelay=False))
+                    small_dcmtk.append(push_storescp(f"run {run}", root / "small", small_mb,
+                                                     n_small, nodelay=False))
         finally:
             node.stop()
         n, d = statistics.median(node_s), statistics.median(dcmtk_s)
@@ -470,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{mf['storescp_s'] / mf['node_s']:.2f}; node peak RSS increase "
                   f"{mf['rss']:.1f} MiB (target <= 150); stored intact: "
                   f"{'yes' if mf['stored'] else 'NO'}")
+        if small_node:
+            sn, sd = statistics.median(small_node), statistics.median(small_dcmtk)
+            k = args.default_sender_count
+            print(f"  default sender, {k} x 32 KB: node SCP {k / sn:7.1f} inst/s   "
+                  f"storescp +B {k / sd:7.1f} inst/s   ratio node/storescp "
+                  f"{median_ratio(small_node, small_dcmtk)}")
         print(f"  load average at the end: {os.getloadavg()[0]:.2f} "
               f"on {os.cpu_count()} CPUs (other work on the machine skews both sides)")
         print(f"  node peak RSS increase while receiving, any push: max {max(rss_mb):.1f} MiB, "
