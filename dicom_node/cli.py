@@ -147,6 +147,8 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  pipelines       {', '.join(p.name for p in s.pipelines) or 'none'}")
     print(f"  destinations    {', '.join(d.name for d in s.destinations) or 'none'}")
     print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
+    days = s.storage.retention_days
+    print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
     return 0
 
 

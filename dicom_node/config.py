@@ -79,6 +79,10 @@ class StorageSettings(_Section):
     studies_dir: Path = Path("studies")
     results_dir: Path = Path("results")
     min_free_mb: int = Field(default=500, ge=0)
+    # Days after a study last received an instance before its files are deleted (and
+    # days after a job finished before its results folder is); null keeps everything.
+    retention_days: float | None = Field(default=None, gt=0, le=36_500)
+    retention_check_s: float = Field(default=3600, ge=10, le=86_400)
 
 
 class DimseSettings(_Section):

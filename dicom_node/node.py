@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dicom_node import runtime_config
+from dicom_node import retention, runtime_config
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
@@ -109,6 +110,8 @@ class Node:
             # After the scheduler, so that on the way out DICOM intake stops first and the
             # assembler then hands its open groups to a scheduler that is still running.
             await stack.enter_async_context(self._part("assembler", self._assembler()))
+            if self.settings.storage.retention_days is not None:
+                await stack.enter_async_context(self._part("retention", self._retention()))
             # Drop folders feed the assembler: started after it, stopped before it.
             await stack.enter_async_context(self._part("watch", self._watch()))
             await stack.enter_async_context(self._part("dicom", self._dicom()))
@@ -192,6 +195,35 @@ class Node:
             yield
         finally:
             await asyncio.to_thread(runner.close)
+
+    @asynccontextmanager
+    async def _retention(self) -> AsyncIterator[None]:
+        """Sweep expired studies and results now and every ``storage.retention_check_s``."""
+        assert self.store is not None
+        store = self.store
+
+        stop = threading.Event()  # seen by the sweep's thread
+        stopping = asyncio.Event()  # wakes the wait between sweeps
+
+        async def loop() -> None:
+            while not stop.is_set():
+                try:
+                    await asyncio.to_thread(retention.sweep, self.settings, store, stop=stop)
+                except Exception:  # a failed sweep is retried next time; the node goes on
+                    self.log.exception("retention sweep failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(),
+                                           self.settings.storage.retention_check_s)
+
+        self.log.info("retention on", days=self.settings.storage.retention_days,
+                      check_every_s=self.settings.storage.retention_check_s)
+        task = asyncio.create_task(loop(), name="retention")
+        try:
+            yield
+        finally:
+            stop.set()  # a sweep under way ends after its current study
+            stopping.set()
+            await task
 
     @asynccontextmanager
     async def _scheduler(self) -> AsyncIterator[None]:

@@ -689,6 +689,39 @@ class Store:
         with self.engine.connect() as conn:
             return [_instance(r) for r in conn.execute(q.order_by(instances.c.id))]
 
+    # -- retention ------------------------------------------------------------------------
+
+    def expired_studies(self, before: datetime, limit: int = 200) -> list[str]:
+        """Studies that received nothing since ``before`` and that nothing still needs: no
+        job of theirs that is not final, no instance still waiting to become a job."""
+        waiting = sa.select(jobs.c.id).where(
+            jobs.c.study_instance_uid == studies.c.study_instance_uid,
+            jobs.c.state.not_in([s.value for s in FINAL_STATES]))
+        pending = sa.select(instances.c.id).where(
+            instances.c.study_instance_uid == studies.c.study_instance_uid,
+            instances.c.queued_at.is_(None), instances.c.source.in_(["dimse", "stow"]))
+        q = (sa.select(studies.c.study_instance_uid)
+             .where(studies.c.updated_at < before, ~sa.exists(waiting), ~sa.exists(pending))
+             .order_by(studies.c.updated_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [str(r[0]) for r in conn.execute(q)]
+
+    def forget_study(self, study_instance_uid: str) -> int:
+        """Delete a study's instance records and the study's; returns the instances."""
+        with self._begin() as conn:
+            n = conn.execute(instances.delete().where(
+                instances.c.study_instance_uid == study_instance_uid)).rowcount
+            conn.execute(studies.delete().where(
+                studies.c.study_instance_uid == study_instance_uid))
+        return int(n or 0)
+
+    def jobs_finished_before(self, before: datetime) -> list[str]:
+        """Ids of final jobs that finished before ``before``."""
+        q = sa.select(jobs.c.id).where(jobs.c.state.in_([s.value for s in FINAL_STATES]),
+                                       jobs.c.finished_at < before)
+        with self.engine.connect() as conn:
+            return [str(r[0]) for r in conn.execute(q)]
+
     def count_instances(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())

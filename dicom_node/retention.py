@@ -1,0 +1,124 @@
+"""Retention: delete received studies and job results after ``storage.retention_days``.
+
+Off unless ``storage.retention_days`` is set. Every ``storage.retention_check_s`` a sweep
+deletes, in a worker thread:
+
+- the files of every study that received no instance for that many days and that
+  nothing still needs (no job of the study that is not final, no instance still
+  waiting to become a job), then its records; a later job naming it fails with
+  "no longer on disk", and the same study sent again is stored afresh;
+- the results folder (``<results_dir>/<job id>``) of every job that finished that long
+  ago. A drop folder's own output folder and every folder destination are the user's:
+  never touched.
+
+Nothing outside the studies and results folders is ever deleted: each path is resolved
+(links followed) and checked to lie inside them first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from dicom_node.config import Settings
+from dicom_node.logs import get_logger
+from dicom_node.store import Store, utcnow
+
+__all__ = ["SweepResult", "sweep"]
+
+log = get_logger("retention")
+
+
+@dataclass
+class SweepResult:
+    """What one sweep deleted."""
+
+    studies: int = 0
+    instances: int = 0
+    bytes: int = 0
+    results: int = 0
+
+
+def sweep(settings: Settings, store: Store, now: datetime | None = None,
+          stop: threading.Event | None = None) -> SweepResult:
+    """Delete what ``settings.storage.retention_days`` has expired; a no-op when unset.
+
+    ``stop`` ends the sweep early, between two studies or two results folders (the node
+    is stopping); the next sweep goes on from there.
+    """
+    days = settings.storage.retention_days
+    done = SweepResult()
+    if days is None:
+        return done
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    studies_root = settings.studies_dir.resolve()
+    results_root = settings.results_dir.resolve()
+    while not _stopped(stop) and (batch := store.expired_studies(cutoff)):
+        for study in batch:
+            if _stopped(stop):
+                break
+            for rec in store.instances_of(study):
+                path = _inside(Path(rec.path), studies_root)
+                if path is None:
+                    log.warning("instance file outside the studies folder; not deleted",
+                                study_uid=study, sop_instance_uid=rec.sop_instance_uid)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    size = path.stat().st_size
+                    path.unlink()
+                    done.bytes += size
+                _prune(path.parent, studies_root)
+            done.instances += store.forget_study(study)
+            done.studies += 1
+    for job_id in store.jobs_finished_before(cutoff):
+        if _stopped(stop):
+            break
+        if not _is_uuid(job_id):
+            continue
+        folder = _inside(results_root / job_id, results_root)
+        if folder is None or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        done.results += 1
+    if done.studies or done.results:
+        log.info("retention sweep", older_than_days=days, studies=done.studies,
+                 instances=done.instances, mb=round(done.bytes / 1e6, 1),
+                 results_folders=done.results)
+    return done
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def _inside(path: Path, root: Path) -> Path | None:
+    """``path`` resolved, if it lies strictly inside ``root``; else None."""
+    try:
+        resolved = path.resolve()
+    except OSError:
+        return None
+    if resolved == root or not resolved.is_relative_to(root):
+        return None
+    return resolved
+
+
+def _prune(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``root`` while empty."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone by another hand): stop here
+            return
+        folder = folder.parent
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False

@@ -1,0 +1,138 @@
+"""Retention: expired studies and results folders go; everything still needed stays.
+
+Real files written by the node's InstanceWriter into a real studies folder, a real
+store on SQLite and PostgreSQL; ages are set in the store, not waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import Settings
+from dicom_node.retention import sweep
+from dicom_node.scp import InstanceWriter
+from dicom_node.store import InstanceRecord, JobState, NewJob, Store, jobs, studies, utcnow
+from tests.support.dicom_factory import make_ct_study
+from tests.support.inproc import node_settings, running_node
+
+DAYS = 30
+
+
+def settings_for(tmp: Path, **storage: object) -> Settings:
+    return node_settings(tmp / "data", storage={"retention_days": DAYS, **storage})
+
+
+def receive(settings: Settings, store: Store, tmp: Path, seed: str) -> str:
+    """Store a 3-slice CT study as C-STORE would; its study UID."""
+    writer = InstanceWriter(settings, store)
+    study = ""
+    for p in make_ct_study(tmp / "src" / seed, seed=seed, slices=3).paths:
+        sent = p.with_suffix(".sent")
+        shutil.copy(p, sent)
+        got = writer.write(sent, called_ae="DICOMNODE", calling_ae="CT", association_id=1)
+        study = got.study_instance_uid
+    return study
+
+
+def age(store: Store, study: str, days: float) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(studies.update().where(studies.c.study_instance_uid == study)
+                     .values(updated_at=utcnow() - timedelta(days=days)))
+
+
+def finish(store: Store, job_id: str, days_ago: float) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+            state=JobState.SUCCEEDED.value, finished_at=utcnow() - timedelta(days=days_ago)))
+
+
+def test_sweep_deletes_only_what_expired(store: Store, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    studies_dir = settings.studies_dir.resolve()
+    old, busy, recent, pending = (receive(settings, store, tmp_path, s)
+                                  for s in ("old", "busy", "recent", "pending"))
+    for study in (old, busy, recent):  # their groups became jobs
+        store.mark_queued([r.sop_instance_uid for r in store.instances_of(study)])
+    for study in (old, busy, pending):
+        age(store, study, DAYS + 10)
+    store.create_job(NewJob(pipeline="p", study_instance_uid=busy))  # still queued
+    outside = tmp_path / "elsewhere.dcm"  # a record pointing outside the studies folder
+    outside.write_bytes(b"not ours")
+    store.record_instance(InstanceRecord(
+        sop_instance_uid="1.2.3.999", sop_class_uid="1.2", study_instance_uid=old,
+        series_instance_uid="1.2.3.999.1", path=outside, size_bytes=8, source="dimse"))
+    store.mark_queued(["1.2.3.999"])
+    age(store, old, DAYS + 10)
+
+    results = settings.results_dir.resolve()
+    done_long_ago = store.create_job(NewJob(pipeline="p"))
+    done_lately = store.create_job(NewJob(pipeline="p"))
+    finish(store, done_long_ago.id, DAYS + 1)
+    finish(store, done_lately.id, 1)
+    for job in (done_long_ago, done_lately):
+        (results / job.id / "P1").mkdir(parents=True)
+        (results / job.id / "P1" / "P1_predictions.json").write_text("{}")
+    (results / "notes").mkdir()  # not a job's folder
+
+    old_files = [Path(r.path) for r in store.instances_of(old) if Path(r.path) != outside]
+    old_bytes = sum(p.stat().st_size for p in old_files)
+    got = sweep(settings, store)
+
+    assert (got.studies, got.instances, got.results) == (1, 4, 1)
+    assert got.bytes == old_bytes > 0
+    assert not any(p.exists() for p in old_files)
+    assert not (studies_dir / old).exists()  # emptied folders pruned
+    assert store.instances_of(old) == []
+    assert outside.read_bytes() == b"not ours"  # never deleted outside the folder
+    for study in (busy, recent, pending):  # a waiting job, too new, not yet a job
+        kept = store.instances_of(study)
+        assert len(kept) == 3 and all(Path(r.path).is_file() for r in kept)
+    assert not (results / done_long_ago.id).exists()
+    assert (results / done_lately.id / "P1" / "P1_predictions.json").is_file()
+    assert (results / "notes").is_dir()
+    assert studies_dir.is_dir() and results.is_dir()
+    assert sweep(settings, store).studies == 0  # nothing more to do
+
+
+def test_sweep_is_off_without_retention_days_and_stops_when_asked(
+        store: Store, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    study = receive(settings, store, tmp_path, "s")
+    store.mark_queued([r.sop_instance_uid for r in store.instances_of(study)])
+    age(store, study, DAYS + 10)
+    off = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"retention_days": None})})
+    assert sweep(off, store).studies == 0
+    stop = threading.Event()
+    stop.set()
+    assert sweep(settings, store, stop=stop).studies == 0
+    assert len(store.instances_of(study)) == 3
+    assert sweep(settings, store).studies == 1
+
+
+def test_retention_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retention_days"):
+        settings_for(tmp_path, retention_days=0)
+
+
+async def test_the_node_sweeps_at_start(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, retention_check_s=3600)
+    seed = Store(settings.database_url).open()
+    try:
+        study = receive(settings, seed, tmp_path, "s")
+        seed.mark_queued([r.sop_instance_uid for r in seed.instances_of(study)])
+        age(seed, study, DAYS + 1)
+    finally:
+        seed.close()
+    async with running_node(settings) as node:
+        assert node.parts.get("retention") == "running"
+        assert node.store is not None
+        while node.store.instances_of(study):  # no time limit: pytest-timeout guards
+            await asyncio.sleep(0.05)
+    assert not (settings.studies_dir / study).exists()
