@@ -17,7 +17,6 @@ Nothing outside the studies and results folders is ever deleted: each path is re
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import threading
 import uuid
@@ -42,6 +41,7 @@ class SweepResult:
     instances: int = 0
     bytes: int = 0
     results: int = 0
+    left: int = 0  # files that could not be deleted (their records are gone)
 
 
 def sweep(settings: Settings, store: Store, now: datetime | None = None,
@@ -68,10 +68,18 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
                     log.warning("instance file outside the studies folder; not deleted",
                                 study_uid=study, sop_instance_uid=rec.sop_instance_uid)
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     size = path.stat().st_size
                     path.unlink()
                     done.bytes += size
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    # Forgotten anyway, so that one stubborn file cannot stall every
+                    # later sweep; the log names it for a person to remove.
+                    done.left += 1
+                    log.warning("cannot delete an expired instance file", path=str(path),
+                                error=type(exc).__name__)
                 _prune(path.parent, studies_root)
             done.instances += store.forget_study(study)
             done.studies += 1
@@ -88,7 +96,7 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     if done.studies or done.results:
         log.info("retention sweep", older_than_days=days, studies=done.studies,
                  instances=done.instances, mb=round(done.bytes / 1e6, 1),
-                 results_folders=done.results)
+                 results_folders=done.results, files_left=done.left)
     return done
 
 

@@ -136,3 +136,19 @@ async def test_the_node_sweeps_at_start(tmp_path: Path) -> None:
         while node.store.instances_of(study):  # no time limit: pytest-timeout guards
             await asyncio.sleep(0.05)
     assert not (settings.studies_dir / study).exists()
+
+
+def test_a_file_that_cannot_be_deleted_does_not_stall_the_sweep(
+        store: Store, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    first, second = (receive(settings, store, tmp_path, s) for s in ("a", "b"))
+    for study, days in ((first, DAYS + 20), (second, DAYS + 10)):
+        store.mark_queued([r.sop_instance_uid for r in store.instances_of(study)])
+        age(store, study, days)
+    stuck = Path(store.instances_of(first)[0].path)
+    stuck.unlink()
+    stuck.mkdir()  # unlink() of a directory fails, as a file on a read-only mount would
+    got = sweep(settings, store)
+    assert (got.studies, got.left) == (2, 1)  # the next study was still swept
+    assert stuck.is_dir() and store.instances_of(first) == []
+    assert store.instances_of(second) == []
