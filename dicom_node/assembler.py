@@ -175,11 +175,9 @@ class Assembler:
         None for its called AE title's. Returns the number of groups."""
         keys: dict[GroupKey, None] = {}
         for inst, policy in pending:
-            keys[self._add(inst, policy)] = None
+            keys[self._add(inst, policy, associated=False)] = None
         for key in keys:
             self._complete(key, "recovered")
-        if not self._by_association.get(0, True):
-            del self._by_association[0]  # no association feeds recovered groups
         return len(keys)
 
     def association_ended(self, end: AssociationEnd) -> None:
@@ -195,7 +193,8 @@ class Assembler:
         return GroupPolicy.for_ae(found if found is not None
                                   else AETitleSettings(ae_title=called_ae))
 
-    def _add(self, inst: ReceivedInstance, policy: GroupPolicy | None = None) -> GroupKey:
+    def _add(self, inst: ReceivedInstance, policy: GroupPolicy | None = None,
+             associated: bool = True) -> GroupKey:
         ae = policy if policy is not None else self._settings_for(inst.called_ae)
         series = inst.series_instance_uid if ae.grouping is Grouping.SERIES else None
         origin = f"watch:{ae.watch}" if ae.watch is not None else f"ae:{inst.called_ae}"
@@ -205,7 +204,8 @@ class Assembler:
             group = _Group(key, ae, inst.called_ae, inst.calling_ae)
             self._groups[key] = group
         group.instances[inst.sop_instance_uid] = None
-        if ae.watch is None:  # drop-folder instances come from no association
+        # drop-folder and recovered instances come from no association
+        if ae.watch is None and associated:
             group.open_associations.add(inst.association_id)
             self._by_association.setdefault(inst.association_id, set()).add(key)
         if group.timer is not None:

@@ -54,17 +54,17 @@ class FolderSender:
     same patient); any other file goes to the folder's top by its name.
     """
 
-    def __init__(self, resolve: Callable[[Path], Path]) -> None:
+    def __init__(self, resolve: Callable[[Path], Path], base: Path | None = None) -> None:
         self.resolve = resolve
+        self.base = base
 
-    def send(self, dest: DestinationSettings, files: list[Path],
-             base: Path | None = None) -> SendResult:
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
         assert dest.path is not None
         root = self.resolve(dest.path)
         root.mkdir(parents=True, exist_ok=True)
         result = SendResult()
         for src in files:
-            target = root / _relative(src, base)
+            target = root / _relative(src, self.base)
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".part")
@@ -131,9 +131,11 @@ class Exporter:
     def __init__(self, settings: Settings, senders: dict[str, Sender] | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  dimse: Callable[[DestinationSettings, list[Path]], ExportOutcome] | None = None,
-                 ) -> None:
+                 base: Path | None = None) -> None:
+        """``base``: a folder destination gets each artifact under it at its path
+        relative to it (the layout of the results), any other by its name."""
         self.settings = settings
-        self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path),
+        self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path, base),
                                            "dicomweb": DicomWebSender()}
         self.senders.update(senders or {})
         self.sleep = sleep
@@ -142,13 +144,8 @@ class Exporter:
 
     def export(self, names: list[str], artifacts: list[Artifact],
                cancelled: threading.Event | None = None,
-               extra: list[DestinationSettings] | None = None,
-               base: Path | None = None) -> list[ExportOutcome]:
-        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones).
-
-        A folder destination gets each artifact under ``base`` at its path relative to
-        ``base`` (the layout of the results), any other by its name.
-        """
+               extra: list[DestinationSettings] | None = None) -> list[ExportOutcome]:
+        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones)."""
         by_name = {d.name: d for d in self.settings.destinations}
         outcomes: list[ExportOutcome] = []
         targets: list[DestinationSettings] = []
@@ -161,11 +158,11 @@ class Exporter:
                 targets.append(dest)
         targets += extra or []
         for dest in targets:
-            outcomes.append(self._one(dest, artifacts, cancelled, base))
+            outcomes.append(self._one(dest, artifacts, cancelled))
         return outcomes
 
     def _one(self, dest: DestinationSettings, artifacts: list[Artifact],
-             cancelled: threading.Event | None, base: Path | None = None) -> ExportOutcome:
+             cancelled: threading.Event | None) -> ExportOutcome:
         files = [a.path for a in artifacts
                  if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
         if not files:
@@ -183,10 +180,7 @@ class Exporter:
         message = ""
         for attempt in range(1, retry.max_attempts + 1):
             try:
-                if isinstance(sender, FolderSender):
-                    result = sender.send(dest, pending, base)
-                else:
-                    result = sender.send(dest, pending)
+                result = sender.send(dest, pending)
             except Exception as exc:  # connection refused, association rejected, timeout
                 message = str(exc) or type(exc).__name__
                 result = None

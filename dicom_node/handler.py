@@ -160,12 +160,12 @@ class NodeHandler:
                 extra.append(_dicomweb_destination(f"request-output-{i}", d))
         if not names and not extra:
             return []
-        exporter = Exporter(self.settings, dimse=self._dimse_export)
         # Folder destinations mirror the results: <job id>/<patient>/... for the node's
         # own results folder, <patient>/... for a drop folder's configured output.
         configured = job.input.get("output_dir")
         base = Path(configured) if configured else self.settings.results_dir
-        return exporter.export(names, artifacts, ctx.cancelled, extra, base=base)
+        exporter = Exporter(self.settings, dimse=self._dimse_export, base=base)
+        return exporter.export(names, artifacts, ctx.cancelled, extra)
 
     def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
         outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()

@@ -86,8 +86,8 @@ def test_folder_keeps_the_layout_under_base(tmp_path: Path) -> None:
     outside.parent.mkdir()
     outside.write_text("{}")
     made.append(Artifact("json", outside, "application/json"))
-    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
-    (o,) = ex.export(["out"], made, base=results)
+    ex = Exporter(settings(tmp_path), sleep=lambda s: None, base=results)
+    (o,) = ex.export(["out"], made)
     assert o.ok and o.sent == 3
     out = tmp_path / "exported"
     assert (out / "job-1" / "P1" / "P1_sr.dcm").read_bytes() == b"first study"
@@ -103,6 +103,6 @@ def test_folder_reports_a_file_it_cannot_place(tmp_path: Path) -> None:
     f.write_bytes(b"x")
     (tmp_path / "exported").mkdir()
     (tmp_path / "exported" / "job-1").write_text("a file where a folder should be")
-    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
-    (o,) = ex.export(["out"], [Artifact("sr", f, DICOM_MEDIA_TYPE)], base=results)
+    ex = Exporter(settings(tmp_path), sleep=lambda s: None, base=results)
+    (o,) = ex.export(["out"], [Artifact("sr", f, DICOM_MEDIA_TYPE)])
     assert not o.ok and o.sent == 0 and "P1_sr.dcm" in (o.message or "")
