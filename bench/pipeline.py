@@ -5,8 +5,10 @@ Issue 4's benchmark. In ONE run, on the same ``--images`` phantom radiographs
 1000 on):
 
 1. bare: the ``cxr-findings`` bundle loaded with ``pipeline.bundle.load_model``, every
-   image loaded and preprocessed once, then ``model.network(x)`` under
-   ``torch.inference_mode()`` at batch 1 and batch 8 (after a warm-up), per image. On
+   image loaded and preprocessed once, then the network as the engine runs it
+   (``model.network_for(x)``: on CPU the frozen TorchScript trace the node serves, in
+   channels-last order) under ``torch.inference_mode()`` at batch 1 and batch 8 (after
+   a warm-up), per image. On
    CPU the forward passes run with the torch threads ONE engine worker gets (the
    runner's ``parallelism``: 2 single-threaded workers on 2 CPUs), so that the ratio
    below compares like with like (``--default-threads`` also times torch's default
@@ -150,11 +152,12 @@ class Bare:
 
 def time_bare(model: LoadedModel, xs: list[torch.Tensor], threads: int, batch: int,
               repeat: int) -> tuple[float, float, list[list[float]]]:
-    """Median per-image ms of ``model.network`` at batch 1 and ``batch`` over ``repeat``
-    passes, and the probabilities it gives."""
+    """Median per-image ms of the model's network (as the engine runs it) at batch 1 and
+    ``batch`` over ``repeat`` passes, and the probabilities it gives."""
     device = model.device
     one = [x[None].to(device) for x in xs]
     many = [torch.stack(list(c)).to(device) for c in chunks(xs, batch)]
+    network = model.network_for(one[0])
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
 
@@ -167,22 +170,22 @@ def time_bare(model: LoadedModel, xs: list[torch.Tensor], threads: int, batch: i
     try:
         with torch.inference_mode(), autocast:
             for _ in range(3):  # warm-up: allocator, kernels, OpenMP pool
-                model.network(one[0])
-                model.network(many[0])
+                network(one[0])
+                network(many[0])
             sync()
             b1, bn = [], []
             for _ in tqdm(range(repeat), desc=f"bare, {threads} thread(s)", leave=False):
                 t0 = time.perf_counter()
                 for x in one:
-                    model.network(x)
+                    network(x)
                 sync()
                 b1.append((time.perf_counter() - t0) / len(xs))
                 t0 = time.perf_counter()
                 for x in many:
-                    model.network(x)
+                    network(x)
                 sync()
                 bn.append((time.perf_counter() - t0) / len(xs))
-            probs = torch.cat([torch.sigmoid(model.network(x).float()).cpu() for x in many])
+            probs = torch.cat([torch.sigmoid(network(x).float()).cpu() for x in many])
     finally:
         torch.set_num_threads(before)
     return statistics.median(b1) * 1e3, statistics.median(bn) * 1e3, probs.tolist()

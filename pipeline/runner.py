@@ -286,7 +286,7 @@ class PipelineRunner:
         key = (model.name, model.version)
         with self._lock:
             if key not in self._explainers:
-                clone = copy.copy(model)
+                clone = model.without_trace()
                 clone.network = copy.deepcopy(model.network).to(model.device).eval()
                 clone._pre = None
                 self._explainers[key] = (clone, threading.Lock())

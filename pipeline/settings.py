@@ -47,6 +47,8 @@ class ModelSpec(_Frozen):
     max_batch: int = Field(default=8, ge=1, le=1024)
     max_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
     warmup: bool = True
+    # On CPU, run a frozen TorchScript trace of the network (checked against it at load)
+    optimize: bool = True
     # Batcher threads sharing the model (no copies) and torch threads of each; None: chosen
     # by the runner (on CPU, classifiers get min(2, CPUs) workers splitting the CPUs).
     workers: int | None = Field(default=None, ge=1, le=64)

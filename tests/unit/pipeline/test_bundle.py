@@ -156,3 +156,57 @@ def test_demo_bundles_load(name: str, task: str, n_labels: int) -> None:
         assert set(layers) <= set(dict(m.network.named_modules()))  # the layers exist
     scripted = torch.jit.load(str(folder / "models" / "model.ts"))
     assert isinstance(scripted, torch.jit.ScriptModule)
+
+
+# -- speed: channels-last weights and the frozen trace ---------------------------------------
+
+
+def test_conv_weights_are_channels_last(tmp_path: Path) -> None:
+    m = load_model(make_tiny_bundle(tmp_path / "tiny"))
+    convs = [p for p in m.network.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_cpu_inference_runs_a_frozen_trace_that_matches_the_network(tmp_path: Path) -> None:
+    m = load_model(make_tiny_bundle(tmp_path / "tiny"))
+    for size in (2, 5, 1):
+        x = torch.rand(size, 1, 32, 32, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            want = m.network(x)
+        torch.testing.assert_close(m.infer(x), want, rtol=1e-4, atol=1e-5)
+    assert isinstance(m._fast[4], torch.jit.ScriptModule)
+    assert m.network_for(torch.zeros(1, 1, 32, 32)) is m._fast[4]
+
+
+class _BatchDependent(torch.nn.Module):
+    """Takes a different path for a single image: a trace would keep only one of them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)[:, :3]
+        return flat * 2 if x.shape[0] == 1 else flat
+
+
+def test_a_network_the_trace_cannot_follow_runs_eagerly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = LoadedModel(name="odd", version="1", task="classify", labels=["a", "b", "c"],
+                    spatial_size=(4, 4), network=_BatchDependent().eval(), path=tmp_path,
+                    source="state_dict")
+    x1, x3 = torch.ones(1, 1, 4, 4), torch.ones(3, 1, 4, 4)
+    with caplog.at_level("WARNING", logger="pipeline.bundle"):
+        assert torch.equal(m.infer(x1), torch.full((1, 3), 2.0))
+    assert m._fast[4] is None  # refused: the trace differs at batch size 3
+    assert "runs eagerly" in caplog.text and "batch size 3" in caplog.text
+    assert torch.equal(m.infer(x3), torch.ones(3, 3))
+
+
+def test_optimize_off_and_explainer_copies_run_the_eager_network(tmp_path: Path) -> None:
+    reg = ModelRegistry([ModelSpec(name="tiny", path=make_tiny_bundle(tmp_path / "t"),
+                                   device="cpu", optimize=False)])
+    m = reg.get("tiny")
+    m.infer(torch.rand(2, 1, 32, 32))
+    assert m.optimize is False and m._fast == {}
+    m.optimize = True
+    m.infer(torch.rand(2, 1, 32, 32))
+    clone = m.without_trace()
+    assert clone.optimize is False and clone._fast == {} and m._fast
+    assert clone.network_for(torch.rand(1, 1, 32, 32)) is clone.network
