@@ -103,6 +103,55 @@ def test_audience_and_issuer_checked_when_configured() -> None:
             a.authenticate(token(claims))
 
 
+def test_a_verified_token_is_remembered_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [time.time()]
+    settings = AuthSettings()
+    a = Authenticator(settings, SECRET, clock=lambda: now[0])
+    decodes: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda t, *a_, **k: decodes.append(t) or real(t, *a_, **k))
+    t = token({"exp": int(now[0]) + 30, "sub": "ris-1"})
+    assert a.authenticate(t).subject == "ris-1"
+    assert a.authenticate(f"Bearer {t}").subject == "ris-1"
+    assert decodes == [t]  # the second time, only the clock was checked
+    # a token that differs by one character is verified (and refused), never taken as known
+    forged = t[:-2] + ("A" if t[-2] != "A" else "B") + t[-1]
+    with pytest.raises(AuthError) as bad:
+        a.authenticate(forged)
+    assert bad.value.failure is AuthFailure.INVALID
+    now[0] += 31  # past exp by our clock: verified again, and PyJWT says expired once it is
+    monkeypatch.setattr(jwt, "decode", lambda *a_, **k: (_ for _ in ()).throw(
+        jwt.ExpiredSignatureError("expired")))
+    with pytest.raises(AuthError) as old:
+        a.authenticate(t)
+    assert old.value.failure is AuthFailure.EXPIRED
+    assert t not in a._verified
+
+
+def test_memory_is_trusted_only_between_nbf_and_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [time.time()]
+    a = Authenticator(AuthSettings(), SECRET, clock=lambda: now[0])
+    t = token({"nbf": int(now[0]) - 5, "exp": int(now[0]) + 60})
+    a.authenticate(t)
+    assert a._verified[t][1:] == (int(now[0]) - 5, int(now[0]) + 60)
+    decodes: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode",
+                        lambda t_, *a_, **k: decodes.append(t_) or real(t_, *a_, **k))
+    now[0] -= 10  # before nbf by our clock: memory is not trusted, PyJWT decides again
+    a.authenticate(t)
+    assert decodes == [t]
+
+
+def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rest.auth._VERIFIED_MAX", 3)
+    a = auth()
+    tokens = [token({"sub": f"s{i}"}) for i in range(5)]
+    for t in tokens:
+        a.authenticate(t)
+    assert list(a._verified) == tokens[2:]
+
+
 def test_api_keys() -> None:
     p = auth().authenticate(f"Api-Key {API_KEY}")
     assert (p.subject, p.group, p.scopes) == ("lab", "radiology", {"infer"})
