@@ -328,6 +328,9 @@ class BatchedModel:
         device: ``auto``, ``cpu`` or ``cuda`` (see :func:`select_device`).
         max_batch: most samples per forward pass.
         max_delay_ms: longest time the first request of a batch waits for others.
+            A request that finds nothing else in flight (no other request queued, no
+            batch computing) runs at once: no caller is there to join it, so waiting
+            would only add latency for a lone caller.
         warmup: run one dummy batch (and one of ``max_batch``) at start when
             ``sample_shape`` is known.
         sample_shape: the shape of one input sample, without batch dimension,
@@ -395,6 +398,7 @@ class BatchedModel:
         self._pending: deque[_Request] = deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._computing = 0  # workers running a batch now (under _lock)
         self.workers = workers
         self.threads = threads
         # One worker at a time gathers a batch; the others are computing theirs.
@@ -575,6 +579,9 @@ class BatchedModel:
             r = self._pending.popleft()
             (batch if r.key == head.key and len(batch) < self.max_batch else keep).append(r)
         self._pending = keep
+        if len(batch) == 1 and not self._pending and not self._computing \
+                and self._queue.empty():
+            return batch, stopping  # nothing else in flight: see max_delay_ms
         deadline = head.t_enqueue + self.max_delay_ns
         set_aside = 0
         while len(batch) < self.max_batch and not stopping:
@@ -613,7 +620,13 @@ class BatchedModel:
                         self._finished = True
                         return
                     continue
-            self._execute(batch)
+            with self._lock:
+                self._computing += 1
+            try:
+                self._execute(batch)
+            finally:
+                with self._lock:
+                    self._computing -= 1
 
     def _execute(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter_ns()

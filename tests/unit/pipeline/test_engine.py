@@ -129,15 +129,35 @@ class Keep(torch.nn.Module):
         return self.outputs[-1]
 
 
+class GatedKeep(Keep):
+    """Keep, whose first forward pass waits for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait()
+        return super().forward(x)
+
+
 def test_a_lone_request_gets_a_view_and_a_batch_gets_copies() -> None:
-    net = Keep()
+    net = GatedKeep()
     with BatchedModel("keep", net, max_batch=2, max_delay_ms=10_000, warmup=False,
                       workers=1) as model:
+        blocker = model.submit(torch.zeros(3))
+        net.entered.wait()  # computing: the next two wait for it and form one batch
         first, second = model.submit(torch.ones(3)), model.submit(torch.full((3,), 2.0))
+        wait_queued(model, 2)
+        net.release.set()
         rows = [first.result(), second.result()]
+        blocker.result()
     # batch of 2: each row is its own copy, so that keeping one frees the batch
     assert [r.tolist() for r in rows] == [[2.0] * 3, [4.0] * 3]
-    assert all(r.untyped_storage().data_ptr() != net.outputs[0].untyped_storage().data_ptr()
+    assert len(net.outputs) == 2 and net.outputs[1].shape == (2, 3)
+    assert all(r.untyped_storage().data_ptr() != net.outputs[1].untyped_storage().data_ptr()
                for r in rows)
     net = Keep()
     with BatchedModel("keep", net, max_batch=1, warmup=False, workers=1) as model:
@@ -145,6 +165,15 @@ def test_a_lone_request_gets_a_view_and_a_batch_gets_copies() -> None:
     # batch of 1: the row is the whole output; a copy would double a CT's logits
     assert row.tolist() == [2.0] * 3
     assert row.untyped_storage().data_ptr() == net.outputs[0].untyped_storage().data_ptr()
+
+
+def test_a_request_with_nothing_else_in_flight_does_not_wait_for_company() -> None:
+    # max_delay is ten minutes: were a lone request held for company, this would hang
+    enc = Encode()
+    with BatchedModel("enc", enc, max_batch=8, max_delay_ms=600_000, warmup=False) as model:
+        for i in range(3):
+            assert model.infer(torch.full((2,), float(i)))[1].item() == float(i)
+    assert enc.batch_sizes == [1, 1, 1]
 
 
 def test_sixteen_threads_are_batched() -> None:
