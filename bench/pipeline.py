@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         workers, per_worker = parallelism(ModelSpec(name="cxr-findings", path=CXR), model)
         engine_threads = per_worker or torch.get_num_threads()
         xs = [model.preprocess(load_image_2d(p).pixels) for p in files]
-        log(f"bare model.network(x): {args.images} images, input {tuple(xs[0].shape)}")
+        log(f"bare network (as the engine runs it): {args.images} images, input {tuple(xs[0].shape)}")
         default_threads = torch.get_num_threads()
         b1, bn, bare_probs = time_bare(model, xs, engine_threads, args.batch, args.repeat)
         bare = Bare(engine_threads, b1, bn, bare_probs)
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
               f"max_batch {b}, max_delay 5 ms; load average {os.getloadavg()[0]:.2f} "
               f"on {cpus} CPUs")
         print(f"\n{'ms per image':44s}{'batch 1':>10s}{'batch ' + str(b):>10s}")
-        print(f"{'bare model.network(x), ' + str(bare.threads) + ' thread(s)':44s}"
+        print(f"{'bare network, ' + str(bare.threads) + ' thread(s)':44s}"
               f"{bare.ms_b1:10.2f}{bare.ms_b8:10.2f}")
         if info_b1 is not None:
             print(f"{'  (info) bare, torch default ' + str(default_threads) + ' threads':44s}"
