@@ -572,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         workers, per_worker = parallelism(ModelSpec(name="cxr-findings", path=CXR), model)
         engine_threads = per_worker or torch.get_num_threads()
         xs = [model.preprocess(load_image_2d(p).pixels) for p in files]
-        log(f"bare network (as the engine runs it): {args.images} images, input {tuple(xs[0].shape)}")
+        log(f"bare network (as the engine runs it): {args.images} images, "
+            f"input {tuple(xs[0].shape)}")
         default_threads = torch.get_num_threads()
         b1, bn, bare_probs = time_bare(model, xs, engine_threads, args.batch, args.repeat)
         bare = Bare(engine_threads, b1, bn, bare_probs)

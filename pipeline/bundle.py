@@ -70,8 +70,9 @@ class LoadedModel:
     optimize: bool = True
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
     _inferer: Any = field(default=None, repr=False)
-    # rank of the input -> its frozen trace, or None where tracing was refused
-    _fast: dict[int, torch.nn.Module | None] = field(default_factory=dict, repr=False)
+    # the frozen trace (see network_for); tried once, None when refused
+    _fast: _Traced | None = field(default=None, repr=False)
+    _fast_tried: bool = field(default=False, repr=False)
     _fast_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -85,14 +86,14 @@ class LoadedModel:
         """Move the network to ``device`` (in place) and return self."""
         self.device = torch.device(device)
         self.network.to(self.device)
-        self._fast = {}
+        self._fast, self._fast_tried = None, False
         return self
 
     def without_trace(self) -> LoadedModel:
         """A shallow copy that runs the eager network (hooks, e.g. Grad-CAM, see it)."""
         clone = copy.copy(self)
         clone.optimize = False
-        clone._fast = {}
+        clone._fast, clone._fast_tried = None, False
         clone._fast_lock = threading.Lock()
         return clone
 
@@ -118,27 +119,47 @@ class LoadedModel:
         return out
 
     def network_for(self, batch: torch.Tensor) -> torch.nn.Module:
-        """The module to run ``batch`` through: the frozen trace where there is one.
+        """The module to run ``batch`` through: on CPU, the frozen trace where there is one.
 
-        A sliding-window inferer calls the network with patches, not ``batch``; the
-        trace is taken on a patch-shaped example then (the rank is the same).
+        The trace is taken once, on the first batch, for the sample shape the network
+        sees then (a sliding-window inferer's patch, else the batch's sample shape), and
+        used only for inputs of that shape: anything else runs the eager network.
         """
         if not self.optimize or self.device.type != "cpu":
             return self.network
-        rank = batch.dim()
-        if rank not in self._fast:
+        if not self._fast_tried:
             with self._fast_lock:
-                if rank not in self._fast:
-                    self._fast[rank] = frozen_trace(self.network, self._example(batch),
-                                                    name=f"{self.name}:{self.version}")
-        return self._fast[rank] or self.network
+                if not self._fast_tried:
+                    example = self._example(batch)
+                    frozen = frozen_trace(self.network, example,
+                                          name=f"{self.name}:{self.version}")
+                    if frozen is not None:
+                        self._fast = _Traced(frozen, self.network, tuple(example.shape[1:]))
+                    self._fast_tried = True
+        return self.network if self._fast is None else self._fast
 
     def _example(self, batch: torch.Tensor) -> torch.Tensor:
         """An input of the shape the network itself will see for ``batch``."""
         roi = (self.inferer or {}).get("roi_size")
-        if self._inferer is not None and isinstance(roi, list) and len(roi) == batch.dim() - 2:
-            return batch.new_zeros((1, batch.shape[1], *(int(r) for r in roi)))
+        if (self._inferer is not None and isinstance(roi, list)
+                and len(roi) == batch.dim() - 2
+                and all(isinstance(r, int) and r > 0 for r in roi)):
+            return batch.new_zeros((1, batch.shape[1], *roi))
         return batch[:1]
+
+
+class _Traced(torch.nn.Module):
+    """A frozen trace for inputs of the sample shape it was checked on, else the network."""
+
+    def __init__(self, frozen: torch.nn.Module, network: torch.nn.Module,
+                 sample_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.frozen, self.network, self.sample_shape = frozen, network, sample_shape
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if tuple(x.shape[1:]) == self.sample_shape:
+            return self.frozen(x)
+        return self.network(x)
 
 
 def frozen_trace(network: torch.nn.Module, example: torch.Tensor, *,

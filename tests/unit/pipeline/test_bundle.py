@@ -174,8 +174,24 @@ def test_cpu_inference_runs_a_frozen_trace_that_matches_the_network(tmp_path: Pa
         with torch.no_grad():
             want = m.network(x)
         torch.testing.assert_close(m.infer(x), want, rtol=1e-4, atol=1e-5)
-    assert isinstance(m._fast[4], torch.jit.ScriptModule)
-    assert m.network_for(torch.zeros(1, 1, 32, 32)) is m._fast[4]
+    assert m._fast is not None and isinstance(m._fast.frozen, torch.jit.ScriptModule)
+    assert m.network_for(torch.zeros(1, 1, 32, 32)) is m._fast
+
+
+def test_the_trace_serves_only_the_sample_shape_it_was_checked_on(tmp_path: Path) -> None:
+    m = load_model(make_tiny_bundle(tmp_path / "tiny"))
+    eager_calls: list[tuple[int, ...]] = []
+    m.network.register_forward_hook(lambda mod, args, out: eager_calls.append(args[0].shape))
+    m.infer(torch.rand(2, 1, 32, 32))  # traced (the check runs the eager network)
+    eager_calls.clear()
+    m.infer(torch.rand(4, 1, 32, 32))
+    assert eager_calls == []  # the frozen trace ran
+    x = torch.rand(2, 1, 40, 40)
+    with torch.no_grad():
+        want = m.network(x)
+    eager_calls.clear()
+    torch.testing.assert_close(m.infer(x), want)
+    assert eager_calls == [(2, 1, 40, 40)]  # another shape: the eager network
 
 
 class _BatchDependent(torch.nn.Module):
@@ -194,7 +210,7 @@ def test_a_network_the_trace_cannot_follow_runs_eagerly(
     x1, x3 = torch.ones(1, 1, 4, 4), torch.ones(3, 1, 4, 4)
     with caplog.at_level("WARNING", logger="pipeline.bundle"):
         assert torch.equal(m.infer(x1), torch.full((1, 3), 2.0))
-    assert m._fast[4] is None  # refused: the trace differs at batch size 3
+    assert m._fast_tried and m._fast is None  # refused: it differs at batch size 3
     assert "runs eagerly" in caplog.text and "batch size 3" in caplog.text
     assert torch.equal(m.infer(x3), torch.ones(3, 3))
 
@@ -204,9 +220,9 @@ def test_optimize_off_and_explainer_copies_run_the_eager_network(tmp_path: Path)
                                    device="cpu", optimize=False)])
     m = reg.get("tiny")
     m.infer(torch.rand(2, 1, 32, 32))
-    assert m.optimize is False and m._fast == {}
+    assert m.optimize is False and m._fast is None and not m._fast_tried
     m.optimize = True
     m.infer(torch.rand(2, 1, 32, 32))
     clone = m.without_trace()
-    assert clone.optimize is False and clone._fast == {} and m._fast
+    assert clone.optimize is False and clone._fast is None and m._fast is not None
     assert clone.network_for(torch.rand(1, 1, 32, 32)) is clone.network
