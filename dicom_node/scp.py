@@ -231,7 +231,7 @@ class InstanceWriter:
         )
         try:
             self.store.record_instance(
-                record, overwrite=duplicates is DuplicatePolicy.OVERWRITE
+                record, overwrite=duplicates is DuplicatePolicy.OVERWRITE, durable=durable
             )
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc

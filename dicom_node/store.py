@@ -587,11 +587,16 @@ class Store:
             .values(updated_at=now)
         )
 
-    def record_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
+    def record_instance(self, rec: InstanceRecord, *, overwrite: bool = True,
+                        durable: bool = True) -> bool:
         """Like :meth:`add_instance`, in two cached upsert statements: the receive hot path.
 
         Returns False when the instance was known and kept as it was (``overwrite=False``).
         Backends without ``ON CONFLICT`` fall back to :meth:`add_instance`.
+        ``durable=False`` commits without waiting for the disk (SQLite ``synchronous``
+        NORMAL for this commit, PostgreSQL ``synchronous_commit`` off): only for instances
+        a retrieval fetched, whose files are not fsynced either (a crash fetches them
+        again); the commit is as atomic as ever, only a power cut can undo it.
         """
         stmts = self._upserts(overwrite)
         if stmts is None:
@@ -618,10 +623,27 @@ class Store:
             "accession_number": rec.accession_number, "study_date": rec.study_date,
             "called_ae": rec.called_ae, "created_at": now, "updated_at": now,
         }
-        with self._begin() as conn:
-            written = conn.execute(stmts[0], values).rowcount
-            if written:
-                conn.execute(stmts[1], study)
+        if durable:
+            with self._begin() as conn:
+                written = conn.execute(stmts[0], values).first() is not None
+                if written:
+                    conn.execute(stmts[1], study)
+            return bool(written)
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":  # a connection setting: set outside the transaction
+                conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                conn.commit()
+            try:
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                    written = conn.execute(stmts[0], values).first() is not None
+                    if written:
+                        conn.execute(stmts[1], study)
+            finally:
+                if self.dialect == "sqlite":  # the pooled connection goes back as it came
+                    conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                    conn.commit()
         return bool(written)
 
     def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
@@ -644,11 +666,14 @@ class Store:
             )
         else:
             ins = ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        # A row back says it was written: PostgreSQL's driver reports rowcount -1 for an
+        # INSERT that SQLAlchemy gave an implicit RETURNING, so rowcount cannot tell.
+        returning = ins.returning(instances.c.id)
         study = upsert(studies)
         study = study.on_conflict_do_update(
             index_elements=["study_instance_uid"], set_={"updated_at": study.excluded.updated_at}
         )
-        cache[overwrite] = (ins, study)
+        cache[overwrite] = (returning, study)
         return cache[overwrite]
 
     def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:

@@ -152,6 +152,25 @@ def test_sqlite_uses_wal_and_commits_to_disk(sqlite_store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
 
 
+def test_a_retrieved_instance_is_recorded_without_waiting_for_the_disk(store: Store) -> None:
+    fetched = dataclasses.replace(rec("7.1"), source="retrieve")
+    assert store.record_instance(fetched, durable=False) is True
+    assert store.record_instance(fetched, overwrite=False, durable=False) is False
+    got = store.get_instance("7.1")
+    assert got is not None and got.source == "retrieve"
+    assert [i.sop_instance_uid for i in store.instances_of("1.2.3")] == ["7.1"]
+    # the relaxed setting was for that commit only: pooled connections commit to disk
+    with store.engine.connect() as conn:
+        if store.dialect == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        else:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    assert store.record_instance(rec("7.2")) is True  # and durable ones still work
+    # known and kept as it was: False on both backends (PostgreSQL said True, rowcount -1)
+    assert store.record_instance(rec("7.2"), overwrite=False) is False
+    assert store.record_instance(rec("7.2"), overwrite=True) is True
+
+
 def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="cannot open the store"):
         Store("postgresql://nobody@127.0.0.1:1/none").open()
