@@ -200,7 +200,8 @@ def channels_last(network: torch.nn.Module) -> torch.nn.Module:
     """``network`` with its convolution weights in channels-last order (in place).
 
     oneDNN's convolutions run faster on NHWC/NDHWC data: 20-30 % off a forward pass
-    of both demo networks on CPU, with the same results to float rounding.
+    of both demo networks on CPU, with the same results to float rounding. Applied by
+    :func:`load_model` for CPU devices only: on GPUs it was not measured.
     """
     ranks = {p.dim() for p in network.parameters()}
     if 5 in ranks:
@@ -411,7 +412,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
         model = _load_file(path)
     else:
         raise BundleError(f"missing file: {path} (neither a bundle folder nor a model file)")
-    channels_last(model.network)
+    if torch.device(device).type == "cpu":  # measured there; GPUs not (none to hand)
+        channels_last(model.network)
     return model.to(device)
 
 
