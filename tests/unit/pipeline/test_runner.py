@@ -106,6 +106,25 @@ def test_segmentation_writes_seg_and_volumes(runner: PipelineRunner, tmp_path: P
     assert seg.Modality == "SEG"
 
 
+def test_a_segmenter_with_an_input_size_is_warmed_up_and_traced_at_start(tmp_path: Path) -> None:
+    folder = make_tiny_seg_bundle(tmp_path / "tinyseg")
+    meta_path = folder / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spatial_size"] = [16, 32, 32]  # its sliding window's patch
+    meta_path.write_text(json.dumps(meta))
+    r = PipelineRunner([ModelSpec(name="tinyseg", path=folder)],
+                       [PipelineSpec(name="seg", model="tinyseg", task="segment")])
+    r.start()
+    try:
+        assert not r.failed
+        model = r.registry.get("tinyseg")
+        assert model._fast_tried and model._fast is not None  # before any study
+        assert model._fast.sample_shape == (1, 16, 32, 32)
+        assert r.engine.get("tinyseg").statistics().inference_count == 0  # not counted
+    finally:
+        r.close()
+
+
 def test_bad_inputs_fail_with_a_message(runner: PipelineRunner, tmp_path: Path) -> None:
     src = write_dicom(make_cxr_phantom(9), tmp_path / "cr.dcm")
     with pytest.raises((InputError, PipelineError)):
