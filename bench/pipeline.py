@@ -139,6 +139,40 @@ def write_radiographs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def write_reference_bundle(folder: Path) -> Path:
+    """A MONAI bundle of the issue's reference network: DenseNet121, 224 x 224, 11 outputs.
+
+    Untrained (seeded random weights, saved as ``model.pt`` + ``network_def``): it is
+    there to time the pipeline around a network of the size the issue's reference
+    figures are for, through exactly the code the demo model runs.
+    """
+    labels = json.loads((CXR / "configs" / "metadata.json").read_text())["labels"]
+    network_def = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1,
+                   "out_channels": len(labels)}
+    inference = {
+        "network_def": network_def,
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "EnsureChannelFirst", "channel_dim": "no_channel"},
+            {"_target_": "Resize", "spatial_size": [224, 224], "mode": "area"},
+            {"_target_": "ScaleIntensity", "minv": 0.0, "maxv": 1.0},
+            {"_target_": "EnsureType", "dtype": "$torch.float32"}]},
+        "inferer": {"_target_": "SimpleInferer"},
+    }
+    metadata = {"name": "densenet121-reference", "version": "0.0.1", "task": "classify",
+                "labels": labels, "spatial_size": [224, 224],
+                "description": "untrained DenseNet121 at 224x224, for timing only"}
+    (folder / "configs").mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(labels))
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
 # -- phase 1: the bare model -----------------------------------------------------------------
 
 
@@ -194,9 +228,9 @@ def time_bare(model: LoadedModel, xs: list[torch.Tensor], threads: int, batch: i
 # -- phase 2 and 3: the pipeline ---------------------------------------------------------------
 
 
-def cxr_runner(device: str, max_batch: int) -> PipelineRunner:
+def cxr_runner(device: str, max_batch: int, bundle: Path = CXR) -> PipelineRunner:
     runner = PipelineRunner(
-        [ModelSpec(name="cxr-findings", path=CXR, device=device,  # type: ignore[arg-type]
+        [ModelSpec(name="cxr-findings", path=bundle, device=device,  # type: ignore[arg-type]
                    max_batch=max_batch, max_delay_ms=5.0)],
         [PipelineSpec(name="cxr-findings", model="cxr-findings", task="classify",
                       series=SeriesRules(modalities=MODALITIES), outputs=[Output.JSON])])
@@ -296,9 +330,9 @@ def time_pipeline(runner: PipelineRunner, files: list[Path], out: Path, batch: i
 
 
 def throughput(device: str, max_batch: int, files: list[Path], out: Path, callers: int,
-               seconds: float, warmup: float) -> dict[str, Any]:
+               seconds: float, warmup: float, bundle: Path = CXR) -> dict[str, Any]:
     """Requests/s of ``callers`` threads each running DICOM file -> JSON in a loop."""
-    runner = cxr_runner(device, max_batch)
+    runner = cxr_runner(device, max_batch, bundle)
     try:
         stop = threading.Event()
         done = [0] * callers
@@ -534,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ct", action="store_true", help="skip the CT segmentation peak")
     ap.add_argument("--skip-memory", action="store_true",
                     help="skip phase 4 altogether (node and runner RSS, CT peak)")
+    ap.add_argument("--reference-network", action="store_true",
+                    help="phases 1-3 on an untrained DenseNet121 at 224x224 (the network the "
+                         "issue's reference figures are for) instead of the demo model; "
+                         "implies --skip-memory")
     ap.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--child", choices=["runner", "make-ct", "segment"], help=argparse.SUPPRESS)
@@ -546,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--images must be a multiple of --batch ({args.batch})")
     if args.ct_slices < 8 or args.ct_size < 16:
         ap.error("--ct-slices must be at least 8 and --ct-size at least 16")
+    if args.reference_network:
+        args.skip_memory = True
     try:
         device = select_device(args.device)
     except Exception as exc:
@@ -566,10 +606,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"load average {os.getloadavg()[0]:.2f} on {cpus} CPUs; device {device}; "
             f"work dir {work}")
         files = write_radiographs(work / "cxr", args.images)
+        bundle = write_reference_bundle(work / "densenet121") if args.reference_network \
+            else CXR
+        network = "DenseNet121 224x224 (untrained)" if args.reference_network \
+            else "cxr-findings"
+        doc["network"] = network
 
         # 1. bare
-        model = load_model(CXR, device)
-        workers, per_worker = parallelism(ModelSpec(name="cxr-findings", path=CXR), model)
+        model = load_model(bundle, device)
+        workers, per_worker = parallelism(ModelSpec(name="cxr-findings", path=bundle), model)
         engine_threads = per_worker or torch.get_num_threads()
         xs = [model.preprocess(load_image_2d(p).pixels) for p in files]
         log(f"bare network (as the engine runs it): {args.images} images, "
@@ -585,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2. pipeline, per image
         log(f"pipeline DICOM -> predictions JSON: engine {workers} worker(s) x "
             f"{per_worker or 'default'} torch thread(s), max_batch {args.batch}")
-        runner = cxr_runner(args.device, args.batch)
+        runner = cxr_runner(args.device, args.batch, bundle)
         try:
             pipe = time_pipeline(runner, files, work / "json", args.batch, args.repeat)
         finally:
@@ -603,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         for mb_ in (args.batch, 1):
             log(f"throughput: {args.callers} callers, max_batch {mb_}, {args.seconds:g} s")
             tp[mb_] = throughput(args.device, mb_, files, work / f"tp{mb_}", args.callers,
-                                 args.seconds, args.warmup)
+                                 args.seconds, args.warmup, bundle)
         tp_ratio = tp[args.batch]["rps"] / tp[1]["rps"] if tp[1]["rps"] else None
 
         # 4. memory
@@ -625,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # report
         n, b = args.images, args.batch
-        print(f"\npipeline benchmark: cxr-findings on {device}"
+        print(f"\npipeline benchmark: {network} on {device}"
               f"{' (' + doc['machine']['gpu'] + ')' if doc['machine']['gpu'] else ''}, "
               f"{n} phantom radiographs (CR/DX 256x256 -> {tuple(xs[0].shape[1:])}), "
               f"medians of {args.repeat} passes")

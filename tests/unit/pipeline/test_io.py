@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -30,6 +31,7 @@ from pipeline.io import (
     UnreadableFileError,
     Volume,
     WrongModalityError,
+    apply_window,
     load_ct_volume,
     load_image_2d,
     read_dataset,
@@ -572,3 +574,32 @@ def test_monochrome_multiframe_middle_frame(name: str) -> None:
     frame = pydicom.dcmread(path).pixel_array[7].astype(np.float64)
     expected = (frame - frame.min()) / (frame.max() - frame.min())
     np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize(("center", "width"), [(40.0, 400.0), (1000.5, 1.0), (-600.0, 1500.0),
+                                               (0.0, 2.0)])
+def test_window_matches_pydicom(function: str, center: float, width: float) -> None:
+    """Our float32 window gives pydicom's apply_windowing values, scaled to [0, 1]."""
+    values = np.random.default_rng(7).uniform(-3000, 3000, (64, 64))
+    values[0, :8] = [center, center - 0.5, center + 0.5, center - width / 2,
+                     center + width / 2, center - 0.5 - (width - 1) / 2,
+                     center - 0.5 + (width - 1) / 2, center + 1]
+    ds = Dataset()
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = center, width, function
+    ds.PhotometricInterpretation, ds.PixelRepresentation, ds.BitsStored = "MONOCHROME2", 0, 16
+    with np.errstate(over="ignore"):  # pydicom's sigmoid overflows exp far from the center
+        expected = apply_windowing(values.copy(), ds) / 65535.0
+    got = apply_window(values, center, width, function)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def test_modality_values_match_pydicom(tmp_path: Path) -> None:
+    """Rescale in float32 gives pydicom's modality values, through to the window."""
+    stored = np.random.default_rng(3).integers(0, 4096, (32, 32)).astype(np.uint16)
+    ds = make_image(stored, RescaleSlope=0.5, RescaleIntercept=-1024.25,
+                    WindowCenter=-300.0, WindowWidth=1200.0)
+    img = load_image_2d(save(ds, tmp_path / "r.dcm"))
+    hu = apply_modality_lut(stored, ds)
+    np.testing.assert_allclose(img.pixels, np.clip((hu + 300.5) / 1199 + 0.5, 0, 1), atol=2e-6)
