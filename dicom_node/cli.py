@@ -1,4 +1,4 @@
-"""``dicom-node``: serve, check a config, manage jobs, mint tokens.
+"""``dicom-node``: serve, check a config, manage jobs, mint tokens, run the models on files.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import dicom_node
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.errors import NodeError
+from dicom_node.infer import UsageError
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -28,6 +29,8 @@ examples:
   dicom-node check-config configs/node.yaml
   dicom-node jobs list --state failed
   dicom-node token --scope infer --expires 8h
+  dicom-node infer samples/cxr/pleural-effusion.dcm --out results
+  dicom-node infer /media/cdrom/DICOM --model ct-organs
 
 Settings come from the YAML file, then DICOM_NODE_* environment variables
 (DICOM_NODE_DIMSE__PORT=11113), then the options below.
@@ -96,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scopes to grant (repeatable; default infer and read)")
     token.add_argument("--expires", default="1h", metavar="DURATION",
                        help="lifetime: seconds or a number with s/m/h/d (default 1h)")
+    infer = sub.add_parser(
+        "infer", help="run the models on DICOM files, a series folder or a tree of studies",
+        description="Read the DICOM files under PATH, group them by study and run each "
+        "study through the pipelines whose series rules suit it (or the one --model names). "
+        "Results (JSON, PNG, PDF and the DICOM objects the pipeline is configured for) are "
+        "written under --out, as the node writes a job's; nothing is stored or sent. Exit 0 "
+        "when everything ran, 1 when a study failed or nothing could run, 2 for bad usage.")
+    _config_options(infer)
+    infer.add_argument("path", type=Path, nargs="+", metavar="PATH",
+                       help="a DICOM file, a series folder or a tree of studies")
+    infer.add_argument("--model", "-m", metavar="NAME",
+                       help="a pipeline or model name (default: every pipeline a study suits)")
+    infer.add_argument("--out", "-o", type=Path, metavar="DIR", default=None,
+                       help="where the results go (default ./dicom-node-results)")
+    infer.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                       help="run the models here (default: as configured, auto)")
+    infer.add_argument("--json", action="store_true",
+                       help="print a JSON summary on stdout (progress goes to stderr)")
     return parser
 
 
@@ -115,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _jobs(args, settings)
         if args.command == "token":
             return _token(args, settings)
+        if args.command == "infer":
+            return _infer(args, settings)
+    except UsageError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -260,6 +286,20 @@ def _print_job(d: dict[str, Any]) -> None:
         for x in d["exports"]:
             print(f"  {x['destination']:16} {x['state']:10} sent {x['sent']} in "
                   f"{x['attempts']} attempts  {x['message'] or ''}")
+
+
+def _infer(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from dicom_node.infer import DEFAULT_OUT, run_infer
+    from dicom_node.logs import configure_logging
+
+    # Warnings (a trace refused, a model that failed) on stderr: stdout is the results.
+    configure_logging("warning", "auto", stream=sys.stderr)
+    # Files that are not DICOM are counted and named in the summary instead.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    return run_infer(settings, args.path, args.model, args.out or DEFAULT_OUT,
+                     device=args.device, as_json=args.json)
 
 
 def parse_duration(text: str) -> int:

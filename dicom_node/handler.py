@@ -125,7 +125,7 @@ class NodeHandler:
                     continue
             # Several studies of one patient would write the same file names: each gets
             # its own folder then (a single study keeps the plain layout).
-            study_dir = out_dir / _study_folder(study, len(results)) if many else out_dir
+            study_dir = out_dir / study_folder(study, len(results)) if many else out_dir
             try:
                 out = runner.run(job.pipeline, files, study_dir, cancelled=ctx.cancelled)
             except (InputError, PipelineError, ValueError) as exc:
@@ -205,7 +205,7 @@ def _study_of(path: Path) -> str:
         return "unknown"
 
 
-def _study_folder(study: str, index: int) -> str:
+def study_folder(study: str, index: int) -> str:
     """A folder name for one of a job's studies: its UID, or a numbered name for a UID
     that is not one (an unreadable study, named "unknown")."""
     if re.fullmatch(r"[0-9]+(\.[0-9]+)*", study) and len(study) <= 64:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -35,10 +35,16 @@ def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 
 
 def configure_logging(
-    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto"
+    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto",
+    stream: TextIO | None = None,
 ) -> None:
-    """Configure structlog and the standard library's logging for the whole process."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    """Configure structlog and the standard library's logging for the whole process.
+
+    Log lines go to ``stream`` (default stdout; a command whose stdout is its output
+    passes stderr).
+    """
+    out = sys.stdout if stream is None else stream
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -59,7 +65,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Libraries (pynetdicom, aiohttp, sqlalchemy) log through the standard library:
@@ -68,7 +74,7 @@ def configure_logging(
         processor=renderer,
         foreign_pre_chain=shared,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

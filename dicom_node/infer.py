@@ -1,0 +1,238 @@
+"""``dicom-node infer``: run the pipelines on files, without a running node.
+
+A file, a series folder or a tree of studies is read (headers only), grouped by
+study, and each study goes through the pipelines that suit it (their series rules:
+a CT study to the segmentation, a radiograph to the classifier), or through the one
+``--model`` names. The results are written as the node writes a job's, under
+``--out``: ``<out>/<pipeline>/<patient>/`` (a patient with several studies gets
+``<out>/<pipeline>/<StudyUID>/<patient>/``). Nothing is stored, queued or sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.config import Settings
+from dicom_node.errors import NodeError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from pipeline.runner import RunOutput
+    from pipeline.settings import PipelineSpec
+
+DEFAULT_OUT = Path("dicom-node-results")
+
+
+class UsageError(NodeError):
+    """The command line names something that does not exist (exit 2)."""
+
+
+@dataclass
+class Study:
+    """The files of one study found under the given paths, with their headers."""
+
+    uid: str
+    headers: dict[Path, Dataset] = field(default_factory=dict)
+
+    @property
+    def patient_id(self) -> str:
+        first = next(iter(self.headers.values()))
+        return str(first.get("PatientID", "") or "") or "(no Patient ID)"
+
+
+@dataclass
+class Outcome:
+    """What one pipeline did with one study."""
+
+    pipeline: str
+    study: str
+    out_dir: Path
+    ok: bool
+    summary: str
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _files(paths: Sequence[Path]) -> Iterator[Path]:
+    """Every regular file under ``paths``, hidden names (``.x``) left out, sorted."""
+    for root in paths:
+        if root.is_file():
+            yield root
+            continue
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith("."):
+                    yield Path(folder) / name
+
+
+def scan(paths: Sequence[Path], progress: bool = True) -> tuple[list[Study], list[Path]]:
+    """Group the DICOM files under ``paths`` by study; also return the files that are not
+    DICOM (or cannot be read)."""
+    from tqdm import tqdm
+
+    from pipeline.io import InputError, read_dataset
+
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or folder")
+    studies: dict[str, Study] = {}
+    skipped: list[Path] = []
+    files = list(_files(paths))
+    for path in tqdm(files, desc="reading headers", unit="file", disable=not progress,
+                     leave=False):
+        try:
+            with warnings.catch_warnings():  # pydicom's guesses about a file that is not DICOM
+                warnings.simplefilter("ignore")
+                ds = read_dataset(path, stop_before_pixels=True)
+        except InputError:
+            skipped.append(path)
+            continue
+        uid = str(ds.get("StudyInstanceUID", "") or "") or "unknown"
+        studies.setdefault(uid, Study(uid)).headers[path] = ds
+    return list(studies.values()), skipped
+
+
+def choose(settings: Settings, name: str | None) -> list[PipelineSpec]:
+    """The pipelines ``--model`` names (a pipeline, or every pipeline of a model), or all."""
+    pipelines = list(settings.pipelines)
+    if not pipelines:
+        raise UsageError("no pipelines are configured (see `pipelines:` in configs/node.yaml)")
+    if name is None:
+        return pipelines
+    chosen = [p for p in pipelines if p.name == name] or [p for p in pipelines
+                                                          if p.model == name]
+    if not chosen:
+        known = sorted({p.name for p in pipelines} | {p.model for p in pipelines})
+        raise UsageError(f"--model {name!r}: no such pipeline or model; configured: "
+                         f"{', '.join(known)}")
+    return chosen
+
+
+def _suits(study: Study, spec: PipelineSpec) -> str | None:
+    """Why no series of ``study`` suits ``spec``, or None when one does."""
+    from pipeline.io import SeriesError, select_series
+
+    try:
+        select_series({str(p): ds for p, ds in study.headers.items()}, spec.series)
+    except SeriesError as exc:
+        return str(exc)
+    return None
+
+
+def _describe(out: RunOutput) -> tuple[str, dict[str, Any]]:
+    result: Any = out.result
+    if hasattr(result, "findings"):
+        present = sorted((f for f in result.findings if f.presence),
+                         key=lambda f: -f.confidence)
+        text = result.result + (": " + ", ".join(f"{f.name} {f.confidence:.2f}"
+                                                 for f in present) if present else "")
+        return text, {"result": result.result,
+                      "findings": [{"name": f.name, "presence": f.presence,
+                                    "confidence": f.confidence} for f in result.findings]}
+    segments = result.segments
+    text = ", ".join(f"{s.name} {s.volume_ml:.0f} mL" for s in segments) or "nothing found"
+    return text, {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in segments]}
+
+
+def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out: Path,
+              device: str | None = None, as_json: bool = False,
+              progress: bool | None = None) -> int:
+    """The ``infer`` command; returns the exit code (0 all ran, 1 a failure or nothing
+    to run). Raises UsageError for a bad ``--model`` or path."""
+    from tqdm import tqdm
+
+    from dicom_node.handler import study_folder
+    from pipeline.io import InputError
+    from pipeline.runner import PipelineError, PipelineRunner
+
+    show = sys.stderr.isatty() if progress is None else progress
+    specs = choose(settings, model)
+    studies, not_dicom = scan(paths, show)
+    say = (lambda text: print(text, file=sys.stderr)) if as_json else print
+    if not_dicom:
+        example = ", ".join(str(p) for p in not_dicom[:3])
+        say(f"skipped {len(not_dicom)} file(s) that are not DICOM or cannot be read "
+            f"({example}{', ...' if len(not_dicom) > 3 else ''})")
+    if not studies:
+        say(f"no DICOM files under {', '.join(str(p) for p in paths)}")
+        return 1
+
+    # Which pipeline runs which study: the named one always (it explains a misfit),
+    # otherwise every pipeline whose series rules accept one of the study's series.
+    tasks: list[tuple[Study, PipelineSpec]] = []
+    unsuited: list[tuple[Study, list[str]]] = []
+    for study in studies:
+        fits = [s for s in specs if model is not None or _suits(study, s) is None]
+        if fits:
+            tasks += [(study, s) for s in fits]
+        else:
+            unsuited.append((study, [s.name for s in specs]))
+    for study, names in unsuited:
+        say(f"study {study.uid} (patient {study.patient_id}, {len(study.headers)} file(s)): "
+            f"no series suits {' or '.join(names)}; nothing run")
+    if not tasks:
+        return 1
+
+    wanted = {s.model for _, s in tasks}
+    models = [m.model_copy(update={"device": device}) if device else m
+              for m in settings.models if m.name in wanted]
+    runner = PipelineRunner(models, [s for _, s in tasks], settings.model_path)
+    say(f"loading {', '.join(sorted(wanted))} ...")
+    runner.start()
+    outcomes: list[Outcome] = []
+    # Results go in per-patient folders (seed 001's layout); only a patient with several
+    # studies for one pipeline gets a folder per study above them, so nothing is overwritten.
+    per_patient: dict[tuple[str, str], int] = defaultdict(int)
+    for study, spec in tasks:
+        per_patient[(spec.name, study.patient_id)] += 1
+    try:
+        bar = tqdm(tasks, desc="running", unit="study", disable=not show)
+        for study, spec in bar:
+            bar.set_postfix_str(spec.name)
+            base = out / spec.name
+            out_dir = base / study_folder(study.uid, len(outcomes)) \
+                if per_patient[(spec.name, study.patient_id)] > 1 else base
+            try:
+                ran = runner.run(spec.name, list(study.headers), out_dir)
+            except (InputError, PipelineError, ValueError, KeyError) as exc:
+                message = str(exc).strip("'\"")
+                outcomes.append(Outcome(spec.name, study.uid, out_dir, False, message))
+                tqdm.write(f"FAILED  {spec.name}  study {study.uid} (patient "
+                           f"{study.patient_id}): {message}", file=sys.stderr)
+                continue
+            text, result = _describe(ran)
+            folder = _common_folder([a.path for a in ran.artifacts]) or out_dir
+            outcomes.append(Outcome(spec.name, study.uid, folder, True, text, result))
+            line = (f"{spec.name}  study {study.uid} (patient {study.patient_id}): {text}\n"
+                    f"    results in {folder}")
+            tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
+    finally:
+        runner.close()
+    failed = [o for o in outcomes if not o.ok]
+    if as_json:
+        print(json.dumps({"out": str(out), "results": [
+            {"pipeline": o.pipeline, "study": o.study, "ok": o.ok, "output_dir": str(o.out_dir),
+             **(o.result if o.ok else {"error": o.summary})} for o in outcomes],
+            "skipped_files": [str(p) for p in not_dicom],
+            "unsuited_studies": [s.uid for s, _ in unsuited]}, indent=2))
+    else:
+        print(f"{len(outcomes) - len(failed)} result(s) under {out.resolve()}"
+              + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _common_folder(paths: list[Path]) -> Path | None:
+    """The deepest folder holding every artifact (the patient's folder, as seed 001 lays
+    them out), or None when there are none."""
+    if not paths:
+        return None
+    return Path(os.path.commonpath([p.parent for p in paths]))
