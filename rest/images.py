@@ -105,7 +105,7 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
 async def _parse(request: web.Request, model: type[M]) -> M:
     try:
         body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object",

@@ -204,8 +204,11 @@ async def test_text_is_400_no_text_encoder(live: LiveNode, path: str, body: Any)
 
 
 @pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer", "/embed_text"])
-async def test_not_json_is_400(live: LiveNode, path: str) -> None:
-    status, body = await post(live, path, b"{name: oops", raw=True)
+@pytest.mark.parametrize("raw", [b"{name: oops", b"\xff\xfe{}",
+                                 b'{"nDims": ' + b"9" * 5000 + b"}",  # int too long to parse
+                                 b"[" * 100_000 + b"]" * 100_000])   # nesting past recursion
+async def test_not_json_is_400(live: LiveNode, path: str, raw: bytes) -> None:
+    status, body = await post(live, path, raw, raw=True)
     assert status == 400 and body == {"error": "bad_request",
                                       "message": "the body is not valid JSON"}
 
