@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,27 @@ def test_rs256_and_es256_with_public_keys(tmp_path: Path) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     e = Authenticator(AuthSettings(algorithms=["ES256"]), None, tmp_path / "ec.pem")
     assert e.authenticate(token(key=ec_key, alg="ES256")).kind == "jwt"
+
+
+def test_hs256_signed_with_the_public_key_is_refused_when_both_are_allowed(
+        tmp_path: Path) -> None:
+    """The classic confusion: a node accepting HS256 and RS256, a token HMAC-signed with
+    the (public) RSA key's PEM. HS256 is checked with the secret only, so it fails."""
+    key, pub = _rsa()
+    (tmp_path / "rsa.pem").write_bytes(pub)
+    a = Authenticator(AuthSettings(algorithms=["HS256", "RS256"]), SECRET, tmp_path / "rsa.pem")
+    assert a.authenticate(token(key=key, alg="RS256")).subject == "ris"
+    assert a.authenticate(token()).subject == "ris"
+    payload = b'{"sub":"evil","scope":"admin","exp":%d}' % (int(time.time()) + 60)
+    # PyJWT refuses a PEM as an HMAC key when signing; sign by hand as an attacker would.
+    def b64(raw: bytes) -> bytes:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+    signing = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload)
+    forged = (signing + b"." + b64(hmac.new(pub, signing, hashlib.sha256).digest())).decode()
+    with pytest.raises(AuthError) as info:
+        a.authenticate(forged)
+    assert info.value.failure is AuthFailure.INVALID
 
 
 def test_audience_and_issuer_checked_when_configured() -> None:

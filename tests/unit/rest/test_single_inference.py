@@ -199,6 +199,27 @@ async def test_empty_patient_id_in_dicom(api: Api) -> None:
     assert status == 200 and got["Data"]["metadata"]["patient_id"] == "GIVEN"
 
 
+@pytest.mark.parametrize("pid", ["../escaped", "a/b", "..", "a\x01b"])
+async def test_dicom_patient_id_that_cannot_name_a_folder(api: Api, pid: str) -> None:
+    """With no patient_id in the request the file's PatientID names the folder: one that
+    would leave it is refused (nothing written), and the request's patient_id fixes it."""
+    src = write_dicom(make_cxr_phantom(11, size=64), api.data / "in" / "odd.dcm",
+                      modality="CR")
+    ds = pydicom.dcmread(src)
+    ds.PatientID = pid
+    ds.save_as(src)
+    out = api.data / "odd-out"
+    status, got = await api.post(body(api, input_image_path=str(src), save_to_disk=True,
+                                      output_folder_path=str(out)))
+    assert status == 400 and got["Data"] is None
+    assert got["Message"] == (f"Invalid patient_id: '{pid}' in the DICOM PatientID; give a "
+                              "patient_id in the request body")
+    assert not (api.data / "escaped").exists() and not any(out.rglob("*.*"))
+    status, got = await api.post(body(api, input_image_path=str(src), save_to_disk=True,
+                                      output_folder_path=str(out), patient_id="FIXED"))
+    assert status == 200 and (out / "FIXED" / "FIXED_predictions.json").is_file()
+
+
 @pytest.mark.parametrize("value", ["yes", "true", 1, 0, [], {"a": 1}])
 async def test_save_to_disk_not_boolean(api: Api, value: Any) -> None:
     assert await api.post(body(api, save_to_disk=value)) == (
