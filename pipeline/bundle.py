@@ -502,8 +502,12 @@ class ModelRegistry:
 
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The loaded model (loading it on first use)."""
-        spec = self.spec(name, version)
-        key = (name, self._spec_version(spec))
+        return self.load(self.spec(name, version))
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """The loaded model of exactly this registered spec (loading it on first use),
+        whatever version it turns out to be: how a runner loads every configured one."""
+        key = (spec.name, self._spec_version(spec))
         if key not in self._loaded:
             self._loaded[key] = self._load_spec(spec)
         return self._loaded[key]

@@ -251,7 +251,9 @@ class PipelineRunner:
         ``failed`` (and its pipelines fail their jobs) rather than stopping the node."""
         for spec in self._specs:
             try:
-                model = self.registry.get(spec.name, spec.version)
+                # This spec's own model: with versions read from metadata.json
+                # (spec.version None) get(name, None) would give every spec the default.
+                model = self.registry.load(spec)
                 # One channel of the model's input size; a segmenter's (its sliding
                 # window's patch) warms up the window and takes the CPU trace at start,
                 # not during the first study.

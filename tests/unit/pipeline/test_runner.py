@@ -166,6 +166,33 @@ def test_classify_many_shares_one_forward_pass(tmp_path: Path) -> None:
         r.close()
 
 
+def test_several_versions_of_one_model_each_load_and_serve(tmp_path: Path) -> None:
+    """Two bundles of one model whose versions come from their metadata.json: both load,
+    the default is the one the spec marks, and a pipeline can pin the other."""
+    from pipeline.io import load_image_2d
+
+    old = make_tiny_bundle(tmp_path / "v1", version="1.0.0")
+    new = make_tiny_bundle(tmp_path / "v2", version="2.0.0")
+    r = PipelineRunner([ModelSpec(name="tiny", path=old, default=False, warmup=False),
+                        ModelSpec(name="tiny", path=new, default=True, warmup=False)],
+                       [PipelineSpec(name="now", model="tiny", task="classify"),
+                        PipelineSpec(name="then", model="tiny", model_version="1.0.0",
+                                     task="classify")])
+    r.start()
+    try:
+        assert r.failed == {}
+        assert r.model("tiny").version == "2.0.0"
+        assert r.model("tiny", "1.0.0").version == "1.0.0"
+        assert sorted(r.engine.get("tiny", v).version for v in ("1.0.0", "2.0.0")) == [
+            "1.0.0", "2.0.0"]
+        image = load_image_2d(write_dicom(make_cxr_phantom(5), tmp_path / "5.dcm"))
+        for pipeline, version in (("now", "2.0.0"), ("then", "1.0.0")):
+            result, _ = r.classify(r.spec(pipeline), image, explain=False)
+            assert result.model_version == version
+    finally:
+        r.close()
+
+
 def test_classify_explains_unless_told_not_to(runner: PipelineRunner, tmp_path: Path) -> None:
     from pipeline.io import load_image_2d
 
