@@ -89,7 +89,7 @@ def node_config(data: Path, dicom_port: int, http_port: int, pacs: Orthanc) -> d
              "outputs": ["json", "png", "pdf", "sr", "sc", "encapsulated_pdf"]},
             {"name": "ct-organs", "model": "ct-organs", "task": "segment",
              "series": {"modalities": ["CT"], "min_instances": 8},
-             "outputs": ["json", "png", "pdf", "seg"]},
+             "outputs": ["json", "png", "pdf", "seg", "sr"]},
         ],
         "rest": {"host": "127.0.0.1", "port": http_port},
         "watch": [],

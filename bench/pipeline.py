@@ -87,7 +87,7 @@ CXR = ROOT / "pipeline" / "models" / "cxr-findings"
 CT = ROOT / "pipeline" / "models" / "ct-organs"
 MODALITIES = ["CR", "DX"]
 # As configs/node.yaml has them: the figures are the node's.
-CT_OUTPUTS = [Output.JSON, Output.PNG, Output.PDF, Output.SEG]
+CT_OUTPUTS = [Output.JSON, Output.PNG, Output.PDF, Output.SEG, Output.SR]
 TARGET_BATCH8 = 1.3
 TARGET_BATCHING = 1.5
 TARGET_RSS_MB = 1.5 * 1024

@@ -278,7 +278,7 @@ def demo_pipelines() -> list[PipelineSpec]:
         PipelineSpec.model_validate({
             "name": "ct-organs", "model": "ct-organs", "task": "segment",
             "series": {"modalities": ["CT"], "min_instances": 8},
-            "outputs": ["json", "png", "pdf", "seg"]}),
+            "outputs": ["json", "png", "pdf", "seg", "sr"]}),
     ]
 
 

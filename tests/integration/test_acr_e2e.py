@@ -61,7 +61,7 @@ def acr_settings(data_dir: Path, node_port: int, http_port: int, pacs: Orthanc) 
              "outputs": ["json", "png", "pdf", "sr", "sc", "encapsulated_pdf"]},
             {"name": "ct-organs", "model": "ct-organs", "task": "segment",
              "series": {"modalities": ["CT"], "min_instances": 8},
-             "outputs": ["json", "png", "pdf", "seg"]},
+             "outputs": ["json", "png", "pdf", "seg", "sr"]},
         ],
         "rest": {"host": "127.0.0.1", "port": http_port},
         "watch": [],
@@ -243,6 +243,10 @@ def test_ct_by_accession_number_seg_references_the_source_series(site: Site) -> 
     assert str(ref_series.SeriesInstanceUID) == str(ct.SeriesInstanceUID)
     referenced = {str(i.ReferencedSOPInstanceUID) for i in ref_series.ReferencedInstanceSequence}
     assert referenced and referenced <= source_sops
+    # ... and the SR with the volumes, in the same study
+    srs = [i for i in qido_instances(site.pacs, str(ct.StudyInstanceUID))
+           if i["sop_class"] in SR_CLASSES]
+    assert len(srs) == 1
 
 
 def test_study_not_found_fails_at_once_with_the_reason(site: Site) -> None:

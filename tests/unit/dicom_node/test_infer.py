@@ -69,6 +69,7 @@ def test_infer_runs_each_study_through_the_pipelines_that_suit_it(
     assert {s["name"] for s in ct["segments"]} >= {"liver", "spleen"}
     assert all(s["volume_ml"] > 0 for s in ct["segments"])
     assert list(Path(ct["output_dir"]).glob("*_seg.dcm"))
+    assert list(Path(ct["output_dir"]).glob("*_sr.dcm"))  # the volumes as an SR
 
 
 def test_a_named_model_that_does_not_suit_the_study_says_why(
