@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from dicom_node.config import Settings
 from dicom_node.dicomweb import url_allowed
@@ -28,6 +36,9 @@ from rest.app import NODE, Route, principal
 from rest.errors import ApiError
 
 UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
+# A C-FIND key with * or ? (or a backslash list) would match many patients' studies:
+# a request names one patient or accession exactly.
+_NO_WILDCARDS = r"^[^*?\\\x00-\x1f]+$"
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -52,8 +63,10 @@ class StudyRef(_Model):
 class Details(_Model):
     type: Literal["DICOM_UID", "DICOM_PATIENT_ID", "ACCESSION_NUMBER"]
     studies: list[StudyRef] | None = None
-    PatientID: str | None = Field(default=None, min_length=1, max_length=64)
-    accessionNumber: list[Annotated[str, Field(min_length=1, max_length=16)]] | None = None
+    PatientID: str | None = Field(default=None, min_length=1, max_length=64,
+                                  pattern=_NO_WILDCARDS)
+    accessionNumber: list[Annotated[str, Field(min_length=1, max_length=16,
+                                               pattern=_NO_WILDCARDS)]] | None = None
 
     def problems(self, path: str) -> list[dict[str, str]]:
         """The field this detail type needs must be present."""
@@ -73,11 +86,13 @@ class ConnectionDetails(_Model):
     name: str | None = Field(default=None, min_length=1, max_length=128)
     uri: str | None = Field(default=None, max_length=2048)
     authType: Literal["None", "Basic", "Bearer"] = "None"
-    authId: str | None = Field(default=None, max_length=4096)
+    # Clara spells it authId; the issue (and some RIS) authID: both are accepted.
+    authId: str | None = Field(default=None, max_length=4096,
+                               validation_alias=AliasChoices("authId", "authID"))
     operations: list[Literal["QUERY", "RETRIEVE", "STORE"]] | None = None
     aeTitle: str | None = None
     host: str | None = Field(default=None, max_length=255)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    port: StrictInt | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("uri")
     @classmethod
@@ -101,10 +116,10 @@ class Resource(_Model):
 
 class InferenceRequest(_Model):
     transactionID: str = Field(min_length=1, max_length=256)
-    priority: int = Field(default=128, ge=0, le=255)
+    priority: StrictInt = Field(default=128, ge=0, le=255)  # "200" or true is a wrong type
     inputMetadata: InputMetadata
     inputResources: list[Resource] = Field(min_length=1)
-    outputResources: list[Resource] = Field(default_factory=list)
+    outputResources: list[Resource]  # required by seed 000 (may be empty: results on disk)
 
 
 def _field_errors(exc: ValidationError) -> list[dict[str, str]]:

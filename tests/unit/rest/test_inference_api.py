@@ -94,6 +94,21 @@ BAD_CASES = [
     ("not json", "(body)"),
     (body(priority=300), "priority"),
     (body(priority="high"), "priority"),
+    (body(priority="200"), "priority"),  # a string is a wrong type, not a number
+    (body(priority=True), "priority"),
+    ({k: v for k, v in GOOD.items() if k != "outputResources"}, "outputResources"),
+    (body(inputMetadata={"details": {"type": "DICOM_PATIENT_ID", "PatientID": "*"}}),
+     "inputMetadata.details.PatientID"),  # a wildcard would fetch every patient
+    (body(inputMetadata={"details": {"type": "DICOM_PATIENT_ID", "PatientID": "PAT\\1"}}),
+     "inputMetadata.details.PatientID"),
+    (body(inputMetadata={"details": {"type": "ACCESSION_NUMBER",
+                                     "accessionNumber": ["A1", "A?"]}}),
+     "inputMetadata.details.accessionNumber.1"),
+    (body(inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DIMSE",
+                           "connectionDetails": {"aeTitle": "ORTHANC", "host": "127.0.0.1",
+                                                 "port": "4242"}}]),
+     "inputResources.1.connectionDetails.port"),
     ({k: v for k, v in GOOD.items() if k != "transactionID"}, "transactionID"),
     (body(inputResources=[{"interface": "FTP", "connectionDetails": {}}]),
      "inputResources.0.interface"),
@@ -190,3 +205,15 @@ def test_phase_timings_take_the_last_attempt() -> None:
     assert phase_timings(job, events[:1]) == {}
     running = phase_timings(job, events[:5])  # still running: no end for the run yet
     assert running == {"queued_s": 10.0, "retrieve_s": 2.0}
+
+
+def test_auth_id_is_accepted_in_both_spellings() -> None:
+    """Clara's authId, and authID as the issue writes it, name the same credential."""
+    from rest.inference import InferenceRequest
+
+    for key in ("authId", "authID"):
+        req = InferenceRequest.model_validate(body(inputResources=[
+            GOOD["inputResources"][0],
+            {"interface": "DICOMweb", "connectionDetails": {
+                "uri": "http://127.0.0.1:8042/dicom-web", "authType": "Bearer", key: "tok"}}]))
+        assert req.inputResources[1].connectionDetails.authId == "tok"
