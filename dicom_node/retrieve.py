@@ -21,6 +21,7 @@ from dicom_node.scheduler import JobContext
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
+    from dicom_node.scu import RetrieveResult
 
 
 class RetrievalError(NodeError):
@@ -39,6 +40,20 @@ class Target:
         return "/".join(x for x in (self.study, self.series) if x)
 
 
+# The status shows this many failed SOP Instance UIDs per study (the count is exact).
+MAX_FAILED_LISTED = 100
+
+
+@dataclass
+class Fetched:
+    """What one source gave for one target."""
+
+    paths: list[Path]
+    failed: int = 0  # instances that did not arrive (the peer's count, or ours if larger)
+    failed_instances: list[str] = field(default_factory=list)  # their UIDs, where known
+    message: str = ""
+
+
 @dataclass
 class Progress:
     study: str
@@ -46,11 +61,14 @@ class Progress:
     state: str = "pending"  # pending, retrieved, partial, failed
     received: int = 0
     failed: int = 0
+    failed_instances: list[str] = field(default_factory=list)
     message: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {"study": self.study, "source": self.source, "state": self.state,
-                "received": self.received, "failed": self.failed, "message": self.message}
+                "received": self.received, "failed": self.failed,
+                "failed_instances": self.failed_instances[:MAX_FAILED_LISTED],
+                "message": self.message}
 
 
 class Retriever:
@@ -155,16 +173,18 @@ class Retriever:
         for target, prog in zip(targets, progress, strict=True):
             self.ctx.check_cancelled()
             for src in sources:
-                got, failed, message = self._fetch(src, target)
+                fetched = self._fetch(src, target)
+                got = fetched.paths
                 prog.source = self._label(src)
                 if got:
                     paths += got
                     self.by_study.setdefault(target.study, []).extend(got)
-                    prog.received, prog.failed = len(got), failed
-                    prog.state = "retrieved" if not failed else "partial"
-                    prog.message = message
+                    prog.received, prog.failed = len(got), fetched.failed
+                    prog.failed_instances = fetched.failed_instances
+                    prog.state = "retrieved" if not fetched.failed else "partial"
+                    prog.message = fetched.message
                     break
-                prog.state, prog.message = "failed", message
+                prog.state, prog.message = "failed", fetched.message
             self.ctx.publish(retrieval=[p.as_dict() for p in progress])
         if not paths:
             reasons = "; ".join(f"{p.study}: {p.message}" for p in progress)
@@ -174,8 +194,8 @@ class Retriever:
             raise PermanentJobError(f"nothing retrieved ({reasons})")
         return paths
 
-    def _fetch(self, src: dict[str, Any], t: Target) -> tuple[list[Path], int, str]:
-        """(stored paths, failed count, message) of one target from one source."""
+    def _fetch(self, src: dict[str, Any], t: Target) -> Fetched:
+        """What one source gave for one target: stored paths, failures, a message."""
         if src["interface"] == "DICOMweb":
             return self._fetch_web(src, t)
         from dicom_node.scu import Query, QueryLevel
@@ -200,9 +220,10 @@ class Retriever:
             if found.ok and not found.matches:
                 what = "instances" if t.instances else "series" if t.series else "study"
                 message = f"the source has no such {what} (C-FIND found no match)"
-        return got, result.failed + len(result.failures), message
+        failed, uids = dimse_failures(result)
+        return Fetched(got, failed, uids, message)
 
-    def _fetch_web(self, src: dict[str, Any], t: Target) -> tuple[list[Path], int, str]:
+    def _fetch_web(self, src: dict[str, Any], t: Target) -> Fetched:
         from dicom_node.dicomweb import DicomWebError, DicomWebNotFound, InstanceRef
 
         folder = self.ctx.work_dir / "retrieved"
@@ -218,10 +239,10 @@ class Retriever:
                 else:
                     result = client.retrieve_study(t.study, folder)
         except DicomWebNotFound:
-            return [], 0, "the source has no such study"
+            return Fetched([], message="the source has no such study")
         except DicomWebError as exc:
             self.unreachable.append(f"{self._label(src)}: {exc}")
-            return [], 0, f"unreachable: {exc}"
+            return Fetched([], message=f"unreachable: {exc}")
         writer = self.node.instance_writer()
         stored: list[Path] = []
         for path in result.paths:
@@ -230,4 +251,17 @@ class Retriever:
                                     source="retrieve", durable=False)
             stored.append(received.path)
         message = "" if stored else "the source has no such study"
-        return stored, len(result.failed), message
+        return Fetched(stored, len(result.failed),
+                       [o.sop_uid for o in result.failed if o.sop_uid], message)
+
+
+def dimse_failures(result: RetrieveResult) -> tuple[int, list[str]]:
+    """How many instances of a C-MOVE/C-GET failed, and the UIDs of those named.
+
+    The peer counts its failed sub-operations; ``failures`` names the instances it (or
+    our own write) could name. They are the same instances, so the count is the larger
+    of the two, not their sum.
+    """
+    uids = list(dict.fromkeys(f.sop_instance_uid for f in result.failures
+                              if f.sop_instance_uid))
+    return max(result.failed, len(uids)), uids
