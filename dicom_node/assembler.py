@@ -274,6 +274,9 @@ class Assembler:
         payload: dict[str, Any] = {
             "instances": group.instances,
             "study_instance_uid": group.study_instance_uid,
+            # every pipeline this intake feeds the group to: a job whose pipeline cannot
+            # read the study fails only when none of them can (else it skips it)
+            "intake_pipelines": list(policy.pipelines),
         }
         if group.series_instance_uid is not None:
             payload["series_instance_uid"] = group.series_instance_uid

@@ -295,7 +295,7 @@ def _infer(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.logs import configure_logging
 
     # Warnings (a trace refused, a model that failed) on stderr: stdout is the results.
-    configure_logging("warning", "auto", stream=sys.stderr)
+    configure_logging("warning", "auto", stream="stderr")
     # Files that are not DICOM are counted and named in the summary instead.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     return run_infer(settings, args.path, args.model, args.out or DEFAULT_OUT,

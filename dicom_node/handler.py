@@ -117,12 +117,16 @@ class NodeHandler:
             ctx.check_cancelled()
             if job.kind in PUSHED_KINDS:
                 reason = _unsuitable(files, spec)
-                if reason is not None:
+                if reason is not None and _another_reads(job, files, runner):
                     # An AE title or drop folder feeds every study to all its pipelines;
                     # a CT study is no failure of the chest X-ray pipeline.
                     ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
                     skipped.append({"study": study, "reason": reason})
                     continue
+                if reason is not None:
+                    # Nothing this intake runs can read it (an SR, an RT plan, a modality
+                    # no pipeline takes): a failure a person should see, not a skip.
+                    raise PermanentJobError(f"study {study}: {reason}")
             # Several studies of one patient would write the same file names: each gets
             # its own folder then (a single study keeps the plain layout).
             study_dir = out_dir / study_folder(study, len(results)) if many else out_dir
@@ -185,6 +189,19 @@ def _unsuitable(files: list[Path], spec: Any) -> str | None:
     except SeriesError as exc:
         return str(exc)
     return None
+
+
+def _another_reads(job: Job, files: list[Path], runner: PipelineRunner) -> bool:
+    """Whether another pipeline the job's intake feeds can read the study (True for jobs
+    queued before intakes named their pipelines: they keep skipping)."""
+    intake = job.input.get("intake_pipelines")
+    if intake is None:
+        return True
+    for name in intake:
+        spec = runner.pipelines.get(name)
+        if name != job.pipeline and spec is not None and _unsuitable(files, spec) is None:
+            return True
+    return False
 
 
 def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -34,16 +34,28 @@ def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+class _Stderr:
+    """``sys.stderr`` as it is at each write, not as it was when logging was set up."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(
     level: str = "info", fmt: Literal["auto", "json", "console"] = "auto",
-    stream: TextIO | None = None,
+    stream: Literal["stdout", "stderr"] = "stdout",
 ) -> None:
     """Configure structlog and the standard library's logging for the whole process.
 
-    Log lines go to ``stream`` (default stdout; a command whose stdout is its output
-    passes stderr).
+    Log lines go to stdout, or to stderr for a command whose stdout is its output.
     """
-    out = sys.stdout if stream is None else stream
+    out: Any = sys.stdout if stream == "stdout" else _Stderr()
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [

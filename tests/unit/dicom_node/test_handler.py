@@ -68,3 +68,61 @@ async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path)
         bodies.add((results / study / "P1" / "P1_sr.dcm").read_bytes())
     assert len(bodies) == 2  # two different SRs, neither overwrote the other
     assert not (results / "P1").exists()  # several studies: no shared folder
+
+
+def _basic_text_sr(path: Path) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = BasicTextSRStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "SR", "P9", "Test^Report"
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+async def test_a_pushed_study_no_pipeline_of_the_intake_can_read_fails(tmp_path: Path) -> None:
+    """An SR pushed to an AE title whose only pipeline classifies radiographs: the job
+    fails saying why (not a silent success), and the worker runs the next job."""
+    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    settings = node_settings(
+        tmp_path / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        watch=[],
+        models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify",
+                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+    )
+    async with running_node(settings) as node:
+        assert node.store is not None and node.scheduler is not None
+        sr = node.instance_writer().write(_basic_text_sr(tmp_path / "sr.dcm"),
+                                          called_ae="DICOMNODE", calling_ae="RIS",
+                                          association_id=0)
+        cr_src = write_dicom(make_cxr_phantom(3, size=64), tmp_path / "cr.dcm",
+                             patient_id="P3", modality="CR")
+        cr = node.instance_writer().write(cr_src, called_ae="DICOMNODE", calling_ae="CR1",
+                                          association_id=0)
+        jobs = []
+        for got in (sr, cr):  # as the assembler queues a pushed group
+            jobs.append(await node.scheduler.submit(NewJob(
+                pipeline="cxr", kind="dimse", study_instance_uid=got.study_instance_uid,
+                input={"instances": [got.sop_instance_uid],
+                       "study_instance_uid": got.study_instance_uid,
+                       "intake_pipelines": ["cxr"]})))
+        done = []
+        for job in jobs:
+            while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
+                await asyncio.sleep(0.05)
+            done.append(job)
+    failed, ok = done
+    assert failed.state is JobState.FAILED and failed.attempts == 1
+    assert failed.error is not None and sr.study_instance_uid in failed.error
+    assert "SR" in failed.error and "CR" in failed.error  # what it is, what would do
+    assert ok.state is JobState.SUCCEEDED, ok.error

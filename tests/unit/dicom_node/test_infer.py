@@ -1,18 +1,26 @@
-"""``dicom-node infer``: the demo models on the sample files, through the command line."""
+"""``dicom-node infer``: the demo models on the sample files, through the command line.
+
+The command runs as a user runs it, in its own process (it sets up logging for itself).
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.cli import main
-
 SAMPLES = Path(__file__).resolve().parents[3] / "samples"
+DICOM_NODE = Path(sys.executable).parent / "dicom-node"
+
+
+def infer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(DICOM_NODE), "infer", *args], cwd=cwd, capture_output=True,
+                          text=True, check=False)
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -31,14 +39,13 @@ def _tree(tmp_path: Path) -> Path:
     return root
 
 
-def test_infer_runs_each_study_through_the_pipelines_that_suit_it(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_infer_runs_each_study_through_the_pipelines_that_suit_it(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     out = tmp_path / "results"
-    assert main(["infer", str(root), "--out", str(out), "--json"]) == 0
-    captured = capsys.readouterr()
-    summary = json.loads(captured.out)
-    assert "skipped 1 file(s)" in captured.err and "README.txt" in captured.err
+    done = infer(str(root), "--out", str(out), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # stdout is the JSON alone: progress went to stderr
+    assert "skipped 1 file(s)" in done.stderr and "README.txt" in done.stderr
     assert summary["skipped_files"] == [str(root / "README.txt")]
     results = summary["results"]
     assert len(results) == 4 and all(r["ok"] for r in results)
@@ -72,29 +79,40 @@ def test_infer_runs_each_study_through_the_pipelines_that_suit_it(
     assert list(Path(ct["output_dir"]).glob("*_sr.dcm"))  # the volumes as an SR
 
 
-def test_a_named_model_that_does_not_suit_the_study_says_why(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plain_output_says_where_the_results_are(tmp_path: Path) -> None:
+    cr = tmp_path / "effusion.dcm"
+    shutil.copy(SAMPLES / "cxr" / "pleural-effusion.dcm", cr)
+    done = infer("effusion.dcm", cwd=tmp_path)  # default --out: ./dicom-node-results
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "dicom-node-results" / "cxr-findings" / "SAMPLE-CXR-PLEURAL-EFFUSION"
+    assert "Abnormal: Pleural Effusion" in done.stdout
+    assert f"results in {folder}" in done.stdout
+    assert f"1 result(s) under {tmp_path / 'dicom-node-results'}" in done.stdout
+    assert (folder / "SAMPLE-CXR-PLEURAL-EFFUSION_predictions.json").is_file()
+
+
+def test_a_named_model_that_does_not_suit_the_study_says_why(tmp_path: Path) -> None:
     cr = tmp_path / "normal.dcm"
     shutil.copy(SAMPLES / "cxr" / "normal.dcm", cr)
-    assert main(["infer", str(cr), "--model", "ct-organs", "--out", str(tmp_path / "o")]) == 1
-    captured = capsys.readouterr()
-    assert "FAILED  ct-organs" in captured.err
-    assert "modality CR not in ['CT']" in captured.err
-    assert "1 failed" in captured.out
+    done = infer(str(cr), "--model", "ct-organs", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "FAILED  ct-organs" in done.stderr
+    assert "modality CR not in ['CT']" in done.stderr
+    assert "1 failed" in done.stdout
 
 
-def test_bad_usage_is_exit_2_with_the_reason(tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_usage_is_exit_2_with_the_reason(tmp_path: Path) -> None:
     cr = tmp_path / "normal.dcm"
     shutil.copy(SAMPLES / "cxr" / "normal.dcm", cr)
-    assert main(["infer", str(cr), "--model", "nope"]) == 2
-    err = capsys.readouterr().err
-    assert "--model 'nope': no such pipeline or model" in err and "cxr-findings" in err
-    assert main(["infer", str(tmp_path / "missing")]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    done = infer(str(cr), "--model", "nope", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--model 'nope': no such pipeline or model" in done.stderr
+    assert "cxr-findings" in done.stderr
+    done = infer(str(tmp_path / "missing"), cwd=tmp_path)
+    assert done.returncode == 2 and "no such file or folder" in done.stderr
 
 
-def test_nothing_to_run_is_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_to_run_is_exit_1(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    assert main(["infer", str(tmp_path)]) == 1
-    assert "no DICOM files under" in capsys.readouterr().out
+    done = infer(str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 1 and "no DICOM files under" in done.stdout
