@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import build_role
+from pynetdicom.presentation import StoragePresentationContexts, build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -67,8 +67,11 @@ _UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
 # Storage SOP classes offered for C-GET (a C-GET association carries the storage contexts
-# as well as the query/retrieve one, within 128 in all).
-GET_STORAGE_CLASSES = [
+# as well as the query/retrieve one, within 128 in all): these first, then pynetdicom's
+# list of the usual storage classes (key objects, RT plans, tomosynthesis, whole slide,
+# multi-frame secondary captures ...) until the 127 places are full. A PACS can send
+# back only what was offered.
+_GET_FIRST = [
     "1.2.840.10008.5.1.4.1.1.1",  # CR
     "1.2.840.10008.5.1.4.1.1.1.1",  # DX presentation
     "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX processing
@@ -94,6 +97,9 @@ GET_STORAGE_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.481.3",  # RT structure set
     "1.2.840.10008.5.1.4.1.1.11.1",  # grayscale softcopy presentation state
 ]
+GET_STORAGE_CLASSES = list(dict.fromkeys(
+    _GET_FIRST + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+))[: _MAX_CONTEXTS - 1]
 
 
 # -- typed requests and results --------------------------------------------------------

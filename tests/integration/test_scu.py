@@ -215,6 +215,29 @@ def test_get_study(node: RunningNode, archive) -> None:  # type: ignore[no-untyp
         assert rec is not None and rec.source == "retrieve"
 
 
+def test_get_brings_storage_classes_beyond_the_common_images(
+    node: RunningNode, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """C-GET offers the usual storage classes, not only radiology's everyday ones: a study
+    with a multi-frame grayscale word secondary capture and an RT plan comes back whole."""
+    study, series = generate_uid(), generate_uid()
+    kinds = ["1.2.840.10008.5.1.4.1.1.7.3",  # multi-frame grayscale word SC
+             "1.2.840.10008.5.1.4.1.1.481.5"]  # RT plan
+    dss = []
+    for sop_class in kinds:
+        ds = synthetic(study, series)
+        ds.SOPClassUID = sop_class
+        dss.append(ds)
+    files = write_files(tmp_path / "src", dss)
+    with dcmqrscp(tmp_path / "qr", "QRSCP", {NODE_AE: ("127.0.0.1", node.port)}) as qr:
+        storescu(qr.port, files, "QRSCP", "LOADER")
+        result = client_for(node).retrieve(
+            source(qr.port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
+    assert result.ok, result.message
+    assert sorted(r.sop_instance_uid for r in result.received) == sorted(
+        str(d.SOPInstanceUID) for d in dss)
+
+
 def test_get_single_instance(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
     ds = archive.datasets[4]
     result = client_for(node).get(
