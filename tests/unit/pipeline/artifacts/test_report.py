@@ -71,3 +71,47 @@ def test_formatters() -> None:
     assert format_person_name("Doe^John") == "Doe, John"
     assert format_person_name("Doe^John^Q") == "Doe, John Q"
     assert format_person_name("") == "—"
+
+
+def _text(pdf: Path) -> str:
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    out = subprocess.run([exe, "-layout", str(pdf), "-"], check=True, timeout=120,
+                         capture_output=True, text=True)
+    return " ".join(out.stdout.split())
+
+
+def test_classification_report_says_what_a_reader_needs(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
+    """Patient and study data, every finding with its confidence, the model and version,
+    and that it is not for diagnostic use: read back from the PDF's text."""
+    text = _text(write_classification_report(tb_result, study, tmp_path / "r.pdf").path)
+    for expected in ("Patient ID PAT001", "Patient name Doe, John", "Sex M", "Age 45 years",
+                     "Study date 2025-03-14", "Accession no. ACC12345", "CHEST PA",
+                     f"Study UID {study.study_instance_uid}",
+                     f"OVERALL RESULT {tb_result.result}",
+                     f"Model {tb_result.model_name}",
+                     f"Model version v{tb_result.model_version.lstrip('v')}",
+                     "Source image", "Heatmap", "NOT FOR DIAGNOSTIC USE"):
+        assert expected in text, expected
+    for f in tb_result.findings:  # each with its presence and confidence, in the table
+        row = f"{f.name} {'Present' if f.presence else 'Absent'} {f.confidence * 100:.1f} %"
+        assert row in text, row
+
+
+def test_segmentation_report_says_what_a_reader_needs(
+    tmp_path: Path, seg_result: SegmentationResult, study: PatientStudy
+) -> None:
+    text = _text(write_segmentation_report(seg_result, study, tmp_path / "s.pdf").path)
+    version = seg_result.model_version.lstrip("v")
+    for expected in ("Patient ID PAT001", "Patient name Doe, John", "Study date 2025-03-14",
+                     f"Model {seg_result.model_name}", f"Model version v{version}",
+                     f"Source series {seg_result.series_instance_uid}", "Overlay",
+                     "NOT FOR DIAGNOSTIC USE"):
+        assert expected in text, expected
+    for seg in seg_result.segments:  # each structure with its label and volume in mL
+        row = f"{seg.name} {seg.label} {seg.volume_ml:.1f}"
+        assert row in text, row
+    assert f"Total {sum(s.volume_ml for s in seg_result.segments):.1f}" in text
