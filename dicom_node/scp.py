@@ -488,6 +488,7 @@ class _Collector:
     """Instances sent by one peer during a retrieval (C-MOVE to ourselves)."""
 
     calling_ae: str
+    message_id: int | None = None  # of our C-MOVE request: the sub-operations carry it
     received: list[ReceivedInstance] = field(default_factory=list)
 
 
@@ -597,12 +598,15 @@ class StorageSCP:
             self._counts[key] += 1
 
     @contextlib.contextmanager
-    def collect_from(self, calling_ae: str) -> Iterator[list[ReceivedInstance]]:
+    def collect_from(self, calling_ae: str,
+                     message_id: int | None = None) -> Iterator[list[ReceivedInstance]]:
         """Route instances sent by ``calling_ae`` to the yielded list, not to the assembler.
 
-        Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title.
+        Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title,
+        each C-STORE naming the C-MOVE's ``message_id`` (Move Originator Message ID), so
+        that two retrievals from one PACS at once each get their own.
         """
-        collector = _Collector(calling_ae.strip())
+        collector = _Collector(calling_ae.strip(), message_id)
         with self._lock:
             self._collectors.append(collector)
         try:
@@ -707,7 +711,8 @@ class StorageSCP:
                                 "SOP class does not match the presentation context")
         if sop_class in ae.ignored_sop_classes:
             return self._answer(log, Status.SUCCESS, "SOP class ignored; not kept")
-        retrieving = self._collector_for(peer) is not None  # sub-operation of our C-MOVE
+        collector = self._collector_for(peer, _move_originator_id(event.request))
+        retrieving = collector is not None  # a sub-operation of our C-MOVE
         try:
             path = event.dataset_path
         except AttributeError:  # chunked mode switched off by someone: fall back to bytes
@@ -732,7 +737,7 @@ class StorageSCP:
         peer.instances += 1
         if got.stored:
             self._count("stored")
-        self._deliver(got)
+        self._deliver(got, collector)
         return self._answer(log, Status.SUCCESS,
                             "stored" if got.stored else "duplicate; first copy kept",
                             study_uid=got.study_instance_uid)
@@ -745,20 +750,21 @@ class StorageSCP:
             log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
         return int(status)
 
-    def _collector_for(self, peer: _Peer) -> _Collector | None:
-        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE)."""
+    def _collector_for(self, peer: _Peer, move_id: int | None) -> _Collector | None:
+        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE):
+        the one whose C-MOVE message ID the request names, else the peer's only (or
+        first) one, for a PACS that does not send the Move Originator Message ID."""
         if peer.called_ae != self.settings.dimse.ae_title:
             return None
         with self._lock:
-            for c in self._collectors:
-                if c.calling_ae == peer.calling_ae:
+            mine = [c for c in self._collectors if c.calling_ae == peer.calling_ae]
+        if move_id is not None:
+            for c in mine:
+                if c.message_id == move_id:
                     return c
-        return None
+        return mine[0] if mine else None
 
-    def _deliver(self, got: ReceivedInstance) -> None:
-        collector = self._collector_for(
-            _Peer(got.called_ae, got.calling_ae, "", 0)
-        )
+    def _deliver(self, got: ReceivedInstance, collector: _Collector | None) -> None:
         if collector is not None:
             with self._lock:
                 collector.received.append(got)
@@ -833,3 +839,12 @@ def _spool(data: bytes, studies_dir: Path) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return Path(name)
+
+
+def _move_originator_id(request: Any) -> int | None:
+    """The Move Originator Message ID of a C-STORE request, when the sender gave one."""
+    value = getattr(request, "MoveOriginatorMessageID", None)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None

@@ -8,6 +8,7 @@ from a worker thread (``asyncio.to_thread``), never from the event loop.
 
 from __future__ import annotations
 
+import itertools
 import ssl
 import threading
 import time
@@ -490,11 +491,12 @@ class DicomClient:
         assoc, error = self._associate(ae, peer)
         if assoc is None:
             return RetrieveResult(str(peer), "c-move", False, message=error)
-        with self.scp.collect_from(peer.ae_title) as received:
+        message_id = _next_move_id()
+        with self.scp.collect_from(peer.ae_title, message_id) as received:
             try:
                 responses = assoc.send_c_move(
                     query.to_dataset(for_find=False), self.settings.dimse.ae_title,
-                    StudyRootQueryRetrieveInformationModelMove,
+                    StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
                 )
                 result = _collect_retrieve(responses)
             finally:
@@ -570,6 +572,17 @@ class DicomClient:
             completed=r.completed, failed=r.failed, status=r.status)
         return RetrieveResult(str(peer), method, ok, received, r.completed, r.failed,
                               r.warning, r.failures, r.status, message)
+
+
+_move_ids = itertools.count(1)
+_move_ids_lock = threading.Lock()
+
+
+def _next_move_id() -> int:
+    """A message ID for a C-MOVE, unique among the node's retrievals in flight (1-65535):
+    the PACS's C-STOREs name it, which tells two retrievals from one PACS apart."""
+    with _move_ids_lock:
+        return (next(_move_ids) - 1) % 65535 + 1
 
 
 @dataclass

@@ -204,6 +204,44 @@ def test_move_series_partial_failure_is_reported_per_instance(
     assert len(result.received) == 2
 
 
+def test_two_moves_from_one_pacs_at_once_each_get_their_own(
+    node: RunningNode, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """The PACS names each C-MOVE's message ID in its C-STOREs; two retrievals from the
+    same PACS in flight together (several job workers) do not take each other's."""
+    import threading
+
+    studies = {generate_uid(): [] for _ in range(2)}
+    dss = []
+    for study, mine in studies.items():
+        series = generate_uid()
+        for _ in range(12):
+            ds = synthetic(study, series, rows=64)
+            mine.append(str(ds.SOPInstanceUID))
+            dss.append(ds)
+    files = write_files(tmp_path / "src", dss)
+    with dcmqrscp(tmp_path / "qr", "QRSCP", {NODE_AE: ("127.0.0.1", node.port)}) as qr:
+        storescu(qr.port, files, "QRSCP", "LOADER")
+        results: dict[str, object] = {}
+        start = threading.Barrier(len(studies))
+
+        def move(study: str) -> None:
+            start.wait()
+            results[study] = client_for(node).retrieve(
+                source(qr.port), Query(QueryLevel.STUDY, study_instance_uid=study))
+
+        threads = [threading.Thread(target=move, args=(s,)) for s in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for study, mine in studies.items():
+        result = results[study]
+        assert result.ok, result.message  # type: ignore[attr-defined]
+        got = sorted(r.sop_instance_uid for r in result.received)  # type: ignore[attr-defined]
+        assert got == sorted(mine)
+
+
 def test_get_study(node: RunningNode, archive) -> None:  # type: ignore[no-untyped-def]
     result = client_for(node).retrieve(
         source(archive.port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=archive.study)
