@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -40,6 +41,9 @@ UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
 # a request names one patient or accession exactly.
 _NO_WILDCARDS = r"^[^*?\\\x00-\x1f]+$"
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Model(BaseModel):
@@ -139,53 +143,128 @@ def validate_request(body: Any, settings: Settings) -> tuple[InferenceRequest, d
     """Check a request against the contract and the configuration.
 
     Returns the parsed request and the job input it becomes; raises ApiError 422
-    listing every problem by its field path.
+    listing every problem by its field path: the configuration checks (one Algorithm, a
+    known pipeline, configured peers) run on every part that is well-formed on its own
+    even when another part is not, so that one answer lists everything to fix.
     """
     try:
         req = InferenceRequest.model_validate(body)
     except ValidationError as exc:
-        raise ApiError(422, "the request has invalid or missing fields",
-                       _field_errors(exc)) from None
-    problems: list[dict[str, str]] = []
-    meta = req.inputMetadata
-    queries: list[Details] = []
-    if meta.details is None and not meta.inputs:
+        problems = _field_errors(exc)
+        if isinstance(body, dict):
+            reported = {p["field"] for p in problems}
+            problems += [p for p in _checks(_Parts.salvage(body), settings).problems
+                         if p["field"] not in reported]
+        raise ApiError(422, "the request has invalid or missing fields", problems) from None
+    checked = _checks(_Parts.of(req), settings)
+    if checked.problems:
+        raise ApiError(422, "the request has invalid or missing fields", checked.problems)
+    job_input = {
+        "retrieve": {
+            "queries": [q.model_dump(exclude_none=True) for q in checked.queries],
+            "sources": checked.sources,
+        },
+        "destinations": checked.destinations,
+    }
+    return req, job_input
+
+
+@dataclass
+class _Parts:
+    """The parts of a request the configuration checks look at, each well-formed, with
+    its index in the request (None where the request's structure is unknown)."""
+
+    details: Details | None = None
+    details_given: bool = False
+    inputs: list[tuple[int, Details]] = field(default_factory=list)
+    inputs_given: bool = False
+    in_resources: list[tuple[int, Resource]] = field(default_factory=list)
+    algorithm_count: int | None = None  # None: cannot tell (inputResources malformed)
+    out_resources: list[tuple[int, Resource]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, req: InferenceRequest) -> _Parts:
+        meta = req.inputMetadata
+        return cls(meta.details, meta.details is not None, list(enumerate(meta.inputs or [])),
+                   bool(meta.inputs), list(enumerate(req.inputResources)),
+                   sum(r.interface == "Algorithm" for r in req.inputResources),
+                   list(enumerate(req.outputResources)))
+
+    @classmethod
+    def salvage(cls, body: dict[str, Any]) -> _Parts:
+        """The well-formed parts of a request that failed validation as a whole."""
+        def ok(model: type[M], value: Any) -> M | None:
+            try:
+                return model.model_validate(value)
+            except ValidationError:
+                return None
+
+        def each(model: type[M], items: Any) -> list[tuple[int, M]]:
+            if not isinstance(items, list):
+                return []
+            return [(i, m) for i, item in enumerate(items) if (m := ok(model, item)) is not None]
+
+        raw_meta = body.get("inputMetadata")
+        meta = raw_meta if isinstance(raw_meta, dict) else {}
+        # without a usable inputMetadata the structural errors already say so
+        given = not isinstance(raw_meta, dict)
+        raw_in = body.get("inputResources")
+        count = (sum(isinstance(r, dict) and r.get("interface") == "Algorithm" for r in raw_in)
+                 if isinstance(raw_in, list) else None)
+        details = ok(Details, meta["details"]) if meta.get("details") is not None else None
+        return cls(details, given or meta.get("details") is not None,
+                   each(Details, meta.get("inputs")), given or bool(meta.get("inputs")),
+                   each(Resource, raw_in), count, each(Resource, body.get("outputResources")))
+
+
+@dataclass
+class _Checked:
+    problems: list[dict[str, str]] = field(default_factory=list)
+    queries: list[Details] = field(default_factory=list)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    destinations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _checks(parts: _Parts, settings: Settings) -> _Checked:
+    """The checks of a request against the contract's rules and the configuration."""
+    out = _Checked()
+    problems = out.problems
+    if not parts.details_given and not parts.inputs_given:
         problems.append({"field": "inputMetadata.details",
                          "message": "required (or inputMetadata.inputs)"})
-    if meta.details is not None:
-        problems += meta.details.problems("inputMetadata.details")
-        queries.append(meta.details)
-    for i, d in enumerate(meta.inputs or []):
+    if parts.details is not None:
+        problems += parts.details.problems("inputMetadata.details")
+        out.queries.append(parts.details)
+    for i, d in parts.inputs:
         problems += d.problems(f"inputMetadata.inputs.{i}")
-        queries.append(d)
+        out.queries.append(d)
 
-    algorithms = [i for i, r in enumerate(req.inputResources) if r.interface == "Algorithm"]
-    pipeline = ""
-    if len(algorithms) != 1:
+    algorithms = [i for i, r in parts.in_resources if r.interface == "Algorithm"]
+    count = parts.algorithm_count
+    if count is not None and count != 1:
         problems.append({"field": "inputResources",
                          "message": f"exactly one Algorithm resource is required, "
-                                    f"found {len(algorithms)}"})
-    else:
+                                    f"found {count}"})
+    elif len(algorithms) == 1:
         i = algorithms[0]
-        pipeline = req.inputResources[i].connectionDetails.name or ""
+        pipeline = next(r for j, r in parts.in_resources if j == i).connectionDetails.name or ""
         known = {p.name for p in settings.pipelines}
         if pipeline not in known:
             problems.append({"field": f"inputResources.{i}.connectionDetails.name",
                              "message": f"unknown pipeline {pipeline!r}; configured: "
                                         f"{', '.join(sorted(known)) or 'none'}"})
-    sources: list[dict[str, Any]] = []
-    for i, r in enumerate(req.inputResources):
+    for i, r in parts.in_resources:
         if r.interface == "Algorithm":
             continue
         resolved, errs = _resolve_peer(r, f"inputResources.{i}", settings, output=False)
         problems += errs
         if resolved:
-            sources.append(resolved)
-    if not sources and len(algorithms) == 1:
+            out.sources.append(resolved)
+    sources_named = any(r.interface != "Algorithm" for _, r in parts.in_resources)
+    if not sources_named and count == 1:
         problems.append({"field": "inputResources",
                          "message": "at least one DIMSE or DICOMweb source is required"})
-    destinations: list[dict[str, Any]] = []
-    for i, r in enumerate(req.outputResources):
+    for i, r in parts.out_resources:
         if r.interface == "Algorithm":
             problems.append({"field": f"outputResources.{i}.interface",
                              "message": "an output must be DIMSE or DICOMweb"})
@@ -193,17 +272,8 @@ def validate_request(body: Any, settings: Settings) -> tuple[InferenceRequest, d
         resolved, errs = _resolve_peer(r, f"outputResources.{i}", settings, output=True)
         problems += errs
         if resolved:
-            destinations.append(resolved)
-    if problems:
-        raise ApiError(422, "the request has invalid or missing fields", problems)
-    job_input = {
-        "retrieve": {
-            "queries": [q.model_dump(exclude_none=True) for q in queries],
-            "sources": sources,
-        },
-        "destinations": destinations,
-    }
-    return req, job_input
+            out.destinations.append(resolved)
+    return out
 
 
 def _resolve_peer(r: Resource, path: str, settings: Settings,

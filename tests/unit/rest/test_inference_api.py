@@ -153,6 +153,29 @@ async def test_invalid_requests_name_the_field(api: tuple[TestClient, dict], pay
     assert field in [d["field"] for d in details], details
 
 
+async def test_one_answer_lists_every_problem(api: tuple[TestClient, dict]) -> None:
+    """A malformed field does not hide the configuration problems of the other parts."""
+    client, h = api
+    bad = body(priority=300, inputResources=[
+        {"interface": "Algorithm", "connectionDetails": {"name": "nope"}},
+        {"interface": "DICOMweb", "connectionDetails": {"uri": "http://evil.example/wado"}}],
+        outputResources=[{"interface": "DIMSE", "connectionDetails": {"name": "nowhere"}},
+                         {"interface": "FTP", "connectionDetails": {}}])
+    r = await client.post("/api/inference", json=bad, headers=h["ris"])
+    assert r.status == 422, await r.text()
+    fields = [d["field"] for d in (await r.json())["details"]]
+    assert set(fields) == {"priority", "inputResources.0.connectionDetails.name",
+                           "inputResources.1.connectionDetails.uri",
+                           "outputResources.0.connectionDetails.name",
+                           "outputResources.1.interface"}, fields
+    # two Algorithm resources are counted even beside a malformed resource
+    two = body(inputResources=[*GOOD["inputResources"], GOOD["inputResources"][0],
+                               {"interface": "FTP", "connectionDetails": {}}])
+    r = await client.post("/api/inference", json=two, headers=h["ris"])
+    fields = [d["field"] for d in (await r.json())["details"]]
+    assert "inputResources" in fields and "inputResources.3.interface" in fields
+
+
 async def test_configured_dicomweb_base_and_explicit_dimse_peer_are_accepted(
         api: tuple[TestClient, dict]) -> None:
     client, h = api
