@@ -28,6 +28,8 @@ pytestmark = pytest.mark.peers
 
 TEST_FILES = [
     "CT_small.dcm",  # explicit VR little endian
+    "MR_small_implicit.dcm",  # implicit VR little endian
+    "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless (process 14, selection value 1)
     "MR_small_RLE.dcm",
     "JPEG2000.dcm",
     "MR_small_jpeg_ls_lossless.dcm",
@@ -375,6 +377,26 @@ def test_unknown_calling_ae_rejected_when_configured(tmp_path: Path) -> None:
         assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
 
 
+def test_a_known_calling_ae_from_another_host_is_rejected(tmp_path: Path) -> None:
+    """A source is an AE title *and* a host: CT1 is known only from 10.9.9.9, CT2 from
+    localhost (a name, resolved), so from loopback CT1 is refused and CT2 accepted."""
+    from dicom_node.config import SourceSettings
+
+    settings = node_settings(
+        tmp_path / "data",
+        ae_titles=[AETitleSettings(ae_title="STRICT", sources=["ct1", "ct2"],
+                                   reject_unknown_sources=True)],
+        sources=[SourceSettings(name="ct1", ae_title="CT1", host="10.9.9.9"),
+                 SourceSettings(name="ct2", ae_title="CT2", host="localhost")],
+    )
+    with running_node(settings) as rn:
+        bad = echoscu(rn.port, "STRICT", "CT1")
+        assert bad.returncode != 0
+        assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
+        ok = echoscu(rn.port, "STRICT", "CT2")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
 def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
     settings = node_settings(
         tmp_path / "data",
@@ -413,6 +435,24 @@ def test_duplicate_policy_keep_first(tmp_path: Path) -> None:
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
         assert Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes() == first
+
+
+def test_duplicate_policy_overwrite(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path / "data", ae_titles=[AETitleSettings(ae_title="OVER", duplicates="overwrite")]
+    )
+    ds = synthetic(generate_uid(), generate_uid())
+    with running_node(settings) as rn:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="OVER")
+        assert assoc.send_c_store(ds).Status == 0x0000
+        ds.PatientID = "CHANGED"
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        kept = pydicom.dcmread(rn.store.get_instance(ds.SOPInstanceUID).path)
+        assert kept.PatientID == "CHANGED"  # the second copy replaced the first
+        assert rn.store.count_instances() == 1
 
 
 def test_store_failure_answers_a700_and_keeps_nothing_acknowledged_lost(
