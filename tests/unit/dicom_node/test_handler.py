@@ -126,3 +126,83 @@ async def test_a_pushed_study_no_pipeline_of_the_intake_can_read_fails(tmp_path:
     assert failed.error is not None and sr.study_instance_uid in failed.error
     assert "SR" in failed.error and "CR" in failed.error  # what it is, what would do
     assert ok.state is JobState.SUCCEEDED, ok.error
+
+
+async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
+        tmp_path: Path) -> None:
+    """Through the node's own handler and worker: an SR sent to an image model, a wrong
+    modality, pixel data shorter than the image, a 1-pixel image and a CT series with a
+    missing slice each fail their job saying what is wrong; a good job after them runs."""
+    import pydicom
+
+    from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
+    from tests.unit.pipeline.test_runner import make_tiny_seg_bundle
+
+    bundles = tmp_path / "bundles"
+    settings = node_settings(
+        tmp_path / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        watch=[],
+        models=[{"name": "tiny", "path": str(make_tiny_bundle(bundles / "tiny")),
+                 "max_delay_ms": 0, "warmup": False},
+                {"name": "tinyseg", "path": str(make_tiny_seg_bundle(bundles / "seg")),
+                 "warmup": False}],
+        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify",
+                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]},
+                   {"name": "organs", "model": "tinyseg", "task": "segment",
+                    "series": {"modalities": ["CT"], "min_instances": 4},
+                    "outputs": ["json"]}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+    )
+
+    def cr(name: str, **change: object) -> Path:
+        path = write_dicom(make_cxr_phantom(5, size=64), tmp_path / f"{name}.dcm",
+                           patient_id="P5", modality="CR")
+        ds = pydicom.dcmread(path)
+        for key, value in change.items():
+            setattr(ds, key, value)
+        ds.StudyInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(path)
+        return path
+
+    short = cr("short")
+    ds = pydicom.dcmread(short)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    ds.save_as(short)
+    one_pixel = cr("one", Rows=1, Columns=1)
+    ds = pydicom.dcmread(one_pixel)
+    ds.PixelData = ds.PixelData[:2]
+    ds.save_as(one_pixel)
+    ct = write_dicom_series(make_ct_phantom(3, shape=(10, 32, 32)), tmp_path / "ct")
+    del ct[5]  # a missing slice in the middle
+    cases = [  # (pipeline, files, words the error must hold)
+        ("cxr", [_basic_text_sr(tmp_path / "sr.dcm")], ["SR"]),
+        ("cxr", [cr("mr", Modality="MR")], ["MR", "CR"]),
+        ("cxr", [short], ["pixel data"]),
+        ("cxr", [one_pixel], ["1 x 1"]),
+        ("organs", ct, ["missing"]),
+        ("cxr", [cr("good")], []),  # the worker is still there
+    ]
+    async with running_node(settings) as node:
+        assert node.store is not None and node.scheduler is not None
+        jobs = []
+        for pipeline, files, _ in cases:
+            sops = [node.instance_writer().write(f, called_ae="DICOMNODE", calling_ae="X",
+                                                 association_id=0).sop_instance_uid
+                    for f in files]
+            jobs.append(await node.scheduler.submit(NewJob(
+                pipeline=pipeline, kind="api", input={"instances": sops})))
+        done = []
+        for job in jobs:
+            while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
+                await asyncio.sleep(0.05)
+            done.append(job)
+    for job, (_, _, words) in zip(done, cases, strict=True):
+        if not words:
+            assert job.state is JobState.SUCCEEDED, job.error
+            continue
+        assert job.state is JobState.FAILED and job.attempts == 1, (job.state, job.error)
+        for word in words:
+            assert word.lower() in (job.error or "").lower(), (word, job.error)
