@@ -146,6 +146,9 @@ class Retriever:
         from dicom_node.dicomweb import DicomWebError
 
         if src["interface"] == "DICOMweb":
+            ops = src.get("operations")
+            if ops is not None and "QUERY" not in ops:
+                return []  # the request allows this source to be read, not searched
             try:
                 with self._web_client(src) as client:
                     return [s.study_uid for s in client.search_studies(**key)]

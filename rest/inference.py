@@ -256,6 +256,11 @@ def _checks(parts: _Parts, settings: Settings) -> _Checked:
     for i, r in parts.in_resources:
         if r.interface == "Algorithm":
             continue
+        ops = r.connectionDetails.operations
+        if ops is not None and "RETRIEVE" not in ops:
+            problems.append({"field": f"inputResources.{i}.connectionDetails.operations",
+                             "message": "a source must allow RETRIEVE"})
+            continue
         resolved, errs = _resolve_peer(r, f"inputResources.{i}", settings, output=False)
         problems += errs
         if resolved:
@@ -268,6 +273,11 @@ def _checks(parts: _Parts, settings: Settings) -> _Checked:
         if r.interface == "Algorithm":
             problems.append({"field": f"outputResources.{i}.interface",
                              "message": "an output must be DIMSE or DICOMweb"})
+            continue
+        ops = r.connectionDetails.operations
+        if ops is not None and "STORE" not in ops:
+            problems.append({"field": f"outputResources.{i}.connectionDetails.operations",
+                             "message": "an output must allow STORE"})
             continue
         resolved, errs = _resolve_peer(r, f"outputResources.{i}", settings, output=True)
         problems += errs

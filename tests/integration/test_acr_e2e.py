@@ -249,6 +249,21 @@ def test_ct_by_accession_number_seg_references_the_source_series(site: Site) -> 
     assert len(srs) == 1
 
 
+def test_a_dicomweb_source_allowed_to_retrieve_only_is_not_searched(site: Site) -> None:
+    """operations [RETRIEVE]: the node may read that source but not search it, so a
+    request by PatientID finds nothing there; with QUERY as well it does."""
+    cr = chest(site, 42)
+    pid = {"type": "DICOM_PATIENT_ID", "PatientID": str(cr.PatientID)}
+    read_only = web(site.pacs.dicomweb_url)
+    read_only["connectionDetails"]["operations"] = ["RETRIEVE"]
+    st = site.run(request("cxr-findings", pid, read_only, [dimse("pacs-out")]))
+    assert st["state"] == "failed" and "no study found" in st["message"], st
+    both = web(site.pacs.dicomweb_url)
+    both["connectionDetails"]["operations"] = ["QUERY", "RETRIEVE"]
+    st = site.run(request("cxr-findings", pid, both, [dimse("pacs-out")]))
+    assert st["state"] == "succeeded", st
+
+
 def test_study_not_found_fails_at_once_with_the_reason(site: Site) -> None:
     missing = "1.2.826.0.1.3680043.8.498.1"
     st = site.run(request("cxr-findings", by_uid(missing), dimse("pacs"), [dimse("pacs-out")]))

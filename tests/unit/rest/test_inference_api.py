@@ -137,6 +137,14 @@ BAD_CASES = [
      "inputResources.1.connectionDetails"),
     (body(outputResources=[{"interface": "DIMSE", "connectionDetails": {"name": "nowhere"}}]),
      "outputResources.0.connectionDetails.name"),
+    (body(inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DICOMweb", "connectionDetails": {
+                              "uri": "http://127.0.0.1:8042/dicom-web",
+                              "operations": ["QUERY"]}}]),
+     "inputResources.1.connectionDetails.operations"),  # may search but not read
+    (body(outputResources=[{"interface": "DICOMweb", "connectionDetails": {
+        "uri": "http://127.0.0.1:8042/dicom-web", "operations": ["RETRIEVE"]}}]),
+     "outputResources.0.connectionDetails.operations"),  # may read but not store
 ]
 
 
