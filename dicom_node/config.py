@@ -183,7 +183,9 @@ class RestSettings(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(default=5000, ge=1, le=65535)
-    max_body_mb: float = Field(default=50, gt=0)
+    # Largest request body of the JSON and image APIs (STOW-RS has stow_max_mb): a large
+    # radiograph sent as base64 fits; a 50 MB upload is refused with 413.
+    max_body_mb: float = Field(default=32, gt=0)
     # Server-side paths named in requests must resolve inside one of these.
     allowed_roots: list[Path] = Field(
         default_factory=lambda: [Path("."), PROJECT_ROOT / "samples"]
