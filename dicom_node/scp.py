@@ -66,6 +66,18 @@ __all__ = [
 # Stream every received dataset to a file instead of memory: raw, bounded memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
 
+
+def _decodable_ae(value: str) -> tuple[bool, str]:
+    """pynetdicom's AE check, used while *decoding* a peer's A-ASSOCIATE-RQ: an AE title
+    with odd bytes (non-ASCII, control characters, a backslash) made pynetdicom abort the
+    association mid-decode. Let it through there: the accept policy then rejects it as
+    "called AE title not recognised", which the peer's log can show. Our own AE titles
+    are checked when the configuration is loaded."""
+    return (True, "") if len(value) <= 16 else (False, "must not exceed 16 characters")
+
+
+_config.VALIDATORS["AE"] = _decodable_ae
+
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
@@ -816,9 +828,12 @@ def _discard_partial(assoc: Association) -> None:
 
 
 def _ae_text(value: object) -> str:
+    """An AE title as text: bytes outside printable ASCII become U+FFFD, which no
+    configured AE title holds, and cannot forge a log line."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    return str(value or "").strip()
+    text = str(value or "")
+    return "".join(c if " " <= c <= "~" else "\ufffd" for c in text).strip()
 
 
 def _host_matches(configured: str, address: str) -> bool:

@@ -360,6 +360,59 @@ def test_odd_called_ae_title_is_rejected(node: RunningNode) -> None:
     assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
 
 
+def _raw_associate(port: int, called: bytes, calling: bytes = b"RAWSCU") -> bytes:
+    """Send an A-ASSOCIATE-RQ built by hand (pynetdicom refuses to send odd AE titles)
+    for Verification, and return the first PDU the node answers with."""
+    import socket
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    app = item(0x10, b"1.2.840.10008.3.1.1.1")
+    ctx = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1")
+               + item(0x40, b"1.2.840.10008.1.2"))
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)))
+    fixed = (struct.pack(">HH", 1, 0) + called.ljust(16, b" ")[:16]
+             + calling.ljust(16, b" ")[:16] + bytes(32))
+    body = fixed + app + ctx + user
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+        header = sock.recv(6)
+        length = struct.unpack(">I", header[2:6])[0]
+        answer = b""
+        while len(answer) < length:
+            chunk = sock.recv(length - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    return header + answer
+
+
+@pytest.mark.parametrize("called", [b"AI\x00\x07", b"A\\B", b"DICOM\nNODE", b"\x1b[31mX"])
+def test_called_ae_title_with_odd_bytes_is_rejected(node: RunningNode, called: bytes) -> None:
+    """Control characters (a terminal escape too), a backslash: an A-ASSOCIATE-RJ
+    (permanent, called AE title not recognised), and the node goes on serving."""
+    answer = _raw_associate(node.port, called)
+    assert answer[0] == 0x03, answer[:16]  # A-ASSOCIATE-RJ
+    result, source, reason = answer[7], answer[8], answer[9]
+    assert (result, source, reason) == (1, 1, 7)
+    ok = echoscu(node.port, NODE_AE, "AFTER")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.parametrize("called", [b" " * 16, b"\xc3\xa9CHO\xff"])
+def test_called_ae_title_pynetdicom_cannot_decode_is_aborted(node: RunningNode,
+                                                             called: bytes) -> None:
+    """Sixteen spaces (no AE title at all) or bytes outside ASCII (the only repertoire
+    DICOM allows there): pynetdicom refuses to decode the request and answers A-ABORT;
+    the node goes on serving."""
+    answer = _raw_associate(node.port, called)
+    assert answer[0] == 0x07, answer[:16]
+    ok = echoscu(node.port, NODE_AE, "AFTER")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
 def test_unknown_calling_ae_rejected_when_configured(tmp_path: Path) -> None:
     from dicom_node.config import SourceSettings
 
