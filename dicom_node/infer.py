@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 from collections import defaultdict
@@ -46,7 +47,24 @@ class Study:
     @property
     def patient_id(self) -> str:
         first = next(iter(self.headers.values()))
-        return str(first.get("PatientID", "") or "") or "(no Patient ID)"
+        return str(first.get("PatientID", "") or "").strip() or "(no Patient ID)"
+
+    def folder_id(self) -> str | None:
+        """A patient ID for the results when the files' own cannot name a folder (none,
+        or one with a path separator or control character): the safe characters of it,
+        else the first file's name. None when the files' PatientID will do."""
+        from pipeline.artifacts import validate_patient_id
+
+        first_path, first = next(iter(self.headers.items()))
+        pid = str(first.get("PatientID", "") or "").strip()
+        try:
+            validate_patient_id(pid)
+            return None
+        except ValueError:
+            pass
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", pid).strip("._") or \
+            re.sub(r"[^A-Za-z0-9._-]+", "_", first_path.stem).strip("._")
+        return safe or "no-patient-id"
 
 
 @dataclass
@@ -193,18 +211,24 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     # studies for one pipeline gets a folder per study above them, so nothing is overwritten.
     per_patient: dict[tuple[str, str], int] = defaultdict(int)
     for study, spec in tasks:
-        per_patient[(spec.name, study.patient_id)] += 1
+        per_patient[(spec.name, study.folder_id() or study.patient_id)] += 1
     try:
         bar = tqdm(tasks, desc="running", unit="study", disable=not show)
         for study, spec in bar:
             bar.set_postfix_str(spec.name)
             base = out / spec.name
+            folder_id = study.folder_id()
             out_dir = base / study_folder(study.uid, len(outcomes)) \
-                if per_patient[(spec.name, study.patient_id)] > 1 else base
+                if per_patient[(spec.name, folder_id or study.patient_id)] > 1 else base
             try:
-                ran = runner.run(spec.name, list(study.headers), out_dir)
+                ran = runner.run(spec.name, list(study.headers), out_dir, patient_id=folder_id)
             except (InputError, PipelineError, ValueError, KeyError) as exc:
                 message = str(exc).strip("'\"")
+            except Exception as exc:  # a bug must not end the run of the other studies
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            else:
+                message = ""
+            if message:
                 outcomes.append(Outcome(spec.name, study.uid, out_dir, False, message))
                 tqdm.write(f"FAILED  {spec.name}  study {study.uid} (patient "
                            f"{study.patient_id}): {message}", file=sys.stderr)
@@ -212,7 +236,9 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
             text, result = _describe(ran)
             folder = _common_folder([a.path for a in ran.artifacts]) or out_dir
             outcomes.append(Outcome(spec.name, study.uid, folder, True, text, result))
-            line = (f"{spec.name}  study {study.uid} (patient {study.patient_id}): {text}\n"
+            who = study.patient_id if folder_id is None else \
+                f"{study.patient_id}, results named {folder_id}"
+            line = (f"{spec.name}  study {study.uid} (patient {who}): {text}\n"
                     f"    results in {folder}")
             tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ __all__ = [
     "save",
     "set_equipment",
     "set_series",
+    "with_type2",
 ]
 
 #: Patient module (and Patient Study module) attributes copied from the source.
@@ -76,6 +78,19 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
     for keyword in _TYPE2:
         if keyword not in target:
             setattr(target, keyword, "")
+
+
+def with_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a copy of it with the Type 2 patient and study attributes it lacks set
+    empty: highdicom reads them from a source image (an anonymised file may have no
+    PatientID at all), and the caller's dataset is left as it was."""
+    missing = [k for k in _TYPE2 if k not in ds]
+    if not missing:
+        return ds
+    out = copy.deepcopy(ds)
+    for keyword in missing:
+        setattr(out, keyword, "")
+    return out
 
 
 def set_equipment(ds: Dataset, info: SeriesInfo) -> None:

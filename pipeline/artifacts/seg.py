@@ -13,7 +13,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme, save
+from pipeline.artifacts._dicom import declare_private_scheme, save, with_type2
 from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
 
@@ -84,7 +84,7 @@ def build_segmentation(
             )
         )
     seg_ds = hd.seg.Segmentation(
-        source_images=list(source_datasets),
+        source_images=[with_type2(ds) for ds in source_datasets],
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -27,7 +27,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme, save
+from pipeline.artifacts._dicom import declare_private_scheme, save, with_type2
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
@@ -80,7 +80,7 @@ def _document(
     instance_number: int,
 ) -> ComprehensiveSR:
     sr = ComprehensiveSR(
-        evidence=list(evidence),
+        evidence=[with_type2(ds) for ds in evidence],
         content=report,
         series_instance_uid=series_uid or generate_uid(),
         series_number=info.series_number,

@@ -116,3 +116,22 @@ def test_nothing_to_run_is_exit_1(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     done = infer(str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1 and "no DICOM files under" in done.stdout
+
+
+def test_a_file_without_a_usable_patient_id_is_named_after_itself(tmp_path: Path) -> None:
+    """Anonymised files may carry no PatientID, or one that cannot name a folder: the
+    results are named after the file (or the ID's safe characters) and say so."""
+    ds = pydicom.dcmread(SAMPLES / "cxr" / "normal.dcm")
+    del ds.PatientID
+    ds.save_as(tmp_path / "anon-1.dcm")
+    ds = pydicom.dcmread(SAMPLES / "cxr" / "cardiomegaly.dcm")
+    ds.PatientID = "12/34"
+    ds.save_as(tmp_path / "slashed.dcm")
+    done = infer("anon-1.dcm", "slashed.dcm", "--out", "o", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(patient (no Patient ID), results named anon-1)" in done.stdout
+    assert "(patient 12/34, results named 12_34)" in done.stdout
+    for pid in ("anon-1", "12_34"):
+        data = json.loads((tmp_path / "o" / "cxr-findings" / pid
+                           / f"{pid}_predictions.json").read_text())
+        assert data["metadata"]["patient_id"] == pid

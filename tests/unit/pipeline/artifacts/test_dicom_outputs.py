@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -256,3 +257,34 @@ def test_empty_segment_and_empty_labelmap(
         build_segmentation_sr(empty, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr0.dcm"
     )
     dciodvfy(sr_art.path)
+
+
+ANONYMISED_AWAY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                   "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def test_sources_without_patient_and_study_attributes(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, ct_series: list[Dataset],
+    seg_result: SegmentationResult, dciodvfy: Callable[[Path], str],
+) -> None:
+    """An anonymiser may drop the Type 2 patient and study attributes altogether:
+    highdicom read them from the source (AttributeError). They are written empty, the
+    objects stay valid, and the caller's datasets are not touched."""
+    for ds in [dx_ds, *ct_series]:
+        for keyword in ANONYMISED_AWAY:
+            if keyword in ds:
+                delattr(ds, keyword)
+    sr = read_back(write_sr(build_classification_sr(tb_result, dx_ds, INFO),
+                            tmp_path / "sr.dcm"), dciodvfy)
+    art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
+    seg = read_back(art, dciodvfy)
+    vol = read_back(write_sr(build_segmentation_sr(seg_result, ct_series, INFO, seg_ds=seg_ds),
+                             tmp_path / "vol.dcm"), dciodvfy)
+    for out in (sr, seg, vol):
+        assert out.PatientID == "" and out.AccessionNumber == ""
+    assert all("PatientID" not in ds for ds in [dx_ds, *ct_series])
+
+
+def read_back(art: Any, dciodvfy: Callable[[Path], str]) -> Dataset:
+    dciodvfy(art.path)
+    return pydicom.dcmread(art.path)
