@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import warnings
 from collections import defaultdict
@@ -50,21 +49,12 @@ class Study:
         return str(first.get("PatientID", "") or "").strip() or "(no Patient ID)"
 
     def folder_id(self) -> str | None:
-        """A patient ID for the results when the files' own cannot name a folder (none,
-        or one with a path separator or control character): the safe characters of it,
-        else the first file's name. None when the files' PatientID will do."""
-        from pipeline.artifacts import validate_patient_id
+        """What the results will be named by when the files' PatientID cannot name a
+        folder (see :func:`pipeline.runner.folder_patient_id`), else None."""
+        from pipeline.runner import folder_patient_id
 
         first_path, first = next(iter(self.headers.items()))
-        pid = str(first.get("PatientID", "") or "").strip()
-        try:
-            validate_patient_id(pid)
-            return None
-        except ValueError:
-            pass
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", pid).strip("._") or \
-            re.sub(r"[^A-Za-z0-9._-]+", "_", first_path.stem).strip("._")
-        return safe or "no-patient-id"
+        return folder_patient_id(first, first_path)
 
 
 @dataclass
@@ -221,7 +211,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
             out_dir = base / study_folder(study.uid, len(outcomes)) \
                 if per_patient[(spec.name, folder_id or study.patient_id)] > 1 else base
             try:
-                ran = runner.run(spec.name, list(study.headers), out_dir, patient_id=folder_id)
+                ran = runner.run(spec.name, list(study.headers), out_dir)
             except (InputError, PipelineError, ValueError, KeyError) as exc:
                 message = str(exc).strip("'\"")
             except Exception as exc:  # a bug must not end the run of the other studies

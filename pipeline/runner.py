@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -212,6 +213,23 @@ def patient_study(header: Any, patient_id: str | None = None) -> PatientStudy:
     )
 
 
+def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
+    """The patient ID to name results by when the source's own cannot name a folder
+    (none at all, as anonymised files may have, or one with a path separator or control
+    character): the ID's safe characters, else the file's name. None when the source's
+    PatientID will do."""
+    pid = str(header.get("PatientID", "") or "").strip()
+    try:
+        art.validate_patient_id(pid)
+        return None
+    except ValueError:
+        pass
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", pid).strip("._")
+    if not safe and path is not None:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")
+    return safe or "no-patient-id"
+
+
 def overall_result(findings: Sequence[Finding]) -> str:
     """``Normal`` when nothing is present, a presumptive label's result, else ``Abnormal``."""
     present = [f.name for f in findings if f.presence]
@@ -368,6 +386,8 @@ class PipelineRunner:
         if not files:
             raise PipelineError("the job has no input files")
         selected = select_series(list(files), spec.series)
+        if patient_id is None:  # results go in <patient_id>/: it must name a folder
+            patient_id = folder_patient_id(selected.headers[0], selected.paths[0])
         wanted = set(outputs) if outputs is not None else set(spec.outputs)
         if cancelled is not None and cancelled.is_set():
             raise PipelineError("cancelled")
@@ -497,6 +517,7 @@ __all__ = [
     "PipelineRunner",
     "Prediction",
     "RunOutput",
+    "folder_patient_id",
     "label_map",
     "model_grid",
     "model_spacing",

@@ -193,6 +193,24 @@ def test_several_versions_of_one_model_each_load_and_serve(tmp_path: Path) -> No
         r.close()
 
 
+@pytest.mark.parametrize(("pid", "named"), [(None, "scan-7"), ("", "scan-7"),
+                                             ("12/34", "12_34"), ("../..", "scan-7")])
+def test_results_of_a_source_whose_patient_id_cannot_name_a_folder(
+        runner: PipelineRunner, tmp_path: Path, pid: str | None, named: str) -> None:
+    """No PatientID (anonymised), an empty one or one with a path separator: the results
+    are named by the ID's safe characters, else by the file, never outside out_dir."""
+    path = write_dicom(make_cxr_phantom(7), tmp_path / "scan-7.dcm")
+    ds = pydicom.dcmread(path)
+    if pid is None:
+        del ds.PatientID
+    else:
+        ds.PatientID = pid
+    ds.save_as(path)
+    out = runner.run("cls", [path], tmp_path / "out", outputs=["json", "sr"])
+    assert out.study.patient_id == named
+    assert {a.path.parent for a in out.artifacts} == {tmp_path / "out" / named}
+
+
 def test_classify_explains_unless_told_not_to(runner: PipelineRunner, tmp_path: Path) -> None:
     from pipeline.io import load_image_2d
 
