@@ -37,7 +37,8 @@ class Route:
     method: str
     path: str
     handler: Handler
-    scope: str | None = "read"  # None: open to anyone
+    # None: open to anyone; a tuple: any one of these scopes will do
+    scope: str | tuple[str, ...] | None = "read"
     style: ErrorStyle = ErrorStyle.DEFAULT
 
 

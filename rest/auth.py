@@ -59,9 +59,12 @@ class Principal:
     scopes: frozenset[str]
     group: str | None = None
 
-    def require(self, scope: str) -> None:
-        if scope not in self.scopes and "admin" not in self.scopes:
-            raise AuthError(AuthFailure.FORBIDDEN, f"this route needs the {scope!r} scope")
+    def require(self, scope: str | tuple[str, ...]) -> None:
+        """Refuse (403) unless the caller holds ``scope`` (any one of a tuple) or admin."""
+        wanted = (scope,) if isinstance(scope, str) else scope
+        if not self.scopes.intersection(wanted) and "admin" not in self.scopes:
+            names = " or ".join(repr(w) for w in wanted)
+            raise AuthError(AuthFailure.FORBIDDEN, f"this route needs the {names} scope")
 
     @property
     def owner(self) -> str:

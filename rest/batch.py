@@ -388,7 +388,8 @@ def routes() -> list[Route]:
     style = ErrorStyle.MESSAGE
     return [
         Route("POST", "/v1/infer/batch", post_batch, scope="infer", style=style),
-        Route("GET", "/v1/infer/batch/{job_id}", get_batch, scope="read", style=style),
+        Route("GET", "/v1/infer/batch/{job_id}", get_batch, scope=("read", "infer"),
+              style=style),
         Route("GET", "/v1/sources", get_sources, scope="read", style=style),
         Route("GET", "/v1/projects", get_projects, scope="read", style=style),
     ]

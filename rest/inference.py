@@ -429,5 +429,6 @@ def routes() -> list[Route]:
     return [
         Route("POST", "/api/inference", post_inference, scope="infer"),
         Route("POST", "/inference", post_inference, scope="infer"),
-        Route("GET", "/api/inference/status/{id}", get_status, scope="read"),
+        Route("GET", "/api/inference/status/{id}", get_status,
+              scope=("read", "infer"))  # a caller who may submit may poll its own,
     ]

@@ -33,7 +33,8 @@ from tests.unit.pipeline.test_bundle import make_tiny_bundle
 pytestmark = pytest.mark.timeout(180)
 
 KEYS = {"lab": ("radiology", ["infer", "read"]), "cardio": ("cardiology", ["infer", "read"]),
-        "reader": ("radiology", ["read"]), "root": ("ops", ["admin"])}
+        "reader": ("radiology", ["read"]), "root": ("ops", ["admin"]),
+        "submitter": ("radiology", ["infer"])}
 
 
 def key(name: str) -> dict[str, str]:
@@ -258,6 +259,9 @@ async def test_status_is_404_when_unknown_or_another_groups(api: Api) -> None:
     status, got = await api.get(f"/v1/infer/batch/{job}", who="cardio")
     assert status == 404 and set(got) == {"message"}
     assert (await api.get(f"/v1/infer/batch/{job}", who="reader"))[0] == 200  # same group
+    # a key that may only submit may still poll: infer or read scope will do
+    assert (await api.get(f"/v1/infer/batch/{job}", who="submitter"))[0] == 200
+    assert (await api.get("/v1/projects", who="submitter"))[0] == 403  # listing needs read
     assert (await api.get(f"/v1/infer/batch/{job}", who="root"))[0] == 200  # admin
 
 

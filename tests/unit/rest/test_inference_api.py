@@ -80,6 +80,22 @@ async def test_accepts_and_reports_status(api: tuple[TestClient, dict]) -> None:
     assert again.status == 409 and "tx-1" in (await again.json())["message"]
 
 
+async def test_a_submit_only_token_can_poll_its_request(aiohttp_client: Any,
+                                                        tmp_path: Path) -> None:
+    settings = node_settings(tmp_path / "data", **CONFIG)
+    async with running_node(settings) as node:
+        client = await aiohttp_client(create_app(node))
+        secret = (tmp_path / "data" / "jwt_secret").read_bytes().strip()
+        h = {"Authorization": f"Bearer {tok(scope='infer', secret=secret)}"}
+        r = await client.post("/api/inference", json=GOOD, headers=h)
+        assert r.status == 200, await r.text()
+        s = await client.get("/api/inference/status/tx-1", headers=h)
+        assert s.status == 200 and (await s.json())["transactionID"] == "tx-1"
+        nothing = {"Authorization": f"Bearer {tok(scope='', secret=secret)}"}
+        s = await client.get("/api/inference/status/tx-1", headers=nothing)
+        assert s.status == 403
+
+
 async def test_unknown_status_is_404(api: tuple[TestClient, dict]) -> None:
     client, h = api
     assert (await client.get("/api/inference/status/nope", headers=h["ris"])).status == 404
