@@ -205,12 +205,14 @@ class Scheduler:
         for job_id, (ctx, task) in list(self._running.items()):
             if task.done():
                 continue
-            ctx.cancelled.set()  # ask the thread to stop; it can no longer write the job
+            # Queue it again first, which ends its lease: only then ask the thread to stop,
+            # or it could record its own end ("cancelled") before the re-queue landed.
             if await asyncio.to_thread(
                 self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
                 message="node stopped before the job finished; queued again",
             ):
                 self.log.warning("job re-queued at shutdown", job_id=job_id)
+            ctx.cancelled.set()  # the thread stops; with its lease gone it cannot write
             task.cancel()
         for worker in self._workers:
             worker.cancel()
