@@ -89,8 +89,8 @@ class NodeHandler:
         return Path(configured) if configured else self.settings.results_dir / job.id
 
     def run(self, ctx: JobContext) -> list[Artifact]:
-        from pipeline.io import InputError
-        from pipeline.runner import PipelineError
+        from pipeline.io import InputError, series_misfit
+        from pipeline.runner import PipelineError, result_summary
 
         job = ctx.job
         runner = self.runner
@@ -116,7 +116,7 @@ class NodeHandler:
         for study, files in by_study.items():
             ctx.check_cancelled()
             if job.kind in PUSHED_KINDS:
-                reason = _unsuitable(files, spec)
+                reason = series_misfit(files, spec.series)
                 if reason is not None and _another_reads(job, files, runner):
                     # An AE title or drop folder feeds every study to all its pipelines;
                     # a CT study is no failure of the chest X-ray pipeline.
@@ -138,7 +138,7 @@ class NodeHandler:
                 raise PermanentJobError(str(exc).strip("'\"")) from None
             produced += out.artifacts
             _add_timings(ctx, out.timings)
-            results.append(_summary(study, out.result))
+            results.append({"study": study, **result_summary(out.result)})
         ctx.result["results"] = results
         if skipped:
             ctx.result["skipped"] = skipped
@@ -180,28 +180,21 @@ class NodeHandler:
 PUSHED_KINDS = frozenset({"dimse", "watch", "stow"})
 
 
-def _unsuitable(files: list[Path], spec: Any) -> str | None:
-    """Why none of a study's series suits the pipeline's series rules, or None."""
-    from pipeline.io import SeriesError, select_series
-
-    try:
-        select_series(list(files), spec.series)
-    except SeriesError as exc:
-        return str(exc)
-    return None
-
-
 def _another_reads(job: Job, files: list[Path], runner: PipelineRunner) -> bool:
     """Whether another pipeline the job's intake feeds can read the study (True for jobs
     queued before intakes named their pipelines: they keep skipping)."""
+    from pipeline.io import InputError, read_dataset, series_misfit
+
     intake = job.input.get("intake_pipelines")
     if intake is None:
         return True
-    for name in intake:
-        spec = runner.pipelines.get(name)
-        if name != job.pipeline and spec is not None and _unsuitable(files, spec) is None:
-            return True
-    return False
+    others = [spec for name in intake if name != job.pipeline
+              and (spec := runner.pipelines.get(name)) is not None]
+    headers: dict[str, Any] = {}  # read once for all the other pipelines' rules
+    for path in files if others else []:
+        with contextlib.suppress(InputError):  # the study's own check named it already
+            headers[str(path)] = read_dataset(path, stop_before_pixels=True)
+    return any(series_misfit(headers, spec.series) is None for spec in others)
 
 
 def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:
@@ -228,15 +221,6 @@ def study_folder(study: str, index: int) -> str:
     if re.fullmatch(r"[0-9]+(\.[0-9]+)*", study) and len(study) <= 64:
         return study
     return f"study-{index + 1}"
-
-
-def _summary(study: str, result: Any) -> dict[str, Any]:
-    if hasattr(result, "findings"):
-        return {"study": study, "result": result.result,
-                "findings": [{"name": f.name, "presence": f.presence,
-                              "confidence": f.confidence} for f in result.findings]}
-    return {"study": study, "segments": [{"name": s.name, "volume_ml": s.volume_ml}
-                                         for s in result.segments]}
 
 
 def _dicomweb_destination(name: str, d: dict[str, Any]) -> DestinationSettings:

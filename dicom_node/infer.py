@@ -125,30 +125,18 @@ def choose(settings: Settings, name: str | None) -> list[PipelineSpec]:
     return chosen
 
 
-def _suits(study: Study, spec: PipelineSpec) -> str | None:
-    """Why no series of ``study`` suits ``spec``, or None when one does."""
-    from pipeline.io import SeriesError, select_series
-
-    try:
-        select_series({str(p): ds for p, ds in study.headers.items()}, spec.series)
-    except SeriesError as exc:
-        return str(exc)
-    return None
-
-
 def _describe(out: RunOutput) -> tuple[str, dict[str, Any]]:
-    result: Any = out.result
-    if hasattr(result, "findings"):
-        present = sorted((f for f in result.findings if f.presence),
-                         key=lambda f: -f.confidence)
-        text = result.result + (": " + ", ".join(f"{f.name} {f.confidence:.2f}"
-                                                 for f in present) if present else "")
-        return text, {"result": result.result,
-                      "findings": [{"name": f.name, "presence": f.presence,
-                                    "confidence": f.confidence} for f in result.findings]}
-    segments = result.segments
-    text = ", ".join(f"{s.name} {s.volume_ml:.0f} mL" for s in segments) or "nothing found"
-    return text, {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in segments]}
+    """One line for a person, and the result as JSON."""
+    from pipeline.runner import result_summary
+
+    summary = result_summary(out.result)
+    if "findings" in summary:
+        present = sorted((f for f in summary["findings"] if f["presence"]),
+                         key=lambda f: -f["confidence"])
+        found = ", ".join(f"{f['name']} {f['confidence']:.2f}" for f in present)
+        return summary["result"] + (f": {found}" if found else ""), summary
+    text = ", ".join(f"{s['name']} {s['volume_ml']:.0f} mL" for s in summary["segments"])
+    return text or "nothing found", summary
 
 
 def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out: Path,
@@ -159,7 +147,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
-    from pipeline.io import InputError
+    from pipeline.io import InputError, series_misfit
     from pipeline.runner import PipelineError, PipelineRunner
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -179,7 +167,8 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     tasks: list[tuple[Study, PipelineSpec]] = []
     unsuited: list[tuple[Study, list[str]]] = []
     for study in studies:
-        fits = [s for s in specs if model is not None or _suits(study, s) is None]
+        headers = {str(p): ds for p, ds in study.headers.items()}
+        fits = [s for s in specs if model is not None or series_misfit(headers, s.series) is None]
         if fits:
             tasks += [(study, s) for s in fits]
         else:
@@ -199,15 +188,16 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     outcomes: list[Outcome] = []
     # Results go in per-patient folders (seed 001's layout); only a patient with several
     # studies for one pipeline gets a folder per study above them, so nothing is overwritten.
+    folder_ids = {study.uid: study.folder_id() for study, _ in tasks}
     per_patient: dict[tuple[str, str], int] = defaultdict(int)
     for study, spec in tasks:
-        per_patient[(spec.name, study.folder_id() or study.patient_id)] += 1
+        per_patient[(spec.name, folder_ids[study.uid] or study.patient_id)] += 1
     try:
         bar = tqdm(tasks, desc="running", unit="study", disable=not show)
         for study, spec in bar:
             bar.set_postfix_str(spec.name)
             base = out / spec.name
-            folder_id = study.folder_id()
+            folder_id = folder_ids[study.uid]
             out_dir = base / study_folder(study.uid, len(outcomes)) \
                 if per_patient[(spec.name, folder_id or study.patient_id)] > 1 else base
             try:

@@ -67,6 +67,7 @@ __all__ = [
     "load_image_2d",
     "read_dataset",
     "select_series",
+    "series_misfit",
 ]
 
 Source: TypeAlias = "str | PathLike[str] | Dataset"
@@ -915,3 +916,16 @@ def select_series(
         headers=[ds for _, ds in chosen],
         rejected=rejected,
     )
+
+
+def series_misfit(
+    sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
+    rules: SeriesRules,
+) -> str | None:
+    """Why no series of ``sources`` suits ``rules`` (:func:`select_series`'s message), or
+    None when one does."""
+    try:
+        select_series(sources, rules)
+    except SeriesError as exc:
+        return str(exc)
+    return None

@@ -230,6 +230,15 @@ def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
     return safe or "no-patient-id"
 
 
+def result_summary(result: ClassificationResult | SegmentationResult) -> dict[str, Any]:
+    """A result as JSON: overall result and findings, or the segments' volumes."""
+    if isinstance(result, ClassificationResult):
+        return {"result": result.result,
+                "findings": [{"name": f.name, "presence": f.presence,
+                              "confidence": f.confidence} for f in result.findings]}
+    return {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in result.segments]}
+
+
 def overall_result(findings: Sequence[Finding]) -> str:
     """``Normal`` when nothing is present, a presumptive label's result, else ``Abnormal``."""
     present = [f.name for f in findings if f.presence]
@@ -525,4 +534,5 @@ __all__ = [
     "patient_study",
     "resample",
     "resampled_label_map",
+    "result_summary",
 ]

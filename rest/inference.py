@@ -239,15 +239,15 @@ def _checks(parts: _Parts, settings: Settings) -> _Checked:
         problems += d.problems(f"inputMetadata.inputs.{i}")
         out.queries.append(d)
 
-    algorithms = [i for i, r in parts.in_resources if r.interface == "Algorithm"]
+    algorithms = [(i, r) for i, r in parts.in_resources if r.interface == "Algorithm"]
     count = parts.algorithm_count
     if count is not None and count != 1:
         problems.append({"field": "inputResources",
                          "message": f"exactly one Algorithm resource is required, "
                                     f"found {count}"})
     elif len(algorithms) == 1:
-        i = algorithms[0]
-        pipeline = next(r for j, r in parts.in_resources if j == i).connectionDetails.name or ""
+        i, algorithm = algorithms[0]
+        pipeline = algorithm.connectionDetails.name or ""
         known = {p.name for p in settings.pipelines}
         if pipeline not in known:
             problems.append({"field": f"inputResources.{i}.connectionDetails.name",

@@ -473,39 +473,36 @@ def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
         assert rn.store.count_instances() == 0
 
 
-def test_duplicate_policy_keep_first(tmp_path: Path) -> None:
+def _store_twice(tmp_path: Path, policy: str) -> tuple[bytes, Path, int]:
+    """C-STORE one instance twice (the second with another PatientID) to an AE title with
+    ``policy``: the first copy's bytes, the file the store points at afterwards, and the
+    number of instances stored."""
     settings = node_settings(
-        tmp_path / "data", ae_titles=[AETitleSettings(ae_title="KEEP", duplicates="keep_first")]
+        tmp_path / "data", ae_titles=[AETitleSettings(ae_title="DUP", duplicates=policy)]
     )
     ds = synthetic(generate_uid(), generate_uid())
     with running_node(settings) as rn:
         ae = AE(ae_title="SCU")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", rn.port, ae_title="KEEP")
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="DUP")
         assert assoc.send_c_store(ds).Status == 0x0000
         first = Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes()
         ds.PatientID = "CHANGED"
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
-        assert Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes() == first
+        return (first, Path(rn.store.get_instance(ds.SOPInstanceUID).path),
+                rn.store.count_instances())
+
+
+def test_duplicate_policy_keep_first(tmp_path: Path) -> None:
+    first, kept, _ = _store_twice(tmp_path, "keep_first")
+    assert kept.read_bytes() == first
 
 
 def test_duplicate_policy_overwrite(tmp_path: Path) -> None:
-    settings = node_settings(
-        tmp_path / "data", ae_titles=[AETitleSettings(ae_title="OVER", duplicates="overwrite")]
-    )
-    ds = synthetic(generate_uid(), generate_uid())
-    with running_node(settings) as rn:
-        ae = AE(ae_title="SCU")
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", rn.port, ae_title="OVER")
-        assert assoc.send_c_store(ds).Status == 0x0000
-        ds.PatientID = "CHANGED"
-        assert assoc.send_c_store(ds).Status == 0x0000
-        assoc.release()
-        kept = pydicom.dcmread(rn.store.get_instance(ds.SOPInstanceUID).path)
-        assert kept.PatientID == "CHANGED"  # the second copy replaced the first
-        assert rn.store.count_instances() == 1
+    _, kept, count = _store_twice(tmp_path, "overwrite")
+    assert pydicom.dcmread(kept).PatientID == "CHANGED"  # the second copy replaced the first
+    assert count == 1
 
 
 def test_store_failure_answers_a700_and_keeps_nothing_acknowledged_lost(

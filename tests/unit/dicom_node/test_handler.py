@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dicom_node.store import FINAL_STATES, JobState, NewJob
+from dicom_node.store import FINAL_STATES, Job, JobState, NewJob
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from tests.support.inproc import node_settings, running_node
 from tests.support.peers import free_port
@@ -21,20 +22,40 @@ from tests.unit.pipeline.test_bundle import make_tiny_bundle
 
 pytestmark = pytest.mark.timeout(180)
 
+CXR = {"name": "cxr", "model": "tiny", "task": "classify",
+       "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}
 
-async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path) -> None:
-    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
-    settings = node_settings(
+
+def _settings(tmp_path: Path, pipelines: list[dict[str, Any]],
+              models: list[dict[str, Any]] | None = None, **extra: Any) -> Any:
+    """A node on loopback whose jobs run through the real handler (no drop folders); by
+    default one tiny random classifier named "tiny"."""
+    if models is None:
+        models = [{"name": "tiny", "path": str(make_tiny_bundle(tmp_path / "bundles" / "tiny")),
+                   "max_delay_ms": 0, "warmup": False}]
+    return node_settings(
         tmp_path / "data",
         dimse={"host": "127.0.0.1", "port": free_port()},
         watch=[],
-        models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
-        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": 0.01,
-                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json", "sr"]}],
-        destinations=[{"name": "share", "type": "folder", "path": str(tmp_path / "share")}],
+        models=models,
+        pipelines=pipelines,
         executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
                   "grace_period_s": 5},
+        **extra,
     )
+
+
+async def _finished(node: Any, job: Job) -> Job:
+    """``job`` once it reached a final state (no time limit: pytest-timeout guards)."""
+    while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
+        await asyncio.sleep(0.05)
+    return job
+
+
+async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path) -> None:
+    settings = _settings(
+        tmp_path, [{**CXR, "threshold": 0.01, "outputs": ["json", "sr"]}],
+        destinations=[{"name": "share", "type": "folder", "path": str(tmp_path / "share")}])
     async with running_node(settings) as node:
         assert node.store is not None and node.scheduler is not None
         sops, studies = [], []
@@ -51,8 +72,7 @@ async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path)
         job = await node.scheduler.submit(NewJob(
             pipeline="cxr", kind="api",
             input={"instances": sops, "destinations": ["share"]}))
-        while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
-            await asyncio.sleep(0.05)
+        job = await _finished(node, job)
         assert job.state is JobState.SUCCEEDED, job.error
 
     results = settings.results_dir / job.id
@@ -89,17 +109,7 @@ def _basic_text_sr(path: Path) -> Path:
 async def test_a_pushed_study_no_pipeline_of_the_intake_can_read_fails(tmp_path: Path) -> None:
     """An SR pushed to an AE title whose only pipeline classifies radiographs: the job
     fails saying why (not a silent success), and the worker runs the next job."""
-    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
-    settings = node_settings(
-        tmp_path / "data",
-        dimse={"host": "127.0.0.1", "port": free_port()},
-        watch=[],
-        models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
-        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify",
-                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}],
-        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
-                  "grace_period_s": 5},
-    )
+    settings = _settings(tmp_path, [CXR])
     async with running_node(settings) as node:
         assert node.store is not None and node.scheduler is not None
         sr = node.instance_writer().write(_basic_text_sr(tmp_path / "sr.dcm"),
@@ -116,11 +126,7 @@ async def test_a_pushed_study_no_pipeline_of_the_intake_can_read_fails(tmp_path:
                 input={"instances": [got.sop_instance_uid],
                        "study_instance_uid": got.study_instance_uid,
                        "intake_pipelines": ["cxr"]})))
-        done = []
-        for job in jobs:
-            while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
-                await asyncio.sleep(0.05)
-            done.append(job)
+        done = [await _finished(node, job) for job in jobs]
     failed, ok = done
     assert failed.state is JobState.FAILED and failed.attempts == 1
     assert failed.error is not None and sr.study_instance_uid in failed.error
@@ -139,22 +145,14 @@ async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
     from tests.unit.pipeline.test_runner import make_tiny_seg_bundle
 
     bundles = tmp_path / "bundles"
-    settings = node_settings(
-        tmp_path / "data",
-        dimse={"host": "127.0.0.1", "port": free_port()},
-        watch=[],
+    settings = _settings(
+        tmp_path,
+        [CXR, {"name": "organs", "model": "tinyseg", "task": "segment",
+               "series": {"modalities": ["CT"], "min_instances": 4}, "outputs": ["json"]}],
         models=[{"name": "tiny", "path": str(make_tiny_bundle(bundles / "tiny")),
                  "max_delay_ms": 0, "warmup": False},
                 {"name": "tinyseg", "path": str(make_tiny_seg_bundle(bundles / "seg")),
-                 "warmup": False}],
-        pipelines=[{"name": "cxr", "model": "tiny", "task": "classify",
-                    "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]},
-                   {"name": "organs", "model": "tinyseg", "task": "segment",
-                    "series": {"modalities": ["CT"], "min_instances": 4},
-                    "outputs": ["json"]}],
-        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
-                  "grace_period_s": 5},
-    )
+                 "warmup": False}])
 
     def cr(name: str, **change: object) -> Path:
         path = write_dicom(make_cxr_phantom(5, size=64), tmp_path / f"{name}.dcm",
@@ -194,11 +192,7 @@ async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
                     for f in files]
             jobs.append(await node.scheduler.submit(NewJob(
                 pipeline=pipeline, kind="api", input={"instances": sops})))
-        done = []
-        for job in jobs:
-            while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
-                await asyncio.sleep(0.05)
-            done.append(job)
+        done = [await _finished(node, job) for job in jobs]
     for job, (_, _, words) in zip(done, cases, strict=True):
         if not words:
             assert job.state is JobState.SUCCEEDED, job.error
