@@ -96,8 +96,7 @@ def start_node(root: Path, name: str) -> tuple[subprocess.Popen[bytes], int, Pat
     }
     cfg = root / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-           "TMPDIR": str(data)}  # the SCP's staging beside the studies: rename, not copy
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(cfg)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node import spool
 from dicom_node.config import AETitleSettings, DuplicatePolicy, Settings, TlsSettings
 from dicom_node.dimse_status import (
     REJECT_CALLED_AE,
@@ -556,13 +557,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        staging = Path(tempfile.gettempdir())
-        if staging.stat().st_dev != self.writer.studies_dir.stat().st_dev:
-            # pynetdicom streams each dataset into the temp dir; on another filesystem
-            # every instance is copied instead of renamed into place.
-            self.log.warning("the temp dir is on another filesystem than the studies dir; "
-                             "set TMPDIR beside the data dir for faster receiving",
-                             temp_dir=str(staging), studies_dir=str(self.writer.studies_dir))
+        spool.install(self.writer.studies_dir)  # beside the studies; a full disk -> 0xA700
         ssl_ctx = server_ssl_context(self.settings, dimse.tls) if dimse.tls else None
         server = ae.start_server(
             (dimse.host, dimse.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
@@ -726,10 +721,10 @@ class StorageSCP:
         collector = self._collector_for(peer, _move_originator_id(event.request))
         retrieving = collector is not None  # a sub-operation of our C-MOVE
         try:
-            path = event.dataset_path
-        except AttributeError:  # chunked mode switched off by someone: fall back to bytes
-            path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
-        try:
+            try:
+                path = spool.received_path(req)  # OSError: the disk filled as it arrived
+            except AttributeError:  # chunked mode switched off by someone: use the bytes
+                path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
             got = self.writer.write(
                 path, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                 association_id=id(event.assoc), duplicates=ae.duplicates,

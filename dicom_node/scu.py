@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_node import spool
 from dicom_node.config import (
     DestinationSettings,
     RetrySettings,
@@ -509,6 +510,7 @@ class DicomClient:
         if self.store is None:
             return RetrieveResult(str(peer), "c-get", False, message="no store to keep into")
         writer = InstanceWriter(self.settings, self.store)
+        spool.install(writer.studies_dir)  # what comes back is spooled beside the studies
         received: list[ReceivedInstance] = []
         failures: list[InstanceFailure] = []
         lock = threading.Lock()
@@ -518,7 +520,7 @@ class DicomClient:
             sop = str(req.AffectedSOPInstanceUID or "")
             try:
                 got = writer.write(
-                    event.dataset_path, called_ae=self.settings.dimse.ae_title,
+                    spool.received_path(req), called_ae=self.settings.dimse.ae_title,
                     calling_ae=peer.ae_title, association_id=id(event.assoc),
                     source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
                     expected_sop_instance=sop, durable=False,  # fetched again after a crash

@@ -306,10 +306,9 @@ def test_wrong_sop_class_for_context_is_refused(node: RunningNode) -> None:
 
 
 def test_peer_abort_mid_instance_keeps_acknowledged(node: RunningNode, tmp_path: Path) -> None:
-    import tempfile
+    from dicom_node.spool import SPOOL_DIR_NAME
 
-    staging = Path(tempfile.gettempdir())
-    before = set(staging.glob("tmp*.dcm"))
+    staging = node.settings.studies_dir / SPOOL_DIR_NAME
     study, series = generate_uid(), generate_uid()
     dss = [synthetic(study, series) for _ in range(3)]
     ae = AE(ae_title="ABORTER")
@@ -348,7 +347,7 @@ def test_peer_abort_mid_instance_keeps_acknowledged(node: RunningNode, tmp_path:
     jobs = wait_for(lambda: node.store.list_jobs(), "job after abort")
     assert sorted(jobs[0].input["instances"]) == sorted(d.SOPInstanceUID for d in dss[:2])
     # The partial dataset's temp file does not outlive the association.
-    assert not set(staging.glob("tmp*.dcm")) - before
+    assert staging.is_dir() and not list(staging.glob(".*.part"))
 
 
 def test_odd_called_ae_title_is_rejected(node: RunningNode) -> None:

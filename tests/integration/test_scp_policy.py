@@ -1,16 +1,22 @@
-"""TLS on the DICOM port, the free-space refusal, and log lines for refusals."""
+"""TLS on the DICOM port, the free-space refusal, a disk that fills mid-dataset, and log
+lines for refusals."""
 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicom_node.config import TlsSettings
 from dicom_node.scu import DicomClient, Peer
+from dicom_node.spool import SPOOL_DIR_NAME
 from tests.integration.test_scp import _encoded, _send_raw, synthetic
+from tests.support.disk import fill, small_disk
 from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
 from tests.support.peers import echoscu, require
 
@@ -75,12 +81,50 @@ def test_low_disk_space_refuses_new_associations(tmp_path: Path) -> None:
     assert "Rejected Transient" in res.stdout + res.stderr
 
 
+def test_disk_filling_during_a_dataset_answers_a700_and_the_association_goes_on(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real filesystem (a small tmpfs) fills while a 2 MB instance arrives: that instance
+    gets 0xA700, the association stays up, what was acknowledged before stays, the partial
+    file gives its space back, and the same instance is accepted once there is room."""
+    with small_disk(tmp_path / "disk", size_mb=8) as disk, monkeypatch.context() as patch:
+        # The system temp dir on the same disk too (pynetdicom's own choice of spool):
+        # the node must not depend on where it is.
+        (disk / "tmp").mkdir()
+        patch.setattr(tempfile, "tempdir", str(disk / "tmp"))
+        settings = node_settings(tmp_path / "data")
+        settings = settings.model_copy(update={"storage": settings.storage.model_copy(
+            update={"studies_dir": disk / "studies"})})
+        study, series = generate_uid(), generate_uid()
+        kept, big = synthetic(study, series, rows=256), synthetic(study, series, rows=1024)
+        with running_node(settings) as rn:
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", rn.port, ae_title=NODE_AE)
+            assert assoc.is_established
+            assert assoc.send_c_store(kept).Status == 0x0000
+            filler = fill(disk, leave_bytes=512 * 1024)
+            assert assoc.send_c_store(big).Status == 0xA700
+            assert assoc.is_established  # not aborted: the next instance can come
+            spool = disk / "studies" / SPOOL_DIR_NAME
+            assert not list(spool.glob(".*.part"))  # the partial dataset is gone
+            assert rn.store.get_instance(big.SOPInstanceUID) is None
+            filler.unlink()
+            assert assoc.send_c_store(big).Status == 0x0000
+            assoc.release()
+            for ds in (kept, big):
+                record = rn.store.get_instance(ds.SOPInstanceUID)
+                assert record is not None and Path(record.path).is_file()
+                assert Path(record.path).stat().st_size > len(ds.PixelData)
+            assert not list(spool.glob(".*.part"))
+    out = capfd.readouterr().out
+    assert "0xA700" in out and "No space left on device" in out
+
+
 def test_refusals_are_logged(node: RunningNode, capfd: pytest.CaptureFixture[str]) -> None:
     ds = synthetic(generate_uid(), generate_uid())
     uid = ds.SOPInstanceUID
     del ds.SOPInstanceUID
-    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-
     assert _send_raw(node.port, NODE_AE, CTImageStorage, uid, _encoded(ds)) == 0xC210
     echoscu(node.port, "WHO_ARE_YOU")
     out = capfd.readouterr().out
