@@ -246,14 +246,18 @@ class AuthSettings(_Section):
 
 
 class ExecutorSettings(_Section):
-    kind: Literal["thread", "celery"] = "thread"
+    # Jobs run in threads of the node's own process; no other executor is built yet, so
+    # asking for one (a Celery queue) is a configuration error, not a silent fallback.
+    kind: Literal["thread"] = "thread"
     workers: int = Field(default=1, ge=1, le=64)
+    # One more worker that takes only priority-255 ("immediate") jobs, so that such a
+    # request starts at once even while every worker is busy (nothing is pre-empted).
+    immediate_slot: bool = True
     runner: str = Field(default="dicom_node.handler:create_handler", pattern=r"^[\w.]+:\w+$")
     retry: RetrySettings = Field(default_factory=RetrySettings)
     grace_period_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     lease_s: float = Field(default=60.0, gt=1)
-    broker_url: str | None = None
 
 
 class LoggingSettings(_Section):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from dicom_node.config import ExecutorSettings
 from dicom_node.errors import JobCancelled, PermanentJobError
 from dicom_node.logs import get_logger
-from dicom_node.store import Job, JobState, NewJob, Store, utcnow
+from dicom_node.store import PRIORITY_IMMEDIATE, Job, JobState, NewJob, Store, utcnow
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
@@ -185,11 +185,15 @@ class Scheduler:
             self.log.warning("job interrupted by a restart; queued again", job_id=job_id)
         self._stopping = False
         self._workers = [
-            asyncio.create_task(self._worker(i), name=f"worker-{i}")
+            asyncio.create_task(self._worker(), name=f"worker-{i}")
             for i in range(self.settings.workers)
         ]
+        if self.settings.immediate_slot:
+            self._workers.append(asyncio.create_task(
+                self._worker(PRIORITY_IMMEDIATE), name="worker-immediate"))
         self._workers.append(asyncio.create_task(self._keeper(), name="lease-keeper"))
-        self.log.info("scheduler started", workers=self.settings.workers, requeued=len(requeued))
+        self.log.info("scheduler started", workers=self.settings.workers,
+                      immediate_slot=self.settings.immediate_slot, requeued=len(requeued))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming; let running jobs finish within the grace period, else re-queue them."""
@@ -253,13 +257,15 @@ class Scheduler:
 
     # -- workers -------------------------------------------------------------------------
 
-    async def _worker(self, slot: int) -> None:
+    async def _worker(self, min_priority: int = 0) -> None:
+        """Claim and run jobs of ``min_priority`` or more, one at a time, until stopping."""
         assert self._wake is not None
         while not self._stopping:
             self._wake.clear()
             try:
                 job = await asyncio.to_thread(
-                    self.store.claim_next, self.owner, self.settings.lease_s, self._first_state
+                    self.store.claim_next, self.owner, self.settings.lease_s, self._first_state,
+                    min_priority,
                 )
             except Exception:
                 self.log.exception("cannot claim a job; will try again")

@@ -832,17 +832,20 @@ class Store:
             return [JobEvent(r.at, JobState(r.state), r.message) for r in conn.execute(q)]
 
     def claim_next(
-        self, owner: str, lease_s: float, first_state: Callable[[Job], JobState] | None = None
+        self, owner: str, lease_s: float, first_state: Callable[[Job], JobState] | None = None,
+        min_priority: int = 0,
     ) -> Job | None:
         """Take the most urgent runnable job: highest priority first, then oldest.
 
-        The claim is a conditional update (``WHERE state = 'queued'``), so two
-        workers or two machines never take the same job.
+        Only jobs of ``min_priority`` or more are considered. The claim is a conditional
+        update (``WHERE state = 'queued'``), so two workers or two machines never take
+        the same job.
         """
         now = utcnow()
         q = (
             sa.select(jobs)
             .where(jobs.c.state == JobState.QUEUED.value)
+            .where(jobs.c.priority >= min_priority)
             .where(sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
             .limit(8)

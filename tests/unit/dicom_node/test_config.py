@@ -67,6 +67,7 @@ def test_settings_are_frozen() -> None:
         ("ae_titles:\n  - ae_title: X\n    pipelines: [nope]\n", "ae_titles.0.pipelines",
          "'nope' is not defined in pipelines"),
         ("executor:\n  workers: 0\n", "executor.workers", "greater"),
+        ("executor:\n  kind: celery\n", "executor.kind", "'thread'"),  # not built: refused
         ("destinations:\n  - name: pacs\n    type: dimse\n    host: h\n", "destinations.0",
          "needs ae_title, port"),
         ("destinations:\n  - {name: a, type: folder, path: x}\n  - {name: a, type: folder, "

@@ -21,6 +21,7 @@ def make(store: Store, tmp_path: Path, **kw: object) -> tuple[Scheduler, Recordi
         retry=RetrySettings(max_attempts=int(kw.pop("max_attempts", 3)),  # type: ignore[call-overload]
                             backoff_s=0.05, backoff_max_s=0.2),
         grace_period_s=float(kw.pop("grace", 5)),  # type: ignore[arg-type]
+        immediate_slot=bool(kw.pop("immediate_slot", True)),
     )
     return Scheduler(store, handler, settings, owner="test", work_root=tmp_path), handler
 
@@ -34,7 +35,8 @@ async def wait_state(store: Store, job_id: str, *states: JobState) -> JobState:
 
 
 async def test_runs_jobs_by_priority_then_age(store: Store, tmp_path: Path) -> None:
-    sched, handler = make(store, tmp_path)
+    # one worker and no immediate slot: the queue's order is the order they run in
+    sched, handler = make(store, tmp_path, immediate_slot=False)
     # queued before the scheduler starts, so the order is the queue's, not arrival's
     ids = []
     for name, pri in [("low", 5), ("normal-1", 128), ("now", 255), ("normal-2", 128)]:
@@ -162,3 +164,54 @@ async def test_worker_slots_run_jobs_concurrently(sqlite_store: Store, tmp_path:
 def test_new_job_validates_priority() -> None:
     with pytest.raises(ValueError, match="priority must be 0-255"):
         NewJob(pipeline="p", priority=300)
+
+
+async def test_an_immediate_job_starts_while_every_worker_is_busy(
+    sqlite_store: Store, tmp_path: Path
+) -> None:
+    """Priority 255 gets the immediate slot: it runs to the end beside a long job that
+    holds the only worker, while a normal job waits its turn."""
+    sched, handler = make(sqlite_store, tmp_path, workers=1)
+    await sched.start()
+    try:
+        long = await sched.submit(NewJob(pipeline="p", input={"name": "long", "sleep": 60}))
+        await wait_state(sqlite_store, long.id, JobState.RUNNING)
+        normal = await sched.submit(NewJob(pipeline="p", priority=254, input={"name": "n"}))
+        now = await sched.submit(NewJob(pipeline="p", priority=255, input={"name": "now"}))
+        assert await wait_state(sqlite_store, now.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+        assert sqlite_store.get_job(long.id).state is JobState.RUNNING
+        assert sqlite_store.get_job(normal.id).state is JobState.QUEUED  # not the slot's
+        await sched.cancel(long.id)
+        assert await wait_state(sqlite_store, normal.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order[-2:] == ["now", "n"]
+
+
+async def test_without_the_immediate_slot_255_waits_for_a_worker(
+    sqlite_store: Store, tmp_path: Path
+) -> None:
+    sched, _ = make(sqlite_store, tmp_path, workers=1, immediate_slot=False)
+    await sched.start()
+    try:
+        long = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+        await wait_state(sqlite_store, long.id, JobState.RUNNING)
+        now = await sched.submit(NewJob(pipeline="p", priority=255, input={"name": "now"}))
+        await asyncio.sleep(0.3)  # several polls of the queue
+        assert sqlite_store.get_job(now.id).state is JobState.QUEUED
+        await sched.cancel(long.id)
+        assert await wait_state(sqlite_store, now.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+
+
+def test_claim_next_leaves_jobs_under_min_priority(store: Store) -> None:
+    normal = store.create_job(NewJob(pipeline="p", priority=128))
+    assert store.claim_next("me", 30, min_priority=255) is None
+    urgent = store.create_job(NewJob(pipeline="p", priority=255))
+    claimed = store.claim_next("me", 30, min_priority=255)
+    assert claimed is not None and claimed.id == urgent.id
+    assert store.get_job(normal.id).state is JobState.QUEUED
