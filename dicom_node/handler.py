@@ -142,6 +142,11 @@ class NodeHandler:
         ctx.result["results"] = results
         if skipped:
             ctx.result["skipped"] = skipped
+            # what `jobs show` and the status APIs print as the job's last word
+            ctx.result["outcome"] = (
+                f"skipped: {skipped[0]['reason']}" if not results and len(skipped) == 1
+                else f"skipped {len(skipped)} studies with no series for this pipeline"
+                + ("" if not results else f"; ran on {len(results)}"))
         if results:
             ctx.result["output_dir"] = str(out_dir)
         return produced

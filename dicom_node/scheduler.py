@@ -372,7 +372,9 @@ class Scheduler:
                                result={**ctx.result, "artifacts": len(produced)})
         else:
             result = {**ctx.result, "artifacts": len(produced), "exports": len(outcomes)}
-            await self._finish(job, JobState.SUCCEEDED, "done", log, result=result)
+            outcome = ctx.result.get("outcome")  # the handler's summary, when it gave one
+            await self._finish(job, JobState.SUCCEEDED, str(outcome or "done"), log,
+                               result=result)
 
     async def _finish(
         self, job: Job, state: JobState, message: str, log: Any,

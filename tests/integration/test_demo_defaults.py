@@ -43,6 +43,7 @@ def test_samples_get_findings_and_organs(node: NodeProcess) -> None:
     store = Store(f"sqlite:///{(node.data_dir / 'node.db').resolve()}").open()
     try:
         jobs = finished_jobs(store, 4, node)  # two studies x two pipelines
+        last_word = {j.id: store.events(j.id)[-1].message for j in jobs}
     finally:
         store.close()
     assert all(j.state is JobState.SUCCEEDED for j in jobs), [(j.pipeline, j.error) for j in jobs]
@@ -70,3 +71,6 @@ def test_samples_get_findings_and_organs(node: NodeProcess) -> None:
         result = by[(pipeline, is_cxr)].result
         assert result["results"] == [] and "output_dir" not in result
         assert modality in result["skipped"][0]["reason"], result
+        # `dicom-node jobs show` says so, not a bare "done"
+        assert last_word[by[(pipeline, is_cxr)].id] == f"skipped: {result['skipped'][0]['reason']}"
+    assert last_word[by[("cxr-findings", True)].id] == "done"
