@@ -142,11 +142,14 @@ class NodeHandler:
         ctx.result["results"] = results
         if skipped:
             ctx.result["skipped"] = skipped
-            # what `jobs show` and the status APIs print as the job's last word
-            ctx.result["outcome"] = (
-                f"skipped: {skipped[0]['reason']}" if not results and len(skipped) == 1
-                else f"skipped {len(skipped)} studies with no series for this pipeline"
-                + ("" if not results else f"; ran on {len(results)}"))
+            # the job's last word in its history (`dicom-node jobs show`)
+            if not results and len(skipped) == 1:
+                outcome = f"skipped: {skipped[0]['reason']}"
+            else:
+                outcome = f"skipped {len(skipped)} studies with no series for this pipeline"
+                if results:
+                    outcome += f"; ran on {len(results)}"
+            ctx.result["outcome"] = outcome
         if results:
             ctx.result["output_dir"] = str(out_dir)
         return produced
