@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from dicom_node.config import ExecutorSettings
 from dicom_node.errors import JobCancelled, PermanentJobError
 from dicom_node.logs import get_logger
+from dicom_node.memory import release_free_memory
 from dicom_node.store import PRIORITY_IMMEDIATE, Job, JobState, NewJob, Store, utcnow
 from pipeline.types import Artifact
 
@@ -284,6 +285,7 @@ class Scheduler:
                     raise
             finally:
                 self._running.pop(job.id, None)
+            await asyncio.to_thread(release_free_memory)  # see dicom_node.memory
 
     def _first_state(self, job: Job) -> JobState:
         return JobState.RETRIEVING if self.handler.needs_retrieval(job) else JobState.RUNNING
