@@ -180,9 +180,11 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _serve(settings: Settings) -> int:
     from dicom_node.logs import configure_logging
+    from dicom_node.memory import limit_arenas
     from dicom_node.node import Node
 
     configure_logging(settings.logging.level, settings.logging.format)
+    limit_arenas()  # before any thread starts: see dicom_node.memory
     node = Node(settings)
     try:
         asyncio.run(node.run())

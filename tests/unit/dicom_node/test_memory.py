@@ -37,3 +37,21 @@ def test_holes_a_thread_left_in_its_arena_are_returned() -> None:
     after = rss_mb()
     assert before - after > 50, (before, after)
     assert len(kept) == 10_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.parametrize(("env", "applied"), [({}, True), ({"MALLOC_ARENA_MAX": "8"}, False)])
+def test_arena_limit_applies_unless_the_environment_sets_one(
+    env: dict[str, str], applied: bool
+) -> None:
+    """In a fresh interpreter, as ``dicom-node serve`` calls it first thing."""
+    import os
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    res = subprocess.run(
+        [sys.executable, "-c", "from dicom_node.memory import limit_arenas; "
+         "print(limit_arenas())"],
+        env={**clean, **env}, capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[3])
+    assert res.stdout.strip() == str(applied)
