@@ -18,6 +18,7 @@ from highdicom.sr import (
     QualitativeEvaluation,
     ReferencedSegment,
     SourceImageForMeasurementGroup,
+    SourceSeriesForSegmentation,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
@@ -178,8 +179,10 @@ def build_segmentation_sr(
     """Build a Comprehensive SR (TID 1500) with the volume (mL) of every structure.
 
     With ``seg_ds`` each group is a volumetric ROI group referencing its segment of
-    the SEG (and the source series); without it, or for a segment with no voxels,
-    the group references the source images directly.
+    the SEG and, as TID 1411's "Source series for segmentation", the source series
+    (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
+    and took seconds to build); without it, or for a segment with no voxels, the group
+    references the source images directly.
 
     Raises:
         ValueError: when there are no source datasets or a segment is missing in the SEG.
@@ -191,6 +194,8 @@ def build_segmentation_sr(
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     ] = []
     sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
+    source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
+    in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
     for number, seg in enumerate(result.segments, start=1):
         _, kind = segment_codes(seg.name, codes_by_name)
         volume = Measurement(
@@ -201,11 +206,13 @@ def build_segmentation_sr(
         )
         tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
         referenced: ReferencedSegment | None = None
-        if seg_ds is not None:
-            try:
-                referenced = ReferencedSegment.from_segmentation(seg_ds, segment_number=number)
-            except ValueError:  # an empty segment has no frames to reference
-                referenced = None
+        if seg_ds is not None and number in in_seg:  # an empty segment has no frames
+            referenced = ReferencedSegment(
+                sop_class_uid=str(seg_ds.SOPClassUID),
+                sop_instance_uid=str(seg_ds.SOPInstanceUID),
+                segment_number=number,
+                source_series=source_series,
+            )
         if referenced is not None:
             groups.append(
                 VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -233,6 +240,12 @@ def build_segmentation_sr(
     )
     evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]
     return _document(evidence, report, info, series_uid, instance_number)
+
+
+def _segments_with_frames(seg_ds: Dataset) -> set[int]:
+    """The segment numbers that at least one frame of a SEG holds."""
+    return {int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+            for frame in seg_ds.PerFrameFunctionalGroupsSequence}
 
 
 def write_sr(sr: ComprehensiveSR, path: Path) -> Artifact:

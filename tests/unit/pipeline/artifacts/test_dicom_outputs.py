@@ -204,6 +204,12 @@ def test_segmentation_and_volume_sr(
     ]
     assert len(segrefs) == 3
     assert sorted(i.ReferencedSOPSequence[0].ReferencedSegmentNumber for i in segrefs) == [1, 2, 3]
+    # each segment's source is the CT series, named once (TID 1411), not slice by slice
+    series_refs = [i for i in items if i.ValueType == "UIDREF"
+                   and i.ConceptNameCodeSequence[0].CodeValue == "121232"]
+    assert [i.UID for i in series_refs] == [ct_series[0].SeriesInstanceUID] * 3
+    assert not [i for i in items if i.ValueType == "IMAGE"
+                and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID != seg_ds.SOPInstanceUID]
     evidence_series = {
         s.SeriesInstanceUID
         for e in sr_ds.CurrentRequestedProcedureEvidenceSequence
@@ -249,6 +255,10 @@ def test_empty_segment_and_empty_labelmap(
         build_segmentation_sr(extra, ct_series, INFO, seg_ds=seg_ds), tmp_path / "sr.dcm"
     )
     dciodvfy(sr_art.path)
+    segrefs = [i for i in _content_items(pydicom.dcmread(sr_art.path)) if i.ValueType == "IMAGE"
+               and "ReferencedSegmentNumber" in i.ReferencedSOPSequence[0]]
+    # the empty Kidney (no frames in the SEG) refers to the images instead
+    assert sorted(i.ReferencedSOPSequence[0].ReferencedSegmentNumber for i in segrefs) == [1, 2, 3]
 
     empty = dataclasses.replace(seg_result, labels=np.zeros_like(seg_result.labels))
     art, seg_ds = write_segmentation(empty, ct_series, tmp_path / "seg0.dcm", INFO)
