@@ -228,11 +228,13 @@ class InstanceWriter:
             raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
 
         final = self.studies_dir / study / series / f"{sop}.dcm"
+        overwrite = duplicates is DuplicatePolicy.OVERWRITE
         if duplicates is DuplicatePolicy.KEEP_FIRST:
             known = self.store.get_instance(sop)
-            if known is not None and Path(known.path).exists():
+            if known is not None and _intact(Path(known.path), known.size_bytes):
                 return ReceivedInstance(sop, sop_class, study, series, Path(known.path),
                                         called_ae, calling_ae, association_id, stored=False)
+            overwrite = known is not None  # the first copy did not survive: this replaces it
         size = _place(source_path, final, durable=durable)
         record = InstanceRecord(
             sop_instance_uid=sop, sop_class_uid=sop_class, study_instance_uid=study,
@@ -243,9 +245,7 @@ class InstanceWriter:
             study_date=_text(elems["StudyDate"], 8),
         )
         try:
-            self.store.record_instance(
-                record, overwrite=duplicates is DuplicatePolicy.OVERWRITE, durable=durable
-            )
+            self.store.record_instance(record, overwrite=overwrite, durable=durable)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
         return ReceivedInstance(sop, sop_class, study, series, final, called_ae, calling_ae,
@@ -273,6 +273,15 @@ def _check_complete(ds: Any, file_size: int) -> None:
         tell = getattr(elem, "value_tell", None)
         if value is None and tell is not None and tell + length > file_size:
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
+
+
+def _intact(path: Path, size: int) -> bool:
+    """Whether a kept instance's file is still there at the size it was recorded with (a
+    crash after an unsynced write, as for retrievals, can leave it empty)."""
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 class _Mismatch(InvalidInput):

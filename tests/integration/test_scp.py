@@ -472,10 +472,12 @@ def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
         assert rn.store.count_instances() == 0
 
 
-def _store_twice(tmp_path: Path, policy: str) -> tuple[bytes, Path, int]:
+def _store_twice(tmp_path: Path, policy: str,
+                 damage: bool = False) -> tuple[bytes, Path, int]:
     """C-STORE one instance twice (the second with another PatientID) to an AE title with
     ``policy``: the first copy's bytes, the file the store points at afterwards, and the
-    number of instances stored."""
+    number of instances stored. ``damage`` empties the first copy's file in between;
+    then the record must describe the file that is there."""
     settings = node_settings(
         tmp_path / "data", ae_titles=[AETitleSettings(ae_title="DUP", duplicates=policy)]
     )
@@ -486,16 +488,29 @@ def _store_twice(tmp_path: Path, policy: str) -> tuple[bytes, Path, int]:
         assoc = ae.associate("127.0.0.1", rn.port, ae_title="DUP")
         assert assoc.send_c_store(ds).Status == 0x0000
         first = Path(rn.store.get_instance(ds.SOPInstanceUID).path).read_bytes()
+        if damage:
+            Path(rn.store.get_instance(ds.SOPInstanceUID).path).write_bytes(b"")
         ds.PatientID = "CHANGED"
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
-        return (first, Path(rn.store.get_instance(ds.SOPInstanceUID).path),
-                rn.store.count_instances())
+        record = rn.store.get_instance(ds.SOPInstanceUID)
+        if damage:
+            assert record.size_bytes == Path(record.path).stat().st_size
+            assert record.patient_id == "CHANGED"
+        return first, Path(record.path), rn.store.count_instances()
 
 
 def test_duplicate_policy_keep_first(tmp_path: Path) -> None:
     first, kept, _ = _store_twice(tmp_path, "keep_first")
     assert kept.read_bytes() == first
+
+
+def test_keep_first_replaces_a_first_copy_that_did_not_survive(tmp_path: Path) -> None:
+    """A kept file emptied by a crash (a retrieval's unsynced write) is not "the first
+    copy" any more: the new one is stored."""
+    _, kept, count = _store_twice(tmp_path, "keep_first", damage=True)
+    assert count == 1
+    assert pydicom.dcmread(kept).PatientID == "CHANGED"
 
 
 def test_duplicate_policy_overwrite(tmp_path: Path) -> None:
