@@ -29,8 +29,11 @@ from dicom_node.store import Job, Store
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from dicom_node.node import Node
     from pipeline.runner import PipelineRunner
+    from pipeline.settings import PipelineSpec
 
 class NodeHandler:
     """Runs a job's configured pipeline on its instances and sends the results on."""
@@ -101,12 +104,15 @@ class NodeHandler:
         paths = self._input_paths(ctx)
         if not paths:
             raise PermanentJobError("none of the job's instances is available to run on")
-        by_study: dict[str, list[Path]] = defaultdict(list)
+        by_study: dict[str, list[Any]] = defaultdict(list)
         if "studies" in ctx.data:
             by_study.update(ctx.data["studies"])
         else:
-            for p in paths:
-                by_study[_study_of(p)].append(p)
+            # Each header is read here once, for the grouping, the series checks below
+            # and the runner's own series selection; an unreadable file stays a path
+            # (it fails later, in the pipeline, with a reason).
+            for source in _headers(paths):
+                by_study[_study_of(source)].append(source)
         out_dir = self.output_dir(job)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []
@@ -117,7 +123,7 @@ class NodeHandler:
             ctx.check_cancelled()
             if job.kind in PUSHED_KINDS:
                 reason = series_misfit(files, spec.series)
-                if reason is not None and _another_reads(job, files, runner):
+                if reason is not None and _another_reads(job, files, runner.pipelines):
                     # An AE title or drop folder feeds every study to all its pipelines;
                     # a CT study is no failure of the chest X-ray pipeline.
                     ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
@@ -188,21 +194,17 @@ class NodeHandler:
 PUSHED_KINDS = frozenset({"dimse", "watch", "stow"})
 
 
-def _another_reads(job: Job, files: list[Path], runner: PipelineRunner) -> bool:
+def _another_reads(job: Job, sources: list[Any], pipelines: Mapping[str, PipelineSpec]) -> bool:
     """Whether another pipeline the job's intake feeds can read the study (True for jobs
     queued before intakes named their pipelines: they keep skipping)."""
-    from pipeline.io import InputError, read_dataset, series_misfit
+    from pipeline.io import series_misfit
 
     intake = job.input.get("intake_pipelines")
     if intake is None:
         return True
-    others = [spec for name in intake if name != job.pipeline
-              and (spec := runner.pipelines.get(name)) is not None]
-    headers: dict[str, Any] = {}  # read once for all the other pipelines' rules
-    for path in files if others else []:
-        with contextlib.suppress(InputError):  # the study's own check named it already
-            headers[str(path)] = read_dataset(path, stop_before_pixels=True)
-    return any(series_misfit(headers, spec.series) is None for spec in others)
+    return any(series_misfit(sources, spec.series) is None
+               for name in intake if name != job.pipeline
+               and (spec := pipelines.get(name)) is not None)
 
 
 def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:
@@ -212,15 +214,22 @@ def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:
         total[key] = round(total.get(key, 0.0) + seconds, 4)
 
 
-def _study_of(path: Path) -> str:
-    """The study a stored instance belongs to (studies/<study>/<series>/<sop>.dcm)."""
-    try:
-        import pydicom
+def _headers(paths: list[Path]) -> list[Any]:
+    """Each file's header (without pixels), or its path when it cannot be read."""
+    from pipeline.io import InputError, read_dataset
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        return str(ds.get("StudyInstanceUID", "")) or "unknown"
-    except Exception:  # an unreadable file fails later, in the pipeline, with a reason
-        return "unknown"
+    out: list[Any] = []
+    for path in paths:
+        try:
+            out.append(read_dataset(path, stop_before_pixels=True))
+        except InputError:
+            out.append(path)
+    return out
+
+
+def _study_of(source: Any) -> str:
+    """The study of a header from :func:`_headers` ("unknown" for an unreadable file)."""
+    return str(getattr(source, "StudyInstanceUID", "") or "") or "unknown"
 
 
 def study_folder(study: str, index: int) -> str:

@@ -30,6 +30,7 @@ from pipeline.explain import gradcam
 from pipeline.io import (
     Image2D,
     InputError,
+    Source,
     load_ct_volume,
     load_image_2d,
     select_series,
@@ -379,7 +380,7 @@ class PipelineRunner:
     def run(
         self,
         pipeline: str,
-        files: Sequence[Path],
+        files: Sequence[Source],
         out_dir: Path,
         *,
         patient_id: str | None = None,
@@ -387,6 +388,9 @@ class PipelineRunner:
         cancelled: threading.Event | None = None,
     ) -> RunOutput:
         """Run ``pipeline`` on a study's files and write its artifacts under ``out_dir``.
+
+        ``files`` are paths, or headers already read (``stop_before_pixels``) that keep
+        their file name: the pixels are read from the file.
 
         Raises PipelineError or InputError (from :mod:`pipeline.io`) with a message a
         person can act on when the input cannot be used.
