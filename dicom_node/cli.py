@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -79,14 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--state", action="append",
                     choices=["queued", "retrieving", "running", "exporting", "succeeded",
                              "failed", "cancelled"], help="only jobs in this state (repeatable)")
-    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     jl.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("show", "one job with its history, artifacts and exports"),
                        ("cancel", "cancel a queued job, or stop a running one"),
                        ("retry", "queue a failed or cancelled job again")):
         jp = jsub.add_parser(name, help=text)
         _config_options(jp)
-        jp.add_argument("job_id", metavar="JOB_ID")
+        jp.add_argument("job_id", metavar="JOB_ID",
+                        help="the job's id (or its first characters, at least 4, when they "
+                        "name one job) or the transactionID of an inference request")
         if name == "show":
             jp.add_argument("--json", action="store_true")
 
@@ -220,15 +223,21 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             if not rows:
                 print("no jobs")
                 return 0
-            print(f"{'JOB ID':36}  {'STATE':10}  {'PRI':>3}  {'TRY':>3}  {'PIPELINE':16}  CREATED")
+            head = (f"{'JOB ID':36}  {'STATE':10}  {'PRI':>3}  {'TRY':>3}  {'PIPELINE':16}  "
+                    f"{'CREATED':20}  ")
+            # Clipped to a terminal's width; whole when piped (grep, less -S).
+            room = (max(30, shutil.get_terminal_size().columns - len(head))
+                    if sys.stdout.isatty() else 100_000)
+            print(f"{head}OUTCOME")
             for job in rows:
                 print(f"{job.id:36}  {job.state.value:10}  {job.priority:>3}  "
                       f"{job.attempts:>3}  {job.pipeline[:16]:16}  "
-                      f"{job.created_at:%Y-%m-%d %H:%M:%S}Z")
+                      f"{job.created_at:%Y-%m-%d %H:%M:%S}Z  "
+                      f"{_clip(_outcome(job), room)}".rstrip())
             return 0
         job_id = args.job_id
         if args.jobs_command == "show":
-            job = store.find_job(job_id)
+            job = store.match_job(job_id)
             data = _job_json(job)
             data["events"] = [{"at": e.at.isoformat(), "state": e.state.value,
                                "message": e.message} for e in store.events(job.id)]
@@ -243,17 +252,35 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
                 _print_job(data)
             return 0
         if args.jobs_command == "cancel":
-            job = store.request_cancel(store.find_job(job_id).id)
+            job = store.request_cancel(store.match_job(job_id).id)
             done = job.state is JobState.CANCELLED
             print(f"{job.id}: {'cancelled' if done else 'cancel requested'}")
             return 0
         if args.jobs_command == "retry":
-            job = store.retry(store.find_job(job_id).id)
+            job = store.retry(store.match_job(job_id).id)
             print(f"{job.id}: queued again")
             return 0
     finally:
         store.close()
     return EXIT_CONFIG
+
+
+def _outcome(job: Any) -> str:
+    """One line on how a job ended: its error, its handler's summary or what it produced."""
+    if job.error:
+        return str(job.error)
+    result = job.result or {}
+    if result.get("outcome"):
+        return str(result["outcome"])
+    if "artifacts" in result:
+        exports = result.get("exports", 0)
+        return f"{result['artifacts']} artifacts" + (f", {exports} exports" if exports else "")
+    return ""
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _job_json(job: Any) -> dict[str, Any]:

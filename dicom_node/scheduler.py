@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +25,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dicom_node.config import ExecutorSettings
-from dicom_node.errors import JobCancelled, PermanentJobError
+from dicom_node.errors import JobCancelled, NotFound, PermanentJobError
 from dicom_node.logs import get_logger
 from dicom_node.memory import release_free_memory
-from dicom_node.store import PRIORITY_IMMEDIATE, Job, JobState, NewJob, Store, utcnow
+from dicom_node.store import (
+    ACTIVE_STATES,
+    PRIORITY_IMMEDIATE,
+    Job,
+    JobState,
+    NewJob,
+    Store,
+    utcnow,
+)
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
@@ -53,6 +62,8 @@ class JobContext:
 
     job: Job
     store: Store
+    # Scratch for this attempt (e.g. a DICOMweb download before it is stored); removed
+    # when the attempt ends, so nothing may be left here that must outlive it.
     work_dir: Path
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Handler-owned state for this attempt (e.g. the files a retrieval brought in) and
@@ -184,6 +195,7 @@ class Scheduler:
         requeued = await asyncio.to_thread(self.store.requeue_interrupted, self.owner)
         for job_id in requeued:
             self.log.warning("job interrupted by a restart; queued again", job_id=job_id)
+        await asyncio.to_thread(self._sweep_work_dirs)
         self._stopping = False
         self._workers = [
             asyncio.create_task(self._worker(), name=f"worker-{i}")
@@ -287,6 +299,18 @@ class Scheduler:
                 self._running.pop(job.id, None)
             await asyncio.to_thread(release_free_memory)  # see dicom_node.memory
 
+    def _sweep_work_dirs(self) -> None:
+        """Remove scratch folders a crash left behind, except those of jobs running elsewhere."""
+        if not self.work_root.is_dir():
+            return
+        for folder in self.work_root.iterdir():
+            try:
+                running = self.store.get_job(folder.name).state in ACTIVE_STATES
+            except NotFound:
+                running = False
+            if folder.is_dir() and not running:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _first_state(self, job: Job) -> JobState:
         return JobState.RETRIEVING if self.handler.needs_retrieval(job) else JobState.RUNNING
 
@@ -330,9 +354,16 @@ class Scheduler:
     async def _run(self, ctx: JobContext) -> None:
         job = ctx.job
         log = ctx.log.bind(pipeline=job.pipeline, attempt=job.attempts)
-        token = job.lease_token
         log.info("job started", state=(await asyncio.to_thread(self.store.get_job, job.id))
                  .state.value)
+        try:
+            await self._attempt(ctx, log)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, ctx.work_dir, True)
+
+    async def _attempt(self, ctx: JobContext, log: Any) -> None:
+        job = ctx.job
+        token = job.lease_token
         try:
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
             if self.handler.needs_retrieval(job):

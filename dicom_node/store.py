@@ -809,6 +809,26 @@ class Store:
             raise NotFound(f"no job {ref!r}")
         return Job.from_row(row)
 
+    def match_job(self, ref: str, min_prefix: int = 4) -> Job:
+        """A job by id, transactionID or, for people typing ids, a unique id prefix."""
+        try:
+            return self.find_job(ref)
+        except NotFound:
+            if len(ref) < min_prefix:
+                raise NotFound(f"no job {ref!r} (give at least {min_prefix} characters "
+                               "of its id)") from None
+        pattern = jobs.c.id.startswith(ref.lower(), autoescape=True)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).where(pattern).order_by(jobs.c.id)
+                                .limit(6)).all()
+        if not rows:
+            raise NotFound(f"no job {ref!r}")
+        if len(rows) > 1:
+            more = ", ..." if len(rows) > 5 else ""
+            raise Conflict(f"{ref!r} names more than one job: "
+                           f"{', '.join(r.id for r in rows[:5])}{more}; give more of the id")
+        return Job.from_row(rows[0])
+
     def list_jobs(
         self, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
     ) -> list[Job]:

@@ -94,13 +94,23 @@ def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
 def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
     store = store_of(node)
     try:
+        broken = store.create_job(NewJob(pipeline="cxr", priority=1))
+        claimed = store.claim_next("elsewhere", 30)
+        assert claimed is not None and claimed.id == broken.id
+        store.transition(broken.id, JobState.FAILED, token=claimed.lease_token,
+                         message="PermanentJobError: series has 1 pixel")
         job = store.create_job(NewJob(pipeline="cxr", priority=200))
     finally:
         store.close()
     out = node.cli("jobs", "list")
     assert out.returncode == 0 and job.id in out.stdout and "queued" in out.stdout
-    out = node.cli("jobs", "cancel", job.id)
-    assert out.returncode == 0 and "cancelled" in out.stdout
+    failed_line = next(ln for ln in out.stdout.splitlines() if ln.startswith(broken.id))
+    assert failed_line.endswith("PermanentJobError: series has 1 pixel")  # why, at a glance
+    out = node.cli("jobs", "cancel", job.id[:8])  # the start of an id, as people type it
+    assert out.returncode == 0 and f"{job.id}: cancelled" in out.stdout
+    listed_line = next(ln for ln in node.cli("jobs", "list").stdout.splitlines()
+                       if ln.startswith(job.id))
+    assert listed_line.split()[1] == "cancelled"
     out = node.cli("jobs", "show", job.id, "--json")
     data = json.loads(out.stdout)
     assert data["state"] == "cancelled" and [e["state"] for e in data["events"]] == [
@@ -110,6 +120,8 @@ def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
     assert "retry requested" in shown.stdout
     missing = node.cli("jobs", "show", "no-such-job")
     assert missing.returncode == 1 and "no job 'no-such-job'" in missing.stderr
+    short = node.cli("jobs", "show", job.id[:2])
+    assert short.returncode == 1 and "at least 4 characters" in short.stderr
     listed = node.cli("jobs", "list", "--state", "queued", "--json")
     assert json.loads(listed.stdout.splitlines()[0])["id"] == job.id
 

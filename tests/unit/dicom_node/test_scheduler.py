@@ -23,7 +23,7 @@ def make(store: Store, tmp_path: Path, **kw: object) -> tuple[Scheduler, Recordi
         grace_period_s=float(kw.pop("grace", 5)),  # type: ignore[arg-type]
         immediate_slot=bool(kw.pop("immediate_slot", True)),
     )
-    return Scheduler(store, handler, settings, owner="test", work_root=tmp_path), handler
+    return Scheduler(store, handler, settings, owner="test", work_root=tmp_path / "work"), handler
 
 
 async def wait_state(store: Store, job_id: str, *states: JobState) -> JobState:
@@ -55,6 +55,7 @@ async def test_runs_jobs_by_priority_then_age(store: Store, tmp_path: Path) -> N
     assert events == [JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.SUCCEEDED]
     assert store.artifacts_of(ids[0])[0].kind == "txt"
     assert store.exports_of(ids[0])[0].state == "succeeded"
+    assert not any((tmp_path / "work").iterdir())  # each job's scratch went with it
 
 
 async def test_transient_failures_retry_with_backoff(store: Store, tmp_path: Path) -> None:
@@ -72,6 +73,7 @@ async def test_transient_failures_retry_with_backoff(store: Store, tmp_path: Pat
         await sched.stop()
     failed = store.get_job(hopeless.id)
     assert failed.attempts == 3 and "gave up after 3 attempts" in (failed.error or "")
+    assert not any((tmp_path / "work").iterdir())  # failed attempts leave no scratch
     history = [e.state for e in store.events(hopeless.id)]
     assert history.count(JobState.RUNNING) == 3 and history.count(JobState.QUEUED) == 3
 
@@ -215,3 +217,19 @@ def test_claim_next_leaves_jobs_under_min_priority(store: Store) -> None:
     claimed = store.claim_next("me", 30, min_priority=255)
     assert claimed is not None and claimed.id == urgent.id
     assert store.get_job(normal.id).state is JobState.QUEUED
+
+
+async def test_start_removes_scratch_a_crash_left(store: Store, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    elsewhere = await asyncio.to_thread(store.create_job, NewJob(pipeline="p"))
+    await asyncio.to_thread(store.claim_next, "other-node", 300)  # running on another node
+    assert store.get_job(elsewhere.id).state is JobState.RUNNING
+    finished = await asyncio.to_thread(store.create_job, NewJob(pipeline="p"))
+    assert store.request_cancel(finished.id).state is JobState.CANCELLED
+    for name in (finished.id, elsewhere.id, "not-a-job"):
+        (work / name / "retrieved").mkdir(parents=True)
+        (work / name / "retrieved" / "x.dcm").write_bytes(b"x")
+    sched, _ = make(store, tmp_path)
+    await sched.start()
+    await sched.stop()
+    assert [p.name for p in work.iterdir()] == [elsewhere.id]

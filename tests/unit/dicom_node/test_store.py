@@ -123,6 +123,25 @@ def test_cancel_and_retry(store: Store) -> None:
         store.retry(running.id)
 
 
+def test_match_job_by_id_transaction_or_unique_prefix(store: Store) -> None:
+    made = [store.create_job(NewJob(pipeline="p")) for _ in range(17)]
+    tx = store.create_job(NewJob(pipeline="p", transaction_id="RIS-42", owner="ris"))
+    first = made[0]
+    assert store.match_job(first.id).id == first.id
+    assert store.match_job("RIS-42").id == tx.id
+    assert store.match_job(first.id[:12]).id == first.id
+    assert store.match_job(first.id[:12].upper()).id == first.id
+    # 17 ids over 16 hex digits: some first character starts two of them
+    starts = [j.id[0] for j in made]
+    shared = next(c for c in starts if starts.count(c) > 1)
+    with pytest.raises(Conflict, match="more than one job"):
+        store.match_job(shared, min_prefix=1)
+    with pytest.raises(NotFound, match="at least 4 characters"):
+        store.match_job(first.id[:3])
+    with pytest.raises(NotFound, match="no job"):
+        store.match_job("%_%_")  # LIKE wildcards are matched literally
+
+
 def test_delayed_jobs_wait_for_not_before(store: Store) -> None:
     store.create_job(NewJob(pipeline="p"))
     job = store.claim_next("n", 30)
