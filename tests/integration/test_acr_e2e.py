@@ -9,6 +9,7 @@ the config API, stopped, or refusing the node's association.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -52,6 +53,9 @@ def acr_settings(data_dir: Path, node_port: int, http_port: int, pacs: Orthanc) 
             {"name": "pacs-out", "type": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
              "port": pacs.dicom_port, "retry": {"max_attempts": 2, "backoff_s": 0.2}},
             {"name": "pacs-web", "type": "dicomweb", "url": pacs.dicomweb_url},
+            # the name samples/requests/*.json and configs/examples/pacs.yaml use
+            {"name": "pacs", "type": "dimse", "ae_title": pacs.aet, "host": "127.0.0.1",
+             "port": pacs.dicom_port},
         ],
         "models": [{"name": "cxr-findings", "path": "pipeline/models/cxr-findings"},
                    {"name": "ct-organs", "path": "pipeline/models/ct-organs"}],
@@ -328,3 +332,22 @@ def test_output_refusing_the_association_fails_the_job_and_succeeds_once_fixed(
             else pytest.fail("nothing arrived in the fixed destination")
     finally:
         site.config("DELETE", "destination/strict-out")
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+@pytest.mark.parametrize(("request_file", "study_files", "result_class"), [
+    ("acr-cxr-dimse.json", ["cxr/pleural-effusion.dcm"], SC),
+    ("acr-ct-accession.json", [f"ct/abdomen/IM{i:04d}.dcm" for i in range(1, 49)], SEG),
+])
+def test_the_sample_requests_work_as_shipped(site: Site, request_file: str,
+                                             study_files: list[str], result_class: str) -> None:
+    """What README tells a RIS integrator to send, sent unchanged to a PACS named 'pacs'."""
+    site.pacs.upload(SAMPLES / f for f in study_files)
+    body = json.loads((SAMPLES / "requests" / request_file).read_text())
+    st = site.run(body)
+    assert st["state"] == "succeeded", st
+    study = str(pydicom.dcmread(SAMPLES / study_files[0], stop_before_pixels=True)
+                .StudyInstanceUID)
+    assert result_class in {i["sop_class"] for i in qido_instances(site.pacs, study)}

@@ -264,3 +264,19 @@ def test_auth_id_is_accepted_in_both_spellings() -> None:
             {"interface": "DICOMweb", "connectionDetails": {
                 "uri": "http://127.0.0.1:8042/dicom-web", "authType": "Bearer", key: "tok"}}]))
         assert req.inputResources[1].connectionDetails.authId == "tok"
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("sample", sorted((ROOT / "samples/requests").glob("acr-*.json")),
+                         ids=lambda p: p.name)
+def test_sample_requests_are_valid_for_the_example_pacs_config(sample: Path) -> None:
+    import json
+
+    from dicom_node.config import load_settings
+    from rest.inference import validate_request
+
+    settings = load_settings(ROOT / "configs/examples/pacs.yaml")
+    request, _ = validate_request(json.loads(sample.read_text()), settings)  # 422 raises
+    assert request.transactionID.startswith("sample-")
