@@ -296,6 +296,21 @@ class JobState(StrEnum):
 ACTIVE_STATES = frozenset({JobState.RETRIEVING, JobState.RUNNING, JobState.EXPORTING})
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
+# Keys of a job's input that hold credentials (an ACR request's DICOMweb authId).
+SECRET_INPUT_KEYS = frozenset({"authId"})
+REDACTED = "[removed after the job succeeded]"
+
+
+def redact_secrets(value: Any) -> Any:
+    """``value`` with every non-empty credential under :data:`SECRET_INPUT_KEYS` replaced."""
+    if isinstance(value, dict):
+        return {k: REDACTED if k in SECRET_INPUT_KEYS and v else redact_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
+
 PRIORITY_NORMAL = 128
 PRIORITY_IMMEDIATE = 255
 
@@ -932,10 +947,17 @@ class Store:
             values["error"] = message
         if result is not None:
             values["result"] = result
-        stmt = jobs.update().where(jobs.c.id == job_id).values(values)
-        if token is not None:
-            stmt = stmt.where(jobs.c.lease_token == token)
         with self._begin() as conn:
+            if to is JobState.SUCCEEDED:
+                # A succeeded job never runs again: the credentials a request gave for
+                # its PACS (DICOMweb authId) are not kept past their use.
+                current = conn.execute(sa.select(jobs.c.input)
+                                       .where(jobs.c.id == job_id)).scalar()
+                if current is not None and (redacted := redact_secrets(current)) != current:
+                    values["input"] = redacted
+            stmt = jobs.update().where(jobs.c.id == job_id).values(values)
+            if token is not None:
+                stmt = stmt.where(jobs.c.lease_token == token)
             changed = conn.execute(stmt).rowcount
             if changed:
                 self._event(conn, job_id, to, message, now)
@@ -1332,6 +1354,7 @@ __all__: Sequence[str] = [
     "PRIORITY_IMMEDIATE",
     "PRIORITY_NORMAL",
     "SCHEMA_VERSION",
+    "SECRET_INPUT_KEYS",
     "ArtifactRecord",
     "Batch",
     "ExportRecord",
@@ -1342,5 +1365,6 @@ __all__: Sequence[str] = [
     "NewJob",
     "Store",
     "StudyRecord",
+    "redact_secrets",
     "utcnow",
 ]

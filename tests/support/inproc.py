@@ -10,6 +10,7 @@ from typing import Any
 
 from dicom_node.config import Settings
 from dicom_node.node import Node
+from tests.support.peers import free_port
 
 TEST_RUNNER = "tests.support.handlers:create_handler"
 
@@ -17,6 +18,8 @@ TEST_RUNNER = "tests.support.handlers:create_handler"
 def node_settings(data_dir: Path, **sections: Any) -> Settings:
     cfg: dict[str, Any] = {
         "storage": {"data_dir": str(data_dir)},
+        # a free port, not 11112: a node running on this machine must not fail the tests
+        "dimse": {"host": "127.0.0.1", "port": free_port()},
         "rest": {"enabled": False},
         "executor": {"runner": TEST_RUNNER, "poll_interval_s": 0.05, "grace_period_s": 1},
         "watch": [],

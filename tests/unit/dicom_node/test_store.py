@@ -142,6 +142,24 @@ def test_match_job_by_id_transaction_or_unique_prefix(store: Store) -> None:
         store.match_job("%_%_")  # LIKE wildcards are matched literally
 
 
+def test_a_succeeded_job_keeps_no_credentials(store: Store) -> None:
+    web = {"interface": "DICOMweb", "uri": "https://pacs/dicom-web", "authType": "Basic",
+           "authId": "cmlzOnNlY3JldA=="}
+    request = {"retrieve": {"sources": [web]}, "destinations": [dict(web), "pacs"]}
+    ok = store.create_job(NewJob(pipeline="p", input=request))
+    bad = store.create_job(NewJob(pipeline="p", input=request, priority=1))
+    for job, to in ((ok, JobState.SUCCEEDED), (bad, JobState.FAILED)):
+        claimed = store.claim_next("n", 30)
+        assert claimed is not None and claimed.id == job.id
+        assert store.transition(job.id, to, token=claimed.lease_token, message="x")
+    kept = store.get_job(ok.id).input
+    assert "cmlzOnNlY3JldA==" not in repr(kept)
+    assert kept["retrieve"]["sources"][0]["uri"] == "https://pacs/dicom-web"
+    assert kept["destinations"][1] == "pacs"
+    # a failed job may be retried, so it keeps what it needs to run again
+    assert store.get_job(bad.id).input == request
+
+
 def test_delayed_jobs_wait_for_not_before(store: Store) -> None:
     store.create_job(NewJob(pipeline="p"))
     job = store.claim_next("n", 30)
