@@ -20,6 +20,7 @@ the ratio node retrieve / movescu is printed. Not a test: the figures depend on 
 machine and its load.
 
     .venv/bin/python bench/acr_roundtrip.py --runs 5
+    .venv/bin/python bench/acr_roundtrip.py --runs 5 --interface dicomweb   # WADO-RS, STOW-RS
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def node_config(data: Path, dicom_port: int, http_port: int, pacs: Orthanc) -> d
         "dimse": {"ae_title": NODE_AE, "host": "127.0.0.1", "port": dicom_port},
         "ae_titles": [{"ae_title": NODE_AE}],
         "sources": [{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
-                     "port": pacs.dicom_port}],
+                     "port": pacs.dicom_port, "dicomweb_url": pacs.dicomweb_url}],
         "destinations": [{"name": "pacs-out", "type": "dimse", "ae_title": pacs.aet,
                           "host": "127.0.0.1", "port": pacs.dicom_port}],
         "models": [{"name": "cxr-findings", "path": "pipeline/models/cxr-findings"},
@@ -138,18 +139,29 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def round_trip(url: str, token: str, study: Study, tx: str) -> tuple[float, dict[str, Any]]:
+def resources(interface: str, pacs: Orthanc) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request's source and output for ``--interface``: DIMSE or DICOMweb."""
+    if interface == "dicomweb":
+        web = {"uri": pacs.dicomweb_url, "authType": "None"}
+        return ({"interface": "DICOMweb", "connectionDetails": web},
+                {"interface": "DICOMweb", "connectionDetails": web})
+    return ({"interface": "DIMSE", "connectionDetails": {"name": "pacs"}},
+            {"interface": "DIMSE", "connectionDetails": {"name": "pacs-out"}})
+
+
+def round_trip(url: str, token: str, study: Study, tx: str,
+               peers: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, dict[str, Any]]:
     """POST one request and poll its status until final: (wall seconds, final status)."""
     headers = {"Authorization": f"Bearer {token}"}
+    source, output = peers
     body = {
         "transactionID": tx,
         "priority": 128,
         "inputMetadata": {"details": {"type": "DICOM_UID",
                                       "studies": [{"StudyInstanceUID": study.study_uid}]}},
         "inputResources": [
-            {"interface": "Algorithm", "connectionDetails": {"name": study.pipeline}},
-            {"interface": "DIMSE", "connectionDetails": {"name": "pacs"}}],
-        "outputResources": [{"interface": "DIMSE", "connectionDetails": {"name": "pacs-out"}}],
+            {"interface": "Algorithm", "connectionDetails": {"name": study.pipeline}}, source],
+        "outputResources": [output],
     }
     with requests.Session() as http:
         t0 = time.perf_counter()
@@ -227,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct-slices", type=int, default=300, help="CT instances (default 300)")
     ap.add_argument("--ct-size", type=int, default=96,
                     help="CT rows = columns (default 96: the model's training size)")
+    ap.add_argument("--interface", choices=["dimse", "dicomweb"], default="dimse",
+                    help="how the node fetches and stores back: C-MOVE and C-STORE "
+                    "(default), or QIDO/WADO-RS and STOW-RS")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "acr_roundtrip.json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
@@ -271,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
                                     str(scp_port)], env=PEER_ENV,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             wait_port(scp_port, scp)
+            peers = resources(args.interface, pacs)
+            print(f"source and output: {args.interface}", flush=True)
             for s in studies:
                 for i in range(args.warmup):
-                    round_trip(url, token, s, f"warmup-{s.pipeline}-{i}")
+                    round_trip(url, token, s, f"warmup-{s.pipeline}-{i}", peers)
                 for i in range(args.runs):
-                    wall, st = round_trip(url, token, s, f"run-{s.pipeline}-{i}")
+                    wall, st = round_trip(url, token, s, f"run-{s.pipeline}-{i}", peers)
                     s.walls.append(wall)
                     s.timings.append(st["timings"])
                     shutil.rmtree(received)
@@ -290,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
               "(other work on the machine skews both sides)")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"runs": args.runs, "ct_slices": args.ct_slices,
+        args.out.write_text(json.dumps({"runs": args.runs, "interface": args.interface,
+                                        "ct_slices": args.ct_slices,
                                         "ct_size": args.ct_size, "studies": results},
                                        indent=2))
         print(f"results: {args.out}")

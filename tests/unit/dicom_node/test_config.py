@@ -140,3 +140,43 @@ def test_a_file_with_its_own_models_gets_no_demo_pipelines(tmp_path: Path) -> No
                       environ={})
     assert [m.name for m in s.models] == ["mine"]
     assert s.pipelines == [] and s.ae_titles[0].pipelines == [] and s.watch[0].pipelines == []
+
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "configs" / "examples"
+
+
+@pytest.mark.parametrize("name", ["pacs.yaml", "scale-out.yaml"])
+def test_example_configs_are_valid(name: str) -> None:
+    load_settings(EXAMPLES / name)
+
+
+def test_tls_example_fails_only_for_its_certificate_files() -> None:
+    with pytest.raises(ConfigError, match=r"tls\.certificate: file not found"):
+        load_settings(EXAMPLES / "tls.yaml")
+
+
+def test_systemd_unit_runs_commands_the_cli_accepts(tmp_path: Path) -> None:
+    import configparser
+    import shlex
+    import shutil
+
+    from dicom_node.cli import build_parser
+
+    text = (EXAMPLES / "dicom-node.service").read_text()
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(text)
+    service = unit["Service"]
+    for key in ("ExecStartPre", "ExecStart"):
+        argv = shlex.split(service[key])
+        assert argv[0].endswith("/.venv/bin/dicom-node")
+        build_parser().parse_args(argv[1:])  # SystemExit(2) on an option the CLI lacks
+    # systemd waits longer than the node's default grace for running jobs
+    assert float(service["TimeoutStopSec"]) > Settings().executor.grace_period_s
+    if shutil.which("systemd-analyze"):
+        here = Path(sys.executable).parent / "dicom-node"
+        local = tmp_path / "dicom-node.service"
+        local.write_text(text.replace("/opt/dicom-node/.venv/bin/dicom-node", str(here)))
+        out = subprocess.run(["systemd-analyze", "verify", str(local)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
