@@ -30,6 +30,7 @@ examples:
   dicom-node check-config configs/node.yaml
   dicom-node jobs list --state failed
   dicom-node token --scope infer --expires 8h
+  dicom-node echo                           # can the node reach its PACS and folders?
   dicom-node infer samples/cxr/pleural-effusion.dcm --out results
   dicom-node infer /media/cdrom/DICOM --model ct-organs
 
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scopes to grant (repeatable; default infer and read)")
     token.add_argument("--expires", default="1h", metavar="DURATION",
                        help="lifetime: seconds or a number with s/m/h/d (default 1h)")
+    echo = sub.add_parser(
+        "echo", help="check that configured sources and destinations answer",
+        description="C-ECHO every configured DIMSE source and destination, QIDO-RS every "
+        "DICOMweb one and check that folder destinations are writable, from this machine "
+        "with the node's AE title and TLS settings (objects added with the config API "
+        "included). Exit 0 when all answer, 1 when one does not.")
+    _config_options(echo)
+    echo.add_argument("names", nargs="*", metavar="NAME",
+                      help="only these sources or destinations (default: all)")
+    echo.add_argument("--json", action="store_true", help="one JSON object per check")
     infer = sub.add_parser(
         "infer", help="run the models on DICOM files, a series folder or a tree of studies",
         description="Read the DICOM files under PATH, group them by study and run each "
@@ -141,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args, settings)
         if args.command == "infer":
             return _infer(args, settings)
+        if args.command == "echo":
+            return _echo(args, settings)
     except UsageError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -315,6 +328,56 @@ def _print_job(d: dict[str, Any]) -> None:
         for x in d["exports"]:
             print(f"  {x['destination']:16} {x['state']:10} sent {x['sent']} in "
                   f"{x['attempts']} attempts  {x['message'] or ''}")
+
+
+def _echo(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from dicom_node.logs import configure_logging
+    from dicom_node.reachability import EchoOutcome, check_destination, check_source
+    from dicom_node.scu import DicomClient
+
+    configure_logging("error", "auto", stream="stderr")  # stdout is the table
+    settings = _with_runtime_objects(settings)
+    sources = [s for s in settings.sources if not args.names or s.name in args.names]
+    dests = [d for d in settings.destinations if not args.names or d.name in args.names]
+    known = {s.name for s in settings.sources} | {d.name for d in settings.destinations}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        raise UsageError(f"no source or destination named {', '.join(map(repr, unknown))}; "
+                         f"configured: {', '.join(sorted(known)) or 'none'}")
+    if not sources and not dests:
+        print("no sources or destinations are configured")
+        return 0
+    client = DicomClient(settings)
+    checks: list[tuple[str, EchoOutcome]] = []
+    for src in sources:
+        checks += [("source", o) for o in check_source(client, src)]
+    for dest in dests:
+        checks.append(("destination", check_destination(settings, client, dest)))
+    for role, o in checks:
+        if args.json:
+            print(json.dumps({"role": role, **asdict(o)}))
+        else:
+            print(f"{'ok  ' if o.success else 'FAIL'}  {role:11}  {o.destination:16}  "
+                  f"{o.type:8}  {o.target:36}  {o.round_trip_ms:7.1f} ms  {o.message}")
+    return 0 if all(o.success for _, o in checks) else EXIT_RUNTIME
+
+
+def _with_runtime_objects(settings: Settings) -> Settings:
+    """The settings merged with what the config API stored, as the node would run them
+    (left as they are when there is no store yet)."""
+    from dicom_node import runtime_config
+
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return settings
+    store = _open_store(settings)
+    try:
+        objects = store.config_objects()
+    finally:
+        store.close()
+    return runtime_config.merge(settings, objects) if objects else settings
 
 
 def _infer(args: argparse.Namespace, settings: Settings) -> int:

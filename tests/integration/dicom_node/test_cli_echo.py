@@ -1,0 +1,72 @@
+"""``dicom-node echo``: real peers (dcmtk storescp; a closed port), a folder, the store's
+runtime objects, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.config import Settings
+from dicom_node.store import Store
+from tests.support.peers import free_port, storescp
+
+ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.peers
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "echo", "--config",
+                           str(config), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_echo_reports_each_peer_and_fails_when_one_is_down(tmp_path: Path) -> None:
+    with storescp(tmp_path / "scp", "PACS") as pacs:
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "sources": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                         "port": pacs.port}],
+            "destinations": [
+                {"name": "pacs-out", "type": "dimse", "ae_title": "PACS",
+                 "host": "127.0.0.1", "port": pacs.port},
+                {"name": "down", "type": "dimse", "ae_title": "DOWN", "host": "127.0.0.1",
+                 "port": free_port()},
+                {"name": "reports", "type": "folder", "path": str(tmp_path / "reports")},
+            ],
+        }))
+        out = cli(config)
+        assert out.returncode == 1, out.stderr
+        lines = out.stdout.splitlines()
+        assert [ln.split()[:3] for ln in lines] == [
+            ["ok", "source", "pacs"], ["ok", "destination", "pacs-out"],
+            ["FAIL", "destination", "down"], ["ok", "destination", "reports"]]
+        assert "C-ECHO succeeded" in lines[0] and "cannot associate" in lines[2]
+        assert not (tmp_path / "data").exists()  # a check creates no store
+
+        only = cli(config, "pacs-out", "--json")
+        assert only.returncode == 0
+        [check] = [json.loads(ln) for ln in only.stdout.splitlines()]
+        assert check["role"] == "destination" and check["success"] and check["status"] == 0
+
+        unknown = cli(config, "nope")
+        assert unknown.returncode == 2 and "no source or destination named 'nope'" in \
+            unknown.stderr
+
+        # A destination added at run time (config API) is checked as the node would use it.
+        settings = Settings.model_validate(yaml.safe_load(config.read_text()))
+        store = Store(settings.database_url).open()
+        try:
+            store.put_config_object("destination", "late", {
+                "name": "late", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+                "port": pacs.port})
+        finally:
+            store.close()
+        late = cli(config, "late")
+        assert late.returncode == 0 and late.stdout.split()[:3] == ["ok", "destination", "late"]
