@@ -177,6 +177,9 @@ class WatchSettings(_Section):
     recursive: bool = True
     settle_s: float = Field(default=2.0, ge=0)
     timeout_s: float = Field(default=5.0, gt=0)
+    # A full sweep this often finds files inotify never reported: written from another
+    # host to a network share (NFS, SMB), or dropped when its event queue overflowed.
+    rescan_s: float = Field(default=30.0, ge=1, le=86_400)
 
 
 class RestSettings(_Section):

@@ -250,9 +250,10 @@ class DropFolder:
             self._identity = identity
             self._set_state(FolderState.WATCHING, "watching")
         now = time.monotonic()
-        if restart or now - self._last_scan >= self.watcher.rescan_s:
-            # A sweep finds what inotify may have dropped (queue overflow) or missed
-            # while the folder was being re-created.
+        if restart or now - self._last_scan >= self.settings.rescan_s:
+            # A sweep finds what inotify may have dropped (queue overflow), missed while
+            # the folder was being re-created, or never sees (another host's writes to a
+            # network share).
             self._last_scan = now
             self.watcher.pool_submit(self._scan, loop, self.root)
 
@@ -617,7 +618,6 @@ class Watcher:
         *,
         workers: int = 4,
         poll_s: float = 1.0,
-        rescan_s: float = 30.0,
         zip_limits: ZipLimits | None = None,
     ) -> None:
         self.settings = settings
@@ -626,7 +626,6 @@ class Watcher:
         self.writer = InstanceWriter(settings, store)
         self.workers = workers
         self.poll_s = poll_s
-        self.rescan_s = rescan_s
         self.zip_limits = zip_limits or ZipLimits()
         self.log = get_logger("watch")
         # Staging and unpacking happen beside the studies dir, so placing is a rename.

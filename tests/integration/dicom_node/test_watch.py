@@ -379,3 +379,22 @@ async def test_instances_a_crash_left_without_a_job_are_assembled_at_start(
             counts = await asyncio.to_thread(node.store.count_watch_inputs, "inbox")
             return counts == {"queued": 1}
         await wait_until(queued)
+
+
+async def test_files_inotify_never_reports_are_found_by_the_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a network share written from another host (or after inotify's queue
+    # overflowed): watchdog reports nothing, so only the periodic sweep can find it.
+    monkeypatch.setattr(watch_module._Handler, "dispatch", lambda self, event: None)
+    study = make_cr_study(tmp_path / "src", seed="share")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path, rescan_s=1)) as node:
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["state"] == "watching")
+        for p in study.paths:
+            shutil.copy(p, inbox / p.name)
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        assert len(files_in(inbox / "done")) == len(study.paths)
