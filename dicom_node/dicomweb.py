@@ -367,8 +367,9 @@ def _check_uid(uid: str, what: str) -> str:
     return uid
 
 
-def _write_dataset(ds: Dataset, folder: Path) -> Path:
-    """Write ``ds`` as ``<SOPInstanceUID>.dcm`` via a temporary name, fsync and rename."""
+def _write_dataset(ds: Dataset, folder: Path, durable: bool = True) -> Path:
+    """Write ``ds`` as ``<SOPInstanceUID>.dcm`` via a temporary name, fsync (when
+    ``durable``) and rename."""
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     if not _UID.match(sop_uid) or len(sop_uid) > 64:
         # The UID names the file: never let a server choose a path.
@@ -378,8 +379,9 @@ def _write_dataset(ds: Dataset, folder: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             dcmwrite(fh, ds, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp_name, final)
     except BaseException:
         with suppress(OSError):
@@ -683,7 +685,8 @@ class DicomWebClient:
     # -- WADO-RS
     def _stream_to(self, what: str, url: str, folder: Path,
                    open_stream: Callable[[], Iterator[Dataset]],
-                   expect: Collection[str] | None = None) -> RetrieveResult:
+                   expect: Collection[str] | None = None,
+                   durable: bool = True) -> RetrieveResult:
         """Write each dataset of a streamed multipart answer to ``folder``.
 
         Failure to *start* the transfer raises :class:`DicomWebError`; a failure
@@ -714,7 +717,7 @@ class DicomWebClient:
                     break
                 sop_uid = str(ds.get("SOPInstanceUID", "")) or None
                 try:
-                    path = _write_dataset(ds, folder)
+                    path = _write_dataset(ds, folder, durable)
                 except Exception as exc:  # that instance fails, the others go on
                     result.outcomes.append(InstanceOutcome(sop_uid, False, reason=_short(exc)))
                 else:
@@ -725,7 +728,8 @@ class DicomWebClient:
             if close is not None:
                 with suppress(Exception):
                     close()
-            _fsync_dir(folder)
+            if durable:
+                _fsync_dir(folder)
         if expect is not None:
             received = {o.sop_uid for o in result.outcomes}
             result.outcomes.extend(
@@ -736,11 +740,14 @@ class DicomWebClient:
         return result
 
     def retrieve_study(self, study_uid: str, folder: Path | str, *,
-                       expect: Collection[str] | None = None) -> RetrieveResult:
+                       expect: Collection[str] | None = None,
+                       durable: bool = True) -> RetrieveResult:
         """WADO-RS the whole study, streaming each instance to ``folder``.
 
         ``expect``: SOPInstanceUIDs that must arrive (e.g. from a QIDO search);
-        any that does not becomes a failed outcome. Raises :class:`InvalidInput`
+        any that does not becomes a failed outcome. ``durable=False`` skips the
+        fsyncs: for a scratch folder whose files are moved on at once (a crash
+        makes the caller fetch again). Raises :class:`InvalidInput`
         (bad UID), :class:`DicomWebNotFound` (no such study) or
         :class:`DicomWebError` (the transfer could not start).
         """
@@ -749,10 +756,11 @@ class DicomWebClient:
         return self._stream_to("WADO-RS retrieve study", url, Path(folder),
                                lambda: self._client.iter_study(study_uid,
                                                                media_types=_AS_STORED),
-                               expect)
+                               expect, durable)
 
     def retrieve_series(self, study_uid: str, series_uid: str, folder: Path | str, *,
-                        expect: Collection[str] | None = None) -> RetrieveResult:
+                        expect: Collection[str] | None = None,
+                        durable: bool = True) -> RetrieveResult:
         """WADO-RS one series, streaming each instance to ``folder``.
 
         Raises like :meth:`retrieve_study`.
@@ -763,11 +771,12 @@ class DicomWebClient:
         return self._stream_to("WADO-RS retrieve series", url, Path(folder),
                                lambda: self._client.iter_series(study_uid, series_uid,
                                                                 media_types=_AS_STORED),
-                               expect)
+                               expect, durable)
 
-    def retrieve_instances(self, refs: Iterable[InstanceRef],
-                           folder: Path | str) -> RetrieveResult:
-        """WADO-RS each instance in turn to ``folder``; each gets its own outcome.
+    def retrieve_instances(self, refs: Iterable[InstanceRef], folder: Path | str, *,
+                           durable: bool = True) -> RetrieveResult:
+        """WADO-RS each instance in turn to ``folder``; each gets its own outcome
+        (``durable`` as for :meth:`retrieve_study`).
 
         An instance that is missing, refused or unwritable is a failed outcome
         with the reason; nothing is raised for it. Raises :class:`InvalidInput`
@@ -797,14 +806,15 @@ class DicomWebClient:
                 if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
                     raise ValueError(f"server sent SOPInstanceUID "
                                      f"{str(ds.get('SOPInstanceUID', ''))[:80]!r}")
-                path = _write_dataset(ds, folder)
+                path = _write_dataset(ds, folder, durable)
             except DicomWebError as exc:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, False, reason=str(exc)))
             except Exception as exc:  # that instance fails, the others go on
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, False, reason=_short(exc)))
             else:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, True, path=path))
-        _fsync_dir(folder)
+        if durable:
+            _fsync_dir(folder)
         return result
 
     # -- STOW-RS

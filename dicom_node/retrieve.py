@@ -233,14 +233,17 @@ class Retriever:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with self._web_client(src) as client:
+                # Scratch, moved into the studies at once without fsync like every
+                # retrieved instance: a crash makes the job fetch them again.
                 if t.instances:
                     assert t.series is not None
                     result = client.retrieve_instances(
-                        [InstanceRef(t.study, t.series, s) for s in t.instances], folder)
+                        [InstanceRef(t.study, t.series, s) for s in t.instances], folder,
+                        durable=False)
                 elif t.series:
-                    result = client.retrieve_series(t.study, t.series, folder)
+                    result = client.retrieve_series(t.study, t.series, folder, durable=False)
                 else:
-                    result = client.retrieve_study(t.study, folder)
+                    result = client.retrieve_study(t.study, folder, durable=False)
         except DicomWebNotFound:
             return Fetched([], message="the source has no such study")
         except DicomWebError as exc:

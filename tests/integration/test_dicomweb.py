@@ -150,6 +150,31 @@ def test_retrieve_study_streams_to_folder(pacs: LoadedPacs, client: DicomWebClie
     assert sorted((tmp_path / "study").iterdir()) == sorted(result.paths)
 
 
+
+def test_scratch_retrieval_skips_the_fsyncs(pacs: LoadedPacs, client: DicomWebClient,
+                                            tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retrieval into a job's scratch (moved on at once, fetched again after a crash)
+    writes without fsync; the default keeps every file on disk before it is reported."""
+    import os
+
+    import dicom_node.dicomweb as dicomweb_module
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(dicomweb_module.os, "fsync", counting_fsync)
+    scratch = client.retrieve_series(pacs.ct.study_uid, pacs.ct.series_uid, tmp_path / "a",
+                                     durable=False)
+    assert scratch.ok and len(scratch.succeeded) == CT_SLICES and synced == []
+    _assert_same_instances(scratch.paths, pacs.ct)
+    durable = client.retrieve_series(pacs.ct.study_uid, pacs.ct.series_uid, tmp_path / "b")
+    assert durable.ok and len(synced) == CT_SLICES + 1  # each file, then the folder
+
 def test_retrieve_streams_instead_of_holding_the_study(orthanc: Orthanc,
                                                        tmp_path: Path) -> None:
     """A study much larger than the read chunk never sits in memory whole."""
