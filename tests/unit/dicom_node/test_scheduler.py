@@ -156,7 +156,12 @@ async def test_worker_slots_run_jobs_concurrently(sqlite_store: Store, tmp_path:
         jobs = [await sched.submit(NewJob(pipeline="p", input={"sleep": 60})) for _ in range(3)]
         for j in jobs:
             await wait_state(sqlite_store, j.id, JobState.RUNNING)
-        assert len(sched.running_jobs) == 3
+        # All three are running at once. The store says so a moment before the worker
+        # that claimed the last one lists it (its claim's thread returns to the loop
+        # after ours may have): wait for that, no time limit (pytest-timeout guards).
+        while len(sched.running_jobs) < 3:
+            await asyncio.sleep(0.01)
+        assert sorted(sched.running_jobs) == sorted(j.id for j in jobs)
         for j in jobs:
             await sched.cancel(j.id)
     finally:
