@@ -51,7 +51,6 @@ from tests.support.orthanc import DICOMWEB_PLUGIN, Orthanc, orthanc_server  # no
 from tests.support.peers import free_port, wait_port  # noqa: E402
 
 NODE_AE, BASELINE_AE, MOVER_AE = "DICOMNODE", "STORESCP", "BENCHMOVE"
-POLL_S = 0.25  # set by --poll-ms
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian's dcmtk stalls without it
 
 
@@ -153,7 +152,8 @@ def resources(interface: str, pacs: Orthanc) -> tuple[dict[str, Any], dict[str, 
 
 
 def round_trip(url: str, token: str, study: Study, tx: str,
-               peers: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, dict[str, Any]]:
+               peers: tuple[dict[str, Any], dict[str, Any]],
+               poll_s: float) -> tuple[float, dict[str, Any]]:
     """POST one request and poll its status until final: (wall seconds, final status)."""
     headers = {"Authorization": f"Bearer {token}"}
     source, output = peers
@@ -176,7 +176,7 @@ def round_trip(url: str, token: str, study: Study, tx: str,
                           timeout=60).json()
             if st["state"] in ("succeeded", "failed", "cancelled"):
                 break
-            time.sleep(POLL_S)
+            time.sleep(poll_s)
     if st["state"] != "succeeded":
         raise SystemExit(f"{study.name}: the job ended {st['state']}: {st['message']}")
     # From the POST to the moment the node recorded success (the status's `finished`),
@@ -254,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "acr_roundtrip.json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args(argv)
-    global POLL_S
-    POLL_S = args.poll_ms / 1000
     for exe in ("Orthanc", "movescu", "storescp"):
         if shutil.which(exe) is None and not Path(f"/usr/sbin/{exe}").exists():
             print(f"{exe} is not installed", file=sys.stderr)
@@ -301,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"source and output: {args.interface}", flush=True)
             for s in studies:
                 for i in range(args.warmup):
-                    round_trip(url, token, s, f"warmup-{s.pipeline}-{i}", peers)
+                    round_trip(url, token, s, f"warmup-{s.pipeline}-{i}", peers,
+                               args.poll_ms / 1000)
                 for i in range(args.runs):
-                    wall, st = round_trip(url, token, s, f"run-{s.pipeline}-{i}", peers)
+                    wall, st = round_trip(url, token, s, f"run-{s.pipeline}-{i}", peers,
+                                          args.poll_ms / 1000)
                     s.walls.append(wall)
                     s.timings.append(st["timings"])
                     shutil.rmtree(received)

@@ -374,10 +374,9 @@ def _with_runtime_objects(settings: Settings) -> Settings:
         return settings
     store = _open_store(settings)
     try:
-        objects = store.config_objects()
+        return runtime_config.with_stored(settings, store)[0]
     finally:
         store.close()
-    return runtime_config.merge(settings, objects) if objects else settings
 
 
 def _infer(args: argparse.Namespace, settings: Settings) -> int:

@@ -158,11 +158,11 @@ class Node:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(Store(self.settings.database_url).open)
         self.store = store
-        objects = await asyncio.to_thread(store.config_objects)
-        if objects:
-            self.settings = runtime_config.merge(self.file_settings, objects)
-            self.log.info("runtime configuration applied",
-                          objects=sum(len(v) for v in objects.values()))
+        settings, count = await asyncio.to_thread(runtime_config.with_stored,
+                                                  self.file_settings, store)
+        if count:
+            self.settings = settings
+            self.log.info("runtime configuration applied", objects=count)
         try:
             yield
         finally:

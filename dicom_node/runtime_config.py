@@ -8,13 +8,16 @@ file defines also survives a restart.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from dicom_node.config import Settings
 from dicom_node.errors import Conflict, InvalidInput, NotFound
 from dicom_node.logs import get_logger
+
+if TYPE_CHECKING:
+    from dicom_node.store import Store
 
 # kind -> (settings section, the field that names an object)
 KINDS: dict[str, tuple[str, str]] = {
@@ -86,6 +89,14 @@ def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
             msg = "required field is missing"
         out.append({"field": field, "message": msg})
     return out
+
+
+def with_stored(settings: Settings, store: Store) -> tuple[Settings, int]:
+    """``settings`` with the objects the config API stored merged on top (as the node
+    runs), and how many objects there are."""
+    objects = store.config_objects()
+    count = sum(len(v) for v in objects.values())
+    return (merge(settings, objects) if objects else settings), count
 
 
 def objects_of(settings: Settings, kind: str) -> dict[str, dict[str, Any]]:

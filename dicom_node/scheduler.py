@@ -304,11 +304,13 @@ class Scheduler:
         if not self.work_root.is_dir():
             return
         for folder in self.work_root.iterdir():
+            if not folder.is_dir():
+                continue
             try:
                 running = self.store.get_job(folder.name).state in ACTIVE_STATES
             except NotFound:
                 running = False
-            if folder.is_dir() and not running:
+            if not running:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _first_state(self, job: Job) -> JobState:
