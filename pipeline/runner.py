@@ -126,9 +126,21 @@ def label_map(logits: torch.Tensor, slab: int = 16) -> npt.NDArray[np.uint8]:
         raise PipelineError(f"{logits.shape[0]} output channels do not fit a uint8 label map")
     out = torch.empty(tuple(logits.shape[1:]), dtype=torch.uint8)
     for z in range(0, int(logits.shape[1]), slab):
-        out[z:z + slab] = logits[:, z:z + slab].argmax(dim=0)
+        channel_argmax(logits[:, z:z + slab], out[z:z + slab])
     result: npt.NDArray[np.uint8] = out.numpy()
     return result
+
+
+def channel_argmax(scores: torch.Tensor, out: torch.Tensor) -> None:
+    """``scores.argmax(dim=0)`` written into the uint8 ``out``, the first maximum winning
+    as in torch. A running maximum over the channels: torch's own argmax over the
+    outermost dimension of a C x Z x Y x X tensor strides through memory and took
+    0.2 s for a 5 x 300 x 96 x 96 map (this: 0.03 s; 6 s against 0.8 s at 512 x 512)."""
+    best = scores[0].clone()
+    out.zero_()
+    for c in range(1, int(scores.shape[0])):
+        out.masked_fill_(scores[c] > best, c)
+        torch.maximum(best, scores[c], out=best)
 
 
 def model_spacing(model: LoadedModel) -> tuple[float, float, float] | None:
@@ -190,7 +202,7 @@ def resampled_label_map(logits: torch.Tensor, shape: tuple[int, ...],
         hi = (lo + 1).clamp(max=zl - 1)
         w = (src - lo.float()).view(-1, 1, 1, 1)
         mixed = planes[lo] * (1 - w) + planes[hi] * w  # slab x C x Y x X
-        out[z0:z0 + len(k)] = mixed.argmax(dim=1)
+        channel_argmax(mixed.transpose(0, 1), out[z0:z0 + len(k)])
     result: npt.NDArray[np.uint8] = out.numpy()
     return result
 

@@ -240,6 +240,21 @@ def test_label_map_is_the_argmax_slab_by_slab() -> None:
         label_map(torch.zeros(300, 2, 2, 2))
 
 
+def test_channel_argmax_takes_the_first_maximum_like_torch() -> None:
+    from pipeline.runner import channel_argmax
+
+    scores = torch.tensor([[0.0, 2.0, 1.0, -1.0],
+                           [0.0, 2.0, 3.0, -5.0],
+                           [0.0, 1.0, 3.0, -1.0]])  # ties: 0 (all), 0/1, 1/2, 0/2
+    out = torch.full((4,), 9, dtype=torch.uint8)
+    channel_argmax(scores, out)
+    assert out.tolist() == scores.argmax(dim=0).tolist() == [0, 0, 1, 0]
+    strided = torch.randn(6, 4, 5).transpose(0, 1)  # 4 channels, not contiguous
+    out = torch.empty((6, 5), dtype=torch.uint8)
+    channel_argmax(strided, out)
+    np.testing.assert_array_equal(out.numpy(), strided.argmax(dim=0).numpy())
+
+
 def _loaded(task: str, device: str = "cpu") -> Any:
     from pipeline.bundle import LoadedModel
 
