@@ -15,14 +15,16 @@ and multipart work is the library's; see DESIGN §8). What this module adds:
   for every network or HTTP failure, naming the URL and the HTTP status;
 * :func:`url_allowed`, to refuse URLs outside configured base URLs (SSRF).
 
-Retrieved instances: dicomweb-client decodes each part of the multipart answer
-into a pydicom ``Dataset``. We ask the server for the transfer syntax the
-instance is stored in (``transfer-syntax=*``) so nothing is transcoded, and
-write the dataset back with ``dcmwrite(..., enforce_file_format=True)``, which
-keeps the transfer syntax it was read with (its File Meta Information, or the
-encoding it was read in) and writes a conformant Part 10 file (preamble, meta).
-Element values are not changed; the byte layout may differ from the server's
-(e.g. group lengths, undefined lengths), the data does not.
+Retrieved instances are stored as the server sent them, like received C-STOREs. We
+ask for the transfer syntax each instance is stored in (``transfer-syntax=*``) so
+nothing is transcoded, take the multipart answer's parts as bytes from
+dicomweb-client's own decoder (its public retrieve methods would parse every part
+into a pydicom ``Dataset`` that we would only encode again: 1 ms an instance), read
+only the SOP Instance UID of each (it names the file) and write the part's bytes. A
+part that is not a Part 10 file (no preamble or File Meta Information, which the
+standard requires) is parsed and written as one with
+``dcmwrite(..., enforce_file_format=True)``: values unchanged, the byte layout may
+differ.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import requests
@@ -42,6 +45,8 @@ import retrying
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInput, NodeError, NotFound
 from dicom_node.logs import get_logger
@@ -69,8 +74,9 @@ __all__ = [
 
 _SCHEMES = ("http", "https")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 # Any transfer syntax the server has: no transcoding on the way out.
-_AS_STORED = (("application/dicom", "*"),)
+_ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 T = TypeVar("T")
 
@@ -367,18 +373,51 @@ def _check_uid(uid: str, what: str) -> str:
     return uid
 
 
-def _write_dataset(ds: Dataset, folder: Path, durable: bool = True) -> Path:
-    """Write ``ds`` as ``<SOPInstanceUID>.dcm`` via a temporary name, fsync (when
-    ``durable``) and rename."""
+def _sop_uid(ds: Dataset) -> str:
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     if not _UID.match(sop_uid) or len(sop_uid) > 64:
         # The UID names the file: never let a server choose a path.
         raise ValueError(f"instance has no valid SOPInstanceUID ({sop_uid[:80]!r})")
+    return sop_uid
+
+
+def _part_header(part: bytes) -> Dataset:
+    """The File Meta Information and SOP Instance UID of one part of a WADO-RS answer."""
+    return dcmread(BytesIO(part), force=True, stop_before_pixels=True,
+                   specific_tags=[_SOP_INSTANCE_UID])
+
+
+def _write_part(part: bytes, header: Dataset, folder: Path, durable: bool = True) -> Path:
+    """Write one part of a WADO-RS answer (``header`` from :func:`_part_header`) as
+    ``<SOPInstanceUID>.dcm``: a Part 10 file byte for byte, anything else parsed and
+    written as one. Raises (pydicom's errors, ValueError) when it cannot be read."""
+    sop_uid = _sop_uid(header)
+    if header.preamble is not None and "TransferSyntaxUID" in header.file_meta:
+        return _write_file(folder, sop_uid, lambda fh: fh.write(part), durable)
+    ds = dcmread(BytesIO(part), force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:  # a bare dataset: the encoding it was read in
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else
+            ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return _write_dataset(ds, folder, durable)
+
+
+def _write_dataset(ds: Dataset, folder: Path, durable: bool = True) -> Path:
+    """Write ``ds`` as ``<SOPInstanceUID>.dcm`` (a Part 10 file)."""
+    return _write_file(folder, _sop_uid(ds),
+                       lambda fh: dcmwrite(fh, ds, enforce_file_format=True), durable)
+
+
+def _write_file(folder: Path, sop_uid: str, write: Callable[[BinaryIO], object],
+                durable: bool) -> Path:
+    """``<folder>/<sop_uid>.dcm`` written by ``write`` via a temporary name, fsync (when
+    ``durable``) and rename."""
     final = folder / f"{sop_uid}.dcm"
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".wado-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            dcmwrite(fh, ds, enforce_file_format=True)
+            write(fh)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -683,8 +722,28 @@ class DicomWebClient:
         ]
 
     # -- WADO-RS
+    def _parts(self, url: str) -> Iterator[bytes]:
+        """GET a WADO-RS resource as the stored instances it holds, the raw parts of the
+        multipart answer (each a Part 10 file as the server keeps it), one at a time.
+
+        dicomweb-client's own GET (session, auth, retries, timeouts) and multipart
+        decoder, which its public retrieve methods wrap in a pydicom parse per part.
+        """
+        response = self._client._http_get(url, headers={"Accept": _ACCEPT_AS_STORED},
+                                          stream=True)
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if media_type == "application/dicom":
+            # The one part sent bare: non-conformant, but dicomweb-client takes it too.
+            return iter([response.content])
+        if media_type != "multipart/related":  # an error page, JSON: nothing to store
+            response.close()
+            raise ValueError(f"answered {media_type or 'no content type'}, "
+                             "not multipart/related")
+        parts: Iterator[bytes] = self._client._decode_multipart_message(response, stream=True)
+        return parts
+
     def _stream_to(self, what: str, url: str, folder: Path,
-                   open_stream: Callable[[], Iterator[Dataset]],
+                   open_stream: Callable[[], Iterator[bytes]],
                    expect: Collection[str] | None = None,
                    durable: bool = True) -> RetrieveResult:
         """Write each dataset of a streamed multipart answer to ``folder``.
@@ -705,7 +764,7 @@ class DicomWebClient:
         try:
             while True:
                 try:
-                    ds = next(iterator)
+                    part = next(iterator)
                 except StopIteration:
                     break
                 except Exception as exc:  # decoding what the server sent; it may be anything
@@ -715,14 +774,16 @@ class DicomWebClient:
                         None, False, reason=f"transfer from {url} interrupted after "
                         f"{len(result.outcomes)} instance(s): {_short(exc)}"))
                     break
-                sop_uid = str(ds.get("SOPInstanceUID", "")) or None
+                sop_uid = None
                 try:
-                    path = _write_dataset(ds, folder, durable)
+                    header = _part_header(part)
+                    sop_uid = str(header.get("SOPInstanceUID", "")) or None
+                    path = _write_part(part, header, folder, durable)
                 except Exception as exc:  # that instance fails, the others go on
                     result.outcomes.append(InstanceOutcome(sop_uid, False, reason=_short(exc)))
                 else:
                     result.outcomes.append(InstanceOutcome(sop_uid, True, path=path))
-                del ds
+                del part
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
@@ -754,9 +815,7 @@ class DicomWebClient:
         _check_uid(study_uid, "StudyInstanceUID")
         url = self._url(f"studies/{study_uid}")
         return self._stream_to("WADO-RS retrieve study", url, Path(folder),
-                               lambda: self._client.iter_study(study_uid,
-                                                               media_types=_AS_STORED),
-                               expect, durable)
+                               lambda: self._parts(url), expect, durable)
 
     def retrieve_series(self, study_uid: str, series_uid: str, folder: Path | str, *,
                         expect: Collection[str] | None = None,
@@ -769,9 +828,7 @@ class DicomWebClient:
         _check_uid(series_uid, "SeriesInstanceUID")
         url = self._url(f"studies/{study_uid}/series/{series_uid}")
         return self._stream_to("WADO-RS retrieve series", url, Path(folder),
-                               lambda: self._client.iter_series(study_uid, series_uid,
-                                                                media_types=_AS_STORED),
-                               expect, durable)
+                               lambda: self._parts(url), expect, durable)
 
     def retrieve_instances(self, refs: Iterable[InstanceRef], folder: Path | str, *,
                            durable: bool = True) -> RetrieveResult:
@@ -799,14 +856,15 @@ class DicomWebClient:
             url = self._url(f"studies/{ref.study_uid}/series/{ref.series_uid}/"
                             f"instances/{ref.sop_uid}")
             try:
-                ds = self._call("WADO-RS retrieve instance", url,
-                                lambda r=ref: self._client.retrieve_instance(  # type: ignore[misc]
-                                    r.study_uid, r.series_uid, r.sop_uid,
-                                    media_types=_AS_STORED))
-                if str(ds.get("SOPInstanceUID", "")) != ref.sop_uid:
-                    raise ValueError(f"server sent SOPInstanceUID "
-                                     f"{str(ds.get('SOPInstanceUID', ''))[:80]!r}")
-                path = _write_dataset(ds, folder, durable)
+                parts = self._call("WADO-RS retrieve instance", url,
+                                   lambda u=url: list(self._parts(u)))  # type: ignore[misc]
+                if len(parts) != 1:
+                    raise ValueError(f"server sent {len(parts)} parts for one instance")
+                header = _part_header(parts[0])
+                sent = str(header.get("SOPInstanceUID", ""))
+                if sent != ref.sop_uid:
+                    raise ValueError(f"server sent SOPInstanceUID {sent[:80]!r}")
+                path = _write_part(parts[0], header, folder, durable)
             except DicomWebError as exc:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, False, reason=str(exc)))
             except Exception as exc:  # that instance fails, the others go on

@@ -15,6 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from dicom_node.dicomweb import (
     BasicAuth,
@@ -137,6 +139,8 @@ def _assert_same_instances(paths: list[Path], study: SyntheticStudy) -> None:
         assert got.SeriesInstanceUID in study.series_uids
         assert got.PixelData == src.PixelData
         assert np.array_equal(got.pixel_array, src.pixel_array)
+        # stored as Orthanc keeps it (the file we uploaded), not parsed and re-encoded
+        assert path.read_bytes() == sources[got.SOPInstanceUID].read_bytes()
 
 
 def test_retrieve_study_streams_to_folder(pacs: LoadedPacs, client: DicomWebClient,
@@ -396,6 +400,35 @@ def test_transfer_cut_short_keeps_what_arrived(fake_server: tuple[str, type[_Fak
     assert {o.sop_uid for o in result.failed if o.sop_uid} == set(ct.sop_uids[2:])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         f"{uid}.dcm" for uid in ct.sop_uids[:2])
+
+
+def test_parts_without_file_meta_and_bare_answers_are_stored_as_part10(
+        fake_server: tuple[str, type[_FakeServer]], tmp_path: Path) -> None:
+    """A part that is a bare dataset (no preamble or File Meta Information: not what
+    the standard asks) is stored as a Part 10 file; a conformant one byte for byte;
+    a single instance sent without the multipart wrapping is taken too."""
+    url, handler = fake_server
+    ct = make_ct_study(tmp_path / "src", seed="bare-ct", slices=2)
+    bare = DicomBytesIO()  # the dataset alone, explicit VR little endian
+    bare.is_implicit_VR, bare.is_little_endian = False, True
+    write_dataset(bare, pydicom.dcmread(ct.paths[0]))
+    assert b"DICM" not in bare.getvalue()[:200]
+    handler.body, handler.content_type = _multipart([bare.getvalue(), ct.paths[1].read_bytes()])
+    with DicomWebClient(url, retries=1) as client:
+        result = client.retrieve_series(ct.study_uid, ct.series_uid, tmp_path / "a")
+        assert result.ok and [o.sop_uid for o in result.outcomes] == ct.sop_uids[:2]
+        first, second = (o.path for o in result.outcomes)
+        assert first is not None and second is not None
+        ds = pydicom.dcmread(first)  # force=False: a real Part 10 file now
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.PixelData == pydicom.dcmread(ct.paths[0]).PixelData
+        assert second.read_bytes() == ct.paths[1].read_bytes()
+
+        handler.body, handler.content_type = ct.paths[0].read_bytes(), "application/dicom"
+        refs = [InstanceRef(ct.study_uid, ct.series_uid, ct.sop_uids[0])]
+        one = client.retrieve_instances(refs, tmp_path / "b")
+    assert one.ok and one.outcomes[0].path is not None
+    assert one.outcomes[0].path.read_bytes() == ct.paths[0].read_bytes()
 
 
 @pytest.mark.filterwarnings("ignore:message sent by origin server")
