@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import SourceSettings
-from dicom_node.errors import NodeError, PermanentJobError
+from dicom_node.errors import InvalidInput, NodeError, PermanentJobError
 from dicom_node.scheduler import JobContext
 
 if TYPE_CHECKING:
+    from pydicom import Dataset
+
     from dicom_node.node import Node
     from dicom_node.scu import RetrieveResult
 
@@ -52,6 +54,8 @@ class Fetched:
     failed: int = 0  # instances that did not arrive (the peer's count, or ours if larger)
     failed_instances: list[str] = field(default_factory=list)  # their UIDs, where known
     message: str = ""
+    # what the pipeline reads: the header the writer already read, else the path
+    sources: list[Path | Dataset] = field(default_factory=list)
 
 
 @dataclass
@@ -78,7 +82,9 @@ class Retriever:
         self.node = node
         self.ctx = ctx
         self.unreachable: list[str] = []
-        self.by_study: dict[str, list[Path]] = {}  # what arrived, by StudyInstanceUID
+        # what arrived, by StudyInstanceUID: the headers read while storing (the runner
+        # takes them instead of reading each file once more), or paths
+        self.by_study: dict[str, list[Path | Dataset]] = {}
 
     # -- sources -------------------------------------------------------------------------
 
@@ -181,7 +187,7 @@ class Retriever:
                 prog.source = self._label(src)
                 if got:
                     paths += got
-                    self.by_study.setdefault(target.study, []).extend(got)
+                    self.by_study.setdefault(target.study, []).extend(fetched.sources or got)
                     prog.received, prog.failed = len(got), fetched.failed
                     prog.failed_instances = fetched.failed_instances
                     prog.state = "retrieved" if not fetched.failed else "partial"
@@ -211,6 +217,7 @@ class Retriever:
         client = self.node.dicom_client()
         result = client.retrieve(source, query)
         got = [r.path for r in result.received]
+        sources: list[Path | Dataset] = [r.header or r.path for r in result.received]
         message = result.message or ("" if got else "the source has no such study")
         if not result.ok and not got and "associat" in message:
             self.unreachable.append(f"{source.name}: {message}")
@@ -224,7 +231,7 @@ class Retriever:
                 what = "instances" if t.instances else "series" if t.series else "study"
                 message = f"the source has no such {what} (C-FIND found no match)"
         failed, uids = dimse_failures(result)
-        return Fetched(got, failed, uids, message)
+        return Fetched(got, failed, uids, message, sources)
 
     def _fetch_web(self, src: dict[str, Any], t: Target) -> Fetched:
         from dicom_node.dicomweb import DicomWebError, DicomWebNotFound, InstanceRef
@@ -251,14 +258,26 @@ class Retriever:
             return Fetched([], message=f"unreachable: {exc}")
         writer = self.node.instance_writer()
         stored: list[Path] = []
-        for path in result.paths:
-            received = writer.write(path, called_ae=self.node.settings.dimse.ae_title,
-                                    calling_ae="DICOMWEB", association_id=0,
-                                    source="retrieve", durable=False)
+        sources: list[Path | Dataset] = []
+        failed = [o.sop_uid for o in result.failed]
+        unusable: list[str] = []
+        for outcome in result.succeeded:
+            assert outcome.path is not None
+            try:
+                received = writer.write(outcome.path,
+                                        called_ae=self.node.settings.dimse.ae_title,
+                                        calling_ae="DICOMWEB", association_id=0,
+                                        source="retrieve", durable=False, keep_header=True)
+            except InvalidInput as exc:  # e.g. a part cut short: that instance failed
+                failed.append(outcome.sop_uid)
+                unusable.append(f"{outcome.sop_uid}: {exc}")
+                continue
             stored.append(received.path)
+            sources.append(received.header or received.path)
         message = "" if stored else "the source has no such study"
-        return Fetched(stored, len(result.failed),
-                       [o.sop_uid for o in result.failed if o.sop_uid], message)
+        if unusable and not stored:
+            message = f"nothing usable arrived ({len(unusable)} unreadable: {unusable[0]})"
+        return Fetched(stored, len(failed), [u for u in failed if u], message, sources)
 
 
 def dimse_failures(result: RetrieveResult) -> tuple[int, list[str]]:

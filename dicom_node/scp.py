@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pynetdicom
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
@@ -129,6 +129,9 @@ class ReceivedInstance:
     calling_ae: str
     association_id: int
     stored: bool = True  # False: a duplicate kept as it was (keep_first)
+    # The header the writer read (values over 4 KiB left unread, ``filename`` the stored
+    # path), when asked to keep it: a retrieval's job then never reads the file for it.
+    header: Dataset | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -188,13 +191,15 @@ class InstanceWriter:
         expected_sop_class: str | None = None,
         expected_sop_instance: str | None = None,
         durable: bool = True,
+        keep_header: bool = False,
     ) -> ReceivedInstance:
         """Move the DICOM file at ``source_path`` into the studies dir and record it.
 
         ``source_path`` is consumed (renamed or copied then left for its owner to delete).
         ``durable=False`` skips the fsyncs: only for instances fetched by a retrieval,
         which a crash makes the job fetch again (the PACS still holds them), never for
-        instances a sender considers delivered once we answer.
+        instances a sender considers delivered once we answer. ``keep_header`` returns
+        the header read (``ReceivedInstance.header``) instead of dropping it.
         Raises :class:`InvalidInput` when the file or its UIDs cannot be read (0xC210) or
         do not match the request (0xA900 via ``ValueError``), :class:`OSError` or
         :class:`StoreError` when it cannot be kept (0xA700).
@@ -217,6 +222,7 @@ class InstanceWriter:
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
         except Exception as exc:  # pydicom raises many shapes on corrupt input
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
+        header = ds if keep_header else None
         del ds
         sop = safe_uid(elems["SOPInstanceUID"], "SOPInstanceUID")
         sop_class = safe_uid(elems["SOPClassUID"], "SOPClassUID")
@@ -248,8 +254,10 @@ class InstanceWriter:
             self.store.record_instance(record, overwrite=overwrite, durable=durable)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
+        if header is not None:
+            header.filename = str(final)
         return ReceivedInstance(sop, sop_class, study, series, final, called_ae, calling_ae,
-                                association_id)
+                                association_id, header=header)
 
 
 _DEFER_BYTES = 4096
@@ -740,6 +748,7 @@ class StorageSCP:
                 expected_sop_class=sop_class, expected_sop_instance=sop,
                 source="retrieve" if retrieving else "dimse",
                 durable=not retrieving,  # a retrieval that fails is fetched again
+                keep_header=retrieving,  # its job reads the headers next
             )
         except _Mismatch as exc:
             return self._answer(log, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))

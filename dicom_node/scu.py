@@ -524,6 +524,7 @@ class DicomClient:
                     calling_ae=peer.ae_title, association_id=id(event.assoc),
                     source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
                     expected_sop_instance=sop, durable=False,  # fetched again after a crash
+                    keep_header=True,  # the job reads the headers next
                 )
             except InvalidInput as exc:
                 with lock:

@@ -75,3 +75,47 @@ def test_a_file_cut_short_is_refused_whether_its_pixels_are_read_or_skipped(
                 small, called_ae="NODE", calling_ae="PACS", association_id=1)
     finally:
         store.close()
+
+
+def test_a_kept_header_names_the_stored_file_and_serves_the_series_selection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retrieval keeps the header the writer read: it points at the stored file, holds
+    no pixel values, and the pipeline's series selection takes it without reading the
+    file again (the loaders then read the pixels from the path)."""
+    from pipeline.io import select_series
+    from pipeline.settings import SeriesRules
+    from tests.support.dicom_factory import make_ct_study
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "models": [], "pipelines": [], "watch": []})
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    ct = make_ct_study(tmp_path / "src", slices=8)
+    writer = scp.InstanceWriter(settings, store)
+    try:
+        got = []
+        for i, path in enumerate(ct.paths):
+            spooled = tmp_path / f"spooled-{i}.dcm"
+            shutil.copyfile(path, spooled)
+            got.append(writer.write(spooled, called_ae="NODE", calling_ae="PACS",
+                                    association_id=1, source="retrieve", durable=False,
+                                    keep_header=True))
+        plain = writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
+                             called_ae="NODE", calling_ae="PACS", association_id=1)
+    finally:
+        store.close()
+    assert plain.header is None  # only when asked: a push keeps nothing in memory
+    headers = [g.header for g in got]
+    assert all(h is not None for h in headers)
+    for g, h in zip(got, headers, strict=True):
+        assert h is not None and Path(h.filename) == g.path
+        assert h.SOPInstanceUID == g.sop_instance_uid
+        # over 4 KiB: declared, never read
+        assert h.get_item("PixelData", keep_deferred=True).value is None
+    import pipeline.io
+
+    def no_reads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a file was read again")
+
+    monkeypatch.setattr(pipeline.io.pydicom, "dcmread", no_reads)
+    selected = select_series(headers, SeriesRules(modalities=["CT"], min_instances=8))
+    assert sorted(selected.sources) == sorted(g.path for g in got)
