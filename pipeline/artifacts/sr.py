@@ -193,7 +193,7 @@ def build_segmentation_sr(
     groups: list[
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
     ] = []
-    sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
+    sources: list[SourceImageForMeasurementGroup] = []  # built only when a group needs them
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
     in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
     for number, seg in enumerate(result.segments, start=1):
@@ -224,6 +224,8 @@ def build_segmentation_sr(
                 )
             )
         else:
+            sources = sources or [SourceImageForMeasurementGroup.from_source_image(ds)
+                                  for ds in source_datasets]
             groups.append(
                 MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
