@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from tests.support.dicom_factory import (
     make_ct_study,
     make_sc_instance,
 )
+from tests.support.http_server import loopback_http
 from tests.support.orthanc import Orthanc, OrthancFactory, orthanc_server
 from tests.support.peers import free_port
 
@@ -325,12 +325,8 @@ class _FakeServer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server() -> Iterator[tuple[str, type[_FakeServer]]]:
     handler = type("Handler", (_FakeServer,), {"headers_seen": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", handler
-    server.shutdown()
-    server.server_close()
+    with loopback_http(handler) as url:
+        yield url, handler
 
 
 def _multipart(parts: list[bytes]) -> tuple[bytes, str]:

@@ -5,7 +5,6 @@ instance of the study, the rest reaches the job with the headers already read.""
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from dicom_node.retrieve import Retriever, Target
 from dicom_node.scp import InstanceWriter
 from dicom_node.store import Store
 from tests.support.dicom_factory import make_ct_study
+from tests.support.http_server import loopback_http
 
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary="b0undary"'
 
@@ -41,12 +41,8 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Answer]]]:
     handler = type("Handler", (_Answer,), {})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/dicom-web", handler
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_http(handler) as url:
+        yield url, handler
 
 
 def test_a_part_cut_short_is_a_failed_instance_and_the_rest_arrive_read(
