@@ -1,7 +1,8 @@
 """Health and metrics (seed 003): ``GET /health`` and ``GET /metrics``.
 
 ``/health`` (open) says that the server runs, and the state of the store, the
-DICOM listener, the drop folders and each model. It answers 503 only when the
+DICOM listener, the drop folders and each model; a drop folder's path on the server
+only to a caller with the admin scope. It answers 503 only when the
 store is unreachable (nothing works without it); a failed model or a stopped
 listener makes ``status`` ``degraded``.
 
@@ -33,7 +34,8 @@ from prometheus_client.registry import Collector
 import dicom_node
 from dicom_node.store import JobState
 from pipeline.engine import BatchedModel, ModelStatistics
-from rest.app import NODE, Route
+from rest.app import AUTH, NODE, Route
+from rest.auth import AuthError
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -86,8 +88,34 @@ def dicom_health(node: Node) -> dict[str, Any]:
     return body
 
 
+def _admin_asks(request: web.Request) -> bool:
+    """Whether the (optional) credentials of a request to the open /health have the
+    admin scope."""
+    header = request.headers.get("Authorization")
+    if not header:
+        return False
+    try:
+        request.app[AUTH].authenticate(header).require("admin")
+    except AuthError:
+        return False
+    return True
+
+
+def watch_health(node: Node, *, with_paths: bool) -> dict[str, dict[str, Any]]:
+    """The drop folders by name; their filesystem paths only ``with_paths`` (an open
+    route should not map the server's disks for anyone who asks)."""
+    if node.watch is None:
+        return {}
+    folders = node.watch.status()
+    if not with_paths:
+        for status in folders.values():
+            status.pop("path", None)
+    return folders
+
+
 async def health(request: web.Request) -> web.Response:
-    """Open route: the server runs; the state of the store, the listener and each model."""
+    """Open route: the server runs; the state of the store, the listener and each model
+    (drop folders' paths only for a caller with the admin scope)."""
     node = request.app[NODE]
     store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
     models = models_health(node)
@@ -103,7 +131,7 @@ async def health(request: web.Request) -> web.Response:
         "dicom": dicom,
         "models": models,
         "parts": dict(node.parts),
-        "watch": node.watch.status() if node.watch is not None else {},
+        "watch": watch_health(node, with_paths=_admin_asks(request)),
     }
     return web.json_response(body, status=200 if store_ok else 503)
 

@@ -16,11 +16,13 @@ import asyncio
 import io
 import os
 import shutil
+import time
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -315,6 +317,17 @@ async def test_folder_deleted_and_recreated(tmp_path: Path, aiohttp_client: Any)
         body = await (await client.get("/health")).json()
         assert body["watch"]["inbox"]["state"] == "missing"
         assert body["watch"]["inbox"]["message"]
+        # an open route does not tell anyone where the server's folders are; an admin sees
+        secret = (tmp_path / "data" / "jwt_secret").read_bytes().strip()
+        assert "path" not in body["watch"]["inbox"]
+        for scope, shown in (("read", False), ("admin", True)):
+            token = jwt.encode({"sub": "ops", "scope": scope, "exp": int(time.time()) + 300},
+                               secret, algorithm="HS256")
+            seen = await (await client.get("/health", headers={
+                "Authorization": f"Bearer {token}"})).json()
+            assert seen["watch"]["inbox"].get("path") == (str(inbox) if shown else None)
+        wrong = await client.get("/health", headers={"Authorization": "Bearer not-a-token"})
+        assert wrong.status == 200 and "path" not in (await wrong.json())["watch"]["inbox"]
         inbox.write_text("a file where the folder was")
         await wait_until(lambda: node.watch is not None
                          and node.watch.status()["inbox"]["state"] == "unreadable")
