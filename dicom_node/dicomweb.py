@@ -374,11 +374,8 @@ def _check_uid(uid: str, what: str) -> str:
 
 
 def _sop_uid(ds: Dataset) -> str:
-    sop_uid = str(ds.get("SOPInstanceUID", ""))
-    if not _UID.match(sop_uid) or len(sop_uid) > 64:
-        # The UID names the file: never let a server choose a path.
-        raise ValueError(f"instance has no valid SOPInstanceUID ({sop_uid[:80]!r})")
-    return sop_uid
+    # The UID names the file: never let a server choose a path.
+    return _check_uid(str(ds.get("SOPInstanceUID", ""))[:80], "SOPInstanceUID")
 
 
 def _part_header(part: bytes) -> Dataset:

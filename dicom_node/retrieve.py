@@ -54,7 +54,8 @@ class Fetched:
     failed: int = 0  # instances that did not arrive (the peer's count, or ours if larger)
     failed_instances: list[str] = field(default_factory=list)  # their UIDs, where known
     message: str = ""
-    # what the pipeline reads: the header the writer already read, else the path
+    # what the pipeline reads, one per path: the header the writer already read, else
+    # the path
     sources: list[Path | Dataset] = field(default_factory=list)
 
 
@@ -187,7 +188,7 @@ class Retriever:
                 prog.source = self._label(src)
                 if got:
                     paths += got
-                    self.by_study.setdefault(target.study, []).extend(fetched.sources or got)
+                    self.by_study.setdefault(target.study, []).extend(fetched.sources)
                     prog.received, prog.failed = len(got), fetched.failed
                     prog.failed_instances = fetched.failed_instances
                     prog.state = "retrieved" if not fetched.failed else "partial"
