@@ -182,7 +182,8 @@ class Node:
         from pipeline.runner import PipelineRunner
 
         runner = PipelineRunner(self.settings.models, self.settings.pipelines,
-                                self.settings.model_path)
+                                self.settings.model_path,
+                                writer_process=self.settings.executor.writer_process)
         await asyncio.to_thread(runner.start)  # loads and warms every model
         for name, problem in runner.failed.items():
             self.log.error("model failed to load; its pipelines will fail", model=name,
