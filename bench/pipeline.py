@@ -424,8 +424,7 @@ def segment(folder: Path, out: Path, device: str) -> dict[str, Any]:
         [ModelSpec(name="ct-organs", path=CT, device=device)],  # type: ignore[arg-type]
         [PipelineSpec(name="ct-organs", model="ct-organs", task="segment",
                       series=SeriesRules(modalities=["CT"], min_instances=8),
-                      outputs=CT_OUTPUTS)],
-        writer_process=True)  # as `dicom-node serve` runs it: the SEG in a process of its own
+                      outputs=CT_OUTPUTS)])
     runner.start()
     if runner.failed:
         raise SystemExit(f"ct-organs failed to load: {runner.failed}")
@@ -438,8 +437,6 @@ def segment(folder: Path, out: Path, device: str) -> dict[str, Any]:
     result = runner.run("ct-organs", files, out)
     wall = time.perf_counter() - t0
     peak = proc_status()
-    writer = (proc_status(runner.writer.submit(os.getpid).result())
-              if runner.writer is not None else None)
     runner.close()
     seg = result.result
     return {
@@ -448,7 +445,6 @@ def segment(folder: Path, out: Path, device: str) -> dict[str, Any]:
         "device": str(model.device),
         "rss_loaded_kib": loaded["VmRSS"],
         "hwm_kib": peak["VmHWM"],
-        "writer_hwm_kib": writer["VmHWM"] if writer else None,
         "gpu_peak_mib": (round(torch.cuda.max_memory_allocated(model.device) / 2**20, 1)
                          if model.device.type == "cuda" else None),
         "wall_s": round(wall, 2),
@@ -728,9 +724,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  segmenting a {shape} CT (ct-organs pipeline)  "
                   f"{mb(ct['hwm_kib']):8.1f}  peak   target <= {TARGET_CT_PEAK_MB:.0f}: "
                   f"{verdict(mb(ct['hwm_kib']), TARGET_CT_PEAK_MB, False)}")
-            if ct.get("writer_hwm_kib"):
-                print("    + the SEG writer process            "
-                      f"{mb(ct['writer_hwm_kib']):8.1f}  peak")
             inf = ct["inferer"] or {}
             print(f"    {inf.get('_target_')} roi {inf.get('roi_size')} sw_batch "
                   f"{inf.get('sw_batch_size')} on {ct['device']}; run {ct['wall_s']} s "

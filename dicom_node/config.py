@@ -261,10 +261,6 @@ class ExecutorSettings(_Section):
     grace_period_s: float = Field(default=30.0, ge=0)
     poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     lease_s: float = Field(default=60.0, gt=1)
-    # A segmentation's DICOM SEG (pure-Python highdicom/pydicom work, the slowest
-    # artifact) is written in a process of its own, on another core, while the job
-    # writes the rest. Ignored on a single CPU.
-    writer_process: bool = True
 
 
 class LoggingSettings(_Section):

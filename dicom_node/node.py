@@ -182,8 +182,7 @@ class Node:
         from pipeline.runner import PipelineRunner
 
         runner = PipelineRunner(self.settings.models, self.settings.pipelines,
-                                self.settings.model_path,
-                                writer_process=self.settings.executor.writer_process)
+                                self.settings.model_path)
         await asyncio.to_thread(runner.start)  # loads and warms every model
         for name, problem in runner.failed.items():
             self.log.error("model failed to load; its pipelines will fail", model=name,

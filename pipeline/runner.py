@@ -24,7 +24,6 @@ import numpy.typing as npt
 import torch
 
 from pipeline import artifacts as art
-from pipeline.artifacts.offload import WriterProcess
 from pipeline.bundle import BundleError, LoadedModel, ModelRegistry, load_model
 from pipeline.engine import InferenceEngine
 from pipeline.explain import gradcam
@@ -273,14 +272,7 @@ class PipelineRunner:
         models: Sequence[ModelSpec],
         pipelines: Sequence[PipelineSpec],
         resolve: Callable[[ModelSpec], Path] = lambda spec: spec.path,
-        *,
-        writer_process: bool = False,
     ) -> None:
-        """``writer_process``: write each DICOM SEG in a spawned process of its own
-        (:class:`~pipeline.artifacts.offload.WriterProcess`) when a pipeline segments and
-        there are two CPUs or more. Off by default: a spawned process re-imports the
-        ``__main__`` module, which a script without an ``if __name__ == "__main__"``
-        guard would run again; ``dicom-node serve`` turns it on."""
         self.pipelines = {p.name: p for p in pipelines}
         self._specs = [s.model_copy(update={"path": resolve(s)}) for s in models]
         self.registry = ModelRegistry(self._specs, loader=lambda p, d: load_model(p, d))
@@ -288,10 +280,6 @@ class PipelineRunner:
         self._explainers: dict[tuple[str, str], tuple[LoadedModel, threading.Lock]] = {}
         self._lock = threading.Lock()
         self.failed: dict[str, str] = {}
-        self.writer: WriterProcess | None = None
-        if (writer_process and (os.cpu_count() or 1) > 1
-                and any(p.task is Task.SEGMENT for p in pipelines)):
-            self.writer = WriterProcess()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -316,13 +304,9 @@ class PipelineRunner:
                 )
             except (BundleError, OSError, KeyError, ValueError, RuntimeError) as exc:
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
-        if self.writer is not None:
-            self.writer.start()
 
     def close(self) -> None:
         self.engine.close()
-        if self.writer is not None:
-            self.writer.shutdown(wait=False, cancel_futures=True)
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -540,7 +524,7 @@ class PipelineRunner:
             wanted = wanted - {Output.SEG}
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
-            series=self._series_info(model.name, model.version), executor=self.writer)
+            series=self._series_info(model.name, model.version))
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 

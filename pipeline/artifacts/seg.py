@@ -1,8 +1,4 @@
-"""DICOM Segmentation (highdicom, BINARY) of a label map over the source CT series.
-
-:func:`write_segmentation_file` is the same writer for another process, so that
-building and encoding the SEG, the slowest artifact, can run beside the job's others.
-"""
+"""DICOM Segmentation (highdicom, BINARY) of a label map over the source CT series."""
 
 from __future__ import annotations
 
@@ -14,22 +10,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import SegmentationStorage, generate_uid
+from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts._dicom import declare_private_scheme, save, with_type2
 from pipeline.artifacts.images import segment_color
-from pipeline.io import read_dataset
 from pipeline.types import Artifact, SegmentationResult
 
-__all__ = [
-    "build_segmentation",
-    "segment_codes",
-    "segmentation_reference",
-    "segments_with_voxels",
-    "write_segmentation",
-    "write_segmentation_file",
-]
+__all__ = ["build_segmentation", "segment_codes", "write_segmentation"]
 
 
 def segment_codes(
@@ -50,7 +38,6 @@ def build_segmentation(
     info: SeriesInfo,
     *,
     series_uid: str | None = None,
-    sop_instance_uid: str | None = None,
     instance_number: int = 1,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
 ) -> hd.seg.Segmentation:
@@ -103,7 +90,7 @@ def build_segmentation(
         segment_descriptions=descriptions,
         series_instance_uid=series_uid or generate_uid(),
         series_number=info.series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
+        sop_instance_uid=generate_uid(),
         instance_number=instance_number,
         manufacturer=info.manufacturer,
         manufacturer_model_name=info.manufacturer_model_name,
@@ -124,7 +111,6 @@ def write_segmentation(
     info: SeriesInfo,
     *,
     series_uid: str | None = None,
-    sop_instance_uid: str | None = None,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
 ) -> tuple[Artifact, hd.seg.Segmentation]:
     """Write the SEG to ``path``; return its artifact (kind ``seg``) and the dataset.
@@ -133,8 +119,7 @@ def write_segmentation(
         ValueError: see :func:`build_segmentation`. OSError: when writing fails.
     """
     seg_ds = build_segmentation(
-        result, source_datasets, info, series_uid=series_uid,
-        sop_instance_uid=sop_instance_uid, codes_by_name=codes_by_name,
+        result, source_datasets, info, series_uid=series_uid, codes_by_name=codes_by_name
     )
     save(seg_ds, Path(path))
     art = Artifact(
@@ -144,48 +129,3 @@ def write_segmentation(
         sop_instance_uid=str(seg_ds.SOPInstanceUID),
     )
     return art, seg_ds
-
-
-def write_segmentation_file(
-    result: SegmentationResult,
-    path: Path,
-    info: SeriesInfo,
-    *,
-    series_uid: str,
-    sop_instance_uid: str,
-    codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
-) -> Artifact:
-    """:func:`write_segmentation` over the headers of ``result.source_paths`` (the label
-    map's slice order), read here: what a worker process runs, given UIDs chosen by the
-    caller so that an SR can reference the SEG before it exists. Returns the artifact
-    only (the SEG dataset would have to travel back).
-
-    Raises:
-        ValueError: see :func:`build_segmentation`. OSError: when a source cannot be
-            read or the SEG cannot be written.
-    """
-    sources = [read_dataset(p, stop_before_pixels=True) for p in result.source_paths]
-    art, _ = write_segmentation(
-        result, sources, path, info, series_uid=series_uid,
-        sop_instance_uid=sop_instance_uid, codes_by_name=codes_by_name,
-    )
-    return art
-
-
-def segmentation_reference(study_uid: str, series_uid: str, sop_instance_uid: str) -> Dataset:
-    """What an SR needs of a SEG it references (its UIDs), before the SEG is written."""
-    ref = Dataset()
-    ref.StudyInstanceUID = study_uid
-    ref.SeriesInstanceUID = series_uid
-    ref.SOPClassUID = SegmentationStorage
-    ref.SOPInstanceUID = sop_instance_uid
-    return ref
-
-
-def segments_with_voxels(result: SegmentationResult) -> set[int]:
-    """The SEG segment numbers (1..N, in the order of ``result.segments``) that will
-    hold frames: those with at least one voxel (the SEG omits empty frames). A segment
-    whose volume rounded to 0 mL is looked up in the label map; the others have voxels."""
-    labels = np.asarray(result.labels)
-    return {n for n, seg in enumerate(result.segments, start=1)
-            if seg.volume_ml > 0 or bool((labels == seg.label).any())}

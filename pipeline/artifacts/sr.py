@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import highdicom as hd
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
@@ -170,8 +171,7 @@ def build_segmentation_sr(
     source_datasets: Sequence[Dataset],
     info: SeriesInfo,
     *,
-    seg_ds: Dataset | None = None,
-    seg_segments: Collection[int] | None = None,
+    seg_ds: hd.seg.Segmentation | None = None,
     series_uid: str | None = None,
     instance_number: int = 1,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
@@ -182,9 +182,7 @@ def build_segmentation_sr(
     the SEG and, as TID 1411's "Source series for segmentation", the source series
     (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
     and took seconds to build); without it, or for a segment with no voxels, the group
-    references the source images directly. ``seg_ds`` may be the SEG's UIDs only
-    (:func:`~pipeline.artifacts.seg.segmentation_reference`, for a SEG still being
-    written) when ``seg_segments`` says which segment numbers it holds frames of.
+    references the source images directly.
 
     Raises:
         ValueError: when there are no source datasets or a segment is missing in the SEG.
@@ -197,9 +195,7 @@ def build_segmentation_sr(
     ] = []
     sources: list[SourceImageForMeasurementGroup] = []  # built only when a group needs them
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
-    in_seg: Collection[int] = set()
-    if seg_ds is not None:
-        in_seg = _segments_with_frames(seg_ds) if seg_segments is None else set(seg_segments)
+    in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
     for number, seg in enumerate(result.segments, start=1):
         _, kind = segment_codes(seg.name, codes_by_name)
         volume = Measurement(

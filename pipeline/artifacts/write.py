@@ -6,16 +6,12 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
-from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, patient_dir, utc_now
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
@@ -29,12 +25,7 @@ from pipeline.artifacts.images import (
 from pipeline.artifacts.predictions import NORMAL, write_predictions_json, write_volumes_json
 from pipeline.artifacts.report import write_classification_report, write_segmentation_report
 from pipeline.artifacts.sc import write_secondary_capture
-from pipeline.artifacts.seg import (
-    segmentation_reference,
-    segments_with_voxels,
-    write_segmentation,
-    write_segmentation_file,
-)
+from pipeline.artifacts.seg import write_segmentation
 from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr, write_sr
 from pipeline.settings import Output
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
@@ -172,7 +163,6 @@ def write_segmentation_artifacts(
     series: SeriesInfo | None = None,
     generated_at: datetime | None = None,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
-    executor: Executor | None = None,
 ) -> list[Artifact]:
     """Write the requested segmentation artifacts; return them in writing order.
 
@@ -180,11 +170,6 @@ def write_segmentation_artifacts(
     ``_report.pdf``, and DICOM ``_seg.dcm`` (BINARY SEG over ``source_datasets``,
     which are in the label map's slice order), ``_sr.dcm`` (volumes, referencing the
     SEG when one is written), ``_sc.dcm`` (the overlay) and ``_report.dcm``.
-
-    With an ``executor`` (a :class:`~pipeline.artifacts.offload.WriterProcess`) the SEG
-    is written there (it gets the label map and reads the headers of
-    ``result.source_paths``) while this thread writes the rest; when a slice has no
-    file, or that process dies, the SEG is written here instead.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -201,14 +186,6 @@ def write_segmentation_artifacts(
     base = series or SeriesInfo()
     generated = generated_at or utc_now()
     artifacts: list[Artifact] = []
-    seg_path = folder / f"{pid}_seg.dcm"
-    seg_info = _series(base, "seg")
-    # Chosen here so that the SR can reference the SEG while it is still being written.
-    seg_series_uid, seg_uid = generate_uid(), generate_uid()
-    pending: Future[Artifact] | None = None
-    if Output.SEG in wanted and executor is not None:
-        pending = _submit_segmentation(executor, result, source_datasets, seg_path, seg_info,
-                                       seg_series_uid, seg_uid, codes_by_name)
     if Output.JSON in wanted:
         artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
     if wanted & {Output.PNG, Output.SECONDARY_CAPTURE}:
@@ -243,60 +220,24 @@ def write_segmentation_artifacts(
                         sources=list(source_datasets),
                     )
                 )
-    sr = None
-    if Output.SR in wanted:  # built while the SEG may still be on its way
-        seg_ref = (segmentation_reference(str(first.StudyInstanceUID), seg_series_uid, seg_uid)
-                   if Output.SEG in wanted else None)
+    seg_ds = None
+    if Output.SEG in wanted:
+        seg_art, seg_ds = write_segmentation(
+            result,
+            source_datasets,
+            folder / f"{pid}_seg.dcm",
+            _series(base, "seg"),
+            codes_by_name=codes_by_name,
+        )
+        artifacts.append(seg_art)
+    if Output.SR in wanted:
         sr = build_segmentation_sr(
             result,
             source_datasets,
             _series(base, "sr"),
-            seg_ds=seg_ref,
-            seg_segments=segments_with_voxels(result) if seg_ref is not None else None,
+            seg_ds=seg_ds,
             codes_by_name=codes_by_name,
         )
-    if Output.SEG in wanted:
-        seg_art = None
-        if pending is not None:
-            try:
-                seg_art = pending.result()
-            except BrokenProcessPool:
-                log.warning("artifacts.writer_process_died", fallback="in-process")
-        if seg_art is None:
-            seg_art, _ = write_segmentation(
-                result, source_datasets, seg_path, seg_info, series_uid=seg_series_uid,
-                sop_instance_uid=seg_uid, codes_by_name=codes_by_name,
-            )
-        artifacts.append(seg_art)
-    if sr is not None:
         artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
     _log_done("segmentation", artifacts, started)
     return artifacts
-
-
-# The worker needs the label map, not the image volume (300 MB for a 512x512x300 CT).
-_NO_VOLUME = np.zeros((0, 0, 0), dtype=np.float32)
-
-
-def _submit_segmentation(
-    executor: Executor,
-    result: SegmentationResult,
-    source_datasets: Sequence[Dataset],
-    path: Path,
-    info: SeriesInfo,
-    series_uid: str,
-    sop_uid: str,
-    codes_by_name: Mapping[str, tuple[Code, Code]] | None,
-) -> Future[Artifact] | None:
-    """The SEG handed to ``executor``, or None when it must be written here: a slice
-    known only as a dataset (no file for the worker to read), or no worker to take it."""
-    if len(result.source_paths) != len(source_datasets):
-        return None
-    try:
-        return executor.submit(
-            write_segmentation_file, dataclasses.replace(result, volume=_NO_VOLUME),
-            path, info, series_uid=series_uid, sop_instance_uid=sop_uid,
-            codes_by_name=codes_by_name,
-        )
-    except (BrokenProcessPool, RuntimeError):  # gone, or shut down: write it here
-        return None
