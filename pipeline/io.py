@@ -39,7 +39,8 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import (
     apply_color_lut,
@@ -47,7 +48,7 @@ from pydicom.pixels.processing import (
     apply_voi_lut,
 )
 from pydicom.pixels.utils import pixel_array
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 
 from pipeline.settings import SeriesRules
 
@@ -80,6 +81,7 @@ _PIXEL_TAGS = frozenset(
         0x7FE00009,  # Double Float Pixel Data
     )
 )
+_PIXEL_DATA = Tag(0x7FE00010)
 _COLOUR = frozenset(
     {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 )
@@ -229,8 +231,10 @@ class SelectedSeries:
 
     @property
     def sources(self) -> list[str | PathLike[str] | Dataset]:
-        """What to pass to the loaders: the path when known, else the dataset."""
-        return [p if p is not None else h for p, h in zip(self.paths, self.headers, strict=True)]
+        """What to pass to the loaders: a header whose pixels were left in its file (the
+        loader reads only those), else the path when known, else the dataset."""
+        return [h if _pixels_in_file(h) or p is None else p
+                for p, h in zip(self.paths, self.headers, strict=True)]
 
 
 # --------------------------------------------------------------------------- reading
@@ -246,6 +250,8 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
         UnreadableFileError: the file is missing, unreadable or not DICOM.
     """
     if isinstance(source, Dataset):
+        if not stop_before_pixels and _pixels_in_file(source):
+            return _with_pixels_from_file(source)
         return source
     path = Path(source)
     try:
@@ -277,6 +283,41 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
     return ds
 
 
+def _pixels_in_file(ds: Dataset) -> bool:
+    """Whether ``ds`` is a header read from a file with ``defer_size`` whose pixel value
+    was skipped (still in the file): what the node keeps of a retrieved instance."""
+    if not isinstance(getattr(ds, "filename", None), str):
+        return False
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in ds else None
+    return isinstance(elem, RawDataElement) and elem.value is None
+
+
+def _with_pixels_from_file(header: Dataset) -> Dataset:
+    """A dataset of the loader's own over ``header``'s elements, its pixels read from
+    the header's file (pydicom's deferred read): the header is not parsed again, and the
+    caller's header neither gains the pixels nor loses anything.
+
+    Raises:
+        UnreadableFileError: the file is gone, or no longer holds the pixels there.
+    """
+    path = str(header.filename)
+    # keys(): iterating a Dataset yields its elements, converted (and deferred ones read)
+    elems: dict[BaseTag, DataElement | RawDataElement] = {
+        tag: header.get_item(tag, keep_deferred=True) for tag in header.keys()  # noqa: SIM118
+    }
+    try:
+        own = FileDataset(path, elems, preamble=getattr(header, "preamble", None),
+                          file_meta=header.file_meta)
+        implicit, little = header.original_encoding
+        own.set_original_encoding(implicit, little, header.original_character_set)
+        own.get_item(_PIXEL_DATA)  # the deferred read, checked against the element's tag
+    except (OSError, ValueError, StopIteration) as exc:
+        raise UnreadableFileError(
+            f"cannot read the pixel data of {path}: {exc.__class__.__name__}: {exc}",
+            path=Path(path)) from exc
+    return own
+
+
 def _source_path(source: Source) -> Path | None:
     if isinstance(source, Dataset):
         name = getattr(source, "filename", None)
@@ -295,10 +336,10 @@ def _has_pixels(ds: Dataset) -> bool:
 
 
 def _header_of(ds: Dataset, source: Source) -> Dataset:
-    """``ds`` without its pixels: stripped in place when read here from a file (nobody
-    else holds it; a deep copy of every slice's header costs more than reading it),
-    copied when the caller passed the dataset in."""
-    if isinstance(source, Dataset):
+    """``ds`` without its pixels: stripped in place when read here (nobody else holds
+    it; a deep copy of every slice's header costs more than reading it), copied when it
+    is the dataset the caller passed in."""
+    if ds is source:
         return _header_copy(ds)
     for tag in _PIXEL_TAGS:
         if tag in ds:

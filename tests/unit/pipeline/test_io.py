@@ -382,6 +382,41 @@ def test_volume_sorted_by_position_not_instance_number(write_series: WriteSeries
     np.testing.assert_allclose(affine @ [0, 0, 9, 1], [-10, -20, -7.5, 1])
 
 
+def _kept_header(path: Path) -> Dataset:
+    """What the node keeps of a retrieved instance: the header, pixels left in the file."""
+    ds = pydicom.dcmread(path, defer_size=64)
+    ds.filename = str(path)
+    return ds
+
+
+def test_volume_from_kept_headers_reads_only_the_pixels(write_series: WriteSeries) -> None:
+    zs = [0.0, 2.5, 5.0, 7.5]
+    paths = write_series(zs, order=[2, 0, 3, 1])
+    headers = [_kept_header(p) for p in paths]
+    selected = select_series(headers, SeriesRules(modalities=["CT"]))
+    assert all(s is h for s, h in zip(selected.sources, selected.headers, strict=True))
+    vol = load_ct_volume(selected.sources)
+    by_path = load_ct_volume(paths)
+    np.testing.assert_array_equal(vol.array, by_path.array)
+    assert vol.paths == by_path.paths
+    assert "PixelData" not in vol.headers[0]
+    for h in headers:  # the caller's headers gained no pixels
+        elem = h.get_item(0x7FE00010, keep_deferred=True)
+        assert isinstance(elem, pydicom.dataelem.RawDataElement) and elem.value is None
+    assert all(h is not v for h in headers for v in vol.headers)
+
+
+def test_kept_header_whose_file_changed_is_a_clear_error(write_series: WriteSeries) -> None:
+    paths = write_series([0.0, 2.5])
+    headers = [_kept_header(p) for p in paths]
+    paths[1].write_bytes(paths[1].read_bytes()[:200])  # cut short after it was kept
+    with pytest.raises(UnreadableFileError, match="cannot read the pixel data"):
+        load_ct_volume(headers)
+    paths[0].unlink()
+    with pytest.raises(UnreadableFileError, match="cannot read the pixel data"):
+        read_dataset(headers[0])
+
+
 def test_volume_follows_the_slice_normal(tmp_path: Path) -> None:
     # Sagittal slices: row (0,1,0) x column (0,0,-1) = normal (-1,0,0).
     uid = generate_uid()
