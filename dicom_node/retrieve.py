@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pydicom import Dataset
 
     from dicom_node.node import Node
+    from dicom_node.scp import ReceivedInstance
     from dicom_node.scu import RetrieveResult
 
 
@@ -258,23 +259,22 @@ class Retriever:
             self.unreachable.append(f"{self._label(src)}: {exc}")
             return Fetched([], message=f"unreachable: {exc}")
         writer = self.node.instance_writer()
-        stored: list[Path] = []
-        sources: list[Path | Dataset] = []
+        placed: list[ReceivedInstance] = []
         failed = [o.sop_uid for o in result.failed]
         unusable: list[str] = []
         for outcome in result.succeeded:
             assert outcome.path is not None
             try:
-                received = writer.write(outcome.path,
-                                        called_ae=self.node.settings.dimse.ae_title,
-                                        calling_ae="DICOMWEB", association_id=0,
-                                        source="retrieve", durable=False, keep_header=True)
+                placed.append(writer.write(
+                    outcome.path, called_ae=self.node.settings.dimse.ae_title,
+                    calling_ae="DICOMWEB", association_id=0, source="retrieve",
+                    durable=False, keep_header=True, record=False))
             except InvalidInput as exc:  # e.g. a part cut short: that instance failed
                 failed.append(outcome.sop_uid)
                 unusable.append(f"{outcome.sop_uid}: {exc}")
-                continue
-            stored.append(received.path)
-            sources.append(received.header or received.path)
+        writer.record(placed, durable=False)  # one commit, not one per instance
+        stored = [r.path for r in placed]
+        sources: list[Path | Dataset] = [r.header or r.path for r in placed]
         message = "" if stored else "the source has no such study"
         if unusable and not stored:
             message = f"nothing usable arrived ({len(unusable)} unreadable: {unusable[0]})"

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,9 @@ class ReceivedInstance:
     # The header the writer read (values over 4 KiB left unread, ``filename`` the stored
     # path), when asked to keep it: a retrieval's job then never reads the file for it.
     header: Dataset | None = field(default=None, compare=False, repr=False)
+    # Placed but not yet in the store (``write(record=False)``): what
+    # :meth:`InstanceWriter.record` records, with others, in one transaction.
+    unrecorded: InstanceRecord | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ class InstanceWriter:
         expected_sop_instance: str | None = None,
         durable: bool = True,
         keep_header: bool = False,
+        record: bool = True,
     ) -> ReceivedInstance:
         """Move the DICOM file at ``source_path`` into the studies dir and record it.
 
@@ -200,6 +204,8 @@ class InstanceWriter:
         which a crash makes the job fetch again (the PACS still holds them), never for
         instances a sender considers delivered once we answer. ``keep_header`` returns
         the header read (``ReceivedInstance.header``) instead of dropping it.
+        ``record=False`` (with ``DuplicatePolicy.OVERWRITE`` only) places the file but
+        leaves its store record to :meth:`record` (retrievals: one commit for the lot).
         Raises :class:`InvalidInput` when the file or its UIDs cannot be read (0xC210) or
         do not match the request (0xA900 via ``ValueError``), :class:`OSError` or
         :class:`StoreError` when it cannot be kept (0xA700).
@@ -222,6 +228,8 @@ class InstanceWriter:
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
         except Exception as exc:  # pydicom raises many shapes on corrupt input
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
+        if not record and duplicates is not DuplicatePolicy.OVERWRITE:
+            raise ValueError("write(record=False) takes DuplicatePolicy.OVERWRITE only")
         header = ds if keep_header else None
         del ds
         sop = safe_uid(elems["SOPInstanceUID"], "SOPInstanceUID")
@@ -242,7 +250,7 @@ class InstanceWriter:
                                         called_ae, calling_ae, association_id, stored=False)
             overwrite = known is not None  # the first copy did not survive: this replaces it
         size = _place(source_path, final, durable=durable)
-        record = InstanceRecord(
+        record_row = InstanceRecord(
             sop_instance_uid=sop, sop_class_uid=sop_class, study_instance_uid=study,
             series_instance_uid=series, path=final, size_bytes=size, source=source,
             patient_id=_text(elems["PatientID"], 64), modality=_text(elems["Modality"], 16),
@@ -250,14 +258,28 @@ class InstanceWriter:
             accession_number=_text(elems["AccessionNumber"], 64),
             study_date=_text(elems["StudyDate"], 8),
         )
-        try:
-            self.store.record_instance(record, overwrite=overwrite, durable=durable)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
+        if record:
+            try:
+                self.store.record_instance(record_row, overwrite=overwrite, durable=durable)
+            except SQLAlchemyError as exc:
+                raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
         if header is not None:
             header.filename = str(final)
         return ReceivedInstance(sop, sop_class, study, series, final, called_ae, calling_ae,
-                                association_id, header=header)
+                                association_id, header=header,
+                                unrecorded=None if record else record_row)
+
+    def record(self, received: Sequence[ReceivedInstance], *, durable: bool = True) -> None:
+        """Record instances placed by ``write(record=False)``, in one transaction.
+
+        Raises:
+            StoreError: when the store cannot record them (none is recorded then).
+        """
+        rows = [r.unrecorded for r in received if r.unrecorded is not None]
+        try:
+            self.store.record_instances(rows, durable=durable)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot record the instances: {type(exc).__name__}") from exc
 
 
 _DEFER_BYTES = 4096

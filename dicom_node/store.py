@@ -466,6 +466,35 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.close()
 
 
+def _instance_values(rec: InstanceRecord) -> dict[str, Any]:
+    """An instances row for ``rec``."""
+    return {
+        "sop_instance_uid": rec.sop_instance_uid,
+        "sop_class_uid": rec.sop_class_uid,
+        "study_instance_uid": rec.study_instance_uid,
+        "series_instance_uid": rec.series_instance_uid,
+        "patient_id": rec.patient_id,
+        "modality": rec.modality,
+        "transfer_syntax_uid": rec.transfer_syntax_uid,
+        "path": str(rec.path),
+        "size_bytes": rec.size_bytes,
+        "called_ae": rec.called_ae,
+        "calling_ae": rec.calling_ae,
+        "source": rec.source,
+        "received_at": rec.received_at,
+        "queued_at": None,  # (again) waiting for its group to become jobs
+    }
+
+
+def _study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
+    """A studies row for ``rec``'s study."""
+    return {
+        "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
+        "accession_number": rec.accession_number, "study_date": rec.study_date,
+        "called_ae": rec.called_ae, "created_at": now, "updated_at": now,
+    }
+
+
 class Store:
     """The node's database. ``open()`` connects and migrates; ``close()`` disposes."""
 
@@ -544,22 +573,7 @@ class Store:
     def add_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
         """Record a stored instance; returns False when it was known and kept as it was."""
         now = utcnow()
-        values = {
-            "sop_instance_uid": rec.sop_instance_uid,
-            "sop_class_uid": rec.sop_class_uid,
-            "study_instance_uid": rec.study_instance_uid,
-            "series_instance_uid": rec.series_instance_uid,
-            "patient_id": rec.patient_id,
-            "modality": rec.modality,
-            "transfer_syntax_uid": rec.transfer_syntax_uid,
-            "path": str(rec.path),
-            "size_bytes": rec.size_bytes,
-            "called_ae": rec.called_ae,
-            "calling_ae": rec.calling_ae,
-            "source": rec.source,
-            "received_at": rec.received_at,
-            "queued_at": None,  # (again) waiting for its group to become jobs
-        }
+        values = _instance_values(rec)
         with self._begin() as conn:
             existing = conn.execute(
                 sa.select(instances.c.id).where(
@@ -613,37 +627,34 @@ class Store:
         a retrieval fetched, whose files are not fsynced either (a crash fetches them
         again); the commit is as atomic as ever, only a power cut can undo it.
         """
+        return self.record_instances([rec], overwrite=overwrite, durable=durable)[0]
+
+    def record_instances(self, recs: Sequence[InstanceRecord], *, overwrite: bool = True,
+                         durable: bool = True) -> list[bool]:
+        """:meth:`record_instance` for several instances in one transaction (one commit,
+        each study upserted once): a retrieval's instances, recorded together once placed.
+        Returns, per record, whether it was written."""
         stmts = self._upserts(overwrite)
         if stmts is None:
-            return self.add_instance(rec, overwrite=overwrite)
+            return [self.add_instance(rec, overwrite=overwrite) for rec in recs]
         now = utcnow()
-        values = {
-            "sop_instance_uid": rec.sop_instance_uid,
-            "sop_class_uid": rec.sop_class_uid,
-            "study_instance_uid": rec.study_instance_uid,
-            "series_instance_uid": rec.series_instance_uid,
-            "patient_id": rec.patient_id,
-            "modality": rec.modality,
-            "transfer_syntax_uid": rec.transfer_syntax_uid,
-            "path": str(rec.path),
-            "size_bytes": rec.size_bytes,
-            "called_ae": rec.called_ae,
-            "calling_ae": rec.calling_ae,
-            "source": rec.source,
-            "received_at": rec.received_at,
-            "queued_at": None,  # (again) waiting for its group to become jobs
-        }
-        study = {
-            "study_instance_uid": rec.study_instance_uid, "patient_id": rec.patient_id,
-            "accession_number": rec.accession_number, "study_date": rec.study_date,
-            "called_ae": rec.called_ae, "created_at": now, "updated_at": now,
-        }
+
+        def upsert(conn: Connection) -> list[bool]:
+            written: list[bool] = []
+            studies_seen: set[str] = set()
+            for rec in recs:
+                row = conn.execute(stmts[0], _instance_values(rec)).first()
+                written.append(row is not None)
+                if row is not None and rec.study_instance_uid not in studies_seen:
+                    studies_seen.add(rec.study_instance_uid)
+                    conn.execute(stmts[1], _study_values(rec, now))
+            return written
+
+        if not recs:
+            return []
         if durable:
             with self._begin() as conn:
-                written = conn.execute(stmts[0], values).first() is not None
-                if written:
-                    conn.execute(stmts[1], study)
-            return bool(written)
+                return upsert(conn)
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":  # a connection setting: set outside the transaction
                 conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
@@ -652,14 +663,11 @@ class Store:
                 with conn.begin():
                     if self.dialect == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    written = conn.execute(stmts[0], values).first() is not None
-                    if written:
-                        conn.execute(stmts[1], study)
+                    return upsert(conn)
             finally:
                 if self.dialect == "sqlite":  # the pooled connection goes back as it came
                     conn.exec_driver_sql("PRAGMA synchronous=FULL")
                     conn.commit()
-        return bool(written)
 
     def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
         """Built once: constructing SQLAlchemy statements costs more than running them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -118,4 +119,38 @@ def test_a_kept_header_names_the_stored_file_and_serves_the_series_selection(
 
     monkeypatch.setattr(pipeline.io.pydicom, "dcmread", no_reads)
     selected = select_series(headers, SeriesRules(modalities=["CT"], min_instances=8))
-    assert sorted(selected.sources) == sorted(g.path for g in got)
+    # the loaders get the kept headers themselves (they read only the pixels from them)
+    assert {id(s) for s in selected.sources} == {id(h) for h in headers}
+    assert sorted(Path(s.filename) for s in selected.sources) == sorted(g.path for g in got)
+
+
+def test_placed_now_recorded_together(tmp_path: Path) -> None:
+    from dicom_node.config import DuplicatePolicy
+    from tests.support.dicom_factory import make_ct_study
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "models": [], "pipelines": [], "watch": []})
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    ct = make_ct_study(tmp_path / "src", slices=4)
+    writer = scp.InstanceWriter(settings, store)
+    try:
+        placed = []
+        for i, path in enumerate(ct.paths):
+            spooled = shutil.copyfile(path, tmp_path / f"spooled-{i}.dcm")
+            placed.append(writer.write(spooled, called_ae="NODE", calling_ae="DICOMWEB",
+                                       association_id=0, source="retrieve", durable=False,
+                                       record=False))
+        assert all(p.path.is_file() for p in placed)
+        assert all(store.get_instance(p.sop_instance_uid) is None for p in placed)
+        writer.record(placed, durable=False)
+        for p in placed:
+            rec = store.get_instance(p.sop_instance_uid)
+            assert rec is not None and Path(rec.path) == p.path and rec.source == "retrieve"
+        later = datetime.now(UTC) + timedelta(days=1)
+        assert store.expired_studies(later) == [placed[0].study_instance_uid]  # its study row
+        with pytest.raises(ValueError, match="OVERWRITE only"):
+            writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
+                         called_ae="NODE", calling_ae="X", association_id=0,
+                         duplicates=DuplicatePolicy.KEEP_FIRST, record=False)
+    finally:
+        store.close()

@@ -208,6 +208,18 @@ def test_a_retrieved_instance_is_recorded_without_waiting_for_the_disk(store: St
     assert store.record_instance(rec("7.2"), overwrite=True) is True
 
 
+def test_instances_recorded_together(store: Store) -> None:
+    batch = [dataclasses.replace(rec(f"8.{i}"), source="retrieve") for i in range(5)]
+    assert store.record_instances([]) == []
+    assert store.record_instance(batch[0]) is True
+    # one known, kept as it was; the others new
+    assert store.record_instances(batch, overwrite=False, durable=False) == [
+        False, True, True, True, True]
+    assert sorted(i.sop_instance_uid for i in store.instances_of("1.2.3")) == [
+        f"8.{i}" for i in range(5)]
+    assert store.record_instances(batch) == [True] * 5  # overwrite, durable
+
+
 def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="cannot open the store"):
         Store("postgresql://nobody@127.0.0.1:1/none").open()
