@@ -541,7 +541,9 @@ class _Collector:
 
     calling_ae: str
     message_id: int | None = None  # of our C-MOVE request: the sub-operations carry it
+    # Placed but not recorded: the retrieval records them together when it ends.
     received: list[ReceivedInstance] = field(default_factory=list)
+    closed: bool = False  # the retrieval ended: a late instance records itself
 
 
 class StorageSCP:
@@ -650,7 +652,10 @@ class StorageSCP:
 
         Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title,
         each C-STORE naming the C-MOVE's ``message_id`` (Move Originator Message ID), so
-        that two retrievals from one PACS at once each get their own.
+        that two retrievals from one PACS at once each get their own. They are placed but
+        not recorded (``InstanceWriter.write(record=False)``): when the block ends the list
+        is final and the caller records them (:meth:`InstanceWriter.record`); one that
+        arrives later is recorded as it is placed.
         """
         collector = _Collector(calling_ae.strip(), message_id)
         with self._lock:
@@ -660,6 +665,7 @@ class StorageSCP:
         finally:
             with self._lock:
                 self._collectors.remove(collector)
+                collector.closed = True
 
     # -- policy ------------------------------------------------------------------------
 
@@ -771,6 +777,8 @@ class StorageSCP:
                 source="retrieve" if retrieving else "dimse",
                 durable=not retrieving,  # a retrieval that fails is fetched again
                 keep_header=retrieving,  # its job reads the headers next
+                # the retrieval records its instances together when it ends
+                record=not (retrieving and ae.duplicates is DuplicatePolicy.OVERWRITE),
             )
         except _Mismatch as exc:
             return self._answer(log, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
@@ -814,7 +822,10 @@ class StorageSCP:
     def _deliver(self, got: ReceivedInstance, collector: _Collector | None) -> None:
         if collector is not None:
             with self._lock:
-                collector.received.append(got)
+                if not collector.closed:
+                    collector.received.append(got)
+                    return
+            self.writer.record([got], durable=False)  # its retrieval ended meanwhile
             return
         if self.on_instance is not None:
             try:

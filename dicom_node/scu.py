@@ -493,16 +493,19 @@ class DicomClient:
         if assoc is None:
             return RetrieveResult(str(peer), "c-move", False, message=error)
         message_id = _next_move_id()
-        with self.scp.collect_from(peer.ae_title, message_id) as received:
-            try:
-                responses = assoc.send_c_move(
-                    query.to_dataset(for_find=False), self.settings.dimse.ae_title,
-                    StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
-                )
-                result = _collect_retrieve(responses)
-            finally:
-                _close(assoc)
+        try:
+            with self.scp.collect_from(peer.ae_title, message_id) as received:
+                try:
+                    responses = assoc.send_c_move(
+                        query.to_dataset(for_find=False), self.settings.dimse.ae_title,
+                        StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
+                    )
+                    result = _collect_retrieve(responses)
+                finally:
+                    _close(assoc)
+        finally:  # what was placed gets its record, also when the C-MOVE broke off
             got = list(received)
+            self.scp.writer.record(got, durable=False)  # one commit for the lot
         return self._retrieve_result(peer, "c-move", query, result, got)
 
     def get(self, peer: Peer, query: Query) -> RetrieveResult:
@@ -511,9 +514,10 @@ class DicomClient:
             return RetrieveResult(str(peer), "c-get", False, message="no store to keep into")
         writer = InstanceWriter(self.settings, self.store)
         spool.install(writer.studies_dir)  # what comes back is spooled beside the studies
-        received: list[ReceivedInstance] = []
+        received: list[ReceivedInstance] = []  # placed; recorded together at the end
         failures: list[InstanceFailure] = []
         lock = threading.Lock()
+        ended = threading.Event()  # after it, a (late) instance records itself
 
         def on_store(event: evt.Event) -> int:
             req: Any = event.request
@@ -525,7 +529,13 @@ class DicomClient:
                     source="retrieve", expected_sop_class=str(req.AffectedSOPClassUID),
                     expected_sop_instance=sop, durable=False,  # fetched again after a crash
                     keep_header=True,  # the job reads the headers next
+                    record=False,
                 )
+                with lock:
+                    if not ended.is_set():
+                        received.append(got)
+                        return int(Status.SUCCESS)
+                writer.record([got], durable=False)
             except InvalidInput as exc:
                 with lock:
                     failures.append(InstanceFailure(sop, int(Status.CANNOT_UNDERSTAND), str(exc)))
@@ -534,8 +544,6 @@ class DicomClient:
                 with lock:
                     failures.append(InstanceFailure(sop, int(Status.OUT_OF_RESOURCES), str(exc)))
                 return int(Status.OUT_OF_RESOURCES)
-            with lock:
-                received.append(got)
             return int(Status.SUCCESS)
 
         ae = self._ae()
@@ -555,6 +563,9 @@ class DicomClient:
             )
         finally:
             _close(assoc)
+            with lock:
+                ended.set()
+            writer.record(received, durable=False)  # one commit for the lot
         known = {f.sop_instance_uid for f in result.failures}
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)

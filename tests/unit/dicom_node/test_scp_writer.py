@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,71 +16,74 @@ from dicom_node.store import Store
 from tests.support.dicom_factory import make_cr_study
 
 
-@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
-def test_placement_fsyncs_only_when_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             durable: bool, fsyncs: int) -> None:
-    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
-                                        "models": [], "pipelines": [], "watch": []})
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                    "models": [], "pipelines": [], "watch": []})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
     store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
+def test_placement_fsyncs_only_when_durable(
+    tmp_path: Path, settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch,
+    durable: bool, fsyncs: int,
+) -> None:
     study = make_cr_study(tmp_path / "src")
     spooled = tmp_path / "spooled.dcm"
     shutil.copyfile(study.paths[0], spooled)
     calls: list[int] = []
     real = os.fsync
     monkeypatch.setattr(scp.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
-    try:
-        got = scp.InstanceWriter(settings, store).write(
-            spooled, called_ae="NODE", calling_ae="PACS", association_id=1, source="retrieve",
-            durable=durable)
-        assert len(calls) == fsyncs
-        assert got.path.read_bytes() == study.paths[0].read_bytes()
-        assert not spooled.exists()
-        rec = store.get_instance(study.sop_uids[0])
-        assert rec is not None and Path(rec.path) == got.path
-    finally:
-        store.close()
+    got = scp.InstanceWriter(settings, store).write(
+        spooled, called_ae="NODE", calling_ae="PACS", association_id=1, source="retrieve",
+        durable=durable)
+    assert len(calls) == fsyncs
+    assert got.path.read_bytes() == study.paths[0].read_bytes()
+    assert not spooled.exists()
+    rec = store.get_instance(study.sop_uids[0])
+    assert rec is not None and Path(rec.path) == got.path
 
 
 @pytest.mark.parametrize("cut", [1, 1000, 5000])
 def test_a_file_cut_short_is_refused_whether_its_pixels_are_read_or_skipped(
-        tmp_path: Path, cut: int) -> None:
+        tmp_path: Path, settings: Settings, store: Store, cut: int) -> None:
     """Pixel values over 4 KiB are skipped (not read) by the parse: a dataset cut off
     inside them is caught from the declared extent; a short read value by its length."""
-    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
-                                        "models": [], "pipelines": [], "watch": []})
-    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
     study = make_cr_study(tmp_path / "src")
     data = study.paths[0].read_bytes()
     assert len(data) > 5000 + 4096  # the pixels are deferred
-    try:
-        whole = tmp_path / "whole.dcm"
-        whole.write_bytes(data)
+    whole = tmp_path / "whole.dcm"
+    whole.write_bytes(data)
+    scp.InstanceWriter(settings, store).write(
+        whole, called_ae="NODE", calling_ae="PACS", association_id=1)
+    short = tmp_path / "short.dcm"
+    short.write_bytes(data[:-cut])
+    with pytest.raises(scp.InvalidInput, match="truncated"):
         scp.InstanceWriter(settings, store).write(
-            whole, called_ae="NODE", calling_ae="PACS", association_id=1)
-        short = tmp_path / "short.dcm"
-        short.write_bytes(data[:-cut])
-        with pytest.raises(scp.InvalidInput, match="truncated"):
-            scp.InstanceWriter(settings, store).write(
-                short, called_ae="NODE", calling_ae="PACS", association_id=1)
-        # a small dataset whose pixels are read, not skipped
-        from pydicom import dcmread
+            short, called_ae="NODE", calling_ae="PACS", association_id=1)
+    # a small dataset whose pixels are read, not skipped
+    from pydicom import dcmread
 
-        ds = dcmread(study.paths[0])
-        ds.Rows, ds.Columns = 16, 16
-        ds.PixelData = bytes(16 * 16 * (ds.BitsAllocated // 8))
-        small = tmp_path / "small.dcm"
-        ds.save_as(small)
-        raw = small.read_bytes()
-        small.write_bytes(raw[:-100])
-        with pytest.raises(scp.InvalidInput, match="truncated"):
-            scp.InstanceWriter(settings, store).write(
-                small, called_ae="NODE", calling_ae="PACS", association_id=1)
-    finally:
-        store.close()
+    ds = dcmread(study.paths[0])
+    ds.Rows, ds.Columns = 16, 16
+    ds.PixelData = bytes(16 * 16 * (ds.BitsAllocated // 8))
+    small = tmp_path / "small.dcm"
+    ds.save_as(small)
+    raw = small.read_bytes()
+    small.write_bytes(raw[:-100])
+    with pytest.raises(scp.InvalidInput, match="truncated"):
+        scp.InstanceWriter(settings, store).write(
+            small, called_ae="NODE", calling_ae="PACS", association_id=1)
 
 
 def test_a_kept_header_names_the_stored_file_and_serves_the_series_selection(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, settings: Settings, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retrieval keeps the header the writer read: it points at the stored file, holds
     no pixel values, and the pipeline's series selection takes it without reading the
     file again (the loaders then read the pixels from the path)."""
@@ -87,23 +91,17 @@ def test_a_kept_header_names_the_stored_file_and_serves_the_series_selection(
     from pipeline.settings import SeriesRules
     from tests.support.dicom_factory import make_ct_study
 
-    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
-                                        "models": [], "pipelines": [], "watch": []})
-    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
     ct = make_ct_study(tmp_path / "src", slices=8)
     writer = scp.InstanceWriter(settings, store)
-    try:
-        got = []
-        for i, path in enumerate(ct.paths):
-            spooled = tmp_path / f"spooled-{i}.dcm"
-            shutil.copyfile(path, spooled)
-            got.append(writer.write(spooled, called_ae="NODE", calling_ae="PACS",
-                                    association_id=1, source="retrieve", durable=False,
-                                    keep_header=True))
-        plain = writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
-                             called_ae="NODE", calling_ae="PACS", association_id=1)
-    finally:
-        store.close()
+    got = []
+    for i, path in enumerate(ct.paths):
+        spooled = tmp_path / f"spooled-{i}.dcm"
+        shutil.copyfile(path, spooled)
+        got.append(writer.write(spooled, called_ae="NODE", calling_ae="PACS",
+                                association_id=1, source="retrieve", durable=False,
+                                keep_header=True))
+    plain = writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
+                         called_ae="NODE", calling_ae="PACS", association_id=1)
     assert plain.header is None  # only when asked: a push keeps nothing in memory
     headers = [g.header for g in got]
     assert all(h is not None for h in headers)
@@ -124,33 +122,52 @@ def test_a_kept_header_names_the_stored_file_and_serves_the_series_selection(
     assert sorted(Path(s.filename) for s in selected.sources) == sorted(g.path for g in got)
 
 
-def test_placed_now_recorded_together(tmp_path: Path) -> None:
+def test_placed_now_recorded_together(tmp_path: Path, settings: Settings, store: Store) -> None:
     from dicom_node.config import DuplicatePolicy
     from tests.support.dicom_factory import make_ct_study
 
-    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
-                                        "models": [], "pipelines": [], "watch": []})
-    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
     ct = make_ct_study(tmp_path / "src", slices=4)
     writer = scp.InstanceWriter(settings, store)
-    try:
-        placed = []
-        for i, path in enumerate(ct.paths):
-            spooled = shutil.copyfile(path, tmp_path / f"spooled-{i}.dcm")
-            placed.append(writer.write(spooled, called_ae="NODE", calling_ae="DICOMWEB",
-                                       association_id=0, source="retrieve", durable=False,
-                                       record=False))
-        assert all(p.path.is_file() for p in placed)
-        assert all(store.get_instance(p.sop_instance_uid) is None for p in placed)
-        writer.record(placed, durable=False)
-        for p in placed:
-            rec = store.get_instance(p.sop_instance_uid)
-            assert rec is not None and Path(rec.path) == p.path and rec.source == "retrieve"
-        later = datetime.now(UTC) + timedelta(days=1)
-        assert store.expired_studies(later) == [placed[0].study_instance_uid]  # its study row
-        with pytest.raises(ValueError, match="OVERWRITE only"):
-            writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
-                         called_ae="NODE", calling_ae="X", association_id=0,
-                         duplicates=DuplicatePolicy.KEEP_FIRST, record=False)
-    finally:
-        store.close()
+    placed = []
+    for i, path in enumerate(ct.paths):
+        spooled = shutil.copyfile(path, tmp_path / f"spooled-{i}.dcm")
+        placed.append(writer.write(spooled, called_ae="NODE", calling_ae="DICOMWEB",
+                                   association_id=0, source="retrieve", durable=False,
+                                   record=False))
+    assert all(p.path.is_file() for p in placed)
+    assert all(store.get_instance(p.sop_instance_uid) is None for p in placed)
+    writer.record(placed, durable=False)
+    for p in placed:
+        rec = store.get_instance(p.sop_instance_uid)
+        assert rec is not None and Path(rec.path) == p.path and rec.source == "retrieve"
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert store.expired_studies(later) == [placed[0].study_instance_uid]  # its study row
+    with pytest.raises(ValueError, match="OVERWRITE only"):
+        writer.write(shutil.copyfile(ct.paths[0], tmp_path / "again.dcm"),
+                     called_ae="NODE", calling_ae="X", association_id=0,
+                     duplicates=DuplicatePolicy.KEEP_FIRST, record=False)
+
+
+def test_an_instance_after_its_retrieval_ended_records_itself(
+    tmp_path: Path, settings: Settings, store: Store,
+) -> None:
+    """C-MOVE's instances are recorded by the retrieval when it ends; one whose C-STORE
+    was still being handled then (a C-MOVE that broke off) must not stay unrecorded."""
+    study = make_cr_study(tmp_path / "src")
+    listener = scp.StorageSCP(settings, store)
+    with listener.collect_from("PACS", 7) as received:
+        collector = listener._collectors[0]
+        early = listener.writer.write(
+            shutil.copyfile(study.paths[0], tmp_path / "early.dcm"), called_ae="NODE",
+            calling_ae="PACS", association_id=1, source="retrieve", durable=False,
+            record=False)
+        listener._deliver(early, collector)
+    assert received == [early]  # the retrieval's to record
+    assert store.get_instance(early.sop_instance_uid) is None
+    late = listener.writer.write(
+        shutil.copyfile(study.paths[0], tmp_path / "late.dcm"), called_ae="NODE",
+        calling_ae="PACS", association_id=1, source="retrieve", durable=False,
+        record=False)
+    listener._deliver(late, collector)  # its C-STORE finished after the C-MOVE
+    assert received == [early]
+    assert store.get_instance(late.sop_instance_uid) is not None
