@@ -825,7 +825,11 @@ class StorageSCP:
                 if not collector.closed:
                     collector.received.append(got)
                     return
-            self.writer.record([got], durable=False)  # its retrieval ended meanwhile
+            try:
+                self.writer.record([got], durable=False)  # its retrieval ended meanwhile
+            except StoreError:  # on disk, not recorded: a later retrieval records it again
+                self.log.exception("cannot record a retrieved instance",
+                                   sop_instance_uid=got.sop_instance_uid)
             return
         if self.on_instance is not None:
             try:

@@ -493,6 +493,7 @@ class DicomClient:
         if assoc is None:
             return RetrieveResult(str(peer), "c-move", False, message=error)
         message_id = _next_move_id()
+        received: list[ReceivedInstance] = []
         try:
             with self.scp.collect_from(peer.ae_title, message_id) as received:
                 try:
