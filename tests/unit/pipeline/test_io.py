@@ -406,6 +406,18 @@ def test_volume_from_kept_headers_reads_only_the_pixels(write_series: WriteSerie
     assert all(h is not v for h in headers for v in vol.headers)
 
 
+def test_compressed_image_from_a_kept_header() -> None:
+    """Encapsulated (JPEG-LS) pixels past ``defer_size`` are deferred too; the deferred
+    read finds their items in the file."""
+    path = Path(pydicom.data.get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    header = _kept_header(path)
+    header_elem = header.get_item(0x7FE00010, keep_deferred=True)
+    assert header_elem.value is None and header_elem.length == 0xFFFFFFFF
+    kept = load_image_2d(header, modalities=None)
+    np.testing.assert_array_equal(kept.pixels, load_image_2d(path, modalities=None).pixels)
+    assert header.get_item(0x7FE00010, keep_deferred=True).value is None
+
+
 def test_kept_header_whose_file_changed_is_a_clear_error(write_series: WriteSeries) -> None:
     paths = write_series([0.0, 2.5])
     headers = [_kept_header(p) for p in paths]
