@@ -596,17 +596,7 @@ class Store:
         if found is None:
             try:
                 with conn.begin_nested():
-                    conn.execute(
-                        studies.insert().values(
-                            study_instance_uid=rec.study_instance_uid,
-                            patient_id=rec.patient_id,
-                            accession_number=rec.accession_number,
-                            study_date=rec.study_date,
-                            called_ae=rec.called_ae,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
+                    conn.execute(studies.insert().values(_study_values(rec, now)))
                 return
             except IntegrityError:  # another writer inserted it first
                 pass
