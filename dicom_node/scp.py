@@ -59,6 +59,7 @@ __all__ = [
     "DimseCounters",
     "InstanceWriter",
     "ReceivedInstance",
+    "RetrievedBatch",
     "StorageSCP",
     "safe_uid",
     "tune_socket",
@@ -280,6 +281,40 @@ class InstanceWriter:
             self.store.record_instances(rows, durable=durable)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record the instances: {type(exc).__name__}") from exc
+
+
+
+class RetrievedBatch:
+    """The instances one retrieval placed with ``write(record=False)``, recorded together
+    (one commit) when it ends; one whose C-STORE finishes after the end records itself.
+    Thread-safe: C-STOREs arrive on the association's thread."""
+
+    def __init__(self, writer: InstanceWriter) -> None:
+        self.writer = writer
+        self._received: list[ReceivedInstance] = []
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def add(self, got: ReceivedInstance) -> None:
+        """Raises StoreError when a late instance cannot be recorded."""
+        with self._lock:
+            if not self._ended:
+                self._received.append(got)
+                return
+        self.writer.record([got], durable=False)  # its retrieval ended meanwhile
+
+    def end(self) -> list[ReceivedInstance]:
+        """Record what arrived (once; later calls record nothing) and return it.
+
+        Raises:
+            StoreError: when the store cannot record them.
+        """
+        with self._lock:
+            first, self._ended = not self._ended, True
+            got = list(self._received)
+        if first:
+            self.writer.record(got, durable=False)
+        return got
 
 
 _DEFER_BYTES = 4096
@@ -540,10 +575,8 @@ class _Collector:
     """Instances sent by one peer during a retrieval (C-MOVE to ourselves)."""
 
     calling_ae: str
+    batch: RetrievedBatch
     message_id: int | None = None  # of our C-MOVE request: the sub-operations carry it
-    # Placed but not recorded: the retrieval records them together when it ends.
-    received: list[ReceivedInstance] = field(default_factory=list)
-    closed: bool = False  # the retrieval ended: a late instance records itself
 
 
 class StorageSCP:
@@ -647,25 +680,23 @@ class StorageSCP:
 
     @contextlib.contextmanager
     def collect_from(self, calling_ae: str,
-                     message_id: int | None = None) -> Iterator[list[ReceivedInstance]]:
-        """Route instances sent by ``calling_ae`` to the yielded list, not to the assembler.
+                     message_id: int | None = None) -> Iterator[RetrievedBatch]:
+        """Route instances sent by ``calling_ae`` to the yielded batch, not to the assembler.
 
         Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title,
         each C-STORE naming the C-MOVE's ``message_id`` (Move Originator Message ID), so
-        that two retrievals from one PACS at once each get their own. They are placed but
-        not recorded (``InstanceWriter.write(record=False)``): when the block ends the list
-        is final and the caller records them (:meth:`InstanceWriter.record`); one that
-        arrives later is recorded as it is placed.
+        that two retrievals from one PACS at once each get their own. They are placed
+        without a store record; the caller ends the batch (:meth:`RetrievedBatch.end`)
+        once the C-MOVE is over, which records them together.
         """
-        collector = _Collector(calling_ae.strip(), message_id)
+        collector = _Collector(calling_ae.strip(), RetrievedBatch(self.writer), message_id)
         with self._lock:
             self._collectors.append(collector)
         try:
-            yield collector.received
+            yield collector.batch
         finally:
             with self._lock:
                 self._collectors.remove(collector)
-                collector.closed = True
 
     # -- policy ------------------------------------------------------------------------
 
@@ -821,12 +852,8 @@ class StorageSCP:
 
     def _deliver(self, got: ReceivedInstance, collector: _Collector | None) -> None:
         if collector is not None:
-            with self._lock:
-                if not collector.closed:
-                    collector.received.append(got)
-                    return
             try:
-                self.writer.record([got], durable=False)  # its retrieval ended meanwhile
+                collector.batch.add(got)
             except StoreError:  # on disk, not recorded: a later retrieval records it again
                 self.log.exception("cannot record a retrieved instance",
                                    sop_instance_uid=got.sop_instance_uid)

@@ -47,6 +47,7 @@ from dicom_node.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     InstanceWriter,
     ReceivedInstance,
+    RetrievedBatch,
     StorageSCP,
     safe_uid,
     tune_socket,
@@ -493,20 +494,16 @@ class DicomClient:
         if assoc is None:
             return RetrieveResult(str(peer), "c-move", False, message=error)
         message_id = _next_move_id()
-        received: list[ReceivedInstance] = []
-        try:
-            with self.scp.collect_from(peer.ae_title, message_id) as received:
-                try:
-                    responses = assoc.send_c_move(
-                        query.to_dataset(for_find=False), self.settings.dimse.ae_title,
-                        StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
-                    )
-                    result = _collect_retrieve(responses)
-                finally:
-                    _close(assoc)
-        finally:  # what was placed gets its record, also when the C-MOVE broke off
-            got = list(received)
-            self.scp.writer.record(got, durable=False)  # one commit for the lot
+        with self.scp.collect_from(peer.ae_title, message_id) as batch:
+            try:
+                responses = assoc.send_c_move(
+                    query.to_dataset(for_find=False), self.settings.dimse.ae_title,
+                    StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
+                )
+                result = _collect_retrieve(responses)
+            finally:
+                _close(assoc)
+                got = batch.end()  # recorded together, also when the C-MOVE broke off
         return self._retrieve_result(peer, "c-move", query, result, got)
 
     def get(self, peer: Peer, query: Query) -> RetrieveResult:
@@ -515,10 +512,9 @@ class DicomClient:
             return RetrieveResult(str(peer), "c-get", False, message="no store to keep into")
         writer = InstanceWriter(self.settings, self.store)
         spool.install(writer.studies_dir)  # what comes back is spooled beside the studies
-        received: list[ReceivedInstance] = []  # placed; recorded together at the end
+        batch = RetrievedBatch(writer)  # placed; recorded together when the C-GET ends
         failures: list[InstanceFailure] = []
         lock = threading.Lock()
-        ended = threading.Event()  # after it, a (late) instance records itself
 
         def on_store(event: evt.Event) -> int:
             req: Any = event.request
@@ -532,11 +528,7 @@ class DicomClient:
                     keep_header=True,  # the job reads the headers next
                     record=False,
                 )
-                with lock:
-                    if not ended.is_set():
-                        received.append(got)
-                        return int(Status.SUCCESS)
-                writer.record([got], durable=False)
+                batch.add(got)
             except InvalidInput as exc:
                 with lock:
                     failures.append(InstanceFailure(sop, int(Status.CANNOT_UNDERSTAND), str(exc)))
@@ -564,9 +556,7 @@ class DicomClient:
             )
         finally:
             _close(assoc)
-            with lock:
-                ended.set()
-            writer.record(received, durable=False)  # one commit for the lot
+            received = batch.end()
         known = {f.sop_instance_uid for f in result.failures}
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)

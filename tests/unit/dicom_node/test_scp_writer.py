@@ -153,21 +153,25 @@ def test_an_instance_after_its_retrieval_ended_records_itself(
 ) -> None:
     """C-MOVE's instances are recorded by the retrieval when it ends; one whose C-STORE
     was still being handled then (a C-MOVE that broke off) must not stay unrecorded."""
-    study = make_cr_study(tmp_path / "src")
+    from tests.support.dicom_factory import make_ct_study
+
+    ct = make_ct_study(tmp_path / "src", slices=2)
     listener = scp.StorageSCP(settings, store)
-    with listener.collect_from("PACS", 7) as received:
-        collector = listener._collectors[0]
-        early = listener.writer.write(
-            shutil.copyfile(study.paths[0], tmp_path / "early.dcm"), called_ae="NODE",
+
+    def placed(i: int) -> scp.ReceivedInstance:
+        return listener.writer.write(
+            shutil.copyfile(ct.paths[i], tmp_path / f"spooled-{i}.dcm"), called_ae="NODE",
             calling_ae="PACS", association_id=1, source="retrieve", durable=False,
             record=False)
+
+    with listener.collect_from("PACS", 7) as batch:
+        collector = listener._collectors[0]
+        early = placed(0)
         listener._deliver(early, collector)
-    assert received == [early]  # the retrieval's to record
-    assert store.get_instance(early.sop_instance_uid) is None
-    late = listener.writer.write(
-        shutil.copyfile(study.paths[0], tmp_path / "late.dcm"), called_ae="NODE",
-        calling_ae="PACS", association_id=1, source="retrieve", durable=False,
-        record=False)
+        assert store.get_instance(early.sop_instance_uid) is None  # the retrieval's to record
+        assert batch.end() == [early]
+    assert store.get_instance(early.sop_instance_uid) is not None
+    late = placed(1)
     listener._deliver(late, collector)  # its C-STORE finished after the C-MOVE
-    assert received == [early]
+    assert batch.end() == [early]
     assert store.get_instance(late.sop_instance_uid) is not None
