@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
+from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
@@ -70,6 +72,9 @@ GREEN = colors.HexColor("#1E7B34")
 GREEN_BG = colors.HexColor("#E7F5EA")
 AMBER = colors.HexColor("#B54708")
 AMBER_BG = colors.HexColor("#FEF3E2")
+# A token: a run of characters and the separator it ends with (the last may have none).
+_TOKEN = re.compile(r"[^-_./^ ]+[-_./^ ]*|[-_./^ ]+")
+_CELL_PADDING = 6  # ReportLab's default left and right padding of a table cell, points
 
 _FONT_CACHE: dict[str, tuple[str, str]] = {}
 
@@ -217,6 +222,24 @@ def _p(text: str, style: ParagraphStyle) -> Paragraph:
     return Paragraph(escape(text), style)
 
 
+def _value(text: str, st: dict[str, ParagraphStyle], width: float) -> Paragraph:
+    """A value cell ``width`` points wide. IDs and UIDs are single long words, which
+    ReportLab would cut anywhere: lay them out in lines broken after their own
+    separators (``-``, ``_``, ``.``, ``^``, ``/``, space) where they fit."""
+    style = st["value"]
+    room = width - 2 * _CELL_PADDING
+    lines: list[str] = []
+    line = ""
+    for token in _TOKEN.findall(text):
+        if line and stringWidth(line + token, style.fontName, style.fontSize) > room:
+            lines.append(line)
+            line = token.lstrip(" ")
+        else:
+            line += token
+    lines.append(line)
+    return Paragraph("<br/>".join(escape(line.rstrip(" ")) for line in lines), style)
+
+
 def _header(title: str, subtitle: str, st: dict[str, ParagraphStyle], width: float) -> Table:
     t = Table([[_p(title, st["title"])], [_p(subtitle, st["subtitle"])]], colWidths=[width])
     t.setStyle(
@@ -266,20 +289,21 @@ def _patient_table(
         *extra,
         ("Study UID", study.study_instance_uid or "—"),
     ]
+    lw = 28 * mm
+    vw = width / 2 - lw
     rows: list[list[Any]] = []
     for i in range(0, len(pairs), 2):
         chunk = pairs[i : i + 2]
         if chunk[0][0] == "Study UID":
-            rows.append([_p(chunk[0][0], st["label"]), _p(chunk[0][1], st["value"]), "", ""])
+            uid = _value(chunk[0][1], st, width - lw)
+            rows.append([_p(chunk[0][0], st["label"]), uid, "", ""])
             continue
         row: list[Any] = []
         for label, value in chunk:
-            row += [_p(label, st["label"]), _p(value, st["value"])]
+            row += [_p(label, st["label"]), _value(value, st, vw)]
         if len(chunk) == 1:
             row += ["", ""]
         rows.append(row)
-    lw = 34 * mm
-    vw = width / 2 - lw
     t = Table(rows, colWidths=[lw, vw, lw, vw])
     style = [
         ("BACKGROUND", (0, 0), (-1, -1), LIGHT),
@@ -443,14 +467,14 @@ def _model_table(
 ) -> Table:
     """Pairs in two columns; the last pair (a long UID) spans the full width."""
     *short, last = rows
+    lw = 28 * mm
     data: list[list[Any]] = []
     for i in range(0, len(short), 2):
         row: list[Any] = []
         for k, v in short[i : i + 2]:
-            row += [_p(k, st["label"]), _p(v, st["value"])]
+            row += [_p(k, st["label"]), _value(v, st, width / 2 - lw)]
         data.append(row + [""] * (4 - len(row)))
-    data.append([_p(last[0], st["label"]), _p(last[1], st["value"]), "", ""])
-    lw = 32 * mm
+    data.append([_p(last[0], st["label"]), _value(last[1], st, width - lw), "", ""])
     t = Table(data, colWidths=[lw, width / 2 - lw, lw, width / 2 - lw])
     t.setStyle(
         TableStyle(
@@ -552,20 +576,18 @@ def write_classification_report(
         TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER"), ("VALIGN", (0, 0), (-1, -1), "MIDDLE")])
     )
     story += [Spacer(1, 8), images]
-    story += [
-        _p("Model", st["h2"]),
-        _model_table(
-            [
-                ("Model", result.model_name or "—"),
-                ("Model version", result.model_version or "—"),
-                ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
-                ("Software", software),
-                ("Source SOP UID", result.sop_instance_uid or "—"),
-            ],
-            st,
-            width,
-        ),
-    ]
+    model_table = _model_table(
+        [
+            ("Model", result.model_name or "—"),
+            ("Model version", result.model_version or "—"),
+            ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
+            ("Software", software),
+            ("Source SOP UID", result.sop_instance_uid or "—"),
+        ],
+        st,
+        width,
+    )
+    story.append(KeepTogether([_p("Model", st["h2"]), model_table]))
     path = Path(path)
     _build(path, story, "AI inference report", model, generated)
     return Artifact(kind="pdf", path=path, media_type="application/pdf")
@@ -637,23 +659,27 @@ def write_segmentation_report(
                 _p("Representative axial slices with the segmented structures.", st["caption"]),
             ]
         ),
-        _p("Model", st["h2"]),
-        _model_table(
+        KeepTogether(
             [
-                ("Model", result.model_name or "—"),
-                ("Model version", result.model_version or "—"),
-                ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
-                ("Software", software),
-                (
-                    "Volume",
-                    f"{result.labels.shape[0]} {TIMES} {result.labels.shape[1]} {TIMES} "
-                    f"{result.labels.shape[2]} voxels",
+                _p("Model", st["h2"]),
+                _model_table(
+                    [
+                        ("Model", result.model_name or "—"),
+                        ("Model version", result.model_version or "—"),
+                        ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
+                        ("Software", software),
+                        (
+                            "Volume",
+                            f"{result.labels.shape[0]} {TIMES} {result.labels.shape[1]} {TIMES} "
+                            f"{result.labels.shape[2]} voxels",
+                        ),
+                        ("Spacing", f"{dz:g} {TIMES} {dy:g} {TIMES} {dx:g} mm"),
+                        ("Source series UID", result.series_instance_uid or "—"),
+                    ],
+                    st,
+                    width,
                 ),
-                ("Spacing", f"{dz:g} {TIMES} {dy:g} {TIMES} {dx:g} mm"),
-                ("Source series UID", result.series_instance_uid or "—"),
-            ],
-            st,
-            width,
+            ]
         ),
     ]
     path = Path(path)

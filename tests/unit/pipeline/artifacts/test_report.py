@@ -115,3 +115,32 @@ def test_segmentation_report_says_what_a_reader_needs(
         row = f"{seg.name} {seg.label} {seg.volume_ml:.1f}"
         assert row in text, row
     assert f"Total {sum(s.volume_ml for s in seg_result.segments):.1f}" in text
+
+
+def _page_texts(pdf: Path) -> list[str]:
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    out = subprocess.run([exe, "-layout", str(pdf), "-"], check=True, timeout=120,
+                         capture_output=True, text=True)
+    return out.stdout.split("\f")
+
+
+def test_long_ids_wrap_at_their_separators(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
+    """A 64-character Patient ID and accession number are cut only after their own
+    separators, never inside a part a reader has to copy; the Model heading stays on
+    the page of its table."""
+    long_id = "HOSPITAL-NORTH-RADIOLOGY-DEPARTMENT-CHEST-2024-000123456789_SITE.A"
+    study = PatientStudy(**{**study.__dict__, "patient_id": long_id,
+                            "accession_number": "RIS.2024.11.000000000000000000123456"})
+    pdf = write_classification_report(tb_result, study, tmp_path / "r.pdf").path
+    pages = _page_texts(pdf)
+    text = "\f".join(pages)
+    for part in ("HOSPITAL-", "RADIOLOGY-", "DEPARTMENT-", "000123456789_",
+                 "11.", "000000000000000000123456"):
+        assert part in text, part
+    assert long_id not in " ".join(text.split())  # it did need more than one line
+    model_page = next(p for p in pages if "Model version" in p)
+    assert "\nModel\n" in model_page or model_page.lstrip().startswith("Model")
