@@ -830,8 +830,8 @@ class StorageSCP:
 
     def _answer(self, log: Any, status: Status, message: str, **extra: Any) -> int:
         self._count(f"store:0x{status:04X}")
-        if status is Status.SUCCESS:
-            log.info("C-STORE", status=f"0x{status:04X}", message=message, **extra)
+        if status is Status.SUCCESS:  # the association's summary line counts them
+            log.debug("C-STORE", status=f"0x{status:04X}", message=message, **extra)
         else:
             log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
         return int(status)
