@@ -172,10 +172,16 @@ def segmentation_overlay(
     tw, th = max(1, round(nx * scale)), max(1, round(ny * scale))
     font = _font(14)
     small = _font(12)
-    legend_h = 28 + 20 * ((len(segments) + 2) // 3)
     pad = 6
-    size = (len(picks) * (tw + pad) + pad, th + 2 * pad + 18 + legend_h)
-    canvas = Image.new("RGB", size, "black")
+    width = len(picks) * (tw + pad) + pad
+    entries = [f"{seg.name} ({seg.volume_ml:.1f} mL)" for seg in segments]
+    # As many legend columns as the widest entry allows, so 4 structures read as one row
+    # under 4 slices instead of 3 + 1.
+    widest = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(e, font=small)
+                  for e in entries), default=0.0)
+    cols = max(1, min(len(entries), int((width - 2 * pad) // (widest + 18 + 24))))
+    legend_h = 28 + 20 * (-(-len(entries) // cols))
+    canvas = Image.new("RGB", (width, th + 2 * pad + 18 + legend_h), "black")
     draw = ImageDraw.Draw(canvas)
     for i, z in enumerate(picks):
         gray = _window(vol[z], *window).astype(np.float32)
@@ -204,12 +210,12 @@ def segmentation_overlay(
         draw.text((x0, pad), f"slice {z + 1}/{vol.shape[0]}", fill="white", font=small)
     y = pad + 18 + th + 10
     draw.text((pad, y), "Legend", fill="white", font=font)
-    col_w = max(1, (canvas.width - 2 * pad) // 3)
-    for j, seg in enumerate(segments):
-        cx = pad + (j % 3) * col_w
-        cy = y + 20 + 20 * (j // 3)
+    col_w = max(1, (canvas.width - 2 * pad) // cols)
+    for j, entry in enumerate(entries):
+        cx = pad + (j % cols) * col_w
+        cy = y + 20 + 20 * (j // cols)
         draw.rectangle((cx, cy + 2, cx + 12, cy + 14), fill=segment_color(j))
-        draw.text((cx + 18, cy), f"{seg.name} ({seg.volume_ml:.1f} mL)", fill="white", font=small)
+        draw.text((cx + 18, cy), entry, fill="white", font=small)
     return canvas
 
 

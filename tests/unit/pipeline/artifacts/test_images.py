@@ -11,8 +11,14 @@ from pipeline.artifacts import (
     write_segmentation_overlay_png,
     write_source_png,
 )
-from pipeline.artifacts.images import heatmap_overlay, jet, to_uint8
-from pipeline.types import ClassificationResult, SegmentationResult
+from pipeline.artifacts.images import (
+    heatmap_overlay,
+    jet,
+    segment_color,
+    segmentation_overlay,
+    to_uint8,
+)
+from pipeline.types import ClassificationResult, Segment, SegmentationResult
 
 
 def test_source_png_is_8bit_gray(tmp_path: Path, tb_result: ClassificationResult) -> None:
@@ -62,3 +68,31 @@ def test_segmentation_overlay_png(tmp_path: Path, seg_result: SegmentationResult
     assert img.width > img.height > 256
     colours = {tuple(c) for c in np.asarray(img).reshape(-1, 3)}
     assert (230, 25, 75) in colours  # first segment colour (contour/legend)
+
+
+def _legend_rows(img: Image.Image, n: int, below: int) -> list[int]:
+    """The top row of each legend swatch (segment colours 0..n-1) under the montage."""
+    arr = np.asarray(img)[below:]
+    rows = []
+    for j in range(n):
+        hit = np.all(arr == np.asarray(segment_color(j), dtype=np.uint8), axis=-1)
+        rows.append(int(np.argwhere(hit)[:, 0].min()) + below)
+    return rows
+
+
+def test_overlay_legend_uses_the_width_it_has() -> None:
+    """Four structures under four slices read as one legend row (not 3 + 1); names too
+    long for that wrap onto more rows instead of running off the image."""
+    labels = np.zeros((8, 64, 64), dtype=np.uint8)
+    for k in range(1, 5):
+        labels[1:7, 8 * k : 8 * k + 6, 10:50] = k
+    volume = np.where(labels > 0, 60.0, -100.0).astype(np.float32)
+    short = [Segment(k, f"organ {k}", 10.0 * k) for k in range(1, 5)]
+    img = segmentation_overlay(volume, labels, short, slices=4, tile=256)
+    rows = _legend_rows(img, 4, below=6 + 18 + 256)
+    assert len(set(rows)) == 1
+    long = [Segment(k, f"structure with a very long descriptive name {k}", 1.0)
+            for k in range(1, 5)]
+    img = segmentation_overlay(volume, labels, long, slices=4, tile=256)
+    rows = _legend_rows(img, 4, below=6 + 18 + 256)
+    assert len(set(rows)) > 1 and img.height > rows[-1] + 12
