@@ -177,8 +177,7 @@ def segmentation_overlay(
     entries = [f"{seg.name} ({seg.volume_ml:.1f} mL)" for seg in segments]
     # As many legend columns as the widest entry allows, so 4 structures read as one row
     # under 4 slices instead of 3 + 1.
-    widest = max((ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(e, font=small)
-                  for e in entries), default=0.0)
+    widest = max((small.getlength(e) for e in entries), default=0.0)
     cols = max(1, min(len(entries), int((width - 2 * pad) // (widest + 18 + 24))))
     legend_h = 28 + 20 * (-(-len(entries) // cols))
     canvas = Image.new("RGB", (width, th + 2 * pad + 18 + legend_h), "black")

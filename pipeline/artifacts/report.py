@@ -75,6 +75,7 @@ AMBER_BG = colors.HexColor("#FEF3E2")
 # A token: a run of characters and the separator it ends with (the last may have none).
 _TOKEN = re.compile(r"[^-_./^ ]+[-_./^ ]*|[-_./^ ]+")
 _CELL_PADDING = 6  # ReportLab's default left and right padding of a table cell, points
+_LABEL_W = 28 * mm  # the label columns of the patient and model tables
 
 _FONT_CACHE: dict[str, tuple[str, str]] = {}
 
@@ -289,7 +290,7 @@ def _patient_table(
         *extra,
         ("Study UID", study.study_instance_uid or "—"),
     ]
-    lw = 28 * mm
+    lw = _LABEL_W
     vw = width / 2 - lw
     rows: list[list[Any]] = []
     for i in range(0, len(pairs), 2):
@@ -467,7 +468,7 @@ def _model_table(
 ) -> Table:
     """Pairs in two columns; the last pair (a long UID) spans the full width."""
     *short, last = rows
-    lw = 28 * mm
+    lw = _LABEL_W
     data: list[list[Any]] = []
     for i in range(0, len(short), 2):
         row: list[Any] = []

@@ -73,13 +73,19 @@ def test_formatters() -> None:
     assert format_person_name("") == "—"
 
 
-def _text(pdf: Path) -> str:
+def _page_texts(pdf: Path) -> list[str]:
+    """Each page's text as ``pdftotext -layout`` lays it out."""
     exe = shutil.which("pdftotext")
     if exe is None:
         pytest.skip("pdftotext (poppler-utils) is not installed")
     out = subprocess.run([exe, "-layout", str(pdf), "-"], check=True, timeout=120,
                          capture_output=True, text=True)
-    return " ".join(out.stdout.split())
+    return out.stdout.split("\f")
+
+
+def _text(pdf: Path) -> str:
+    """The whole text, whitespace collapsed."""
+    return " ".join(" ".join(_page_texts(pdf)).split())
 
 
 def test_classification_report_says_what_a_reader_needs(
@@ -115,15 +121,6 @@ def test_segmentation_report_says_what_a_reader_needs(
         row = f"{seg.name} {seg.label} {seg.volume_ml:.1f}"
         assert row in text, row
     assert f"Total {sum(s.volume_ml for s in seg_result.segments):.1f}" in text
-
-
-def _page_texts(pdf: Path) -> list[str]:
-    exe = shutil.which("pdftotext")
-    if exe is None:
-        pytest.skip("pdftotext (poppler-utils) is not installed")
-    out = subprocess.run([exe, "-layout", str(pdf), "-"], check=True, timeout=120,
-                         capture_output=True, text=True)
-    return out.stdout.split("\f")
 
 
 def test_long_ids_wrap_at_their_separators(
