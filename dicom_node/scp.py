@@ -283,7 +283,6 @@ class InstanceWriter:
             raise StoreError(f"cannot record the instances: {type(exc).__name__}") from exc
 
 
-
 class RetrievedBatch:
     """The instances one retrieval placed with ``write(record=False)``, recorded together
     (one commit) when it ends; one whose C-STORE finishes after the end records itself.

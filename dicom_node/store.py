@@ -624,6 +624,8 @@ class Store:
         """:meth:`record_instance` for several instances in one transaction (one commit,
         each study upserted once): a retrieval's instances, recorded together once placed.
         Returns, per record, whether it was written."""
+        if not recs:
+            return []
         stmts = self._upserts(overwrite)
         if stmts is None:
             return [self.add_instance(rec, overwrite=overwrite) for rec in recs]
@@ -640,8 +642,6 @@ class Store:
                     conn.execute(stmts[1], _study_values(rec, now))
             return written
 
-        if not recs:
-            return []
         if durable:
             with self._begin() as conn:
                 return upsert(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def segmentation_overlay(
     # under 4 slices instead of 3 + 1.
     widest = max((small.getlength(e) for e in entries), default=0.0)
     cols = max(1, min(len(entries), int((width - 2 * pad) // (widest + 18 + 24))))
-    legend_h = 28 + 20 * (-(-len(entries) // cols))
+    legend_h = 28 + 20 * math.ceil(len(entries) / cols)
     canvas = Image.new("RGB", (width, th + 2 * pad + 18 + legend_h), "black")
     draw = ImageDraw.Draw(canvas)
     for i, z in enumerate(picks):
