@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import queue
 import re
 import select
 import shutil
@@ -22,11 +23,12 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 from pydicom import Dataset, dcmread
@@ -63,6 +65,7 @@ __all__ = [
     "StorageSCP",
     "safe_uid",
     "tune_socket",
+    "untune",
 ]
 
 # Stream every received dataset to a file instead of memory: raw, bounded memory.
@@ -399,19 +402,74 @@ def _place(source: Path, final: Path, *, durable: bool = True) -> int:
     return size
 
 
+class _Wakeup:
+    """An eventfd that wakes a DUL thread waiting on its socket when a primitive is
+    queued for it to send (see :class:`_TunedSocket`).
+
+    Set from any thread; waited on and cleared by the DUL thread only. Closed by the
+    DUL thread when its connection closes, or when the last reference goes; ``set``
+    after that does nothing (the lock keeps it from writing to a reused fd number).
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._close = weakref.finalize(self, os.close, self.fd)
+
+    def set(self) -> None:
+        with self._lock:
+            if self._close.alive:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):  # EAGAIN: already cleared
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A DUL's ``to_provider_queue`` that wakes its thread on every put."""
+
+    wakeup: _Wakeup
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wakeup.set()
+
+
 class _TunedSocket(AssociationSocket):
     """pynetdicom's association socket, tuned for receiving large datasets.
 
     pynetdicom 3.0 reads a PDU 4 KiB at a time into a growing bytearray, and its DUL
     thread polls the socket with a zero timeout then sleeps 1 ms, so every C-STORE
     waits up to a millisecond for the thread to notice the data (or our response).
-    Here ``recv`` fills one preallocated buffer, and ``ready`` waits in ``select``
-    (woken at once by data) for a short time while the peer is busy, a longer one
-    when it is idle, so an idle association does not spin. Only the class of each
-    accepted association's socket changes (see :func:`_tune`), nothing global.
+    Here ``recv`` fills one preallocated buffer, and ``ready`` waits in ``poll`` on the
+    socket and on a :class:`_Wakeup` that the DUL's send queue sets, so the thread
+    sleeps until the peer sends or we have something to send, whichever comes first,
+    instead of spinning (the spinning thread took the interpreter lock from the one
+    handling the message thousands of times a second). Without eventfd (not Linux) it
+    polls: 0.2 ms while the peer is busy, 1 ms when idle. Only the class of each
+    association's socket changes (see :func:`tune_socket`), nothing global.
     """
 
     _busy_until: float = 0.0
+    _wakeup: _Wakeup | None = None
+    _poller: Any = None  # select.poll, registered on first use by the DUL thread
+
+    def arm_wakeup(self, send_queue: queue.Queue[Any]) -> None:
+        """Wake the DUL thread when ``send_queue`` (its ``to_provider_queue``) gets
+        a primitive."""
+        if not hasattr(os, "eventfd") or self._wakeup is not None:
+            return
+        wakeup = _Wakeup()
+        send_queue.__class__ = _WakingQueue
+        cast(_WakingQueue, send_queue).wakeup = wakeup
+        self._wakeup = wakeup
+        wakeup.set()  # anything queued before the swap is looked at now
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
@@ -435,6 +493,13 @@ class _TunedSocket(AssociationSocket):
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         return buf
 
+    def close(self) -> None:
+        super().close()
+        # pynetdicom closes the transport from the DUL thread (the state machine's
+        # actions): past this its ``ready`` is not called, so the eventfd can go.
+        if self._wakeup is not None and threading.current_thread() is self.assoc.dul:
+            self._wakeup.close()
+
     @property
     def ready(self) -> bool:
         sock = self.socket
@@ -442,13 +507,37 @@ class _TunedSocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
-        wait = 0.0002 if time.monotonic() < self._busy_until else 0.001
+        wakeup = self._wakeup
+        if self._poller is None:
+            self._poller = select.poll()
+            with contextlib.suppress(OSError, ValueError):
+                self._poller.register(sock, select.POLLIN)
+                if wakeup is not None:
+                    self._poller.register(wakeup.fd, select.POLLIN)
+        if wakeup is None:
+            wait_ms = 0.2 if time.monotonic() < self._busy_until else 1.0
+        elif self.assoc.dul.state_machine.current_state == "Sta13":
+            wait_ms = 0.0  # pynetdicom closes the transport once no data is left
+        else:
+            # The upper bound is for what nothing signals: the ARTIM timer, and the
+            # association asking the thread to stop.
+            wait_ms = 20.0
         try:
-            readable, _, _ = select.select([sock], [], [], wait)
-        except (OSError, TimeoutError, ValueError):
+            events = self._poller.poll(wait_ms)
+        except (OSError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        return bool(readable)
+        readable = False
+        fd = sock.fileno()
+        for got_fd, mask in events:
+            if got_fd == fd:
+                if mask & select.POLLNVAL:
+                    self.event_queue.put("Evt17")
+                    return False
+                readable = True
+            elif wakeup is not None:
+                wakeup.clear()
+        return readable
 
 
 class _TunedAssociation(Association):
@@ -463,6 +552,12 @@ class _TunedAssociation(Association):
     """
 
     def _run_reactor(self) -> None:
+        try:
+            self._serve()
+        finally:
+            untune(self)
+
+    def _serve(self) -> None:
         self._is_paused = False
         queue = self.dimse.msg_queue
         while not self._kill:
@@ -524,8 +619,8 @@ class _SharedSyntaxContexts(list[PresentationContext]):
 
 
 def tune_socket(assoc: Association) -> None:
-    """Swap in :class:`_TunedSocket`, let its ``select`` pace the DUL loop, and switch
-    off Nagle's algorithm.
+    """Swap in :class:`_TunedSocket`, let it pace the DUL loop (woken by data or by
+    a primitive to send), and switch off Nagle's algorithm.
 
     pynetdicom writes a DIMSE message's command and dataset as separate PDUs; with
     Nagle on, the second waits for the peer to acknowledge the first, which a peer
@@ -536,11 +631,24 @@ def tune_socket(assoc: Association) -> None:
     sock = assoc.dul.socket
     if type(sock) is AssociationSocket:
         sock.__class__ = _TunedSocket
+        cast(_TunedSocket, sock).arm_wakeup(assoc.dul.to_provider_queue)
         assoc.dul._run_loop_delay = 0  # ``ready`` waits instead of sleeping blind
     raw = getattr(sock, "socket", None)
     if raw is not None:
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def untune(assoc: Association) -> None:
+    """Close the eventfd of a finished association's socket (see :class:`_Wakeup`).
+
+    Only once its DUL thread has stopped; otherwise, and for any association that
+    ends another way, the eventfd closes when the socket is collected.
+    """
+    sock = assoc.dul.socket
+    if isinstance(sock, _TunedSocket) and sock._wakeup is not None \
+            and not assoc.dul.is_alive():
+        sock._wakeup.close()
 
 
 def _tune(assoc: Association) -> None:

@@ -51,6 +51,7 @@ from dicom_node.scp import (
     StorageSCP,
     safe_uid,
     tune_socket,
+    untune,
 )
 from dicom_node.store import Store
 
@@ -650,6 +651,7 @@ def _dataset_for(it: _Item, accepted: set[tuple[str, str]]) -> Dataset:
 def _close(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
+    untune(assoc)
 
 
 def _retrieve_status_meaning(status: int) -> str:

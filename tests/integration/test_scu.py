@@ -369,3 +369,65 @@ def test_associations_ack_at_once_and_send_without_nagle(node: RunningNode) -> N
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+
+
+def _eventfds() -> int:
+    import os
+
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd) == "anon_inode:[eventfd]"
+        except OSError:  # closed while listing
+            pass
+    return count
+
+
+def _voluntary_switches(thread_id: int) -> int:
+    status = Path(f"/proc/self/task/{thread_id}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("voluntary_ctxt_switches"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_association_threads_sleep_until_woken(node: RunningNode) -> None:
+    """The DUL threads of both ends wait for data or for a primitive to send instead
+    of polling every millisecond (a polling thread takes the interpreter lock from
+    the one handling a message), and the eventfds that wake them are closed with
+    their associations."""
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    before = _eventfds()
+    client = DicomClient(node.settings)
+    ae = AE(ae_title="NODESCU")
+    ae.add_requested_context(Verification)
+    for _ in range(5):
+        assoc, error = client._associate(ae, Peer(NODE_AE, "127.0.0.1", node.port))
+        assert assoc is not None, error
+        try:
+            assert _eventfds() >= before + 2  # one for each end
+            # woken to send each request and each response: every echo is answered
+            assert all(assoc.send_c_echo().Status == 0x0000 for _ in range(20))
+            assert node.node is not None and node.node.scp is not None
+            server = node.node.scp._server
+            assert server is not None
+            theirs = next(a for a in server.active_associations if a.is_established)
+            threads = [assoc.dul.native_id, theirs.dul.native_id]
+            assert all(t is not None for t in threads)
+            start = [_voluntary_switches(t) for t in threads if t is not None]
+            time.sleep(0.5)
+            woke = [_voluntary_switches(t) - s
+                    for t, s in zip(threads, start, strict=True) if t is not None]
+            # polling: ~500 each in half a second; waiting: ~25 (the 20 ms upper bound)
+            assert max(woke) < 150, woke
+        finally:
+            assoc.release()
+    for _ in range(200):  # the acceptor's threads finish just after the release
+        if _eventfds() <= before:
+            break
+        time.sleep(0.01)
+    assert _eventfds() <= before
