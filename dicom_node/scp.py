@@ -460,17 +460,6 @@ class _TunedSocket(AssociationSocket):
     _wakeup: _Wakeup | None = None
     _poller: Any = None  # select.poll, registered on first use by the DUL thread
 
-    def arm_wakeup(self, send_queue: queue.Queue[Any]) -> None:
-        """Wake the DUL thread when ``send_queue`` (its ``to_provider_queue``) gets
-        a primitive."""
-        if not hasattr(os, "eventfd") or self._wakeup is not None:
-            return
-        wakeup = _Wakeup()
-        send_queue.__class__ = _WakingQueue
-        cast(_WakingQueue, send_queue).wakeup = wakeup
-        self._wakeup = wakeup
-        wakeup.set()  # anything queued before the swap is looked at now
-
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
@@ -509,11 +498,15 @@ class _TunedSocket(AssociationSocket):
             return True
         wakeup = self._wakeup
         if self._poller is None:
-            self._poller = select.poll()
-            with contextlib.suppress(OSError, ValueError):
-                self._poller.register(sock, select.POLLIN)
+            poller = select.poll()
+            try:
+                poller.register(sock, select.POLLIN)
                 if wakeup is not None:
-                    self._poller.register(wakeup.fd, select.POLLIN)
+                    poller.register(wakeup.fd, select.POLLIN)
+            except (OSError, ValueError):  # closed under us
+                self.event_queue.put("Evt17")
+                return False
+            self._poller = poller
         if wakeup is None:
             wait_ms = 0.2 if time.monotonic() < self._busy_until else 1.0
         elif self.assoc.dul.state_machine.current_state == "Sta13":
@@ -630,8 +623,15 @@ def tune_socket(assoc: Association) -> None:
     """
     sock = assoc.dul.socket
     if type(sock) is AssociationSocket:
+        if hasattr(os, "eventfd"):
+            # Before the class changes: the DUL thread's first tuned ``ready`` must
+            # already wait on the eventfd too.
+            wakeup = _Wakeup()
+            send_queue = assoc.dul.to_provider_queue
+            send_queue.__class__ = _WakingQueue
+            cast(_WakingQueue, send_queue).wakeup = wakeup
+            sock._wakeup = wakeup  # type: ignore[attr-defined]
         sock.__class__ = _TunedSocket
-        cast(_TunedSocket, sock).arm_wakeup(assoc.dul.to_provider_queue)
         assoc.dul._run_loop_delay = 0  # ``ready`` waits instead of sleeping blind
     raw = getattr(sock, "socket", None)
     if raw is not None:
