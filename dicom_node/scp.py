@@ -63,9 +63,9 @@ __all__ = [
     "ReceivedInstance",
     "RetrievedBatch",
     "StorageSCP",
+    "close_wakeup",
     "safe_uid",
     "tune_socket",
-    "untune",
 ]
 
 # Stream every received dataset to a file instead of memory: raw, bounded memory.
@@ -548,7 +548,7 @@ class _TunedAssociation(Association):
         try:
             self._serve()
         finally:
-            untune(self)
+            close_wakeup(self)
 
     def _serve(self) -> None:
         self._is_paused = False
@@ -639,7 +639,7 @@ def tune_socket(assoc: Association) -> None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def untune(assoc: Association) -> None:
+def close_wakeup(assoc: Association) -> None:
     """Close the eventfd of a finished association's socket (see :class:`_Wakeup`).
 
     Only once its DUL thread has stopped; otherwise, and for any association that

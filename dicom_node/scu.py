@@ -49,9 +49,9 @@ from dicom_node.scp import (
     ReceivedInstance,
     RetrievedBatch,
     StorageSCP,
+    close_wakeup,
     safe_uid,
     tune_socket,
-    untune,
 )
 from dicom_node.store import Store
 
@@ -651,7 +651,7 @@ def _dataset_for(it: _Item, accepted: set[tuple[str, str]]) -> Dataset:
 def _close(assoc: Association) -> None:
     if assoc.is_established:
         assoc.release()
-    untune(assoc)
+    close_wakeup(assoc)
 
 
 def _retrieve_status_meaning(status: int) -> str:

@@ -372,15 +372,13 @@ def test_associations_ack_at_once_and_send_without_nagle(node: RunningNode) -> N
 
 
 def _eventfds() -> int:
+    import contextlib
     import os
 
-    fds = Path("/proc/self/fd")
     count = 0
-    for fd in fds.iterdir():
-        try:
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed while listing
             count += os.readlink(fd) == "anon_inode:[eventfd]"
-        except OSError:  # closed while listing
-            pass
     return count
 
 
