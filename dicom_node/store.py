@@ -629,18 +629,9 @@ class Store:
         stmts = self._upserts(overwrite)
         if stmts is None:
             return [self.add_instance(rec, overwrite=overwrite) for rec in recs]
-        now = utcnow()
 
         def upsert(conn: Connection) -> list[bool]:
-            written: list[bool] = []
-            studies_seen: set[str] = set()
-            for rec in recs:
-                row = conn.execute(stmts[0], _instance_values(rec)).first()
-                written.append(row is not None)
-                if row is not None and rec.study_instance_uid not in studies_seen:
-                    studies_seen.add(rec.study_instance_uid)
-                    conn.execute(stmts[1], _study_values(rec, now))
-            return written
+            return self._upsert_instances(conn, stmts, recs)
 
         if durable:
             with self._begin() as conn:
@@ -658,6 +649,20 @@ class Store:
                 if self.dialect == "sqlite":  # the pooled connection goes back as it came
                     conn.exec_driver_sql("PRAGMA synchronous=FULL")
                     conn.commit()
+
+    @staticmethod
+    def _upsert_instances(conn: Connection, stmts: tuple[Any, Any],
+                          recs: Sequence[InstanceRecord]) -> list[bool]:
+        now = utcnow()
+        written: list[bool] = []
+        studies_seen: set[str] = set()
+        for rec in recs:
+            row = conn.execute(stmts[0], _instance_values(rec)).first()
+            written.append(row is not None)
+            if row is not None and rec.study_instance_uid not in studies_seen:
+                studies_seen.add(rec.study_instance_uid)
+                conn.execute(stmts[1], _study_values(rec, now))
+        return written
 
     def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
         """Built once: constructing SQLAlchemy statements costs more than running them."""
@@ -1107,15 +1112,27 @@ class Store:
             return conn.execute(q).first() is not None
 
     def add_watch_inputs(
-        self, watch: str, inputs: Sequence[tuple[str, str | None]], state: str = "stored"
+        self, watch: str, inputs: Sequence[tuple[str, str | None]], state: str = "stored",
+        *, instances: Sequence[InstanceRecord] = (),
     ) -> None:
-        """Record ``(sha256, sop_instance_uid)`` pairs as taken in; known ones are left as is."""
+        """Record ``(sha256, sop_instance_uid)`` pairs as taken in; known ones are left as is.
+
+        ``instances`` (placed by ``InstanceWriter.write(record=False)``) are recorded in
+        the same transaction, overwriting known ones: one commit for a dropped file, not
+        one for its instance and another for the file.
+        """
         if not inputs:
+            self.record_instances(instances)
             return
+        stmts = self._upserts(True) if instances else None
+        if instances and stmts is None:  # no ON CONFLICT: one instance at a time first
+            self.record_instances(instances)
         now = utcnow()
         rows = [{"watch": watch, "sha256": sha, "sop_instance_uid": sop, "state": state,
                  "created_at": now, "updated_at": now} for sha, sop in inputs]
         with self._begin() as conn:
+            if stmts is not None:
+                self._upsert_instances(conn, stmts, instances)
             if conn.dialect.name in ("sqlite", "postgresql"):
                 if conn.dialect.name == "sqlite":
                     from sqlalchemy.dialects.sqlite import insert as upsert

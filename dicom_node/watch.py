@@ -56,6 +56,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
@@ -467,7 +468,12 @@ class DropFolder:
                 os.unlink(staged)
         # Record before the input is moved or deleted: a crash in between finds the
         # file again on restart, recognises its hash and only finishes the move.
-        watcher.store.add_watch_inputs(self.name, taken.records)
+        try:
+            watcher.store.add_watch_inputs(
+                self.name, taken.records,
+                instances=[i.unrecorded for i in taken.instances if i.unrecorded is not None])
+        except SQLAlchemyError as exc:  # placed, not recorded: taken again next time
+            raise StoreError(f"cannot record the input: {type(exc).__name__}") from exc
         for inst in taken.instances:
             watcher.assembler.watched_instance(inst, self.policy)
         with self._lock:
@@ -500,8 +506,9 @@ class DropFolder:
         if part10 is None:
             return None
         try:
+            # recorded with the input in one commit (``_take``)
             return self.watcher.writer.write(Path(path), called_ae="", calling_ae="",
-                                             association_id=0, source="watch")
+                                             association_id=0, source="watch", record=False)
         except InvalidInput as exc:
             raise _Refused(f"not a usable DICOM file: {exc}") from exc
 

@@ -240,6 +240,19 @@ def test_watch_inputs_record_once_and_track_jobs(store: Store) -> None:
     assert store.count_watch_inputs("inbox") == {"queued": 1, "stored": 2}
 
 
+def test_a_dropped_file_and_its_instances_are_recorded_together(store: Store) -> None:
+    """One transaction: an input is never known without its instances, nor the reverse."""
+    store.add_watch_inputs("inbox", [("d" * 64, "5.1"), ("e" * 64, "5.2")],
+                           instances=[rec("5.1", study="5"), rec("5.2", study="5")])
+    assert store.watch_input_known("inbox", "d" * 64)
+    assert [r.sop_instance_uid for r in store.pending_watch_instances("inbox")] == ["5.1", "5.2"]
+    bad: list[tuple[str, str | None]] = [("f" * 64, "6.1"), (None, "6.2")]  # type: ignore[list-item]
+    with pytest.raises(sa.exc.IntegrityError):  # sha256 is NOT NULL: the second row fails
+        store.add_watch_inputs("inbox", bad, instances=[rec("6.1", study="6")])
+    assert store.get_instance("6.1") is None
+    assert not store.watch_input_known("inbox", "f" * 64)
+
+
 # -- seed 002: integer ids, projects and batches ------------------------------------------
 
 
