@@ -441,6 +441,18 @@ class _WakingQueue(queue.Queue[Any]):
         self.wakeup.set()
 
 
+class _NotifyingQueue(queue.Queue[Any]):
+    """A DUL's ``to_user_queue`` (release and abort requests, the peer's A-ABORT) that
+    also wakes the association thread waiting on its DIMSE message queue."""
+
+    reactor_wakeup: threading.Condition
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with self.reactor_wakeup:
+            self.reactor_wakeup.notify_all()
+
+
 class _TunedSocket(AssociationSocket):
     """pynetdicom's association socket, tuned for receiving large datasets.
 
@@ -540,8 +552,10 @@ class _TunedAssociation(Association):
     queue (2 ms and more on a busy machine), and a C-STORE typically costs it several
     turns: most of the time a PACS spends sending us a study went there. This is
     pynetdicom 3.0.4's ``_run_reactor`` with that sleep replaced by a wait on the
-    queue of at most the same 1 ms, which returns as soon as a message is queued.
-    Only used with pynetdicom 3.0 (see :func:`_tune`).
+    queue, which returns as soon as a message is queued or the DUL hands up a release
+    or abort (:class:`_NotifyingQueue`); at most 20 ms, for what nothing signals (the
+    network timeout, a kill from another thread). Only used with pynetdicom 3.0 (see
+    :func:`_tune`).
     """
 
     def _run_reactor(self) -> None:
@@ -556,7 +570,7 @@ class _TunedAssociation(Association):
         while not self._kill:
             with queue.not_empty:  # returns at once when a message is waiting
                 if not queue._qsize():
-                    queue.not_empty.wait(0.001)
+                    queue.not_empty.wait(0.02)
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
@@ -656,6 +670,9 @@ def _tune(assoc: Association) -> None:
     after EVT_REQUESTED, where this is called)."""
     tune_socket(assoc)
     if type(assoc) is Association and _PYNETDICOM_3_0:
+        to_user = assoc.dul.to_user_queue
+        to_user.__class__ = _NotifyingQueue
+        cast(_NotifyingQueue, to_user).reactor_wakeup = assoc.dimse.msg_queue.not_empty
         assoc.__class__ = _TunedAssociation
 
 

@@ -390,10 +390,10 @@ def _voluntary_switches(thread_id: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_association_threads_sleep_until_woken(node: RunningNode) -> None:
-    """The DUL threads of both ends wait for data or for a primitive to send instead
-    of polling every millisecond (a polling thread takes the interpreter lock from
-    the one handling a message), and the eventfds that wake them are closed with
-    their associations."""
+    """The DUL threads of both ends wait for data or for a primitive to send, and the
+    node's association thread for a message, a release or an abort, instead of polling
+    every millisecond (a polling thread takes the interpreter lock from the one handling
+    a message); the eventfds that wake the DUL threads close with their associations."""
     import time
 
     from pynetdicom import AE
@@ -414,7 +414,8 @@ def test_association_threads_sleep_until_woken(node: RunningNode) -> None:
             server = node.node.scp._server
             assert server is not None
             theirs = next(a for a in server.active_associations if a.is_established)
-            threads = [assoc.dul.native_id, theirs.dul.native_id]
+            # both DUL threads, and the node's association thread waiting for messages
+            threads = [assoc.dul.native_id, theirs.dul.native_id, theirs.native_id]
             assert all(t is not None for t in threads)
             start = [_voluntary_switches(t) for t in threads if t is not None]
             time.sleep(0.5)
