@@ -430,3 +430,25 @@ def test_association_threads_sleep_until_woken(node: RunningNode) -> None:
             break
         time.sleep(0.01)
     assert _eventfds() <= before
+
+
+def test_associations_work_without_eventfd(node: RunningNode,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where there is no eventfd (not Linux) the DUL threads poll the socket as before."""
+    import os
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    monkeypatch.delattr(os, "eventfd", raising=False)
+    ae = AE(ae_title="NODESCU")
+    ae.add_requested_context(Verification)
+    assoc, error = DicomClient(node.settings)._associate(
+        ae, Peer(NODE_AE, "127.0.0.1", node.port))
+    assert assoc is not None, error
+    try:
+        assert type(assoc.dul.socket).__name__ == "_TunedSocket"
+        assert assoc.dul.socket._wakeup is None
+        assert all(assoc.send_c_echo().Status == 0x0000 for _ in range(5))
+    finally:
+        assoc.release()
