@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import queue
 import re
@@ -431,26 +432,26 @@ class _Wakeup:
             self._close()
 
 
-class _WakingQueue(queue.Queue[Any]):
-    """A DUL's ``to_provider_queue`` that wakes its thread on every put."""
+class _SignallingQueue(queue.Queue[Any]):
+    """One of a DUL's queues that also signals a waiting thread on every put: its send
+    queue sets the DUL thread's :class:`_Wakeup`, its queue to the user (release and
+    abort requests, the peer's A-ABORT) wakes the association thread."""
 
-    wakeup: _Wakeup
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self.wakeup.set()
-
-
-class _NotifyingQueue(queue.Queue[Any]):
-    """A DUL's ``to_user_queue`` (release and abort requests, the peer's A-ABORT) that
-    also wakes the association thread waiting on its DIMSE message queue."""
-
-    reactor_wakeup: threading.Condition
+    on_put: Callable[[], None]
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        with self.reactor_wakeup:
-            self.reactor_wakeup.notify_all()
+        self.on_put()
+
+
+def _signal_on_put(q: queue.Queue[Any], on_put: Callable[[], None]) -> None:
+    q.__class__ = _SignallingQueue
+    cast(_SignallingQueue, q).on_put = on_put
+
+
+def _notify_all(condition: threading.Condition) -> None:
+    with condition:
+        condition.notify_all()
 
 
 class _TunedSocket(AssociationSocket):
@@ -485,7 +486,8 @@ class _TunedSocket(AssociationSocket):
                 return buf[:got]
             got += n
         del view
-        self._busy_until = time.monotonic() + 0.25
+        if self._wakeup is None:  # only the polling fallback paces itself by this
+            self._busy_until = time.monotonic() + 0.25
         if _QUICKACK is not None:
             # Acknowledge at once, not after Linux's delayed-ACK timer: a sender with
             # Nagle's algorithm on (dcmtk's default) holds its next PDU until our ACK
@@ -553,7 +555,7 @@ class _TunedAssociation(Association):
     turns: most of the time a PACS spends sending us a study went there. This is
     pynetdicom 3.0.4's ``_run_reactor`` with that sleep replaced by a wait on the
     queue, which returns as soon as a message is queued or the DUL hands up a release
-    or abort (:class:`_NotifyingQueue`); at most 20 ms, for what nothing signals (the
+    or abort (:class:`_SignallingQueue`); at most 20 ms, for what nothing signals (the
     network timeout, a kill from another thread). Only used with pynetdicom 3.0 (see
     :func:`_tune`).
     """
@@ -641,9 +643,7 @@ def tune_socket(assoc: Association) -> None:
             # Before the class changes: the DUL thread's first tuned ``ready`` must
             # already wait on the eventfd too.
             wakeup = _Wakeup()
-            send_queue = assoc.dul.to_provider_queue
-            send_queue.__class__ = _WakingQueue
-            cast(_WakingQueue, send_queue).wakeup = wakeup
+            _signal_on_put(assoc.dul.to_provider_queue, wakeup.set)
             sock._wakeup = wakeup  # type: ignore[attr-defined]
         sock.__class__ = _TunedSocket
         assoc.dul._run_loop_delay = 0  # ``ready`` waits instead of sleeping blind
@@ -670,9 +670,8 @@ def _tune(assoc: Association) -> None:
     after EVT_REQUESTED, where this is called)."""
     tune_socket(assoc)
     if type(assoc) is Association and _PYNETDICOM_3_0:
-        to_user = assoc.dul.to_user_queue
-        to_user.__class__ = _NotifyingQueue
-        cast(_NotifyingQueue, to_user).reactor_wakeup = assoc.dimse.msg_queue.not_empty
+        _signal_on_put(assoc.dul.to_user_queue,
+                       functools.partial(_notify_all, assoc.dimse.msg_queue.not_empty))
         assoc.__class__ = _TunedAssociation
 
 

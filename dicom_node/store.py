@@ -629,13 +629,9 @@ class Store:
         stmts = self._upserts(overwrite)
         if stmts is None:
             return [self.add_instance(rec, overwrite=overwrite) for rec in recs]
-
-        def upsert(conn: Connection) -> list[bool]:
-            return self._upsert_instances(conn, stmts, recs)
-
         if durable:
             with self._begin() as conn:
-                return upsert(conn)
+                return self._upsert_instances(conn, stmts, recs)
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":  # a connection setting: set outside the transaction
                 conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
@@ -644,7 +640,7 @@ class Store:
                 with conn.begin():
                     if self.dialect == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    return upsert(conn)
+                    return self._upsert_instances(conn, stmts, recs)
             finally:
                 if self.dialect == "sqlite":  # the pooled connection goes back as it came
                     conn.exec_driver_sql("PRAGMA synchronous=FULL")
@@ -669,11 +665,8 @@ class Store:
         cache: dict[bool, tuple[Any, Any]] = self.__dict__.setdefault("_upsert_cache", {})
         if overwrite in cache:
             return cache[overwrite]
-        if self.dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as upsert
-        elif self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert  # type: ignore[assignment]
-        else:
+        upsert = self._insert_on_conflict()
+        if upsert is None:
             return None
         ins = upsert(instances)
         if overwrite:
@@ -693,6 +686,25 @@ class Store:
         )
         cache[overwrite] = (returning, study)
         return cache[overwrite]
+
+    def _insert_on_conflict(self) -> Any:
+        """The dialect's INSERT that takes ON CONFLICT (SQLite, PostgreSQL), else None."""
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        else:
+            return None
+        return insert
+
+    def _watch_input_insert(self) -> Any:
+        """INSERT of drop-folder inputs leaving known ones as they are, built once; None
+        without ON CONFLICT."""
+        if "_watch_insert" not in self.__dict__:
+            upsert = self._insert_on_conflict()
+            self.__dict__["_watch_insert"] = None if upsert is None else upsert(
+                watch_inputs).on_conflict_do_nothing(index_elements=["watch", "sha256"])
+        return self.__dict__["_watch_insert"]
 
     def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:
         """Note that these instances' group became jobs (or needed none)."""
@@ -1133,15 +1145,9 @@ class Store:
         with self._begin() as conn:
             if stmts is not None:
                 self._upsert_instances(conn, stmts, instances)
-            if conn.dialect.name in ("sqlite", "postgresql"):
-                if conn.dialect.name == "sqlite":
-                    from sqlalchemy.dialects.sqlite import insert as upsert
-                else:
-                    from sqlalchemy.dialects.postgresql import (  # type: ignore[assignment]
-                        insert as upsert,
-                    )
-                conn.execute(upsert(watch_inputs).on_conflict_do_nothing(
-                    index_elements=["watch", "sha256"]), rows)
+            insert = self._watch_input_insert()
+            if insert is not None:
+                conn.execute(insert, rows)
                 return
             for row in rows:
                 try:
