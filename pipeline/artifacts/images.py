@@ -219,10 +219,10 @@ def segmentation_overlay(
     return canvas
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """Encode a Pillow image as PNG bytes."""
+def png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
+    """Encode a Pillow image as PNG bytes (zlib ``compress_level`` 0-9: 1 is fastest)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False)
+    image.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     return buf.getvalue()
 
 

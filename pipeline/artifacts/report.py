@@ -55,6 +55,7 @@ __all__ = [
 
 #: Multiplication sign for sizes.
 TIMES = "\u00d7"
+PRINT_DPI = 300  # images in the report get at most this many dots per inch
 
 #: Notice printed prominently on every report and in every page footer.
 DISCLAIMER = (
@@ -413,12 +414,15 @@ def _findings_table(
 
 
 def _rl_image(img: PILImage.Image, max_w: float, max_h: float) -> Image:
-    if max(img.size) > 1024:  # about 300 dpi at the printed size; keeps the PDF small
-        img = img.copy()
-        img.thumbnail((1024, 1024), PILImage.Resampling.LANCZOS)
     w, h = img.size
-    scale = min(max_w / w, max_h / h)
-    return Image(io.BytesIO(png_bytes(img)), width=w * scale, height=h * scale)
+    scale = min(max_w / w, max_h / h)  # points per pixel at the printed size
+    per_pixel = scale * PRINT_DPI / 72  # printed dots per image pixel
+    if per_pixel < 1:  # more pixels than print needs only make the PDF big and slow
+        img = img.resize((max(1, round(w * per_pixel)), max(1, round(h * per_pixel))),
+                         PILImage.Resampling.LANCZOS)
+    # reportlab decodes the PNG and deflates the pixels again: compress it lightly
+    return Image(io.BytesIO(png_bytes(img, compress_level=1)),
+                 width=w * scale, height=h * scale)
 
 
 class _Placeholder(Flowable):  # type: ignore[misc]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -141,3 +143,31 @@ def test_long_ids_wrap_at_their_separators(
     assert long_id not in " ".join(text.split())  # it did need more than one line
     model_page = next(p for p in pages if "Model version" in p)
     assert "\nModel\n" in model_page or model_page.lstrip().startswith("Model")
+
+
+def _embedded_images(pdf: Path) -> list[tuple[int, int, int]]:
+    """(width, height, x-ppi) of each image in the PDF, as ``pdfimages -list`` reads them."""
+    exe = shutil.which("pdfimages")
+    if exe is None:
+        pytest.skip("pdfimages (poppler-utils) is not installed")
+    out = subprocess.run([exe, "-list", str(pdf)], check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+    return [(int(r[3]), int(r[4]), int(r[12])) for r in rows]
+
+
+def test_report_images_are_embedded_at_print_resolution(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
+    """A radiograph of thousands of pixels goes into the PDF at about 300 dpi of its
+    printed size, not at full size; a small image is not blown up."""
+    y, x = np.mgrid[0:3000, 0:2400].astype(np.float32)
+    big = dataclasses.replace(tb_result, image=(x + y) / (x + y).max())
+    pdf = write_classification_report(big, study, tmp_path / "big.pdf").path
+    images = _embedded_images(pdf)
+    assert images
+    for width, height, ppi in images:
+        assert ppi <= 301, (width, height, ppi)
+        assert width < 1200 and height < 1200
+    small = write_classification_report(tb_result, study, tmp_path / "small.pdf").path
+    assert max(w for w, _, _ in _embedded_images(small)) <= 64  # the 48x64 source as it is
