@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -18,6 +20,40 @@ from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
 
 __all__ = ["build_segmentation", "segment_codes", "write_segmentation"]
+
+
+def _remember_iod_lookups() -> None:
+    """Memoize highdicom's ``is_attribute_in_iod``.
+
+    To build a SEG, highdicom asks of every source image whether its SOP class is a
+    multi-frame IOD, each time walking the standard's module tables (~0.25 ms: 75 ms
+    for a 300-slice CT). The answer depends only on the arguments and on the tables
+    highdicom ships, so it is computed once per SOP class.
+    """
+    try:
+        from highdicom import _standard_utils as standard
+    except ImportError:  # another highdicom layout: nothing to speed up
+        return
+    original = getattr(standard, "is_attribute_in_iod", None)
+    if original is None or hasattr(original, "cache_info"):
+        return
+
+    @functools.lru_cache(maxsize=4096)
+    def lookup(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return bool(original(attribute, sop_class_uid,
+                             list(exclude) if exclude is not None else None))
+
+    def is_attribute_in_iod(attribute: str, sop_class_uid: str,
+                            exclude_path_elements: Sequence[str] | None = None) -> bool:
+        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+        return lookup(attribute, str(sop_class_uid), exclude)
+
+    memo: Any = is_attribute_in_iod
+    memo.cache_info = lookup.cache_info
+    standard.is_attribute_in_iod = memo
+
+
+_remember_iod_lookups()
 
 
 def segment_codes(

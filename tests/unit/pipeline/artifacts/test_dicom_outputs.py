@@ -298,3 +298,23 @@ def test_sources_without_patient_and_study_attributes(
 def read_back(art: Any, dciodvfy: Callable[[Path], str]) -> Dataset:
     dciodvfy(art.path)
     return pydicom.dcmread(art.path)
+
+
+def test_highdicom_iod_lookups_are_remembered_and_unchanged() -> None:
+    """The SEG writer memoizes highdicom's IOD table walk; answers stay highdicom's."""
+    from highdicom import _standard_utils as standard
+
+    import pipeline.artifacts.seg  # noqa: F401  (installs the memo)
+
+    memo = standard.is_attribute_in_iod
+    assert hasattr(memo, "cache_info")
+    ct, enhanced_ct, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", \
+        "1.2.840.10008.5.1.4.1.1.66.4"
+    for _ in range(2):  # the second round comes from the cache
+        assert memo("PerFrameFunctionalGroupsSequence", ct) is False
+        assert memo("PerFrameFunctionalGroupsSequence", enhanced_ct) is True
+        assert memo("PerFrameFunctionalGroupsSequence", seg) is True
+        assert memo("PixelData", ct, exclude_path_elements=["IconImageSequence"]) is True
+    assert memo.cache_info().hits >= 4
+    with pytest.raises(KeyError):  # an unknown SOP class is still an error
+        memo("PixelData", "1.2.3.4")
