@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+import numpy as np
 from PIL import Image as PILImage
 from reportlab import rl_config
 from reportlab.graphics.shapes import Drawing, Rect
@@ -413,13 +414,34 @@ def _findings_table(
     return t
 
 
+def _print_pixels(w: int, h: int, max_w: float, max_h: float) -> tuple[int, int] | None:
+    """The pixel size of a ``w`` x ``h`` image fitted into ``max_w`` x ``max_h`` points
+    at :data:`PRINT_DPI`, or None when it has no more pixels than that already (more
+    only make the PDF big and slow)."""
+    per_pixel = min(max_w / w, max_h / h) * PRINT_DPI / 72  # printed dots per pixel
+    if per_pixel >= 1:
+        return None
+    return max(1, round(w * per_pixel)), max(1, round(h * per_pixel))
+
+
+def _at_print_size(image: np.ndarray, max_w: float, max_h: float) -> np.ndarray:
+    """A 2D float image resampled down to its print size (see :func:`_print_pixels`)."""
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2D image, got shape {arr.shape}")
+    size = _print_pixels(arr.shape[1], arr.shape[0], max_w, max_h)
+    if size is None:
+        return arr
+    resized = PILImage.fromarray(arr, mode="F").resize(size, PILImage.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.float32)
+
+
 def _rl_image(img: PILImage.Image, max_w: float, max_h: float) -> Image:
     w, h = img.size
     scale = min(max_w / w, max_h / h)  # points per pixel at the printed size
-    per_pixel = scale * PRINT_DPI / 72  # printed dots per image pixel
-    if per_pixel < 1:  # more pixels than print needs only make the PDF big and slow
-        img = img.resize((max(1, round(w * per_pixel)), max(1, round(h * per_pixel))),
-                         PILImage.Resampling.LANCZOS)
+    size = _print_pixels(w, h, max_w, max_h)
+    if size is not None:
+        img = img.resize(size, PILImage.Resampling.LANCZOS)
     # reportlab decodes the PNG and deflates the pixels again: compress it lightly
     return Image(io.BytesIO(png_bytes(img, compress_level=1)),
                  width=w * scale, height=h * scale)
@@ -564,9 +586,10 @@ def write_classification_report(
     ]
     img_w = (width - 8 * mm) / 2
     img_h = 50 * mm
-    src = _rl_image(source_image(result.image), img_w, img_h)
+    shown = _at_print_size(result.image, img_w, img_h)  # blend the heatmap at that size
+    src = _rl_image(source_image(shown), img_w, img_h)
     if result.heatmap is not None and result.result != NORMAL:
-        heat: Flowable = _rl_image(heatmap_overlay(result.image, result.heatmap), img_w, img_h)
+        heat: Flowable = _rl_image(heatmap_overlay(shown, result.heatmap), img_w, img_h)
         heat_caption = "Heatmap (regions that drove the model's output)"
     else:
         heat = _Placeholder(

@@ -18,7 +18,6 @@ from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     heatmap_overlay,
     segmentation_overlay,
-    write_heatmap_png,
     write_png,
     write_source_png,
 )
@@ -102,9 +101,17 @@ def write_classification_artifacts(
         # A Normal result has no heatmap: drop one left by an earlier run of this patient.
         for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
             (folder / stale).unlink(missing_ok=True)
+    # Blended once for the heatmap PNG and the Secondary Capture (a full-size radiograph
+    # takes a while); the report draws its own at print size.
+    overlay = None
+    if abnormal and result.heatmap is not None and wanted & {
+        Output.PNG, Output.JSON, Output.SECONDARY_CAPTURE
+    }:
+        overlay = heatmap_overlay(result.image, result.heatmap)
     if wanted & {Output.PNG, Output.JSON}:
         source_png = write_source_png(result, folder / f"{pid}_source_image.png")
-        heat_png = write_heatmap_png(result, folder / f"{pid}_heatmap.png") if abnormal else None
+        heat_png = (write_png(overlay, folder / f"{pid}_heatmap.png")
+                    if overlay is not None else None)
         artifacts += [a for a in (source_png, heat_png) if a is not None]
         if Output.JSON in wanted:
             artifacts.append(
@@ -142,8 +149,7 @@ def write_classification_artifacts(
             result, source_ds, _series(base, "sr"), finding_codes=finding_codes
         )
         artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
-    if Output.SECONDARY_CAPTURE in wanted and abnormal and result.heatmap is not None:
-        overlay = heatmap_overlay(result.image, result.heatmap)
+    if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
         artifacts.append(
             write_secondary_capture(
                 overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")

@@ -54,6 +54,24 @@ def test_jet_endpoints() -> None:
     assert cmap[2, 0] > 100 and cmap[2, 2] == 0  # red
 
 
+def test_overlay_is_the_alpha_blend_of_jet_over_the_source() -> None:
+    """Each pixel: gray * (1 - a) + jet(heat) * a with a = 0.45 * sqrt(heat), to within
+    the heat's 8-bit quantisation (a few levels near heat 0, where sqrt is steep)."""
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 1, (40, 30)).astype(np.float32)
+    heat = rng.uniform(0, 1, (40, 30)).astype(np.float32)
+    heat[0, :5] = [0.0, 1.0, 0.5, 1e-4, 0.999]
+    got = np.asarray(heatmap_overlay(image, heat)).astype(np.float32)
+    a = (0.45 * np.sqrt(heat))[..., None]
+    gray = to_uint8(image).astype(np.float32)[..., None]
+    want = gray * (1 - a) + jet(heat).astype(np.float32) * a
+    assert np.abs(got - want).max() <= 3.5
+    assert np.abs(got - want).mean() < 0.5
+    assert (got[0, 0] == gray[0, 0]).all()  # no heat: the source untouched
+    # a heatmap of another size is resized to the image first
+    assert np.asarray(heatmap_overlay(image, heat[::2, ::2])).shape == (40, 30, 3)
+
+
 def test_overlay_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         heatmap_overlay(np.zeros((4, 4, 3)), np.zeros((4, 4)))

@@ -193,3 +193,29 @@ def test_relative_out_dir_gives_absolute_paths_and_quiet_logs(
     assert logs and logs[-1]["event"] == "artifacts.written"
     text = repr(logs)
     assert "Doe" not in text and "John" not in text and "PAT001" not in text
+
+
+def test_heatmap_png_and_secondary_capture_show_the_same_blend(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The overlay is blended once (a full-size radiograph takes a while) and both the
+    heatmap PNG and the Secondary Capture carry exactly it."""
+    import numpy as np
+    from PIL import Image
+
+    import pipeline.artifacts.images as images
+    import pipeline.artifacts.write as write
+
+    calls = []
+    real = images.heatmap_overlay
+    for module in (images, write):
+        monkeypatch.setattr(module, "heatmap_overlay",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+    write_classification_artifacts(tb_result, study, dx_ds, tmp_path,
+                                   {Output.PNG, Output.SECONDARY_CAPTURE})
+    assert len(calls) == 1
+    folder = tmp_path / "PAT001"
+    png = np.asarray(Image.open(folder / "PAT001_heatmap.png"))
+    sc = pydicom.dcmread(folder / "PAT001_sc.dcm").pixel_array
+    assert png.shape == sc.shape and (png == sc).all()
