@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import tempfile
 import time
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import structlog
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -73,7 +76,7 @@ def write_classification_artifacts(
     generated_at: datetime | None = None,
     finding_codes: Mapping[str, Code] | None = None,
 ) -> list[Artifact]:
-    """Write the requested classification artifacts; return them in writing order.
+    """Write the requested classification artifacts; return them PNGs, JSON, PDF, DICOM.
 
     Files (seed 001 names) in ``<out_dir>/<patient_id>/``: ``_predictions.json``,
     ``_source_image.png``, ``_heatmap.png`` (not when Normal), ``_report.pdf``, and the
@@ -108,55 +111,70 @@ def write_classification_artifacts(
         Output.PNG, Output.JSON, Output.SECONDARY_CAPTURE
     }:
         overlay = heatmap_overlay(result.image, result.heatmap)
-    if wanted & {Output.PNG, Output.JSON}:
-        source_png = write_source_png(result, folder / f"{pid}_source_image.png")
-        heat_png = (write_png(overlay, folder / f"{pid}_heatmap.png")
-                    if overlay is not None else None)
-        artifacts += [a for a in (source_png, heat_png) if a is not None]
-        if Output.JSON in wanted:
-            artifacts.append(
-                write_predictions_json(
+    source_path, heat_path = folder / f"{pid}_source_image.png", folder / f"{pid}_heatmap.png"
+    dicom: list[Artifact] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="artifact-png") as pool:
+        # PNG encoding runs without the interpreter lock: beside the report and DICOM.
+        pngs = None
+        if wanted & {Output.PNG, Output.JSON}:
+            pngs = pool.submit(contextvars.copy_context().run, _classification_pngs,
+                               result, overlay, source_path, heat_path)
+        with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
+            if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
+                pdf = write_classification_report(
                     result,
                     study,
-                    folder / f"{pid}_predictions.json",
-                    source_png.path,
-                    heat_png.path if heat_png else None,
+                    _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
+                    generated_at=generated,
+                    software=f"{base.manufacturer} {base.software_version}",
+                )
+                if Output.PDF in wanted:
+                    dicom.append(pdf)
+                if Output.ENCAPSULATED_PDF in wanted:
+                    dicom.append(
+                        write_encapsulated_pdf(
+                            pdf.path,
+                            source_ds,
+                            folder / f"{pid}_report.dcm",
+                            _series(base, "pdf"),
+                            title="AI inference report",
+                        )
+                    )
+        if Output.SR in wanted:
+            sr = build_classification_sr(
+                result, source_ds, _series(base, "sr"), finding_codes=finding_codes
+            )
+            dicom.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+        if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
+            dicom.append(
+                write_secondary_capture(
+                    overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
                 )
             )
-    with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
-        if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
-            pdf = write_classification_report(
+        if pngs is not None:
+            artifacts += pngs.result()
+    if Output.JSON in wanted:
+        artifacts.append(
+            write_predictions_json(
                 result,
                 study,
-                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
-                generated_at=generated,
-                software=f"{base.manufacturer} {base.software_version}",
-            )
-            if Output.PDF in wanted:
-                artifacts.append(pdf)
-            if Output.ENCAPSULATED_PDF in wanted:
-                artifacts.append(
-                    write_encapsulated_pdf(
-                        pdf.path,
-                        source_ds,
-                        folder / f"{pid}_report.dcm",
-                        _series(base, "pdf"),
-                        title="AI inference report",
-                    )
-                )
-    if Output.SR in wanted:
-        sr = build_classification_sr(
-            result, source_ds, _series(base, "sr"), finding_codes=finding_codes
-        )
-        artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
-    if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
-        artifacts.append(
-            write_secondary_capture(
-                overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
+                folder / f"{pid}_predictions.json",
+                source_path,
+                heat_path if overlay is not None else None,
             )
         )
+    artifacts += dicom
     _log_done("classification", artifacts, started)
     return artifacts
+
+
+def _classification_pngs(result: ClassificationResult, overlay: Image.Image | None,
+                         source_path: Path, heat_path: Path) -> list[Artifact]:
+    """The source PNG, and the heatmap PNG when there is an overlay."""
+    written = [write_source_png(result, source_path)]
+    if overlay is not None:
+        written.append(write_png(overlay, heat_path))
+    return written
 
 
 def write_segmentation_artifacts(

@@ -219,3 +219,18 @@ def test_heatmap_png_and_secondary_capture_show_the_same_blend(
     png = np.asarray(Image.open(folder / "PAT001_heatmap.png"))
     sc = pydicom.dcmread(folder / "PAT001_sc.dcm").pixel_array
     assert png.shape == sc.shape and (png == sc).all()
+
+
+def test_a_png_that_cannot_be_written_fails_the_whole_write(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The PNGs are encoded beside the DICOM outputs; their failure is not lost."""
+    import pipeline.artifacts.write as write
+
+    def full_disk(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "write_source_png", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
