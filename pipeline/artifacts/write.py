@@ -6,7 +6,7 @@ import contextvars
 import dataclasses
 import tempfile
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -61,8 +61,29 @@ def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
     )
 
 
-def _pdf_path(folder: Path, pid: str, keep: bool, tmp: Path) -> Path:
-    return folder / f"{pid}_report.pdf" if keep else tmp / f"{pid}_report.pdf"
+def _reports(
+    write_report: Callable[[Path], Artifact],
+    wanted: set[Output],
+    folder: Path,
+    pid: str,
+    source_ds: Dataset,
+    info: SeriesInfo,
+    title: str,
+    *,
+    sources: list[Dataset] | None = None,
+) -> list[Artifact]:
+    """The PDF report and its Encapsulated PDF, each when ``wanted``; a PDF wanted only
+    inside DICOM is written to a temporary folder first."""
+    if not wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
+        return []
+    keep = Output.PDF in wanted
+    with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
+        pdf = write_report((folder if keep else Path(tmp)) / f"{pid}_report.pdf")
+        made = [pdf] if keep else []
+        if Output.ENCAPSULATED_PDF in wanted:
+            made.append(write_encapsulated_pdf(pdf.path, source_ds, folder / f"{pid}_report.dcm",
+                                               info, title=title, sources=sources))
+    return made
 
 
 def write_classification_artifacts(
@@ -112,41 +133,27 @@ def write_classification_artifacts(
     }:
         overlay = heatmap_overlay(result.image, result.heatmap)
     source_path, heat_path = folder / f"{pid}_source_image.png", folder / f"{pid}_heatmap.png"
-    dicom: list[Artifact] = []
+    documents: list[Artifact] = []  # the PDF and the DICOM objects
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="artifact-png") as pool:
         # PNG encoding runs without the interpreter lock: beside the report and DICOM.
         pngs = None
         if wanted & {Output.PNG, Output.JSON}:
             pngs = pool.submit(contextvars.copy_context().run, _classification_pngs,
                                result, overlay, source_path, heat_path)
-        with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
-            if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
-                pdf = write_classification_report(
-                    result,
-                    study,
-                    _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
-                    generated_at=generated,
-                    software=f"{base.manufacturer} {base.software_version}",
-                )
-                if Output.PDF in wanted:
-                    dicom.append(pdf)
-                if Output.ENCAPSULATED_PDF in wanted:
-                    dicom.append(
-                        write_encapsulated_pdf(
-                            pdf.path,
-                            source_ds,
-                            folder / f"{pid}_report.dcm",
-                            _series(base, "pdf"),
-                            title="AI inference report",
-                        )
-                    )
+        documents += _reports(
+            lambda path: write_classification_report(
+                result, study, path, generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}",
+            ),
+            wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
+        )
         if Output.SR in wanted:
             sr = build_classification_sr(
                 result, source_ds, _series(base, "sr"), finding_codes=finding_codes
             )
-            dicom.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+            documents.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
         if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
-            dicom.append(
+            documents.append(
                 write_secondary_capture(
                     overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
                 )
@@ -163,7 +170,7 @@ def write_classification_artifacts(
                 heat_path if overlay is not None else None,
             )
         )
-    artifacts += dicom
+    artifacts += documents
     _log_done("classification", artifacts, started)
     return artifacts
 
@@ -222,28 +229,14 @@ def write_segmentation_artifacts(
                     overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc")
                 )
             )
-    with tempfile.TemporaryDirectory(prefix="dicom-node-") as tmp:
-        if wanted & {Output.PDF, Output.ENCAPSULATED_PDF}:
-            pdf = write_segmentation_report(
-                result,
-                study,
-                _pdf_path(folder, pid, Output.PDF in wanted, Path(tmp)),
-                generated_at=generated,
-                software=f"{base.manufacturer} {base.software_version}",
-            )
-            if Output.PDF in wanted:
-                artifacts.append(pdf)
-            if Output.ENCAPSULATED_PDF in wanted:
-                artifacts.append(
-                    write_encapsulated_pdf(
-                        pdf.path,
-                        first,
-                        folder / f"{pid}_report.dcm",
-                        _series(base, "pdf"),
-                        title="AI segmentation report",
-                        sources=list(source_datasets),
-                    )
-                )
+    artifacts += _reports(
+        lambda path: write_segmentation_report(
+            result, study, path, generated_at=generated,
+            software=f"{base.manufacturer} {base.software_version}",
+        ),
+        wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
+        sources=list(source_datasets),
+    )
     seg_ds = None
     if Output.SEG in wanted:
         seg_art, seg_ds = write_segmentation(
