@@ -106,7 +106,7 @@ def heatmap_overlay(
         heat = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
     # The heat in 256 levels (what an 8-bit image can show) makes the blend a table of
     # 256 grays x 256 heats: one lookup per pixel instead of float arithmetic over the
-    # whole image (a 2048 x 2048 radiograph: ~0.25 -> ~0.05 s).
+    # whole image (a 2048 x 2048 radiograph: 0.26 -> 0.09 s).
     levels = np.linspace(0.0, 1.0, 256, dtype=np.float32)
     a = (alpha * np.sqrt(levels))[None, :, None]  # 1 x heat x 1
     grays = np.arange(256, dtype=np.float32)[:, None, None]  # gray x 1 x 1
