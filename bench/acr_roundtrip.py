@@ -65,11 +65,13 @@ class Study:
     baseline: list[float] = field(default_factory=list)
 
 
-def make_studies(folder: Path, ct_slices: int, ct_size: int) -> tuple[list[Path], list[Path]]:
+def make_studies(folder: Path, ct_slices: int, ct_size: int,
+                 cr_size: int = 256) -> tuple[list[Path], list[Path]]:
     from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
     from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 
-    cr = write_dicom(make_cxr_phantom(103), folder / "cr" / "cr.dcm", modality="CR")
+    cr = write_dicom(make_cxr_phantom(103, size=cr_size), folder / "cr" / "cr.dcm",
+                     modality="CR")
     ct = write_dicom_series(make_ct_phantom(7, shape=(ct_slices, ct_size, ct_size)),
                             folder / "ct")
     return [cr], ct
@@ -244,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct-slices", type=int, default=300, help="CT instances (default 300)")
     ap.add_argument("--ct-size", type=int, default=96,
                     help="CT rows = columns (default 96: the model's training size)")
+    ap.add_argument("--cr-size", type=int, default=256,
+                    help="CR rows = columns (default 256; radiographs from a modality are "
+                    "2,000-3,000: the heatmap, PNGs, Secondary Capture and report grow "
+                    "with it)")
     ap.add_argument("--interface", choices=["dimse", "dicomweb"], default="dimse",
                     help="how the node fetches and stores back: C-MOVE and C-STORE "
                     "(default), or QIDO/WADO-RS and STOW-RS")
@@ -268,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     node: subprocess.Popen[bytes] | None = None
     scp: subprocess.Popen[bytes] | None = None
     try:
-        print(f"writing the phantoms (CR 1 instance, CT {args.ct_slices} x {args.ct_size}^2)...",
-              flush=True)
-        cr_paths, ct_paths = make_studies(root / "src", args.ct_slices, args.ct_size)
+        print(f"writing the phantoms (CR 1 instance {args.cr_size}^2, CT {args.ct_slices} x "
+              f"{args.ct_size}^2)...", flush=True)
+        cr_paths, ct_paths = make_studies(root / "src", args.ct_slices, args.ct_size,
+                                          args.cr_size)
         import pydicom
 
         def uid(p: Path) -> str:
@@ -320,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": args.runs, "interface": args.interface,
                                         "ct_slices": args.ct_slices,
-                                        "ct_size": args.ct_size, "studies": results},
+                                        "ct_size": args.ct_size, "cr_size": args.cr_size,
+                                        "studies": results},
                                        indent=2))
         print(f"results: {args.out}")
     finally:

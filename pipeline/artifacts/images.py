@@ -224,7 +224,14 @@ def segmentation_overlay(
     return canvas
 
 
-def png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
+#: zlib level of the PNGs written: for a 2048 x 2048 radiograph 3 took 0.33 s for the
+#: RGB heatmap (4.94 MB) and 0.15 s for the gray source (2.65 MB) against 1.0 s and 0.23 s
+#: at Pillow's default 6 (4.95 and 2.35 MB): the default's extra effort buys nothing for
+#: the heatmap and 11% for the source.
+PNG_COMPRESS_LEVEL = 3
+
+
+def png_bytes(image: Image.Image, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """Encode a Pillow image as PNG bytes (zlib ``compress_level`` 0-9: 1 is fastest)."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=compress_level)

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import structlog
-from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -134,12 +133,15 @@ def write_classification_artifacts(
         overlay = heatmap_overlay(result.image, result.heatmap)
     source_path, heat_path = folder / f"{pid}_source_image.png", folder / f"{pid}_heatmap.png"
     documents: list[Artifact] = []  # the PDF and the DICOM objects
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="artifact-png") as pool:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="artifact-png") as pool:
         # PNG encoding runs without the interpreter lock: beside the report and DICOM.
-        pngs = None
+        pngs = []
         if wanted & {Output.PNG, Output.JSON}:
-            pngs = pool.submit(contextvars.copy_context().run, _classification_pngs,
-                               result, overlay, source_path, heat_path)
+            pngs.append(pool.submit(contextvars.copy_context().run,
+                                    write_source_png, result, source_path))
+            if overlay is not None:
+                pngs.append(pool.submit(contextvars.copy_context().run,
+                                        write_png, overlay, heat_path))
         documents += _reports(
             lambda path: write_classification_report(
                 result, study, path, generated_at=generated,
@@ -158,8 +160,7 @@ def write_classification_artifacts(
                     overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
                 )
             )
-        if pngs is not None:
-            artifacts += pngs.result()
+        artifacts += [png.result() for png in pngs]
     if Output.JSON in wanted:
         artifacts.append(
             write_predictions_json(
@@ -173,15 +174,6 @@ def write_classification_artifacts(
     artifacts += documents
     _log_done("classification", artifacts, started)
     return artifacts
-
-
-def _classification_pngs(result: ClassificationResult, overlay: Image.Image | None,
-                         source_path: Path, heat_path: Path) -> list[Artifact]:
-    """The source PNG, and the heatmap PNG when there is an overlay."""
-    written = [write_source_png(result, source_path)]
-    if overlay is not None:
-        written.append(write_png(overlay, heat_path))
-    return written
 
 
 def write_segmentation_artifacts(
