@@ -770,7 +770,7 @@ def load_ct_volume(
                 f"{where}expected a 2D monochrome slice, decoded shape {arr.shape}", path=path
             )
         try:
-            hu = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+            hu = _modality(arr, ds)
         except Exception as exc:
             raise InputError(
                 f"{where}cannot apply the modality LUT / rescale ({exc}); check Rescale "

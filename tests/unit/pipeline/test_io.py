@@ -389,6 +389,21 @@ def _kept_header(path: Path) -> Dataset:
     return ds
 
 
+def test_volume_applies_rescale_slope_and_intercept_in_float32(tmp_path: Path) -> None:
+    """HU = stored * RescaleSlope + RescaleIntercept; the loader computes it in float32
+    (as for 2D images), which is exact for 16-bit stored values and a slope of 2.5."""
+    uid = generate_uid()
+    paths, stored = [], []
+    for n, z in enumerate([0.0, 2.5, 5.0]):
+        ds = ct_slice((-10.0, -20.0, z), 10 * z, series_uid=uid, instance=n + 1)
+        ds.RescaleSlope, ds.RescaleIntercept = 2.5, -1000
+        stored.append(ds.pixel_array.astype(np.float64))
+        paths.append(save(ds, tmp_path / f"s{n}.dcm"))
+    vol = load_ct_volume(paths)
+    assert vol.array.dtype == np.float32
+    np.testing.assert_array_equal(vol.array, np.stack(stored) * 2.5 - 1000)
+
+
 def test_volume_from_kept_headers_reads_only_the_pixels(write_series: WriteSeries) -> None:
     zs = [0.0, 2.5, 5.0, 7.5]
     paths = write_series(zs, order=[2, 0, 3, 1])
