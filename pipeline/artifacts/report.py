@@ -628,8 +628,12 @@ def write_segmentation_report(
     *,
     generated_at: datetime | None = None,
     software: str = "dicom-node",
+    overlay: PILImage.Image | None = None,
 ) -> Artifact:
     """Write the segmentation PDF report (volumes table and overlay); kind ``pdf``.
+
+    ``overlay`` is :func:`segmentation_overlay` of the result when the caller has
+    already drawn it; otherwise it is drawn here.
 
     Raises:
         ValueError: when volume and labels differ in shape. OSError: when writing fails.
@@ -666,7 +670,8 @@ def write_segmentation_report(
     style.append(("LINEABOVE", (0, -1), (-1, -1), 1, NAVY))
     volumes = Table(rows, colWidths=[8 * mm, width * 0.5, width * 0.15, width * 0.35 - 8 * mm])
     volumes.setStyle(TableStyle(style))
-    overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+    if overlay is None:
+        overlay = segmentation_overlay(result.volume, result.labels, result.segments)
     dz, dy, dx = result.spacing
     status = f"{len(result.segments)} structure(s) segmented"
     story: list[Flowable] = [

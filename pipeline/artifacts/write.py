@@ -211,8 +211,10 @@ def write_segmentation_artifacts(
     artifacts: list[Artifact] = []
     if Output.JSON in wanted:
         artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
-    if wanted & {Output.PNG, Output.SECONDARY_CAPTURE}:
+    overlay = None  # drawn once for the PNG, the Secondary Capture and the report
+    if wanted & {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF}:
         overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+    if overlay is not None:
         if Output.PNG in wanted:
             artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
         if Output.SECONDARY_CAPTURE in wanted:
@@ -224,7 +226,7 @@ def write_segmentation_artifacts(
     artifacts += _reports(
         lambda path: write_segmentation_report(
             result, study, path, generated_at=generated,
-            software=f"{base.manufacturer} {base.software_version}",
+            software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
         ),
         wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
         sources=list(source_datasets),

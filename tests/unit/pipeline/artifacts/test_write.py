@@ -234,3 +234,23 @@ def test_a_png_that_cannot_be_written_fails_the_whole_write(
     monkeypatch.setattr(write, "write_source_png", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
+
+
+def test_segmentation_overlay_is_drawn_once(
+    tmp_path: Path, ct_series: list[Dataset], study: PatientStudy,
+    seg_result: SegmentationResult, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The PNG, the Secondary Capture and the report share one drawing of the overlay."""
+    import pipeline.artifacts.report as report
+    import pipeline.artifacts.write as write
+
+    calls = []
+    real = write.segmentation_overlay
+    for module in (report, write):
+        monkeypatch.setattr(module, "segmentation_overlay",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+    arts = write_segmentation_artifacts(
+        seg_result, study, ct_series, tmp_path,
+        {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF})
+    assert len(calls) == 1
+    assert {a.kind for a in arts} >= {"png", "pdf", "encapsulated_pdf"}
