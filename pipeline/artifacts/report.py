@@ -447,6 +447,27 @@ def _rl_image(img: PILImage.Image, max_w: float, max_h: float) -> Image:
                  width=w * scale, height=h * scale)
 
 
+def _model_section(
+    name: str,
+    version: str,
+    generated: datetime,
+    software: str,
+    more: list[tuple[str, str]],
+    st: dict[str, ParagraphStyle],
+    width: float,
+) -> KeepTogether:
+    """The "Model" heading and table, kept on one page: model, version, generation time
+    (UTC) and software, then ``more`` (whose last pair spans the full width)."""
+    rows = [
+        ("Model", name or "—"),
+        ("Model version", version or "—"),
+        ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("Software", software),
+        *more,
+    ]
+    return KeepTogether([_p("Model", st["h2"]), _model_table(rows, st, width)])
+
+
 class _Placeholder(Flowable):  # type: ignore[misc]
     """A grey box with a centred message, standing in for a missing image."""
 
@@ -604,18 +625,10 @@ def write_classification_report(
         TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER"), ("VALIGN", (0, 0), (-1, -1), "MIDDLE")])
     )
     story += [Spacer(1, 8), images]
-    model_table = _model_table(
-        [
-            ("Model", result.model_name or "—"),
-            ("Model version", result.model_version or "—"),
-            ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
-            ("Software", software),
-            ("Source SOP UID", result.sop_instance_uid or "—"),
-        ],
-        st,
-        width,
-    )
-    story.append(KeepTogether([_p("Model", st["h2"]), model_table]))
+    story.append(_model_section(
+        result.model_name, result.model_version, generated, software,
+        [("Source SOP UID", result.sop_instance_uid or "—")], st, width,
+    ))
     path = Path(path)
     _build(path, story, "AI inference report", model, generated)
     return Artifact(kind="pdf", path=path, media_type="application/pdf")
@@ -692,27 +705,18 @@ def write_segmentation_report(
                 _p("Representative axial slices with the segmented structures.", st["caption"]),
             ]
         ),
-        KeepTogether(
+        _model_section(
+            result.model_name, result.model_version, generated, software,
             [
-                _p("Model", st["h2"]),
-                _model_table(
-                    [
-                        ("Model", result.model_name or "—"),
-                        ("Model version", result.model_version or "—"),
-                        ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
-                        ("Software", software),
-                        (
-                            "Volume",
-                            f"{result.labels.shape[0]} {TIMES} {result.labels.shape[1]} {TIMES} "
-                            f"{result.labels.shape[2]} voxels",
-                        ),
-                        ("Spacing", f"{dz:g} {TIMES} {dy:g} {TIMES} {dx:g} mm"),
-                        ("Source series UID", result.series_instance_uid or "—"),
-                    ],
-                    st,
-                    width,
+                (
+                    "Volume",
+                    f"{result.labels.shape[0]} {TIMES} {result.labels.shape[1]} {TIMES} "
+                    f"{result.labels.shape[2]} voxels",
                 ),
-            ]
+                ("Spacing", f"{dz:g} {TIMES} {dy:g} {TIMES} {dx:g} mm"),
+                ("Source series UID", result.series_instance_uid or "—"),
+            ],
+            st, width,
         ),
     ]
     path = Path(path)

@@ -214,7 +214,6 @@ def write_segmentation_artifacts(
     overlay = None  # drawn once for the PNG, the Secondary Capture and the report
     if wanted & {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF}:
         overlay = segmentation_overlay(result.volume, result.labels, result.segments)
-    if overlay is not None:
         if Output.PNG in wanted:
             artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
         if Output.SECONDARY_CAPTURE in wanted:
