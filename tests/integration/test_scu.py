@@ -452,3 +452,42 @@ def test_associations_work_without_eventfd(node: RunningNode,
         assert all(assoc.send_c_echo().Status == 0x0000 for _ in range(5))
     finally:
         assoc.release()
+
+
+def test_move_cut_off_by_the_pacs_keeps_what_came_and_says_so(node: RunningNode) -> None:
+    """A Q/R SCP (pynetdicom's, standing in for a PACS that crashes) sends one of three
+    instances and then aborts the association: no final status, the one instance kept."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    study, series = generate_uid(), generate_uid()
+    datasets = [synthetic(study, series) for _ in range(3)]
+    sent = threading.Event()
+
+    def on_move(event: evt.Event):  # type: ignore[no-untyped-def]
+        yield "127.0.0.1", node.port
+        yield len(datasets)
+        yield 0xFF00, datasets[0]
+        sent.set()
+        event.assoc.abort()
+
+    ae = AE("QRSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    try:
+        result = client_for(node).retrieve(
+            source(port), Query(QueryLevel.STUDY, study_instance_uid=study))
+    finally:
+        server.shutdown()
+    assert sent.is_set()
+    assert not result.ok and result.status is None
+    assert "no final response" in result.message
+    assert [r.sop_instance_uid for r in result.received] == [datasets[0].SOPInstanceUID]

@@ -110,3 +110,58 @@ def test_kept_bytes_are_used_once() -> None:
     msg.primitive_to_message(_store_rsp())
     first = _sent_command(msg)
     assert first == _sent_command(msg)  # the second time from pydicom again, identical
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC210, 0xB000])
+@pytest.mark.parametrize("uid", [SOP, SOP + "1", "1.2.3"])  # odd and even lengths
+def test_store_response_bytes_are_what_pynetdicom_sends(status: int, uid: str) -> None:
+    assert command_set.install()
+    rsp = _store_rsp(status)
+    rsp.AffectedSOPInstanceUID = uid
+    rsp.MessageIDBeingRespondedTo = 0xFFFF
+    msg = dimse_messages.C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    assert command_set.store_response_bytes(rsp) == pydicom_encode(msg.command_set, True, True)
+
+
+def test_store_response_with_a_comment_is_left_to_pynetdicom() -> None:
+    assert command_set.store_response_bytes(_store_rsp(0xA700, "disk full")) is None
+    rsp = _store_rsp()
+    rsp.AffectedSOPInstanceUID = None
+    assert command_set.store_response_bytes(rsp) is None
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 64])
+@pytest.mark.parametrize("comment", [None, "cannot keep the instance: disk full"])
+@pytest.mark.parametrize("handler", [False, True])
+def test_a_sent_store_response_is_the_same_either_way(
+    max_pdu: int, comment: str | None, handler: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What goes to the DUL for a C-STORE response, by the quick path or pynetdicom's:
+    the same P-DATA fragments. A PDU too small for one fragment, a comment, or a bound
+    EVT_DIMSE_SENT handler take pynetdicom's path."""
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.association import Association
+
+    assert command_set.install()
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")  # as the node below debug
+    assoc = Association(AE(), "requestor")  # never connected: only its DIMSE provider
+    assoc.acceptor.maximum_length = max_pdu  # the peer's, which a requestor sends within
+    seen: list[Any] = []
+    if handler:
+        assoc.bind(evt.EVT_DIMSE_SENT, lambda event: seen.append(event.message))
+    sent: list[Any] = []
+    assoc.dul.send_pdu = sent.append  # type: ignore[method-assign]
+    built: list[Any] = []  # messages pynetdicom built: none on the quick path
+    convert = dimse_messages.C_STORE_RSP.primitive_to_message
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message",
+                        lambda self, p: (built.append(p), convert(self, p))[1])
+    assoc.dimse.send_msg(_store_rsp(0xA700, comment), 3)
+    quick = not handler and comment is None and max_pdu != 64
+    assert len(built) == (0 if quick else 1)
+    monkeypatch.setattr(dimse_messages.C_STORE_RSP, "primitive_to_message", convert)
+    msg = dimse_messages.C_STORE_RSP()
+    msg.primitive_to_message(_store_rsp(0xA700, comment))
+    expected = [p.presentation_data_value_list for p in msg.encode_msg(3, max_pdu)]
+    assert [p.presentation_data_value_list for p in sent] == expected
+    assert len(seen) == int(handler)
