@@ -42,7 +42,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import command_set, spool
+from dicom_node import command_set, file_meta, spool
 from dicom_node.config import AETitleSettings, DuplicatePolicy, Settings, TlsSettings
 from dicom_node.dimse_status import (
     REJECT_CALLED_AE,
@@ -72,6 +72,7 @@ __all__ = [
 # Stream every received dataset to a file instead of memory: raw, bounded memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
 command_set.install()  # what the node sends: each command set encoded once
+file_meta.install()  # the file meta in front of each received dataset, encoded directly
 
 
 def _decodable_ae(value: str) -> tuple[bool, str]:
