@@ -12,7 +12,7 @@ import itertools
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -502,10 +502,13 @@ class DicomClient:
         message_id = _next_move_id()
         with self.scp.collect_from(peer.ae_title, message_id) as batch:
             try:
-                result = _collect_retrieve(assoc, assoc.send_c_move(
+                # Sends the request; the responses are read by _collect_retrieve, not
+                # through the generator this returns.
+                assoc.send_c_move(
                     query.to_dataset(for_find=False), self.settings.dimse.ae_title,
                     StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
-                ))
+                )
+                result = _collect_retrieve(assoc)
             finally:
                 _close(assoc)
                 got = batch.end()  # recorded together, also when the C-MOVE broke off
@@ -555,8 +558,9 @@ class DicomClient:
         if assoc is None:
             return RetrieveResult(str(peer), "c-get", False, message=error)
         try:
-            result = _collect_retrieve(assoc, assoc.send_c_get(
-                query.to_dataset(for_find=False), StudyRootQueryRetrieveInformationModelGet))
+            assoc.send_c_get(query.to_dataset(for_find=False),  # as for C-MOVE
+                             StudyRootQueryRetrieveInformationModelGet)
+            result = _collect_retrieve(assoc)
         finally:
             _close(assoc)
             received = batch.end()
@@ -602,11 +606,11 @@ class _RetrieveTally:
     failures: list[InstanceFailure] = field(default_factory=list)
 
 
-def _collect_retrieve(assoc: Association, sent: Iterable[object]) -> _RetrieveTally:
-    """Tally the C-MOVE / C-GET responses of ``assoc`` after ``sent`` went out.
+def _collect_retrieve(assoc: Association) -> _RetrieveTally:
+    """Tally the responses to the C-MOVE / C-GET request just sent on ``assoc``.
 
-    ``sent`` is what pynetdicom's ``send_c_move`` / ``send_c_get`` returned: calling
-    it sent the request; its generator is left unstarted. pynetdicom's generator builds
+    pynetdicom's ``send_c_move`` / ``send_c_get`` send the request and return a
+    generator of the responses, left unstarted here: that generator builds
     a pydicom Dataset, attribute by attribute, for every Pending response, and a PACS
     answers each sub-operation with one: for a 300-instance C-MOVE from Orthanc that was
     a third of the node's CPU time while retrieving. This loop reads the counts off the
@@ -614,7 +618,6 @@ def _collect_retrieve(assoc: Association, sent: Iterable[object]) -> _RetrieveTa
     C-GET association go to the storage handler; no response (DIMSE timeout or the
     connection gone) or an unexpected message ends the retrieval with no status.
     """
-    del sent  # only its side effect, the request on the wire, was wanted
     tally = _RetrieveTally()
     while True:
         context_id, rsp = assoc.dimse.get_msg(block=True)
