@@ -477,7 +477,8 @@ class PipelineRunner:
         t2 = time.perf_counter()
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
-            series=self._series_info(result.model_name, result.model_version))
+            series=self._series_info(result.model_name, result.model_version),
+            sc=spec.secondary_capture)
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 
@@ -524,7 +525,7 @@ class PipelineRunner:
             wanted = wanted - {Output.SEG}
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
-            series=self._series_info(model.name, model.version))
+            series=self._series_info(model.name, model.version), sc=spec.secondary_capture)
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 

@@ -64,6 +64,17 @@ class SeriesRules(_Frozen):
     min_instances: int = Field(default=1, ge=1)
 
 
+class SecondaryCaptureSpec(_Frozen):
+    """How a pipeline's Secondary Capture (the heatmap or the overlay) is encoded."""
+
+    # none: uncompressed RGB, lossless (a 2048x2048 radiograph's heatmap is 12.6 MB);
+    # jpeg: JPEG Baseline, lossy (about 1 MB at quality 90), marked as lossy in the object
+    compression: Literal["none", "jpeg"] = "none"
+    quality: int = Field(default=90, ge=50, le=100)
+    # the longest side in pixels: a larger image is scaled down to it (None: full size)
+    max_size: int | None = Field(default=None, ge=64, le=65535)
+
+
 class PipelineSpec(_Frozen):
     """A named pipeline: a model, a task, series rules and the artifacts to write."""
 
@@ -75,3 +86,4 @@ class PipelineSpec(_Frozen):
     outputs: list[Output] = Field(default_factory=lambda: list(Output))
     threshold: float = Field(default=0.5, gt=0, lt=1)
     destinations: list[str] = Field(default_factory=list)
+    secondary_capture: SecondaryCaptureSpec = Field(default_factory=SecondaryCaptureSpec)

@@ -1,14 +1,20 @@
-"""Secondary Capture (RGB) of the heatmap overlay, written with pydicom."""
+"""Secondary Capture (RGB) of the heatmap overlay, written with pydicom.
+
+Uncompressed by default; a pipeline may ask for JPEG Baseline (Pillow encodes, pydicom
+encapsulates) and for a smaller image (``SecondaryCaptureSpec``).
+"""
 
 from __future__ import annotations
 
+import io
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, utc_now
 from pipeline.artifacts._dicom import (
@@ -18,6 +24,7 @@ from pipeline.artifacts._dicom import (
     set_equipment,
     set_series,
 )
+from pipeline.settings import SecondaryCaptureSpec
 from pipeline.types import Artifact
 
 __all__ = ["build_secondary_capture", "write_secondary_capture"]
@@ -32,12 +39,14 @@ def build_secondary_capture(
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
     when: datetime | None = None,
+    encoding: SecondaryCaptureSpec | None = None,
 ) -> Dataset:
     """Build an SC Image Storage dataset (RGB, 8 bit) of ``image`` in a new series.
 
     The patient and study modules come from ``source_ds``; the source instance is
     referenced in the Source Image Sequence. Burned-in annotation is "NO" (the
-    heatmap carries no text).
+    heatmap carries no text). ``encoding`` may scale the image down and compress it
+    (JPEG Baseline, YBR_FULL_422, marked lossy); by default it is kept as it is.
 
     Raises:
         ValueError: when ``source_ds`` has no StudyInstanceUID.
@@ -70,17 +79,49 @@ def build_secondary_capture(
         ref.ReferencedSOPClassUID = source_ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
         ds.SourceImageSequence = [ref]
-    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    spec = encoding or SecondaryCaptureSpec()
+    image = _scaled(image.convert("RGB"), spec.max_size)
     ds.SamplesPerPixel = 3
-    ds.PhotometricInterpretation = "RGB"
     ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = int(rgb.shape[0]), int(rgb.shape[1])
+    ds.Rows, ds.Columns = image.height, image.width
     ds.BitsAllocated = 8
     ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
-    ds.PixelData = rgb.tobytes()
+    if spec.compression == "jpeg":
+        _set_jpeg(ds, image, spec.quality)
+    else:
+        ds.PhotometricInterpretation = "RGB"
+        ds.PixelData = np.ascontiguousarray(np.asarray(image, dtype=np.uint8)).tobytes()
     return ds
+
+
+def _scaled(image: Image.Image, max_size: int | None) -> Image.Image:
+    """``image`` with its longest side at most ``max_size`` pixels (aspect kept)."""
+    longest = max(image.size)
+    if max_size is None or longest <= max_size:
+        return image
+    scale = max_size / longest
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _set_jpeg(ds: Dataset, image: Image.Image, quality: int) -> None:
+    """JPEG Baseline pixel data: chroma subsampled horizontally (4:2:2), which PS3.5
+    8.2.1 names YBR_FULL_422, and the lossy compression recorded (PS3.3 C.7.6.1.1.5)."""
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality, subsampling=1)  # 1: 4:2:2
+    data = buf.getvalue()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = encapsulate([data])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = f"{image.width * image.height * 3 / len(data):.2f}"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.DerivationDescription = (f"{ds.DerivationDescription}; JPEG Baseline, quality "
+                                f"{quality}")
 
 
 def write_secondary_capture(
@@ -91,6 +132,7 @@ def write_secondary_capture(
     *,
     series_uid: str | None = None,
     instance_number: int = 1,
+    encoding: SecondaryCaptureSpec | None = None,
 ) -> Artifact:
     """Write the SC file to ``path`` and return its artifact (kind ``sc``).
 
@@ -98,7 +140,8 @@ def write_secondary_capture(
         ValueError: when ``source_ds`` has no StudyInstanceUID. OSError: when writing fails.
     """
     ds = build_secondary_capture(
-        image, source_ds, info, series_uid=series_uid, instance_number=instance_number
+        image, source_ds, info, series_uid=series_uid, instance_number=instance_number,
+        encoding=encoding,
     )
     save(ds, path)
     return Artifact(

@@ -28,7 +28,7 @@ from pipeline.artifacts.report import write_classification_report, write_segment
 from pipeline.artifacts.sc import write_secondary_capture
 from pipeline.artifacts.seg import write_segmentation
 from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr, write_sr
-from pipeline.settings import Output
+from pipeline.settings import Output, SecondaryCaptureSpec
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
 __all__ = ["write_classification_artifacts", "write_segmentation_artifacts"]
@@ -95,14 +95,16 @@ def write_classification_artifacts(
     series: SeriesInfo | None = None,
     generated_at: datetime | None = None,
     finding_codes: Mapping[str, Code] | None = None,
+    sc: SecondaryCaptureSpec | None = None,
 ) -> list[Artifact]:
     """Write the requested classification artifacts; return them PNGs, JSON, PDF, DICOM.
 
     Files (seed 001 names) in ``<out_dir>/<patient_id>/``: ``_predictions.json``,
     ``_source_image.png``, ``_heatmap.png`` (not when Normal), ``_report.pdf``, and the
     DICOM outputs ``_sr.dcm``, ``_sc.dcm`` (heatmap; not when Normal) and
-    ``_report.dcm``, each in a new series of the source study. The JSON names the PNG
-    files, so asking for JSON writes the PNGs too. ``patient_id`` is ``study.patient_id``.
+    ``_report.dcm``, each in a new series of the source study (``sc``: how the Secondary
+    Capture is encoded). The JSON names the PNG files, so asking for JSON writes the PNGs
+    too. ``patient_id`` is ``study.patient_id``.
     For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
 
     Raises:
@@ -157,7 +159,8 @@ def write_classification_artifacts(
         if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
             documents.append(
                 write_secondary_capture(
-                    overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc")
+                    overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
+                    encoding=sc,
                 )
             )
         artifacts += [png.result() for png in pngs]
@@ -186,13 +189,15 @@ def write_segmentation_artifacts(
     series: SeriesInfo | None = None,
     generated_at: datetime | None = None,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+    sc: SecondaryCaptureSpec | None = None,
 ) -> list[Artifact]:
     """Write the requested segmentation artifacts; return them in writing order.
 
     Files in ``<out_dir>/<patient_id>/``: ``_volumes.json``, ``_overlay.png``,
     ``_report.pdf``, and DICOM ``_seg.dcm`` (BINARY SEG over ``source_datasets``,
     which are in the label map's slice order), ``_sr.dcm`` (volumes, referencing the
-    SEG when one is written), ``_sc.dcm`` (the overlay) and ``_report.dcm``.
+    SEG when one is written), ``_sc.dcm`` (the overlay, encoded as ``sc`` says) and
+    ``_report.dcm``.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -219,7 +224,8 @@ def write_segmentation_artifacts(
         if Output.SECONDARY_CAPTURE in wanted:
             artifacts.append(
                 write_secondary_capture(
-                    overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc")
+                    overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
+                    encoding=sc,
                 )
             )
     artifacts += _reports(

@@ -84,6 +84,9 @@ def test_settings_are_frozen() -> None:
         ("models:\n  - {name: m, path: /}\npipelines:\n  - {name: seg, model: m, task: segment}\n"
          "rest:\n  single_inference_pipeline: seg\n", "rest.single_inference_pipeline",
          "does not classify"),
+        ("models:\n  - {name: m, path: /}\npipelines:\n  - {name: c, model: m, task: classify,"
+         " secondary_capture: {compression: png}}\n",
+         "pipelines.0.secondary_capture.compression", "'none' or 'jpeg'"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, problem: str) -> None:
@@ -140,6 +143,17 @@ def test_a_file_with_its_own_models_gets_no_demo_pipelines(tmp_path: Path) -> No
                       environ={})
     assert [m.name for m in s.models] == ["mine"]
     assert s.pipelines == [] and s.ae_titles[0].pipelines == [] and s.watch[0].pipelines == []
+
+
+def test_a_pipeline_names_how_its_secondary_capture_is_encoded(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, (
+        "models:\n  - {name: m, path: /}\n"
+        "pipelines:\n  - name: c\n    model: m\n    task: classify\n"
+        "    secondary_capture: {compression: jpeg, quality: 85, max_size: 1024}\n"
+        "  - {name: d, model: m, task: classify}\n")), environ={})
+    jpeg, default = (p.secondary_capture for p in s.pipelines)
+    assert (jpeg.compression, jpeg.quality, jpeg.max_size) == ("jpeg", 85, 1024)
+    assert (default.compression, default.max_size) == ("none", None)  # lossless, full size
 
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "configs" / "examples"

@@ -19,7 +19,7 @@ from pipeline.runner import (
     overall_result,
     parallelism,
 )
-from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
+from pipeline.settings import ModelSpec, PipelineSpec, SecondaryCaptureSpec, SeriesRules
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from pipeline.types import Finding
@@ -63,6 +63,9 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
         [PipelineSpec(name="cls", model="tiny", task="classify", threshold=0.01,
                       series=SeriesRules(modalities=["DX", "CR"])),
          PipelineSpec(name="never-normal", model="tiny", task="classify", threshold=0.99),
+         PipelineSpec(name="cls-jpeg", model="tiny", task="classify", threshold=0.01,
+                      secondary_capture=SecondaryCaptureSpec(compression="jpeg",
+                                                             max_size=100)),
          PipelineSpec(name="seg", model="tinyseg", task="segment",
                       series=SeriesRules(modalities=["CT"], min_instances=4))],
     )
@@ -84,6 +87,19 @@ def test_classification_writes_every_artifact(runner: PipelineRunner, tmp_path: 
     sr = pydicom.dcmread(tmp_path / "out" / "PAT7" / "PAT7_sr.dcm")
     assert sr.StudyInstanceUID == pydicom.dcmread(src).StudyInstanceUID
 
+
+
+def test_a_pipeline_can_ask_for_a_smaller_jpeg_secondary_capture(
+    runner: PipelineRunner, tmp_path: Path
+) -> None:
+    src = write_dicom(make_cxr_phantom(7), tmp_path / "in" / "cr.dcm", patient_id="PAT7")
+    runner.run("cls-jpeg", [src], tmp_path / "out", outputs=["sc"])
+    sc = pydicom.dcmread(tmp_path / "out" / "PAT7" / "PAT7_sc.dcm")
+    assert sc.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert sc.LossyImageCompression == "01"
+    assert max(sc.Rows, sc.Columns) == 100
+    source = pydicom.dcmread(src)
+    assert sc.Rows / sc.Columns == pytest.approx(source.Rows / source.Columns, abs=0.02)
 
 def test_normal_has_no_heatmap_and_patient_override(runner: PipelineRunner,
                                                     tmp_path: Path) -> None:

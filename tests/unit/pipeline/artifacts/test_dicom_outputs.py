@@ -9,10 +9,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     ComprehensiveSRStorage,
     EncapsulatedPDFStorage,
+    JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
@@ -28,6 +30,7 @@ from pipeline.artifacts import (
     write_sr,
 )
 from pipeline.artifacts.images import heatmap_overlay
+from pipeline.settings import SecondaryCaptureSpec
 from pipeline.types import ClassificationResult, PatientStudy, Segment, SegmentationResult
 
 INFO = SeriesInfo(series_description="AI test", series_number=77, software_version="9.9.9")
@@ -121,6 +124,43 @@ def test_secondary_capture(
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == dx_ds.SOPInstanceUID
     assert art.kind == "sc" and art.sop_instance_uid == ds.SOPInstanceUID
     dciodvfy(art.path)
+
+
+@pytest.mark.parametrize("max_size", [None, 64])
+def test_secondary_capture_as_jpeg(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str], max_size: int | None,
+) -> None:
+    """JPEG Baseline, 4:2:2 (YBR_FULL_422), marked lossy; optionally scaled down."""
+    assert tb_result.heatmap is not None
+    img = heatmap_overlay(tb_result.image, tb_result.heatmap).resize((96, 128))
+    spec = SecondaryCaptureSpec(compression="jpeg", quality=95, max_size=max_size)
+    art = write_secondary_capture(img, dx_ds, tmp_path / "sc.dcm", INFO, encoding=spec)
+    ds = pydicom.dcmread(art.path)
+    _common(ds, dx_ds, SecondaryCaptureImageStorage)
+    assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    assert float(ds.LossyImageCompressionRatio) > 1
+    assert "JPEG Baseline, quality 95" in ds.DerivationDescription
+    expected = img if max_size is None else img.resize((48, 64), Image.Resampling.LANCZOS)
+    assert (ds.Rows, ds.Columns) == (expected.height, expected.width)
+    decoded = ds.pixel_array.astype(np.int16)  # pydicom converts YBR back to RGB
+    assert decoded.shape == (expected.height, expected.width, 3)
+    assert np.abs(decoded - np.asarray(expected, dtype=np.int16)).mean() < 4  # lossy, close
+    dciodvfy(art.path)
+
+
+def test_secondary_capture_scaled_stays_uncompressed(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult
+) -> None:
+    assert tb_result.heatmap is not None
+    img = heatmap_overlay(tb_result.image, tb_result.heatmap)
+    spec = SecondaryCaptureSpec(max_size=64)  # 48 x 64, already within: kept as it is
+    ds = pydicom.dcmread(write_secondary_capture(img, dx_ds, tmp_path / "sc.dcm", INFO,
+                                                 encoding=spec).path)
+    assert ds.LossyImageCompression == "00" and ds.PhotometricInterpretation == "RGB"
+    assert np.array_equal(ds.pixel_array, np.asarray(img))
 
 
 def test_encapsulated_pdf(
