@@ -51,21 +51,25 @@ def _uid(element: int, uid: str) -> bytes:
 
 def store_response_bytes(rsp: Any) -> bytes | None:
     """The encoded command set of a C-STORE response primitive, or None when it needs
-    more than the seven usual elements (pynetdicom encodes those)."""
+    more than the seven usual elements or holds a value that is not plain (pynetdicom
+    encodes those, or says why it cannot)."""
     if rsp.ErrorComment is not None or rsp.OffendingElement is not None:
         return None
     sop_class, sop_instance = rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID
     message_id, status = rsp.MessageIDBeingRespondedTo, rsp.Status
     if sop_class is None or sop_instance is None or message_id is None or status is None:
         return None
-    body = b"".join((
-        _uid(0x0002, sop_class),
-        _US.pack(0x0000, 0x0100, 2, _C_STORE_RSP),
-        _US.pack(0x0000, 0x0120, 2, message_id),
-        _US.pack(0x0000, 0x0800, 2, _NO_DATA_SET),
-        _US.pack(0x0000, 0x0900, 2, status),
-        _uid(0x1000, sop_instance),
-    ))
+    try:
+        body = b"".join((
+            _uid(0x0002, sop_class),
+            _US.pack(0x0000, 0x0100, 2, _C_STORE_RSP),
+            _US.pack(0x0000, 0x0120, 2, message_id),
+            _US.pack(0x0000, 0x0800, 2, _NO_DATA_SET),
+            _US.pack(0x0000, 0x0900, 2, status),
+            _uid(0x1000, sop_instance),
+        ))
+    except (UnicodeEncodeError, struct.error):  # a peer's odd UID, a status out of range
+        return None
     return _GROUP_LENGTH.pack(0x0000, 0x0000, 4, len(body)) + body
 
 

@@ -131,6 +131,16 @@ def test_store_response_with_a_comment_is_left_to_pynetdicom() -> None:
     assert command_set.store_response_bytes(rsp) is None
 
 
+def test_store_response_with_a_uid_that_is_not_ascii_is_left_to_pynetdicom() -> None:
+    """A peer's request can carry such a UID (pydicom only warns on reading it); the
+    response it gets back is pynetdicom's business, not a crash of the quick path."""
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0x0000
+    rsp.AffectedSOPClassUID = CT
+    rsp._affected_sop_instance_uid = "1.2.\u00e9"  # as a decoded request could set it
+    assert command_set.store_response_bytes(rsp) is None
+
+
 @pytest.mark.parametrize("max_pdu", [0, 16382, 64])
 @pytest.mark.parametrize("comment", [None, "cannot keep the instance: disk full"])
 @pytest.mark.parametrize("handler", [False, True])
