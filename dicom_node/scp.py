@@ -71,7 +71,7 @@ __all__ = [
 
 # Stream every received dataset to a file instead of memory: raw, bounded memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
-command_set.install()  # what the node sends: each command set encoded once
+command_set.install()  # what the node sends: C-STORE responses direct, the rest encoded once
 file_meta.install()  # the file meta in front of each received dataset, encoded directly
 
 

@@ -97,7 +97,8 @@ def write_classification_artifacts(
     finding_codes: Mapping[str, Code] | None = None,
     sc: SecondaryCaptureSpec | None = None,
 ) -> list[Artifact]:
-    """Write the requested classification artifacts; return them PNGs, JSON, PDF, DICOM.
+    """Write the requested classification artifacts; return them in this order: the
+    PNGs, the JSON, then the PDF and the DICOM objects.
 
     Files (seed 001 names) in ``<out_dir>/<patient_id>/``: ``_predictions.json``,
     ``_source_image.png``, ``_heatmap.png`` (not when Normal), ``_report.pdf``, and the
