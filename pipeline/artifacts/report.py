@@ -80,6 +80,18 @@ _CELL_PADDING = 6  # ReportLab's default left and right padding of a table cell,
 _LABEL_W = 28 * mm  # the label columns of the patient and model tables
 
 _FONT_CACHE: dict[str, tuple[str, str]] = {}
+#: The font the report writes characters its main font has no glyph for (Chinese,
+#: Japanese and Korean names, mostly): the first of :data:`FALLBACK_FONTS` installed.
+FALLBACK_FONT = "ReportSansFallback"
+#: TrueType fonts with CJK glyphs, best coverage first (Debian packages
+#: fonts-wqy-microhei, fonts-wqy-zenhei, fonts-droid-fallback; the last has no Hangul).
+#: Noto CJK is not here: its outlines are CFF, which reportlab cannot embed.
+FALLBACK_FONTS = (
+    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
+    Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"),
+    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),
+)
+_COVERAGE: dict[str, frozenset[int]] = {}  # registered font -> the code points it has
 
 
 def _fonts() -> tuple[str, str]:
@@ -119,6 +131,59 @@ def _fonts() -> tuple[str, str]:
     return chosen
 
 
+def _register_fallback() -> None:
+    """Register :data:`FALLBACK_FONT` from the first of :data:`FALLBACK_FONTS` reportlab
+    can load (~50 ms, so only once a report needs it); nothing when none is installed."""
+    for path in FALLBACK_FONTS:
+        if path.is_file():
+            try:  # of a .ttc, its first face
+                pdfmetrics.registerFont(TTFont(FALLBACK_FONT, str(path), subfontIndex=0))
+                return
+            except Exception:  # a font reportlab cannot embed: try the next
+                continue
+
+
+def _coverage(font: str) -> frozenset[int]:
+    """The code points a registered TrueType font has glyphs for (empty for others)."""
+    if font not in _COVERAGE:
+        if font == FALLBACK_FONT:
+            _register_fallback()
+        try:
+            face = getattr(pdfmetrics.getFont(font), "face", None)
+        except KeyError:  # not registered: no fallback font installed
+            face = None
+        _COVERAGE[font] = frozenset(getattr(face, "charToGlyph", None) or ())
+    return _COVERAGE[font]
+
+
+def _runs(text: str, font: str) -> list[tuple[str, str]]:
+    """``text`` cut into runs of ``(font, characters)``: each character in ``font``, or
+    in :data:`FALLBACK_FONT` when only that one has a glyph for it."""
+    main = _coverage(font)
+    runs: list[tuple[str, str]] = []
+    for ch in text:
+        cp = ord(ch)
+        missing = bool(main) and cp not in main
+        use = FALLBACK_FONT if missing and cp in _coverage(FALLBACK_FONT) else font
+        if runs and runs[-1][0] == use:
+            runs[-1] = (use, runs[-1][1] + ch)
+        else:
+            runs.append((use, ch))
+    return runs
+
+
+def _markup(text: str, font: str) -> str:
+    """``text`` escaped as Paragraph markup, the runs :func:`_runs` gives to the fallback
+    font wrapped in ``<font>`` (reportlab does not fall back per glyph by itself)."""
+    return "".join(escape(chars) if name == font else f'<font name="{name}">{escape(chars)}</font>'
+                   for name, chars in _runs(text, font))
+
+
+def _width(text: str, font: str, size: float) -> float:
+    """The printed width of ``text`` in points, fallback runs measured in their font."""
+    return float(sum(stringWidth(chars, name, size) for name, chars in _runs(text, font)))
+
+
 def format_date(value: str) -> str:
     """``YYYYMMDD`` → ``YYYY-MM-DD``; anything else is returned as is (``—`` if empty)."""
     value = (value or "").strip()
@@ -137,12 +202,27 @@ def format_age(value: str) -> str:
 
 
 def format_person_name(value: str) -> str:
-    """DICOM PN (``Doe^John``) → ``Doe, John`` (``—`` if empty)."""
-    parts = [p.strip() for p in str(value or "").split("=")[0].split("^")]
+    """DICOM PN → ``Doe, John`` (``—`` if empty).
+
+    A name with an ideographic group (``Yamada^Tarou=山田^太郎``) reads
+    ``Yamada, Tarou (山田 太郎)``; a name given only in ideographic or phonetic
+    characters reads ``山田 太郎``, family name first as it is written.
+    """
+    groups = [[p.strip() for p in g.split("^")] for g in str(value or "").split("=")[:3]]
+    alphabetic = _name_group(groups[0], ", ")
+    others = [_name_group(g, " ") for g in groups[1:]]
+    native = next((n for n in others if n), "")
+    if alphabetic and others and others[0]:
+        return f"{alphabetic} ({others[0]})"
+    return alphabetic or native or "—"
+
+
+def _name_group(parts: list[str], separator: str) -> str:
+    """One PN component group: family name, then the given and middle names, prefix
+    and suffix, family and the rest joined by ``separator``."""
     family, given = [*parts, "", ""][:2]
-    rest = " ".join(p for p in parts[2:] if p)
-    name = ", ".join(p for p in (family, " ".join(x for x in (given, rest) if x)) if p)
-    return name or "—"
+    rest = " ".join(x for x in (given, *parts[2:]) if x)
+    return separator.join(p for p in (family, rest) if p)
 
 
 def _styles() -> dict[str, ParagraphStyle]:
@@ -222,7 +302,7 @@ def _styles() -> dict[str, ParagraphStyle]:
 
 
 def _p(text: str, style: ParagraphStyle) -> Paragraph:
-    return Paragraph(escape(text), style)
+    return Paragraph(_markup(text, style.fontName), style)
 
 
 def _value(text: str, st: dict[str, ParagraphStyle], width: float) -> Paragraph:
@@ -234,13 +314,14 @@ def _value(text: str, st: dict[str, ParagraphStyle], width: float) -> Paragraph:
     lines: list[str] = []
     line = ""
     for token in _TOKEN.findall(text):
-        if line and stringWidth(line + token, style.fontName, style.fontSize) > room:
+        if line and _width(line + token, style.fontName, style.fontSize) > room:
             lines.append(line)
             line = token.lstrip(" ")
         else:
             line += token
     lines.append(line)
-    return Paragraph("<br/>".join(escape(line.rstrip(" ")) for line in lines), style)
+    return Paragraph("<br/>".join(_markup(line.rstrip(" "), style.fontName) for line in lines),
+                     style)
 
 
 def _header(title: str, subtitle: str, st: dict[str, ParagraphStyle], width: float) -> Table:

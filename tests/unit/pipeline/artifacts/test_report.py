@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.artifacts import write_classification_report, write_segmentation_report
+from pipeline.artifacts import report, write_classification_report, write_segmentation_report
 from pipeline.artifacts.report import format_age, format_date, format_person_name
 from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
 
@@ -73,6 +74,11 @@ def test_formatters() -> None:
     assert format_person_name("Doe^John") == "Doe, John"
     assert format_person_name("Doe^John^Q") == "Doe, John Q"
     assert format_person_name("") == "—"
+    # PN component groups: alphabetic = ideographic = phonetic
+    assert format_person_name("Yamada^Tarou=山田^太郎=やまだ^たろう") == "Yamada, Tarou (山田 太郎)"
+    assert format_person_name("=山田^太郎") == "山田 太郎"
+    assert format_person_name("==やまだ^たろう") == "やまだ たろう"
+    assert format_person_name("Doe^John==") == "Doe, John"
 
 
 def _page_texts(pdf: Path) -> list[str]:
@@ -171,3 +177,56 @@ def test_report_images_are_embedded_at_print_resolution(
         assert width < 1200 and height < 1200
     small = write_classification_report(tb_result, study, tmp_path / "small.pdf").path
     assert max(w for w, _, _ in _embedded_images(small)) <= 64  # the 48x64 source as it is
+
+
+def _fallback_font_installed() -> bool:
+    if any(p.is_file() for p in report.FALLBACK_FONTS):
+        return True
+    if os.environ.get("REQUIRE_PEERS") == "1":
+        pytest.fail("REQUIRE_PEERS=1 but no CJK font is installed (fonts-wqy-microhei)")
+    pytest.skip("no CJK font installed (Debian fonts-wqy-microhei)")
+
+
+def _fonts_of(pdf: Path) -> str:
+    exe = shutil.which("pdffonts")
+    if exe is None:
+        pytest.skip("pdffonts (poppler-utils) is not installed")
+    return subprocess.run([exe, str(pdf)], check=True, timeout=60, capture_output=True,
+                          text=True).stdout
+
+
+def test_cjk_text_is_set_in_the_fallback_font(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy
+) -> None:
+    """A Japanese name and a Korean description print in the CJK font, embedded, and
+    read back as text; the Latin text around them stays in the report's own font."""
+    _fallback_font_installed()
+    regular, _ = report._fonts()
+    runs = report._runs("Yamada, Tarou (山田 太郎)", regular)
+    assert runs == [(regular, "Yamada, Tarou ("), (report.FALLBACK_FONT, "山田"),
+                    (regular, " "), (report.FALLBACK_FONT, "太郎"), (regular, ")")]
+    cjk = dataclasses.replace(study, patient_name="Yamada^Tarou=山田^太郎",
+                              study_description="胸部 正面 한국어 <검사>")
+    pdf = write_classification_report(tb_result, cjk, tmp_path / "r.pdf").path
+    fonts = [line.split()[0] for line in _fonts_of(pdf).splitlines()[2:]]
+    embedded = {name.split("+")[-1] for name in fonts}
+    assert len(embedded & {"WenQuanYiMicroHei-0", "WenQuanYiZenHei", "DroidSansFallback"}) == 1
+    text = _text(pdf)
+    assert "Patient name Yamada, Tarou (山田 太郎)" in text
+    if "DroidSansFallback" not in embedded:  # the one of the three without Hangul
+        assert "胸部 正面 한국어 <검사>" in text
+
+
+def test_text_without_a_glyph_anywhere_still_writes_the_report(
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No CJK font installed: the name prints as the main font's empty boxes, and the
+    report is written all the same."""
+    monkeypatch.setattr(report, "FALLBACK_FONTS", ())
+    monkeypatch.setattr(report, "_COVERAGE", {})
+    monkeypatch.setattr(report, "FALLBACK_FONT", "ReportSansFallbackMissing")
+    regular, _ = report._fonts()
+    assert report._runs("山田 Tarou", regular) == [(regular, "山田 Tarou")]
+    cjk = dataclasses.replace(study, patient_name="=山田^太郎")
+    _check_pdf(write_classification_report(tb_result, cjk, tmp_path / "r.pdf").path, tmp_path)
