@@ -29,6 +29,7 @@ examples:
   dicom-node serve --config configs/node.yaml --data-dir /srv/dicom-node
   dicom-node check-config configs/node.yaml
   dicom-node jobs list --state failed
+  dicom-node studies list                   # what has arrived, newest first
   dicom-node token --scope infer --expires 8h
   dicom-node echo                           # can the node reach its PACS and folders?
   dicom-node infer samples/cxr/pleural-effusion.dcm --out results
@@ -94,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             jp.add_argument("--json", action="store_true")
 
+    studies = sub.add_parser("studies", help="list or show the studies the node holds",
+                             description="What the node has received (DIMSE, STOW-RS, drop "
+                             "folders, retrievals), from its store; works whether or not the "
+                             "node is running.")
+    ssub = studies.add_subparsers(dest="studies_command", metavar="ACTION", required=True)
+    sl = ssub.add_parser("list", help="the most recently received studies first")
+    _config_options(sl)
+    sl.add_argument("--patient", metavar="ID", help="only this Patient ID's studies")
+    sl.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    sl.add_argument("--json", action="store_true", help="one JSON object per line")
+    ss = ssub.add_parser("show", help="one study series by series, with its jobs")
+    _config_options(ss)
+    ss.add_argument("study", metavar="STUDY_UID",
+                    help="the Study Instance UID (or its start, when that names one study)")
+    ss.add_argument("--json", action="store_true")
+
     token = sub.add_parser("token", help="mint a JWT for the HTTP APIs",
                            description="Sign a token with the node's secret and print it alone "
                            "on the last line.")
@@ -148,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "jobs":
             return _jobs(args, settings)
+        if args.command == "studies":
+            return _studies(args, settings)
         if args.command == "token":
             return _token(args, settings)
         if args.command == "infer":
@@ -276,6 +295,19 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         store.close()
     return EXIT_CONFIG
+
+
+def _studies(args: argparse.Namespace, settings: Settings) -> int:
+    from dicom_node import studies_view
+
+    store = _open_store(settings)
+    try:
+        if args.studies_command == "list":
+            return studies_view.list_studies(store, limit=args.limit, patient_id=args.patient,
+                                             as_json=args.json)
+        return studies_view.show_study(store, args.study, as_json=args.json)
+    finally:
+        store.close()
 
 
 def _outcome(job: Any) -> str:

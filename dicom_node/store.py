@@ -441,6 +441,22 @@ class StudyRecord:
 
 
 @dataclass(frozen=True)
+class SeriesRecord:
+    """One series of a stored study, summed over its instance records."""
+
+    series_instance_uid: str
+    modality: str
+    instances: int
+    size_bytes: int
+    first_received: datetime
+    last_received: datetime
+    #: how its instances came: ``CALLING -> CALLED`` AE titles over DIMSE, else the
+    #: source (``stow``, ``watch``, ``retrieve``)
+    senders: list[str]
+    transfer_syntaxes: list[str]
+
+
+@dataclass(frozen=True)
 class Batch:
     """A seed-002 batch job and its node jobs, one per source, in the order asked."""
 
@@ -777,6 +793,64 @@ class Store:
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
 
+    def received_studies(
+        self, *, limit: int = 20, patient_id: str | None = None, uid: str | None = None,
+        uid_prefix: str | None = None,
+    ) -> list[tuple[StudyRecord, list[SeriesRecord]]]:
+        """The studies the node holds, the most recently received first, each with its
+        series (see :class:`SeriesRecord`); ``uid`` keeps that study, ``uid_prefix`` the
+        studies whose UID starts with it."""
+        q = (sa.select(studies)
+             .order_by(studies.c.updated_at.desc(), studies.c.id.desc()).limit(limit))
+        if patient_id is not None:
+            q = q.where(studies.c.patient_id == patient_id)
+        if uid is not None:
+            q = q.where(studies.c.study_instance_uid == uid)
+        if uid_prefix:
+            q = q.where(studies.c.study_instance_uid.startswith(uid_prefix, autoescape=True))
+        i = instances.c
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(q))
+            uids = [r.study_instance_uid for r in rows]
+            sums: list[Any] = []
+            ways: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+            if uids:
+                per_series = (
+                    sa.select(i.study_instance_uid, i.series_instance_uid, sa.func.max(i.modality),
+                              sa.func.count(), sa.func.sum(i.size_bytes),
+                              sa.func.min(i.received_at), sa.func.max(i.received_at))
+                    .where(i.study_instance_uid.in_(uids))
+                    .group_by(i.study_instance_uid, i.series_instance_uid))
+                sums = list(conn.execute(per_series))
+                how = (sa.select(i.study_instance_uid, i.series_instance_uid, i.source,
+                                 i.calling_ae, i.called_ae, i.transfer_syntax_uid)
+                       .where(i.study_instance_uid.in_(uids)).distinct())
+                for study, series, source, calling, called, ts in conn.execute(how):
+                    senders, syntaxes = ways.setdefault((study, series), (set(), set()))
+                    senders.add(f"{calling} -> {called}" if source == "dimse" and calling
+                                else str(source))
+                    if ts:
+                        syntaxes.add(str(ts))
+        by_study: dict[str, list[SeriesRecord]] = {}
+        for study, series, modality, n, size, first, last in sums:
+            senders, syntaxes = ways.get((study, series), (set(), set()))
+            by_study.setdefault(study, []).append(SeriesRecord(
+                series_instance_uid=series, modality=modality or "", instances=int(n),
+                size_bytes=int(size or 0), first_received=first, last_received=last,
+                senders=sorted(senders), transfer_syntaxes=sorted(syntaxes)))
+        out = []
+        for r in rows:
+            series_list = sorted(by_study.get(r.study_instance_uid, []),
+                                 key=lambda x: (x.first_received, x.series_instance_uid))
+            out.append((StudyRecord(
+                id=int(r.id), study_instance_uid=r.study_instance_uid,
+                patient_id=r.patient_id or "", accession_number=r.accession_number or "",
+                study_date=r.study_date or "",
+                modalities=sorted({x.modality for x in series_list if x.modality}),
+                instances=sum(x.instances for x in series_list),
+                created_at=r.created_at, updated_at=r.updated_at), series_list))
+        return out
+
     def count_instances(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())
@@ -860,11 +934,14 @@ class Store:
         return Job.from_row(rows[0])
 
     def list_jobs(
-        self, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0
+        self, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0,
+        *, study_instance_uid: str | None = None,
     ) -> list[Job]:
         q = sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit).offset(offset)
         if states:
             q = q.where(jobs.c.state.in_([s.value for s in states]))
+        if study_instance_uid is not None:
+            q = q.where(jobs.c.study_instance_uid == study_instance_uid)
         with self.engine.connect() as conn:
             return [Job.from_row(r) for r in conn.execute(q)]
 
@@ -1384,6 +1461,7 @@ __all__: Sequence[str] = [
     "JobEvent",
     "JobState",
     "NewJob",
+    "SeriesRecord",
     "Store",
     "StudyRecord",
     "redact_secrets",

@@ -13,7 +13,8 @@ import pydicom
 import pytest
 
 from dicom_node.store import JobState, NewJob, Store
-from tests.support.node_process import NodeProcess
+from tests.support.node_process import ROOT, NodeProcess
+from tests.support.peers import storescu
 
 TEST_EXECUTOR = {"runner": "tests.support.handlers:create_handler", "poll_interval_s": 0.1,
                  "grace_period_s": 2}
@@ -124,6 +125,26 @@ def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
     assert short.returncode == 1 and "at least 4 characters" in short.stderr
     listed = node.cli("jobs", "list", "--state", "queued", "--json")
     assert json.loads(listed.stdout.splitlines()[0])["id"] == job.id
+
+
+def test_studies_cli_shows_what_storescu_sent(node: NodeProcess) -> None:
+    """What a PACS administrator checks after connecting a modality: the study arrived,
+    all of it, from that AE title, as sent."""
+    node.start()
+    files = sorted((ROOT / "samples" / "ct" / "abdomen").glob("*.dcm"))
+    storescu(node.dicom_port, files, "DICOMNODE", "CT_SCANNER")
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    listed = node.cli("studies", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["study_instance_uid"], row["instances"], row["series"]) == (study, len(files), 1)
+    assert row["senders"] == ["CT_SCANNER -> DICOMNODE"]
+    stored = list((node.data_dir / "studies" / study).rglob("*.dcm"))
+    assert row["size_bytes"] == sum(f.stat().st_size for f in stored)
+    shown = node.cli("studies", "show", study[:20])
+    assert shown.returncode == 0, shown.stderr
+    assert f"{len(files)} instance(s) in 1 series" in shown.stdout
+    assert "from CT_SCANNER -> DICOMNODE" in shown.stdout
 
 
 def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:

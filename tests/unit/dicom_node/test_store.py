@@ -375,3 +375,44 @@ def test_a_version_4_store_gets_queued_at_with_old_instances_counted_queued(
         assert "ix_instances_queued_at" in index_names
     finally:
         s.close()
+
+
+def test_received_studies_newest_first_with_their_series(store: Store) -> None:
+    """Each study with its series summed: counts, sizes, first and last arrival, who sent
+    them and in which transfer syntax; the most recently received study first."""
+    t0 = utcnow() - timedelta(hours=1)
+
+    def put(sop: str, study: str, series: str, minutes: int, **kw: object) -> None:
+        r = dataclasses.replace(rec(sop, study, series),
+                                received_at=t0 + timedelta(minutes=minutes), **kw)
+        store.record_instance(r)
+
+    put("1", "1.2.3", "1.2.3.1", 0, calling_ae="CT01", transfer_syntax_uid="1.2.840.10008.1.2.1")
+    put("2", "1.2.3", "1.2.3.1", 1, calling_ae="CT01", transfer_syntax_uid="1.2.840.10008.1.2")
+    put("3", "1.2.3", "1.2.3.2", 2, calling_ae="", source="watch", modality="SR",
+        size_bytes=5)
+    put("4", "1.2.9", "1.2.9.1", 3, calling_ae="CR02", patient_id="P2", modality="CR")
+    rows = store.received_studies()
+    assert [s.study_instance_uid for s, _ in rows] == ["1.2.9", "1.2.3"]
+    study, series = rows[1]
+    assert (study.instances, study.modalities, study.patient_id) == (3, ["CT", "SR"], "P1")
+    ct, sr = series  # in order of arrival
+    assert (ct.series_instance_uid, ct.modality, ct.instances, ct.size_bytes) == (
+        "1.2.3.1", "CT", 2, 20)
+    assert ct.senders == ["CT01 -> DICOMNODE"]
+    assert ct.transfer_syntaxes == ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+    assert ct.first_received < ct.last_received
+    assert (sr.senders, sr.size_bytes) == (["watch"], 5)
+    assert [s.study_instance_uid for s, _ in store.received_studies(patient_id="P2")] == ["1.2.9"]
+    assert [s.study_instance_uid for s, _ in store.received_studies(uid_prefix="1.2.3")] == [
+        "1.2.3"]
+    assert [s.study_instance_uid for s, _ in store.received_studies(limit=1)] == ["1.2.9"]
+    assert store.received_studies(uid_prefix="1.2.%") == []  # a prefix, not a pattern
+    assert [s.study_instance_uid for s, _ in store.received_studies(uid="1.2.3")] == ["1.2.3"]
+    assert store.received_studies(uid="1.2") == []
+
+
+def test_jobs_of_one_study(store: Store) -> None:
+    a = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.3"))
+    store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.4"))
+    assert [j.id for j in store.list_jobs(study_instance_uid="1.2.3")] == [a.id]

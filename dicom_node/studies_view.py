@@ -1,0 +1,148 @@
+"""``dicom-node studies``: what the node has received, as a PACS administrator checks it.
+
+``list`` shows the most recently received studies, one line each: when the last
+instance came, the patient, modalities, series and instance counts, size and who sent
+it. ``show`` gives one study series by series (the counts to compare with what the
+modality says it sent, the transfer syntaxes as received) and the jobs it became.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from datetime import datetime
+from typing import Any
+
+from pydicom.uid import UID
+
+from dicom_node.errors import Conflict, NotFound
+from dicom_node.store import SeriesRecord, Store, StudyRecord
+
+__all__ = ["find_study", "list_studies", "show_study", "size_text"]
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: ``512 B``, ``1.2 MB``, ``3.4 GB``."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def _when(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S}Z" if value else ""
+
+
+def _date(value: str) -> str:
+    """DICOM DA ``YYYYMMDD`` as ``YYYY-MM-DD``; anything else as it is."""
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() else value
+
+
+def _syntax(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+def _study_json(study: StudyRecord, series: list[SeriesRecord]) -> dict[str, Any]:
+    return {
+        "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id,
+        "accession_number": study.accession_number, "study_date": study.study_date,
+        "modalities": study.modalities, "series": len(series), "instances": study.instances,
+        "size_bytes": sum(s.size_bytes for s in series),
+        "first_received": study.created_at.isoformat(),
+        "last_received": study.updated_at.isoformat(),
+        "senders": sorted({x for s in series for x in s.senders}),
+    }
+
+
+def list_studies(store: Store, *, limit: int, patient_id: str | None, as_json: bool) -> int:
+    """Print the most recently received studies; returns the exit code."""
+    rows = store.received_studies(limit=limit, patient_id=patient_id)
+    if as_json:
+        for study, series in rows:
+            print(json.dumps(_study_json(study, series)))
+        return 0
+    if not rows:
+        print("no studies" + (f" of patient {patient_id!r}" if patient_id else ""))
+        return 0
+    head = (f"{'LAST RECEIVED':20}  {'PATIENT ID':16}  {'MODALITY':8}  {'SER':>3}  "
+            f"{'INST':>5}  {'SIZE':>8}  {'FROM':24}  ")
+    room = (max(20, shutil.get_terminal_size().columns - len(head))
+            if sys.stdout.isatty() else 100_000)  # whole UIDs when piped
+    print(f"{head}STUDY UID")
+    for study, series in rows:
+        senders = sorted({x for s in series for x in s.senders})
+        sender = senders[0] + (f" +{len(senders) - 1}" if len(senders) > 1 else "")
+        uid = study.study_instance_uid
+        uid = uid if len(uid) <= room else uid[: room - 1] + "…"
+        print(f"{_when(study.updated_at):20}  {study.patient_id[:16]:16}  "
+              f"{'/'.join(study.modalities)[:8]:8}  {len(series):>3}  {study.instances:>5}  "
+              f"{size_text(sum(s.size_bytes for s in series)):>8}  {sender[:24]:24}  {uid}")
+    return 0
+
+
+def find_study(store: Store, ref: str) -> tuple[StudyRecord, list[SeriesRecord]]:
+    """A study by its UID or, for people typing, the unique start of one.
+
+    Raises:
+        NotFound: no study's UID is or starts with ``ref``.
+        Conflict: several start with it.
+    """
+    exact = store.received_studies(limit=1, uid=ref)
+    if exact:
+        return exact[0]
+    rows = store.received_studies(limit=6, uid_prefix=ref)
+    if not rows:
+        raise NotFound(f"no study {ref!r} (dicom-node studies list shows what is held)")
+    if len(rows) > 1:
+        more = ", ..." if len(rows) > 5 else ""
+        raise Conflict(f"{ref!r} starts more than one study UID: "
+                       f"{', '.join(r[0].study_instance_uid for r in rows[:5])}{more}; "
+                       "give more of it")
+    return rows[0]
+
+
+def show_study(store: Store, ref: str, *, as_json: bool) -> int:
+    """Print one study series by series, with its jobs; returns the exit code."""
+    study, series = find_study(store, ref)
+    jobs = store.list_jobs(limit=100, study_instance_uid=study.study_instance_uid)
+    if as_json:
+        data = _study_json(study, series)
+        data["series"] = [{
+            "series_instance_uid": s.series_instance_uid, "modality": s.modality,
+            "instances": s.instances, "size_bytes": s.size_bytes,
+            "first_received": s.first_received.isoformat(),
+            "last_received": s.last_received.isoformat(),
+            "senders": s.senders, "transfer_syntaxes": s.transfer_syntaxes,
+        } for s in series]
+        data["jobs"] = [{"id": j.id, "pipeline": j.pipeline, "state": j.state.value,
+                         "created_at": j.created_at.isoformat()} for j in jobs]
+        print(json.dumps(data, indent=2))
+        return 0
+    size = size_text(sum(s.size_bytes for s in series))
+    for key, value in (("study_instance_uid", study.study_instance_uid),
+                       ("patient_id", study.patient_id),
+                       ("accession_number", study.accession_number),
+                       ("study_date", _date(study.study_date)),
+                       ("first received", _when(study.created_at)),
+                       ("last received", _when(study.updated_at)),
+                       ("held", f"{study.instances} instance(s) in {len(series)} series, "
+                                f"{size}")):
+        if value:
+            print(f"{key:20} {value}")
+    print("series:")
+    for s in series:
+        print(f"  {s.series_instance_uid}")
+        print(f"      {s.modality or '?':8} {s.instances:>5} instance(s)  "
+              f"{size_text(s.size_bytes):>8}  last {_when(s.last_received)}  "
+              f"from {', '.join(s.senders)}")
+        syntaxes = "; ".join(_syntax(t) for t in s.transfer_syntaxes)
+        print(f"      {syntaxes or 'transfer syntax unknown'}")
+    print("jobs:" if jobs else "jobs: none yet (a study becomes jobs once complete, and only "
+          "under an AE title with pipelines)")
+    for j in jobs:
+        print(f"  {j.id}  {j.state.value:10}  {j.pipeline}")
+    return 0

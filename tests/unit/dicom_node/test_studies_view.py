@@ -1,0 +1,98 @@
+"""``dicom-node studies list|show`` on a store with received instances."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.store import InstanceRecord, NewJob, Store
+from dicom_node.studies_view import size_text
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+def _store(data: Path) -> Store:
+    data.mkdir(parents=True, exist_ok=True)
+    return Store(f"sqlite:///{data / 'node.db'}").open()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    store = _store(data)
+    for i in range(3):
+        store.record_instance(InstanceRecord(
+            sop_instance_uid=f"{STUDY}.1.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            study_instance_uid=STUDY, series_instance_uid=f"{STUDY}.1", path=Path(f"/x/{i}"),
+            size_bytes=500_000, source="dimse", patient_id="PAT-7", modality="CT",
+            transfer_syntax_uid="1.2.840.10008.1.2.4.70", called_ae="DICOMNODE",
+            calling_ae="CT_SCANNER", study_date="20250314"))
+    store.record_instance(InstanceRecord(
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.2.1.1", sop_class_uid="1.2",
+        study_instance_uid="1.2.826.0.1.3680043.8.498.2", series_instance_uid="1.9",
+        path=Path("/x/y"), size_bytes=900, source="watch", patient_id="OTHER", modality="CR"))
+    store.create_job(NewJob(pipeline="ct-organs", study_instance_uid=STUDY))
+    store.close()
+    return data
+
+
+def test_list_shows_what_arrived_newest_first(data: Path, capsys: pytest.CaptureFixture[str]
+                                              ) -> None:
+    assert main(["studies", "list", "--data-dir", str(data)]) == 0
+    head, newest, older = capsys.readouterr().out.splitlines()
+    assert head.split() == ["LAST", "RECEIVED", "PATIENT", "ID", "MODALITY", "SER", "INST",
+                            "SIZE", "FROM", "STUDY", "UID"]
+    assert newest.split()[2:] == ["OTHER", "CR", "1", "1", "900", "B", "watch",
+                                  "1.2.826.0.1.3680043.8.498.2"]
+    assert older.split()[2:] == ["PAT-7", "CT", "1", "3", "1.5", "MB", "CT_SCANNER", "->",
+                                 "DICOMNODE", STUDY]
+
+
+def test_list_filters_by_patient_and_speaks_json(data: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["studies", "list", "--patient", "PAT-7", "--json", "--data-dir",
+                 str(data)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    row = json.loads(line)
+    assert row["study_instance_uid"] == STUDY
+    assert (row["series"], row["instances"], row["size_bytes"]) == (1, 3, 1_500_000)
+    assert row["senders"] == ["CT_SCANNER -> DICOMNODE"]
+    assert main(["studies", "list", "--patient", "NOBODY", "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == "no studies of patient 'NOBODY'"
+
+
+def test_show_gives_the_series_and_the_jobs(data: Path, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    assert main(["studies", "show", STUDY, "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "held                 3 instance(s) in 1 series, 1.5 MB" in out
+    assert "study_date           2025-03-14" in out
+    assert f"  {STUDY}.1\n" in out
+    assert "CT           3 instance(s)    1.5 MB" in out
+    assert "from CT_SCANNER -> DICOMNODE" in out
+    assert "JPEG Lossless, Non-Hierarchical, First-Order Prediction" in out
+    assert "ct-organs" in out.split("jobs:")[1]
+    assert main(["studies", "show", STUDY, "--json", "--data-dir", str(data)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["series"][0]["transfer_syntaxes"] == ["1.2.840.10008.1.2.4.70"]
+    assert [j["pipeline"] for j in shown["jobs"]] == ["ct-organs"]
+
+
+def test_show_takes_the_start_of_a_uid_and_says_when_it_is_not_enough(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["studies", "show", "1.2.826.0.1.3680043.8.498.2", "--data-dir",
+                 str(data)]) == 0  # whole UID, although it also starts nothing else
+    assert "OTHER" in capsys.readouterr().out
+    assert main(["studies", "show", "1.2.826.0.1.3680043.8.498", "--data-dir", str(data)]) == 1
+    assert "starts more than one study UID" in capsys.readouterr().err
+    assert main(["studies", "show", "9.9", "--data-dir", str(data)]) == 1
+    assert "no study '9.9'" in capsys.readouterr().err
+
+
+def test_size_text() -> None:
+    assert [size_text(n) for n in (0, 999, 1000, 1_500_000, 2_000_000_000, 5 * 10**12)] == [
+        "0 B", "999 B", "1.0 KB", "1.5 MB", "2.0 GB", "5000.0 GB"]
