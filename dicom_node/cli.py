@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("study", metavar="STUDY_UID",
                     help="the Study Instance UID (or its start, when that names one study)")
     ss.add_argument("--json", action="store_true")
+    sd = ssub.add_parser(
+        "delete", help="delete a study's files and records (a misdirected study, say)",
+        description="Delete the instances of one study from the studies folder and the "
+        "store, after asking (or with --yes). Refused while a job of the study is not "
+        "finished or the study is still arriving. Its jobs and their results stay unless "
+        "--results is given.")
+    _config_options(sd)
+    sd.add_argument("study", metavar="STUDY_UID",
+                    help="the Study Instance UID (or its start, when that names one study)")
+    sd.add_argument("--results", action="store_true",
+                    help="also delete the results folders of the study's jobs")
+    sd.add_argument("--yes", "-y", action="store_true", help="do not ask")
 
     token = sub.add_parser("token", help="mint a JWT for the HTTP APIs",
                            description="Sign a token with the node's secret and print it alone "
@@ -305,6 +317,9 @@ def _studies(args: argparse.Namespace, settings: Settings) -> int:
         if args.studies_command == "list":
             return studies_view.list_studies(store, limit=args.limit, patient_id=args.patient,
                                              as_json=args.json)
+        if args.studies_command == "delete":
+            return studies_view.delete_study(settings, store, args.study, results=args.results,
+                                             yes=args.yes)
         return studies_view.show_study(store, args.study, as_json=args.json)
     finally:
         store.close()

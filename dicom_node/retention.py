@@ -28,7 +28,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.store import Store, utcnow
 
-__all__ = ["SweepResult", "sweep"]
+__all__ = ["SweepResult", "delete_results", "delete_study", "sweep"]
 
 log = get_logger("retention")
 
@@ -62,42 +62,54 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
         for study in batch:
             if _stopped(stop):
                 break
-            for rec in store.instances_of(study):
-                path = _inside(Path(rec.path), studies_root)
-                if path is None:
-                    log.warning("instance file outside the studies folder; not deleted",
-                                study_uid=study, sop_instance_uid=rec.sop_instance_uid)
-                    continue
-                try:
-                    size = path.stat().st_size
-                    path.unlink()
-                    done.bytes += size
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    # Forgotten anyway, so that one stubborn file cannot stall every
-                    # later sweep; the log names it for a person to remove.
-                    done.left += 1
-                    log.warning("cannot delete an expired instance file", path=str(path),
-                                error=type(exc).__name__)
-                _prune(path.parent, studies_root)
-            done.instances += store.forget_study(study)
-            done.studies += 1
+            delete_study(store, study, studies_root, done)
     for job_id in store.jobs_finished_before(cutoff):
         if _stopped(stop):
             break
-        if not _is_uuid(job_id):
-            continue
-        folder = _inside(results_root / job_id, results_root)
-        if folder is None or not folder.is_dir():
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        done.results += 1
+        delete_results(job_id, results_root, done)
     if done.studies or done.results:
         log.info("retention sweep", older_than_days=days, studies=done.studies,
                  instances=done.instances, mb=round(done.bytes / 1e6, 1),
                  results_folders=done.results, files_left=done.left)
     return done
+
+
+def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult) -> None:
+    """Delete a study's instance files (those inside ``studies_root``), then its records;
+    adds what it did to ``done``. A file that cannot be deleted is logged and counted
+    in ``done.left``; the records go anyway."""
+    for rec in store.instances_of(study):
+        path = _inside(Path(rec.path), studies_root)
+        if path is None:
+            log.warning("instance file outside the studies folder; not deleted",
+                        study_uid=study, sop_instance_uid=rec.sop_instance_uid)
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+            done.bytes += size
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Forgotten anyway, so that one stubborn file cannot stall every
+            # later sweep; the log names it for a person to remove.
+            done.left += 1
+            log.warning("cannot delete an instance file", path=str(path),
+                        error=type(exc).__name__)
+        _prune(path.parent, studies_root)
+    done.instances += store.forget_study(study)
+    done.studies += 1
+
+
+def delete_results(job_id: str, results_root: Path, done: SweepResult) -> None:
+    """Delete a job's results folder (``<results_root>/<job id>``), if it has one."""
+    if not _is_uuid(job_id):
+        return
+    folder = _inside(results_root / job_id, results_root)
+    if folder is None or not folder.is_dir():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    done.results += 1
 
 
 def _stopped(stop: threading.Event | None) -> bool:

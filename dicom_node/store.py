@@ -765,17 +765,23 @@ class Store:
     def expired_studies(self, before: datetime, limit: int = 200) -> list[str]:
         """Studies that received nothing since ``before`` and that nothing still needs: no
         job of theirs that is not final, no instance still waiting to become a job."""
-        waiting = sa.select(jobs.c.id).where(
-            jobs.c.study_instance_uid == studies.c.study_instance_uid,
-            jobs.c.state.not_in([s.value for s in FINAL_STATES]))
-        pending = sa.select(instances.c.id).where(
-            instances.c.study_instance_uid == studies.c.study_instance_uid,
-            instances.c.queued_at.is_(None), instances.c.source.in_(["dimse", "stow"]))
-        q = (sa.select(studies.c.study_instance_uid)
-             .where(studies.c.updated_at < before, ~sa.exists(waiting), ~sa.exists(pending))
+        study = studies.c.study_instance_uid
+        q = (sa.select(study)
+             .where(studies.c.updated_at < before, ~sa.exists(_unfinished_jobs(study)),
+                    ~sa.exists(_pending_instances(study)))
              .order_by(studies.c.updated_at).limit(limit))
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
+
+    def study_activity(self, study_instance_uid: str) -> tuple[list[str], int]:
+        """What still needs a study: the ids of its jobs that are not final, and how many
+        of its instances still wait to become a job (it is still arriving)."""
+        active = _unfinished_jobs(study_instance_uid).order_by(jobs.c.created_at)
+        pending = sa.select(sa.func.count()).select_from(
+            _pending_instances(study_instance_uid).subquery())
+        with self.engine.connect() as conn:
+            ids = [str(r[0]) for r in conn.execute(active)]
+            return ids, int(conn.execute(pending).scalar_one())
 
     def forget_study(self, study_instance_uid: str) -> int:
         """Delete a study's instance records and the study's; returns the instances."""
@@ -1426,6 +1432,21 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _unfinished_jobs(study: Any) -> sa.Select[Any]:
+    """The ids of the jobs of ``study`` (a UID or a column) that are not final."""
+    return sa.select(jobs.c.id).where(jobs.c.study_instance_uid == study,
+                                      jobs.c.state.not_in([s.value for s in FINAL_STATES]))
+
+
+def _pending_instances(study: Any) -> sa.Select[Any]:
+    """The instances of ``study`` (a UID or a column) a sender was told were stored and
+    that are not yet part of a job (the study is still arriving or waiting for its
+    AE title's timeout)."""
+    return sa.select(instances.c.id).where(
+        instances.c.study_instance_uid == study, instances.c.queued_at.is_(None),
+        instances.c.source.in_(["dimse", "stow"]))
 
 
 def _instance(row: sa.Row[Any]) -> InstanceRecord:

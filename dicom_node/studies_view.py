@@ -4,6 +4,7 @@
 instance came, the patient, modalities, series and instance counts, size and who sent
 it. ``show`` gives one study series by series (the counts to compare with what the
 modality says it sent, the transfer syntaxes as received) and the jobs it became.
+``delete`` removes one study's files and records (a study sent to the wrong place).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from dicom_node.config import Settings
 from dicom_node.errors import Conflict, NotFound
 from dicom_node.store import SeriesRecord, Store, StudyRecord
 
-__all__ = ["find_study", "list_studies", "show_study", "size_text"]
+__all__ = ["delete_study", "find_study", "list_studies", "show_study", "size_text"]
 
 
 def size_text(n: int) -> str:
@@ -145,4 +147,47 @@ def show_study(store: Store, ref: str, *, as_json: bool) -> int:
           "under an AE title with pipelines)")
     for j in jobs:
         print(f"  {j.id}  {j.state.value:10}  {j.pipeline}")
+    return 0
+
+
+def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
+                 yes: bool) -> int:
+    """Delete one study's instance files and records (and, with ``results``, its jobs'
+    results folders) after asking; returns the exit code."""
+    from dicom_node import retention
+
+    study, series = find_study(store, ref)
+    uid = study.study_instance_uid
+    active, pending = store.study_activity(uid)
+    if active:
+        print(f"dicom-node: study {uid} has a job that is not finished ({active[0]}); "
+              f"cancel it first (dicom-node jobs cancel {active[0]})", file=sys.stderr)
+        return 1
+    if pending:
+        print(f"dicom-node: study {uid} is still arriving ({pending} instance(s) not yet "
+              "part of a job); try again once it is complete", file=sys.stderr)
+        return 1
+    jobs = store.list_jobs(limit=1000, study_instance_uid=uid)
+    what = (f"{study.instances} instance(s), {size_text(sum(s.size_bytes for s in series))}, "
+            f"of study {uid} (patient {study.patient_id or '?'})")
+    if results and jobs:
+        what += f" and the results of its {len(jobs)} job(s)"
+    if not yes:
+        if not sys.stdin.isatty():
+            print(f"dicom-node: would delete {what}; add --yes to do it", file=sys.stderr)
+            return 1
+        if input(f"Delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    done = retention.SweepResult()
+    retention.delete_study(store, uid, settings.studies_dir.resolve(), done)
+    if results:
+        for job in jobs:
+            retention.delete_results(job.id, settings.results_dir.resolve(), done)
+    print(f"deleted {done.instances} instance(s), {size_text(done.bytes)}, of study {uid}"
+          + (f", and {done.results} results folder(s)" if results else ""))
+    if done.left:
+        print(f"dicom-node: {done.left} file(s) could not be deleted; the log names them",
+              file=sys.stderr)
+        return 1
     return 0

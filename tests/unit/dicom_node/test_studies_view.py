@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.store import InstanceRecord, NewJob, Store
+from dicom_node.store import InstanceRecord, JobState, NewJob, Store
 from dicom_node.studies_view import size_text
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -96,3 +96,69 @@ def test_show_takes_the_start_of_a_uid_and_says_when_it_is_not_enough(
 def test_size_text() -> None:
     assert [size_text(n) for n in (0, 999, 1000, 1_500_000, 2_000_000_000, 5 * 10**12)] == [
         "0 B", "999 B", "1.0 KB", "1.5 MB", "2.0 GB", "5000.0 GB"]
+
+
+def _held(data: Path, study: str, n: int, *, source: str = "dimse") -> list[Path]:
+    """``n`` instance files of ``study`` in the studies folder, recorded as ``source``."""
+    store = _store(data)
+    paths = []
+    for i in range(n):
+        path = data / "studies" / study / f"{study}.1" / f"{study}.1.{i}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+        store.record_instance(InstanceRecord(
+            sop_instance_uid=f"{study}.1.{i}", sop_class_uid="1.2", study_instance_uid=study,
+            series_instance_uid=f"{study}.1", path=path, size_bytes=1000, source=source,
+            patient_id="P", modality="CT"))
+        paths.append(path)
+    store.close()
+    return paths
+
+
+def test_delete_removes_the_files_and_records_and_optionally_the_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    paths = _held(data, "1.2.5", 3, source="watch")  # a drop folder's: never pending
+    store = _store(data)
+    job = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.5"))
+    claimed = store.claim_next("cli-test", 30)
+    assert claimed is not None
+    store.transition(job.id, JobState.SUCCEEDED, token=claimed.lease_token)
+    store.close()
+    results = data / "results" / job.id / "P"
+    results.mkdir(parents=True)
+    (results / "P_report.pdf").write_bytes(b"%PDF")
+    kept = _held(data, "1.2.6", 1, source="watch")
+    argv = ["studies", "delete", "1.2.5", "--data-dir", str(data)]
+    assert main(argv) == 1  # not a terminal and no --yes: it only says what it would do
+    assert "would delete 3 instance(s), 3.0 KB, of study 1.2.5 (patient P); add --yes" in (
+        capsys.readouterr().err)
+    assert all(p.exists() for p in paths)
+    assert main([*argv, "--results", "--yes"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "deleted 3 instance(s), 3.0 KB, of study 1.2.5, and 1 results folder(s)")
+    assert not any(p.exists() for p in paths) and not (data / "studies" / "1.2.5").exists()
+    assert not (data / "results" / job.id).exists()
+    assert kept[0].exists()
+    store = _store(data)
+    assert [s.study_instance_uid for s, _ in store.received_studies()] == ["1.2.6"]
+    assert store.get_job(job.id).state is JobState.SUCCEEDED  # the job's record stays
+    store.close()
+
+
+def test_delete_is_refused_while_the_study_is_in_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    paths = _held(data, "1.2.7", 2)  # received over DIMSE, not yet part of a job
+    argv = ["studies", "delete", "1.2.7", "--yes", "--data-dir", str(data)]
+    assert main(argv) == 1
+    assert "still arriving (2 instance(s) not yet part of a job)" in capsys.readouterr().err
+    store = _store(data)
+    store.mark_queued(["1.2.7.1.0", "1.2.7.1.1"])
+    job = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.7"))
+    store.close()
+    assert main(argv) == 1
+    assert f"cancel it first (dicom-node jobs cancel {job.id})" in capsys.readouterr().err
+    assert all(p.exists() for p in paths)
