@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
+import structlog
 from PIL import Image as PILImage
 from reportlab import rl_config
 from reportlab.graphics.shapes import Drawing, Rect
@@ -54,6 +56,8 @@ __all__ = [
     "write_segmentation_report",
 ]
 
+log = structlog.get_logger(__name__)
+
 #: Multiplication sign for sizes.
 TIMES = "\u00d7"
 PRINT_DPI = 300  # images in the report get at most this many dots per inch
@@ -92,6 +96,7 @@ FALLBACK_FONTS = (
     Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),
 )
 _COVERAGE: dict[str, frozenset[int]] = {}  # registered font -> the code points it has
+_WARNED: list[str] = []  # the first character no font had, once logged
 
 
 def _fonts() -> tuple[str, str]:
@@ -165,6 +170,12 @@ def _runs(text: str, font: str) -> list[tuple[str, str]]:
         cp = ord(ch)
         missing = bool(main) and cp not in main
         use = FALLBACK_FONT if missing and cp in _coverage(FALLBACK_FONT) else font
+        if missing and use == font and ch.isprintable() and not _WARNED:
+            _WARNED.append(ch)
+            # The script only: the characters may be a patient's name.
+            log.warning("report text has characters no installed font has glyphs for; they "
+                        "print as empty boxes", script=unicodedata.name(ch, "?").split()[0],
+                        install="fonts-wqy-microhei (Debian) for Chinese, Japanese, Korean")
         if runs and runs[-1][0] == use:
             runs[-1] = (use, runs[-1][1] + ch)
         else:

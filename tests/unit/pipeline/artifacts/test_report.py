@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog.testing
 from PIL import Image
 
 from pipeline.artifacts import report, write_classification_report, write_segmentation_report
@@ -221,12 +222,18 @@ def test_text_without_a_glyph_anywhere_still_writes_the_report(
     tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No CJK font installed: the name prints as the main font's empty boxes, and the
-    report is written all the same."""
+    """No CJK font installed: the name prints as the main font's empty boxes, the report
+    is written all the same, and the log says once what to install."""
     monkeypatch.setattr(report, "FALLBACK_FONTS", ())
     monkeypatch.setattr(report, "_COVERAGE", {})
+    monkeypatch.setattr(report, "_WARNED", [])
     monkeypatch.setattr(report, "FALLBACK_FONT", "ReportSansFallbackMissing")
     regular, _ = report._fonts()
-    assert report._runs("山田 Tarou", regular) == [(regular, "山田 Tarou")]
+    with structlog.testing.capture_logs() as logs:
+        assert report._runs("山田 Tarou", regular) == [(regular, "山田 Tarou")]
+        report._runs("太郎", regular)
+    (warning,) = logs
+    assert warning["script"] == "CJK" and "fonts-wqy-microhei" in warning["install"]
+    assert "山" not in str(warning)  # no part of a name in the log
     cjk = dataclasses.replace(study, patient_name="=山田^太郎")
     _check_pdf(write_classification_report(tb_result, cjk, tmp_path / "r.pdf").path, tmp_path)
