@@ -327,6 +327,19 @@ def _load_torchscript(path: Path) -> torch.nn.Module:
     return module
 
 
+def _load_error(exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` says went wrong, without its advice to load
+    with ``weights_only=False`` (running a file's pickled code: the node never does)."""
+    text = str(exc).strip()
+    if "Weights only load failed" not in text:
+        return text.splitlines()[0] if text else type(exc).__name__
+    detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    # Its first sentence: the rest is torch's advice on allowing the global.
+    reason = detail[0].strip().split(". ")[0] if detail and "WeightsUnpickler" in text else ""
+    return ("not a state dict of tensors that can be loaded without running code"
+            + (f" ({reason})" if reason else ""))
+
+
 def _load_bundle(folder: Path) -> LoadedModel:
     meta_path = folder / "configs" / "metadata.json"
     inf_path = folder / "configs" / "inference.json"
@@ -339,7 +352,7 @@ def _load_bundle(folder: Path) -> LoadedModel:
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise BundleError(f"corrupt weights file {pt}: {exc}") from exc
+            raise BundleError(f"corrupt weights file {pt}: {_load_error(exc)}") from exc
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         try:

@@ -226,3 +226,29 @@ def test_optimize_off_and_explainer_copies_run_the_eager_network(tmp_path: Path)
     clone = m.without_trace()
     assert clone.optimize is False and clone._fast is None and m._fast is not None
     assert clone.network_for(torch.rand(1, 1, 32, 32)) is clone.network
+
+
+class _Pickled:  # not a tensor: torch.load(weights_only=True) refuses it
+    pass
+
+
+@pytest.mark.parametrize("content", ["garbage", "object"])
+def test_weights_that_would_run_code_are_refused_without_torchs_advice(
+    tmp_path: Path, content: str
+) -> None:
+    """The error names the file and why, and does not pass on torch's advice to load
+    with weights_only=False (which would run the file's pickled code)."""
+    b = make_tiny_bundle(tmp_path / "b")
+    pt = b / "models" / "model.pt"
+    if content == "garbage":
+        pt.write_bytes(b"garbage")
+    else:
+        torch.save({"weight": _Pickled()}, pt)
+    with pytest.raises(BundleError) as info:
+        load_model(b)
+    message = str(info.value)
+    assert f"corrupt weights file {pt}: " in message
+    assert "weights_only" not in message and "safe_globals" not in message
+    assert "\n" not in message
+    if content == "object":
+        assert "can be loaded without running code" in message
