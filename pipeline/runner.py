@@ -25,7 +25,7 @@ import torch
 
 from pipeline import artifacts as art
 from pipeline.bundle import BundleError, LoadedModel, ModelRegistry, load_model
-from pipeline.engine import InferenceEngine
+from pipeline.engine import EngineError, InferenceEngine
 from pipeline.explain import gradcam
 from pipeline.io import (
     Image2D,
@@ -302,7 +302,8 @@ class PipelineRunner:
                     else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
                     sample_shape=sample, workers=workers, threads=threads,
                 )
-            except (BundleError, OSError, KeyError, ValueError, RuntimeError) as exc:
+            except (BundleError, EngineError, OSError, KeyError, ValueError,
+                    RuntimeError) as exc:  # EngineError: it cannot run its own warm-up
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:

@@ -353,3 +353,24 @@ def test_demo_ct_model_segments_a_finer_ct_at_its_training_spacing(tmp_path: Pat
         a, b = labels == i, ph.labels == i
         dice = 2 * float((a & b).sum()) / float(a.sum() + b.sum())
         assert dice >= 0.8, (name, dice)  # without resampling: spleen 0.26, left kidney 0.07
+
+
+def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Path) -> None:
+    """A bundle that loads but cannot run on its own declared input size fails alone: the
+    runner (and so the node) starts, with the reason in ``failed``, and the other
+    models serve."""
+    broken = make_tiny_bundle(tmp_path / "broken")
+    meta_path = broken / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [2, 2]  # pools to 0
+    meta_path.write_text(json.dumps(meta))
+    good = make_tiny_bundle(tmp_path / "good")
+    r = PipelineRunner([ModelSpec(name="broken", path=broken), ModelSpec(name="good", path=good)],
+                       [])
+    try:
+        r.start()
+        assert list(r.failed) == ["broken"]
+        assert r.failed["broken"].startswith("EngineError: warm-up of model broken")
+        assert r.predict(np.zeros((40, 40), np.float32), "good").labels == ["a", "b", "c"]
+    finally:
+        r.close()
