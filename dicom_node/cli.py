@@ -69,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a settings file and exit",
                            description="Load FILE as `serve` would; print the problem and exit "
-                           "2 if it is wrong, print a summary and exit 0 if not.")
+                           "2 if it is wrong, print a summary and exit 0 if not. With "
+                           "--models, also load every model and run its warm-up as `serve` "
+                           "does, and exit 1 if one fails.")
     check.add_argument("file", type=Path, metavar="FILE")
     check.add_argument("--data-dir", type=Path, metavar="DIR")
+    check.add_argument("--models", action="store_true",
+                       help="also load each model as serve would (slower: seconds a model)")
 
     jobs = sub.add_parser("jobs", help="list, show, cancel or retry jobs",
                           description="Inspect and steer jobs in the store (works whether or "
@@ -222,7 +226,38 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
-    return 0
+    return _check_models(s) if args.models else 0
+
+
+_SOURCES = {"state_dict": "weights (model.pt)", "torchscript": "TorchScript"}
+
+
+def _check_models(settings: Settings) -> int:
+    """Load each configured model version as ``serve`` does, warm-up included; one
+    line each. Returns 1 when one fails."""
+    from pipeline.runner import PipelineRunner
+
+    print("models (each loaded and warmed up as serve does):")
+    failed = 0
+    for spec in settings.models:
+        runner = PipelineRunner([spec], [], settings.model_path)
+        t0 = time.perf_counter()
+        try:
+            runner.start()
+            took = time.perf_counter() - t0
+            label = f"{spec.name}{f' {spec.version}' if spec.version else ''}"
+            if spec.name in runner.failed:
+                failed += 1
+                print(f"  {label:24} FAILED  {runner.failed[spec.name]}")
+                continue
+            m = runner.model(spec.name, spec.version)
+            size = "x".join(str(n) for n in m.spatial_size) if m.spatial_size else "any"
+            print(f"  {m.name + ' ' + m.version:24} OK      {m.task}, {len(m.labels)} labels, "
+                  f"input {size}, {_SOURCES.get(m.source, m.source)} on {m.device}, "
+                  f"{took:.1f} s")
+        finally:
+            runner.close()
+    return 1 if failed else 0
 
 
 def _serve(settings: Settings) -> int:

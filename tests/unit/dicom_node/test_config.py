@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,23 @@ def test_systemd_unit_runs_commands_the_cli_accepts(tmp_path: Path) -> None:
         out = subprocess.run(["systemd-analyze", "verify", str(local)],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
+
+
+def test_check_config_models_loads_each_model_and_names_the_broken_one(tmp_path: Path) -> None:
+    """--models loads every model as serve would: the demo models OK, a bundle with
+    unreadable weights FAILED with the reason, exit 1."""
+    broken = tmp_path / "broken"
+    shutil.copytree(default_config_path().parents[1] / "pipeline" / "models" / "cxr-findings",
+                    broken)
+    (broken / "models" / "model.pt").write_bytes(b"garbage")
+    config = write(tmp_path, "models:\n"
+                   "  - {name: cxr-findings, path: pipeline/models/cxr-findings}\n"
+                   f"  - {{name: broken, path: {broken}}}\n"
+                   "ae_titles: []\nwatch: []\npipelines: []\n")
+    r = _cli("check-config", str(config), "--models", "--data-dir", str(tmp_path / "data"))
+    assert r.returncode == 1, r.stderr
+    lines = r.stdout.splitlines()
+    ok = next(ln for ln in lines if ln.strip().startswith("cxr-findings"))
+    assert ok.split()[2:7] == ["OK", "classify,", "11", "labels,", "input"]
+    bad = next(ln for ln in lines if ln.strip().startswith("broken"))
+    assert "FAILED  BundleError: corrupt weights file" in bad and str(broken) in bad
