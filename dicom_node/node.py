@@ -13,7 +13,7 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -302,7 +302,9 @@ class Node:
         scp = StorageSCP(self.settings, self.store,
                          on_instance=self.assembler.instance_received,
                          on_association_end=self.assembler.association_ended)
-        await asyncio.to_thread(scp.start)
+        dimse = self.settings.dimse
+        with _naming_the_port("DICOM", dimse.host, dimse.port):
+            await asyncio.to_thread(scp.start)
         self.scp = scp
         self.dicom = DicomClient(self.settings, self.store, scp)
         try:
@@ -320,8 +322,19 @@ class Node:
         await runner.setup()
         try:
             site = web.TCPSite(runner, rest.host, rest.port, reuse_address=True)
-            await site.start()
+            with _naming_the_port("HTTP", rest.host, rest.port):
+                await site.start()
             self.log.info("HTTP listening", host=rest.host, port=rest.port)
             yield
         finally:
             await runner.cleanup()
+
+
+@contextlib.contextmanager
+def _naming_the_port(what: str, host: str, port: int) -> Iterator[None]:
+    """An OSError while opening a listening socket says which one: two ports, one error."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{what} port {port}" + (f" on {host}" if host not in ("", "0.0.0.0") else "")
+        raise OSError(exc.errno, f"{where}: {exc.strerror or exc}") from exc

@@ -162,17 +162,21 @@ def test_token_before_first_start_says_what_to_do(node: NodeProcess) -> None:
     assert out.returncode == 1 and "start the node once" in out.stderr
 
 
-def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("taken", ["dimse", "rest"])
+def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path, taken: str) -> None:
+    """The message names the port that is taken: the node opens two."""
     node.start()
     other = NodeProcess(tmp_path / "other", {"executor": TEST_EXECUTOR})
-    other.http_port = node.http_port
     import yaml
 
+    port = node.dicom_port if taken == "dimse" else node.http_port
     cfg = yaml.safe_load(other.config_path.read_text())
-    cfg["rest"]["port"] = node.http_port
+    cfg[taken]["port"] = port
     other.config_path.write_text(yaml.safe_dump(cfg))
     out = other.cli("serve")  # `serve --config …`
     assert out.returncode == 1 and "cannot start" in out.stderr
+    what = "DICOM" if taken == "dimse" else "HTTP"
+    assert f"{what} port {port} on 127.0.0.1: " in out.stderr.splitlines()[-1]
 
 
 def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
