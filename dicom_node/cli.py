@@ -267,7 +267,7 @@ def _serve(settings: Settings) -> int:
 
     configure_logging(settings.logging.level, settings.logging.format)
     limit_arenas()  # before any thread starts: see dicom_node.memory
-    node = Node(settings)
+    node = Node(settings, freeze_startup_objects=True)
     try:
         asyncio.run(node.run())
     except OSError as exc:  # a port in use, a data directory we cannot write
