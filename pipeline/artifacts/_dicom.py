@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -91,6 +92,27 @@ def with_type2(ds: Dataset) -> Dataset:
     for keyword in missing:
         setattr(out, keyword, "")
     return out
+
+
+def info_texts(info: SeriesInfo) -> list[str]:
+    """The strings of ``info`` that go into an output's text attributes."""
+    return [info.series_description, info.manufacturer, info.manufacturer_model_name,
+            info.software_version, info.device_serial_number, info.institution_name or ""]
+
+
+def declare_utf8_for(ds: Dataset, texts: Iterable[str]) -> None:
+    """Make ``ds`` say UTF-8 (``ISO_IR 192``) when a string this program put in it (a
+    segment or finding name, a configured description) is not ASCII.
+
+    highdicom copies the source's Specific Character Set, or none (the default
+    repertoire, ASCII) when the source had none, and pydicom then writes a label like
+    "Lungenflügel" in Latin-1 undeclared, or "肝臓" as "??". The values copied from the
+    source are decoded first, so that they are written again in UTF-8.
+    """
+    if all(t.isascii() for t in texts) or ds.get("SpecificCharacterSet") == "ISO_IR 192":
+        return
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 def set_equipment(ds: Dataset, info: SeriesInfo) -> None:

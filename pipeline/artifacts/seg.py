@@ -15,7 +15,13 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme, save, with_type2
+from pipeline.artifacts._dicom import (
+    declare_private_scheme,
+    declare_utf8_for,
+    info_texts,
+    save,
+    with_type2,
+)
 from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
 
@@ -137,6 +143,8 @@ def build_segmentation(
         series_description=info.series_description,
     )
     declare_private_scheme(seg_ds)
+    declare_utf8_for(seg_ds, [*(s.name for s in result.segments), result.model_name,
+                              result.model_version, *info_texts(info)])
     return seg_ds
 
 

@@ -28,7 +28,13 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, concept_for_name
-from pipeline.artifacts._dicom import declare_private_scheme, save, with_type2
+from pipeline.artifacts._dicom import (
+    declare_private_scheme,
+    declare_utf8_for,
+    info_texts,
+    save,
+    with_type2,
+)
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
@@ -163,7 +169,10 @@ def build_classification_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    return _document([source_ds], report, info, series_uid, instance_number)
+    sr = _document([source_ds], report, info, series_uid, instance_number)
+    declare_utf8_for(sr, [result.result, result.model_name, result.model_version,
+                          *(f.name for f in result.findings), *info_texts(info)])
+    return sr
 
 
 def build_segmentation_sr(
@@ -241,7 +250,10 @@ def build_segmentation_sr(
         imaging_measurements=groups,
     )
     evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]
-    return _document(evidence, report, info, series_uid, instance_number)
+    sr = _document(evidence, report, info, series_uid, instance_number)
+    declare_utf8_for(sr, [result.model_name, result.model_version,
+                          *(s.name for s in result.segments), *info_texts(info)])
+    return sr
 
 
 def _segments_with_frames(seg_ds: Dataset) -> set[int]:

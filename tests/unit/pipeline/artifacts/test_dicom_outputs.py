@@ -358,3 +358,45 @@ def test_highdicom_iod_lookups_are_remembered_and_unchanged() -> None:
     assert memo.cache_info().hits >= 4
     with pytest.raises(KeyError):  # an unknown SOP class is still an error
         memo("PixelData", "1.2.3.4")
+
+
+def test_names_that_are_not_ascii_make_the_seg_and_sr_utf8(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """A model's labels in German or Japanese, on a CT with no Specific Character Set
+    (ASCII): the SEG and the volumes SR declare UTF-8 and hold the names as written."""
+    names = ["Lungenflügel", "肝臓", "Blob organ"]
+    result = dataclasses.replace(seg_result, segments=[
+        dataclasses.replace(s, name=n) for s, n in zip(seg_result.segments, names, strict=True)])
+    art, seg_ds = write_segmentation(result, ct_series, tmp_path / "seg.dcm", INFO)
+    seg = read_back(art, dciodvfy)
+    assert seg.SpecificCharacterSet == "ISO_IR 192"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == names
+    sr = read_back(write_sr(build_segmentation_sr(result, ct_series, INFO, seg_ds=seg_ds),
+                            tmp_path / "sr.dcm"), dciodvfy)
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    texts = {i.TextValue for i in _content_items(sr) if i.ValueType == "TEXT"}
+    assert {"Lungenflügel", "肝臓"} <= texts
+
+
+@pytest.mark.parametrize("finding", ["Pleuraerguss (Flüssigkeit)", "Effusion"])
+def test_a_source_in_another_character_set_keeps_its_names(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, finding: str,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """A Japanese source in ISO 2022 (JIS X 0208): with ASCII findings the SR keeps the
+    source's character set; with a finding name it cannot hold, the SR is UTF-8. Either
+    way the patient's name reads back as it was."""
+    dx_ds.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    dx_ds.PatientName = "Yamada^Tarou=山田^太郎"
+    source = tmp_path / "source.dcm"
+    dx_ds.save_as(source, enforce_file_format=True)
+    read = pydicom.dcmread(source)  # as the node has it: raw values in the source's encoding
+    findings = [dataclasses.replace(tb_result.findings[0], name=finding), *tb_result.findings[1:]]
+    result = dataclasses.replace(tb_result, findings=findings)
+    sr = read_back(write_sr(build_classification_sr(result, read, INFO), tmp_path / "sr.dcm"),
+                   dciodvfy)
+    expected = "ISO_IR 192" if finding != "Effusion" else ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert sr.SpecificCharacterSet == expected
+    assert str(sr.PatientName) == "Yamada^Tarou=山田^太郎"
