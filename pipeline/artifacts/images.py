@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.artifacts import fonts
 from pipeline.artifacts._common import atomic_path
 from pipeline.types import Artifact, ClassificationResult, Segment, SegmentationResult
 
@@ -141,7 +142,45 @@ def _pick_slices(labels: npt.NDArray[np.uint8], count: int) -> list[int]:
     return sorted({round(float(p)) for p in picks})
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+class _Font:
+    """A size of the legend's font: DejaVu Sans when installed (else Pillow's own,
+    which has ASCII only), with the CJK fallback for what it lacks (see
+    :mod:`pipeline.artifacts.fonts`)."""
+
+    def __init__(self, size: int) -> None:
+        main = fonts.coverage(fonts.DEJAVU)
+        self.main: ImageFont.FreeTypeFont | ImageFont.ImageFont
+        if main:
+            self.main, self.coverage = ImageFont.truetype(str(fonts.DEJAVU), size), main
+        else:
+            self.main, self.coverage = _pillow_font(size), frozenset(range(0x20, 0x7F))
+        self.size = size
+        self._fallback: ImageFont.FreeTypeFont | None = None
+
+    def _font(self, extra: bool) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+        if not extra:
+            return self.main
+        if self._fallback is None:
+            path = fonts.fallback_font()
+            assert path is not None  # runs() gives the fallback only what it has
+            self._fallback = ImageFont.truetype(str(path), self.size, index=0)
+        return self._fallback
+
+    def length(self, text: str) -> float:
+        """The drawn width of ``text`` in pixels."""
+        return sum(self._font(extra).getlength(chars)
+                   for extra, chars in fonts.runs(text, self.coverage))
+
+    def draw(self, draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str,
+             fill: str) -> None:
+        x, y = xy
+        for extra, chars in fonts.runs(text, self.coverage):
+            font = self._font(extra)
+            draw.text((x, y), chars, fill=fill, font=font)
+            x += font.getlength(chars)
+
+
+def _pillow_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
     except (OSError, TypeError):  # pragma: no cover - Pillow without FreeType
@@ -183,14 +222,14 @@ def segmentation_overlay(
     ny, nx = vol.shape[1:]
     scale = tile / max(ny, nx)
     tw, th = max(1, round(nx * scale)), max(1, round(ny * scale))
-    font = _font(14)
-    small = _font(12)
+    font = _Font(14)
+    small = _Font(12)
     pad = 6
     width = len(picks) * (tw + pad) + pad
     entries = [f"{seg.name} ({seg.volume_ml:.1f} mL)" for seg in segments]
     # As many legend columns as the widest entry allows, so 4 structures read as one row
     # under 4 slices instead of 3 + 1.
-    widest = max((small.getlength(e) for e in entries), default=0.0)
+    widest = max((small.length(e) for e in entries), default=0.0)
     cols = max(1, min(len(entries), int((width - 2 * pad) // (widest + 18 + 24))))
     legend_h = 28 + 20 * math.ceil(len(entries) / cols)
     canvas = Image.new("RGB", (width, th + 2 * pad + 18 + legend_h), "black")
@@ -219,15 +258,15 @@ def segmentation_overlay(
             arr[edge] = segment_color(j)
         x0 = pad + i * (tw + pad)
         canvas.paste(Image.fromarray(arr, mode="RGB"), (x0, pad + 18))
-        draw.text((x0, pad), f"slice {z + 1}/{vol.shape[0]}", fill="white", font=small)
+        small.draw(draw, (x0, pad), f"slice {z + 1}/{vol.shape[0]}", fill="white")
     y = pad + 18 + th + 10
-    draw.text((pad, y), "Legend", fill="white", font=font)
+    font.draw(draw, (pad, y), "Legend", fill="white")
     col_w = max(1, (canvas.width - 2 * pad) // cols)
     for j, entry in enumerate(entries):
         cx = pad + (j % cols) * col_w
         cy = y + 20 + 20 * (j // cols)
         draw.rectangle((cx, cy + 2, cx + 12, cy + 14), fill=segment_color(j))
-        draw.text((cx + 18, cy), entry, fill="white", font=small)
+        small.draw(draw, (cx + 18, cy), entry, fill="white")
     return canvas
 
 

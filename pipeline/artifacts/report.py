@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import numpy as np
-import structlog
 from PIL import Image as PILImage
 from reportlab import rl_config
 from reportlab.graphics.shapes import Drawing, Rect
@@ -36,6 +34,7 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from pipeline.artifacts import fonts
 from pipeline.artifacts._common import atomic_path, utc_now
 from pipeline.artifacts.images import (
     heatmap_overlay,
@@ -55,8 +54,6 @@ __all__ = [
     "write_classification_report",
     "write_segmentation_report",
 ]
-
-log = structlog.get_logger(__name__)
 
 #: Multiplication sign for sizes.
 TIMES = "\u00d7"
@@ -84,19 +81,9 @@ _CELL_PADDING = 6  # ReportLab's default left and right padding of a table cell,
 _LABEL_W = 28 * mm  # the label columns of the patient and model tables
 
 _FONT_CACHE: dict[str, tuple[str, str]] = {}
-#: The font the report writes characters its main font has no glyph for (Chinese,
-#: Japanese and Korean names, mostly): the first of :data:`FALLBACK_FONTS` installed.
+#: The name the fallback font (see :mod:`pipeline.artifacts.fonts`) is registered under.
 FALLBACK_FONT = "ReportSansFallback"
-#: TrueType fonts with CJK glyphs, best coverage first (Debian packages
-#: fonts-wqy-microhei, fonts-wqy-zenhei, fonts-droid-fallback; the last has no Hangul).
-#: Noto CJK is not here: its outlines are CFF, which reportlab cannot embed.
-FALLBACK_FONTS = (
-    Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc"),
-    Path("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"),
-    Path("/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf"),
-)
 _COVERAGE: dict[str, frozenset[int]] = {}  # registered font -> the code points it has
-_WARNED: list[str] = []  # the first character no font had, once logged
 
 
 def _fonts() -> tuple[str, str]:
@@ -107,8 +94,8 @@ def _fonts() -> tuple[str, str]:
 
     candidates = [
         (
-            Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
-            Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
+            fonts.DEJAVU,
+            fonts.DEJAVU_BOLD,
         ),
         (
             Path(reportlab.__file__).parent / "fonts" / "Vera.ttf",
@@ -136,51 +123,23 @@ def _fonts() -> tuple[str, str]:
     return chosen
 
 
-def _register_fallback() -> None:
-    """Register :data:`FALLBACK_FONT` from the first of :data:`FALLBACK_FONTS` reportlab
-    can load (~50 ms, so only once a report needs it); nothing when none is installed."""
-    for path in FALLBACK_FONTS:
-        if path.is_file():
-            try:  # of a .ttc, its first face
-                pdfmetrics.registerFont(TTFont(FALLBACK_FONT, str(path), subfontIndex=0))
-                return
-            except Exception:  # a font reportlab cannot embed: try the next
-                continue
-
-
 def _coverage(font: str) -> frozenset[int]:
     """The code points a registered TrueType font has glyphs for (empty for others)."""
     if font not in _COVERAGE:
-        if font == FALLBACK_FONT:
-            _register_fallback()
-        try:
-            face = getattr(pdfmetrics.getFont(font), "face", None)
-        except KeyError:  # not registered: no fallback font installed
-            face = None
+        face = getattr(pdfmetrics.getFont(font), "face", None)
         _COVERAGE[font] = frozenset(getattr(face, "charToGlyph", None) or ())
     return _COVERAGE[font]
 
 
 def _runs(text: str, font: str) -> list[tuple[str, str]]:
-    """``text`` cut into runs of ``(font, characters)``: each character in ``font``, or
-    in :data:`FALLBACK_FONT` when only that one has a glyph for it."""
-    main = _coverage(font)
-    runs: list[tuple[str, str]] = []
-    for ch in text:
-        cp = ord(ch)
-        missing = bool(main) and cp not in main
-        use = FALLBACK_FONT if missing and cp in _coverage(FALLBACK_FONT) else font
-        if missing and use == font and ch.isprintable() and not _WARNED:
-            _WARNED.append(ch)
-            # The script only: the characters may be a patient's name.
-            log.warning("report text has characters no installed font has glyphs for; they "
-                        "print as empty boxes", script=unicodedata.name(ch, "?").split()[0],
-                        install="fonts-wqy-microhei (Debian) for Chinese, Japanese, Korean")
-        if runs and runs[-1][0] == use:
-            runs[-1] = (use, runs[-1][1] + ch)
-        else:
-            runs.append((use, ch))
-    return runs
+    """``text`` cut into runs of ``(font name, characters)``: ``font``, or
+    :data:`FALLBACK_FONT` for what only that one has (see :func:`fonts.runs`)."""
+    cut = fonts.runs(text, _coverage(font))
+    if any(extra for extra, _ in cut) and FALLBACK_FONT not in pdfmetrics.getRegisteredFontNames():
+        fallback = fonts.fallback_font()
+        assert fallback is not None  # runs() gives the fallback only what it has
+        pdfmetrics.registerFont(TTFont(FALLBACK_FONT, str(fallback), subfontIndex=0))
+    return [(FALLBACK_FONT if extra else font, chars) for extra, chars in cut]
 
 
 def _markup(text: str, font: str) -> str:

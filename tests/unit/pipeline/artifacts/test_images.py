@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,30 @@ def test_overlay_legend_uses_the_width_it_has() -> None:
     img = segmentation_overlay(volume, labels, long, slices=4, tile=256)
     rows = _legend_rows(img, 4, below=6 + 18 + 256)
     assert len(set(rows)) > 1 and img.height > rows[-1] + 12
+
+
+def test_legend_names_in_other_scripts_are_drawn_not_boxed() -> None:
+    """A label with umlauts stays in DejaVu Sans, which has them (Pillow's own font has
+    ASCII only); one in Japanese goes to the CJK font, and draws something other than
+    DejaVu's empty boxes."""
+    from PIL import ImageDraw, ImageFont
+
+    from pipeline.artifacts import fonts
+    from pipeline.artifacts.images import _Font
+
+    if not fonts.coverage(fonts.DEJAVU) or fonts.fallback_font() is None:
+        pytest.skip("DejaVu Sans or a CJK font is not installed (fonts-dejavu-core, "
+                    "fonts-wqy-microhei)")
+    small = _Font(12)
+    assert fonts.runs("Lungenflügel", small.coverage) == [(False, "Lungenflügel")]
+    assert fonts.runs("肝臓 (liver)", small.coverage) == [(True, "肝臓"), (False, " (liver)")]
+
+    def drawn(draw_text: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+        img = Image.new("L", (120, 20))
+        draw_text(ImageDraw.Draw(img))
+        return np.asarray(img)
+
+    ours = drawn(lambda d: small.draw(d, (0, 0), "肝臓", fill="white"))
+    boxes = drawn(lambda d: d.text((0, 0), "肝臓", fill="white",
+                                   font=ImageFont.truetype(str(fonts.DEJAVU), 12)))
+    assert ours.any() and not np.array_equal(ours, boxes)

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import structlog.testing
 from PIL import Image
 
-from pipeline.artifacts import report, write_classification_report, write_segmentation_report
+from pipeline.artifacts import fonts, report, write_classification_report, write_segmentation_report
 from pipeline.artifacts.report import format_age, format_date, format_person_name
 from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
 
@@ -181,7 +182,7 @@ def test_report_images_are_embedded_at_print_resolution(
 
 
 def _fallback_font_installed() -> bool:
-    if any(p.is_file() for p in report.FALLBACK_FONTS):
+    if fonts.fallback_font() is not None:
         return True
     if os.environ.get("REQUIRE_PEERS") == "1":
         pytest.fail("REQUIRE_PEERS=1 but no CJK font is installed (fonts-wqy-microhei)")
@@ -218,16 +219,21 @@ def test_cjk_text_is_set_in_the_fallback_font(
         assert "胸部 正面 한국어 <검사>" in text
 
 
+@pytest.fixture
+def no_cjk_font(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """As on a machine with none of the fallback fonts."""
+    monkeypatch.setattr(fonts, "FALLBACK_FONTS", ())
+    monkeypatch.setattr(fonts, "_warned", [])
+    fonts.fallback_font.cache_clear()
+    yield
+    fonts.fallback_font.cache_clear()  # the real fonts again for the next test
+
+
 def test_text_without_a_glyph_anywhere_still_writes_the_report(
-    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, tb_result: ClassificationResult, study: PatientStudy, no_cjk_font: None,
 ) -> None:
     """No CJK font installed: the name prints as the main font's empty boxes, the report
     is written all the same, and the log says once what to install."""
-    monkeypatch.setattr(report, "FALLBACK_FONTS", ())
-    monkeypatch.setattr(report, "_COVERAGE", {})
-    monkeypatch.setattr(report, "_WARNED", [])
-    monkeypatch.setattr(report, "FALLBACK_FONT", "ReportSansFallbackMissing")
     regular, _ = report._fonts()
     with structlog.testing.capture_logs() as logs:
         assert report._runs("山田 Tarou", regular) == [(regular, "山田 Tarou")]
