@@ -853,6 +853,17 @@ def _is_original(ds: Dataset) -> bool:
     return bool(image_type) and str(image_type[0]).upper() == "ORIGINAL"
 
 
+def _is_axial(ds: Dataset) -> bool:
+    """Slices whose normal (Image Orientation (Patient), row x column) is within ~25
+    degrees of the patient's feet-head axis: axial, gantry tilt included."""
+    iop = ds.get("ImageOrientationPatient")
+    try:
+        a, b, _, d, e, _ = (float(v) for v in iop)
+    except (TypeError, ValueError):
+        return False
+    return abs(a * e - b * d) >= 0.9
+
+
 def select_series(
     sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
     rules: SeriesRules,
@@ -864,8 +875,10 @@ def select_series(
     Examined is accepted but ranked after those that match), it holds images
     (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
     has at least ``rules.min_instances`` instances. Among eligible series the
-    choice prefers a matching body part, then ORIGINAL images, then the most
-    instances - so a CT study with a scout and an axial series picks the axial.
+    choice prefers a matching body part, then axial slices (a study's sagittal and
+    coronal series are for reading; volume models are trained on axial), then
+    ORIGINAL images, then the most instances - so a CT study with a scout, an axial
+    series and its reformats picks the axial.
 
     Args:
         sources: a mapping path -> header (e.g. read with
@@ -896,7 +909,7 @@ def select_series(
     sop_classes = set(rules.sop_class_uids)
     body_parts = {b.upper() for b in rules.body_parts}
     rejected: dict[str, str] = {}
-    ranked: list[tuple[tuple[int, int, int], str]] = []
+    ranked: list[tuple[tuple[int, int, int, int], str]] = []
     for uid, members in groups.items():
         first = members[0][1]
         modality = str(first.get("Modality", "")).upper()
@@ -924,6 +937,7 @@ def select_series(
                 groups[uid] = usable
                 key = (
                     int(bool(body_parts) and body in body_parts),
+                    int(all(_is_axial(ds) for _, ds in usable)),
                     int(all(_is_original(ds) for _, ds in usable)),
                     len(usable),
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -596,6 +597,30 @@ def test_select_series_ranks_by_instances_when_scout_is_not_flagged(
     assert "ranked after" in next(iter(chosen.rejected.values()))
     with pytest.raises(SeriesError, match="fewer than the 20 required"):
         select_series(headers, SeriesRules(min_instances=20))
+
+
+def test_select_series_prefers_axial_slices_to_the_reformats(
+    study: dict[str, list[Path]], tmp_path: Path,
+) -> None:
+    """A CT study as a PACS holds it: the axial series and sagittal and coronal
+    reformats with more images, all ORIGINAL here (some scanners label them so): the
+    axial one is chosen, a slightly tilted gantry still counts as axial."""
+    reformats = []
+    for name, orientation in (("sag", (0, 1, 0, 0, 0, -1)), ("cor", (1, 0, 0, 0, 0, -1))):
+        uid = generate_uid()
+        reformats += [save(ct_slice((float(i), 0, 0), 0, series_uid=uid,
+                                    orientation=orientation, instance=i + 1),
+                           tmp_path / "study" / f"{name}{i}.dcm") for i in range(20)]
+    chosen = select_series(study["axial"] + reformats, SeriesRules(modalities=["CT"]))
+    assert sorted(chosen.paths) == sorted(study["axial"])  # type: ignore[type-var]
+    assert sum("ranked after" in r for r in chosen.rejected.values()) == 2
+    tilt = math.radians(20)  # about the x axis
+    tilted_uid = generate_uid()
+    tilted = [save(ct_slice((0, 0, float(i)), 0, series_uid=tilted_uid, instance=i + 1,
+                            orientation=(1, 0, 0, 0, math.cos(tilt), math.sin(tilt))),
+                   tmp_path / "study" / f"tilt{i}.dcm") for i in range(8)]
+    chosen = select_series(tilted + reformats, SeriesRules(modalities=["CT"]))
+    assert chosen.series_instance_uid == tilted_uid
 
 
 def test_select_series_explains_why_nothing_matches(study: dict[str, list[Path]]) -> None:
