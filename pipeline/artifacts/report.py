@@ -188,8 +188,8 @@ def format_person_name(value: str) -> str:
 
 
 def _name_group(parts: list[str], separator: str) -> str:
-    """One PN component group: family name, then the given and middle names, prefix
-    and suffix, family and the rest joined by ``separator``."""
+    """One PN component group (family^given^middle^prefix^suffix) as the family name
+    and then the other parts, the two joined by ``separator``."""
     family, given = [*parts, "", ""][:2]
     rest = " ".join(x for x in (given, *parts[2:]) if x)
     return separator.join(p for p in (family, rest) if p)
