@@ -148,7 +148,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
 
     from dicom_node.handler import study_folder
     from pipeline.io import InputError, series_misfit
-    from pipeline.runner import PipelineError, PipelineRunner
+    from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 
     show = sys.stderr.isatty() if progress is None else progress
     specs = choose(settings, model)
@@ -202,7 +202,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
                 if per_patient[(spec.name, folder_id or study.patient_id)] > 1 else base
             try:
                 ran = runner.run(spec.name, list(study.headers), out_dir)
-            except (InputError, PipelineError, ValueError, KeyError) as exc:
+            except (InputError, PipelineError, NotEnoughMemory, ValueError, KeyError) as exc:
                 message = str(exc).strip("'\"")
             except Exception as exc:  # a bug must not end the run of the other studies
                 message = f"internal error: {type(exc).__name__}: {exc}"

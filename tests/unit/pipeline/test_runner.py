@@ -374,3 +374,44 @@ def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Pa
         assert r.predict(np.zeros((40, 40), np.float32), "good").labels == ["a", "b", "c"]
     finally:
         r.close()
+
+
+def test_a_series_too_large_for_the_memory_left_is_refused_before_loading(
+    runner: PipelineRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rather than have the kernel kill the node: more than the machine has is a
+    PipelineError saying what to send instead; more than is free now is NotEnoughMemory,
+    which the scheduler retries."""
+    import pipeline.runner as runner_module
+    from pipeline.runner import SEGMENT_BYTES_PER_VOXEL, NotEnoughMemory, PipelineError
+
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct")
+    need = 16 * 48 * 48 * SEGMENT_BYTES_PER_VOXEL
+    monkeypatch.setattr(runner_module, "memory_left", lambda: (need // 2, need // 2))
+    with pytest.raises(PipelineError, match=r"16 slices of 48 x 48\) takes about .* more "
+                                            r"than the 0\.0 GB this machine"):
+        runner.run("seg", files, tmp_path / "a")
+    monkeypatch.setattr(runner_module, "memory_left", lambda: (need // 2, need * 4))
+    with pytest.raises(NotEnoughMemory, match="free now; the job is tried again later"):
+        runner.run("seg", files, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    monkeypatch.setattr(runner_module, "memory_left", lambda: (need * 2, need * 4))
+    assert runner.run("seg", files, tmp_path / "c").artifacts
+
+
+def test_memory_left_reads_the_machine_and_its_container(tmp_path: Path) -> None:
+    from pipeline.resources import memory_left
+
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir()
+    cgroup.mkdir()
+    (proc / "meminfo").write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\n"
+                                  "MemAvailable:    8000000 kB\n")
+    assert memory_left(proc, cgroup) == (8_192_000_000, 16_384_000_000)
+    (cgroup / "memory.max").write_text("max\n")  # cgroup v2 without a limit
+    assert memory_left(proc, cgroup) == (8_192_000_000, 16_384_000_000)
+    (cgroup / "memory.max").write_text("4000000000\n")  # a container of 4 GB
+    (cgroup / "memory.current").write_text("3000000000\n")
+    (cgroup / "memory.stat").write_text("anon 2500000000\ninactive_file 500000000\n")
+    assert memory_left(proc, cgroup) == (1_500_000_000, 4_000_000_000)
+    assert memory_left(tmp_path / "nowhere", cgroup) is None
