@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "show":
             jp.add_argument("--json", action="store_true")
 
-    studies = sub.add_parser("studies", help="list or show the studies the node holds",
+    studies = sub.add_parser("studies", help="list, show or delete the studies the node holds",
                              description="What the node has received (DIMSE, STOW-RS, drop "
                              "folders, retrievals), from its store; works whether or not the "
                              "node is running.")
