@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -17,11 +18,11 @@ __all__ = [
     "STUDY_ATTRIBUTES",
     "copy_patient_study",
     "declare_private_scheme",
+    "for_highdicom",
     "new_file_dataset",
     "save",
     "set_equipment",
     "set_series",
-    "with_type2",
 ]
 
 #: Patient module (and Patient Study module) attributes copied from the source.
@@ -75,22 +76,77 @@ def copy_patient_study(source: Dataset, target: Dataset) -> None:
         raise ValueError("the source dataset has no StudyInstanceUID")
     for keyword in PATIENT_ATTRIBUTES + STUDY_ATTRIBUTES:
         if keyword in source and source[keyword].value not in (None, ""):
-            target[keyword] = source[keyword]
+            if keyword in _REWRITTEN:  # in the DICOM form (see for_highdicom)
+                setattr(target, keyword, _conformant(keyword, source.get(keyword)))
+            else:
+                target[keyword] = source[keyword]
     for keyword in _TYPE2:
         if keyword not in target:
             setattr(target, keyword, "")
 
 
-def with_type2(ds: Dataset) -> Dataset:
-    """``ds``, or a copy of it with the Type 2 patient and study attributes it lacks set
-    empty: highdicom reads them from a source image (an anonymised file may have no
-    PatientID at all), and the caller's dataset is left as it was."""
-    missing = [k for k in _TYPE2 if k not in ds]
-    if not missing:
+_REWRITTEN = ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex")
+_SEXES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+_ISO_DATE = re.compile(r"(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})")
+_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _date(text: str) -> str:
+    """A DA value: ``YYYYMMDD`` as it is, ``YYYY-MM-DD`` (or with / or .) rewritten,
+    anything else (or an impossible date) empty."""
+    parts: tuple[str, ...] | None = None
+    if re.fullmatch(r"\d{8}", text):
+        parts = (text[:4], text[4:6], text[6:])
+    elif m := _ISO_DATE.fullmatch(text):
+        parts = m.groups()
+    if parts is None:
+        return ""
+    try:
+        return datetime(int(parts[0]), int(parts[1]), int(parts[2])).strftime("%Y%m%d")
+    except ValueError:
+        return ""
+
+
+def _time(text: str) -> str:
+    """A TM value: ``HHMMSS.ffffff`` (or a start of it) as it is, ``HH:MM:SS`` without its
+    colons, anything else (or an impossible time) empty."""
+    t = text.replace(":", "")
+    if not _TIME.fullmatch(t) or int(t[:2]) > 23 or int(t[2:4] or 0) > 59 \
+            or int(t[4:6] or 0) > 60:
+        return ""
+    return t
+
+
+def _conformant(keyword: str, value: object) -> str:
+    text = str(value or "").strip()
+    if keyword == "PatientSex":
+        return _SEXES.get(text.upper(), "")
+    return _time(text) if keyword == "StudyTime" else _date(text)
+
+
+def for_highdicom(ds: Dataset) -> Dataset:
+    """``ds`` as highdicom can take it as a source image, the caller's dataset left as
+    it was (a copy is made only when something changes).
+
+    highdicom reads the patient and study attributes from a source image and is
+    strict about them: a missing Type 2 attribute, a birth or study date like
+    ``1958-01-01``, a time like ``10:30:00`` or a sex like ``male`` raise, which
+    failed the whole job. Missing ones are set empty; dates, time and sex are
+    rewritten to the DICOM form when they can be (``19580101``, ``103000``, ``M``),
+    else set empty.
+    """
+    changes = {k: "" for k in _TYPE2 if k not in ds}
+    for keyword in _REWRITTEN:
+        if keyword in ds:
+            value = ds.get(keyword)
+            fixed = _conformant(keyword, value)
+            if fixed != str(value or ""):
+                changes[keyword] = fixed
+    if not changes:
         return ds
     out = copy.deepcopy(ds)
-    for keyword in missing:
-        setattr(out, keyword, "")
+    for keyword, value in changes.items():
+        setattr(out, keyword, value)
     return out
 
 

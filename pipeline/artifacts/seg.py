@@ -18,9 +18,9 @@ from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
+    for_highdicom,
     info_texts,
     save,
-    with_type2,
 )
 from pipeline.artifacts.images import segment_color
 from pipeline.types import Artifact, SegmentationResult
@@ -126,7 +126,7 @@ def build_segmentation(
             )
         )
     seg_ds = hd.seg.Segmentation(
-        source_images=[with_type2(ds) for ds in source_datasets],
+        source_images=[for_highdicom(ds) for ds in source_datasets],
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -31,9 +31,9 @@ from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
+    for_highdicom,
     info_texts,
     save,
-    with_type2,
 )
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
@@ -87,7 +87,7 @@ def _document(
     instance_number: int,
 ) -> ComprehensiveSR:
     sr = ComprehensiveSR(
-        evidence=[with_type2(ds) for ds in evidence],
+        evidence=[for_highdicom(ds) for ds in evidence],
         content=report,
         series_instance_uid=series_uid or generate_uid(),
         series_number=info.series_number,

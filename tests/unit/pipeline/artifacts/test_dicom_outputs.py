@@ -400,3 +400,44 @@ def test_a_source_in_another_character_set_keeps_its_names(
     expected = "ISO_IR 192" if finding != "Effusion" else ["ISO 2022 IR 6", "ISO 2022 IR 87"]
     assert sr.SpecificCharacterSet == expected
     assert str(sr.PatientName) == "Yamada^Tarou=山田^太郎"
+
+
+NON_CONFORMANT = {  # as some devices send them: value -> what the outputs carry
+    "PatientBirthDate": ("1958-01-01", "19580101"),
+    "StudyDate": ("2024/07/11", "20240711"),
+    "StudyTime": ("10:30:00", "103000"),
+    "PatientSex": ("male", "M"),
+}
+
+
+def test_non_conformant_source_dates_time_and_sex_do_not_fail_the_outputs(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, study: PatientStudy,
+    ct_series: list[Dataset], seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """highdicom refused such values (the whole job failed); now every output is
+    written, dciodvfy-clean, with them in the DICOM form, and the sources are untouched."""
+    for source in (dx_ds, *ct_series):
+        for keyword, (sent, _) in NON_CONFORMANT.items():
+            setattr(source, keyword, sent)
+    assert tb_result.heatmap is not None
+    outputs = [
+        write_sr(build_classification_sr(tb_result, dx_ds, INFO), tmp_path / "sr.dcm"),
+        write_secondary_capture(heatmap_overlay(tb_result.image, tb_result.heatmap), dx_ds,
+                                tmp_path / "sc.dcm", INFO),
+        write_encapsulated_pdf(write_classification_report(tb_result, study,
+                                                           tmp_path / "r.pdf").path,
+                               dx_ds, tmp_path / "r.dcm", INFO),
+    ]
+    seg_art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
+    outputs += [seg_art, write_sr(build_segmentation_sr(seg_result, ct_series, INFO,
+                                                        seg_ds=seg_ds), tmp_path / "vol.dcm")]
+    for art in outputs:
+        out = read_back(art, dciodvfy)
+        for keyword, (_, written) in NON_CONFORMANT.items():
+            assert out.get(keyword) == written, (art.kind, keyword)
+    assert dx_ds.PatientBirthDate == "1958-01-01" and ct_series[0].PatientSex == "male"
+    dx_ds.PatientBirthDate = "unknown"  # no form to rewrite it to: left empty
+    out = read_back(write_sr(build_classification_sr(tb_result, dx_ds, INFO),
+                             tmp_path / "sr2.dcm"), dciodvfy)
+    assert out.PatientBirthDate == ""
