@@ -1,12 +1,14 @@
 """Structured logging: JSON lines on stdout, a console renderer on a TTY.
 
 Every line about a job carries ``job_id``; pixel data and patient names never
-reach a log line (a processor drops such keys whatever the caller passes).
+reach a log line (a processor drops such keys whatever the caller passes, another
+blanks the values that pydicom's and highdicom's messages and Python warnings quote).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Literal
 
@@ -31,6 +33,26 @@ _FORBIDDEN_KEYS = frozenset(
 def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     for key in _FORBIDDEN_KEYS.intersection(event_dict):
         event_dict[key] = "<removed>"
+    return event_dict
+
+
+# Loggers whose messages quote the values of a dataset (pydicom's "Invalid value for VR
+# DA: '1958-01-01'", highdicom's 'The string "Doe John" is unlikely to represent ...'),
+# and Python warnings, which carry the same messages.
+_QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def _drop_quoted_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Blank what a library's message quotes: it may be a patient's name or birth date.
+    A Python warning keeps only its first line (not the source line it points at)."""
+    record = event_dict.get("_record")
+    event = event_dict.get("event")
+    if record is not None and isinstance(event, str) and (
+            record.name in _QUOTING_LOGGERS or record.name.split(".")[0] in _QUOTING_LOGGERS):
+        if record.name == "py.warnings":
+            event = event.strip().splitlines()[0] if event.strip() else event
+        event_dict["event"] = _QUOTED.sub("'<value removed>'", event)
     return event_dict
 
 
@@ -84,13 +106,16 @@ def configure_logging(
     # route them through the same renderer, at warning level unless we debug.
     formatter = structlog.stdlib.ProcessorFormatter(
         processor=renderer,
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, _drop_quoted_values],
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # Python warnings (pydicom's about odd values, libraries' deprecations) become log
+    # lines too, in the same format, instead of raw text on stderr.
+    logging.captureWarnings(True)
     for noisy in ("pynetdicom", "aiohttp.access", "sqlalchemy", "watchdog", "asyncio",
                   "highdicom", "monai"):
         logging.getLogger(noisy).setLevel(numeric if level == "debug" else logging.WARNING)

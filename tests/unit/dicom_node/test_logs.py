@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +26,7 @@ def restore_logging() -> Iterator[None]:
     try:
         yield
     finally:
+        logging.captureWarnings(False)
         structlog.configure(**saved)
         root.handlers[:], root.level = handlers, level
         pnd.setLevel(pnd_level)
@@ -45,3 +48,26 @@ def test_pynetdicom_message_logging_only_when_it_is_shown() -> None:
     configure_logging("debug", fmt="json")
     assert _config.LOG_HANDLER_LEVEL == "standard"
     assert _bound(evt.EVT_DIMSE_RECV) and _bound(evt.EVT_PDU_SENT)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_library_messages_and_warnings_are_json_lines_without_the_values_they_quote(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pydicom and highdicom quote dataset values in their messages (a birth date, a
+    patient's name); such messages and Python warnings become JSON log lines with the
+    quoted values blanked, not raw text on stderr."""
+    configure_logging("info", fmt="json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Invalid value for VR DA: '1958-01-01'.", UserWarning, stacklevel=1)
+    logging.getLogger("highdicom.base").warning(
+        'The string "Doe John" is unlikely to represent the intended person name')
+    logging.getLogger("dicom_node.test").warning("kept: 'as it is'")
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert "1958" not in out + err and "Doe John" not in out + err
+    warning, highdicom, ours = (line["event"] for line in lines)
+    assert warning.endswith("UserWarning: Invalid value for VR DA: '<value removed>'.")
+    assert highdicom.startswith("The string '<value removed>' is unlikely")
+    assert ours == "kept: 'as it is'"  # the node's own lines are its own business
