@@ -410,6 +410,7 @@ NON_CONFORMANT = {  # as some devices send them: value -> what the outputs carry
 }
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # pydicom's, meant
 def test_non_conformant_source_dates_time_and_sex_do_not_fail_the_outputs(
     tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, study: PatientStudy,
     ct_series: list[Dataset], seg_result: SegmentationResult,
