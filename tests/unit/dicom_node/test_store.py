@@ -416,3 +416,19 @@ def test_jobs_of_one_study(store: Store) -> None:
     a = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.3"))
     store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.4"))
     assert [j.id for j in store.list_jobs(study_instance_uid="1.2.3")] == [a.id]
+
+
+def test_study_activity_names_unfinished_jobs_and_waiting_instances(store: Store) -> None:
+    """What refuses `dicom-node studies delete`: a job of the study not yet final, and
+    instances a sender was told were stored that are not yet part of a job."""
+    store.record_instance(rec("a", "1.2.8"))
+    store.record_instance(dataclasses.replace(rec("b", "1.2.8"), source="retrieve"))
+    assert store.study_activity("1.2.8") == ([], 1)  # retrieved ones are the job's own
+    store.mark_queued(["a"])
+    job = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.8"))
+    assert store.study_activity("1.2.8") == ([job.id], 0)
+    claimed = store.claim_next("t", 30)
+    assert claimed is not None
+    store.transition(job.id, JobState.FAILED, token=claimed.lease_token, message="x")
+    assert store.study_activity("1.2.8") == ([], 0)
+    assert store.study_activity("9.9") == ([], 0)
