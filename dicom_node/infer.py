@@ -10,6 +10,7 @@ a CT study to the segmentation, a radiograph to the classifier), or through the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -192,7 +193,9 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     per_patient: dict[tuple[str, str], int] = defaultdict(int)
     for study, spec in tasks:
         per_patient[(spec.name, folder_ids[study.uid] or study.patient_id)] += 1
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(_warnings_as_lines())
         bar = tqdm(tasks, desc="running", unit="study", disable=not show)
         for study, spec in bar:
             bar.set_postfix_str(spec.name)
@@ -222,6 +225,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
                     f"    results in {folder}")
             tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
     finally:
+        stack.close()
         runner.close()
     failed = [o for o in outcomes if not o.ok]
     if as_json:
@@ -234,6 +238,21 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
         print(f"{len(outcomes) - len(failed)} result(s) under {out.resolve()}"
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Python warnings (pydicom's about odd values in a file) as one line each, between
+    the progress bar's updates, instead of a source path, a line number and the line
+    of library code that warned."""
+    from tqdm import tqdm
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _common_folder(paths: list[Path]) -> Path | None:

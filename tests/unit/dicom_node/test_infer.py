@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 SAMPLES = Path(__file__).resolve().parents[3] / "samples"
@@ -135,3 +136,18 @@ def test_a_file_without_a_usable_patient_id_is_named_after_itself(tmp_path: Path
         data = json.loads((tmp_path / "o" / "cxr-findings" / pid
                            / f"{pid}_predictions.json").read_text())
         assert data["metadata"]["patient_id"] == pid
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")  # writing the file
+def test_odd_values_in_a_file_warn_in_one_line_and_run(tmp_path: Path) -> None:
+    """A radiograph with a one-component name and an ISO birth date (as some devices
+    write them): it runs, and the library's warnings read as one line each, not a
+    source path, a line number and a line of library code."""
+    ds = pydicom.dcmread(SAMPLES / "cxr" / "normal.dcm")
+    ds.PatientName, ds.PatientBirthDate = "John Doe", "1958-01-01"
+    ds.save_as(tmp_path / "odd.dcm")
+    done = infer("odd.dcm", "--model", "cxr-findings", "--out", "o", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "1 result(s)" in done.stdout
+    assert "warning: The string \"John Doe\" is unlikely" in done.stderr
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
