@@ -193,9 +193,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     per_patient: dict[tuple[str, str], int] = defaultdict(int)
     for study, spec in tasks:
         per_patient[(spec.name, folder_ids[study.uid] or study.patient_id)] += 1
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(_warnings_as_lines())
+    with contextlib.closing(runner), _warnings_as_lines():
         bar = tqdm(tasks, desc="running", unit="study", disable=not show)
         for study, spec in bar:
             bar.set_postfix_str(spec.name)
@@ -224,9 +222,6 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
             line = (f"{spec.name}  study {study.uid} (patient {who}): {text}\n"
                     f"    results in {folder}")
             tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
-    finally:
-        stack.close()
-        runner.close()
     failed = [o for o in outcomes if not o.ok]
     if as_json:
         print(json.dumps({"out": str(out), "results": [

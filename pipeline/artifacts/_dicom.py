@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -124,17 +124,23 @@ def _conformant(keyword: str, value: object) -> str:
     return _time(text) if keyword == "StudyTime" else _date(text)
 
 
-def for_highdicom(ds: Dataset) -> Dataset:
-    """``ds`` as highdicom can take it as a source image, the caller's dataset left as
-    it was (a copy is made only when something changes).
+def for_highdicom(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """``datasets`` as highdicom can take them as source images or evidence, the
+    caller's datasets left as they were (a copy is made only when something changes).
 
-    highdicom reads the patient and study attributes from a source image and is
-    strict about them: a missing Type 2 attribute, a birth or study date like
+    highdicom reads the patient and study attributes from the first of them only, and
+    is strict about them: a missing Type 2 attribute, a birth or study date like
     ``1958-01-01``, a time like ``10:30:00`` or a sex like ``male`` raise, which
-    failed the whole job. Missing ones are set empty; dates, time and sex are
-    rewritten to the DICOM form when they can be (``19580101``, ``103000``, ``M``),
-    else set empty.
+    failed the whole job. In the first, missing ones are set empty; dates, time and
+    sex are rewritten to the DICOM form when they can be (``19580101``, ``103000``,
+    ``M``), else set empty. The others are passed as they are.
     """
+    if not datasets:
+        return []
+    return [_conformant_copy(datasets[0]), *datasets[1:]]
+
+
+def _conformant_copy(ds: Dataset) -> Dataset:
     changes = {k: "" for k in _TYPE2 if k not in ds}
     for keyword in _REWRITTEN:
         if keyword in ds:

@@ -126,7 +126,7 @@ def build_segmentation(
             )
         )
     seg_ds = hd.seg.Segmentation(
-        source_images=[for_highdicom(ds) for ds in source_datasets],
+        source_images=for_highdicom(source_datasets),
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

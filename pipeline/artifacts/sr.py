@@ -87,7 +87,7 @@ def _document(
     instance_number: int,
 ) -> ComprehensiveSR:
     sr = ComprehensiveSR(
-        evidence=[for_highdicom(ds) for ds in evidence],
+        evidence=for_highdicom(evidence),
         content=report,
         series_instance_uid=series_uid or generate_uid(),
         series_number=info.series_number,
