@@ -6,7 +6,8 @@ deletes, in a worker thread:
 - the files of every study that received no instance for that many days and that
   nothing still needs (no job of the study that is not final, no instance still
   waiting to become a job), then its records; a later job naming it fails with
-  "no longer on disk", and the same study sent again is stored afresh;
+  "no longer on disk", and the same study sent again is stored afresh (also when
+  dropped again into a drop folder that moves or deletes what it takes);
 - the results folder (``<results_dir>/<job id>``) of every job that finished that long
   ago. A drop folder's own output folder and every folder destination are the user's:
   never touched.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import shutil
 import threading
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,7 +30,7 @@ from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from dicom_node.store import Store, utcnow
 
-__all__ = ["SweepResult", "delete_results", "delete_study", "sweep"]
+__all__ = ["SweepResult", "delete_results", "delete_study", "inputs_to_forget", "sweep"]
 
 log = get_logger("retention")
 
@@ -58,11 +60,12 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     cutoff = (now or utcnow()) - timedelta(days=days)
     studies_root = settings.studies_dir.resolve()
     results_root = settings.results_dir.resolve()
+    forget = inputs_to_forget(settings)
     while not _stopped(stop) and (batch := store.expired_studies(cutoff)):
         for study in batch:
             if _stopped(stop):
                 break
-            delete_study(store, study, studies_root, done)
+            delete_study(store, study, studies_root, done, forget_inputs_of=forget)
     for job_id in store.jobs_finished_before(cutoff):
         if _stopped(stop):
             break
@@ -74,10 +77,12 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     return done
 
 
-def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult) -> None:
+def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult, *,
+                 forget_inputs_of: Collection[str] = ()) -> None:
     """Delete a study's instance files (those inside ``studies_root``), then its records;
     adds what it did to ``done``. A file that cannot be deleted is logged and counted
-    in ``done.left``; the records go anyway."""
+    in ``done.left``; the records go anyway. ``forget_inputs_of``: see
+    :func:`inputs_to_forget`."""
     for rec in store.instances_of(study):
         path = _inside(Path(rec.path), studies_root)
         if path is None:
@@ -97,8 +102,18 @@ def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult
             log.warning("cannot delete an instance file", path=str(path),
                         error=type(exc).__name__)
         _prune(path.parent, studies_root)
-    done.instances += store.forget_study(study)
+    done.instances += store.forget_study(study, forget_inputs_of=forget_inputs_of)
     done.studies += 1
+
+
+def inputs_to_forget(settings: Settings) -> list[str]:
+    """The drop folders whose content-hash records go with a deleted study.
+
+    Those that move or delete what they took: a file found there later is a new drop,
+    to be taken in again. A ``keep`` folder still holds the very files it took, and
+    forgetting them would import the deleted study again at the next start.
+    """
+    return [w.name for w in settings.watch if w.on_done != "keep"]
 
 
 def delete_results(job_id: str, results_root: Path, done: SweepResult) -> None:

@@ -783,9 +783,23 @@ class Store:
             ids = [str(r[0]) for r in conn.execute(active)]
             return ids, int(conn.execute(pending).scalar_one())
 
-    def forget_study(self, study_instance_uid: str) -> int:
-        """Delete a study's instance records and the study's; returns the instances."""
+    def forget_study(self, study_instance_uid: str, *,
+                     forget_inputs_of: Collection[str] = ()) -> int:
+        """Delete a study's instance records and the study's; returns the instances.
+
+        ``forget_inputs_of`` names drop folders whose content-hash records of the study's
+        files go too, so that the same file dropped there again is taken in again. Their
+        archive records go as well: an archive is not linked to its studies, and one
+        dropped again is then looked at member by member (members still held stay known).
+        """
         with self._begin() as conn:
+            if forget_inputs_of:
+                held = sa.select(instances.c.sop_instance_uid).where(
+                    instances.c.study_instance_uid == study_instance_uid)
+                conn.execute(watch_inputs.delete().where(
+                    watch_inputs.c.watch.in_(list(forget_inputs_of)),
+                    sa.or_(watch_inputs.c.sop_instance_uid.in_(held),
+                           watch_inputs.c.sop_instance_uid.is_(None))))
             n = conn.execute(instances.delete().where(
                 instances.c.study_instance_uid == study_instance_uid)).rowcount
             conn.execute(studies.delete().where(

@@ -180,7 +180,8 @@ def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
             print("nothing deleted")
             return 1
     done = retention.SweepResult()
-    retention.delete_study(store, uid, settings.studies_dir.resolve(), done)
+    retention.delete_study(store, uid, settings.studies_dir.resolve(), done,
+                           forget_inputs_of=retention.inputs_to_forget(settings))
     if results:
         for job in jobs:
             retention.delete_results(job.id, settings.results_dir.resolve(), done)

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient
 
 import dicom_node.watch as watch_module
 from dicom_node.node import Node
+from dicom_node.retention import SweepResult, delete_study, inputs_to_forget
 from dicom_node.store import Job
 from rest.app import create_app
 from tests.support.dicom_factory import make_cr_study, make_ct_study
@@ -287,6 +288,45 @@ async def test_on_done_keep_takes_each_file_once_across_restarts(tmp_path: Path)
         assert len(await watch_jobs(node)) == 1
         assert (inbox / "a.dcm").exists() and not (inbox / "done").exists()
         assert await instance_count(node) == 1
+
+
+async def test_a_deleted_study_dropped_again_is_taken_again(tmp_path: Path) -> None:
+    """`dicom-node studies delete` and retention forget the content hashes of a deleted
+    study's files (loose or in an archive) in folders that move or delete what they
+    take: the same files dropped again are a new drop. A ``keep`` folder's are kept."""
+    cr = make_cr_study(tmp_path / "src", seed="watch-again-cr")
+    ct = make_ct_study(tmp_path / "src", seed="watch-again-ct", slices=2)
+    archive = _zip(tmp_path / "ct.zip", {p.name: p.read_bytes() for p in ct.paths})
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path)
+    assert inputs_to_forget(settings) == ["inbox"]
+    assert inputs_to_forget(settings_for(tmp_path, on_done="keep")) == []
+    async with running_node(settings) as node:
+        store = node.store
+        assert store is not None
+
+        async def drop_both(jobs: int) -> None:
+            shutil.copy(cr.paths[0], inbox / "cr.dcm")
+            shutil.copy(archive, inbox / "ct.zip")
+
+            async def all_jobs() -> bool:
+                return len(await watch_jobs(node)) == jobs
+            await wait_until(all_jobs)
+            await wait_until(lambda: not (inbox / "cr.dcm").exists()
+                             and not (inbox / "ct.zip").exists())
+
+        await drop_both(2)
+        assert await instance_count(node) == 3
+        for study in (cr.study_uid, ct.study_uid):
+            await asyncio.to_thread(delete_study, store, study,
+                                    settings.studies_dir.resolve(), SweepResult(),
+                                    forget_inputs_of=inputs_to_forget(settings))
+        assert await instance_count(node) == 0
+        await drop_both(4)
+        assert await instance_count(node) == 3
+        sops = sorted(s for j in (await watch_jobs(node))[:2] for s in j.input["instances"])
+        assert sops == sorted([*cr.sop_uids, *ct.sop_uids])
+        assert node.watch is not None and node.watch.status()["inbox"]["known"] == 0
 
 
 async def test_symlink_to_outside_is_not_followed(tmp_path: Path) -> None:

@@ -432,3 +432,17 @@ def test_study_activity_names_unfinished_jobs_and_waiting_instances(store: Store
     store.transition(job.id, JobState.FAILED, token=claimed.lease_token, message="x")
     assert store.study_activity("1.2.8") == ([], 0)
     assert store.study_activity("9.9") == ([], 0)
+
+
+def test_forgetting_a_study_forgets_its_drop_folder_inputs_only_where_asked(
+        store: Store) -> None:
+    store.record_instance(rec("a", "1.2.8"))
+    store.record_instance(rec("b", "1.2.9"))
+    for watch in ("moves", "keeps"):
+        store.add_watch_inputs(watch, [("sha-a", "a"), ("sha-b", "b"), ("sha-zip", None)])
+    assert store.forget_study("1.2.8", forget_inputs_of=["moves"]) == 1
+    assert not store.watch_input_known("moves", "sha-a")
+    assert not store.watch_input_known("moves", "sha-zip")  # archives: looked at again
+    assert store.watch_input_known("moves", "sha-b")  # another study's
+    assert all(store.watch_input_known("keeps", s) for s in ("sha-a", "sha-b", "sha-zip"))
+    assert store.get_instance("a") is None and store.get_instance("b") is not None
