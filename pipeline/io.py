@@ -66,6 +66,7 @@ __all__ = [
     "WrongModalityError",
     "load_ct_volume",
     "load_image_2d",
+    "number_of_frames",
     "read_dataset",
     "select_series",
     "series_misfit",
@@ -177,8 +178,10 @@ class Volume:
     (x, y, z, LPS mm) of the first voxel of the first slice. ``direction``
     holds the unit vectors, in patient LPS coordinates, along which the x, y
     and z indices grow: (row direction, column direction, slice normal).
-    ``paths`` are the source files in slice order (``None`` entries for
-    in-memory datasets). ``resampled`` is true when the slices were
+    ``paths`` and ``headers`` are the source files and their headers in slice order
+    (``None`` paths for in-memory datasets); the slices of a multi-frame object share
+    its path and header, and ``frames`` holds each slice's frame number in it (1-based;
+    ``None`` for a single-frame slice). ``resampled`` is true when the slices were
     interpolated onto a uniform grid; ``missing_slices`` is the number of
     slices that looked missing from the gaps between positions.
     """
@@ -190,8 +193,14 @@ class Volume:
     paths: list[Path | None]
     series_instance_uid: str
     headers: list[Dataset] = field(default_factory=list, repr=False)
+    frames: list[int | None] = field(default_factory=list)
     resampled: bool = False
     missing_slices: int = 0
+
+    @property
+    def sources(self) -> list[Dataset]:
+        """The distinct source objects (one per multi-frame object), in slice order."""
+        return list({id(h): h for h in self.headers}.values())
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -657,8 +666,9 @@ def load_image_2d(
 # --------------------------------------------------------------------------- CT volumes
 
 
-def _floats(ds: Dataset, keyword: str, n: int, path: Path | None) -> npt.NDArray[np.float64]:
-    where = f"{path}: " if path else ""
+def _floats(ds: Dataset, keyword: str, n: int, path: Path | None,
+            frame: int | None = None) -> npt.NDArray[np.float64]:
+    where = _where(path, frame)
     value = ds.get(keyword)
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64) if value else None
@@ -666,10 +676,82 @@ def _floats(ds: Dataset, keyword: str, n: int, path: Path | None) -> npt.NDArray
         out = None
     if out is None or out.shape != (n,) or not np.all(np.isfinite(out)):
         raise SeriesError(
-            f"{where}{keyword} is missing or invalid ({value!r}); a volume needs it on every slice",
+            f"{where}{keyword} is missing or invalid ({value!r}); a volume needs it on every "
+            f"{'frame' if frame else 'slice'}",
             path=path,
         )
     return out
+
+
+def _where(path: Path | None, frame: int | None = None) -> str:
+    """The start of a message about a file (and a frame of it): "path: frame 3: "."""
+    return (f"{path}: " if path else "") + (f"frame {frame}: " if frame else "")
+
+
+def number_of_frames(ds: Dataset) -> int:
+    """The frames an image object holds (1 when Number of Frames is absent or odd)."""
+    try:
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _is_enhanced(ds: Dataset) -> bool:
+    """Whether ``ds`` keeps its geometry in functional groups (Enhanced and Legacy Converted
+    Enhanced CT/MR, and the like) rather than in top-level attributes."""
+    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+
+# Where each attribute a slice needs lives in an enhanced object's functional groups.
+_FRAME_ATTRIBUTES = (
+    ("PlanePositionSequence", "ImagePositionPatient"),
+    ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    ("PixelMeasuresSequence", "PixelSpacing"),
+    ("PixelValueTransformationSequence", "RescaleSlope"),
+    ("PixelValueTransformationSequence", "RescaleIntercept"),
+)
+
+
+def _frame_geometry(ds: Dataset, index: int) -> Dataset:
+    """Position, orientation, pixel spacing and rescale of frame ``index`` (0-based) of an
+    enhanced object, as the top-level attributes of a single-frame slice would hold them:
+    the frame's own functional groups first, then the shared ones (PS3.3 C.7.6.16)."""
+    groups: list[Dataset] = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and index < len(per_frame):
+        groups.append(per_frame[index])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    out = Dataset()
+    for sequence, keyword in _FRAME_ATTRIBUTES:
+        for group in groups:
+            items = group.get(sequence)
+            if items and keyword in items[0]:
+                setattr(out, keyword, items[0][keyword].value)
+                break
+    return out
+
+
+def _orientation(ds: Dataset) -> Any:
+    """Image Orientation (Patient) of a slice, or of an enhanced object's first frame."""
+    if _is_enhanced(ds):
+        return _frame_geometry(ds, 0).get("ImageOrientationPatient")
+    return ds.get("ImageOrientationPatient")
+
+
+@dataclass
+class _Slice:
+    position: float  # along the slice normal, mm
+    ipp: npt.NDArray[np.float64]
+    path: Path | None
+    header: Dataset
+    frame: int | None  # 1-based, in a multi-frame object
+    hu: npt.NDArray[np.float32]
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} frame {self.frame}" if self.frame else str(self.path)
 
 
 def load_ct_volume(
@@ -682,8 +764,13 @@ def load_ct_volume(
 ) -> Volume:
     """Load the slices of one series as a volume in HU, sorted along the slice normal.
 
+    A source is a single-frame slice, or an enhanced multi-frame object (Enhanced CT,
+    Legacy Converted Enhanced CT) whose frames are the slices, placed by their per-frame
+    functional groups (Plane Position, Plane Orientation, Pixel Measures, Pixel Value
+    Transformation).
+
     Slices are ordered by ``ImagePositionPatient . (row x column)`` (never by
-    InstanceNumber). Spacing between slices is checked: when it varies by
+    InstanceNumber or frame order). Spacing between slices is checked: when it varies by
     more than ``spacing_tolerance`` (relative) the slices are linearly
     interpolated onto a uniform grid from the first to the last position,
     with the spacing closest to the median that divides that span
@@ -693,7 +780,7 @@ def load_ct_volume(
     Args:
         sources: file paths or datasets of one series (any order).
         modalities: accepted Modality values; ``None`` accepts any.
-        min_slices: fewest slices accepted.
+        min_slices: fewest slices (frames included) accepted.
         max_gap_ratio: a gap between consecutive slices larger than this
             multiple of the median spacing is refused as missing slices. The
             default (1.5) refuses any missing slice; raise it (e.g. 2.5) to
@@ -706,15 +793,11 @@ def load_ct_volume(
             for any slice.
         SeriesError: fewer than ``min_slices``, slices of several series,
             mixed orientations, sizes or pixel spacings, missing position or
-            orientation, duplicate positions, multi-frame slices, or gaps
-            larger than ``max_gap_ratio`` times the typical spacing.
+            orientation, duplicate positions (also several stacks or phases in one
+            multi-frame object), a multi-frame object without functional groups, or
+            gaps larger than ``max_gap_ratio`` times the typical spacing.
     """
-    if len(sources) < min_slices:
-        raise SeriesError(
-            f"a volume needs at least {min_slices} slices, got {len(sources)}; "
-            "send the complete series"
-        )
-    slices: list[tuple[float, Path | None, Dataset, npt.NDArray[np.float32]]] = []
+    slices: list[_Slice] = []
     ref: dict[str, Any] = {}
     for source in sources:
         path = _source_path(source)
@@ -722,72 +805,92 @@ def load_ct_volume(
         ds = read_dataset(source)
         _require_pixels(ds, path)
         _check_modality(ds, modalities, path)
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        n_frames = number_of_frames(ds)
+        enhanced = _is_enhanced(ds)
+        if n_frames > 1 and not enhanced:
             raise SeriesError(
-                f"{where}multi-frame (enhanced) objects are not supported as CT slices; "
-                "send the series as single-frame images",
+                f"{where}a multi-frame object without per-frame positions (functional "
+                "groups) cannot be placed as CT slices; send the series as single-frame "
+                "images or as an Enhanced CT object",
                 path=path,
             )
-        iop = _floats(ds, "ImageOrientationPatient", 6, path)
-        ipp = _floats(ds, "ImagePositionPatient", 3, path)
-        spacing = _floats(ds, "PixelSpacing", 2, path)
-        row, col = iop[:3], iop[3:]
-        normal = np.cross(row, col)
-        if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
-            raise SeriesError(f"{where}ImageOrientationPatient is not orthonormal", path=path)
         uid = str(ds.get("SeriesInstanceUID", ""))
         size = (int(ds.Rows), int(ds.Columns))
-        if not ref:
-            ref = {"iop": iop, "normal": normal, "size": size, "spacing": spacing, "uid": uid}
-        else:
-            if uid != ref["uid"]:
+        if ref and uid != ref["uid"]:
+            raise SeriesError(
+                f"{where}slices come from several series ({ref['uid']} and {uid}); "
+                "select one series first",
+                path=path,
+            )
+        if ref and size != ref["size"]:
+            raise SeriesError(
+                f"{where}mixed image sizes in series {uid} ({ref['size']} vs {size})",
+                path=path,
+            )
+        arr = _decode(ds, path, None)
+        if arr.shape != (n_frames, *size) and arr.shape != size:
+            raise SeriesError(
+                f"{where}expected {'frames of ' if n_frames > 1 else ''}a 2D monochrome "
+                f"slice, decoded shape {arr.shape}",
+                path=path,
+            )
+        planes = arr.reshape(n_frames, *size)
+        header = _header_of(ds, source)
+        for i, plane in enumerate(planes):
+            frame = i + 1 if enhanced else None
+            at = _where(path, frame)
+            geometry = _frame_geometry(ds, i) if enhanced else ds
+            iop = _floats(geometry, "ImageOrientationPatient", 6, path, frame)
+            ipp = _floats(geometry, "ImagePositionPatient", 3, path, frame)
+            spacing = _floats(geometry, "PixelSpacing", 2, path, frame)
+            normal = np.cross(iop[:3], iop[3:])
+            if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-2):
+                raise SeriesError(f"{at}ImageOrientationPatient is not orthonormal", path=path)
+            if not ref:
+                ref = {"iop": iop, "normal": normal, "size": size, "spacing": spacing,
+                       "uid": uid}
+            elif not np.allclose(iop, ref["iop"], atol=1e-3):
                 raise SeriesError(
-                    f"{where}slices come from several series ({ref['uid']} and {uid}); "
-                    "select one series first",
-                    path=path,
-                )
-            if not np.allclose(iop, ref["iop"], atol=1e-3):
-                raise SeriesError(
-                    f"{where}mixed slice orientations in series {uid} "
+                    f"{at}mixed slice orientations in series {uid} "
                     f"({ref['iop'].round(4).tolist()} vs {iop.round(4).tolist()}); "
                     "a volume needs parallel slices",
                     path=path,
                 )
-            if size != ref["size"]:
+            elif not np.allclose(spacing, ref["spacing"], rtol=1e-3, atol=1e-4):
                 raise SeriesError(
-                    f"{where}mixed image sizes in series {uid} ({ref['size']} vs {size})",
-                    path=path,
-                )
-            if not np.allclose(spacing, ref["spacing"], rtol=1e-3, atol=1e-4):
-                raise SeriesError(
-                    f"{where}mixed pixel spacings in series {uid} "
+                    f"{at}mixed pixel spacings in series {uid} "
                     f"({ref['spacing'].tolist()} vs {spacing.tolist()})",
                     path=path,
                 )
-        arr = _decode(ds, path, None)
-        if arr.ndim != 2:
-            raise SeriesError(
-                f"{where}expected a 2D monochrome slice, decoded shape {arr.shape}", path=path
-            )
-        try:
-            hu = _modality(arr, ds)
-        except Exception as exc:
-            raise InputError(
-                f"{where}cannot apply the modality LUT / rescale ({exc}); check Rescale "
-                "Slope/Intercept",
-                path=path,
-            ) from exc
-        slices.append((float(np.dot(ipp, ref["normal"])), path, _header_of(ds, source), hu))
+            try:
+                hu = _modality(plane, geometry)
+            except Exception as exc:
+                raise InputError(
+                    f"{at}cannot apply the modality LUT / rescale ({exc}); check Rescale "
+                    "Slope/Intercept",
+                    path=path,
+                ) from exc
+            slices.append(_Slice(float(np.dot(ipp, ref["normal"])), ipp, path, header, frame,
+                                 hu))
+        del arr, planes
+    if len(slices) < min_slices:
+        raise SeriesError(
+            f"a volume needs at least {min_slices} slices, got {len(slices)}; "
+            "send the complete series"
+        )
 
-    slices.sort(key=lambda s: s[0])
-    positions = np.asarray([s[0] for s in slices], dtype=np.float64)
+    slices.sort(key=lambda s: s.position)
+    positions = np.asarray([s.position for s in slices], dtype=np.float64)
     diffs = np.diff(positions)
     uid = str(ref["uid"])
     if np.any(diffs < 1e-3):
         i = int(np.argmin(diffs))
+        several = ("; one multi-frame object with several stacks, phases or energies is not "
+                   "supported: send one of them" if slices[i].frame else "")
         raise SeriesError(
             f"series {uid} has two slices at the same position ({positions[i]:.3f} mm: "
-            f"{slices[i][1]} and {slices[i + 1][1]}); remove duplicates or select one series"
+            f"{slices[i].label} and {slices[i + 1].label}); remove duplicates or select one "
+            f"series{several}"
         )
     nominal = float(np.median(diffs))
     worst = int(np.argmax(diffs))
@@ -800,7 +903,7 @@ def load_ct_volume(
             "resend the complete series"
         )
     missing_total = int(sum(max(round(d / nominal) - 1, 0) for d in diffs))
-    stack = np.stack([s[3] for s in slices])
+    stack = np.stack([s.hu for s in slices])
     resampled = False
     span = float(positions[-1] - positions[0])
     step = span / (len(positions) - 1)  # the mean spacing when it is uniform
@@ -815,8 +918,7 @@ def load_ct_volume(
         t = t.astype(np.float32)[:, None, None]
         stack = stack[lower] * (1 - t) + stack[upper] * t
         resampled = True
-    origin_ds = slices[0][2]
-    origin = tuple(float(v) for v in origin_ds.ImagePositionPatient)
+    origin = tuple(float(v) for v in slices[0].ipp)
     iop = ref["iop"]
     nrm = ref["normal"]
     return Volume(
@@ -828,9 +930,10 @@ def load_ct_volume(
             (float(iop[3]), float(iop[4]), float(iop[5])),
             (float(nrm[0]), float(nrm[1]), float(nrm[2])),
         ),
-        paths=[s[1] for s in slices],
+        paths=[s.path for s in slices],
         series_instance_uid=uid,
-        headers=[s[2] for s in slices],
+        headers=[s.header for s in slices],
+        frames=[s.frame for s in slices],
         resampled=resampled,
         missing_slices=missing_total,
     )
@@ -856,7 +959,7 @@ def _is_original(ds: Dataset) -> bool:
 def _is_axial(ds: Dataset) -> bool:
     """Slices whose normal (Image Orientation (Patient), row x column) is within ~25
     degrees of the patient's feet-head axis: axial, gantry tilt included."""
-    iop = ds.get("ImageOrientationPatient")
+    iop = _orientation(ds)
     try:
         a, b, _, d, e, _ = (float(v) for v in iop)
     except (TypeError, ValueError):
@@ -874,10 +977,11 @@ def select_series(
     rules' lists (empty lists accept anything; a series without Body Part
     Examined is accepted but ranked after those that match), it holds images
     (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
-    has at least ``rules.min_instances`` instances. Among eligible series the
+    has at least ``rules.min_instances`` images (the frames of a multi-frame object
+    count one by one). Among eligible series the
     choice prefers a matching body part, then axial slices (a study's sagittal and
     coronal series are for reading; volume models are trained on axial), then
-    ORIGINAL images, then the most instances - so a CT study with a scout, an axial
+    ORIGINAL images, then the most images - so a CT study with a scout, an axial
     series and its reformats picks the axial.
 
     Args:
@@ -931,15 +1035,16 @@ def select_series(
             reason = f"body part {body} not in {sorted(body_parts)}"
         else:
             usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])]
-            if len(usable) < rules.min_instances:
-                reason = f"{len(usable)} image(s), fewer than the {rules.min_instances} required"
+            images = sum(number_of_frames(ds) for _, ds in usable)
+            if images < rules.min_instances:
+                reason = f"{images} image(s), fewer than the {rules.min_instances} required"
             else:
                 groups[uid] = usable
                 key = (
                     int(bool(body_parts) and body in body_parts),
                     int(all(_is_axial(ds) for _, ds in usable)),
                     int(all(_is_original(ds) for _, ds in usable)),
-                    len(usable),
+                    images,
                 )
                 ranked.append((key, uid))
         if reason:

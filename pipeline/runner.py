@@ -33,6 +33,7 @@ from pipeline.io import (
     Source,
     load_ct_volume,
     load_image_2d,
+    number_of_frames,
     select_series,
 )
 from pipeline.resources import memory_left
@@ -80,9 +81,10 @@ def check_memory(headers: Sequence[Any]) -> None:
     if left is None or not headers:
         return
     rows, cols = (int(headers[0].get(k) or 0) for k in ("Rows", "Columns"))
-    need = rows * cols * len(headers) * SEGMENT_BYTES_PER_VOXEL
+    slices = sum(number_of_frames(h) for h in headers)
+    need = rows * cols * slices * SEGMENT_BYTES_PER_VOXEL
     available, total = left
-    what = (f"segmenting this series ({len(headers)} slices of {rows} x {cols}) takes about "
+    what = (f"segmenting this series ({slices} slices of {rows} x {cols}) takes about "
             f"{need / 1e9:.1f} GB of memory")
     if need > total:
         raise PipelineError(f"{what}, more than the {total / 1e9:.1f} GB this machine (or "
@@ -559,9 +561,12 @@ class PipelineRunner:
             segments=segments, volume=volume.array.astype(np.float32, copy=False),
             spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
             source_paths=[Path(p) for p in volume.paths if p is not None],
+            source_frames=volume.frames,
             series_instance_uid=volume.series_instance_uid,
         )
-        if volume.resampled:  # slices were interpolated: a SEG cannot reference them 1:1
+        if volume.resampled or (any(volume.frames) and len(volume.sources) > 1):
+            # A SEG references its source 1:1: slices that were interpolated cannot be
+            # referenced, nor the frames of several multi-frame objects (one at most).
             wanted = wanted - {Output.SEG}
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,

@@ -61,6 +61,7 @@ class SeriesRules(_Frozen):
     modalities: list[str] = Field(default_factory=list)
     sop_class_uids: list[str] = Field(default_factory=list)
     body_parts: list[str] = Field(default_factory=list)
+    # fewest images: single-frame instances, or the frames of a multi-frame object
     min_instances: int = Field(default=1, ge=1)
 
 

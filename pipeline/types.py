@@ -64,6 +64,9 @@ class SegmentationResult:
     volume: npt.NDArray[np.float32]  # Z x Y x X, Hounsfield units
     spacing: tuple[float, float, float]  # (z, y, x) in mm
     source_paths: list[Path] = field(default_factory=list)  # in slice order
+    # the frame number (1-based) of each slice in its multi-frame source; None for a
+    # single-frame slice (empty: all single-frame)
+    source_frames: list[int | None] = field(default_factory=list)
     series_instance_uid: str = ""
 
 

@@ -124,6 +124,12 @@ def _conformant(keyword: str, value: object) -> str:
     return _time(text) if keyword == "StudyTime" else _date(text)
 
 
+def distinct(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """``datasets`` without repeats, in order: the slices of a multi-frame object share
+    its header, and a reference names the object once."""
+    return list({id(ds): ds for ds in datasets}.values())
+
+
 def for_highdicom(datasets: Sequence[Dataset]) -> list[Dataset]:
     """``datasets`` as highdicom can take them as source images or evidence, the
     caller's datasets left as they were (a copy is made only when something changes).

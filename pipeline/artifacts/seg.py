@@ -18,6 +18,7 @@ from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
+    distinct,
     for_highdicom,
     info_texts,
     save,
@@ -85,7 +86,8 @@ def build_segmentation(
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM SEG, one segment per structure of ``result``.
 
-    ``source_datasets`` are the CT instances in the order of the label map's slices.
+    ``source_datasets`` are the CT instances in the order of the label map's slices (a
+    multi-frame object's header once per frame, with ``result.source_frames``).
     Segment numbers are 1..N in the order of ``result.segments``.
 
     Raises:
@@ -125,8 +127,11 @@ def build_segmentation(
                 display_color=hd.color.CIELabColor.from_rgb(r, g, b),
             )
         )
+    sources = distinct(source_datasets)
+    if any(result.source_frames):
+        mask = _in_frame_order(mask, result.source_frames, sources)
     seg_ds = hd.seg.Segmentation(
-        source_images=for_highdicom(source_datasets),
+        source_images=for_highdicom(sources),
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -146,6 +151,19 @@ def build_segmentation(
     declare_utf8_for(seg_ds, [*(s.name for s in result.segments), result.model_name,
                               result.model_version, *info_texts(info)])
     return seg_ds
+
+
+def _in_frame_order(mask: np.ndarray, frames: Sequence[int | None],
+                    sources: Sequence[Dataset]) -> np.ndarray:
+    """``mask``'s slices (in position order) put in the frame order of their multi-frame
+    source: highdicom pairs the SEG's frames with the source's frames one to one."""
+    count = int(sources[0].get("NumberOfFrames") or 1)
+    if len(sources) != 1 or sorted(f or 0 for f in frames) != list(range(1, count + 1)):
+        raise ValueError("a SEG over multi-frame sources needs every frame of exactly one "
+                         f"object; got {len(frames)} slice(s) of {len(sources)} object(s)")
+    out = np.empty_like(mask)
+    out[np.asarray(frames, dtype=np.intp) - 1] = mask
+    return out
 
 
 def write_segmentation(

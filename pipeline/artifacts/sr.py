@@ -31,6 +31,7 @@ from pipeline.artifacts._common import SeriesInfo, concept_for_name
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
+    distinct,
     for_highdicom,
     info_texts,
     save,
@@ -198,6 +199,7 @@ def build_segmentation_sr(
     """
     if not source_datasets:
         raise ValueError("no source datasets")
+    source_datasets = distinct(source_datasets)  # a multi-frame object once
     algorithm = _algorithm(result.model_name, result.model_version)
     groups: list[
         VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations

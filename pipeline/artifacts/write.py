@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from pipeline.artifacts._common import SeriesInfo, patient_dir, utc_now
+from pipeline.artifacts._dicom import distinct
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     heatmap_overlay,
@@ -235,7 +236,7 @@ def write_segmentation_artifacts(
             software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
         ),
         wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
-        sources=list(source_datasets),
+        sources=distinct(source_datasets),
     )
     seg_ds = None
     if Output.SEG in wanted:

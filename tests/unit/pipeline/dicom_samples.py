@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pydicom.data
@@ -121,3 +122,16 @@ def write_series(tmp_path: Path) -> Callable[..., list[Path]]:
         return paths
 
     return _write
+
+
+def enhanced_ct(slices: Sequence[Dataset], **attrs: Any) -> Dataset:
+    """Single-frame CT slices turned into one multi-frame object by highdicom's converter
+    (Legacy Converted Enhanced CT): a frame per slice, placed by per-frame functional
+    groups, rescale per frame where the slices differ. It lists frames from the highest
+    position to the lowest, the reverse of the order a volume needs."""
+    ds = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(slices), series_instance_uid=generate_uid(), series_number=1,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds

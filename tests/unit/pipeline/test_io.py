@@ -42,6 +42,7 @@ from pipeline.settings import SeriesRules
 from tests.unit.pipeline.dicom_samples import (
     bundled,
     ct_slice,
+    enhanced_ct,
     make_image,
     save,
     write_series,
@@ -540,6 +541,56 @@ def test_volume_refuses_an_sr_in_the_list(write_series: WriteSeries) -> None:
     paths = write_series([0.0, 2.5])
     with pytest.raises(NoPixelDataError):
         load_ct_volume([*paths, bundled("test-SR.dcm")])
+
+
+def test_enhanced_ct_frames_are_the_slices(tmp_path: Path) -> None:
+    """An enhanced multi-frame CT gives the same volume as its single-frame slices: each
+    frame placed by its own plane position, rescaled by its own (or the shared) pixel
+    value transformation; ``frames`` says which frame each slice came from."""
+    uid = generate_uid()
+    slices = []
+    for n, z in enumerate([0.0, 2.5, 5.0, 7.5]):
+        ds = ct_slice((-10.0, -20.0, z), 10 * z, series_uid=uid, instance=n + 1)
+        if n == 2:  # stored differently, same HU: a per-frame rescale
+            ds.PixelData = (ds.pixel_array + 24).astype(np.uint16).tobytes()
+            ds.RescaleIntercept = -1048
+        slices.append(save(ds, tmp_path / "single" / f"{n}.dcm"))
+    random.Random(3).shuffle(slices)
+    enhanced = save(enhanced_ct([pydicom.dcmread(p) for p in slices]), tmp_path / "mf.dcm")
+    single = load_ct_volume(slices)
+    for source in (enhanced, _kept_header(enhanced)):
+        vol = load_ct_volume([source])
+        np.testing.assert_array_equal(vol.array, single.array)
+        np.testing.assert_allclose(vol.array[:, 0, 0], [0, 25, 50, 75])
+        assert (vol.spacing, vol.origin, vol.direction) == (
+            single.spacing, single.origin, single.direction)
+        assert vol.frames == [4, 3, 2, 1]  # the converter lists the highest first
+        assert vol.paths == [enhanced] * 4 and len(vol.sources) == 1
+        assert "PixelData" not in vol.sources[0]
+    assert single.frames == [None] * 4 and len(single.sources) == 4
+    chosen = select_series([enhanced], SeriesRules(modalities=["CT"], min_instances=4))
+    assert chosen.paths == [enhanced]
+    with pytest.raises(SeriesError, match="4 image"):
+        select_series([enhanced], SeriesRules(min_instances=5))
+
+
+def test_enhanced_ct_problems_name_the_frame(tmp_path: Path) -> None:
+    uid = generate_uid()
+    slices = [ct_slice((0.0, 0.0, z), 0, series_uid=uid, instance=n + 1)
+              for n, z in enumerate([0.0, 2.5, 5.0])]
+    mf = enhanced_ct(slices)
+    del mf.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    with pytest.raises(SeriesError, match=r"mf\.dcm: frame 2: ImagePositionPatient is missing"):
+        load_ct_volume([save(mf, tmp_path / "mf.dcm")])
+    two_phases = enhanced_ct([*slices, *(ct_slice((0.0, 0.0, z), 0, series_uid=uid)
+                                         for z in (0.0, 2.5, 5.0))])
+    with pytest.raises(SeriesError, match="same position.*several stacks, phases"):
+        load_ct_volume([save(two_phases, tmp_path / "phases.dcm")])
+    plain = make_image(np.zeros((2, 8, 8), dtype=np.uint16).reshape(16, 8),
+                       series_uid=uid, Modality="CT")
+    plain.Rows, plain.NumberOfFrames = 8, 2  # frames, but no functional groups
+    with pytest.raises(SeriesError, match="without per-frame positions"):
+        load_ct_volume([save(plain, tmp_path / "plain.dcm")])
 
 
 # --------------------------------------------------------------------------- series selection

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -23,6 +24,7 @@ from pipeline.settings import ModelSpec, PipelineSpec, SecondaryCaptureSpec, Ser
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from pipeline.types import Finding
+from tests.unit.pipeline.dicom_samples import enhanced_ct
 from tests.unit.pipeline.test_bundle import make_tiny_bundle
 
 SEG_NET: dict[str, Any] = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1,
@@ -120,6 +122,46 @@ def test_segmentation_writes_seg_and_volumes(runner: PipelineRunner, tmp_path: P
     assert vols
     seg = pydicom.dcmread(next(a.path for a in out.artifacts if a.kind == "seg"))
     assert seg.Modality == "SEG"
+
+
+def test_an_enhanced_ct_is_segmented_like_its_slices(runner: PipelineRunner,
+                                                     tmp_path: Path) -> None:
+    """The same CT as single-frame slices and as one multi-frame object gives the same
+    labels, and SEGs that place them at the same positions: the multi-frame's SEG
+    references its frames (listed highest first) one by one."""
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct",
+                               patient_id="CT3")
+    mf = enhanced_ct([pydicom.dcmread(f) for f in files])
+    mf_path = tmp_path / "mf" / "ct.dcm"
+    mf_path.parent.mkdir()
+    mf.save_as(mf_path)
+    single = runner.run("seg", files, tmp_path / "single")
+    multi = runner.run("seg", [mf_path], tmp_path / "multi")
+    np.testing.assert_array_equal(multi.result.labels, single.result.labels)  # type: ignore[union-attr]
+    segs = [hd.seg.segread(next(a.path for a in out.artifacts if a.kind == "seg"))
+            for out in (single, multi)]
+    a, b = (seg.get_volume(combine_segments=True) for seg in segs)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine)
+    first = segs[1].PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+    ref = first.SourceImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+    sr = pydicom.dcmread(next(a.path for a in multi.artifacts if a.kind == "sr"))
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [[i.ReferencedSOPInstanceUID for i in s.ReferencedSOPSequence]
+            for s in evidence if s.SeriesInstanceUID == mf.SeriesInstanceUID] == [
+                [mf.SOPInstanceUID]]
+    # Two multi-frame objects of one series: a SEG cannot reference both; the rest is made.
+    halves = []
+    for n, part in enumerate((files[:8], files[8:])):
+        half = enhanced_ct([pydicom.dcmread(f) for f in part],
+                           SeriesInstanceUID=mf.SeriesInstanceUID)
+        halves.append(tmp_path / "mf" / f"half{n}.dcm")
+        half.save_as(halves[-1])
+    two = runner.run("seg", halves, tmp_path / "two")
+    np.testing.assert_array_equal(two.result.labels, single.result.labels)  # type: ignore[union-attr]
+    assert {a.kind for a in two.artifacts} >= {"json", "sr"}
+    assert "seg" not in {a.kind for a in two.artifacts}
 
 
 def test_a_segmenter_with_an_input_size_is_warmed_up_and_traced_at_start(tmp_path: Path) -> None:
@@ -397,6 +439,11 @@ def test_a_series_too_large_for_the_memory_left_is_refused_before_loading(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     monkeypatch.setattr(runner_module, "memory_left", lambda: (need * 2, need * 4))
     assert runner.run("seg", files, tmp_path / "c").artifacts
+    mf = tmp_path / "mf.dcm"  # a multi-frame object counts its frames
+    enhanced_ct([pydicom.dcmread(f) for f in files]).save_as(mf)
+    monkeypatch.setattr(runner_module, "memory_left", lambda: (need // 2, need * 4))
+    with pytest.raises(NotEnoughMemory, match=r"16 slices of 48 x 48"):
+        runner.run("seg", [mf], tmp_path / "d")
 
 
 def test_memory_left_reads_the_machine_and_its_container(tmp_path: Path) -> None:
