@@ -224,8 +224,9 @@ class Volume:
 class SelectedSeries:
     """The series of a study chosen by :func:`select_series`.
 
-    ``paths`` and ``headers`` are in the same order (the order given; use
-    :func:`load_ct_volume` to sort by position). ``rejected`` maps every other
+    ``paths`` and ``headers`` are in the same order: the order given, the image a
+    classifier should take first (use :func:`load_ct_volume` to sort slices by
+    position). ``rejected`` maps every other
     series UID to the reason it was not chosen.
     """
 
@@ -967,6 +968,31 @@ def _is_axial(ds: Dataset) -> bool:
     return abs(a * e - b * d) >= 0.9
 
 
+# DX, mammography and intra-oral X-ray "for processing": raw detector values, before the
+# modality's own image processing; models are trained on the images people read.
+_FOR_PROCESSING_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.1.3.1",
+})
+
+
+def _for_presentation(ds: Dataset) -> bool:
+    """Not a "for processing" image (by SOP class or Presentation Intent Type)."""
+    return (str(ds.get("SOPClassUID", "")) not in _FOR_PROCESSING_CLASSES
+            and str(ds.get("PresentationIntentType", "")).upper() != "FOR PROCESSING")
+
+
+def _is_frontal(ds: Dataset) -> bool:
+    """A PA or AP projection (View Position): what chest X-ray models are trained on,
+    rather than a lateral view of the same study."""
+    return str(ds.get("ViewPosition", "")).strip().upper() in ("PA", "AP")
+
+
+def _image_rank(ds: Dataset) -> tuple[int, int]:
+    return int(_for_presentation(ds)), int(_is_frontal(ds))
+
+
 def select_series(
     sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
     rules: SeriesRules,
@@ -979,10 +1005,13 @@ def select_series(
     (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
     has at least ``rules.min_instances`` images (the frames of a multi-frame object
     count one by one). Among eligible series the
-    choice prefers a matching body part, then axial slices (a study's sagittal and
-    coronal series are for reading; volume models are trained on axial), then
-    ORIGINAL images, then the most images - so a CT study with a scout, an axial
-    series and its reformats picks the axial.
+    choice prefers a matching body part, then images "for presentation" to raw "for
+    processing" ones, then axial slices (a study's sagittal and coronal series are for
+    reading; volume models are trained on axial), then a frontal (PA or AP) view to a
+    lateral one, then ORIGINAL images, then the most images - so a CT study with a
+    scout, an axial series and its reformats picks the axial, and a chest X-ray study
+    its PA view. Within the chosen series the same preferences put the best image
+    first (``paths[0]``: what a classifier takes).
 
     Args:
         sources: a mapping path -> header (e.g. read with
@@ -1013,7 +1042,7 @@ def select_series(
     sop_classes = set(rules.sop_class_uids)
     body_parts = {b.upper() for b in rules.body_parts}
     rejected: dict[str, str] = {}
-    ranked: list[tuple[tuple[int, int, int, int], str]] = []
+    ranked: list[tuple[tuple[int, ...], str]] = []
     for uid, members in groups.items():
         first = members[0][1]
         modality = str(first.get("Modality", "")).upper()
@@ -1042,7 +1071,9 @@ def select_series(
                 groups[uid] = usable
                 key = (
                     int(bool(body_parts) and body in body_parts),
+                    int(any(_for_presentation(ds) for _, ds in usable)),
                     int(all(_is_axial(ds) for _, ds in usable)),
+                    int(any(_is_frontal(ds) for _, ds in usable)),
                     int(all(_is_original(ds) for _, ds in usable)),
                     images,
                 )
@@ -1064,7 +1095,8 @@ def select_series(
     best = ranked[0][1]
     for _, uid in ranked[1:]:
         rejected[uid] = f"series {uid}: eligible but ranked after {best}"
-    chosen = groups[best]
+    # The best image first: a classifier takes one (a PA before the lateral beside it).
+    chosen = sorted(groups[best], key=lambda m: _image_rank(m[1]), reverse=True)
     first = chosen[0][1]
     return SelectedSeries(
         series_instance_uid=best,

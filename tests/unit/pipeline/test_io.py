@@ -6,6 +6,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -16,6 +17,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 from pydicom.pixels.utils import pixel_array
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     BasicTextSRStorage,
     RLELossless,
     SecondaryCaptureImageStorage,
@@ -672,6 +674,28 @@ def test_select_series_prefers_axial_slices_to_the_reformats(
                    tmp_path / "study" / f"tilt{i}.dcm") for i in range(8)]
     chosen = select_series(tilted + reformats, SeriesRules(modalities=["CT"]))
     assert chosen.series_instance_uid == tilted_uid
+
+
+def test_select_series_takes_the_frontal_view_for_presentation(tmp_path: Path) -> None:
+    """A chest X-ray study as modalities send it: a lateral series listed first, a PA
+    series, and a DX "for processing" copy of the PA (raw detector values). The PA for
+    presentation is chosen; within a series holding both views, the PA comes first."""
+    def xray(view: str, series: str, **attrs: Any) -> Path:
+        ds = make_image(np.zeros((8, 8), dtype=np.uint16), modality="DX",
+                        series_uid=series, ViewPosition=view, **attrs)
+        return save(ds, tmp_path / f"{generate_uid()}.dcm")
+
+    lateral = xray("LL", generate_uid())
+    pa = xray("PA", generate_uid(), PresentationIntentType="FOR PRESENTATION")
+    raw = xray("PA", generate_uid(), PresentationIntentType="FOR PROCESSING",
+               sop_class=UID("1.2.840.10008.5.1.4.1.1.1.1.1"))
+    rules = SeriesRules(modalities=["DX"])
+    assert select_series([raw, lateral, pa], rules).paths == [pa]
+    assert select_series([raw, lateral], rules).paths == [lateral]
+    both = generate_uid()
+    in_one = [xray("LL", both), xray("AP", both), xray("LATERAL", both)]
+    chosen = select_series(in_one, rules)
+    assert chosen.paths[0] == in_one[1] and len(chosen.paths) == 3
 
 
 def test_select_series_explains_why_nothing_matches(study: dict[str, list[Path]]) -> None:
