@@ -9,8 +9,10 @@ deletes, in a worker thread:
   "no longer on disk", and the same study sent again is stored afresh (also when
   dropped again into a drop folder that moves or deletes what it takes);
 - the results folder (``<results_dir>/<job id>``) of every job that finished that long
-  ago. A drop folder's own output folder and every folder destination are the user's:
-  never touched.
+  ago, then the job's record (its events, artifacts list and exports): the job table
+  would otherwise grow for as long as the node runs. A batch's jobs go together, once
+  all of them are that old. A drop folder's own output folder and every folder
+  destination are the user's: never touched.
 
 Nothing outside the studies and results folders is ever deleted: each path is resolved
 (links followed) and checked to lie inside them first.
@@ -43,6 +45,7 @@ class SweepResult:
     instances: int = 0
     bytes: int = 0
     results: int = 0
+    jobs: int = 0  # job records
     left: int = 0  # files that could not be deleted (their records are gone)
 
 
@@ -66,14 +69,14 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
             if _stopped(stop):
                 break
             delete_study(store, study, studies_root, done, forget_inputs_of=forget)
-    for job_id in store.jobs_finished_before(cutoff):
-        if _stopped(stop):
-            break
-        delete_results(job_id, results_root, done)
-    if done.studies or done.results:
+    while not _stopped(stop) and (expired := store.jobs_finished_before(cutoff)):
+        for job_id in expired:
+            delete_results(job_id, results_root, done)
+        done.jobs += store.forget_jobs(expired)
+    if done.studies or done.results or done.jobs:
         log.info("retention sweep", older_than_days=days, studies=done.studies,
                  instances=done.instances, mb=round(done.bytes / 1e6, 1),
-                 results_folders=done.results, files_left=done.left)
+                 results_folders=done.results, jobs=done.jobs, files_left=done.left)
     return done
 
 

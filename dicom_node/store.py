@@ -806,12 +806,36 @@ class Store:
                 studies.c.study_instance_uid == study_instance_uid))
         return int(n or 0)
 
-    def jobs_finished_before(self, before: datetime) -> list[str]:
-        """Ids of final jobs that finished before ``before``."""
-        q = sa.select(jobs.c.id).where(jobs.c.state.in_([s.value for s in FINAL_STATES]),
-                                       jobs.c.finished_at < before)
+    def jobs_finished_before(self, before: datetime, limit: int = 500) -> list[str]:
+        """Ids of final jobs that finished before ``before`` (at most ``limit``), leaving
+        out those of a batch with a job that did not: a batch expires whole."""
+        final = [s.value for s in FINAL_STATES]
+        expired = sa.and_(jobs.c.state.in_(final), jobs.c.finished_at < before)
+        other = jobs.alias("other")
+        live_batches = (
+            sa.select(batch_sources.c.batch_id)
+            .join(other, other.c.id == batch_sources.c.job_id)
+            .where(sa.or_(other.c.state.not_in(final), other.c.finished_at.is_(None),
+                          other.c.finished_at >= before)))
+        kept = sa.select(batch_sources.c.job_id).where(batch_sources.c.batch_id.in_(live_batches))
+        q = (sa.select(jobs.c.id).where(expired, jobs.c.id.not_in(kept))
+             .order_by(jobs.c.finished_at).limit(limit))
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
+
+    def forget_jobs(self, job_ids: Sequence[str]) -> int:
+        """Delete these jobs' records (events, artifacts and exports with them) and the
+        batches left without a job; returns the jobs deleted."""
+        if not job_ids:
+            return 0
+        with self._begin() as conn:
+            ids = list(job_ids)
+            for table in (job_events, artifacts, exports, batch_sources):
+                conn.execute(table.delete().where(table.c.job_id.in_(ids)))
+            n = conn.execute(jobs.delete().where(jobs.c.id.in_(ids))).rowcount
+            conn.execute(batches.delete().where(
+                batches.c.id.not_in(sa.select(batch_sources.c.batch_id))))
+        return int(n or 0)
 
     def received_studies(
         self, *, limit: int = 20, patient_id: str | None = None, uid: str | None = None,

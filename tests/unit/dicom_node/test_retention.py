@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Settings
+from dicom_node.errors import NotFound
 from dicom_node.retention import sweep
 from dicom_node.scp import InstanceWriter
 from dicom_node.store import InstanceRecord, JobState, NewJob, Store, jobs, studies, utcnow
@@ -84,7 +85,7 @@ def test_sweep_deletes_only_what_expired(store: Store, tmp_path: Path) -> None:
     old_bytes = sum(p.stat().st_size for p in old_files)
     got = sweep(settings, store)
 
-    assert (got.studies, got.instances, got.results) == (1, 4, 1)
+    assert (got.studies, got.instances, got.results, got.jobs) == (1, 4, 1, 1)
     assert got.bytes == old_bytes > 0
     assert not any(p.exists() for p in old_files)
     assert not (studies_dir / old).exists()  # emptied folders pruned
@@ -95,9 +96,44 @@ def test_sweep_deletes_only_what_expired(store: Store, tmp_path: Path) -> None:
         assert len(kept) == 3 and all(Path(r.path).is_file() for r in kept)
     assert not (results / done_long_ago.id).exists()
     assert (results / done_lately.id / "P1" / "P1_predictions.json").is_file()
+    with pytest.raises(NotFound):
+        store.get_job(done_long_ago.id)
+    assert store.get_job(done_lately.id).state is JobState.SUCCEEDED
     assert (results / "notes").is_dir()
     assert studies_dir.is_dir() and results.is_dir()
     assert sweep(settings, store).studies == 0  # nothing more to do
+
+
+def test_job_records_expire_with_their_events_and_a_batch_only_whole(
+        store: Store, tmp_path: Path) -> None:
+    """A job record goes with its results folder: the job table does not grow for as
+    long as the node runs. A batch expires once every one of its jobs is that old."""
+    settings = settings_for(tmp_path)
+    lone = store.create_job(NewJob(pipeline="p"))
+    old_batch = store.create_batch(group_name="g", owner=None, project_id=1, pipeline="p",
+                                   output_layer_id=1,
+                                   sources=[(1, NewJob(pipeline="p")), (2, NewJob(pipeline="p"))])
+    mixed = store.create_batch(group_name="g", owner=None, project_id=1, pipeline="p",
+                               output_layer_id=1,
+                               sources=[(1, NewJob(pipeline="p")), (2, NewJob(pipeline="p"))])
+    for job in [lone, *(j for _, j in old_batch.sources), mixed.sources[0][1]]:
+        finish(store, job.id, DAYS + 1)
+        store.record_export(job.id, "pacs", "succeeded", attempts=1, sent=2)
+    finish(store, mixed.sources[1][1].id, 1)  # ended lately: the whole batch stays
+
+    got = sweep(settings, store)
+
+    assert got.jobs == 3
+    for job in (lone, *(j for _, j in old_batch.sources)):
+        with pytest.raises(NotFound):
+            store.get_job(job.id)
+        assert store.exports_of(job.id) == []
+    with pytest.raises(NotFound):
+        store.get_batch(old_batch.id)
+    assert [j.id for _, j in store.get_batch(mixed.id).sources] == [
+        j.id for _, j in mixed.sources]
+    assert len(store.exports_of(mixed.sources[0][1].id)) == 1
+    assert sweep(settings, store).jobs == 0
 
 
 def test_sweep_is_off_without_retention_days_and_stops_when_asked(
