@@ -281,13 +281,21 @@ class DropFolder:
     def _scan(self, loop: asyncio.AbstractEventLoop, top: Path) -> None:
         """Hand every candidate file under ``top`` to the loop, in batches."""
         batch: list[str] = []
+        seen: set[str] = set()
         for path in self._walk(top):
             batch.append(path)
+            seen.add(path)
             if len(batch) >= 500:
                 loop.call_soon_threadsafe(self._events, batch, False)
                 batch = []
         if batch:
             loop.call_soon_threadsafe(self._events, batch, False)
+        if top == self.root:
+            # Forget kept or refused files that are gone: a keep folder emptied by hand
+            # now and then would otherwise grow this for as long as the node runs.
+            with self._lock:
+                for path in [p for p in self._handled if p not in seen]:
+                    del self._handled[path]
 
     def _walk(self, top: Path) -> Iterator[str]:
         stack = [str(top)]

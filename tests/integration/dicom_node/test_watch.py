@@ -329,6 +329,24 @@ async def test_a_deleted_study_dropped_again_is_taken_again(tmp_path: Path) -> N
         assert node.watch is not None and node.watch.status()["inbox"]["known"] == 0
 
 
+async def test_a_keep_folder_forgets_files_removed_from_it(tmp_path: Path) -> None:
+    """What a keep folder remembers of the files it holds goes when they are removed
+    (found by the next full sweep), so that it does not grow for months."""
+    cr = make_cr_study(tmp_path / "src", seed="watch-keep-forget")
+    inbox = tmp_path / "inbox"
+    async with running_node(settings_for(tmp_path, on_done="keep", rescan_s=1)) as node:
+        shutil.copy(cr.paths[0], inbox / "a.dcm")
+
+        async def one_job() -> bool:
+            return len(await watch_jobs(node)) == 1
+        await wait_until(one_job)
+        assert node.watch is not None
+        folder = node.watch.folders["inbox"]
+        await wait_until(lambda: str(inbox / "a.dcm") in folder._handled)
+        (inbox / "a.dcm").unlink()
+        await wait_until(lambda: not folder._handled)
+
+
 async def test_symlink_to_outside_is_not_followed(tmp_path: Path) -> None:
     outside = make_cr_study(tmp_path / "outside", seed="watch-outside")
     inside = make_cr_study(tmp_path / "src", seed="watch-inside")
