@@ -19,7 +19,7 @@ $(PY):
 # build of torch: an unpinned torch would pull ~2.6 GB of CUDA wheels.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,scale]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
