@@ -1048,7 +1048,9 @@ def select_series(
         modality = str(first.get("Modality", "")).upper()
         sop = str(first.get("SOPClassUID", ""))
         body = str(first.get("BodyPartExamined", "")).upper()
-        label = f"series {uid or '(no UID)'} ({modality or '?'}, {len(members)} instance(s))"
+        frames = sum(number_of_frames(ds) for _, ds in members)
+        label = (f"series {uid or '(no UID)'} ({modality or '?'}, {len(members)} instance(s)"
+                 + (f", {frames} frames)" if frames > len(members) else ")"))
         reason = ""
         if not uid:
             reason = "instances without a Series Instance UID"

@@ -572,7 +572,7 @@ def test_enhanced_ct_frames_are_the_slices(tmp_path: Path) -> None:
     assert single.frames == [None] * 4 and len(single.sources) == 4
     chosen = select_series([enhanced], SeriesRules(modalities=["CT"], min_instances=4))
     assert chosen.paths == [enhanced]
-    with pytest.raises(SeriesError, match="4 image"):
+    with pytest.raises(SeriesError, match=r"1 instance\(s\), 4 frames\): 4 image"):
         select_series([enhanced], SeriesRules(min_instances=5))
 
 
