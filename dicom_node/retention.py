@@ -72,7 +72,10 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     while not _stopped(stop) and (expired := store.jobs_finished_before(cutoff)):
         for job_id in expired:
             delete_results(job_id, results_root, done)
-        done.jobs += store.forget_jobs(expired)
+        forgotten = store.forget_jobs(expired)
+        done.jobs += forgotten
+        if not forgotten:  # gone meanwhile (another node's sweep): nothing left to do
+            break
     if done.studies or done.results or done.jobs:
         log.info("retention sweep", older_than_days=days, studies=done.studies,
                  instances=done.instances, mb=round(done.bytes / 1e6, 1),

@@ -198,11 +198,6 @@ class Volume:
     missing_slices: int = 0
 
     @property
-    def sources(self) -> list[Dataset]:
-        """The distinct source objects (one per multi-frame object), in slice order."""
-        return list({id(h): h for h in self.headers}.values())
-
-    @property
     def shape(self) -> tuple[int, int, int]:
         """(Z, Y, X)."""
         z, y, x = self.array.shape

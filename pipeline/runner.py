@@ -564,7 +564,7 @@ class PipelineRunner:
             source_frames=volume.frames,
             series_instance_uid=volume.series_instance_uid,
         )
-        if volume.resampled or (any(volume.frames) and len(volume.sources) > 1):
+        if volume.resampled or not art.seg_can_reference(volume.headers, volume.frames):
             # A SEG references its source 1:1: slices that were interpolated cannot be
             # referenced, nor the frames of several multi-frame objects (one at most).
             wanted = wanted - {Output.SEG}

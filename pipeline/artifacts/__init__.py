@@ -15,7 +15,7 @@ from pipeline.artifacts.predictions import (
 )
 from pipeline.artifacts.report import write_classification_report, write_segmentation_report
 from pipeline.artifacts.sc import write_secondary_capture
-from pipeline.artifacts.seg import write_segmentation
+from pipeline.artifacts.seg import seg_can_reference, write_segmentation
 from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr, write_sr
 from pipeline.artifacts.write import write_classification_artifacts, write_segmentation_artifacts
 
@@ -25,6 +25,7 @@ __all__ = [
     "build_classification_sr",
     "build_predictions",
     "build_segmentation_sr",
+    "seg_can_reference",
     "validate_patient_id",
     "write_classification_artifacts",
     "write_classification_report",

@@ -153,12 +153,23 @@ def build_segmentation(
     return seg_ds
 
 
+def seg_can_reference(source_datasets: Sequence[Dataset],
+                      frames: Sequence[int | None]) -> bool:
+    """Whether a SEG can reference these slices (a header per slice, with the frame each
+    comes from) one to one: single-frame slices, or every frame of one multi-frame
+    object, which is all highdicom can pair with a SEG's frames."""
+    if not any(frames):
+        return True
+    sources = distinct(source_datasets)
+    count = int(sources[0].get("NumberOfFrames") or 1) if sources else 0
+    return len(sources) == 1 and sorted(f or 0 for f in frames) == list(range(1, count + 1))
+
+
 def _in_frame_order(mask: np.ndarray, frames: Sequence[int | None],
                     sources: Sequence[Dataset]) -> np.ndarray:
     """``mask``'s slices (in position order) put in the frame order of their multi-frame
     source: highdicom pairs the SEG's frames with the source's frames one to one."""
-    count = int(sources[0].get("NumberOfFrames") or 1)
-    if len(sources) != 1 or sorted(f or 0 for f in frames) != list(range(1, count + 1)):
+    if not seg_can_reference(sources, frames):
         raise ValueError("a SEG over multi-frame sources needs every frame of exactly one "
                          f"object; got {len(frames)} slice(s) of {len(sources)} object(s)")
     out = np.empty_like(mask)

@@ -567,9 +567,10 @@ def test_enhanced_ct_frames_are_the_slices(tmp_path: Path) -> None:
         assert (vol.spacing, vol.origin, vol.direction) == (
             single.spacing, single.origin, single.direction)
         assert vol.frames == [4, 3, 2, 1]  # the converter lists the highest first
-        assert vol.paths == [enhanced] * 4 and len(vol.sources) == 1
-        assert "PixelData" not in vol.sources[0]
-    assert single.frames == [None] * 4 and len(single.sources) == 4
+        assert vol.paths == [enhanced] * 4
+        assert all(h is vol.headers[0] for h in vol.headers)  # one object, one header
+        assert "PixelData" not in vol.headers[0]
+    assert single.frames == [None] * 4 and len({id(h) for h in single.headers}) == 4
     chosen = select_series([enhanced], SeriesRules(modalities=["CT"], min_instances=4))
     assert chosen.paths == [enhanced]
     with pytest.raises(SeriesError, match=r"1 instance\(s\), 4 frames\): 4 image"):
