@@ -290,9 +290,10 @@ class DropFolder:
                 batch = []
         if batch:
             loop.call_soon_threadsafe(self._events, batch, False)
-        if top == self.root:
+        if top == self.root and os.access(self.root, os.R_OK | os.X_OK):
             # Forget kept or refused files that are gone: a keep folder emptied by hand
-            # now and then would otherwise grow this for as long as the node runs.
+            # now and then would otherwise grow this for as long as the node runs. (Not
+            # after a walk of a folder that has gone away: all would be read again.)
             with self._lock:
                 for path in [p for p in self._handled if p not in seen]:
                     del self._handled[path]
