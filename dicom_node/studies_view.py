@@ -48,15 +48,25 @@ def _syntax(uid: str) -> str:
     return name if name and name != uid else uid
 
 
+def _size(series: list[SeriesRecord]) -> int:
+    """A study's bytes: the sum over its series."""
+    return sum(s.size_bytes for s in series)
+
+
+def _senders(series: list[SeriesRecord]) -> list[str]:
+    """Everyone who sent a study's instances, over its series, sorted."""
+    return sorted({x for s in series for x in s.senders})
+
+
 def _study_json(study: StudyRecord, series: list[SeriesRecord]) -> dict[str, Any]:
     return {
         "study_instance_uid": study.study_instance_uid, "patient_id": study.patient_id,
         "accession_number": study.accession_number, "study_date": study.study_date,
         "modalities": study.modalities, "series": len(series), "instances": study.instances,
-        "size_bytes": sum(s.size_bytes for s in series),
+        "size_bytes": _size(series),
         "first_received": study.created_at.isoformat(),
         "last_received": study.updated_at.isoformat(),
-        "senders": sorted({x for s in series for x in s.senders}),
+        "senders": _senders(series),
     }
 
 
@@ -76,13 +86,13 @@ def list_studies(store: Store, *, limit: int, patient_id: str | None, as_json: b
             if sys.stdout.isatty() else 100_000)  # whole UIDs when piped
     print(f"{head}STUDY UID")
     for study, series in rows:
-        senders = sorted({x for s in series for x in s.senders})
+        senders = _senders(series)
         sender = senders[0] + (f" +{len(senders) - 1}" if len(senders) > 1 else "")
         uid = study.study_instance_uid
         uid = uid if len(uid) <= room else uid[: room - 1] + "…"
         print(f"{_when(study.updated_at):20}  {study.patient_id[:16]:16}  "
               f"{'/'.join(study.modalities)[:8]:8}  {len(series):>3}  {study.instances:>5}  "
-              f"{size_text(sum(s.size_bytes for s in series)):>8}  {sender[:24]:24}  {uid}")
+              f"{size_text(_size(series)):>8}  {sender[:24]:24}  {uid}")
     return 0
 
 
@@ -124,7 +134,7 @@ def show_study(store: Store, ref: str, *, as_json: bool) -> int:
                          "created_at": j.created_at.isoformat()} for j in jobs]
         print(json.dumps(data, indent=2))
         return 0
-    size = size_text(sum(s.size_bytes for s in series))
+    size = size_text(_size(series))
     for key, value in (("study_instance_uid", study.study_instance_uid),
                        ("patient_id", study.patient_id),
                        ("accession_number", study.accession_number),
@@ -168,7 +178,7 @@ def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
               "part of a job); try again once it is complete", file=sys.stderr)
         return 1
     jobs = store.list_jobs(limit=1000, study_instance_uid=uid)
-    what = (f"{study.instances} instance(s), {size_text(sum(s.size_bytes for s in series))}, "
+    what = (f"{study.instances} instance(s), {size_text(_size(series))}, "
             f"of study {uid} (patient {study.patient_id or '?'})")
     if results and jobs:
         what += f" and the results of its {len(jobs)} job(s)"
