@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
@@ -24,6 +25,10 @@ __all__ = [
     "set_equipment",
     "set_series",
 ]
+
+UTF8 = "ISO_IR 192"  #: Specific Character Set of UTF-8
+#: ISO 2022 code extensions of multi-byte character sets (never the first value)
+_MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58")
 
 #: Patient module (and Patient Study module) attributes copied from the source.
 PATIENT_ATTRIBUTES: tuple[str, ...] = (
@@ -139,7 +144,9 @@ def for_highdicom(datasets: Sequence[Dataset]) -> list[Dataset]:
     ``1958-01-01``, a time like ``10:30:00`` or a sex like ``male`` raise, which
     failed the whole job. In the first, missing ones are set empty; dates, time and
     sex are rewritten to the DICOM form when they can be (``19580101``, ``103000``,
-    ``M``), else set empty. The others are passed as they are.
+    ``M``), else set empty. Its Specific Character Set, which highdicom copies into
+    the output, is put in a form highdicom takes (see :func:`_charset_for_highdicom`).
+    The others are passed as they are.
     """
     if not datasets:
         return []
@@ -154,12 +161,42 @@ def _conformant_copy(ds: Dataset) -> Dataset:
             fixed = _conformant(keyword, value)
             if fixed != str(value or ""):
                 changes[keyword] = fixed
-    if not changes:
+    charset = _charset_for_highdicom(ds.get("SpecificCharacterSet"))
+    if not changes and charset is None:
         return ds
     out = copy.deepcopy(ds)
+    if charset == UTF8:
+        out.decode()  # the values, read in the source's encoding, are written in UTF-8
+    if charset is not None:
+        out.SpecificCharacterSet = charset
     for keyword, value in changes.items():
         setattr(out, keyword, value)
     return out
+
+
+def _charset_for_highdicom(value: object) -> str | list[str] | None:
+    """The Specific Character Set to give highdicom in place of ``value``, or ``None``
+    when highdicom takes ``value`` as it is.
+
+    highdicom refuses the form Japanese and Korean modalities send most, ``\\ISO 2022
+    IR 87`` (an empty first value: ASCII, then code extensions), which failed the whole
+    job; it means the same as ``ISO 2022 IR 6\\ISO 2022 IR 87``, which it takes. A
+    value it does not know (a misspelled term, the Korean extension) becomes UTF-8,
+    the values decoded first so that nothing is lost.
+    """
+    if value is None or value == "":
+        return None
+    known = {v.value for v in SpecificCharacterSetValues}
+    if isinstance(value, str):
+        return None if value in known else UTF8
+    given = [str(v) for v in value]  # type: ignore[attr-defined]
+    terms = [t.strip() or "ISO 2022 IR 6" for t in given]
+    if len(terms) == 1:
+        return None if given[0] in known else UTF8
+    if all(t in known and t.startswith("ISO 2022") for t in terms) \
+            and terms[0] not in _MULTI_BYTE:
+        return None if terms == given else terms
+    return UTF8
 
 
 def info_texts(info: SeriesInfo) -> list[str]:
@@ -177,10 +214,10 @@ def declare_utf8_for(ds: Dataset, texts: Iterable[str]) -> None:
     "Lungenflügel" in Latin-1 undeclared, or "肝臓" as "??". The values copied from the
     source are decoded first, so that they are written again in UTF-8.
     """
-    if all(t.isascii() for t in texts) or ds.get("SpecificCharacterSet") == "ISO_IR 192":
+    if all(t.isascii() for t in texts) or ds.get("SpecificCharacterSet") == UTF8:
         return
     ds.decode()
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = UTF8
 
 
 def set_equipment(ds: Dataset, info: SeriesInfo) -> None:
@@ -210,7 +247,7 @@ def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) 
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = UTF8
     ds.SOPClassUID = UID(sop_class_uid)
     ds.SOPInstanceUID = UID(sop_instance_uid)
     ds.InstanceCreationDate = when.strftime("%Y%m%d")

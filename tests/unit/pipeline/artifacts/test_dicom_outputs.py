@@ -381,25 +381,58 @@ def test_names_that_are_not_ascii_make_the_seg_and_sr_utf8(
 
 
 @pytest.mark.parametrize("finding", ["Pleuraerguss (Flüssigkeit)", "Effusion"])
+@pytest.mark.parametrize(("charset", "name", "kept"), [
+    (["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎",
+     ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    # the form Japanese modalities send (an empty first value), which highdicom refused
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう",
+     ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+    # Korean: a code extension highdicom does not know, so the SR goes to UTF-8
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "ISO_IR 192"),
+    ("ISO_IR 100", "Müller^Jürgen", "ISO_IR 100"),
+])
 def test_a_source_in_another_character_set_keeps_its_names(
     tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult, finding: str,
+    charset: str | list[str], name: str, kept: str | list[str],
     dciodvfy: Callable[[Path], str],
 ) -> None:
-    """A Japanese source in ISO 2022 (JIS X 0208): with ASCII findings the SR keeps the
-    source's character set; with a finding name it cannot hold, the SR is UTF-8. Either
-    way the patient's name reads back as it was."""
-    dx_ds.SpecificCharacterSet = ["ISO 2022 IR 6", "ISO 2022 IR 87"]
-    dx_ds.PatientName = "Yamada^Tarou=山田^太郎"
+    """A source in ISO 2022 (Japanese, Korean) or Latin-1: with ASCII findings the SR
+    keeps the source's character set where highdicom takes it; with a finding name it
+    cannot hold, the SR is UTF-8. Either way the patient's name reads back as it was."""
+    dx_ds.SpecificCharacterSet = charset
+    dx_ds.PatientName = name
     source = tmp_path / "source.dcm"
     dx_ds.save_as(source, enforce_file_format=True)
     read = pydicom.dcmread(source)  # as the node has it: raw values in the source's encoding
+    before = read.SpecificCharacterSet
     findings = [dataclasses.replace(tb_result.findings[0], name=finding), *tb_result.findings[1:]]
     result = dataclasses.replace(tb_result, findings=findings)
     sr = read_back(write_sr(build_classification_sr(result, read, INFO), tmp_path / "sr.dcm"),
                    dciodvfy)
-    expected = "ISO_IR 192" if finding != "Effusion" else ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    expected = "ISO_IR 192" if finding != "Effusion" else kept
     assert sr.SpecificCharacterSet == expected
-    assert str(sr.PatientName) == "Yamada^Tarou=山田^太郎"
+    assert str(sr.PatientName) == name
+    assert read.SpecificCharacterSet == before  # the caller's dataset as it was
+
+
+def test_a_ct_in_japanese_iso_2022_gets_its_seg_and_sr(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """A CT series whose slices say ``\\ISO 2022 IR 87``: the SEG and the volumes SR are
+    written (highdicom refused that form, failing the job) with the patient's name."""
+    name = "Yamada^Tarou=山田^太郎"
+    for ds in ct_series:
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = name
+    art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
+    seg = read_back(art, dciodvfy)
+    assert seg.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert str(seg.PatientName) == name
+    sr = read_back(write_sr(build_segmentation_sr(seg_result, ct_series, INFO, seg_ds=seg_ds),
+                            tmp_path / "sr.dcm"), dciodvfy)
+    assert str(sr.PatientName) == name
+    assert ct_series[0].SpecificCharacterSet == ["", "ISO 2022 IR 87"]
 
 
 NON_CONFORMANT = {  # as some devices send them: value -> what the outputs carry
