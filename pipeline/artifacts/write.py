@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import glob
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -59,6 +61,35 @@ def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
         count=len(artifacts),
         duration_s=round(time.perf_counter() - started, 3),
     )
+
+
+@contextmanager
+def _nothing_if_failed(folder: Path, pid: str) -> Iterator[None]:
+    """When the block raises, remove the files it wrote in ``folder``: a failed run must
+    not leave a report or a DICOM object there that reads like a result. Files of
+    earlier runs that it did not replace stay."""
+    before = _stamps(folder, pid)
+    try:
+        yield
+    except BaseException:
+        # Every artifact is renamed into place (atomic_path): a new inode, a new mtime.
+        removed = [p for p, stamp in _stamps(folder, pid).items() if before.get(p) != stamp]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if removed:
+            log.info("artifacts.removed_after_failure", count=len(removed))
+        raise
+
+
+def _stamps(folder: Path, pid: str) -> dict[Path, tuple[int, int]]:
+    stamps = {}
+    for path in folder.glob(f"{glob.escape(pid)}_*"):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        stamps[path] = (st.st_ino, st.st_mtime_ns)
+    return stamps
 
 
 def _reports(
@@ -118,65 +149,66 @@ def write_classification_artifacts(
     wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
-    base = series or SeriesInfo()
-    generated = generated_at or utc_now()
-    abnormal = result.result != NORMAL
-    if abnormal and result.heatmap is None:
-        raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
-    artifacts: list[Artifact] = []
-    if not abnormal:
-        # A Normal result has no heatmap: drop one left by an earlier run of this patient.
-        for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
-            (folder / stale).unlink(missing_ok=True)
-    # Blended once for the heatmap PNG and the Secondary Capture (a full-size radiograph
-    # takes a while); the report draws its own at print size.
-    overlay = None
-    if abnormal and result.heatmap is not None and wanted & {
-        Output.PNG, Output.JSON, Output.SECONDARY_CAPTURE
-    }:
-        overlay = heatmap_overlay(result.image, result.heatmap)
-    source_path, heat_path = folder / f"{pid}_source_image.png", folder / f"{pid}_heatmap.png"
-    documents: list[Artifact] = []  # the PDF and the DICOM objects
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="artifact-png") as pool:
-        # PNG encoding runs without the interpreter lock: beside the report and DICOM.
-        pngs = []
-        if wanted & {Output.PNG, Output.JSON}:
-            pngs.append(pool.submit(contextvars.copy_context().run,
-                                    write_source_png, result, source_path))
-            if overlay is not None:
+    with _nothing_if_failed(folder, pid):
+        base = series or SeriesInfo()
+        generated = generated_at or utc_now()
+        abnormal = result.result != NORMAL
+        if abnormal and result.heatmap is None:
+            raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
+        artifacts: list[Artifact] = []
+        if not abnormal:
+            # A Normal result has no heatmap: drop one left by an earlier run of this patient.
+            for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
+                (folder / stale).unlink(missing_ok=True)
+        # Blended once for the heatmap PNG and the Secondary Capture (a full-size radiograph
+        # takes a while); the report draws its own at print size.
+        overlay = None
+        if abnormal and result.heatmap is not None and wanted & {
+            Output.PNG, Output.JSON, Output.SECONDARY_CAPTURE
+        }:
+            overlay = heatmap_overlay(result.image, result.heatmap)
+        source_path, heat_path = folder / f"{pid}_source_image.png", folder / f"{pid}_heatmap.png"
+        documents: list[Artifact] = []  # the PDF and the DICOM objects
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="artifact-png") as pool:
+            # PNG encoding runs without the interpreter lock: beside the report and DICOM.
+            pngs = []
+            if wanted & {Output.PNG, Output.JSON}:
                 pngs.append(pool.submit(contextvars.copy_context().run,
-                                        write_png, overlay, heat_path))
-        documents += _reports(
-            lambda path: write_classification_report(
-                result, study, path, generated_at=generated,
-                software=f"{base.manufacturer} {base.software_version}",
-            ),
-            wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
-        )
-        if Output.SR in wanted:
-            sr = build_classification_sr(
-                result, source_ds, _series(base, "sr"), finding_codes=finding_codes
+                                        write_source_png, result, source_path))
+                if overlay is not None:
+                    pngs.append(pool.submit(contextvars.copy_context().run,
+                                            write_png, overlay, heat_path))
+            documents += _reports(
+                lambda path: write_classification_report(
+                    result, study, path, generated_at=generated,
+                    software=f"{base.manufacturer} {base.software_version}",
+                ),
+                wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
             )
-            documents.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
-        if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
-            documents.append(
-                write_secondary_capture(
-                    overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                    encoding=sc,
+            if Output.SR in wanted:
+                sr = build_classification_sr(
+                    result, source_ds, _series(base, "sr"), finding_codes=finding_codes
+                )
+                documents.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+            if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
+                documents.append(
+                    write_secondary_capture(
+                        overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
+                        encoding=sc,
+                    )
+                )
+            artifacts += [png.result() for png in pngs]
+        if Output.JSON in wanted:
+            artifacts.append(
+                write_predictions_json(
+                    result,
+                    study,
+                    folder / f"{pid}_predictions.json",
+                    source_path,
+                    heat_path if overlay is not None else None,
                 )
             )
-        artifacts += [png.result() for png in pngs]
-    if Output.JSON in wanted:
-        artifacts.append(
-            write_predictions_json(
-                result,
-                study,
-                folder / f"{pid}_predictions.json",
-                source_path,
-                heat_path if overlay is not None else None,
-            )
-        )
-    artifacts += documents
+        artifacts += documents
     _log_done("classification", artifacts, started)
     return artifacts
 
@@ -210,52 +242,53 @@ def write_segmentation_artifacts(
     wanted = {Output(o) for o in outputs}
     pid = study.patient_id
     folder = patient_dir(out_dir, pid)
-    if not source_datasets:
-        raise ValueError("no source datasets")
-    first = source_datasets[0]
-    base = series or SeriesInfo()
-    generated = generated_at or utc_now()
-    artifacts: list[Artifact] = []
-    if Output.JSON in wanted:
-        artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
-    overlay = None  # drawn once for the PNG, the Secondary Capture and the report
-    if wanted & {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF}:
-        overlay = segmentation_overlay(result.volume, result.labels, result.segments)
-        if Output.PNG in wanted:
-            artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
-        if Output.SECONDARY_CAPTURE in wanted:
-            artifacts.append(
-                write_secondary_capture(
-                    overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                    encoding=sc,
+    with _nothing_if_failed(folder, pid):
+        if not source_datasets:
+            raise ValueError("no source datasets")
+        first = source_datasets[0]
+        base = series or SeriesInfo()
+        generated = generated_at or utc_now()
+        artifacts: list[Artifact] = []
+        if Output.JSON in wanted:
+            artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
+        overlay = None  # drawn once for the PNG, the Secondary Capture and the report
+        if wanted & {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF}:
+            overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+            if Output.PNG in wanted:
+                artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
+            if Output.SECONDARY_CAPTURE in wanted:
+                artifacts.append(
+                    write_secondary_capture(
+                        overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
+                        encoding=sc,
+                    )
                 )
+        artifacts += _reports(
+            lambda path: write_segmentation_report(
+                result, study, path, generated_at=generated,
+                software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
+            ),
+            wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
+            sources=distinct(source_datasets),
+        )
+        seg_ds = None
+        if Output.SEG in wanted:
+            seg_art, seg_ds = write_segmentation(
+                result,
+                source_datasets,
+                folder / f"{pid}_seg.dcm",
+                _series(base, "seg"),
+                codes_by_name=codes_by_name,
             )
-    artifacts += _reports(
-        lambda path: write_segmentation_report(
-            result, study, path, generated_at=generated,
-            software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
-        ),
-        wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
-        sources=distinct(source_datasets),
-    )
-    seg_ds = None
-    if Output.SEG in wanted:
-        seg_art, seg_ds = write_segmentation(
-            result,
-            source_datasets,
-            folder / f"{pid}_seg.dcm",
-            _series(base, "seg"),
-            codes_by_name=codes_by_name,
-        )
-        artifacts.append(seg_art)
-    if Output.SR in wanted:
-        sr = build_segmentation_sr(
-            result,
-            source_datasets,
-            _series(base, "sr"),
-            seg_ds=seg_ds,
-            codes_by_name=codes_by_name,
-        )
-        artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
+            artifacts.append(seg_art)
+        if Output.SR in wanted:
+            sr = build_segmentation_sr(
+                result,
+                source_datasets,
+                _series(base, "sr"),
+                seg_ds=seg_ds,
+                codes_by_name=codes_by_name,
+            )
+            artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
     _log_done("segmentation", artifacts, started)
     return artifacts

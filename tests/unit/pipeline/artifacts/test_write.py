@@ -254,3 +254,37 @@ def test_segmentation_overlay_is_drawn_once(
         {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF})
     assert len(calls) == 1
     assert {a.kind for a in arts} >= {"png", "pdf", "encapsulated_pdf"}
+
+
+def test_a_failed_write_leaves_none_of_its_files(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult,
+    ct_series: list[Dataset], seg_result: SegmentationResult,
+) -> None:
+    """A source the Encapsulated PDF cannot be made for (no Study Instance UID): the
+    PNGs and the PDF written before it are removed, so no report that reads like a
+    result is left beside a failed job."""
+    del dx_ds.StudyInstanceUID
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path / "cxr", ALL)
+    assert list((tmp_path / "cxr" / "PAT001").iterdir()) == []
+    broken = [ct_series[0].copy(), *ct_series[1:]]
+    del broken[0].StudyInstanceUID
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        write_segmentation_artifacts(seg_result, study, broken, tmp_path / "ct", ALL)
+    assert list((tmp_path / "ct" / "PAT001").iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_files_of_an_earlier_run_it_did_not_replace(
+    tmp_path: Path, dx_ds: Dataset, study: PatientStudy, tb_result: ClassificationResult,
+) -> None:
+    """The same patient's folder (a drop folder's output) holds an earlier run's
+    results: a run that fails removes what it wrote itself, nothing else."""
+    earlier = {a.path.name: a.path.stat().st_mtime_ns
+               for a in write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)}
+    del dx_ds.StudyInstanceUID  # fails at the Encapsulated PDF, after the PNGs and PDF
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
+    left = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "PAT001").iterdir()}
+    assert set(left) == {"PAT001_predictions.json", "PAT001_sr.dcm", "PAT001_sc.dcm",
+                         "PAT001_report.dcm"}
+    assert all(left[name] == earlier[name] for name in left)
