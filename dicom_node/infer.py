@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,7 @@ from dicom_node.errors import NodeError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from pipeline.io import SeriesError
     from pipeline.runner import RunOutput
     from pipeline.settings import PipelineSpec
 
@@ -148,12 +149,13 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
-    from pipeline.io import InputError, series_misfit
+    from pipeline.io import InputError
     from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 
     show = sys.stderr.isatty() if progress is None else progress
     specs = choose(settings, model)
-    studies, not_dicom = scan(paths, show)
+    with _warnings_as_lines():  # pydicom warns of odd values as it reads the headers
+        studies, not_dicom = scan(paths, show)
     say = (lambda text: print(text, file=sys.stderr)) if as_json else print
     if not_dicom:
         example = ", ".join(str(p) for p in not_dicom[:3])
@@ -166,17 +168,19 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     # Which pipeline runs which study: the named one always (it explains a misfit),
     # otherwise every pipeline whose series rules accept one of the study's series.
     tasks: list[tuple[Study, PipelineSpec]] = []
-    unsuited: list[tuple[Study, list[str]]] = []
+    unsuited: list[Study] = []
     for study in studies:
         headers = {str(p): ds for p, ds in study.headers.items()}
-        fits = [s for s in specs if model is not None or series_misfit(headers, s.series) is None]
+        misfits = {} if model is not None else {s.name: _misfit(headers, s) for s in specs}
+        fits = [s for s in specs if misfits.get(s.name) is None]
         if fits:
             tasks += [(study, s) for s in fits]
-        else:
-            unsuited.append((study, [s.name for s in specs]))
-    for study, names in unsuited:
+            continue
+        unsuited.append(study)
         say(f"study {study.uid} (patient {study.patient_id}, {len(study.headers)} file(s)): "
-            f"no series suits {' or '.join(names)}; nothing run")
+            f"no series suits {' or '.join(s.name for s in specs)}; nothing run")
+        for line in _why_unsuited(headers, specs, misfits):
+            say(f"    {line}")
     if not tasks:
         return 1
 
@@ -228,11 +232,37 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
             {"pipeline": o.pipeline, "study": o.study, "ok": o.ok, "output_dir": str(o.out_dir),
              **(o.result if o.ok else {"error": o.summary})} for o in outcomes],
             "skipped_files": [str(p) for p in not_dicom],
-            "unsuited_studies": [s.uid for s, _ in unsuited]}, indent=2))
+            "unsuited_studies": [s.uid for s in unsuited]}, indent=2))
     else:
         print(f"{len(outcomes) - len(failed)} result(s) under {out.resolve()}"
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
+
+
+def _misfit(headers: Mapping[str, Any], spec: PipelineSpec) -> SeriesError | None:
+    """Why no series of a study suits ``spec``, or None when one does."""
+    from pipeline.io import SeriesError, select_series
+
+    try:
+        select_series(headers, spec.series)
+    except SeriesError as exc:
+        return exc
+    return None
+
+
+def _why_unsuited(headers: Mapping[str, Any], specs: Sequence[PipelineSpec],
+                  misfits: Mapping[str, SeriesError | None]) -> list[str]:
+    """What keeps a study from the pipelines: the refused series of a modality one
+    takes (too few images, a scout, another body part), or else that none takes the
+    study's modalities."""
+    lines = [f"{name}: {reason}" for name, exc in misfits.items() if exc is not None
+             for reason in exc.near[:3]]
+    if lines or not misfits:
+        return lines
+    found = sorted({str(ds.get("Modality", "") or "?").upper() for ds in headers.values()})
+    takes = "; ".join(f"{s.name} takes {', '.join(s.series.modalities) or 'any'}"
+                      for s in specs)
+    return [f"no pipeline takes {', '.join(found)} ({takes})"]
 
 
 @contextlib.contextmanager

@@ -125,7 +125,17 @@ class ImageSizeError(InputError):
 
 
 class SeriesError(InputError):
-    """A series cannot form a volume, or no series of a study matches the rules."""
+    """A series cannot form a volume, or no series of a study matches the rules.
+
+    ``near`` (from :func:`select_series`): the study's series of a modality the rules
+    take, each with why it was refused ("series 1.2.3 (CT, 1 instance(s)): 1 image(s),
+    fewer than the 8 required"); empty when no series was of such a modality.
+    """
+
+    def __init__(self, message: str, *, path: str | PathLike[str] | None = None,
+                 near: Sequence[str] = ()) -> None:
+        super().__init__(message, path=path)
+        self.near = list(near)
 
 
 # --------------------------------------------------------------------------- results
@@ -1037,6 +1047,7 @@ def select_series(
     sop_classes = set(rules.sop_class_uids)
     body_parts = {b.upper() for b in rules.body_parts}
     rejected: dict[str, str] = {}
+    near: list[str] = []  # refusals of series of a modality the rules take
     ranked: list[tuple[tuple[int, ...], str]] = []
     for uid, members in groups.items():
         first = members[0][1]
@@ -1077,6 +1088,8 @@ def select_series(
                 ranked.append((key, uid))
         if reason:
             rejected[uid] = f"{label}: {reason}"
+            if not (modalities and modality not in modalities):
+                near.append(rejected[uid])
     if not ranked:
         details = list(rejected.values()) + problems
         wanted = (
@@ -1086,7 +1099,8 @@ def select_series(
         )
         raise SeriesError(
             f"no series matches the model's rules ({wanted}); "
-            + ("; ".join(details) if details else "no instances were given")
+            + ("; ".join(details) if details else "no instances were given"),
+            near=near,
         )
     ranked.sort(key=lambda r: r[0], reverse=True)
     best = ranked[0][1]

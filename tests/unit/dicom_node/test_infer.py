@@ -151,3 +151,21 @@ def test_odd_values_in_a_file_warn_in_one_line_and_run(tmp_path: Path) -> None:
     assert "1 result(s)" in done.stdout
     assert "warning: The string \"John Doe\" is unlikely" in done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
+
+
+def test_a_study_no_pipeline_suits_says_what_keeps_it_out(tmp_path: Path) -> None:
+    """Without --model: a CT of two slices is named with its reason (too few for
+    ct-organs), an MR with the modalities the pipelines take."""
+    for i, name in enumerate(sorted((SAMPLES / "ct" / "abdomen").iterdir())[:2]):
+        shutil.copy(name, tmp_path / f"ct{i}.dcm")
+    mr = pydicom.dcmread(SAMPLES / "cxr" / "normal.dcm")
+    mr.Modality, mr.StudyInstanceUID = "MR", generate_uid()
+    mr.save_as(tmp_path / "mr.dcm")
+    done = infer(str(tmp_path), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    ct = lines.index(next(line for line in lines if "(patient SAMPLE-CT" in line))
+    assert "no series suits cxr-findings or ct-organs; nothing run" in lines[ct]
+    assert lines[ct + 1].strip().startswith("ct-organs: series ")
+    assert "2 image(s), fewer than the" in lines[ct + 1]
+    assert "no pipeline takes MR (cxr-findings takes CR, DX; ct-organs takes CT)" in done.stdout
