@@ -146,6 +146,12 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
               progress: bool | None = None) -> int:
     """The ``infer`` command; returns the exit code (0 all ran, 1 a failure or nothing
     to run). Raises UsageError for a bad ``--model`` or path."""
+    with _warnings_as_lines():  # pydicom's about odd values, wherever a header is read
+        return _run_infer(settings, paths, model, out, device, as_json, progress)
+
+
+def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out: Path,
+               device: str | None, as_json: bool, progress: bool | None) -> int:
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
@@ -154,8 +160,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
 
     show = sys.stderr.isatty() if progress is None else progress
     specs = choose(settings, model)
-    with _warnings_as_lines():  # pydicom warns of odd values as it reads the headers
-        studies, not_dicom = scan(paths, show)
+    studies, not_dicom = scan(paths, show)
     say = (lambda text: print(text, file=sys.stderr)) if as_json else print
     if not_dicom:
         example = ", ".join(str(p) for p in not_dicom[:3])
@@ -197,7 +202,7 @@ def run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out:
     per_patient: dict[tuple[str, str], int] = defaultdict(int)
     for study, spec in tasks:
         per_patient[(spec.name, folder_ids[study.uid] or study.patient_id)] += 1
-    with contextlib.closing(runner), _warnings_as_lines():
+    with contextlib.closing(runner):
         bar = tqdm(tasks, desc="running", unit="study", disable=not show)
         for study, spec in bar:
             bar.set_postfix_str(spec.name)

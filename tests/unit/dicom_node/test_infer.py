@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 SAMPLES = Path(__file__).resolve().parents[3] / "samples"
@@ -151,6 +153,21 @@ def test_odd_values_in_a_file_warn_in_one_line_and_run(tmp_path: Path) -> None:
     assert "1 result(s)" in done.stdout
     assert "warning: The string \"John Doe\" is unlikely" in done.stderr
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
+
+
+def test_a_value_pydicom_cannot_read_warns_in_one_line_and_fails_clearly(
+        tmp_path: Path) -> None:
+    """Number of Frames '1A' (as in pydicom's badVR.dcm): read while the series are
+    chosen, before any run, it warns in one line; the run fails saying why."""
+    ds = pydicom.dcmread(SAMPLES / "cxr" / "normal.dcm")
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    ds.save_as(tmp_path / "odd.dcm")  # written raw: pydicom refuses to set it
+    for model in (["--model", "cxr-findings"], []):
+        done = infer("odd.dcm", *model, "--out", "o", cwd=tmp_path)
+        assert done.returncode == 1
+        assert "warning: Invalid value for VR IS: '1A'" in done.stderr
+        assert "cannot decode the pixel data" in done.stderr
+        assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
 
 
 def test_a_study_no_pipeline_suits_says_what_keeps_it_out(tmp_path: Path) -> None:
