@@ -289,6 +289,7 @@ def _open_store(settings: Settings) -> Any:
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.store import JobState
+    from dicom_node.studies_view import clip, column_width
 
     store = _open_store(settings)
     try:
@@ -302,17 +303,18 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             if not rows:
                 print("no jobs")
                 return 0
-            head = (f"{'JOB ID':36}  {'STATE':10}  {'PRI':>3}  {'TRY':>3}  {'PIPELINE':16}  "
-                    f"{'CREATED':20}  ")
+            pipe_w = column_width("PIPELINE", (job.pipeline for job in rows), 32)
+            head = (f"{'JOB ID':36}  {'STATE':10}  {'PRI':>3}  {'TRY':>3}  "
+                    f"{'PIPELINE':{pipe_w}}  {'CREATED':20}  ")
             # Clipped to a terminal's width; whole when piped (grep, less -S).
             room = (max(30, shutil.get_terminal_size().columns - len(head))
                     if sys.stdout.isatty() else 100_000)
             print(f"{head}OUTCOME")
             for job in rows:
                 print(f"{job.id:36}  {job.state.value:10}  {job.priority:>3}  "
-                      f"{job.attempts:>3}  {job.pipeline[:16]:16}  "
+                      f"{job.attempts:>3}  {clip(job.pipeline, pipe_w):{pipe_w}}  "
                       f"{job.created_at:%Y-%m-%d %H:%M:%S}Z  "
-                      f"{_clip(_outcome(job), room)}".rstrip())
+                      f"{clip(_outcome(job), room)}".rstrip())
             return 0
         job_id = args.job_id
         if args.jobs_command == "show":
@@ -372,10 +374,6 @@ def _outcome(job: Any) -> str:
         return f"{result['artifacts']} artifacts" + (f", {exports} exports" if exports else "")
     return ""
 
-
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _job_json(job: Any) -> dict[str, Any]:

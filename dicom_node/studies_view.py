@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +22,8 @@ from dicom_node.config import Settings
 from dicom_node.errors import Conflict, NotFound
 from dicom_node.store import SeriesRecord, Store, StudyRecord
 
-__all__ = ["delete_study", "find_study", "list_studies", "show_study", "size_text"]
+__all__ = ["clip", "column_width", "delete_study", "find_study", "list_studies", "show_study",
+           "size_text"]
 
 
 def size_text(n: int) -> str:
@@ -32,6 +34,18 @@ def size_text(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` with an ellipsis that says it was cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def column_width(head: str, values: Iterable[str], most: int) -> int:
+    """A table column as wide as its longest value (or its heading), ``most`` at most:
+    identifiers are shown whole where they fit, and cut visibly where they do not."""
+    return min(most, max([len(head), *(len(v) for v in values)]))
 
 
 def _when(value: datetime | None) -> str:
@@ -80,19 +94,22 @@ def list_studies(store: Store, *, limit: int, patient_id: str | None, as_json: b
     if not rows:
         print("no studies" + (f" of patient {patient_id!r}" if patient_id else ""))
         return 0
-    head = (f"{'LAST RECEIVED':20}  {'PATIENT ID':16}  {'MODALITY':8}  {'SER':>3}  "
-            f"{'INST':>5}  {'SIZE':>8}  {'FROM':24}  ")
+    senders = []
+    for _, series in rows:
+        names = _senders(series)
+        senders.append(names[0] + (f" +{len(names) - 1}" if len(names) > 1 else ""))
+    pid_w = column_width("PATIENT ID", (s.patient_id for s, _ in rows), 32)
+    from_w = column_width("FROM", senders, 36)
+    head = (f"{'LAST RECEIVED':20}  {'PATIENT ID':{pid_w}}  {'MODALITY':8}  {'SER':>3}  "
+            f"{'INST':>5}  {'SIZE':>8}  {'FROM':{from_w}}  ")
     room = (max(20, shutil.get_terminal_size().columns - len(head))
             if sys.stdout.isatty() else 100_000)  # whole UIDs when piped
     print(f"{head}STUDY UID")
-    for study, series in rows:
-        senders = _senders(series)
-        sender = senders[0] + (f" +{len(senders) - 1}" if len(senders) > 1 else "")
-        uid = study.study_instance_uid
-        uid = uid if len(uid) <= room else uid[: room - 1] + "…"
-        print(f"{_when(study.updated_at):20}  {study.patient_id[:16]:16}  "
-              f"{'/'.join(study.modalities)[:8]:8}  {len(series):>3}  {study.instances:>5}  "
-              f"{size_text(_size(series)):>8}  {sender[:24]:24}  {uid}")
+    for (study, series), sender in zip(rows, senders, strict=True):
+        print(f"{_when(study.updated_at):20}  {clip(study.patient_id, pid_w):{pid_w}}  "
+              f"{clip('/'.join(study.modalities), 8):8}  {len(series):>3}  "
+              f"{study.instances:>5}  {size_text(_size(series)):>8}  "
+              f"{clip(sender, from_w):{from_w}}  {clip(study.study_instance_uid, room)}")
     return 0
 
 

@@ -51,6 +51,25 @@ def test_list_shows_what_arrived_newest_first(data: Path, capsys: pytest.Capture
                                  "DICOMNODE", STUDY]
 
 
+def test_list_shows_long_patient_ids_whole_and_cuts_only_what_cannot_fit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A patient ID of 27 characters is shown whole (it was cut to 16, silently, and
+    then matched nothing in --patient); one of 64 is cut with an ellipsis."""
+    store = _store(tmp_path / "data")
+    for n, pid in enumerate(["SAMPLE-CXR-PLEURAL-EFFUSION", "P" * 64]):
+        store.record_instance(InstanceRecord(
+            sop_instance_uid=f"{STUDY}.{n}", sop_class_uid="1.2", study_instance_uid=f"{STUDY}{n}",
+            series_instance_uid=f"{STUDY}.{n}.1", path=Path(f"/x/{n}"), size_bytes=1,
+            source="dimse", patient_id=pid, modality="CR", called_ae="DICOMNODE",
+            calling_ae="A_MODALITY_WITH_16"))
+    store.close()
+    assert main(["studies", "list", "--data-dir", str(tmp_path / "data")]) == 0
+    _, longest, long_id = capsys.readouterr().out.splitlines()
+    assert longest.split()[2] == "P" * 31 + "…"
+    assert long_id.split()[2] == "SAMPLE-CXR-PLEURAL-EFFUSION"
+    assert "A_MODALITY_WITH_16 -> DICOMNODE" in long_id
+
+
 def test_list_filters_by_patient_and_speaks_json(data: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["studies", "list", "--patient", "PAT-7", "--json", "--data-dir",

@@ -1,0 +1,30 @@
+"""``dicom-node jobs list`` on a store with jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.store import NewJob, Store
+
+
+def test_list_shows_long_pipeline_names_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pipeline names longer than 16 characters were cut silently, so two pipelines
+    that start alike read the same; now they are whole (an ellipsis past 32)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(f"sqlite:///{data / 'node.db'}").open()
+    names = ["chest-xray-findings-v2", "chest-xray-findings-v3", "c" * 40]
+    for name in names:
+        store.create_job(NewJob(pipeline=name, study_instance_uid="1.2.3"))
+    store.close()
+    assert main(["jobs", "list", "--data-dir", str(data)]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head.split()[:6] == ["JOB", "ID", "STATE", "PRI", "TRY", "PIPELINE"]
+    shown = sorted(row.split()[4] for row in rows)
+    assert shown == sorted(["chest-xray-findings-v2", "chest-xray-findings-v3",
+                            "c" * 31 + "…"])
+    assert all(row.split()[1] == "queued" for row in rows)
