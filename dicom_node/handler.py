@@ -129,6 +129,13 @@ class NodeHandler:
                     ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
                     skipped.append({"study": study, "reason": reason})
                     continue
+                if reason is not None and self._rest_of_study_is_read(job, study, files):
+                    # A late part of a study whose images came in another group: a CT's
+                    # dose report, a key object or the node's own results sent back.
+                    ctx.log.info("study skipped: a part no pipeline reads", study_uid=study)
+                    skipped.append({"study": study, "reason": "the rest of the study came "
+                                    f"in another group; this part: {reason}"})
+                    continue
                 if reason is not None:
                     # Nothing this intake runs can read it (an SR, an RT plan, a modality
                     # no pipeline takes): a failure a person should see, not a skip.
@@ -159,6 +166,22 @@ class NodeHandler:
         if results:
             ctx.result["output_dir"] = str(out_dir)
         return produced
+
+    def _rest_of_study_is_read(self, job: Job, study: str, files: list[Any]) -> bool:
+        """Whether ``study`` with its instances that the node received in other groups
+        suits a pipeline of the job's intake (its own included)."""
+        from pipeline.io import series_misfit
+
+        ours = set(job.input.get("instances", []))
+        held = [Path(r.path) for r in self.store.instances_of(study)
+                if r.sop_instance_uid not in ours and Path(r.path).is_file()]
+        if not held:
+            return False
+        whole = [*files, *_headers(held)]
+        pipelines = self.runner.pipelines
+        names = job.input.get("intake_pipelines") or [job.pipeline]
+        return any(series_misfit(whole, spec.series) is None
+                   for name in names if (spec := pipelines.get(name)) is not None)
 
     # -- export --------------------------------------------------------------------------
 

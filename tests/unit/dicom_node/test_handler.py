@@ -90,7 +90,7 @@ async def test_two_studies_of_one_patient_keep_their_own_results(tmp_path: Path)
     assert not (results / "P1").exists()  # several studies: no shared folder
 
 
-def _basic_text_sr(path: Path) -> Path:
+def _basic_text_sr(path: Path, study: str | None = None) -> Path:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -99,7 +99,7 @@ def _basic_text_sr(path: Path) -> Path:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = BasicTextSRStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), generate_uid()
     ds.Modality, ds.PatientID, ds.PatientName = "SR", "P9", "Test^Report"
     ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
     ds.save_as(path, enforce_file_format=True)
@@ -132,6 +132,41 @@ async def test_a_pushed_study_no_pipeline_of_the_intake_can_read_fails(tmp_path:
     assert failed.error is not None and sr.study_instance_uid in failed.error
     assert "SR" in failed.error and "CR" in failed.error  # what it is, what would do
     assert ok.state is JobState.SUCCEEDED, ok.error
+
+
+async def test_a_late_part_of_a_study_that_ran_is_skipped_not_failed(tmp_path: Path) -> None:
+    """A radiograph, then in another association an SR of the same study (a dose
+    report, the node's own results sent back by the PACS): the SR's job is skipped
+    with the reason, not failed, since the study's image came in another group. An SR
+    of a study the node holds no image of still fails."""
+    settings = _settings(tmp_path, [CXR])
+    async with running_node(settings) as node:
+        assert node.store is not None and node.scheduler is not None
+        cr_src = write_dicom(make_cxr_phantom(4, size=64), tmp_path / "cr.dcm",
+                             patient_id="P4", modality="CR")
+        cr = node.instance_writer().write(cr_src, called_ae="DICOMNODE", calling_ae="CR1",
+                                          association_id=0)
+        late = node.instance_writer().write(
+            _basic_text_sr(tmp_path / "late.dcm", cr.study_instance_uid),
+            called_ae="DICOMNODE", calling_ae="PACS", association_id=1)
+        alone = node.instance_writer().write(_basic_text_sr(tmp_path / "alone.dcm"),
+                                             called_ae="DICOMNODE", calling_ae="RIS",
+                                             association_id=2)
+        jobs = []
+        for got in (cr, late, alone):  # as the assembler queues pushed groups
+            jobs.append(await _finished(node, await node.scheduler.submit(NewJob(
+                pipeline="cxr", kind="dimse", study_instance_uid=got.study_instance_uid,
+                input={"instances": [got.sop_instance_uid],
+                       "study_instance_uid": got.study_instance_uid,
+                       "intake_pipelines": ["cxr"]}))))
+    ran, skipped, failed = jobs
+    assert ran.state is JobState.SUCCEEDED and ran.result and ran.result["results"]
+    assert skipped.state is JobState.SUCCEEDED, skipped.error
+    assert skipped.result is not None and not skipped.result["results"]
+    assert skipped.result["outcome"].startswith(
+        "skipped: the rest of the study came in another group; this part: ")
+    assert "(SR, 1 instance(s))" in skipped.result["outcome"]
+    assert failed.state is JobState.FAILED and "SR" in (failed.error or "")
 
 
 async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
