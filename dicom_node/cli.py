@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from dicom_node.infer import UsageError
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool cut off by `head`
 
 _EPILOG = """\
 examples:
@@ -198,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    except BrokenPipeError:
+        # The reader went away (`dicom-node jobs list | head`): stop quietly, as Unix
+        # tools do; what Python would flush at exit goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG
 

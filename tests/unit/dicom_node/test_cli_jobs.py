@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,23 @@ def test_list_shows_long_pipeline_names_whole(
     assert shown == sorted(["chest-xray-findings-v2", "chest-xray-findings-v3",
                             "c" * 31 + "…"])
     assert all(row.split()[1] == "queued" for row in rows)
+
+
+def test_a_listing_cut_off_by_head_ends_quietly(tmp_path: Path) -> None:
+    """`dicom-node jobs list | head -1`: the reader goes away after one line; the
+    command ends with SIGPIPE's status and no traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(f"sqlite:///{data / 'node.db'}").open()
+    for n in range(1500):  # more than a pipe holds, so that a write meets the closed end
+        store.create_job(NewJob(pipeline=f"pipeline-{n}", study_instance_uid="1.2.3"))
+    store.close()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dicom-node"), "jobs", "list", "--data-dir",
+         str(data), "--limit", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"JOB ID")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
