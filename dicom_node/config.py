@@ -2,8 +2,9 @@
 
 Loading order (later wins): built-in defaults, the YAML file, ``DICOM_NODE_…``
 environment variables (``__`` separates nested keys, e.g.
-``DICOM_NODE_DIMSE__PORT=11113``), then CLI overrides. Every problem is raised
-as one :class:`ConfigError` naming the file, the key path and what is wrong.
+``DICOM_NODE_DIMSE__PORT=11113``), then CLI overrides. The problems are raised
+together as one :class:`ConfigError`, each naming the file, the key path and what is
+wrong (an unknown key with the one meant, when it is close).
 
 Relative paths inside the settings are relative to ``storage.data_dir``, so
 moving the data directory moves the store, the studies, the results and the
@@ -12,8 +13,11 @@ drop folder together.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -33,14 +37,18 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class ConfigError(Exception):
-    """A setting is wrong; the message names the file and the key path."""
+    """A setting is wrong; the message names the file and the key path, one line per
+    problem (``more``: those after the first)."""
 
-    def __init__(self, source: str, key: str, problem: str) -> None:
+    def __init__(self, source: str, key: str, problem: str,
+                 more: Sequence[tuple[str, str]] = ()) -> None:
         self.source = source
         self.key = key
         self.problem = problem
-        where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {problem}")
+        self.more = list(more)
+        lines = [f"{source}: {k}: {p}" if k else f"{source}: {p}"
+                 for k, p in [(key, problem), *self.more]]
+        super().__init__("\n".join(lines))
 
 
 class _Section(BaseModel):
@@ -469,19 +477,61 @@ def load_settings(
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        if isinstance(err.get("ctx", {}).get("error"), _KeyedError):
-            ke: _KeyedError = err["ctx"]["error"]
-            raise ConfigError(source, ke.key, ke.problem) from None
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        raise ConfigError(source, key, msg) from None
+        problems = [_problem(err) for err in exc.errors()]
+        raise ConfigError(source, *problems[0], more=problems[1:]) from None
     _check_files(settings, source)
     return settings
+
+
+def _problem(err: Any) -> tuple[str, str]:
+    """A pydantic error as (key path, what a person should read)."""
+    loc = tuple(err["loc"])
+    error = err.get("ctx", {}).get("error")
+    if isinstance(error, _KeyedError):
+        return error.key, error.problem
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        return key, "unknown key" + _hint(loc)
+    if err["type"] == "missing":
+        return key, "required key is missing"
+    return key, err["msg"]
+
+
+def _hint(loc: tuple[Any, ...]) -> str:
+    """What an unknown key at ``loc`` may have meant: a close known key of its section,
+    or the top-level section it is when put inside another."""
+    name = str(loc[-1])
+    if len(loc) > 1 and name in Settings.model_fields:
+        return f" ('{name}' is a top-level section)"
+    known = _keys_at(loc[:-1])
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known here: {', '.join(known)})" if known else ""
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the settings section at ``loc`` takes (list positions skipped); empty
+    when ``loc`` does not lead to a section."""
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_in(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings section an annotation holds (``X``, ``list[X]``, ``X | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _section_in(arg)) is not None:
+            return found
+    return None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.config import ConfigError, Settings, default_config_path, load_settings
+from dicom_node.config import (
+    ConfigError,
+    Settings,
+    StorageSettings,
+    default_config_path,
+    load_settings,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -97,6 +103,31 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, problem: 
     message = str(info.value)
     assert message.startswith(str(cfg)), message
     assert key in message and problem in message, message
+
+
+def test_every_problem_is_named_at_once_with_the_key_meant(tmp_path: Path) -> None:
+    """A first configuration with several slips: each is a line, an unknown key comes
+    with the close one it may mean, and a top-level section put inside another says so
+    (it was one problem at a time, 'unknown key' alone)."""
+    cfg = write(tmp_path, "dimse:\n  ae_titles: []\nae_titles:\n  - title: CT_AI\n"
+                          "    timeout: 10\ndestinations:\n  - {name: pacs, type: dimse, "
+                          "ae_title: PACS, host: h, port: 4242x}\nstorage:\n  colour: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    lines = str(info.value).splitlines()
+    assert all(line.startswith(f"{cfg}: ") for line in lines)
+    problems = {line[len(f"{cfg}: "):] for line in lines}
+    assert problems == {
+        "dimse.ae_titles: unknown key ('ae_titles' is a top-level section)",
+        "ae_titles.0.ae_title: required key is missing",
+        "ae_titles.0.title: unknown key (did you mean 'ae_title'?)",
+        "ae_titles.0.timeout: unknown key (did you mean 'timeout_s'?)",
+        "destinations.0.port: Input should be a valid integer, unable to parse string as "
+        "an integer",
+        "storage.colour: unknown key (known here: " + ", ".join(StorageSettings.model_fields)
+        + ")",
+    }
+    assert len(info.value.more) == 5  # the first is info.value.key and .problem
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
