@@ -277,6 +277,9 @@ class Assembler:
             # every pipeline this intake feeds the group to: a job whose pipeline cannot
             # read the study fails only when none of them can (else it skips it)
             "intake_pipelines": list(policy.pipelines),
+            # how long the intake waits for more of a group: how long a study that
+            # stopped arriving may still be completed by another group
+            "group_timeout_s": policy.timeout_s,
         }
         if group.series_instance_uid is not None:
             payload["series_instance_uid"] = group.series_instance_uid

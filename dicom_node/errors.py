@@ -23,6 +23,15 @@ class PermanentJobError(NodeError):
     """A job cannot succeed as it is (bad input, unknown pipeline): fail it, do not retry."""
 
 
+class DeferJob(NodeError):
+    """A job cannot tell yet what to do (a study is still arriving): queue it again to
+    run after ``delay_s``; the attempt does not count towards the retries."""
+
+    def __init__(self, message: str, delay_s: float) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
 class JobCancelled(NodeError):
     """Raised inside a job when its cancellation was requested."""
 

@@ -18,14 +18,15 @@ import base64
 import contextlib
 import re
 from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import DestinationSettings, Settings
-from dicom_node.errors import PermanentJobError
+from dicom_node.errors import DeferJob, PermanentJobError
 from dicom_node.export import Exporter
 from dicom_node.scheduler import ExportOutcome, JobContext
-from dicom_node.store import Job, Store
+from dicom_node.store import Job, Store, utcnow
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
@@ -136,6 +137,11 @@ class NodeHandler:
                     skipped.append({"study": study, "reason": "the rest of the study came "
                                     f"in another group; this part: {reason}"})
                     continue
+                if reason is not None and (wait := self._arriving_for(job, study)):
+                    # A scout sent before the axial series, in its own association: what
+                    # comes next decides between a skip and a failure.
+                    raise DeferJob(f"study {study} is still arriving; this part: {reason}",
+                                   delay_s=wait)
                 if reason is not None:
                     # Nothing this intake runs can read it (an SR, an RT plan, a modality
                     # no pipeline takes): a failure a person should see, not a skip.
@@ -183,6 +189,17 @@ class NodeHandler:
         return any(series_misfit(whole, spec.series) is None
                    for name in names if (spec := pipelines.get(name)) is not None)
 
+    def _arriving_for(self, job: Job, study: str) -> float:
+        """How long to wait before ``study`` has been quiet for its intake's group
+        timeout (a later group may still complete it); 0 when it has, or when the job
+        has waited long enough."""
+        last = self.store.study_last_received(study)
+        if last is None or utcnow() - job.created_at > MAX_WAIT_FOR_STUDY:
+            return 0.0
+        quiet_s = float(job.input.get("group_timeout_s", 5.0))
+        left = quiet_s - (utcnow() - last).total_seconds()
+        return left + 0.5 if left > 0 else 0.0
+
     # -- export --------------------------------------------------------------------------
 
     def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
@@ -212,6 +229,9 @@ class NodeHandler:
         outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
         return outcome
 
+
+# A pushed part no pipeline reads waits at most this long for the rest of its study.
+MAX_WAIT_FOR_STUDY = timedelta(minutes=10)
 
 # Jobs made by the assembler for whatever arrived, as opposed to requests naming a pipeline.
 PUSHED_KINDS = frozenset({"dimse", "watch", "stow"})

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dicom_node.config import ExecutorSettings
-from dicom_node.errors import JobCancelled, NotFound, PermanentJobError
+from dicom_node.errors import DeferJob, JobCancelled, NotFound, PermanentJobError
 from dicom_node.logs import get_logger
 from dicom_node.memory import release_free_memory
 from dicom_node.store import (
@@ -392,6 +392,14 @@ class Scheduler:
             return
         except PermanentJobError as exc:
             await self._finish(job, JobState.FAILED, str(exc), log, result=ctx.result or None)
+            return
+        except DeferJob as exc:
+            when = utcnow() + timedelta(seconds=exc.delay_s)
+            await asyncio.to_thread(self.store.transition, job.id, JobState.QUEUED,
+                                    token=job.lease_token, message=str(exc), not_before=when,
+                                    uncount_attempt=True)
+            log.info("job deferred", reason=str(exc), run_in_s=round(exc.delay_s, 1))
+            self.notify()
             return
         except Exception as exc:
             if ctx.cancelled.is_set() and (await asyncio.to_thread(

@@ -773,6 +773,14 @@ class Store:
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
 
+    def study_last_received(self, study_instance_uid: str) -> datetime | None:
+        """When the node last received an instance of the study (None: holds none)."""
+        q = sa.select(studies.c.updated_at).where(
+            studies.c.study_instance_uid == study_instance_uid)
+        with self.engine.connect() as conn:
+            value: datetime | None = conn.execute(q).scalar()  # the column's type makes it UTC
+        return value
+
     def study_activity(self, study_instance_uid: str) -> tuple[list[str], int]:
         """What still needs a study: the ids of its jobs that are not final, and how many
         of its instances still wait to become a job (it is still arriving)."""
@@ -1066,9 +1074,11 @@ class Store:
         message: str | None = None,
         result: dict[str, Any] | None = None,
         not_before: datetime | None = None,
+        uncount_attempt: bool = False,
     ) -> bool:
         """Move a job to ``to``; with ``token`` only if the caller still holds its lease.
 
+        ``uncount_attempt``: the attempt that ends here does not count (a deferral).
         Returns False (and changes nothing) when the lease was lost, e.g. the job was
         re-queued after a shutdown grace period.
         """
@@ -1083,6 +1093,8 @@ class Store:
             values["error"] = message
         if result is not None:
             values["result"] = result
+        if uncount_attempt:
+            values["attempts"] = jobs.c.attempts - 1
         with self._begin() as conn:
             if to is JobState.SUCCEEDED:
                 # A succeeded job never runs again: the credentials a request gave for

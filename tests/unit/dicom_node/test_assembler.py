@@ -64,7 +64,8 @@ async def test_release_completes_the_study_one_job_per_pipeline() -> None:
     assert job.kind == "dimse" and job.study_instance_uid == "1.2.3"
     assert job.called_ae == "AI" and job.calling_ae == "CT1"
     assert job.input == {"instances": [f"1.2.3.9.{i}" for i in range(4)],
-                         "study_instance_uid": "1.2.3", "intake_pipelines": ["p1", "p2"]}
+                         "study_instance_uid": "1.2.3", "intake_pipelines": ["p1", "p2"],
+                         "group_timeout_s": 30.0}
 
 
 async def test_timeout_completes_without_release() -> None:
@@ -209,7 +210,8 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
     assert job.pipeline == "p2" and job.called_ae is None and job.calling_ae is None
     assert job.input == {"instances": ["1.2.3.9.1", "1.2.3.9.2"], "study_instance_uid": "1.2.3",
                          "series_instance_uid": "1.2.3.1", "output_dir": "/out/cd",
-                         "destinations": [], "watch": "cd", "intake_pipelines": ["p2"]}
+                         "destinations": [], "watch": "cd", "intake_pipelines": ["p2"],
+                         "group_timeout_s": 0.2}
     assert [g.watch for g in queued] == ["cd"] and queued[0].reason == "timeout"
 
 

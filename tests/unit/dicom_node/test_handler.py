@@ -169,6 +169,52 @@ async def test_a_late_part_of_a_study_that_ran_is_skipped_not_failed(tmp_path: P
     assert failed.state is JobState.FAILED and "SR" in (failed.error or "")
 
 
+async def test_a_scout_sent_before_its_series_waits_for_it_and_is_skipped(
+        tmp_path: Path) -> None:
+    """A modality sends the scout in one association and the series in the next: the
+    scout's job (no pipeline reads a localizer) waits while the study is arriving,
+    then is skipped once the series came, instead of failing a job per exam. The
+    wait does not count as an attempt."""
+    import pydicom
+
+    settings = _settings(tmp_path, [CXR])
+    async with running_node(settings) as node:
+        assert node.store is not None and node.scheduler is not None
+        image = write_dicom(make_cxr_phantom(5, size=64), tmp_path / "cr.dcm",
+                            patient_id="P5", modality="CR")
+        scout = pydicom.dcmread(image)
+        scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        scout.SeriesInstanceUID = scout.SeriesInstanceUID + ".1"
+        scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = \
+            scout.SOPInstanceUID + ".1"
+        scout.save_as(tmp_path / "scout.dcm")
+        store = node.store
+
+        def still_arriving(job: Job) -> bool:
+            return any(e.state is JobState.QUEUED and e.message
+                       and "is still arriving" in e.message for e in store.events(job.id))
+
+        jobs = []
+        for path, association in ((tmp_path / "scout.dcm", 1), (image, 2)):
+            got = node.instance_writer().write(path, called_ae="DICOMNODE",
+                                               calling_ae="CT1", association_id=association)
+            jobs.append(await node.scheduler.submit(NewJob(  # as the assembler queues them
+                pipeline="cxr", kind="dimse", study_instance_uid=got.study_instance_uid,
+                input={"instances": [got.sop_instance_uid],
+                       "study_instance_uid": got.study_instance_uid,
+                       "intake_pipelines": ["cxr"], "group_timeout_s": 1.0})))
+            while len(jobs) == 1 and not still_arriving(jobs[0]) \
+                    and store.get_job(jobs[0].id).state not in FINAL_STATES:
+                await asyncio.sleep(0.05)  # the scout's job ran before the series came
+        scout_job, series_job = [await _finished(node, job) for job in jobs]
+    assert series_job.state is JobState.SUCCEEDED, series_job.error
+    assert scout_job.state is JobState.SUCCEEDED, scout_job.error
+    assert scout_job.result is not None and scout_job.result["outcome"].startswith(
+        "skipped: the rest of the study came in another group; this part: ")
+    assert "localizer" in scout_job.result["outcome"]
+    assert scout_job.attempts == 1  # the wait was no failed attempt
+
+
 async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
         tmp_path: Path) -> None:
     """Through the node's own handler and worker: an SR sent to an image model, a wrong
