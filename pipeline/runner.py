@@ -183,6 +183,58 @@ def channel_argmax(scores: torch.Tensor, out: torch.Tensor) -> None:
         torch.maximum(best, scores[c], out=best)
 
 
+@dataclass(frozen=True)
+class AxialView:
+    """How a volume's array (slice, row, column) becomes the order volume models are
+    trained on, axial slices with every index growing along a patient axis (LPS): z
+    from feet to head, then y from anterior to posterior, then x from right to left.
+
+    ``axes``: the array axis that becomes each of (z, y, x); ``flips``: the axes, after
+    the transpose, that run backwards. An axial series as scanners write it needs
+    neither; a coronal or sagittal series (a reformat sent on its own) needs both, and
+    without them the model saw the body on its side.
+    """
+
+    axes: tuple[int, int, int] = (0, 1, 2)
+    flips: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, direction: Sequence[Sequence[float]]) -> AxialView:
+        """From a volume's ``direction`` (row direction, column direction, normal):
+        each array axis goes to the patient axis it runs closest to. An orientation
+        where two axes are closest to the same patient axis is left as it is."""
+        # array axis 0 runs along the normal, 1 along the column direction, 2 along the row
+        along = [np.asarray(direction[2], float), np.asarray(direction[1], float),
+                 np.asarray(direction[0], float)]
+        patient = [int(np.argmax(np.abs(v))) for v in along]  # 0 x, 1 y, 2 z
+        if sorted(patient) != [0, 1, 2]:
+            return cls()
+        axes = (patient.index(2), patient.index(1), patient.index(0))
+        flips = tuple(k for k, a in enumerate(axes) if along[a][patient[a]] < 0)
+        return cls(axes, flips)
+
+    @property
+    def identity(self) -> bool:
+        return self.axes == (0, 1, 2) and not self.flips
+
+    def apply(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """``array`` in the models' order (a copy, unless nothing changes)."""
+        if self.identity:
+            return array
+        return np.ascontiguousarray(np.flip(np.transpose(array, self.axes), self.flips))
+
+    def undo(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """An array in the models' order (a label map) back in the volume's order."""
+        if self.identity:
+            return array
+        return np.ascontiguousarray(
+            np.transpose(np.flip(array, self.flips), np.argsort(self.axes)))
+
+    def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
+        return (float(spacing[self.axes[0]]), float(spacing[self.axes[1]]),
+                float(spacing[self.axes[2]]))
+
+
 def model_spacing(model: LoadedModel) -> tuple[float, float, float] | None:
     """The voxel spacing (z, y, x) in mm the model was trained at, from its metadata
     (``network_data_format.inputs.image.pixdim_zyx_mm``), or None when not declared."""
@@ -532,8 +584,11 @@ class PipelineRunner:
         t0 = time.perf_counter()
         volume = load_ct_volume(list(sources),
                                 modalities=spec.series.modalities or ("CT",))
-        tensor = model.preprocess(volume.array)
-        grid = model_grid(tuple(tensor.shape[1:]), volume.spacing, model_spacing(model))
+        view = AxialView.of(volume.direction)
+        axial = view.apply(volume.array)
+        tensor = model.preprocess(axial)
+        grid = model_grid(tuple(tensor.shape[1:]), view.spacing(volume.spacing),
+                          model_spacing(model))
         if grid is not None:  # the model only knows organs at the size it was trained on
             tensor = resample(torch.as_tensor(tensor), grid)
         t1 = time.perf_counter()
@@ -541,10 +596,11 @@ class PipelineRunner:
                                                    version=model.version))
         del tensor
         if grid is not None:
-            labels = resampled_label_map(logits, tuple(volume.array.shape))
+            labels = resampled_label_map(logits, tuple(axial.shape))
         else:
             labels = label_map(logits)
-        del logits  # C x the volume in float32: not kept while the artifacts are written
+        del logits, axial  # C x the volume in float32: not kept while the artifacts are written
+        labels = view.undo(labels)  # the source's slices, as the SEG references them
         t2 = time.perf_counter()
         if labels.shape != volume.array.shape:
             raise PipelineError(f"model {spec.model!r} returned a {labels.shape} label map "

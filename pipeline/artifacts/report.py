@@ -753,7 +753,8 @@ def write_segmentation_report(
             [
                 _p("Overlay", st["h2"]),
                 _rl_image(overlay, width, 90 * mm),
-                _p("Representative axial slices with the segmented structures.", st["caption"]),
+                _p("Representative slices of the series with the segmented structures.",
+                   st["caption"]),
             ]
         ),
         _model_section(

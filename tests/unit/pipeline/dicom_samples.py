@@ -135,3 +135,36 @@ def enhanced_ct(slices: Sequence[Dataset], **attrs: Any) -> Dataset:
     for key, value in attrs.items():
         setattr(ds, key, value)
     return ds
+
+
+def coronal_reformat(slices: Sequence[Dataset]) -> list[Dataset]:
+    """An axial series (unit row/column directions along x and y) resliced into coronal
+    slices, as a scanner's MPR writes them: one slice per row of the axial images, each
+    image running right to left and head to feet (Image Orientation 1\\0\\0\\0\\0\\-1)."""
+    axial = sorted(slices, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    volume = np.stack([ds.pixel_array for ds in axial])  # z, y, x
+    first = axial[0]
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+    dz = float(axial[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+    x0, y0, z0 = (float(v) for v in first.ImagePositionPatient)
+    top = z0 + (len(axial) - 1) * dz
+    series = generate_uid()
+    out = []
+    for r in range(volume.shape[1]):
+        ds = pydicom.dcmread(first.filename) if getattr(first, "filename", None) else \
+            first.copy()
+        image = np.ascontiguousarray(volume[::-1, r, :])
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        if hasattr(ds, "file_meta"):
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [x0, y0 + r * row_mm, top]
+        ds.PixelSpacing = [dz, col_mm]
+        ds.SliceThickness = row_mm
+        ds.Rows, ds.Columns = image.shape
+        ds.PixelData = image.tobytes()
+        ds.InstanceNumber = r + 1
+        ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
+        out.append(ds)
+    return out

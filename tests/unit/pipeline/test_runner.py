@@ -14,6 +14,7 @@ import torch
 
 from pipeline.io import InputError
 from pipeline.runner import (
+    AxialView,
     PipelineError,
     PipelineRunner,
     label_map,
@@ -23,8 +24,8 @@ from pipeline.runner import (
 from pipeline.settings import ModelSpec, PipelineSpec, SecondaryCaptureSpec, SeriesRules
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
-from pipeline.types import Finding
-from tests.unit.pipeline.dicom_samples import enhanced_ct
+from pipeline.types import Finding, SegmentationResult
+from tests.unit.pipeline.dicom_samples import coronal_reformat, enhanced_ct
 from tests.unit.pipeline.test_bundle import make_tiny_bundle
 
 SEG_NET: dict[str, Any] = {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1,
@@ -162,6 +163,51 @@ def test_an_enhanced_ct_is_segmented_like_its_slices(runner: PipelineRunner,
     np.testing.assert_array_equal(two.result.labels, single.result.labels)  # type: ignore[union-attr]
     assert {a.kind for a in two.artifacts} >= {"json", "sr"}
     assert "seg" not in {a.kind for a in two.artifacts}
+
+
+def test_a_coronal_reformat_is_segmented_as_its_axial_series(runner: PipelineRunner,
+                                                             tmp_path: Path) -> None:
+    """A coronal series (a reformat sent on its own) is put in the axial order the
+    model was trained on before it runs: its labels are the axial series' labels
+    resliced, its volumes the same, and its SEG references its own slices. Fed as it
+    came, the model saw the body on its side."""
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct",
+                               patient_id="CT3")
+    coronal = coronal_reformat([pydicom.dcmread(f) for f in files])
+    folder = tmp_path / "cor"
+    folder.mkdir()
+    paths = []
+    for n, ds in enumerate(coronal):
+        paths.append(folder / f"c{n:03d}.dcm")
+        ds.save_as(paths[-1])
+    axial = runner.run("seg", files, tmp_path / "axial")
+    resliced = runner.run("seg", paths, tmp_path / "coronal")
+    a, c = axial.result, resliced.result
+    assert isinstance(a, SegmentationResult) and isinstance(c, SegmentationResult)
+    assert c.labels.shape == (48, 16, 48)  # the coronal series' own slices
+    np.testing.assert_array_equal(c.labels, np.transpose(a.labels, (1, 0, 2))[:, ::-1, :])
+    assert [s.volume_ml for s in c.segments] == [s.volume_ml for s in a.segments]
+    seg = hd.seg.segread(next(x.path for x in resliced.artifacts if x.kind == "seg"))
+    refs = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            for f in seg.PerFrameFunctionalGroupsSequence}
+    assert refs <= {str(ds.SOPInstanceUID) for ds in coronal}
+
+
+@pytest.mark.parametrize(("orientation", "axes", "flips"), [
+    ([1, 0, 0, 0, 1, 0], (0, 1, 2), ()),           # axial, as scanners write it
+    ([-1, 0, 0, 0, 1, 0], (0, 1, 2), (0, 2)),      # axial, rows mirrored
+    ([1, 0, 0, 0, 0, -1], (1, 0, 2), (0,)),        # coronal
+    ([0, 1, 0, 0, 0, -1], (1, 2, 0), (0, 2)),      # sagittal, seen from the left
+    ([0.99, 0.14, 0, -0.14, 0.99, 0], (0, 1, 2), ()),  # axial, rotated a little
+])
+def test_axial_view_of_each_orientation(orientation: list[float], axes: tuple[int, ...],
+                                        flips: tuple[int, ...]) -> None:
+    row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    view = AxialView.of((tuple(row), tuple(col), tuple(np.cross(row, col))))
+    assert (view.axes, view.flips) == (axes, flips)
+    volume = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    np.testing.assert_array_equal(view.undo(view.apply(volume)), volume)
+    assert view.spacing((5.0, 3.0, 1.0)) == tuple((5.0, 3.0, 1.0)[a] for a in axes)
 
 
 def test_a_segmenter_with_an_input_size_is_warmed_up_and_traced_at_start(tmp_path: Path) -> None:
