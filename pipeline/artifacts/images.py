@@ -205,11 +205,13 @@ def segmentation_overlay(
     window: tuple[float, float] = (40.0, 400.0),
     tile: int = 256,
     alpha: float = 0.35,
+    pixel_spacing: tuple[float, float] = (1.0, 1.0),
 ) -> Image.Image:
-    """A montage of up to ``slices`` axial slices with coloured label fills, contours and legend.
+    """A montage of up to ``slices`` slices with coloured label fills, contours and legend.
 
-    ``volume`` and ``labels`` are Z x Y x X; ``window`` is (center, width) in HU.
-    Returns an RGB image.
+    ``volume`` and ``labels`` are Z x Y x X; ``window`` is (center, width) in HU;
+    ``pixel_spacing`` (row, column mm) keeps a reformat's rectangular pixels in
+    proportion. Returns an RGB image.
 
     Raises:
         ValueError: when the arrays are not 3D or their shapes differ.
@@ -220,8 +222,9 @@ def segmentation_overlay(
         raise ValueError(f"volume {vol.shape} and labels {lab.shape} must be equal 3D shapes")
     picks = _pick_slices(lab.astype(np.uint8), slices)
     ny, nx = vol.shape[1:]
-    scale = tile / max(ny, nx)
-    tw, th = max(1, round(nx * scale)), max(1, round(ny * scale))
+    height, width_mm = ny * pixel_spacing[0], nx * pixel_spacing[1]
+    scale = tile / max(height, width_mm)
+    tw, th = max(1, round(width_mm * scale)), max(1, round(height * scale))
     font = _Font(14)
     small = _Font(12)
     pad = 6
@@ -324,5 +327,6 @@ def write_segmentation_overlay_png(
     Raises:
         ValueError: when volume and labels differ in shape. OSError: when writing fails.
     """
-    img = segmentation_overlay(result.volume, result.labels, result.segments, slices=slices)
+    img = segmentation_overlay(result.volume, result.labels, result.segments, slices=slices,
+                               pixel_spacing=result.spacing[1:])
     return write_png(img, path)

@@ -735,7 +735,8 @@ def write_segmentation_report(
     volumes = Table(rows, colWidths=[8 * mm, width * 0.5, width * 0.15, width * 0.35 - 8 * mm])
     volumes.setStyle(TableStyle(style))
     if overlay is None:
-        overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+        overlay = segmentation_overlay(result.volume, result.labels, result.segments,
+                                       pixel_spacing=result.spacing[1:])
     dz, dy, dx = result.spacing
     status = f"{len(result.segments)} structure(s) segmented"
     story: list[Flowable] = [

@@ -253,7 +253,8 @@ def write_segmentation_artifacts(
             artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
         overlay = None  # drawn once for the PNG, the Secondary Capture and the report
         if wanted & {Output.PNG, Output.SECONDARY_CAPTURE, Output.PDF, Output.ENCAPSULATED_PDF}:
-            overlay = segmentation_overlay(result.volume, result.labels, result.segments)
+            overlay = segmentation_overlay(result.volume, result.labels, result.segments,
+                                           pixel_spacing=result.spacing[1:])
             if Output.PNG in wanted:
                 artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
             if Output.SECONDARY_CAPTURE in wanted:

@@ -117,6 +117,20 @@ def test_overlay_legend_uses_the_width_it_has() -> None:
     assert len(set(rows)) > 1 and img.height > rows[-1] + 12
 
 
+def test_overlay_keeps_rectangular_pixels_in_proportion() -> None:
+    """A coronal reformat: 48 rows of 5 mm by 96 columns of 4 mm (240 x 384 mm) is drawn
+    160 x 256, not 128 x 256 (square pixels squashed it)."""
+    labels = np.zeros((2, 48, 96), dtype=np.uint8)
+    labels[:, 10:30, 20:60] = 1
+    volume = np.where(labels > 0, 60.0, -100.0).astype(np.float32)
+    organ = [Segment(1, "organ", 1.0)]
+    for spacing, height in (((1.0, 1.0), 128), ((5.0, 4.0), 160)):
+        img = np.asarray(segmentation_overlay(volume, labels, organ, slices=1, tile=256,
+                                              pixel_spacing=spacing))
+        gray = img[6 + 18:, 6:6 + 256].max(axis=(1, 2)) > 0  # the tile's rows that show
+        assert int(np.argmin(gray)) == height
+
+
 def test_legend_names_in_other_scripts_are_drawn_not_boxed() -> None:
     """A label with umlauts stays in DejaVu Sans, which has them (Pillow's own font has
     ASCII only); one in Japanese goes to the CJK font, and draws something other than
