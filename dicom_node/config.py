@@ -290,7 +290,7 @@ def demo_pipelines() -> list[PipelineSpec]:
     return [
         PipelineSpec.model_validate({
             "name": "cxr-findings", "model": "cxr-findings", "task": "classify",
-            "series": {"modalities": ["CR", "DX"]},
+            "series": {"modalities": ["CR", "DX"], "view_positions": ["PA", "AP"]},
             "outputs": ["json", "png", "pdf", "sr", "sc", "encapsulated_pdf"]}),
         PipelineSpec.model_validate({
             "name": "ct-organs", "model": "ct-organs", "task": "segment",

@@ -991,7 +991,17 @@ def _for_presentation(ds: Dataset) -> bool:
 def _is_frontal(ds: Dataset) -> bool:
     """A PA or AP projection (View Position): what chest X-ray models are trained on,
     rather than a lateral view of the same study."""
-    return str(ds.get("ViewPosition", "")).strip().upper() in ("PA", "AP")
+    return _view(ds) in ("PA", "AP")
+
+
+def _view(ds: Dataset) -> str:
+    return str(ds.get("ViewPosition", "")).strip().upper()
+
+
+def _view_fits(ds: Dataset, views: set[str]) -> bool:
+    """Whether an image's View Position is one of ``views`` (any when there are none,
+    or when the image does not say: many radiographs leave it empty)."""
+    return not views or not _view(ds) or _view(ds) in views
 
 
 def _image_rank(ds: Dataset) -> tuple[int, int]:
@@ -1004,9 +1014,10 @@ def select_series(
 ) -> SelectedSeries:
     """Group instances by Series Instance UID and choose the series the rules accept.
 
-    A series is eligible when its modality, SOP class and body part are in the
-    rules' lists (empty lists accept anything; a series without Body Part
-    Examined is accepted but ranked after those that match), it holds images
+    A series is eligible when its modality, SOP class, body part and view position
+    are in the rules' lists (empty lists accept anything; a series without Body Part
+    Examined is accepted but ranked after those that match, an image without View
+    Position is accepted; images of another view are left out), it holds images
     (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
     has at least ``rules.min_instances`` images (the frames of a multi-frame object
     count one by one). Among eligible series the
@@ -1046,6 +1057,7 @@ def select_series(
     modalities = {m.upper() for m in rules.modalities}
     sop_classes = set(rules.sop_class_uids)
     body_parts = {b.upper() for b in rules.body_parts}
+    views = {v.upper() for v in rules.view_positions}
     rejected: dict[str, str] = {}
     near: list[str] = []  # refusals of series of a modality the rules take
     ranked: list[tuple[tuple[int, ...], str]] = []
@@ -1070,8 +1082,12 @@ def select_series(
             reason = "localizer/scout images"
         elif body_parts and body and body not in body_parts:
             reason = f"body part {body} not in {sorted(body_parts)}"
+        elif views and not any(_view_fits(ds, views) for _, ds in members):
+            seen = sorted({_view(ds) for _, ds in members})
+            reason = f"view position {'/'.join(seen)} not in {sorted(views)}"
         else:
-            usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])]
+            usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])
+                      and _view_fits(m[1], views)]
             images = sum(number_of_frames(ds) for _, ds in usable)
             if images < rules.min_instances:
                 reason = f"{images} image(s), fewer than the {rules.min_instances} required"
@@ -1096,6 +1112,7 @@ def select_series(
             f"modalities={sorted(modalities) or 'any'}, "
             f"body parts={sorted(body_parts) or 'any'}, "
             f"SOP classes={sorted(sop_classes) or 'any'}, min instances={rules.min_instances}"
+            + (f", view positions={sorted(views)}" if views else "")
         )
         raise SeriesError(
             f"no series matches the model's rules ({wanted}); "

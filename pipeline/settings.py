@@ -61,6 +61,9 @@ class SeriesRules(_Frozen):
     modalities: list[str] = Field(default_factory=list)
     sop_class_uids: list[str] = Field(default_factory=list)
     body_parts: list[str] = Field(default_factory=list)
+    # View Position (0018,5101) of the images, e.g. [PA, AP] for a frontal chest model:
+    # a lateral view is left out (an image that does not say is taken)
+    view_positions: list[str] = Field(default_factory=list)
     # fewest images: single-frame instances, or the frames of a multi-frame object
     min_instances: int = Field(default=1, ge=1)
 

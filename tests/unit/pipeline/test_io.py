@@ -699,6 +699,31 @@ def test_select_series_takes_the_frontal_view_for_presentation(tmp_path: Path) -
     assert chosen.paths[0] == in_one[1] and len(chosen.paths) == 3
 
 
+def test_select_series_leaves_out_views_the_rules_do_not_take(tmp_path: Path) -> None:
+    """A frontal chest model (view positions PA, AP): a lateral view alone is refused
+    with the reason (it was classified as if frontal), lateral images of a mixed series
+    are left out, and an image that does not say its view is taken."""
+    def xray(view: str | None, series: str) -> Path:
+        extra = {"ViewPosition": view} if view is not None else {}
+        ds = make_image(np.zeros((8, 8), dtype=np.uint16), modality="DX", series_uid=series,
+                        **extra)
+        return save(ds, tmp_path / f"{generate_uid()}.dcm")
+
+    rules = SeriesRules(modalities=["DX"], view_positions=["PA", "AP"])
+    lateral = xray("LL", generate_uid())
+    with pytest.raises(SeriesError) as info:
+        select_series([lateral], rules)
+    assert "view position LL not in ['AP', 'PA']" in str(info.value)
+    assert "view positions=['AP', 'PA']" in str(info.value)
+    assert info.value.near and "view position LL" in info.value.near[0]
+    mixed = generate_uid()
+    in_one = [xray("LL", mixed), xray("PA", mixed), xray("LATERAL", mixed)]
+    assert select_series(in_one, rules).paths == [in_one[1]]
+    unsaid = xray(None, generate_uid())
+    assert select_series([lateral, unsaid], rules).paths == [unsaid]
+    assert select_series([lateral], SeriesRules(modalities=["DX"])).paths == [lateral]
+
+
 def test_select_series_explains_why_nothing_matches(study: dict[str, list[Path]]) -> None:
     paths = study["scout"] + study["axial"] + study["other"]
     with pytest.raises(SeriesError) as info:
