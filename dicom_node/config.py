@@ -498,34 +498,45 @@ def _problem(err: Any) -> tuple[str, str]:
 
 
 def _hint(loc: tuple[Any, ...]) -> str:
-    """What an unknown key at ``loc`` may have meant: a close known key of its section,
+    """What an unknown settings key at ``loc`` may have meant (see unknown_key_hint),
     or the top-level section it is when put inside another."""
     name = str(loc[-1])
     if len(loc) > 1 and name in Settings.model_fields:
         return f" ('{name}' is a top-level section)"
-    known = _keys_at(loc[:-1])
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return unknown_key_hint(Settings, loc)
+
+
+def unknown_key_hint(root: type[BaseModel], loc: Sequence[Any]) -> str:
+    """For an unknown key at ``loc`` (a pydantic error's location) in a body or file
+    validated as ``root``: " (did you mean 'timeout_s'?)" when a key of its section is
+    close, else " (known here: ...)" with the keys the section takes, else ""."""
+    known = _keys_at(root, tuple(loc[:-1]))
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (known here: {', '.join(known)})" if known else ""
 
 
-def _keys_at(loc: tuple[Any, ...]) -> list[str]:
-    """The keys the settings section at ``loc`` takes (list positions skipped); empty
-    when ``loc`` does not lead to a section."""
-    model: type[BaseModel] | None = Settings
+def _keys_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys (aliases where a field has one) that the section of ``root`` at ``loc``
+    takes, list positions skipped; empty when ``loc`` does not lead to a section."""
+    model: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(str(part)) if model is not None else None
+        field = _fields(model).get(str(part)) if model is not None else None
         model = _section_in(field.annotation) if field is not None else None
         if model is None:
             return []
-    return list(model.model_fields) if model is not None else []
+    return list(_fields(model)) if model is not None else []
+
+
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    return {f.alias or name: f for name, f in model.model_fields.items()}
 
 
 def _section_in(annotation: Any) -> type[BaseModel] | None:
-    """The settings section an annotation holds (``X``, ``list[X]``, ``X | None``)."""
+    """The section (model) an annotation holds (``X``, ``list[X]``, ``X | None``)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from dicom_node.config import Settings
+from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.errors import Conflict, InvalidInput, NotFound
 from dicom_node.logs import get_logger
 
@@ -84,7 +84,7 @@ def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
         field = ".".join(loc) or (key.split(".", 2)[-1] if key else "(body)")
         msg = getattr(ctx_err, "problem", None) or err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + unknown_key_hint(Settings, err["loc"])
         elif err["type"] == "missing":
             msg = "required field is missing"
         out.append({"field": field, "message": msg})

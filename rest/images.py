@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dicom_node.config import unknown_key_hint
 from pipeline.decode import decode_image
 from pipeline.io import InputError
 from pipeline.runner import PipelineError, PipelineRunner
@@ -86,7 +87,7 @@ class InferRequest(_Request):
 M = TypeVar("M", bound=_Request)
 
 
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+def _field_errors(exc: ValidationError, model: type[BaseModel]) -> list[dict[str, str]]:
     out = []
     for err in exc.errors():
         # a union's branch name ("str", "list[...]") says nothing to a client: leave it out
@@ -95,7 +96,7 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
         if err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + unknown_key_hint(model, err["loc"])
         item = {"field": ".".join(loc) or "(body)", "message": msg}
         if item not in out:
             out.append(item)
@@ -114,7 +115,7 @@ async def _parse(request: web.Request, model: type[M]) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise ApiError(422, "the request has invalid or missing fields",
-                       _field_errors(exc)) from None
+                       _field_errors(exc, model)) from None
 
 
 # -- images --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pydantic import (
     field_validator,
 )
 
-from dicom_node.config import Settings
+from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.dicomweb import url_allowed
 from dicom_node.store import Job, JobEvent, JobState, NewJob
 from rest.app import NODE, Route, principal
@@ -134,7 +134,7 @@ def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
         if err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + unknown_key_hint(InferenceRequest, err["loc"])
         out.append({"field": path, "message": msg})
     return out
 

@@ -60,6 +60,11 @@ async def test_crud_and_restart(aiohttp_client: Any, tmp_path: Path) -> None:
                          headers=h)
         assert r.status == 422 and "url" in (await r.text())
 
+        r = await c.put("/config/ae/CXR", json={"pipelines": ["cxr"], "timeout": 2}, headers=h)
+        assert r.status == 422  # a slip gets the key meant
+        assert {"field": "timeout", "message": "unknown field (did you mean 'timeout_s'?)"} \
+            in (await r.json())["details"]
+
         r = await c.delete("/config/destination/pacs", headers=h)
         assert r.status == 204
         assert (await c.get("/config/destination/pacs", headers=h)).status == 404

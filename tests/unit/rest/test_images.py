@@ -233,6 +233,14 @@ async def test_wrong_types_are_422_by_field(live: LiveNode, body: Any, field: st
     assert field in [d["field"] for d in got["details"]]
 
 
+async def test_a_misspelt_field_is_answered_with_the_one_meant(live: LiveNode) -> None:
+    status, got = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                                    "ndims": 8})
+    assert status == 422, got
+    assert {"field": "ndims", "message": "unknown field (did you mean 'nDims'?)"} \
+        in got["details"]
+
+
 @pytest.mark.parametrize("image, message", [
     ("not base64 at all!", "not an http(s) URL, a data URI or valid base64"),
     ("data:image/png,rawdata", "must be base64-encoded"),

@@ -177,6 +177,19 @@ async def test_invalid_requests_name_the_field(api: tuple[TestClient, dict], pay
     assert field in [d["field"] for d in details], details
 
 
+async def test_a_misspelt_field_is_answered_with_the_one_meant(
+        api: tuple[TestClient, dict]) -> None:
+    """'transactionId' (the letter case is easy to get wrong): the unknown field comes
+    with the contract's 'transactionID', the missing one beside it."""
+    client, h = api
+    bad = {("transactionId" if k == "transactionID" else k): v for k, v in GOOD.items()}
+    r = await client.post("/api/inference", json=bad, headers=h["ris"])
+    assert r.status == 422, await r.text()
+    details = {d["field"]: d["message"] for d in (await r.json())["details"]}
+    assert details["transactionId"] == "unknown field (did you mean 'transactionID'?)"
+    assert details["transactionID"] == "required field is missing"
+
+
 async def test_one_answer_lists_every_problem(api: tuple[TestClient, dict]) -> None:
     """A malformed field does not hide the configuration problems of the other parts."""
     client, h = api
