@@ -124,28 +124,10 @@ class NodeHandler:
             ctx.check_cancelled()
             if job.kind in PUSHED_KINDS:
                 reason = series_misfit(files, spec.series)
-                if reason is not None and _another_reads(job, files, runner.pipelines):
-                    # An AE title or drop folder feeds every study to all its pipelines;
-                    # a CT study is no failure of the chest X-ray pipeline.
-                    ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
-                    skipped.append({"study": study, "reason": reason})
-                    continue
-                if reason is not None and self._rest_of_study_is_read(job, study, files):
-                    # A late part of a study whose images came in another group: a CT's
-                    # dose report, a key object or the node's own results sent back.
-                    ctx.log.info("study skipped: a part no pipeline reads", study_uid=study)
-                    skipped.append({"study": study, "reason": "the rest of the study came "
-                                    f"in another group; this part: {reason}"})
-                    continue
-                if reason is not None and (wait := self._arriving_for(job, study)):
-                    # A scout sent before the axial series, in its own association: what
-                    # comes next decides between a skip and a failure.
-                    raise DeferJob(f"study {study} is still arriving; this part: {reason}",
-                                   delay_s=wait)
                 if reason is not None:
-                    # Nothing this intake runs can read it (an SR, an RT plan, a modality
-                    # no pipeline takes): a failure a person should see, not a skip.
-                    raise PermanentJobError(f"study {study}: {reason}")
+                    why = self._why_skip(ctx, study, files, reason)  # or DeferJob, or fail
+                    skipped.append({"study": study, "reason": why})
+                    continue
             # Several studies of one patient would write the same file names: each gets
             # its own folder then (a single study keeps the plain layout).
             study_dir = out_dir / study_folder(study, len(results)) if many else out_dir
@@ -172,6 +154,30 @@ class NodeHandler:
         if results:
             ctx.result["output_dir"] = str(out_dir)
         return produced
+
+    def _why_skip(self, ctx: JobContext, study: str, files: list[Any], reason: str) -> str:
+        """Why a pushed study that no series of the job's pipeline suits (``reason``) is
+        skipped. Raises DeferJob while the study may still be completed by another
+        group, and PermanentJobError when nothing the intake runs reads it."""
+        job = ctx.job
+        if _another_reads(job, files, self.runner.pipelines):
+            # An AE title or drop folder feeds every study to all its pipelines; a CT
+            # study is no failure of the chest X-ray pipeline.
+            ctx.log.info("study skipped: no series for this pipeline", study_uid=study)
+            return reason
+        if wait := self._arriving_for(job, study):
+            # A scout sent in its own association before the axial series: what comes
+            # next decides between a skip and a failure.
+            raise DeferJob(f"study {study} is still arriving; this part: {reason}",
+                           delay_s=wait)
+        if self._rest_of_study_is_read(job, study, files):
+            # A part of a study whose images came in another group: a scout, a CT's dose
+            # report, a key object, the node's own results sent back.
+            ctx.log.info("study skipped: a part no pipeline reads", study_uid=study)
+            return f"the rest of the study came in another group; this part: {reason}"
+        # Nothing this intake runs can read it (an SR, an RT plan, a modality no
+        # pipeline takes): a failure a person should see, not a skip.
+        raise PermanentJobError(f"study {study}: {reason}")
 
     def _rest_of_study_is_read(self, job: Job, study: str, files: list[Any]) -> bool:
         """Whether ``study`` with its instances that the node received in other groups
