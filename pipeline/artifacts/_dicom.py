@@ -29,6 +29,8 @@ __all__ = [
 UTF8 = "ISO_IR 192"  #: Specific Character Set of UTF-8
 #: ISO 2022 code extensions of multi-byte character sets (never the first value)
 _MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58")
+#: the Specific Character Set terms highdicom knows
+_KNOWN_CHARSETS = frozenset(v.value for v in SpecificCharacterSetValues)
 
 #: Patient module (and Patient Study module) attributes copied from the source.
 PATIENT_ATTRIBUTES: tuple[str, ...] = (
@@ -186,7 +188,7 @@ def _charset_for_highdicom(value: object) -> str | list[str] | None:
     """
     if value is None or value == "":
         return None
-    known = {v.value for v in SpecificCharacterSetValues}
+    known = _KNOWN_CHARSETS
     if isinstance(value, str):
         return None if value in known else UTF8
     given = [str(v) for v in value]  # type: ignore[attr-defined]
