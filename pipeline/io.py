@@ -151,6 +151,10 @@ class Image2D:
     ``window`` is the (center, width) applied, in modality units, or ``None``
     when a VOI LUT, min-max scaling or a colour conversion was used instead
     (``voi`` says which: ``"lut"``, ``"window"``, ``"minmax"`` or ``"colour"``).
+    ``upright_from`` is the Patient Orientation the pixels had when they were turned
+    to the way radiographs are read and models trained (patient's left on the right,
+    feet down: ``L\\F``), the header then saying ``L\\F``; ``""`` when they already
+    were, or the orientation does not say (a lateral view, none given).
     """
 
     pixels: npt.NDArray[np.float32]
@@ -162,6 +166,7 @@ class Image2D:
     frame_index: int
     number_of_frames: int
     path: Path | None = None
+    upright_from: str = ""
 
     @property
     def modality(self) -> str:
@@ -656,9 +661,13 @@ def load_image_2d(
     pixels = np.ascontiguousarray(values, dtype=np.float32)
     if pixels.ndim != 2 or min(pixels.shape) < 2:
         raise ImageSizeError(f"{where}image of shape {pixels.shape} is too small", path=path)
+    header = _header_of(ds, source)
+    pixels, upright_from = _upright(pixels, header.get("PatientOrientation"))
+    if upright_from:
+        header.PatientOrientation = ["L", "F"]
     return Image2D(
         pixels=pixels,
-        header=_header_of(ds, source),
+        header=header,
         photometric=photometric,
         inverted=inverted,
         voi=voi,
@@ -666,7 +675,34 @@ def load_image_2d(
         frame_index=index,
         number_of_frames=n_frames,
         path=path,
+        upright_from=upright_from,
     )
+
+
+def _upright(pixels: npt.NDArray[np.float32], orientation: Any
+             ) -> tuple[npt.NDArray[np.float32], str]:
+    """``pixels`` turned so that the patient's left is on the right and the feet down
+    (Patient Orientation ``L\\F``, how radiographs are read and models trained: a
+    portable image stored on its side read as seven findings), and the orientation they
+    had (``""`` when unchanged). Only the main direction of each value counts (``FL``
+    is ``F``); one that is not left-right and head-feet (a lateral view's ``A``/``P``)
+    is left as it is."""
+    try:
+        row, col = (str(v).strip().upper()[:1] for v in orientation)
+    except (TypeError, ValueError):
+        return pixels, ""
+    across, down = ("L", "R"), ("H", "F")
+    turned = pixels
+    if row in down and col in across:  # on its side: rows become columns
+        turned, row, col = pixels.T, col, row
+    elif row not in across or col not in down or (row, col) == ("L", "F"):
+        return pixels, ""
+    if row == "R":
+        turned = turned[:, ::-1]
+    if col == "H":
+        turned = turned[::-1, :]
+    given = "\\".join(str(v).strip().upper() for v in orientation)
+    return np.ascontiguousarray(turned), given
 
 
 # --------------------------------------------------------------------------- CT volumes

@@ -791,3 +791,39 @@ def test_modality_values_match_pydicom(tmp_path: Path) -> None:
     img = load_image_2d(save(ds, tmp_path / "r.dcm"))
     hu = apply_modality_lut(stored, ds)
     np.testing.assert_allclose(img.pixels, np.clip((hu + 300.5) / 1199 + 0.5, 0, 1), atol=2e-6)
+
+
+@pytest.mark.parametrize(("orientation", "turn"), [
+    (["L", "F"], lambda a: a),
+    (["R", "F"], lambda a: a[:, ::-1]),                 # mirrored
+    (["L", "H"], lambda a: a[::-1, :]),                 # upside down
+    (["R", "H"], lambda a: a[::-1, ::-1]),              # turned half round
+    (["F", "R"], lambda a: np.rot90(a)),                # on its side, head on the left
+    (["H", "L"], lambda a: np.rot90(a, -1)),            # on its side, head on the right
+    (["FL", "RF"], lambda a: np.rot90(a)),              # oblique: the main directions count
+])
+def test_a_radiograph_stored_turned_is_read_upright(
+        tmp_path: Path, orientation: list[str], turn: Any) -> None:
+    """A portable chest image stored on its side (or mirrored) is turned to the way it
+    is read and the models were trained (L\\F) before anything sees it; the header then
+    says L\\F, and upright_from what it said."""
+    upright = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4) * 100  # no symmetry
+    stored = np.ascontiguousarray(turn(upright))
+    ds = make_image(stored, modality="DX", PatientOrientation=orientation)
+    image = load_image_2d(save(ds, tmp_path / "dx.dcm"))
+    plain = load_image_2d(save(make_image(upright, modality="DX"), tmp_path / "plain.dcm"))
+    np.testing.assert_array_equal(image.pixels, plain.pixels)
+    changed = orientation != ["L", "F"]
+    assert image.upright_from == ("\\".join(orientation) if changed else "")
+    assert list(image.header.PatientOrientation) == ["L", "F"]
+
+
+@pytest.mark.parametrize("orientation", [["A", "F"], ["P", "F"], None, ["L"]])
+def test_an_orientation_that_does_not_say_leaves_the_image_as_stored(
+        tmp_path: Path, orientation: list[str] | None) -> None:
+    """A lateral view (A/P), no Patient Orientation, or one that cannot be read."""
+    stored = np.arange(6 * 4, dtype=np.uint16).reshape(6, 4) * 100
+    extra = {"PatientOrientation": orientation} if orientation is not None else {}
+    image = load_image_2d(save(make_image(stored, modality="DX", **extra), tmp_path / "x.dcm"))
+    assert image.pixels.shape == (6, 4) and image.upright_from == ""
+    assert image.pixels[0, 0] < image.pixels[0, 1] < image.pixels[1, 0]
