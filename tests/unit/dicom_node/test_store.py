@@ -97,6 +97,31 @@ def test_transitions_are_recorded_and_guarded_by_the_lease(store: Store) -> None
         JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.SUCCEEDED]
 
 
+def test_a_deferred_attempt_does_not_count_and_waits(store: Store) -> None:
+    """A job queued again by a deferral (its study still arriving) keeps its attempts,
+    says why, and is not claimed before its time; the study's last arrival is known."""
+    from datetime import timedelta
+
+    from dicom_node.store import InstanceRecord, utcnow
+
+    assert store.study_last_received("1.2.3") is None
+    before = utcnow()
+    store.record_instance(InstanceRecord(
+        sop_instance_uid="1.2.3.1", sop_class_uid="1.2", study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.9", path=Path("/x/1"), size_bytes=1, source="dimse"))
+    last = store.study_last_received("1.2.3")
+    assert last is not None and last >= before - timedelta(seconds=1) and last.tzinfo
+    store.create_job(NewJob(pipeline="p"))
+    job = store.claim_next("n", 30)
+    assert job is not None and job.attempts == 1
+    assert store.transition(job.id, JobState.QUEUED, token=job.lease_token,
+                            message="study 1.2.3 is still arriving",
+                            not_before=utcnow() + timedelta(hours=1), uncount_attempt=True)
+    waiting = store.get_job(job.id)
+    assert waiting.attempts == 0 and waiting.error == "study 1.2.3 is still arriving"
+    assert store.claim_next("n", 30) is None  # not before its time
+
+
 def test_requeue_interrupted_and_expired_leases(store: Store) -> None:
     a = store.create_job(NewJob(pipeline="p"))
     b = store.create_job(NewJob(pipeline="p"))
