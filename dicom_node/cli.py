@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import sys
@@ -423,8 +424,12 @@ def _echo(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.logs import configure_logging
     from dicom_node.reachability import EchoOutcome, check_destination, check_source
     from dicom_node.scu import DicomClient
+    from dicom_node.studies_view import clip, column_width
 
     configure_logging("error", "auto", stream="stderr")  # stdout is the table
+    # pynetdicom's own lines ("Unknown PDU type received '0x48'" from a port that is not
+    # DICOM) would come before the table saying the same for each peer
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     settings = _with_runtime_objects(settings)
     sources = [s for s in settings.sources if not args.names or s.name in args.names]
     dests = [d for d in settings.destinations if not args.names or d.name in args.names]
@@ -442,12 +447,16 @@ def _echo(args: argparse.Namespace, settings: Settings) -> int:
         checks += [("source", o) for o in check_source(client, src)]
     for dest in dests:
         checks.append(("destination", check_destination(settings, client, dest)))
+    name_w = column_width("", (o.destination for _, o in checks), 32)
+    target_w = column_width("", (o.target for _, o in checks), 64)
     for role, o in checks:
         if args.json:
             print(json.dumps({"role": role, **asdict(o)}))
         else:
-            print(f"{'ok  ' if o.success else 'FAIL'}  {role:11}  {o.destination:16}  "
-                  f"{o.type:8}  {o.target:36}  {o.round_trip_ms:7.1f} ms  {o.message}")
+            print(f"{'ok  ' if o.success else 'FAIL'}  {role:11}  "
+                  f"{clip(o.destination, name_w):{name_w}}  {o.type:8}  "
+                  f"{clip(o.target, target_w):{target_w}}  {o.round_trip_ms:7.1f} ms  "
+                  f"{o.message}")
     return 0 if all(o.success for _, o in checks) else EXIT_RUNTIME
 
 

@@ -532,7 +532,7 @@ class DicomWebClient:
         if isinstance(exc, requests.ConnectionError):
             raise DicomWebError(
                 f"{what}: connection to {url} failed (server down, refused or unreachable): "
-                f"{_short(exc)}", url=url) from None
+                f"{_connection_cause(exc)}", url=url) from None
         if isinstance(exc, retrying.RetryError):
             attempt = exc.last_attempt.value
             last: int | None = (getattr(attempt, "status_code", None)
@@ -966,6 +966,19 @@ def _stow_error_body(exc: BaseException) -> Dataset | None:
         return Dataset.from_json(response.json())
     except (ValueError, TypeError, KeyError):
         return None
+
+
+def _connection_cause(exc: BaseException) -> str:
+    """Why a connection failed, as the system said it ("Name or service not known",
+    "Connection refused", a certificate problem), rather than urllib3's retry wrapper
+    around it with the whole query string; else :func:`_short`."""
+    text = str(exc)
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text):
+        return found.group(1).strip()
+    if found := re.search(r"(certificate verify failed[^'\")]*|CERTIFICATE_VERIFY_FAILED)",
+                          text, re.IGNORECASE):
+        return f"TLS: {found.group(1).strip()}"
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

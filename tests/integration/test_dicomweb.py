@@ -351,6 +351,18 @@ def test_read_timeout_is_a_dicomweb_error(fake_server: tuple[str, type[_FakeServ
     assert url in str(info.value)
 
 
+def test_a_server_that_is_not_there_is_named_by_the_system_s_reason() -> None:
+    """Nothing listens on the port: the error says 'Connection refused' (as the system
+    put it), not urllib3's retry wrapper around it with the whole query string."""
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with DicomWebClient(url, retries=1) as client, \
+            pytest.raises(DicomWebError) as info:
+        client.search_studies()
+    message = str(info.value)
+    assert message.endswith("(server down, refused or unreachable): Connection refused")
+    assert "includefield" not in message and "HTTPConnectionPool" not in message
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_server_cannot_choose_file_names(fake_server: tuple[str, type[_FakeServer]],
                                          tmp_path: Path) -> None:

@@ -70,3 +70,29 @@ def test_echo_reports_each_peer_and_fails_when_one_is_down(tmp_path: Path) -> No
             store.close()
         late = cli(config, "late")
         assert late.returncode == 0 and late.stdout.split()[:3] == ["ok", "destination", "late"]
+
+
+def test_a_port_that_is_not_dicom_fails_in_its_line_only(tmp_path: Path) -> None:
+    """A web server where a PACS was expected: the table's FAIL line says so; pynetdicom's
+    own lines about the odd answer ('Unknown PDU type received') do not come before it."""
+    import http.server
+    from urllib.parse import urlsplit
+
+    from tests.support.http_server import loopback_http
+
+    class Web(http.server.BaseHTTPRequestHandler):
+        def handle(self) -> None:  # answers anything with HTTP, as a web server would
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    with loopback_http(Web, path="") as url:
+        port = urlsplit(url).port
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "destinations": [{"name": "web", "type": "dimse", "ae_title": "PACS",
+                              "host": "127.0.0.1", "port": port}]}))
+        out = cli(config)
+    assert out.returncode == 1
+    assert out.stdout.split()[:3] == ["FAIL", "destination", "web"]
+    assert "Unknown PDU type" not in out.stderr and "Association Aborted" not in out.stderr
