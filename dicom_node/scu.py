@@ -9,6 +9,7 @@ from a worker thread (``asyncio.to_thread``), never from the event loop.
 from __future__ import annotations
 
 import itertools
+import socket
 import ssl
 import threading
 import time
@@ -319,9 +320,8 @@ class DicomClient:
             rj = assoc.acceptor.primitive
             reason = _reject_text(rj) if rj is not None else "rejected"
             return None, f"{peer} rejected the association: {reason}"
-        # pynetdicom reports a refused TCP connection as an abort too.
-        return None, (f"cannot associate with {peer}: connection refused, aborted or "
-                      "timed out")
+        # pynetdicom reports a refused TCP connection as an abort too: ask the network.
+        return None, f"cannot associate with {peer}: {_why_no_association(peer)}"
 
     # -- C-ECHO --------------------------------------------------------------------------
 
@@ -734,3 +734,22 @@ def _reject_text(rj: Any) -> str:
     result, source, reason = int(rj.result), int(rj.result_source), int(rj.diagnostic)
     return (f"{_RESULTS.get(result, result)}, {_SOURCES.get(source, source)}, "
             f"{_REASONS.get((source, reason), reason)}")
+
+
+def _why_no_association(peer: Peer, timeout_s: float = 3.0) -> str:
+    """Why an association that was neither accepted nor rejected failed, found by
+    opening a plain connection to the peer: nothing listens, it does not answer, or it
+    listens but is not speaking DICOM the node's way (a web server, TLS expected)."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=timeout_s):
+            pass
+    except ConnectionRefusedError:
+        return f"connection refused (nothing listens on port {peer.port})"
+    except TimeoutError:
+        return f"no answer from {peer.host}:{peer.port} within {timeout_s:g} s"
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+    tls = "" if peer.tls is not None else " or expects TLS"
+    return (f"port {peer.port} takes connections but the peer aborted the association "
+            f"or did not answer as a DICOM node does (is it the DICOM port? it may be "
+            f"another service{tls})")

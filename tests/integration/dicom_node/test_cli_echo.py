@@ -48,6 +48,7 @@ def test_echo_reports_each_peer_and_fails_when_one_is_down(tmp_path: Path) -> No
             ["ok", "source", "pacs"], ["ok", "destination", "pacs-out"],
             ["FAIL", "destination", "down"], ["ok", "destination", "reports"]]
         assert "C-ECHO succeeded" in lines[0] and "cannot associate" in lines[2]
+        assert "connection refused (nothing listens on port" in lines[2]
         assert not (tmp_path / "data").exists()  # a check creates no store
 
         only = cli(config, "pacs-out", "--json")
@@ -95,4 +96,5 @@ def test_a_port_that_is_not_dicom_fails_in_its_line_only(tmp_path: Path) -> None
         out = cli(config)
     assert out.returncode == 1
     assert out.stdout.split()[:3] == ["FAIL", "destination", "web"]
+    assert f"port {port} takes connections but the peer aborted the association" in out.stdout
     assert "Unknown PDU type" not in out.stderr and "Association Aborted" not in out.stderr
