@@ -184,16 +184,22 @@ class NodeHandler:
         suits a pipeline of the job's intake (its own included)."""
         from pipeline.io import series_misfit
 
+        names = job.input.get("intake_pipelines") or [job.pipeline]
+        specs = [spec for name in names if (spec := self.runner.pipelines.get(name))]
+        # Only the headers a pipeline could take are read (a study's slices, not its SRs;
+        # an instance recorded without a modality is read)
+        wanted = {m.upper() for spec in specs for m in spec.series.modalities}
+        if any(not spec.series.modalities for spec in specs):
+            wanted = set()
         ours = set(job.input.get("instances", []))
         held = [Path(r.path) for r in self.store.instances_of(study)
-                if r.sop_instance_uid not in ours and Path(r.path).is_file()]
+                if r.sop_instance_uid not in ours
+                and (not wanted or not r.modality or r.modality.upper() in wanted)
+                and Path(r.path).is_file()]
         if not held:
             return False
         whole = [*files, *_headers(held)]
-        pipelines = self.runner.pipelines
-        names = job.input.get("intake_pipelines") or [job.pipeline]
-        return any(series_misfit(whole, spec.series) is None
-                   for name in names if (spec := pipelines.get(name)) is not None)
+        return any(series_misfit(whole, spec.series) is None for spec in specs)
 
     def _arriving_for(self, job: Job, study: str) -> float:
         """How long to wait before ``study`` has been quiet for its intake's group
