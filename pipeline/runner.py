@@ -10,6 +10,7 @@ models.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import threading
@@ -46,6 +47,8 @@ from pipeline.types import (
     Segment,
     SegmentationResult,
 )
+
+log = logging.getLogger(__name__)
 
 NORMAL = "Normal"
 ABNORMAL = "Abnormal"
@@ -566,6 +569,8 @@ class PipelineRunner:
                   patient_id: str | None, wanted: set[Output]) -> RunOutput:
         t0 = time.perf_counter()
         image = load_image_2d(source, modalities=spec.series.modalities or None)
+        if image.upright_from:  # the PNGs and the report then differ from the stored image
+            log.info("image turned upright from Patient Orientation %s", image.upright_from)
         t1 = time.perf_counter()
         result, study = self.classify(spec, image, patient_id)
         t2 = time.perf_counter()
