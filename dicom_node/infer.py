@@ -155,7 +155,7 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
-    from pipeline.io import InputError
+    from pipeline.io import InputError, series_refusal
     from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -176,7 +176,8 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     unsuited: list[Study] = []
     for study in studies:
         headers = {str(p): ds for p, ds in study.headers.items()}
-        misfits = {} if model is not None else {s.name: _misfit(headers, s) for s in specs}
+        misfits = ({} if model is not None
+                   else {s.name: series_refusal(headers, s.series) for s in specs})
         fits = [s for s in specs if misfits.get(s.name) is None]
         if fits:
             tasks += [(study, s) for s in fits]
@@ -242,17 +243,6 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
         print(f"{len(outcomes) - len(failed)} result(s) under {out.resolve()}"
               + (f"; {len(failed)} failed" if failed else ""))
     return 1 if failed else 0
-
-
-def _misfit(headers: Mapping[str, Any], spec: PipelineSpec) -> SeriesError | None:
-    """Why no series of a study suits ``spec``, or None when one does."""
-    from pipeline.io import SeriesError, select_series
-
-    try:
-        select_series(headers, spec.series)
-    except SeriesError as exc:
-        return exc
-    return None
 
 
 def _why_unsuited(headers: Mapping[str, Any], specs: Sequence[PipelineSpec],

@@ -70,6 +70,7 @@ __all__ = [
     "read_dataset",
     "select_series",
     "series_misfit",
+    "series_refusal",
 ]
 
 Source: TypeAlias = "str | PathLike[str] | Dataset"
@@ -1174,14 +1175,24 @@ def select_series(
     )
 
 
+def series_refusal(
+    sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
+    rules: SeriesRules,
+) -> SeriesError | None:
+    """The error :func:`select_series` raises for ``sources`` (its ``near`` names the
+    series of a modality the rules take), or None when a series suits ``rules``."""
+    try:
+        select_series(sources, rules)
+    except SeriesError as exc:
+        return exc
+    return None
+
+
 def series_misfit(
     sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
     rules: SeriesRules,
 ) -> str | None:
     """Why no series of ``sources`` suits ``rules`` (:func:`select_series`'s message), or
     None when one does."""
-    try:
-        select_series(sources, rules)
-    except SeriesError as exc:
-        return str(exc)
-    return None
+    refusal = series_refusal(sources, rules)
+    return None if refusal is None else str(refusal)
