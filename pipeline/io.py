@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -1032,7 +1033,9 @@ def _is_frontal(ds: Dataset) -> bool:
 
 
 def _view(ds: Dataset) -> str:
-    return str(ds.get("ViewPosition", "")).strip().upper()
+    """View Position's first word: some devices write "AP SUPINE" or "PA_ERECT"."""
+    words = re.split(r"[\s_]+", str(ds.get("ViewPosition", "")).strip().upper())
+    return words[0] if words else ""
 
 
 def _view_fits(ds: Dataset, views: set[str]) -> bool:

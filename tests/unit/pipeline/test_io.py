@@ -721,6 +721,8 @@ def test_select_series_leaves_out_views_the_rules_do_not_take(tmp_path: Path) ->
     assert select_series(in_one, rules).paths == [in_one[1]]
     unsaid = xray(None, generate_uid())
     assert select_series([lateral, unsaid], rules).paths == [unsaid]
+    worded = xray("AP SUPINE", generate_uid())  # as some portable units write it
+    assert select_series([lateral, worded], rules).paths == [worded]
     assert select_series([lateral], SeriesRules(modalities=["DX"])).paths == [lateral]
 
 
