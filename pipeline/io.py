@@ -1041,7 +1041,8 @@ def _view(ds: Dataset) -> str:
 def _view_fits(ds: Dataset, views: set[str]) -> bool:
     """Whether an image's View Position is one of ``views`` (any when there are none,
     or when the image does not say: many radiographs leave it empty)."""
-    return not views or not _view(ds) or _view(ds) in views
+    view = _view(ds)
+    return not views or not view or view in views
 
 
 def _image_rank(ds: Dataset) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from pipeline.artifacts._dicom import (
     save,
 )
 from pipeline.artifacts.images import segment_color
+from pipeline.io import number_of_frames
 from pipeline.types import Artifact, SegmentationResult
 
 __all__ = ["build_segmentation", "segment_codes", "write_segmentation"]
@@ -161,7 +162,7 @@ def seg_can_reference(source_datasets: Sequence[Dataset],
     if not any(frames):
         return True
     sources = distinct(source_datasets)
-    count = int(sources[0].get("NumberOfFrames") or 1) if sources else 0
+    count = number_of_frames(sources[0]) if sources else 0
     return len(sources) == 1 and sorted(f or 0 for f in frames) == list(range(1, count + 1))
 
 
