@@ -63,6 +63,37 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+_UID_TEXT = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _sop_class_keywords() -> dict[str, str]:
+    """pydicom's SOP Class keywords (``CTImageStorage``) and their UIDs."""
+    from pydicom._uid_dict import UID_dictionary
+
+    return {v[4]: uid for uid, v in UID_dictionary.items() if v[1] == "SOP Class" and v[4]}
+
+
+def _check_sop_classes(values: list[str]) -> list[str]:
+    """SOP Class UIDs, each given as a UID (private ones too) or a keyword such as
+    ``CTImageStorage``; keywords become their UIDs."""
+    keywords: dict[str, str] | None = None
+    out = []
+    for raw in values:
+        value = str(raw).strip()
+        if _UID_TEXT.match(value) and len(value) <= 64:
+            out.append(value)
+            continue
+        keywords = keywords if keywords is not None else _sop_class_keywords()
+        if value in keywords:
+            out.append(keywords[value])
+            continue
+        close = difflib.get_close_matches(value, list(keywords), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{value!r} is neither a UID (digits and dots, at most 64) nor a "
+                         f"SOP Class keyword such as 'CTImageStorage'{hint}")
+    return list(dict.fromkeys(out))
+
+
 class Grouping(StrEnum):
     STUDY = "study"
     SERIES = "series"
@@ -117,11 +148,14 @@ class AETitleSettings(_Section):
     complete_on_release: bool = True
     sources: list[str] = Field(default_factory=list)  # names in `sources`
     reject_unknown_sources: bool = False
-    allowed_sop_classes: list[str] = Field(default_factory=list)  # empty: all storage
-    ignored_sop_classes: list[str] = Field(default_factory=list)
+    # UIDs or keywords. Empty: every storage SOP class pynetdicom knows. A class named
+    # in either list is negotiated even when pynetdicom does not know it (private ones).
+    allowed_sop_classes: list[str] = Field(default_factory=list)
+    ignored_sop_classes: list[str] = Field(default_factory=list)  # answered Success, not kept
     duplicates: DuplicatePolicy = DuplicatePolicy.OVERWRITE
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _sop = field_validator("allowed_sop_classes", "ignored_sop_classes")(_check_sop_classes)
 
 
 class SourceSettings(_Section):

@@ -34,11 +34,20 @@ from typing import Any, cast
 import pynetdicom
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    build_context,
+)
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    register_uid,
+    uid_to_service_class,
+)
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -610,6 +619,59 @@ class _TunedAssociation(Association):
                 return
 
 
+_register_lock = threading.Lock()
+
+
+def _storage_context(uid: str) -> PresentationContext | None:
+    """A storage presentation context for ``uid``, or None when pynetdicom knows it as
+    a class of another service.
+
+    A SOP class pynetdicom does not know (a vendor's private one, such as Siemens' CSA
+    Non-Image Storage, or one newer than it) is registered with its Storage service
+    first: its C-STOREs then reach our handler like any other.
+    """
+    with _register_lock:
+        if uid_to_service_class(uid) is ServiceClass:  # the base class: unknown
+            register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
+    if not issubclass(uid_to_service_class(uid), StorageServiceClass):
+        return None
+    return build_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+
+
+def negotiable_contexts(ae: AETitleSettings, supported: Sequence[PresentationContext],
+                        ) -> list[PresentationContext] | None:
+    """The presentation contexts an AE title accepts, from the server's ``supported``
+    ones (every storage SOP class pynetdicom knows, and Verification); None when it
+    accepts exactly those.
+
+    With ``allowed_sop_classes`` only those classes (and Verification); classes named
+    in ``allowed_sop_classes`` or ``ignored_sop_classes`` that the server lacks are
+    added, so that a private class can be allowed, or ignored rather than refused.
+    """
+    named = list(dict.fromkeys([*ae.allowed_sop_classes, *ae.ignored_sop_classes]))
+    if not named:
+        return None
+    have = {str(cx.abstract_syntax) for cx in supported}
+    extra = [cx for uid in named if uid not in have
+             if (cx := _storage_context(uid)) is not None]
+    if not ae.allowed_sop_classes:
+        return [*supported, *extra] if extra else None
+    keep = set(named) | {str(Verification)}
+    return [cx for cx in supported if str(cx.abstract_syntax) in keep] + extra
+
+
+def _sop_label(uid: str) -> str:
+    """``uid (its name)`` for a UID pydicom can name, else the UID."""
+    name = UID(uid).name
+    return f"{uid} ({name})" if name != uid else uid
+
+
+_REFUSAL = {  # A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2)
+    1: "user rejection", 2: "no reason", 3: "abstract syntax not supported",
+    4: "transfer syntaxes not supported",
+}
+
+
 class _SharedSyntaxContexts(list[PresentationContext]):
     """The server's supported presentation contexts, cheap to copy for each association.
 
@@ -750,6 +812,7 @@ class StorageSCP:
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -872,20 +935,36 @@ class StorageSCP:
             return
         ae = self.ae_settings(called)
         assert ae is not None
-        if ae.allowed_sop_classes:
-            # Contexts for other SOP classes are refused at negotiation (abstract syntax
-            # not supported): the peer learns it before sending anything.
-            allowed = set(ae.allowed_sop_classes) | {str(Verification)}
-            assoc.acceptor.supported_contexts = [
-                cx for cx in assoc.acceptor.supported_contexts
-                if str(cx.abstract_syntax) in allowed
-            ]
+        # Contexts for SOP classes the AE title does not take are refused at negotiation
+        # (abstract syntax not supported): the peer learns it before sending anything.
+        contexts = negotiable_contexts(ae, assoc.acceptor.supported_contexts)
+        if contexts is not None:
+            assoc.acceptor.supported_contexts = contexts
         _tune(assoc)
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
             self._counts["assoc:accepted"] += 1
         self.log.info("association requested", called_ae=called, calling_ae=calling,
                       peer=f"{address}:{port}")
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        """Log the presentation contexts refused: a modality's "no presentation context"
+        failure is explained here, with what would make the node take the class."""
+        refused = event.assoc.rejected_contexts
+        if not refused:
+            return
+        peer = self._peer(event.assoc)
+        classes = list(dict.fromkeys(_sop_label(str(cx.abstract_syntax)) for cx in refused))
+        shown = classes[:8] + ([f"... {len(classes) - 8} more"] if len(classes) > 8 else [])
+        unsupported = any(cx.result == 3 for cx in refused)
+        self.log.info(
+            "presentation contexts refused", called_ae=peer.called_ae,
+            calling_ae=peer.calling_ae, peer=f"{peer.address}:{peer.port}",
+            contexts=len(refused), sop_classes=shown,
+            reasons=sorted({_REFUSAL.get(int(cx.result or 0), str(cx.result)) for cx in refused}),
+            **({"hint": f"to take a SOP class, name it (UID or keyword) in {peer.called_ae}'s "
+                        "allowed_sop_classes, or in ignored_sop_classes to answer Success "
+                        "without keeping it"} if unsupported else {}))
 
     def _peer(self, assoc: Association) -> _Peer:
         with self._lock:

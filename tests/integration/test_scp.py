@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import structlog.testing
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -470,6 +471,72 @@ def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
         assert rn.store.count_instances() == 0
+
+
+SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # a vendor's private storage SOP class
+
+
+def _private_instance() -> Dataset:
+    ds = synthetic(generate_uid(), generate_uid())
+    ds.SOPClassUID = SIEMENS_CSA_NON_IMAGE
+    ds.file_meta.MediaStorageSOPClassUID = SIEMENS_CSA_NON_IMAGE
+    return ds
+
+
+def _send_private(port: int, called: str, ds: Dataset) -> int | None:
+    """C-STORE ``ds`` (a private SOP class) to ``called``; its status, or None when the
+    node refused the presentation context."""
+    ae = AE(ae_title="SIEMENSCT")
+    ae.add_requested_context(SIEMENS_CSA_NON_IMAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        if not any(cx.abstract_syntax == SIEMENS_CSA_NON_IMAGE
+                   for cx in assoc.accepted_contexts):
+            return None
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_a_private_sop_class_is_taken_when_named(tmp_path: Path) -> None:
+    """Modalities send vendor-private objects with their studies. Refused by default,
+    with a log line that says what to set; named in allowed_sop_classes it is stored as
+    sent, named in ignored_sop_classes it is answered Success and not kept. Keywords
+    (CTImageStorage) work where UIDs do."""
+    settings = node_settings(
+        tmp_path / "data",
+        ae_titles=[
+            AETitleSettings(ae_title="PLAIN"),
+            AETitleSettings(ae_title="KEEP",
+                            allowed_sop_classes=["CTImageStorage", SIEMENS_CSA_NON_IMAGE]),
+            AETitleSettings(ae_title="DROP", ignored_sop_classes=[SIEMENS_CSA_NON_IMAGE]),
+        ],
+    )
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+        assert _send_private(rn.port, "PLAIN", _private_instance()) is None
+        refused = [e for e in logs if e["event"] == "presentation contexts refused"]
+        assert refused and refused[0]["sop_classes"] == [SIEMENS_CSA_NON_IMAGE]
+        assert refused[0]["reasons"] == ["abstract syntax not supported"]
+        assert "PLAIN's allowed_sop_classes" in refused[0]["hint"]
+
+        dropped = _private_instance()
+        assert _send_private(rn.port, "DROP", dropped) == 0x0000
+        assert rn.store.get_instance(dropped.SOPInstanceUID) is None
+
+        kept = _private_instance()
+        assert _send_private(rn.port, "KEEP", kept) == 0x0000
+        record = rn.store.get_instance(kept.SOPInstanceUID)
+        assert record is not None and record.sop_class_uid == SIEMENS_CSA_NON_IMAGE
+        assert pydicom.dcmread(record.path) == kept
+        # KEEP takes CT (by keyword) but not MR: its allowed list is a whitelist
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title="KEEP")
+        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [CTImageStorage]
+        assoc.release()
 
 
 def _store_twice(tmp_path: Path, policy: str,

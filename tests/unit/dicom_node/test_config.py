@@ -246,3 +246,20 @@ def test_check_config_models_loads_each_model_and_names_the_broken_one(tmp_path:
     assert ok.split()[2:7] == ["OK", "classify,", "11", "labels,", "input"]
     bad = next(ln for ln in lines if ln.strip().startswith("broken"))
     assert "FAILED  BundleError: corrupt weights file" in bad and str(broken) in bad
+
+
+def test_sop_classes_by_uid_or_keyword(tmp_path: Path) -> None:
+    """An AE title's SOP class lists take UIDs (a vendor's private ones too) or pydicom's
+    keywords; a keyword with a slip is refused with the one meant."""
+    cfg = write(tmp_path, "ae_titles:\n  - ae_title: CT\n    allowed_sop_classes: "
+                          "[CTImageStorage, ' 1.3.12.2.1107.5.9.1 ', CTImageStorage]\n"
+                          "    ignored_sop_classes: [GrayscaleSoftcopyPresentationStateStorage]\n")
+    ae = load_settings(cfg, environ={}).ae_titles[0]
+    assert ae.allowed_sop_classes == ["1.2.840.10008.5.1.4.1.1.2", "1.3.12.2.1107.5.9.1"]
+    assert ae.ignored_sop_classes == ["1.2.840.10008.5.1.4.1.1.11.1"]
+    bad = write(tmp_path, "ae_titles:\n  - ae_title: CT\n    ignored_sop_classes: "
+                          "[CTImagStorage]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad, environ={})
+    assert "ae_titles.0.ignored_sop_classes" in str(info.value)
+    assert "did you mean 'CTImageStorage'?" in str(info.value)
