@@ -108,6 +108,9 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless (what cloud archives store and send)
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 

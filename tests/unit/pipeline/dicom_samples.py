@@ -15,11 +15,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+# Files of ours, made from pydicom's where pydicom ships none (tests/support/data/make_*.py)
+OWN_FILES = Path(__file__).resolve().parents[2] / "support" / "data"
 
 
 def bundled(name: str) -> Path:
-    """A file pydicom ships in its wheel (never downloaded); skips when absent."""
-    path = TEST_FILES / name
+    """A file pydicom ships in its wheel (never downloaded), or one of ``OWN_FILES``;
+    skips when absent."""
+    path = OWN_FILES / name if (OWN_FILES / name).exists() else TEST_FILES / name
     if not path.exists():
         pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
     return path

@@ -112,6 +112,7 @@ def test_mr_small_uses_first_window_from_file() -> None:
         "MR_small_RLE.dcm",
         "MR_small_jpeg_ls_lossless.dcm",
         "MR_small_jp2klossless.dcm",
+        "MR_small_htj2k.dcm",  # High-Throughput JPEG 2000, lossless (ours: OpenJPH)
         "MR_small_implicit.dcm",
         "MR_small_bigendian.dcm",
         "MR_small_expb.dcm",
