@@ -42,9 +42,9 @@ TEST_FILES = [
 ]
 
 
-# Ours (tests/support/data): High-Throughput JPEG 2000, which Debian's dcmtk 3.6.7 cannot
+# Ours (tests/support/files): High-Throughput JPEG 2000, which Debian's dcmtk 3.6.7 cannot
 # send; pynetdicom sends it.
-OWN_FILES = Path(__file__).resolve().parents[1] / "support" / "data"
+OWN_FILES = Path(__file__).resolve().parents[1] / "support" / "files"
 RAW_ONLY = ["MR_small_htj2k.dcm"]
 
 

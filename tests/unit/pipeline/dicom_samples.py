@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-# Files of ours, made from pydicom's where pydicom ships none (tests/support/data/make_*.py)
-OWN_FILES = Path(__file__).resolve().parents[2] / "support" / "data"
+# Files of ours, made from pydicom's where pydicom ships none (tests/support/files/make_*.py)
+OWN_FILES = Path(__file__).resolve().parents[2] / "support" / "files"
 
 
 def bundled(name: str) -> Path:
