@@ -260,8 +260,16 @@ def build_segmentation_sr(
 
 def _segments_with_frames(seg_ds: Dataset) -> set[int]:
     """The segment numbers that at least one frame of a SEG holds."""
+    shared = seg_ds.get("SharedFunctionalGroupsSequence")
+    if shared and "SegmentIdentificationSequence" in shared[0]:
+        # Every frame holds the same segment (a SEG of one segment): highdicom then puts
+        # its identification in the shared functional groups, not in each frame's.
+        frames = int(seg_ds.get("NumberOfFrames") or 0)
+        number = int(shared[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        return {number} if frames else set()
     return {int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            for frame in seg_ds.PerFrameFunctionalGroupsSequence}
+            for frame in seg_ds.PerFrameFunctionalGroupsSequence
+            if "SegmentIdentificationSequence" in frame}
 
 
 def write_sr(sr: ComprehensiveSR, path: Path) -> Artifact:

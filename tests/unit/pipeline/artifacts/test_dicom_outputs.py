@@ -309,6 +309,28 @@ def test_empty_segment_and_empty_labelmap(
     dciodvfy(sr_art.path)
 
 
+def test_a_model_of_one_structure_gets_its_seg_and_sr(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """A model that segments one organ (MONAI's spleen bundle) makes a SEG of one
+    segment, whose frames highdicom identifies once, in the shared functional groups:
+    the volumes SR read each frame's and failed every such job."""
+    one = dataclasses.replace(seg_result, labels=(seg_result.labels == 2).astype(np.uint8),
+                              segments=[Segment(1, "Spleen", 1.25)])
+    art, seg_ds = write_segmentation(one, ct_series, tmp_path / "seg.dcm", INFO)
+    assert "SegmentIdentificationSequence" in seg_ds.SharedFunctionalGroupsSequence[0]
+    dciodvfy(art.path)
+    sr_art = write_sr(build_segmentation_sr(one, ct_series, INFO, seg_ds=seg_ds),
+                      tmp_path / "sr.dcm")
+    segrefs = [i for i in _content_items(pydicom.dcmread(sr_art.path)) if i.ValueType == "IMAGE"
+               and "ReferencedSegmentNumber" in i.ReferencedSOPSequence[0]]
+    assert [i.ReferencedSOPSequence[0].ReferencedSegmentNumber for i in segrefs] == [1]
+    dciodvfy(sr_art.path)
+
+
 ANONYMISED_AWAY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
                    "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
