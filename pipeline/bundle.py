@@ -65,10 +65,18 @@ class LoadedModel:
     gradcam_guided: bool = False  # Guided Grad-CAM: times the guided-backprop saliency
     gradcam_sigma: float = 0.0  # Gaussian smoothing of that saliency, in input pixels
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Model Zoo style: the transforms work on dictionaries (``keys``), from the input
+    # key to the output key of ``network_data_format`` (see :meth:`prepare`); None for
+    # transforms on bare arrays.
+    io_keys: tuple[str, str] | None = None
+    # inference.json as written, for references between its sections (``@preprocessing``
+    # in an Invertd, ``@bundle_root``) when dictionary transforms are built
+    inference_config: dict[str, Any] = field(default_factory=dict, repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # On CPU, run the network as a frozen TorchScript trace (see :func:`frozen_trace`).
     optimize: bool = True
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
+    _post: Callable[[Any], Any] | None = field(default=None, repr=False)
     _inferer: Any = field(default=None, repr=False)
     # the frozen trace (see network_for); tried once, None when refused
     _fast: _Traced | None = field(default=None, repr=False)
@@ -99,12 +107,50 @@ class LoadedModel:
 
     def preprocess(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
         """Apply the declared preprocessing to one channel-less image/volume -> C x ...."""
+        return self.prepare(array)[0]
+
+    def prepare(self, array: np.ndarray[Any, Any],
+                affine: np.ndarray[Any, Any] | None = None) -> tuple[torch.Tensor, Any]:
+        """The declared preprocessing of one channel-less image (rows x columns) or volume
+        (slices x rows x columns): the network's input (C x ...) and what
+        :meth:`finish` needs to undo it.
+
+        A Model Zoo bundle's dictionary transforms get what MONAI's ``LoadImaged`` would
+        have given them for the same DICOM: the array indexed (column, row[, slice]) and,
+        for a volume, ``affine`` (the node's voxel-to-LPS matrix, in that index order) as
+        MONAI's RAS affine, so that its Orientationd and Spacingd see the geometry. The
+        bundle's own loader is left out: the node reads the DICOM.
+        """
+        if self.io_keys is None:
+            if self._pre is None:
+                self._pre = _build_transforms(self.preprocessing, self.path)
+            return _plain(self._pre(array)), None
         if self._pre is None:
-            self._pre = _build_transforms(self.preprocessing, self.path)
-        out = self._pre(array)
-        if hasattr(out, "as_tensor"):  # MetaTensor -> plain tensor
-            out = out.as_tensor()
-        return torch.as_tensor(out).float()
+            self._pre, self._post = _build_dictionary_transforms(self)
+        data = self._pre({self.io_keys[0]: _as_loaded(array, affine)})
+        return _plain(data[self.io_keys[0]]), data
+
+    def finish(self, output: torch.Tensor, context: Any) -> torch.Tensor:
+        """A Model Zoo bundle's postprocessing of the network's ``output`` (C x ...) for
+        the input :meth:`prepare` gave ``context`` for, back in the node's index order
+        (C x slices x rows x columns); ``output`` as it is for array transforms.
+
+        Its writers are left out (the node writes its own outputs); an ``Invertd`` in it
+        brings the prediction back onto the image's own grid.
+        """
+        if self.io_keys is None or context is None:
+            return output
+        pred: Any = output
+        if self._post is not None:
+            from monai.data.meta_tensor import MetaTensor
+
+            data = dict(context)
+            data[self.io_keys[1]] = MetaTensor(output, meta=dict(context[self.io_keys[0]].meta))
+            pred = self._post(data)[self.io_keys[1]]
+        plain = _plain(pred)
+        # (C, column, row[, slice]) -> (C, [slice,] row, column)
+        result: torch.Tensor = plain.permute(0, *range(plain.dim() - 1, 0, -1))
+        return result
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network (through the declared inferer, e.g. a sliding window) -> logits."""
@@ -247,7 +293,9 @@ def _build_transforms(transforms: list[dict[str, Any]], where: Path) -> Callable
     # MONAI's and process-wide; nothing in the node reads a tensor's meta.
     from monai.data.meta_obj import set_track_meta
 
-    set_track_meta(False)
+    with _meta_lock:
+        if not _meta_needed:
+            set_track_meta(False)
     return _parse({"_target_": "Compose", "transforms": transforms}, where,  # type: ignore[no-any-return]
                   "preprocessing")
 
@@ -260,6 +308,89 @@ def _transform_list(section: Any) -> list[dict[str, Any]]:
     if isinstance(section, list):
         return list(section)
     return [section]
+
+
+def _plain(value: Any) -> torch.Tensor:
+    if hasattr(value, "as_tensor"):  # MetaTensor -> plain tensor
+        value = value.as_tensor()
+    return torch.as_tensor(value).float()
+
+
+# A Model Zoo bundle's transforms run from a file loader to a file writer. The node reads
+# the DICOM and writes its own outputs, so those are left out; the rest runs as written.
+_LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
+_WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
+_meta_lock = threading.Lock()
+_meta_needed = False  # once a dictionary bundle is built, MetaTensors stay tracked
+
+
+def _target(transform: Any) -> str:
+    """A transform's class name (``LoadImaged`` from ``monai.transforms.LoadImaged``)."""
+    target = transform.get("_target_") if isinstance(transform, dict) else None
+    return str(target).rsplit(".", 1)[-1] if target else ""
+
+
+def _uses_dictionaries(transforms: list[dict[str, Any]]) -> bool:
+    return any(isinstance(t, dict) and "keys" in t for t in transforms)
+
+
+def _io_keys(meta: dict[str, Any]) -> tuple[str, str]:
+    """The input and output keys a dictionary bundle names (``image`` and ``pred``)."""
+    fmt = meta.get("network_data_format") if isinstance(meta, dict) else None
+    keys = []
+    for side, default in (("inputs", "image"), ("outputs", "pred")):
+        names = list((fmt or {}).get(side) or {}) if isinstance(fmt, dict) else []
+        keys.append(str(names[0]) if names else default)
+    return keys[0], keys[1]
+
+
+def _as_loaded(array: np.ndarray[Any, Any], affine: np.ndarray[Any, Any] | None) -> Any:
+    """``array`` (rows x columns, or slices x rows x columns) as MONAI's LoadImage gives a
+    DICOM image: indexed (column, row[, slice]), no channel, with a RAS affine."""
+    from monai.data.meta_tensor import MetaTensor
+
+    loaded = np.ascontiguousarray(np.transpose(np.asarray(array)))
+    spatial = loaded.ndim
+    if affine is None:
+        affine = np.eye(4)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)  # LPS->RAS
+    if spatial == 2:  # a plane: MONAI's 2-D affine is 3 x 3
+        ras = ras[np.ix_([0, 1, 3], [0, 1, 3])]
+    tensor = torch.from_numpy(loaded)
+    return MetaTensor(tensor, affine=torch.as_tensor(ras), meta={
+        "original_channel_dim": float("nan"), "original_affine": ras.copy(),
+        "spatial_shape": np.asarray(loaded.shape), "space": "RAS",
+        "filename_or_obj": "dicom"})
+
+
+def _build_dictionary_transforms(
+        model: LoadedModel) -> tuple[Callable[[Any], Any], Callable[[Any], Any] | None]:
+    """A dictionary bundle's preprocessing and postprocessing, from one parser of its
+    inference.json so that ``@preprocessing`` in the postprocessing is the very object
+    that ran (an Invertd undoes what that object did, and only that)."""
+    global _meta_needed
+    from monai.bundle.config_parser import ConfigParser
+    from monai.data.meta_obj import set_track_meta
+
+    with _meta_lock:  # Orientationd, Spacingd and Invertd read the tensors' meta
+        _meta_needed = True
+        set_track_meta(True)
+    config = copy.deepcopy(model.inference_config)
+    config["imports"] = [*config.get("imports", []), "$import torch", "$import monai"]
+    config["bundle_root"] = str(model.path)
+    pre = [t for t in model.preprocessing if _target(t) not in _LOADERS]
+    post = [t for t in model.postprocessing if _target(t) not in _WRITERS]
+    config["preprocessing"] = {"_target_": "Compose", "transforms": copy.deepcopy(pre)}
+    config["postprocessing"] = {"_target_": "Compose", "transforms": copy.deepcopy(post)}
+    where = model.path / "configs" / "inference.json"
+    parser = ConfigParser(config)
+    built = []
+    for key in ("preprocessing", "postprocessing"):
+        try:
+            built.append(parser.get_parsed_content(key))
+        except Exception as exc:
+            raise BundleError(f"{where}: cannot instantiate '{key}': {exc}") from exc
+    return built[0], built[1] if post else None
 
 
 def _labels_from(meta: dict[str, Any]) -> list[str]:
@@ -370,6 +501,7 @@ def _load_bundle(folder: Path) -> LoadedModel:
     labels = _labels_from(meta)
     if not labels:
         raise BundleError(f"{meta_path}: no 'labels' (or output channel_def)")
+    pre = _transform_list(inference.get("preprocessing"))
     return LoadedModel(
         name=str(meta.get("name") or folder.name),
         version=str(meta.get("version", "0")),
@@ -379,10 +511,12 @@ def _load_bundle(folder: Path) -> LoadedModel:
         network=network.eval(),
         path=folder,
         source=source,
-        preprocessing=_transform_list(inference.get("preprocessing")),
+        preprocessing=pre,
         inferer=inference.get("inferer"),
         postprocessing=_transform_list(inference.get("postprocessing")),
         metadata=meta,
+        io_keys=_io_keys(meta) if _uses_dictionaries(pre) else None,
+        inference_config=inference,
         **_gradcam_options(meta, meta_path),
     )
 

@@ -128,6 +128,8 @@ def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
     heat_t = torch.stack(maps).mean(0)
     if guided:
         heat_t = heat_t * guided_saliency(model, x, idx, sigma)
+    if model.io_keys is not None:  # a Model Zoo bundle's input is indexed (column, row)
+        heat_t = heat_t.transpose(-1, -2)
     out_size = tuple(int(s) for s in np.asarray(image).shape[-2:])
     heat_t = torch.nn.functional.interpolate(heat_t, size=out_size, mode="bilinear",
                                              align_corners=False)[0, 0]

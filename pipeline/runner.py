@@ -32,6 +32,7 @@ from pipeline.io import (
     Image2D,
     InputError,
     Source,
+    Volume,
     load_ct_volume,
     load_image_2d,
     number_of_frames,
@@ -589,23 +590,10 @@ class PipelineRunner:
         t0 = time.perf_counter()
         volume = load_ct_volume(list(sources),
                                 modalities=spec.series.modalities or ("CT",))
-        view = AxialView.of(volume.direction)
-        axial = view.apply(volume.array)
-        tensor = model.preprocess(axial)
-        grid = model_grid(tuple(tensor.shape[1:]), view.spacing(volume.spacing),
-                          model_spacing(model))
-        if grid is not None:  # the model only knows organs at the size it was trained on
-            tensor = resample(torch.as_tensor(tensor), grid)
-        t1 = time.perf_counter()
-        logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
-                                                   version=model.version))
-        del tensor
-        if grid is not None:
-            labels = resampled_label_map(logits, tuple(axial.shape))
+        if model.io_keys is None:
+            labels, t1 = self._labels_axial(spec, model, volume)
         else:
-            labels = label_map(logits)
-        del logits, axial  # C x the volume in float32: not kept while the artifacts are written
-        labels = view.undo(labels)  # the source's slices, as the SEG references them
+            labels, t1 = self._labels_by_bundle(spec, model, volume)
         t2 = time.perf_counter()
         if labels.shape != volume.array.shape:
             raise PipelineError(f"model {spec.model!r} returned a {labels.shape} label map "
@@ -634,6 +622,52 @@ class PipelineRunner:
             series=self._series_info(model.name, model.version), sc=spec.secondary_capture)
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
+
+    def _labels_axial(self, spec: PipelineSpec, model: LoadedModel,
+                      volume: Volume) -> tuple[npt.NDArray[np.uint8], float]:
+        """The label map of ``volume`` (its own slice order) from a model whose transforms
+        take arrays: the volume in axial order, at the model's spacing when it declares
+        one (``pixdim_zyx_mm``); and when the input was ready."""
+        view = AxialView.of(volume.direction)
+        axial = view.apply(volume.array)
+        tensor = model.preprocess(axial)
+        grid = model_grid(tuple(tensor.shape[1:]), view.spacing(volume.spacing),
+                          model_spacing(model))
+        if grid is not None:  # the model only knows organs at the size it was trained on
+            tensor = resample(torch.as_tensor(tensor), grid)
+        ready = time.perf_counter()
+        logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
+                                                   version=model.version))
+        del tensor
+        if grid is not None:
+            labels = resampled_label_map(logits, tuple(axial.shape))
+        else:
+            labels = label_map(logits)
+        del logits, axial  # C x the volume in float32: not kept while the artifacts are written
+        return view.undo(labels), ready  # the source's slices, as the SEG references them
+
+    def _labels_by_bundle(self, spec: PipelineSpec, model: LoadedModel,
+                          volume: Volume) -> tuple[npt.NDArray[np.uint8], float]:
+        """The label map of ``volume`` from a Model Zoo bundle (dictionary transforms):
+        its own preprocessing orients and resamples the volume from its geometry, and its
+        postprocessing (an Invertd) brings the prediction back; and when the input was
+        ready."""
+        tensor, context = model.prepare(volume.array, volume.affine())
+        ready = time.perf_counter()
+        out = torch.as_tensor(self.engine.infer(spec.model, tensor, version=model.version))
+        del tensor
+        pred = model.finish(out, context)
+        del out, context
+        if tuple(pred.shape[1:]) != volume.shape:
+            raise PipelineError(
+                f"model {spec.model!r} gave a {tuple(pred.shape[1:])} prediction for a "
+                f"{volume.shape} series: a bundle whose preprocessing reorients or resamples "
+                "needs an Invertd in its postprocessing to bring the prediction back")
+        if pred.shape[0] > 1:  # scores per channel
+            return label_map(pred), ready
+        labels: npt.NDArray[np.uint8] = (  # one channel: labels already (AsDiscreted)
+            pred[0].round().clamp(0, 255).to(torch.uint8).numpy())
+        return labels, ready
 
     @staticmethod
     def _series_info(model: str, version: str) -> art.SeriesInfo:

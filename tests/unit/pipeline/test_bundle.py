@@ -59,6 +59,29 @@ def test_tiny_bundle_loads_and_runs(tmp_path: Path) -> None:
     assert heat.min() >= 0.0 and heat.max() <= 1.0
 
 
+def test_a_model_zoo_classifier_takes_the_image_as_monai_loads_it(tmp_path: Path) -> None:
+    """A classifier whose transforms take dictionaries (the Model Zoo's way, from a
+    LoadImaged) gets the image as MONAI's loader gives it, indexed (column, row); its
+    Grad-CAM comes back at the image's own rows and columns."""
+    folder = make_tiny_bundle(tmp_path / "zoo")
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    inference["preprocessing"]["transforms"] = [
+        {"_target_": "LoadImaged", "keys": ["image"]},
+        {"_target_": "EnsureChannelFirstd", "keys": ["image"]},
+        {"_target_": "Resized", "keys": ["image"], "spatial_size": [32, 32], "mode": "area"},
+        {"_target_": "ScaleIntensityd", "keys": ["image"]}]
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    zoo, plain = load_model(folder), load_model(make_tiny_bundle(tmp_path / "plain"))
+    assert zoo.io_keys == ("image", "pred") and plain.io_keys is None
+    img = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    np.testing.assert_allclose(zoo.preprocess(img).numpy(),
+                               plain.preprocess(np.ascontiguousarray(img.T)).numpy(), atol=1e-6)
+    heat = gradcam(zoo, img, "b")
+    assert heat.shape == (50, 70)
+    np.testing.assert_allclose(heat, gradcam(plain, np.ascontiguousarray(img.T), "b").T,
+                               atol=1e-5)
+
+
 def test_bare_torchscript_with_sidecar(tmp_path: Path) -> None:
     b = make_tiny_bundle(tmp_path / "b", with_ts=True)
     ts = tmp_path / "model.ts"

@@ -508,3 +508,131 @@ def test_memory_left_reads_the_machine_and_its_container(tmp_path: Path) -> None
     (cgroup / "memory.stat").write_text("anon 2500000000\ninactive_file 500000000\n")
     assert memory_left(proc, cgroup) == (1_500_000_000, 4_000_000_000)
     assert memory_left(tmp_path / "nowhere", cgroup) is None
+
+
+def make_zoo_bundle(folder: Path, pixdim: tuple[float, float, float] = (3.0, 3.0, 2.5),
+                    ) -> Path:
+    """A bundle written as the MONAI Model Zoo writes them (spleen_ct_segmentation's
+    layout): dictionary transforms from a LoadImaged to a SaveImaged, reoriented to RAS
+    and resampled to its own spacing, an Invertd back, references between the sections
+    (``@preprocessing``, ``@bundle_root``) and keys from ``network_data_format``. Its
+    network is a 1x1x1 convolution that labels what is brighter than 0 HU, so where its
+    labels must land is known."""
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    weight = torch.zeros(2, 1, 1, 1, 1)
+    weight[1] = 20.0  # channel 1 wins where the scaled value is above 0.5 (0 HU)
+    torch.save({"weight": weight, "bias": torch.tensor([0.0, -10.0])},
+               folder / "models" / "model.pt")
+    inference = {
+        "imports": ["$import glob", "$import os"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "datalist": "$list(sorted(glob.glob('/nonexistent/*.nii.gz')))",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2,
+                        "kernel_size": 1},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": list(pixdim),
+             "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000,
+             "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True},
+            {"_target_": "EnsureTyped", "keys": "image"}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16],
+                    "sw_batch_size": 2, "overlap": 0.25},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+             "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
+             "output_ext": ".nii.gz"}]},
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
+                      "val_data_loader": "@dataloader", "network": "@network"},
+    }
+    meta = {"version": "0.2.0", "task": "Decathlon style threshold segmentation",
+            "network_data_format": {
+                "inputs": {"image": {"type": "image", "format": "hounsfield",
+                                     "num_channels": 1, "spatial_shape": [32, 32, 16]}},
+                "outputs": {"pred": {"type": "image", "format": "segmentation",
+                                     "num_channels": 2,
+                                     "channel_def": {"0": "background", "1": "tissue"}}}}}
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+def test_a_model_zoo_bundle_runs_its_own_transforms_on_the_series(tmp_path: Path) -> None:
+    """A Model Zoo bundle failed every job ("applying transform LoadImaged"): its
+    transforms take dictionaries from a file loader. The node now hands them what
+    LoadImaged would have made of the series (its geometry as a RAS affine) and leaves
+    out the loader and the writer. The labels land where the tissue is, in the series'
+    own slice order, for an axial series and for a coronal reformat of it."""
+    from pipeline.io import load_ct_volume
+
+    bundle = make_zoo_bundle(tmp_path / "zoo")
+    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
+                       [PipelineSpec(name="zoo", model="zoo", task="segment")])
+    r.start()
+    try:
+        assert r.failed == {}
+        model = r.model("zoo")
+        assert model.io_keys == ("image", "pred") and model.task == "segment"
+        assert model.labels == ["background", "tissue"]
+        files = write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)), tmp_path / "ct",
+                                   patient_id="ZOO")
+        out = r.run("zoo", files, tmp_path / "out")
+        labels = out.result.labels  # type: ignore[union-attr]
+        tissue = load_ct_volume(files).array > 0
+        assert labels.shape == tissue.shape == (16, 48, 40)
+        assert _dice(labels == 1, tissue) > 0.9
+        assert _dice(labels == 1, tissue[:, :, ::-1]) < 0.85  # a mirror would show
+        assert _dice(labels == 1, tissue[::-1]) < 0.85
+        assert {a.kind for a in out.artifacts} >= {"json", "seg"}
+        assert not (bundle / "eval").exists()  # its SaveImaged was left out
+
+        coronal = coronal_reformat([pydicom.dcmread(f) for f in files])
+        paths = []
+        for n, ds in enumerate(coronal):
+            paths.append(tmp_path / f"c{n:03d}.dcm")
+            ds.save_as(paths[-1])
+        resliced = r.run("zoo", paths, tmp_path / "coronal").result.labels  # type: ignore[union-attr]
+        assert resliced.shape == (48, 16, 40)
+        as_coronal = np.transpose(labels, (1, 0, 2))[:, ::-1, :]
+        assert _dice(resliced == 1, as_coronal == 1) > 0.9
+    finally:
+        r.close()
+
+
+def test_a_model_zoo_bundle_sees_the_series_in_ras_order(tmp_path: Path) -> None:
+    """What the network of a Model Zoo bundle gets: the series as MONAI's loader and
+    Orientationd(RAS) would give it, indices growing to the patient's right, anterior
+    and superior: an axial series (columns to the left, rows to the back) arrives with
+    both in-plane axes reversed, and a coronal reformat of it arrives the same."""
+    from pipeline.bundle import load_model
+    from pipeline.io import load_ct_volume
+
+    phantom = make_ct_phantom(5, shape=(16, 48, 40))  # spacing z 5, y 4, x 4 mm
+    model = load_model(make_zoo_bundle(tmp_path / "zoo", pixdim=(4.0, 4.0, 5.0)))
+    files = write_dicom_series(phantom, tmp_path / "ct", patient_id="ZOO")
+    axial = load_ct_volume(files)
+    x, _ = model.prepare(axial.array, axial.affine())
+    hu = np.transpose(axial.array, (2, 1, 0))[::-1, ::-1, :]  # (x, y, z) as R, A, S
+    expected = np.clip((hu + 1000) / 2000, 0, 1)
+    assert tuple(x.shape) == (1, 40, 48, 16)
+    np.testing.assert_allclose(x[0].numpy(), expected, atol=1e-4)
+
+    coronal = coronal_reformat([pydicom.dcmread(f) for f in files])
+    for n, ds in enumerate(coronal):
+        ds.save_as(tmp_path / f"c{n:03d}.dcm")
+    resliced = load_ct_volume(sorted(tmp_path.glob("c*.dcm")))
+    y, _ = model.prepare(resliced.array, resliced.affine())
+    np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-4)
