@@ -155,7 +155,9 @@ class LoadedModel:
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Run the network (through the declared inferer, e.g. a sliding window) -> logits."""
         if self._inferer is None and self.inferer is not None:
-            self._inferer = _parse(dict(self.inferer), self.path, "inferer")
+            config = self.inference_config or {"inferer": dict(self.inferer)}
+            root = self.path if self.path.is_dir() else None
+            self._inferer = _parse(config, self.path, "inferer", root)
         batch = batch.to(self.device)
         with torch.no_grad():
             network = self.network_for(batch)
@@ -276,12 +278,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _parse(config: dict[str, Any], where: Path, key: str) -> Any:
+def _parser(config: dict[str, Any], root: Path | None) -> Any:
+    """A MONAI ConfigParser over a copy of ``config`` (an inference.json), so that its
+    sections can refer to each other (``@image_key``, ``@displayable_configs#pixdim``);
+    ``@bundle_root`` is the bundle's folder. Only what a parsed section refers to is
+    instantiated (its data lists, evaluators and handlers are not)."""
     from monai.bundle.config_parser import ConfigParser
 
-    cfg = {"imports": ["$import torch", "$import monai"], key: copy.deepcopy(config)}
+    cfg = copy.deepcopy(config)
+    cfg["imports"] = [*cfg.get("imports", []), "$import torch", "$import monai"]
+    if root is not None:
+        cfg["bundle_root"] = str(root)
+    return ConfigParser(cfg)
+
+
+def _parse(config: dict[str, Any], where: Path, key: str, root: Path | None = None) -> Any:
+    """Instantiate section ``key`` of ``config`` (see :func:`_parser`)."""
     try:
-        return ConfigParser(cfg).get_parsed_content(key)
+        return _parser(config, root).get_parsed_content(key)
     except Exception as exc:
         raise BundleError(f"{where}: cannot instantiate '{key}': {exc}") from exc
 
@@ -296,8 +310,9 @@ def _build_transforms(transforms: list[dict[str, Any]], where: Path) -> Callable
     with _meta_lock:
         if not _meta_needed:
             set_track_meta(False)
-    return _parse({"_target_": "Compose", "transforms": transforms}, where,  # type: ignore[no-any-return]
-                  "preprocessing")
+    return _parse(  # type: ignore[no-any-return]
+        {"preprocessing": {"_target_": "Compose", "transforms": transforms}}, where,
+        "preprocessing")
 
 
 def _transform_list(section: Any) -> list[dict[str, Any]]:
@@ -369,21 +384,18 @@ def _build_dictionary_transforms(
     inference.json so that ``@preprocessing`` in the postprocessing is the very object
     that ran (an Invertd undoes what that object did, and only that)."""
     global _meta_needed
-    from monai.bundle.config_parser import ConfigParser
     from monai.data.meta_obj import set_track_meta
 
     with _meta_lock:  # Orientationd, Spacingd and Invertd read the tensors' meta
         _meta_needed = True
         set_track_meta(True)
-    config = copy.deepcopy(model.inference_config)
-    config["imports"] = [*config.get("imports", []), "$import torch", "$import monai"]
-    config["bundle_root"] = str(model.path)
     pre = [t for t in model.preprocessing if _target(t) not in _LOADERS]
     post = [t for t in model.postprocessing if _target(t) not in _WRITERS]
-    config["preprocessing"] = {"_target_": "Compose", "transforms": copy.deepcopy(pre)}
-    config["postprocessing"] = {"_target_": "Compose", "transforms": copy.deepcopy(post)}
+    parser = _parser({**model.inference_config,
+                      "preprocessing": {"_target_": "Compose", "transforms": pre},
+                      "postprocessing": {"_target_": "Compose", "transforms": post}},
+                     model.path)
     where = model.path / "configs" / "inference.json"
-    parser = ConfigParser(config)
     built = []
     for key in ("preprocessing", "postprocessing"):
         try:
@@ -479,7 +491,7 @@ def _load_bundle(folder: Path) -> LoadedModel:
     pt, ts = folder / "models" / "model.pt", folder / "models" / "model.ts"
     network: torch.nn.Module
     if pt.is_file() and "network_def" in inference:
-        network = _parse(inference["network_def"], inf_path, "network_def")
+        network = _parse(inference, inf_path, "network_def", folder)
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -511,44 +511,52 @@ def test_memory_left_reads_the_machine_and_its_container(tmp_path: Path) -> None
 
 
 def make_zoo_bundle(folder: Path, pixdim: tuple[float, float, float] = (3.0, 3.0, 2.5),
-                    ) -> Path:
+                    labels_first: bool = False) -> Path:
     """A bundle written as the MONAI Model Zoo writes them (spleen_ct_segmentation's
     layout): dictionary transforms from a LoadImaged to a SaveImaged, reoriented to RAS
     and resampled to its own spacing, an Invertd back, references between the sections
     (``@preprocessing``, ``@bundle_root``) and keys from ``network_data_format``. Its
     network is a 1x1x1 convolution that labels what is brighter than 0 HU, so where its
-    labels must land is known."""
+    labels must land is known. Its sections refer to settings elsewhere in the file, as
+    wholeBody_ct_segmentation's do; ``labels_first`` takes the argmax before the Invertd
+    (nearest), as that bundle does, instead of after it."""
     (folder / "configs").mkdir(parents=True)
     (folder / "models").mkdir()
     weight = torch.zeros(2, 1, 1, 1, 1)
     weight[1] = 20.0  # channel 1 wins where the scaled value is above 0.5 (0 HU)
     torch.save({"weight": weight, "bias": torch.tensor([0.0, -10.0])},
                folder / "models" / "model.pt")
+    argmax = {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}
+    invert = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+              "orig_keys": "@image_key", "nearest_interp": labels_first, "to_tensor": True}
     inference = {
+        "displayable_configs": {"highres": True, "sw_batch_size": 2},
         "imports": ["$import glob", "$import os"],
+        "image_key": "image",
+        "num_classes": 2,
+        "pixdim": f"$[{pixdim[0]}, {pixdim[1]}, {pixdim[2]}] if "
+                  "@displayable_configs#highres else [9.0, 9.0, 9.0]",
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "datalist": "$list(sorted(glob.glob('/nonexistent/*.nii.gz')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2,
-                        "kernel_size": 1},
+        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1,
+                        "out_channels": "@num_classes", "kernel_size": 1},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image"},
-            {"_target_": "EnsureChannelFirstd", "keys": "image"},
-            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": list(pixdim),
+            {"_target_": "LoadImaged", "keys": "@image_key"},
+            {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+            {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "@image_key", "pixdim": "@pixdim",
              "mode": "bilinear"},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000,
+            {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": -1000,
              "a_max": 1000, "b_min": 0, "b_max": 1, "clip": True},
-            {"_target_": "EnsureTyped", "keys": "image"}]},
+            {"_target_": "EnsureTyped", "keys": "@image_key"}]},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32, 16],
-                    "sw_batch_size": 2, "overlap": 0.25},
+                    "sw_batch_size": "@displayable_configs#sw_batch_size", "overlap": 0.25},
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
-             "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            *([argmax, invert] if labels_first else [invert, argmax]),
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
              "output_ext": ".nii.gz"}]},
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device",
@@ -570,7 +578,9 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
-def test_a_model_zoo_bundle_runs_its_own_transforms_on_the_series(tmp_path: Path) -> None:
+@pytest.mark.parametrize("labels_first", [False, True])
+def test_a_model_zoo_bundle_runs_its_own_transforms_on_the_series(tmp_path: Path,
+                                                                   labels_first: bool) -> None:
     """A Model Zoo bundle failed every job ("applying transform LoadImaged"): its
     transforms take dictionaries from a file loader. The node now hands them what
     LoadImaged would have made of the series (its geometry as a RAS affine) and leaves
@@ -578,7 +588,7 @@ def test_a_model_zoo_bundle_runs_its_own_transforms_on_the_series(tmp_path: Path
     own slice order, for an axial series and for a coronal reformat of it."""
     from pipeline.io import load_ct_volume
 
-    bundle = make_zoo_bundle(tmp_path / "zoo")
+    bundle = make_zoo_bundle(tmp_path / "zoo", labels_first=labels_first)
     r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
                        [PipelineSpec(name="zoo", model="zoo", task="segment")])
     r.start()
