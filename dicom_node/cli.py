@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("path", type=Path, nargs="+", metavar="PATH",
                        help="a DICOM file, a series folder or a tree of studies")
     infer.add_argument("--model", "-m", metavar="NAME",
-                       help="a pipeline or model name (default: every pipeline a study suits)")
+                       help="a configured pipeline or model, or the path of a MONAI bundle "
+                       "folder or TorchScript file (with its .json) to try (default: every "
+                       "pipeline a study suits)")
     infer.add_argument("--out", "-o", type=Path, metavar="DIR", default=None,
                        help="where the results go (default ./dicom-node-results)")
     infer.add_argument("--device", choices=["auto", "cpu", "cuda"],

@@ -111,6 +111,34 @@ def scan(paths: Sequence[Path], progress: bool = True) -> tuple[list[Study], lis
     return list(studies.values()), skipped
 
 
+def with_model_file(settings: Settings, name: str) -> tuple[Settings, str]:
+    """``settings`` with a model and a pipeline for the bundle folder or TorchScript
+    file ``name`` points to, and the pipeline's name; as they were when ``name`` is a
+    configured pipeline or model, or no such file. The task and the modality come from
+    the model's metadata; every output the task has is written."""
+    from pipeline.bundle import BundleError, describe
+    from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules, Task
+
+    path = Path(name).expanduser()
+    configured = {p.name for p in settings.pipelines} | {p.model for p in settings.pipelines}
+    if name in configured or not path.exists():
+        return settings, name
+    try:
+        task, modality = describe(path)
+    except BundleError as exc:
+        raise UsageError(f"--model {name}: {exc}") from None
+    stem = path.resolve().name.removesuffix(path.suffix) if path.is_file() else \
+        path.resolve().name
+    label = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip("._-")
+    label = label or "model"
+    model = ModelSpec(name=label, path=path.resolve())
+    pipeline = PipelineSpec(name=label, model=label, task=Task(task),
+                            series=SeriesRules(modalities=[modality] if modality else []))
+    return settings.model_copy(update={
+        "models": [*settings.models, model],
+        "pipelines": [p for p in settings.pipelines if p.name != label] + [pipeline]}), label
+
+
 def choose(settings: Settings, name: str | None) -> list[PipelineSpec]:
     """The pipelines ``--model`` names (a pipeline, or every pipeline of a model), or all."""
     pipelines = list(settings.pipelines)
@@ -159,6 +187,8 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 
     show = sys.stderr.isatty() if progress is None else progress
+    if model is not None:  # a bundle folder or model file given by its path
+        settings, model = with_model_file(settings, model)
     specs = choose(settings, model)
     studies, not_dicom = scan(paths, show)
     say = (lambda text: print(text, file=sys.stderr)) if as_json else print

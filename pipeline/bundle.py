@@ -36,8 +36,8 @@ import torch
 
 from pipeline.settings import ModelSpec
 
-__all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "frozen_trace",
-           "load_model", "resolve_device"]
+__all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "describe",
+           "frozen_trace", "load_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -541,10 +541,30 @@ def _default_preprocessing(task: str, size: tuple[int, ...] | None) -> list[dict
     return steps
 
 
-def _load_file(path: Path) -> LoadedModel:
+def _sidecar(path: Path) -> Path:
     sidecar = Path(str(path) + ".json")
     if not sidecar.is_file() and path.with_suffix(".json").is_file():
         sidecar = path.with_suffix(".json")
+    return sidecar
+
+
+def describe(path: str | Path) -> tuple[str, str | None]:
+    """A bundle folder's or TorchScript file's task (``classify`` or ``segment``) and
+    the input modality its metadata names (``CT``), if any, read without loading it.
+
+    Raises BundleError when it has no metadata to read.
+    """
+    path = Path(path)
+    meta = _read_json(path / "configs" / "metadata.json" if path.is_dir() else _sidecar(path))
+    try:
+        modality = meta["network_data_format"]["inputs"]["image"]["modality"]
+    except (KeyError, TypeError):
+        modality = None
+    return _task_from(meta), str(modality).upper() if isinstance(modality, str) else None
+
+
+def _load_file(path: Path) -> LoadedModel:
+    sidecar = _sidecar(path)
     meta = _read_json(sidecar)
     network = _load_torchscript(path)
     labels = _labels_from(meta)

@@ -186,3 +186,32 @@ def test_a_study_no_pipeline_suits_says_what_keeps_it_out(tmp_path: Path) -> Non
     assert lines[ct + 1].strip().startswith("ct-organs: series ")
     assert "2 image(s), fewer than the" in lines[ct + 1]
     assert "no pipeline takes MR (cxr-findings takes CR, DX; ct-organs takes CT)" in done.stdout
+
+
+def test_a_bundle_folder_can_be_tried_by_its_path(tmp_path: Path) -> None:
+    """An AI engineer tries a bundle on files before configuring it: ``--model`` takes
+    its folder; the task and the modality come from its metadata (named, it runs every
+    study, and says why a radiograph does not suit a CT model). A folder that is no
+    bundle says what is missing."""
+    from tests.unit.pipeline.test_runner import make_zoo_bundle
+
+    bundle = make_zoo_bundle(tmp_path / "my bundle")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["modality"] = "CT"
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    root = _tree(tmp_path)
+    done = infer(str(root / "ct"), "--model", str(bundle), "--out", str(tmp_path / "r"),
+                 "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert [(r["pipeline"], r["ok"]) for r in results] == [("my-bundle", True)]
+    assert [s["name"] for s in results[0]["segments"]] == ["tissue"]
+    assert (tmp_path / "r" / "my-bundle").is_dir()
+    mixed = infer(str(root), "--model", str(bundle), "--out", str(tmp_path / "r"),
+                  cwd=tmp_path)
+    assert mixed.returncode == 1
+    assert "modality CR not in ['CT']" in mixed.stderr
+
+    bad = infer(str(root), "--model", str(tmp_path), cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "configs/metadata.json" in bad.stderr
