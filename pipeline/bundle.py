@@ -90,6 +90,16 @@ class LoadedModel:
             return len(self.spatial_size)
         return 2 if self.task == "classify" else 3
 
+    @property
+    def in_channels(self) -> int:
+        """The channels the network takes (``num_channels`` of the input in
+        ``network_data_format``; 1 when not declared)."""
+        try:
+            n = self.metadata["network_data_format"]["inputs"]["image"]["num_channels"]
+        except (KeyError, TypeError):
+            return 1
+        return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 else 1
+
     def to(self, device: torch.device | str) -> LoadedModel:
         """Move the network to ``device`` (in place) and return self."""
         self.device = torch.device(device)
@@ -115,20 +125,28 @@ class LoadedModel:
         (slices x rows x columns): the network's input (C x ...) and what
         :meth:`finish` needs to undo it.
 
-        A Model Zoo bundle's dictionary transforms get what MONAI's ``LoadImaged`` would
-        have given them for the same DICOM: the array indexed (column, row[, slice]) and,
-        for a volume, ``affine`` (the node's voxel-to-LPS matrix, in that index order) as
-        MONAI's RAS affine, so that its Orientationd and Spacingd see the geometry. The
-        bundle's own loader is left out: the node reads the DICOM.
+        A grey image becomes as many identical channels as the network takes
+        (:attr:`in_channels`). A Model Zoo bundle's dictionary transforms get what MONAI's
+        ``LoadImaged`` would have given them for the same DICOM: the array indexed
+        (column, row[, slice]) and, for a volume, ``affine`` (the node's voxel-to-LPS
+        matrix, in that index order) as MONAI's RAS affine, so that its Orientationd and
+        Spacingd see the geometry. The bundle's own loader is left out: the node reads
+        the DICOM.
         """
         if self.io_keys is None:
             if self._pre is None:
                 self._pre = _build_transforms(self.preprocessing, self.path)
-            return _plain(self._pre(array)), None
+            return self._channels(_plain(self._pre(array))), None
         if self._pre is None:
             self._pre, self._post = _build_dictionary_transforms(self)
         data = self._pre({self.io_keys[0]: _as_loaded(array, affine)})
-        return _plain(data[self.io_keys[0]]), data
+        return self._channels(_plain(data[self.io_keys[0]])), data
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        """A one-channel image repeated into every channel of a network that takes more
+        (an ImageNet-style classifier gets a grey radiograph as R = G = B)."""
+        n = self.in_channels
+        return x.repeat(n, *([1] * (x.dim() - 1))) if x.shape[0] == 1 and n > 1 else x
 
     def finish(self, output: torch.Tensor, context: Any) -> torch.Tensor:
         """A Model Zoo bundle's postprocessing of the network's ``output`` (C x ...) for

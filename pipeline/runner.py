@@ -390,7 +390,8 @@ class PipelineRunner:
                 # One channel of the model's input size; a segmenter's (its sliding
                 # window's patch) warms up the window and takes the CPU trace at start,
                 # not during the first study.
-                sample = None if model.spatial_size is None else (1, *model.spatial_size)
+                sample = None if model.spatial_size is None else (model.in_channels,
+                                                                  *model.spatial_size)
                 workers, threads = parallelism(spec, model)
                 self.engine.add_model(
                     spec.name, _Network(model), version=model.version, default=spec.default,

@@ -82,6 +82,45 @@ def test_a_model_zoo_classifier_takes_the_image_as_monai_loads_it(tmp_path: Path
                                atol=1e-5)
 
 
+def test_a_network_of_three_channels_gets_a_grey_image_in_each(tmp_path: Path) -> None:
+    """An ImageNet-style classifier (``num_channels`` 3) is warmed up with three channels
+    and gets a grey radiograph as R = G = B; it failed its warm-up (one channel) and
+    never loaded."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.runner import PipelineRunner
+    from pipeline.settings import ModelSpec, PipelineSpec
+    from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+
+    folder = make_tiny_bundle(tmp_path / "rgb")
+    net_def = {**NET_DEF, "in_channels": 3}
+    net = ConfigParser({"network_def": net_def}).get_parsed_content("network_def")
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").write_text(
+        json.dumps({**inference, "network_def": net_def}))
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta["network_data_format"]["inputs"]["image"]["num_channels"] = 3
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+
+    model = load_model(folder)
+    assert model.in_channels == 3
+    img = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    x = model.preprocess(img)
+    assert tuple(x.shape) == (3, 32, 32) and torch.equal(x[0], x[2])
+    runner = PipelineRunner([ModelSpec(name="rgb", path=folder)],
+                            [PipelineSpec(name="rgb", model="rgb", task="classify",
+                                          threshold=0.01)])
+    runner.start()
+    try:
+        assert runner.failed == {}
+        out = runner.run("rgb", [write_dicom(make_cxr_phantom(1), tmp_path / "cr.dcm")],
+                         tmp_path / "out")
+        assert len(out.result.findings) == 3  # type: ignore[union-attr]
+    finally:
+        runner.close()
+
+
 def test_bare_torchscript_with_sidecar(tmp_path: Path) -> None:
     b = make_tiny_bundle(tmp_path / "b", with_ts=True)
     ts = tmp_path / "model.ts"
