@@ -516,6 +516,10 @@ def _load_bundle(folder: Path) -> LoadedModel:
             raise BundleError(f"corrupt weights file {pt}: {_load_error(exc)}") from exc
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
+        if isinstance(state, dict) and state and all(
+                isinstance(k, str) and k.startswith("module.") for k in state):
+            # saved from a DataParallel / DistributedDataParallel wrapper
+            state = {k.removeprefix("module."): v for k, v in state.items()}
         try:
             network.load_state_dict(state)
         except Exception as exc:

@@ -121,6 +121,18 @@ def test_a_network_of_three_channels_gets_a_grey_image_in_each(tmp_path: Path) -
         runner.close()
 
 
+def test_weights_saved_from_a_data_parallel_wrapper_load(tmp_path: Path) -> None:
+    """Weights trained on several GPUs are often saved from the DataParallel wrapper,
+    every key prefixed ``module.``, inside a checkpoint's ``model``: they load as the
+    network's own."""
+    folder = make_tiny_bundle(tmp_path / "ddp")
+    plain = torch.load(folder / "models" / "model.pt", weights_only=True)
+    torch.save({"model": {f"module.{k}": v for k, v in plain.items()}, "epoch": 7},
+               folder / "models" / "model.pt")
+    loaded = load_model(folder).network.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in plain.items())
+
+
 def test_bare_torchscript_with_sidecar(tmp_path: Path) -> None:
     b = make_tiny_bundle(tmp_path / "b", with_ts=True)
     ts = tmp_path / "model.ts"
