@@ -29,6 +29,7 @@ HU in their own pre-processing.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -1126,6 +1127,13 @@ def select_series(
         elif views and not any(_view_fits(ds, views) for _, ds in members):
             seen = sorted({_view(ds) for _, ds in members})
             reason = f"view position {'/'.join(seen)} not in {sorted(views)}"
+        elif by_description := _description_misfit(first, rules):
+            reason = by_description
+        elif (thickness := _slice_thickness(first)) is not None and \
+                rules.slice_thickness_mm is not None and \
+                not rules.slice_thickness_mm[0] <= thickness <= rules.slice_thickness_mm[1]:
+            low, high = rules.slice_thickness_mm
+            reason = f"slice thickness {thickness:g} mm, not {low:g}-{high:g} mm"
         else:
             usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])
                       and _view_fits(m[1], views)]
@@ -1154,6 +1162,12 @@ def select_series(
             f"body parts={sorted(body_parts) or 'any'}, "
             f"SOP classes={sorted(sop_classes) or 'any'}, min instances={rules.min_instances}"
             + (f", view positions={sorted(views)}" if views else "")
+            + (f", series descriptions={rules.series_descriptions}"
+               if rules.series_descriptions else "")
+            + (f", not {rules.exclude_series_descriptions}"
+               if rules.exclude_series_descriptions else "")
+            + (f", slice thickness {rules.slice_thickness_mm[0]:g}-"
+               f"{rules.slice_thickness_mm[1]:g} mm" if rules.slice_thickness_mm else "")
         )
         raise SeriesError(
             f"no series matches the model's rules ({wanted}); "
@@ -1177,6 +1191,36 @@ def select_series(
         headers=[ds for _, ds in chosen],
         rejected=rejected,
     )
+
+
+def _description_misfit(ds: Dataset, rules: SeriesRules) -> str:
+    """Why a series' description keeps it from ``rules`` ('' when it does not)."""
+    if not (rules.series_descriptions or rules.exclude_series_descriptions):
+        return ""
+    text = str(ds.get("SeriesDescription", "") or "").strip()
+    folded = text.casefold()
+    for pattern in rules.exclude_series_descriptions:
+        if fnmatch.fnmatchcase(folded, pattern.casefold()):
+            return f"description {text!r} excluded ({pattern!r})"
+    if rules.series_descriptions and not any(
+            fnmatch.fnmatchcase(folded, p.casefold()) for p in rules.series_descriptions):
+        return f"description {text!r} matches none of {rules.series_descriptions}"
+    return ""
+
+
+def _slice_thickness(ds: Dataset) -> float | None:
+    """Slice Thickness in mm: the image's, or an enhanced object's shared Pixel Measures."""
+    value = ds.get("SliceThickness")
+    if value in (None, ""):
+        try:
+            value = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
+        except (AttributeError, IndexError, KeyError):
+            return None
+    try:
+        thickness = float(value)
+    except (TypeError, ValueError):
+        return None
+    return thickness if math.isfinite(thickness) and thickness > 0 else None
 
 
 def series_refusal(

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
@@ -66,6 +66,25 @@ class SeriesRules(_Frozen):
     view_positions: list[str] = Field(default_factory=list)
     # fewest images: single-frame instances, or the frames of a multi-frame object
     min_instances: int = Field(default=1, ge=1)
+    # Series Description patterns (shell-style, any case: "*ABD*", "*portal*"): only a
+    # series whose description matches one is taken; exclude_...: none that matches one
+    # ("*BONE*", "*LUNG*": a sharp-kernel reconstruction of the same slices)
+    series_descriptions: list[str] = Field(default_factory=list)
+    exclude_series_descriptions: list[str] = Field(default_factory=list)
+    # [thinnest, thickest] Slice Thickness in mm (an image that does not say is taken)
+    slice_thickness_mm: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SeriesRules:
+        if self.slice_thickness_mm is not None:
+            low, high = self.slice_thickness_mm
+            if not 0 <= low <= high:
+                raise ValueError("slice_thickness_mm is [thinnest, thickest], 0 <= thinnest "
+                                 "<= thickest")
+        if any(not p.strip() for p in [*self.series_descriptions,
+                                       *self.exclude_series_descriptions]):
+            raise ValueError("a series description pattern is empty")
+        return self
 
 
 class SecondaryCaptureSpec(_Frozen):

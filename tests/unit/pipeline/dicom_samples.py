@@ -86,19 +86,19 @@ def ct_slice(
 ) -> Dataset:
     """A CT slice whose HU are all ``value`` (stored with intercept -1024)."""
     stored = np.full(size, round(value + 1024), dtype=np.uint16)
+    defaults: dict[str, Any] = {
+        "SliceThickness": 2.5, "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "BodyPartExamined": "CHEST"}
     return make_image(
         stored,
         series_uid=series_uid,
         ImageOrientationPatient=list(orientation),
         ImagePositionPatient=list(position),
         PixelSpacing=list(spacing),
-        SliceThickness=2.5,
         RescaleSlope=1,
         RescaleIntercept=-1024,
         InstanceNumber=instance,
-        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
-        BodyPartExamined="CHEST",
-        **attrs,
+        **{**defaults, **attrs},
     )
 
 

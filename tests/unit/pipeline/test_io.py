@@ -727,6 +727,37 @@ def test_select_series_leaves_out_views_the_rules_do_not_take(tmp_path: Path) ->
     assert select_series([lateral], SeriesRules(modalities=["DX"])).paths == [lateral]
 
 
+def test_select_series_by_description_and_slice_thickness(
+    tmp_path: Path, write_series: WriteSeries,
+) -> None:
+    """A CT exam holds several axial reconstructions of the same slices: 1 mm with a
+    sharp (bone) kernel, the most images, and 5 mm soft tissue. By count the 1 mm bone
+    series wins; rules on Series Description (shell patterns, any case) or on Slice
+    Thickness take the one the model was trained on, and say why the others are out."""
+    bone = write_series([float(z) for z in range(0, 20)], folder="bone",
+                        SeriesDescription="Abdomen 1.0 BONE", SliceThickness=1.0)
+    soft = write_series([float(z) for z in range(0, 20, 5)], folder="soft",
+                        SeriesDescription="ABDOMEN 5.0 Soft Tissue", SliceThickness=5.0)
+    both = bone + soft
+    assert sorted(select_series(both, SeriesRules()).paths) == sorted(bone)  # type: ignore[type-var]
+    for rules in (SeriesRules(exclude_series_descriptions=["*bone*"]),
+                  SeriesRules(series_descriptions=["*SOFT*", "*portal*"]),
+                  SeriesRules(slice_thickness_mm=(3, 6))):
+        chosen = select_series(both, rules)
+        assert sorted(chosen.paths) == sorted(soft), rules  # type: ignore[type-var]
+    why = select_series(both, SeriesRules(exclude_series_descriptions=["*bone*"])).rejected
+    assert "description 'Abdomen 1.0 BONE' excluded ('*bone*')" in " ".join(why.values())
+    with pytest.raises(SeriesError) as info:
+        select_series(both, SeriesRules(slice_thickness_mm=(2, 3),
+                                        series_descriptions=["*abdomen*"]))
+    message = str(info.value)
+    assert "slice thickness 1 mm, not 2-3 mm" in message
+    assert "slice thickness 5 mm, not 2-3 mm" in message
+    assert "series descriptions=['*abdomen*'], slice thickness 2-3 mm" in message
+    with pytest.raises(ValueError, match="thinnest"):
+        SeriesRules(slice_thickness_mm=(5, 1))
+
+
 def test_select_series_explains_why_nothing_matches(study: dict[str, list[Path]]) -> None:
     paths = study["scout"] + study["axial"] + study["other"]
     with pytest.raises(SeriesError) as info:
