@@ -387,6 +387,10 @@ class PipelineRunner:
                 # This spec's own model: with versions read from metadata.json
                 # (spec.version None) get(name, None) would give every spec the default.
                 model = self.registry.load(spec)
+                if model.task == "segment" and model.spatial_dims != 3:
+                    raise BundleError(
+                        f"{model.path}: it segments {model.spatial_dims}-D images; the node "
+                        "segments 3-D series (CT volumes), and classifies 2-D images")
                 # One channel of the model's input size; a segmenter's (its sliding
                 # window's patch) warms up the window and takes the CPU trace at start,
                 # not during the first study.

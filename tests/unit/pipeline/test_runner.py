@@ -443,6 +443,33 @@ def test_demo_ct_model_segments_a_finer_ct_at_its_training_spacing(tmp_path: Pat
         assert dice >= 0.8, (name, dice)  # without resampling: spleen 0.26, left kidney 0.07
 
 
+def test_a_segmenter_of_2d_images_is_refused_at_start_with_the_reason(
+        tmp_path: Path) -> None:
+    """A 2-D segmentation model (a radiograph's lungs) has no pipeline to run in: it is
+    reported at start, not failed on every radiograph with "ImageOrientationPatient is
+    missing ... a volume needs it"."""
+    folder = make_tiny_seg_bundle(tmp_path / "seg2d")
+    net = {**SEG_NET, "spatial_dims": 2}
+    from monai.bundle import ConfigParser
+
+    torch.save(ConfigParser({"n": net}).get_parsed_content("n").state_dict(),
+               folder / "models" / "model.pt")
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    inference["network_def"] = net
+    del inference["inferer"]
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    (folder / "configs" / "metadata.json").write_text(
+        json.dumps({**meta, "spatial_size": [32, 32]}))
+    r = PipelineRunner([ModelSpec(name="lungs", path=folder)],
+                       [PipelineSpec(name="lungs", model="lungs", task="segment")])
+    r.start()
+    try:
+        assert "segments 2-D images; the node segments 3-D series" in r.failed["lungs"]
+    finally:
+        r.close()
+
+
 def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Path) -> None:
     """A bundle that loads but cannot run on its own declared input size fails alone: the
     runner (and so the node) starts, with the reason in ``failed``, and the other
