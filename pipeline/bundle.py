@@ -76,7 +76,11 @@ class LoadedModel:
     # On CPU, run the network as a frozen TorchScript trace (see :func:`frozen_trace`).
     optimize: bool = True
     _pre: Callable[[Any], Any] | None = field(default=None, repr=False)
-    _post: Callable[[Any], Any] | None = field(default=None, repr=False)
+    # a dictionary bundle's preprocessing and postprocessing, built together (see
+    # _build_dictionary_transforms): one attribute, so a caller never pairs one build's
+    # preprocessing with another's Invertd
+    _pair: tuple[Callable[[Any], Any], Callable[[Any], Any] | None] | None = field(
+        default=None, repr=False)
     _inferer: Any = field(default=None, repr=False)
     # the frozen trace (see network_for); tried once, None when refused
     _fast: _Traced | None = field(default=None, repr=False)
@@ -137,10 +141,11 @@ class LoadedModel:
             if self._pre is None:
                 self._pre = _build_transforms(self.preprocessing, self.path)
             return self._channels(_plain(self._pre(array))), None
-        if self._pre is None:
-            self._pre, self._post = _build_dictionary_transforms(self)
-        data = self._pre({self.io_keys[0]: _as_loaded(array, affine)})
-        return self._channels(_plain(data[self.io_keys[0]])), data
+        if self._pair is None:
+            self._pair = _build_dictionary_transforms(self)
+        pre, post = self._pair
+        data = pre({self.io_keys[0]: _as_loaded(array, affine)})
+        return self._channels(_plain(data[self.io_keys[0]])), (data, post)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         """A one-channel image repeated into every channel of a network that takes more
@@ -158,13 +163,15 @@ class LoadedModel:
         """
         if self.io_keys is None or context is None:
             return output
+        prepared, post = context
         pred: Any = output
-        if self._post is not None:
+        if post is not None:
             from monai.data.meta_tensor import MetaTensor
 
-            data = dict(context)
-            data[self.io_keys[1]] = MetaTensor(output, meta=dict(context[self.io_keys[0]].meta))
-            pred = self._post(data)[self.io_keys[1]]
+            data = dict(prepared)
+            data[self.io_keys[1]] = MetaTensor(output,
+                                               meta=dict(prepared[self.io_keys[0]].meta))
+            pred = post(data)[self.io_keys[1]]
         plain = _plain(pred)
         # (C, column, row[, slice]) -> (C, [slice,] row, column)
         result: torch.Tensor = plain.permute(0, *range(plain.dim() - 1, 0, -1))
@@ -310,19 +317,24 @@ def _parser(config: dict[str, Any], root: Path | None) -> Any:
     return ConfigParser(cfg)
 
 
-def _parse(config: dict[str, Any], where: Path, key: str, root: Path | None = None) -> Any:
-    """Instantiate section ``key`` of ``config`` (see :func:`_parser`)."""
+def _instantiate(parser: Any, key: str, where: Path) -> Any:
     try:
-        return _parser(config, root).get_parsed_content(key)
+        return parser.get_parsed_content(key)
     except Exception as exc:
         raise BundleError(f"{where}: cannot instantiate '{key}': {exc}") from exc
+
+
+def _parse(config: dict[str, Any], where: Path, key: str, root: Path | None = None) -> Any:
+    """Instantiate section ``key`` of ``config`` (see :func:`_parser`)."""
+    return _instantiate(_parser(config, root), key, where)
 
 
 def _build_transforms(transforms: list[dict[str, Any]], where: Path) -> Callable[[Any], Any]:
     # The node hands the transforms bare arrays (no affine, nothing to invert later)
     # and keeps only the plain tensor they give back, so MONAI's MetaTensor
     # bookkeeping is pure cost: ~40 % of a radiograph's preprocessing. The switch is
-    # MONAI's and process-wide; nothing in the node reads a tensor's meta.
+    # MONAI's and process-wide, so it stays on once a Model Zoo bundle is built: its
+    # Orientationd, Spacingd and Invertd read the geometry from the meta.
     from monai.data.meta_obj import set_track_meta
 
     with _meta_lock:
@@ -414,13 +426,8 @@ def _build_dictionary_transforms(
                       "postprocessing": {"_target_": "Compose", "transforms": post}},
                      model.path)
     where = model.path / "configs" / "inference.json"
-    built = []
-    for key in ("preprocessing", "postprocessing"):
-        try:
-            built.append(parser.get_parsed_content(key))
-        except Exception as exc:
-            raise BundleError(f"{where}: cannot instantiate '{key}': {exc}") from exc
-    return built[0], built[1] if post else None
+    return (_instantiate(parser, "preprocessing", where),
+            _instantiate(parser, "postprocessing", where) if post else None)
 
 
 def _labels_from(meta: dict[str, Any]) -> list[str]:
