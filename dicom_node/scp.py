@@ -959,7 +959,12 @@ class StorageSCP:
         peer = self._peer(event.assoc)
         classes = list(dict.fromkeys(_sop_label(str(cx.abstract_syntax)) for cx in refused))
         shown = classes[:8] + ([f"... {len(classes) - 8} more"] if len(classes) > 8 else [])
-        unsupported = any(cx.result == 3 for cx in refused)
+        # a storage class, or one pynetdicom does not know (a private one): listing it
+        # would make the node take it; a Query/Retrieve or worklist class would not
+        unsupported = any(cx.result == 3 and (
+            uid_to_service_class(str(cx.abstract_syntax)) is ServiceClass
+            or issubclass(uid_to_service_class(str(cx.abstract_syntax)), StorageServiceClass))
+            for cx in refused)
         self.log.info(
             "presentation contexts refused", called_ae=peer.called_ae,
             calling_ae=peer.calling_ae, peer=f"{peer.address}:{peer.port}",

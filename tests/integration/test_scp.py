@@ -17,6 +17,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 
@@ -528,6 +529,13 @@ def test_a_private_sop_class_is_taken_when_named(tmp_path: Path) -> None:
         assert refused and refused[0]["sop_classes"] == [SIEMENS_CSA_NON_IMAGE]
         assert refused[0]["reasons"] == ["abstract syntax not supported"]
         assert "PLAIN's allowed_sop_classes" in refused[0]["hint"]
+        # a class of a service the node does not offer gets no such advice
+        finder = AE(ae_title="RIS")
+        finder.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        finder.add_requested_context(Verification)
+        finder.associate("127.0.0.1", rn.port, ae_title="PLAIN").release()
+        last = [e for e in logs if e["event"] == "presentation contexts refused"][-1]
+        assert last["calling_ae"] == "RIS" and "hint" not in last
 
         dropped = _private_instance()
         assert _send_private(rn.port, "DROP", dropped) == 0x0000
