@@ -673,3 +673,24 @@ def test_a_model_zoo_bundle_sees_the_series_in_ras_order(tmp_path: Path) -> None
     resliced = load_ct_volume(sorted(tmp_path.glob("c*.dcm")))
     y, _ = model.prepare(resliced.array, resliced.affine())
     np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-4)
+
+
+def test_a_model_zoo_bundle_that_does_not_invert_its_resampling_says_so(
+        tmp_path: Path) -> None:
+    """A bundle that resamples in its preprocessing and has no Invertd gives labels on
+    its own grid: the job fails saying what the bundle lacks, not with a shape error."""
+    bundle = make_zoo_bundle(tmp_path / "zoo")
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    post = inference["postprocessing"]["transforms"]
+    inference["postprocessing"]["transforms"] = [t for t in post
+                                                 if t["_target_"] != "Invertd"]
+    (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
+    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
+                       [PipelineSpec(name="zoo", model="zoo", task="segment")])
+    r.start()
+    try:
+        files = write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)), tmp_path / "ct")
+        with pytest.raises(PipelineError, match="needs an Invertd in its postprocessing"):
+            r.run("zoo", files, tmp_path / "out")
+    finally:
+        r.close()
