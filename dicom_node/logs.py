@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
 from typing import Any, Literal
 
 import structlog
@@ -116,6 +117,10 @@ def configure_logging(
     # Python warnings (pydicom's about odd values, libraries' deprecations) become log
     # lines too, in the same format, instead of raw text on stderr.
     logging.captureWarnings(True)
+    if level != "debug":
+        # Libraries' notices of coming changes (MONAI's about a default a bundle relies
+        # on) address who writes code and bundles, not who runs the node.
+        warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("pynetdicom", "aiohttp.access", "sqlalchemy", "watchdog", "asyncio",
                   "highdicom", "monai"):
         logging.getLogger(noisy).setLevel(numeric if level == "debug" else logging.WARNING)

@@ -71,3 +71,23 @@ def test_library_messages_and_warnings_are_json_lines_without_the_values_they_qu
     assert warning.endswith("UserWarning: Invalid value for VR DA: '<value removed>'.")
     assert highdicom.startswith("The string '<value removed>' is unlikely")
     assert ours == "kept: 'as it is'"  # the node's own lines are its own business
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_libraries_notices_of_coming_changes_only_at_debug(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Model Zoo bundle made MONAI warn, on every start, that a default its Orientationd
+    relies on will change: a line for bundle authors that the log blanked into noise."""
+    for level, shown in (("info", False), ("debug", True)):
+        with warnings.catch_warnings():  # the filter configure_logging sets is undone
+            warnings.filterwarnings("always", category=UserWarning)
+            configure_logging(level, fmt="json")
+            warnings.warn_explicit("Default value changed to None", FutureWarning,
+                                   "deprecate_utils.py", 1, module="monai.utils")
+            warnings.warn("Invalid value for VR DA: '1958-01-01'.", UserWarning,
+                          stacklevel=1)
+            logging.captureWarnings(False)  # before catch_warnings puts showwarning back
+        out = capsys.readouterr().out
+        assert ("Default value changed" in out) is shown, level
+        assert "Invalid value for VR DA" in out  # pydicom's about a file: always
