@@ -148,10 +148,11 @@ class LoadedModel:
         return self._channels(_plain(data[self.io_keys[0]])), (data, post)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
-        """A one-channel image repeated into every channel of a network that takes more
-        (an ImageNet-style classifier gets a grey radiograph as R = G = B)."""
-        n = self.in_channels
-        return x.repeat(n, *([1] * (x.dim() - 1))) if x.shape[0] == 1 and n > 1 else x
+        """A one-channel image repeated into the three channels of a network that takes
+        colour (an ImageNet-style classifier gets a grey radiograph as R = G = B). Other
+        counts are distinct inputs (four MR sequences): the runner refuses those."""
+        return x.repeat(3, *([1] * (x.dim() - 1))) if x.shape[0] == 1 and \
+            self.in_channels == 3 else x
 
     def finish(self, output: torch.Tensor, context: Any) -> torch.Tensor:
         """A Model Zoo bundle's postprocessing of the network's ``output`` (C x ...) for

@@ -131,6 +131,15 @@ class _Network(torch.nn.Module):
         return self.model.infer(batch)
 
 
+def _channel_names(model: LoadedModel) -> str:
+    """`` (t1c, t1, t2, flair)``: what a bundle says its input channels are, if it does."""
+    try:
+        names = model.metadata["network_data_format"]["inputs"]["image"]["channel_def"]
+        return f" ({', '.join(str(names[k]) for k in sorted(names, key=int))})"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ""
+
+
 def _probabilities(logits: Any) -> list[float]:
     """Multi-label probabilities: a sigmoid over the classifier's outputs."""
     return [float(p) for p in torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()]
@@ -387,6 +396,11 @@ class PipelineRunner:
                 # This spec's own model: with versions read from metadata.json
                 # (spec.version None) get(name, None) would give every spec the default.
                 model = self.registry.load(spec)
+                if model.in_channels not in (1, 3):
+                    raise BundleError(
+                        f"{model.path}: its network takes {model.in_channels} channels"
+                        f"{_channel_names(model)}; the node gives a model one series (a "
+                        "grey image, or the same image in each of 3 colour channels)")
                 if model.task == "segment" and model.spatial_dims != 3:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "

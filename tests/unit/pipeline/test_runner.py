@@ -470,6 +470,24 @@ def test_a_segmenter_of_2d_images_is_refused_at_start_with_the_reason(
         r.close()
 
 
+def test_a_model_of_several_distinct_input_channels_is_refused_with_them(
+        tmp_path: Path) -> None:
+    """A network whose four channels are four MR sequences (BraTS) cannot be fed one
+    series repeated four times: it is reported at start, naming the channels."""
+    folder = make_tiny_seg_bundle(tmp_path / "brats")
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    meta["network_data_format"] = {"inputs": {"image": {
+        "num_channels": 4, "channel_def": {"0": "t1c", "1": "t1", "2": "t2", "3": "flair"}}}}
+    (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    r = PipelineRunner([ModelSpec(name="brats", path=folder)],
+                       [PipelineSpec(name="brats", model="brats", task="segment")])
+    r.start()
+    try:
+        assert "takes 4 channels (t1c, t1, t2, flair)" in r.failed["brats"]
+    finally:
+        r.close()
+
+
 def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Path) -> None:
     """A bundle that loads but cannot run on its own declared input size fails alone: the
     runner (and so the node) starts, with the reason in ``failed``, and the other
