@@ -21,6 +21,7 @@ Nothing here knows about particular models.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -103,6 +104,27 @@ class LoadedModel:
         except (KeyError, TypeError):
             return 1
         return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 else 1
+
+    @functools.cached_property
+    def activation(self) -> str:
+        """How a classifier's outputs become probabilities: ``softmax`` (one class of
+        several: they sum to 1) or ``sigmoid`` (each finding on its own, the default).
+        From the output's ``activation`` in ``network_data_format``, else from an
+        Activations(d) in the postprocessing."""
+        try:
+            outputs = self.metadata["network_data_format"]["outputs"]
+            declared = next(iter(outputs.values())).get("activation")
+        except (KeyError, TypeError, AttributeError, StopIteration):
+            declared = None
+        if declared in ("softmax", "sigmoid"):
+            return str(declared)
+        for t in self.postprocessing:
+            if _target(t) in ("Activations", "Activationsd", "ActivationsD", "ActivationsDict"):
+                if t.get("softmax") is True:
+                    return "softmax"
+                if t.get("sigmoid") is True:
+                    return "sigmoid"
+        return "sigmoid"
 
     def to(self, device: torch.device | str) -> LoadedModel:
         """Move the network to ``device`` (in place) and return self."""

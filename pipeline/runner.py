@@ -140,9 +140,13 @@ def _channel_names(model: LoadedModel) -> str:
         return ""
 
 
-def _probabilities(logits: Any) -> list[float]:
-    """Multi-label probabilities: a sigmoid over the classifier's outputs."""
-    return [float(p) for p in torch.sigmoid(torch.as_tensor(logits).float().reshape(-1)).tolist()]
+def _probabilities(model: LoadedModel, logits: Any) -> list[float]:
+    """A classifier's outputs as probabilities, by its :attr:`~LoadedModel.activation`:
+    a sigmoid per finding (multi-label), or a softmax over classes that exclude each
+    other (a breast density grade)."""
+    x = torch.as_tensor(logits).float().reshape(-1)
+    probs = torch.softmax(x, 0) if model.activation == "softmax" else torch.sigmoid(x)
+    return [float(p) for p in probs.tolist()]
 
 
 def parallelism(spec: ModelSpec, model: LoadedModel,
@@ -463,7 +467,7 @@ class PipelineRunner:
         """Classify one H x W image in [0, 1] through the batching engine."""
         model = self.classifier(name, version)
         out = self.engine.infer(name, model.preprocess(image), version=model.version)
-        return Prediction(model, list(model.labels), _probabilities(out))
+        return Prediction(model, list(model.labels), _probabilities(model, out))
 
     async def predict_async(self, model: LoadedModel, tensor: torch.Tensor) -> Prediction:
         """Classify one preprocessed sample (``model.preprocess``'s output) from asyncio.
@@ -471,7 +475,7 @@ class PipelineRunner:
         The sample joins the engine's next batch for that model; the loop is not blocked.
         """
         out = await self.engine.infer_async(model.name, tensor, version=model.version)
-        return Prediction(model, list(model.labels), _probabilities(out))
+        return Prediction(model, list(model.labels), _probabilities(model, out))
 
     def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
               ) -> list[float]:
@@ -567,7 +571,7 @@ class PipelineRunner:
         futures = [self.engine.submit(model.name, t, version=model.version) for t in tensors]
         out: list[tuple[ClassificationResult, PatientStudy]] = []
         for image, pid, future in zip(images, patient_ids, futures, strict=True):
-            probabilities = _probabilities(future.result())
+            probabilities = _probabilities(model, future.result())
             findings = [Finding(label, p >= spec.threshold, round(p, 4))
                         for label, p in zip(model.labels, probabilities, strict=False)]
             result = overall_result(findings)

@@ -133,6 +133,40 @@ def test_weights_saved_from_a_data_parallel_wrapper_load(tmp_path: Path) -> None
     assert all(torch.equal(loaded[k], v) for k, v in plain.items())
 
 
+@pytest.mark.parametrize("where", ["metadata", "postprocessing"])
+def test_a_classifier_of_exclusive_classes_gives_softmax_probabilities(
+        tmp_path: Path, where: str) -> None:
+    """A classifier whose classes exclude each other (a breast density grade) declares a
+    softmax, in its output's description or as its postprocessing's Activations: its
+    probabilities sum to 1. A sigmoid per class (the default, for findings that can
+    coexist) made each grade a separate yes/no."""
+    from pipeline.runner import PipelineRunner
+    from pipeline.settings import ModelSpec, PipelineSpec
+
+    folder = make_tiny_bundle(tmp_path / "density")
+    if where == "metadata":
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        meta["network_data_format"]["outputs"] = {"pred": {"activation": "softmax"}}
+        (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+    else:
+        inference = json.loads((folder / "configs" / "inference.json").read_text())
+        inference["postprocessing"] = {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}]}
+        (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    assert load_model(folder).activation == "softmax"
+    assert load_model(make_tiny_bundle(tmp_path / "plain")).activation == "sigmoid"
+    runner = PipelineRunner([ModelSpec(name="density", path=folder)],
+                            [PipelineSpec(name="density", model="density", task="classify")])
+    runner.start()
+    try:
+        img = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+        probs = runner.predict(img, "density").probabilities
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5) and len(probs) == 3
+    finally:
+        runner.close()
+
+
 def test_bare_torchscript_with_sidecar(tmp_path: Path) -> None:
     b = make_tiny_bundle(tmp_path / "b", with_ts=True)
     ts = tmp_path / "model.ts"
