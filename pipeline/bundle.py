@@ -159,15 +159,24 @@ class LoadedModel:
         Spacingd see the geometry. The bundle's own loader is left out: the node reads
         the DICOM.
         """
+        self.build_transforms()
         if self.io_keys is None:
-            if self._pre is None:
-                self._pre = _build_transforms(self.preprocessing, self.path)
+            assert self._pre is not None
             return self._channels(_plain(self._pre(array))), None
-        if self._pair is None:
-            self._pair = _build_dictionary_transforms(self)
+        assert self._pair is not None
         pre, post = self._pair
         data = pre({self.io_keys[0]: _as_loaded(array, affine)})
         return self._channels(_plain(data[self.io_keys[0]])), (data, post)
+
+    def build_transforms(self) -> None:
+        """Instantiate the declared pre- (and a Model Zoo bundle's post-) processing now,
+        rather than with the first image, so that a transform it cannot make fails the
+        model at start. Raises BundleError naming the section."""
+        if self.io_keys is None:
+            if self._pre is None:
+                self._pre = _build_transforms(self.preprocessing, self.path)
+        elif self._pair is None:
+            self._pair = _build_dictionary_transforms(self)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         """A one-channel image repeated into the three channels of a network that takes

@@ -405,6 +405,7 @@ class PipelineRunner:
                         f"{model.path}: its network takes {model.in_channels} channels"
                         f"{_channel_names(model)}; the node gives a model one series (a "
                         "grey image, or the same image in each of 3 colour channels)")
+                model.build_transforms()
                 if model.task == "segment" and model.spatial_dims != 3:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "

@@ -488,6 +488,24 @@ def test_a_model_of_several_distinct_input_channels_is_refused_with_them(
         r.close()
 
 
+def test_a_transform_the_bundle_cannot_make_fails_the_model_at_start(
+        tmp_path: Path) -> None:
+    """A slip in a bundle's preprocessing (a misspelt transform) shows at start, in the
+    failed models the node reports, not as the first study's failure."""
+    bundle = make_zoo_bundle(tmp_path / "zoo")
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    inference["preprocessing"]["transforms"][-1]["_target_"] = "EnsureTypd"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
+    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
+                       [PipelineSpec(name="zoo", model="zoo", task="segment")])
+    r.start()
+    try:
+        assert "cannot instantiate 'preprocessing'" in r.failed["zoo"]
+        assert "EnsureTypd" in r.failed["zoo"]
+    finally:
+        r.close()
+
+
 def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Path) -> None:
     """A bundle that loads but cannot run on its own declared input size fails alone: the
     runner (and so the node) starts, with the reason in ``failed``, and the other
