@@ -1127,13 +1127,8 @@ def select_series(
         elif views and not any(_view_fits(ds, views) for _, ds in members):
             seen = sorted({_view(ds) for _, ds in members})
             reason = f"view position {'/'.join(seen)} not in {sorted(views)}"
-        elif by_description := _description_misfit(first, rules):
-            reason = by_description
-        elif (thickness := _slice_thickness(first)) is not None and \
-                rules.slice_thickness_mm is not None and \
-                not rules.slice_thickness_mm[0] <= thickness <= rules.slice_thickness_mm[1]:
-            low, high = rules.slice_thickness_mm
-            reason = f"slice thickness {thickness:g} mm, not {low:g}-{high:g} mm"
+        elif misfit := _description_misfit(first, rules) or _thickness_misfit(first, rules):
+            reason = misfit
         else:
             usable = [m for m in members if "Rows" in m[1] and not _is_localizer(m[1])
                       and _view_fits(m[1], views)]
@@ -1206,6 +1201,17 @@ def _description_misfit(ds: Dataset, rules: SeriesRules) -> str:
             fnmatch.fnmatchcase(folded, p.casefold()) for p in rules.series_descriptions):
         return f"description {text!r} matches none of {rules.series_descriptions}"
     return ""
+
+
+def _thickness_misfit(ds: Dataset, rules: SeriesRules) -> str:
+    """Why a series' slice thickness keeps it from ``rules`` ('' when it does not, or
+    when its images do not say)."""
+    thickness = _slice_thickness(ds) if rules.slice_thickness_mm is not None else None
+    if thickness is None or rules.slice_thickness_mm is None:
+        return ""
+    low, high = rules.slice_thickness_mm
+    return "" if low <= thickness <= high else \
+        f"slice thickness {thickness:g} mm, not {low:g}-{high:g} mm"
 
 
 def _slice_thickness(ds: Dataset) -> float | None:
