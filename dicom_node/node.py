@@ -197,6 +197,9 @@ class Node:
         for name, problem in runner.failed.items():
             self.log.error("model failed to load; its pipelines will fail", model=name,
                            error=problem)
+        for name, problem in runner.mismatched().items():
+            self.log.error("pipeline does not suit its model; its jobs will fail",
+                           pipeline=name, error=problem)
         if self.settings.models:
             self.log.info("models ready", models=[m.name for m in self.settings.models],
                           failed=sorted(runner.failed))

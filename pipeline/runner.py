@@ -426,6 +426,21 @@ class PipelineRunner:
                     RuntimeError) as exc:  # EngineError: it cannot run its own warm-up
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
 
+    def mismatched(self) -> dict[str, str]:
+        """Pipelines whose task is not their loaded model's (a ``task: segment`` pipeline
+        on a classifier), each with the reason: every job of theirs would fail."""
+        out = {}
+        for spec in self.pipelines.values():
+            try:
+                model = self.model(spec.model, spec.model_version)
+            except KeyError:  # failed or unknown: reported as such
+                continue
+            if model.task != spec.task.value:
+                out[spec.name] = (f"task {spec.task.value}, but model {spec.model!r} "
+                                  f"{'classifies' if model.task == 'classify' else 'segments'}"
+                                  " (its metadata)")
+        return out
+
     def close(self) -> None:
         self.engine.close()
 

@@ -506,6 +506,21 @@ def test_a_transform_the_bundle_cannot_make_fails_the_model_at_start(
         r.close()
 
 
+def test_a_pipeline_whose_task_is_not_its_models_is_named(tmp_path: Path) -> None:
+    """``task: segment`` on a classifier: every job would fail; the runner names the
+    pipeline at start (the node logs it with the failed models)."""
+    r = PipelineRunner([ModelSpec(name="tiny", path=make_tiny_bundle(tmp_path / "tiny"))],
+                       [PipelineSpec(name="wrong", model="tiny", task="segment"),
+                        PipelineSpec(name="right", model="tiny", task="classify"),
+                        PipelineSpec(name="absent", model="nope", task="classify")])
+    r.start()
+    try:
+        assert r.mismatched() == {
+            "wrong": "task segment, but model 'tiny' classifies (its metadata)"}
+    finally:
+        r.close()
+
+
 def test_a_model_that_cannot_run_its_warm_up_is_reported_not_raised(tmp_path: Path) -> None:
     """A bundle that loads but cannot run on its own declared input size fails alone: the
     runner (and so the node) starts, with the reason in ``failed``, and the other
