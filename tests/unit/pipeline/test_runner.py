@@ -443,6 +443,16 @@ def test_demo_ct_model_segments_a_finer_ct_at_its_training_spacing(tmp_path: Pat
         assert dice >= 0.8, (name, dice)  # without resampling: spleen 0.26, left kidney 0.07
 
 
+def _failure_at_start(folder: Path, task: str = "segment") -> str:
+    """What a runner with only this model (and a pipeline of ``task``) reports for it at
+    start ('' when it loads)."""
+    r = PipelineRunner([ModelSpec(name="m", path=folder)],
+                       [PipelineSpec(name="m", model="m", task=task)])
+    r.start()
+    r.close()
+    return r.failed.get("m", "")
+
+
 def test_a_segmenter_of_2d_images_is_refused_at_start_with_the_reason(
         tmp_path: Path) -> None:
     """A 2-D segmentation model (a radiograph's lungs) has no pipeline to run in: it is
@@ -461,13 +471,7 @@ def test_a_segmenter_of_2d_images_is_refused_at_start_with_the_reason(
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
     (folder / "configs" / "metadata.json").write_text(
         json.dumps({**meta, "spatial_size": [32, 32]}))
-    r = PipelineRunner([ModelSpec(name="lungs", path=folder)],
-                       [PipelineSpec(name="lungs", model="lungs", task="segment")])
-    r.start()
-    try:
-        assert "segments 2-D images; the node segments 3-D series" in r.failed["lungs"]
-    finally:
-        r.close()
+    assert "segments 2-D images; the node segments 3-D series" in _failure_at_start(folder)
 
 
 def test_a_model_of_several_distinct_input_channels_is_refused_with_them(
@@ -479,13 +483,7 @@ def test_a_model_of_several_distinct_input_channels_is_refused_with_them(
     meta["network_data_format"] = {"inputs": {"image": {
         "num_channels": 4, "channel_def": {"0": "t1c", "1": "t1", "2": "t2", "3": "flair"}}}}
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
-    r = PipelineRunner([ModelSpec(name="brats", path=folder)],
-                       [PipelineSpec(name="brats", model="brats", task="segment")])
-    r.start()
-    try:
-        assert "takes 4 channels (t1c, t1, t2, flair)" in r.failed["brats"]
-    finally:
-        r.close()
+    assert "takes 4 channels (t1c, t1, t2, flair)" in _failure_at_start(folder)
 
 
 def test_a_transform_the_bundle_cannot_make_fails_the_model_at_start(
@@ -496,14 +494,8 @@ def test_a_transform_the_bundle_cannot_make_fails_the_model_at_start(
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     inference["preprocessing"]["transforms"][-1]["_target_"] = "EnsureTypd"
     (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
-    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
-                       [PipelineSpec(name="zoo", model="zoo", task="segment")])
-    r.start()
-    try:
-        assert "cannot instantiate 'preprocessing'" in r.failed["zoo"]
-        assert "EnsureTypd" in r.failed["zoo"]
-    finally:
-        r.close()
+    failure = _failure_at_start(bundle)
+    assert "cannot instantiate 'preprocessing'" in failure and "EnsureTypd" in failure
 
 
 def test_a_pipeline_whose_task_is_not_its_models_is_named(tmp_path: Path) -> None:
