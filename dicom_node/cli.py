@@ -250,7 +250,9 @@ def _check_models(settings: Settings) -> int:
     print("models (each loaded and warmed up as serve does):")
     failed = 0
     for spec in settings.models:
-        runner = PipelineRunner([spec], [], settings.model_path)
+        pipelines = [p for p in settings.pipelines if p.model == spec.name
+                     and p.model_version in (None, spec.version)]
+        runner = PipelineRunner([spec], pipelines, settings.model_path)
         t0 = time.perf_counter()
         try:
             runner.start()
@@ -265,6 +267,9 @@ def _check_models(settings: Settings) -> int:
             print(f"  {m.name + ' ' + m.version:24} OK      {m.task}, {len(m.labels)} labels, "
                   f"input {size}, {_SOURCES.get(m.source, m.source)} on {m.device}, "
                   f"{took:.1f} s")
+            for name, why in runner.mismatched().items():  # its jobs would all fail
+                failed += 1
+                print(f"  {'pipeline ' + name:24} FAILED  {why}")
         finally:
             runner.close()
     return 1 if failed else 0

@@ -238,7 +238,9 @@ def test_check_config_models_loads_each_model_and_names_the_broken_one(tmp_path:
     config = write(tmp_path, "models:\n"
                    "  - {name: cxr-findings, path: pipeline/models/cxr-findings}\n"
                    f"  - {{name: broken, path: {broken}}}\n"
-                   "ae_titles: []\nwatch: []\npipelines: []\n")
+                   "ae_titles: []\nwatch: []\npipelines:\n"
+                   "  - {name: chest, model: cxr-findings, task: classify}\n"
+                   "  - {name: oops, model: cxr-findings, task: segment}\n")
     r = _cli("check-config", str(config), "--models", "--data-dir", str(tmp_path / "data"))
     assert r.returncode == 1, r.stderr
     lines = r.stdout.splitlines()
@@ -246,6 +248,10 @@ def test_check_config_models_loads_each_model_and_names_the_broken_one(tmp_path:
     assert ok.split()[2:7] == ["OK", "classify,", "11", "labels,", "input"]
     bad = next(ln for ln in lines if ln.strip().startswith("broken"))
     assert "FAILED  BundleError: corrupt weights file" in bad and str(broken) in bad
+    # a pipeline whose task is not its model's: every job of it would fail
+    oops = next(ln for ln in lines if ln.strip().startswith("pipeline oops"))
+    assert "FAILED  task segment, but model 'cxr-findings' classifies" in oops
+    assert not any(ln.strip().startswith("pipeline chest") for ln in lines)
 
 
 def test_sop_classes_by_uid_or_keyword(tmp_path: Path) -> None:
