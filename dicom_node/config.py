@@ -66,6 +66,11 @@ def _check_ae_title(value: str) -> str:
 _UID_TEXT = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+def is_uid(text: str) -> bool:
+    """``text`` is a DICOM UID: digits and dots, at most 64 characters."""
+    return len(text) <= 64 and _UID_TEXT.match(text) is not None
+
+
 def _sop_class_keywords() -> dict[str, str]:
     """pydicom's SOP Class keywords (``CTImageStorage``) and their UIDs."""
     from pydicom._uid_dict import UID_dictionary
@@ -80,7 +85,7 @@ def _check_sop_classes(values: list[str]) -> list[str]:
     out = []
     for raw in values:
         value = str(raw).strip()
-        if _UID_TEXT.match(value) and len(value) <= 64:
+        if is_uid(value):
             out.append(value)
             continue
         keywords = keywords if keywords is not None else _sop_class_keywords()

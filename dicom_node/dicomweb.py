@@ -48,6 +48,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_node.config import is_uid
 from dicom_node.errors import InvalidInput, NodeError, NotFound
 from dicom_node.logs import get_logger
 
@@ -73,7 +74,6 @@ __all__ = [
 ]
 
 _SCHEMES = ("http", "https")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
 # Any transfer syntax the server has: no transcoding on the way out.
 _ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -368,7 +368,7 @@ _SERIES_NUMBER, _INSTANCE_NUMBER = "00200011", "00200013"
 
 
 def _check_uid(uid: str, what: str) -> str:
-    if not isinstance(uid, str) or not _UID.match(uid) or len(uid) > 64:
+    if not isinstance(uid, str) or not is_uid(uid):
         raise InvalidInput(f"{what} {uid!r} is not a valid DICOM UID")
     return uid
 

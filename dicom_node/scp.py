@@ -16,7 +16,6 @@ import copy
 import functools
 import os
 import queue
-import re
 import select
 import shutil
 import socket
@@ -52,7 +51,13 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import command_set, file_meta, spool
-from dicom_node.config import AETitleSettings, DuplicatePolicy, Settings, TlsSettings
+from dicom_node.config import (
+    AETitleSettings,
+    DuplicatePolicy,
+    Settings,
+    TlsSettings,
+    is_uid,
+)
 from dicom_node.dimse_status import (
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
@@ -114,7 +119,6 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "PatientID", "Modality", "AccessionNumber", "StudyDate",
@@ -130,7 +134,7 @@ def safe_uid(value: object, name: str) -> str:
     text = str(value or "").strip().rstrip("\x00").strip()
     if not text:
         raise InvalidInput(f"{name} is missing")
-    if len(text) > 64 or not _UID.match(text):
+    if not is_uid(text):
         raise InvalidInput(f"{name} is not a valid UID")
     return text
 
@@ -633,12 +637,19 @@ def _storage_context(uid: str) -> PresentationContext | None:
     Non-Image Storage, or one newer than it) is registered with its Storage service
     first: its C-STOREs then reach our handler like any other.
     """
+    if not _storable(uid):
+        return None
     with _register_lock:
         if uid_to_service_class(uid) is ServiceClass:  # the base class: unknown
             register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
-    if not issubclass(uid_to_service_class(uid), StorageServiceClass):
-        return None
     return build_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+
+
+def _storable(uid: str) -> bool:
+    """A storage SOP class, or one pynetdicom does not know (a private one): naming it
+    in an AE title's lists makes the node take it; a Query/Retrieve class would not."""
+    service = uid_to_service_class(uid)
+    return service is ServiceClass or issubclass(service, StorageServiceClass)
 
 
 def negotiable_contexts(ae: AETitleSettings, supported: Sequence[PresentationContext],
@@ -959,12 +970,8 @@ class StorageSCP:
         peer = self._peer(event.assoc)
         classes = list(dict.fromkeys(_sop_label(str(cx.abstract_syntax)) for cx in refused))
         shown = classes[:8] + ([f"... {len(classes) - 8} more"] if len(classes) > 8 else [])
-        # a storage class, or one pynetdicom does not know (a private one): listing it
-        # would make the node take it; a Query/Retrieve or worklist class would not
-        unsupported = any(cx.result == 3 and (
-            uid_to_service_class(str(cx.abstract_syntax)) is ServiceClass
-            or issubclass(uid_to_service_class(str(cx.abstract_syntax)), StorageServiceClass))
-            for cx in refused)
+        unsupported = any(cx.result == 3 and _storable(str(cx.abstract_syntax))
+                          for cx in refused)
         self.log.info(
             "presentation contexts refused", called_ae=peer.called_ae,
             calling_ae=peer.calling_ae, peer=f"{peer.address}:{peer.port}",

@@ -95,7 +95,7 @@ class LoadedModel:
             return len(self.spatial_size)
         return 2 if self.task == "classify" else 3
 
-    @property
+    @functools.cached_property
     def in_channels(self) -> int:
         """The channels the network takes (``num_channels`` of the input in
         ``network_data_format``; 1 when not declared)."""
@@ -426,7 +426,7 @@ def _as_loaded(array: np.ndarray[Any, Any], affine: np.ndarray[Any, Any] | None)
     DICOM image: indexed (column, row[, slice]), no channel, with a RAS affine."""
     from monai.data.meta_tensor import MetaTensor
 
-    loaded = np.ascontiguousarray(np.transpose(np.asarray(array)))
+    loaded = np.transpose(np.asarray(array))  # a view: the transforms copy as they go
     spatial = loaded.ndim
     if affine is None:
         affine = np.eye(4)
