@@ -58,6 +58,9 @@ class Node:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
+        # One runtime config change at a time: each builds on the settings the last one
+        # left, so ten changes at once must not each start from the same old settings.
+        self._config_lock = asyncio.Lock()
 
     def authenticator(self) -> Authenticator:
         """Checks HTTP credentials against this node's secret, public key and API keys."""
@@ -75,12 +78,13 @@ class Node:
                             create: bool = False) -> Settings:
         """Validate, persist and apply one runtime config change; tell the listeners."""
         assert self.store is not None
-        new = runtime_config.change(self.settings, kind, name, body, create=create)
-        stored = None if body is None else runtime_config.objects_of(new, kind)[name]
-        await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
-        self.settings = new
-        for listener in self.settings_listeners:
-            listener(new)
+        async with self._config_lock:
+            new = runtime_config.change(self.settings, kind, name, body, create=create)
+            stored = None if body is None else runtime_config.objects_of(new, kind)[name]
+            await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
+            self.settings = new
+            for listener in self.settings_listeners:
+                listener(new)
         self.log.info("configuration changed", kind=kind, name=name,
                       action="create" if create else "delete" if body is None else "update")
         return new

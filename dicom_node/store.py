@@ -479,6 +479,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
+    # Deleted and replaced rows are overwritten with zeros, not left in free pages: a
+    # request's credentials are removed from the file, not only from the table.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
 
 
@@ -1109,7 +1112,17 @@ class Store:
             changed = conn.execute(stmt).rowcount
             if changed:
                 self._event(conn, job_id, to, message, now)
+        if changed and "input" in values:
+            self._forget_old_pages()
         return bool(changed)
+
+    def _forget_old_pages(self) -> None:
+        """SQLite's write-ahead log keeps the pages a change replaced until a checkpoint;
+        copy them in and empty the log, so that removed credentials leave the disk too."""
+        if self.dialect != "sqlite":
+            return  # PostgreSQL: dead rows go at its next VACUUM
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def update_result(self, job_id: str, result: dict[str, Any], *,
                       token: str | None = None) -> bool:
@@ -1462,14 +1475,18 @@ class Store:
         """Create, replace or (with ``body=None``) tombstone one runtime config object."""
         now = utcnow()
         key = (config_objects.c.kind == kind) & (config_objects.c.name == name)
-        with self._begin() as conn:
-            found = conn.execute(sa.select(config_objects.c.name).where(key)).first()
-            if found:
-                conn.execute(config_objects.update().where(key).values(body=body,
-                                                                       updated_at=now))
-            else:
-                conn.execute(config_objects.insert().values(kind=kind, name=name, body=body,
-                                                            updated_at=now))
+        try:
+            with self._begin() as conn:
+                found = conn.execute(sa.select(config_objects.c.name).where(key)).first()
+                if found:
+                    conn.execute(config_objects.update().where(key).values(body=body,
+                                                                           updated_at=now))
+                else:
+                    conn.execute(config_objects.insert().values(kind=kind, name=name,
+                                                                body=body, updated_at=now))
+        except IntegrityError:  # another node sharing the database made it just now
+            raise Conflict(f"{kind} {name!r} was just created elsewhere; read it and use "
+                           "PUT to change it") from None
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 ``/config/ae``, ``/config/source``, ``/config/destination``: GET (list, one),
 POST (201; 409 if the name exists), PUT (update in place — the safe way to
 change a live AE title's timeout or pipelines), DELETE (204). Changes are kept
-in the store and merged over the YAML file at start-up.
+in the store and merged over the YAML file at start-up. A destination's
+``credentials`` are never shown: answers carry ``"********"`` in their place, and a
+PUT that sends that mask back keeps the credentials the object has.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ from aiohttp import web
 from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
 from rest.app import NODE, Route
 from rest.errors import ApiError
+
+SECRET_FIELDS = ("credentials",)
+MASK = "********"
+
+
+def _shown(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as an answer shows it: credentials masked."""
+    return {k: MASK if k in SECRET_FIELDS and v else v for k, v in body.items()}
 
 
 def _kind(request: web.Request) -> str:
@@ -49,7 +59,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 async def list_objects(request: web.Request) -> web.Response:
     kind = _kind(request)
     objs = objects_of(request.app[NODE].settings, kind)
-    return web.json_response([{**body, "origin": _origin(request, kind, name)}
+    return web.json_response([{**_shown(body), "origin": _origin(request, kind, name)}
                               for name, body in objs.items()])
 
 
@@ -58,7 +68,7 @@ async def get_object(request: web.Request) -> web.Response:
     body = objects_of(request.app[NODE].settings, kind).get(name)
     if body is None:
         raise ApiError(404, f"no {kind} named {name!r}")
-    return web.json_response({**body, "origin": _origin(request, kind, name)})
+    return web.json_response({**_shown(body), "origin": _origin(request, kind, name)})
 
 
 async def _change(request: web.Request, kind: str, name: str, body: dict[str, Any] | None,
@@ -78,14 +88,19 @@ async def create_object(request: web.Request) -> web.Response:
         raise ApiError(422, "the configuration object is invalid",
                        [{"field": key, "message": "required field is missing"}])
     await _change(request, kind, name.strip(), body, create=True)
-    return web.json_response(objects_of(request.app[NODE].settings, kind)[name.strip()],
+    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name.strip()]),
                              status=201)
 
 
 async def update_object(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
-    await _change(request, kind, name, await _body(request), create=False)
-    return web.json_response(objects_of(request.app[NODE].settings, kind)[name])
+    body = await _body(request)
+    current = objects_of(request.app[NODE].settings, kind).get(name) or {}
+    for key in SECRET_FIELDS:  # the mask an answer showed, sent back: keep what it hides
+        if body.get(key) == MASK and current.get(key):
+            body[key] = current[key]
+    await _change(request, kind, name, body, create=False)
+    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name]))
 
 
 async def delete_object(request: web.Request) -> web.Response:

@@ -471,3 +471,18 @@ def test_forgetting_a_study_forgets_its_drop_folder_inputs_only_where_asked(
     assert store.watch_input_known("moves", "sha-b")  # another study's
     assert all(store.watch_input_known("keeps", s) for s in ("sha-a", "sha-b", "sha-zip"))
     assert store.get_instance("a") is None and store.get_instance("b") is not None
+
+
+def test_removed_credentials_leave_the_database_files(sqlite_store: Store,
+                                                      tmp_path: Path) -> None:
+    """Not only the row: SQLite's free pages and write-ahead log lose them too."""
+    secret = "c2VjcmV0LXRva2VuLTEyMzQ1Njc4OQ=="
+    web = {"interface": "DICOMweb", "uri": "https://pacs/dicom-web", "authId": secret}
+    job = sqlite_store.create_job(NewJob(pipeline="p", input={"retrieve": {"sources": [web]}}))
+    claimed = sqlite_store.claim_next("n", 30)
+    assert claimed is not None
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("node.db*"))
+    assert secret.encode() in raw  # kept while the job may still need it
+    assert sqlite_store.transition(job.id, JobState.SUCCEEDED, token=claimed.lease_token)
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("node.db*"))
+    assert secret.encode() not in raw

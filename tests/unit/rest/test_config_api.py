@@ -76,3 +76,58 @@ async def test_crud_and_restart(aiohttp_client: Any, tmp_path: Path) -> None:
     async with running_node(settings) as node:
         assert node.settings.ae_title("CXR").timeout_s == 2  # type: ignore[union-attr]
         assert [d.name for d in node.settings.destinations] == []
+
+
+async def test_changes_at_the_same_time_all_apply(aiohttp_client: Any, tmp_path: Path) -> None:
+    """Ten creates at once: each is live (not only the last), and one name posted ten
+    times at once is created once and refused as a conflict nine times."""
+    import asyncio
+
+    data = tmp_path / "data"
+    async with running_node(node_settings(data, **CONFIG)) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+
+        def folder(name: str) -> dict[str, Any]:
+            return {"name": name, "type": "folder", "path": str(tmp_path / name)}
+
+        answers = await asyncio.gather(*(
+            c.post("/config/destination", json=folder(f"rd{i}"), headers=h) for i in range(10)
+        ))
+        assert [r.status for r in answers] == [201] * 10
+        live = {d.name for d in node.settings.destinations}
+        assert {f"rd{i}" for i in range(10)} <= live
+        for i in range(10):
+            assert (await c.get(f"/config/destination/rd{i}", headers=h)).status == 200
+
+        answers = await asyncio.gather(*(
+            c.post("/config/destination", json=folder("same"), headers=h) for _ in range(10)
+        ))
+        assert sorted(r.status for r in answers) == [201] + [409] * 9
+
+
+async def test_credentials_are_never_shown(aiohttp_client: Any, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_node(node_settings(data, **CONFIG)) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        web = {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
+               "auth": "basic", "credentials": "alice:s3cret"}
+        r = await c.post("/config/destination", json=web, headers=h)
+        assert r.status == 201 and "s3cret" not in await r.text()
+        for url in ("/config/destination", "/config/destination/web"):
+            r = await c.get(url, headers=h)
+            assert r.status == 200 and "s3cret" not in await r.text()
+        shown = await (await c.get("/config/destination/web", headers=h)).json()
+        assert shown["credentials"] == "********"
+        # what a GET showed, changed and PUT back, keeps the credentials it hid
+        shown.pop("origin")
+        r = await c.put("/config/destination/web", json={**shown, "url": "http://pacs/dw"},
+                        headers=h)
+        assert r.status == 200, await r.text()
+        dest = next(d for d in node.settings.destinations if d.name == "web")
+        assert dest.credentials == "alice:s3cret" and dest.url == "http://pacs/dw"
+        r = await c.put("/config/destination/web", json={**shown, "credentials": "bob:pw"},
+                        headers=h)
+        assert next(d for d in node.settings.destinations
+                    if d.name == "web").credentials == "bob:pw"
