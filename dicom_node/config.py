@@ -407,7 +407,46 @@ class Settings(_Section):
             _known(f"pipelines.{i}.destinations", p.destinations, destinations, "destinations")
         return self
 
+    @model_validator(mode="after")
+    def _folders_apart(self) -> Settings:
+        """The node's own folders do not overlap, and nothing else writes into them: a
+        drop folder over the studies would move them away, a folder destination inside a
+        drop folder would feed the node its own results."""
+        owned = self.node_folders()
+        keys = list(owned)
+        for i, key in enumerate(keys):
+            for other in keys[:i]:
+                a, b = owned[key], owned[other]
+                if a.is_relative_to(b) or b.is_relative_to(a):
+                    raise _KeyedError(key, f"{a} overlaps {other} ({b}); the node's "
+                                      "folders must be apart")
+        writers = [(f"watch.{i}.output", w.output) for i, w in enumerate(self.watch)]
+        writers += [(f"destinations.{i}.path", d.path) for i, d in enumerate(self.destinations)
+                    if d.type == "folder"]
+        for key, path in writers:
+            if path is None:
+                continue
+            holder = self.node_folder_holding(self.path(path))
+            if holder is not None and holder != "storage.results_dir":  # results: outputs
+                raise _KeyedError(key, f"{path} is inside {holder}, which the node "
+                                  "fills and empties itself; name a folder of your own")
+        return self
+
     # -- derived paths -------------------------------------------------------------
+
+    def node_folders(self) -> dict[str, Path]:
+        """The folders the node fills and empties itself, resolved, by their settings key:
+        the studies, the results and every drop folder."""
+        folders = {"storage.studies_dir": self.studies_dir,
+                   "storage.results_dir": self.results_dir}
+        folders.update({f"watch.{i}.path": self.path(w.path) for i, w in enumerate(self.watch)})
+        return {key: _resolved(p) for key, p in folders.items()}
+
+    def node_folder_holding(self, path: Path) -> str | None:
+        """The settings key of the node's own folder that holds ``path`` (links followed)."""
+        target = _resolved(path)
+        return next((key for key, folder in self.node_folders().items()
+                     if target.is_relative_to(folder)), None)
 
     def path(self, p: Path) -> Path:
         """Resolve a configured path: relative ones are relative to the data directory."""
@@ -451,6 +490,13 @@ class Settings(_Section):
             if ae.ae_title == called.strip():
                 return ae
         return None
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop: compare it as written
+        return path.absolute()
 
 
 def _unique(section: str, names: list[str]) -> None:

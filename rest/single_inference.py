@@ -138,6 +138,11 @@ def validate(body: Any, settings: Settings) -> SingleInferenceRequest:
         except ValueError:  # e.g. "12/34": it cannot name a folder
             raise _bad(f"Invalid patient_id: '{patient_id}' in the DICOM PatientID; give a "
                        "patient_id in the request body") from None
+    if output_dir is not None:
+        holder = settings.node_folder_holding(output_dir / patient_id)
+        if holder is not None:  # it would replace or feed what the node keeps there
+            raise _bad(f"Invalid path output_folder_path: {out_raw} (the results would go "
+                       f"inside the node's own folder {holder}; name a folder of your own)")
     return SingleInferenceRequest(path, save, patient_id, output_dir,
                                   out_raw if save else None)
 

@@ -94,6 +94,20 @@ def test_settings_are_frozen() -> None:
         ("models:\n  - {name: m, path: /}\npipelines:\n  - {name: c, model: m, task: classify,"
          " secondary_capture: {compression: png}}\n",
          "pipelines.0.secondary_capture.compression", "'none' or 'jpeg'"),
+        # the node's own folders apart, and nothing else writing into them
+        ("watch:\n  - {name: in, path: studies}\n", "watch.0.path",
+         "overlaps storage.studies_dir"),
+        ("watch:\n  - {name: in, path: .}\n", "watch.0.path", "overlaps storage.studies_dir"),
+        ("storage:\n  results_dir: studies/r\n", "storage.results_dir",
+         "overlaps storage.studies_dir"),
+        ("watch:\n  - {name: a, path: in}\n  - {name: b, path: in/sub}\n", "watch.1.path",
+         "overlaps watch.0.path"),
+        ("watch:\n  - {name: a, path: in, output: in/results}\n", "watch.0.output",
+         "inside watch.0.path"),
+        ("destinations:\n  - {name: d, type: folder, path: inbox/out}\n",
+         "destinations.0.path", "inside watch.0.path"),
+        ("destinations:\n  - {name: d, type: folder, path: studies}\n",
+         "destinations.0.path", "inside storage.studies_dir"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, problem: str) -> None:

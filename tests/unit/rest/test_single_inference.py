@@ -65,6 +65,7 @@ def _api_settings(tmp_path: Path, threshold: float, **rest: Any) -> Any:
         models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": threshold,
                     "series": {"modalities": ["CR", "DX"]}}],
+        watch=[{"name": "inbox", "path": "inbox"}],  # as the node's defaults have
         rest=rest,
     )
 
@@ -248,6 +249,26 @@ async def test_output_folder_outside_roots(api: Api) -> None:
     status, got = await api.post(body(api, save_to_disk=True, output_folder_path=str(out)))
     assert status == 400 and got["Message"].startswith("Invalid path output_folder_path:")
     assert list(api.outside.iterdir()) == []
+
+
+async def test_output_folder_inside_the_nodes_own_folders(api: Api) -> None:
+    """Inside the allowed roots but where the node keeps studies, job results or drop
+    folders: another job's results would be replaced, a drop folder fed."""
+    job = api.data / "results" / "0123456789abcdef"
+    job.mkdir(parents=True)
+    cases = [(str(job), "PAT7", "storage.results_dir"),
+             (str(api.data / "studies"), "PAT7", "storage.studies_dir"),
+             (str(api.data), "inbox", "watch.0.path")]
+    for out, pid, holder in cases:
+        status, got = await api.post(body(api, save_to_disk=True, output_folder_path=out,
+                                          patient_id=pid))
+        assert status == 400, got
+        assert got["Message"] == (f"Invalid path output_folder_path: {out} (the results "
+                                  f"would go inside the node's own folder {holder}; name a "
+                                  "folder of your own)")
+    assert list(job.iterdir()) == []
+    assert not (api.data / "studies" / "PAT7").exists()
+    assert not list((api.data / "inbox").iterdir())
 
 
 async def test_output_folder_cannot_be_created(api: Api) -> None:
