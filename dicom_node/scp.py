@@ -48,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     uid_to_service_class,
 )
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import command_set, file_meta, spool
@@ -686,6 +687,37 @@ _REFUSAL = {  # A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2)
 }
 
 
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, with the TLS handshake made on the connection's own thread.
+
+    pynetdicom makes it in the accept loop, with no time limit: one peer that connects
+    and never starts its handshake (a port scan, a modality set up without TLS) held
+    every other peer off until it left, and a failed handshake left no log line.
+    """
+
+    handshake_timeout_s: float = 30.0
+    log: Any = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = cast(socket.socket, self.socket).accept()
+        return sock, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+                if self.log is not None:
+                    self.log.warning("TLS handshake failed", error=str(exc) or type(exc).__name__,
+                                     peer=f"{client_address[0]}:{client_address[1]}")
+                with contextlib.suppress(OSError):
+                    request.close()
+                return
+        super().process_request_thread(request, client_address)
+
+
 class _SharedSyntaxContexts(list[PresentationContext]):
     """The server's supported presentation contexts, cheap to copy for each association.
 
@@ -797,7 +829,7 @@ class StorageSCP:
         self.on_instance = on_instance
         self.on_association_end = on_association_end
         self.log = get_logger("dimse.scp")
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _Server | None = None
         self._peers: dict[int, _Peer] = {}
         self._admitted: set[int] = set()  # associations counted against max_associations
         self._collectors: list[_Collector] = []
@@ -835,11 +867,15 @@ class StorageSCP:
         ]
         spool.install(self.writer.studies_dir)  # beside the studies; a full disk -> 0xA700
         ssl_ctx = server_ssl_context(self.settings, dimse.tls) if dimse.tls else None
-        server = ae.start_server(
-            (dimse.host, dimse.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
-        )
-        assert server is not None  # block=False: the running server
+        # ae.start_server(block=False), with our server class
+        server = cast(_Server, ae.make_server((dimse.host, dimse.port), evt_handlers=handlers,
+                                              ssl_context=ssl_ctx, server_class=_Server))
         server.contexts = _SharedSyntaxContexts(server.contexts)
+        server.handshake_timeout_s = dimse.acse_timeout_s
+        server.log = self.log
+        threading.Thread(target=make_target(server.serve_forever), name="dicom-accept",
+                         daemon=True).start()
+        ae._servers.append(server)  # as start_server does: its shutdown() takes it out
         self._server = server
         self.log.info("DICOM listening", host=dimse.host, port=self.port,
                       ae_titles=[a.ae_title for a in self.settings.ae_titles],
@@ -977,9 +1013,20 @@ class StorageSCP:
             calling_ae=peer.calling_ae, peer=f"{peer.address}:{peer.port}",
             contexts=len(refused), sop_classes=shown,
             reasons=sorted({_REFUSAL.get(int(cx.result or 0), str(cx.result)) for cx in refused}),
-            **({"hint": f"to take a SOP class, name it (UID or keyword) in {peer.called_ae}'s "
-                        "allowed_sop_classes, or in ignored_sop_classes to answer Success "
-                        "without keeping it"} if unsupported else {}))
+            **({"hint": self._take_hint(peer.called_ae)} if unsupported else {}))
+
+    def _take_hint(self, called_ae: str) -> str:
+        """What makes ``called_ae`` take a class it refused. An allow-list replaces the
+        default (every standard class): naming only the refused class there would
+        refuse the images, so the advice says so when the AE title has none yet."""
+        ae = self.settings.ae_title(called_ae)
+        listed = ae is not None and bool(ae.allowed_sop_classes)
+        keep = (f"add it (UID or keyword) to {called_ae}'s allowed_sop_classes" if listed else
+                f"list it (UID or keyword) in {called_ae}'s allowed_sop_classes together with "
+                "every class it should take (the list replaces the default of all standard "
+                "storage classes)")
+        return (f"to answer Success without keeping it, name it in ignored_sop_classes; to "
+                f"store it, {keep}")
 
     def _peer(self, assoc: Association) -> _Peer:
         with self._lock:

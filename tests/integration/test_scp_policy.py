@@ -72,6 +72,30 @@ def test_tls_with_client_verification(tmp_path: Path) -> None:
         assert not client.echo(Peer(NODE_AE, "127.0.0.1", rn.port, bad)).ok
 
 
+def test_tls_peer_that_sends_nothing_holds_no_one_off(tmp_path: Path) -> None:
+    """A connection to the TLS port that never starts its handshake (a port scan, a
+    modality set up without TLS that waits for the node to speak) must not hold the
+    accept loop: other peers still get through, and failed handshakes are logged."""
+    import socket
+
+    import structlog
+
+    pki = make_pki(tmp_path / "pki")
+    settings = node_settings(tmp_path / "data", dimse={"tls": TlsSettings(
+        certificate=pki["server.pem"], private_key=pki["server.key"],
+        ca_certificate=pki["ca.pem"])})
+    good = TlsSettings(certificate=pki["client.pem"], private_key=pki["client.key"],
+                       ca_certificate=pki["ca.pem"])
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs, \
+            socket.create_connection(("127.0.0.1", rn.port)):
+        # the silent connection is open; a real peer still gets its echo
+        assert DicomClient(rn.settings).echo(Peer(NODE_AE, "127.0.0.1", rn.port, good)).ok
+        assert echoscu(rn.port, NODE_AE).returncode != 0  # plain DICOM on the TLS port
+        failed = [e for e in logs if e["event"] == "TLS handshake failed"]
+        assert failed and failed[0]["peer"].startswith("127.0.0.1:")
+        assert failed[0]["error"]  # the reason ssl gave (wrong version number, ...)
+
+
 def test_low_disk_space_refuses_new_associations(tmp_path: Path) -> None:
     require("echoscu")
     settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # a petabyte free: never
