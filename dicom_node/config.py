@@ -376,35 +376,45 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
-        """Names used in one section must exist in another; names are unique."""
-        _unique("ae_titles", [a.ae_title for a in self.ae_titles])
-        _unique("sources", [s.name for s in self.sources])
-        _unique("destinations", [d.name for d in self.destinations])
-        _unique("pipelines", [p.name for p in self.pipelines])
-        _unique("watch", [w.name for w in self.watch])
-        _unique("models", [f"{m.name}@{m.version}" for m in self.models if m.version])
+        """Names used in one section must exist in another; names are unique. Every
+        problem is named at once, not one a run."""
+        found: list[tuple[str, str]] = []
+        _unique(found, "ae_titles", [a.ae_title for a in self.ae_titles])
+        _unique(found, "sources", [s.name for s in self.sources])
+        _unique(found, "destinations", [d.name for d in self.destinations])
+        _unique(found, "pipelines", [p.name for p in self.pipelines])
+        _unique(found, "watch", [w.name for w in self.watch])
+        _unique(found, "models", [f"{m.name}@{m.version}" for m in self.models if m.version])
         pipelines = {p.name for p in self.pipelines}
         destinations = {d.name for d in self.destinations}
         sources = {s.name for s in self.sources}
         models = {m.name for m in self.models}
         for i, ae in enumerate(self.ae_titles):
-            _known(f"ae_titles.{i}.pipelines", ae.pipelines, pipelines, "pipelines")
-            _known(f"ae_titles.{i}.sources", ae.sources, sources, "sources")
+            _known(found, f"ae_titles.{i}.pipelines", ae.pipelines, pipelines, "pipelines")
+            _known(found, f"ae_titles.{i}.sources", ae.sources, sources, "sources")
         if self.rest.stow_ae_title is not None:
-            _known("rest.stow_ae_title", [self.rest.stow_ae_title],
+            _known(found, "rest.stow_ae_title", [self.rest.stow_ae_title],
                    {a.ae_title for a in self.ae_titles}, "ae_titles")
         for i, w in enumerate(self.watch):
-            _known(f"watch.{i}.pipelines", w.pipelines, pipelines, "pipelines")
-            _known(f"watch.{i}.destinations", w.destinations, destinations, "destinations")
-        if self.rest.single_inference_pipeline is not None:
-            name = self.rest.single_inference_pipeline
-            _known("rest.single_inference_pipeline", [name], pipelines, "pipelines")
-            if next(p for p in self.pipelines if p.name == name).task != "classify":
-                raise _KeyedError("rest.single_inference_pipeline",
-                                  f"pipeline {name!r} does not classify")
+            _known(found, f"watch.{i}.pipelines", w.pipelines, pipelines, "pipelines")
+            _known(found, f"watch.{i}.destinations", w.destinations, destinations,
+                   "destinations")
+        name = self.rest.single_inference_pipeline
+        if (name is not None
+                and _known(found, "rest.single_inference_pipeline", [name], pipelines,
+                           "pipelines")
+                and next(p for p in self.pipelines if p.name == name).task != "classify"):
+            found.append(("rest.single_inference_pipeline",
+                          f"pipeline {name!r} does not classify"))
         for i, p in enumerate(self.pipelines):
-            _known(f"pipelines.{i}.model", [p.model], models, "models")
-            _known(f"pipelines.{i}.destinations", p.destinations, destinations, "destinations")
+            _known(found, f"pipelines.{i}.model", [p.model], models, "models")
+            _known(found, f"pipelines.{i}.destinations", p.destinations, destinations,
+                   "destinations")
+        if self.rest.enabled and self.rest.port == self.dimse.port:
+            found.append(("rest.port", f"{self.rest.port} is dimse.port too; the HTTP and "
+                                       "DICOM listeners need a port each"))
+        if found:
+            raise _KeyedError(*found[0], more=found[1:])
         return self
 
     @model_validator(mode="after")
@@ -499,28 +509,32 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def _unique(section: str, names: list[str]) -> None:
+def _unique(found: list[tuple[str, str]], section: str, names: list[str]) -> None:
     seen: set[str] = set()
     for i, n in enumerate(names):
         if n in seen:
-            raise _KeyedError(f"{section}.{i}", f"duplicate name {n!r}")
+            found.append((f"{section}.{i}", f"duplicate name {n!r}"))
         seen.add(n)
 
 
-def _known(key: str, used: list[str], defined: set[str], section: str) -> None:
-    for i, name in enumerate(used):
-        if name not in defined:
-            raise _KeyedError(f"{key}.{i}" if len(used) > 1 else key,
-                              f"{name!r} is not defined in {section}")
+def _known(found: list[tuple[str, str]], key: str, used: list[str], defined: set[str],
+           section: str) -> bool:
+    """Whether every name in ``used`` is defined; a problem in ``found`` for each not."""
+    missing = [(i, name) for i, name in enumerate(used) if name not in defined]
+    found.extend((f"{key}.{i}" if len(used) > 1 else key, f"{name!r} is not defined in {section}")
+                 for i, name in missing)
+    return not missing
 
 
 class _KeyedError(ValueError):
-    """A cross-reference problem that knows its own key path."""
+    """A cross-reference problem that knows its own key path (and any more found with it)."""
 
-    def __init__(self, key: str, problem: str) -> None:
+    def __init__(self, key: str, problem: str,
+                 more: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(problem)
         self.key = key
         self.problem = problem
+        self.more = list(more)
 
 
 # -- loading -------------------------------------------------------------------------
@@ -547,6 +561,7 @@ def load_settings(
     if path is not None:
         data = _read_yaml(path)
     env = os.environ if environ is None else environ
+    set_by: dict[str, str] = {}  # dotted key -> the variable or option that set it
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -556,30 +571,41 @@ def load_settings(
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, keys, value, f"environment variable {name}")
+        set_by[".".join(keys)] = f"environment variable {name}"
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted.split("."), value, f"override {dotted}")
+            set_by[dotted] = f"override {dotted}"
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(err) for err in exc.errors()]
+        problems = [(k, _with_origin(k, p, set_by))
+                    for err in exc.errors() for k, p in _problems(err)]
         raise ConfigError(source, *problems[0], more=problems[1:]) from None
     _check_files(settings, source)
     return settings
 
 
-def _problem(err: Any) -> tuple[str, str]:
-    """A pydantic error as (key path, what a person should read)."""
+def _with_origin(key: str, problem: str, set_by: dict[str, str]) -> str:
+    """``problem``, naming the environment variable or option that set ``key`` (a typo
+    there is not in the file the message starts with)."""
+    origin = set_by.get(key)
+    return f"{problem} (set by {origin})" if origin else problem
+
+
+def _problems(err: Any) -> list[tuple[str, str]]:
+    """A pydantic error as (key path, what a person should read): one, or several for
+    the cross-reference check."""
     loc = tuple(err["loc"])
     error = err.get("ctx", {}).get("error")
     if isinstance(error, _KeyedError):
-        return error.key, error.problem
+        return [(error.key, error.problem), *error.more]
     key = ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
-        return key, "unknown key" + _hint(loc)
+        return [(key, "unknown key" + _hint(loc))]
     if err["type"] == "missing":
-        return key, "required key is missing"
-    return key, err["msg"]
+        return [(key, "required key is missing")]
+    return [(key, err["msg"])]
 
 
 def _hint(loc: tuple[Any, ...]) -> str:

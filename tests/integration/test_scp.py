@@ -528,7 +528,9 @@ def test_a_private_sop_class_is_taken_when_named(tmp_path: Path) -> None:
         refused = [e for e in logs if e["event"] == "presentation contexts refused"]
         assert refused and refused[0]["sop_classes"] == [SIEMENS_CSA_NON_IMAGE]
         assert refused[0]["reasons"] == ["abstract syntax not supported"]
-        assert "PLAIN's allowed_sop_classes" in refused[0]["hint"]
+        # PLAIN lists no classes: naming only this one would refuse its images
+        assert "PLAIN's allowed_sop_classes together with every class it should take" in \
+            refused[0]["hint"]
         # a class of a service the node does not offer gets no such advice
         finder = AE(ae_title="RIS")
         finder.add_requested_context(StudyRootQueryRetrieveInformationModelFind)

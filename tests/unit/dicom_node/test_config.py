@@ -152,6 +152,29 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_bad_environment_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match="dimse.port"):
         load_settings(environ={"DICOM_NODE_DIMSE__PORT": "abc"})
+    # a slip in a variable's name is not in the file: the message says where it is
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"DICOM_NODE_DIMSE__PROT": "1"})
+    assert str(info.value) == ("<defaults>: dimse.prot: unknown key (did you mean 'port'?) "
+                               "(set by environment variable DICOM_NODE_DIMSE__PROT)")
+
+
+def test_every_broken_reference_is_named_in_one_run(tmp_path: Path) -> None:
+    """Three slipped names and a port shared by both listeners: four lines, not four runs."""
+    cfg = write(tmp_path, (
+        "models:\n  - {name: m, path: /}\n"
+        "pipelines:\n  - {name: p, model: mm, task: classify, destinations: [pacz]}\n"
+        "ae_titles:\n  - {ae_title: AI, pipelines: [q]}\n"
+        "dimse:\n  port: 5000\nrest:\n  port: 5000\n"))
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert str(info.value).splitlines() == [
+        f"{cfg}: ae_titles.0.pipelines: 'q' is not defined in pipelines",
+        f"{cfg}: pipelines.0.model: 'mm' is not defined in models",
+        f"{cfg}: pipelines.0.destinations: 'pacz' is not defined in destinations",
+        f"{cfg}: rest.port: 5000 is dimse.port too; the HTTP and DICOM listeners need a "
+        "port each",
+    ]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
