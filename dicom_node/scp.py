@@ -945,18 +945,27 @@ class StorageSCP:
             return AETitleSettings(ae_title=self.settings.dimse.ae_title)
         return found
 
-    def _decide(self, called: str, calling: str, address: str) -> Rejection | None:
+    def _decide(self, called: str, calling: str, address: str,
+                ) -> tuple[Rejection, str] | None:
+        """The rejection for an association request, with what the log says of why."""
         ae = self.ae_settings(called)
         if ae is None:
-            return REJECT_CALLED_AE
+            known = [a.ae_title for a in self.settings.ae_titles]
+            return REJECT_CALLED_AE, f"this node answers to {', '.join(known)}"
         if ae.reject_unknown_sources:
             allowed = [self._sources[n] for n in ae.sources if n in self._sources]
             if not any(s.ae_title == calling and _host_matches(s.host, address)
                        for s in allowed):
-                return REJECT_CALLING_AE
+                hosts = [s.host for s in allowed if s.ae_title == calling]
+                if hosts:  # the right AE title from the wrong machine: say so
+                    return REJECT_CALLING_AE, (f"{calling} is a source of {called} from "
+                                               f"{', '.join(hosts)}, not from {address}")
+                return REJECT_CALLING_AE, (
+                    f"{calling} is not among {called}'s sources "
+                    f"({', '.join(f'{s.ae_title}@{s.host}' for s in allowed) or 'none'})")
         min_free = self.settings.storage.min_free_mb * 1024 * 1024
-        if min_free and shutil.disk_usage(self.writer.studies_dir).free < min_free:
-            return REJECT_NO_SPACE
+        if min_free and (free := shutil.disk_usage(self.writer.studies_dir).free) < min_free:
+            return REJECT_NO_SPACE, f"{free // 2**20} MB free"
         return None
 
     # -- handlers (association threads) -----------------------------------------------
@@ -967,16 +976,18 @@ class StorageSCP:
         called = _ae_text(getattr(rq, "called_ae_title", ""))
         calling = _ae_text(getattr(rq, "calling_ae_title", ""))
         address, port = str(assoc.requestor.address), int(assoc.requestor.port)
-        rejection = self._decide(called, calling, address)
-        if rejection is None:
+        decided = self._decide(called, calling, address)
+        if decided is None:
             with self._lock:
                 if len(self._admitted) >= self.settings.dimse.max_associations:
-                    rejection = REJECT_LOCAL_LIMIT
+                    decided = (REJECT_LOCAL_LIMIT, f"{len(self._admitted)} associations open "
+                               "(dimse.max_associations)")
                 else:
                     self._admitted.add(id(assoc))
-        if rejection is not None:
-            self.log.warning("association rejected", reason=rejection.text, called_ae=called,
-                             calling_ae=calling, peer=f"{address}:{port}",
+        if decided is not None:
+            rejection, why = decided
+            self.log.warning("association rejected", reason=rejection.text, why=why,
+                             called_ae=called, calling_ae=calling, peer=f"{address}:{port}",
                              result=rejection.result, source=rejection.source,
                              diagnostic=rejection.reason)
             self._count("assoc:rejected")

@@ -451,12 +451,18 @@ def test_a_known_calling_ae_from_another_host_is_rejected(tmp_path: Path) -> Non
         sources=[SourceSettings(name="ct1", ae_title="CT1", host="10.9.9.9"),
                  SourceSettings(name="ct2", ae_title="CT2", host="localhost")],
     )
-    with running_node(settings) as rn:
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
         bad = echoscu(rn.port, "STRICT", "CT1")
         assert bad.returncode != 0
         assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
         ok = echoscu(rn.port, "STRICT", "CT2")
         assert ok.returncode == 0, ok.stdout + ok.stderr
+        intruder = echoscu(rn.port, "STRICT", "INTRUDER")
+        assert intruder.returncode != 0
+    # the log says which: the right AE title from the wrong machine, or a stranger
+    why = [e["why"] for e in logs if e["event"] == "association rejected"]
+    assert why == ["CT1 is a source of STRICT from 10.9.9.9, not from 127.0.0.1",
+                   "INTRUDER is not among STRICT's sources (CT1@10.9.9.9, CT2@localhost)"]
 
 
 def test_allowed_and_ignored_sop_classes(tmp_path: Path) -> None:
