@@ -38,7 +38,7 @@ import torch
 from pipeline.settings import ModelSpec
 
 __all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "describe",
-           "frozen_trace", "load_model", "resolve_device"]
+           "device_problem", "frozen_trace", "load_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +316,36 @@ def channels_last(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) cannot be used on this
+    machine, or None when it can."""
+    name = device.strip().lower()
+    if name in ("auto", "cpu"):
+        return None
+    if name != "cuda" and not name.startswith("cuda:"):
+        return f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'"
+    if not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+               else f"no GPU found by torch {torch.__version__} (CUDA {torch.version.cuda})")
+        return (f"device {device} is not available on this machine ({why}); set device to "
+                "'auto' or 'cpu'")
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        return (f"device {device} is not available on this machine (it has "
+                f"{torch.cuda.device_count()} CUDA device(s))")
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
+    """``auto`` -> cuda when available, else cpu. Raises BundleError (see
+    :func:`device_problem`) for a device this machine does not have: moving a model
+    there would fail with torch's assertion instead."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise BundleError(problem)
+    if device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(device.strip().lower())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

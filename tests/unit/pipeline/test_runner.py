@@ -737,3 +737,23 @@ def test_a_model_zoo_bundle_that_does_not_invert_its_resampling_says_so(
             r.run("zoo", files, tmp_path / "out")
     finally:
         r.close()
+
+
+def test_a_model_on_a_device_the_machine_lacks_fails_alone_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: cuda`` on a machine without CUDA stopped the node at start with torch's
+    "AssertionError: Torch not compiled with CUDA enabled": that model now fails to load
+    with the reason, and the others serve."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = PipelineRunner([ModelSpec(name="gpu", path=make_tiny_bundle(tmp_path / "gpu"),
+                                  device="cuda"),
+                        ModelSpec(name="cpu", path=make_tiny_bundle(tmp_path / "cpu"))], [])
+    try:
+        r.start()
+        assert list(r.failed) == ["gpu"]
+        assert "device cuda is not available on this machine" in r.failed["gpu"]
+        assert r.predict(np.zeros((40, 40), np.float32), "cpu").labels == ["a", "b", "c"]
+        with pytest.raises(KeyError, match="failed to load: .*device cuda is not available"):
+            r.model("gpu")
+    finally:
+        r.close()
