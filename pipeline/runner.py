@@ -410,6 +410,12 @@ class PipelineRunner:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "
                         "segments 3-D series (CT volumes), and classifies 2-D images")
+                if model.task == "segment" and (regrid := model.uninverted_geometry()):
+                    raise BundleError(
+                        f"{model.path}: its preprocessing has {', '.join(regrid)} and its "
+                        "postprocessing no Invertd: its labels would land mirrored or "
+                        "displaced on the series. Add an Invertd of the prediction to its "
+                        "postprocessing (as the Model Zoo's segmentation bundles have)")
                 # One channel of the model's input size; a segmenter's (its sliding
                 # window's patch) warms up the window and takes the CPU trace at start,
                 # not during the first study.
@@ -695,7 +701,10 @@ class PipelineRunner:
         ready = time.perf_counter()
         out = torch.as_tensor(self.engine.infer(spec.model, tensor, version=model.version))
         del tensor
-        pred = model.finish(out, context)
+        try:
+            pred = model.finish(out, context)
+        except BundleError as exc:  # the prediction is not on the series' grid
+            raise PipelineError(f"model {spec.model!r}: {exc}") from exc
         del out, context
         if tuple(pred.shape[1:]) != volume.shape:
             raise PipelineError(

@@ -718,23 +718,74 @@ def test_a_model_zoo_bundle_sees_the_series_in_ras_order(tmp_path: Path) -> None
     np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-4)
 
 
+def _rewrite_zoo(bundle: Path, pre: Any = None, post: Any = None) -> Path:
+    """``bundle``'s inference.json with its pre/postprocessing transforms filtered or
+    extended by ``pre(list) -> list`` and ``post(list) -> list``."""
+    path = bundle / "configs" / "inference.json"
+    inference = json.loads(path.read_text())
+    for key, change in (("preprocessing", pre), ("postprocessing", post)):
+        if change is not None:
+            inference[key]["transforms"] = change(inference[key]["transforms"])
+    path.write_text(json.dumps(inference))
+    return bundle
+
+
+def _no_invertd(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in ts if t["_target_"] != "Invertd"]
+
+
 def test_a_model_zoo_bundle_that_does_not_invert_its_resampling_says_so(
         tmp_path: Path) -> None:
     """A bundle that resamples in its preprocessing and has no Invertd gives labels on
-    its own grid: the job fails saying what the bundle lacks, not with a shape error."""
-    bundle = make_zoo_bundle(tmp_path / "zoo")
-    inference = json.loads((bundle / "configs" / "inference.json").read_text())
-    post = inference["postprocessing"]["transforms"]
-    inference["postprocessing"]["transforms"] = [t for t in post
-                                                 if t["_target_"] != "Invertd"]
-    (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
-    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
+    its own grid: it is refused at start saying what the bundle lacks."""
+    bundle = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoo"), post=_no_invertd)
+    failure = _failure_at_start(bundle)
+    assert "its preprocessing has Orientationd, Spacingd and its postprocessing no " \
+           "Invertd" in failure
+
+
+def test_a_model_zoo_bundle_that_reorients_without_invertd_is_refused_not_mirrored(
+        tmp_path: Path) -> None:
+    """Orientationd(RAS) and no Invertd: on an axial LPS series the prediction has the
+    series' shape but runs right-to-left and front-to-back, and the SEG came out
+    mirrored (Dice 0) without a word. The model is refused at start; and a bundle's
+    prediction whose affine is not the series' (a Zoomd the load check does not know)
+    fails the job rather than giving displaced labels."""
+    from pipeline.bundle import BundleError, load_model
+    from pipeline.io import load_ct_volume
+
+    def orientation_only(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [t for t in ts if t["_target_"] != "Spacingd"]
+
+    bundle = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoo"), pre=orientation_only,
+                          post=_no_invertd)
+    failure = _failure_at_start(bundle)
+    assert "its preprocessing has Orientationd and its postprocessing no Invertd" in failure
+    assert "would land mirrored" in failure
+
+    # Without the runner's check: the prediction's geometry gives it away.
+    model = load_model(bundle)
+    volume = load_ct_volume(write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)),
+                                               tmp_path / "ct"))
+    x, context = model.prepare(volume.array, volume.affine())
+    assert tuple(x.shape[1:]) == (40, 48, 16)  # the shape alone would not tell
+    with pytest.raises(BundleError, match="not on the series' grid .* needs an Invertd"):
+        model.finish(model.infer(x[None])[0], context)
+
+    def zoom(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [*orientation_only(ts)[:2], {"_target_": "Zoomd", "keys": "image",
+                                            "zoom": 1.25, "keep_size": True},
+                *orientation_only(ts)[3:]]
+
+    zoomed = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoomed"), pre=zoom, post=_no_invertd)
+    r = PipelineRunner([ModelSpec(name="zoo", path=zoomed)],
                        [PipelineSpec(name="zoo", model="zoo", task="segment")])
     r.start()
     try:
-        files = write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)), tmp_path / "ct")
-        with pytest.raises(PipelineError, match="needs an Invertd in its postprocessing"):
-            r.run("zoo", files, tmp_path / "out")
+        assert r.failed == {}
+        with pytest.raises(PipelineError, match="not on the series' grid"):
+            r.run("zoo", volume.paths, tmp_path / "out")  # type: ignore[arg-type]
+        assert not (tmp_path / "out").exists()
     finally:
         r.close()
 
