@@ -21,6 +21,7 @@ Nothing here knows about particular models.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import logging
@@ -115,6 +116,33 @@ class LoadedModel:
         if self.io_keys is None or any(_target(t) in _INVERTERS for t in self.postprocessing):
             return []
         return [_target(t) for t in self.preprocessing if _target(t) in _REGRIDDERS]
+
+    @property
+    def no_heatmap(self) -> str:
+        """Why Grad-CAM cannot explain this model's findings, in a few words ('' when it
+        can): no layer named in its metadata, or a TorchScript network (no hooks)."""
+        if self.task != "classify":
+            return ""
+        if not self.gradcam_layer:
+            return "no Grad-CAM layer in the model's metadata"
+        if self.source == "torchscript":
+            return "Grad-CAM needs model.pt, not TorchScript"
+        return ""
+
+    def check_gradcam_layers(self) -> None:
+        """Raise BundleError when a ``gradcam_target_layer`` is not a layer of the network
+        (a typo failed every study that was not Normal), naming the closest ones."""
+        if self.no_heatmap or not self.gradcam_layer:
+            return
+        names = [n for n, _ in self.network.named_modules() if n]
+        wanted = [self.gradcam_layer] if isinstance(self.gradcam_layer, str) \
+            else list(self.gradcam_layer)
+        for layer in wanted:
+            if layer not in names:
+                close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+                raise BundleError(
+                    f"{self.path}: Grad-CAM target layer {layer!r} (gradcam_target_layer) is "
+                    f"not a layer of the network; closest: {', '.join(close) or 'none'}")
 
     @functools.cached_property
     def activation(self) -> str:

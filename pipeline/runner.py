@@ -389,6 +389,9 @@ class PipelineRunner:
         self._explainers: dict[tuple[str, str], tuple[LoadedModel, threading.Lock]] = {}
         self._lock = threading.Lock()
         self.failed: dict[str, str] = {}
+        # what a loaded model will not do, by model name (no heatmap): logged at start,
+        # printed by check-config --models
+        self.notes: dict[str, list[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -410,6 +413,7 @@ class PipelineRunner:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "
                         "segments 3-D series (CT volumes), and classifies 2-D images")
+                model.check_gradcam_layers()
                 if model.task == "segment" and (regrid := model.uninverted_geometry()):
                     raise BundleError(
                         f"{model.path}: its preprocessing has {', '.join(regrid)} and its "
@@ -431,6 +435,11 @@ class PipelineRunner:
             except (BundleError, EngineError, OSError, KeyError, ValueError,
                     RuntimeError) as exc:  # EngineError: it cannot run its own warm-up
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if model.no_heatmap:
+                note = f"findings come without a heatmap: {model.no_heatmap}"
+                self.notes.setdefault(spec.name, []).append(note)
+                log.info("model %s %s: %s", spec.name, model.version, note)
 
     def mismatched(self) -> dict[str, str]:
         """Pipelines whose task is not their loaded model's (a ``task: segment`` pipeline
@@ -565,8 +574,10 @@ class PipelineRunner:
         """Findings, overall result and heatmap for one loaded image.
 
         With ``explain=False`` Grad-CAM is skipped and ``heatmap`` is ``None`` even when
-        the result is not Normal (for callers that need the findings only; the artifact
-        writers refuse such a result).
+        the result is not Normal (for callers that need the findings only, or outputs
+        that show no heatmap: the artifact writers refuse it for those that do). A model
+        Grad-CAM cannot explain (:attr:`~LoadedModel.no_heatmap`) gives no heatmap
+        either, and says why in ``heatmap_note``.
         """
         return self.classify_many(spec, [image], [patient_id], explain=explain)[0]
 
@@ -598,7 +609,7 @@ class PipelineRunner:
                         for label, p in zip(model.labels, probabilities, strict=False)]
             result = overall_result(findings)
             heatmap = None
-            if explain and result != NORMAL:
+            if explain and result != NORMAL and not model.no_heatmap:
                 top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
                 clone, lock = self._explainer(model)
                 with lock:
@@ -608,6 +619,7 @@ class PipelineRunner:
                 findings=findings, image=image.pixels, heatmap=heatmap, source_path=image.path,
                 sop_instance_uid=image.sop_instance_uid,
                 series_instance_uid=image.series_instance_uid,
+                heatmap_note=model.no_heatmap if result != NORMAL else "",
             ), patient_study(image.header, pid)))
         return out
 
@@ -618,7 +630,9 @@ class PipelineRunner:
         if image.upright_from:  # the PNGs and the report then differ from the stored image
             log.info("image turned upright from Patient Orientation %s", image.upright_from)
         t1 = time.perf_counter()
-        result, study = self.classify(spec, image, patient_id)
+        # Grad-CAM (a backward pass) only for outputs that show the heatmap
+        result, study = self.classify(spec, image, patient_id,
+                                      explain=bool(wanted & art.HEATMAP_OUTPUTS))
         t2 = time.perf_counter()
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,

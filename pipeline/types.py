@@ -44,6 +44,9 @@ class ClassificationResult:
     source_path: Path | None = None
     sop_instance_uid: str = ""
     series_instance_uid: str = ""
+    # why a result that is not Normal has no heatmap (the model cannot be explained by
+    # Grad-CAM); the outputs then go without one. Empty: a heatmap is expected.
+    heatmap_note: str = ""
 
 
 @dataclass(frozen=True)

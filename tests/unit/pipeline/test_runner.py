@@ -808,3 +808,69 @@ def test_a_model_on_a_device_the_machine_lacks_fails_alone_with_the_reason(
             r.model("gpu")
     finally:
         r.close()
+
+
+def _without_gradcam_layer(folder: Path, layer: str | None = None) -> Path:
+    meta_path = folder / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("gradcam_target_layer")
+    if layer is not None:
+        meta["gradcam_target_layer"] = layer
+    meta_path.write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_classifier_without_a_grad_cam_layer_gives_findings_without_a_heatmap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``gradcam_target_layer``: every study that was not Normal failed with
+    "internal error: BundleError: no 'gradcam_target_layer'", even for outputs that show
+    no heatmap. Now the findings come without one (JSON heatmap "", the report says why,
+    no heatmap PNG or Secondary Capture), and the runner notes it once at start."""
+    import pipeline.runner as runner_module
+
+    folder = _without_gradcam_layer(make_tiny_bundle(tmp_path / "nocam"))
+    r = PipelineRunner([ModelSpec(name="nocam", path=folder)],
+                       [PipelineSpec(name="all", model="nocam", task="classify",
+                                     threshold=0.01),
+                        PipelineSpec(name="json-sr", model="nocam", task="classify",
+                                     threshold=0.01, outputs=["json", "sr"])])
+    r.start()
+    try:
+        assert r.failed == {}
+        assert r.notes == {"nocam": ["findings come without a heatmap: no Grad-CAM layer "
+                                     "in the model's metadata"]}
+        src = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm", patient_id="P")
+        out = r.run("all", [src], tmp_path / "out")
+        assert out.result.result == "Abnormal"  # type: ignore[union-attr]
+        assert out.result.heatmap is None  # type: ignore[union-attr]
+        names = sorted(a.path.name for a in out.artifacts)
+        assert names == sorted(["P_source_image.png", "P_predictions.json", "P_report.pdf",
+                                "P_report.dcm", "P_sr.dcm"])
+        pred = json.loads((tmp_path / "out" / "P" / "P_predictions.json").read_text())
+        assert pred["heatmap"] == "" and pred["result"] == "Abnormal"
+        assert r.run("json-sr", [src], tmp_path / "out2").artifacts
+
+        # A model that has a layer runs Grad-CAM only for outputs that show the heatmap.
+        calls: list[str] = []
+        monkeypatch.setattr(runner_module, "gradcam",
+                            lambda *a, **k: calls.append("gradcam") or np.zeros((4, 4)))
+        tiny = PipelineRunner([ModelSpec(name="tiny", path=make_tiny_bundle(tmp_path / "t"))],
+                              [PipelineSpec(name="sr", model="tiny", task="classify",
+                                            threshold=0.01, outputs=["sr"])])
+        tiny.start()
+        try:
+            assert tiny.notes == {}
+            assert tiny.run("sr", [src], tmp_path / "out3").artifacts and calls == []
+        finally:
+            tiny.close()
+    finally:
+        r.close()
+
+
+def test_a_grad_cam_layer_the_network_lacks_is_refused_at_start_with_close_names(
+        tmp_path: Path) -> None:
+    folder = _without_gradcam_layer(make_tiny_bundle(tmp_path / "badcam"),
+                                    "class_layers.rleu")
+    failure = _failure_at_start(folder, "classify")
+    assert "Grad-CAM target layer 'class_layers.rleu' (gradcam_target_layer) is not a " \
+           "layer of the network; closest: class_layers.relu" in failure
