@@ -126,9 +126,41 @@ class _Network(torch.nn.Module):
     def __init__(self, model: LoadedModel) -> None:
         super().__init__()
         self.model = model
+        # the shape of one sample's output, from the first forward pass (the warm-up)
+        self.sample_output: tuple[int, ...] | None = None
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.infer(batch)
+        out = self.model.infer(batch)
+        if self.sample_output is None and out.dim() >= 1:
+            self.sample_output = tuple(int(n) for n in out.shape[1:])
+        return out
+
+
+def _output_mismatch(model: LoadedModel, sample_output: tuple[int, ...]) -> str:
+    """Why a network's output (one sample's shape) does not fit the labels its metadata
+    names ('' when it does): a classifier gives a score per label, a segmenter a channel
+    per label, background included (a Model Zoo bundle may give one sigmoid channel for
+    background and one label: its postprocessing thresholds it). A mismatch silently
+    dropped scores, or named labels after the wrong channels."""
+    n = len(model.labels)
+    if model.task == "classify":
+        outputs = int(np.prod(sample_output)) if sample_output else 1
+        if outputs != n:
+            return (f"the network gives {outputs} outputs, its metadata names {n} labels "
+                    f"({', '.join(model.labels)})")
+    elif sample_output and sample_output[0] != n and not (
+            # one sigmoid channel that a Model Zoo bundle's postprocessing thresholds
+            sample_output[0] == 1 and n == 2 and model.io_keys is not None):
+        return (f"the network gives {sample_output[0]} output channels, its metadata names "
+                f"{n} labels, background included ({', '.join(model.labels)})")
+    return ""
+
+
+def _check_channels(model: LoadedModel, output: torch.Tensor) -> None:
+    """Raise PipelineError when a segmenter's output (C x ...) has not a channel per
+    label (checked at start when a warm-up ran)."""
+    if why := _output_mismatch(model, tuple(int(n) for n in output.shape)):
+        raise PipelineError(f"model {model.name!r}: {why}")
 
 
 def _channel_names(model: LoadedModel) -> str:
@@ -426,12 +458,18 @@ class PipelineRunner:
                 sample = None if model.spatial_size is None else (model.in_channels,
                                                                   *model.spatial_size)
                 workers, threads = parallelism(spec, model)
+                network = _Network(model)
                 self.engine.add_model(
-                    spec.name, _Network(model), version=model.version, default=spec.default,
+                    spec.name, network, version=model.version, default=spec.default,
                     device=spec.device, max_batch=spec.max_batch if model.task == "classify"
                     else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
                     sample_shape=sample, workers=workers, threads=threads,
                 )
+                # the warm-up's output (when there was one) against the labels
+                if network.sample_output is not None and (
+                        why := _output_mismatch(model, network.sample_output)):
+                    self.engine.remove(spec.name, model.version)
+                    raise BundleError(f"{model.path}: {why}")
             except (BundleError, EngineError, OSError, KeyError, ValueError,
                     RuntimeError) as exc:  # EngineError: it cannot run its own warm-up
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
@@ -605,8 +643,11 @@ class PipelineRunner:
         out: list[tuple[ClassificationResult, PatientStudy]] = []
         for image, pid, future in zip(images, patient_ids, futures, strict=True):
             probabilities = _probabilities(model, future.result())
+            if len(probabilities) != len(model.labels):  # loaded without a warm-up
+                raise PipelineError(f"model {model.name!r}: "
+                                    f"{_output_mismatch(model, (len(probabilities),))}")
             findings = [Finding(label, p >= spec.threshold, round(p, 4))
-                        for label, p in zip(model.labels, probabilities, strict=False)]
+                        for label, p in zip(model.labels, probabilities, strict=True)]
             result = overall_result(findings)
             heatmap = None
             if explain and result != NORMAL and not model.no_heatmap:
@@ -698,6 +739,7 @@ class PipelineRunner:
         logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
                                                    version=model.version))
         del tensor
+        _check_channels(model, logits)
         if grid is not None:
             labels = resampled_label_map(logits, tuple(axial.shape))
         else:
@@ -715,6 +757,7 @@ class PipelineRunner:
         ready = time.perf_counter()
         out = torch.as_tensor(self.engine.infer(spec.model, tensor, version=model.version))
         del tensor
+        _check_channels(model, out)
         try:
             pred = model.finish(out, context)
         except BundleError as exc:  # the prediction is not on the series' grid

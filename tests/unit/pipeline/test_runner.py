@@ -874,3 +874,47 @@ def test_a_grad_cam_layer_the_network_lacks_is_refused_at_start_with_close_names
     failure = _failure_at_start(folder, "classify")
     assert "Grad-CAM target layer 'class_layers.rleu' (gradcam_target_layer) is not a " \
            "layer of the network; closest: class_layers.relu" in failure
+
+
+def _set_labels(folder: Path, labels: list[str]) -> Path:
+    meta_path = folder / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "labels": labels}))
+    return folder
+
+
+def test_labels_and_network_outputs_that_differ_in_number_are_refused_at_start(
+        tmp_path: Path) -> None:
+    """Three labels for four outputs dropped the fourth score silently (and three for
+    two would have named findings after the wrong outputs): the warm-up's output is
+    checked against the labels, for classifiers and for segmenters (background
+    included). Loaded without a warm-up, the job fails with the same reason."""
+    classifier = _set_labels(make_tiny_bundle(tmp_path / "cls"), ["a", "b"])
+    assert "the network gives 3 outputs, its metadata names 2 labels (a, b)" in \
+        _failure_at_start(classifier, "classify")
+    segmenter = _set_labels(make_tiny_seg_bundle(tmp_path / "seg"), ["organ a", "organ b"])
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct")
+    r = PipelineRunner([ModelSpec(name="m", path=segmenter)],  # no input size: no warm-up
+                       [PipelineSpec(name="m", model="m", task="segment")])
+    r.start()
+    try:
+        with pytest.raises(PipelineError, match="the network gives 3 output channels, its "
+                                                "metadata names 2 labels, background included"):
+            r.run("m", files, tmp_path / "seg-out")
+    finally:
+        r.close()
+    meta_path = segmenter / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()),
+                                     "spatial_size": [16, 32, 32]}))
+    assert "the network gives 3 output channels, its metadata names 2 labels, " \
+           "background included" in _failure_at_start(segmenter)
+
+    r = PipelineRunner([ModelSpec(name="m", path=classifier, warmup=False)],
+                       [PipelineSpec(name="m", model="m", task="classify")])
+    r.start()
+    try:
+        assert r.failed == {}
+        src = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm")
+        with pytest.raises(PipelineError, match="gives 3 outputs, its metadata names 2"):
+            r.run("m", [src], tmp_path / "out")
+    finally:
+        r.close()
