@@ -163,6 +163,16 @@ def _check_channels(model: LoadedModel, output: torch.Tensor) -> None:
         raise PipelineError(f"model {model.name!r}: {why}")
 
 
+def _network_spatial_dims(model: LoadedModel) -> int:
+    """The image dimensions the model works on: its network_def's ``spatial_dims`` when it
+    says, else :attr:`~LoadedModel.spatial_dims` (its declared input size)."""
+    net = model.inference_config.get("network_def")
+    dims = net.get("spatial_dims") if isinstance(net, dict) else None
+    if isinstance(dims, int) and not isinstance(dims, bool) and dims in (2, 3):
+        return dims
+    return model.spatial_dims
+
+
 def _channel_names(model: LoadedModel) -> str:
     """`` (t1c, t1, t2, flair)``: what a bundle says its input channels are, if it does."""
     try:
@@ -445,6 +455,10 @@ class PipelineRunner:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "
                         "segments 3-D series (CT volumes), and classifies 2-D images")
+                if model.task == "classify" and (dims := _network_spatial_dims(model)) != 2:
+                    raise BundleError(
+                        f"{model.path}: it classifies {dims}-D images; the node classifies "
+                        "2-D images (one radiograph), and segments 3-D series")
                 model.check_gradcam_layers()
                 if model.task == "segment" and (regrid := model.uninverted_geometry()):
                     raise BundleError(

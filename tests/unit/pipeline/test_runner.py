@@ -918,3 +918,29 @@ def test_labels_and_network_outputs_that_differ_in_number_are_refused_at_start(
             r.run("m", [src], tmp_path / "out")
     finally:
         r.close()
+
+
+def test_a_classifier_of_3d_images_is_refused_at_start_with_the_reason(
+        tmp_path: Path) -> None:
+    """A 3-D classifier loaded and then failed every job with a raw torch error about
+    its input's dimensions: the node classifies 2-D images."""
+    from monai.bundle import ConfigParser
+
+    from tests.unit.pipeline.test_bundle import NET_DEF
+
+    folder = make_tiny_bundle(tmp_path / "cls3d")
+    net = {**NET_DEF, "spatial_dims": 3}
+    torch.save(ConfigParser({"n": net}).get_parsed_content("n").state_dict(),
+               folder / "models" / "model.pt")
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").write_text(
+        json.dumps({**inference, "network_def": net}))
+    assert "it classifies 3-D images; the node classifies 2-D images" in \
+        _failure_at_start(folder, "classify")
+    meta_path = folder / "configs" / "metadata.json"  # said by its input size alone
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [16, 32, 32]
+    meta_path.write_text(json.dumps(meta))
+    (folder / "configs" / "inference.json").write_text(json.dumps(
+        {**inference, "network_def": {**net, "spatial_dims": "$3"}}))
+    assert "it classifies 3-D images" in _failure_at_start(folder, "classify")
