@@ -393,11 +393,13 @@ def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
 
 def result_summary(result: ClassificationResult | SegmentationResult) -> dict[str, Any]:
     """A result as JSON: overall result and findings, or the segments' volumes."""
+    notes = {"notes": list(result.notes)} if result.notes else {}
     if isinstance(result, ClassificationResult):
         return {"result": result.result,
                 "findings": [{"name": f.name, "presence": f.presence,
-                              "confidence": f.confidence} for f in result.findings]}
-    return {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in result.segments]}
+                              "confidence": f.confidence} for f in result.findings], **notes}
+    return {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in result.segments],
+            **notes}
 
 
 def overall_result(findings: Sequence[Finding]) -> str:
@@ -719,18 +721,29 @@ class PipelineRunner:
                     for i in range(1, max(len(names), int(labels.max()) + 1))]
         header = volume.headers[0]
         study = patient_study(header, patient_id)
+        notes = []
+        if Output.SEG in wanted and (volume.resampled or not art.seg_can_reference(
+                volume.headers, volume.frames)):
+            # A SEG references its source 1:1: slices that were interpolated cannot be
+            # referenced, nor the frames of several multi-frame objects (one at most).
+            wanted = wanted - {Output.SEG}
+            why = ("the spacing between its slices varies by more than 1 %, so the series "
+                   "was resampled to even slices and a SEG can only label the slices that "
+                   "were sent" if volume.resampled else
+                   "its frames come from several multi-frame objects, and a SEG references "
+                   "the frames of one")
+            notes.append(f"no SEG written: {why}; the volumes and other outputs are from "
+                         "the resampled series" if volume.resampled else
+                         f"no SEG written: {why}")
+            log.warning("pipeline %s: %s", spec.name, notes[-1])
         result = SegmentationResult(
             model_name=model.name, model_version=model.version, labels=labels,
             segments=segments, volume=volume.array.astype(np.float32, copy=False),
             spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
             source_paths=[Path(p) for p in volume.paths if p is not None],
             source_frames=volume.frames,
-            series_instance_uid=volume.series_instance_uid,
+            series_instance_uid=volume.series_instance_uid, notes=notes,
         )
-        if volume.resampled or not art.seg_can_reference(volume.headers, volume.frames):
-            # A SEG references its source 1:1: slices that were interpolated cannot be
-            # referenced, nor the frames of several multi-frame objects (one at most).
-            wanted = wanted - {Output.SEG}
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
             series=self._series_info(model.name, model.version), sc=spec.secondary_capture)

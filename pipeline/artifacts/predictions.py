@@ -151,6 +151,7 @@ def build_volumes(result: SegmentationResult, study: PatientStudy) -> dict[str, 
             "sex": study.patient_sex,
             "spacing_mm": [float(v) for v in result.spacing],
         },
+        **({"notes": list(result.notes)} if result.notes else {}),
     }
 
 

@@ -749,6 +749,8 @@ def write_segmentation_report(
         _result_box(status, st, width, label="RESULT", neutral=True),
         _p("Volumes", st["h2"]),
         volumes,
+        *([_p("Notes", st["h2"])] + [_p(n, st["body"]) for n in result.notes]
+          if result.notes else []),
         KeepTogether(
             [
                 _p("Overlay", st["h2"]),

@@ -944,3 +944,32 @@ def test_a_classifier_of_3d_images_is_refused_at_start_with_the_reason(
     (folder / "configs" / "inference.json").write_text(json.dumps(
         {**inference, "network_def": {**net, "spatial_dims": "$3"}}))
     assert "it classifies 3-D images" in _failure_at_start(folder, "classify")
+
+
+def test_a_seg_left_out_of_a_resampled_series_is_said_with_the_reason(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    """Slices whose spacing varies by more than 1 % are resampled to even ones, and a
+    SEG (which references the slices sent) cannot be written: it was left out without a
+    word. The result's notes say why: in the summary the job and ``infer`` print, in the
+    volumes JSON and in the report."""
+    from pipeline.runner import result_summary
+
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct",
+                               patient_id="UNEVEN")
+    for n, f in enumerate(files):  # the second half 6 % further apart
+        ds = pydicom.dcmread(f)
+        z = float(ds.ImagePositionPatient[2])
+        if n > 8:
+            ds.ImagePositionPatient[2] = z + 0.3 * (n - 8)
+        ds.save_as(f)
+    out = runner.run("seg", files, tmp_path / "out")
+    assert "seg" not in {a.kind for a in out.artifacts}
+    notes = out.result.notes
+    assert len(notes) == 1 and notes[0].startswith("no SEG written: the spacing between its "
+                                                   "slices varies by more than 1 %")
+    assert result_summary(out.result)["notes"] == notes
+    volumes = next(a.path for a in out.artifacts if a.kind == "json")
+    assert json.loads(volumes.read_text())["notes"] == notes
+    even = runner.run("seg", write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)),
+                                                tmp_path / "even"), tmp_path / "out2")
+    assert not even.result.notes and "notes" not in result_summary(even.result)
