@@ -156,6 +156,22 @@ def _output_mismatch(model: LoadedModel, sample_output: tuple[int, ...]) -> str:
     return ""
 
 
+#: Modalities whose several images in one series are slices of one volume.
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT", "NM"})
+
+
+def _slice_stack(headers: Sequence[Any]) -> bool:
+    """Whether a series' images are slices of a volume (a CT series, an enhanced MR, or
+    images at different positions) rather than separate views (PA and lateral) or the
+    frames of a radiograph."""
+    if str(headers[0].get("Modality", "") or "").upper() in _CROSS_SECTIONAL:
+        return True
+    positions = {tuple(round(float(v), 2) for v in h.ImagePositionPatient)
+                 for h in headers if h.get("ImagePositionPatient") is not None
+                 and len(h.ImagePositionPatient) == 3}
+    return len(positions) > 1
+
+
 def _check_channels(model: LoadedModel, output: torch.Tensor) -> None:
     """Raise PipelineError when a segmenter's output (C x ...) has not a channel per
     label (checked at start when a warm-up ran)."""
@@ -619,7 +635,15 @@ class PipelineRunner:
         if cancelled is not None and cancelled.is_set():
             raise PipelineError("cancelled")
         if spec.task is Task.CLASSIFY:
-            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted)
+            images = sum(number_of_frames(h) for h in selected.headers)
+            if images > 1 and _slice_stack(selected.headers):
+                raise PipelineError(
+                    f"model {spec.model!r} classifies one 2-D image (a radiograph); the "
+                    f"series it was given is a stack of {images} "
+                    f"{selected.modality or 'image'} slices. Send a single image, or give "
+                    "the pipeline series rules (modalities) that leave such series out")
+            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted,
+                                  images)
         check_memory(selected.headers)
         return self._segment(spec, selected.sources, out_dir, patient_id, wanted)
 
@@ -681,7 +705,8 @@ class PipelineRunner:
         return out
 
     def _classify(self, spec: PipelineSpec, source: Any, out_dir: Path,
-                  patient_id: str | None, wanted: set[Output]) -> RunOutput:
+                  patient_id: str | None, wanted: set[Output], images: int = 1) -> RunOutput:
+        """Classify ``source``, one of the ``images`` of its series (frames included)."""
         t0 = time.perf_counter()
         image = load_image_2d(source, modalities=spec.series.modalities or None)
         if image.upright_from:  # the PNGs and the report then differ from the stored image
@@ -690,6 +715,14 @@ class PipelineRunner:
         # Grad-CAM (a backward pass) only for outputs that show the heatmap
         result, study = self.classify(spec, image, patient_id,
                                       explain=bool(wanted & art.HEATMAP_OUTPUTS))
+        if image.number_of_frames > 1:  # which frame, said (a 2-frame CR: the second)
+            result.notes.append(f"classified frame {image.frame_index + 1} of the "
+                                f"{image.number_of_frames} of the image")
+        elif images > 1:  # several radiographs (PA and lateral): the preferred one
+            result.notes.append(f"classified 1 image of the {images} in the series (the "
+                                "one the series rules prefer: a frontal view first)")
+        for note in result.notes:
+            log.info("pipeline %s: %s", spec.name, note)
         t2 = time.perf_counter()
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,

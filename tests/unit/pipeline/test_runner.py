@@ -973,3 +973,26 @@ def test_a_seg_left_out_of_a_resampled_series_is_said_with_the_reason(
     even = runner.run("seg", write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)),
                                                 tmp_path / "even"), tmp_path / "out2")
     assert not even.result.notes and "notes" not in result_summary(even.result)
+
+
+def test_a_classifier_given_a_stack_of_slices_refuses_it_and_says_which_frame_it_read(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    """A 2-D classifier given a CT series classified its first slice without a word. A
+    stack of slices is refused with the count; of a multi-frame radiograph the result
+    says which frame was read; a single radiograph is classified as before."""
+    ct = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct")
+    with pytest.raises(PipelineError, match=r"classifies one 2-D image \(a radiograph\); "
+                                            r"the series it was given is a stack of 16 CT "
+                                            "slices"):
+        runner.run("never-normal", ct, tmp_path / "out-ct")
+    assert not (tmp_path / "out-ct").exists()
+
+    single = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm", patient_id="ONE")
+    assert runner.run("cls", [single], tmp_path / "out1").result.notes == []
+    ds = pydicom.dcmread(single)
+    frame = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([frame, frame]).tobytes()
+    ds.save_as(tmp_path / "cr2.dcm")
+    two = runner.run("cls", [tmp_path / "cr2.dcm"], tmp_path / "out2")
+    assert two.result.notes == ["classified frame 2 of the 2 of the image"]
