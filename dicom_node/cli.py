@@ -267,6 +267,8 @@ def _check_models(settings: Settings) -> int:
             print(f"  {m.name + ' ' + m.version:24} OK      {m.task}, {len(m.labels)} labels, "
                   f"input {size}, {_SOURCES.get(m.source, m.source)} on {m.device}, "
                   f"{took:.1f} s")
+            for note in runner.notes.get(spec.name, []):  # what it will not do (no heatmap)
+                print(f"  {'':24} note    {note}")
             for name, why in runner.mismatched().items():  # its jobs would all fail
                 failed += 1
                 print(f"  {'pipeline ' + name:24} FAILED  {why}")

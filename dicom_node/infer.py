@@ -183,6 +183,7 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
+    from pipeline.bundle import device_problem
     from pipeline.io import InputError, series_refusal
     from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 
@@ -190,6 +191,8 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     if model is not None:  # a bundle folder or model file given by its path
         settings, model = with_model_file(settings, model)
     specs = choose(settings, model)
+    if device and (problem := device_problem(device)):  # not a failure per study
+        raise UsageError(f"--device {device}: {problem}")
     studies, not_dicom = scan(paths, show)
     say = (lambda text: print(text, file=sys.stderr)) if as_json else print
     if not_dicom:

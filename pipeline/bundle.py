@@ -21,6 +21,7 @@ Nothing here knows about particular models.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import json
 import logging
@@ -38,7 +39,7 @@ import torch
 from pipeline.settings import ModelSpec
 
 __all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "describe",
-           "frozen_trace", "load_model", "resolve_device"]
+           "device_problem", "frozen_trace", "load_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,44 @@ class LoadedModel:
             return 1
         return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 else 1
 
+    def uninverted_geometry(self) -> list[str]:
+        """The transforms of a Model Zoo bundle's preprocessing that reorient, flip or
+        resample the image (Orientationd, Spacingd ...) when its postprocessing has no
+        Invertd to undo them: its predictions would land mirrored or displaced on the
+        series. Empty when there are none, or they are inverted, or the transforms take
+        arrays (the node itself gives those an axial volume and takes the result back).
+        """
+        if self.io_keys is None or any(_target(t) in _INVERTERS for t in self.postprocessing):
+            return []
+        return [_target(t) for t in self.preprocessing if _target(t) in _REGRIDDERS]
+
+    @property
+    def no_heatmap(self) -> str:
+        """Why Grad-CAM cannot explain this model's findings, in a few words ('' when it
+        can): no layer named in its metadata, or a TorchScript network (no hooks)."""
+        if self.task != "classify":
+            return ""
+        if not self.gradcam_layer:
+            return "no Grad-CAM layer in the model's metadata"
+        if self.source == "torchscript":
+            return "Grad-CAM needs model.pt, not TorchScript"
+        return ""
+
+    def check_gradcam_layers(self) -> None:
+        """Raise BundleError when a ``gradcam_target_layer`` is not a layer of the network
+        (a typo failed every study that was not Normal), naming the closest ones."""
+        if self.no_heatmap or not self.gradcam_layer:
+            return
+        names = [n for n, _ in self.network.named_modules() if n]
+        wanted = [self.gradcam_layer] if isinstance(self.gradcam_layer, str) \
+            else list(self.gradcam_layer)
+        for layer in wanted:
+            if layer not in names:
+                close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+                raise BundleError(
+                    f"{self.path}: Grad-CAM target layer {layer!r} (gradcam_target_layer) is "
+                    f"not a layer of the network; closest: {', '.join(close) or 'none'}")
+
     @functools.cached_property
     def activation(self) -> str:
         """How a classifier's outputs become probabilities: ``softmax`` (one class of
@@ -165,8 +204,10 @@ class LoadedModel:
             return self._channels(_plain(self._pre(array))), None
         assert self._pair is not None
         pre, post = self._pair
-        data = pre({self.io_keys[0]: _as_loaded(array, affine)})
-        return self._channels(_plain(data[self.io_keys[0]])), (data, post)
+        loaded = _as_loaded(array, affine)
+        original = loaded.affine.clone()  # the series' own, for finish to compare with
+        data = pre({self.io_keys[0]: loaded})
+        return self._channels(_plain(data[self.io_keys[0]])), (data, post, original)
 
     def build_transforms(self) -> None:
         """Instantiate the declared pre- (and a Model Zoo bundle's post-) processing now,
@@ -191,19 +232,32 @@ class LoadedModel:
         (C x slices x rows x columns); ``output`` as it is for array transforms.
 
         Its writers are left out (the node writes its own outputs); an ``Invertd`` in it
-        brings the prediction back onto the image's own grid.
+        brings the prediction back onto the image's own grid. Raises BundleError when the
+        prediction's affine is not the input's (its preprocessing reoriented, flipped or
+        resampled the image and nothing brought the prediction back): labels on the
+        wrong side of the patient are worse than none.
         """
         if self.io_keys is None or context is None:
             return output
-        prepared, post = context
+        from monai.data.meta_tensor import MetaTensor
+
+        prepared, post, original = context
+        image = prepared[self.io_keys[0]]
         pred: Any = output
         if post is not None:
-            from monai.data.meta_tensor import MetaTensor
-
             data = dict(prepared)
-            data[self.io_keys[1]] = MetaTensor(output,
-                                               meta=dict(prepared[self.io_keys[0]].meta))
+            data[self.io_keys[1]] = MetaTensor(output, meta=dict(image.meta))
             pred = post(data)[self.io_keys[1]]
+        got = pred.affine if isinstance(pred, MetaTensor) else getattr(image, "affine", None)
+        if got is not None and not _same_affine(got, original):
+            steps = ", ".join(_target(t) for t in self.preprocessing
+                              if _target(t) not in _LOADERS) or "its preprocessing"
+            raise BundleError(
+                f"{self.path}: its prediction is not on the series' grid (its affine "
+                f"{_affine_text(got)} is not the series' {_affine_text(original)}): its "
+                f"preprocessing ({steps}) reorients or resamples the image and its "
+                "postprocessing does not undo it; it needs an Invertd in its "
+                "postprocessing to bring the prediction back")
         plain = _plain(pred)
         # (C, column, row[, slice]) -> (C, [slice,] row, column)
         result: torch.Tensor = plain.permute(0, *range(plain.dim() - 1, 0, -1))
@@ -316,11 +370,36 @@ def channels_last(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) cannot be used on this
+    machine, or None when it can."""
+    name = device.strip().lower()
+    if name in ("auto", "cpu"):
+        return None
+    if name != "cuda" and not name.startswith("cuda:"):
+        return f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'"
+    if not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+               else f"no GPU found by torch {torch.__version__} (CUDA {torch.version.cuda})")
+        return (f"device {device} is not available on this machine ({why}); set device to "
+                "'auto' or 'cpu'")
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        return (f"device {device} is not available on this machine (it has "
+                f"{torch.cuda.device_count()} CUDA device(s))")
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
+    """``auto`` -> cuda when available, else cpu. Raises BundleError (see
+    :func:`device_problem`) for a device this machine does not have: moving a model
+    there would fail with torch's assertion instead."""
+    problem = device_problem(device)
+    if problem is not None:
+        raise BundleError(problem)
+    if device.strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(device.strip().lower())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -397,6 +476,12 @@ def _plain(value: Any) -> torch.Tensor:
 # the DICOM and writes its own outputs, so those are left out; the rest runs as written.
 _LOADERS = frozenset({"LoadImage", "LoadImaged", "LoadImageD", "LoadImageDict"})
 _WRITERS = frozenset({"SaveImage", "SaveImaged", "SaveImageD", "SaveImageDict"})
+# Preprocessing that changes which way the array's axes run, or its spacing, with the
+# image's shape possibly unchanged (a flip): without an Invertd a prediction keeps it.
+_REGRIDDERS = frozenset(f"{name}{suffix}" for name in ("Orientation", "Spacing", "Flip",
+                                                      "Rotate90")
+                        for suffix in ("d", "D", "Dict"))
+_INVERTERS = frozenset({"Invertd", "InvertD", "InvertDict"})
 _meta_lock = threading.Lock()
 _meta_needed = False  # once a dictionary bundle is built, MetaTensors stay tracked
 
@@ -438,6 +523,23 @@ def _as_loaded(array: np.ndarray[Any, Any], affine: np.ndarray[Any, Any] | None)
         "original_channel_dim": float("nan"), "original_affine": ras.copy(),
         "spatial_shape": np.asarray(loaded.shape), "space": "RAS",
         "filename_or_obj": "dicom"})
+
+
+def _same_affine(a: Any, b: Any) -> bool:
+    """Two affines map voxels to the same places, to a thousandth of a millimetre per
+    voxel (float rounding of an inverted resampling)."""
+    x = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float64)
+    y = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, np.float64)
+    return x.shape == y.shape and bool(np.allclose(x, y, rtol=1e-4, atol=1e-3))
+
+
+def _affine_text(affine: Any) -> str:
+    """An affine's rotation-and-spacing part in one line: ``[[-1, 0, 0], ...]``."""
+    m = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine,
+                   np.float64)
+    n = m.shape[0] - 1
+    return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in np.round(row[:n], 3)) + "]"
+                           for row in m[:n]) + "]"
 
 
 def _build_dictionary_transforms(

@@ -793,6 +793,21 @@ class InferenceEngine:
                 )
             return model
 
+    def remove(self, name: str, version: str) -> None:
+        """Close and forget one model version (one that loaded but turned out unusable);
+        nothing when it is not registered."""
+        with self._lock:
+            model = self._models.pop((name, version), None)
+            if model is not None and self._defaults.get(name) == version:
+                others = [v for n, v in self._models if n == name]
+                if others:
+                    self._defaults[name] = others[0]
+                else:
+                    del self._defaults[name]
+                    self._explicit.discard(name)
+        if model is not None:
+            model.close()
+
     def models(self) -> list[BatchedModel]:
         """Every registered model version, in registration order."""
         with self._lock:

@@ -126,9 +126,67 @@ class _Network(torch.nn.Module):
     def __init__(self, model: LoadedModel) -> None:
         super().__init__()
         self.model = model
+        # the shape of one sample's output, from the first forward pass (the warm-up)
+        self.sample_output: tuple[int, ...] | None = None
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.infer(batch)
+        out = self.model.infer(batch)
+        if self.sample_output is None and out.dim() >= 1:
+            self.sample_output = tuple(int(n) for n in out.shape[1:])
+        return out
+
+
+def _output_mismatch(model: LoadedModel, sample_output: tuple[int, ...]) -> str:
+    """Why a network's output (one sample's shape) does not fit the labels its metadata
+    names ('' when it does): a classifier gives a score per label, a segmenter a channel
+    per label, background included (a Model Zoo bundle may give one sigmoid channel for
+    background and one label: its postprocessing thresholds it). A mismatch silently
+    dropped scores, or named labels after the wrong channels."""
+    n = len(model.labels)
+    if model.task == "classify":
+        outputs = int(np.prod(sample_output)) if sample_output else 1
+        if outputs != n:
+            return (f"the network gives {outputs} outputs, its metadata names {n} labels "
+                    f"({', '.join(model.labels)})")
+    elif sample_output and sample_output[0] != n and not (
+            # one sigmoid channel that a Model Zoo bundle's postprocessing thresholds
+            sample_output[0] == 1 and n == 2 and model.io_keys is not None):
+        return (f"the network gives {sample_output[0]} output channels, its metadata names "
+                f"{n} labels, background included ({', '.join(model.labels)})")
+    return ""
+
+
+#: Modalities whose several images in one series are slices of one volume.
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT", "NM"})
+
+
+def _slice_stack(headers: Sequence[Any]) -> bool:
+    """Whether a series' images are slices of a volume (a CT series, an enhanced MR, or
+    images at different positions) rather than separate views (PA and lateral) or the
+    frames of a radiograph."""
+    if str(headers[0].get("Modality", "") or "").upper() in _CROSS_SECTIONAL:
+        return True
+    positions = {tuple(round(float(v), 2) for v in h.ImagePositionPatient)
+                 for h in headers if h.get("ImagePositionPatient") is not None
+                 and len(h.ImagePositionPatient) == 3}
+    return len(positions) > 1
+
+
+def _check_channels(model: LoadedModel, output: torch.Tensor) -> None:
+    """Raise PipelineError when a segmenter's output (C x ...) has not a channel per
+    label (checked at start when a warm-up ran)."""
+    if why := _output_mismatch(model, tuple(int(n) for n in output.shape)):
+        raise PipelineError(f"model {model.name!r}: {why}")
+
+
+def _network_spatial_dims(model: LoadedModel) -> int:
+    """The image dimensions the model works on: its network_def's ``spatial_dims`` when it
+    says, else :attr:`~LoadedModel.spatial_dims` (its declared input size)."""
+    net = model.inference_config.get("network_def")
+    dims = net.get("spatial_dims") if isinstance(net, dict) else None
+    if isinstance(dims, int) and not isinstance(dims, bool) and dims in (2, 3):
+        return dims
+    return model.spatial_dims
 
 
 def _channel_names(model: LoadedModel) -> str:
@@ -351,11 +409,13 @@ def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
 
 def result_summary(result: ClassificationResult | SegmentationResult) -> dict[str, Any]:
     """A result as JSON: overall result and findings, or the segments' volumes."""
+    notes = {"notes": list(result.notes)} if result.notes else {}
     if isinstance(result, ClassificationResult):
         return {"result": result.result,
                 "findings": [{"name": f.name, "presence": f.presence,
-                              "confidence": f.confidence} for f in result.findings]}
-    return {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in result.segments]}
+                              "confidence": f.confidence} for f in result.findings], **notes}
+    return {"segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in result.segments],
+            **notes}
 
 
 def overall_result(findings: Sequence[Finding]) -> str:
@@ -389,6 +449,9 @@ class PipelineRunner:
         self._explainers: dict[tuple[str, str], tuple[LoadedModel, threading.Lock]] = {}
         self._lock = threading.Lock()
         self.failed: dict[str, str] = {}
+        # what a loaded model will not do, by model name (no heatmap): logged at start,
+        # printed by check-config --models
+        self.notes: dict[str, list[str]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -410,21 +473,43 @@ class PipelineRunner:
                     raise BundleError(
                         f"{model.path}: it segments {model.spatial_dims}-D images; the node "
                         "segments 3-D series (CT volumes), and classifies 2-D images")
+                if model.task == "classify" and (dims := _network_spatial_dims(model)) != 2:
+                    raise BundleError(
+                        f"{model.path}: it classifies {dims}-D images; the node classifies "
+                        "2-D images (one radiograph), and segments 3-D series")
+                model.check_gradcam_layers()
+                if model.task == "segment" and (regrid := model.uninverted_geometry()):
+                    raise BundleError(
+                        f"{model.path}: its preprocessing has {', '.join(regrid)} and its "
+                        "postprocessing no Invertd: its labels would land mirrored or "
+                        "displaced on the series. Add an Invertd of the prediction to its "
+                        "postprocessing (as the Model Zoo's segmentation bundles have)")
                 # One channel of the model's input size; a segmenter's (its sliding
                 # window's patch) warms up the window and takes the CPU trace at start,
                 # not during the first study.
                 sample = None if model.spatial_size is None else (model.in_channels,
                                                                   *model.spatial_size)
                 workers, threads = parallelism(spec, model)
+                network = _Network(model)
                 self.engine.add_model(
-                    spec.name, _Network(model), version=model.version, default=spec.default,
+                    spec.name, network, version=model.version, default=spec.default,
                     device=spec.device, max_batch=spec.max_batch if model.task == "classify"
                     else 1, max_delay_ms=spec.max_delay_ms, warmup=spec.warmup,
                     sample_shape=sample, workers=workers, threads=threads,
                 )
+                # the warm-up's output (when there was one) against the labels
+                if network.sample_output is not None and (
+                        why := _output_mismatch(model, network.sample_output)):
+                    self.engine.remove(spec.name, model.version)
+                    raise BundleError(f"{model.path}: {why}")
             except (BundleError, EngineError, OSError, KeyError, ValueError,
                     RuntimeError) as exc:  # EngineError: it cannot run its own warm-up
                 self.failed[spec.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if model.no_heatmap:
+                note = f"findings come without a heatmap: {model.no_heatmap}"
+                self.notes.setdefault(spec.name, []).append(note)
+                log.info("model %s %s: %s", spec.name, model.version, note)
 
     def mismatched(self) -> dict[str, str]:
         """Pipelines whose task is not their loaded model's (a ``task: segment`` pipeline
@@ -550,7 +635,15 @@ class PipelineRunner:
         if cancelled is not None and cancelled.is_set():
             raise PipelineError("cancelled")
         if spec.task is Task.CLASSIFY:
-            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted)
+            images = sum(number_of_frames(h) for h in selected.headers)
+            if images > 1 and _slice_stack(selected.headers):
+                raise PipelineError(
+                    f"model {spec.model!r} classifies one 2-D image (a radiograph); the "
+                    f"series it was given is a stack of {images} "
+                    f"{selected.modality or 'image'} slices. Send a single image, or give "
+                    "the pipeline series rules (modalities) that leave such series out")
+            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted,
+                                  images)
         check_memory(selected.headers)
         return self._segment(spec, selected.sources, out_dir, patient_id, wanted)
 
@@ -559,8 +652,10 @@ class PipelineRunner:
         """Findings, overall result and heatmap for one loaded image.
 
         With ``explain=False`` Grad-CAM is skipped and ``heatmap`` is ``None`` even when
-        the result is not Normal (for callers that need the findings only; the artifact
-        writers refuse such a result).
+        the result is not Normal (for callers that need the findings only, or outputs
+        that show no heatmap: the artifact writers refuse it for those that do). A model
+        Grad-CAM cannot explain (:attr:`~LoadedModel.no_heatmap`) gives no heatmap
+        either, and says why in ``heatmap_note``.
         """
         return self.classify_many(spec, [image], [patient_id], explain=explain)[0]
 
@@ -588,11 +683,14 @@ class PipelineRunner:
         out: list[tuple[ClassificationResult, PatientStudy]] = []
         for image, pid, future in zip(images, patient_ids, futures, strict=True):
             probabilities = _probabilities(model, future.result())
+            if len(probabilities) != len(model.labels):  # loaded without a warm-up
+                raise PipelineError(f"model {model.name!r}: "
+                                    f"{_output_mismatch(model, (len(probabilities),))}")
             findings = [Finding(label, p >= spec.threshold, round(p, 4))
-                        for label, p in zip(model.labels, probabilities, strict=False)]
+                        for label, p in zip(model.labels, probabilities, strict=True)]
             result = overall_result(findings)
             heatmap = None
-            if explain and result != NORMAL:
+            if explain and result != NORMAL and not model.no_heatmap:
                 top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
                 clone, lock = self._explainer(model)
                 with lock:
@@ -602,17 +700,29 @@ class PipelineRunner:
                 findings=findings, image=image.pixels, heatmap=heatmap, source_path=image.path,
                 sop_instance_uid=image.sop_instance_uid,
                 series_instance_uid=image.series_instance_uid,
+                heatmap_note=model.no_heatmap if result != NORMAL else "",
             ), patient_study(image.header, pid)))
         return out
 
     def _classify(self, spec: PipelineSpec, source: Any, out_dir: Path,
-                  patient_id: str | None, wanted: set[Output]) -> RunOutput:
+                  patient_id: str | None, wanted: set[Output], images: int = 1) -> RunOutput:
+        """Classify ``source``, one of the ``images`` of its series (frames included)."""
         t0 = time.perf_counter()
         image = load_image_2d(source, modalities=spec.series.modalities or None)
         if image.upright_from:  # the PNGs and the report then differ from the stored image
             log.info("image turned upright from Patient Orientation %s", image.upright_from)
         t1 = time.perf_counter()
-        result, study = self.classify(spec, image, patient_id)
+        # Grad-CAM (a backward pass) only for outputs that show the heatmap
+        result, study = self.classify(spec, image, patient_id,
+                                      explain=bool(wanted & art.HEATMAP_OUTPUTS))
+        if image.number_of_frames > 1:  # which frame, said (a 2-frame CR: the second)
+            result.notes.append(f"classified frame {image.frame_index + 1} of the "
+                                f"{image.number_of_frames} of the image")
+        elif images > 1:  # several radiographs (PA and lateral): the preferred one
+            result.notes.append(f"classified 1 image of the {images} in the series (the "
+                                "one the series rules prefer: a frontal view first)")
+        for note in result.notes:
+            log.info("pipeline %s: %s", spec.name, note)
         t2 = time.perf_counter()
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
@@ -644,18 +754,29 @@ class PipelineRunner:
                     for i in range(1, max(len(names), int(labels.max()) + 1))]
         header = volume.headers[0]
         study = patient_study(header, patient_id)
+        notes = []
+        if Output.SEG in wanted and (volume.resampled or not art.seg_can_reference(
+                volume.headers, volume.frames)):
+            # A SEG references its source 1:1: slices that were interpolated cannot be
+            # referenced, nor the frames of several multi-frame objects (one at most).
+            wanted = wanted - {Output.SEG}
+            why = ("the spacing between its slices varies by more than 1 %, so the series "
+                   "was resampled to even slices and a SEG can only label the slices that "
+                   "were sent" if volume.resampled else
+                   "its frames come from several multi-frame objects, and a SEG references "
+                   "the frames of one")
+            notes.append(f"no SEG written: {why}; the volumes and other outputs are from "
+                         "the resampled series" if volume.resampled else
+                         f"no SEG written: {why}")
+            log.warning("pipeline %s: %s", spec.name, notes[-1])
         result = SegmentationResult(
             model_name=model.name, model_version=model.version, labels=labels,
             segments=segments, volume=volume.array.astype(np.float32, copy=False),
             spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
             source_paths=[Path(p) for p in volume.paths if p is not None],
             source_frames=volume.frames,
-            series_instance_uid=volume.series_instance_uid,
+            series_instance_uid=volume.series_instance_uid, notes=notes,
         )
-        if volume.resampled or not art.seg_can_reference(volume.headers, volume.frames):
-            # A SEG references its source 1:1: slices that were interpolated cannot be
-            # referenced, nor the frames of several multi-frame objects (one at most).
-            wanted = wanted - {Output.SEG}
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
             series=self._series_info(model.name, model.version), sc=spec.secondary_capture)
@@ -678,6 +799,7 @@ class PipelineRunner:
         logits = torch.as_tensor(self.engine.infer(spec.model, tensor,
                                                    version=model.version))
         del tensor
+        _check_channels(model, logits)
         if grid is not None:
             labels = resampled_label_map(logits, tuple(axial.shape))
         else:
@@ -695,7 +817,11 @@ class PipelineRunner:
         ready = time.perf_counter()
         out = torch.as_tensor(self.engine.infer(spec.model, tensor, version=model.version))
         del tensor
-        pred = model.finish(out, context)
+        _check_channels(model, out)
+        try:
+            pred = model.finish(out, context)
+        except BundleError as exc:  # the prediction is not on the series' grid
+            raise PipelineError(f"model {spec.model!r}: {exc}") from exc
         del out, context
         if tuple(pred.shape[1:]) != volume.shape:
             raise PipelineError(

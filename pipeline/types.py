@@ -44,6 +44,11 @@ class ClassificationResult:
     source_path: Path | None = None
     sop_instance_uid: str = ""
     series_instance_uid: str = ""
+    # why a result that is not Normal has no heatmap (the model cannot be explained by
+    # Grad-CAM); the outputs then go without one. Empty: a heatmap is expected.
+    heatmap_note: str = ""
+    # what a person should know about how the result was made (which frame was read)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class SegmentationResult:
     # single-frame slice (empty: all single-frame)
     source_frames: list[int | None] = field(default_factory=list)
     series_instance_uid: str = ""
+    # what a person should know about the result: an output asked for and left out, why
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,14 @@ from pipeline.artifacts.report import write_classification_report, write_segment
 from pipeline.artifacts.sc import write_secondary_capture
 from pipeline.artifacts.seg import seg_can_reference, write_segmentation
 from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr, write_sr
-from pipeline.artifacts.write import write_classification_artifacts, write_segmentation_artifacts
+from pipeline.artifacts.write import (
+    HEATMAP_OUTPUTS,
+    write_classification_artifacts,
+    write_segmentation_artifacts,
+)
 
 __all__ = [
+    "HEATMAP_OUTPUTS",
     "SeriesInfo",
     "build_api_data",
     "build_classification_sr",

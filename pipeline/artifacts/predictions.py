@@ -84,14 +84,15 @@ def build_api_data(
     """
     abnormal = result.result != NORMAL
     if source_image_path is not None:
-        if abnormal and heatmap_path is None:
+        if abnormal and heatmap_path is None and not result.heatmap_note:
             raise ValueError("heatmap_path is required for a result that is not Normal")
         return build_predictions(
-            result, study, str(source_image_path), str(heatmap_path) if abnormal else ""
+            result, study, str(source_image_path),
+            str(heatmap_path) if abnormal and heatmap_path is not None else ""
         )
     src = base64.b64encode(png_bytes(source_image(result.image))).decode("ascii")
     heat = ""
-    if abnormal:
+    if abnormal and not (result.heatmap is None and result.heatmap_note):
         if result.heatmap is None:
             raise ValueError("the result is not Normal but has no heatmap")
         heat = base64.b64encode(png_bytes(heatmap_overlay(result.image, result.heatmap))).decode(
@@ -150,6 +151,7 @@ def build_volumes(result: SegmentationResult, study: PatientStudy) -> dict[str, 
             "sex": study.patient_sex,
             "spacing_mm": [float(v) for v in result.spacing],
         },
+        **({"notes": list(result.notes)} if result.notes else {}),
     }
 
 

@@ -664,9 +664,8 @@ def write_classification_report(
         heat: Flowable = _rl_image(heatmap_overlay(shown, result.heatmap), img_w, img_h)
         heat_caption = "Heatmap (regions that drove the model's output)"
     else:
-        heat = _Placeholder(
-            float(src.drawWidth), float(src.drawHeight), "No heatmap\n(result is Normal)"
-        )
+        why = "result is Normal" if result.result == NORMAL else result.heatmap_note
+        heat = _Placeholder(float(src.drawWidth), float(src.drawHeight), f"No heatmap\n({why})")
         heat_caption = "Heatmap"
     images = Table(
         [[src, heat], [_p("Source image", st["caption"]), _p(heat_caption, st["caption"])]],
@@ -750,6 +749,8 @@ def write_segmentation_report(
         _result_box(status, st, width, label="RESULT", neutral=True),
         _p("Volumes", st["h2"]),
         volumes,
+        *([_p("Notes", st["h2"])] + [_p(n, st["body"]) for n in result.notes]
+          if result.notes else []),
         KeepTogether(
             [
                 _p("Overlay", st["h2"]),

@@ -34,7 +34,7 @@ from pipeline.artifacts.sr import build_classification_sr, build_segmentation_sr
 from pipeline.settings import Output, SecondaryCaptureSpec
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
-__all__ = ["write_classification_artifacts", "write_segmentation_artifacts"]
+__all__ = ["HEATMAP_OUTPUTS", "write_classification_artifacts", "write_segmentation_artifacts"]
 
 # Log lines carry kinds, counts and timings only: no patient name, ID or path.
 log = structlog.get_logger(__name__)
@@ -117,6 +117,13 @@ def _reports(
     return made
 
 
+#: The classification outputs that show the heatmap of a result that is not Normal: the
+#: PNGs, the JSON (it names the heatmap PNG, seed 001), the report and the Secondary
+#: Capture. Grad-CAM runs only when one of them is asked for.
+HEATMAP_OUTPUTS = frozenset({Output.PNG, Output.JSON, Output.PDF, Output.ENCAPSULATED_PDF,
+                             Output.SECONDARY_CAPTURE})
+
+
 def write_classification_artifacts(
     result: ClassificationResult,
     study: PatientStudy,
@@ -153,11 +160,13 @@ def write_classification_artifacts(
         base = series or SeriesInfo()
         generated = generated_at or utc_now()
         abnormal = result.result != NORMAL
-        if abnormal and result.heatmap is None:
+        if abnormal and result.heatmap is None and not result.heatmap_note \
+                and wanted & HEATMAP_OUTPUTS:
             raise ValueError(f"result {result.result!r} is not Normal but has no heatmap")
         artifacts: list[Artifact] = []
-        if not abnormal:
-            # A Normal result has no heatmap: drop one left by an earlier run of this patient.
+        if not abnormal or result.heatmap is None:
+            # No heatmap (Normal, or a model Grad-CAM cannot explain): drop one left by an
+            # earlier run of this patient.
             for stale in (f"{pid}_heatmap.png", f"{pid}_sc.dcm"):
                 (folder / stale).unlink(missing_ok=True)
         # Blended once for the heatmap PNG and the Secondary Capture (a full-size radiograph

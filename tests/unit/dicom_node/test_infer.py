@@ -215,3 +215,14 @@ def test_a_bundle_folder_can_be_tried_by_its_path(tmp_path: Path) -> None:
     bad = infer(str(root), "--model", str(tmp_path), cwd=tmp_path)
     assert bad.returncode == 2
     assert "configs/metadata.json" in bad.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_the_machine_lacks_is_exit_2_with_the_reason(tmp_path: Path) -> None:
+    """``--device cuda`` without CUDA ended in torch's AssertionError; it is bad usage."""
+    cr = tmp_path / "normal.dcm"
+    shutil.copy(SAMPLES / "cxr" / "normal.dcm", cr)
+    done = infer(str(cr), "--device", "cuda", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "--device cuda: device cuda is not available on this machine" in done.stderr
+    assert "Traceback" not in done.stderr

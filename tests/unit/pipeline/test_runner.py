@@ -718,22 +718,281 @@ def test_a_model_zoo_bundle_sees_the_series_in_ras_order(tmp_path: Path) -> None
     np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-4)
 
 
+def _rewrite_zoo(bundle: Path, pre: Any = None, post: Any = None) -> Path:
+    """``bundle``'s inference.json with its pre/postprocessing transforms filtered or
+    extended by ``pre(list) -> list`` and ``post(list) -> list``."""
+    path = bundle / "configs" / "inference.json"
+    inference = json.loads(path.read_text())
+    for key, change in (("preprocessing", pre), ("postprocessing", post)):
+        if change is not None:
+            inference[key]["transforms"] = change(inference[key]["transforms"])
+    path.write_text(json.dumps(inference))
+    return bundle
+
+
+def _no_invertd(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [t for t in ts if t["_target_"] != "Invertd"]
+
+
 def test_a_model_zoo_bundle_that_does_not_invert_its_resampling_says_so(
         tmp_path: Path) -> None:
     """A bundle that resamples in its preprocessing and has no Invertd gives labels on
-    its own grid: the job fails saying what the bundle lacks, not with a shape error."""
-    bundle = make_zoo_bundle(tmp_path / "zoo")
-    inference = json.loads((bundle / "configs" / "inference.json").read_text())
-    post = inference["postprocessing"]["transforms"]
-    inference["postprocessing"]["transforms"] = [t for t in post
-                                                 if t["_target_"] != "Invertd"]
-    (bundle / "configs" / "inference.json").write_text(json.dumps(inference))
-    r = PipelineRunner([ModelSpec(name="zoo", path=bundle)],
+    its own grid: it is refused at start saying what the bundle lacks."""
+    bundle = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoo"), post=_no_invertd)
+    failure = _failure_at_start(bundle)
+    assert "its preprocessing has Orientationd, Spacingd and its postprocessing no " \
+           "Invertd" in failure
+
+
+def test_a_model_zoo_bundle_that_reorients_without_invertd_is_refused_not_mirrored(
+        tmp_path: Path) -> None:
+    """Orientationd(RAS) and no Invertd: on an axial LPS series the prediction has the
+    series' shape but runs right-to-left and front-to-back, and the SEG came out
+    mirrored (Dice 0) without a word. The model is refused at start; and a bundle's
+    prediction whose affine is not the series' (a Zoomd the load check does not know)
+    fails the job rather than giving displaced labels."""
+    from pipeline.bundle import BundleError, load_model
+    from pipeline.io import load_ct_volume
+
+    def orientation_only(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [t for t in ts if t["_target_"] != "Spacingd"]
+
+    bundle = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoo"), pre=orientation_only,
+                          post=_no_invertd)
+    failure = _failure_at_start(bundle)
+    assert "its preprocessing has Orientationd and its postprocessing no Invertd" in failure
+    assert "would land mirrored" in failure
+
+    # Without the runner's check: the prediction's geometry gives it away.
+    model = load_model(bundle)
+    volume = load_ct_volume(write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)),
+                                               tmp_path / "ct"))
+    x, context = model.prepare(volume.array, volume.affine())
+    assert tuple(x.shape[1:]) == (40, 48, 16)  # the shape alone would not tell
+    with pytest.raises(BundleError, match="not on the series' grid .* needs an Invertd"):
+        model.finish(model.infer(x[None])[0], context)
+
+    def zoom(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [*orientation_only(ts)[:2], {"_target_": "Zoomd", "keys": "image",
+                                            "zoom": 1.25, "keep_size": True},
+                *orientation_only(ts)[3:]]
+
+    zoomed = _rewrite_zoo(make_zoo_bundle(tmp_path / "zoomed"), pre=zoom, post=_no_invertd)
+    r = PipelineRunner([ModelSpec(name="zoo", path=zoomed)],
                        [PipelineSpec(name="zoo", model="zoo", task="segment")])
     r.start()
     try:
-        files = write_dicom_series(make_ct_phantom(5, shape=(16, 48, 40)), tmp_path / "ct")
-        with pytest.raises(PipelineError, match="needs an Invertd in its postprocessing"):
-            r.run("zoo", files, tmp_path / "out")
+        assert r.failed == {}
+        with pytest.raises(PipelineError, match="not on the series' grid"):
+            r.run("zoo", volume.paths, tmp_path / "out")  # type: ignore[arg-type]
+        assert not (tmp_path / "out").exists()
     finally:
         r.close()
+
+
+def test_a_model_on_a_device_the_machine_lacks_fails_alone_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: cuda`` on a machine without CUDA stopped the node at start with torch's
+    "AssertionError: Torch not compiled with CUDA enabled": that model now fails to load
+    with the reason, and the others serve."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = PipelineRunner([ModelSpec(name="gpu", path=make_tiny_bundle(tmp_path / "gpu"),
+                                  device="cuda"),
+                        ModelSpec(name="cpu", path=make_tiny_bundle(tmp_path / "cpu"))], [])
+    try:
+        r.start()
+        assert list(r.failed) == ["gpu"]
+        assert "device cuda is not available on this machine" in r.failed["gpu"]
+        assert r.predict(np.zeros((40, 40), np.float32), "cpu").labels == ["a", "b", "c"]
+        with pytest.raises(KeyError, match="failed to load: .*device cuda is not available"):
+            r.model("gpu")
+    finally:
+        r.close()
+
+
+def _without_gradcam_layer(folder: Path, layer: str | None = None) -> Path:
+    meta_path = folder / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("gradcam_target_layer")
+    if layer is not None:
+        meta["gradcam_target_layer"] = layer
+    meta_path.write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_classifier_without_a_grad_cam_layer_gives_findings_without_a_heatmap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``gradcam_target_layer``: every study that was not Normal failed with
+    "internal error: BundleError: no 'gradcam_target_layer'", even for outputs that show
+    no heatmap. Now the findings come without one (JSON heatmap "", the report says why,
+    no heatmap PNG or Secondary Capture), and the runner notes it once at start."""
+    import pipeline.runner as runner_module
+
+    folder = _without_gradcam_layer(make_tiny_bundle(tmp_path / "nocam"))
+    r = PipelineRunner([ModelSpec(name="nocam", path=folder)],
+                       [PipelineSpec(name="all", model="nocam", task="classify",
+                                     threshold=0.01),
+                        PipelineSpec(name="json-sr", model="nocam", task="classify",
+                                     threshold=0.01, outputs=["json", "sr"])])
+    r.start()
+    try:
+        assert r.failed == {}
+        assert r.notes == {"nocam": ["findings come without a heatmap: no Grad-CAM layer "
+                                     "in the model's metadata"]}
+        src = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm", patient_id="P")
+        out = r.run("all", [src], tmp_path / "out")
+        assert out.result.result == "Abnormal"  # type: ignore[union-attr]
+        assert out.result.heatmap is None  # type: ignore[union-attr]
+        names = sorted(a.path.name for a in out.artifacts)
+        assert names == sorted(["P_source_image.png", "P_predictions.json", "P_report.pdf",
+                                "P_report.dcm", "P_sr.dcm"])
+        pred = json.loads((tmp_path / "out" / "P" / "P_predictions.json").read_text())
+        assert pred["heatmap"] == "" and pred["result"] == "Abnormal"
+        assert r.run("json-sr", [src], tmp_path / "out2").artifacts
+
+        # A model that has a layer runs Grad-CAM only for outputs that show the heatmap.
+        calls: list[str] = []
+        monkeypatch.setattr(runner_module, "gradcam",
+                            lambda *a, **k: calls.append("gradcam") or np.zeros((4, 4)))
+        tiny = PipelineRunner([ModelSpec(name="tiny", path=make_tiny_bundle(tmp_path / "t"))],
+                              [PipelineSpec(name="sr", model="tiny", task="classify",
+                                            threshold=0.01, outputs=["sr"])])
+        tiny.start()
+        try:
+            assert tiny.notes == {}
+            assert tiny.run("sr", [src], tmp_path / "out3").artifacts and calls == []
+        finally:
+            tiny.close()
+    finally:
+        r.close()
+
+
+def test_a_grad_cam_layer_the_network_lacks_is_refused_at_start_with_close_names(
+        tmp_path: Path) -> None:
+    folder = _without_gradcam_layer(make_tiny_bundle(tmp_path / "badcam"),
+                                    "class_layers.rleu")
+    failure = _failure_at_start(folder, "classify")
+    assert "Grad-CAM target layer 'class_layers.rleu' (gradcam_target_layer) is not a " \
+           "layer of the network; closest: class_layers.relu" in failure
+
+
+def _set_labels(folder: Path, labels: list[str]) -> Path:
+    meta_path = folder / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "labels": labels}))
+    return folder
+
+
+def test_labels_and_network_outputs_that_differ_in_number_are_refused_at_start(
+        tmp_path: Path) -> None:
+    """Three labels for four outputs dropped the fourth score silently (and three for
+    two would have named findings after the wrong outputs): the warm-up's output is
+    checked against the labels, for classifiers and for segmenters (background
+    included). Loaded without a warm-up, the job fails with the same reason."""
+    classifier = _set_labels(make_tiny_bundle(tmp_path / "cls"), ["a", "b"])
+    assert "the network gives 3 outputs, its metadata names 2 labels (a, b)" in \
+        _failure_at_start(classifier, "classify")
+    segmenter = _set_labels(make_tiny_seg_bundle(tmp_path / "seg"), ["organ a", "organ b"])
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct")
+    r = PipelineRunner([ModelSpec(name="m", path=segmenter)],  # no input size: no warm-up
+                       [PipelineSpec(name="m", model="m", task="segment")])
+    r.start()
+    try:
+        with pytest.raises(PipelineError, match="the network gives 3 output channels, its "
+                                                "metadata names 2 labels, background included"):
+            r.run("m", files, tmp_path / "seg-out")
+    finally:
+        r.close()
+    meta_path = segmenter / "configs" / "metadata.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()),
+                                     "spatial_size": [16, 32, 32]}))
+    assert "the network gives 3 output channels, its metadata names 2 labels, " \
+           "background included" in _failure_at_start(segmenter)
+
+    r = PipelineRunner([ModelSpec(name="m", path=classifier, warmup=False)],
+                       [PipelineSpec(name="m", model="m", task="classify")])
+    r.start()
+    try:
+        assert r.failed == {}
+        src = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm")
+        with pytest.raises(PipelineError, match="gives 3 outputs, its metadata names 2"):
+            r.run("m", [src], tmp_path / "out")
+    finally:
+        r.close()
+
+
+def test_a_classifier_of_3d_images_is_refused_at_start_with_the_reason(
+        tmp_path: Path) -> None:
+    """A 3-D classifier loaded and then failed every job with a raw torch error about
+    its input's dimensions: the node classifies 2-D images."""
+    from monai.bundle import ConfigParser
+
+    from tests.unit.pipeline.test_bundle import NET_DEF
+
+    folder = make_tiny_bundle(tmp_path / "cls3d")
+    net = {**NET_DEF, "spatial_dims": 3}
+    torch.save(ConfigParser({"n": net}).get_parsed_content("n").state_dict(),
+               folder / "models" / "model.pt")
+    inference = json.loads((folder / "configs" / "inference.json").read_text())
+    (folder / "configs" / "inference.json").write_text(
+        json.dumps({**inference, "network_def": net}))
+    assert "it classifies 3-D images; the node classifies 2-D images" in \
+        _failure_at_start(folder, "classify")
+    meta_path = folder / "configs" / "metadata.json"  # said by its input size alone
+    meta = json.loads(meta_path.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [16, 32, 32]
+    meta_path.write_text(json.dumps(meta))
+    (folder / "configs" / "inference.json").write_text(json.dumps(
+        {**inference, "network_def": {**net, "spatial_dims": "$3"}}))
+    assert "it classifies 3-D images" in _failure_at_start(folder, "classify")
+
+
+def test_a_seg_left_out_of_a_resampled_series_is_said_with_the_reason(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    """Slices whose spacing varies by more than 1 % are resampled to even ones, and a
+    SEG (which references the slices sent) cannot be written: it was left out without a
+    word. The result's notes say why: in the summary the job and ``infer`` print, in the
+    volumes JSON and in the report."""
+    from pipeline.runner import result_summary
+
+    files = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct",
+                               patient_id="UNEVEN")
+    for n, f in enumerate(files):  # the second half 6 % further apart
+        ds = pydicom.dcmread(f)
+        z = float(ds.ImagePositionPatient[2])
+        if n > 8:
+            ds.ImagePositionPatient[2] = z + 0.3 * (n - 8)
+        ds.save_as(f)
+    out = runner.run("seg", files, tmp_path / "out")
+    assert "seg" not in {a.kind for a in out.artifacts}
+    notes = out.result.notes
+    assert len(notes) == 1 and notes[0].startswith("no SEG written: the spacing between its "
+                                                   "slices varies by more than 1 %")
+    assert result_summary(out.result)["notes"] == notes
+    volumes = next(a.path for a in out.artifacts if a.kind == "json")
+    assert json.loads(volumes.read_text())["notes"] == notes
+    even = runner.run("seg", write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)),
+                                                tmp_path / "even"), tmp_path / "out2")
+    assert not even.result.notes and "notes" not in result_summary(even.result)
+
+
+def test_a_classifier_given_a_stack_of_slices_refuses_it_and_says_which_frame_it_read(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    """A 2-D classifier given a CT series classified its first slice without a word. A
+    stack of slices is refused with the count; of a multi-frame radiograph the result
+    says which frame was read; a single radiograph is classified as before."""
+    ct = write_dicom_series(make_ct_phantom(3, shape=(16, 48, 48)), tmp_path / "ct")
+    with pytest.raises(PipelineError, match=r"classifies one 2-D image \(a radiograph\); "
+                                            r"the series it was given is a stack of 16 CT "
+                                            "slices"):
+        runner.run("never-normal", ct, tmp_path / "out-ct")
+    assert not (tmp_path / "out-ct").exists()
+
+    single = write_dicom(make_cxr_phantom(7), tmp_path / "cr.dcm", patient_id="ONE")
+    assert runner.run("cls", [single], tmp_path / "out1").result.notes == []
+    ds = pydicom.dcmread(single)
+    frame = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([frame, frame]).tobytes()
+    ds.save_as(tmp_path / "cr2.dcm")
+    two = runner.run("cls", [tmp_path / "cr2.dcm"], tmp_path / "out2")
+    assert two.result.notes == ["classified frame 2 of the 2 of the image"]
