@@ -27,15 +27,18 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from pipeline.decode import decode_image
-from pipeline.io import InputError
+from pipeline.io import InputError, series_misfit
 from pipeline.runner import PipelineError, PipelineRunner, Prediction
 from rest.app import NODE, Route
 from rest.errors import ApiError, ErrorStyle
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from pipeline.bundle import LoadedModel
+    from pipeline.settings import SeriesRules
 
 # Multipart parts TorchServe hands its handlers as the request's input.
 _INPUT_PARTS = ("data", "body", "file", "image")
@@ -61,9 +64,21 @@ def classifier(runner: PipelineRunner, name: str, version: str | None = None) ->
         raise ApiError(400, f"{exc}; /predictions serves image classifiers") from None
 
 
-def _prepare(model: LoadedModel, data: bytes) -> torch.Tensor:
-    """Decode and preprocess one image (blocking: runs in a worker thread)."""
-    return model.preprocess(decode_image(data).pixels)
+def _prepare(model: LoadedModel, data: bytes, rules: Sequence[SeriesRules]) -> torch.Tensor:
+    """Decode and preprocess one image (blocking: runs in a worker thread). A DICOM image
+    that no pipeline of the model would take (a CT slice, a lateral view for a PA/AP
+    model) is refused with the reason, as the same file sent by C-STORE is skipped."""
+    image = decode_image(data)
+    if image.header is not None and rules:
+        misfits = [series_misfit([image.header], r) for r in rules]
+        if all(misfits):
+            raise InputError(f"{model.name} does not take this image: {misfits[0]}")
+    return model.preprocess(image.pixels)
+
+
+def _rules_of(runner: PipelineRunner, model: LoadedModel) -> list[SeriesRules]:
+    """The series rules of the pipelines that run ``model`` (none: it takes any image)."""
+    return [spec.series for spec in runner.pipelines.values() if spec.model == model.name]
 
 
 _PREP_LOCK = threading.Lock()
@@ -97,7 +112,8 @@ async def classify_bytes(runner: PipelineRunner, model: LoadedModel, data: bytes
     """
     loop = asyncio.get_running_loop()
     try:
-        tensor = await loop.run_in_executor(prep_executor(), _prepare, model, data)
+        tensor = await loop.run_in_executor(prep_executor(), _prepare, model, data,
+                                            _rules_of(runner, model))
     except InputError as exc:
         raise ApiError(400, exc.message) from None
     return await runner.predict_async(model, tensor)

@@ -28,7 +28,13 @@ from pydicom.dataset import Dataset
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
 from pipeline import artifacts as art
-from pipeline.io import InputError, UnreadableFileError, load_image_2d, read_dataset
+from pipeline.io import (
+    InputError,
+    UnreadableFileError,
+    load_image_2d,
+    read_dataset,
+    series_misfit,
+)
 from pipeline.settings import Output, PipelineSpec, Task
 from rest.app import NODE, Route
 from rest.errors import ApiError, ErrorStyle
@@ -184,6 +190,10 @@ def run(runner: PipelineRunner, spec: PipelineSpec, req: SingleInferenceRequest,
         image = load_image_2d(req.input_path, modalities=spec.series.modalities or None)
     except InputError as exc:
         raise _bad(f"Requested image cannot be analysed by {spec.name}: {exc.message}") from None
+    # The pipeline's other rules too (a lateral view for a PA/AP model): the same file
+    # sent by C-STORE would be skipped, not classified.
+    if (misfit := series_misfit([image.header], spec.series)) is not None:
+        raise _bad(f"Requested image cannot be analysed by {spec.name}: {misfit}")
     result, study = runner.classify(spec, image, req.patient_id)
     if req.save_to_disk:
         assert req.output_dir is not None

@@ -276,3 +276,43 @@ async def test_failed_model_is_listed_with_its_error(broken: LiveNode) -> None:
     assert body["models"][0]["status"] == "failed" and "corrupt JSON" in body["models"][0]["error"]
     status, body = await call(broken, "GET", "/models/broken")
     assert status == 200 and body[0]["status"] == "failed"
+
+
+def test_dicom_images_its_pipelines_would_skip_are_refused(tmp_path: Path) -> None:
+    """A CT slice or a lateral view posted to a PA/AP radiograph model: refused with the
+    pipeline's reason (sent by C-STORE, the same file is skipped), not classified."""
+    import pydicom
+
+    from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
+    from tests.support.inproc import node_settings
+    from tests.support.peers import free_port
+    from tests.support.serving import live_node
+
+    settings = node_settings(
+        tmp_path / "data", models=[CXR],
+        pipelines=[{"name": "cxr", "model": "cxr-findings", "task": "classify",
+                    "series": {"modalities": ["CR", "DX"], "view_positions": ["PA", "AP"]}}],
+        rest={"enabled": True, "host": "127.0.0.1", "port": free_port()},
+        storage={"data_dir": str(tmp_path / "data"), "min_free_mb": 0})
+    frontal = phantom_dicom(4, tmp_path)
+    ds = pydicom.dcmread(tmp_path / "cxr-4.dcm")
+    ds.ViewPosition = "LL"
+    ds.save_as(tmp_path / "lateral.dcm")
+    ct = write_dicom_series(make_ct_phantom(1, shape=(2, 32, 32)), tmp_path / "ct")[0]
+
+    async def check(live: LiveNode) -> None:
+        status, body = await call(live, "POST", "/predictions/cxr-findings", data=frontal)
+        assert status == 200, body
+        status, body = await call(live, "POST", "/predictions/cxr-findings",
+                                  data=(tmp_path / "lateral.dcm").read_bytes())
+        assert status == 400 and "cxr-findings does not take this image" in body["message"]
+        assert "LL" in body["message"], body
+        status, body = await call(live, "POST", "/predictions/cxr-findings",
+                                  data=ct.read_bytes())
+        assert status == 400 and "modality CT not in ['CR', 'DX']" in body["message"], body
+        status, body = await call(live, "POST", "/predictions/cxr-findings",
+                                  data=png_bytes(phantom(4).image))
+        assert status == 200, body  # a PNG says nothing of its modality
+
+    with live_node(settings) as live:
+        asyncio.run(check(live))

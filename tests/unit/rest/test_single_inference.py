@@ -64,7 +64,7 @@ def _api_settings(tmp_path: Path, threshold: float, **rest: Any) -> Any:
         dimse={"host": "127.0.0.1", "port": free_port()},
         models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": threshold,
-                    "series": {"modalities": ["CR", "DX"]}}],
+                    "series": {"modalities": ["CR", "DX"], "view_positions": ["PA", "AP"]}}],
         watch=[{"name": "inbox", "path": "inbox"}],  # as the node's defaults have
         rest=rest,
     )
@@ -289,6 +289,20 @@ async def test_wrong_modality_is_400(api: Api) -> None:
     ct = make_ct_study(api.data / "ct", slices=1)
     status, got = await api.post(body(api, input_image_path=str(ct.paths[0])))
     assert status == 400 and got["Message"].startswith("Requested image cannot be analysed")
+
+
+async def test_a_view_the_pipeline_skips_is_400(api: Api) -> None:
+    """A lateral view for a PA/AP pipeline: the same file sent by C-STORE is skipped."""
+    import pydicom
+
+    ds = pydicom.dcmread(api.dcm)
+    ds.ViewPosition = "LL"
+    lateral = api.data / "in" / "lateral.dcm"
+    ds.save_as(lateral)
+    status, got = await api.post(body(api, input_image_path=str(lateral)))
+    assert status == 400, got
+    assert got["Message"].startswith("Requested image cannot be analysed by cxr: ")
+    assert "LL" in got["Message"]
 
 
 # -- bodies and tokens ----------------------------------------------------------------
