@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pipeline.settings import PipelineSpec
 
 DEFAULT_OUT = Path("dicom-node-results")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR's SOP class
 
 
 class UsageError(NodeError):
@@ -72,8 +73,11 @@ class Outcome:
 
 
 def _files(paths: Sequence[Path]) -> Iterator[Path]:
-    """Every regular file under ``paths``, hidden names (``.x``) left out, sorted."""
+    """Every regular file under ``paths``, hidden names (``.x``) left out, sorted. A
+    DICOMDIR named by itself stands for its folder: a CD's files lie beside it."""
     for root in paths:
+        if root.is_file() and root.name.upper() == "DICOMDIR":
+            root = root.parent
         if root.is_file():
             yield root
             continue
@@ -84,9 +88,11 @@ def _files(paths: Sequence[Path]) -> Iterator[Path]:
                     yield Path(folder) / name
 
 
-def scan(paths: Sequence[Path], progress: bool = True) -> tuple[list[Study], list[Path]]:
+def scan(paths: Sequence[Path], progress: bool = True,
+         ) -> tuple[list[Study], list[Path], list[tuple[Path, Path]]]:
     """Group the DICOM files under ``paths`` by study; also return the files that are not
-    DICOM (or cannot be read)."""
+    DICOM (or cannot be read), and the copies left out: (copy, the file read instead)
+    for each file whose SOP Instance UID an earlier file has."""
     from tqdm import tqdm
 
     from pipeline.io import InputError, read_dataset
@@ -96,7 +102,9 @@ def scan(paths: Sequence[Path], progress: bool = True) -> tuple[list[Study], lis
             raise UsageError(f"{p}: no such file or folder")
     studies: dict[str, Study] = {}
     skipped: list[Path] = []
-    files = list(_files(paths))
+    seen: dict[str, Path] = {}  # SOP Instance UID -> the file read first
+    duplicates: list[tuple[Path, Path]] = []
+    files = list(dict.fromkeys(_files(paths)))
     for path in tqdm(files, desc="reading headers", unit="file", disable=not progress,
                      leave=False):
         try:
@@ -106,9 +114,16 @@ def scan(paths: Sequence[Path], progress: bool = True) -> tuple[list[Study], lis
         except InputError:
             skipped.append(path)
             continue
+        if str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+            continue  # the DICOMDIR itself: the files it lists are read where they lie
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if sop and sop in seen:  # a second copy of a folder, a link to the same files
+            duplicates.append((path, seen[sop]))
+            continue
+        seen[sop] = path
         uid = str(ds.get("StudyInstanceUID", "") or "") or "unknown"
         studies.setdefault(uid, Study(uid)).headers[path] = ds
-    return list(studies.values()), skipped
+    return list(studies.values()), skipped, duplicates
 
 
 def with_model_file(settings: Settings, name: str) -> tuple[Settings, str]:
@@ -193,12 +208,22 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     specs = choose(settings, model)
     if device and (problem := device_problem(device)):  # not a failure per study
         raise UsageError(f"--device {device}: {problem}")
-    studies, not_dicom = scan(paths, show)
+    try:  # before any model loads: a bad --out is the command line's fault
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--out {out}: a file, not a folder") from None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: {exc.strerror or exc}") from None
+    studies, not_dicom, copies = scan(paths, show)
     say = (lambda text: print(text, file=sys.stderr)) if as_json else print
     if not_dicom:
         example = ", ".join(str(p) for p in not_dicom[:3])
         say(f"skipped {len(not_dicom)} file(s) that are not DICOM or cannot be read "
             f"({example}{', ...' if len(not_dicom) > 3 else ''})")
+    if copies:
+        copy, first = copies[0]
+        say(f"skipped {len(copies)} file(s) holding an instance already read (same SOP "
+            f"Instance UID: {copy} is {first}{', ...' if len(copies) > 1 else ''})")
     if not studies:
         say(f"no DICOM files under {', '.join(str(p) for p in paths)}")
         return 1

@@ -115,6 +115,42 @@ def test_bad_usage_is_exit_2_with_the_reason(tmp_path: Path) -> None:
     assert done.returncode == 2 and "no such file or folder" in done.stderr
 
 
+def test_an_output_folder_that_cannot_be_is_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    cr = str(SAMPLES / "cxr" / "normal.dcm")
+    done = infer(cr, "--out", str(tmp_path / "afile"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"--out {tmp_path / 'afile'}: a file, not a folder" in done.stderr
+    done = infer(cr, "--out", "/proc/x", cwd=tmp_path)
+    assert done.returncode == 2 and "--out /proc/x:" in done.stderr
+
+
+def test_a_cd_by_its_dicomdir_and_a_copied_folder_run_once(tmp_path: Path) -> None:
+    """A DICOMDIR named by itself reads the files beside it; a folder copied twice (or
+    linked) is read once, by SOP Instance UID, instead of failing as two slices at one
+    position."""
+    if shutil.which("dcmmkdir") is None:
+        pytest.skip("dcmtk's dcmmkdir is not installed")
+    cd = tmp_path / "cd"
+    (cd / "IMAGES").mkdir(parents=True)
+    shutil.copy(SAMPLES / "cxr" / "normal.dcm", cd / "IMAGES" / "IM1")
+    subprocess.run(["dcmmkdir", "+r", "+I", "IMAGES"], cwd=cd, check=True,
+                   capture_output=True)
+    done = infer(str(cd / "DICOMDIR"), "--out", str(tmp_path / "o"), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["ok"] for r in json.loads(done.stdout)["results"]] == [True]
+
+    shutil.copytree(SAMPLES / "ct" / "abdomen", tmp_path / "ct")
+    (tmp_path / "ct-link").symlink_to(tmp_path / "ct", target_is_directory=True)
+    done = infer(str(tmp_path / "ct"), str(tmp_path / "ct-link"), "--out",
+                 str(tmp_path / "o2"), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)["results"]
+    assert [(r["pipeline"], r["ok"]) for r in results] == [("ct-organs", True)]
+    slices = len(list((tmp_path / "ct").iterdir()))
+    assert f"skipped {slices} file(s) holding an instance already read" in done.stderr
+
+
 def test_nothing_to_run_is_exit_1(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     done = infer(str(tmp_path), cwd=tmp_path)
