@@ -378,10 +378,14 @@ def phase_timings(job: Job, events: list[JobEvent]) -> dict[str, float]:
     if not claims:
         return {}
     attempt = events[claims[-1]:]
+    # The attempt was queued when the job last went back to the queue (a retry, a
+    # deferral), not when it was made: a retry days later would count those days.
+    queued = next((e.at for e in reversed(events[:claims[-1]]) if e.state is JobState.QUEUED),
+                  job.created_at).timestamp()
     at: dict[JobState, float] = {}
     for e in attempt:
         at.setdefault(e.state, e.at.timestamp())
-    out = {"queued_s": attempt[0].at.timestamp() - job.created_at.timestamp()}
+    out = {"queued_s": attempt[0].at.timestamp() - queued}
     order = [JobState.RETRIEVING, JobState.RUNNING, JobState.EXPORTING]
     names = {JobState.RETRIEVING: "retrieve_s", JobState.RUNNING: "run_s",
              JobState.EXPORTING: "export_s"}
@@ -393,8 +397,19 @@ def phase_timings(job: Job, events: list[JobEvent]) -> dict[str, float]:
         if end is not None:
             out[names[state]] = end - at[state]
     if final is not None:
-        out["total_s"] = final - job.created_at.timestamp()
+        out["total_s"] = final - queued
     return {k: round(max(v, 0.0), 3) for k, v in out.items()}
+
+
+def _incomplete(retrieval: list[dict[str, Any]]) -> str | None:
+    """What a succeeded job did not get of what its request named (None: everything)."""
+    missed = [r for r in retrieval if r.get("state") in ("failed", "partial")]
+    if not missed:
+        return None
+    parts = "; ".join(f"{r.get('study')}: {r.get('state')}"
+                      + (f" ({r['message']})" if r.get("message") else "") for r in missed)
+    whole = sum(1 for r in retrieval if r.get("state") == "retrieved")
+    return f"ran on {whole} of {len(retrieval)} studies or series asked for in full; {parts}"
 
 
 def status_body(job: Job, exports: list[dict[str, Any]],
@@ -421,7 +436,10 @@ def status_body(job: Job, exports: list[dict[str, Any]],
         "exports": exports,
         "results": result.get("results", []),
         "timings": {**phase_timings(job, events or []), **result.get("timings", {})},
-        "message": job.error,
+        # A success on part of what was asked says so: a RIS reading only status and
+        # message would otherwise never learn that a study was not found.
+        "message": job.error if job.state is not JobState.SUCCEEDED
+        else job.error or _incomplete(retrieval),
     }
 
 

@@ -260,11 +260,40 @@ def test_phase_timings_take_the_last_attempt() -> None:
         JobEvent(at(17), JobState.EXPORTING, "3 artifacts"),
         JobEvent(at(18.5), JobState.SUCCEEDED, "done"),
     ]
-    assert phase_timings(job, events) == {"queued_s": 10.0, "retrieve_s": 2.0, "run_s": 5.0,
-                                          "export_s": 1.5, "total_s": 18.5}
+    # the attempt is counted from its return to the queue (at 2 s), not from the job's
+    # creation: a retry asked for days later would otherwise read days queued
+    assert phase_timings(job, events) == {"queued_s": 8.0, "retrieve_s": 2.0, "run_s": 5.0,
+                                          "export_s": 1.5, "total_s": 16.5}
     assert phase_timings(job, events[:1]) == {}
     running = phase_timings(job, events[:5])  # still running: no end for the run yet
-    assert running == {"queued_s": 10.0, "retrieve_s": 2.0}
+    assert running == {"queued_s": 8.0, "retrieve_s": 2.0}
+    # a first attempt: queued from the job's creation
+    assert phase_timings(job, events[:2]) == {"queued_s": 1.0}
+
+
+def test_a_success_on_part_of_the_request_says_what_is_missing() -> None:
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from dicom_node.store import Job, JobState
+    from rest.inference import status_body
+
+    retrieval = [
+        {"study": "1.2.3", "state": "retrieved", "received": 1, "failed": 0},
+        {"study": "1.2.4", "state": "retrieved", "received": 1, "failed": 0},
+        {"study": "1.2.999", "state": "failed", "received": 0, "failed": 0,
+         "message": "the source has no such study"},
+    ]
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    job = Job(id="j", kind="acr", pipeline="p", state=JobState.SUCCEEDED, priority=128,
+              attempts=1, max_attempts=5, input={}, created_at=now, updated_at=now,
+              result={"retrieval": retrieval})
+    body = status_body(job, [])
+    assert body["status"] == "Succeeded"
+    assert body["message"] == ("ran on 2 of 3 studies or series asked for in full; "
+                               "1.2.999: failed (the source has no such study)")
+    whole = dataclasses.replace(job, result={"retrieval": retrieval[:2]})
+    assert status_body(whole, [])["message"] is None
 
 
 def test_auth_id_is_accepted_in_both_spellings() -> None:
