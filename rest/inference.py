@@ -225,6 +225,12 @@ class _Checked:
     destinations: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _ops_named(parts: _Parts) -> list[str]:
+    """The operations the request's DICOMweb sources name, each once."""
+    return list(dict.fromkeys(op for _, r in parts.in_resources if r.interface == "DICOMweb"
+                              for op in r.connectionDetails.operations or []))
+
+
 def _checks(parts: _Parts, settings: Settings) -> _Checked:
     """The checks of a request against the contract's rules and the configuration."""
     out = _Checked()
@@ -266,6 +272,15 @@ def _checks(parts: _Parts, settings: Settings) -> _Checked:
         if resolved:
             out.sources.append(resolved)
     sources_named = any(r.interface != "Algorithm" for _, r in parts.in_resources)
+    lookups = sorted({q.type for q in out.queries if q.type != "DICOM_UID"})
+    searchable = [r for _, r in parts.in_resources if r.interface == "DIMSE"
+                  or (r.interface == "DICOMweb" and (r.connectionDetails.operations is None
+                                                     or "QUERY" in r.connectionDetails.operations))]
+    if lookups and sources_named and not searchable:  # nothing could find the studies
+        problems.append({"field": "inputResources",
+                         "message": f"a {' or '.join(lookups)} lookup needs a source that "
+                                    "allows QUERY; every DICOMweb source here allows only "
+                                    f"{', '.join(_ops_named(parts))}"})
     if not sources_named and count == 1:
         problems.append({"field": "inputResources",
                          "message": "at least one DIMSE or DICOMweb source is required"})

@@ -161,6 +161,14 @@ BAD_CASES = [
     (body(outputResources=[{"interface": "DICOMweb", "connectionDetails": {
         "uri": "http://127.0.0.1:8042/dicom-web", "operations": ["RETRIEVE"]}}]),
      "outputResources.0.connectionDetails.operations"),  # may read but not store
+    # a PatientID lookup with a source that may be read but not searched: the job would
+    # fail later with "no study found" though the study is there
+    (body(inputMetadata={"details": {"type": "DICOM_PATIENT_ID", "PatientID": "P1"}},
+          inputResources=[GOOD["inputResources"][0],
+                          {"interface": "DICOMweb", "connectionDetails": {
+                              "uri": "http://127.0.0.1:8042/dicom-web",
+                              "operations": ["RETRIEVE"]}}]),
+     "inputResources"),
 ]
 
 
