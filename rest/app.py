@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,13 @@ def principal(request: web.Request) -> Principal:
     """The authenticated caller of a non-open route."""
     p: Principal = request[PRINCIPAL]
     return p
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body. A UTF-8 byte order mark, which .NET clients write, is
+    skipped. Raises ValueError (not JSON, not UTF-8, 4300-digit ints) or RecursionError
+    (deep nesting)."""
+    return json.loads((await request.read()).decode("utf-8-sig"))
 
 
 def _style_of(request: web.Request) -> ErrorStyle:

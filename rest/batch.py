@@ -23,7 +23,6 @@ created in one store transaction and run by the scheduler like any other job.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -36,7 +35,7 @@ from dicom_node.errors import NotFound
 from dicom_node.logs import get_logger
 from dicom_node.store import Batch, Job, JobState, NewJob, Store, StudyRecord
 from pipeline.settings import PipelineSpec
-from rest.app import NODE, Route, principal
+from rest.app import NODE, Route, json_body, principal
 from rest.auth import Principal
 from rest.errors import ApiError, ErrorStyle
 
@@ -301,7 +300,7 @@ async def post_batch(request: web.Request) -> web.Response:
     node = request.app[NODE]
     store = _store(request)
     try:
-        body = await request.json(loads=json.loads)
+        body = await json_body(request)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise _bad("the request body is not valid JSON") from None
     if not isinstance(body, dict):

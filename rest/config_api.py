@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
-from rest.app import NODE, Route
+from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
 
 SECRET_FIELDS = ("credentials",)
@@ -46,7 +46,7 @@ def _origin(request: web.Request, kind: str, name: str) -> str:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = await json_body(request)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(422, "the body is not valid JSON",
                        [{"field": "(body)", "message": "not valid JSON"}]) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +40,14 @@ _REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not
             503: "unavailable"}
 
 
+def _reason(status: int) -> str:
+    """``not_acceptable`` for 406: the standard phrase, for statuses not listed above."""
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
 # The exception names TorchServe puts in "type" (seed 004's clients may switch on them).
 _TORCHSERVE_TYPES = {400: "BadRequestException", 401: "UnauthorizedException",
                      403: "ForbiddenException", 404: "ModelNotFoundException",
@@ -58,7 +67,7 @@ def error_response(style: ErrorStyle, status: int, message: str,
         body = {"code": status, "type": _TORCHSERVE_TYPES.get(status, "ServiceException"),
                 "message": message}
     else:
-        body = {"error": _REASONS.get(status, "error"), "message": message}
+        body = {"error": _REASONS.get(status) or _reason(status), "message": message}
     if details is not None and style is not ErrorStyle.SEED_001:
         body["details"] = details
     return web.json_response(body, status=status)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import math
 import time
 from typing import Annotated, TypeVar
@@ -36,7 +35,7 @@ from dicom_node.config import unknown_key_hint
 from pipeline.decode import decode_image
 from pipeline.io import InputError
 from pipeline.runner import PipelineError, PipelineRunner
-from rest.app import NODE, Route
+from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
 from rest.serving import body_limit, classifier, classify_bytes, runner_of
 
@@ -105,7 +104,7 @@ def _field_errors(exc: ValidationError, model: type[BaseModel]) -> list[dict[str
 
 async def _parse(request: web.Request, model: type[M]) -> M:
     try:
-        body = await request.json(loads=json.loads)
+        body = await json_body(request)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(400, "the body is not valid JSON") from None
     if not isinstance(body, dict):

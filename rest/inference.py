@@ -13,7 +13,6 @@ configuration, so the API cannot be used to reach arbitrary hosts;
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -33,7 +32,7 @@ from pydantic import (
 from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.dicomweb import url_allowed
 from dicom_node.store import Job, JobEvent, JobState, NewJob
-from rest.app import NODE, Route, principal
+from rest.app import NODE, Route, json_body, principal
 from rest.errors import ApiError
 
 UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
@@ -349,7 +348,7 @@ def _resolve_peer(r: Resource, path: str, settings: Settings,
 async def post_inference(request: web.Request) -> web.Response:
     node = request.app[NODE]
     try:
-        body = await request.json(loads=json.loads)
+        body = await json_body(request)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise ApiError(422, "the body is not valid JSON",
                        [{"field": "(body)", "message": "not valid JSON"}]) from None

@@ -36,7 +36,7 @@ from pipeline.io import (
     series_misfit,
 )
 from pipeline.settings import Output, PipelineSpec, Task
-from rest.app import NODE, Route
+from rest.app import NODE, Route, json_body
 from rest.errors import ApiError, ErrorStyle
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def _patient_folder(req: SingleInferenceRequest) -> Path:
 async def single_inference(request: web.Request) -> web.Response:
     node = request.app[NODE]
     try:
-        body = await request.json(loads=json.loads)
+        body = await json_body(request)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, 4300-digit ints, deep nesting
         raise _bad("The request body is not valid JSON") from None
     settings = node.settings

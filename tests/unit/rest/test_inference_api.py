@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -330,3 +331,12 @@ def test_sample_requests_are_valid_for_the_example_pacs_config(sample: Path) -> 
     settings = load_settings(ROOT / "configs/examples/pacs.yaml")
     request, _ = validate_request(json.loads(sample.read_text()), settings)  # 422 raises
     assert request.transactionID.startswith("sample-")
+
+
+async def test_a_body_with_a_byte_order_mark_is_read(api: tuple[TestClient, dict]) -> None:
+    """.NET's UTF-8 encoder writes a byte order mark before the JSON."""
+    client, h = api
+    raw = b"\xef\xbb\xbf" + json.dumps(body(transactionID="tx-bom")).encode()
+    r = await client.post("/api/inference", data=raw,
+                          headers={**h["ris"], "Content-Type": "application/json"})
+    assert r.status == 200, await r.text()
