@@ -568,13 +568,24 @@ class DicomClient:
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)
 
+    def _move_hint(self, method: str, r: _RetrieveTally) -> str:
+        """For a C-MOVE aborted before any instance came: the usual cause."""
+        if method != "c-move" or r.completed or r.failed or r.warning:
+            return ""
+        return _move_hint_text(self.settings.dimse.ae_title, self.settings.dimse.port)
+
     def _retrieve_result(self, peer: Peer, method: str, query: Query, r: _RetrieveTally,
                          received: list[ReceivedInstance]) -> RetrieveResult:
         ok = r.status == Status.SUCCESS and not r.failed and not r.failures
         if ok:
             message = f"{len(received)} instances retrieved"
         elif r.status is None:
-            message = f"{method.upper()}: no final response from {peer}"
+            message = f"{method.upper()}: no final response from {peer}" + {
+                "aborted": f" (it aborted the association{self._move_hint(method, r)})",
+                "closed": " (it closed the connection)",
+                "timeout": f" within dimse.dimse_timeout_s "
+                           f"({self.settings.dimse.dimse_timeout_s:g} s)",
+            }.get(r.ended, "")
         else:
             message = (f"{method.upper()} finished with status 0x{r.status:04X}"
                        f"{_retrieve_status_meaning(r.status)}: "
@@ -588,6 +599,11 @@ class DicomClient:
 
 _move_ids = itertools.count(1)
 _move_ids_lock = threading.Lock()
+
+
+def _move_hint_text(ae_title: str, port: int) -> str:
+    return (f"; a PACS does this when it does not know the move destination: register "
+            f"{ae_title} (this node's host, port {port}) as a DICOM modality on it")
 
 
 def _next_move_id() -> int:
@@ -604,6 +620,7 @@ class _RetrieveTally:
     failed: int = 0
     warning: int = 0
     failures: list[InstanceFailure] = field(default_factory=list)
+    ended: str = ""  # with no final status: aborted (A-ABORT), closed, timeout
 
 
 def _collect_retrieve(assoc: Association) -> _RetrieveTally:
@@ -626,6 +643,9 @@ def _collect_retrieve(assoc: Association) -> _RetrieveTally:
             continue
         if rsp is None or not isinstance(rsp, (C_MOVE, C_GET)) or not rsp.is_valid_response:
             if rsp is None:
+                # why there was none, before _handle_no_response aborts on a timeout
+                tally.ended = ("aborted" if assoc.acse.is_aborted("a-abort") else
+                               "closed" if assoc.acse.is_aborted("a-p-abort") else "timeout")
                 assoc._handle_no_response()
             else:
                 _log.warning("unexpected DIMSE message during a retrieval: abort",

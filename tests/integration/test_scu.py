@@ -491,3 +491,19 @@ def test_move_cut_off_by_the_pacs_keeps_what_came_and_says_so(node: RunningNode)
     assert not result.ok and result.status is None
     assert "no final response" in result.message
     assert [r.sop_instance_uid for r in result.received] == [datasets[0].SOPInstanceUID]
+
+
+def test_move_from_a_pacs_that_does_not_know_the_node_says_what_to_register(
+        node: RunningNode, orthanc_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc aborts a C-MOVE to a destination it does not know: the message says the
+    PACS aborted and what to register on it, not only "no final response"."""
+    pacs = orthanc_factory()  # no modalities: the node's AE title is unknown to it
+    study = generate_uid()
+    paths = write_files(tmp_path, [synthetic(study, generate_uid())])
+    pacs.upload(paths)
+    peer = SourceSettings(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
+                          port=pacs.dicom_port)
+    result = client_for(node).retrieve(peer, Query(QueryLevel.STUDY, study_instance_uid=study))
+    assert not result.ok
+    assert "it aborted the association" in result.message, result.message
+    assert f"register {node.settings.dimse.ae_title}" in result.message
