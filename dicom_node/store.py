@@ -1151,9 +1151,22 @@ class Store:
             ).all()
         return [(r.id, bool(r.cancel_requested)) for r in rows]
 
+    def live_lease_owners(self) -> dict[str, int]:
+        """Who holds unexpired leases on active jobs, and on how many."""
+        active = [s.value for s in ACTIVE_STATES]
+        q = (sa.select(jobs.c.lease_owner, sa.func.count())
+             .where(jobs.c.state.in_(active), jobs.c.lease_owner.is_not(None),
+                    jobs.c.lease_expires >= utcnow())
+             .group_by(jobs.c.lease_owner))
+        with self.engine.connect() as conn:
+            return {str(owner): int(n) for owner, n in conn.execute(q)}
+
     def requeue_interrupted(self, owner: str) -> list[str]:
         """Queue again the jobs this owner was running when it died, and any whose lease expired.
 
+        Leases of ``owner`` are taken back even when they have not expired yet: the
+        caller must know that no live process uses that owner name (``serve`` holds the
+        data directory's lock, whose id is part of the name; see dicom_node.serve_lock).
         The interrupted attempt does not count against ``max_attempts``: the job did
         not fail, the process did.
         """

@@ -95,6 +95,80 @@ def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
         store.close()
 
 
+def test_second_serve_on_the_same_data_dir_is_refused(node: NodeProcess,
+                                                      tmp_path: Path) -> None:
+    """A second `serve` on a running node's data directory (other ports) exits at once,
+    naming the directory and the pid that holds it; the running node's job runs once.
+    The other commands keep working beside the running node."""
+    import yaml
+
+    marker = node.data_dir / "marker.txt"
+    node.start()
+    store = store_of(node)
+    try:
+        job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
+        wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
+        second = NodeProcess(tmp_path / "second", {"executor": TEST_EXECUTOR})
+        cfg = yaml.safe_load(second.config_path.read_text())
+        cfg["storage"]["data_dir"] = str(node.data_dir)
+        second.config_path.write_text(yaml.safe_dump(cfg))
+        try:
+            with pytest.raises(RuntimeError, match="node exited with 1"):
+                second.start()  # without the lock it starts, and takes the job over
+        finally:
+            second.stop()
+        last = second.log().splitlines()[-1]
+        assert "cannot start" in last and str(node.data_dir.resolve()) in last
+        assert node.proc is not None and f"pid {node.proc.pid}" in last
+        assert "queued again" not in second.log()
+        for args in (("jobs", "list"), ("studies", "list"), ("token",)):
+            assert node.cli(*args).returncode == 0, (args, node.cli(*args).stderr)
+        checked = subprocess.run([sys.executable, "-m", "dicom_node.cli", "check-config",
+                                  str(node.config_path)], capture_output=True, text=True,
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert checked.returncode == 0, checked.stderr
+        wait_for(lambda: store.get_job(job.id).state.final, "the job to finish", node)
+        assert store.get_job(job.id).state is JobState.SUCCEEDED
+        assert [ln.split()[0] for ln in marker.read_text().splitlines()] == ["start", "end"]
+        assert "lease was lost" not in node.log()
+        assert not any(e.message == "interrupted; queued again" for e in store.events(job.id))
+    finally:
+        store.close()
+
+
+def test_namesakes_sharing_a_database_keep_their_own_jobs(tmp_path: Path) -> None:
+    """Two nodes with the same node_name, each with its own data directory, on one
+    database (as machines sharing PostgreSQL): the second does not take over the
+    first's running job, and says that the name is shared."""
+    db = f"sqlite:///{(tmp_path / 'shared.db').resolve()}"
+    cfg = {"executor": TEST_EXECUTOR, "storage": {"database_url": db}, "models": [],
+           "pipelines": [], "watch": []}
+    a = NodeProcess(tmp_path / "a", cfg)
+    b = NodeProcess(tmp_path / "b", cfg)
+    marker = tmp_path / "marker.txt"
+    try:
+        a.start()
+        store = Store(db).open()
+        try:
+            job = store.create_job(NewJob(pipeline="p", input={"sleep": 4,
+                                                                "marker": str(marker)}))
+            wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", a)
+            b.start()
+            assert not store.get_job(job.id).state.final  # B started while A ran it
+            assert "another node with this node_name holds live jobs" in b.log()
+            wait_for(lambda: store.get_job(job.id).state.final, "the job to finish", a)
+            assert store.get_job(job.id).state is JobState.SUCCEEDED
+            assert [ln.split()[0] for ln in marker.read_text().splitlines()] == [
+                "start", "end"]
+            assert "lease was lost" not in a.log()
+            assert "queued again" not in b.log()
+        finally:
+            store.close()
+    finally:
+        b.stop()
+        a.stop()
+
+
 def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
     store = store_of(node)
     try:
