@@ -224,6 +224,31 @@ def test_studies_cli_shows_what_storescu_sent(node: NodeProcess) -> None:
     assert "from CT_SCANNER -> DICOMNODE" in shown.stdout
 
 
+def test_a_study_corrected_at_the_modality_moves_its_instance(node: NodeProcess,
+                                                              tmp_path: Path) -> None:
+    """An instance sent again with the same SOP Instance UID and a corrected Study UID
+    (dcmodify, as at the modality) to an AE title that overwrites duplicates: `studies
+    list` keeps working and shows the new study only; the old copy is gone from disk."""
+    from tests.support.dicom_factory import make_cr_study
+    from tests.support.peers import require
+
+    node.start()
+    study = make_cr_study(tmp_path / "src")
+    storescu(node.dicom_port, study.paths[:1], "DICOMNODE", "CR_ROOM")
+    old_files = list((node.data_dir / "studies" / study.study_uid).rglob("*.dcm"))
+    assert len(old_files) == 1
+    corrected = "1.2.826.0.1.3680043.8.498.4242"
+    subprocess.run([require("dcmodify"), "-nb", "-m", f"(0020,000D)={corrected}",
+                    str(study.paths[0])], check=True, capture_output=True)
+    storescu(node.dicom_port, study.paths[:1], "DICOMNODE", "CR_ROOM")
+    listed = node.cli("studies", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert corrected in listed.stdout and study.study_uid not in listed.stdout
+    assert not old_files[0].exists()
+    assert not (node.data_dir / "studies" / study.study_uid).exists()
+    assert len(list((node.data_dir / "studies" / corrected).rglob("*.dcm"))) == 1
+
+
 def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
     node.start()
     out = node.cli("token", "--scope", "admin", "--expires", "15m")
