@@ -308,8 +308,10 @@ class Node:
         await asyncio.to_thread(self.store.mark_queued, group.instances)
 
     async def _recover_groups(self, assembler: Assembler) -> None:
-        """Instances acknowledged before the last stop whose group never became jobs (the
-        node died, or its store failed, first) become jobs now, before intake opens."""
+        """Instances acknowledged before the last stop whose group never became jobs (a
+        study still arriving at a stop, or the node died, or its store failed, first) are
+        grouped again before intake opens; each group becomes jobs after its timeout,
+        with what its sender sends again meanwhile."""
         assert self.store is not None
         pending = await asyncio.to_thread(self.store.pending_instances)
         if not pending:
@@ -322,8 +324,8 @@ class Node:
                      stow_policy if r.source == "stow" else None)
                     for r in pending]
         groups = assembler.recover(received)
-        self.log.warning("instances received before the last stop had no job yet; queued now",
-                         instances=len(received), groups=groups)
+        self.log.warning("instances received before the last stop had no job yet; "
+                         "assembled again", instances=len(received), groups=groups)
 
     def _update_assembler(self, settings: Settings) -> None:
         """A live AE title change (timeout, pipelines, grouping) applies to new groups."""

@@ -284,8 +284,8 @@ def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path, taken: 
 def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         tmp_path: Path) -> None:
     """A study is acknowledged (Success) but its group is still open (no release
-    completion, a long timeout) when the node is killed: the restarted node queues it,
-    exactly once."""
+    completion, its timeout not reached) when the node is killed: the restarted node
+    queues it after the timeout, exactly once."""
     from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
     from tests.support.peers import storescu
     from tests.unit.pipeline.test_bundle import make_tiny_bundle
@@ -295,7 +295,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         "models": [{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         "pipelines": [{"name": "cxr", "model": "tiny", "task": "classify",
                        "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}],
-        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["cxr"], "timeout_s": 600,
+        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["cxr"], "timeout_s": 2,
                        "complete_on_release": False}],
         "watch": [],
         "executor": {"poll_interval_s": 0.1, "grace_period_s": 2},
@@ -309,7 +309,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         store = store_of(node)
         try:
             assert store.get_instance(sop) is not None
-            node.signal(signal.SIGKILL)  # the group (600 s timeout) is still open
+            node.signal(signal.SIGKILL)  # the group (2 s timeout) is still open
             node.wait()
             assert store.list_jobs() == []
             assert [r.sop_instance_uid for r in store.pending_instances()] == [sop]
@@ -320,7 +320,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
             (job,) = store.list_jobs()
             assert job.input["instances"] == [sop] and job.pipeline == "cxr"
             assert store.pending_instances() == []
-            assert "had no job yet; queued now" in node.log()
+            assert "had no job yet; assembled again" in node.log()
             node.signal(signal.SIGTERM)
             assert node.wait() == 0
 
@@ -361,3 +361,70 @@ def test_serve_exempts_what_start_up_built_from_the_collector(tmp_path: Path) ->
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("gc "))
     frozen, tracked = map(int, line.split()[1:])
     assert frozen > 10 * tracked
+
+
+def test_sigterm_while_a_study_arrives_makes_one_job_for_all_of_it(tmp_path: Path) -> None:
+    """SIGTERM while a 48-slice CT arrives one instance at a time: no job for the part
+    received so far; after the restart what was acknowledged and what the sender sends
+    again become one job with every slice."""
+    import threading
+
+    from pynetdicom import AE
+
+    from tests.support.dicom_factory import make_ct_study
+    from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    node = NodeProcess(tmp_path / "data", {
+        "models": [{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        "pipelines": [{"name": "seg", "model": "tiny", "task": "classify",
+                       "series": {"modalities": ["CT"]}, "outputs": ["json"]}],
+        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["seg"], "timeout_s": 3,
+                       "complete_on_release": False}],
+        "watch": [], "executor": TEST_EXECUTOR,
+    })
+    study = make_ct_study(tmp_path / "ct", slices=48)
+    acked: list[str] = []
+
+    def send(files: list[Path], pause: float) -> None:
+        ae = AE(ae_title="CT_SCANNER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            return
+        for f in files:
+            ds = pydicom.dcmread(f)
+            status = assoc.send_c_store(ds)
+            if not status or status.Status != 0:
+                break
+            acked.append(str(ds.SOPInstanceUID))
+            time.sleep(pause)
+        if assoc.is_established:
+            assoc.release()
+
+    try:
+        node.start()
+        sender = threading.Thread(target=send, args=(study.paths, 0.2))
+        sender.start()
+        wait_for(lambda: len(acked) >= 15, "15 instances", node)
+        node.signal(signal.SIGTERM)
+        assert node.wait() == 0
+        sender.join()
+        assert 15 <= len(acked) < 48  # cut off by the stop
+        store = store_of(node)
+        try:
+            assert store.list_jobs() == []  # no job for a part of the study
+            pending = {r.sop_instance_uid for r in store.pending_instances()}
+            assert set(acked) <= pending  # nothing acknowledged is lost
+            node.start()
+            rest = [p for p, uid in zip(study.paths, study.sop_uids, strict=True)
+                    if uid not in acked]
+            send(rest, 0)  # the modality sends what was not acknowledged again
+            wait_for(lambda: any(j.state.final for j in store.list_jobs()), "the job", node)
+            (job,) = store.list_jobs()
+            assert sorted(job.input["instances"]) == sorted(study.sop_uids)
+            assert store.pending_instances() == []
+        finally:
+            store.close()
+    finally:
+        node.stop()
