@@ -77,6 +77,7 @@ class _Group:
     instances: dict[str, None] = field(default_factory=dict)  # ordered set of SOP UIDs
     open_associations: set[int] = field(default_factory=set)
     aborted: bool = False
+    recovered: bool = False  # found pending at start-up
     timer: asyncio.TimerHandle | None = None
 
 
@@ -89,7 +90,8 @@ class CompletedGroup:
     study_instance_uid: str
     series_instance_uid: str | None
     instances: list[str]
-    reason: str  # "released", "timeout", "shutdown" or "recovered"
+    # "released", "timeout", "recovered", or "shutdown" (an intake that keeps no record)
+    reason: str
     completed_at: float  # time.monotonic()
     watch: str | None = None  # the drop folder it came from, if any
 
@@ -124,7 +126,28 @@ class Assembler:
         self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        """Complete every open group now (its instances are stored), then wait for submits."""
+        """Stop assembling, then wait for submits.
+
+        A group still open (no release, no timeout yet) is not complete: its sender may
+        still be sending, and a job now would cover part of the study, its rest another
+        job later. When its intake records what waits (``on_queued``: the node's DICOM
+        and STOW-RS intake, drop folders), its instances stay pending in the store and
+        the next start assembles them again, with whatever arrived after this stop, as
+        one group. A group whose intake records nothing becomes a job now (``shutdown``),
+        as nothing would find it again.
+        """
+        left = [g for g in self._groups.values()
+                if (g.settings.on_queued or self._on_queued) is not None]
+        for group in left:
+            self._groups.pop(group.key, None)
+            if group.timer is not None:
+                group.timer.cancel()
+            for assoc_id in group.open_associations:
+                self._by_association.get(assoc_id, set()).discard(group.key)
+        if left:
+            self.log.info("groups still open at stop: their instances wait for the next "
+                          "start", groups=len(left),
+                          instances=sum(len(g.instances) for g in left))
         for key in list(self._groups):
             self._complete(key, "shutdown")
         if self._tasks:
@@ -169,15 +192,17 @@ class Assembler:
 
     def recover(self, pending: list[tuple[ReceivedInstance, GroupPolicy | None]]) -> int:
         """Group instances that were stored but never became jobs (the node stopped or
-        died before their group completed) and complete those groups now: their
-        associations are long gone and nothing more will arrive for them. Call on the
-        loop, after :meth:`start`. Each instance comes with its policy (STOW-RS's), or
-        None for its called AE title's. Returns the number of groups."""
+        died before their group completed), as they would have been grouped. Their
+        groups start open, for their timeout: a sender cut off by the stop sends the
+        rest again once the node is back, and that joins the same group (one job for
+        the study, not a part and then the rest). Call on the loop, after :meth:`start`.
+        Each instance comes with its policy (STOW-RS's), or None for its called AE
+        title's. Returns the number of groups."""
         keys: dict[GroupKey, None] = {}
         for inst, policy in pending:
             keys[self._add(inst, policy, associated=False)] = None
         for key in keys:
-            self._complete(key, "recovered")
+            self._groups[key].recovered = True
         return len(keys)
 
     def association_ended(self, end: AssociationEnd) -> None:
@@ -238,6 +263,8 @@ class Assembler:
                 keys.discard(key)
         _, study, series = key
         policy = group.settings
+        if group.recovered and reason == "timeout":
+            reason = "recovered"
         done = CompletedGroup(group.called_ae, group.calling_ae, study, series,
                               list(group.instances), reason, time.monotonic(), policy.watch)
         self.log.info("group complete", called_ae=group.called_ae,

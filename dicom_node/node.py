@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dicom_node import retention, runtime_config
+from dicom_node import retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
@@ -55,6 +55,7 @@ class Node:
         self.watch: Watcher | None = None  # drop folders
         self.dicom: DicomClient | None = None  # C-ECHO / export / retrieval for other parts
         self.parts: dict[str, str] = {}
+        self.lock: serve_lock.ServeLock | None = None  # held while the node runs
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
@@ -111,6 +112,7 @@ class Node:
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._on_signal, sig)
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._part("lock", self._lock()))
             await stack.enter_async_context(self._part("store", self._store()))
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("models", self._models()))
@@ -166,6 +168,18 @@ class Node:
                 self.parts[name] = "stopped"
 
     # -- parts ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _lock(self) -> AsyncIterator[None]:
+        """One ``serve`` per data directory and node name (see dicom_node.serve_lock)."""
+        lock = await asyncio.to_thread(serve_lock.acquire, self.settings.data_dir,
+                                       self.settings.node_name)
+        self.lock = lock
+        try:
+            yield
+        finally:
+            self.lock = None
+            lock.release()
 
     @asynccontextmanager
     async def _store(self) -> AsyncIterator[None]:
@@ -244,10 +258,12 @@ class Node:
 
     @asynccontextmanager
     async def _scheduler(self) -> AsyncIterator[None]:
-        assert self.store is not None
+        assert self.store is not None and self.lock is not None
+        owner = self.lock.owner(self.settings.node_name)
+        await self._warn_of_namesakes(owner)
         handler = load_handler(self)
         scheduler = Scheduler(self.store, handler, self.settings.executor,
-                              owner=self.settings.node_name,
+                              owner=owner,
                               work_root=self.settings.path(self.settings.storage.results_dir)
                               / "work")
         await scheduler.start()
@@ -256,6 +272,21 @@ class Node:
             yield
         finally:
             await scheduler.stop()
+
+    async def _warn_of_namesakes(self, owner: str) -> None:
+        """Another live node with our node_name on this store (several machines sharing a
+        database, each with its own data directory): its jobs stay its own, but logs and
+        job histories cannot tell the two apart."""
+        assert self.store is not None
+        name = self.settings.node_name
+        leases = await asyncio.to_thread(self.store.live_lease_owners)
+        namesakes = {o: n for o, n in leases.items()
+                     if o != owner and (o == name or o.startswith(f"{name}#"))}
+        if namesakes:
+            self.log.warning("another node with this node_name holds live jobs in the "
+                             "store; they are left to it. Give each node sharing a "
+                             "database its own node_name", node_name=name,
+                             lease_owners=sorted(namesakes), jobs=sum(namesakes.values()))
 
     @asynccontextmanager
     async def _assembler(self) -> AsyncIterator[None]:
@@ -277,8 +308,10 @@ class Node:
         await asyncio.to_thread(self.store.mark_queued, group.instances)
 
     async def _recover_groups(self, assembler: Assembler) -> None:
-        """Instances acknowledged before the last stop whose group never became jobs (the
-        node died, or its store failed, first) become jobs now, before intake opens."""
+        """Instances acknowledged before the last stop whose group never became jobs (a
+        study still arriving at a stop, or the node died, or its store failed, first) are
+        grouped again before intake opens; each group becomes jobs after its timeout,
+        with what its sender sends again meanwhile."""
         assert self.store is not None
         pending = await asyncio.to_thread(self.store.pending_instances)
         if not pending:
@@ -291,8 +324,8 @@ class Node:
                      stow_policy if r.source == "stow" else None)
                     for r in pending]
         groups = assembler.recover(received)
-        self.log.warning("instances received before the last stop had no job yet; queued now",
-                         instances=len(received), groups=groups)
+        self.log.warning("instances received before the last stop had no job yet; "
+                         "assembled again", instances=len(received), groups=groups)
 
     def _update_assembler(self, settings: Settings) -> None:
         """A live AE title change (timeout, pipelines, grouping) applies to new groups."""

@@ -283,10 +283,13 @@ class InstanceWriter:
             study_date=_text(elems["StudyDate"], 8),
         )
         if record:
+            replaced: list[str] = []
             try:
-                self.store.record_instance(record_row, overwrite=overwrite, durable=durable)
+                self.store.record_instance(record_row, overwrite=overwrite, durable=durable,
+                                           replaced=replaced)
             except SQLAlchemyError as exc:
                 raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
+            self.discard_replaced(replaced, durable=durable)
         if header is not None:
             header.filename = str(final)
         return ReceivedInstance(sop, sop_class, study, series, final, called_ae, calling_ae,
@@ -300,10 +303,42 @@ class InstanceWriter:
             StoreError: when the store cannot record them (none is recorded then).
         """
         rows = [r.unrecorded for r in received if r.unrecorded is not None]
+        replaced: list[str] = []
         try:
-            self.store.record_instances(rows, durable=durable)
+            self.store.record_instances(rows, durable=durable, replaced=replaced)
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot record the instances: {type(exc).__name__}") from exc
+        self.discard_replaced(replaced, durable=durable)
+
+    def discard_replaced(self, paths: Sequence[str], *, durable: bool = True) -> None:
+        """Delete the files of instances that an overwrite moved to another study or
+        series (the store no longer names them), and the folders left empty."""
+        for name in paths:
+            old = Path(name)
+            if not old.is_relative_to(self.studies_dir):
+                continue  # not ours to delete
+            try:
+                old.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a leftover file, not a wrong answer
+                self.log.warning("cannot delete a replaced instance's old file",
+                                 error=str(exc))
+                continue
+            folder = old.parent
+            if durable:
+                with contextlib.suppress(OSError):
+                    dfd = os.open(folder, os.O_RDONLY)
+                    try:
+                        os.fsync(dfd)  # the deletion survives a power cut
+                    finally:
+                        os.close(dfd)
+            while folder != self.studies_dir and folder.is_relative_to(self.studies_dir):
+                try:
+                    folder.rmdir()  # only when empty: series, then study
+                except OSError:
+                    break
+                folder = folder.parent
 
 
 class RetrievedBatch:

@@ -505,6 +505,25 @@ def _instance_values(rec: InstanceRecord) -> dict[str, Any]:
     }
 
 
+# Where a known instance was before an overwrite (one indexed read, built once).
+_PRIOR = (sa.select(instances.c.study_instance_uid, instances.c.path)
+          .where(instances.c.sop_instance_uid == sa.bindparam("sop")))
+
+
+def _moved(conn: Connection, rec: InstanceRecord, old_study: str, old_path: str,
+           replaced: list[str] | None) -> None:
+    """An overwrite put ``rec`` where an instance with its SOP Instance UID was: the old
+    file is no longer referenced when the path changed (another study or series), and
+    the old study's record goes when no instance is left in it."""
+    if old_path != str(rec.path) and replaced is not None:
+        replaced.append(old_path)
+    if old_study != rec.study_instance_uid:
+        left = conn.execute(sa.select(instances.c.id)
+                            .where(instances.c.study_instance_uid == old_study).limit(1)).first()
+        if left is None:
+            conn.execute(studies.delete().where(studies.c.study_instance_uid == old_study))
+
+
 def _study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
     """A studies row for ``rec``'s study."""
     return {
@@ -591,18 +610,23 @@ class Store:
 
     def add_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
         """Record a stored instance; returns False when it was known and kept as it was."""
+        return self._add_instance(rec, overwrite=overwrite)
+
+    def _add_instance(self, rec: InstanceRecord, *, overwrite: bool = True,
+                      replaced: list[str] | None = None) -> bool:
         now = utcnow()
         values = _instance_values(rec)
         with self._begin() as conn:
             existing = conn.execute(
-                sa.select(instances.c.id).where(
-                    instances.c.sop_instance_uid == rec.sop_instance_uid
-                )
-            ).scalar()
+                sa.select(instances.c.id, instances.c.study_instance_uid, instances.c.path)
+                .where(instances.c.sop_instance_uid == rec.sop_instance_uid)
+            ).first()
             if existing is not None:
                 if not overwrite:
                     return False
-                conn.execute(instances.update().where(instances.c.id == existing).values(values))
+                conn.execute(instances.update().where(instances.c.id == existing.id)
+                             .values(values))
+                _moved(conn, rec, existing.study_instance_uid, existing.path, replaced)
             else:
                 conn.execute(instances.insert().values(values))
             self._upsert_study(conn, rec, now)
@@ -626,7 +650,7 @@ class Store:
         )
 
     def record_instance(self, rec: InstanceRecord, *, overwrite: bool = True,
-                        durable: bool = True) -> bool:
+                        durable: bool = True, replaced: list[str] | None = None) -> bool:
         """Like :meth:`add_instance`, in two cached upsert statements: the receive hot path.
 
         Returns False when the instance was known and kept as it was (``overwrite=False``).
@@ -635,11 +659,18 @@ class Store:
         NORMAL for this commit, PostgreSQL ``synchronous_commit`` off): only for instances
         a retrieval fetched, whose files are not fsynced either (a crash fetches them
         again); the commit is as atomic as ever, only a power cut can undo it.
+
+        An instance overwritten by one of another study or series (a study corrected at
+        the modality) has a new path: the old one is appended to ``replaced`` for the
+        caller to delete once this returns, and the old study's record goes when it has
+        no instance left.
         """
-        return self.record_instances([rec], overwrite=overwrite, durable=durable)[0]
+        return self.record_instances([rec], overwrite=overwrite, durable=durable,
+                                     replaced=replaced)[0]
 
     def record_instances(self, recs: Sequence[InstanceRecord], *, overwrite: bool = True,
-                         durable: bool = True) -> list[bool]:
+                         durable: bool = True, replaced: list[str] | None = None
+                         ) -> list[bool]:
         """:meth:`record_instance` for several instances in one transaction (one commit,
         each study upserted once): a retrieval's instances, recorded together once placed.
         Returns, per record, whether it was written."""
@@ -647,10 +678,11 @@ class Store:
             return []
         stmts = self._upserts(overwrite)
         if stmts is None:
-            return [self.add_instance(rec, overwrite=overwrite) for rec in recs]
+            return [self._add_instance(rec, overwrite=overwrite, replaced=replaced)
+                    for rec in recs]
         if durable:
             with self._begin() as conn:
-                return self._upsert_instances(conn, stmts, recs)
+                return self._upsert_instances(conn, stmts, recs, overwrite, replaced)
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":  # a connection setting: set outside the transaction
                 conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
@@ -659,7 +691,7 @@ class Store:
                 with conn.begin():
                     if self.dialect == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    return self._upsert_instances(conn, stmts, recs)
+                    return self._upsert_instances(conn, stmts, recs, overwrite, replaced)
             finally:
                 if self.dialect == "sqlite":  # the pooled connection goes back as it came
                     conn.exec_driver_sql("PRAGMA synchronous=FULL")
@@ -667,16 +699,21 @@ class Store:
 
     @staticmethod
     def _upsert_instances(conn: Connection, stmts: tuple[Any, Any],
-                          recs: Sequence[InstanceRecord]) -> list[bool]:
+                          recs: Sequence[InstanceRecord], overwrite: bool = True,
+                          replaced: list[str] | None = None) -> list[bool]:
         now = utcnow()
         written: list[bool] = []
         studies_seen: set[str] = set()
         for rec in recs:
+            before = conn.execute(_PRIOR, {"sop": rec.sop_instance_uid}).first() \
+                if overwrite else None
             row = conn.execute(stmts[0], _instance_values(rec)).first()
             written.append(row is not None)
             if row is not None and rec.study_instance_uid not in studies_seen:
                 studies_seen.add(rec.study_instance_uid)
                 conn.execute(stmts[1], _study_values(rec, now))
+            if before is not None and row is not None:
+                _moved(conn, rec, before.study_instance_uid, before.path, replaced)
         return written
 
     def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
@@ -1151,9 +1188,22 @@ class Store:
             ).all()
         return [(r.id, bool(r.cancel_requested)) for r in rows]
 
+    def live_lease_owners(self) -> dict[str, int]:
+        """Who holds unexpired leases on active jobs, and on how many."""
+        active = [s.value for s in ACTIVE_STATES]
+        q = (sa.select(jobs.c.lease_owner, sa.func.count())
+             .where(jobs.c.state.in_(active), jobs.c.lease_owner.is_not(None),
+                    jobs.c.lease_expires >= utcnow())
+             .group_by(jobs.c.lease_owner))
+        with self.engine.connect() as conn:
+            return {str(owner): int(n) for owner, n in conn.execute(q)}
+
     def requeue_interrupted(self, owner: str) -> list[str]:
         """Queue again the jobs this owner was running when it died, and any whose lease expired.
 
+        Leases of ``owner`` are taken back even when they have not expired yet: the
+        caller must know that no live process uses that owner name (``serve`` holds the
+        data directory's lock, whose id is part of the name; see dicom_node.serve_lock).
         The interrupted attempt does not count against ``max_attempts``: the job did
         not fail, the process did.
         """
@@ -1271,26 +1321,27 @@ class Store:
 
     def add_watch_inputs(
         self, watch: str, inputs: Sequence[tuple[str, str | None]], state: str = "stored",
-        *, instances: Sequence[InstanceRecord] = (),
+        *, instances: Sequence[InstanceRecord] = (), replaced: list[str] | None = None,
     ) -> None:
         """Record ``(sha256, sop_instance_uid)`` pairs as taken in; known ones are left as is.
 
         ``instances`` (placed by ``InstanceWriter.write(record=False)``) are recorded in
         the same transaction, overwriting known ones: one commit for a dropped file, not
-        one for its instance and another for the file.
+        one for its instance and another for the file. ``replaced``: as for
+        :meth:`record_instance`.
         """
         if not inputs:
-            self.record_instances(instances)
+            self.record_instances(instances, replaced=replaced)
             return
         stmts = self._upserts(True) if instances else None
         if instances and stmts is None:  # no ON CONFLICT: one instance at a time first
-            self.record_instances(instances)
+            self.record_instances(instances, replaced=replaced)
         now = utcnow()
         rows = [{"watch": watch, "sha256": sha, "sop_instance_uid": sop, "state": state,
                  "created_at": now, "updated_at": now} for sha, sop in inputs]
         with self._begin() as conn:
             if stmts is not None:
-                self._upsert_instances(conn, stmts, instances)
+                self._upsert_instances(conn, stmts, instances, True, replaced)
             insert = self._watch_input_insert()
             if insert is not None:
                 conn.execute(insert, rows)

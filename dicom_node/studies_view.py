@@ -96,7 +96,7 @@ def list_studies(store: Store, *, limit: int, patient_id: str | None, as_json: b
         return 0
     senders = []
     for _, series in rows:
-        names = _senders(series)
+        names = _senders(series) or ["-"]  # a study left with no instance has no sender
         senders.append(names[0] + (f" +{len(names) - 1}" if len(names) > 1 else ""))
     pid_w = column_width("PATIENT ID", (s.patient_id for s, _ in rows), 32)
     from_w = column_width("FROM", senders, 36)

@@ -477,12 +477,15 @@ class DropFolder:
                 os.unlink(staged)
         # Record before the input is moved or deleted: a crash in between finds the
         # file again on restart, recognises its hash and only finishes the move.
+        replaced: list[str] = []
         try:
             watcher.store.add_watch_inputs(
                 self.name, taken.records,
-                instances=[i.unrecorded for i in taken.instances if i.unrecorded is not None])
+                instances=[i.unrecorded for i in taken.instances if i.unrecorded is not None],
+                replaced=replaced)
         except SQLAlchemyError as exc:  # placed, not recorded: taken again next time
             raise StoreError(f"cannot record the input: {type(exc).__name__}") from exc
+        watcher.writer.discard_replaced(replaced)
         for inst in taken.instances:
             watcher.assembler.watched_instance(inst, self.policy)
         with self._lock:

@@ -95,6 +95,80 @@ def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
         store.close()
 
 
+def test_second_serve_on_the_same_data_dir_is_refused(node: NodeProcess,
+                                                      tmp_path: Path) -> None:
+    """A second `serve` on a running node's data directory (other ports) exits at once,
+    naming the directory and the pid that holds it; the running node's job runs once.
+    The other commands keep working beside the running node."""
+    import yaml
+
+    marker = node.data_dir / "marker.txt"
+    node.start()
+    store = store_of(node)
+    try:
+        job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
+        wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
+        second = NodeProcess(tmp_path / "second", {"executor": TEST_EXECUTOR})
+        cfg = yaml.safe_load(second.config_path.read_text())
+        cfg["storage"]["data_dir"] = str(node.data_dir)
+        second.config_path.write_text(yaml.safe_dump(cfg))
+        try:
+            with pytest.raises(RuntimeError, match="node exited with 1"):
+                second.start()  # without the lock it starts, and takes the job over
+        finally:
+            second.stop()
+        last = second.log().splitlines()[-1]
+        assert "cannot start" in last and str(node.data_dir.resolve()) in last
+        assert node.proc is not None and f"pid {node.proc.pid}" in last
+        assert "queued again" not in second.log()
+        for args in (("jobs", "list"), ("studies", "list"), ("token",)):
+            assert node.cli(*args).returncode == 0, (args, node.cli(*args).stderr)
+        checked = subprocess.run([sys.executable, "-m", "dicom_node.cli", "check-config",
+                                  str(node.config_path)], capture_output=True, text=True,
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert checked.returncode == 0, checked.stderr
+        wait_for(lambda: store.get_job(job.id).state.final, "the job to finish", node)
+        assert store.get_job(job.id).state is JobState.SUCCEEDED
+        assert [ln.split()[0] for ln in marker.read_text().splitlines()] == ["start", "end"]
+        assert "lease was lost" not in node.log()
+        assert not any(e.message == "interrupted; queued again" for e in store.events(job.id))
+    finally:
+        store.close()
+
+
+def test_namesakes_sharing_a_database_keep_their_own_jobs(tmp_path: Path) -> None:
+    """Two nodes with the same node_name, each with its own data directory, on one
+    database (as machines sharing PostgreSQL): the second does not take over the
+    first's running job, and says that the name is shared."""
+    db = f"sqlite:///{(tmp_path / 'shared.db').resolve()}"
+    cfg = {"executor": TEST_EXECUTOR, "storage": {"database_url": db}, "models": [],
+           "pipelines": [], "watch": []}
+    a = NodeProcess(tmp_path / "a", cfg)
+    b = NodeProcess(tmp_path / "b", cfg)
+    marker = tmp_path / "marker.txt"
+    try:
+        a.start()
+        store = Store(db).open()
+        try:
+            job = store.create_job(NewJob(pipeline="p", input={"sleep": 4,
+                                                                "marker": str(marker)}))
+            wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", a)
+            b.start()
+            assert not store.get_job(job.id).state.final  # B started while A ran it
+            assert "another node with this node_name holds live jobs" in b.log()
+            wait_for(lambda: store.get_job(job.id).state.final, "the job to finish", a)
+            assert store.get_job(job.id).state is JobState.SUCCEEDED
+            assert [ln.split()[0] for ln in marker.read_text().splitlines()] == [
+                "start", "end"]
+            assert "lease was lost" not in a.log()
+            assert "queued again" not in b.log()
+        finally:
+            store.close()
+    finally:
+        b.stop()
+        a.stop()
+
+
 def test_jobs_cli_list_show_cancel_retry(node: NodeProcess) -> None:
     store = store_of(node)
     try:
@@ -150,6 +224,31 @@ def test_studies_cli_shows_what_storescu_sent(node: NodeProcess) -> None:
     assert "from CT_SCANNER -> DICOMNODE" in shown.stdout
 
 
+def test_a_study_corrected_at_the_modality_moves_its_instance(node: NodeProcess,
+                                                              tmp_path: Path) -> None:
+    """An instance sent again with the same SOP Instance UID and a corrected Study UID
+    (dcmodify, as at the modality) to an AE title that overwrites duplicates: `studies
+    list` keeps working and shows the new study only; the old copy is gone from disk."""
+    from tests.support.dicom_factory import make_cr_study
+    from tests.support.peers import require
+
+    node.start()
+    study = make_cr_study(tmp_path / "src")
+    storescu(node.dicom_port, study.paths[:1], "DICOMNODE", "CR_ROOM")
+    old_files = list((node.data_dir / "studies" / study.study_uid).rglob("*.dcm"))
+    assert len(old_files) == 1
+    corrected = "1.2.826.0.1.3680043.8.498.4242"
+    subprocess.run([require("dcmodify"), "-nb", "-m", f"(0020,000D)={corrected}",
+                    str(study.paths[0])], check=True, capture_output=True)
+    storescu(node.dicom_port, study.paths[:1], "DICOMNODE", "CR_ROOM")
+    listed = node.cli("studies", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert corrected in listed.stdout and study.study_uid not in listed.stdout
+    assert not old_files[0].exists()
+    assert not (node.data_dir / "studies" / study.study_uid).exists()
+    assert len(list((node.data_dir / "studies" / corrected).rglob("*.dcm"))) == 1
+
+
 def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
     node.start()
     out = node.cli("token", "--scope", "admin", "--expires", "15m")
@@ -185,8 +284,8 @@ def test_port_in_use_is_a_clear_error(node: NodeProcess, tmp_path: Path, taken: 
 def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         tmp_path: Path) -> None:
     """A study is acknowledged (Success) but its group is still open (no release
-    completion, a long timeout) when the node is killed: the restarted node queues it,
-    exactly once."""
+    completion, its timeout not reached) when the node is killed: the restarted node
+    queues it after the timeout, exactly once."""
     from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
     from tests.support.peers import storescu
     from tests.unit.pipeline.test_bundle import make_tiny_bundle
@@ -196,7 +295,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         "models": [{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         "pipelines": [{"name": "cxr", "model": "tiny", "task": "classify",
                        "series": {"modalities": ["CR", "DX"]}, "outputs": ["json"]}],
-        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["cxr"], "timeout_s": 600,
+        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["cxr"], "timeout_s": 2,
                        "complete_on_release": False}],
         "watch": [],
         "executor": {"poll_interval_s": 0.1, "grace_period_s": 2},
@@ -210,7 +309,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
         store = store_of(node)
         try:
             assert store.get_instance(sop) is not None
-            node.signal(signal.SIGKILL)  # the group (600 s timeout) is still open
+            node.signal(signal.SIGKILL)  # the group (2 s timeout) is still open
             node.wait()
             assert store.list_jobs() == []
             assert [r.sop_instance_uid for r in store.pending_instances()] == [sop]
@@ -221,7 +320,7 @@ def test_instances_acknowledged_before_a_crash_become_a_job_after_restart(
             (job,) = store.list_jobs()
             assert job.input["instances"] == [sop] and job.pipeline == "cxr"
             assert store.pending_instances() == []
-            assert "had no job yet; queued now" in node.log()
+            assert "had no job yet; assembled again" in node.log()
             node.signal(signal.SIGTERM)
             assert node.wait() == 0
 
@@ -262,3 +361,70 @@ def test_serve_exempts_what_start_up_built_from_the_collector(tmp_path: Path) ->
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("gc "))
     frozen, tracked = map(int, line.split()[1:])
     assert frozen > 10 * tracked
+
+
+def test_sigterm_while_a_study_arrives_makes_one_job_for_all_of_it(tmp_path: Path) -> None:
+    """SIGTERM while a 48-slice CT arrives one instance at a time: no job for the part
+    received so far; after the restart what was acknowledged and what the sender sends
+    again become one job with every slice."""
+    import threading
+
+    from pynetdicom import AE
+
+    from tests.support.dicom_factory import make_ct_study
+    from tests.unit.pipeline.test_bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundles" / "tiny")
+    node = NodeProcess(tmp_path / "data", {
+        "models": [{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
+        "pipelines": [{"name": "seg", "model": "tiny", "task": "classify",
+                       "series": {"modalities": ["CT"]}, "outputs": ["json"]}],
+        "ae_titles": [{"ae_title": "DICOMNODE", "pipelines": ["seg"], "timeout_s": 3,
+                       "complete_on_release": False}],
+        "watch": [], "executor": TEST_EXECUTOR,
+    })
+    study = make_ct_study(tmp_path / "ct", slices=48)
+    acked: list[str] = []
+
+    def send(files: list[Path], pause: float) -> None:
+        ae = AE(ae_title="CT_SCANNER")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            return
+        for f in files:
+            ds = pydicom.dcmread(f)
+            status = assoc.send_c_store(ds)
+            if not status or status.Status != 0:
+                break
+            acked.append(str(ds.SOPInstanceUID))
+            time.sleep(pause)
+        if assoc.is_established:
+            assoc.release()
+
+    try:
+        node.start()
+        sender = threading.Thread(target=send, args=(study.paths, 0.2))
+        sender.start()
+        wait_for(lambda: len(acked) >= 15, "15 instances", node)
+        node.signal(signal.SIGTERM)
+        assert node.wait() == 0
+        sender.join()
+        assert 15 <= len(acked) < 48  # cut off by the stop
+        store = store_of(node)
+        try:
+            assert store.list_jobs() == []  # no job for a part of the study
+            pending = {r.sop_instance_uid for r in store.pending_instances()}
+            assert set(acked) <= pending  # nothing acknowledged is lost
+            node.start()
+            rest = [p for p, uid in zip(study.paths, study.sop_uids, strict=True)
+                    if uid not in acked]
+            send(rest, 0)  # the modality sends what was not acknowledged again
+            wait_for(lambda: any(j.state.final for j in store.list_jobs()), "the job", node)
+            (job,) = store.list_jobs()
+            assert sorted(job.input["instances"]) == sorted(study.sop_uids)
+            assert store.pending_instances() == []
+        finally:
+            store.close()
+    finally:
+        node.stop()

@@ -215,9 +215,10 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
     assert [g.watch for g in queued] == ["cd"] and queued[0].reason == "timeout"
 
 
-async def test_groups_left_pending_by_a_crash_are_recovered_at_once() -> None:
+async def test_groups_left_pending_by_a_crash_are_recovered_after_their_timeout() -> None:
     """Instances stored before the node died, never queued: grouped as they would have
-    been, completed now (no association will release them), then reported queued."""
+    been, open for their timeout (what the sender sends again joins them), then
+    completed and reported queued."""
     import dataclasses
 
     from dicom_node.assembler import GroupPolicy
@@ -230,19 +231,25 @@ async def test_groups_left_pending_by_a_crash_are_recovered_at_once() -> None:
 
     stow = dataclasses.replace(GroupPolicy.for_ae(AETitleSettings(ae_title="AI",
                                                                   pipelines=["p1"])),
-                               kind="stow")
-    async with Assembler(settings(timeout_s=600), jobs.submit, on_queued=on_queued) as asm:
+                               kind="stow", timeout_s=0.3)
+    base = settings(timeout_s=0.3)
+    quick = base.model_copy(update={"ae_titles": [base.ae_titles[0], AETitleSettings(
+        ae_title="STORE", timeout_s=0.3)]})
+    async with Assembler(quick, jobs.submit, on_queued=on_queued) as asm:
         pending = [(inst(1, assoc=0), None), (inst(2, assoc=0), None),
                    (inst(3, assoc=0, study="1.2.4", called="STORE"), None),
                    (inst(4, assoc=0, study="1.2.5"), stow)]
         assert asm.recover(pending) == 3
         await settle()
-        assert asm.open_groups == 0  # completed now, not after the 600 s timeout
+        assert asm.open_groups == 3
+        asm.instance_received(inst(5, assoc=7))  # the sender sends the rest again
+        await settle(0.6)
+        assert asm.open_groups == 0
     assert sorted((j.study_instance_uid, j.pipeline, j.kind) for j in jobs.jobs) == [
         ("1.2.3", "p1", "dimse"), ("1.2.3", "p2", "dimse"), ("1.2.5", "p1", "stow")]
     by_study = {g.study_instance_uid: g for g in queued}
     assert set(by_study) == {"1.2.3", "1.2.4", "1.2.5"}  # STORE has no pipelines: queued too
-    assert by_study["1.2.3"].instances == ["1.2.3.9.1", "1.2.3.9.2"]
+    assert by_study["1.2.3"].instances == ["1.2.3.9.1", "1.2.3.9.2", "1.2.3.9.5"]
     assert {g.reason for g in queued} == {"recovered"}
 
 
@@ -260,3 +267,22 @@ async def test_a_group_whose_job_cannot_be_queued_is_not_reported_queued() -> No
         asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
         await settle()
     assert queued == []  # so the next start finds its instances pending again
+
+
+async def test_groups_still_open_at_stop_stay_pending_when_their_intake_records_it() -> None:
+    """A study still arriving when the node stops is not cut into a job: its instances
+    stay pending (the node finds them at its next start); one whose intake keeps no
+    record still becomes a job."""
+    jobs = Jobs()
+    queued: list[CompletedGroup] = []
+
+    async def on_queued(group: CompletedGroup) -> None:
+        queued.append(group)
+
+    async with Assembler(settings(complete_on_release=False, timeout_s=30), jobs.submit,
+                         on_queued=on_queued) as asm:
+        asm.instance_received(inst(1))
+        asm.instance_received(inst(2))
+        await settle()
+        assert asm.open_groups == 1
+    assert jobs.jobs == [] and queued == [] and asm.open_groups == 0

@@ -175,3 +175,53 @@ def test_an_instance_after_its_retrieval_ended_records_itself(
     listener._deliver(late, collector)  # its C-STORE finished after the C-MOVE
     assert batch.end() == [early]
     assert store.get_instance(late.sop_instance_uid) is not None
+
+
+def test_an_instance_moved_to_another_study_leaves_nothing_behind(
+        tmp_path: Path, settings: Settings, store: Store,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The modality corrects a study (same SOP Instance UID, new Study UID) and sends the
+    instance again: the overwrite moves it, so the old file, its empty folders and the
+    old study's record go; `studies list` shows the new study only."""
+    import pydicom
+
+    from dicom_node.studies_view import list_studies
+
+    study = make_cr_study(tmp_path / "src")
+    writer = scp.InstanceWriter(settings, store)
+    first = writer.write(study.paths[0].rename(tmp_path / "a.dcm"), called_ae="NODE",
+                         calling_ae="CR", association_id=1)
+    ds = pydicom.dcmread(first.path)
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.999"
+    ds.save_as(tmp_path / "b.dcm")
+    moved = writer.write(tmp_path / "b.dcm", called_ae="NODE", calling_ae="CR",
+                         association_id=2)
+    assert moved.path != first.path and moved.path.exists()
+    assert not first.path.exists()
+    assert not (settings.studies_dir.resolve() / study.study_uid).exists()
+    assert [s.study_instance_uid for s, _ in store.received_studies()] == [
+        "1.2.826.0.1.3680043.8.498.999"]
+    assert list_studies(store, limit=20, patient_id=None, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "1.2.826.0.1.3680043.8.498.999" in out and study.study_uid not in out
+
+
+def test_a_study_record_left_without_instances_is_listed_with_none(
+        tmp_path: Path, settings: Settings, store: Store,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A store written before the fix may hold a study with no instance left: the list
+    shows it with 0 instead of failing for every study."""
+    from dicom_node.store import studies
+    from dicom_node.studies_view import list_studies
+
+    study = make_cr_study(tmp_path / "src")
+    scp.InstanceWriter(settings, store).write(study.paths[0], called_ae="NODE",
+                                              calling_ae="CR", association_id=1)
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        conn.execute(studies.insert().values(study_instance_uid="1.2.3.4", created_at=now,
+                                             updated_at=now + timedelta(seconds=1)))
+    assert list_studies(store, limit=20, patient_id=None, as_json=False) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].endswith("1.2.3.4") and " 0 " in lines[1]
+    assert study.study_uid in lines[2]
