@@ -1,9 +1,12 @@
-"""Export: send a job's artifacts to its destinations, with retries and backoff.
+"""Export: send a job's artifacts to its destinations, one pass at a time.
 
 A destination is a DIMSE peer (C-STORE), a DICOMweb server (STOW-RS) or a
 folder. DICOM artifacts go everywhere; other files (JSON, PNG, PDF) only to
-folders. A destination that keeps failing fails its export, never the node:
-the outcome says what happened, and the job records it.
+folders. Each pass tries every destination still pending once; one that
+failed with attempts left is tried again in a later pass, after its backoff,
+with the job queued meanwhile (no worker waits for it). A destination that
+keeps failing fails its export, never the node: the outcome says what
+happened, and the job records it.
 """
 
 from __future__ import annotations
@@ -13,23 +16,24 @@ import os
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from dicom_node.config import DestinationSettings, Settings
+from dicom_node.config import DestinationSettings, RetrySettings, Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import ExportOutcome
+from dicom_node.store import EXPORT_FAILED, EXPORT_SUCCEEDED, ExportRecord
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
     from dicom_node.dicomweb import DicomWebClient
+    from dicom_node.scu import DicomClient
 
 DICOM_MEDIA_TYPE = "application/dicom"
 
-log = get_logger("export")
+_log = get_logger("export")
 
 
 @dataclass
@@ -38,6 +42,9 @@ class SendResult:
 
     sent: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    # Whether the failures may pass on a later attempt (False: the peer refuses them).
+    retryable: bool = True
+    message: str = ""  # what went wrong, in the sender's words (else from ``failed``)
 
 
 class Sender(Protocol):
@@ -125,79 +132,133 @@ class DicomWebSender:
         )
 
 
+class DimseSender:
+    """C-STORE with the node's DICOM client: one association a send.
+
+    The client retries an instance the peer could not take in that association; a
+    destination that cannot be reached now is the next export pass's to try again.
+    """
+
+    def __init__(self, client: DicomClient, cancelled: threading.Event | None = None) -> None:
+        self.client = client
+        self.cancelled = cancelled
+
+    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+        result = self.client.export(dest, files, attempts=1, cancelled=self.cancelled)
+        if result.ok:
+            return SendResult(sent=len(result.sent))
+        return SendResult(sent=len(result.sent),
+                          failed=[(Path(f.sop_instance_uid), f.message) for f in result.failures],
+                          retryable=result.retryable, message=result.message)
+
+
+def export_delay(retry: RetrySettings, attempt: int) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...) at a destination."""
+    return float(min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s))
+
+
 class Exporter:
-    """Routes artifacts to destinations by name and retries each with backoff."""
+    """Routes artifacts to destinations by name: one export pass.
+
+    A pass tries each destination that has not yet got the results once. A destination
+    that failed with attempts left (its ``retry`` settings) gets an outcome with
+    ``retry_in_s``: the scheduler queues the job again for then, releasing the worker,
+    and the next pass sends to the destinations still pending only.
+    """
 
     def __init__(self, settings: Settings, senders: dict[str, Sender] | None = None,
-                 sleep: Callable[[float], None] = time.sleep,
-                 dimse: Callable[[DestinationSettings, list[Path]], ExportOutcome] | None = None,
-                 base: Path | None = None) -> None:
+                 base: Path | None = None, log: Any = None) -> None:
         """``base``: a folder destination gets each artifact under it at its path
         relative to it (the layout of the results), any other by its name."""
         self.settings = settings
         self.senders: dict[str, Sender] = {"folder": FolderSender(settings.path, base),
                                            "dicomweb": DicomWebSender()}
         self.senders.update(senders or {})
-        self.sleep = sleep
-        # The DIMSE client retries per instance within its own associations.
-        self.dimse = dimse
+        self.log = log if log is not None else _log
 
     def export(self, names: list[str], artifacts: list[Artifact],
                cancelled: threading.Event | None = None,
-               extra: list[DestinationSettings] | None = None) -> list[ExportOutcome]:
-        """Send ``artifacts`` to each named destination (and ``extra`` ad-hoc ones)."""
+               extra: list[DestinationSettings] | None = None,
+               earlier: Mapping[str, ExportRecord] | None = None) -> list[ExportOutcome]:
+        """One pass: send ``artifacts`` to each named destination (and ``extra`` ad-hoc
+        ones) that the job's ``earlier`` passes did not settle.
+
+        A destination ``earlier`` records as succeeded is never sent to again, nor one it
+        records as failed for good; their outcomes come back with ``recorded`` set. A
+        cancel stops the pass between destinations (the outcomes so far come back).
+        """
+        earlier = earlier or {}
         by_name = {d.name: d for d in self.settings.destinations}
         outcomes: list[ExportOutcome] = []
         targets: list[DestinationSettings] = []
         for name in dict.fromkeys(names):  # keep order, drop repeats
             dest = by_name.get(name)
-            if dest is None:
+            if name in earlier and earlier[name].state in (EXPORT_SUCCEEDED, EXPORT_FAILED):
+                outcomes.append(_recorded(earlier[name]))
+            elif dest is None:
                 outcomes.append(ExportOutcome(name, ok=False, attempts=0,
                                               message="no such destination is configured"))
             else:
                 targets.append(dest)
-        targets += extra or []
+        for dest in extra or []:
+            if dest.name in earlier and earlier[dest.name].state in (EXPORT_SUCCEEDED,
+                                                                     EXPORT_FAILED):
+                outcomes.append(_recorded(earlier[dest.name]))
+            else:
+                targets.append(dest)
         for dest in targets:
-            outcomes.append(self._one(dest, artifacts, cancelled))
+            if cancelled is not None and cancelled.is_set():
+                self.log.info("export stopped: the job was cancelled", destination=dest.name)
+                break
+            before = earlier.get(dest.name)
+            attempt = (before.attempts if before is not None else 0) + 1
+            outcomes.append(self._one(dest, artifacts, attempt))
         return outcomes
 
     def _one(self, dest: DestinationSettings, artifacts: list[Artifact],
-             cancelled: threading.Event | None) -> ExportOutcome:
+             attempt: int) -> ExportOutcome:
+        """Attempt number ``attempt`` at ``dest``: one send."""
         files = [a.path for a in artifacts
                  if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
         if not files:
             return ExportOutcome(dest.name, ok=True, attempts=0, sent=0,
                                  message="nothing to send to this kind of destination")
-        if dest.type == "dimse" and self.dimse is not None and "dimse" not in self.senders:
-            return self.dimse(dest, files)
         sender = self.senders.get(dest.type)
         if sender is None:
             return ExportOutcome(dest.name, ok=False, attempts=0,
                                  message=f"{dest.type} export is not available in this build")
-        retry = dest.retry
-        pending = list(files)
-        sent = 0
-        message = ""
-        for attempt in range(1, retry.max_attempts + 1):
-            try:
-                result = sender.send(dest, pending)
-            except Exception as exc:  # connection refused, association rejected, timeout
-                message = str(exc) or type(exc).__name__
-                result = None
-            if result is not None:
-                sent += result.sent
-                if not result.failed:
-                    log.info("export done", destination=dest.name, sent=sent, attempts=attempt)
-                    return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=sent)
-                pending = [p for p, _ in result.failed]
-                message = "; ".join(f"{p.name}: {why}" for p, why in result.failed[:5])
-            if attempt < retry.max_attempts and not (cancelled and cancelled.is_set()):
-                delay = min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s)
-                log.warning("export attempt failed; will retry", destination=dest.name,
-                            attempt=attempt, retry_in_s=delay, error=message)
-                self.sleep(delay)
-            else:
-                break
-        log.error("export failed", destination=dest.name, error=message)
+        retryable = True
+        try:
+            result = sender.send(dest, files)
+        except Exception as exc:  # connection refused, association rejected, timeout
+            message = str(exc) or type(exc).__name__
+            sent = 0
+        else:
+            sent = result.sent
+            if not result.failed:
+                self.log.info("export done", destination=dest.name, sent=sent,
+                              attempt=attempt)
+                return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=sent)
+            retryable = result.retryable
+            message = result.message or "; ".join(
+                f"{p.name}: {why}" for p, why in result.failed[:5])
+        limit = dest.retry.max_attempts
+        if retryable and attempt < limit:
+            delay = export_delay(dest.retry, attempt)
+            self.log.warning("export attempt failed; will retry", destination=dest.name,
+                             attempt=attempt, max_attempts=limit, retry_in_s=delay,
+                             error=message)
+            return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=sent,
+                                 message=f"{message} (attempt {attempt} of {limit})",
+                                 retry_in_s=delay)
+        self.log.error("export failed", destination=dest.name, attempts=attempt,
+                       error=message)
         return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=sent,
                              message=f"{message} (after {attempt} attempts)")
+
+
+def _recorded(record: ExportRecord) -> ExportOutcome:
+    """The outcome an earlier pass recorded for a destination this pass leaves alone."""
+    return ExportOutcome(record.destination, ok=record.state == EXPORT_SUCCEEDED,
+                         attempts=record.attempts, sent=record.sent, message=record.message,
+                         recorded=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import DestinationSettings, Settings
 from dicom_node.errors import DeferJob, PermanentJobError
-from dicom_node.export import Exporter
+from dicom_node.export import DimseSender, Exporter
 from dicom_node.scheduler import ExportOutcome, JobContext
 from dicom_node.store import Job, Store, utcnow
 from pipeline.types import Artifact
@@ -234,12 +234,10 @@ class NodeHandler:
         # own results folder, <patient>/... for a drop folder's configured output.
         configured = job.input.get("output_dir")
         base = Path(configured) if configured else self.settings.results_dir
-        exporter = Exporter(self.settings, dimse=self._dimse_export, base=base)
-        return exporter.export(names, artifacts, ctx.cancelled, extra)
-
-    def _dimse_export(self, dest: DestinationSettings, files: list[Path]) -> ExportOutcome:
-        outcome: ExportOutcome = self.node.dicom_client().export(dest, files).to_outcome()
-        return outcome
+        exporter = Exporter(
+            self.settings, {"dimse": DimseSender(self.node.dicom_client(), ctx.cancelled)},
+            base=base, log=ctx.log)
+        return exporter.export(names, artifacts, ctx.cancelled, extra, ctx.exported)
 
 
 # A pushed part no pipeline reads waits at most this long for the rest of its study.

@@ -24,13 +24,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import structlog
+
 from dicom_node.config import ExecutorSettings
-from dicom_node.errors import DeferJob, JobCancelled, NotFound, PermanentJobError
+from dicom_node.errors import Conflict, DeferJob, JobCancelled, NotFound, PermanentJobError
 from dicom_node.logs import get_logger
 from dicom_node.memory import release_free_memory
 from dicom_node.store import (
     ACTIVE_STATES,
+    EXPORT_FAILED,
+    EXPORT_RETRYING,
+    EXPORT_SUCCEEDED,
     PRIORITY_IMMEDIATE,
+    ExportRecord,
     Job,
     JobState,
     NewJob,
@@ -51,9 +57,13 @@ class ExportOutcome:
 
     destination: str
     ok: bool
-    attempts: int = 1
+    attempts: int = 1  # at this destination so far, for the job (all passes)
     sent: int = 0
     message: str | None = None
+    # Failed with attempts left: the job is queued again for a pass after this long.
+    retry_in_s: float | None = None
+    # Settled by an earlier pass (recorded in the store); nothing was sent now.
+    recorded: bool = False
 
 
 @dataclass
@@ -70,6 +80,9 @@ class JobContext:
     # what to keep in the job's result (shown by the status APIs).
     data: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+    # The job's exports so far, by destination (earlier passes, earlier runs): one that
+    # succeeded is never sent to again.
+    exported: dict[str, ExportRecord] = field(default_factory=dict)
     _set_state: Callable[[JobState, str | None], None] | None = None
 
     @property
@@ -108,7 +121,9 @@ class JobHandler(Protocol):
         ...
 
     def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
-        """Send the artifacts to the job's destinations."""
+        """One export pass: send the artifacts once to each of the job's destinations
+        that ``ctx.exported`` does not record as done; an outcome with ``retry_in_s``
+        asks for another pass then (the job is queued meanwhile, holding no worker)."""
         ...
 
 
@@ -288,6 +303,8 @@ class Scheduler:
                 continue
             ctx = JobContext(job=job, store=self.store, work_dir=self.work_root / job.id)
             ctx._set_state = self._state_setter(job)
+            if job.cancel_requested:  # asked for while its last pass was ending
+                ctx.cancelled.set()
             task = asyncio.create_task(self._run(ctx), name=f"job-{job.id}")
             self._running[job.id] = (ctx, task)
             try:
@@ -314,7 +331,18 @@ class Scheduler:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _first_state(self, job: Job) -> JobState:
+        if self._recorded_artifacts(job.id):
+            return JobState.EXPORTING  # its results are made: only their export is left
         return JobState.RETRIEVING if self.handler.needs_retrieval(job) else JobState.RUNNING
+
+    def _recorded_artifacts(self, job_id: str) -> list[Artifact]:
+        """The artifacts the job's last run recorded on reaching export, when each is
+        still on disk; [] when there are none or one is gone (the job runs again)."""
+        by_path = {Path(r.path): Artifact(r.kind, Path(r.path), r.media_type,
+                                          r.sop_instance_uid)
+                   for r in self.store.artifacts_of(job_id)}  # once each, also from old stores
+        made = list(by_path.values())
+        return made if made and all(a.path.is_file() for a in made) else []
 
     async def _idle(self) -> None:
         assert self._wake is not None
@@ -349,9 +377,16 @@ class Scheduler:
 
         return set_state
 
-    async def _in_thread(self, fn: Callable[[], T]) -> T:
+    async def _in_thread(self, ctx: JobContext, fn: Callable[[], T]) -> T:
+        """Run a step of the job in a worker thread, its log lines bound to the job."""
         assert self._loop is not None
-        return await self._pool.submit(self._loop, fn)
+        job = ctx.job
+
+        def bound() -> T:
+            with structlog.contextvars.bound_contextvars(job_id=job.id):
+                return fn()
+
+        return await self._pool.submit(self._loop, bound)
 
     async def _run(self, ctx: JobContext) -> None:
         job = ctx.job
@@ -368,23 +403,42 @@ class Scheduler:
         token = job.lease_token
         try:
             ctx.work_dir.mkdir(parents=True, exist_ok=True)
-            if self.handler.needs_retrieval(job):
-                await self._in_thread(lambda: self.handler.retrieve(ctx))
+            if job.state is JobState.EXPORTING:
+                # Queued again for an export pass, retried after a failed export or
+                # interrupted while exporting: the results it made are recorded and on
+                # disk, so they are sent on as they are (no retrieval, no new run).
+                produced = await asyncio.to_thread(self._recorded_artifacts, job.id)
+                if not produced:
+                    raise RuntimeError("the job's results are no longer on disk")
+                ctx.result.update(job.result or {})
+                log.info("export resumed", artifacts=len(produced))
+            else:
+                if self.handler.needs_retrieval(job):
+                    await self._in_thread(ctx, lambda: self.handler.retrieve(ctx))
+                    ctx.check_cancelled()
+                    await asyncio.to_thread(self.store.transition, job.id, JobState.RUNNING,
+                                            token=token, message="input retrieved")
+                produced = await self._in_thread(ctx, lambda: self.handler.run(ctx))
                 ctx.check_cancelled()
-                await asyncio.to_thread(self.store.transition, job.id, JobState.RUNNING,
-                                        token=token, message="input retrieved")
-            produced = await self._in_thread(lambda: self.handler.run(ctx))
+                # The artifacts replace any an earlier run recorded, with the state change.
+                if not await asyncio.to_thread(self.store.start_export, job.id, produced,
+                                               token=token,
+                                               message=f"{len(produced)} artifacts"):
+                    log.warning("job outcome not recorded: its lease was lost",
+                                outcome=JobState.EXPORTING.value)
+                    return
             ctx.check_cancelled()
-            for a in produced:
-                await asyncio.to_thread(self.store.add_artifact, job.id, a.kind, a.path,
-                                        a.media_type, a.sop_instance_uid)
-            await asyncio.to_thread(self.store.transition, job.id, JobState.EXPORTING,
-                                    token=token, message=f"{len(produced)} artifacts")
-            outcomes = await self._in_thread(lambda: self.handler.export(ctx, produced))
+            ctx.exported = {x.destination: x for x in
+                            await asyncio.to_thread(self.store.exports_of, job.id)}
+            outcomes = await self._in_thread(ctx, lambda: self.handler.export(ctx, produced))
             for o in outcomes:
+                if o.recorded:
+                    continue
+                state = (EXPORT_SUCCEEDED if o.ok else
+                         EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
                 await asyncio.to_thread(self.store.record_export, job.id, o.destination,
-                                        "succeeded" if o.ok else "failed", o.attempts, o.sent,
-                                        o.message)
+                                        state, o.attempts, o.sent, o.message)
+            ctx.check_cancelled()  # a cancel during the pass: nothing more is sent
         except asyncio.CancelledError:
             raise
         except JobCancelled:
@@ -408,16 +462,41 @@ class Scheduler:
                 return
             await self._failed_attempt(job, exc, log)
             return
+        result = {**ctx.result, "artifacts": len(produced)}
+        waiting = [o for o in outcomes if o.retry_in_s is not None]
+        if waiting:
+            await self._export_later(job, waiting, log, result)
+            return
         failed = [o for o in outcomes if not o.ok]
         if failed:
             msg = "; ".join(f"export to {o.destination} failed: {o.message}" for o in failed)
-            await self._finish(job, JobState.FAILED, msg, log,
-                               result={**ctx.result, "artifacts": len(produced)})
+            await self._finish(job, JobState.FAILED, msg, log, result=result)
         else:
-            result = {**ctx.result, "artifacts": len(produced), "exports": len(outcomes)}
+            result["exports"] = len(outcomes)
             outcome = ctx.result.get("outcome")  # the handler's summary, when it gave one
             await self._finish(job, JobState.SUCCEEDED, str(outcome or "done"), log,
                                result=result)
+
+    async def _export_later(self, job: Job, waiting: list[ExportOutcome], log: Any,
+                            result: dict[str, Any]) -> None:
+        """Queue the job for its next export pass, when the first destination that failed
+        is due again; the worker is free meanwhile, and the pass does not count as an
+        attempt of the job (each destination counts its own)."""
+        delay = min(o.retry_in_s or 0.0 for o in waiting)
+        msg = "; ".join(f"export to {o.destination} failed: {o.message}" for o in waiting)
+        await asyncio.to_thread(
+            self.store.transition, job.id, JobState.QUEUED, token=job.lease_token,
+            message=f"{msg}; next export attempt in {delay:g} s",
+            not_before=utcnow() + timedelta(seconds=delay), uncount_attempt=True,
+            result=result)
+        log.warning("export pending; job queued for its next export attempt",
+                    destinations=[o.destination for o in waiting], retry_in_s=delay)
+        if (await asyncio.to_thread(self.store.get_job, job.id)).cancel_requested:
+            # cancelled as the pass ended: it ends now, not at its next pass
+            with contextlib.suppress(Conflict):
+                await asyncio.to_thread(self.store.request_cancel, job.id)
+            return
+        self.notify()
 
     async def _finish(
         self, job: Job, state: JobState, message: str, log: Any,

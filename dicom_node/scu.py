@@ -222,6 +222,9 @@ class ExportResult:
     sent: list[str] = field(default_factory=list)
     failures: list[InstanceFailure] = field(default_factory=list)
     message: str = ""
+    # Some failures may pass on a later attempt (no association, out of resources);
+    # False when every failure is one the peer will repeat (a refused SOP class).
+    retryable: bool = False
 
     def to_outcome(self) -> ExportOutcome:
         return ExportOutcome(destination=self.destination, ok=self.ok, attempts=self.attempts,
@@ -344,16 +347,27 @@ class DicomClient:
 
     # -- C-STORE export ------------------------------------------------------------------
 
-    def export(self, destination: DestinationSettings, paths: Sequence[Path]) -> ExportResult:
-        """Send ``paths`` to a DIMSE destination, retrying with exponential backoff."""
+    def export(self, destination: DestinationSettings, paths: Sequence[Path], *,
+               attempts: int | None = None,
+               cancelled: threading.Event | None = None) -> ExportResult:
+        """Send ``paths`` to a DIMSE destination, retrying with exponential backoff.
+
+        ``attempts``: at most this many associations (default: the destination's
+        ``retry.max_attempts``); a job's export makes one each pass and is queued again
+        for the next. ``cancelled`` stops it between instances and attempts.
+        """
         try:
             peer = Peer.from_settings(destination)
         except InvalidInput as exc:
             return ExportResult(destination.name, False, 0, message=str(exc))
-        return self.store_instances(peer, paths, destination.retry)
+        retry = destination.retry
+        if attempts is not None:
+            retry = retry.model_copy(update={"max_attempts": attempts})
+        return self.store_instances(peer, paths, retry, cancelled=cancelled)
 
     def store_instances(
-        self, peer: Peer, paths: Sequence[Path], retry: RetrySettings | None = None
+        self, peer: Peer, paths: Sequence[Path], retry: RetrySettings | None = None, *,
+        cancelled: threading.Event | None = None,
     ) -> ExportResult:
         retry = retry or RetrySettings()
         items: list[_Item] = []
@@ -368,13 +382,21 @@ class DicomClient:
         attempt = 0
         last_error = ""
         while pending and attempt < retry.max_attempts:
+            if cancelled is not None and cancelled.is_set():
+                last_error = last_error or "cancelled"
+                break
             if attempt:
                 delay = min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s)
                 self.log.info("export: retrying", peer=str(peer), in_s=delay,
                               pending=len(pending), attempt=attempt + 1)
-                self._sleep(delay)
+                if cancelled is not None:
+                    if cancelled.wait(delay):
+                        continue  # the check above ends it
+                else:
+                    self._sleep(delay)
             attempt += 1
-            done, retryable, permanent, last_error = self._store_once(peer, pending)
+            done, retryable, permanent, last_error = self._store_once(peer, pending,
+                                                                      cancelled)
             sent += done
             for f in permanent:
                 failures[f.sop_instance_uid] = f
@@ -384,21 +406,25 @@ class DicomClient:
             pending = [i for i in pending if i.sop_instance_uid in retry_uids]
         for uid in sent:
             failures.pop(uid, None)
+        for i in pending:  # not tried at all: cancelled first
+            failures.setdefault(i.sop_instance_uid,
+                                InstanceFailure(i.sop_instance_uid, None, last_error))
         ok = not failures
         if ok:
             message = f"{len(sent)} instances sent"
         else:
             first = next(iter(failures.values()))
-            message = (f"{len(failures)} of {len(paths)} instances not sent to {peer} after "
-                       f"{attempt} attempts: {last_error or first.message}")
+            after = f" after {attempt} attempts" if attempt > 1 else ""
+            message = (f"{len(failures)} of {len(paths)} instances not sent to {peer}{after}: "
+                       f"{last_error or first.message}")
         log = self.log.info if ok else self.log.warning
         log("export finished", peer=str(peer), ok=ok, sent=len(sent), failed=len(failures),
             attempts=attempt)
         return ExportResult(peer.name or peer.ae_title, ok, attempt, sent,
-                            list(failures.values()), message)
+                            list(failures.values()), message, retryable=bool(pending))
 
     def _store_once(
-        self, peer: Peer, items: list[_Item]
+        self, peer: Peer, items: list[_Item], cancelled: threading.Event | None = None,
     ) -> tuple[list[str], list[InstanceFailure], list[InstanceFailure], str]:
         """One association: (sent, retryable failures, permanent failures, association error)."""
         ae = self._ae()
@@ -424,6 +450,10 @@ class DicomClient:
         error = ""
         try:
             for it in items:
+                if cancelled is not None and cancelled.is_set():
+                    error = "cancelled"
+                    retryable.append(InstanceFailure(it.sop_instance_uid, None, error))
+                    continue
                 if not assoc.is_established:
                     error = f"{peer} ended the association"
                     retryable.append(InstanceFailure(it.sop_instance_uid, None, error))

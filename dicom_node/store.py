@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -153,7 +153,7 @@ exports = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
     sa.Column("destination", sa.String(128), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # succeeded, failed
+    sa.Column("state", sa.String(16), nullable=False),  # succeeded, retrying, failed
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("sent", sa.Integer, nullable=False, default=0),
     sa.Column("message", sa.Text),
@@ -412,6 +412,26 @@ class ArtifactRecord:
     media_type: str
     sop_instance_uid: str | None
     created_at: datetime
+
+
+class ArtifactLike(Protocol):
+    """What :meth:`Store.start_export` records of an artifact (pipeline.types.Artifact)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def media_type(self) -> str: ...
+    @property
+    def sop_instance_uid(self) -> str | None: ...
+
+
+# The state of a job's export to one destination: it got the results; it will be tried
+# again (attempts left, or the job was retried); it did not and will not (this run).
+EXPORT_SUCCEEDED = "succeeded"
+EXPORT_RETRYING = "retrying"
+EXPORT_FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -1271,6 +1291,13 @@ class Store:
                         not_before=None, error=None, finished_at=None, updated_at=now)
             ).rowcount
             if changed:
+                # Destinations that have not got the results get their attempts afresh;
+                # those that did are never sent to again.
+                conn.execute(
+                    exports.update()
+                    .where(exports.c.job_id == job_id,
+                           exports.c.state != EXPORT_SUCCEEDED)
+                    .values(state=EXPORT_RETRYING, attempts=0, updated_at=now))
                 self._event(conn, job_id, JobState.QUEUED, "retry requested", now)
         if not changed:
             job = self.get_job(job_id)
@@ -1289,6 +1316,33 @@ class Store:
                 job_id=job_id, kind=kind, path=str(path), media_type=media_type,
                 sop_instance_uid=sop_instance_uid, created_at=utcnow()))
 
+    def start_export(
+        self, job_id: str, produced: Sequence[ArtifactLike], *, token: str | None = None,
+        message: str | None = None,
+    ) -> bool:
+        """Record the artifacts a run produced, in place of any an earlier run recorded,
+        and move the job to ``exporting``: one transaction, so a job whose artifacts are
+        recorded has them all (an interrupted export can be resumed from them).
+
+        With ``token`` only while the caller holds the job's lease; returns whether it did.
+        """
+        now = utcnow()
+        with self._begin() as conn:
+            stmt = jobs.update().where(jobs.c.id == job_id).values(
+                state=JobState.EXPORTING.value, updated_at=now)
+            if token is not None:
+                stmt = stmt.where(jobs.c.lease_token == token)
+            if not conn.execute(stmt).rowcount:
+                return False
+            conn.execute(artifacts.delete().where(artifacts.c.job_id == job_id))
+            if produced:
+                conn.execute(artifacts.insert(), [
+                    {"job_id": job_id, "kind": a.kind, "path": str(a.path),
+                     "media_type": a.media_type, "sop_instance_uid": a.sop_instance_uid,
+                     "created_at": now} for a in produced])
+            self._event(conn, job_id, JobState.EXPORTING, message, now)
+        return True
+
     def artifacts_of(self, job_id: str) -> list[ArtifactRecord]:
         q = sa.select(artifacts).where(artifacts.c.job_id == job_id).order_by(artifacts.c.id)
         with self.engine.connect() as conn:
@@ -1299,10 +1353,22 @@ class Store:
         self, job_id: str, destination: str, state: str, attempts: int, sent: int,
         message: str | None = None,
     ) -> None:
+        """Record the latest outcome of the job's export to ``destination`` (one record a
+        destination: a later attempt replaces the earlier one's)."""
+        values = {"state": state, "attempts": attempts, "sent": sent, "message": message,
+                  "updated_at": utcnow()}
         with self._begin() as conn:
-            conn.execute(exports.insert().values(
-                job_id=job_id, destination=destination, state=state, attempts=attempts,
-                sent=sent, message=message, updated_at=utcnow()))
+            ids = list(conn.execute(
+                sa.select(exports.c.id)
+                .where(exports.c.job_id == job_id, exports.c.destination == destination)
+                .order_by(exports.c.id)).scalars())
+            if not ids:
+                conn.execute(exports.insert().values(job_id=job_id, destination=destination,
+                                                     **values))
+                return
+            conn.execute(exports.update().where(exports.c.id == ids[0]).values(values))
+            if len(ids) > 1:  # a store written before one record a destination
+                conn.execute(exports.delete().where(exports.c.id.in_(ids[1:])))
 
     def exports_of(self, job_id: str) -> list[ExportRecord]:
         q = sa.select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)

@@ -3,7 +3,9 @@
 ``input`` keys: ``sleep`` (seconds the run takes, in small steps that honour
 cancel), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise a
 PermanentJobError), ``marker`` (a file that gets ``start <id>`` and ``end <id>``
-lines, so a test can count how often a job ran and finished).
+lines, so a test can count how often a job ran and finished), ``pacs_down_passes``
+(the destination "pacs" refuses the first N export passes, each asking for another
+after ``retry_in_s``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _mark(ctx: JobContext, what: str) -> None:
 
 class RecordingHandler:
     def __init__(self) -> None:
-        self.order: list[str] = []
+        self.order: list[str] = []  # runs
+        self.exports: list[str] = []  # export passes
 
     def needs_retrieval(self, job: Job) -> bool:
         return bool(job.input.get("retrieve"))
@@ -56,6 +59,15 @@ class RecordingHandler:
         return [Artifact(kind="txt", path=Path(out), media_type="text/plain")]
 
     def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
+        self.exports.append(ctx.job.input.get("name", ctx.job.id))
+        down = int(ctx.job.input.get("pacs_down_passes", 0))
+        if down:  # "pacs" refuses the first N passes, then takes the results
+            before = ctx.exported.get("pacs")
+            attempt = (before.attempts if before is not None else 0) + 1
+            if attempt <= down:
+                return [ExportOutcome("pacs", ok=False, attempts=attempt, message="refused",
+                                      retry_in_s=float(ctx.job.input.get("retry_in_s", 0.05)))]
+            return [ExportOutcome("pacs", ok=True, attempts=attempt, sent=len(artifacts))]
         if ctx.job.input.get("export_fails"):
             return [ExportOutcome("pacs", ok=False, attempts=3, message="association rejected")]
         return [ExportOutcome("folder", ok=True, sent=len(artifacts))]

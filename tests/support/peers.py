@@ -72,11 +72,13 @@ class Peer:
 
 
 @contextlib.contextmanager
-def storescp(directory: Path, ae_title: str = "STORESCP", *extra: str) -> Iterator[Peer]:
-    """dcmtk ``storescp`` writing what it receives to ``directory``."""
+def storescp(directory: Path, ae_title: str = "STORESCP", *extra: str,
+             port: int | None = None) -> Iterator[Peer]:
+    """dcmtk ``storescp`` writing what it receives to ``directory`` (on ``port``: a
+    destination that was down coming up; default a free one)."""
     exe = require("storescp")
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [exe, "-aet", ae_title, "-od", str(directory), *extra, str(port)],
         env=peer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,11 +1,14 @@
-"""Export routing and retries (folder destinations are real; a failing sender is a real class)."""
+"""Export routing and passes (folder destinations are real; a failing sender is a real class)."""
 
 from __future__ import annotations
 
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_node.config import DestinationSettings, Settings
 from dicom_node.export import DICOM_MEDIA_TYPE, Exporter, SendResult
+from dicom_node.store import EXPORT_FAILED, EXPORT_RETRYING, EXPORT_SUCCEEDED, ExportRecord
 from pipeline.types import Artifact
 
 
@@ -43,30 +46,74 @@ def artifacts(tmp_path: Path) -> list[Artifact]:
 
 def test_folder_gets_every_file_and_dimse_only_dicom(tmp_path: Path) -> None:
     flaky = FlakySender(failures=0)
-    ex = Exporter(settings(tmp_path), {"dimse": flaky}, sleep=lambda s: None)
+    ex = Exporter(settings(tmp_path), {"dimse": flaky})
     out = ex.export(["out", "pacs"], artifacts(tmp_path))
     assert [(o.destination, o.ok, o.sent) for o in out] == [("out", True, 2), ("pacs", True, 1)]
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["a.dcm", "a.json"]
     assert flaky.calls == [[tmp_path / "a.dcm"]]
 
 
-def test_retries_with_backoff_then_succeeds(tmp_path: Path) -> None:
-    delays: list[float] = []
-    ex = Exporter(settings(tmp_path), {"dimse": FlakySender(failures=2)}, sleep=delays.append)
-    (o,) = ex.export(["pacs"], artifacts(tmp_path))
-    assert o.ok and o.attempts == 3
-    assert delays == [0.01, 0.02]
+def _record(name: str, state: str, attempts: int) -> ExportRecord:
+    return ExportRecord("job", name, state, attempts, 0, None, datetime.now(UTC))
+
+
+def test_a_pass_tries_each_destination_once_and_asks_for_another_with_backoff(
+        tmp_path: Path) -> None:
+    """No waiting in a pass: a refused destination's outcome says when to try again
+    (its backoff for that attempt), and a later pass counts on from the recorded one."""
+    flaky = FlakySender(failures=2)
+    ex = Exporter(settings(tmp_path), {"dimse": flaky})
+    first = ex.export(["pacs", "out"], artifacts(tmp_path))
+    assert [(o.destination, o.ok, o.attempts, o.retry_in_s) for o in first] == [
+        ("pacs", False, 1, 0.01), ("out", True, 1, None)]
+    assert "refused the connection (attempt 1 of 3)" in (first[0].message or "")
+    assert len(flaky.calls) == 1  # once a pass, however many attempts are left
+    second = ex.export(["pacs", "out"], artifacts(tmp_path),
+                       earlier={"pacs": _record("pacs", EXPORT_RETRYING, 1),
+                                "out": _record("out", EXPORT_SUCCEEDED, 1)})
+    assert [(o.destination, o.ok, o.attempts, o.retry_in_s, o.recorded) for o in second] == [
+        ("out", True, 1, None, True), ("pacs", False, 2, 0.02, False)]
+    third = ex.export(["pacs"], artifacts(tmp_path),
+                      earlier={"pacs": _record("pacs", EXPORT_RETRYING, 2)})
+    assert [(o.ok, o.attempts) for o in third] == [(True, 3)]
+    assert len(flaky.calls) == 3
 
 
 def test_gives_up_with_the_reason(tmp_path: Path) -> None:
-    ex = Exporter(settings(tmp_path), {"dimse": FlakySender(failures=99)}, sleep=lambda s: None)
-    (o,) = ex.export(["pacs"], artifacts(tmp_path))
-    assert not o.ok and o.attempts == 3
+    ex = Exporter(settings(tmp_path), {"dimse": FlakySender(failures=99)})
+    (o,) = ex.export(["pacs"], artifacts(tmp_path),
+                     earlier={"pacs": _record("pacs", EXPORT_RETRYING, 2)})
+    assert not o.ok and o.attempts == 3 and o.retry_in_s is None
     assert "refused the connection" in (o.message or "") and "after 3 attempts" in (o.message or "")
 
 
+def test_a_settled_destination_is_not_sent_to_again(tmp_path: Path) -> None:
+    flaky = FlakySender(failures=0)
+    ex = Exporter(settings(tmp_path), {"dimse": flaky})
+    out = ex.export(["pacs", "out"], artifacts(tmp_path),
+                    earlier={"pacs": _record("pacs", EXPORT_SUCCEEDED, 4),
+                             "out": _record("out", EXPORT_FAILED, 3)})
+    assert [(o.destination, o.ok, o.recorded) for o in out] == [("pacs", True, True),
+                                                                ("out", False, True)]
+    assert flaky.calls == [] and not (tmp_path / "exported").exists()
+
+
+def test_a_cancel_stops_the_pass_between_destinations(tmp_path: Path) -> None:
+    cancelled = threading.Event()
+
+    class CancellingSender(FlakySender):
+        def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+            cancelled.set()  # `jobs cancel` while this destination is being sent to
+            return super().send(dest, files)
+
+    ex = Exporter(settings(tmp_path), {"dimse": CancellingSender(failures=0)})
+    out = ex.export(["pacs", "out"], artifacts(tmp_path), cancelled)
+    assert [o.destination for o in out] == ["pacs"]
+    assert not (tmp_path / "exported").exists()  # the next destination got nothing
+
+
 def test_unknown_destination_and_missing_sender(tmp_path: Path) -> None:
-    ex = Exporter(settings(tmp_path), sleep=lambda s: None)
+    ex = Exporter(settings(tmp_path))
     out = ex.export(["nowhere", "pacs"], artifacts(tmp_path))
     assert [o.ok for o in out] == [False, False]
     assert "no such destination" in (out[0].message or "")
@@ -86,7 +133,7 @@ def test_folder_keeps_the_layout_under_base(tmp_path: Path) -> None:
     outside.parent.mkdir()
     outside.write_text("{}")
     made.append(Artifact("json", outside, "application/json"))
-    ex = Exporter(settings(tmp_path), sleep=lambda s: None, base=results)
+    ex = Exporter(settings(tmp_path), base=results)
     (o,) = ex.export(["out"], made)
     assert o.ok and o.sent == 3
     out = tmp_path / "exported"
@@ -103,6 +150,6 @@ def test_folder_reports_a_file_it_cannot_place(tmp_path: Path) -> None:
     f.write_bytes(b"x")
     (tmp_path / "exported").mkdir()
     (tmp_path / "exported" / "job-1").write_text("a file where a folder should be")
-    ex = Exporter(settings(tmp_path), sleep=lambda s: None, base=results)
+    ex = Exporter(settings(tmp_path), base=results)
     (o,) = ex.export(["out"], [Artifact("sr", f, DICOM_MEDIA_TYPE)])
     assert not o.ok and o.sent == 0 and "P1_sr.dcm" in (o.message or "")

@@ -10,6 +10,7 @@ import pytest
 from dicom_node.config import ExecutorSettings, RetrySettings
 from dicom_node.scheduler import Scheduler
 from dicom_node.store import JobState, NewJob, Store
+from pipeline.types import Artifact
 from tests.support.handlers import RecordingHandler
 
 
@@ -99,6 +100,79 @@ async def test_failed_export_fails_the_job_with_the_reason(store: Store, tmp_pat
     finally:
         await sched.stop()
     assert "export to pacs failed: association rejected" in (store.get_job(job.id).error or "")
+
+
+async def test_a_destination_that_is_down_frees_the_worker_between_export_passes(
+        store: Store, tmp_path: Path) -> None:
+    """The job is queued again for each export pass (not counted as an attempt, not run
+    again), and the only worker runs another job meanwhile."""
+    sched, handler = make(store, tmp_path, immediate_slot=False)
+    await sched.start()
+    try:
+        waits = await sched.submit(NewJob(pipeline="p", input={
+            "name": "waits", "pacs_down_passes": 2, "retry_in_s": 0.5}))
+        while not (handler.exports or store.get_job(waits.id).state.final):
+            await asyncio.sleep(0.02)
+        other = await sched.submit(NewJob(pipeline="p", priority=200, input={"name": "other"}))
+        assert await wait_state(store, waits.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+        assert await wait_state(store, other.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == ["waits", "other"]  # each ran once
+    # the other job ran between the first export pass and the last
+    assert handler.exports == ["waits", "other", "waits", "waits"]
+    job = store.get_job(waits.id)
+    assert job.attempts == 1 and job.result == {"artifacts": 1, "exports": 1}
+    history = [e.state for e in store.events(waits.id)]
+    assert history == [JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING,
+                       JobState.QUEUED, JobState.EXPORTING, JobState.QUEUED,
+                       JobState.EXPORTING, JobState.SUCCEEDED]
+    assert [(x.destination, x.state, x.attempts) for x in store.exports_of(waits.id)] == [
+        ("pacs", "succeeded", 3)]
+    assert len(store.artifacts_of(waits.id)) == 1
+
+
+async def test_a_cancel_while_queued_for_an_export_pass_ends_it(store: Store,
+                                                                tmp_path: Path) -> None:
+    sched, handler = make(store, tmp_path)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={
+            "pacs_down_passes": 5, "retry_in_s": 60}))
+        while not (store.exports_of(job.id) or store.get_job(job.id).state.final):
+            await asyncio.sleep(0.02)
+        assert await wait_state(store, job.id, JobState.QUEUED, JobState.FAILED,
+                                JobState.SUCCEEDED) is JobState.QUEUED
+        await asyncio.to_thread(store.request_cancel, job.id)  # what `jobs cancel` does
+        assert store.get_job(job.id).state is JobState.CANCELLED
+    finally:
+        await sched.stop()
+    assert len(handler.exports) == 1
+
+
+async def test_a_job_interrupted_in_its_export_sends_its_results_after_a_restart(
+        store: Store, tmp_path: Path) -> None:
+    """The node died while the job was exporting: at start-up it is queued again, and its
+    recorded results go out; it does not run again."""
+    job = await asyncio.to_thread(store.create_job, NewJob(pipeline="p"))
+    claimed = await asyncio.to_thread(store.claim_next, "test", 300)
+    assert claimed is not None
+    made = tmp_path / f"{job.id}.txt"
+    made.write_text("ok")
+    assert store.start_export(job.id, [Artifact("txt", made, "text/plain")],
+                              token=claimed.lease_token)
+    sched, handler = make(store, tmp_path)
+    await sched.start()  # the same owner as the node that died
+    try:
+        assert await wait_state(store, job.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == [] and handler.exports == [job.id]
+    assert [e.state for e in store.events(job.id)] == [
+        JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.QUEUED,
+        JobState.EXPORTING, JobState.SUCCEEDED]
 
 
 async def test_cancel_queued_and_running(store: Store, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from dicom_node.store import (
     Store,
     utcnow,
 )
+from pipeline.types import Artifact
 
 
 def rec(sop: str, study: str = "1.2.3", series: str = "1.2.3.4") -> InstanceRecord:
@@ -205,6 +206,37 @@ def test_artifacts_and_exports(store: Store) -> None:
     assert store.exports_of(job.id)[0].message == "association rejected"
     counts = store.count_jobs()
     assert counts[JobState.QUEUED] == 1
+
+
+def test_a_new_run_replaces_the_artifacts_and_each_destination_keeps_its_latest(
+        store: Store) -> None:
+    """`jobs show` lists each artifact once and each destination's latest outcome, however
+    often the job ran or was sent; a retry gives the unsent destinations their attempts
+    afresh and leaves the one that got the results alone."""
+    job = store.create_job(NewJob(pipeline="p"))
+    first = [Artifact("sr", Path("/r/sr.dcm"), "application/dicom", "1.2.1"),
+             Artifact("json", Path("/r/p.json"), "application/json")]
+    for run, made in enumerate((first, [dataclasses.replace(first[0], sop_instance_uid="1.2.2")])):
+        claimed = store.claim_next("n", 30)
+        assert claimed is not None
+        assert store.start_export(job.id, made, token=claimed.lease_token, message="made")
+        assert store.get_job(job.id).state is JobState.EXPORTING
+        store.record_export(job.id, "pacs", "retrying", 1, 0, "refused (attempt 1 of 2)")
+        store.record_export(job.id, "share", "succeeded", 1, 2)
+        store.record_export(job.id, "pacs", "failed", 2, 0, "refused (after 2 attempts)")
+        store.transition(job.id, JobState.FAILED, token=claimed.lease_token, message="x")
+        if run == 0:
+            store.retry(job.id)
+    assert [(a.kind, a.sop_instance_uid) for a in store.artifacts_of(job.id)] == [
+        ("sr", "1.2.2")]
+    assert [(x.destination, x.state, x.attempts) for x in store.exports_of(job.id)] == [
+        ("pacs", "failed", 2), ("share", "succeeded", 1)]
+    store.retry(job.id)
+    assert [(x.destination, x.state, x.attempts) for x in store.exports_of(job.id)] == [
+        ("pacs", "retrying", 0), ("share", "succeeded", 1)]
+    # without the lease, nothing is recorded
+    assert not store.start_export(job.id, first, token="not-the-lease")
+    assert len(store.artifacts_of(job.id)) == 1
 
 
 def test_sqlite_uses_wal_and_commits_to_disk(sqlite_store: Store) -> None:

@@ -1,0 +1,176 @@
+"""A job's export to real peers that are down, come up or are cancelled.
+
+A whole node runs in the test's loop with the real job handler, a tiny random classifier
+and one worker; a DIMSE destination that is down is a closed loopback port, and one that
+comes up is dcmtk ``storescp`` started on that port. ``+uf`` makes storescp keep each
+instance it receives in its own file, so a re-send shows as a second file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicom_node.store import JobState, NewJob, utcnow
+from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
+from tests.support.inproc import running_node
+from tests.support.peers import free_port, storescp
+from tests.unit.dicom_node.test_handler import CXR, _finished, _settings
+
+pytestmark = pytest.mark.timeout(180)
+
+PIPELINE = {**CXR, "threshold": 0.01, "outputs": ["json", "sr"]}
+
+
+def _dimse(name: str, port: int, **retry: float) -> dict[str, Any]:
+    return {"name": name, "type": "dimse", "ae_title": name.upper(), "host": "127.0.0.1",
+            "port": port, "retry": {"max_attempts": 3, "backoff_s": 0.5, **retry}}
+
+
+def _node(tmp_path: Path, destinations: list[dict[str, Any]]) -> Any:
+    settings = _settings(tmp_path, [PIPELINE], destinations=destinations)
+    return settings.model_copy(update={"executor": settings.executor.model_copy(
+        update={"workers": 1, "immediate_slot": False})})
+
+
+async def _submit(node: Any, tmp_path: Path, seed: int, destinations: list[str]) -> Any:
+    src = write_dicom(make_cxr_phantom(seed, size=64), tmp_path / f"cr{seed}.dcm",
+                      patient_id=f"P{seed}", modality="CR")
+    sent = src.with_suffix(".sent")
+    shutil.copy(src, sent)
+    got = node.instance_writer().write(sent, called_ae="DICOMNODE", calling_ae="MODALITY",
+                                       association_id=0)
+    return await node.scheduler.submit(NewJob(
+        pipeline="cxr", kind="api",
+        input={"instances": [got.sop_instance_uid], "destinations": destinations}))
+
+
+async def _waiting_for_export(node: Any, job: Any) -> Any:
+    """``job`` once its first export pass is recorded and it is queued for the next (or
+    it ended: the test's asserts say why)."""
+    while True:  # no time limit: pytest-timeout guards the test
+        job = node.store.get_job(job.id)
+        if job.state.final or (job.state is JobState.QUEUED and node.store.exports_of(job.id)):
+            return job
+        await asyncio.sleep(0.05)
+
+
+def _sr_uid(node: Any, job_id: str) -> str:
+    (uid,) = [a.sop_instance_uid for a in node.store.artifacts_of(job_id) if a.kind == "sr"]
+    return str(uid)
+
+
+def _received(folder: Path) -> list[str]:
+    """The SOP Instance UIDs of what a storescp received, one for each instance sent."""
+    return sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+                  for f in folder.iterdir() if f.is_file())
+
+
+async def test_a_pacs_that_is_down_does_not_hold_the_worker(tmp_path: Path) -> None:
+    """The only worker runs a second job while the first waits for its next attempt at
+    the PACS; the folder destination got the first job's results in the first pass."""
+    share = tmp_path / "share"
+    settings = _node(tmp_path, [_dimse("pacs", free_port(), backoff_s=60),
+                                {"name": "share", "type": "folder", "path": str(share)}])
+    async with running_node(settings) as node:
+        first = await _submit(node, tmp_path, 1, ["pacs", "share"])
+        first = await _waiting_for_export(node, first)
+        assert first.state is JobState.QUEUED, first.error
+        assert "export to pacs failed" in (first.error or "")
+        assert [(x.destination, x.state, x.attempts) for x in node.store.exports_of(first.id)] \
+            == [("pacs", "retrying", 1), ("share", "succeeded", 1)]
+        assert (share / first.id / "P1" / "P1_sr.dcm").is_file()
+        second = await _finished(node, await _submit(node, tmp_path, 2, ["share"]))
+        assert second.state is JobState.SUCCEEDED, second.error
+        waiting = node.store.get_job(first.id)
+        assert waiting.state is JobState.QUEUED
+        assert waiting.not_before is not None and second.finished_at is not None
+        assert second.finished_at < waiting.not_before  # ran while the first waited
+        assert waiting.attempts == 0  # a pass for the PACS is not an attempt of the job
+        assert node.store.request_cancel(first.id).state is JobState.CANCELLED
+
+
+async def test_a_cancel_while_waiting_for_an_export_pass_sends_nothing_more(
+        tmp_path: Path) -> None:
+    """Both PACSes are down; the job is cancelled while queued for its next pass; the
+    second PACS comes up: it gets nothing of the cancelled job, only a later job's SR,
+    although the cancelled job was due before that job was queued (and older)."""
+    pacs2_port = free_port()
+    settings = _node(tmp_path, [_dimse("pacs", free_port(), max_attempts=5),
+                                _dimse("pacs2", pacs2_port, max_attempts=5)])
+    async with running_node(settings) as node:
+        job = await _waiting_for_export(node, await _submit(node, tmp_path, 1,
+                                                            ["pacs", "pacs2"]))
+        assert job.state is JobState.QUEUED, job.error
+        assert node.store.request_cancel(job.id).state is JobState.CANCELLED  # `jobs cancel`
+        with storescp(tmp_path / "pacs2", "PACS2", "+uf", port=pacs2_port) as pacs2:
+            assert job.not_before is not None
+            while utcnow() <= job.not_before:  # until the cancelled job would be due
+                await asyncio.sleep(0.05)
+            later = await _finished(node, await _submit(node, tmp_path, 2, ["pacs2"]))
+            assert later.state is JobState.SUCCEEDED, later.error
+            assert _received(pacs2.directory) == [_sr_uid(node, later.id)]
+        assert node.store.get_job(job.id).state is JobState.CANCELLED
+        assert [x.state for x in node.store.exports_of(job.id)] == ["retrying", "retrying"]
+
+
+async def test_a_retried_job_sends_only_to_the_destination_that_missed_its_results(
+        tmp_path: Path) -> None:
+    """`jobs retry` after the PACS came back: the results the job made go to it, and
+    only to it: no new run, no new UIDs, nothing again to the PACS that had them."""
+    pacs_port = free_port()
+    with storescp(tmp_path / "pacs2", "PACS2", "+uf") as pacs2:
+        settings = _node(tmp_path, [_dimse("pacs", pacs_port, max_attempts=1),
+                                    _dimse("pacs2", pacs2.port)])
+        async with running_node(settings) as node:
+            job = await _finished(node, await _submit(node, tmp_path, 1, ["pacs", "pacs2"]))
+            assert job.state is JobState.FAILED
+            assert "export to pacs failed" in (job.error or "")
+            assert "after 1 attempts" in (job.error or "")
+            sr = _sr_uid(node, job.id)
+            assert _received(pacs2.directory) == [sr]
+            runs = [e.state for e in node.store.events(job.id)].count(JobState.RUNNING)
+            made = [(a.kind, a.path) for a in node.store.artifacts_of(job.id)]
+            with storescp(tmp_path / "pacs", "PACS", "+uf", port=pacs_port) as pacs:
+                node.store.retry(job.id)  # what `dicom-node jobs retry` does
+                job = await _finished(node, job)
+                assert job.state is JobState.SUCCEEDED, job.error
+                assert _received(pacs.directory) == [sr]
+            assert _received(pacs2.directory) == [sr]  # one set, not sent again
+            events = [e.state for e in node.store.events(job.id)]
+            assert events.count(JobState.RUNNING) == runs  # not run again
+            assert [(a.kind, a.path) for a in node.store.artifacts_of(job.id)] == made
+            assert [(x.destination, x.state) for x in node.store.exports_of(job.id)] == [
+                ("pacs", "succeeded"), ("pacs2", "succeeded")]
+
+
+async def test_a_job_whose_results_are_gone_runs_again_and_lists_them_once(
+        tmp_path: Path) -> None:
+    """Retried after its results were removed, the job runs again: its new results
+    replace the recorded ones (each listed once), and the folder that got the first
+    run's results does not get the new run's."""
+    share = tmp_path / "share"
+    settings = _node(tmp_path, [_dimse("pacs", free_port(), max_attempts=1),
+                                {"name": "share", "type": "folder", "path": str(share)}])
+    async with running_node(settings) as node:
+        job = await _finished(node, await _submit(node, tmp_path, 1, ["pacs", "share"]))
+        assert job.state is JobState.FAILED
+        first_sr = _sr_uid(node, job.id)
+        kinds = sorted(a.kind for a in node.store.artifacts_of(job.id))
+        assert kinds.count("sr") == 1
+        shutil.rmtree(settings.results_dir / job.id)
+        node.store.retry(job.id)
+        job = await _finished(node, job)
+        assert job.state is JobState.FAILED and "export to pacs failed" in (job.error or "")
+        assert [e.state for e in node.store.events(job.id)].count(JobState.RUNNING) == 2
+        assert sorted(a.kind for a in node.store.artifacts_of(job.id)) == kinds  # once each
+        assert _sr_uid(node, job.id) != first_sr  # a new run, new UIDs
+        assert [(x.destination, x.state) for x in node.store.exports_of(job.id)] == [
+            ("pacs", "failed"), ("share", "succeeded")]
+        mirrored = pydicom.dcmread(share / job.id / "P1" / "P1_sr.dcm")
+        assert mirrored.SOPInstanceUID == first_sr  # the share kept the first set alone
