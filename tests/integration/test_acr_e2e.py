@@ -255,13 +255,16 @@ def test_ct_by_accession_number_seg_references_the_source_series(site: Site) -> 
 
 def test_a_dicomweb_source_allowed_to_retrieve_only_is_not_searched(site: Site) -> None:
     """operations [RETRIEVE]: the node may read that source but not search it, so a
-    request by PatientID finds nothing there; with QUERY as well it does."""
+    request by PatientID is refused at once (its job could only fail with "no study
+    found" for a study that is there); with QUERY as well it runs."""
     cr = chest(site, 42)
     pid = {"type": "DICOM_PATIENT_ID", "PatientID": str(cr.PatientID)}
     read_only = web(site.pacs.dicomweb_url)
     read_only["connectionDetails"]["operations"] = ["RETRIEVE"]
-    st = site.run(request("cxr-findings", pid, read_only, [dimse("pacs-out")]))
-    assert st["state"] == "failed" and "no study found" in st["message"], st
+    r = site.post(request("cxr-findings", pid, read_only, [dimse("pacs-out")]))
+    assert r.status_code == 422, r.text
+    problem = next(d for d in r.json()["details"] if d["field"] == "inputResources")
+    assert "DICOM_PATIENT_ID lookup needs a source that allows QUERY" in problem["message"]
     both = web(site.pacs.dicomweb_url)
     both["connectionDetails"]["operations"] = ["QUERY", "RETRIEVE"]
     st = site.run(request("cxr-findings", pid, both, [dimse("pacs-out")]))
