@@ -15,7 +15,7 @@ import jwt
 import pydicom
 import pytest
 
-from dicom_node.store import JobState, NewJob, Store
+from dicom_node.store import Job, JobState, NewJob, Store
 from tests.support.node_process import ROOT, NodeProcess
 from tests.support.peers import storescu
 
@@ -73,13 +73,20 @@ def test_running_job_finishes_within_grace_on_sigterm(node: NodeProcess) -> None
         store.close()
 
 
-def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
+def start_with_a_running_job(node: NodeProcess) -> tuple[Store, Job, Path]:
+    """Start the node and a 2 s job, and wait until the job has started; the marker
+    file gets "start" and "end" lines from each run of it."""
     marker = node.data_dir / "marker.txt"
     node.start()
     store = store_of(node)
+    job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
+    wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
+    return store, job, marker
+
+
+def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
+    store, job, marker = start_with_a_running_job(node)
     try:
-        job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
-        wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
         node.signal(signal.SIGKILL)
         node.wait()
         assert store.get_job(job.id).state is JobState.RUNNING  # died holding it
@@ -102,12 +109,8 @@ def test_second_serve_on_the_same_data_dir_is_refused(node: NodeProcess,
     The other commands keep working beside the running node."""
     import yaml
 
-    marker = node.data_dir / "marker.txt"
-    node.start()
-    store = store_of(node)
+    store, job, marker = start_with_a_running_job(node)
     try:
-        job = store.create_job(NewJob(pipeline="p", input={"sleep": 2, "marker": str(marker)}))
-        wait_for(lambda: marker.exists() and "start" in marker.read_text(), "start", node)
         second = NodeProcess(tmp_path / "second", {"executor": TEST_EXECUTOR})
         cfg = yaml.safe_load(second.config_path.read_text())
         cfg["storage"]["data_dir"] = str(node.data_dir)
