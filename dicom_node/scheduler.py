@@ -354,14 +354,26 @@ class Scheduler:
             await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
     async def _keeper(self) -> None:
-        """Renew leases and pick up cancel requests made by other processes (the CLI)."""
+        """Renew leases, pick up cancel requests made by other processes (the CLI), and
+        queue again the jobs whose lease ran out: a node sharing the database died (or
+        hangs) with them, and nothing else would run them until a node restarts."""
         interval = max(0.2, min(self.settings.lease_s / 3, self.settings.poll_interval_s))
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self.settings.lease_s / 2
         while True:
             await asyncio.sleep(interval)
             try:
                 leases = await asyncio.to_thread(
                     self.store.renew_leases, self.owner, self.settings.lease_s
                 )
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self.settings.lease_s / 2
+                    expired = await asyncio.to_thread(self.store.requeue_expired)
+                    for job_id in expired:
+                        self.log.warning("job's lease ran out (its node stopped renewing "
+                                         "it); queued again", job_id=job_id)
+                    if expired:
+                        self.notify()
             except Exception:
                 self.log.exception("cannot renew job leases")
                 continue

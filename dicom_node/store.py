@@ -1227,18 +1227,24 @@ class Store:
         The interrupted attempt does not count against ``max_attempts``: the job did
         not fail, the process did.
         """
+        return self._requeue(sa.or_(jobs.c.lease_owner == owner,
+                                    jobs.c.lease_expires < utcnow()))
+
+    def requeue_expired(self) -> list[str]:
+        """Queue again the jobs whose lease ran out, whoever held it: their node died or
+        hangs (a live node renews its leases long before they run out)."""
+        return self._requeue(jobs.c.lease_expires < utcnow())
+
+    def _requeue(self, held: Any) -> list[str]:
         now = utcnow()
-        active = [s.value for s in ACTIVE_STATES]
-        cond = sa.and_(
-            jobs.c.state.in_(active),
-            sa.or_(jobs.c.lease_owner == owner, jobs.c.lease_expires < now),
-        )
+        cond = sa.and_(jobs.c.state.in_([s.value for s in ACTIVE_STATES]), held)
+        requeued: list[str] = []
         with self._begin() as conn:
             ids = [r.id for r in conn.execute(sa.select(jobs.c.id).where(cond))]
             for job_id in ids:
-                conn.execute(
+                changed = conn.execute(
                     jobs.update()
-                    .where(jobs.c.id == job_id)
+                    .where(jobs.c.id == job_id, cond)  # another node may have been first
                     .values(
                         state=JobState.QUEUED.value,
                         attempts=sa.func.max(jobs.c.attempts - 1, 0)
@@ -1249,9 +1255,11 @@ class Store:
                         lease_expires=None,
                         updated_at=now,
                     )
-                )
-                self._event(conn, job_id, JobState.QUEUED, "interrupted; queued again", now)
-        return ids
+                ).rowcount
+                if changed:
+                    self._event(conn, job_id, JobState.QUEUED, "interrupted; queued again", now)
+                    requeued.append(job_id)
+        return requeued
 
     def request_cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or ask its worker to stop a running one."""

@@ -312,3 +312,38 @@ async def test_start_removes_scratch_a_crash_left(store: Store, tmp_path: Path) 
     await sched.start()
     await sched.stop()
     assert [p.name for p in work.iterdir()] == [elsewhere.id]
+
+
+@pytest.mark.timeout(120)  # without the sweep the job would stay running forever
+async def test_a_job_whose_node_died_is_run_by_a_live_one(store: Store, tmp_path: Path) -> None:
+    """Several nodes on one database: a node that dies holding a job stops renewing its
+    lease; a running node queues the job again once the lease runs out and runs it, with
+    no restart of anything."""
+    handler = RecordingHandler()
+    settings = ExecutorSettings(workers=1, poll_interval_s=0.05, lease_s=1.5,
+                                retry=RetrySettings(backoff_s=0.05, backoff_max_s=0.2))
+    sched = Scheduler(store, handler, settings, owner="live", work_root=tmp_path / "work")
+    job = store.create_job(NewJob(pipeline="p"))
+    claimed = store.claim_next("dead#1", 1.5)  # the other node, which then dies
+    assert claimed is not None and claimed.id == job.id
+    await sched.start()  # its lease has not run out yet: start-up leaves it
+    try:
+        assert await wait_state(store, job.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+        events = await asyncio.to_thread(store.events, job.id)
+        assert any(e.message == "interrupted; queued again" for e in events)
+    finally:
+        await sched.stop()
+
+
+def test_requeue_expired_takes_only_leases_that_ran_out(store: Store) -> None:
+    import time
+
+    a = store.create_job(NewJob(pipeline="p"))
+    b = store.create_job(NewJob(pipeline="p"))
+    assert store.claim_next("dead#1", 1.1) is not None
+    assert store.claim_next("alive#2", 600) is not None
+    time.sleep(1.2)
+    assert store.requeue_expired() == [a.id]
+    assert store.get_job(a.id).state is JobState.QUEUED
+    assert store.get_job(b.id).state in (JobState.RUNNING, JobState.RETRIEVING)
+    assert store.requeue_expired() == []  # done once, by whoever is first
