@@ -746,11 +746,16 @@ class Store:
             return None
         ins = upsert(instances)
         if overwrite:
-            ins = ins.on_conflict_do_update(
-                index_elements=["sop_instance_uid"],
-                set_={c.name: ins.excluded[c.name] for c in instances.columns
-                      if c.name not in ("id", "sop_instance_uid")},
-            )
+            set_ = {c.name: ins.excluded[c.name] for c in instances.columns
+                    if c.name not in ("id", "sop_instance_uid")}
+            # A retrieval fetching an instance the node already holds does not change the
+            # AE title it came in on: the study stays in that AE title's project (batch
+            # API) instead of moving to the node's own AE title, the C-MOVE destination.
+            set_["called_ae"] = sa.case(
+                (sa.and_(ins.excluded.source == "retrieve", instances.c.called_ae.is_not(None),
+                         instances.c.called_ae != ""), instances.c.called_ae),
+                else_=ins.excluded.called_ae)
+            ins = ins.on_conflict_do_update(index_elements=["sop_instance_uid"], set_=set_)
         else:
             ins = ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])
         # A row back says it was written: PostgreSQL's driver reports rowcount -1 for an

@@ -518,3 +518,17 @@ def test_removed_credentials_leave_the_database_files(sqlite_store: Store,
     assert sqlite_store.transition(job.id, JobState.SUCCEEDED, token=claimed.lease_token)
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("node.db*"))
     assert secret.encode() not in raw
+
+
+def test_a_retrieval_of_a_held_instance_keeps_the_ae_title_it_came_in_on(store: Store) -> None:
+    """A study sent to CT_AI, fetched again by a C-MOVE to the node's own AE title: it
+    stays in CT_AI's project. A new push to another AE title moves it, as before."""
+    store.record_instance(dataclasses.replace(rec("8.1"), called_ae="CT_AI"))
+    fetched = dataclasses.replace(rec("8.1"), source="retrieve", called_ae="DICOMNODE")
+    assert store.record_instance(fetched, durable=False) is True
+    got = store.get_instance("8.1")
+    assert got is not None and got.called_ae == "CT_AI" and got.source == "retrieve"
+    assert [s.study_instance_uid for s in store.project_studies(called_ae="CT_AI")] == ["1.2.3"]
+    store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"))
+    got = store.get_instance("8.1")
+    assert got is not None and got.called_ae == "MR_AI"
