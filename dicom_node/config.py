@@ -413,12 +413,12 @@ class Settings(_Section):
         if self.rest.enabled and self.rest.port == self.dimse.port:
             found.append(("rest.port", f"{self.rest.port} is dimse.port too; the HTTP and "
                                        "DICOM listeners need a port each"))
+        self._folders_apart(found)
         if found:
             raise _KeyedError(*found[0], more=found[1:])
         return self
 
-    @model_validator(mode="after")
-    def _folders_apart(self) -> Settings:
+    def _folders_apart(self, found: list[tuple[str, str]]) -> None:
         """The node's own folders do not overlap, and nothing else writes into them: a
         drop folder over the studies would move them away, a folder destination inside a
         drop folder would feed the node its own results."""
@@ -428,8 +428,8 @@ class Settings(_Section):
             for other in keys[:i]:
                 a, b = owned[key], owned[other]
                 if a.is_relative_to(b) or b.is_relative_to(a):
-                    raise _KeyedError(key, f"{a} overlaps {other} ({b}); the node's "
-                                      "folders must be apart")
+                    found.append((key, f"{a} overlaps {other} ({b}); the node's folders "
+                                       "must be apart"))
         writers = [(f"watch.{i}.output", w.output) for i, w in enumerate(self.watch)]
         writers += [(f"destinations.{i}.path", d.path) for i, d in enumerate(self.destinations)
                     if d.type == "folder"]
@@ -438,9 +438,8 @@ class Settings(_Section):
                 continue
             holder = self.node_folder_holding(self.path(path))
             if holder is not None and holder != "storage.results_dir":  # results: outputs
-                raise _KeyedError(key, f"{path} is inside {holder}, which the node "
-                                  "fills and empties itself; name a folder of your own")
-        return self
+                found.append((key, f"{path} is inside {holder}, which the node fills and "
+                                   "empties itself; name a folder of your own"))
 
     # -- derived paths -------------------------------------------------------------
 

@@ -160,20 +160,25 @@ def test_bad_environment_value_names_the_key() -> None:
 
 
 def test_every_broken_reference_is_named_in_one_run(tmp_path: Path) -> None:
-    """Three slipped names and a port shared by both listeners: four lines, not four runs."""
+    """Three slipped names, a port shared by both listeners and a drop folder over the
+    studies: five lines, not five runs."""
     cfg = write(tmp_path, (
         "models:\n  - {name: m, path: /}\n"
         "pipelines:\n  - {name: p, model: mm, task: classify, destinations: [pacz]}\n"
         "ae_titles:\n  - {ae_title: AI, pipelines: [q]}\n"
+        "watch:\n  - {name: in, path: studies}\n"
         "dimse:\n  port: 5000\nrest:\n  port: 5000\n"))
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, environ={})
+    studies = (Path("data") / "studies").resolve()  # relative to the data directory
     assert str(info.value).splitlines() == [
         f"{cfg}: ae_titles.0.pipelines: 'q' is not defined in pipelines",
         f"{cfg}: pipelines.0.model: 'mm' is not defined in models",
         f"{cfg}: pipelines.0.destinations: 'pacz' is not defined in destinations",
         f"{cfg}: rest.port: 5000 is dimse.port too; the HTTP and DICOM listeners need a "
         "port each",
+        f"{cfg}: watch.0.path: {studies} overlaps storage.studies_dir ({studies}); the "
+        "node's folders must be apart",
     ]
 
 
