@@ -35,6 +35,7 @@ from typing import IO
 from aiohttp import BodyPartReader, web
 from aiohttp.hdrs import ACCEPT, CONTENT_LENGTH, CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
+from multidict import CIMultiDict
 from pydicom import Dataset, dcmread
 
 from dicom_node.assembler import GroupPolicy
@@ -189,8 +190,21 @@ def _response(outcomes: list[PartOutcome], base: str, study: str | None) -> web.
     status = 200 if not failed else 202 if referenced else 409
     # DICOM JSON is UTF-8 by definition; a charset parameter makes some clients
     # (dicomweb-client compares the whole header) ignore the body.
+    headers = CIMultiDict({CONTENT_TYPE: DICOM_JSON})
+    # A Failure Reason is a code; PS3.18 lets the answer say why in words too, in
+    # Warning header fields (code 299), one per refused part.
+    for i, o in enumerate(outcomes):
+        if o.failure is not None and o.reason:
+            headers.add("Warning", _warning(o.sop_instance_uid or f"part {i + 1}", o.reason))
     return web.Response(body=json.dumps(ds.to_json_dict()).encode("utf-8"), status=status,
-                        headers={CONTENT_TYPE: DICOM_JSON})
+                        headers=headers)
+
+
+def _warning(what: str, reason: str) -> str:
+    """A ``Warning: 299`` value: printable ASCII (300 characters at most), quoted."""
+    text = " ".join(f"{what}: {reason}".split())[:300]
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '299 dicom-node "{}"'.format(text.replace("\\", "\\\\").replace('"', '\\"'))
 
 
 class _Spool:

@@ -212,6 +212,11 @@ async def test_refused_sop_class_and_truncated_instance(aiohttp_client: Any, tmp
                   for u in uids([f])}
         assert failed == {cr.sop_uids[0]: FailureReason.SOP_CLASS_NOT_SUPPORTED,
                           ct.sop_uids[1]: FailureReason.CANNOT_UNDERSTAND}
+        # the codes' reasons in words, one Warning header (PS3.18: code 299) a part
+        warnings = r.headers.getall("Warning")
+        assert len(warnings) == 2, warnings
+        assert all(w.startswith('299 dicom-node "') and w.endswith('"') for w in warnings)
+        assert any(cr.sop_uids[0] in w and "AI_STOW" in w for w in warnings), warnings
         assert node.store is not None and node.store.get_instance(ct.sop_uids[1]) is None
         leftovers = [p for p in node.settings.studies_dir.iterdir() if p.suffix == ".part"]
         assert not leftovers
