@@ -182,6 +182,11 @@ class RetrySettings(_Section):
     backoff_s: float = Field(default=2.0, ge=0)
     backoff_max_s: float = Field(default=300.0, ge=0)
 
+    def delay_after(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...): doubling
+        from ``backoff_s``, at most ``backoff_max_s``."""
+        return float(min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s))
+
 
 class DestinationSettings(_Section):
     """Where results go: a DIMSE peer (C-STORE), a DICOMweb server (STOW-RS) or a folder."""

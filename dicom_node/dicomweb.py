@@ -51,6 +51,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from dicom_node.config import is_uid
 from dicom_node.errors import InvalidInput, NodeError, NotFound
 from dicom_node.logs import get_logger
+from dicom_node.scp import fsync_dir
 
 log = get_logger(__name__)
 
@@ -426,15 +427,6 @@ def _write_file(folder: Path, sop_uid: str, write: Callable[[BinaryIO], object],
     return final
 
 
-def _fsync_dir(folder: Path) -> None:
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------- client
 class DicomWebClient:
     """A DICOMweb (QIDO-RS, WADO-RS, STOW-RS) client for one server.
@@ -787,7 +779,7 @@ class DicomWebClient:
                 with suppress(Exception):
                     close()
             if durable:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         if expect is not None:
             received = {o.sop_uid for o in result.outcomes}
             result.outcomes.extend(
@@ -869,7 +861,7 @@ class DicomWebClient:
             else:
                 result.outcomes.append(InstanceOutcome(ref.sop_uid, True, path=path))
         if durable:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         return result
 
     # -- STOW-RS

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dicom_node.config import DestinationSettings, RetrySettings, Settings
+from dicom_node.config import DestinationSettings, Settings
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import ExportOutcome
 from dicom_node.store import EXPORT_FAILED, EXPORT_SUCCEEDED, ExportRecord
@@ -152,11 +152,6 @@ class DimseSender:
                           retryable=result.retryable, message=result.message)
 
 
-def export_delay(retry: RetrySettings, attempt: int) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (1, 2, ...) at a destination."""
-    return float(min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s))
-
-
 class Exporter:
     """Routes artifacts to destinations by name: one export pass.
 
@@ -188,22 +183,23 @@ class Exporter:
         cancel stops the pass between destinations (the outcomes so far come back).
         """
         earlier = earlier or {}
+        settled = {n: r for n, r in earlier.items()
+                   if r.state in (EXPORT_SUCCEEDED, EXPORT_FAILED)}
         by_name = {d.name: d for d in self.settings.destinations}
         outcomes: list[ExportOutcome] = []
         targets: list[DestinationSettings] = []
         for name in dict.fromkeys(names):  # keep order, drop repeats
             dest = by_name.get(name)
-            if name in earlier and earlier[name].state in (EXPORT_SUCCEEDED, EXPORT_FAILED):
-                outcomes.append(_recorded(earlier[name]))
+            if name in settled:
+                outcomes.append(_recorded(settled[name]))
             elif dest is None:
                 outcomes.append(ExportOutcome(name, ok=False, attempts=0,
                                               message="no such destination is configured"))
             else:
                 targets.append(dest)
         for dest in extra or []:
-            if dest.name in earlier and earlier[dest.name].state in (EXPORT_SUCCEEDED,
-                                                                     EXPORT_FAILED):
-                outcomes.append(_recorded(earlier[dest.name]))
+            if dest.name in settled:
+                outcomes.append(_recorded(settled[dest.name]))
             else:
                 targets.append(dest)
         for dest in targets:
@@ -244,7 +240,7 @@ class Exporter:
                 f"{p.name}: {why}" for p, why in result.failed[:5])
         limit = dest.retry.max_attempts
         if retryable and attempt < limit:
-            delay = export_delay(dest.retry, attempt)
+            delay = dest.retry.delay_after(attempt)
             self.log.warning("export attempt failed; will retry", destination=dest.name,
                              attempt=attempt, max_attempts=limit, retry_in_s=delay,
                              error=message)

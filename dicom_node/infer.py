@@ -198,7 +198,7 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
     from tqdm import tqdm
 
     from dicom_node.handler import study_folder
-    from pipeline.bundle import device_problem
+    from pipeline.engine import device_problem
     from pipeline.io import InputError, series_refusal
     from pipeline.runner import NotEnoughMemory, PipelineError, PipelineRunner
 

@@ -532,7 +532,7 @@ class Scheduler:
             await self._finish(job, JobState.FAILED,
                                f"{message} (gave up after {job.attempts} attempts)", log)
             return
-        delay = min(retry.backoff_s * (2 ** (job.attempts - 1)), retry.backoff_max_s)
+        delay = retry.delay_after(job.attempts)
         when = utcnow() + timedelta(seconds=delay)
         await asyncio.to_thread(self.store.transition, job.id, JobState.QUEUED,
                                 token=job.lease_token, message=message, not_before=when)

@@ -327,12 +327,7 @@ class InstanceWriter:
                 continue
             folder = old.parent
             if durable:
-                with contextlib.suppress(OSError):
-                    dfd = os.open(folder, os.O_RDONLY)
-                    try:
-                        os.fsync(dfd)  # the deletion survives a power cut
-                    finally:
-                        os.close(dfd)
+                fsync_dir(folder)  # the deletion survives a power cut
             while folder != self.studies_dir and folder.is_relative_to(self.studies_dir):
                 try:
                     folder.rmdir()  # only when empty: series, then study
@@ -455,6 +450,16 @@ def _place(source: Path, final: Path, *, durable: bool = True) -> int:
     finally:
         os.close(dfd)
     return size
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and deletions in ``folder`` reach the disk (best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class _Wakeup:

@@ -386,7 +386,7 @@ class DicomClient:
                 last_error = last_error or "cancelled"
                 break
             if attempt:
-                delay = min(retry.backoff_s * 2 ** (attempt - 1), retry.backoff_max_s)
+                delay = retry.delay_after(attempt)
                 self.log.info("export: retrying", peer=str(peer), in_s=delay,
                               pending=len(pending), attempt=attempt + 1)
                 if cancelled is not None:
@@ -598,11 +598,22 @@ class DicomClient:
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)
 
-    def _move_hint(self, method: str, r: _RetrieveTally) -> str:
-        """For a C-MOVE aborted before any instance came: the usual cause."""
-        if method != "c-move" or r.completed or r.failed or r.warning:
-            return ""
-        return _move_hint_text(self.settings.dimse.ae_title, self.settings.dimse.port)
+    def _no_final_response(self, method: str, r: _RetrieveTally) -> str:
+        """Why a retrieval got no final status, in words; for a C-MOVE aborted before any
+        instance came, the usual cause."""
+        if r.ended == "aborted":
+            hint = ""
+            if method == "c-move" and not (r.completed or r.failed or r.warning):
+                dimse = self.settings.dimse
+                hint = (f"; a PACS does this when it does not know the move destination: "
+                        f"register {dimse.ae_title} (this node's host, port {dimse.port}) as "
+                        "a DICOM modality on it")
+            return f" (it aborted the association{hint})"
+        if r.ended == "closed":
+            return " (it closed the connection)"
+        if r.ended == "timeout":
+            return f" within dimse.dimse_timeout_s ({self.settings.dimse.dimse_timeout_s:g} s)"
+        return ""
 
     def _retrieve_result(self, peer: Peer, method: str, query: Query, r: _RetrieveTally,
                          received: list[ReceivedInstance]) -> RetrieveResult:
@@ -610,12 +621,8 @@ class DicomClient:
         if ok:
             message = f"{len(received)} instances retrieved"
         elif r.status is None:
-            message = f"{method.upper()}: no final response from {peer}" + {
-                "aborted": f" (it aborted the association{self._move_hint(method, r)})",
-                "closed": " (it closed the connection)",
-                "timeout": f" within dimse.dimse_timeout_s "
-                           f"({self.settings.dimse.dimse_timeout_s:g} s)",
-            }.get(r.ended, "")
+            message = (f"{method.upper()}: no final response from {peer}"
+                       + self._no_final_response(method, r))
         else:
             message = (f"{method.upper()} finished with status 0x{r.status:04X}"
                        f"{_retrieve_status_meaning(r.status)}: "
@@ -629,11 +636,6 @@ class DicomClient:
 
 _move_ids = itertools.count(1)
 _move_ids_lock = threading.Lock()
-
-
-def _move_hint_text(ae_title: str, port: int) -> str:
-    return (f"; a PACS does this when it does not know the move destination: register "
-            f"{ae_title} (this node's host, port {port}) as a DICOM modality on it")
 
 
 def _next_move_id() -> int:

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dicom_node.errors import Conflict, NotFound, StoreError
+
+if TYPE_CHECKING:
+    from pipeline.types import Artifact
 
 
 def utcnow() -> datetime:
@@ -412,19 +415,6 @@ class ArtifactRecord:
     media_type: str
     sop_instance_uid: str | None
     created_at: datetime
-
-
-class ArtifactLike(Protocol):
-    """What :meth:`Store.start_export` records of an artifact (pipeline.types.Artifact)."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def path(self) -> Path: ...
-    @property
-    def media_type(self) -> str: ...
-    @property
-    def sop_instance_uid(self) -> str | None: ...
 
 
 # The state of a job's export to one destination: it got the results; it will be tried
@@ -1330,7 +1320,7 @@ class Store:
                 sop_instance_uid=sop_instance_uid, created_at=utcnow()))
 
     def start_export(
-        self, job_id: str, produced: Sequence[ArtifactLike], *, token: str | None = None,
+        self, job_id: str, produced: Sequence[Artifact], *, token: str | None = None,
         message: str | None = None,
     ) -> bool:
         """Record the artifacts a run produced, in place of any an earlier run recorded,

@@ -39,7 +39,7 @@ import torch
 from pipeline.settings import ModelSpec
 
 __all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "describe",
-           "device_problem", "frozen_trace", "load_model", "resolve_device"]
+           "frozen_trace", "load_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -370,36 +370,16 @@ def channels_last(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
-def device_problem(device: str) -> str | None:
-    """Why ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) cannot be used on this
-    machine, or None when it can."""
-    name = device.strip().lower()
-    if name in ("auto", "cpu"):
-        return None
-    if name != "cuda" and not name.startswith("cuda:"):
-        return f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'"
-    if not torch.cuda.is_available():
-        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
-               else f"no GPU found by torch {torch.__version__} (CUDA {torch.version.cuda})")
-        return (f"device {device} is not available on this machine ({why}); set device to "
-                "'auto' or 'cpu'")
-    index = torch.device(name).index
-    if index is not None and index >= torch.cuda.device_count():
-        return (f"device {device} is not available on this machine (it has "
-                f"{torch.cuda.device_count()} CUDA device(s))")
-    return None
-
-
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu. Raises BundleError (see
-    :func:`device_problem`) for a device this machine does not have: moving a model
-    there would fail with torch's assertion instead."""
-    problem = device_problem(device)
-    if problem is not None:
-        raise BundleError(problem)
-    if device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device.strip().lower())
+    """``auto`` -> cuda when available, else cpu (:func:`pipeline.engine.select_device`).
+    Raises BundleError for a device this machine does not have: moving a model there
+    would fail with torch's assertion instead."""
+    from pipeline.engine import EngineError, select_device
+
+    try:
+        return select_device(device)
+    except (EngineError, ValueError) as exc:
+        raise BundleError(str(exc)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -525,18 +505,21 @@ def _as_loaded(array: np.ndarray[Any, Any], affine: np.ndarray[Any, Any] | None)
         "filename_or_obj": "dicom"})
 
 
+def _affine_array(affine: Any) -> np.ndarray[Any, np.dtype[np.float64]]:
+    return np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine,
+                      np.float64)
+
+
 def _same_affine(a: Any, b: Any) -> bool:
     """Two affines map voxels to the same places, to a thousandth of a millimetre per
     voxel (float rounding of an inverted resampling)."""
-    x = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float64)
-    y = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, np.float64)
+    x, y = _affine_array(a), _affine_array(b)
     return x.shape == y.shape and bool(np.allclose(x, y, rtol=1e-4, atol=1e-3))
 
 
 def _affine_text(affine: Any) -> str:
     """An affine's rotation-and-spacing part in one line: ``[[-1, 0, 0], ...]``."""
-    m = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine,
-                   np.float64)
+    m = _affine_array(affine)
     n = m.shape[0] - 1
     return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in np.round(row[:n], 3)) + "]"
                            for row in m[:n]) + "]"

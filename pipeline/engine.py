@@ -48,6 +48,7 @@ __all__ = [
     "InferenceEngine",
     "ModelNotFoundError",
     "ModelStatistics",
+    "device_problem",
     "model_stats_json",
     "select_device",
 ]
@@ -85,6 +86,27 @@ class ModelNotFoundError(EngineError, KeyError):
 # --------------------------------------------------------------------------- devices
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) cannot be used on this
+    machine, or None when it can."""
+    name = device.strip().lower()
+    if name in ("auto", "cpu"):
+        return None
+    if name != "cuda" and not name.startswith("cuda:"):
+        return f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'"
+    if not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
+               else f"no GPU found by torch {torch.__version__} (CUDA {torch.version.cuda})")
+        return (f"device {device} is not available on this machine (CUDA is not available: "
+                f"{why}); set device to 'auto' or 'cpu'")
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        return (f"device {device} is not available on this machine (it has "
+                f"{torch.cuda.device_count()} CUDA device(s)); set device to 'auto', 'cpu' "
+                "or an index below that")
+    return None
+
+
 def select_device(requested: str = "auto") -> torch.device:
     """Map a configured device to a :class:`torch.device`.
 
@@ -97,24 +119,14 @@ def select_device(requested: str = "auto") -> torch.device:
         ValueError: an unknown device name.
     """
     name = requested.strip().lower()
+    problem = device_problem(requested)
+    if problem is not None:
+        if name.startswith("cuda"):
+            raise DeviceUnavailableError(problem)
+        raise ValueError(problem)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                f"device {requested!r} requested but CUDA is not available on this machine "
-                "(no GPU, driver or CUDA build of torch); set device to 'auto' or 'cpu'"
-            )
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(
-                f"device {requested!r} requested but only {torch.cuda.device_count()} "
-                "CUDA device(s) exist"
-            )
-        return dev
-    raise ValueError(f"unknown device {requested!r}; use 'auto', 'cpu' or 'cuda'")
+    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- statistics
