@@ -921,11 +921,30 @@ class StorageSCP:
                       ae_titles=[a.ae_title for a in self.settings.ae_titles],
                       tls=ssl_ctx is not None)
 
-    def stop(self) -> None:
+    def stop(self, join_s: float = 5.0) -> None:
+        """Stop listening, then A-ABORT the associations still open.
+
+        Without the abort they ran on into a node that was closing its store (refusals
+        the peer could not explain) and were cut off at exit without a word; an A-ABORT
+        is what a sender's log understands, and it sends again what got no Success.
+        Each association thread gets ``join_s`` to finish the instance in its hands.
+        """
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            self.log.info("DICOM listener stopped")
+        if server is None:
+            return
+        server.shutdown()
+        with self._lock:
+            ours = set(self._peers)
+        open_ = [a for a in server.ae.active_associations
+                 if a.is_acceptor and id(a) in ours]
+        if open_:
+            self.log.warning("aborting open associations: the node is stopping",
+                             associations=len(open_))
+            for assoc in open_:
+                assoc.abort()
+            for assoc in open_:
+                assoc.join(join_s)
+        self.log.info("DICOM listener stopped")
 
     @property
     def port(self) -> int:

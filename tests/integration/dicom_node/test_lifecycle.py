@@ -388,6 +388,7 @@ def test_sigterm_while_a_study_arrives_makes_one_job_for_all_of_it(tmp_path: Pat
     })
     study = make_ct_study(tmp_path / "ct", slices=48)
     acked: list[str] = []
+    ended: list[str] = []
 
     def send(files: list[Path], pause: float) -> None:
         ae = AE(ae_title="CT_SCANNER")
@@ -397,13 +398,17 @@ def test_sigterm_while_a_study_arrives_makes_one_job_for_all_of_it(tmp_path: Pat
             return
         for f in files:
             ds = pydicom.dcmread(f)
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:  # no longer established: the node aborted it
+                break
             if not status or status.Status != 0:
                 break
             acked.append(str(ds.SOPInstanceUID))
             time.sleep(pause)
         if assoc.is_established:
             assoc.release()
+        ended.append("aborted" if assoc.is_aborted else "released")
 
     try:
         node.start()
@@ -414,6 +419,9 @@ def test_sigterm_while_a_study_arrives_makes_one_job_for_all_of_it(tmp_path: Pat
         assert node.wait() == 0
         sender.join()
         assert 15 <= len(acked) < 48  # cut off by the stop
+        # An A-ABORT, which the sender's log understands, not a connection cut at exit.
+        assert ended == ["aborted"]
+        assert "aborting open associations: the node is stopping" in node.log()
         store = store_of(node)
         try:
             assert store.list_jobs() == []  # no job for a part of the study
