@@ -288,7 +288,8 @@ def _run_infer(settings: Settings, paths: Sequence[Path], model: str | None, out
             who = study.patient_id if folder_id is None else \
                 f"{study.patient_id}, results named {folder_id}"
             line = (f"{spec.name}  study {study.uid} (patient {who}): {text}\n"
-                    f"    results in {folder}")
+                    + "".join(f"    note: {n}\n" for n in result.get("notes", []))
+                    + f"    results in {folder}")
             tqdm.write(line, file=sys.stderr if as_json else sys.stdout)
     failed = [o for o in outcomes if not o.ok]
     if as_json:

@@ -716,8 +716,8 @@ class PipelineRunner:
         result, study = self.classify(spec, image, patient_id,
                                       explain=bool(wanted & art.HEATMAP_OUTPUTS))
         if image.number_of_frames > 1:  # which frame, said (a 2-frame CR: the second)
-            result.notes.append(f"classified frame {image.frame_index + 1} of the "
-                                f"{image.number_of_frames} of the image")
+            result.notes.append(f"classified frame {image.frame_index + 1} of "
+                                f"{image.number_of_frames} in the multi-frame image")
         elif images > 1:  # several radiographs (PA and lateral): the preferred one
             result.notes.append(f"classified 1 image of the {images} in the series (the "
                                 "one the series rules prefer: a frontal view first)")

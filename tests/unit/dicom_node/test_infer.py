@@ -262,3 +262,16 @@ def test_a_device_the_machine_lacks_is_exit_2_with_the_reason(tmp_path: Path) ->
     assert done.returncode == 2, done.stderr
     assert "--device cuda: device cuda is not available on this machine" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_plain_output_shows_the_result_notes(tmp_path: Path) -> None:
+    """A note on the result (which frame of a multi-frame radiograph was read) was only
+    in the JSON; a person reading the plain output sees it under the result too."""
+    ds = pydicom.dcmread(SAMPLES / "cxr" / "normal.dcm")
+    frame = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.PixelData = b"".join([frame.tobytes(), frame.tobytes()])
+    ds.save_as(tmp_path / "two-frames.dcm")
+    done = infer("two-frames.dcm", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "    note: classified frame 2 of 2 in the multi-frame image\n" in done.stdout

@@ -995,4 +995,4 @@ def test_a_classifier_given_a_stack_of_slices_refuses_it_and_says_which_frame_it
     ds.PixelData = np.stack([frame, frame]).tobytes()
     ds.save_as(tmp_path / "cr2.dcm")
     two = runner.run("cls", [tmp_path / "cr2.dcm"], tmp_path / "out2")
-    assert two.result.notes == ["classified frame 2 of the 2 of the image"]
+    assert two.result.notes == ["classified frame 2 of 2 in the multi-frame image"]
