@@ -401,10 +401,16 @@ def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
         return None
     except ValueError:
         pass
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", pid).strip("._")
+    safe = _folder_safe(pid)
     if not safe and path is not None:
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")
+        safe = _folder_safe(path.stem)
     return safe or "no-patient-id"
+
+
+def _folder_safe(text: str) -> str:
+    """``text``'s safe characters; a run of dots becomes one, as the check refuses '..'
+    anywhere (``SMITH..J`` named no folder, and its every job failed)."""
+    return re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "_", text)).strip("._")
 
 
 def result_summary(result: ClassificationResult | SegmentationResult) -> dict[str, Any]:

@@ -298,11 +298,14 @@ def test_several_versions_of_one_model_each_load_and_serve(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(("pid", "named"), [(None, "scan-7"), ("", "scan-7"),
-                                             ("12/34", "12_34"), ("../..", "scan-7")])
+                                             ("12/34", "12_34"), ("../..", "scan-7"),
+                                             ("SMITH..J", "SMITH.J"),
+                                             ("ÜNÏ/../CODE", "N_._CODE")])
 def test_results_of_a_source_whose_patient_id_cannot_name_a_folder(
         runner: PipelineRunner, tmp_path: Path, pid: str | None, named: str) -> None:
-    """No PatientID (anonymised), an empty one or one with a path separator: the results
-    are named by the ID's safe characters, else by the file, never outside out_dir."""
+    """No PatientID (anonymised), an empty one, one with a path separator or with '..'
+    inside: the results are named by the ID's safe characters, else by the file, never
+    outside out_dir."""
     path = write_dicom(make_cxr_phantom(7), tmp_path / "scan-7.dcm")
     ds = pydicom.dcmread(path)
     if pid is None:
