@@ -587,7 +587,9 @@ class Store:
     def ping(self) -> bool:
         try:
             with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+                # A row of a table, not SELECT 1: SQLite answers that without reading
+                # the file, so a corrupt or vanished database passed as healthy.
+                conn.execute(sa.select(schema_info.c.version)).scalar()
             return True
         except (SQLAlchemyError, StoreError):
             return False

@@ -8,8 +8,9 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import DatabaseError, DataError, IntegrityError, ProgrammingError
 
-from dicom_node.errors import Conflict, InvalidInput, NodeError, NotFound
+from dicom_node.errors import Conflict, InvalidInput, NodeError, NotFound, StoreError
 from dicom_node.logs import get_logger
 
 log = get_logger("rest")
@@ -73,6 +74,14 @@ def error_response(style: ErrorStyle, status: int, message: str,
     return web.json_response(body, status=status)
 
 
+def _store_unavailable(exc: BaseException) -> bool:
+    """The database is down, locked or unreadable (not a query's own mistake)."""
+    if isinstance(exc, StoreError):
+        return True
+    return isinstance(exc, DatabaseError) and not isinstance(
+        exc, IntegrityError | ProgrammingError | DataError)
+
+
 def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -> web.Response:
     """The response for an exception raised while handling ``request``."""
     if isinstance(exc, ApiError):
@@ -88,9 +97,15 @@ def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -
                               "(rest.max_body_mb)")
     if isinstance(exc, web.HTTPException):
         return error_response(style, exc.status, exc.reason)
+    error_id = uuid.uuid4().hex[:12]
+    if _store_unavailable(exc):
+        # The client's request was not at fault, and it may try again later.
+        log.error("request failed: the store is unavailable", error_id=error_id,
+                  method=request.method, path=request.path, error=str(exc))
+        return error_response(style, 503, f"the node's job store is unavailable (error id "
+                                          f"{error_id}; see the node's log)")
     if isinstance(exc, NodeError):
         return error_response(style, 400, str(exc))
-    error_id = uuid.uuid4().hex[:12]
     log.exception("request failed", error_id=error_id, method=request.method,
                   path=request.path)
     message = f"internal error (error id {error_id}; see the node's log)"

@@ -80,6 +80,31 @@ async def test_health_reports_a_failed_model(tmp_path_factory: pytest.TempPathFa
     assert body["models"]["cxr-findings"]["state"] == "ready"
 
 
+async def test_health_and_the_apis_say_so_when_the_store_cannot_be_read(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A database overwritten under the running node: /health answered 200 with the
+    store ok (its probe was SELECT 1, which SQLite answers without the file) while every
+    API that reads the store answered 500; now 503 from both, with the reason."""
+    root = tmp_path_factory.mktemp("health-store")
+    with live_node(serving_settings(root / "data", models=[])) as ln:
+        db = root / "data" / "node.db"
+        size = db.stat().st_size
+        with db.open("r+b") as f:  # in place: the node's open connections see it
+            f.write(b"\xa5" * size)
+        for name in ("node.db-wal", "node.db-shm"):  # nor a cached page is trusted
+            side = db.with_name(name)
+            if side.exists():
+                with side.open("r+b") as f:
+                    f.write(b"\0" * side.stat().st_size)
+        status, _, text = await get(ln, "/health", auth=False)
+        assert status == 503
+        assert json.loads(text)["store"]["ok"] is False
+        status, _, text = await get(ln, "/api/inference/status/1")
+        assert status == 503, text
+        assert "job store is unavailable" in text
+        db.unlink()  # let the node stop without a store to write to
+
+
 # -- /metrics JSON ---------------------------------------------------------------------------
 
 
