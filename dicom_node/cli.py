@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scopes to grant (repeatable; default infer and read)")
     token.add_argument("--expires", default="1h", metavar="DURATION",
                        help="lifetime: seconds or a number with s/m/h/d (default 1h)")
+    token.add_argument("--group", metavar="NAME",
+                       help="the `group` claim: the batch API's groupName (seed 002) whose "
+                       "jobs the token may start and read (default: none)")
     echo = sub.add_parser(
         "echo", help="check that configured sources and destinations answer",
         description="C-ECHO every configured DIMSE source and destination, QIDO-RS every "
@@ -524,12 +527,16 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     lifetime = parse_duration(args.expires)
     claims: dict[str, Any] = {"sub": args.subject, "iat": now, "exp": now + lifetime,
                               "scope": " ".join(args.scope or ["infer", "read"])}
+    if args.group:
+        claims["group"] = args.group
     if settings.auth.audience:
         claims["aud"] = settings.auth.audience
     if settings.auth.issuer:
         claims["iss"] = settings.auth.issuer
     token = jwt.encode(claims, secret, algorithm="HS256")
-    print(f"# scopes: {claims['scope']}; expires in {lifetime} s "
+    print(f"# scopes: {claims['scope']}"
+          + (f"; group: {args.group}" if args.group else "")
+          + f"; expires in {lifetime} s "
           f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))})", file=sys.stderr)
     print(token)
     return 0

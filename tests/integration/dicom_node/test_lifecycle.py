@@ -260,6 +260,12 @@ def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
     secret = (node.data_dir / "jwt_secret").read_bytes().strip()
     claims = jwt.decode(token, secret, algorithms=["HS256"])
     assert claims["scope"] == "admin" and 800 < claims["exp"] - claims["iat"] <= 900
+    assert "group" not in claims
+    # The batch API (seed 002) takes a token's group as its groupName.
+    out = node.cli("token", "--group", "radiology")
+    claims = jwt.decode(out.stdout.strip().splitlines()[-1], secret, algorithms=["HS256"])
+    assert claims["group"] == "radiology" and claims["scope"] == "infer read"
+    assert "group: radiology" in out.stderr
 
 
 def test_token_before_first_start_says_what_to_do(node: NodeProcess) -> None:
