@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.serving import (
     CT,
@@ -280,3 +281,73 @@ async def test_credentials(live: LiveNode, kind: str, status: int) -> None:
     got, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": B64},
                            auth=auth)
     assert got == status and body["error"] in ("unauthorized", "forbidden")
+
+
+# -- the model's statistics ----------------------------------------------------------------
+
+
+async def cxr_stats(live: LiveNode) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cxr-findings' seed-003 modelStats entry, and the Prometheus families read after."""
+    headers = live.auth()
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.get(live.base_url + "/metrics",
+                         headers={"Accept": "application/json"}) as r:
+            entry = next(e for e in (await r.json())["modelStats"]
+                         if e["name"] == "cxr-findings")
+        async with s.get(live.base_url + "/metrics") as r:
+            prom = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    return entry, prom
+
+
+def n(entry: dict[str, Any], key: str, field: str = "count") -> int:
+    """A count of the entry (``inferenceCount`` or an inferenceStats key): null is 0."""
+    value = entry[key] if key in ("inferenceCount", "executionCount") \
+        else entry["inferenceStats"][key][field]
+    return int(value or 0)
+
+
+def batch1(entry: dict[str, Any]) -> int:
+    sizes = {b["batchSize"]: b for b in entry["batchStats"] or []}
+    return int(sizes["1"]["computeInfer"]["count"]) if "1" in sizes else 0
+
+
+def prom_value(fams: dict[str, Any], name: str, **labels: str) -> float:
+    for s in fams[name].samples:
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def assert_prometheus_is_the_json(entry: dict[str, Any], fams: dict[str, Any]) -> None:
+    mv = {"model": "cxr-findings", "version": entry["version"]}
+    for outcome in ("success", "fail"):
+        assert prom_value(fams, "dicom_node_inference_requests", **mv,
+                          outcome=outcome) == n(entry, outcome)
+    assert prom_value(fams, "dicom_node_inference_count", **mv) == n(entry, "inferenceCount")
+    assert prom_value(fams, "dicom_node_inference_executions", **mv) == \
+        n(entry, "executionCount")
+    assert prom_value(fams, "dicom_node_inference_batch_executions", **mv,
+                      batch_size="1") == batch1(entry)
+
+
+async def test_embeddings_count_in_metrics_as_any_inference(live: LiveNode) -> None:
+    """Each embedding is one inference of the model, of batch size 1 (it runs alone)."""
+    before, _ = await cxr_stats(live)
+    status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": [B64, B64]})
+    assert status == 200, body
+    after, fams = await cxr_stats(live)
+    for key in ("inferenceCount", "executionCount", "success", "queue", "compute_input",
+                "compute_infer", "compute_output"):
+        assert n(after, key) == n(before, key) + 2, key
+    assert batch1(after) == batch1(before) + 2
+    assert n(after, "compute_infer", "ns") > n(before, "compute_infer", "ns")
+    assert n(after, "fail") == n(before, "fail")
+    assert after["lastInference"] is not None
+    assert_prometheus_is_the_json(after, fams)
+    # /infer: an embedding and a classification of the image, two inferences
+    status, body = await post(live, "/infer", {"name": "cxr-findings", "image": B64})
+    assert status == 200, body
+    again, fams = await cxr_stats(live)
+    assert n(again, "success") == n(after, "success") + 2
+    assert n(again, "inferenceCount") == n(after, "inferenceCount") + 2
+    assert_prometheus_is_the_json(again, fams)
