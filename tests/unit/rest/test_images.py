@@ -8,9 +8,11 @@ import math
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +22,10 @@ from tests.support.serving import (
     CXR_LABELS,
     LiveNode,
     live_node,
+    phantom_dicom,
     phantom_png,
+    png_bytes,
+    sample,
     serving_settings,
 )
 
@@ -66,8 +71,11 @@ def image_server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iterator[LiveNode]:
     data = tmp_path_factory.mktemp("images") / "data"
-    settings = serving_settings(data, models=[CXR, CT], image_url_hosts=[image_server],
-                                max_body_mb=1)
+    # the radiograph model's pipeline takes radiographs only: a CT slice is not for it
+    cxr = {"name": "cxr", "model": "cxr-findings", "task": "classify",
+           "series": {"modalities": ["CR", "DX"]}}
+    settings = serving_settings(data, models=[CXR, CT], pipelines=[cxr],
+                                image_url_hosts=[image_server], max_body_mb=1)
     with live_node(settings) as ln:
         yield ln
 
@@ -283,6 +291,32 @@ async def test_credentials(live: LiveNode, kind: str, status: int) -> None:
     assert got == status and body["error"] in ("unauthorized", "forbidden")
 
 
+# -- the model's input rules, the same on every endpoint ----------------------------------
+
+
+CT_SLICE = sample("ct/abdomen/IM0001.dcm").read_bytes()
+ONE_PIXEL = png_bytes(np.zeros((1, 1)))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer"])
+async def test_every_endpoint_refuses_what_the_model_does_not_take(
+        live: LiveNode, path: str, tmp_path: Path) -> None:
+    """The radiograph model's pipeline takes CR and DX: a CT slice is refused by each
+    endpoint with the pipeline's reason, a CR radiograph taken by each."""
+    radiograph = phantom_dicom(5, tmp_path)
+    status, body = await post(live, path, {"name": "cxr-findings", "image": b64(radiograph)})
+    assert status == 200, body
+    status, body = await post(live, path, {"name": "cxr-findings",
+                                           "image": [b64(radiograph), b64(CT_SLICE)]})
+    assert status == 400, body
+    assert body["message"].startswith("image[1]: cxr-findings does not take this image")
+    assert "modality CT not in ['CR', 'DX']" in body["message"]
+
+
 # -- the model's statistics ----------------------------------------------------------------
 
 
@@ -351,3 +385,24 @@ async def test_embeddings_count_in_metrics_as_any_inference(live: LiveNode) -> N
     assert n(again, "success") == n(after, "success") + 2
     assert n(again, "inferenceCount") == n(after, "inferenceCount") + 2
     assert_prometheus_is_the_json(again, fams)
+
+
+@pytest.mark.parametrize("image", [CT_SLICE, ONE_PIXEL], ids=["ct-slice", "1x1-png"])
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer",
+                                  "/predictions/cxr-findings"])
+async def test_a_refused_image_counts_once_as_a_failure_of_the_model(
+        live: LiveNode, path: str, image: bytes) -> None:
+    """The client saw the request for the model fail: so does /metrics, on every
+    endpoint alike (once for /infer, though it would have run the model twice)."""
+    before, _ = await cxr_stats(live)
+    if path.startswith("/predictions"):
+        status, body = await post(live, path, image, raw=True)
+    else:
+        status, body = await post(live, path, {"name": "cxr-findings", "image": b64(image)})
+    assert status == 400, body
+    after, fams = await cxr_stats(live)
+    assert n(after, "fail") == n(before, "fail") + 1
+    assert n(after, "fail", "ns") > n(before, "fail", "ns")
+    assert n(after, "success") == n(before, "success")
+    assert n(after, "inferenceCount") == n(before, "inferenceCount")
+    assert_prometheus_is_the_json(after, fams)
