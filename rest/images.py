@@ -8,6 +8,7 @@ within ``rest.max_body_mb``, so the API cannot be used to reach other hosts.
 
 Every endpoint checks a model's images alike (:func:`rest.serving.admit_image`):
 a DICOM image the model's pipelines would not take is refused with 400 on each.
+``processingTimeMs`` is whole milliseconds, an integer as in the seed.
 
 - ``/classify_image`` -> ``probabilities`` (one list per image, in the model's
   label order; ``labels`` names them) and ``processingTimeMs``; the images go
@@ -15,7 +16,8 @@ a DICOM image the model's pipelines would not take is refused with 400 on each.
 - ``/embed_image`` -> ``embeddings``: the classifier's penultimate features
   (the input of its last linear layer), cut to ``nDims`` and L2-normalised
   when ``normalize`` (the default). Each counts in the model's statistics.
-- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images.
+- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images, and
+  ``textEmbeddings`` ``null`` (text is not served), as the seed's answer has both.
 - Text (``/embed_text``, ``text`` in ``/infer``) answers 400: the node serves
   image models only, none has a text encoder.
 """
@@ -265,8 +267,9 @@ async def _embeddings(runner: PipelineRunner, model: LoadedModel, images: list[D
         raise ApiError(400, str(exc)) from None
 
 
-def _elapsed_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000.0, 2)
+def _elapsed_ms(t0: float) -> int:
+    """Whole milliseconds since ``t0``: seed 003's ``processingTimeMs`` is an integer."""
+    return round((time.perf_counter() - t0) * 1000.0)
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -311,8 +314,10 @@ async def infer(request: web.Request) -> web.Response:
     vectors, probs = await asyncio.gather(
         _embeddings(runner, model, images, req.normalize, req.nDims),
         _probabilities(runner, model, images))
-    return web.json_response({"imageEmbeddings": vectors, "probabilities": probs,
-                              "labels": list(model.labels), "processingTimeMs": _elapsed_ms(t0)})
+    # seed 003 answers both halves; the one not asked for (text: never served) is null
+    return web.json_response({"textEmbeddings": None, "imageEmbeddings": vectors,
+                              "probabilities": probs, "labels": list(model.labels),
+                              "processingTimeMs": _elapsed_ms(t0)})
 
 
 async def embed_text(request: web.Request) -> web.Response:
