@@ -16,7 +16,9 @@ Statistics follow the Triton / seed-003 ``modelStats`` model: per request
 queue, compute_input, compute_infer and compute_output - each request of a
 batch is charged the batch's compute durations, as Triton does - and per batch
 size (``batchStats``) the number of executions and their durations.
-:func:`model_stats_json` turns a snapshot into the seed's JSON entry.
+:func:`model_stats_json` turns a snapshot into the seed's JSON entry. Work done
+with a model outside its batcher is counted in the same figures
+(:meth:`BatchedModel.record_unbatched`, :meth:`BatchedModel.record_failure`).
 """
 
 from __future__ import annotations
@@ -457,9 +459,7 @@ class BatchedModel:
                     f"got {type(x).__name__}"
                 )
         except Exception as exc:
-            now = time.perf_counter_ns()
-            with self._stats.lock:
-                self._stats.counters["fail"].add(now - t_submit)
+            self.record_failure(time.perf_counter_ns() - t_submit)
             future.set_exception(exc)
             return future
         now = time.perf_counter_ns()
@@ -502,6 +502,36 @@ class BatchedModel:
     def statistics(self) -> ModelStatistics:
         """A consistent snapshot of this model's statistics."""
         return self._stats.snapshot()
+
+    def record_unbatched(self, *, queue_ns: int, input_ns: int, infer_ns: int,
+                         output_ns: int) -> None:
+        """Count one sample that ran on this model's network outside the batcher (an
+        embedding runs alone on a private copy) as the batcher counts its own: one
+        request that succeeded in the sum of its phases, one execution of batch size 1,
+        and the last inference time. Without this /metrics would not show the work."""
+        now_ms = time.time_ns() // 1_000_000
+        stats = self._stats
+        with stats.lock:
+            c = stats.counters
+            c["queue"].add(queue_ns)
+            c["compute_input"].add(input_ns)
+            c["compute_infer"].add(infer_ns)
+            c["compute_output"].add(output_ns)
+            c["success"].add(queue_ns + input_ns + infer_ns + output_ns)
+            stats.last_inference_ms = now_ms
+            stats.inference_count += 1
+            stats.execution_count += 1
+            b = stats.batches.setdefault(1, (_Counter(), _Counter(), _Counter()))
+            b[0].add(input_ns)
+            b[1].add(infer_ns)
+            b[2].add(output_ns)
+
+    def record_failure(self, ns: int) -> None:
+        """Count one request of this model that failed without a forward pass of the
+        batcher (its input refused or not preprocessable, or a run outside the batcher
+        failed), ``ns`` after it came."""
+        with self._stats.lock:
+            self._stats.counters["fail"].add(ns)
 
     @property
     def closed(self) -> bool:

@@ -586,22 +586,41 @@ class PipelineRunner:
 
     def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
               ) -> list[float]:
-        """The classifier's penultimate features (the input of its last linear layer)."""
+        """The classifier's penultimate features (the input of its last linear layer).
+
+        They come from the Grad-CAM copy of the network (the batched one's forward pass
+        cannot be hooked), and count in the model's statistics as any inference of it:
+        one request of batch size 1 that succeeded, or one that failed.
+        """
         model = self.model(name, version)
-        clone, lock = self._explainer(model)
-        last = [m for m in clone.network.modules() if isinstance(m, torch.nn.Linear)]
-        if not last:
-            raise PipelineError(f"model {name!r} has no linear output layer to embed with")
-        captured: list[torch.Tensor] = []
-        with lock:
-            handle = last[-1].register_forward_hook(
-                lambda _m, inp, _out: captured.append(inp[0].detach()))
-            try:
-                with torch.inference_mode():
-                    clone.network(clone.preprocess(image)[None].to(clone.device))
-            finally:
-                handle.remove()
-        return [float(v) for v in captured[0].reshape(-1).cpu().tolist()]
+        served = self.engine.get(model.name, model.version)
+        t0 = time.perf_counter_ns()
+        try:
+            clone, lock = self._explainer(model)
+            last = [m for m in clone.network.modules() if isinstance(m, torch.nn.Linear)]
+            if not last:
+                raise PipelineError(f"model {name!r} has no linear output layer to embed with")
+            captured: list[torch.Tensor] = []
+            with lock:
+                t1 = time.perf_counter_ns()  # until now: behind Grad-CAM or another embedding
+                handle = last[-1].register_forward_hook(
+                    lambda _m, inp, _out: captured.append(inp[0].detach()))
+                try:
+                    x = clone.preprocess(image)[None].to(clone.device)
+                    t2 = time.perf_counter_ns()
+                    with torch.inference_mode():
+                        clone.network(x)
+                    features = captured[0].reshape(-1).cpu()  # waits for the device's work
+                    t3 = time.perf_counter_ns()
+                finally:
+                    handle.remove()
+            vector = [float(v) for v in features.tolist()]
+        except Exception:
+            served.record_failure(time.perf_counter_ns() - t0)
+            raise
+        served.record_unbatched(queue_ns=t1 - t0, input_ns=t2 - t1, infer_ns=t3 - t2,
+                                output_ns=time.perf_counter_ns() - t3)
+        return vector
 
     # -- pipelines -------------------------------------------------------------------------
 

@@ -6,13 +6,18 @@ list. URLs are downloaded only from hosts an administrator listed in
 ``rest.image_url_hosts`` (none by default), without following redirects and
 within ``rest.max_body_mb``, so the API cannot be used to reach other hosts.
 
+Every endpoint checks a model's images alike (:func:`rest.serving.admit_image`):
+a DICOM image the model's pipelines would not take is refused with 400 on each.
+``processingTimeMs`` is whole milliseconds, an integer as in the seed.
+
 - ``/classify_image`` -> ``probabilities`` (one list per image, in the model's
   label order; ``labels`` names them) and ``processingTimeMs``; the images go
   through the engine's dynamic batching.
 - ``/embed_image`` -> ``embeddings``: the classifier's penultimate features
   (the input of its last linear layer), cut to ``nDims`` and L2-normalised
-  when ``normalize`` (the default).
-- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images.
+  when ``normalize`` (the default). Each counts in the model's statistics.
+- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images, and
+  ``textEmbeddings`` ``null`` (text is not served), as the seed's answer has both.
 - Text (``/embed_text``, ``text`` in ``/infer``) answers 400: the node serves
   image models only, none has a text encoder.
 """
@@ -24,7 +29,7 @@ import base64
 import binascii
 import math
 import time
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -32,12 +37,15 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dicom_node.config import unknown_key_hint
-from pipeline.decode import decode_image
 from pipeline.io import InputError
 from pipeline.runner import PipelineError, PipelineRunner
 from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
-from rest.serving import body_limit, classifier, classify_bytes, runner_of
+from rest.serving import admit_async, body_limit, classifier, classify_admitted, runner_of
+
+if TYPE_CHECKING:
+    from pipeline.bundle import LoadedModel
+    from pipeline.decode import DecodedImage
 
 MAX_IMAGES = 64  # per request: each may be a download
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -200,31 +208,43 @@ async def load_images(request: web.Request, refs: str | list[str],
 # -- work ----------------------------------------------------------------------------------
 
 
-async def _probabilities(runner: PipelineRunner, name: str,
-                         images: list[bytes]) -> tuple[list[str], list[list[float]]]:
-    model = classifier(runner, name)
+def _where(i: int, n: int) -> str:
+    return f"image[{i}]" if n > 1 else "image"
 
-    async def one(i: int, data: bytes) -> list[float]:
+
+async def _admit_all(runner: PipelineRunner, model: LoadedModel,
+                     images: list[bytes]) -> list[DecodedImage]:
+    """Each image decoded and checked as every endpoint of the model checks it
+    (:func:`~rest.serving.admit_image`); 400 naming the first one refused."""
+    async def one(i: int, data: bytes) -> DecodedImage:
         try:
-            return (await classify_bytes(runner, model, data)).probabilities
+            return await admit_async(runner, model, data)
         except ApiError as exc:
-            where = f"image[{i}]" if len(images) > 1 else "image"
-            raise ApiError(exc.status, f"{where}: {exc.message}") from None
+            raise ApiError(exc.status, f"{_where(i, len(images))}: {exc.message}") from None
 
-    probs = await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
-    return list(model.labels), list(probs)
+    return list(await asyncio.gather(*(one(i, d) for i, d in enumerate(images))))
 
 
-def _embed_all(runner: PipelineRunner, name: str, images: list[bytes], normalize: bool,
-               n_dims: int | None) -> list[list[float]]:
-    """Decode and embed each image (blocking: runs in a worker thread)."""
-    out = []
-    for i, data in enumerate(images):
-        where = f"image[{i}]" if len(images) > 1 else "image"
+async def _probabilities(runner: PipelineRunner, model: LoadedModel,
+                         images: list[DecodedImage]) -> list[list[float]]:
+    async def one(i: int, image: DecodedImage) -> list[float]:
         try:
-            vector = runner.embed(decode_image(data).pixels, name)
+            return (await classify_admitted(runner, model, image)).probabilities
+        except ApiError as exc:
+            raise ApiError(exc.status, f"{_where(i, len(images))}: {exc.message}") from None
+
+    return list(await asyncio.gather(*(one(i, im) for i, im in enumerate(images))))
+
+
+def _embed_all(runner: PipelineRunner, model: LoadedModel, images: list[DecodedImage],
+               normalize: bool, n_dims: int | None) -> list[list[float]]:
+    """Embed each image (blocking: runs in a worker thread)."""
+    out = []
+    for i, image in enumerate(images):
+        try:
+            vector = runner.embed(image.pixels, model.name, model.version)
         except InputError as exc:
-            raise ApiError(400, f"{where}: {exc.message}") from None
+            raise ApiError(400, f"{_where(i, len(images))}: {exc.message}") from None
         if n_dims is not None:
             if n_dims > len(vector):
                 raise ApiError(422, f"nDims {n_dims} is larger than the model's embedding "
@@ -239,17 +259,17 @@ def _embed_all(runner: PipelineRunner, name: str, images: list[bytes], normalize
     return out
 
 
-async def _embeddings(runner: PipelineRunner, name: str, images: list[bytes], normalize: bool,
-                      n_dims: int | None) -> list[list[float]]:
-    classifier(runner, name)  # 404 / 503 / 400 before any work
+async def _embeddings(runner: PipelineRunner, model: LoadedModel, images: list[DecodedImage],
+                      normalize: bool, n_dims: int | None) -> list[list[float]]:
     try:
-        return await asyncio.to_thread(_embed_all, runner, name, images, normalize, n_dims)
+        return await asyncio.to_thread(_embed_all, runner, model, images, normalize, n_dims)
     except PipelineError as exc:
         raise ApiError(400, str(exc)) from None
 
 
-def _elapsed_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000.0, 2)
+def _elapsed_ms(t0: float) -> int:
+    """Whole milliseconds since ``t0``: seed 003's ``processingTimeMs`` is an integer."""
+    return round((time.perf_counter() - t0) * 1000.0)
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -259,10 +279,11 @@ async def classify_image(request: web.Request) -> web.Response:
     t0 = time.perf_counter()
     req = await _parse(request, ClassifyImageRequest)
     runner = runner_of(request)
-    classifier(runner, req.name)
-    images = await load_images(request, req.image, req.image_download_headers)
-    labels, probs = await _probabilities(runner, req.name, images)
-    return web.json_response({"probabilities": probs, "labels": labels,
+    model = classifier(runner, req.name)
+    images = await _admit_all(runner, model, await load_images(
+        request, req.image, req.image_download_headers))
+    probs = await _probabilities(runner, model, images)
+    return web.json_response({"probabilities": probs, "labels": list(model.labels),
                               "processingTimeMs": _elapsed_ms(t0)})
 
 
@@ -270,9 +291,10 @@ async def embed_image(request: web.Request) -> web.Response:
     t0 = time.perf_counter()
     req = await _parse(request, EmbedImageRequest)
     runner = runner_of(request)
-    classifier(runner, req.name)
-    images = await load_images(request, req.image, req.image_download_headers)
-    vectors = await _embeddings(runner, req.name, images, req.normalize, req.nDims)
+    model = classifier(runner, req.name)
+    images = await _admit_all(runner, model, await load_images(
+        request, req.image, req.image_download_headers))
+    vectors = await _embeddings(runner, model, images, req.normalize, req.nDims)
     return web.json_response({"embeddings": vectors, "processingTimeMs": _elapsed_ms(t0)})
 
 
@@ -285,13 +307,17 @@ async def infer(request: web.Request) -> web.Response:
         raise ApiError(422, "the request has invalid or missing fields",
                        [{"field": "image", "message": "required (text is not supported)"}])
     runner = runner_of(request)
-    classifier(runner, req.name)
-    images = await load_images(request, req.image, req.image_download_headers)
-    vectors, (labels, probs) = await asyncio.gather(
-        _embeddings(runner, req.name, images, req.normalize, req.nDims),
-        _probabilities(runner, req.name, images))
-    return web.json_response({"imageEmbeddings": vectors, "probabilities": probs,
-                              "labels": labels, "processingTimeMs": _elapsed_ms(t0)})
+    model = classifier(runner, req.name)
+    # checked once for both halves: a refused image is one failed request, not two
+    images = await _admit_all(runner, model, await load_images(
+        request, req.image, req.image_download_headers))
+    vectors, probs = await asyncio.gather(
+        _embeddings(runner, model, images, req.normalize, req.nDims),
+        _probabilities(runner, model, images))
+    # seed 003 answers both halves; the one not asked for (text: never served) is null
+    return web.json_response({"textEmbeddings": None, "imageEmbeddings": vectors,
+                              "probabilities": probs, "labels": list(model.labels),
+                              "processingTimeMs": _elapsed_ms(t0)})
 
 
 async def embed_text(request: web.Request) -> web.Response:

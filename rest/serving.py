@@ -18,23 +18,23 @@ have TorchServe's shape: ``{"code": 404, "type": "ModelNotFoundException",
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from pipeline.decode import decode_image
+from pipeline.decode import DecodedImage, decode_image
 from pipeline.io import InputError, series_misfit
 from pipeline.runner import PipelineError, PipelineRunner, Prediction
 from rest.app import NODE, Route
 from rest.errors import ApiError, ErrorStyle
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import torch
 
     from pipeline.bundle import LoadedModel
@@ -64,21 +64,45 @@ def classifier(runner: PipelineRunner, name: str, version: str | None = None) ->
         raise ApiError(400, f"{exc}; /predictions serves image classifiers") from None
 
 
-def _prepare(model: LoadedModel, data: bytes, rules: Sequence[SeriesRules]) -> torch.Tensor:
-    """Decode and preprocess one image (blocking: runs in a worker thread). A DICOM image
-    that no pipeline of the model would take (a CT slice, a lateral view for a PA/AP
-    model) is refused with the reason, as the same file sent by C-STORE is skipped."""
-    image = decode_image(data)
-    if image.header is not None and rules:
-        misfits = [series_misfit([image.header], r) for r in rules]
-        if all(misfits):
-            raise InputError(f"{model.name} does not take this image: {misfits[0]}")
-    return model.preprocess(image.pixels)
+def admit_image(runner: PipelineRunner, model: LoadedModel, data: bytes) -> DecodedImage:
+    """Decode one image sent for ``model`` and check that the model takes it: a DICOM
+    image that no pipeline of the model would take (a CT slice, a lateral view for a
+    PA/AP model) is refused with the reason, as the same file sent by C-STORE is
+    skipped. Every endpoint that hands a model images checks them here, so that the
+    model takes the same images on each.
+
+    An image refused here counts as a failed request of the model in its statistics
+    (``fail`` in /metrics), as the client saw it fail; what fails before an image's
+    bytes are read (bad base64, a refused download) does not, like a request that
+    never reached the model. Blocking: runs in a worker thread.
+
+    Raises:
+        InputError: not an image the pipeline can read, or one the model does not take.
+    """
+    t0 = time.perf_counter_ns()
+    try:
+        image = decode_image(data)
+        rules = _rules_of(runner, model)
+        if image.header is not None and rules:
+            misfits = [series_misfit([image.header], r) for r in rules]
+            if all(misfits):
+                raise InputError(f"{model.name} does not take this image: {misfits[0]}")
+    except InputError:
+        with contextlib.suppress(KeyError):  # loaded, yet not served: nothing to count in
+            runner.engine.get(model.name, model.version).record_failure(
+                time.perf_counter_ns() - t0)
+        raise
+    return image
 
 
 def _rules_of(runner: PipelineRunner, model: LoadedModel) -> list[SeriesRules]:
     """The series rules of the pipelines that run ``model`` (none: it takes any image)."""
     return [spec.series for spec in runner.pipelines.values() if spec.model == model.name]
+
+
+def _prepare(runner: PipelineRunner, model: LoadedModel, data: bytes) -> torch.Tensor:
+    """Admit and preprocess one image (blocking: runs in a worker thread)."""
+    return model.preprocess(admit_image(runner, model, data).pixels)
 
 
 _PREP_LOCK = threading.Lock()
@@ -108,12 +132,31 @@ def prep_executor() -> ThreadPoolExecutor:
 async def classify_bytes(runner: PipelineRunner, model: LoadedModel, data: bytes) -> Prediction:
     """Classify one encoded image through the batching engine without blocking the loop.
 
-    Raises ApiError 400 when the bytes are not an image the pipeline can read.
+    Raises ApiError 400 when the bytes are not an image the model takes (:func:`admit_image`).
     """
     loop = asyncio.get_running_loop()
     try:
-        tensor = await loop.run_in_executor(prep_executor(), _prepare, model, data,
-                                            _rules_of(runner, model))
+        tensor = await loop.run_in_executor(prep_executor(), _prepare, runner, model, data)
+    except InputError as exc:
+        raise ApiError(400, exc.message) from None
+    return await runner.predict_async(model, tensor)
+
+
+async def admit_async(runner: PipelineRunner, model: LoadedModel, data: bytes) -> DecodedImage:
+    """:func:`admit_image` in the image threads; ApiError 400 with the reason."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(prep_executor(), admit_image, runner, model, data)
+    except InputError as exc:
+        raise ApiError(400, exc.message) from None
+
+
+async def classify_admitted(runner: PipelineRunner, model: LoadedModel,
+                            image: DecodedImage) -> Prediction:
+    """Classify one image :func:`admit_image` gave, as :func:`classify_bytes` does."""
+    loop = asyncio.get_running_loop()
+    try:
+        tensor = await loop.run_in_executor(prep_executor(), model.preprocess, image.pixels)
     except InputError as exc:
         raise ApiError(400, exc.message) from None
     return await runner.predict_async(model, tensor)

@@ -29,11 +29,13 @@ CXR_LABELS = ["Tuberculosis", "Cardiomegaly", "Pleural Thickening", "Pleural Eff
 
 
 def serving_settings(data_dir: Path, models: list[dict[str, Any]] | None = None,
-                     **rest: Any) -> Settings:
-    """A node on free loopback ports serving ``models`` (default: cxr-findings) over HTTP."""
+                     pipelines: list[dict[str, Any]] | None = None, **rest: Any) -> Settings:
+    """A node on free loopback ports serving ``models`` (default: cxr-findings) over HTTP,
+    with ``pipelines`` (default: none)."""
     return node_settings(
         data_dir,
         models=models if models is not None else [CXR],
+        pipelines=pipelines or [],
         dimse={"host": "127.0.0.1", "port": free_port()},
         rest={"enabled": True, "host": "127.0.0.1", "port": free_port(), **rest},
         storage={"data_dir": str(data_dir), "min_free_mb": 0},

@@ -573,6 +573,45 @@ def test_stats_json_matches_seed_shape_after_inference() -> None:
     assert batch["computeInput"]["ns"].isdigit()
 
 
+def test_work_outside_the_batcher_counts_as_the_batchers_own() -> None:
+    """An embedding runs on a private copy of the network: recorded, it is one request of
+    batch size 1 beside the batcher's, and a failed one is a failure."""
+    with BatchedModel("enc", Encode(), warmup=False) as model:
+        model.infer(torch.ones(2))
+        before = model.statistics()
+        model.record_unbatched(queue_ns=1, input_ns=20, infer_ns=300, output_ns=4000)
+        model.record_failure(50_000)
+        after = model.statistics()
+    assert after.inference_count == before.inference_count + 1 == 2
+    assert after.execution_count == before.execution_count + 1 == 2
+    assert after.success == Duration(2, before.success.ns + 4321)
+    assert after.fail == Duration(1, 50_000)
+    for phase, ns in (("queue", 1), ("compute_input", 20), ("compute_infer", 300),
+                      ("compute_output", 4000)):
+        assert getattr(after, phase) == Duration(2, getattr(before, phase).ns + ns)
+    (size1,) = after.batch_stats
+    assert size1.batch_size == 1
+    assert size1.compute_infer == Duration(2, before.batch_stats[0].compute_infer.ns + 300)
+    assert size1.compute_output == Duration(2, before.batch_stats[0].compute_output.ns + 4000)
+    assert after.last_inference_ms is not None
+    entry = model_stats_json(after)
+    assert entry["inferenceCount"] == "2" and entry["inferenceStats"]["fail"] == {
+        "count": "1", "ns": "50000"}
+
+
+def test_a_lone_unbatched_record_fills_the_seed_entry() -> None:
+    with InferenceEngine() as engine:
+        model = engine.add_model("emb", Encode(), warmup=False)
+        model.record_unbatched(queue_ns=0, input_ns=2, infer_ns=3, output_ns=5)
+        (entry,) = engine.metrics_json()["modelStats"]
+    assert entry["inferenceCount"] == "1" and entry["executionCount"] == "1"
+    assert entry["lastInference"] is not None
+    assert entry["inferenceStats"]["success"] == {"count": "1", "ns": "10"}
+    assert entry["batchStats"] == [{"batchSize": "1", "computeInput": {"count": "1", "ns": "2"},
+                                    "computeInfer": {"count": "1", "ns": "3"},
+                                    "computeOutput": {"count": "1", "ns": "5"}}]
+
+
 def test_model_stats_json_from_a_typed_snapshot() -> None:
     zero = Duration()
     snap = ModelStatistics(

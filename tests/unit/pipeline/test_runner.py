@@ -337,6 +337,29 @@ def test_embedding_and_overall_result(runner: PipelineRunner) -> None:
     assert overall_result([Finding("Fibrosis", False, 0.1)]) == "Normal"
 
 
+def test_an_embedding_counts_in_the_models_statistics(runner: PipelineRunner) -> None:
+    """It runs outside the batcher (on the Grad-CAM copy), yet /metrics must show it: a
+    success of batch size 1, and a failure when it cannot run."""
+    served = runner.engine.get("tiny")
+    before = served.statistics()
+    runner.embed(np.zeros((64, 64), np.float32), "tiny")
+    ok = served.statistics()
+    assert ok.success.count == before.success.count + 1
+    assert ok.inference_count == before.inference_count + 1
+    assert ok.execution_count == before.execution_count + 1
+    assert ok.compute_infer.count == before.compute_infer.count + 1
+    assert ok.fail == before.fail
+    size1 = {b.batch_size: b for b in ok.batch_stats}[1]
+    was = {b.batch_size: b.compute_infer.count for b in before.batch_stats}.get(1, 0)
+    assert size1.compute_infer.count == was + 1
+    assert ok.last_inference_ms is not None
+    with pytest.raises(RuntimeError):  # a 4-D array: its Resize cannot take it
+        runner.embed(np.zeros((2, 3, 4, 5), np.float32), "tiny")
+    failed = served.statistics()
+    assert failed.fail.count == ok.fail.count + 1
+    assert failed.success == ok.success and failed.inference_count == ok.inference_count
+
+
 def test_label_map_is_the_argmax_slab_by_slab() -> None:
     torch.manual_seed(0)
     logits = torch.randn(5, 37, 6, 7)  # 37 slices: the last slab is partial

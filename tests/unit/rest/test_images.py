@@ -8,10 +8,13 @@ import math
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.serving import (
     CT,
@@ -19,7 +22,10 @@ from tests.support.serving import (
     CXR_LABELS,
     LiveNode,
     live_node,
+    phantom_dicom,
     phantom_png,
+    png_bytes,
+    sample,
     serving_settings,
 )
 
@@ -65,8 +71,11 @@ def image_server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, image_server: str) -> Iterator[LiveNode]:
     data = tmp_path_factory.mktemp("images") / "data"
-    settings = serving_settings(data, models=[CXR, CT], image_url_hosts=[image_server],
-                                max_body_mb=1)
+    # the radiograph model's pipeline takes radiographs only: a CT slice is not for it
+    cxr = {"name": "cxr", "model": "cxr-findings", "task": "classify",
+           "series": {"modalities": ["CR", "DX"]}}
+    settings = serving_settings(data, models=[CXR, CT], pipelines=[cxr],
+                                image_url_hosts=[image_server], max_body_mb=1)
     with live_node(settings) as ln:
         yield ln
 
@@ -96,7 +105,7 @@ async def test_classify_one_image(live: LiveNode, image: Any) -> None:
     assert status == 200, body
     assert set(body) == {"probabilities", "labels", "processingTimeMs"}
     assert body["labels"] == CXR_LABELS and len(body["probabilities"]) == 1
-    assert body["processingTimeMs"] > 0
+    assert isinstance(body["processingTimeMs"], int)  # seed 003: "processingTimeMs": 15
     expected = await predictions(live, PNG)
     got = dict(zip(body["labels"], body["probabilities"][0], strict=True))
     assert got == pytest.approx(expected, abs=1e-4)
@@ -154,6 +163,7 @@ async def test_embeddings_are_normalised_by_default(live: LiveNode) -> None:
     status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": [B64, B64]})
     assert status == 200, body
     assert set(body) == {"embeddings", "processingTimeMs"}
+    assert isinstance(body["processingTimeMs"], int)
     a, b = body["embeddings"]
     assert len(a) == EMBED_DIM and a == pytest.approx(b)
     assert math.fsum(v * v for v in a) == pytest.approx(1.0)
@@ -187,7 +197,11 @@ async def test_infer_gives_embeddings_and_probabilities(live: LiveNode) -> None:
                                                "text": None, "nDims": 8})
     assert status == 200, body
     assert len(body["imageEmbeddings"]) == 1 and len(body["imageEmbeddings"][0]) == 8
-    assert len(body["probabilities"][0]) == len(CXR_LABELS) and body["processingTimeMs"] > 0
+    assert len(body["probabilities"][0]) == len(CXR_LABELS)
+    assert isinstance(body["processingTimeMs"], int)
+    # the seed's answer has both halves: the one not asked for (text) is null, not missing
+    assert list(body)[:2] == ["textEmbeddings", "imageEmbeddings"]
+    assert body["textEmbeddings"] is None
 
 
 @pytest.mark.parametrize("path, body", [
@@ -280,3 +294,120 @@ async def test_credentials(live: LiveNode, kind: str, status: int) -> None:
     got, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": B64},
                            auth=auth)
     assert got == status and body["error"] in ("unauthorized", "forbidden")
+
+
+# -- the model's input rules, the same on every endpoint ----------------------------------
+
+
+CT_SLICE = sample("ct/abdomen/IM0001.dcm").read_bytes()
+ONE_PIXEL = png_bytes(np.zeros((1, 1)))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer"])
+async def test_every_endpoint_refuses_what_the_model_does_not_take(
+        live: LiveNode, path: str, tmp_path: Path) -> None:
+    """The radiograph model's pipeline takes CR and DX: a CT slice is refused by each
+    endpoint with the pipeline's reason, a CR radiograph taken by each."""
+    radiograph = phantom_dicom(5, tmp_path)
+    status, body = await post(live, path, {"name": "cxr-findings", "image": b64(radiograph)})
+    assert status == 200, body
+    status, body = await post(live, path, {"name": "cxr-findings",
+                                           "image": [b64(radiograph), b64(CT_SLICE)]})
+    assert status == 400, body
+    assert body["message"].startswith("image[1]: cxr-findings does not take this image")
+    assert "modality CT not in ['CR', 'DX']" in body["message"]
+
+
+# -- the model's statistics ----------------------------------------------------------------
+
+
+async def cxr_stats(live: LiveNode) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cxr-findings' seed-003 modelStats entry, and the Prometheus families read after."""
+    headers = live.auth()
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.get(live.base_url + "/metrics",
+                         headers={"Accept": "application/json"}) as r:
+            entry = next(e for e in (await r.json())["modelStats"]
+                         if e["name"] == "cxr-findings")
+        async with s.get(live.base_url + "/metrics") as r:
+            prom = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    return entry, prom
+
+
+def n(entry: dict[str, Any], key: str, field: str = "count") -> int:
+    """A count of the entry (``inferenceCount`` or an inferenceStats key): null is 0."""
+    value = entry[key] if key in ("inferenceCount", "executionCount") \
+        else entry["inferenceStats"][key][field]
+    return int(value or 0)
+
+
+def batch1(entry: dict[str, Any]) -> int:
+    sizes = {b["batchSize"]: b for b in entry["batchStats"] or []}
+    return int(sizes["1"]["computeInfer"]["count"]) if "1" in sizes else 0
+
+
+def prom_value(fams: dict[str, Any], name: str, **labels: str) -> float:
+    for s in fams[name].samples:
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def assert_prometheus_is_the_json(entry: dict[str, Any], fams: dict[str, Any]) -> None:
+    mv = {"model": "cxr-findings", "version": entry["version"]}
+    for outcome in ("success", "fail"):
+        assert prom_value(fams, "dicom_node_inference_requests", **mv,
+                          outcome=outcome) == n(entry, outcome)
+    assert prom_value(fams, "dicom_node_inference_count", **mv) == n(entry, "inferenceCount")
+    assert prom_value(fams, "dicom_node_inference_executions", **mv) == \
+        n(entry, "executionCount")
+    assert prom_value(fams, "dicom_node_inference_batch_executions", **mv,
+                      batch_size="1") == batch1(entry)
+
+
+async def test_embeddings_count_in_metrics_as_any_inference(live: LiveNode) -> None:
+    """Each embedding is one inference of the model, of batch size 1 (it runs alone)."""
+    before, _ = await cxr_stats(live)
+    status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": [B64, B64]})
+    assert status == 200, body
+    after, fams = await cxr_stats(live)
+    for key in ("inferenceCount", "executionCount", "success", "queue", "compute_input",
+                "compute_infer", "compute_output"):
+        assert n(after, key) == n(before, key) + 2, key
+    assert batch1(after) == batch1(before) + 2
+    assert n(after, "compute_infer", "ns") > n(before, "compute_infer", "ns")
+    assert n(after, "fail") == n(before, "fail")
+    assert after["lastInference"] is not None
+    assert_prometheus_is_the_json(after, fams)
+    # /infer: an embedding and a classification of the image, two inferences
+    status, body = await post(live, "/infer", {"name": "cxr-findings", "image": B64})
+    assert status == 200, body
+    again, fams = await cxr_stats(live)
+    assert n(again, "success") == n(after, "success") + 2
+    assert n(again, "inferenceCount") == n(after, "inferenceCount") + 2
+    assert_prometheus_is_the_json(again, fams)
+
+
+@pytest.mark.parametrize("image", [CT_SLICE, ONE_PIXEL], ids=["ct-slice", "1x1-png"])
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer",
+                                  "/predictions/cxr-findings"])
+async def test_a_refused_image_counts_once_as_a_failure_of_the_model(
+        live: LiveNode, path: str, image: bytes) -> None:
+    """The client saw the request for the model fail: so does /metrics, on every
+    endpoint alike (once for /infer, though it would have run the model twice)."""
+    before, _ = await cxr_stats(live)
+    if path.startswith("/predictions"):
+        status, body = await post(live, path, image, raw=True)
+    else:
+        status, body = await post(live, path, {"name": "cxr-findings", "image": b64(image)})
+    assert status == 400, body
+    after, fams = await cxr_stats(live)
+    assert n(after, "fail") == n(before, "fail") + 1
+    assert n(after, "fail", "ns") > n(before, "fail", "ns")
+    assert n(after, "success") == n(before, "success")
+    assert n(after, "inferenceCount") == n(before, "inferenceCount")
+    assert_prometheus_is_the_json(after, fams)
