@@ -136,7 +136,7 @@ def _host_allowed(url: str, hosts: list[str]) -> bool:
     if ":" in host:  # IPv6 literals are listed in brackets
         host = f"[{host}]"
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError:
         return False
     return host in hosts or f"{host}:{port}" in hosts
@@ -185,7 +185,7 @@ async def load_images(request: web.Request, refs: str | list[str],
     urls: list[tuple[int, str]] = []
     for i, ref in enumerate(refs):
         where = f"image[{i}]" if len(refs) > 1 else "image"
-        if ref.startswith(("http://", "https://")):
+        if ref[:8].lower().startswith(("http://", "https://")):  # schemes are case-blind
             if not _host_allowed(ref, hosts):
                 raise ApiError(400, f"{where}: downloads from {urlsplit(ref).netloc!r} are not "
                                "allowed (rest.image_url_hosts lists the hosts an administrator "

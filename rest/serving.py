@@ -61,7 +61,7 @@ def classifier(runner: PipelineRunner, name: str, version: str | None = None) ->
     except KeyError as exc:
         raise ApiError(404, str(exc.args[0]) if exc.args else f"unknown model {name!r}") from None
     except PipelineError as exc:
-        raise ApiError(400, f"{exc}; /predictions serves image classifiers") from None
+        raise ApiError(400, f"{exc}; this route serves image classifiers") from None
 
 
 def admit_image(runner: PipelineRunner, model: LoadedModel, data: bytes) -> DecodedImage:

@@ -121,9 +121,11 @@ async def test_classify_a_list_keeps_the_order(live: LiveNode) -> None:
         assert dict(zip(CXR_LABELS, probs, strict=True)) == pytest.approx(expected, abs=1e-4)
 
 
-async def test_classify_from_an_allowed_url(live: LiveNode, image_server: str) -> None:
+@pytest.mark.parametrize("scheme", ["http", "HTTP"])  # URL schemes are case-insensitive
+async def test_classify_from_an_allowed_url(live: LiveNode, image_server: str,
+                                            scheme: str) -> None:
     status, body = await post(live, "/classify_image", {
-        "name": "cxr-findings", "image": [f"http://{image_server}/img.png", B64]})
+        "name": "cxr-findings", "image": [f"{scheme}://{image_server}/img.png", B64]})
     assert status == 200, body
     assert body["probabilities"][0] == pytest.approx(body["probabilities"][1], abs=1e-4)
 
