@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -36,6 +37,7 @@ import stat
 import tempfile
 import threading
 import time
+import traceback
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,7 +120,16 @@ Signature = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
 
 
 class _Refused(Exception):
-    """The input cannot be taken; the message goes into ``<name>.reason.txt``."""
+    """The input cannot be taken; ``reason`` goes into ``<name>.reason.txt``.
+
+    ``logged`` is what the log may say: the same without names (an archive's entry
+    names, like file names, may be a patient's).
+    """
+
+    def __init__(self, reason: str, logged: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.logged = reason if logged is None else logged
 
 
 @dataclass
@@ -246,7 +257,8 @@ class DropFolder:
             try:
                 await asyncio.to_thread(self._start_observer, loop)
             except OSError as exc:
-                self._set_state(FolderState.UNREADABLE, f"cannot watch the folder: {exc}")
+                self._set_state(FolderState.UNREADABLE,
+                                f"cannot watch the folder: {_describe(exc)}")
                 return
             self._identity = identity
             self._set_state(FolderState.WATCHING, "watching")
@@ -381,8 +393,10 @@ class DropFolder:
             return
         try:
             result = fut.result()
-        except Exception:
-            self.log.exception("unexpected error while taking a file; will try again")
+        except Exception as exc:
+            # Not log.exception: the message of an error about a file names the file.
+            self.log.error("unexpected error while taking a file; will try again",
+                           error=_describe(exc), where=_where(exc))
             result = _Result("retry")
         if result.outcome == "stopped":
             self._pending.pop(path, None)
@@ -421,7 +435,7 @@ class DropFolder:
         except FileNotFoundError:
             return _Result("gone")
         except OSError as exc:
-            return self._refuse(path, None, f"cannot be read: {exc.strerror or exc}")
+            return self._refuse(path, None, f"cannot be read: {_describe(exc)}")
         if stat.S_ISLNK(st.st_mode):
             real = os.path.realpath(path)
             if not _inside(real, str(self.root.resolve())):
@@ -447,7 +461,7 @@ class DropFolder:
             if isinstance(exc, OSError) and not os.path.exists(path):
                 return _Result("gone")
             self.log.warning("cannot take a file now; will try again",
-                             error=f"{type(exc).__name__}: {exc}")
+                             error=_describe(exc))
             return _Result("retry", sig)
 
     def _take(self, path: str, sig: Signature, fast: bool) -> _Result:
@@ -455,7 +469,7 @@ class DropFolder:
         try:
             staged, sha = watcher.stage(path)
         except PermissionError as exc:
-            return self._refuse(path, sig, f"cannot be read: {exc.strerror or exc}")
+            return self._refuse(path, sig, f"cannot be read: {_describe(exc)}")
         try:
             if _sig(os.stat(path)) != sig:  # written to while we copied: not complete
                 return _Result("wait", None)
@@ -471,7 +485,7 @@ class DropFolder:
             except _Refused as exc:
                 if fast:  # right after a close-write: let it settle before judging it
                     return _Result("wait", sig)
-                return self._refuse(path, sig, str(exc))
+                return self._refuse(path, sig, exc.reason, exc.logged)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -561,8 +575,13 @@ class DropFolder:
             with self._lock:
                 self._handled[path] = sig
 
-    def _refuse(self, path: str, sig: Signature | None, reason: str) -> _Result:
-        """Move the input to ``failed/`` with ``<name>.reason.txt`` beside it."""
+    def _refuse(self, path: str, sig: Signature | None, reason: str,
+                logged: str | None = None) -> _Result:
+        """Move the input to ``failed/`` with ``<name>.reason.txt`` beside it.
+
+        ``reason`` goes into the file; ``logged`` (default: ``reason``) into the log.
+        """
+        logged = reason if logged is None else logged
         with self._lock:
             self.counters.failed += 1
         target = _free_name(self.failed_dir / os.path.relpath(path, self.root))
@@ -577,12 +596,12 @@ class DropFolder:
         except FileNotFoundError:
             return _Result("gone")
         except OSError as exc:
-            self.log.error("cannot move a refused input to failed/", reason=reason,
-                           error=exc.strerror)
+            self.log.error("cannot move a refused input to failed/", reason=logged,
+                           error=_describe(exc))
             if sig is not None:
                 with self._lock:
                     self._handled[path] = sig
-        self.log.warning("input refused; moved to failed/", reason=reason)
+        self.log.warning("input refused; moved to failed/", reason=logged)
         return _Result("failed", sig)
 
     def _skip(self, path: str, sig: Signature, reason: str) -> _Result:
@@ -737,8 +756,9 @@ class Watcher:
             for folder in self.folders.values():
                 try:
                     await folder.poll()
-                except Exception:
-                    folder.log.exception("cannot check the drop folder")
+                except Exception as exc:
+                    folder.log.error("cannot check the drop folder", error=_describe(exc),
+                                     where=_where(exc))
 
     def stage(self, path: str) -> tuple[str, str]:
         """Copy ``path`` to a private staging file while hashing it; (staged path, sha256)."""
@@ -757,6 +777,24 @@ class Watcher:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the log without the path an :class:`OSError` carries."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        return f"{name}: {exc.strerror or os.strerror(exc.errno)}"
+    if isinstance(exc, OSError):
+        return type(exc).__name__  # no errno: its text may be anything, a path included
+    if isinstance(exc, StoreError):
+        return f"{type(exc).__name__}: {exc}"  # our own text: no file names
+    return type(exc).__name__
+
+
+def _where(exc: BaseException) -> list[str]:
+    """Where an unexpected error came from: code locations, not the message."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return [f"{f.filename}:{f.lineno} {f.name}" for f in frames]
 
 
 def _sig(st: os.stat_result) -> Signature:
@@ -870,9 +908,11 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
                 name = info.filename.replace("\\", "/")
                 parts = PurePosixPath(name).parts
                 if (name.startswith("/") or ".." in parts or (parts and ":" in parts[0])):
-                    raise _Refused(f"zip refused: entry {name!r} points outside the folder")
+                    raise _Refused(f"zip refused: entry {name!r} points outside the folder",
+                                   "zip refused: an entry points outside the folder")
                 if stat.S_ISLNK(info.external_attr >> 16):
-                    raise _Refused(f"zip refused: entry {name!r} is a link")
+                    raise _Refused(f"zip refused: entry {name!r} is a link",
+                                   "zip refused: an entry is a link")
                 if info.flag_bits & 0x1:
                     raise _Refused("zip refused: encrypted entries")
                 if info.is_dir() or any(is_temporary_name(p) for p in parts) \
@@ -880,7 +920,8 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
                     continue
                 target = into.joinpath(*parts)
                 if not _inside(str(target.resolve()), root):
-                    raise _Refused(f"zip refused: entry {name!r} points outside the folder")
+                    raise _Refused(f"zip refused: entry {name!r} points outside the folder",
+                                   "zip refused: an entry points outside the folder")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 size = 0
                 with zf.open(info) as src, open(target, "wb") as out:
@@ -898,5 +939,7 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
             NotImplementedError, RuntimeError) as exc:
-        raise _Refused(f"not a readable zip archive ({type(exc).__name__}: {exc})") from exc
+        # zipfile's messages may quote an entry's name: the log gets the error's type only
+        raise _Refused(f"not a readable zip archive ({type(exc).__name__}: {exc})",
+                       f"not a readable zip archive ({type(exc).__name__})") from exc
     return files

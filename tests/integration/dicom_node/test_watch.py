@@ -469,3 +469,41 @@ async def test_files_inotify_never_reports_are_found_by_the_sweep(
             return len(await watch_jobs(node)) == 1
         await wait_until(one_job)
         assert len(files_in(inbox / "done")) == len(study.paths)
+
+
+# -- what the log says -------------------------------------------------------------------
+
+PHI_NAME = "DOE^JOHN_1950"  # a CD export names files after the patient
+
+
+def names_in_logs(logs: list[dict[str, Any]], marker: str = PHI_NAME) -> list[dict[str, Any]]:
+    return [e for e in logs if marker in repr(e)]
+
+
+async def test_file_names_never_reach_the_log(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import structlog
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-phi")
+    real_open = watch_module._open_input
+
+    def flaky(path: str) -> BinaryIO:
+        if path.endswith("io-error.dcm"):  # an I/O error names the file it happened to
+            raise OSError(5, "Input/output error", path)
+        return real_open(path)
+
+    monkeypatch.setattr(watch_module, "_open_input", flaky)
+    slip = _zip(tmp_path / "slip.zip", {f"../{PHI_NAME}.dcm": cr.paths[0].read_bytes()})
+    inbox = tmp_path / "inbox"
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings_for(tmp_path)) as node:
+            assert node.watch is not None
+            shutil.copy(cr.paths[0], inbox / f"{PHI_NAME}-io-error.dcm")
+            shutil.copy(slip, inbox / f"{PHI_NAME}.zip")
+            (inbox / f"{PHI_NAME}.txt").write_text("not an image\n")
+            await wait_until(lambda: len(files_in(inbox / "failed")) == 4)
+            await wait_until(lambda: any(e["event"].startswith("cannot take a file")
+                                         for e in logs))
+    assert names_in_logs(logs) == []
+    io_error = next(e for e in logs if e["event"].startswith("cannot take a file"))
+    assert io_error["error"] == "EIO: Input/output error"
