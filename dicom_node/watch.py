@@ -92,6 +92,7 @@ FAILED_DIR = "failed"
 TEMPORARY_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp", "~")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an instance
 _CHUNK = 1 << 20
+NAME_MAX = 255  # bytes in one file name, on the filesystems a node runs on
 
 
 def is_temporary_name(name: str) -> bool:
@@ -485,7 +486,7 @@ class DropFolder:
             except _Refused as exc:
                 if fast:  # right after a close-write: let it settle before judging it
                     return _Result("wait", sig)
-                return self._refuse(path, sig, exc.reason, exc.logged)
+                return self._refuse(path, sig, exc.reason, exc.logged, sha=sha)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(staged)
@@ -576,32 +577,37 @@ class DropFolder:
                 self._handled[path] = sig
 
     def _refuse(self, path: str, sig: Signature | None, reason: str,
-                logged: str | None = None) -> _Result:
+                logged: str | None = None, *, sha: str | None = None) -> _Result:
         """Move the input to ``failed/`` with ``<name>.reason.txt`` beside it.
 
-        ``reason`` goes into the file; ``logged`` (default: ``reason``) into the log.
+        ``reason`` goes into the file; ``logged`` (default: ``reason``) into the log,
+        with the content hash (when known) to tell refusals apart without a name.
         """
         logged = reason if logged is None else logged
-        with self._lock:
-            self.counters.failed += 1
-        target = _free_name(self.failed_dir / os.path.relpath(path, self.root))
         try:
+            target = _free_name(self.failed_dir / os.path.relpath(path, self.root))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)
-            # Written aside and renamed: whoever reads failed/ never sees a half reason.
-            note = target.with_name(target.name + ".reason.txt")
-            tmp = note.with_name(f".{note.name}.tmp")
-            tmp.write_text(f"{reason}\n", encoding="utf-8")
-            os.replace(tmp, note)
         except FileNotFoundError:
             return _Result("gone")
         except OSError as exc:
-            self.log.error("cannot move a refused input to failed/", reason=logged,
-                           error=_describe(exc))
-            if sig is not None:
-                with self._lock:
+            # Left where it is and not looked at again until it changes.
+            with self._lock:
+                self.counters.failed += 1
+                if sig is not None:
                     self._handled[path] = sig
-        self.log.warning("input refused; moved to failed/", reason=logged)
+            self.log.error("input refused; cannot move it to failed/, left in place",
+                           reason=logged, sha256=_short(sha), error=_describe(exc))
+            return _Result("failed", sig)
+        with self._lock:
+            self.counters.failed += 1
+        text = f"{reason}\n" + (f"sha256: {sha}\n" if sha else "")
+        try:
+            _write_note(target, ".reason.txt", text)
+        except OSError as exc:
+            self.log.error("cannot write the reason file of a refused input",
+                           sha256=_short(sha), error=_describe(exc))
+        self.log.warning("input refused; moved to failed/", reason=logged, sha256=_short(sha))
         return _Result("failed", sig)
 
     def _skip(self, path: str, sig: Signature, reason: str) -> _Result:
@@ -805,15 +811,64 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _short(sha: str | None) -> str | None:
+    return sha[:16] if sha else None
+
+
+def _fit(stem: str, tail: str) -> str:
+    """``stem + tail``, the stem cut short when the whole would not fit in NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(tail))
+    raw = os.fsencode(stem)
+    if len(raw) <= room:
+        return stem + tail
+    cut = raw[:max(room, 1)]
+    for _ in range(3):  # do not leave half a UTF-8 character at the end
+        try:
+            cut.decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            cut = cut[:-1]
+    return os.fsdecode(cut) + tail
+
+
 def _free_name(target: Path) -> Path:
-    """``target``, or ``name-1.ext``… when a file of that name is already there."""
-    if not target.exists():
+    """``target``, or ``name-1.ext``… when a file of that name is already there (the
+    name cut short, its extension kept, when ``-1`` would make it too long)."""
+    if not os.path.lexists(target):
         return target
+    suffix = target.suffix if len(target.suffix) <= 16 else ""
+    stem = target.name[:len(target.name) - len(suffix)]
     for n in range(1, 100_000):
-        candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
-        if not candidate.exists():
+        candidate = target.with_name(_fit(stem, f"-{n}{suffix}"))
+        if not os.path.lexists(candidate):
             return candidate
-    raise OSError(f"no free name for {target.name}")
+    raise FileExistsError(errno.EEXIST, "no free name", str(target))
+
+
+def _note_name(name: str, tail: str) -> str:
+    """``<name><tail>``; a name too long for that is cut, a hash of it keeping notes of
+    names that differ only after the cut apart."""
+    if len(os.fsencode(name + tail)) <= NAME_MAX:
+        return name + tail
+    tag = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    return _fit(name, f"~{tag}{tail}")
+
+
+def _write_note(target: Path, tail: str, text: str) -> Path:
+    """Write ``text`` to ``<target's name><tail>`` beside ``target``; written aside under
+    a short name and renamed, so that whoever reads the folder never sees half a note."""
+    note = target.with_name(_note_name(target.name, tail))
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".note-", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # as a file the node writes anywhere (mkstemp's is 0600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, note)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return note
 
 
 def _sha256_file(path: Path) -> str:

@@ -507,3 +507,35 @@ async def test_file_names_never_reach_the_log(tmp_path: Path,
     assert names_in_logs(logs) == []
     io_error = next(e for e in logs if e["event"].startswith("cannot take a file"))
     assert io_error["error"] == "EIO: Input/output error"
+
+
+async def test_long_names_are_refused_with_a_reason_and_taken_twice(tmp_path: Path) -> None:
+    import structlog
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-long")
+    inbox = tmp_path / "inbox"
+    junk = "j" * 246 + ".txt"  # 250 bytes: '<name>.reason.txt' would be 261
+    image = "i" * 250 + ".dcm"  # 254 bytes: a second one in done/ cannot be '<stem>-1.dcm'
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings_for(tmp_path)) as node:
+            (inbox / junk).write_text("not an image\n")
+            (inbox / "other.txt").write_text("not an image either\n")
+            await wait_until(lambda: len(files_in(inbox / "failed")) == 4)
+            shutil.copy(cr.paths[0], inbox / image)
+            await wait_until(lambda: files_in(inbox / "done") == [image])
+            shutil.copy(cr.paths[0], inbox / image)  # the same image dropped again
+            await wait_until(lambda: len(files_in(inbox / "done")) == 2)
+            assert node.watch is not None
+            assert node.watch.status()["inbox"]["known"] == 1
+    failed = files_in(inbox / "failed")
+    notes = [n for n in failed if n.endswith(".reason.txt") and n.startswith("jjjj")]
+    assert junk in failed and len(notes) == 1 and len(notes[0].encode()) <= 255
+    assert "not DICOM" in (inbox / "failed" / notes[0]).read_text()
+    again = next(n for n in files_in(inbox / "done") if n != image)
+    assert again.startswith("iiii") and again.endswith("-1.dcm")
+    assert len(again.encode()) <= 255
+    refused = [e for e in logs if e["event"].startswith("input refused")]
+    assert [e["event"] for e in refused] == ["input refused; moved to failed/"] * 2
+    assert all("not DICOM" in e["reason"] for e in refused)
+    assert len({e["sha256"] for e in refused}) == 2  # tell the two apart without names
+    assert not [e for e in logs if e["event"].startswith("cannot take a file")]
