@@ -114,6 +114,7 @@ class FolderState(StrEnum):
     WATCHING = "watching"
     MISSING = "missing"
     UNREADABLE = "unreadable"
+    MISCONFIGURED = "misconfigured"  # a file named done or failed where a folder must be
     STOPPED = "stopped"
 
 
@@ -238,6 +239,12 @@ class DropFolder:
         if not os.access(self.root, need):
             return FolderState.UNREADABLE, "no permission to read (or move files out of) " \
                 "the folder", None
+        # A file where done/ or failed/ must go would fail every input the same way:
+        # intake waits (the inputs stay where they are) until it is out of the way.
+        for sub in (DONE_DIR, FAILED_DIR) if self.settings.on_done == "move" else (FAILED_DIR,):
+            if os.path.lexists(self.root / sub) and not os.path.isdir(self.root / sub):
+                return FolderState.MISCONFIGURED, f"'{sub}' in the folder is not a folder: " \
+                    f"inputs cannot be moved to {sub}/; remove or rename it", None
         return FolderState.WATCHING, "watching", (st.st_dev, st.st_ino)
 
     async def poll(self) -> None:
@@ -429,8 +436,8 @@ class DropFolder:
     # -- taking one file (worker thread) ----------------------------------------------
 
     def _work(self, path: str, fast: bool, prev: Signature | None, prev_at: float) -> _Result:
-        if self.watcher.stopping:
-            return _Result("stopped")
+        if self.watcher.stopping or self.state is FolderState.MISCONFIGURED:
+            return _Result("stopped")  # found again by the sweep once it can be taken
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -479,7 +486,7 @@ class DropFolder:
                 with self._lock:
                     self.counters.known += 1
                 self.log.info("input already taken; finishing it", sha256=sha[:16])
-                self._finish(path, sig)
+                self._finish(path, sig, sha)
                 return _Result("known", sig)
             try:
                 taken = self._read_input(staged, sha)
@@ -509,7 +516,7 @@ class DropFolder:
                       skipped_entries=taken.skipped,
                       sop_instance_uid=taken.instances[0].sop_instance_uid
                       if len(taken.instances) == 1 else None)
-        self._finish(path, sig)
+        self._finish(path, sig, sha)
         return _Result("done", sig)
 
     def _read_input(self, staged: str, sha: str) -> _Taken:
@@ -562,19 +569,32 @@ class DropFolder:
 
     # -- after taking (worker thread) ----------------------------------------------------
 
-    def _finish(self, path: str, sig: Signature) -> None:
-        """Apply ``on_done`` to a taken input."""
+    def _finish(self, path: str, sig: Signature, sha: str) -> None:
+        """Apply ``on_done`` to a taken input.
+
+        An input that cannot be moved or deleted (a read-only subfolder, a file where
+        ``done/`` needs a folder) is left where it is: it is recorded and queued, so
+        trying again would only repeat the error. It is not looked at again until it
+        changes (after a restart its hash is recognised and the move tried once more).
+        """
         on_done = self.settings.on_done
-        if on_done == "delete":
-            with contextlib.suppress(FileNotFoundError):
+        try:
+            if on_done == "delete":
                 os.unlink(path)
-        elif on_done == "move":
-            target = _free_name(self.done_dir / os.path.relpath(path, self.root))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, target)
-        else:
-            with self._lock:
-                self._handled[path] = sig
+                return
+            if on_done == "move":
+                target = _free_name(self.done_dir / os.path.relpath(path, self.root))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(path, target)
+                return
+        except FileNotFoundError:
+            return  # removed meanwhile: nothing left to do
+        except OSError as exc:
+            self.log.warning(f"input taken, but cannot be "
+                             f"{'deleted' if on_done == 'delete' else 'moved to done/'}; "
+                             "left in place", sha256=_short(sha), error=_describe(exc))
+        with self._lock:
+            self._handled[path] = sig
 
     def _refuse(self, path: str, sig: Signature | None, reason: str,
                 logged: str | None = None, *, sha: str | None = None) -> _Result:

@@ -16,6 +16,7 @@ import asyncio
 import io
 import os
 import shutil
+import subprocess
 import time
 import zipfile
 from collections.abc import Awaitable, Callable
@@ -538,4 +539,79 @@ async def test_long_names_are_refused_with_a_reason_and_taken_twice(tmp_path: Pa
     assert [e["event"] for e in refused] == ["input refused; moved to failed/"] * 2
     assert all("not DICOM" in e["reason"] for e in refused)
     assert len({e["sha256"] for e in refused}) == 2  # tell the two apart without names
+    assert not [e for e in logs if e["event"].startswith("cannot take a file")]
+
+
+def _immutable(folder: Path) -> None:
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("chattr +i needs root and a filesystem with the immutable flag")
+
+
+@pytest.mark.parametrize("blocker", ["immutable subfolder", "file in done/"])
+async def test_a_taken_input_that_cannot_be_moved_is_left_in_place_once(
+        tmp_path: Path, blocker: str) -> None:
+    import structlog
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-stuck")
+    other = make_cr_study(tmp_path / "src2", seed="watch-stuck-2")
+    settings = settings_for(tmp_path, rescan_s=1)
+    inbox = tmp_path / "inbox"
+    sub = inbox / "sub"
+    sub.mkdir()
+    shutil.copy(cr.paths[0], sub / "a.dcm")
+    if blocker == "file in done/":  # where done/sub/ must go
+        (inbox / "done").mkdir()
+        (inbox / "done" / "sub").write_text("in the way")
+    else:
+        _immutable(sub)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running_node(settings) as node:
+                async def one_job() -> bool:
+                    return len(await watch_jobs(node)) == 1
+                await wait_until(one_job)
+                await wait_until(lambda: any("cannot be moved" in e["event"] for e in logs))
+                shutil.copy(other.paths[0], inbox / "b.dcm")  # the folder still takes others
+                await wait_until(lambda: files_in(inbox / "done") == (
+                    ["b.dcm"] if blocker != "file in done/" else ["b.dcm", "sub"]))
+                await asyncio.sleep(3)  # several sweeps and retry delays
+                assert (sub / "a.dcm").exists()
+                assert len(await watch_jobs(node)) == 2
+    finally:
+        subprocess.run(["chattr", "-i", str(sub)], capture_output=True)
+    stuck = [e for e in logs if "cannot be moved" in e["event"]]
+    assert len(stuck) == 1 and stuck[0]["log_level"] == "warning" and stuck[0]["sha256"]
+    assert stuck[0]["error"].startswith(("EPERM", "ENOTDIR", "EEXIST"))
+    assert not [e for e in logs if e["event"].startswith(("cannot take a file",
+                                                          "input already taken"))]
+
+
+@pytest.mark.parametrize("name", ["done", "failed"])
+async def test_a_file_named_done_or_failed_pauses_the_folder(
+        tmp_path: Path, name: str, aiohttp_client: Any) -> None:
+    import structlog
+
+    cr = make_cr_study(tmp_path / "src", seed=f"watch-misconf-{name}")
+    settings = settings_for(tmp_path)
+    inbox = tmp_path / "inbox"
+    (inbox / name).write_text("a file where the node's folder goes")
+    shutil.copy(cr.paths[0], inbox / "a.dcm")
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            client: TestClient = await aiohttp_client(create_app(node))
+            assert node.watch is not None
+            status = node.watch.status()["inbox"]
+            assert status["state"] == "misconfigured"  # said at start, before any file
+            assert f"'{name}'" in status["message"]
+            body = await (await client.get("/health")).json()
+            assert body["watch"]["inbox"]["state"] == "misconfigured"
+            await asyncio.sleep(2)  # inputs wait where they are
+            assert (inbox / "a.dcm").exists() and await instance_count(node) == 0
+            (inbox / name).unlink()
+            await wait_until(lambda: files_in(inbox / "done") == ["a.dcm"])
+            assert node.watch.status()["inbox"]["state"] == "watching"
+    warned = [e for e in logs if e["event"] == "drop folder misconfigured"]
+    assert len(warned) == 1
     assert not [e for e in logs if e["event"].startswith("cannot take a file")]
