@@ -475,6 +475,16 @@ class DropFolder:
     def _take(self, path: str, sig: Signature, fast: bool) -> _Result:
         watcher = self.watcher
         try:
+            # Judged from the original before anything is copied: a 400 MB movie is
+            # refused without growing the staging folder (or filling the disk) first.
+            _precheck(path, watcher.zip_limits)
+        except PermissionError as exc:
+            return self._refuse(path, sig, f"cannot be read: {_describe(exc)}")
+        except _Refused as exc:
+            if fast:  # right after a close-write: let it settle before judging it
+                return _Result("wait", sig)
+            return self._refuse(path, sig, exc.reason, exc.logged, sha=_hash_input(path))
+        try:
             staged, sha = watcher.stage(path)
         except PermissionError as exc:
             return self._refuse(path, sig, f"cannot be read: {_describe(exc)}")
@@ -523,7 +533,7 @@ class DropFolder:
         """Store what ``staged`` holds; raises :class:`_Refused` when it is nothing usable."""
         with open(staged, "rb") as fh:
             head = fh.read(132)
-        if head[:4] == b"PK\x03\x04" and head[128:132] != b"DICM":
+        if _kind(head) == "zip":
             return self._take_zip(staged, sha)
         inst = self._take_dicom(staged)
         taken = _Taken()
@@ -899,6 +909,55 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+NOT_DICOM = "not DICOM: no DICM preamble and no DICOM dataset at the start"
+
+
+def _kind(head: bytes) -> str | None:
+    """What a file's first 132 bytes say it is: ``dicom`` (the ``DICM`` preamble),
+    ``bare`` (a dataset without preamble), ``zip``, or None (none of those)."""
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    # A bare dataset starts with a group 0002 or 0008 tag; anything else is not tried,
+    # so a large non-DICOM file is never handed to a forced parse.
+    if head[:2] and not {int.from_bytes(head[:2], "little"),
+                         int.from_bytes(head[:2], "big")}.isdisjoint({0x0002, 0x0008}):
+        return "bare"
+    return None
+
+
+def _precheck(path: str, limits: ZipLimits) -> None:
+    """Refuse what is neither DICOM nor a zip, and a zip whose central directory is
+    beyond ``limits``, reading only the original's start and directory (no copy)."""
+    with _open_input(path) as fh:
+        head = fh.read(132)
+        kind = _kind(head)
+        if kind is None:
+            raise _Refused(NOT_DICOM)
+        if kind == "zip":
+            try:
+                with zipfile.ZipFile(fh) as zf:
+                    _check_declared(zf.infolist(), limits)
+            except _Refused:
+                raise
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
+                    NotImplementedError, RuntimeError) as exc:
+                raise _bad_zip(exc) from exc
+
+
+def _hash_input(path: str) -> str | None:
+    """The sha256 of an input in place (a refused one is not copied); None if unreadable."""
+    digest = hashlib.sha256()
+    try:
+        with _open_input(path) as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def _ensure_part10(path: str) -> bool | None:
     """Make ``path`` a Part 10 file; None for a DICOMDIR. Raises :class:`_Refused`.
 
@@ -908,7 +967,7 @@ def _ensure_part10(path: str) -> bool | None:
     """
     with open(path, "rb") as fh:
         head = fh.read(132)
-        if head[128:132] == b"DICM":
+        if _kind(head) == "dicom":
             try:
                 meta = read_file_meta_info(path)
             except Exception as exc:
@@ -916,11 +975,8 @@ def _ensure_part10(path: str) -> bool | None:
             if str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 return None
             return True
-        # A bare dataset starts with a group 0002 or 0008 tag; anything else is not tried,
-        # so a large non-DICOM file is never handed to a forced parse.
-        if not head[:2] or {int.from_bytes(head[:2], "little"),
-                            int.from_bytes(head[:2], "big")}.isdisjoint({0x0002, 0x0008}):
-            raise _Refused("not DICOM: no DICM preamble and no DICOM dataset at the start")
+        if _kind(head) != "bare":
+            raise _Refused(NOT_DICOM)
         fh.seek(0)
         try:
             ds = dcmread(fh, force=True, stop_before_pixels=True)
@@ -965,18 +1021,7 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
-            if len(infos) > limits.max_entries:
-                raise _Refused(f"zip refused: {len(infos)} entries, more than the "
-                               f"{limits.max_entries} allowed")
-            declared = sum(i.file_size for i in infos)
-            compressed = sum(i.compress_size for i in infos)
-            if declared > limits.max_total_bytes:
-                raise _Refused(f"zip refused as a zip bomb: {declared} bytes uncompressed, "
-                               f"more than the {limits.max_total_bytes} allowed")
-            if declared > limits.max_ratio * max(compressed, 1) and declared > 1 << 20:
-                raise _Refused(f"zip refused as a zip bomb: compression ratio "
-                               f"{declared / max(compressed, 1):.0f}, more than "
-                               f"{limits.max_ratio:.0f}")
+            _check_declared(infos, limits)
             root = str(into.resolve())
             written = 0
             for info in infos:
@@ -1014,7 +1059,28 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
             NotImplementedError, RuntimeError) as exc:
-        # zipfile's messages may quote an entry's name: the log gets the error's type only
-        raise _Refused(f"not a readable zip archive ({type(exc).__name__}: {exc})",
-                       f"not a readable zip archive ({type(exc).__name__})") from exc
+        raise _bad_zip(exc) from exc
     return files
+
+
+def _bad_zip(exc: Exception) -> _Refused:
+    # zipfile's messages may quote an entry's name: the log gets the error's type only
+    return _Refused(f"not a readable zip archive ({type(exc).__name__}: {exc})",
+                    f"not a readable zip archive ({type(exc).__name__})")
+
+
+def _check_declared(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
+    """Refuse an archive on the sizes its central directory declares (before unpacking;
+    :func:`_unpack` checks again while writing, since headers can lie)."""
+    if len(infos) > limits.max_entries:
+        raise _Refused(f"zip refused: {len(infos)} entries, more than the "
+                       f"{limits.max_entries} allowed")
+    declared = sum(i.file_size for i in infos)
+    compressed = sum(i.compress_size for i in infos)
+    if declared > limits.max_total_bytes:
+        raise _Refused(f"zip refused as a zip bomb: {declared} bytes uncompressed, "
+                       f"more than the {limits.max_total_bytes} allowed")
+    if declared > limits.max_ratio * max(compressed, 1) and declared > 1 << 20:
+        raise _Refused(f"zip refused as a zip bomb: compression ratio "
+                       f"{declared / max(compressed, 1):.0f}, more than "
+                       f"{limits.max_ratio:.0f}")

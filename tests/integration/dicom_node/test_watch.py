@@ -13,6 +13,7 @@ for one file, exactly what ``open`` raises for a file without read permission.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import shutil
@@ -615,3 +616,40 @@ async def test_a_file_named_done_or_failed_pauses_the_folder(
     warned = [e for e in logs if e["event"] == "drop folder misconfigured"]
     assert len(warned) == 1
     assert not [e for e in logs if e["event"].startswith("cannot take a file")]
+
+
+async def test_non_dicom_is_refused_without_being_copied(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import structlog
+
+    from dicom_node.watch import Watcher
+
+    cr = make_cr_study(tmp_path / "src", seed="watch-sniff")
+    staged: list[str] = []
+    real_stage = Watcher.stage
+
+    def stage(self: Watcher, path: str) -> tuple[str, str]:
+        staged.append(os.path.basename(path))  # the real copy, only noted
+        return real_stage(self, path)
+
+    monkeypatch.setattr(Watcher, "stage", stage)
+    movie = os.urandom(8 << 20)
+    bomb = _zip(tmp_path / "bomb.zip", {"zeros.dcm": bytes(300 << 20)})
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            (inbox / "video.mp4").write_bytes(movie)
+            shutil.copy(bomb, inbox / "bomb.zip")
+            shutil.copy(cr.paths[0], inbox / "a.dcm")
+            await wait_until(lambda: files_in(inbox / "failed") == [
+                "bomb.zip", "bomb.zip.reason.txt", "video.mp4", "video.mp4.reason.txt"])
+            await wait_until(lambda: files_in(inbox / "done") == ["a.dcm"])
+            assert await instance_count(node) == 1
+    assert staged == ["a.dcm"]
+    assert "not DICOM" in reason(tmp_path, "video.mp4")
+    assert "zip bomb" in reason(tmp_path, "bomb.zip")
+    sha = hashlib.sha256(movie).hexdigest()
+    assert f"sha256: {sha}" in reason(tmp_path, "video.mp4")
+    refused = [e for e in logs if e["event"] == "input refused; moved to failed/"]
+    assert sha[:16] in [e["sha256"] for e in refused]
