@@ -114,6 +114,7 @@ class FolderState(StrEnum):
     WATCHING = "watching"
     MISSING = "missing"
     UNREADABLE = "unreadable"
+    PAUSED = "paused"  # disk space under storage.min_free_mb: inputs wait where they are
     MISCONFIGURED = "misconfigured"  # a file named done or failed where a folder must be
     STOPPED = "stopped"
 
@@ -157,8 +158,17 @@ class _Counters:
 
 @dataclass(frozen=True)
 class _Result:
-    outcome: str  # gone, wait, done, known, failed, skipped, retry, stopped
+    outcome: str  # gone, wait, done, known, failed, skipped, retry, stopped, paused
     sig: Signature | None = None
+    need: int = 0  # paused: the bytes it would write
+
+
+class _NoSpace(Exception):
+    """Taking the input would write ``need`` bytes into storage.min_free_mb's reserve."""
+
+    def __init__(self, need: int) -> None:
+        super().__init__(f"{need} bytes needed")
+        self.need = need
 
 
 @dataclass
@@ -194,6 +204,7 @@ class DropFolder:
         self.counters = _Counters()
         self._pending: dict[str, _Entry] = {}
         self._handled: dict[str, Signature] = {}  # kept or refused paths, as last seen
+        self._held: dict[str, int] = {}  # path -> bytes it needs, while disk space is short
         self._observer: Any = None
         self._identity: tuple[int, int] | None = None
         self._last_scan = 0.0
@@ -202,10 +213,12 @@ class DropFolder:
     # -- status ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """``state``, ``message``, ``path`` and counts: pending, taken, known, failed, ignored."""
+        """``state``, ``message``, ``path`` and counts: pending, held (waiting for disk
+        space), taken, known, failed, ignored."""
         return {
             "state": self.state.value, "message": self.message, "path": str(self.root),
-            "pending": len(self._pending), "taken": self.counters.taken,
+            "pending": len(self._pending), "held": len(self._held),
+            "taken": self.counters.taken,
             "known": self.counters.known, "failed": self.counters.failed,
             "ignored": self.counters.ignored,
         }
@@ -255,6 +268,7 @@ class DropFolder:
             if self._observer is not None:
                 await asyncio.to_thread(self._stop_observer)
             self._identity = None
+            self._held.clear()  # the sweep after it comes back finds them
             self._set_state(state, message)
             return
         restart = (self._observer is None or identity != self._identity
@@ -269,7 +283,10 @@ class DropFolder:
                                 f"cannot watch the folder: {_describe(exc)}")
                 return
             self._identity = identity
+            self._held.clear()  # the sweep below finds them again
             self._set_state(FolderState.WATCHING, "watching")
+        elif self._held:
+            await self._check_space()
         now = time.monotonic()
         if restart or now - self._last_scan >= self.settings.rescan_s:
             # A sweep finds what inotify may have dropped (queue overflow), missed while
@@ -277,6 +294,32 @@ class DropFolder:
             # network share).
             self._last_scan = now
             self.watcher.pool_submit(self._scan, loop, self.root)
+
+    def _hold(self, path: str, need: int) -> None:
+        """Leave an input where it is until there is disk space for it (loop)."""
+        self._held[path] = need
+        if self.state is FolderState.WATCHING:
+            # (how much is free comes with the next poll: no disk access on the loop)
+            self._set_state(FolderState.PAUSED, self._space_message(None, need))
+
+    async def _check_space(self) -> None:
+        """Resume once the smallest held input fits above the reserve (loop)."""
+        need = min(self._held.values())
+        free = await asyncio.to_thread(self.watcher.free_bytes)
+        if free - need < self.watcher.reserve_bytes():
+            self._set_state(FolderState.PAUSED, self._space_message(free, need))
+            return
+        held, self._held = list(self._held), {}
+        self.log.info("disk space is back: taking inputs again", inputs=len(held),
+                      free_mb=free >> 20)
+        self._set_state(FolderState.WATCHING, "watching")
+        self._events(held, False)
+
+    def _space_message(self, free: int | None, need: int) -> str:
+        known = "" if free is None else f"{free >> 20} MB free, "
+        return (f"disk space under storage.min_free_mb: {known}"
+                f"{self.watcher.reserve_bytes() >> 20} MB kept free, the next input needs "
+                f"{-(-need >> 20)} MB; inputs wait where they are")
 
     def _start_observer(self, loop: asyncio.AbstractEventLoop) -> None:
         observer = Observer()
@@ -409,6 +452,10 @@ class DropFolder:
         if result.outcome == "stopped":
             self._pending.pop(path, None)
             return
+        if result.outcome == "paused":
+            self._pending.pop(path, None)
+            self._hold(path, result.need)
+            return
         loop = asyncio.get_running_loop()
         if result.outcome in ("wait", "retry"):
             if result.outcome == "retry":
@@ -464,10 +511,16 @@ class DropFolder:
         if not stat.S_ISREG(st.st_mode):
             return self._refuse(path, sig, "cannot be read: not a regular file")
         try:
+            if not self.watcher.has_room(st.st_size):
+                return _Result("paused", sig, st.st_size)
             return self._take(path, sig, fast)
+        except _NoSpace as exc:
+            return _Result("paused", sig, exc.need)
         except (StoreError, OSError) as exc:
             if isinstance(exc, OSError) and not os.path.exists(path):
                 return _Result("gone")
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                return _Result("paused", sig, st.st_size)  # the reserve is 0, or too small
             self.log.warning("cannot take a file now; will try again",
                              error=_describe(exc))
             return _Result("retry", sig)
@@ -558,6 +611,9 @@ class DropFolder:
 
     def _take_zip(self, staged: str, sha: str) -> _Taken:
         taken = _Taken()
+        need = _declared_size(staged)
+        if not self.watcher.has_room(need):
+            raise _NoSpace(need + os.path.getsize(staged))  # the staged copy goes with it
         with tempfile.TemporaryDirectory(dir=self.watcher.private_dir) as tmp:
             files = _unpack(staged, Path(tmp), self.watcher.zip_limits)
             for member in files:
@@ -765,6 +821,7 @@ class Watcher:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         for folder in self.folders.values():
             folder._pending.clear()
+            folder._held.clear()
 
     async def __aenter__(self) -> Watcher:
         await self.start()
@@ -795,6 +852,19 @@ class Watcher:
                 except Exception as exc:
                     folder.log.error("cannot check the drop folder", error=_describe(exc),
                                      where=_where(exc))
+
+    def reserve_bytes(self) -> int:
+        """storage.min_free_mb in bytes: what intake leaves free on the studies disk."""
+        return self.settings.storage.min_free_mb << 20
+
+    def free_bytes(self) -> int:
+        """Free space on the studies disk (staging, unpacking and the store share it)."""
+        return shutil.disk_usage(self.staging_dir).free
+
+    def has_room(self, need: int) -> bool:
+        """Whether ``need`` more bytes leave the reserve free, as the listener requires
+        before it accepts an association."""
+        return self.free_bytes() - need >= self.reserve_bytes()
 
     def stage(self, path: str) -> tuple[str, str]:
         """Copy ``path`` to a private staging file while hashing it; (staged path, sha256)."""
@@ -1061,6 +1131,15 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
             NotImplementedError, RuntimeError) as exc:
         raise _bad_zip(exc) from exc
     return files
+
+
+def _declared_size(archive: str) -> int:
+    """What a zip says it unpacks to; 0 when it cannot be read (unpacking refuses it)."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError):
+        return 0
 
 
 def _bad_zip(exc: Exception) -> _Refused:

@@ -653,3 +653,65 @@ async def test_non_dicom_is_refused_without_being_copied(
     assert f"sha256: {sha}" in reason(tmp_path, "video.mp4")
     refused = [e for e in logs if e["event"] == "input refused; moved to failed/"]
     assert sha[:16] in [e["sha256"] for e in refused]
+
+
+# -- disk space ----------------------------------------------------------------------------
+
+
+async def test_intake_waits_while_disk_space_is_under_the_reserve(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    import structlog
+
+    study = make_ct_study(tmp_path / "src", seed="watch-full", slices=3)
+    inbox = tmp_path / "inbox"
+    # a reserve larger than any disk: the same as a disk filled up to it
+    base = settings_for(tmp_path)
+    settings = base.model_copy(update={"storage": base.storage.model_copy(
+        update={"min_free_mb": 10**9})})
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            client: TestClient = await aiohttp_client(create_app(node))
+            for p in study.paths:
+                shutil.copy(p, inbox / p.name)
+            assert node.watch is not None
+            await wait_until(lambda: node.watch is not None
+                             and node.watch.status()["inbox"]["held"] == 3)
+            body = await (await client.get("/health")).json()
+            assert body["watch"]["inbox"]["state"] == "paused"
+            assert "storage.min_free_mb" in body["watch"]["inbox"]["message"]
+            await asyncio.sleep(2)  # polls and sweeps: still nothing taken
+            assert await instance_count(node) == 0
+            assert sorted(p.name for p in inbox.iterdir()) == sorted(
+                p.name for p in study.paths)
+            assert not list((settings.studies_dir / ".watch-staging").iterdir())
+    paused = [e for e in logs if e["event"] == "drop folder paused"]
+    assert len(paused) == 1 and paused[0]["log_level"] == "warning"
+
+
+async def test_intake_resumes_when_disk_space_returns(tmp_path: Path) -> None:
+    import structlog
+
+    from tests.support.disk import fill, small_disk
+
+    study = make_ct_study(tmp_path / "src", seed="watch-resume", slices=2)
+    inbox = tmp_path / "inbox"
+    with small_disk(tmp_path / "disk", 40) as disk:
+        base = settings_for(tmp_path)
+        settings = base.model_copy(update={"storage": base.storage.model_copy(
+            update={"data_dir": disk / "data", "min_free_mb": 10})})
+        with structlog.testing.capture_logs() as logs:
+            async with running_node(settings) as node:
+                filler = fill(disk, 6 << 20)  # under the 10 MB reserve
+                for p in study.paths:
+                    shutil.copy(p, inbox / p.name)
+                assert node.watch is not None
+                await wait_until(lambda: node.watch is not None
+                                 and node.watch.status()["inbox"]["state"] == "paused")
+                assert await instance_count(node) == 0
+                filler.unlink()
+                await wait_until(lambda: len(files_in(inbox / "done")) == 2)
+                assert node.watch.status()["inbox"]["state"] == "watching"
+                assert await instance_count(node) == 2
+    events = [e["event"] for e in logs]
+    assert events.count("drop folder paused") == 1
+    assert events.count("disk space is back: taking inputs again") == 1
