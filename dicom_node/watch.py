@@ -102,10 +102,17 @@ def is_temporary_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ZipLimits:
-    """What an archive may unpack to; beyond it the archive is refused as a zip bomb."""
+    """What an archive may unpack to; beyond it the archive is refused as a zip bomb.
+
+    The total size and the entry count are the limits that bound the harm. The ratio
+    only applies past ``ratio_from_bytes`` (the whole archive, and each entry): real
+    images compress up to deflate's ~1000:1 (a 2048x2048 all-black CR, 8 MB, zips to
+    9 KB), but 1 GB of zeros in an 1 MB archive is an attack.
+    """
 
     max_total_bytes: int = 8 << 30  # uncompressed, all entries together
-    max_ratio: float = 200.0  # uncompressed / compressed, whole archive and each entry
+    max_ratio: float = 200.0  # uncompressed / compressed, past ratio_from_bytes
+    ratio_from_bytes: int = 256 << 20
     max_entries: int = 100_000
 
 
@@ -1119,7 +1126,7 @@ def _unpack(archive: str, into: Path, limits: ZipLimits) -> list[Path]:
                         size += len(chunk)
                         written += len(chunk)
                         if size > info.file_size or written > limits.max_total_bytes or (
-                                size > 1 << 20 and size > limits.max_ratio
+                                size > limits.ratio_from_bytes and size > limits.max_ratio
                                 * max(info.compress_size, 1)):
                             raise _Refused("zip refused as a zip bomb: an entry unpacks to "
                                            "more than it declares or than allowed")
@@ -1159,7 +1166,13 @@ def _check_declared(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> None:
     if declared > limits.max_total_bytes:
         raise _Refused(f"zip refused as a zip bomb: {declared} bytes uncompressed, "
                        f"more than the {limits.max_total_bytes} allowed")
-    if declared > limits.max_ratio * max(compressed, 1) and declared > 1 << 20:
+    if declared > limits.max_ratio * max(compressed, 1) and declared > limits.ratio_from_bytes:
         raise _Refused(f"zip refused as a zip bomb: compression ratio "
                        f"{declared / max(compressed, 1):.0f}, more than "
-                       f"{limits.max_ratio:.0f}")
+                       f"{limits.max_ratio:.0f} for {declared} bytes")
+    for i in infos:  # one huge entry hidden among many that do not compress
+        if i.file_size > limits.ratio_from_bytes \
+                and i.file_size > limits.max_ratio * max(i.compress_size, 1):
+            raise _Refused(f"zip refused as a zip bomb: an entry's compression ratio is "
+                           f"{i.file_size / max(i.compress_size, 1):.0f}, more than "
+                           f"{limits.max_ratio:.0f} for {i.file_size} bytes")

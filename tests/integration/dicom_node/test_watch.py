@@ -157,7 +157,7 @@ async def test_zip_of_a_study_is_unpacked_and_bad_zips_refused(tmp_path: Path) -
     members["README.TXT"] = b"exported by a CD burner"
     good = _zip(tmp_path / "study.zip", members)
     slip = _zip(tmp_path / "slip.zip", {"../../escaped.dcm": study.paths[0].read_bytes()})
-    bomb = _zip(tmp_path / "bomb.zip", {"zeros.dcm": bytes(60 << 20)})
+    bomb = _zip(tmp_path / "bomb.zip", {"zeros.dcm": bytes(300 << 20)})
     inbox = tmp_path / "inbox"
     async with running_node(settings_for(tmp_path)) as node:
         for z in (good, slip, bomb):

@@ -66,7 +66,7 @@ def test_unpack_refuses_links(tmp_path: Path) -> None:
 
 def test_unpack_refuses_bombs(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    ratio = make_zip(tmp_path / "ratio.zip", {"zeros": bytes(8 << 20)})
+    ratio = make_zip(tmp_path / "ratio.zip", {"zeros": bytes(300 << 20)})
     with pytest.raises(_Refused, match="zip bomb"):
         _unpack(ratio, tmp_path / "out", ZipLimits())
     many = make_zip(tmp_path / "many.zip", {f"f{i}": b"x" for i in range(5)})
@@ -106,3 +106,33 @@ def test_text_is_not_dicom(tmp_path: Path) -> None:
     p.write_text("hello\n" * 100)
     with pytest.raises(_Refused, match="not DICOM"):
         _ensure_part10(str(p))
+
+
+def test_a_mostly_black_image_is_no_zip_bomb(tmp_path: Path) -> None:
+    # a 2048x2048 all-zero CR: 8 MB that deflate squeezes ~1000:1, as real images can
+    cr = make_cr_study(tmp_path / "src", seed="black")
+    ds = dcmread(cr.paths[0])
+    ds.Rows = ds.Columns = 2048
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = bytes(2048 * 2048 * 2)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    z = make_zip(tmp_path / "black.zip", {"IM1": buf.getvalue()})
+    assert buf.tell() > 900 * Path(z).stat().st_size  # ratio close to 1000
+    (tmp_path / "out").mkdir()
+    files = _unpack(z, tmp_path / "out", ZipLimits())
+    assert [p.read_bytes() == buf.getvalue() for p in files] == [True]
+
+
+def test_a_gigabyte_of_zeros_is_refused_before_unpacking(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, \
+            zf.open("zeros.dcm", "w", force_zip64=True) as out:
+        chunk = bytes(1 << 20)
+        for _ in range(1024):
+            out.write(chunk)
+    assert path.stat().st_size < 2 << 20
+    (tmp_path / "out").mkdir()
+    with pytest.raises(_Refused, match="zip bomb"):
+        _unpack(str(path), tmp_path / "out", ZipLimits())
+    assert list((tmp_path / "out").iterdir()) == []  # refused on what it declares
