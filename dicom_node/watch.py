@@ -184,7 +184,7 @@ class _Taken:
 
     instances: list[ReceivedInstance] = field(default_factory=list)
     records: list[tuple[str, str | None]] = field(default_factory=list)  # (sha256, SOP UID)
-    skipped: int = 0  # archive entries that were not DICOM
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # archive entry, why
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -583,10 +583,12 @@ class DropFolder:
         with self._lock:
             self.counters.taken += 1
         self.log.info("input taken", sha256=sha[:16], instances=len(taken.instances),
-                      skipped_entries=taken.skipped,
+                      skipped_entries=len(taken.skipped),
                       sop_instance_uid=taken.instances[0].sop_instance_uid
                       if len(taken.instances) == 1 else None)
-        self._finish(path, sig, sha)
+        moved = self._finish(path, sig, sha)
+        if taken.skipped:
+            self._note_skipped(path, moved, sha, taken.skipped)
         return _Result("done", sig)
 
     def _read_input(self, staged: str, sha: str) -> _Taken:
@@ -627,22 +629,31 @@ class DropFolder:
                 member_sha = _sha256_file(member)
                 if self.watcher.store.watch_input_known(self.name, member_sha):
                     continue  # taken before, loose or in another archive
+                entry = member.relative_to(tmp).as_posix()
+                with open(member, "rb") as fh:
+                    nested = _kind(fh.read(132)) == "zip"
+                if nested:  # one level only: limits that hold per archive stay simple
+                    taken.skipped.append((entry, "nested archive: not unpacked"))
+                    continue
                 try:
                     inst = self._take_dicom(str(member))
-                except _Refused:
-                    taken.skipped += 1
+                except _Refused as exc:
+                    taken.skipped.append((entry, exc.reason))
                     continue
                 if inst is not None:
                     taken.instances.append(inst)
                 taken.records.append((member_sha, inst.sop_instance_uid if inst else None))
         if not taken.records and taken.skipped:
-            raise _Refused(f"the archive holds no DICOM file ({taken.skipped} other entries)")
+            n = len(taken.skipped)
+            raise _Refused(f"the archive holds no DICOM file ({n} other entries)\n"
+                           + _skipped_text(taken.skipped),
+                           f"the archive holds no DICOM file ({n} other entries)")
         taken.records.append((sha, None))
         return taken
 
     # -- after taking (worker thread) ----------------------------------------------------
 
-    def _finish(self, path: str, sig: Signature, sha: str) -> None:
+    def _finish(self, path: str, sig: Signature, sha: str) -> Path | None:
         """Apply ``on_done`` to a taken input.
 
         An input that cannot be moved or deleted (a read-only subfolder, a file where
@@ -654,20 +665,35 @@ class DropFolder:
         try:
             if on_done == "delete":
                 os.unlink(path)
-                return
+                return None
             if on_done == "move":
                 target = _free_name(self.done_dir / os.path.relpath(path, self.root))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(path, target)
-                return
+                return target
         except FileNotFoundError:
-            return  # removed meanwhile: nothing left to do
+            return None  # removed meanwhile: nothing left to do
         except OSError as exc:
             self.log.warning(f"input taken, but cannot be "
                              f"{'deleted' if on_done == 'delete' else 'moved to done/'}; "
                              "left in place", sha256=_short(sha), error=_describe(exc))
         with self._lock:
             self._handled[path] = sig
+        return None
+
+    def _note_skipped(self, path: str, moved: Path | None, sha: str,
+                      skipped: list[tuple[str, str]]) -> None:
+        """Say which entries of a taken archive were not taken, and why, in
+        ``done/<archive>.skipped.txt`` (entry names, like file names, stay out of the log)."""
+        where = moved or self.done_dir / os.path.relpath(path, self.root)
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            _write_note(where, ".skipped.txt", f"sha256: {sha}\n" + _skipped_text(skipped))
+        except OSError as exc:
+            self.log.error("cannot write the note of an archive's skipped entries",
+                           sha256=_short(sha), error=_describe(exc))
+        self.log.warning("archive taken, some entries skipped: see <archive>.skipped.txt "
+                         "in done/", sha256=_short(sha), skipped_entries=len(skipped))
 
     def _refuse(self, path: str, sig: Signature | None, reason: str,
                 logged: str | None = None, *, sha: str | None = None) -> _Result:
@@ -916,6 +942,10 @@ def _sig(st: os.stat_result) -> Signature:
 
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _skipped_text(skipped: list[tuple[str, str]]) -> str:
+    return "entries not taken:\n" + "".join(f"{entry}: {why}\n" for entry, why in skipped)
 
 
 def _short(sha: str | None) -> str | None:

@@ -170,7 +170,8 @@ async def test_zip_of_a_study_is_unpacked_and_bad_zips_refused(tmp_path: Path) -
             "bomb.zip", "bomb.zip.reason.txt", "slip.zip", "slip.zip.reason.txt"])
         job = (await watch_jobs(node))[0]
         assert sorted(job.input["instances"]) == sorted(study.sop_uids)
-        assert files_in(inbox / "done") == ["study.zip"]
+        assert files_in(inbox / "done") == ["study.zip", "study.zip.skipped.txt"]
+        assert "README.TXT: not DICOM" in (inbox / "done" / "study.zip.skipped.txt").read_text()
         assert "outside the folder" in reason(tmp_path, "slip.zip")
         assert "zip bomb" in reason(tmp_path, "bomb.zip")
         assert not (tmp_path / "escaped.dcm").exists()
@@ -715,3 +716,32 @@ async def test_intake_resumes_when_disk_space_returns(tmp_path: Path) -> None:
     events = [e["event"] for e in logs]
     assert events.count("drop folder paused") == 1
     assert events.count("disk space is back: taking inputs again") == 1
+
+
+async def test_skipped_zip_entries_are_listed_beside_the_archive(tmp_path: Path) -> None:
+    import structlog
+
+    study = make_ct_study(tmp_path / "src", seed="watch-skip", slices=2)
+    good, other = (p.read_bytes() for p in study.paths)
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.writestr("IM9", other)
+    archive = _zip(tmp_path / "a.zip", {"good.dcm": good, f"{PHI_NAME}.dcm": other[:-500],
+                                        "inner.zip": inner.getvalue()})
+    lost = _zip(tmp_path / "lost.zip", {"inner.zip": inner.getvalue()})
+    inbox = tmp_path / "inbox"
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings_for(tmp_path)) as node:
+            shutil.copy(archive, inbox / "a.zip")
+            shutil.copy(lost, inbox / "lost.zip")
+            await wait_until(lambda: files_in(inbox / "done") == ["a.zip", "a.zip.skipped.txt"])
+            await wait_until(lambda: len(files_in(inbox / "failed")) == 2)
+            assert await instance_count(node) == 1
+    note = (inbox / "done" / "a.zip.skipped.txt").read_text()
+    assert f"{PHI_NAME}.dcm: " in note and "truncated" in note
+    assert "inner.zip: nested archive: not unpacked" in note
+    assert "good.dcm" not in note
+    assert "inner.zip: nested archive" in reason(tmp_path, "lost.zip")
+    warned = [e for e in logs if e["event"].startswith("archive taken, some entries skipped")]
+    assert len(warned) == 1 and warned[0]["skipped_entries"] == 2
+    assert names_in_logs(logs) == []
