@@ -212,6 +212,7 @@ class DropFolder:
         self._pending: dict[str, _Entry] = {}
         self._handled: dict[str, Signature] = {}  # kept or refused paths, as last seen
         self._held: dict[str, int] = {}  # path -> bytes it needs, while disk space is short
+        self.unreadable_subfolders = 0  # as the last full sweep found
         self._observer: Any = None
         self._identity: tuple[int, int] | None = None
         self._last_scan = 0.0
@@ -221,13 +222,15 @@ class DropFolder:
 
     def status(self) -> dict[str, Any]:
         """``state``, ``message``, ``path`` and counts: pending, held (waiting for disk
-        space), taken, known, failed, ignored."""
+        space), taken, known, failed, ignored, unreadable_subfolders (their files are
+        not taken)."""
         return {
             "state": self.state.value, "message": self.message, "path": str(self.root),
             "pending": len(self._pending), "held": len(self._held),
             "taken": self.counters.taken,
             "known": self.counters.known, "failed": self.counters.failed,
             "ignored": self.counters.ignored,
+            "unreadable_subfolders": self.unreadable_subfolders,
         }
 
     def _set_state(self, state: FolderState, message: str) -> None:
@@ -352,7 +355,8 @@ class DropFolder:
         """Hand every candidate file under ``top`` to the loop, in batches."""
         batch: list[str] = []
         seen: set[str] = set()
-        for path in self._walk(top):
+        unreadable: list[str] = []
+        for path in self._walk(top, unreadable):
             batch.append(path)
             seen.add(path)
             if len(batch) >= 500:
@@ -367,16 +371,29 @@ class DropFolder:
             with self._lock:
                 for path in [p for p in self._handled if p not in seen]:
                     del self._handled[path]
+                before, self.unreadable_subfolders = self.unreadable_subfolders, len(unreadable)
+            # Counted, not named: a subfolder may be named after a patient too.
+            if len(unreadable) > before:
+                self.log.warning("subfolders cannot be read; files in them are not taken",
+                                 unreadable_subfolders=len(unreadable))
+            elif before and not unreadable:
+                self.log.info("subfolders can all be read again")
 
-    def _walk(self, top: Path) -> Iterator[str]:
+    def _walk(self, top: Path, unreadable: list[str]) -> Iterator[str]:
+        """Candidate files under ``top``; subfolders that cannot be listed go to
+        ``unreadable`` (the root's state is the poll's to report)."""
         stack = [str(top)]
         while stack:
             directory = stack.pop()
             try:
                 with os.scandir(directory) as it:
                     entries = list(it)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # vanished meanwhile
             except OSError:
-                continue  # vanished or unreadable: the poll reports the root's state
+                if directory != str(top):
+                    unreadable.append(directory)
+                continue
             for e in sorted(entries, key=lambda e: e.name):
                 if is_temporary_name(e.name):
                     continue

@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Awaitable, Callable
@@ -745,3 +748,64 @@ async def test_skipped_zip_entries_are_listed_beside_the_archive(tmp_path: Path)
     warned = [e for e in logs if e["event"].startswith("archive taken, some entries skipped")]
     assert len(warned) == 1 and warned[0]["skipped_entries"] == 2
     assert names_in_logs(logs) == []
+
+
+_UNREADABLE_SCRIPT = """
+import asyncio, json, shutil, sys
+from pathlib import Path
+import structlog
+from tests.integration.dicom_node.test_watch import settings_for, wait_until, files_in
+from tests.support.dicom_factory import make_cr_study
+from tests.support.inproc import running_node
+
+async def main(tmp: Path) -> None:
+    cr = make_cr_study(tmp / "src", seed="watch-unreadable")
+    settings = settings_for(tmp, rescan_s=1)
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            shutil.copy(cr.paths[0], tmp / "inbox" / "a.dcm")
+            await wait_until(lambda: files_in(tmp / "inbox" / "done") == ["a.dcm"])
+            await wait_until(lambda: node.watch.status()["inbox"]["unreadable_subfolders"] > 0)
+            status = node.watch.status()["inbox"]
+    print(json.dumps({"status": status, "logs": [
+        {k: str(v) for k, v in e.items()} for e in logs]}))
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_unreadable_subfolders_are_counted_and_warned_once(tmp_path: Path) -> None:
+    """As a node that is not root sees a ``chmod 000`` subfolder: as root, the script runs
+    without the capabilities that bypass file permissions."""
+    inbox = tmp_path / "inbox"
+    locked = inbox / PHI_NAME
+    locked.mkdir(parents=True)
+    (locked / "b.dcm").write_bytes(b"unseen")
+    locked.chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        capsh = shutil.which("capsh")
+        if capsh is None:
+            pytest.skip("as root, reading a chmod 000 folder needs capsh to be refused")
+        prefix = [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--"]
+    script = tmp_path / "unreadable.py"
+    script.write_text(_UNREADABLE_SCRIPT)
+    root = Path(__file__).resolve().parents[3]
+    cmd = [sys.executable, str(script), str(tmp_path)]
+    if prefix:
+        cmd = [*prefix, "-c", shlex.join(cmd)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=150,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    finally:
+        locked.chmod(0o755)
+    if res.returncode != 0 and "Operation not permitted" in res.stderr and prefix:
+        pytest.skip(f"cannot drop capabilities here: {res.stderr.strip()[-200:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["status"]["state"] == "watching"
+    assert out["status"]["unreadable_subfolders"] == 1
+    warned = [e for e in out["logs"] if e["event"].startswith("subfolders cannot be read")]
+    assert len(warned) == 1 and warned[0]["unreadable_subfolders"] == "1"
+    assert names_in_logs(out["logs"]) == []
+    assert (locked / "b.dcm").exists()
