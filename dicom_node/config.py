@@ -232,6 +232,10 @@ class WatchSettings(_Section):
     # A full sweep this often finds files inotify never reported: written from another
     # host to a network share (NFS, SMB), or dropped when its event queue overflowed.
     rescan_s: float = Field(default=30.0, ge=1, le=86_400)
+    # A DICOM file (or zip) that reads as cut short is most likely still being written
+    # (a writer pausing mid-file): it is refused only once unchanged this long. None:
+    # max(60 s, 10 x settle_s). Other refusals (not DICOM at all...) are immediate.
+    truncated_grace_s: float | None = Field(default=None, ge=0)
 
 
 class RestSettings(_Section):

@@ -63,8 +63,10 @@ from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
+    FileClosedNoWriteEvent,
     FileCreatedEvent,
     FileMovedEvent,
+    FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -136,10 +138,12 @@ class _Refused(Exception):
     names, like file names, may be a patient's).
     """
 
-    def __init__(self, reason: str, logged: str | None = None) -> None:
+    def __init__(self, reason: str, logged: str | None = None, *,
+                 incomplete: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.logged = reason if logged is None else logged
+        self.incomplete = incomplete  # reads as cut short: most likely still being written
 
 
 @dataclass
@@ -148,7 +152,8 @@ class _Entry:
 
     state: str = "waiting"  # waiting, queued, running
     sig: Signature | None = None
-    sig_at: float = 0.0
+    since: float = 0.0  # when ``sig`` was first seen: unchanged since then
+    incomplete: Signature | None = None  # read as truncated at this signature
     timer: asyncio.TimerHandle | None = None
     again: bool = False  # an event came while it was queued or running
     again_fast: bool = False  # ... and it said the writer is done (close-write, rename)
@@ -213,6 +218,9 @@ class DropFolder:
         self._handled: dict[str, Signature] = {}  # kept or refused paths, as last seen
         self._held: dict[str, int] = {}  # path -> bytes it needs, while disk space is short
         self.unreadable_subfolders = 0  # as the last full sweep found
+        self._opened: dict[str, int] = {}  # path -> opens not yet closed, as inotify says
+        grace = settings.truncated_grace_s
+        self.grace_s = max(60.0, 10 * settings.settle_s) if grace is None else grace
         self._observer: Any = None
         self._identity: tuple[int, int] | None = None
         self._last_scan = 0.0
@@ -336,6 +344,7 @@ class DropFolder:
         observer.schedule(
             _Handler(self, loop), str(self.root), recursive=self.settings.recursive,
             event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent,
+                          FileOpenedEvent, FileClosedNoWriteEvent,
                           DirCreatedEvent, DirMovedEvent],
         )
         observer.daemon = True
@@ -442,6 +451,18 @@ class DropFolder:
             entry.again = True
             entry.again_fast = entry.again_fast or fast
 
+    def _open_event(self, path: str, delta: int) -> None:
+        """Follow opens and closes (a reader's as well as a writer's: inotify does not
+        say which), so that a truncated file someone still holds open is not refused."""
+        count = self._opened.get(path, 0) + delta
+        if count > 0:
+            self._opened[path] = count
+        else:
+            self._opened.pop(path, None)  # (a close without its open: opened before we watched)
+
+    def _writer_holds(self, path: str) -> bool:
+        return self._opened.get(path, 0) > 0  # read from a worker: a dict lookup is atomic
+
     def _directory_event(self, path: str) -> None:
         if self.settings.recursive and self.accepts(path) and not self.watcher.stopping:
             self.watcher.pool_submit(self._scan, asyncio.get_running_loop(), Path(path))
@@ -449,7 +470,8 @@ class DropFolder:
     def _dispatch(self, path: str, entry: _Entry, fast: bool) -> None:
         entry.state = "queued"
         entry.timer = None
-        fut = self.watcher.pool_submit(self._work, path, fast, entry.sig, entry.sig_at)
+        fut = self.watcher.pool_submit(self._work, path, fast, entry.sig, entry.since,
+                                       entry.incomplete)
         if fut is None:
             self._pending.pop(path, None)
             return
@@ -481,12 +503,17 @@ class DropFolder:
             self._hold(path, result.need)
             return
         loop = asyncio.get_running_loop()
-        if result.outcome in ("wait", "retry"):
+        if result.outcome in ("wait", "retry", "incomplete"):
             if result.outcome == "retry":
                 entry.attempts += 1
                 delay = min(60.0, 0.5 * 2 ** min(entry.attempts, 7))
             else:
-                entry.sig, entry.sig_at = result.sig, time.monotonic()
+                if result.sig is None or result.sig != entry.sig:
+                    entry.sig, entry.since = result.sig, time.monotonic()
+                if result.outcome == "incomplete":
+                    entry.incomplete = result.sig
+                # (an incomplete file is looked at every settle_s too, but only stat'ed
+                # until it changes or its grace is over: see _work)
                 delay = self.settings.settle_s
                 if entry.again_fast:  # closed while we looked: no need to wait
                     entry.again = entry.again_fast = False
@@ -506,7 +533,8 @@ class DropFolder:
 
     # -- taking one file (worker thread) ----------------------------------------------
 
-    def _work(self, path: str, fast: bool, prev: Signature | None, prev_at: float) -> _Result:
+    def _work(self, path: str, fast: bool, prev: Signature | None, since: float,
+              incomplete: Signature | None = None) -> _Result:
         if self.watcher.stopping or self.state is FolderState.MISCONFIGURED:
             return _Result("stopped")  # found again by the sweep once it can be taken
         try:
@@ -530,14 +558,23 @@ class DropFolder:
         with self._lock:
             if self._handled.get(path) == sig:
                 return _Result("known", sig)
-        if not fast and (prev != sig or time.monotonic() - prev_at < self.settings.settle_s):
+        unchanged = prev == sig and prev is not None
+        now = time.monotonic()
+        if not fast and (not unchanged or now - since < self.settings.settle_s):
             return _Result("wait", sig)
+        # A file that read as cut short may be refused only once it has not changed for the
+        # grace and no writer that the watch saw open it still holds it (decided before
+        # our own reads open it again).
+        judge = unchanged and now - since >= self.grace_s and (
+            not self._writer_holds(path) or now - since >= 10 * self.grace_s)
+        if incomplete == sig and not judge:
+            return _Result("incomplete", sig)
         if not stat.S_ISREG(st.st_mode):
             return self._refuse(path, sig, "cannot be read: not a regular file")
         try:
             if not self.watcher.has_room(st.st_size):
                 return _Result("paused", sig, st.st_size)
-            return self._take(path, sig, fast)
+            return self._take(path, sig, fast, judge)
         except _NoSpace as exc:
             return _Result("paused", sig, exc.need)
         except (StoreError, OSError) as exc:
@@ -549,7 +586,7 @@ class DropFolder:
                              error=_describe(exc))
             return _Result("retry", sig)
 
-    def _take(self, path: str, sig: Signature, fast: bool) -> _Result:
+    def _take(self, path: str, sig: Signature, fast: bool, judge: bool) -> _Result:
         watcher = self.watcher
         try:
             # Judged from the original before anything is copied: a 400 MB movie is
@@ -558,6 +595,8 @@ class DropFolder:
         except PermissionError as exc:
             return self._refuse(path, sig, f"cannot be read: {_describe(exc)}")
         except _Refused as exc:
+            if exc.incomplete and not judge:
+                return _Result("incomplete", sig)
             if fast:  # right after a close-write: let it settle before judging it
                 return _Result("wait", sig)
             return self._refuse(path, sig, exc.reason, exc.logged, sha=_hash_input(path))
@@ -578,6 +617,8 @@ class DropFolder:
             try:
                 taken = self._read_input(staged, sha)
             except _Refused as exc:
+                if exc.incomplete and not judge:
+                    return _Result("incomplete", sig)
                 if fast:  # right after a close-write: let it settle before judging it
                     return _Result("wait", sig)
                 return self._refuse(path, sig, exc.reason, exc.logged, sha=sha)
@@ -633,7 +674,8 @@ class DropFolder:
             return self.watcher.writer.write(Path(path), called_ae="", calling_ae="",
                                              association_id=0, source="watch", record=False)
         except InvalidInput as exc:
-            raise _Refused(f"not a usable DICOM file: {exc}") from exc
+            cut = "truncated" in str(exc) or isinstance(exc.__cause__, EOFError)
+            raise _Refused(f"not a usable DICOM file: {exc}", incomplete=cut) from exc
 
     def _take_zip(self, staged: str, sha: str) -> _Taken:
         taken = _Taken()
@@ -770,8 +812,13 @@ class _Handler(FileSystemEventHandler):
 
     def dispatch(self, event: FileSystemEvent) -> None:
         kind = event.event_type
+        if kind in ("opened", "closed_no_write", "closed") and not event.is_directory:
+            path = os.fsdecode(event.src_path)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: stopping
+                self.loop.call_soon_threadsafe(self.folder._open_event, path,
+                                               1 if kind == "opened" else -1)
         if kind not in ("created", "moved", "closed"):
-            return  # deletions, our own reads and moves out need nothing
+            return  # deletions, opens, closes after reading and moves out need nothing
         path = os.fsdecode(event.dest_path if kind == "moved" else event.src_path)
         if not path:
             return
@@ -1058,14 +1105,17 @@ def _precheck(path: str, limits: ZipLimits) -> None:
         head = fh.read(132)
         kind = _kind(head)
         if kind is None:
-            raise _Refused(NOT_DICOM)
+            # nothing yet, or only the start of a preamble: a writer may still be at it
+            raise _Refused(NOT_DICOM, incomplete=len(head) < 132 and not head.strip(b"\0"))
         if kind == "zip":
             try:
                 with zipfile.ZipFile(fh) as zf:
                     _check_declared(zf.infolist(), limits)
             except _Refused:
                 raise
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
+            except zipfile.BadZipFile as exc:  # no central directory (yet): written last
+                raise _bad_zip(exc, incomplete=True) from exc
+            except (zipfile.LargeZipFile, EOFError, ValueError,
                     NotImplementedError, RuntimeError) as exc:
                 raise _bad_zip(exc) from exc
 
@@ -1095,7 +1145,8 @@ def _ensure_part10(path: str) -> bool | None:
             try:
                 meta = read_file_meta_info(path)
             except Exception as exc:
-                raise _Refused(f"not a usable DICOM file ({type(exc).__name__})") from exc
+                raise _Refused(f"not a usable DICOM file ({type(exc).__name__})",
+                               incomplete=True) from exc  # the file meta cut short
             if str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 return None
             return True
@@ -1196,10 +1247,11 @@ def _declared_size(archive: str) -> int:
         return 0
 
 
-def _bad_zip(exc: Exception) -> _Refused:
+def _bad_zip(exc: Exception, *, incomplete: bool = False) -> _Refused:
     # zipfile's messages may quote an entry's name: the log gets the error's type only
     return _Refused(f"not a readable zip archive ({type(exc).__name__}: {exc})",
-                    f"not a readable zip archive ({type(exc).__name__})")
+                    f"not a readable zip archive ({type(exc).__name__})",
+                    incomplete=incomplete)
 
 
 def _check_declared(infos: list[zipfile.ZipInfo], limits: ZipLimits) -> None:

@@ -809,3 +809,58 @@ def test_unreadable_subfolders_are_counted_and_warned_once(tmp_path: Path) -> No
     assert len(warned) == 1 and warned[0]["unreadable_subfolders"] == "1"
     assert names_in_logs(out["logs"]) == []
     assert (locked / "b.dcm").exists()
+
+
+# -- writers that pause ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["one handle", "reopened per chunk"])
+async def test_a_writer_pausing_mid_file_is_waited_for(tmp_path: Path, writer: str) -> None:
+    study = make_ct_study(tmp_path / "src", seed=f"watch-pause-{writer}", slices=1, size=256)
+    data = study.paths[0].read_bytes()
+    target = tmp_path / "inbox" / "paused.dcm"
+    half = len(data) // 2
+    async with running_node(settings_for(tmp_path, settle_s=0.3)) as node:
+        if writer == "one handle":
+            with open(target, "wb") as out:
+                out.write(data[:half])
+                out.flush()
+                await asyncio.sleep(2)  # far more than settle_s: it reads as truncated
+                out.write(data[half:])
+        else:
+            for piece in (data[:half // 2], data[half // 2:half], data[half:]):
+                with open(target, "ab") as out:  # each close is a close-write
+                    out.write(piece)
+                await asyncio.sleep(1.5)
+        await wait_until(lambda: files_in(tmp_path / "inbox" / "done") == ["paused.dcm"])
+        assert await instance_count(node) == 1
+        assert not (tmp_path / "inbox" / "failed").exists()
+
+
+async def test_a_truncated_file_is_refused_after_its_grace(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-cut", slices=1, size=64)
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path, settle_s=0.2, truncated_grace_s=1)
+    async with running_node(settings) as node:
+        (inbox / "cut.dcm").write_bytes(study.paths[0].read_bytes()[:-100])
+        (inbox / "notes.txt").write_text("not DICOM at all\n")
+        await wait_until(lambda: "notes.txt" in files_in(inbox / "failed"))
+        await wait_until(lambda: "cut.dcm" in files_in(inbox / "failed"))
+        assert "truncated" in reason(tmp_path, "cut.dcm")
+        assert await instance_count(node) == 0
+
+
+async def test_a_truncated_file_held_open_is_not_refused(tmp_path: Path) -> None:
+    study = make_ct_study(tmp_path / "src", seed="watch-held", slices=1, size=64)
+    data = study.paths[0].read_bytes()
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path, settle_s=0.2, truncated_grace_s=0.5)
+    async with running_node(settings) as node:
+        with open(inbox / "held.dcm", "wb") as out:
+            out.write(data[:-100])
+            out.flush()
+            await asyncio.sleep(3)  # several times the grace, the file still open
+            assert not (inbox / "failed").exists()
+            out.write(data[-100:])
+        await wait_until(lambda: files_in(inbox / "done") == ["held.dcm"])
+        assert await instance_count(node) == 1
