@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_node.digits import ascii_int
 from pipeline.settings import ModelSpec, PipelineSpec
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -683,18 +684,20 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, origin: str) 
     node: Any = data
     for k in keys[:-1]:
         if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
+            index = ascii_int(k)
+            if index is None or index >= len(node):
                 raise ConfigError(origin, ".".join(keys), "list index out of range")
-            node = node[int(k)]
+            node = node[index]
             continue
         node = node.setdefault(k, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(origin, ".".join(keys), f"{k!r} is not a section")
     last = keys[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
+        index = ascii_int(last)
+        if index is None or index >= len(node):
             raise ConfigError(origin, ".".join(keys), "list index out of range")
-        node[int(last)] = value
+        node[index] = value
     else:
         node[last] = value
 

@@ -31,6 +31,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from dicom_node.config import Settings
+from dicom_node.digits import ascii_int
 from dicom_node.errors import NotFound
 from dicom_node.logs import get_logger
 from dicom_node.store import Batch, Job, JobState, NewJob, Store, StudyRecord
@@ -114,11 +115,6 @@ def projects(settings: Settings, store: Store) -> list[Project]:
     return sorted(found, key=lambda p: p.id)
 
 
-def _is_id(text: str) -> bool:
-    """Whether a string identifier is an integer id (short: int() refuses 4300 digits)."""
-    return text.strip().isdigit() and len(text.strip()) <= 18
-
-
 def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
     """A project by integer id or unique name; raises NotFound."""
     every = projects(settings, store)
@@ -129,9 +125,10 @@ def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
                        f"use its id ({', '.join(str(p.id) for p in named)})")
         if named:
             return named[0]
-        if not _is_id(ident):
+        number = ascii_int(ident.strip())
+        if number is None:
             raise NotFound(f"no project {ident!r}; GET /v1/projects lists them")
-        ident = int(ident)
+        ident = number
     for p in every:
         if p.id == ident:
             return p
@@ -156,10 +153,10 @@ def find_output_layer(settings: Settings, store: Store, ident: str | int) -> tup
     ids = store.integer_ids(OUTPUT_LAYER, [d.name for d in settings.destinations])
     if isinstance(ident, str) and ident in ids:
         return ids[ident], ident
-    if isinstance(ident, int) or _is_id(ident):
-        for name, i in ids.items():
-            if i == int(ident):
-                return i, name
+    number = ident if isinstance(ident, int) else ascii_int(ident.strip())
+    for name, i in ids.items():
+        if i == number:
+            return i, name
     known = ", ".join(f"{n} ({i})" for n, i in ids.items()) or "none is configured"
     raise _bad(f"no output layer {ident!r}; output layers are the node's destinations: "
                f"{known}")
@@ -335,10 +332,11 @@ async def post_batch(request: web.Request) -> web.Response:
 async def get_batch(request: web.Request) -> web.Response:
     store = _store(request)
     raw = request.match_info["job_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    batch_id = ascii_int(raw)
+    if batch_id is None:
         raise NotFound(f"no batch inference job {raw!r}")
     try:
-        batch = await asyncio.to_thread(store.get_batch, int(raw))
+        batch = await asyncio.to_thread(store.get_batch, batch_id)
     except NotFound:
         raise NotFound(f"no batch inference job {raw}") from None
     if not _visible(principal(request), batch):  # not the caller's: as if it did not exist
@@ -350,9 +348,10 @@ def _int_query(request: web.Request, name: str, default: int, top: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= top:
+    value = ascii_int(raw)
+    if value is None or value > top:
         raise _bad(f"{name} must be an integer from 0 to {top}")
-    return int(raw)
+    return value
 
 
 async def get_sources(request: web.Request) -> web.Response:

@@ -55,6 +55,19 @@ def test_environment_and_cli_overrides(tmp_path: Path) -> None:
     assert s.dimse.port == 4000
 
 
+@pytest.mark.parametrize("index", ["\u00b9", "\u0661", "9" * 5000])
+def test_a_list_index_in_an_override_is_ascii_digits(tmp_path: Path, index: str) -> None:
+    """"¹" (int() refuses it), an Arabic-Indic one (int() reads 1) and 5000 digits are no
+    list index: the key is named, not a ValueError raised nor the second AE title changed."""
+    cfg = write(tmp_path, "ae_titles:\n  - ae_title: A\n  - ae_title: B\n")
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={f"DICOM_NODE_AE_TITLES__{index}__TIMEOUT_S": "3"})
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={}, overrides={f"ae_titles.{index}.timeout_s": 3})
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={}, overrides={f"ae_titles.{index}": {"ae_title": "C"}})
+
+
 def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(Exception):

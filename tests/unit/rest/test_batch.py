@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jwt
 import pytest
@@ -309,3 +310,36 @@ def test_batch_status_rules() -> None:
     assert batch_status([s, s]) == "Finished"
     assert batch_status([s, f]) == "Errored"
     assert batch_status([dataclasses.replace(f, state=JobState.CANCELLED)]) == "Errored"
+
+
+def other_digits(n: int, zero: str = "\u0660") -> str:
+    """``n`` in another script's decimal digits (Arabic-Indic by default), which
+    ``str.isdigit()`` and ``int()`` both take."""
+    return "".join(chr(ord(zero) + int(d)) for d in str(n))
+
+
+async def test_ids_and_numbers_are_ascii_digits_only(api: Api) -> None:
+    """"¹" (int() refuses it), Arabic-Indic and fullwidth digits (int() reads them as
+    numbers) are no ids and no numbers: unknown (404) or a bad value (400), never a 500
+    and never another id's batch, project or output layer."""
+    status, got = await api.post(good(api))
+    assert status == 201, got
+    job, pid, lid = got["inferenceJobId"], got["projectId"], got["outputLayerId"]
+    assert (await api.get(f"/v1/infer/batch/{job}"))[0] == 200
+    for ident in ("\u00b9", other_digits(job), other_digits(job, "\uff10")):
+        status, body = await api.get(f"/v1/infer/batch/{quote(ident)}")
+        assert status == 404 and set(body) == {"message"}, (ident, body)
+    for changes in ({"projectIdentifier": "\u00b9"}, {"projectIdentifier": other_digits(pid)},
+                    {"outputLayerIdentifier": "\u00b2"},
+                    {"outputLayerIdentifier": other_digits(lid)}):
+        status, body = await api.post(good(api, **changes))
+        assert status == 400 and set(body) == {"message"}, (changes, body)
+        assert body["message"].startswith(("no project", "no output layer")), body
+    for ident in ("\u00b9", other_digits(pid)):
+        status, body = await api.get(f"/v1/sources?projectIdentifier={quote(ident)}")
+        assert status == 404 and set(body) == {"message"}, (ident, body)
+    for name, value in (("limit", "\u00b2"), ("limit", other_digits(1)),
+                        ("offset", "\u00b2"), ("offset", "9" * 5000)):
+        status, body = await api.get(
+            f"/v1/sources?projectIdentifier=AI_CXR&{name}={quote(value)}")
+        assert status == 400 and body["message"].startswith(f"{name} must be"), (name, body)
