@@ -10,7 +10,9 @@
 How the seed's words map onto the node:
 
 - a **project** is a called AE title the node received studies under (configured
-  or seen), or a drop folder; each has a stable integer id;
+  or seen), or a drop folder; each has a stable integer id. A study is in the project of
+  every AE title and drop folder it came to, also when its instances came again later
+  by another way;
 - a **source** is a study the node holds; its id is the study's integer id;
 - the **model** is a configured pipeline (by name), or a model (its first pipeline);
 - the **output layer** is a configured destination, with a stable integer id;

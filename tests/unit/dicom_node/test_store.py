@@ -522,13 +522,79 @@ def test_removed_credentials_leave_the_database_files(sqlite_store: Store,
 
 def test_a_retrieval_of_a_held_instance_keeps_the_ae_title_it_came_in_on(store: Store) -> None:
     """A study sent to CT_AI, fetched again by a C-MOVE to the node's own AE title: it
-    stays in CT_AI's project. A new push to another AE title moves it, as before."""
+    stays in CT_AI's project only. A new push to another AE title puts that title on the
+    instance's record, and the study in that project too."""
     store.record_instance(dataclasses.replace(rec("8.1"), called_ae="CT_AI"))
     fetched = dataclasses.replace(rec("8.1"), source="retrieve", called_ae="DICOMNODE")
     assert store.record_instance(fetched, durable=False) is True
     got = store.get_instance("8.1")
     assert got is not None and got.called_ae == "CT_AI" and got.source == "retrieve"
     assert [s.study_instance_uid for s in store.project_studies(called_ae="CT_AI")] == ["1.2.3"]
+    assert store.project_studies(called_ae="DICOMNODE") == []
     store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"))
     got = store.get_instance("8.1")
     assert got is not None and got.called_ae == "MR_AI"
+    assert store.called_ae_titles() == ["CT_AI", "MR_AI"]
+
+
+def test_a_study_stays_in_every_project_it_was_received_under(store: Store) -> None:
+    """Sent to ARCHIVE, then the same instance dropped into a folder, then sent to
+    CT_AI: each arrival overwrites the instance's record, and the study is in all
+    three projects."""
+    store.record_instance(dataclasses.replace(rec("8.1"), called_ae="ARCHIVE"))
+    dropped = dataclasses.replace(rec("8.1"), source="watch", called_ae="")
+    store.add_watch_inputs("inbox", [("ab" * 32, "8.1")], instances=[dropped])
+    got = store.get_instance("8.1")
+    assert got is not None and got.source == "watch" and got.called_ae == ""
+    assert [s.study_instance_uid for s in store.project_studies(called_ae="ARCHIVE")] == [
+        "1.2.3"]
+    assert [s.study_instance_uid for s in store.project_studies(watch="inbox")] == ["1.2.3"]
+    assert store.called_ae_titles() == ["ARCHIVE"]
+    store.add_instance(dataclasses.replace(rec("8.1"), called_ae="CT_AI"))  # another way in
+    for ae in ("ARCHIVE", "CT_AI"):
+        (study,) = store.project_studies(called_ae=ae)
+        assert (study.study_instance_uid, study.instances) == ("1.2.3", 1)
+    assert store.called_ae_titles() == ["ARCHIVE", "CT_AI"]
+    # kept first (not written): not received under that AE title
+    assert store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"),
+                                 overwrite=False) is False
+    assert store.project_studies(called_ae="MR_AI") == []
+
+
+def test_a_study_leaves_its_projects_with_its_last_instance(store: Store) -> None:
+    """Forgotten, or emptied by an overwrite into another study: the study UID sent again
+    later under another AE title is not in the old projects."""
+    store.record_instance(dataclasses.replace(rec("8.1", "5.1"), called_ae="ARCHIVE"))
+    store.record_instance(dataclasses.replace(rec("8.2", "5.2"), called_ae="ARCHIVE"))
+    store.forget_study("5.1")
+    store.record_instance(dataclasses.replace(rec("8.2", "5.3"), called_ae="CT_AI"))  # moved
+    assert store.project_studies(called_ae="ARCHIVE") == []
+    store.record_instance(dataclasses.replace(rec("8.3", "5.1"), called_ae="CT_AI"))
+    store.record_instance(dataclasses.replace(rec("8.4", "5.2"), called_ae="CT_AI"))
+    assert store.project_studies(called_ae="ARCHIVE") == []
+    assert [s.study_instance_uid for s in store.project_studies(called_ae="CT_AI")] == [
+        "5.3", "5.1", "5.2"]
+
+
+def test_a_version_5_store_gets_each_studys_called_ae_titles(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = Store(url).open()
+    s.record_instance(dataclasses.replace(rec("8.1", "5.1"), called_ae="ARCHIVE"))
+    s.record_instance(dataclasses.replace(rec("8.2", "5.1"), called_ae="CT_AI"))
+    s.record_instance(dataclasses.replace(rec("8.3", "5.2"), called_ae=""))
+    with s.engine.begin() as conn:  # back to what version 5 made
+        conn.exec_driver_sql("DROP TABLE study_called_aes")
+        conn.exec_driver_sql("UPDATE schema_info SET version = 5")
+    s.close()
+    s = Store(url).open()
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.called_ae_titles() == ["ARCHIVE", "CT_AI"]
+        for ae in ("ARCHIVE", "CT_AI"):
+            assert [x.study_instance_uid for x in s.project_studies(called_ae=ae)] == ["5.1"]
+        s.add_watch_inputs("inbox", [("ab" * 32, "8.1")], instances=[
+            dataclasses.replace(rec("8.1", "5.1"), source="watch", called_ae="")])
+        assert [x.study_instance_uid for x in s.project_studies(called_ae="ARCHIVE")] == [
+            "5.1"]
+    finally:
+        s.close()

@@ -64,7 +64,7 @@ def settings_for(tmp: Path) -> Any:
         tmp / "data",
         dimse={"host": "127.0.0.1", "port": free_port()},
         ae_titles=[{"ae_title": "DICOMNODE"}, {"ae_title": "AI_CXR"}],
-        watch=[{"name": "inbox", "path": str(tmp / "inbox")}],
+        watch=[{"name": "inbox", "path": str(tmp / "inbox"), "settle_s": 0.2}],
         models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": 0.01,
                     "series": {"modalities": ["CR", "DX"]}, "outputs": ["json", "png"]}],
@@ -343,3 +343,23 @@ async def test_ids_and_numbers_are_ascii_digits_only(api: Api) -> None:
         status, body = await api.get(
             f"/v1/sources?projectIdentifier=AI_CXR&{name}={quote(value)}")
         assert status == 400 and body["message"].startswith(f"{name} must be"), (name, body)
+
+
+async def test_a_study_stays_in_its_project_when_it_comes_again_another_way(
+        api: Api) -> None:
+    """Sent to AI_CXR, then the same file dropped into the inbox: the study is in both
+    projects, and a batch on AI_CXR still takes it."""
+    source = api.sources["cr1"]
+    shutil.copy(api.tmp / "incoming" / "cr1.dcm", api.tmp / "inbox" / "cr1.dcm")
+    while True:  # until the drop folder has taken it in
+        status, got = await api.get("/v1/sources?projectIdentifier=inbox")
+        assert status == 200, got
+        if [s["sourceId"] for s in got["sources"]] == [source]:
+            break
+        await asyncio.sleep(0.05)
+    status, got = await api.get("/v1/sources?projectIdentifier=AI_CXR")
+    assert status == 200 and source in [s["sourceId"] for s in got["sources"]], got
+    status, got = await api.post(good(api, sourceIds=[source]))
+    assert status == 201, got
+    status, got = await api.post(good(api, projectIdentifier="inbox", sourceIds=[source]))
+    assert status == 201, got
