@@ -4,6 +4,11 @@
   400 ``{"message": …}`` when the job cannot start.
 - ``GET /v1/infer/batch/{job_id}`` → ``Queued``, ``Running``, ``Finished`` or
   ``Errored`` with one result per source; 404 when unknown or not the caller's group's.
+  A source is Queued until its job is first taken up, then Running until the job ends
+  (also while it waits in the queue to be tried again, e.g. for its next export
+  attempt: once started, it is not Queued again), then Finished or Errored (failed or
+  cancelled). The batch is Queued while no source has started, Running once one has
+  and until all have ended, then Finished when all finished, else Errored.
 - ``GET /v1/sources?projectIdentifier=…`` and ``GET /v1/projects`` list what a
   request can name.
 
@@ -218,26 +223,34 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
 
 
 def source_status(job: Job) -> str:
-    if job.state is JobState.QUEUED:
-        return "Queued"
+    """Queued until the source's job is first taken up; Running from then until it ends,
+    also while it waits in the queue again (for its next export attempt, a retry of its
+    run, or after a restart): a source does not go back to Queued. Then Finished, or
+    Errored (failed or cancelled)."""
     if job.state is JobState.SUCCEEDED:
         return "Finished"
     if job.state.final:
         return "Errored"
+    if job.state is JobState.QUEUED and job.started_at is None:
+        return "Queued"
     return "Running"
 
 
+def _started(job: Job) -> bool:
+    """Whether the job was ever taken up (one cancelled while queued never was)."""
+    return job.started_at is not None or source_status(job) in ("Running", "Finished")
+
+
 def batch_status(jobs: Sequence[Job]) -> str:
-    """Queued until one starts; Finished when all succeeded; Errored when all ended and
-    one did not succeed; else Running."""
+    """Finished when every source finished; Errored when every source ended and one did
+    not finish; else Queued while no source has started (those cancelled before they
+    started count as not started), Running once one has."""
     states = [source_status(j) for j in jobs]
-    if all(s == "Queued" for s in states):
-        return "Queued"
     if all(s == "Finished" for s in states):
         return "Finished"
     if all(s in ("Finished", "Errored") for s in states):
         return "Errored"
-    return "Running"
+    return "Running" if any(_started(j) for j in jobs) else "Queued"
 
 
 def _source_result(store: Store, source_id: int, job: Job) -> dict[str, Any]:
