@@ -41,7 +41,7 @@ from dicom_node.config import Settings
 from dicom_node.digits import ascii_int
 from dicom_node.errors import NotFound
 from dicom_node.logs import get_logger
-from dicom_node.store import Batch, Job, JobState, NewJob, Store, StudyRecord
+from dicom_node.store import Batch, Job, JobEvent, JobState, NewJob, Store, StudyRecord
 from pipeline.settings import PipelineSpec
 from rest.app import NODE, Route, json_body, principal
 from rest.auth import Principal
@@ -253,6 +253,21 @@ def batch_status(jobs: Sequence[Job]) -> str:
     return "Running" if any(_started(j) for j in jobs) else "Queued"
 
 
+def cancelled_message(job: Job, events: Sequence[JobEvent]) -> str:
+    """What a cancelled source's result says: when, at which stage, and the error the
+    job was waiting on, if any (an export to be tried again)."""
+    when = f"cancelled at {job.finished_at.isoformat()}" if job.finished_at else "cancelled"
+    # The state it was cancelled in: the one recorded before the cancel.
+    ends = [i for i, e in enumerate(events) if e.state is JobState.CANCELLED]
+    while_queued = bool(ends) and ends[-1] > 0 and events[ends[-1] - 1].state is JobState.QUEUED
+    if job.started_at is None:
+        return f"{when}, before it started"
+    if not while_queued:
+        return f"{when} while it ran"
+    after = f", after: {job.error}" if job.error else ""
+    return f"{when} while queued to be tried again{after}"
+
+
 def _source_result(store: Store, source_id: int, job: Job) -> dict[str, Any]:
     out: dict[str, Any] = {"sourceId": source_id, "status": source_status(job),
                            "jobId": job.id, "studyInstanceUID": job.study_instance_uid}
@@ -267,7 +282,10 @@ def _source_result(store: Store, source_id: int, job: Job) -> dict[str, Any]:
         out["exports"] = [{"outputLayerName": x.destination, "state": x.state,
                            "sent": x.sent, "message": x.message}
                           for x in store.exports_of(job.id)]
-    out["message"] = job.error if job.state is not JobState.SUCCEEDED else None
+    if job.state is JobState.CANCELLED:
+        out["message"] = cancelled_message(job, store.events(job.id))
+    else:
+        out["message"] = job.error if job.state is not JobState.SUCCEEDED else None
     return out
 
 

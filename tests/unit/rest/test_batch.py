@@ -362,6 +362,37 @@ def test_a_source_is_running_from_its_first_start_until_it_ends(tmp_path: Path) 
         store.close()
 
 
+def test_a_cancelled_source_says_it_was_cancelled(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    try:
+        batch = store.create_batch(
+            group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
+            sources=[(1, NewJob(pipeline="p", kind="batch")),
+                     (2, NewJob(pipeline="p", kind="batch"))])
+        cancelled = store.request_cancel(batch.sources[0][1].id)
+        body = status_body(store, store.get_batch(batch.id))
+        gone, waiting = body["results"]
+        assert gone["status"] == "Errored" and waiting["status"] == "Queued"
+        assert cancelled.finished_at is not None
+        assert gone["message"] == (f"cancelled at {cancelled.finished_at.isoformat()}, "
+                                   "before it started")
+        assert body["status"] == "Queued"  # nothing has started: nothing runs
+        # the other is cancelled as it runs: its worker stops it
+        claimed = store.claim_next("w", 30)
+        assert claimed is not None and claimed.id == batch.sources[1][1].id
+        store.request_cancel(claimed.id)
+        assert store.transition(claimed.id, JobState.CANCELLED, token=claimed.lease_token,
+                                message="cancelled")
+        body = status_body(store, store.get_batch(batch.id))
+        ran = store.get_job(claimed.id)
+        assert ran.finished_at is not None
+        assert body["results"][1]["message"] == (
+            f"cancelled at {ran.finished_at.isoformat()} while it ran")
+        assert body["status"] == "Errored"
+    finally:
+        store.close()
+
+
 def other_digits(n: int, zero: str = "\u0660") -> str:
     """``n`` in another script's decimal digits (Arabic-Indic by default), which
     ``str.isdigit()`` and ``int()`` both take."""
@@ -415,10 +446,11 @@ async def test_a_study_stays_in_its_project_when_it_comes_again_another_way(
     assert status == 201, got
 
 
-async def test_a_source_waiting_to_export_again_is_running(
+async def test_a_source_waiting_to_export_again_is_running_and_a_cancel_says_so(
         api: Api) -> None:
     """The model ran, the export failed with attempts left: the job waits in the queue
-    for its next export attempt, and its source stays Running."""
+    for its next export attempt, and its source stays Running. Cancelled then, it is
+    Errored with a message saying it was cancelled."""
     status, got = await api.post(good(api, sourceIds=[api.sources["cr1"]],
                                       outputLayerIdentifier="unwritable"))
     assert status == 201, got
@@ -435,3 +467,12 @@ async def test_a_source_waiting_to_export_again_is_running(
     status, body = await api.get(f"/v1/infer/batch/{got['inferenceJobId']}")
     assert status == 200, body
     assert body["status"] == "Running" and body["results"][0]["status"] == "Running", body
+    await api.node.scheduler.cancel(job.id)
+    done = await wait_final(api, got["inferenceJobId"])
+    assert done["status"] == "Errored"
+    (result,) = done["results"]
+    assert result["status"] == "Errored"
+    assert result["message"].startswith("cancelled at "), result
+    # what it was waiting for
+    assert " while queued to be tried again, after: export to unwritable failed: " in (
+        result["message"]), result
