@@ -18,6 +18,7 @@ import functools
 import importlib
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -178,6 +179,42 @@ def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+class _StoreTrouble:
+    """Logs a failing store once with its traceback, then a line a minute at most, and
+    once when it answers again: a store down for an hour wrote a traceback a second
+    (onto the disk that was full)."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.since: float | None = None
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def report(self, log: Any, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self.lock:
+            first = self.since is None
+            if first:
+                self.since = now
+            elif now - self.last < self.every_s:
+                return
+            self.last = now
+            since = self.since
+        if first:
+            log.error(what, exc_info=exc)
+        else:
+            log.error(f"{what} (the store has failed for {now - (since or now):.0f} s)",
+                      error=f"{type(exc).__name__}: {exc}")
+
+    def cleared(self, log: Any) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            since, self.since = self.since, None
+        if since is not None:
+            log.info("the store answers again", after_s=round(time.monotonic() - since, 1))
+
+
 class Scheduler:
     """Runs queued jobs in ``workers`` slots until stopped."""
 
@@ -201,6 +238,7 @@ class Scheduler:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
+        self._trouble = _StoreTrouble()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -242,6 +280,7 @@ class Scheduler:
             if await asyncio.to_thread(
                 self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
                 message="node stopped before the job finished; queued again",
+                uncount_attempt=True,  # as after a crash: restarts must not use up retries
             ):
                 self.log.warning("job re-queued at shutdown", job_id=job_id)
             ctx.cancelled.set()  # the thread stops; with its lease gone it cannot write
@@ -295,8 +334,9 @@ class Scheduler:
                     self.store.claim_next, self.owner, self.settings.lease_s, self._first_state,
                     min_priority,
                 )
-            except Exception:
-                self.log.exception("cannot claim a job; will try again")
+                self._trouble.cleared(self.log)
+            except Exception as exc:
+                self._trouble.report(self.log, "cannot claim a job; will try again", exc)
                 job = None
             if job is None:
                 await self._idle()
@@ -312,6 +352,8 @@ class Scheduler:
             except asyncio.CancelledError:
                 if not self._stopping:
                     raise
+            except Exception:  # _run handles its own; a worker must outlive any job
+                self.log.exception("job ended with an unexpected error", job_id=job.id)
             finally:
                 self._running.pop(job.id, None)
             await asyncio.to_thread(release_free_memory)  # see dicom_node.memory
@@ -347,7 +389,11 @@ class Scheduler:
     async def _idle(self) -> None:
         assert self._wake is not None
         timeout = self.settings.poll_interval_s
-        due = await asyncio.to_thread(self.store.next_due)
+        try:
+            due = await asyncio.to_thread(self.store.next_due)
+        except Exception as exc:
+            self._trouble.report(self.log, "cannot read when the next job is due", exc)
+            due = None
         if due is not None:
             timeout = max(0.01, min(timeout, (due - utcnow()).total_seconds()))
         with contextlib.suppress(TimeoutError):
@@ -363,8 +409,12 @@ class Scheduler:
         while True:
             await asyncio.sleep(interval)
             try:
+                # Only the jobs a worker here runs: a job no worker holds any more (its
+                # outcome could not be recorded) must see its lease run out, so that
+                # requeue_expired below gives it back to the queue.
                 leases = await asyncio.to_thread(
-                    self.store.renew_leases, self.owner, self.settings.lease_s
+                    self.store.renew_leases, self.owner, self.settings.lease_s,
+                    list(self._running),
                 )
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.settings.lease_s / 2
@@ -374,8 +424,8 @@ class Scheduler:
                                          "it); queued again", job_id=job_id)
                     if expired:
                         self.notify()
-            except Exception:
-                self.log.exception("cannot renew job leases")
+            except Exception as exc:
+                self._trouble.report(self.log, "cannot renew job leases", exc)
                 continue
             for job_id, cancel in leases:
                 entry = self._running.get(job_id)
@@ -407,8 +457,38 @@ class Scheduler:
                  .state.value)
         try:
             await self._attempt(ctx, log)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store failed while the attempt's outcome was being recorded (a full disk,
+            # a database restart): the job is still ours and "running". It is queued again
+            # as soon as the store answers, and this worker goes on with the queue.
+            log.exception("the job's outcome could not be recorded; it is queued again "
+                          "once the store answers")
+            await self._requeue_when_possible(job, log)
         finally:
             await asyncio.to_thread(shutil.rmtree, ctx.work_dir, True)
+
+    async def _requeue_when_possible(self, job: Job, log: Any) -> None:
+        """Give ``job`` back to the queue, trying until the store takes it or the node
+        stops (a stopping node's job is queued again at the next start)."""
+        delay = 1.0
+        while not self._stopping:
+            try:
+                if not await asyncio.to_thread(
+                        self.store.transition, job.id, JobState.QUEUED,
+                        token=job.lease_token, uncount_attempt=True,
+                        message="the store failed while the job's outcome was recorded; "
+                                "queued again"):
+                    log.warning("job not queued again: its lease was lost")
+                else:
+                    log.warning("job queued again after the store failed")
+                    self.notify()
+                return
+            except Exception as exc:
+                self._trouble.report(log, "cannot queue the job again yet", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _attempt(self, ctx: JobContext, log: Any) -> None:
         job = ctx.job

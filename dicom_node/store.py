@@ -1268,21 +1268,22 @@ class Store:
         with self._begin() as conn:
             return bool(conn.execute(stmt).rowcount)
 
-    def renew_leases(self, owner: str, lease_s: float) -> list[tuple[str, bool]]:
-        """Extend this owner's leases; returns (job_id, cancel_requested) for each."""
+    def renew_leases(self, owner: str, lease_s: float,
+                     job_ids: Collection[str] | None = None) -> list[tuple[str, bool]]:
+        """Extend this owner's leases (only those of ``job_ids`` when given: the jobs a
+        worker still runs); returns (job_id, cancel_requested) for each."""
         now = utcnow()
         active = [s.value for s in ACTIVE_STATES]
+        mine = [jobs.c.lease_owner == owner, jobs.c.state.in_(active)]
+        if job_ids is not None:
+            if not job_ids:
+                return []
+            mine.append(jobs.c.id.in_(list(job_ids)))
         with self._begin() as conn:
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.lease_owner == owner, jobs.c.state.in_(active))
-                .values(lease_expires=now + timedelta(seconds=lease_s))
-            )
-            rows = conn.execute(
-                sa.select(jobs.c.id, jobs.c.cancel_requested).where(
-                    jobs.c.lease_owner == owner, jobs.c.state.in_(active)
-                )
-            ).all()
+            conn.execute(jobs.update().where(*mine)
+                         .values(lease_expires=now + timedelta(seconds=lease_s)))
+            rows = conn.execute(sa.select(jobs.c.id, jobs.c.cancel_requested)
+                                .where(*mine)).all()
         return [(r.id, bool(r.cancel_requested)) for r in rows]
 
     def live_lease_owners(self) -> dict[str, int]:
