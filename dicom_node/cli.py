@@ -45,7 +45,8 @@ Settings come from the YAML file, then DICOM_NODE_* environment variables
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
-                   help="YAML settings (default: built-in defaults, see configs/node.yaml)")
+                   help="YAML settings (default: $DICOM_NODE_CONFIG when set, else built-in "
+                   "defaults, see configs/node.yaml)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="where the store, studies, results and inbox live (default ./data)")
 
@@ -222,7 +223,9 @@ def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
         "rest.port": getattr(args, "http_port", None),
         "dimse.ae_title": getattr(args, "ae_title", None),
     }
-    return load_settings(config or getattr(args, "config", None), overrides=overrides)
+    env_config = os.environ.get("DICOM_NODE_CONFIG") or None
+    return load_settings(config or getattr(args, "config", None)
+                         or (Path(env_config) if env_config else None), overrides=overrides)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -302,8 +305,18 @@ def _serve(settings: Settings) -> int:
 
 
 def _open_store(settings: Settings) -> Any:
+    """The node's store, for the commands that read it: an SQLite file that does not exist
+    is an error (it was made empty in the wrong folder, and 'no jobs' was the answer)."""
+    from sqlalchemy.engine import make_url
+
     from dicom_node.store import Store
 
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db = Path(url.database)
+        if not db.is_file():
+            raise NodeError(f"no store at {db.resolve()}: no node has run with this data "
+                            "directory (give --data-dir or --config as for serve)")
     return Store(settings.database_url).open()
 
 

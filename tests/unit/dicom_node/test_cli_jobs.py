@@ -50,3 +50,28 @@ def test_a_listing_cut_off_by_head_ends_quietly(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait() == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["studies", "list"]])
+def test_a_listing_without_a_store_says_so_and_makes_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """Run from the wrong folder, the listings made an empty ./data/node.db and said
+    'no jobs'; now they say there is no store there, and leave nothing behind."""
+    data = tmp_path / "data"
+    assert main([*command, "--data-dir", str(data)]) == 1
+    assert f"no store at {data / 'node.db'}" in capsys.readouterr().err
+    assert not data.exists()
+
+
+def test_dicom_node_config_names_the_settings_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "elsewhere"
+    data.mkdir()
+    Store(f"sqlite:///{data / 'node.db'}").open().close()
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  data_dir: {data}\n")
+    monkeypatch.setenv("DICOM_NODE_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)  # ./data is not the node's
+    assert main(["jobs", "list"]) == 0
+    assert "no jobs" in capsys.readouterr().out

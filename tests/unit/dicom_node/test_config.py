@@ -97,6 +97,8 @@ def test_settings_are_frozen() -> None:
         ("models:\n  - name: m\n    path: /does/not/exist\n", "models.0.path", "not found"),
         ("logging: 3\n", "logging", "valid dictionary"),
         ("dimse: [\n", "line", "not valid YAML"),
+        ("storage:\n  retention_days: 30\nstorage:\n  min_free_mb: 100\n", "line 3",
+         "'storage' is given twice (first on line 1)"),
         ("- a\n- b\n", "", "mapping of sections"),
         ("auth:\n  algorithms: [none]\n", "auth.algorithms.0", "HS256"),
         ("rest:\n  single_inference_pipeline: nope\n", "rest.single_inference_pipeline",
