@@ -171,7 +171,7 @@ class Node:
 
     @asynccontextmanager
     async def _lock(self) -> AsyncIterator[None]:
-        """One ``serve`` per data directory and node name (see dicom_node.serve_lock)."""
+        """One ``serve`` per data directory (see dicom_node.serve_lock)."""
         lock = await asyncio.to_thread(serve_lock.acquire, self.settings.data_dir,
                                        self.settings.node_name)
         self.lock = lock
