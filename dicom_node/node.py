@@ -108,7 +108,9 @@ class Node:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too (a closed terminal or SSH session): it killed the node on the spot,
+        # without a log line or the grace period for running jobs.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._on_signal, sig)
         async with AsyncExitStack() as stack:
@@ -146,7 +148,10 @@ class Node:
         if self._signals > 1:
             self.log.warning("second signal: exiting now; running jobs are re-queued at start")
             os._exit(1)
-        self.log.info("signal received", signal=sig.name)
+        self.log.info("signal received; stopping", signal=sig.name)
+        if sig is signal.SIGHUP:
+            self.log.info("SIGHUP stops the node like SIGTERM; settings are read at start, "
+                          "so restart it to apply a changed file")
         self._stop.set()
 
     @asynccontextmanager

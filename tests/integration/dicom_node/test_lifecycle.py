@@ -53,10 +53,12 @@ def test_health_and_clean_stop_on_sigterm(node: NodeProcess) -> None:
     assert "node stopped" in node.log()
 
 
-def test_ctrl_c_stops_cleanly(node: NodeProcess) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_a_hang_up_stop_cleanly(node: NodeProcess, sig: signal.Signals) -> None:
     node.start()
-    node.signal(signal.SIGINT)
+    node.signal(sig)
     assert node.wait() == 0
+    assert f'"signal": "{sig.name}"' in node.log() and "node stopped" in node.log()
 
 
 def test_running_job_finishes_within_grace_on_sigterm(node: NodeProcess) -> None:
