@@ -270,10 +270,13 @@ def test_systemd_unit_runs_commands_the_cli_accepts(tmp_path: Path) -> None:
     unit.optionxform = str  # type: ignore[assignment,method-assign]
     unit.read_string(text)
     service = unit["Service"]
+    data_dirs = set()
     for key in ("ExecStartPre", "ExecStart"):
         argv = shlex.split(service[key])
         assert argv[0].endswith("/.venv/bin/dicom-node")
-        build_parser().parse_args(argv[1:])  # SystemExit(2) on an option the CLI lacks
+        args = build_parser().parse_args(argv[1:])  # SystemExit(2) on an option it lacks
+        data_dirs.add(args.data_dir)
+    assert len(data_dirs) == 1 and None not in data_dirs  # the check sees what serve uses
     # systemd waits longer than the node's default grace for running jobs
     assert float(service["TimeoutStopSec"]) > Settings().executor.grace_period_s
     if shutil.which("systemd-analyze"):
