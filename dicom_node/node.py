@@ -23,6 +23,7 @@ from aiohttp import web
 from dicom_node import retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
+from dicom_node.disk import short_of_space
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
@@ -267,10 +268,10 @@ class Node:
         owner = self.lock.owner(self.settings.node_name)
         await self._warn_of_namesakes(owner)
         handler = load_handler(self)
+        results = self.settings.results_dir
         scheduler = Scheduler(self.store, handler, self.settings.executor,
-                              owner=owner,
-                              work_root=self.settings.path(self.settings.storage.results_dir)
-                              / "work")
+                              owner=owner, work_root=results / "work",
+                              paused=lambda: short_of_space(self.settings, results))
         await scheduler.start()
         self.scheduler = scheduler
         try:

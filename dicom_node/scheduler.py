@@ -225,8 +225,12 @@ class Scheduler:
         settings: ExecutorSettings,
         owner: str,
         work_root: Path,
+        paused: Callable[[], str | None] | None = None,
     ) -> None:
+        """``paused``: why no job should start now (the results' disk is full), or None."""
         self.store = store
+        self.paused = paused
+        self._pause: str | None = None  # the reason logged when the pause began
         self.handler = handler
         self.settings = settings
         self.owner = owner
@@ -329,6 +333,9 @@ class Scheduler:
         assert self._wake is not None
         while not self._stopping:
             self._wake.clear()
+            if self._waiting_for_space():
+                await self._idle()
+                continue
             try:
                 job = await asyncio.to_thread(
                     self.store.claim_next, self.owner, self.settings.lease_s, self._first_state,
@@ -357,6 +364,17 @@ class Scheduler:
             finally:
                 self._running.pop(job.id, None)
             await asyncio.to_thread(release_free_memory)  # see dicom_node.memory
+
+    def _waiting_for_space(self) -> bool:
+        """True while ``paused`` says no job should start; logged when it begins and ends."""
+        why = self.paused() if self.paused is not None else None
+        if why and self._pause is None:
+            self.log.warning("jobs wait: the disk of the results is short of space",
+                             reason=why)
+        elif not why and self._pause is not None:
+            self.log.info("jobs run again: the disk of the results has space")
+        self._pause = why
+        return why is not None
 
     def _sweep_work_dirs(self) -> None:
         """Remove scratch folders a crash left behind, except those of jobs running elsewhere."""

@@ -67,6 +67,7 @@ from dicom_node.dimse_status import (
     Rejection,
     Status,
 )
+from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
 from dicom_node.store import InstanceRecord, Store
@@ -1022,9 +1023,8 @@ class StorageSCP:
                 return REJECT_CALLING_AE, (
                     f"{calling} is not among {called}'s sources "
                     f"({', '.join(f'{s.ae_title}@{s.host}' for s in allowed) or 'none'})")
-        min_free = self.settings.storage.min_free_mb * 1024 * 1024
-        if min_free and (free := shutil.disk_usage(self.writer.studies_dir).free) < min_free:
-            return REJECT_NO_SPACE, f"{free // 2**20} MB free"
+        if short := short_of_space(self.settings, self.writer.studies_dir):
+            return REJECT_NO_SPACE, short
         return None
 
     # -- handlers (association threads) -----------------------------------------------

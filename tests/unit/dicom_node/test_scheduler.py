@@ -408,3 +408,24 @@ async def test_a_graceful_stop_does_not_use_up_an_attempt(store: Store, tmp_path
     await wait_state(store, job.id, JobState.RUNNING)
     await sched.stop()
     assert store.get_job(job.id).attempts == 0  # as after a crash (requeue_interrupted)
+
+
+async def test_jobs_wait_while_the_results_disk_is_short_of_space(
+        store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A job started on a full results disk failed every attempt and was given up for
+    good; now no job starts while ``paused`` gives a reason, and they run once it does
+    not."""
+    sched, handler = make(store, tmp_path)
+    short: list[str] = ["12 MB free, under storage.min_free_mb (500 MB)"]
+    sched.paused = lambda: short[0] if short else None
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"name": "waits"}))
+        await asyncio.sleep(0.3)  # several turns of the workers' loop
+        assert store.get_job(job.id).state is JobState.QUEUED and handler.order == []
+        short.clear()
+        sched.notify()
+        assert await wait_state(store, job.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert store.get_job(job.id).attempts == 1
