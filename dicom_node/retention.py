@@ -15,11 +15,15 @@ deletes, in a worker thread:
   destination are the user's: never touched.
 
 Nothing outside the studies and results folders is ever deleted: each path is resolved
-(links followed) and checked to lie inside them first.
+(links followed) and checked to lie inside them first. An instance recorded at a path
+outside today's studies folder (the data directory was moved: the store keeps absolute
+paths) is looked for at the same ``<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` under it; a
+file that is left where it lies is counted (``files_left``) and logged with the reason.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import uuid
@@ -30,9 +34,10 @@ from pathlib import Path
 
 from dicom_node.config import Settings
 from dicom_node.logs import get_logger
-from dicom_node.store import Store, utcnow
+from dicom_node.store import InstanceRecord, Store, utcnow
 
-__all__ = ["SweepResult", "delete_results", "delete_study", "inputs_to_forget", "sweep"]
+__all__ = ["SweepResult", "delete_results", "delete_study", "inputs_to_forget",
+           "instance_file", "sweep"]
 
 log = get_logger("retention")
 
@@ -85,15 +90,18 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
 
 def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult, *,
                  forget_inputs_of: Collection[str] = ()) -> None:
-    """Delete a study's instance files (those inside ``studies_root``), then its records;
-    adds what it did to ``done``. A file that cannot be deleted is logged and counted
-    in ``done.left``; the records go anyway. ``forget_inputs_of``: see
-    :func:`inputs_to_forget`."""
+    """Delete a study's instance files (those inside ``studies_root``, see
+    :func:`instance_file`), then its records; adds what it did to ``done``. A file that
+    cannot or may not be deleted is logged with the reason and counted in ``done.left``;
+    the records go anyway. ``forget_inputs_of``: see :func:`inputs_to_forget`."""
     for rec in store.instances_of(study):
-        path = _inside(Path(rec.path), studies_root)
+        path = instance_file(rec, studies_root)
         if path is None:
-            log.warning("instance file outside the studies folder; not deleted",
-                        study_uid=study, sop_instance_uid=rec.sop_instance_uid)
+            if os.path.lexists(rec.path):  # still there, and not ours to delete
+                done.left += 1
+                log.warning("instance file not deleted", path=str(rec.path),
+                            reason="outside the studies folder", study_uid=study,
+                            sop_instance_uid=rec.sop_instance_uid)
             continue
         try:
             size = path.stat().st_size
@@ -105,11 +113,30 @@ def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult
             # Forgotten anyway, so that one stubborn file cannot stall every
             # later sweep; the log names it for a person to remove.
             done.left += 1
-            log.warning("cannot delete an instance file", path=str(path),
-                        error=type(exc).__name__)
+            log.warning("instance file not deleted", path=str(path),
+                        reason=exc.strerror or type(exc).__name__, study_uid=study,
+                        sop_instance_uid=rec.sop_instance_uid)
         _prune(path.parent, studies_root)
     done.instances += store.forget_study(study, forget_inputs_of=forget_inputs_of)
     done.studies += 1
+
+
+def instance_file(rec: InstanceRecord, studies_root: Path) -> Path | None:
+    """Where ``rec``'s file lies inside ``studies_root`` (resolved), or None.
+
+    The store keeps absolute paths: after the data directory was moved, a path names the
+    old place. Such a path whose tail is the node's own layout,
+    ``<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` of this very record, stands for the file at
+    that tail under ``studies_root`` when one is there.
+    """
+    stored = Path(rec.path)
+    if (found := _inside(stored, studies_root)) is not None:
+        return found
+    tail = (rec.study_instance_uid, rec.series_instance_uid, f"{rec.sop_instance_uid}.dcm")
+    if stored.parts[-3:] != tail:
+        return None
+    moved = _inside(studies_root.joinpath(*tail), studies_root)
+    return moved if moved is not None and moved.is_file() else None
 
 
 def inputs_to_forget(settings: Settings) -> list[str]:

@@ -86,6 +86,7 @@ def test_sweep_deletes_only_what_expired(store: Store, tmp_path: Path) -> None:
     got = sweep(settings, store)
 
     assert (got.studies, got.instances, got.results, got.jobs) == (1, 4, 1, 1)
+    assert got.left == 1  # the file outside, left where it is, is counted
     assert got.bytes == old_bytes > 0
     assert not any(p.exists() for p in old_files)
     assert not (studies_dir / old).exists()  # emptied folders pruned
@@ -172,6 +173,31 @@ async def test_the_node_sweeps_at_start(tmp_path: Path) -> None:
         while node.store.instances_of(study):  # no time limit: pytest-timeout guards
             await asyncio.sleep(0.05)
     assert not (settings.studies_dir / study).exists()
+
+
+def test_a_moved_data_directory_is_cleaned(store: Store, tmp_path: Path) -> None:
+    """The store keeps absolute paths: after ``mv data moved`` they name the old place.
+    The sweep finds each file at the same ``<study>/<series>/<sop>.dcm`` under today's
+    studies folder; it forgot the records and left the files, uncounted."""
+    before = settings_for(tmp_path)
+    study = receive(before, store, tmp_path, "m")
+    store.mark_queued([r.sop_instance_uid for r in store.instances_of(study)])
+    age(store, study, DAYS + 1)
+    moved_to = tmp_path / "moved"
+    before.data_dir.rename(moved_to)
+    settings = node_settings(moved_to, storage={"retention_days": DAYS})
+    studies_dir = settings.studies_dir.resolve()
+    files = list((studies_dir / study).rglob("*.dcm"))
+    assert len(files) == 3 and not any(Path(r.path).is_relative_to(studies_dir)
+                                       for r in store.instances_of(study))
+    size = sum(f.stat().st_size for f in files)
+
+    got = sweep(settings, store)
+
+    assert (got.studies, got.instances, got.left) == (1, 3, 0)
+    assert got.bytes == size > 0
+    assert not (studies_dir / study).exists() and studies_dir.is_dir()
+    assert store.instances_of(study) == []
 
 
 def test_a_file_that_cannot_be_deleted_does_not_stall_the_sweep(
