@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -543,8 +543,11 @@ class _Placeholder(Flowable):  # type: ignore[misc]
 def _footer_factory(model: str, generated: datetime) -> Any:
     regular, _ = _fonts()
     stamp = generated.strftime("%Y-%m-%d %H:%M:%S UTC")
+    # The PDF's own CreationDate/ModDate: the same instant, not the host's local clock.
+    pdf_date = generated.strftime("D:%Y%m%d%H%M%S+00'00'")
 
     def footer(canvas: Canvas, doc: SimpleDocTemplate) -> None:
+        canvas.setDateFormatter(lambda *_: pdf_date)
         canvas.saveState()
         w, _h = A4
         canvas.setStrokeColor(GRID)
@@ -638,7 +641,7 @@ def write_classification_report(
     Raises:
         ValueError: when the image is not 2D. OSError: when writing fails.
     """
-    generated = generated_at or utc_now()
+    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()
@@ -701,7 +704,7 @@ def write_segmentation_report(
     Raises:
         ValueError: when volume and labels differ in shape. OSError: when writing fails.
     """
-    generated = generated_at or utc_now()
+    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()
