@@ -207,8 +207,11 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
     held = {s.id: s for s in project.studies(store, ids=req.sourceIds, limit=MAX_SOURCES)}
     missing = [i for i in req.sourceIds if i not in held]
     if missing:
-        raise _bad(f"sources {missing} are not in project {project.name!r} "
-                   f"(GET /v1/sources?projectIdentifier={project.id} lists them)")
+        shown = ", ".join(map(str, missing[:20])) + (
+            f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        are = "source is" if len(missing) == 1 else "sources are"
+        raise _bad(f"{len(missing)} {are} not in project {project.name!r}: "
+                   f"{shown} (GET /v1/sources?projectIdentifier={project.id} lists them)")
     jobs: list[tuple[int, NewJob]] = []
     for source_id in req.sourceIds:
         study = held[source_id]

@@ -226,7 +226,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"outputLayerIdentifier": "nowhere"}, "no output layer 'nowhere'"),
     ({"outputLayerIdentifier": 9999}, "no output layer 9999"),
     ({"groupName": "cardiology"}, "groupName 'cardiology' is not the group of these"),
-    ({"sourceIds": [99999]}, "sources [99999] are not in project 'AI_CXR'"),
+    ({"sourceIds": [99999]}, "1 source is not in project 'AI_CXR': 99999 (GET"),
+    # a thousand unknown ids: the first twenty and a count, not a thousand numbers
+    ({"sourceIds": list(range(90000, 91000))}, "1000 sources are not in project "
+     "'AI_CXR': " + ", ".join(map(str, range(90000, 90020))) + " and 980 more (GET"),
 ]
 
 
