@@ -157,7 +157,7 @@ def _width(text: str, font: str, size: float) -> float:
 def format_date(value: str) -> str:
     """``YYYYMMDD`` → ``YYYY-MM-DD``; anything else is returned as is (``—`` if empty)."""
     value = (value or "").strip()
-    if len(value) == 8 and value.isdigit():
+    if len(value) == 8 and value.isascii() and value.isdigit():  # not "¹": int() refuses it
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     return value or "—"
 
@@ -166,7 +166,7 @@ def format_age(value: str) -> str:
     """DICOM AS (``045Y``) → ``45 years``; other values as is (``—`` if empty)."""
     value = (value or "").strip()
     units = {"D": "days", "W": "weeks", "M": "months", "Y": "years"}
-    if len(value) == 4 and value[:3].isdigit() and value[3] in units:
+    if len(value) == 4 and value.isascii() and value[:3].isdigit() and value[3] in units:
         return f"{int(value[:3])} {units[value[3]]}"
     return value or "—"
 
