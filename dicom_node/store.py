@@ -781,13 +781,8 @@ class Store:
 
     def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:
         """Note that these instances' group became jobs (or needed none)."""
-        now = utcnow()
-        uids = list(dict.fromkeys(sop_instance_uids))
         with self._begin() as conn:
-            for i in range(0, len(uids), 500):  # bounded IN lists
-                conn.execute(instances.update()
-                             .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
-                             .values(queued_at=now))
+            _mark_queued(conn, sop_instance_uids, utcnow())
 
     def pending_instances(self, sources: Sequence[str] = ("dimse", "stow")
                           ) -> list[InstanceRecord]:
@@ -978,6 +973,25 @@ class Store:
                 ) from exc
             raise
         return self.get_job(job_id)
+
+    def create_group_jobs(self, news: Sequence[NewJob], sop_instance_uids: Sequence[str],
+                          *, watch: str | None = None) -> list[Job]:
+        """Queue a complete group's jobs and record its instances as queued, in one
+        transaction: after a crash either all of it is in the store or none of it (and
+        the instances are still pending, so the next start assembles them again), never
+        jobs whose instances look pending and are queued a second time.
+
+        ``watch``: the drop folder the instances came from; its inputs move from
+        "stored" to "queued" in the same transaction. ``news`` may be empty (an intake
+        without pipelines): the instances are then only recorded as queued.
+        """
+        now = utcnow()
+        with self._begin() as conn:
+            _mark_queued(conn, sop_instance_uids, now)
+            if watch is not None:
+                _mark_watch_inputs(conn, watch, sop_instance_uids, "queued", now)
+            ids = [self._insert_job(conn, new, now) for new in news]
+        return [self.get_job(job_id) for job_id in ids]
 
     def _insert_job(self, conn: Connection, new: NewJob, now: datetime) -> str:
         job_id = str(uuid.uuid4())
@@ -1427,16 +1441,8 @@ class Store:
     def mark_watch_inputs(self, watch: str, sop_instance_uids: Sequence[str],
                           state: str = "queued") -> None:
         """Move the inputs carrying these SOP Instance UIDs from "stored" to ``state``."""
-        now = utcnow()
         with self._begin() as conn:
-            for i in range(0, len(sop_instance_uids), 500):
-                chunk = list(sop_instance_uids[i:i + 500])
-                conn.execute(
-                    watch_inputs.update()
-                    .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
-                           watch_inputs.c.sop_instance_uid.in_(chunk))
-                    .values(state=state, updated_at=now)
-                )
+            _mark_watch_inputs(conn, watch, sop_instance_uids, state, utcnow())
 
     def pending_watch_instances(self, watch: str) -> list[InstanceRecord]:
         """Instances taken in from ``watch`` whose group never became a job (a crash)."""
@@ -1621,6 +1627,28 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _mark_queued(conn: Connection, sop_instance_uids: Sequence[str], now: datetime) -> None:
+    """Set ``queued_at`` of these instances (their group became jobs)."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):  # bounded IN lists
+        conn.execute(instances.update()
+                     .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
+                     .values(queued_at=now))
+
+
+def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence[str],
+                       state: str, now: datetime) -> None:
+    """Move drop folder ``watch``'s inputs carrying these SOP UIDs from "stored" to ``state``."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):
+        conn.execute(
+            watch_inputs.update()
+            .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
+                   watch_inputs.c.sop_instance_uid.in_(uids[i:i + 500]))
+            .values(state=state, updated_at=now)
+        )
 
 
 def _unfinished_jobs(study: Any) -> sa.Select[Any]:

@@ -297,6 +297,45 @@ def test_watch_inputs_record_once_and_track_jobs(store: Store) -> None:
     assert store.count_watch_inputs("inbox") == {"queued": 1, "stored": 2}
 
 
+def test_a_groups_jobs_and_its_queued_marks_are_one_transaction(store: Store) -> None:
+    """A complete group's jobs, its instances' queued mark and its drop-folder inputs'
+    state commit together. A failure anywhere in between (here the last job's insert,
+    after the marks and the first job were written) leaves none of it: the instances
+    stay pending, so the next start queues the group once, not a second time."""
+    for sop in ("7.1", "7.2"):  # a DICOM group
+        store.record_instance(rec(sop, study="7"))
+    watched = [dataclasses.replace(rec(sop, study="8"), source="watch") for sop in ("8.1", "8.2")]
+    store.add_watch_inputs("inbox", [("7" * 64, "8.1"), ("8" * 64, "8.2")], instances=watched)
+    store.create_job(NewJob(pipeline="p", transaction_id="taken", owner="ris"))
+
+    def group(study: str, *, clash: bool) -> list[NewJob]:
+        last = {"transaction_id": "taken", "owner": "ris"} if clash else {}
+        return [NewJob(pipeline="p1", study_instance_uid=study),
+                NewJob(pipeline="p2", study_instance_uid=study, **last)]  # type: ignore[arg-type]
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_group_jobs(group("7", clash=True), ["7.1", "7.2"])
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_group_jobs(group("8", clash=True), ["8.1", "8.2"], watch="inbox")
+    assert len(store.list_jobs()) == 1  # the one made before
+    assert [r.sop_instance_uid for r in store.pending_instances()] == ["7.1", "7.2"]
+    assert [r.sop_instance_uid for r in store.pending_watch_instances("inbox")] == ["8.1", "8.2"]
+    assert store.count_watch_inputs("inbox") == {"stored": 2}
+
+    made = store.create_group_jobs(group("7", clash=False), ["7.1", "7.2"])
+    assert [(j.pipeline, j.state) for j in made] == [("p1", JobState.QUEUED),
+                                                     ("p2", JobState.QUEUED)]
+    made = store.create_group_jobs(group("8", clash=False), ["8.1", "8.2"], watch="inbox")
+    assert {j.study_instance_uid for j in made} == {"8"}
+    assert store.pending_instances() == [] and store.pending_watch_instances("inbox") == []
+    assert store.count_watch_inputs("inbox") == {"queued": 2}
+    assert len(store.list_jobs()) == 5
+    # an intake without pipelines: no job, the instances are no longer pending
+    store.record_instance(rec("9.1", study="9"))
+    assert store.create_group_jobs([], ["9.1"]) == []
+    assert store.pending_instances() == []
+
+
 def test_a_dropped_file_and_its_instances_are_recorded_together(store: Store) -> None:
     """One transaction: an input is never known without its instances, nor the reverse."""
     store.add_watch_inputs("inbox", [("d" * 64, "5.1"), ("e" * 64, "5.2")],
