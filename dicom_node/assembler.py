@@ -12,7 +12,11 @@ Drop folders (``dicom_node.watch``) feed the same path through
 :meth:`Assembler.watched_instance`: their grouping, timeout and pipelines come
 from the folder's :class:`WatchSettings`, their groups complete on the timeout
 only (there is no association to release), and their jobs are ``kind="watch"``
-with the folder's ``output_dir`` and ``destinations`` in the input.
+with the folder's ``output_dir`` and ``destinations`` in the input. While a folder
+still has inputs it has not taken yet (a file still being copied, or one waiting
+to be tried again after a full disk), the watcher holds its groups
+(:meth:`Assembler.hold`): their timeout does not complete them, so a study is not
+cut into a part and the rest.
 
 A complete group's jobs and the record that its instances are queued go to the
 store in one transaction (``queue_group``, the node's
@@ -122,6 +126,7 @@ class Assembler:
         self._groups: dict[GroupKey, _Group] = {}
         self._by_association: dict[int, set[GroupKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[str, Callable[[], int]] = {}  # per drop folder (see hold)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -166,6 +171,21 @@ class Assembler:
     @property
     def open_groups(self) -> int:
         return len(self._groups)
+
+    def hold(self, watch: str, waiting: Callable[[], int] | None) -> None:
+        """Hold drop folder ``watch``'s groups while ``waiting()``, the number of inputs
+        it has seen and not yet taken, is not 0 (None: no longer).
+
+        When such a group's timeout runs out while ``waiting()`` is not 0, the group is
+        not completed: its timeout starts again. A study whose files are held up (still
+        being written, or to be tried again after a full disk) is then not cut into a
+        job for the part taken and another for the rest. The watcher registers each
+        folder at its start. Call on the loop; ``waiting`` runs on the loop.
+        """
+        if waiting is None:
+            self._held.pop(watch, None)
+        else:
+            self._held[watch] = waiting
 
     # -- thread-safe entry points ----------------------------------------------------------
 
@@ -238,8 +258,19 @@ class Assembler:
         if group.timer is not None:
             group.timer.cancel()
         assert self._loop is not None
-        group.timer = self._loop.call_later(ae.timeout_s, self._complete, key, "timeout")
+        group.timer = self._loop.call_later(ae.timeout_s, self._timed_out, key)
         return key
+
+    def _timed_out(self, key: GroupKey) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return
+        waiting = self._held.get(group.settings.watch or "")
+        if waiting is not None and waiting() > 0:
+            assert self._loop is not None
+            group.timer = self._loop.call_later(group.settings.timeout_s, self._timed_out, key)
+            return
+        self._complete(key, "timeout")
 
     def _ended(self, end: AssociationEnd) -> None:
         for key in self._by_association.pop(end.association_id, set()):

@@ -660,6 +660,8 @@ class Watcher:
         await asyncio.to_thread(self._prepare)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="watch")
         for folder in self.folders.values():
+            # a study is not cut into jobs while files of the folder still wait to be taken
+            self.assembler.hold(folder.name, folder._pending.__len__)
             pending = await asyncio.to_thread(self.store.pending_watch_instances, folder.name)
             for rec in pending:
                 self.assembler.watched_instance(

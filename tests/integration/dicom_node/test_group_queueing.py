@@ -11,15 +11,19 @@ stopped, the trigger dropped, and the node started again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import sqlalchemy as sa
 
+import dicom_node.watch as watch_module
 from dicom_node.node import Node
 from dicom_node.store import Store
-from tests.support.dicom_factory import make_cr_study
+from tests.support.dicom_factory import make_cr_study, make_ct_study
 from tests.support.inproc import node_settings, running_node
 from tests.support.peers import free_port, storescu
 
@@ -115,3 +119,42 @@ async def test_a_group_is_queued_once_when_the_node_dies_before_recording_it(
         assert (left_jobs, left_pending) == (0, 2)
     finally:
         store.close()
+
+
+async def test_a_study_held_up_by_a_full_disk_still_becomes_one_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One file of a dropped CT series cannot be taken for a while ("no space left on
+    device", as while a disk fills): the folder holds the study's group past its
+    timeout, and once the file is taken the whole series is one job (before: a job for
+    the part taken, which failed on the gap, and one for the rest)."""
+    study = make_ct_study(tmp_path / "src", seed="held-up", slices=6, size=16)
+    settings = _settings(tmp_path)
+    inbox = tmp_path / "inbox"
+    disk_full = threading.Event()
+    disk_full.set()
+    refusals: list[str] = []
+    real_open = watch_module._open_input
+
+    def open_input(path: str) -> BinaryIO:  # the seam test_watch.py uses for open()
+        if path.endswith("slice3.dcm") and disk_full.is_set():
+            refusals.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path)
+
+    monkeypatch.setattr(watch_module, "_open_input", open_input)
+    async with running_node(settings) as node:
+        store = node.store
+        assert store is not None
+        for i, p in enumerate(study.paths):
+            shutil.copy(p, inbox / f"slice{i}.dcm")
+        await wait_until(lambda: len(list((inbox / "done").glob("*.dcm"))) == 5)
+        await wait_until(lambda: len(refusals) >= 2)  # tried again after more than timeout_s
+        disk_full.clear()  # space came back
+
+        async def all_in_jobs() -> bool:
+            counts = await asyncio.to_thread(_jobs_by_instance, store)
+            return sum(counts.values()) >= 6
+        await wait_until(all_in_jobs)
+        jobs = [j for j in await asyncio.to_thread(store.list_jobs) if j.kind == "watch"]
+        assert [sorted(j.input["instances"]) for j in jobs] == [sorted(study.sop_uids)]
+        assert await asyncio.to_thread(store.count_watch_inputs, "inbox") == {"queued": 6}

@@ -286,3 +286,32 @@ async def test_groups_still_open_at_stop_stay_pending_when_their_intake_records_
         await settle()
         assert asm.open_groups == 1
     assert jobs.jobs == [] and jobs.queued == [] and asm.open_groups == 0
+
+
+async def test_a_drop_folder_with_inputs_still_waiting_holds_its_groups() -> None:
+    """While the folder has inputs it has not taken (a file held up by a full disk), its
+    groups outlive their timeout; once none wait, they complete as usual. Other
+    intakes' groups are not held."""
+    from dicom_node.assembler import GroupPolicy
+    from dicom_node.config import WatchSettings
+
+    jobs = Jobs()
+    waiting = {"cd": 1}
+    folder = WatchSettings(name="cd", path=Path("cd"), pipelines=["p2"], timeout_s=0.1)
+    policy = GroupPolicy.for_watch(folder, "/out/cd")
+    async with Assembler(settings(), jobs.submit, queue_group=jobs.queue_group) as asm:
+        asm.hold("cd", lambda: waiting["cd"])
+        asm.watched_instance(ReceivedInstance("1.2.3.9.1", "1.2.840.10008.5.1.4.1.1.2",
+                                              "1.2.3", "1.2.3.1", Path("/x/1.dcm"), "", "",
+                                              0), policy)
+        asm.instance_received(inst(2, study="1.2.4"))  # over DICOM: its own timeout (0.2 s)
+        while not jobs.queued:
+            await settle()
+        await settle(0.5)  # several of the folder's timeouts
+        assert [g.study_instance_uid for g in jobs.queued] == ["1.2.4"]
+        assert asm.open_groups == 1
+        waiting["cd"] = 0  # the held-up file was taken (or refused)
+        while asm.open_groups:
+            await settle()
+    assert [(g.study_instance_uid, g.reason) for g in jobs.queued] == [
+        ("1.2.4", "timeout"), ("1.2.3", "timeout")]
