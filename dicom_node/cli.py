@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("show", "one job with its history, artifacts and exports"),
                        ("cancel", "cancel a queued job, or stop a running one"),
-                       ("retry", "queue a failed or cancelled job again")):
+                       ("retry", "queue a failed or cancelled job again (a study's "
+                                 "job: with all of the study held now)")):
         jp = jsub.add_parser(name, help=text)
         _config_options(jp)
         jp.add_argument("job_id", metavar="JOB_ID",
@@ -358,8 +359,13 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{job.id}: {'cancelled' if done else 'cancel requested'}")
             return 0
         if args.jobs_command == "retry":
-            job = store.retry(store.match_job(job_id).id)
-            print(f"{job.id}: queued again")
+            before = store.match_job(job_id)
+            job = store.retry(before.id)
+            # a job of a study's group runs on all of the study the node holds now
+            had, has = (len(j.input.get("instances") or []) for j in (before, job))
+            grew = f" with {has} instances, {has - had} more than the failed run" \
+                if has > had else ""
+            print(f"{job.id}: queued again{grew}")
             return 0
     finally:
         store.close()

@@ -102,7 +102,7 @@ class NodeHandler:
         return Path(configured) if configured else self.settings.results_dir
 
     def run(self, ctx: JobContext) -> list[Artifact]:
-        from pipeline.io import InputError, series_misfit
+        from pipeline.io import IncompleteSeriesError, InputError, series_misfit
         from pipeline.runner import PipelineError, result_summary
 
         job = ctx.job
@@ -142,6 +142,12 @@ class NodeHandler:
             study_dir = out_dir / study_folder(study, len(results)) if many else out_dir
             try:
                 out = runner.run(job.pipeline, files, study_dir, cancelled=ctx.cancelled)
+            except IncompleteSeriesError as exc:
+                hint = ""
+                if job.kind in PUSHED_KINDS:  # made from the instances its group got
+                    hint = (f"; or, once the missing instances are in, dicom-node jobs "
+                            f"retry {job.id}")
+                raise PermanentJobError(f"study {study}: {exc}{hint}") from None
             except (InputError, PipelineError, ValueError) as exc:
                 raise PermanentJobError(f"study {study}: {exc}") from None
             except KeyError as exc:  # a model that failed to load

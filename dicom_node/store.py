@@ -1297,9 +1297,25 @@ class Store:
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again with a fresh attempt count."""
+        """Queue a failed or cancelled job again with a fresh attempt count.
+
+        A job the assembler made from a group of pushed instances (DICOM, STOW-RS, drop
+        folder) runs on every instance of its study (or series, when its intake groups
+        by series) that the store holds now and that came the same way: to the same
+        called AE title, or into the same drop folder. A series that arrived in parts
+        (a transfer cut off, a disk that filled) then runs whole. When its instance list
+        grows, the results of the failed run are dropped (the job runs again) and the
+        history says so ("retry requested with 200 instances, 78 more than the failed
+        run").
+        """
         now = utcnow()
         with self._begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            old = Job.from_row(row) if row is not None else None
+            grown = _regrouped(conn, old) if old is not None else None
+            values: dict[str, Any] = {}
+            if old is not None and grown is not None:
+                values["input"] = {**old.input, "instances": grown}
             changed = conn.execute(
                 jobs.update()
                 .where(
@@ -1307,8 +1323,16 @@ class Store:
                     jobs.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
                 )
                 .values(state=JobState.QUEUED.value, attempts=0, cancel_requested=False,
-                        not_before=None, error=None, finished_at=None, updated_at=now)
+                        not_before=None, error=None, finished_at=None, updated_at=now,
+                        **values)
             ).rowcount
+            message = "retry requested"
+            if changed and old is not None and grown is not None:
+                before = len(old.input.get("instances", []))
+                message += (f" with {len(grown)} instances, {len(grown) - before} more than "
+                            "the failed run")
+                # made from fewer instances: not results of this run, which makes new ones
+                conn.execute(artifacts.delete().where(artifacts.c.job_id == job_id))
             if changed:
                 # Destinations that have not got the results get their attempts afresh;
                 # those that did are never sent to again.
@@ -1317,7 +1341,7 @@ class Store:
                     .where(exports.c.job_id == job_id,
                            exports.c.state != EXPORT_SUCCEEDED)
                     .values(state=EXPORT_RETRYING, attempts=0, updated_at=now))
-                self._event(conn, job_id, JobState.QUEUED, "retry requested", now)
+                self._event(conn, job_id, JobState.QUEUED, message, now)
         if not changed:
             job = self.get_job(job_id)
             raise Conflict(f"job {job_id} is {job.state.value}; only failed or cancelled "
@@ -1649,6 +1673,37 @@ def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence
                    watch_inputs.c.sop_instance_uid.in_(uids[i:i + 500]))
             .values(state=state, updated_at=now)
         )
+
+
+# Jobs the assembler makes from a group of pushed instances (see Store.retry).
+GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
+
+
+def _regrouped(conn: Connection, job: Job) -> list[str] | None:
+    """The instance list of a group's ``job`` with every instance of its study (or
+    series) that the store now holds and that came the same way added, in the order
+    they arrived; None when that adds none (or ``job`` was not made from a group)."""
+    given = job.input.get("instances")
+    study = job.input.get("study_instance_uid")
+    if job.kind not in GROUP_KINDS or not isinstance(given, list) or not study:
+        return None
+    q = sa.select(instances.c.sop_instance_uid).where(
+        instances.c.study_instance_uid == study)
+    if job.input.get("series_instance_uid"):
+        q = q.where(instances.c.series_instance_uid == job.input["series_instance_uid"])
+    if job.kind == "watch":
+        if not job.input.get("watch"):
+            return None
+        q = q.where(instances.c.sop_instance_uid.in_(
+            sa.select(watch_inputs.c.sop_instance_uid)
+            .where(watch_inputs.c.watch == job.input["watch"])))
+    else:
+        q = q.where(instances.c.source == job.kind,
+                    instances.c.called_ae == (job.called_ae or ""))
+    known = set(given)
+    more = [str(r[0]) for r in conn.execute(q.order_by(instances.c.id))
+            if r[0] not in known]
+    return [*given, *more] if more else None
 
 
 def _unfinished_jobs(study: Any) -> sa.Select[Any]:

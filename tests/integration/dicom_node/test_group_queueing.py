@@ -158,3 +158,62 @@ async def test_a_study_held_up_by_a_full_disk_still_becomes_one_job(
         jobs = [j for j in await asyncio.to_thread(store.list_jobs) if j.kind == "watch"]
         assert [sorted(j.input["instances"]) for j in jobs] == [sorted(study.sop_uids)]
         assert await asyncio.to_thread(store.count_watch_inputs, "inbox") == {"queued": 6}
+
+
+async def test_a_series_that_came_in_parts_runs_whole_on_retry(tmp_path: Path) -> None:
+    """A CT series dropped without three of its middle slices fails on the gap, and the
+    message says what to do; the three come in later (their own group). `jobs retry`
+    of the failed job then runs on the whole series, as the store now holds it."""
+    study = make_ct_study(tmp_path / "src", seed="in-parts", slices=12)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    organs = Path(__file__).resolve().parents[3] / "pipeline" / "models" / "ct-organs"
+    settings = node_settings(
+        tmp_path / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        watch=[{"name": "inbox", "path": str(inbox), "pipelines": ["ct-organs"],
+                "settle_s": 0.2, "timeout_s": 0.5}],
+        models=[{"name": "ct-organs", "path": str(organs), "warmup": False}],
+        pipelines=[{"name": "ct-organs", "model": "ct-organs", "task": "segment",
+                    "series": {"modalities": ["CT"], "min_instances": 8},
+                    "outputs": ["json"]}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+    )
+    late = {5, 6, 7}
+    async with running_node(settings) as node:
+        store = node.store
+        assert store is not None
+
+        def watch_jobs() -> list:  # type: ignore[type-arg]
+            return sorted((j for j in store.list_jobs() if j.kind == "watch"),
+                          key=lambda j: j.created_at)
+
+        def all_final(n: int) -> bool:
+            jobs = watch_jobs()
+            return len(jobs) == n and all(j.state.final for j in jobs)
+
+        for i, p in enumerate(study.paths):
+            if i not in late:
+                shutil.copy(p, inbox / f"slice{i}.dcm")
+        await wait_until(lambda: all_final(1))
+        (first,) = watch_jobs()
+        assert first.state.value == "failed" and len(first.input["instances"]) == 9
+        assert "resend the complete series" in (first.error or "")
+        assert f"or, once the missing instances are in, dicom-node jobs retry {first.id}" \
+            in (first.error or "")
+
+        for i in late:  # the rest comes in: a group of its own, which cannot run alone
+            shutil.copy(study.paths[i], inbox / f"slice{i}.dcm")
+        await wait_until(lambda: all_final(2))
+
+        retried = await asyncio.to_thread(store.retry, first.id)
+        assert sorted(retried.input["instances"]) == sorted(study.sop_uids)
+        assert store.events(first.id)[-1].message == (
+            "retry requested with 12 instances, 3 more than the failed run")
+        assert node.scheduler is not None
+        node.scheduler.notify()
+        await wait_until(lambda: store.get_job(first.id).state.final)
+        done = store.get_job(first.id)
+        assert done.state.value == "succeeded", done.error
+        assert done.result is not None and done.result["results"][0]["study"] == study.study_uid

@@ -571,3 +571,59 @@ def test_a_retrieval_of_a_held_instance_keeps_the_ae_title_it_came_in_on(store: 
     store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"))
     got = store.get_instance("8.1")
     assert got is not None and got.called_ae == "MR_AI"
+
+
+def _failed(store: Store, new: NewJob) -> str:
+    """A job that ran and failed (more urgent than those retried before it: it is the
+    one claimed)."""
+    job = store.create_job(dataclasses.replace(new, priority=200 + len(store.list_jobs())))
+    claimed = store.claim_next("me", 30)
+    assert claimed is not None and claimed.id == job.id
+    store.transition(job.id, JobState.FAILED, token=claimed.lease_token, message="gap")
+    return job.id
+
+
+def test_retry_of_a_groups_job_takes_the_rest_of_its_study_that_came_the_same_way(
+        store: Store) -> None:
+    """A job made from a group runs again on every instance of its study (or series)
+    now held that came the same way: a series split by a full disk runs whole."""
+    def held(sop: str, series: str = "5.1", **how: str) -> InstanceRecord:
+        return dataclasses.replace(rec(sop, study="5", series=series), **how)
+
+    watched = [held(f"5.1.{i}", source="watch", called_ae="") for i in range(5)]
+    store.add_watch_inputs("inbox", [(f"{i}" * 64, r.sop_instance_uid)
+                                     for i, r in enumerate(watched)], instances=watched)
+    other = held("5.1.9", source="watch", called_ae="")  # the same study, another folder
+    store.add_watch_inputs("cd", [("f" * 64, "5.1.9")], instances=[other])
+    store.record_instance(held("5.1.8"))  # the same study over DICOM
+    store.record_instance(held("5.2.1", series="5.2"))  # another series, over DICOM
+    watch_job = _failed(store, NewJob(pipeline="ct", kind="watch", study_instance_uid="5",
+                                      input={"instances": ["5.1.0", "5.1.1", "5.1.2"],
+                                             "study_instance_uid": "5", "watch": "inbox"}))
+    store.add_artifact(watch_job, "json", Path("/r/P1_volumes.json"), "application/json")
+    job = store.retry(watch_job)
+    assert job.input["instances"] == ["5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.4"]
+    assert job.input["watch"] == "inbox" and job.state is JobState.QUEUED
+    assert store.events(watch_job)[-1].message == (
+        "retry requested with 5 instances, 2 more than the failed run")
+    assert store.artifacts_of(watch_job) == []  # made from three: the job runs again
+
+    series_job = _failed(store, NewJob(
+        pipeline="ct", kind="dimse", study_instance_uid="5", called_ae="DICOMNODE",
+        input={"instances": ["5.2.1"], "study_instance_uid": "5",
+               "series_instance_uid": "5.2"}))
+    assert store.retry(series_job).input["instances"] == ["5.2.1"]  # nothing more came
+    assert store.events(series_job)[-1].message == "retry requested"
+    study_job = _failed(store, NewJob(pipeline="ct", kind="dimse", study_instance_uid="5",
+                                      called_ae="DICOMNODE",
+                                      input={"instances": ["5.2.1"],
+                                             "study_instance_uid": "5"}))
+    assert store.retry(study_job).input["instances"] == ["5.2.1", "5.1.8"]
+    elsewhere = _failed(store, NewJob(pipeline="ct", kind="dimse", study_instance_uid="5",
+                                      called_ae="ARCHIVE",
+                                      input={"instances": ["5.2.1"],
+                                             "study_instance_uid": "5"}))
+    assert store.retry(elsewhere).input["instances"] == ["5.2.1"]  # sent to another AE
+    asked = _failed(store, NewJob(pipeline="ct", kind="api",  # a request names its own
+                                  input={"instances": ["5.1.0"], "study_instance_uid": "5"}))
+    assert store.retry(asked).input["instances"] == ["5.1.0"]
