@@ -229,15 +229,21 @@ def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
 def _check_config(args: argparse.Namespace) -> int:
     s = _settings(args, config=args.file)
     print(f"{args.file}: OK")
+    for warning in s.warnings():  # valid, but probably not what was meant; exit 0
+        print(f"dicom-node: warning: {args.file}: {warning}", file=sys.stderr)
     print(f"  data directory  {s.data_dir.resolve()}")
     print(f"  store           {s.database_url}")
+    # an AE title without pipelines is an archive: it stores what it gets, makes no job
+    called = [a.ae_title + ("" if a.pipelines else " (stores only)") for a in s.ae_titles]
     print(f"  DICOM           {s.dimse.ae_title} on port {s.dimse.port}; called AE titles: "
-          f"{', '.join(a.ae_title for a in s.ae_titles) or 'none'}")
+          f"{', '.join(called) or 'none'}")
     print(f"  HTTP            port {s.rest.port}" if s.rest.enabled else "  HTTP            off")
     print(f"  models          {', '.join(m.name for m in s.models) or 'none'}")
     print(f"  pipelines       {', '.join(p.name for p in s.pipelines) or 'none'}")
     print(f"  destinations    {', '.join(d.name for d in s.destinations) or 'none'}")
-    print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
+    folders = [str(s.path(w.path)) + ("" if w.pipelines else " (no pipelines)")
+               for w in s.watch]
+    print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
     return _check_models(s) if args.models else 0

@@ -114,6 +114,8 @@ class Node:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._part("lock", self._lock()))
             await stack.enter_async_context(self._part("store", self._store()))
+            for warning in self.settings.warnings():  # with the runtime config applied
+                self.log.warning("configuration: " + warning)
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("models", self._models()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
