@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("show", "one job with its history, artifacts and exports"),
                        ("cancel", "cancel a queued job, or stop a running one"),
-                       ("retry", "queue a failed or cancelled job again")):
+                       ("retry", "queue a failed or cancelled job again (a study's "
+                                 "job: with all of the study held now)")):
         jp = jsub.add_parser(name, help=text)
         _config_options(jp)
         jp.add_argument("job_id", metavar="JOB_ID",
@@ -231,15 +232,21 @@ def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
 def _check_config(args: argparse.Namespace) -> int:
     s = _settings(args, config=args.file)
     print(f"{args.file}: OK")
+    for warning in s.warnings():  # valid, but probably not what was meant; exit 0
+        print(f"dicom-node: warning: {args.file}: {warning}", file=sys.stderr)
     print(f"  data directory  {s.data_dir.resolve()}")
     print(f"  store           {s.database_url}")
+    # an AE title without pipelines is an archive: it stores what it gets, makes no job
+    called = [a.ae_title + ("" if a.pipelines else " (stores only)") for a in s.ae_titles]
     print(f"  DICOM           {s.dimse.ae_title} on port {s.dimse.port}; called AE titles: "
-          f"{', '.join(a.ae_title for a in s.ae_titles) or 'none'}")
+          f"{', '.join(called) or 'none'}")
     print(f"  HTTP            port {s.rest.port}" if s.rest.enabled else "  HTTP            off")
     print(f"  models          {', '.join(m.name for m in s.models) or 'none'}")
     print(f"  pipelines       {', '.join(p.name for p in s.pipelines) or 'none'}")
     print(f"  destinations    {', '.join(d.name for d in s.destinations) or 'none'}")
-    print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
+    folders = [str(s.path(w.path)) + ("" if w.pipelines else " (no pipelines)")
+               for w in s.watch]
+    print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
     return _check_models(s) if args.models else 0
@@ -371,8 +378,13 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{job.id}: {'cancelled' if done else 'cancel requested'}")
             return 0
         if args.jobs_command == "retry":
-            job = store.retry(store.match_job(job_id).id)
-            print(f"{job.id}: queued again")
+            before = store.match_job(job_id)
+            job = store.retry(before.id)
+            # a job of a study's group runs on all of the study the node holds now
+            had, has = (len(j.input.get("instances") or []) for j in (before, job))
+            grew = f" with {has} instances, {has - had} more than the failed run" \
+                if has > had else ""
+            print(f"{job.id}: queued again{grew}")
             return 0
     finally:
         store.close()

@@ -506,6 +506,18 @@ class Settings(_Section):
                 return ae
         return None
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but most likely not what was meant, each as
+        ``key: what happens``; ``check-config`` prints them and ``serve`` logs them.
+
+        A drop folder without pipelines takes files (and moves them to ``done/``) but
+        makes no job: nobody drops files only to archive them. An AE title without
+        pipelines is not warned about: an archive AE title that only stores is a
+        common, deliberate setup.
+        """
+        return [f"watch.{i}.pipelines: drop folder {w.name} has no pipelines: files are "
+                "stored, no job is made" for i, w in enumerate(self.watch) if not w.pipelines]
+
 
 def _resolved(path: Path) -> Path:
     try:

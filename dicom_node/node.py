@@ -29,7 +29,7 @@ from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
-from dicom_node.store import Store
+from dicom_node.store import NewJob, Store
 from dicom_node.watch import Watcher
 
 if TYPE_CHECKING:
@@ -117,6 +117,8 @@ class Node:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._part("lock", self._lock()))
             await stack.enter_async_context(self._part("store", self._store()))
+            for warning in self.settings.warnings():  # with the runtime config applied
+                self.log.warning("configuration: " + warning)
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("models", self._models()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
@@ -298,7 +300,7 @@ class Node:
     async def _assembler(self) -> AsyncIterator[None]:
         assert self.scheduler is not None
         assembler = Assembler(self.settings, self.scheduler.submit,
-                              on_queued=self._group_queued)
+                              queue_group=self._queue_group)
         async with assembler:
             self.assembler = assembler
             await self._recover_groups(assembler)
@@ -308,10 +310,11 @@ class Node:
             finally:
                 self.settings_listeners.remove(self._update_assembler)
 
-    async def _group_queued(self, group: CompletedGroup) -> None:
-        """A DICOM or STOW-RS group's jobs are queued: its instances are no longer pending."""
-        assert self.store is not None
-        await asyncio.to_thread(self.store.mark_queued, group.instances)
+    async def _queue_group(self, news: list[NewJob], group: CompletedGroup) -> None:
+        """A complete group (DICOM, STOW-RS or drop folder): its jobs and the record that
+        its instances (and drop-folder inputs) are no longer pending, in one commit."""
+        assert self.scheduler is not None
+        await self.scheduler.submit_group(news, group.instances, watch=group.watch)
 
     async def _recover_groups(self, assembler: Assembler) -> None:
         """Instances acknowledged before the last stop whose group never became jobs (a

@@ -315,6 +315,19 @@ class Scheduler:
         self.notify()
         return job
 
+    async def submit_group(self, news: list[NewJob], sop_instance_uids: list[str], *,
+                           watch: str | None = None) -> list[Job]:
+        """Queue a complete group's jobs and record its instances as queued, in one
+        transaction (see :meth:`Store.create_group_jobs`)."""
+        jobs = await asyncio.to_thread(self.store.create_group_jobs, news, sop_instance_uids,
+                                       watch=watch)
+        for job in jobs:
+            self.log.info("job queued", job_id=job.id, pipeline=job.pipeline,
+                          priority=job.priority)
+        if jobs:
+            self.notify()
+        return jobs
+
     async def cancel(self, job_id: str) -> Job:
         job = await asyncio.to_thread(self.store.request_cancel, job_id)
         entry = self._running.get(job_id)

@@ -862,13 +862,8 @@ class Store:
 
     def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:
         """Note that these instances' group became jobs (or needed none)."""
-        now = utcnow()
-        uids = list(dict.fromkeys(sop_instance_uids))
         with self._begin() as conn:
-            for i in range(0, len(uids), 500):  # bounded IN lists
-                conn.execute(instances.update()
-                             .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
-                             .values(queued_at=now))
+            _mark_queued(conn, sop_instance_uids, utcnow())
 
     def pending_instances(self, sources: Sequence[str] = ("dimse", "stow")
                           ) -> list[InstanceRecord]:
@@ -1058,6 +1053,25 @@ class Store:
                 ) from exc
             raise
         return self.get_job(job_id)
+
+    def create_group_jobs(self, news: Sequence[NewJob], sop_instance_uids: Sequence[str],
+                          *, watch: str | None = None) -> list[Job]:
+        """Queue a complete group's jobs and record its instances as queued, in one
+        transaction: after a crash either all of it is in the store or none of it (and
+        the instances are still pending, so the next start assembles them again), never
+        jobs whose instances look pending and are queued a second time.
+
+        ``watch``: the drop folder the instances came from; its inputs move from
+        "stored" to "queued" in the same transaction. ``news`` may be empty (an intake
+        without pipelines): the instances are then only recorded as queued.
+        """
+        now = utcnow()
+        with self._begin() as conn:
+            _mark_queued(conn, sop_instance_uids, now)
+            if watch is not None:
+                _mark_watch_inputs(conn, watch, sop_instance_uids, "queued", now)
+            ids = [self._insert_job(conn, new, now) for new in news]
+        return [self.get_job(job_id) for job_id in ids]
 
     def _insert_job(self, conn: Connection, new: NewJob, now: datetime) -> str:
         job_id = str(uuid.uuid4())
@@ -1364,9 +1378,25 @@ class Store:
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again with a fresh attempt count."""
+        """Queue a failed or cancelled job again with a fresh attempt count.
+
+        A job the assembler made from a group of pushed instances (DICOM, STOW-RS, drop
+        folder) runs on every instance of its study (or series, when its intake groups
+        by series) that the store holds now and that came the same way: to the same
+        called AE title, or into the same drop folder. A series that arrived in parts
+        (a transfer cut off, a disk that filled) then runs whole. When its instance list
+        grows, the results of the failed run are dropped (the job runs again) and the
+        history says so ("retry requested with 200 instances, 78 more than the failed
+        run").
+        """
         now = utcnow()
         with self._begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            old = Job.from_row(row) if row is not None else None
+            grown = _regrouped(conn, old) if old is not None else None
+            values: dict[str, Any] = {}
+            if old is not None and grown is not None:
+                values["input"] = {**old.input, "instances": grown}
             changed = conn.execute(
                 jobs.update()
                 .where(
@@ -1374,8 +1404,16 @@ class Store:
                     jobs.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
                 )
                 .values(state=JobState.QUEUED.value, attempts=0, cancel_requested=False,
-                        not_before=None, error=None, finished_at=None, updated_at=now)
+                        not_before=None, error=None, finished_at=None, updated_at=now,
+                        **values)
             ).rowcount
+            message = "retry requested"
+            if changed and old is not None and grown is not None:
+                before = len(old.input.get("instances", []))
+                message += (f" with {len(grown)} instances, {len(grown) - before} more than "
+                            "the failed run")
+                # made from fewer instances: not results of this run, which makes new ones
+                conn.execute(artifacts.delete().where(artifacts.c.job_id == job_id))
             if changed:
                 # Destinations that have not got the results get their attempts afresh;
                 # those that did are never sent to again.
@@ -1384,7 +1422,7 @@ class Store:
                     .where(exports.c.job_id == job_id,
                            exports.c.state != EXPORT_SUCCEEDED)
                     .values(state=EXPORT_RETRYING, attempts=0, updated_at=now))
-                self._event(conn, job_id, JobState.QUEUED, "retry requested", now)
+                self._event(conn, job_id, JobState.QUEUED, message, now)
         if not changed:
             job = self.get_job(job_id)
             raise Conflict(f"job {job_id} is {job.state.value}; only failed or cancelled "
@@ -1508,16 +1546,8 @@ class Store:
     def mark_watch_inputs(self, watch: str, sop_instance_uids: Sequence[str],
                           state: str = "queued") -> None:
         """Move the inputs carrying these SOP Instance UIDs from "stored" to ``state``."""
-        now = utcnow()
         with self._begin() as conn:
-            for i in range(0, len(sop_instance_uids), 500):
-                chunk = list(sop_instance_uids[i:i + 500])
-                conn.execute(
-                    watch_inputs.update()
-                    .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
-                           watch_inputs.c.sop_instance_uid.in_(chunk))
-                    .values(state=state, updated_at=now)
-                )
+            _mark_watch_inputs(conn, watch, sop_instance_uids, state, utcnow())
 
     def pending_watch_instances(self, watch: str) -> list[InstanceRecord]:
         """Instances taken in from ``watch`` whose group never became a job (a crash)."""
@@ -1702,6 +1732,59 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _mark_queued(conn: Connection, sop_instance_uids: Sequence[str], now: datetime) -> None:
+    """Set ``queued_at`` of these instances (their group became jobs)."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):  # bounded IN lists
+        conn.execute(instances.update()
+                     .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
+                     .values(queued_at=now))
+
+
+def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence[str],
+                       state: str, now: datetime) -> None:
+    """Move drop folder ``watch``'s inputs carrying these SOP UIDs from "stored" to ``state``."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):
+        conn.execute(
+            watch_inputs.update()
+            .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
+                   watch_inputs.c.sop_instance_uid.in_(uids[i:i + 500]))
+            .values(state=state, updated_at=now)
+        )
+
+
+# Jobs the assembler makes from a group of pushed instances (see Store.retry).
+GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
+
+
+def _regrouped(conn: Connection, job: Job) -> list[str] | None:
+    """The instance list of a group's ``job`` with every instance of its study (or
+    series) that the store now holds and that came the same way added, in the order
+    they arrived; None when that adds none (or ``job`` was not made from a group)."""
+    given = job.input.get("instances")
+    study = job.input.get("study_instance_uid")
+    if job.kind not in GROUP_KINDS or not isinstance(given, list) or not study:
+        return None
+    q = sa.select(instances.c.sop_instance_uid).where(
+        instances.c.study_instance_uid == study)
+    if job.input.get("series_instance_uid"):
+        q = q.where(instances.c.series_instance_uid == job.input["series_instance_uid"])
+    if job.kind == "watch":
+        if not job.input.get("watch"):
+            return None
+        q = q.where(instances.c.sop_instance_uid.in_(
+            sa.select(watch_inputs.c.sop_instance_uid)
+            .where(watch_inputs.c.watch == job.input["watch"])))
+    else:
+        q = q.where(instances.c.source == job.kind,
+                    instances.c.called_ae == (job.called_ae or ""))
+    known = set(given)
+    more = [str(r[0]) for r in conn.execute(q.order_by(instances.c.id))
+            if r[0] not in known]
+    return [*given, *more] if more else None
 
 
 def _unfinished_jobs(study: Any) -> sa.Select[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -329,3 +330,41 @@ def test_sop_classes_by_uid_or_keyword(tmp_path: Path) -> None:
         load_settings(bad, environ={})
     assert "ae_titles.0.ignored_sop_classes" in str(info.value)
     assert "did you mean 'CTImageStorage'?" in str(info.value)
+
+
+def test_a_drop_folder_without_pipelines_is_warned_about(tmp_path: Path) -> None:
+    """Such a folder takes files and moves them to done/ and makes no job: check-config
+    says so (still exit 0: it is valid) and so does the node's start-up log. An AE
+    title without pipelines (an archive) is shown as storing only, not warned about."""
+    import structlog
+
+    from dicom_node.config import load_settings
+    from tests.support.inproc import node_settings, running_node
+
+    config = write(tmp_path, f"""
+ae_titles:
+  - {{ae_title: ARCHIVE}}
+watch:
+  - {{name: scans, path: {tmp_path / 'scans'}}}
+  - {{name: cxr, path: {tmp_path / 'cxr'}, pipelines: [cxr-findings]}}
+""")
+    r = _cli("check-config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"dicom-node: warning: {config}: watch.0.pipelines: drop folder scans has no "
+        "pipelines: files are stored, no job is made"]
+    assert "called AE titles: ARCHIVE (stores only)" in r.stdout
+    assert f"{tmp_path / 'scans'} (no pipelines), {tmp_path / 'cxr'}" in r.stdout
+    assert load_settings(default_config_path()).warnings() == []
+
+    (tmp_path / "scans").mkdir()
+    settings = node_settings(tmp_path / "data", ae_titles=[{"ae_title": "ARCHIVE"}],
+                             watch=[{"name": "scans", "path": str(tmp_path / "scans")}])
+    with structlog.testing.capture_logs() as logs:
+        async def start_and_stop() -> None:
+            async with running_node(settings):
+                pass
+        asyncio.run(start_and_stop())
+    warned = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert warned == ["configuration: watch.0.pipelines: drop folder scans has no "
+                      "pipelines: files are stored, no job is made"]
