@@ -78,14 +78,21 @@ class NodeHandler:
     def _input_paths(self, ctx: JobContext) -> list[Path]:
         if "paths" in ctx.data:
             return list(ctx.data["paths"])
+        from dicom_node.retention import instance_file
+
         paths: list[Path] = []
         missing = 0
+        studies = self.settings.studies_dir.resolve()
         for sop in ctx.job.input.get("instances", []):
             rec = self.store.get_instance(sop)
-            if rec is None or not Path(rec.path).exists():
+            # The store keeps absolute paths: after the data directory was moved, the
+            # file is at the same place under the new studies folder.
+            path = None if rec is None else (
+                Path(rec.path) if Path(rec.path).exists() else instance_file(rec, studies))
+            if path is None:
                 missing += 1
                 continue
-            paths.append(Path(rec.path))
+            paths.append(path)
         if missing:
             ctx.log.warning("instances of the job are no longer on disk", missing=missing)
         return paths

@@ -334,3 +334,26 @@ async def test_a_drop_folders_jobs_never_overwrite_each_others_results(tmp_path:
         mirrored = tmp_path / "share" / job.id / "P1" / "P1_sr.dcm"
         assert mirrored.read_bytes() == sr.read_bytes()
     assert not (output / "P1").exists()  # no folder shared by the patient's jobs
+
+
+async def test_a_job_runs_on_its_instances_after_the_data_directory_moved(
+        tmp_path: Path) -> None:
+    """The store keeps absolute paths: after ``mv data moved`` a job failed with "none of
+    the job's instances is available"; it finds them at the same place under the new
+    studies folder."""
+    settings = _settings(tmp_path, [CXR])
+    async with running_node(settings) as node:
+        src = write_dicom(make_cxr_phantom(3, size=64), tmp_path / "cr.dcm",
+                          patient_id="P1", modality="CR")
+        got = node.instance_writer().write(src, called_ae="DICOMNODE", calling_ae="MODALITY",
+                                           association_id=0)
+    moved = tmp_path / "moved"
+    (tmp_path / "data").rename(moved)
+    settings = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"data_dir": moved})})
+    async with running_node(settings) as node:
+        assert node.scheduler is not None
+        job = await node.scheduler.submit(NewJob(
+            pipeline="cxr", kind="api", input={"instances": [got.sop_instance_uid]}))
+        job = await _finished(node, job)
+    assert job.state is JobState.SUCCEEDED, job.error
