@@ -12,7 +12,16 @@ Drop folders (``dicom_node.watch``) feed the same path through
 :meth:`Assembler.watched_instance`: their grouping, timeout and pipelines come
 from the folder's :class:`WatchSettings`, their groups complete on the timeout
 only (there is no association to release), and their jobs are ``kind="watch"``
-with the folder's ``output_dir`` and ``destinations`` in the input.
+with the folder's ``output_dir`` and ``destinations`` in the input. While a folder
+still has inputs it has not taken yet (a file still being copied, or one waiting
+to be tried again after a full disk), the watcher holds its groups
+(:meth:`Assembler.hold`): their timeout does not complete them, so a study is not
+cut into a part and the rest.
+
+A complete group's jobs and the record that its instances are queued go to the
+store in one transaction (``queue_group``, the node's
+:meth:`~dicom_node.scheduler.Scheduler.submit_group`): a node that dies at any
+moment leaves either both or neither, so a restart never queues a group twice.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from dicom_node.store import NewJob
 __all__ = ["Assembler", "CompletedGroup", "GroupPolicy"]
 
 Submit = Callable[[NewJob], Awaitable[Any]]
+# Queues a complete group's jobs (possibly none) and records its instances as queued,
+# all or nothing.
+QueueGroup = Callable[[list[NewJob], "CompletedGroup"], Awaitable[Any]]
 # origin ("ae:<called AE>" or "watch:<name>"), study UID, series UID (series grouping)
 GroupKey = tuple[str, str, str | None]
 
@@ -46,8 +58,6 @@ class GroupPolicy:
     kind: str = "dimse"
     watch: str | None = None  # the drop folder's name
     extra_input: Mapping[str, Any] = field(default_factory=dict)  # merged into job inputs
-    # Called on the loop once every job of a group is queued (drop folders record it).
-    on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None
 
     @classmethod
     def for_ae(cls, ae: AETitleSettings) -> GroupPolicy:
@@ -55,17 +65,13 @@ class GroupPolicy:
         return cls(tuple(ae.pipelines), ae.grouping, ae.timeout_s, ae.complete_on_release)
 
     @classmethod
-    def for_watch(
-        cls, watch: WatchSettings, output_dir: str,
-        on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None,
-    ) -> GroupPolicy:
+    def for_watch(cls, watch: WatchSettings, output_dir: str) -> GroupPolicy:
         """The policy of a drop folder; its jobs carry ``output_dir`` and ``destinations``."""
         return cls(tuple(watch.pipelines), watch.grouping, watch.timeout_s,
                    complete_on_release=False, kind="watch", watch=watch.name,
                    extra_input={"output_dir": output_dir,
                                 "destinations": list(watch.destinations),
-                                "watch": watch.name},
-                   on_queued=on_queued)
+                                "watch": watch.name})
 
 
 @dataclass
@@ -105,20 +111,22 @@ class Assembler:
         submit: Submit,
         *,
         on_complete: Callable[[CompletedGroup], None] | None = None,
-        on_queued: Callable[[CompletedGroup], Awaitable[None]] | None = None,
+        queue_group: QueueGroup | None = None,
     ) -> None:
-        """``on_queued`` runs once every job of a DICOM or STOW-RS group is queued (the
-        node marks its instances in the store, so a restart does not queue them again);
-        drop folders bring their own."""
+        """``queue_group`` (the node's) queues a complete group's jobs and records its
+        instances as queued in one transaction, so that a restart finds pending only
+        what never became jobs. Without it (an intake that keeps no record) each job
+        goes to ``submit`` on its own."""
         self.settings = settings
         self._submit = submit
         self._on_complete = on_complete
-        self._on_queued = on_queued
+        self._queue_group = queue_group
         self.log = get_logger("dimse.assembler")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._groups: dict[GroupKey, _Group] = {}
         self._by_association: dict[int, set[GroupKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: dict[str, Callable[[], int]] = {}  # per drop folder (see hold)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -130,14 +138,13 @@ class Assembler:
 
         A group still open (no release, no timeout yet) is not complete: its sender may
         still be sending, and a job now would cover part of the study, its rest another
-        job later. When its intake records what waits (``on_queued``: the node's DICOM
-        and STOW-RS intake, drop folders), its instances stay pending in the store and
-        the next start assembles them again, with whatever arrived after this stop, as
-        one group. A group whose intake records nothing becomes a job now (``shutdown``),
-        as nothing would find it again.
+        job later. When the assembler records what it queues (``queue_group``: the
+        node's DICOM, STOW-RS and drop-folder intake), its instances stay pending in the
+        store and the next start assembles them again, with whatever arrived after this
+        stop, as one group. Without such a record a group becomes a job now
+        (``shutdown``), as nothing would find it again.
         """
-        left = [g for g in self._groups.values()
-                if (g.settings.on_queued or self._on_queued) is not None]
+        left = list(self._groups.values()) if self._queue_group is not None else []
         for group in left:
             self._groups.pop(group.key, None)
             if group.timer is not None:
@@ -164,6 +171,21 @@ class Assembler:
     @property
     def open_groups(self) -> int:
         return len(self._groups)
+
+    def hold(self, watch: str, waiting: Callable[[], int] | None) -> None:
+        """Hold drop folder ``watch``'s groups while ``waiting()``, the number of inputs
+        it has seen and not yet taken, is not 0 (None: no longer).
+
+        When such a group's timeout runs out while ``waiting()`` is not 0, the group is
+        not completed: its timeout starts again. A study whose files are held up (still
+        being written, or to be tried again after a full disk) is then not cut into a
+        job for the part taken and another for the rest. The watcher registers each
+        folder at its start. Call on the loop; ``waiting`` runs on the loop.
+        """
+        if waiting is None:
+            self._held.pop(watch, None)
+        else:
+            self._held[watch] = waiting
 
     # -- thread-safe entry points ----------------------------------------------------------
 
@@ -236,8 +258,19 @@ class Assembler:
         if group.timer is not None:
             group.timer.cancel()
         assert self._loop is not None
-        group.timer = self._loop.call_later(ae.timeout_s, self._complete, key, "timeout")
+        group.timer = self._loop.call_later(ae.timeout_s, self._timed_out, key)
         return key
+
+    def _timed_out(self, key: GroupKey) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return
+        waiting = self._held.get(group.settings.watch or "")
+        if waiting is not None and waiting() > 0:
+            assert self._loop is not None
+            group.timer = self._loop.call_later(group.settings.timeout_s, self._timed_out, key)
+            return
+        self._complete(key, "timeout")
 
     def _ended(self, end: AssociationEnd) -> None:
         for key in self._by_association.pop(end.association_id, set()):
@@ -273,31 +306,32 @@ class Assembler:
                       reason=reason, pipelines=list(policy.pipelines))
         if self._on_complete is not None:
             self._on_complete(done)
-        on_queued = policy.on_queued or self._on_queued
-        if on_queued is None:
+        if self._queue_group is None:
             for pipeline in policy.pipelines:
                 self._spawn(self._make_job(pipeline, done, policy))
         else:
-            self._spawn(self._make_jobs(done, policy, on_queued))
+            self._spawn(self._queue(done, policy, self._queue_group))
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _make_jobs(self, group: CompletedGroup, policy: GroupPolicy,
-                         on_queued: Callable[[CompletedGroup], Awaitable[None]]) -> None:
-        """Queue every pipeline's job, then tell the intake (only if all were queued)."""
-        results = [await self._make_job(p, group, policy) for p in policy.pipelines]
-        if all(results):
-            try:
-                await on_queued(group)
-            except Exception:
-                self.log.exception("cannot record that a group's jobs are queued",
-                                   watch=policy.watch, study_uid=group.study_instance_uid)
+    async def _queue(self, group: CompletedGroup, policy: GroupPolicy,
+                     queue_group: QueueGroup) -> None:
+        """Queue every pipeline's job and record the group queued, all or nothing."""
+        news = [self._new_job(p, group, policy) for p in policy.pipelines]
+        try:
+            await queue_group(news, group)
+        except Exception:
+            # Nothing of it was recorded: its instances are still pending in the store,
+            # and the next start assembles them again.
+            self.log.exception("cannot queue the jobs of a complete group; its instances "
+                               "wait for the next start", watch=policy.watch,
+                               study_uid=group.study_instance_uid,
+                               pipelines=list(policy.pipelines))
 
-    async def _make_job(self, pipeline: str, group: CompletedGroup,
-                        policy: GroupPolicy) -> bool:
+    def _new_job(self, pipeline: str, group: CompletedGroup, policy: GroupPolicy) -> NewJob:
         payload: dict[str, Any] = {
             "instances": group.instances,
             "study_instance_uid": group.study_instance_uid,
@@ -311,9 +345,13 @@ class Assembler:
         if group.series_instance_uid is not None:
             payload["series_instance_uid"] = group.series_instance_uid
         payload.update(policy.extra_input)
-        new = NewJob(pipeline=pipeline, kind=policy.kind, input=payload,
-                     study_instance_uid=group.study_instance_uid,
-                     called_ae=group.called_ae or None, calling_ae=group.calling_ae or None)
+        return NewJob(pipeline=pipeline, kind=policy.kind, input=payload,
+                      study_instance_uid=group.study_instance_uid,
+                      called_ae=group.called_ae or None, calling_ae=group.calling_ae or None)
+
+    async def _make_job(self, pipeline: str, group: CompletedGroup,
+                        policy: GroupPolicy) -> bool:
+        new = self._new_job(pipeline, group, policy)
         try:
             await self._submit(new)
         except Exception:

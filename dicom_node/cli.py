@@ -45,7 +45,8 @@ Settings come from the YAML file, then DICOM_NODE_* environment variables
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
-                   help="YAML settings (default: built-in defaults, see configs/node.yaml)")
+                   help="YAML settings (default: $DICOM_NODE_CONFIG when set, else built-in "
+                   "defaults, see configs/node.yaml)")
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="where the store, studies, results and inbox live (default ./data)")
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("show", "one job with its history, artifacts and exports"),
                        ("cancel", "cancel a queued job, or stop a running one"),
-                       ("retry", "queue a failed or cancelled job again")):
+                       ("retry", "queue a failed or cancelled job again (a study's "
+                                 "job: with all of the study held now)")):
         jp = jsub.add_parser(name, help=text)
         _config_options(jp)
         jp.add_argument("job_id", metavar="JOB_ID",
@@ -222,21 +224,29 @@ def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
         "rest.port": getattr(args, "http_port", None),
         "dimse.ae_title": getattr(args, "ae_title", None),
     }
-    return load_settings(config or getattr(args, "config", None), overrides=overrides)
+    env_config = os.environ.get("DICOM_NODE_CONFIG") or None
+    return load_settings(config or getattr(args, "config", None)
+                         or (Path(env_config) if env_config else None), overrides=overrides)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     s = _settings(args, config=args.file)
     print(f"{args.file}: OK")
+    for warning in s.warnings():  # valid, but probably not what was meant; exit 0
+        print(f"dicom-node: warning: {args.file}: {warning}", file=sys.stderr)
     print(f"  data directory  {s.data_dir.resolve()}")
     print(f"  store           {s.database_url}")
+    # an AE title without pipelines is an archive: it stores what it gets, makes no job
+    called = [a.ae_title + ("" if a.pipelines else " (stores only)") for a in s.ae_titles]
     print(f"  DICOM           {s.dimse.ae_title} on port {s.dimse.port}; called AE titles: "
-          f"{', '.join(a.ae_title for a in s.ae_titles) or 'none'}")
+          f"{', '.join(called) or 'none'}")
     print(f"  HTTP            port {s.rest.port}" if s.rest.enabled else "  HTTP            off")
     print(f"  models          {', '.join(m.name for m in s.models) or 'none'}")
     print(f"  pipelines       {', '.join(p.name for p in s.pipelines) or 'none'}")
     print(f"  destinations    {', '.join(d.name for d in s.destinations) or 'none'}")
-    print(f"  drop folders    {', '.join(str(s.path(w.path)) for w in s.watch) or 'none'}")
+    folders = [str(s.path(w.path)) + ("" if w.pipelines else " (no pipelines)")
+               for w in s.watch]
+    print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
     return _check_models(s) if args.models else 0
@@ -302,8 +312,18 @@ def _serve(settings: Settings) -> int:
 
 
 def _open_store(settings: Settings) -> Any:
+    """The node's store, for the commands that read it: an SQLite file that does not exist
+    is an error (it was made empty in the wrong folder, and 'no jobs' was the answer)."""
+    from sqlalchemy.engine import make_url
+
     from dicom_node.store import Store
 
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db = Path(url.database)
+        if not db.is_file():
+            raise NodeError(f"no store at {db.resolve()}: no node has run with this data "
+                            "directory (give --data-dir or --config as for serve)")
     return Store(settings.database_url).open()
 
 
@@ -358,8 +378,13 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{job.id}: {'cancelled' if done else 'cancel requested'}")
             return 0
         if args.jobs_command == "retry":
-            job = store.retry(store.match_job(job_id).id)
-            print(f"{job.id}: queued again")
+            before = store.match_job(job_id)
+            job = store.retry(before.id)
+            # a job of a study's group runs on all of the study the node holds now
+            had, has = (len(j.input.get("instances") or []) for j in (before, job))
+            grew = f" with {has} instances, {has - had} more than the failed run" \
+                if has > had else ""
+            print(f"{job.id}: queued again{grew}")
             return 0
     finally:
         store.close()

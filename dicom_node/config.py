@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_node.digits import ascii_int
 from pipeline.settings import ModelSpec, PipelineSpec
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -509,6 +510,18 @@ class Settings(_Section):
                 return ae
         return None
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but most likely not what was meant, each as
+        ``key: what happens``; ``check-config`` prints them and ``serve`` logs them.
+
+        A drop folder without pipelines takes files (and moves them to ``done/``) but
+        makes no job: nobody drops files only to archive them. An AE title without
+        pipelines is not warned about: an archive AE title that only stores is a
+        common, deliberate setup.
+        """
+        return [f"watch.{i}.pipelines: drop folder {w.name} has no pipelines: files are "
+                "stored, no job is made" for i, w in enumerate(self.watch) if not w.pipelines]
+
 
 def _resolved(path: Path) -> Path:
     try:
@@ -664,11 +677,28 @@ def _section_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML keeps the last,
+    so a second ``storage:`` section silently dropped the first's settings."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key]}); YAML "
+                    "would keep only the last", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), "", "file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"),  # a SafeLoader
+                           Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -687,18 +717,20 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, origin: str) 
     node: Any = data
     for k in keys[:-1]:
         if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
+            index = ascii_int(k)
+            if index is None or index >= len(node):
                 raise ConfigError(origin, ".".join(keys), "list index out of range")
-            node = node[int(k)]
+            node = node[index]
             continue
         node = node.setdefault(k, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(origin, ".".join(keys), f"{k!r} is not a section")
     last = keys[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
+        index = ascii_int(last)
+        if index is None or index >= len(node):
             raise ConfigError(origin, ".".join(keys), "list index out of range")
-        node[int(last)] = value
+        node[index] = value
     else:
         node[last] = value
 

@@ -5,7 +5,9 @@
   QIDO/WADO-RS; what arrives is stored like any received instance. Progress is
   published per study in the job's result.
 - **run**: the job's instances, grouped by study, go through the configured
-  pipeline; artifacts land in the job's output folder.
+  pipeline; artifacts land in the job's own output folder, ``<job id>/`` under the
+  node's results or under a drop folder's ``output`` (so no job ever writes over
+  another's files: two studies of one patient both write ``<PatientID>_*.json``).
 - **export**: artifacts go to the pipeline's destinations and the job's own.
 
 Input that can never work (unknown pipeline, wrong modality, unreadable
@@ -76,24 +78,38 @@ class NodeHandler:
     def _input_paths(self, ctx: JobContext) -> list[Path]:
         if "paths" in ctx.data:
             return list(ctx.data["paths"])
+        from dicom_node.retention import instance_file
+
         paths: list[Path] = []
         missing = 0
+        studies = self.settings.studies_dir.resolve()
         for sop in ctx.job.input.get("instances", []):
             rec = self.store.get_instance(sop)
-            if rec is None or not Path(rec.path).exists():
+            # The store keeps absolute paths: after the data directory was moved, the
+            # file is at the same place under the new studies folder.
+            path = None if rec is None else (
+                Path(rec.path) if Path(rec.path).exists() else instance_file(rec, studies))
+            if path is None:
                 missing += 1
                 continue
-            paths.append(Path(rec.path))
+            paths.append(path)
         if missing:
             ctx.log.warning("instances of the job are no longer on disk", missing=missing)
         return paths
 
     def output_dir(self, job: Job) -> Path:
+        """The job's own results folder: ``<job id>/`` under the drop folder's ``output``
+        (a watch job's ``output_dir``) or under the node's results folder. The pipeline
+        writes ``<PatientID>/<PatientID>_*`` inside, so a folder shared by jobs would let
+        a patient's second study overwrite the first's results."""
+        return self._results_base(job) / job.id
+
+    def _results_base(self, job: Job) -> Path:
         configured = job.input.get("output_dir")
-        return Path(configured) if configured else self.settings.results_dir / job.id
+        return Path(configured) if configured else self.settings.results_dir
 
     def run(self, ctx: JobContext) -> list[Artifact]:
-        from pipeline.io import InputError, series_misfit
+        from pipeline.io import IncompleteSeriesError, InputError, series_misfit
         from pipeline.runner import PipelineError, result_summary
 
         job = ctx.job
@@ -133,6 +149,12 @@ class NodeHandler:
             study_dir = out_dir / study_folder(study, len(results)) if many else out_dir
             try:
                 out = runner.run(job.pipeline, files, study_dir, cancelled=ctx.cancelled)
+            except IncompleteSeriesError as exc:
+                hint = ""
+                if job.kind in PUSHED_KINDS:  # made from the instances its group got
+                    hint = (f"; or, once the missing instances are in, dicom-node jobs "
+                            f"retry {job.id}")
+                raise PermanentJobError(f"study {study}: {exc}{hint}") from None
             except (InputError, PipelineError, ValueError) as exc:
                 raise PermanentJobError(f"study {study}: {exc}") from None
             except KeyError as exc:  # a model that failed to load
@@ -230,13 +252,11 @@ class NodeHandler:
                 extra.append(_dicomweb_destination(f"request-output-{i}", d))
         if not names and not extra:
             return []
-        # Folder destinations mirror the results: <job id>/<patient>/... for the node's
-        # own results folder, <patient>/... for a drop folder's configured output.
-        configured = job.input.get("output_dir")
-        base = Path(configured) if configured else self.settings.results_dir
+        # Folder destinations mirror the results: <job id>/<patient>/..., from the node's
+        # own results folder or a drop folder's output alike.
         exporter = Exporter(
             self.settings, {"dimse": DimseSender(self.node.dicom_client(), ctx.cancelled)},
-            base=base, log=ctx.log)
+            base=self._results_base(job), log=ctx.log)
         return exporter.export(names, artifacts, ctx.cancelled, extra, ctx.exported)
 
 

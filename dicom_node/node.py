@@ -23,12 +23,13 @@ from aiohttp import web
 from dicom_node import retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
+from dicom_node.disk import short_of_space
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
-from dicom_node.store import Store
+from dicom_node.store import NewJob, Store
 from dicom_node.watch import Watcher
 
 if TYPE_CHECKING:
@@ -108,12 +109,16 @@ class Node:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too (a closed terminal or SSH session): it killed the node on the spot,
+        # without a log line or the grace period for running jobs.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, self._on_signal, sig)
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._part("lock", self._lock()))
             await stack.enter_async_context(self._part("store", self._store()))
+            for warning in self.settings.warnings():  # with the runtime config applied
+                self.log.warning("configuration: " + warning)
             await stack.enter_async_context(self._part("secrets", self._secrets()))
             await stack.enter_async_context(self._part("models", self._models()))
             await stack.enter_async_context(self._part("scheduler", self._scheduler()))
@@ -146,7 +151,10 @@ class Node:
         if self._signals > 1:
             self.log.warning("second signal: exiting now; running jobs are re-queued at start")
             os._exit(1)
-        self.log.info("signal received", signal=sig.name)
+        self.log.info("signal received; stopping", signal=sig.name)
+        if sig is signal.SIGHUP:
+            self.log.info("SIGHUP stops the node like SIGTERM; settings are read at start, "
+                          "so restart it to apply a changed file")
         self._stop.set()
 
     @asynccontextmanager
@@ -171,7 +179,7 @@ class Node:
 
     @asynccontextmanager
     async def _lock(self) -> AsyncIterator[None]:
-        """One ``serve`` per data directory and node name (see dicom_node.serve_lock)."""
+        """One ``serve`` per data directory (see dicom_node.serve_lock)."""
         lock = await asyncio.to_thread(serve_lock.acquire, self.settings.data_dir,
                                        self.settings.node_name)
         self.lock = lock
@@ -262,10 +270,10 @@ class Node:
         owner = self.lock.owner(self.settings.node_name)
         await self._warn_of_namesakes(owner)
         handler = load_handler(self)
+        results = self.settings.results_dir
         scheduler = Scheduler(self.store, handler, self.settings.executor,
-                              owner=owner,
-                              work_root=self.settings.path(self.settings.storage.results_dir)
-                              / "work")
+                              owner=owner, work_root=results / "work",
+                              paused=lambda: short_of_space(self.settings, results))
         await scheduler.start()
         self.scheduler = scheduler
         try:
@@ -292,7 +300,7 @@ class Node:
     async def _assembler(self) -> AsyncIterator[None]:
         assert self.scheduler is not None
         assembler = Assembler(self.settings, self.scheduler.submit,
-                              on_queued=self._group_queued)
+                              queue_group=self._queue_group)
         async with assembler:
             self.assembler = assembler
             await self._recover_groups(assembler)
@@ -302,10 +310,11 @@ class Node:
             finally:
                 self.settings_listeners.remove(self._update_assembler)
 
-    async def _group_queued(self, group: CompletedGroup) -> None:
-        """A DICOM or STOW-RS group's jobs are queued: its instances are no longer pending."""
-        assert self.store is not None
-        await asyncio.to_thread(self.store.mark_queued, group.instances)
+    async def _queue_group(self, news: list[NewJob], group: CompletedGroup) -> None:
+        """A complete group (DICOM, STOW-RS or drop folder): its jobs and the record that
+        its instances (and drop-folder inputs) are no longer pending, in one commit."""
+        assert self.scheduler is not None
+        await self.scheduler.submit_group(news, group.instances, watch=group.watch)
 
     async def _recover_groups(self, assembler: Assembler) -> None:
         """Instances acknowledged before the last stop whose group never became jobs (a

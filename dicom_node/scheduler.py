@@ -18,6 +18,7 @@ import functools
 import importlib
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -178,6 +179,42 @@ def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+class _StoreTrouble:
+    """Logs a failing store once with its traceback, then a line a minute at most, and
+    once when it answers again: a store down for an hour wrote a traceback a second
+    (onto the disk that was full)."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self.since: float | None = None
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def report(self, log: Any, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self.lock:
+            first = self.since is None
+            if first:
+                self.since = now
+            elif now - self.last < self.every_s:
+                return
+            self.last = now
+            since = self.since
+        if first:
+            log.error(what, exc_info=exc)
+        else:
+            log.error(f"{what} (the store has failed for {now - (since or now):.0f} s)",
+                      error=f"{type(exc).__name__}: {exc}")
+
+    def cleared(self, log: Any) -> None:
+        if self.since is None:
+            return
+        with self.lock:
+            since, self.since = self.since, None
+        if since is not None:
+            log.info("the store answers again", after_s=round(time.monotonic() - since, 1))
+
+
 class Scheduler:
     """Runs queued jobs in ``workers`` slots until stopped."""
 
@@ -188,8 +225,12 @@ class Scheduler:
         settings: ExecutorSettings,
         owner: str,
         work_root: Path,
+        paused: Callable[[], str | None] | None = None,
     ) -> None:
+        """``paused``: why no job should start now (the results' disk is full), or None."""
         self.store = store
+        self.paused = paused
+        self._pause: str | None = None  # the reason logged when the pause began
         self.handler = handler
         self.settings = settings
         self.owner = owner
@@ -201,6 +242,7 @@ class Scheduler:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._running: dict[str, tuple[JobContext, asyncio.Task[None]]] = {}
+        self._trouble = _StoreTrouble()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -242,6 +284,7 @@ class Scheduler:
             if await asyncio.to_thread(
                 self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
                 message="node stopped before the job finished; queued again",
+                uncount_attempt=True,  # as after a crash: restarts must not use up retries
             ):
                 self.log.warning("job re-queued at shutdown", job_id=job_id)
             ctx.cancelled.set()  # the thread stops; with its lease gone it cannot write
@@ -272,6 +315,19 @@ class Scheduler:
         self.notify()
         return job
 
+    async def submit_group(self, news: list[NewJob], sop_instance_uids: list[str], *,
+                           watch: str | None = None) -> list[Job]:
+        """Queue a complete group's jobs and record its instances as queued, in one
+        transaction (see :meth:`Store.create_group_jobs`)."""
+        jobs = await asyncio.to_thread(self.store.create_group_jobs, news, sop_instance_uids,
+                                       watch=watch)
+        for job in jobs:
+            self.log.info("job queued", job_id=job.id, pipeline=job.pipeline,
+                          priority=job.priority)
+        if jobs:
+            self.notify()
+        return jobs
+
     async def cancel(self, job_id: str) -> Job:
         job = await asyncio.to_thread(self.store.request_cancel, job_id)
         entry = self._running.get(job_id)
@@ -290,13 +346,17 @@ class Scheduler:
         assert self._wake is not None
         while not self._stopping:
             self._wake.clear()
+            if self._waiting_for_space():
+                await self._idle()
+                continue
             try:
                 job = await asyncio.to_thread(
                     self.store.claim_next, self.owner, self.settings.lease_s, self._first_state,
                     min_priority,
                 )
-            except Exception:
-                self.log.exception("cannot claim a job; will try again")
+                self._trouble.cleared(self.log)
+            except Exception as exc:
+                self._trouble.report(self.log, "cannot claim a job; will try again", exc)
                 job = None
             if job is None:
                 await self._idle()
@@ -312,9 +372,22 @@ class Scheduler:
             except asyncio.CancelledError:
                 if not self._stopping:
                     raise
+            except Exception:  # _run handles its own; a worker must outlive any job
+                self.log.exception("job ended with an unexpected error", job_id=job.id)
             finally:
                 self._running.pop(job.id, None)
             await asyncio.to_thread(release_free_memory)  # see dicom_node.memory
+
+    def _waiting_for_space(self) -> bool:
+        """True while ``paused`` says no job should start; logged when it begins and ends."""
+        why = self.paused() if self.paused is not None else None
+        if why and self._pause is None:
+            self.log.warning("jobs wait: the disk of the results is short of space",
+                             reason=why)
+        elif not why and self._pause is not None:
+            self.log.info("jobs run again: the disk of the results has space")
+        self._pause = why
+        return why is not None
 
     def _sweep_work_dirs(self) -> None:
         """Remove scratch folders a crash left behind, except those of jobs running elsewhere."""
@@ -347,7 +420,11 @@ class Scheduler:
     async def _idle(self) -> None:
         assert self._wake is not None
         timeout = self.settings.poll_interval_s
-        due = await asyncio.to_thread(self.store.next_due)
+        try:
+            due = await asyncio.to_thread(self.store.next_due)
+        except Exception as exc:
+            self._trouble.report(self.log, "cannot read when the next job is due", exc)
+            due = None
         if due is not None:
             timeout = max(0.01, min(timeout, (due - utcnow()).total_seconds()))
         with contextlib.suppress(TimeoutError):
@@ -363,8 +440,12 @@ class Scheduler:
         while True:
             await asyncio.sleep(interval)
             try:
+                # Only the jobs a worker here runs: a job no worker holds any more (its
+                # outcome could not be recorded) must see its lease run out, so that
+                # requeue_expired below gives it back to the queue.
                 leases = await asyncio.to_thread(
-                    self.store.renew_leases, self.owner, self.settings.lease_s
+                    self.store.renew_leases, self.owner, self.settings.lease_s,
+                    list(self._running),
                 )
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.settings.lease_s / 2
@@ -374,8 +455,8 @@ class Scheduler:
                                          "it); queued again", job_id=job_id)
                     if expired:
                         self.notify()
-            except Exception:
-                self.log.exception("cannot renew job leases")
+            except Exception as exc:
+                self._trouble.report(self.log, "cannot renew job leases", exc)
                 continue
             for job_id, cancel in leases:
                 entry = self._running.get(job_id)
@@ -407,8 +488,38 @@ class Scheduler:
                  .state.value)
         try:
             await self._attempt(ctx, log)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store failed while the attempt's outcome was being recorded (a full disk,
+            # a database restart): the job is still ours and "running". It is queued again
+            # as soon as the store answers, and this worker goes on with the queue.
+            log.exception("the job's outcome could not be recorded; it is queued again "
+                          "once the store answers")
+            await self._requeue_when_possible(job, log)
         finally:
             await asyncio.to_thread(shutil.rmtree, ctx.work_dir, True)
+
+    async def _requeue_when_possible(self, job: Job, log: Any) -> None:
+        """Give ``job`` back to the queue, trying until the store takes it or the node
+        stops (a stopping node's job is queued again at the next start)."""
+        delay = 1.0
+        while not self._stopping:
+            try:
+                if not await asyncio.to_thread(
+                        self.store.transition, job.id, JobState.QUEUED,
+                        token=job.lease_token, uncount_attempt=True,
+                        message="the store failed while the job's outcome was recorded; "
+                                "queued again"):
+                    log.warning("job not queued again: its lease was lost")
+                else:
+                    log.warning("job queued again after the store failed")
+                    self.notify()
+                return
+            except Exception as exc:
+                self._trouble.report(log, "cannot queue the job again yet", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _attempt(self, ctx: JobContext, log: Any) -> None:
         job = ctx.job

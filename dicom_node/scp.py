@@ -67,6 +67,7 @@ from dicom_node.dimse_status import (
     Rejection,
     Status,
 )
+from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
 from dicom_node.store import InstanceRecord, Store
@@ -195,6 +196,7 @@ class _Peer:
     address: str
     port: int
     instances: int = 0
+    echoes: int = 0
 
 
 class InstanceWriter:
@@ -1022,9 +1024,8 @@ class StorageSCP:
                 return REJECT_CALLING_AE, (
                     f"{calling} is not among {called}'s sources "
                     f"({', '.join(f'{s.ae_title}@{s.host}' for s in allowed) or 'none'})")
-        min_free = self.settings.storage.min_free_mb * 1024 * 1024
-        if min_free and (free := shutil.disk_usage(self.writer.studies_dir).free) < min_free:
-            return REJECT_NO_SPACE, f"{free // 2**20} MB free"
+        if short := short_of_space(self.settings, self.writer.studies_dir):
+            return REJECT_NO_SPACE, short
         return None
 
     # -- handlers (association threads) -----------------------------------------------
@@ -1064,8 +1065,10 @@ class StorageSCP:
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
             self._counts["assoc:accepted"] += 1
-        self.log.info("association requested", called_ae=called, calling_ae=calling,
-                      peer=f"{address}:{port}")
+        # Debug: the association's end says who, and what came (one info line for each
+        # of a monitor's C-ECHOs, not three).
+        self.log.debug("association accepted", called_ae=called, calling_ae=calling,
+                       peer=f"{address}:{port}")
 
     def _on_accepted(self, event: evt.Event) -> None:
         """Log the presentation contexts refused: a modality's "no presentation context"
@@ -1111,8 +1114,9 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         peer = self._peer(event.assoc)
         self._count("echo")
-        self.log.info("C-ECHO", called_ae=peer.called_ae, calling_ae=peer.calling_ae,
-                      peer=f"{peer.address}:{peer.port}", status=0)
+        peer.echoes += 1
+        self.log.debug("C-ECHO", called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+                       peer=f"{peer.address}:{peer.port}", status=0)
         return int(Status.SUCCESS)
 
     def _on_store(self, event: evt.Event) -> int:
@@ -1211,7 +1215,8 @@ class StorageSCP:
             return
         self.log.info("association released" if released else "association aborted",
                       called_ae=peer.called_ae, calling_ae=peer.calling_ae,
-                      peer=f"{peer.address}:{peer.port}", instances=peer.instances)
+                      peer=f"{peer.address}:{peer.port}", instances=peer.instances,
+                      **({"echoes": peer.echoes} if peer.echoes else {}))
         if self.on_association_end is not None:
             self.on_association_end(
                 AssociationEnd(id(event.assoc), peer.called_ae, peer.calling_ae, released)

@@ -1,9 +1,11 @@
-"""One ``serve`` per data directory and node name.
+"""One ``serve`` per data directory.
 
-``serve`` holds an exclusive ``flock`` on ``<data_dir>/serve-<node_name>.lock`` for as
-long as it runs. The operating system drops the lock when the process ends, however it
-ends (``kill -9`` included), so a restart after a crash gets it at once, while a second
-``serve`` started beside a running one is refused with the pid that holds it.
+``serve`` holds an exclusive ``flock`` on ``<data_dir>/serve.lock`` for as long as it
+runs, whatever its ``node_name``: two nodes on one data directory would both take every
+file of its drop folders (each study ran twice when only the names differed). The
+operating system drops the lock when the process ends, however it ends (``kill -9``
+included), so a restart after a crash gets it at once, while a second ``serve`` started
+beside a running one is refused with the pid that holds it.
 
 The lock file also keeps a random id, made once and kept across restarts: the node's
 lease owner is ``<node_name>#<id>``. Leases held under our own owner name can only be
@@ -52,14 +54,25 @@ class ServeLock:
             os.close(self.fd)
 
 
-def lock_path(data_dir: Path, node_name: str) -> Path:
-    return data_dir / f"serve-{node_name}.lock"
+def lock_path(data_dir: Path) -> Path:
+    return data_dir / "serve.lock"
+
+
+def _legacy_node_id(data_dir: Path, node_name: str) -> str | None:
+    """The id kept by the lock file of earlier versions (one per node name), so that the
+    lease owner's name survives the upgrade."""
+    try:
+        data = json.loads((data_dir / f"serve-{node_name}.lock").read_text())
+    except (OSError, ValueError):
+        return None
+    node_id = data.get("node_id") if isinstance(data, dict) else None
+    return node_id if isinstance(node_id, str) else None
 
 
 def acquire(data_dir: Path, node_name: str) -> ServeLock:
     """Take the lock or raise :class:`DataDirInUse` naming the directory and the holder."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_path(data_dir, node_name)
+    path = lock_path(data_dir)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
     try:
         try:
@@ -74,10 +87,11 @@ def acquire(data_dir: Path, node_name: str) -> ServeLock:
                 who += ")"
             raise DataDirInUse(
                 f"data directory {data_dir.resolve()} is in use by another `dicom-node "
-                f"serve`{who} with node_name {node_name!r}; stop it first, or give this "
-                f"one its own --data-dir (lock file {path.resolve()})") from None
+                f"serve`{who} with node_name {holder.get('node_name', '?')!r}; stop it "
+                f"first, or give this one its own --data-dir (lock file {path.resolve()})"
+            ) from None
         previous = _read(fd)
-        node_id = previous.get("node_id")
+        node_id = previous.get("node_id") or _legacy_node_id(data_dir, node_name)
         if not isinstance(node_id, str) or not node_id.isalnum():
             node_id = uuid.uuid4().hex[:12]
         record = {"node_id": node_id, "node_name": node_name, "pid": os.getpid(),

@@ -207,6 +207,19 @@ integer_ids = sa.Table(
     sa.UniqueConstraint("kind", "name", name="uq_integer_ids_kind_name"),
 )
 
+# The called AE titles each study was received under (seed 002's projects), one row a
+# pair. An instance record keeps only the AE title it last came in on; a study stays in
+# the project of every AE title it was received under, also when the same instance
+# comes again by another way (a drop folder, STOW-RS, another AE title).
+study_called_aes = sa.Table(
+    "study_called_aes",
+    metadata,
+    sa.Column("called_ae", sa.String(16), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_study_called_aes_study", "study_instance_uid"),
+)
+
 # Seed 002's batch inference jobs: an integer id over one node job per source (study).
 batches = sa.Table(
     "batches",
@@ -266,6 +279,19 @@ def _migration_pending_instances(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _migration_study_called_aes(conn: Connection) -> None:
+    """``study_called_aes``, filled from the AE titles the instances held came in on."""
+    study_called_aes.create(conn, checkfirst=True)
+    i, known = instances.c, study_called_aes.c
+    held = (sa.select(i.called_ae, i.study_instance_uid, sa.func.min(i.received_at))
+            .where(i.called_ae.is_not(None), i.called_ae != "",
+                   ~sa.exists().where(known.called_ae == i.called_ae,
+                                      known.study_instance_uid == i.study_instance_uid))
+            .group_by(i.called_ae, i.study_instance_uid))
+    conn.execute(study_called_aes.insert().from_select(
+        ["called_ae", "study_instance_uid", "created_at"], held))
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -274,6 +300,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_watch_inputs,  # drop folders (issue #7)
     _migration_batches,  # seed 002 batch jobs, projects and output layers (issue #6)
     _migration_pending_instances,  # received instances whose group is not yet a job
+    _migration_study_called_aes,  # a study stays in each AE title's project it came to
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -516,7 +543,7 @@ def _instance_values(rec: InstanceRecord) -> dict[str, Any]:
 
 
 # Where a known instance was before an overwrite (one indexed read, built once).
-_PRIOR = (sa.select(instances.c.study_instance_uid, instances.c.path)
+_PRIOR = (sa.select(instances.c.study_instance_uid, instances.c.path, instances.c.called_ae)
           .where(instances.c.sop_instance_uid == sa.bindparam("sop")))
 
 
@@ -531,7 +558,25 @@ def _moved(conn: Connection, rec: InstanceRecord, old_study: str, old_path: str,
         left = conn.execute(sa.select(instances.c.id)
                             .where(instances.c.study_instance_uid == old_study).limit(1)).first()
         if left is None:
-            conn.execute(studies.delete().where(studies.c.study_instance_uid == old_study))
+            _delete_study_rows(conn, old_study)
+
+
+def _delete_study_rows(conn: Connection, study_instance_uid: str) -> None:
+    """A study's record and its projects' (the called AE titles it came to): the same
+    UID received again later starts afresh."""
+    conn.execute(study_called_aes.delete().where(
+        study_called_aes.c.study_instance_uid == study_instance_uid))
+    conn.execute(studies.delete().where(studies.c.study_instance_uid == study_instance_uid))
+
+
+def _called_ae_kept(rec: InstanceRecord, before_called_ae: str | None) -> str:
+    """The called AE title an instance's record keeps after ``rec`` is written over one
+    that came in on ``before_called_ae`` (None: it was not held): a retrieval of an
+    instance the node already holds keeps the AE title it came in on (see
+    ``Store._upserts``)."""
+    if rec.source == "retrieve" and before_called_ae:
+        return before_called_ae
+    return rec.called_ae
 
 
 def _study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
@@ -630,9 +675,12 @@ class Store:
         values = _instance_values(rec)
         with self._begin() as conn:
             existing = conn.execute(
-                sa.select(instances.c.id, instances.c.study_instance_uid, instances.c.path)
+                sa.select(instances.c.id, instances.c.study_instance_uid, instances.c.path,
+                          instances.c.called_ae)
                 .where(instances.c.sop_instance_uid == rec.sop_instance_uid)
             ).first()
+            called_ae = _called_ae_kept(rec, existing.called_ae if existing else None)
+            values["called_ae"] = called_ae
             if existing is not None:
                 if not overwrite:
                     return False
@@ -642,7 +690,26 @@ class Store:
             else:
                 conn.execute(instances.insert().values(values))
             self._upsert_study(conn, rec, now)
+            if called_ae:
+                self._add_called_ae(conn, called_ae, rec.study_instance_uid, now)
         return existing is None
+
+    def _add_called_ae(self, conn: Connection, called_ae: str, study_instance_uid: str,
+                       now: datetime) -> None:
+        """Note that the study was received under ``called_ae`` (once)."""
+        stmts = self._upserts(True)
+        if stmts is not None:
+            conn.execute(stmts[2], {"called_ae": called_ae,
+                                    "study_instance_uid": study_instance_uid,
+                                    "created_at": now})
+            return
+        try:
+            with conn.begin_nested():
+                conn.execute(study_called_aes.insert().values(
+                    called_ae=called_ae, study_instance_uid=study_instance_uid,
+                    created_at=now))
+        except IntegrityError:  # known already
+            pass
 
     def _upsert_study(self, conn: Connection, rec: InstanceRecord, now: datetime) -> None:
         found = conn.execute(
@@ -710,27 +777,39 @@ class Store:
                     conn.commit()
 
     @staticmethod
-    def _upsert_instances(conn: Connection, stmts: tuple[Any, Any],
+    def _upsert_instances(conn: Connection, stmts: tuple[Any, Any, Any],
                           recs: Sequence[InstanceRecord], overwrite: bool = True,
                           replaced: list[str] | None = None) -> list[bool]:
         now = utcnow()
         written: list[bool] = []
         studies_seen: set[str] = set()
+        called_aes_seen: set[tuple[str, str]] = set()
         for rec in recs:
             before = conn.execute(_PRIOR, {"sop": rec.sop_instance_uid}).first() \
                 if overwrite else None
             row = conn.execute(stmts[0], _instance_values(rec)).first()
             written.append(row is not None)
-            if row is not None and rec.study_instance_uid not in studies_seen:
+            if row is None:  # known, and kept as it was
+                continue
+            if rec.study_instance_uid not in studies_seen:
                 studies_seen.add(rec.study_instance_uid)
                 conn.execute(stmts[1], _study_values(rec, now))
-            if before is not None and row is not None:
+            if before is not None:
                 _moved(conn, rec, before.study_instance_uid, before.path, replaced)
+            called_ae = _called_ae_kept(rec, before.called_ae if before is not None else None)
+            if called_ae and (called_ae, rec.study_instance_uid) not in called_aes_seen:
+                called_aes_seen.add((called_ae, rec.study_instance_uid))
+                conn.execute(stmts[2], {"called_ae": called_ae,
+                                        "study_instance_uid": rec.study_instance_uid,
+                                        "created_at": now})
         return written
 
-    def _upserts(self, overwrite: bool) -> tuple[Any, Any] | None:
-        """Built once: constructing SQLAlchemy statements costs more than running them."""
-        cache: dict[bool, tuple[Any, Any]] = self.__dict__.setdefault("_upsert_cache", {})
+    def _upserts(self, overwrite: bool) -> tuple[Any, Any, Any] | None:
+        """The INSERTs of an instance, of its study and of a study's called AE title, each
+        taking ON CONFLICT; None without it.
+
+        Built once: constructing SQLAlchemy statements costs more than running them."""
+        cache: dict[bool, tuple[Any, Any, Any]] = self.__dict__.setdefault("_upsert_cache", {})
         if overwrite in cache:
             return cache[overwrite]
         upsert = self._insert_on_conflict()
@@ -757,7 +836,9 @@ class Store:
         study = study.on_conflict_do_update(
             index_elements=["study_instance_uid"], set_={"updated_at": study.excluded.updated_at}
         )
-        cache[overwrite] = (returning, study)
+        called = upsert(study_called_aes).on_conflict_do_nothing(
+            index_elements=["called_ae", "study_instance_uid"])
+        cache[overwrite] = (returning, study, called)
         return cache[overwrite]
 
     def _insert_on_conflict(self) -> Any:
@@ -781,13 +862,8 @@ class Store:
 
     def mark_queued(self, sop_instance_uids: Sequence[str]) -> None:
         """Note that these instances' group became jobs (or needed none)."""
-        now = utcnow()
-        uids = list(dict.fromkeys(sop_instance_uids))
         with self._begin() as conn:
-            for i in range(0, len(uids), 500):  # bounded IN lists
-                conn.execute(instances.update()
-                             .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
-                             .values(queued_at=now))
+            _mark_queued(conn, sop_instance_uids, utcnow())
 
     def pending_instances(self, sources: Sequence[str] = ("dimse", "stow")
                           ) -> list[InstanceRecord]:
@@ -867,8 +943,7 @@ class Store:
                            watch_inputs.c.sop_instance_uid.is_(None))))
             n = conn.execute(instances.delete().where(
                 instances.c.study_instance_uid == study_instance_uid)).rowcount
-            conn.execute(studies.delete().where(
-                studies.c.study_instance_uid == study_instance_uid))
+            _delete_study_rows(conn, study_instance_uid)
         return int(n or 0)
 
     def jobs_finished_before(self, before: datetime, limit: int = 500) -> list[str]:
@@ -978,6 +1053,25 @@ class Store:
                 ) from exc
             raise
         return self.get_job(job_id)
+
+    def create_group_jobs(self, news: Sequence[NewJob], sop_instance_uids: Sequence[str],
+                          *, watch: str | None = None) -> list[Job]:
+        """Queue a complete group's jobs and record its instances as queued, in one
+        transaction: after a crash either all of it is in the store or none of it (and
+        the instances are still pending, so the next start assembles them again), never
+        jobs whose instances look pending and are queued a second time.
+
+        ``watch``: the drop folder the instances came from; its inputs move from
+        "stored" to "queued" in the same transaction. ``news`` may be empty (an intake
+        without pipelines): the instances are then only recorded as queued.
+        """
+        now = utcnow()
+        with self._begin() as conn:
+            _mark_queued(conn, sop_instance_uids, now)
+            if watch is not None:
+                _mark_watch_inputs(conn, watch, sop_instance_uids, "queued", now)
+            ids = [self._insert_job(conn, new, now) for new in news]
+        return [self.get_job(job_id) for job_id in ids]
 
     def _insert_job(self, conn: Connection, new: NewJob, now: datetime) -> str:
         job_id = str(uuid.uuid4())
@@ -1188,21 +1282,22 @@ class Store:
         with self._begin() as conn:
             return bool(conn.execute(stmt).rowcount)
 
-    def renew_leases(self, owner: str, lease_s: float) -> list[tuple[str, bool]]:
-        """Extend this owner's leases; returns (job_id, cancel_requested) for each."""
+    def renew_leases(self, owner: str, lease_s: float,
+                     job_ids: Collection[str] | None = None) -> list[tuple[str, bool]]:
+        """Extend this owner's leases (only those of ``job_ids`` when given: the jobs a
+        worker still runs); returns (job_id, cancel_requested) for each."""
         now = utcnow()
         active = [s.value for s in ACTIVE_STATES]
+        mine = [jobs.c.lease_owner == owner, jobs.c.state.in_(active)]
+        if job_ids is not None:
+            if not job_ids:
+                return []
+            mine.append(jobs.c.id.in_(list(job_ids)))
         with self._begin() as conn:
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.lease_owner == owner, jobs.c.state.in_(active))
-                .values(lease_expires=now + timedelta(seconds=lease_s))
-            )
-            rows = conn.execute(
-                sa.select(jobs.c.id, jobs.c.cancel_requested).where(
-                    jobs.c.lease_owner == owner, jobs.c.state.in_(active)
-                )
-            ).all()
+            conn.execute(jobs.update().where(*mine)
+                         .values(lease_expires=now + timedelta(seconds=lease_s)))
+            rows = conn.execute(sa.select(jobs.c.id, jobs.c.cancel_requested)
+                                .where(*mine)).all()
         return [(r.id, bool(r.cancel_requested)) for r in rows]
 
     def live_lease_owners(self) -> dict[str, int]:
@@ -1283,9 +1378,25 @@ class Store:
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again with a fresh attempt count."""
+        """Queue a failed or cancelled job again with a fresh attempt count.
+
+        A job the assembler made from a group of pushed instances (DICOM, STOW-RS, drop
+        folder) runs on every instance of its study (or series, when its intake groups
+        by series) that the store holds now and that came the same way: to the same
+        called AE title, or into the same drop folder. A series that arrived in parts
+        (a transfer cut off, a disk that filled) then runs whole. When its instance list
+        grows, the results of the failed run are dropped (the job runs again) and the
+        history says so ("retry requested with 200 instances, 78 more than the failed
+        run").
+        """
         now = utcnow()
         with self._begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            old = Job.from_row(row) if row is not None else None
+            grown = _regrouped(conn, old) if old is not None else None
+            values: dict[str, Any] = {}
+            if old is not None and grown is not None:
+                values["input"] = {**old.input, "instances": grown}
             changed = conn.execute(
                 jobs.update()
                 .where(
@@ -1293,8 +1404,16 @@ class Store:
                     jobs.c.state.in_([JobState.FAILED.value, JobState.CANCELLED.value]),
                 )
                 .values(state=JobState.QUEUED.value, attempts=0, cancel_requested=False,
-                        not_before=None, error=None, finished_at=None, updated_at=now)
+                        not_before=None, error=None, finished_at=None, updated_at=now,
+                        **values)
             ).rowcount
+            message = "retry requested"
+            if changed and old is not None and grown is not None:
+                before = len(old.input.get("instances", []))
+                message += (f" with {len(grown)} instances, {len(grown) - before} more than "
+                            "the failed run")
+                # made from fewer instances: not results of this run, which makes new ones
+                conn.execute(artifacts.delete().where(artifacts.c.job_id == job_id))
             if changed:
                 # Destinations that have not got the results get their attempts afresh;
                 # those that did are never sent to again.
@@ -1303,7 +1422,7 @@ class Store:
                     .where(exports.c.job_id == job_id,
                            exports.c.state != EXPORT_SUCCEEDED)
                     .values(state=EXPORT_RETRYING, attempts=0, updated_at=now))
-                self._event(conn, job_id, JobState.QUEUED, "retry requested", now)
+                self._event(conn, job_id, JobState.QUEUED, message, now)
         if not changed:
             job = self.get_job(job_id)
             raise Conflict(f"job {job_id} is {job.state.value}; only failed or cancelled "
@@ -1427,16 +1546,8 @@ class Store:
     def mark_watch_inputs(self, watch: str, sop_instance_uids: Sequence[str],
                           state: str = "queued") -> None:
         """Move the inputs carrying these SOP Instance UIDs from "stored" to ``state``."""
-        now = utcnow()
         with self._begin() as conn:
-            for i in range(0, len(sop_instance_uids), 500):
-                chunk = list(sop_instance_uids[i:i + 500])
-                conn.execute(
-                    watch_inputs.update()
-                    .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
-                           watch_inputs.c.sop_instance_uid.in_(chunk))
-                    .values(state=state, updated_at=now)
-                )
+            _mark_watch_inputs(conn, watch, sop_instance_uids, state, utcnow())
 
     def pending_watch_instances(self, watch: str) -> list[InstanceRecord]:
         """Instances taken in from ``watch`` whose group never became a job (a crash)."""
@@ -1489,10 +1600,9 @@ class Store:
         return (str(row.kind), str(row.name)) if row else None
 
     def called_ae_titles(self) -> list[str]:
-        """Every called AE title instances were received under."""
-        q = (sa.select(instances.c.called_ae).where(instances.c.called_ae.is_not(None),
-                                                    instances.c.called_ae != "")
-             .distinct().order_by(instances.c.called_ae))
+        """Every called AE title a study the node holds was received under."""
+        q = (sa.select(study_called_aes.c.called_ae).distinct()
+             .order_by(study_called_aes.c.called_ae))
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
 
@@ -1508,14 +1618,15 @@ class Store:
     ) -> list[StudyRecord]:
         """Studies received under a called AE title or taken in from a drop folder.
 
-        ``ids`` restricts the answer to those study ids (those not in the project are
-        simply absent).
+        A study is in the project of each AE title and drop folder it came to, whichever
+        way its instances came last. ``ids`` restricts the answer to those study ids
+        (those not in the project are simply absent).
         """
         if (called_ae is None) == (watch is None):
             raise ValueError("give exactly one of called_ae and watch")
         if called_ae is not None:
-            members = sa.select(instances.c.study_instance_uid).where(
-                instances.c.called_ae == called_ae)
+            members = sa.select(study_called_aes.c.study_instance_uid).where(
+                study_called_aes.c.called_ae == called_ae)
         else:
             members = (sa.select(instances.c.study_instance_uid)
                        .join(watch_inputs,
@@ -1621,6 +1732,59 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _mark_queued(conn: Connection, sop_instance_uids: Sequence[str], now: datetime) -> None:
+    """Set ``queued_at`` of these instances (their group became jobs)."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):  # bounded IN lists
+        conn.execute(instances.update()
+                     .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]))
+                     .values(queued_at=now))
+
+
+def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence[str],
+                       state: str, now: datetime) -> None:
+    """Move drop folder ``watch``'s inputs carrying these SOP UIDs from "stored" to ``state``."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):
+        conn.execute(
+            watch_inputs.update()
+            .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored",
+                   watch_inputs.c.sop_instance_uid.in_(uids[i:i + 500]))
+            .values(state=state, updated_at=now)
+        )
+
+
+# Jobs the assembler makes from a group of pushed instances (see Store.retry).
+GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
+
+
+def _regrouped(conn: Connection, job: Job) -> list[str] | None:
+    """The instance list of a group's ``job`` with every instance of its study (or
+    series) that the store now holds and that came the same way added, in the order
+    they arrived; None when that adds none (or ``job`` was not made from a group)."""
+    given = job.input.get("instances")
+    study = job.input.get("study_instance_uid")
+    if job.kind not in GROUP_KINDS or not isinstance(given, list) or not study:
+        return None
+    q = sa.select(instances.c.sop_instance_uid).where(
+        instances.c.study_instance_uid == study)
+    if job.input.get("series_instance_uid"):
+        q = q.where(instances.c.series_instance_uid == job.input["series_instance_uid"])
+    if job.kind == "watch":
+        if not job.input.get("watch"):
+            return None
+        q = q.where(instances.c.sop_instance_uid.in_(
+            sa.select(watch_inputs.c.sop_instance_uid)
+            .where(watch_inputs.c.watch == job.input["watch"])))
+    else:
+        q = q.where(instances.c.source == job.kind,
+                    instances.c.called_ae == (job.called_ae or ""))
+    known = set(given)
+    more = [str(r[0]) for r in conn.execute(q.order_by(instances.c.id))
+            if r[0] not in known]
+    return [*given, *more] if more else None
 
 
 def _unfinished_jobs(study: Any) -> sa.Select[Any]:

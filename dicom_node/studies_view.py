@@ -19,6 +19,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from dicom_node.config import Settings
+from dicom_node.digits import ascii_digits
 from dicom_node.errors import Conflict, NotFound
 from dicom_node.store import SeriesRecord, Store, StudyRecord
 
@@ -54,7 +55,8 @@ def _when(value: datetime | None) -> str:
 
 def _date(value: str) -> str:
     """DICOM DA ``YYYYMMDD`` as ``YYYY-MM-DD``; anything else as it is."""
-    return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() else value
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and ascii_digits(value) \
+        else value
 
 
 def _syntax(uid: str) -> str:

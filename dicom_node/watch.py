@@ -72,7 +72,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
+from dicom_node.assembler import Assembler, GroupPolicy
 from dicom_node.config import Settings, WatchSettings
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
@@ -210,7 +210,7 @@ class DropFolder:
         self.done_dir = root / DONE_DIR
         self.failed_dir = root / FAILED_DIR
         self.log = get_logger("watch", watch=settings.name)
-        self.policy = GroupPolicy.for_watch(settings, str(output_dir), self._queued)
+        self.policy = GroupPolicy.for_watch(settings, str(output_dir))
         self.state = FolderState.STARTING
         self.message = "starting"
         self.counters = _Counters()
@@ -797,11 +797,6 @@ class DropFolder:
         self.log.warning("input ignored", reason=reason)
         return _Result("skipped", sig)
 
-    async def _queued(self, group: CompletedGroup) -> None:
-        """Every job of a group is queued: its inputs need no re-assembly after a crash."""
-        await asyncio.to_thread(self.watcher.store.mark_watch_inputs, self.name,
-                                group.instances)
-
 
 class _Handler(FileSystemEventHandler):
     """Runs in watchdog's thread: hands paths to the loop, touches no file."""
@@ -873,6 +868,8 @@ class Watcher:
         await asyncio.to_thread(self._prepare)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="watch")
         for folder in self.folders.values():
+            # a study is not cut into jobs while files of the folder still wait to be taken
+            self.assembler.hold(folder.name, folder._pending.__len__)
             pending = await asyncio.to_thread(self.store.pending_watch_instances, folder.name)
             for rec in pending:
                 self.assembler.watched_instance(

@@ -58,6 +58,7 @@ __all__ = [
     "CorruptPixelDataError",
     "Image2D",
     "ImageSizeError",
+    "IncompleteSeriesError",
     "InputError",
     "NoPixelDataError",
     "SelectedSeries",
@@ -139,6 +140,10 @@ class SeriesError(InputError):
                  near: Sequence[str] = ()) -> None:
         super().__init__(message, path=path)
         self.near = list(near)
+
+
+class IncompleteSeriesError(SeriesError):
+    """Slices are missing from a series (a gap between positions): it arrived in part."""
 
 
 # --------------------------------------------------------------------------- results
@@ -941,7 +946,7 @@ def load_ct_volume(
     worst = int(np.argmax(diffs))
     if diffs[worst] > max_gap_ratio * nominal:
         missing = round(diffs[worst] / nominal) - 1
-        raise SeriesError(
+        raise IncompleteSeriesError(
             f"series {uid} has a gap of {diffs[worst]:.2f} mm between slices at "
             f"{positions[worst]:.2f} and {positions[worst + 1]:.2f} mm (typical spacing "
             f"{nominal:.2f} mm): about {max(missing, 1)} slice(s) missing; "

@@ -4,13 +4,20 @@
   400 ``{"message": …}`` when the job cannot start.
 - ``GET /v1/infer/batch/{job_id}`` → ``Queued``, ``Running``, ``Finished`` or
   ``Errored`` with one result per source; 404 when unknown or not the caller's group's.
+  A source is Queued until its job is first taken up, then Running until the job ends
+  (also while it waits in the queue to be tried again, e.g. for its next export
+  attempt: once started, it is not Queued again), then Finished or Errored (failed or
+  cancelled). The batch is Queued while no source has started, Running once one has
+  and until all have ended, then Finished when all finished, else Errored.
 - ``GET /v1/sources?projectIdentifier=…`` and ``GET /v1/projects`` list what a
   request can name.
 
 How the seed's words map onto the node:
 
 - a **project** is a called AE title the node received studies under (configured
-  or seen), or a drop folder; each has a stable integer id;
+  or seen), or a drop folder; each has a stable integer id. A study is in the project of
+  every AE title and drop folder it came to, also when its instances came again later
+  by another way;
 - a **source** is a study the node holds; its id is the study's integer id;
 - the **model** is a configured pipeline (by name), or a model (its first pipeline);
 - the **output layer** is a configured destination, with a stable integer id;
@@ -31,9 +38,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from dicom_node.config import Settings
+from dicom_node.digits import ascii_int
 from dicom_node.errors import NotFound
 from dicom_node.logs import get_logger
-from dicom_node.store import Batch, Job, JobState, NewJob, Store, StudyRecord
+from dicom_node.store import Batch, Job, JobEvent, JobState, NewJob, Store, StudyRecord
 from pipeline.settings import PipelineSpec
 from rest.app import NODE, Route, json_body, principal
 from rest.auth import Principal
@@ -114,11 +122,6 @@ def projects(settings: Settings, store: Store) -> list[Project]:
     return sorted(found, key=lambda p: p.id)
 
 
-def _is_id(text: str) -> bool:
-    """Whether a string identifier is an integer id (short: int() refuses 4300 digits)."""
-    return text.strip().isdigit() and len(text.strip()) <= 18
-
-
 def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
     """A project by integer id or unique name; raises NotFound."""
     every = projects(settings, store)
@@ -129,9 +132,10 @@ def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
                        f"use its id ({', '.join(str(p.id) for p in named)})")
         if named:
             return named[0]
-        if not _is_id(ident):
+        number = ascii_int(ident.strip())
+        if number is None:
             raise NotFound(f"no project {ident!r}; GET /v1/projects lists them")
-        ident = int(ident)
+        ident = number
     for p in every:
         if p.id == ident:
             return p
@@ -156,10 +160,10 @@ def find_output_layer(settings: Settings, store: Store, ident: str | int) -> tup
     ids = store.integer_ids(OUTPUT_LAYER, [d.name for d in settings.destinations])
     if isinstance(ident, str) and ident in ids:
         return ids[ident], ident
-    if isinstance(ident, int) or _is_id(ident):
-        for name, i in ids.items():
-            if i == int(ident):
-                return i, name
+    number = ident if isinstance(ident, int) else ascii_int(ident.strip())
+    for name, i in ids.items():
+        if i == number:
+            return i, name
     known = ", ".join(f"{n} ({i})" for n, i in ids.items()) or "none is configured"
     raise _bad(f"no output layer {ident!r}; output layers are the node's destinations: "
                f"{known}")
@@ -203,8 +207,11 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
     held = {s.id: s for s in project.studies(store, ids=req.sourceIds, limit=MAX_SOURCES)}
     missing = [i for i in req.sourceIds if i not in held]
     if missing:
-        raise _bad(f"sources {missing} are not in project {project.name!r} "
-                   f"(GET /v1/sources?projectIdentifier={project.id} lists them)")
+        shown = ", ".join(map(str, missing[:20])) + (
+            f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        are = "source is" if len(missing) == 1 else "sources are"
+        raise _bad(f"{len(missing)} {are} not in project {project.name!r}: "
+                   f"{shown} (GET /v1/sources?projectIdentifier={project.id} lists them)")
     jobs: list[tuple[int, NewJob]] = []
     for source_id in req.sourceIds:
         study = held[source_id]
@@ -219,26 +226,49 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
 
 
 def source_status(job: Job) -> str:
-    if job.state is JobState.QUEUED:
-        return "Queued"
+    """Queued until the source's job is first taken up; Running from then until it ends,
+    also while it waits in the queue again (for its next export attempt, a retry of its
+    run, or after a restart): a source does not go back to Queued. Then Finished, or
+    Errored (failed or cancelled)."""
     if job.state is JobState.SUCCEEDED:
         return "Finished"
     if job.state.final:
         return "Errored"
+    if job.state is JobState.QUEUED and job.started_at is None:
+        return "Queued"
     return "Running"
 
 
+def _started(job: Job) -> bool:
+    """Whether the job was ever taken up (one cancelled while queued never was)."""
+    return job.started_at is not None or source_status(job) in ("Running", "Finished")
+
+
 def batch_status(jobs: Sequence[Job]) -> str:
-    """Queued until one starts; Finished when all succeeded; Errored when all ended and
-    one did not succeed; else Running."""
+    """Finished when every source finished; Errored when every source ended and one did
+    not finish; else Queued while no source has started (those cancelled before they
+    started count as not started), Running once one has."""
     states = [source_status(j) for j in jobs]
-    if all(s == "Queued" for s in states):
-        return "Queued"
     if all(s == "Finished" for s in states):
         return "Finished"
     if all(s in ("Finished", "Errored") for s in states):
         return "Errored"
-    return "Running"
+    return "Running" if any(_started(j) for j in jobs) else "Queued"
+
+
+def cancelled_message(job: Job, events: Sequence[JobEvent]) -> str:
+    """What a cancelled source's result says: when, at which stage, and the error the
+    job was waiting on, if any (an export to be tried again)."""
+    when = f"cancelled at {job.finished_at.isoformat()}" if job.finished_at else "cancelled"
+    # The state it was cancelled in: the one recorded before the cancel.
+    ends = [i for i, e in enumerate(events) if e.state is JobState.CANCELLED]
+    while_queued = bool(ends) and ends[-1] > 0 and events[ends[-1] - 1].state is JobState.QUEUED
+    if job.started_at is None:
+        return f"{when}, before it started"
+    if not while_queued:
+        return f"{when} while it ran"
+    after = f", after: {job.error}" if job.error else ""
+    return f"{when} while queued to be tried again{after}"
 
 
 def _source_result(store: Store, source_id: int, job: Job) -> dict[str, Any]:
@@ -255,7 +285,10 @@ def _source_result(store: Store, source_id: int, job: Job) -> dict[str, Any]:
         out["exports"] = [{"outputLayerName": x.destination, "state": x.state,
                            "sent": x.sent, "message": x.message}
                           for x in store.exports_of(job.id)]
-    out["message"] = job.error if job.state is not JobState.SUCCEEDED else None
+    if job.state is JobState.CANCELLED:
+        out["message"] = cancelled_message(job, store.events(job.id))
+    else:
+        out["message"] = job.error if job.state is not JobState.SUCCEEDED else None
     return out
 
 
@@ -335,10 +368,11 @@ async def post_batch(request: web.Request) -> web.Response:
 async def get_batch(request: web.Request) -> web.Response:
     store = _store(request)
     raw = request.match_info["job_id"]
-    if not raw.isdigit() or len(raw) > 18:
+    batch_id = ascii_int(raw)
+    if batch_id is None:
         raise NotFound(f"no batch inference job {raw!r}")
     try:
-        batch = await asyncio.to_thread(store.get_batch, int(raw))
+        batch = await asyncio.to_thread(store.get_batch, batch_id)
     except NotFound:
         raise NotFound(f"no batch inference job {raw}") from None
     if not _visible(principal(request), batch):  # not the caller's: as if it did not exist
@@ -350,9 +384,10 @@ def _int_query(request: web.Request, name: str, default: int, top: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= top:
+    value = ascii_int(raw)
+    if value is None or value > top:
         raise _bad(f"{name} must be an integer from 0 to {top}")
-    return int(raw)
+    return value
 
 
 async def get_sources(request: web.Request) -> web.Response:

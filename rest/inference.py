@@ -33,6 +33,7 @@ from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.dicomweb import url_allowed
 from dicom_node.store import Job, JobEvent, JobState, NewJob
 from rest.app import NODE, Route, json_body, principal
+from rest.batch import cancelled_message
 from rest.errors import ApiError
 
 UID = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)]
@@ -452,7 +453,8 @@ def status_body(job: Job, exports: list[dict[str, Any]],
         "timings": {**phase_timings(job, events or []), **result.get("timings", {})},
         # A success on part of what was asked says so: a RIS reading only status and
         # message would otherwise never learn that a study was not found.
-        "message": job.error if job.state is not JobState.SUCCEEDED
+        "message": cancelled_message(job, events or []) if job.state is JobState.CANCELLED
+        else job.error if job.state is not JobState.SUCCEEDED
         else job.error or _incomplete(retrieval),
     }
 

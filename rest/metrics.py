@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 import dicom_node
+from dicom_node.disk import disk_health
 from dicom_node.store import JobState
 from pipeline.engine import BatchedModel, ModelStatistics
 from rest.app import AUTH, NODE, Route
@@ -120,7 +121,9 @@ async def health(request: web.Request) -> web.Response:
     store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
     models = models_health(node)
     dicom = dicom_health(node)
-    degraded = (not store_ok or dicom["state"] != "running"
+    disk = await asyncio.to_thread(disk_health, node.settings)
+    # Under the reserve the node refuses studies and holds jobs back: worth an alert.
+    degraded = (not store_ok or dicom["state"] != "running" or not disk["ok"]
                 or any(m["state"] != "ready" for m in models.values()))
     body: dict[str, Any] = {
         "status": "degraded" if degraded else "ok",
@@ -129,6 +132,7 @@ async def health(request: web.Request) -> web.Response:
         "node": node.settings.node_name,
         "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None},
         "dicom": dicom,
+        "disk": disk,
         "models": models,
         "parts": dict(node.parts),
         "watch": watch_health(node, with_paths=_admin_asks(request)),

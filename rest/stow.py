@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,6 +39,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_node.assembler import GroupPolicy
 from dicom_node.config import AETitleSettings
+from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
 from dicom_node.scp import AssociationEnd, InstanceWriter, ReceivedInstance, safe_uid
@@ -241,11 +241,10 @@ async def store_instances(request: web.Request) -> web.Response:
     if node.store is None:
         raise ApiError(503, "the store is not open")
     writer = node.instance_writer()
-    min_free = settings.storage.min_free_mb * 1024 * 1024
     staging = writer.studies_dir
     staging.mkdir(parents=True, exist_ok=True)
-    if min_free and (await asyncio.to_thread(shutil.disk_usage, staging)).free < min_free:
-        raise ApiError(503, "free disk space is below storage.min_free_mb; try again later")
+    if short := await asyncio.to_thread(short_of_space, settings, staging):
+        raise ApiError(503, f"free disk space is low ({short}); try again later")
     ae = settings.stow_ae()
     policy = dataclasses.replace(GroupPolicy.for_ae(ae), kind="stow")
     association_id = -next(_requests)

@@ -36,8 +36,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         # one database for the session: start each test from empty tables
         with s.engine.begin() as conn:
             conn.exec_driver_sql("TRUNCATE jobs, job_events, artifacts, exports, instances, "
-                                 "watch_inputs, studies, integer_ids, batches, batch_sources "
-                                 "RESTART IDENTITY CASCADE")
+                                 "watch_inputs, studies, study_called_aes, integer_ids, "
+                                 "batches, batch_sources RESTART IDENTITY CASCADE")
     yield s
     s.close()
 

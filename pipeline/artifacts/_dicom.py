@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from highdicom.enum import SpecificCharacterSetValues
@@ -24,9 +24,13 @@ __all__ = [
     "save",
     "set_equipment",
     "set_series",
+    "set_times",
+    "utc_date_time",
 ]
 
 UTF8 = "ISO_IR 192"  #: Specific Character Set of UTF-8
+#: DCM code of Processing Equipment, the purpose of the equipment that made an object
+_PROCESSING = "109102"
 #: ISO 2022 code extensions of multi-byte character sets (never the first value)
 _MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58")
 #: the Specific Character Set terms highdicom knows
@@ -252,10 +256,38 @@ def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) 
     ds.SpecificCharacterSet = UTF8
     ds.SOPClassUID = UID(sop_class_uid)
     ds.SOPInstanceUID = UID(sop_instance_uid)
-    ds.InstanceCreationDate = when.strftime("%Y%m%d")
-    ds.InstanceCreationTime = when.strftime("%H%M%S")
-    ds.TimezoneOffsetFromUTC = "+0000"
+    set_times(ds, when, content=False)
     return ds
+
+
+def utc_date_time(when: datetime) -> tuple[str, str]:
+    """``when`` as a DA and a TM value in UTC (a naive ``when`` is read as local time)."""
+    utc = when.astimezone(UTC)
+    return utc.strftime("%Y%m%d"), utc.strftime("%H%M%S")
+
+
+def set_times(ds: Dataset, when: datetime, *, content: bool = True) -> None:
+    """Stamp ``ds`` with ``when`` in UTC: Instance Creation Date/Time, Content Date/Time
+    (unless ``content`` is false) and Timezone Offset From UTC ``+0000``.
+
+    highdicom fills the first two from the host's local clock and states no offset, so
+    one job's SR and SEG disagreed with its Secondary Capture and PDF by the host's
+    offset; every object of a run is stamped with the same instant, written one way.
+    The Contribution DateTime highdicom gives itself as processing equipment, also
+    local, becomes that instant too (the offset applies to it).
+    """
+    date, time = utc_date_time(when)
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    if content:
+        ds.ContentDate = date
+        ds.ContentTime = time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        purpose = item.get("PurposeOfReferenceCodeSequence") or [Dataset()]
+        if "ContributionDateTime" in item and purpose[0].get("CodeValue") == _PROCESSING:
+            item.ContributionDateTime = date + time
+    ds.TimezoneOffsetFromUTC = "+0000"
+
 
 
 def _uses_scheme(ds: Dataset, scheme: str) -> bool:

@@ -15,6 +15,8 @@ from pipeline.artifacts._dicom import (
     save,
     set_equipment,
     set_series,
+    set_times,
+    utc_date_time,
 )
 from pipeline.types import Artifact
 
@@ -51,9 +53,8 @@ def build_encapsulated_pdf(
     set_equipment(ds, info)
     ds.ConversionType = "SYN"
     ds.InstanceNumber = instance_number
-    ds.ContentDate = when.strftime("%Y%m%d")
-    ds.ContentTime = when.strftime("%H%M%S")
-    ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S")
+    set_times(ds, when)
+    ds.AcquisitionDateTime = "".join(utc_date_time(when))  # UTC, as the offset says
     ds.BurnedInAnnotation = "YES"  # the PDF shows patient identification
     ds.DocumentTitle = title[:64]
     ds.ConceptNameCodeSequence = []
@@ -81,8 +82,10 @@ def write_encapsulated_pdf(
     title: str = "AI inference report",
     series_uid: str | None = None,
     sources: list[Dataset] | None = None,
+    when: datetime | None = None,
 ) -> Artifact:
-    """Wrap the PDF file at ``pdf_path`` in DICOM at ``path`` (kind ``encapsulated_pdf``).
+    """Wrap the PDF file at ``pdf_path`` in DICOM at ``path`` (kind ``encapsulated_pdf``);
+    ``when`` (default: now) is its creation and content time.
 
     Raises:
         ValueError: when the file is not a PDF. OSError: when reading or writing fails.
@@ -94,6 +97,7 @@ def write_encapsulated_pdf(
         title=title,
         series_uid=series_uid,
         sources=sources,
+        when=when,
     )
     save(ds, path)
     return Artifact(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -157,7 +157,7 @@ def _width(text: str, font: str, size: float) -> float:
 def format_date(value: str) -> str:
     """``YYYYMMDD`` → ``YYYY-MM-DD``; anything else is returned as is (``—`` if empty)."""
     value = (value or "").strip()
-    if len(value) == 8 and value.isdigit():
+    if len(value) == 8 and value.isascii() and value.isdigit():  # not "¹": int() refuses it
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     return value or "—"
 
@@ -166,7 +166,7 @@ def format_age(value: str) -> str:
     """DICOM AS (``045Y``) → ``45 years``; other values as is (``—`` if empty)."""
     value = (value or "").strip()
     units = {"D": "days", "W": "weeks", "M": "months", "Y": "years"}
-    if len(value) == 4 and value[:3].isdigit() and value[3] in units:
+    if len(value) == 4 and value.isascii() and value[:3].isdigit() and value[3] in units:
         return f"{int(value[:3])} {units[value[3]]}"
     return value or "—"
 
@@ -543,8 +543,11 @@ class _Placeholder(Flowable):  # type: ignore[misc]
 def _footer_factory(model: str, generated: datetime) -> Any:
     regular, _ = _fonts()
     stamp = generated.strftime("%Y-%m-%d %H:%M:%S UTC")
+    # The PDF's own CreationDate/ModDate: the same instant, not the host's local clock.
+    pdf_date = generated.strftime("D:%Y%m%d%H%M%S+00'00'")
 
     def footer(canvas: Canvas, doc: SimpleDocTemplate) -> None:
+        canvas.setDateFormatter(lambda *_: pdf_date)
         canvas.saveState()
         w, _h = A4
         canvas.setStrokeColor(GRID)
@@ -638,7 +641,7 @@ def write_classification_report(
     Raises:
         ValueError: when the image is not 2D. OSError: when writing fails.
     """
-    generated = generated_at or utc_now()
+    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()
@@ -701,7 +704,7 @@ def write_segmentation_report(
     Raises:
         ValueError: when volume and labels differ in shape. OSError: when writing fails.
     """
-    generated = generated_at or utc_now()
+    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()

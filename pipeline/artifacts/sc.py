@@ -23,6 +23,7 @@ from pipeline.artifacts._dicom import (
     save,
     set_equipment,
     set_series,
+    set_times,
 )
 from pipeline.settings import SecondaryCaptureSpec
 from pipeline.types import Artifact
@@ -68,8 +69,7 @@ def build_secondary_capture(
     ds.ConversionType = "WSD"
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = source_ds.get("PatientOrientation", "")
-    ds.ContentDate = when.strftime("%Y%m%d")
-    ds.ContentTime = when.strftime("%H%M%S")
+    set_times(ds, when)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "AI heatmap overlaid on the source image"
     ds.BurnedInAnnotation = "NO"
@@ -133,15 +133,17 @@ def write_secondary_capture(
     series_uid: str | None = None,
     instance_number: int = 1,
     encoding: SecondaryCaptureSpec | None = None,
+    when: datetime | None = None,
 ) -> Artifact:
-    """Write the SC file to ``path`` and return its artifact (kind ``sc``).
+    """Write the SC file to ``path`` and return its artifact (kind ``sc``); ``when``
+    (default: now) is its creation and content time.
 
     Raises:
         ValueError: when ``source_ds`` has no StudyInstanceUID. OSError: when writing fails.
     """
     ds = build_secondary_capture(
         image, source_ds, info, series_uid=series_uid, instance_number=instance_number,
-        encoding=encoding,
+        encoding=encoding, when=when,
     )
     save(ds, path)
     return Artifact(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._common import SeriesInfo, concept_for_name, utc_now
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
@@ -22,6 +23,7 @@ from pipeline.artifacts._dicom import (
     for_highdicom,
     info_texts,
     save,
+    set_times,
 )
 from pipeline.artifacts.images import segment_color
 from pipeline.io import number_of_frames
@@ -84,12 +86,14 @@ def build_segmentation(
     series_uid: str | None = None,
     instance_number: int = 1,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+    when: datetime | None = None,
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM SEG, one segment per structure of ``result``.
 
     ``source_datasets`` are the CT instances in the order of the label map's slices (a
     multi-frame object's header once per frame, with ``result.source_frames``).
-    Segment numbers are 1..N in the order of ``result.segments``.
+    Segment numbers are 1..N in the order of ``result.segments``. ``when`` (default:
+    now) is its creation and content time, written in UTC.
 
     Raises:
         ValueError: when there are no segments, the slice count differs from the
@@ -148,6 +152,7 @@ def build_segmentation(
         content_label="SEGMENTATION",
         series_description=info.series_description,
     )
+    set_times(seg_ds, when or utc_now())
     declare_private_scheme(seg_ds)
     declare_utf8_for(seg_ds, [*(s.name for s in result.segments), result.model_name,
                               result.model_version, *info_texts(info)])
@@ -186,14 +191,17 @@ def write_segmentation(
     *,
     series_uid: str | None = None,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+    when: datetime | None = None,
 ) -> tuple[Artifact, hd.seg.Segmentation]:
-    """Write the SEG to ``path``; return its artifact (kind ``seg``) and the dataset.
+    """Write the SEG to ``path``; return its artifact (kind ``seg``) and the dataset
+    (``when``: see :func:`build_segmentation`).
 
     Raises:
         ValueError: see :func:`build_segmentation`. OSError: when writing fails.
     """
     seg_ds = build_segmentation(
-        result, source_datasets, info, series_uid=series_uid, codes_by_name=codes_by_name
+        result, source_datasets, info, series_uid=series_uid, codes_by_name=codes_by_name,
+        when=when,
     )
     save(seg_ds, Path(path))
     art = Artifact(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -27,7 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pipeline.artifacts._common import SeriesInfo, concept_for_name
+from pipeline.artifacts._common import SeriesInfo, concept_for_name, utc_now
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
@@ -35,6 +36,7 @@ from pipeline.artifacts._dicom import (
     for_highdicom,
     info_texts,
     save,
+    set_times,
 )
 from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
@@ -86,6 +88,7 @@ def _document(
     info: SeriesInfo,
     series_uid: str | None,
     instance_number: int,
+    when: datetime | None,
 ) -> ComprehensiveSR:
     sr = ComprehensiveSR(
         evidence=for_highdicom(evidence),
@@ -104,6 +107,7 @@ def _document(
     sr.ManufacturerModelName = info.manufacturer_model_name
     sr.SoftwareVersions = info.software_version
     sr.DeviceSerialNumber = info.device_serial_number
+    set_times(sr, when or utc_now())
     declare_private_scheme(sr)
     return sr
 
@@ -116,6 +120,7 @@ def build_classification_sr(
     series_uid: str | None = None,
     instance_number: int = 1,
     finding_codes: Mapping[str, Code] | None = None,
+    when: datetime | None = None,
 ) -> ComprehensiveSR:
     """Build a Comprehensive SR holding a TID 1500 report of ``result``.
 
@@ -123,7 +128,8 @@ def build_classification_sr(
     (finding: Present/Absent) and a numeric Certainty of Finding (0..1), each
     referencing the source image; plus a group with the overall result. Findings are
     SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
-    overrides per name.
+    overrides per name. ``when`` (default: now) is the document's creation and content
+    time, written in UTC.
 
     Raises:
         ValueError: when ``source_ds`` lacks study/instance UIDs (raised by highdicom).
@@ -170,7 +176,7 @@ def build_classification_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    sr = _document([source_ds], report, info, series_uid, instance_number)
+    sr = _document([source_ds], report, info, series_uid, instance_number, when)
     declare_utf8_for(sr, [result.result, result.model_name, result.model_version,
                           *(f.name for f in result.findings), *info_texts(info)])
     return sr
@@ -185,6 +191,7 @@ def build_segmentation_sr(
     series_uid: str | None = None,
     instance_number: int = 1,
     codes_by_name: Mapping[str, tuple[Code, Code]] | None = None,
+    when: datetime | None = None,
 ) -> ComprehensiveSR:
     """Build a Comprehensive SR (TID 1500) with the volume (mL) of every structure.
 
@@ -192,7 +199,8 @@ def build_segmentation_sr(
     the SEG and, as TID 1411's "Source series for segmentation", the source series
     (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
     and took seconds to build); without it, or for a segment with no voxels, the group
-    references the source images directly.
+    references the source images directly. ``when``: as in
+    :func:`build_classification_sr`.
 
     Raises:
         ValueError: when there are no source datasets or a segment is missing in the SEG.
@@ -252,7 +260,7 @@ def build_segmentation_sr(
         imaging_measurements=groups,
     )
     evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]
-    sr = _document(evidence, report, info, series_uid, instance_number)
+    sr = _document(evidence, report, info, series_uid, instance_number, when)
     declare_utf8_for(sr, [result.model_name, result.model_version,
                           *(s.name for s in result.segments), *info_texts(info)])
     return sr

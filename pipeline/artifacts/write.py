@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -102,6 +102,7 @@ def _reports(
     title: str,
     *,
     sources: list[Dataset] | None = None,
+    when: datetime | None = None,
 ) -> list[Artifact]:
     """The PDF report and its Encapsulated PDF, each when ``wanted``; a PDF wanted only
     inside DICOM is written to a temporary folder first."""
@@ -113,7 +114,8 @@ def _reports(
         made = [pdf] if keep else []
         if Output.ENCAPSULATED_PDF in wanted:
             made.append(write_encapsulated_pdf(pdf.path, source_ds, folder / f"{pid}_report.dcm",
-                                               info, title=title, sources=sources))
+                                               info, title=title, sources=sources,
+                                               when=when))
     return made
 
 
@@ -146,6 +148,8 @@ def write_classification_artifacts(
     Capture is encoded). The JSON names the PNG files, so asking for JSON writes the PNGs
     too. ``patient_id`` is ``study.patient_id``.
     For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
+    ``generated_at`` (default: now) is the one time every DICOM object and the report
+    carry, written in UTC.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -158,7 +162,8 @@ def write_classification_artifacts(
     folder = patient_dir(out_dir, pid)
     with _nothing_if_failed(folder, pid):
         base = series or SeriesInfo()
-        generated = generated_at or utc_now()
+        # One instant for the whole run: every object and the report carry it, in UTC.
+        generated = (generated_at or utc_now()).astimezone(UTC)
         abnormal = result.result != NORMAL
         if abnormal and result.heatmap is None and not result.heatmap_note \
                 and wanted & HEATMAP_OUTPUTS:
@@ -193,17 +198,19 @@ def write_classification_artifacts(
                     software=f"{base.manufacturer} {base.software_version}",
                 ),
                 wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
+                when=generated,
             )
             if Output.SR in wanted:
                 sr = build_classification_sr(
-                    result, source_ds, _series(base, "sr"), finding_codes=finding_codes
+                    result, source_ds, _series(base, "sr"), finding_codes=finding_codes,
+                    when=generated,
                 )
                 documents.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
             if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
                 documents.append(
                     write_secondary_capture(
                         overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc,
+                        encoding=sc, when=generated,
                     )
                 )
             artifacts += [png.result() for png in pngs]
@@ -240,7 +247,7 @@ def write_segmentation_artifacts(
     ``_report.pdf``, and DICOM ``_seg.dcm`` (BINARY SEG over ``source_datasets``,
     which are in the label map's slice order), ``_sr.dcm`` (volumes, referencing the
     SEG when one is written), ``_sc.dcm`` (the overlay, encoded as ``sc`` says) and
-    ``_report.dcm``.
+    ``_report.dcm``. ``generated_at``: as in :func:`write_classification_artifacts`.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -256,7 +263,8 @@ def write_segmentation_artifacts(
             raise ValueError("no source datasets")
         first = source_datasets[0]
         base = series or SeriesInfo()
-        generated = generated_at or utc_now()
+        # One instant for the whole run: every object and the report carry it, in UTC.
+        generated = (generated_at or utc_now()).astimezone(UTC)
         artifacts: list[Artifact] = []
         if Output.JSON in wanted:
             artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
@@ -270,7 +278,7 @@ def write_segmentation_artifacts(
                 artifacts.append(
                     write_secondary_capture(
                         overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc,
+                        encoding=sc, when=generated,
                     )
                 )
         artifacts += _reports(
@@ -279,7 +287,7 @@ def write_segmentation_artifacts(
                 software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
             ),
             wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",
-            sources=distinct(source_datasets),
+            sources=distinct(source_datasets), when=generated,
         )
         seg_ds = None
         if Output.SEG in wanted:
@@ -289,6 +297,7 @@ def write_segmentation_artifacts(
                 folder / f"{pid}_seg.dcm",
                 _series(base, "seg"),
                 codes_by_name=codes_by_name,
+                when=generated,
             )
             artifacts.append(seg_art)
         if Output.SR in wanted:
@@ -298,6 +307,7 @@ def write_segmentation_artifacts(
                 _series(base, "sr"),
                 seg_ds=seg_ds,
                 codes_by_name=codes_by_name,
+                when=generated,
             )
             artifacts.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
     _log_done("segmentation", artifacts, started)

@@ -86,6 +86,20 @@ def test_echo(node: RunningNode) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_an_echo_is_one_info_line(tmp_path: Path) -> None:
+    """A monitor's C-ECHO every 30 s wrote three info lines each (about 8,600 a day):
+    now the association's end alone, counting the echo."""
+    with running_node(node_settings(tmp_path / "data")) as rn, \
+            structlog.testing.capture_logs() as logs:
+        res = echoscu(rn.port, NODE_AE)
+        assert res.returncode == 0, res.stdout + res.stderr
+        while not any(e["event"] == "association released" for e in logs):
+            time.sleep(0.02)  # the node logs the release just after echoscu returns
+        info = [e for e in logs if e["log_level"] == "info"
+                and e["event"] not in ("DICOM listening", "node started")]
+    assert [(e["event"], e.get("echoes")) for e in info] == [("association released", 1)]
+
+
 def test_each_association_gets_its_own_copy_of_the_contexts(node: RunningNode) -> None:
     """pynetdicom deep-copies the server's contexts per association; ours copies each
     context and its transfer syntax list but shares the (immutable) UIDs, instead of

@@ -53,10 +53,12 @@ def test_health_and_clean_stop_on_sigterm(node: NodeProcess) -> None:
     assert "node stopped" in node.log()
 
 
-def test_ctrl_c_stops_cleanly(node: NodeProcess) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_and_a_hang_up_stop_cleanly(node: NodeProcess, sig: signal.Signals) -> None:
     node.start()
-    node.signal(signal.SIGINT)
+    node.signal(sig)
     assert node.wait() == 0
+    assert f'"signal": "{sig.name}"' in node.log() and "node stopped" in node.log()
 
 
 def test_running_job_finishes_within_grace_on_sigterm(node: NodeProcess) -> None:
@@ -104,7 +106,8 @@ def test_crash_mid_job_runs_it_exactly_once_more(node: NodeProcess) -> None:
 
 def test_second_serve_on_the_same_data_dir_is_refused(node: NodeProcess,
                                                       tmp_path: Path) -> None:
-    """A second `serve` on a running node's data directory (other ports) exits at once,
+    """A second `serve` on a running node's data directory (other ports, another
+    node_name) exits at once,
     naming the directory and the pid that holds it; the running node's job runs once.
     The other commands keep working beside the running node."""
     import yaml
@@ -114,6 +117,9 @@ def test_second_serve_on_the_same_data_dir_is_refused(node: NodeProcess,
         second = NodeProcess(tmp_path / "second", {"executor": TEST_EXECUTOR})
         cfg = yaml.safe_load(second.config_path.read_text())
         cfg["storage"]["data_dir"] = str(node.data_dir)
+        # Another node_name too: two nodes on one data directory both took every file
+        # dropped into its folders, whatever their names.
+        cfg["node_name"] = "another-name"
         second.config_path.write_text(yaml.safe_dump(cfg))
         try:
             with pytest.raises(RuntimeError, match="node exited with 1"):

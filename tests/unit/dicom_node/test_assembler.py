@@ -40,10 +40,17 @@ class Jobs:
     def __init__(self) -> None:
         self.jobs: list[NewJob] = []
         self.at: list[float] = []
+        self.queued: list[CompletedGroup] = []  # groups queued through queue_group
 
     async def submit(self, new: NewJob) -> None:
         self.jobs.append(new)
         self.at.append(time.monotonic())
+
+    async def queue_group(self, news: list[NewJob], group: CompletedGroup) -> None:
+        """As the node's: a group's jobs and its record, all at once."""
+        self.jobs.extend(news)
+        self.at.extend(time.monotonic() for _ in news)
+        self.queued.append(group)
 
 
 async def settle(seconds: float = 0.05) -> None:
@@ -186,15 +193,11 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
     from dicom_node.config import WatchSettings
 
     jobs = Jobs()
-    queued: list[CompletedGroup] = []
-
-    async def on_queued(group: CompletedGroup) -> None:
-        queued.append(group)
-
     folder = WatchSettings(name="cd", path=Path("cd"), pipelines=["p2"], grouping="series",
                            timeout_s=0.2)
-    policy = GroupPolicy.for_watch(folder, "/out/cd", on_queued)
-    async with Assembler(settings(timeout_s=30), jobs.submit) as asm:
+    policy = GroupPolicy.for_watch(folder, "/out/cd")
+    async with Assembler(settings(timeout_s=30), jobs.submit,
+                         queue_group=jobs.queue_group) as asm:
         for n in (1, 2):
             asm.watched_instance(ReceivedInstance(
                 f"1.2.3.9.{n}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.1",
@@ -212,7 +215,8 @@ async def test_drop_folder_groups_use_the_folder_policy() -> None:
                          "series_instance_uid": "1.2.3.1", "output_dir": "/out/cd",
                          "destinations": [], "watch": "cd", "intake_pipelines": ["p2"],
                          "group_timeout_s": 0.2}
-    assert [g.watch for g in queued] == ["cd"] and queued[0].reason == "timeout"
+    assert [g.watch for g in jobs.queued if g.watch] == ["cd"]
+    assert jobs.queued[-1].reason == "timeout"
 
 
 async def test_groups_left_pending_by_a_crash_are_recovered_after_their_timeout() -> None:
@@ -224,18 +228,13 @@ async def test_groups_left_pending_by_a_crash_are_recovered_after_their_timeout(
     from dicom_node.assembler import GroupPolicy
 
     jobs = Jobs()
-    queued: list[CompletedGroup] = []
-
-    async def on_queued(group: CompletedGroup) -> None:
-        queued.append(group)
-
     stow = dataclasses.replace(GroupPolicy.for_ae(AETitleSettings(ae_title="AI",
                                                                   pipelines=["p1"])),
                                kind="stow", timeout_s=0.3)
     base = settings(timeout_s=0.3)
     quick = base.model_copy(update={"ae_titles": [base.ae_titles[0], AETitleSettings(
         ae_title="STORE", timeout_s=0.3)]})
-    async with Assembler(quick, jobs.submit, on_queued=on_queued) as asm:
+    async with Assembler(quick, jobs.submit, queue_group=jobs.queue_group) as asm:
         pending = [(inst(1, assoc=0), None), (inst(2, assoc=0), None),
                    (inst(3, assoc=0, study="1.2.4", called="STORE"), None),
                    (inst(4, assoc=0, study="1.2.5"), stow)]
@@ -247,26 +246,32 @@ async def test_groups_left_pending_by_a_crash_are_recovered_after_their_timeout(
         assert asm.open_groups == 0
     assert sorted((j.study_instance_uid, j.pipeline, j.kind) for j in jobs.jobs) == [
         ("1.2.3", "p1", "dimse"), ("1.2.3", "p2", "dimse"), ("1.2.5", "p1", "stow")]
-    by_study = {g.study_instance_uid: g for g in queued}
+    by_study = {g.study_instance_uid: g for g in jobs.queued}
     assert set(by_study) == {"1.2.3", "1.2.4", "1.2.5"}  # STORE has no pipelines: queued too
     assert by_study["1.2.3"].instances == ["1.2.3.9.1", "1.2.3.9.2", "1.2.3.9.5"]
-    assert {g.reason for g in queued} == {"recovered"}
+    assert {g.reason for g in jobs.queued} == {"recovered"}
 
 
-async def test_a_group_whose_job_cannot_be_queued_is_not_reported_queued() -> None:
-    queued: list[CompletedGroup] = []
+async def test_a_group_is_queued_in_one_call_with_all_its_jobs() -> None:
+    """Every pipeline's job and the group go to ``queue_group`` together (the node's
+    commits them in one transaction); a failure there is logged, and the assembler goes
+    on with the next group."""
+    calls: list[tuple[list[str], list[str]]] = []
 
-    async def on_queued(group: CompletedGroup) -> None:
-        queued.append(group)
+    async def queue_group(news: list[NewJob], group: CompletedGroup) -> None:
+        calls.append(([n.pipeline for n in news], group.instances))
+        if len(calls) == 1:
+            raise RuntimeError("the store is down")
 
-    async def failing(new: NewJob) -> None:
-        raise RuntimeError("the store is down")
+    async def submit(new: NewJob) -> None:
+        raise AssertionError("jobs of a group are never submitted one by one")
 
-    async with Assembler(settings(), failing, on_queued=on_queued) as asm:
-        asm.instance_received(inst(1))
-        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
-        await settle()
-    assert queued == []  # so the next start finds its instances pending again
+    async with Assembler(settings(), submit, queue_group=queue_group) as asm:
+        for n, assoc in ((1, 1), (2, 2)):
+            asm.instance_received(inst(n, assoc=assoc))
+            asm.association_ended(AssociationEnd(assoc, "AI", "CT1", released=True))
+            await settle()
+    assert calls == [(["p1", "p2"], ["1.2.3.9.1"]), (["p1", "p2"], ["1.2.3.9.2"])]
 
 
 async def test_groups_still_open_at_stop_stay_pending_when_their_intake_records_it() -> None:
@@ -274,15 +279,39 @@ async def test_groups_still_open_at_stop_stay_pending_when_their_intake_records_
     stay pending (the node finds them at its next start); one whose intake keeps no
     record still becomes a job."""
     jobs = Jobs()
-    queued: list[CompletedGroup] = []
-
-    async def on_queued(group: CompletedGroup) -> None:
-        queued.append(group)
-
     async with Assembler(settings(complete_on_release=False, timeout_s=30), jobs.submit,
-                         on_queued=on_queued) as asm:
+                         queue_group=jobs.queue_group) as asm:
         asm.instance_received(inst(1))
         asm.instance_received(inst(2))
         await settle()
         assert asm.open_groups == 1
-    assert jobs.jobs == [] and queued == [] and asm.open_groups == 0
+    assert jobs.jobs == [] and jobs.queued == [] and asm.open_groups == 0
+
+
+async def test_a_drop_folder_with_inputs_still_waiting_holds_its_groups() -> None:
+    """While the folder has inputs it has not taken (a file held up by a full disk), its
+    groups outlive their timeout; once none wait, they complete as usual. Other
+    intakes' groups are not held."""
+    from dicom_node.assembler import GroupPolicy
+    from dicom_node.config import WatchSettings
+
+    jobs = Jobs()
+    waiting = {"cd": 1}
+    folder = WatchSettings(name="cd", path=Path("cd"), pipelines=["p2"], timeout_s=0.1)
+    policy = GroupPolicy.for_watch(folder, "/out/cd")
+    async with Assembler(settings(), jobs.submit, queue_group=jobs.queue_group) as asm:
+        asm.hold("cd", lambda: waiting["cd"])
+        asm.watched_instance(ReceivedInstance("1.2.3.9.1", "1.2.840.10008.5.1.4.1.1.2",
+                                              "1.2.3", "1.2.3.1", Path("/x/1.dcm"), "", "",
+                                              0), policy)
+        asm.instance_received(inst(2, study="1.2.4"))  # over DICOM: its own timeout (0.2 s)
+        while not jobs.queued:
+            await settle()
+        await settle(0.5)  # several of the folder's timeouts
+        assert [g.study_instance_uid for g in jobs.queued] == ["1.2.4"]
+        assert asm.open_groups == 1
+        waiting["cd"] = 0  # the held-up file was taken (or refused)
+        while asm.open_groups:
+            await settle()
+    assert [(g.study_instance_uid, g.reason) for g in jobs.queued] == [
+        ("1.2.4", "timeout"), ("1.2.3", "timeout")]

@@ -50,3 +50,64 @@ def test_a_listing_cut_off_by_head_ends_quietly(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait() == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("command", [["jobs", "list"], ["studies", "list"]])
+def test_a_listing_without_a_store_says_so_and_makes_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    """Run from the wrong folder, the listings made an empty ./data/node.db and said
+    'no jobs'; now they say there is no store there, and leave nothing behind."""
+    data = tmp_path / "data"
+    assert main([*command, "--data-dir", str(data)]) == 1
+    assert f"no store at {data / 'node.db'}" in capsys.readouterr().err
+    assert not data.exists()
+
+
+def test_dicom_node_config_names_the_settings_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "elsewhere"
+    data.mkdir()
+    Store(f"sqlite:///{data / 'node.db'}").open().close()
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage:\n  data_dir: {data}\n")
+    monkeypatch.setenv("DICOM_NODE_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)  # ./data is not the node's
+    assert main(["jobs", "list"]) == 0
+    assert "no jobs" in capsys.readouterr().out
+
+
+def test_retry_of_a_study_job_says_how_many_instances_it_gained(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`jobs retry` of a drop-folder job that ran on part of a series: it now runs on
+    all of the series the store holds, and says so."""
+    import dataclasses
+
+    from dicom_node.store import InstanceRecord, JobState
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(f"sqlite:///{data / 'node.db'}").open()
+    base = InstanceRecord(sop_instance_uid="", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                          study_instance_uid="7", series_instance_uid="7.1",
+                          path=Path("/x.dcm"), size_bytes=1, source="watch")
+    held = [dataclasses.replace(base, sop_instance_uid=f"7.1.{i}") for i in range(200)]
+    store.add_watch_inputs("inbox", [(f"{i:064x}", r.sop_instance_uid)
+                                     for i, r in enumerate(held)], instances=held)
+    job = store.create_job(NewJob(pipeline="ct", kind="watch", study_instance_uid="7",
+                                  input={"instances": [r.sop_instance_uid for r in held[:122]],
+                                         "study_instance_uid": "7", "watch": "inbox"}))
+    store.request_cancel(job.id)
+    store.close()
+    assert main(["jobs", "retry", job.id[:8], "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{job.id}: queued again with 200 instances, 78 more than the failed run")
+    store = Store(f"sqlite:///{data / 'node.db'}").open()
+    try:
+        again = store.get_job(job.id)
+        assert again.state is JobState.QUEUED and len(again.input["instances"]) == 200
+        store.request_cancel(job.id)
+    finally:
+        store.close()
+    assert main(["jobs", "retry", job.id, "--data-dir", str(data)]) == 0
+    assert capsys.readouterr().out.strip() == f"{job.id}: queued again"  # nothing more

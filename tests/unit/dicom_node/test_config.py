@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,19 @@ def test_environment_and_cli_overrides(tmp_path: Path) -> None:
     assert s.dimse.port == 4000
 
 
+@pytest.mark.parametrize("index", ["\u00b9", "\u0661", "9" * 5000])
+def test_a_list_index_in_an_override_is_ascii_digits(tmp_path: Path, index: str) -> None:
+    """"¹" (int() refuses it), an Arabic-Indic one (int() reads 1) and 5000 digits are no
+    list index: the key is named, not a ValueError raised nor the second AE title changed."""
+    cfg = write(tmp_path, "ae_titles:\n  - ae_title: A\n  - ae_title: B\n")
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={f"DICOM_NODE_AE_TITLES__{index}__TIMEOUT_S": "3"})
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={}, overrides={f"ae_titles.{index}.timeout_s": 3})
+    with pytest.raises(ConfigError, match="list index out of range"):
+        load_settings(cfg, environ={}, overrides={f"ae_titles.{index}": {"ae_title": "C"}})
+
+
 def test_settings_are_frozen() -> None:
     s = Settings()
     with pytest.raises(Exception):
@@ -84,6 +98,8 @@ def test_settings_are_frozen() -> None:
         ("models:\n  - name: m\n    path: /does/not/exist\n", "models.0.path", "not found"),
         ("logging: 3\n", "logging", "valid dictionary"),
         ("dimse: [\n", "line", "not valid YAML"),
+        ("storage:\n  retention_days: 30\nstorage:\n  min_free_mb: 100\n", "line 3",
+         "'storage' is given twice (first on line 1)"),
         ("- a\n- b\n", "", "mapping of sections"),
         ("auth:\n  algorithms: [none]\n", "auth.algorithms.0", "HS256"),
         ("rest:\n  single_inference_pipeline: nope\n", "rest.single_inference_pipeline",
@@ -255,10 +271,13 @@ def test_systemd_unit_runs_commands_the_cli_accepts(tmp_path: Path) -> None:
     unit.optionxform = str  # type: ignore[assignment,method-assign]
     unit.read_string(text)
     service = unit["Service"]
+    data_dirs = set()
     for key in ("ExecStartPre", "ExecStart"):
         argv = shlex.split(service[key])
         assert argv[0].endswith("/.venv/bin/dicom-node")
-        build_parser().parse_args(argv[1:])  # SystemExit(2) on an option the CLI lacks
+        args = build_parser().parse_args(argv[1:])  # SystemExit(2) on an option it lacks
+        data_dirs.add(args.data_dir)
+    assert len(data_dirs) == 1 and None not in data_dirs  # the check sees what serve uses
     # systemd waits longer than the node's default grace for running jobs
     assert float(service["TimeoutStopSec"]) > Settings().executor.grace_period_s
     if shutil.which("systemd-analyze"):
@@ -311,3 +330,41 @@ def test_sop_classes_by_uid_or_keyword(tmp_path: Path) -> None:
         load_settings(bad, environ={})
     assert "ae_titles.0.ignored_sop_classes" in str(info.value)
     assert "did you mean 'CTImageStorage'?" in str(info.value)
+
+
+def test_a_drop_folder_without_pipelines_is_warned_about(tmp_path: Path) -> None:
+    """Such a folder takes files and moves them to done/ and makes no job: check-config
+    says so (still exit 0: it is valid) and so does the node's start-up log. An AE
+    title without pipelines (an archive) is shown as storing only, not warned about."""
+    import structlog
+
+    from dicom_node.config import load_settings
+    from tests.support.inproc import node_settings, running_node
+
+    config = write(tmp_path, f"""
+ae_titles:
+  - {{ae_title: ARCHIVE}}
+watch:
+  - {{name: scans, path: {tmp_path / 'scans'}}}
+  - {{name: cxr, path: {tmp_path / 'cxr'}, pipelines: [cxr-findings]}}
+""")
+    r = _cli("check-config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"dicom-node: warning: {config}: watch.0.pipelines: drop folder scans has no "
+        "pipelines: files are stored, no job is made"]
+    assert "called AE titles: ARCHIVE (stores only)" in r.stdout
+    assert f"{tmp_path / 'scans'} (no pipelines), {tmp_path / 'cxr'}" in r.stdout
+    assert load_settings(default_config_path()).warnings() == []
+
+    (tmp_path / "scans").mkdir()
+    settings = node_settings(tmp_path / "data", ae_titles=[{"ae_title": "ARCHIVE"}],
+                             watch=[{"name": "scans", "path": str(tmp_path / "scans")}])
+    with structlog.testing.capture_logs() as logs:
+        async def start_and_stop() -> None:
+            async with running_node(settings):
+                pass
+        asyncio.run(start_and_stop())
+    warned = [e["event"] for e in logs if e["log_level"] == "warning"]
+    assert warned == ["configuration: watch.0.pipelines: drop folder scans has no "
+                      "pipelines: files are stored, no job is made"]

@@ -281,3 +281,79 @@ async def test_bad_inputs_fail_their_jobs_with_a_reason_and_the_worker_goes_on(
         assert job.state is JobState.FAILED and job.attempts == 1, (job.state, job.error)
         for word in words:
             assert word.lower() in (job.error or "").lower(), (word, job.error)
+
+
+async def test_a_drop_folders_jobs_never_overwrite_each_others_results(tmp_path: Path) -> None:
+    """Two studies of one patient dropped into a folder: each job writes into its own
+    folder under the folder's output, ``<job id>/P1/P1_*``, and its SR keeps its own
+    study's UID (one shared ``P1/`` let the second study overwrite the first's)."""
+    import pydicom
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    output = tmp_path / "drop-results"
+    settings = node_settings(
+        tmp_path / "data",
+        dimse={"host": "127.0.0.1", "port": free_port()},
+        watch=[{"name": "inbox", "path": str(inbox), "pipelines": ["cxr"], "settle_s": 0.2,
+                "timeout_s": 0.5, "output": str(output), "destinations": ["share"]}],
+        models=[{"name": "tiny", "path": str(make_tiny_bundle(tmp_path / "bundles" / "tiny")),
+                 "max_delay_ms": 0, "warmup": False}],
+        pipelines=[{**CXR, "threshold": 0.01, "outputs": ["json", "sr"]}],
+        destinations=[{"name": "share", "type": "folder", "path": str(tmp_path / "share")}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5},
+    )
+    studies = []
+    async with running_node(settings) as node:
+        assert node.store is not None
+        for seed in (1, 2):  # two visits of patient P1: the same output file names
+            src = write_dicom(make_cxr_phantom(seed, size=64), tmp_path / f"cr{seed}.dcm",
+                              patient_id="P1", modality="CR")
+            studies.append(str(pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID))
+            shutil.copy(src, inbox / f"visit{seed}.dcm")
+            while len([j for j in node.store.list_jobs() if j.kind == "watch"]) < seed:
+                await asyncio.sleep(0.05)  # one job each (no time limit: pytest-timeout)
+        jobs = [await _finished(node, j) for j in node.store.list_jobs() if j.kind == "watch"]
+        artifacts = {j.id: [Path(a.path) for a in node.store.artifacts_of(j.id)] for j in jobs}
+    assert studies[0] != studies[1]
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [j.error for j in jobs]
+    by_study = {j.study_instance_uid: j for j in jobs}
+    assert set(by_study) == set(studies)
+    for study, job in by_study.items():  # the SR each job lists is still its own study's
+        (sr,) = [p for p in artifacts[job.id] if p.name == "P1_sr.dcm"]
+        assert str(pydicom.dcmread(sr, stop_before_pixels=True).StudyInstanceUID) == study
+    first, second = artifacts.values()
+    assert not set(first) & set(second)
+    for job in jobs:
+        folder = output / job.id / "P1"
+        assert job.result is not None and job.result["output_dir"] == str(output / job.id)
+        assert {"P1_predictions.json", "P1_sr.dcm"} <= {p.name for p in folder.iterdir()}
+        assert sorted(artifacts[job.id]) == sorted(folder.iterdir())  # what `jobs show` lists
+        sr = folder / "P1_sr.dcm"
+        mirrored = tmp_path / "share" / job.id / "P1" / "P1_sr.dcm"
+        assert mirrored.read_bytes() == sr.read_bytes()
+    assert not (output / "P1").exists()  # no folder shared by the patient's jobs
+
+
+async def test_a_job_runs_on_its_instances_after_the_data_directory_moved(
+        tmp_path: Path) -> None:
+    """The store keeps absolute paths: after ``mv data moved`` a job failed with "none of
+    the job's instances is available"; it finds them at the same place under the new
+    studies folder."""
+    settings = _settings(tmp_path, [CXR])
+    async with running_node(settings) as node:
+        src = write_dicom(make_cxr_phantom(3, size=64), tmp_path / "cr.dcm",
+                          patient_id="P1", modality="CR")
+        got = node.instance_writer().write(src, called_ae="DICOMNODE", calling_ae="MODALITY",
+                                           association_id=0)
+    moved = tmp_path / "moved"
+    (tmp_path / "data").rename(moved)
+    settings = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"data_dir": moved})})
+    async with running_node(settings) as node:
+        assert node.scheduler is not None
+        job = await node.scheduler.submit(NewJob(
+            pipeline="cxr", kind="api", input={"instances": [got.sop_instance_uid]}))
+        job = await _finished(node, job)
+    assert job.state is JobState.SUCCEEDED, job.error

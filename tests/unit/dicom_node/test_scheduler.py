@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import ExecutorSettings, RetrySettings
+from dicom_node.errors import StoreError
 from dicom_node.scheduler import Scheduler
 from dicom_node.store import JobState, NewJob, Store
 from pipeline.types import Artifact
@@ -347,3 +348,84 @@ def test_requeue_expired_takes_only_leases_that_ran_out(store: Store) -> None:
     assert store.get_job(a.id).state is JobState.QUEUED
     assert store.get_job(b.id).state in (JobState.RUNNING, JobState.RETRIEVING)
     assert store.requeue_expired() == []  # done once, by whoever is first
+
+
+async def test_a_store_failure_while_an_outcome_is_recorded_costs_no_worker(
+        sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing as a job's end was written (a full disk, a database restart)
+    killed the worker for good: the job stayed "running", nothing else ran, and its lease
+    was renewed forever. Now the job goes back to the queue once the store answers, its
+    results are sent on without a second run, and the worker goes on."""
+    sched, handler = make(sqlite_store, tmp_path, immediate_slot=False)  # one worker
+    real = sqlite_store.transition
+    fail = {JobState.SUCCEEDED: 2, JobState.QUEUED: 1}  # the end twice, the re-queue once
+
+    def flaky(job_id: str, state: JobState, **kw: object) -> bool:
+        if fail.get(state):
+            fail[state] -= 1
+            raise StoreError("database or disk is full")
+        return real(job_id, state, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "transition", flaky)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"name": "first"}))
+        assert await wait_state(sqlite_store, job.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+        after = await sched.submit(NewJob(pipeline="p", input={"name": "after"}))
+        assert await wait_state(sqlite_store, after.id, JobState.SUCCEEDED) \
+            is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == ["first", "after"]  # the results were made once
+    assert sqlite_store.get_job(job.id).attempts == 1  # the store's failures cost none
+
+
+async def test_a_job_no_worker_holds_loses_its_lease_and_is_queued_again(
+        store: Store, tmp_path: Path) -> None:
+    """Only the jobs a worker here runs have their leases renewed: one left "running"
+    under our name without a worker runs again once its lease is out."""
+    orphan = store.create_job(NewJob(pipeline="p", input={"name": "orphan"}))
+    assert store.claim_next("test", 0.3) is not None  # ours, but no worker runs it
+    sched, handler = make(store, tmp_path)
+    sched.settings = sched.settings.model_copy(update={"lease_s": 0.3})
+    sched._stopping = False
+    sched._loop = asyncio.get_running_loop()
+    sched._wake = asyncio.Event()
+    # start() would re-queue our own leases at once; the keeper and workers alone here
+    sched._workers = [asyncio.create_task(sched._worker()),
+                      asyncio.create_task(sched._keeper(), name="lease-keeper")]
+    try:
+        assert await wait_state(store, orphan.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == ["orphan"]
+
+
+async def test_a_graceful_stop_does_not_use_up_an_attempt(store: Store, tmp_path: Path) -> None:
+    sched, _ = make(store, tmp_path, grace=0.1)
+    await sched.start()
+    job = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+    await wait_state(store, job.id, JobState.RUNNING)
+    await sched.stop()
+    assert store.get_job(job.id).attempts == 0  # as after a crash (requeue_interrupted)
+
+
+async def test_jobs_wait_while_the_results_disk_is_short_of_space(
+        store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A job started on a full results disk failed every attempt and was given up for
+    good; now no job starts while ``paused`` gives a reason, and they run once it does
+    not."""
+    sched, handler = make(store, tmp_path)
+    short: list[str] = ["12 MB free, under storage.min_free_mb (500 MB)"]
+    sched.paused = lambda: short[0] if short else None
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"name": "waits"}))
+        await asyncio.sleep(0.3)  # several turns of the workers' loop
+        assert store.get_job(job.id).state is JobState.QUEUED and handler.order == []
+        short.clear()
+        sched.notify()
+        assert await wait_state(store, job.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert store.get_job(job.id).attempts == 1

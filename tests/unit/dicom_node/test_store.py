@@ -297,6 +297,45 @@ def test_watch_inputs_record_once_and_track_jobs(store: Store) -> None:
     assert store.count_watch_inputs("inbox") == {"queued": 1, "stored": 2}
 
 
+def test_a_groups_jobs_and_its_queued_marks_are_one_transaction(store: Store) -> None:
+    """A complete group's jobs, its instances' queued mark and its drop-folder inputs'
+    state commit together. A failure anywhere in between (here the last job's insert,
+    after the marks and the first job were written) leaves none of it: the instances
+    stay pending, so the next start queues the group once, not a second time."""
+    for sop in ("7.1", "7.2"):  # a DICOM group
+        store.record_instance(rec(sop, study="7"))
+    watched = [dataclasses.replace(rec(sop, study="8"), source="watch") for sop in ("8.1", "8.2")]
+    store.add_watch_inputs("inbox", [("7" * 64, "8.1"), ("8" * 64, "8.2")], instances=watched)
+    store.create_job(NewJob(pipeline="p", transaction_id="taken", owner="ris"))
+
+    def group(study: str, *, clash: bool) -> list[NewJob]:
+        last = {"transaction_id": "taken", "owner": "ris"} if clash else {}
+        return [NewJob(pipeline="p1", study_instance_uid=study),
+                NewJob(pipeline="p2", study_instance_uid=study, **last)]  # type: ignore[arg-type]
+
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_group_jobs(group("7", clash=True), ["7.1", "7.2"])
+    with pytest.raises(sa.exc.IntegrityError):
+        store.create_group_jobs(group("8", clash=True), ["8.1", "8.2"], watch="inbox")
+    assert len(store.list_jobs()) == 1  # the one made before
+    assert [r.sop_instance_uid for r in store.pending_instances()] == ["7.1", "7.2"]
+    assert [r.sop_instance_uid for r in store.pending_watch_instances("inbox")] == ["8.1", "8.2"]
+    assert store.count_watch_inputs("inbox") == {"stored": 2}
+
+    made = store.create_group_jobs(group("7", clash=False), ["7.1", "7.2"])
+    assert [(j.pipeline, j.state) for j in made] == [("p1", JobState.QUEUED),
+                                                     ("p2", JobState.QUEUED)]
+    made = store.create_group_jobs(group("8", clash=False), ["8.1", "8.2"], watch="inbox")
+    assert {j.study_instance_uid for j in made} == {"8"}
+    assert store.pending_instances() == [] and store.pending_watch_instances("inbox") == []
+    assert store.count_watch_inputs("inbox") == {"queued": 2}
+    assert len(store.list_jobs()) == 5
+    # an intake without pipelines: no job, the instances are no longer pending
+    store.record_instance(rec("9.1", study="9"))
+    assert store.create_group_jobs([], ["9.1"]) == []
+    assert store.pending_instances() == []
+
+
 def test_a_dropped_file_and_its_instances_are_recorded_together(store: Store) -> None:
     """One transaction: an input is never known without its instances, nor the reverse."""
     store.add_watch_inputs("inbox", [("d" * 64, "5.1"), ("e" * 64, "5.2")],
@@ -522,13 +561,137 @@ def test_removed_credentials_leave_the_database_files(sqlite_store: Store,
 
 def test_a_retrieval_of_a_held_instance_keeps_the_ae_title_it_came_in_on(store: Store) -> None:
     """A study sent to CT_AI, fetched again by a C-MOVE to the node's own AE title: it
-    stays in CT_AI's project. A new push to another AE title moves it, as before."""
+    stays in CT_AI's project only. A new push to another AE title puts that title on the
+    instance's record, and the study in that project too."""
     store.record_instance(dataclasses.replace(rec("8.1"), called_ae="CT_AI"))
     fetched = dataclasses.replace(rec("8.1"), source="retrieve", called_ae="DICOMNODE")
     assert store.record_instance(fetched, durable=False) is True
     got = store.get_instance("8.1")
     assert got is not None and got.called_ae == "CT_AI" and got.source == "retrieve"
     assert [s.study_instance_uid for s in store.project_studies(called_ae="CT_AI")] == ["1.2.3"]
+    assert store.project_studies(called_ae="DICOMNODE") == []
     store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"))
     got = store.get_instance("8.1")
     assert got is not None and got.called_ae == "MR_AI"
+    assert store.called_ae_titles() == ["CT_AI", "MR_AI"]
+
+
+def test_a_study_stays_in_every_project_it_was_received_under(store: Store) -> None:
+    """Sent to ARCHIVE, then the same instance dropped into a folder, then sent to
+    CT_AI: each arrival overwrites the instance's record, and the study is in all
+    three projects."""
+    store.record_instance(dataclasses.replace(rec("8.1"), called_ae="ARCHIVE"))
+    dropped = dataclasses.replace(rec("8.1"), source="watch", called_ae="")
+    store.add_watch_inputs("inbox", [("ab" * 32, "8.1")], instances=[dropped])
+    got = store.get_instance("8.1")
+    assert got is not None and got.source == "watch" and got.called_ae == ""
+    assert [s.study_instance_uid for s in store.project_studies(called_ae="ARCHIVE")] == [
+        "1.2.3"]
+    assert [s.study_instance_uid for s in store.project_studies(watch="inbox")] == ["1.2.3"]
+    assert store.called_ae_titles() == ["ARCHIVE"]
+    store.add_instance(dataclasses.replace(rec("8.1"), called_ae="CT_AI"))  # another way in
+    for ae in ("ARCHIVE", "CT_AI"):
+        (study,) = store.project_studies(called_ae=ae)
+        assert (study.study_instance_uid, study.instances) == ("1.2.3", 1)
+    assert store.called_ae_titles() == ["ARCHIVE", "CT_AI"]
+    # kept first (not written): not received under that AE title
+    assert store.record_instance(dataclasses.replace(rec("8.1"), called_ae="MR_AI"),
+                                 overwrite=False) is False
+    assert store.project_studies(called_ae="MR_AI") == []
+
+
+def test_a_study_leaves_its_projects_with_its_last_instance(store: Store) -> None:
+    """Forgotten, or emptied by an overwrite into another study: the study UID sent again
+    later under another AE title is not in the old projects."""
+    store.record_instance(dataclasses.replace(rec("8.1", "5.1"), called_ae="ARCHIVE"))
+    store.record_instance(dataclasses.replace(rec("8.2", "5.2"), called_ae="ARCHIVE"))
+    store.forget_study("5.1")
+    store.record_instance(dataclasses.replace(rec("8.2", "5.3"), called_ae="CT_AI"))  # moved
+    assert store.project_studies(called_ae="ARCHIVE") == []
+    store.record_instance(dataclasses.replace(rec("8.3", "5.1"), called_ae="CT_AI"))
+    store.record_instance(dataclasses.replace(rec("8.4", "5.2"), called_ae="CT_AI"))
+    assert store.project_studies(called_ae="ARCHIVE") == []
+    assert [s.study_instance_uid for s in store.project_studies(called_ae="CT_AI")] == [
+        "5.3", "5.1", "5.2"]
+
+
+def test_a_version_5_store_gets_each_studys_called_ae_titles(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = Store(url).open()
+    s.record_instance(dataclasses.replace(rec("8.1", "5.1"), called_ae="ARCHIVE"))
+    s.record_instance(dataclasses.replace(rec("8.2", "5.1"), called_ae="CT_AI"))
+    s.record_instance(dataclasses.replace(rec("8.3", "5.2"), called_ae=""))
+    with s.engine.begin() as conn:  # back to what version 5 made
+        conn.exec_driver_sql("DROP TABLE study_called_aes")
+        conn.exec_driver_sql("UPDATE schema_info SET version = 5")
+    s.close()
+    s = Store(url).open()
+    try:
+        assert s.schema_version() == SCHEMA_VERSION
+        assert s.called_ae_titles() == ["ARCHIVE", "CT_AI"]
+        for ae in ("ARCHIVE", "CT_AI"):
+            assert [x.study_instance_uid for x in s.project_studies(called_ae=ae)] == ["5.1"]
+        s.add_watch_inputs("inbox", [("ab" * 32, "8.1")], instances=[
+            dataclasses.replace(rec("8.1", "5.1"), source="watch", called_ae="")])
+        assert [x.study_instance_uid for x in s.project_studies(called_ae="ARCHIVE")] == [
+            "5.1"]
+    finally:
+        s.close()
+
+
+
+
+def _failed(store: Store, new: NewJob) -> str:
+    """A job that ran and failed (more urgent than those retried before it: it is the
+    one claimed)."""
+    job = store.create_job(dataclasses.replace(new, priority=200 + len(store.list_jobs())))
+    claimed = store.claim_next("me", 30)
+    assert claimed is not None and claimed.id == job.id
+    store.transition(job.id, JobState.FAILED, token=claimed.lease_token, message="gap")
+    return job.id
+
+
+def test_retry_of_a_groups_job_takes_the_rest_of_its_study_that_came_the_same_way(
+        store: Store) -> None:
+    """A job made from a group runs again on every instance of its study (or series)
+    now held that came the same way: a series split by a full disk runs whole."""
+    def held(sop: str, series: str = "5.1", **how: str) -> InstanceRecord:
+        return dataclasses.replace(rec(sop, study="5", series=series), **how)
+
+    watched = [held(f"5.1.{i}", source="watch", called_ae="") for i in range(5)]
+    store.add_watch_inputs("inbox", [(f"{i}" * 64, r.sop_instance_uid)
+                                     for i, r in enumerate(watched)], instances=watched)
+    other = held("5.1.9", source="watch", called_ae="")  # the same study, another folder
+    store.add_watch_inputs("cd", [("f" * 64, "5.1.9")], instances=[other])
+    store.record_instance(held("5.1.8"))  # the same study over DICOM
+    store.record_instance(held("5.2.1", series="5.2"))  # another series, over DICOM
+    watch_job = _failed(store, NewJob(pipeline="ct", kind="watch", study_instance_uid="5",
+                                      input={"instances": ["5.1.0", "5.1.1", "5.1.2"],
+                                             "study_instance_uid": "5", "watch": "inbox"}))
+    store.add_artifact(watch_job, "json", Path("/r/P1_volumes.json"), "application/json")
+    job = store.retry(watch_job)
+    assert job.input["instances"] == ["5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.4"]
+    assert job.input["watch"] == "inbox" and job.state is JobState.QUEUED
+    assert store.events(watch_job)[-1].message == (
+        "retry requested with 5 instances, 2 more than the failed run")
+    assert store.artifacts_of(watch_job) == []  # made from three: the job runs again
+
+    series_job = _failed(store, NewJob(
+        pipeline="ct", kind="dimse", study_instance_uid="5", called_ae="DICOMNODE",
+        input={"instances": ["5.2.1"], "study_instance_uid": "5",
+               "series_instance_uid": "5.2"}))
+    assert store.retry(series_job).input["instances"] == ["5.2.1"]  # nothing more came
+    assert store.events(series_job)[-1].message == "retry requested"
+    study_job = _failed(store, NewJob(pipeline="ct", kind="dimse", study_instance_uid="5",
+                                      called_ae="DICOMNODE",
+                                      input={"instances": ["5.2.1"],
+                                             "study_instance_uid": "5"}))
+    assert store.retry(study_job).input["instances"] == ["5.2.1", "5.1.8"]
+    elsewhere = _failed(store, NewJob(pipeline="ct", kind="dimse", study_instance_uid="5",
+                                      called_ae="ARCHIVE",
+                                      input={"instances": ["5.2.1"],
+                                             "study_instance_uid": "5"}))
+    assert store.retry(elsewhere).input["instances"] == ["5.2.1"]  # sent to another AE
+    asked = _failed(store, NewJob(pipeline="ct", kind="api",  # a request names its own
+                                  input={"instances": ["5.1.0"], "study_instance_uid": "5"}))
+    assert store.retry(asked).input["instances"] == ["5.1.0"]

@@ -181,3 +181,14 @@ def test_delete_is_refused_while_the_study_is_in_use(
     assert main(argv) == 1
     assert f"cancel it first (dicom-node jobs cancel {job.id})" in capsys.readouterr().err
     assert all(p.exists() for p in paths)
+
+
+def test_a_study_date_is_shown_as_a_date_only_in_ascii_digits() -> None:
+    """A StudyDate comes from the sender's file: other scripts' digits are shown as they
+    are, not cut into a date."""
+    from dicom_node.studies_view import _date
+
+    assert _date("20250314") == "2025-03-14"
+    assert _date("\u0662\u0660\u0662\u0665\u0660\u0663\u0661\u0664") == (
+        "\u0662\u0660\u0662\u0665\u0660\u0663\u0661\u0664")
+    assert _date("2025031\u00b9") == "2025031\u00b9"

@@ -13,18 +13,21 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
 from dicom_node.node import Node
+from dicom_node.store import Job, JobState, NewJob, Store, utcnow
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from rest.app import create_app
 from rest.auth import hash_api_key
-from rest.batch import batch_status
+from rest.batch import batch_status, status_body
 from tests.support.dicom_factory import make_ct_study
 from tests.support.inproc import node_settings, running_node
 from tests.support.peers import free_port
@@ -63,11 +66,16 @@ def settings_for(tmp: Path) -> Any:
         tmp / "data",
         dimse={"host": "127.0.0.1", "port": free_port()},
         ae_titles=[{"ae_title": "DICOMNODE"}, {"ae_title": "AI_CXR"}],
-        watch=[{"name": "inbox", "path": str(tmp / "inbox")}],
+        watch=[{"name": "inbox", "path": str(tmp / "inbox"), "settle_s": 0.2}],
         models=[{"name": "tiny", "path": str(bundle), "max_delay_ms": 0, "warmup": False}],
         pipelines=[{"name": "cxr", "model": "tiny", "task": "classify", "threshold": 0.01,
                     "series": {"modalities": ["CR", "DX"]}, "outputs": ["json", "png"]}],
-        destinations=[{"name": "gold-set", "type": "folder", "path": str(tmp / "gold")}],
+        destinations=[{"name": "gold-set", "type": "folder", "path": str(tmp / "gold")},
+                      # a file where the folder should be: each export fails, and is
+                      # tried again an hour later
+                      {"name": "unwritable", "type": "folder", "path": str(tmp / "a-file"),
+                       "retry": {"max_attempts": 3, "backoff_s": 3600,
+                                 "backoff_max_s": 3600}}],
         executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
                   "grace_period_s": 5},
         auth={"api_keys": [{"name": n, "key_sha256": hash_api_key(f"secret-{n}"), "group": g,
@@ -87,6 +95,7 @@ def place(node: Node, src: Path, called_ae: str) -> str:
 @pytest.fixture
 async def api(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Api]:
     (tmp_path / "inbox").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
     async with running_node(settings_for(tmp_path)) as node:
         assert node.store is not None
         client = await aiohttp_client(create_app(node))
@@ -217,7 +226,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"outputLayerIdentifier": "nowhere"}, "no output layer 'nowhere'"),
     ({"outputLayerIdentifier": 9999}, "no output layer 9999"),
     ({"groupName": "cardiology"}, "groupName 'cardiology' is not the group of these"),
-    ({"sourceIds": [99999]}, "sources [99999] are not in project 'AI_CXR'"),
+    ({"sourceIds": [99999]}, "1 source is not in project 'AI_CXR': 99999 (GET"),
+    # a thousand unknown ids: the first twenty and a count, not a thousand numbers
+    ({"sourceIds": list(range(90000, 91000))}, "1000 sources are not in project "
+     "'AI_CXR': " + ", ".join(map(str, range(90000, 90020))) + " and 980 more (GET"),
 ]
 
 
@@ -294,18 +306,176 @@ async def test_body_over_the_limit_is_413(api: Api) -> None:
 
 
 def test_batch_status_rules() -> None:
-    from dicom_node.store import Job, JobState, utcnow
-
-    def job(state: JobState) -> Job:
+    """Queued while no source has started; Running once one has, until every source has
+    ended; then Finished, or Errored when one did not succeed."""
+    def job(state: JobState, started: bool = False) -> Job:
         now = utcnow()
         return Job(id="x", kind="batch", pipeline="p", state=state, priority=128, attempts=0,
-                   max_attempts=5, input={}, created_at=now, updated_at=now)
+                   max_attempts=5, input={}, created_at=now, updated_at=now,
+                   started_at=now if started else None)
 
-    q, r, s, f = (job(JobState.QUEUED), job(JobState.RUNNING), job(JobState.SUCCEEDED),
-                  job(JobState.FAILED))
+    q, r, s, f = (job(JobState.QUEUED), job(JobState.RUNNING, True),
+                  job(JobState.SUCCEEDED, True), job(JobState.FAILED, True))
+    # cancelled while queued: ended without starting
+    c = job(JobState.CANCELLED)
+    # ran, and waits in the queue for its next export attempt (or a retry of its run)
+    w = job(JobState.QUEUED, started=True)
     assert batch_status([q, q]) == "Queued"
     assert batch_status([q, r]) == "Running"
     assert batch_status([s, q]) == "Running"
     assert batch_status([s, s]) == "Finished"
     assert batch_status([s, f]) == "Errored"
     assert batch_status([dataclasses.replace(f, state=JobState.CANCELLED)]) == "Errored"
+    assert batch_status([c, q]) == "Queued"  # nothing has run yet
+    assert batch_status([c, c]) == "Errored"
+    assert batch_status([f, q]) == "Running"  # one ran: the batch is under way
+    assert batch_status([w]) == "Running"
+    assert batch_status([w, s]) == "Running"
+    assert batch_status([dataclasses.replace(s, started_at=None), q]) == "Running"
+
+
+def test_a_source_is_running_from_its_first_start_until_it_ends(tmp_path: Path) -> None:
+    """A job queued again after it started (for an export retry, a retry of its run, or
+    after a restart) is still Running: a source never goes back to Queued."""
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    try:
+        batch = store.create_batch(
+            group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
+            sources=[(1, NewJob(pipeline="p", kind="batch")),
+                     (2, NewJob(pipeline="p", kind="batch"))])
+        first = batch.sources[0][1]
+        body = status_body(store, store.get_batch(batch.id))
+        assert [r["status"] for r in body["results"]] == ["Queued", "Queued"]
+        claimed = store.claim_next("w", 30)
+        assert claimed is not None and claimed.id == first.id
+        assert status_body(store, store.get_batch(batch.id))["results"][0]["status"] == (
+            "Running")
+        # its export failed with attempts left: queued for the next one, an hour away
+        assert store.start_export(first.id, [], token=claimed.lease_token)
+        store.record_export(first.id, "pacs", "retrying", 1, 0, "refused (attempt 1 of 3)")
+        assert store.transition(first.id, JobState.QUEUED, token=claimed.lease_token,
+                                message="export to pacs failed; next export attempt in 3600 s",
+                                not_before=utcnow() + timedelta(hours=1),
+                                uncount_attempt=True)
+        body = status_body(store, store.get_batch(batch.id))
+        assert store.get_job(first.id).state is JobState.QUEUED
+        assert [r["status"] for r in body["results"]] == ["Running", "Queued"]
+        assert body["status"] == "Running"
+    finally:
+        store.close()
+
+
+def test_a_cancelled_source_says_it_was_cancelled(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
+    try:
+        batch = store.create_batch(
+            group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
+            sources=[(1, NewJob(pipeline="p", kind="batch")),
+                     (2, NewJob(pipeline="p", kind="batch"))])
+        cancelled = store.request_cancel(batch.sources[0][1].id)
+        body = status_body(store, store.get_batch(batch.id))
+        gone, waiting = body["results"]
+        assert gone["status"] == "Errored" and waiting["status"] == "Queued"
+        assert cancelled.finished_at is not None
+        assert gone["message"] == (f"cancelled at {cancelled.finished_at.isoformat()}, "
+                                   "before it started")
+        assert body["status"] == "Queued"  # nothing has started: nothing runs
+        # the other is cancelled as it runs: its worker stops it
+        claimed = store.claim_next("w", 30)
+        assert claimed is not None and claimed.id == batch.sources[1][1].id
+        store.request_cancel(claimed.id)
+        assert store.transition(claimed.id, JobState.CANCELLED, token=claimed.lease_token,
+                                message="cancelled")
+        body = status_body(store, store.get_batch(batch.id))
+        ran = store.get_job(claimed.id)
+        assert ran.finished_at is not None
+        assert body["results"][1]["message"] == (
+            f"cancelled at {ran.finished_at.isoformat()} while it ran")
+        assert body["status"] == "Errored"
+    finally:
+        store.close()
+
+
+def other_digits(n: int, zero: str = "\u0660") -> str:
+    """``n`` in another script's decimal digits (Arabic-Indic by default), which
+    ``str.isdigit()`` and ``int()`` both take."""
+    return "".join(chr(ord(zero) + int(d)) for d in str(n))
+
+
+async def test_ids_and_numbers_are_ascii_digits_only(api: Api) -> None:
+    """"¹" (int() refuses it), Arabic-Indic and fullwidth digits (int() reads them as
+    numbers) are no ids and no numbers: unknown (404) or a bad value (400), never a 500
+    and never another id's batch, project or output layer."""
+    status, got = await api.post(good(api))
+    assert status == 201, got
+    job, pid, lid = got["inferenceJobId"], got["projectId"], got["outputLayerId"]
+    assert (await api.get(f"/v1/infer/batch/{job}"))[0] == 200
+    for ident in ("\u00b9", other_digits(job), other_digits(job, "\uff10")):
+        status, body = await api.get(f"/v1/infer/batch/{quote(ident)}")
+        assert status == 404 and set(body) == {"message"}, (ident, body)
+    for changes in ({"projectIdentifier": "\u00b9"}, {"projectIdentifier": other_digits(pid)},
+                    {"outputLayerIdentifier": "\u00b2"},
+                    {"outputLayerIdentifier": other_digits(lid)}):
+        status, body = await api.post(good(api, **changes))
+        assert status == 400 and set(body) == {"message"}, (changes, body)
+        assert body["message"].startswith(("no project", "no output layer")), body
+    for ident in ("\u00b9", other_digits(pid)):
+        status, body = await api.get(f"/v1/sources?projectIdentifier={quote(ident)}")
+        assert status == 404 and set(body) == {"message"}, (ident, body)
+    for name, value in (("limit", "\u00b2"), ("limit", other_digits(1)),
+                        ("offset", "\u00b2"), ("offset", "9" * 5000)):
+        status, body = await api.get(
+            f"/v1/sources?projectIdentifier=AI_CXR&{name}={quote(value)}")
+        assert status == 400 and body["message"].startswith(f"{name} must be"), (name, body)
+
+
+async def test_a_study_stays_in_its_project_when_it_comes_again_another_way(
+        api: Api) -> None:
+    """Sent to AI_CXR, then the same file dropped into the inbox: the study is in both
+    projects, and a batch on AI_CXR still takes it."""
+    source = api.sources["cr1"]
+    shutil.copy(api.tmp / "incoming" / "cr1.dcm", api.tmp / "inbox" / "cr1.dcm")
+    while True:  # until the drop folder has taken it in
+        status, got = await api.get("/v1/sources?projectIdentifier=inbox")
+        assert status == 200, got
+        if [s["sourceId"] for s in got["sources"]] == [source]:
+            break
+        await asyncio.sleep(0.05)
+    status, got = await api.get("/v1/sources?projectIdentifier=AI_CXR")
+    assert status == 200 and source in [s["sourceId"] for s in got["sources"]], got
+    status, got = await api.post(good(api, sourceIds=[source]))
+    assert status == 201, got
+    status, got = await api.post(good(api, projectIdentifier="inbox", sourceIds=[source]))
+    assert status == 201, got
+
+
+async def test_a_source_waiting_to_export_again_is_running_and_a_cancel_says_so(
+        api: Api) -> None:
+    """The model ran, the export failed with attempts left: the job waits in the queue
+    for its next export attempt, and its source stays Running. Cancelled then, it is
+    Errored with a message saying it was cancelled."""
+    status, got = await api.post(good(api, sourceIds=[api.sources["cr1"]],
+                                      outputLayerIdentifier="unwritable"))
+    assert status == 201, got
+    assert api.node.store is not None and api.node.scheduler is not None
+    store = api.node.store
+    ((_, job),) = store.get_batch(got["inferenceJobId"]).sources
+    while True:  # until its first export attempt failed and it went back to the queue
+        now = store.get_job(job.id)
+        if now.state is JobState.QUEUED and store.exports_of(job.id):
+            break
+        assert not now.state.final, now
+        await asyncio.sleep(0.05)
+    assert store.exports_of(job.id)[0].state == "retrying"
+    status, body = await api.get(f"/v1/infer/batch/{got['inferenceJobId']}")
+    assert status == 200, body
+    assert body["status"] == "Running" and body["results"][0]["status"] == "Running", body
+    await api.node.scheduler.cancel(job.id)
+    done = await wait_final(api, got["inferenceJobId"])
+    assert done["status"] == "Errored"
+    (result,) = done["results"]
+    assert result["status"] == "Errored"
+    assert result["message"].startswith("cancelled at "), result
+    # what it was waiting for
+    assert " while queued to be tried again, after: export to unwritable failed: " in (
+        result["message"]), result

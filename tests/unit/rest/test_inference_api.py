@@ -340,3 +340,22 @@ async def test_a_body_with_a_byte_order_mark_is_read(api: tuple[TestClient, dict
     r = await client.post("/api/inference", data=raw,
                           headers={**h["ris"], "Content-Type": "application/json"})
     assert r.status == 200, await r.text()
+
+
+def test_a_cancelled_request_says_when_and_at_which_stage() -> None:
+    """Its message was the job's error: null, or an export error it had been waiting on."""
+    from datetime import UTC, datetime, timedelta
+
+    from dicom_node.store import Job, JobEvent, JobState
+    from rest.inference import status_body
+
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    job = Job(id="j", kind="acr", pipeline="p", state=JobState.CANCELLED, priority=128,
+              attempts=1, max_attempts=5, input={}, created_at=t0, updated_at=t0,
+              started_at=t0 + timedelta(seconds=1), finished_at=t0 + timedelta(seconds=9))
+    events = [JobEvent(t0, JobState.QUEUED, None),
+              JobEvent(t0 + timedelta(seconds=1), JobState.RUNNING, "attempt 1"),
+              JobEvent(t0 + timedelta(seconds=9), JobState.CANCELLED, "cancelled")]
+    body = status_body(job, [], events)
+    assert body["status"] == "Cancelled"
+    assert body["message"] == "cancelled at 2025-01-01T00:00:09+00:00 while it ran"

@@ -80,6 +80,23 @@ async def test_health_reports_a_failed_model(tmp_path_factory: pytest.TempPathFa
     assert body["models"]["cxr-findings"]["state"] == "ready"
 
 
+async def test_health_shows_the_disks_against_the_reserve(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under storage.min_free_mb the node refuses studies and holds jobs back, while
+    /health said ok: now it shows the free space of both disks and is degraded."""
+    root = tmp_path_factory.mktemp("health-disk")
+    settings = serving_settings(root / "data", models=[])
+    settings = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"min_free_mb": 10**9})})  # a petabyte: never free
+    with live_node(settings) as ln:
+        status, _, text = await get(ln, "/health", auth=False)
+    body = json.loads(text)
+    assert status == 200 and body["status"] == "degraded"
+    disk = body["disk"]
+    assert disk["ok"] is False and disk["reserve_mb"] == 10**9
+    assert disk["studies_free_mb"] > 0 and disk["results_free_mb"] > 0
+
+
 async def test_health_and_the_apis_say_so_when_the_store_cannot_be_read(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """A database overwritten under the running node: /health answered 200 with the

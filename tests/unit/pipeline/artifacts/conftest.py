@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +219,20 @@ def dciodvfy() -> Callable[[Path], str]:
     """``dciodvfy`` as a checker: skips (or fails with REQUIRE_PEERS=1) when missing."""
     dciodvfy_executable()
     return assert_dciodvfy_clean
+
+
+@pytest.fixture
+def host_time_zone() -> Iterator[Callable[[str], None]]:
+    """Set the process's local time zone (``TZ`` + ``time.tzset``); restored after."""
+    before = os.environ.get("TZ")
+
+    def use(name: str) -> None:
+        os.environ["TZ"] = name
+        time.tzset()
+
+    yield use
+    if before is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = before
+    time.tzset()

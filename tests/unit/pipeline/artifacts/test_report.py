@@ -73,6 +73,9 @@ def test_formatters() -> None:
     assert format_date("") == "—"
     assert format_age("045Y") == "45 years"
     assert format_age("003M") == "3 months"
+    # Unicode digits a sender's file may hold pass isdigit() but not int(): shown as is
+    wide = "".join(chr(0xFF10 + int(d)) for d in "20250314")  # full-width digits
+    assert format_age("¹²³Y") == "¹²³Y" and format_date(wide) == wide
     assert format_person_name("Doe^John") == "Doe, John"
     assert format_person_name("Doe^John^Q") == "Doe, John Q"
     assert format_person_name("") == "—"

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pydicom
 import pytest
@@ -15,7 +20,7 @@ from pipeline.artifacts import (
     write_segmentation_artifacts,
 )
 from pipeline.settings import Output
-from pipeline.types import ClassificationResult, PatientStudy, SegmentationResult
+from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
 ALL = set(Output)
 
@@ -288,3 +293,79 @@ def test_a_failed_write_keeps_the_files_of_an_earlier_run_it_did_not_replace(
     assert set(left) == {"PAT001_predictions.json", "PAT001_sr.dcm", "PAT001_sc.dcm",
                          "PAT001_report.dcm"}
     assert all(left[name] == earlier[name] for name in left)
+
+
+def _times(arts: list[Artifact]) -> set[tuple[str, ...]]:
+    """Each DICOM output's creation and content date/time and time zone offset; the
+    Contribution DateTime that highdicom stamps on its own equipment item must agree."""
+    out = set()
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            ds = pydicom.dcmread(art.path)
+            stamped = (ds.InstanceCreationDate, ds.InstanceCreationTime, ds.ContentDate,
+                       ds.ContentTime, ds.get("TimezoneOffsetFromUTC"))
+            out.add((art.kind, *stamped))
+            for item in ds.get("ContributingEquipmentSequence", []):
+                if "ContributionDateTime" in item:
+                    assert item.ContributionDateTime == stamped[0] + stamped[1], art.kind
+    return out
+
+
+def _report_stamp(pdf: Path) -> str:
+    """The "generated …" stamp printed in the report's footer."""
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    text = subprocess.run([exe, str(pdf), "-"], check=True, capture_output=True,
+                          text=True, timeout=120).stdout
+    found = re.search(r"generated (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)", text)
+    assert found, text
+    return found.group(1)
+
+
+def test_one_run_stamps_every_object_with_one_utc_instant(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    host_time_zone: Callable[[str], None],
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """On a host not on UTC, the SR (highdicom) said local time without an offset while
+    the Secondary Capture and the Encapsulated PDF said UTC: nine hours apart here."""
+    host_time_zone("Asia/Tokyo")
+    arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
+    times = _times(arts)
+    assert {t[0] for t in times} == {"sr", "sc", "encapsulated_pdf"}
+    assert len({t[1:] for t in times}) == 1, times
+    _, date, clock, _, _, offset = times.pop()
+    assert offset == "+0000"
+    stamp = datetime.strptime(date + clock, "%Y%m%d%H%M%S")
+    pdf = next(a.path for a in arts if a.kind == "pdf")
+    assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            dciodvfy(art.path)
+
+
+def test_a_given_time_is_written_in_utc_by_every_writer(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    host_time_zone: Callable[[str], None],
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    host_time_zone("America/Los_Angeles")
+    when = datetime(2026, 11, 25, 4, 3, 29, tzinfo=ZoneInfo("Asia/Tokyo"))
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL,
+                                        generated_at=when)
+    times = _times(arts)
+    assert {t[0] for t in times} == {"seg", "sr", "sc", "encapsulated_pdf"}
+    assert {t[1:] for t in times} == {("20261124", "190329", "20261124", "190329", "+0000")}
+    pdf = next(a.path for a in arts if a.kind == "pdf")
+    assert _report_stamp(pdf) == "2026-11-24 19:03:29 UTC"
+    assert b"/CreationDate (D:20261124190329+00'00')" in pdf.read_bytes()
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            dciodvfy(art.path)

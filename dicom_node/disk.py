@@ -1,0 +1,54 @@
+"""The free-space reserve (``storage.min_free_mb``), checked the same way everywhere.
+
+Intake (DICOM, STOW-RS, drop folders) stops taking new data while the disk of the
+studies holds less than the reserve, and jobs wait while the disk of the results does:
+a job started on a full disk failed every attempt and was given up for good, and a full
+disk under the store stops everything else too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Settings
+
+MB = 1024 * 1024
+
+
+def free_mb(path: Path) -> int:
+    """Free megabytes on ``path``'s filesystem (its nearest existing parent's)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free // MB
+
+
+def short_of_space(settings: Settings, path: Path) -> str | None:
+    """Why nothing more should be written under ``path`` now, or None: its disk is
+    under ``storage.min_free_mb`` (0 turns the check off)."""
+    reserve = settings.storage.min_free_mb
+    if not reserve:
+        return None
+    try:
+        free = free_mb(path)
+    except OSError:
+        return None  # an unreadable disk shows up as the write's own error
+    if free >= reserve:
+        return None
+    return f"{free} MB free, under storage.min_free_mb ({reserve} MB)"
+
+
+def disk_health(settings: Settings) -> dict[str, Any]:
+    """Free space of the studies' and the results' disks against the reserve."""
+    out: dict[str, Any] = {"reserve_mb": settings.storage.min_free_mb}
+    ok = True
+    for name, path in (("studies", settings.studies_dir), ("results", settings.results_dir)):
+        try:
+            out[f"{name}_free_mb"] = free_mb(path)
+        except OSError:
+            out[f"{name}_free_mb"] = None
+            continue
+        ok = ok and short_of_space(settings, path) is None
+    out["ok"] = ok
+    return out
