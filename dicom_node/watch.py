@@ -241,6 +241,10 @@ class DropFolder:
             "unreadable_subfolders": self.unreadable_subfolders,
         }
 
+    def waiting(self) -> int:
+        """Inputs seen and not yet taken: settling, being taken, or held for disk space."""
+        return len(self._pending) + len(self._held)
+
     def _set_state(self, state: FolderState, message: str) -> None:
         if state is not self.state:
             quiet = (FolderState.WATCHING, FolderState.STOPPED)
@@ -869,7 +873,7 @@ class Watcher:
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="watch")
         for folder in self.folders.values():
             # a study is not cut into jobs while files of the folder still wait to be taken
-            self.assembler.hold(folder.name, folder._pending.__len__)
+            self.assembler.hold(folder.name, folder.waiting)
             pending = await asyncio.to_thread(self.store.pending_watch_instances, folder.name)
             for rec in pending:
                 self.assembler.watched_instance(
