@@ -122,9 +122,12 @@ async def health(request: web.Request) -> web.Response:
     models = models_health(node)
     dicom = dicom_health(node)
     disk = await asyncio.to_thread(disk_health, node.settings)
-    # Under the reserve the node refuses studies and holds jobs back: worth an alert.
+    watch = watch_health(node, with_paths=_admin_asks(request))
+    # Under the reserve the node refuses studies and holds jobs back, and a drop folder
+    # that is missing, paused or misconfigured takes nothing: each worth an alert.
     degraded = (not store_ok or dicom["state"] != "running" or not disk["ok"]
-                or any(m["state"] != "ready" for m in models.values()))
+                or any(m["state"] != "ready" for m in models.values())
+                or any(f.get("state") != "watching" for f in watch.values()))
     body: dict[str, Any] = {
         "status": "degraded" if degraded else "ok",
         "message": RUNNING_MESSAGE,
@@ -135,7 +138,7 @@ async def health(request: web.Request) -> web.Response:
         "disk": disk,
         "models": models,
         "parts": dict(node.parts),
-        "watch": watch_health(node, with_paths=_admin_asks(request)),
+        "watch": watch,
     }
     return web.json_response(body, status=200 if store_ok else 503)
 

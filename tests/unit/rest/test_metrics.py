@@ -97,6 +97,30 @@ async def test_health_shows_the_disks_against_the_reserve(
     assert disk["studies_free_mb"] > 0 and disk["results_free_mb"] > 0
 
 
+async def test_health_is_degraded_while_a_drop_folder_takes_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A missing (paused, misconfigured) drop folder showed in its own entry while the
+    node's status read ok; a monitor reading the status alone never learnt of it."""
+    from dicom_node.config import WatchSettings
+
+    root = tmp_path_factory.mktemp("health-watch")
+    inbox = root / "inbox"
+    inbox.mkdir()
+    settings = serving_settings(root / "data", models=[]).model_copy(update={
+        "watch": [WatchSettings(name="inbox", path=inbox, settle_s=0.1)]})
+    with live_node(settings) as ln:
+        _, _, text = await get(ln, "/health", auth=False)
+        assert json.loads(text)["status"] == "ok"
+        inbox.rmdir()
+        while True:  # no time limit: pytest-timeout guards the test
+            _, _, text = await get(ln, "/health", auth=False)
+            body = json.loads(text)
+            if body["watch"]["inbox"]["state"] == "missing":
+                break
+            await asyncio.sleep(0.05)
+        assert body["status"] == "degraded"
+
+
 async def test_health_and_the_apis_say_so_when_the_store_cannot_be_read(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """A database overwritten under the running node: /health answered 200 with the
