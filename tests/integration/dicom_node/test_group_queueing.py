@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import dicom_node.watch as watch_module
 from dicom_node.node import Node
 from dicom_node.store import Store
+from tests.integration.dicom_node.test_watch import wait_until
 from tests.support.dicom_factory import make_cr_study, make_ct_study
 from tests.support.inproc import node_settings, running_node
 from tests.support.peers import free_port, storescu
@@ -38,16 +39,6 @@ CRASH_ON_QUEUED = [
     """CREATE TRIGGER crash_watch_inputs BEFORE UPDATE OF state ON watch_inputs
        WHEN NEW.state = 'queued' BEGIN SELECT RAISE(ABORT, 'node died here'); END""",
 ]
-
-
-async def wait_until(cond, step: float = 0.05) -> None:  # type: ignore[no-untyped-def]
-    while True:  # no time limit: pytest-timeout guards the test
-        value = cond()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        await asyncio.sleep(step)
 
 
 def _settings(tmp_path: Path):  # type: ignore[no-untyped-def]
