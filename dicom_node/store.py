@@ -10,6 +10,8 @@ async callers use ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -588,6 +590,25 @@ def _study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
     }
 
 
+def _private_sqlite_file(db: Path) -> None:
+    """Make the database file readable by its owner only: it holds destinations'
+    credentials, patients' names and IDs. SQLite gives its -wal and -shm files the
+    database's mode. A new database is created empty (a valid SQLite file) with mode 600;
+    an existing one loses group and other access when we own it."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # not ours: its owner decides
+            mode = db.stat().st_mode & 0o777
+            if mode & 0o077:
+                for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                    if path.exists():
+                        path.chmod(mode & 0o700)
+    except OSError:
+        pass  # a read-only folder and the like: opening the store says what is wrong
+
+
 class Store:
     """The node's database. ``open()`` connects and migrates; ``close()`` disposes."""
 
@@ -602,7 +623,7 @@ class Store:
         if url.drivername == "postgresql":  # psycopg 3, not psycopg2
             url = url.set(drivername="postgresql+psycopg")
         if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(url.database))
         try:
             engine = sa.create_engine(url, pool_pre_ping=True)
             if engine.dialect.name == "sqlite":

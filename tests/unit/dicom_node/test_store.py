@@ -695,3 +695,22 @@ def test_retry_of_a_groups_job_takes_the_rest_of_its_study_that_came_the_same_wa
     asked = _failed(store, NewJob(pipeline="ct", kind="api",  # a request names its own
                                   input={"instances": ["5.1.0"], "study_instance_uid": "5"}))
     assert store.retry(asked).input["instances"] == ["5.1.0"]
+
+
+def test_a_sqlite_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds destinations' credentials and patients' names: it was created 0644."""
+    import os
+
+    new = tmp_path / "new" / "node.db"
+    Store(f"sqlite:///{new}").open().close()
+    assert new.stat().st_mode & 0o777 == 0o600
+    old = tmp_path / "old.db"
+    Store(f"sqlite:///{old}").open().close()
+    os.chmod(old, 0o644)  # made by an earlier version
+    store = Store(f"sqlite:///{old}").open()
+    try:
+        store.create_job(NewJob(pipeline="p"))  # writes the WAL
+        for path in (old, tmp_path / "old.db-wal"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    finally:
+        store.close()
