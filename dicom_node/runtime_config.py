@@ -73,22 +73,67 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
     return current
 
 
-def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
-    out = []
+def _raw_problems(exc: ValidationError) -> list[tuple[str, str, Any]]:
+    """Each problem as (key path inside the settings, message, pydantic error type)."""
+    out: list[tuple[str, str, Any]] = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        if loc and loc[0] == KINDS[kind][0]:
-            loc = loc[2:]  # path inside the object, not inside the settings
-        ctx_err = err.get("ctx", {}).get("error")
+        ctx_err: Any = err.get("ctx", {}).get("error")
         key = getattr(ctx_err, "key", None)
-        field = ".".join(loc) or (key.split(".", 2)[-1] if key else "(body)")
-        msg = getattr(ctx_err, "problem", None) or err["msg"]
+        if key is not None:  # a cross-reference problem, and any more found with it
+            out.append((key, ctx_err.problem, err["type"]))
+            out.extend((k, p, err["type"]) for k, p in getattr(ctx_err, "more", ()))
+            continue
+        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field" + unknown_key_hint(Settings, err["loc"])
         elif err["type"] == "missing":
             msg = "required field is missing"
-        out.append({"field": field, "message": msg})
+        out.append((".".join(str(p) for p in err["loc"]), msg, err["type"]))
     return out
+
+
+def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
+    """The problems as the API shows them: a field inside the object changed is named
+    by its path inside the object (``url``); any other by its full key
+    (``watch.0.destinations``)."""
+    section = KINDS[kind][0]
+    out = []
+    for key, msg, _ in _raw_problems(exc):
+        parts = key.split(".")
+        if parts[0] == section and len(parts) > 2:
+            key = ".".join(parts[2:])
+        out.append({"field": key or "(body)", "message": msg})
+    return out
+
+
+# section -> what a person calls one of its entries, and the field that names it
+_USERS = {
+    "ae_titles": ("AE title", "ae_title"),
+    "sources": ("source", "name"),
+    "destinations": ("destination", "name"),
+    "watch": ("drop folder", "name"),
+    "pipelines": ("pipeline", "name"),
+}
+
+
+def _in_use(exc: ValidationError, data: dict[str, Any], kind: str, name: str) -> str | None:
+    """Why deleting ``name`` broke the settings, when it did so by being used elsewhere:
+    "destination 'share' is used by drop folder 'drop' (watch.0.destinations)"."""
+    section = KINDS[kind][0]
+    users = []
+    for key, _, _ in _raw_problems(exc):
+        parts = key.split(".")
+        if parts[0] == section:
+            continue
+        user = key
+        if parts[0] in _USERS and len(parts) > 1 and parts[1].isdigit():
+            label, field = _USERS[parts[0]]
+            entry = data[parts[0]][int(parts[1])]
+            user = f"{label} {entry[field]!r} ({key})"
+        users.append(user)
+    if not users:
+        return None
+    return f"{kind} {name!r} is used by {', '.join(users)}; remove it there first"
 
 
 def with_stored(settings: Settings, store: Store) -> tuple[Settings, int]:
@@ -109,7 +154,7 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
     """Validate one change against ``settings``; returns the new effective settings.
 
     Raises NotFound (update/delete of an unknown object), Conflict (create of an
-    existing name) or ConfigInvalid.
+    existing name, delete of one still in use) or ConfigInvalid.
     """
     if kind not in KINDS:
         raise NotFound(f"unknown configuration kind {kind!r}")
@@ -129,4 +174,6 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
     try:
         return Settings.model_validate(base_data)
     except ValidationError as exc:
+        if body is None and (why := _in_use(exc, base_data, kind, name)):
+            raise Conflict(why) from None
         raise ConfigInvalid(_problems(exc, kind)) from None

@@ -131,3 +131,28 @@ async def test_credentials_are_never_shown(aiohttp_client: Any, tmp_path: Path) 
                         headers=h)
         assert next(d for d in node.settings.destinations
                     if d.name == "web").credentials == "bob:pw"
+
+
+async def test_delete_of_an_object_in_use_is_a_conflict(aiohttp_client: Any,
+                                                        tmp_path: Path) -> None:
+    """A destination a drop folder sends to, a source an AE title takes from: deleting
+    either is refused with 409, naming what uses it and where."""
+    data = tmp_path / "data"
+    settings = node_settings(
+        data, **CONFIG,
+        sources=[{"name": "ris", "ae_title": "RIS", "host": "127.0.0.1"}],
+        ae_titles=[{"ae_title": "DICOMNODE", "sources": ["ris"]}],
+        watch=[{"name": "drop", "path": str(tmp_path / "drop"), "destinations": ["pacs"]}])
+    async with running_node(settings) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        r = await c.delete("/config/destination/pacs", headers=h)
+        assert r.status == 409, await r.text()
+        assert (await r.json())["message"] == (
+            "destination 'pacs' is used by drop folder 'drop' (watch.0.destinations); "
+            "remove it there first")
+        r = await c.delete("/config/source/ris", headers=h)
+        assert r.status == 409, await r.text()
+        assert "source 'ris' is used by AE title 'DICOMNODE' (ae_titles.0.sources)" in \
+            (await r.json())["message"]
+        assert [d.name for d in node.settings.destinations] == ["pacs"]
