@@ -165,7 +165,10 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
         raise NotFound(f"no {kind} named {name!r}")
     if body is not None:
         key = KINDS[kind][1]
-        if body.get(key, name) != name:
+        given = body.get(key, name)
+        if isinstance(given, str):  # " CXR " is CXR, as a called AE title's padding is
+            given = given.strip()
+        if given != name:
             raise ConfigInvalid([{"field": key, "message": "cannot be changed; create a new "
                                   "object and delete this one"}])
         body = {**body, key: name}

@@ -87,8 +87,9 @@ async def create_object(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not name.strip():
         raise ApiError(422, "the configuration object is invalid",
                        [{"field": key, "message": "required field is missing"}])
-    await _change(request, kind, name.strip(), body, create=True)
-    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name.strip()]),
+    name = name.strip()  # surrounding spaces are not part of a name (nor of an AE title)
+    await _change(request, kind, name, body, create=True)
+    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name]),
                              status=201)
 
 

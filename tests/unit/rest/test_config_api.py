@@ -156,3 +156,21 @@ async def test_delete_of_an_object_in_use_is_a_conflict(aiohttp_client: Any,
         assert "source 'ris' is used by AE title 'DICOMNODE' (ae_titles.0.sources)" in \
             (await r.json())["message"]
         assert [d.name for d in node.settings.destinations] == ["pacs"]
+
+
+async def test_spaces_around_a_name_are_not_part_of_it(aiohttp_client: Any,
+                                                       tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with running_node(node_settings(data, **CONFIG)) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        r = await c.post("/config/destination", json={"name": " padded ", "type": "folder",
+                                                      "path": str(tmp_path / "out")}, headers=h)
+        assert r.status == 201, await r.text()
+        assert (await r.json())["name"] == "padded"
+        r = await c.post("/config/ae", json={"ae_title": " CXR "}, headers=h)
+        assert r.status == 201, await r.text()
+        assert node.settings.ae_title("CXR") is not None
+        r = await c.put("/config/ae/CXR", json={"ae_title": "CXR ", "timeout_s": 3}, headers=h)
+        assert r.status == 200, await r.text()
+        assert [a.ae_title for a in node.settings.ae_titles] == ["DICOMNODE", "CXR"]
