@@ -174,3 +174,32 @@ async def test_spaces_around_a_name_are_not_part_of_it(aiohttp_client: Any,
         r = await c.put("/config/ae/CXR", json={"ae_title": "CXR ", "timeout_s": 3}, headers=h)
         assert r.status == 200, await r.text()
         assert [a.ae_title for a in node.settings.ae_titles] == ["DICOMNODE", "CXR"]
+
+
+async def test_the_mask_is_never_saved_as_the_secret(aiohttp_client: Any,
+                                                     tmp_path: Path) -> None:
+    """The mask keeps a stored secret; where there is none (a clone of another
+    destination's GET, a PUT on one without credentials) it is refused, not saved."""
+    data = tmp_path / "data"
+    async with running_node(node_settings(data, **CONFIG)) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        web = {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
+               "auth": "basic", "credentials": "alice:s3cret"}
+        assert (await c.post("/config/destination", json=web, headers=h)).status == 201
+        clone = await (await c.get("/config/destination/web", headers=h)).json()
+        clone.pop("origin")
+        r = await c.post("/config/destination", json={**clone, "name": "web2"}, headers=h)
+        assert r.status == 422, await r.text()
+        assert (await r.json())["details"] == [
+            {"field": "credentials",
+             "message": "give the secret itself; ******** only keeps the stored one"}]
+        assert "web2" not in {d.name for d in node.settings.destinations}
+
+        bare = {**web, "name": "bare", "auth": "none", "credentials": None}
+        assert (await c.post("/config/destination", json=bare, headers=h)).status == 201
+        r = await c.put("/config/destination/bare", json={**bare, "credentials": "********"},
+                        headers=h)
+        assert r.status == 422, await r.text()
+        assert next(d for d in node.settings.destinations if d.name == "bare").credentials \
+            is None
