@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from dicom_node.config import Settings, unknown_key_hint
+from dicom_node.config import (
+    DestinationSettings,
+    Settings,
+    SourceSettings,
+    missing_tls_files,
+    unknown_key_hint,
+)
 from dicom_node.errors import Conflict, InvalidInput, NotFound
 from dicom_node.logs import get_logger
 
@@ -61,15 +67,17 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
             trial = dict(data)
             _apply(trial, kind, name, body)
             try:
-                current = Settings.model_validate(trial)
+                current_try = Settings.model_validate(trial)
+                problems = [] if body is None else _use_problems(current_try, kind, name)
             except ValidationError as exc:
                 problems = _problems(exc, kind)
+            if problems:
                 if strict:
                     raise ConfigInvalid(problems) from None
                 log.warning("runtime config object skipped", kind=kind, name=name,
                             problems=problems)
                 continue
-            data = trial
+            data, current = trial, current_try
     return current
 
 
@@ -175,8 +183,39 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
     base_data = settings.model_dump(mode="json")
     _apply(base_data, kind, name, body)
     try:
-        return Settings.model_validate(base_data)
+        new = Settings.model_validate(base_data)
     except ValidationError as exc:
         if body is None and (why := _in_use(exc, base_data, kind, name)):
             raise Conflict(why) from None
         raise ConfigInvalid(_problems(exc, kind)) from None
+    if body is not None and (problems := _use_problems(new, kind, name)):
+        raise ConfigInvalid(problems)
+    return new
+
+
+def _use_problems(settings: Settings, kind: str, name: str) -> list[dict[str, str]]:
+    """What would stop the object from working although the settings are valid: the
+    checks start-up makes of the file (files a TLS block names exist) and those a
+    DICOMweb URL gets when used (no credentials in it, http or https, a host)."""
+    from dicom_node.dicomweb import validate_base_url
+
+    obj: SourceSettings | DestinationSettings | None = None
+    urls: list[tuple[str, str | None]] = []
+    if kind == "source":
+        obj = next(s for s in settings.sources if s.name == name)
+        urls = [("dicomweb_url", obj.dicomweb_url)]
+    elif kind == "destination":
+        obj = next(d for d in settings.destinations if d.name == name)
+        urls = [("url", obj.url)] if obj.type == "dicomweb" else []
+    if obj is None:
+        return []
+    found = [{"field": f"tls.{field}", "message": problem}
+             for field, problem in missing_tls_files(settings, obj.tls)]
+    for field, url in urls:
+        if url is None:
+            continue
+        try:
+            validate_base_url(url)
+        except InvalidInput as exc:
+            found.append({"field": field, "message": str(exc)})
+    return found

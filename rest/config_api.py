@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dicom_node.dicomweb import redact_url
 from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
 from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
@@ -23,9 +24,15 @@ SECRET_FIELDS = ("credentials",)
 MASK = "********"
 
 
+URL_FIELDS = ("url", "dicomweb_url")
+
+
 def _shown(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as an answer shows it: credentials masked."""
-    return {k: MASK if k in SECRET_FIELDS and v else v for k, v in body.items()}
+    """``body`` as an answer shows it: credentials masked, no user or password in a URL
+    (one the file gives; the API refuses them)."""
+    return {k: MASK if k in SECRET_FIELDS and v
+            else redact_url(v) if k in URL_FIELDS and isinstance(v, str)
+            else v for k, v in body.items()}
 
 
 def _kind(request: web.Request) -> str:

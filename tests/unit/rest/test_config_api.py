@@ -203,3 +203,55 @@ async def test_the_mask_is_never_saved_as_the_secret(aiohttp_client: Any,
         assert r.status == 422, await r.text()
         assert next(d for d in node.settings.destinations if d.name == "bare").credentials \
             is None
+
+
+async def test_objects_are_checked_as_start_up_and_use_check_them(aiohttp_client: Any,
+                                                                  tmp_path: Path) -> None:
+    """A TLS file that does not exist and a DICOMweb URL with a user and password are
+    refused (422 naming the field), as the YAML file and the first use refuse them; a
+    URL's userinfo is never shown, not even one the file gives."""
+    data = tmp_path / "data"
+    file_dest = {"name": "fileweb", "type": "dicomweb", "url": "http://bob:filepw@host/dw"}
+    settings = node_settings(data, **{**CONFIG,
+                                      "destinations": [*CONFIG["destinations"], file_dest]})
+    async with running_node(settings) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        tls = {"certificate": str(tmp_path / "missing.pem"),
+               "private_key": str(tmp_path / "missing.key")}
+        r = await c.post("/config/destination", json={
+            "name": "tlspacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
+            "port": 104, "tls": tls}, headers=h)
+        assert r.status == 422, await r.text()
+        assert {"field": "tls.certificate",
+                "message": f"file not found: {tmp_path / 'missing.pem'}"} \
+            in (await r.json())["details"]
+        r = await c.put("/config/destination/pacs", json={
+            "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "tls": tls},
+            headers=h)
+        assert r.status == 422, await r.text()
+        r = await c.post("/config/source", json={"name": "s", "ae_title": "S",
+                                                 "host": "127.0.0.1", "tls": tls}, headers=h)
+        assert r.status == 422, await r.text()
+
+        r = await c.post("/config/destination", json={
+            "name": "web", "type": "dicomweb", "url": "http://alice:pw0rd@host/dicomweb"},
+            headers=h)
+        assert r.status == 422, await r.text()
+        assert (await r.json())["details"] == [{
+            "field": "url",
+            "message": "DICOMweb URL must not carry credentials; configure auth instead"}]
+        assert "pw0rd" not in await r.text()
+        r = await c.post("/config/source", json={
+            "name": "s", "ae_title": "S", "host": "127.0.0.1",
+            "dicomweb_url": "https://alice:pw0rd@host/dicomweb"}, headers=h)
+        assert r.status == 422, await r.text()
+        assert {d.name for d in node.settings.destinations} == {"pacs", "fileweb"}
+        assert node.settings.sources == []
+
+        for url in ("/config/destination", "/config/destination/fileweb"):
+            r = await c.get(url, headers=h)
+            assert r.status == 200 and "filepw" not in await r.text() \
+                and "http://host/dw" in await r.text()
+        r = await c.post("/config/destination/fileweb/echo", headers=h)
+        assert r.status == 200 and "filepw" not in await r.text(), await r.text()
