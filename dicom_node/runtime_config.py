@@ -64,6 +64,11 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
     current = base
     for kind in KINDS:
         for name, body in sorted(objects.get(kind, {}).items()):
+            if body is None and (why := _undeletable(base, kind, name)):
+                # stored before such deletes were refused: the file's entry applies
+                log.warning("runtime config object skipped", kind=kind, name=name,
+                            problems=[{"field": KINDS[kind][1], "message": why}])
+                continue
             trial = dict(data)
             _apply(trial, kind, name, body)
             try:
@@ -144,12 +149,49 @@ def _in_use(exc: ValidationError, data: dict[str, Any], kind: str, name: str) ->
     return f"{kind} {name!r} is used by {', '.join(users)}; remove it there first"
 
 
+def _undeletable(settings: Settings, kind: str, name: str) -> str | None:
+    """Why ``name`` must not be deleted, if it must not."""
+    own = settings.dimse.ae_title
+    if kind == "ae" and name == own:
+        # The SCP accepts its own AE title without an entry (C-MOVE retrievals arrive
+        # there), so a delete would only drop this entry's policy and let anyone store.
+        return (f"{own!r} is this node's own AE title (dimse.ae_title), which C-MOVE "
+                "retrievals send to and which is answered even without an entry: deleting "
+                "it would only drop its policy; to limit who may store to it, PUT it with "
+                "reject_unknown_sources: true and the sources allowed")
+    return None
+
+
+def file_overrides(base: Settings, effective: Settings,
+                   objects: Objects) -> list[tuple[str, str, str]]:
+    """(kind, name, "replaced" or "deleted") for each entry of the file that a stored
+    object replaces or deletes in ``effective``."""
+    found = []
+    for kind in KINDS:
+        in_file, now = objects_of(base, kind), objects_of(effective, kind)
+        for name in sorted(objects.get(kind, {})):
+            if name not in in_file:
+                continue
+            if name not in now:
+                found.append((kind, name, "deleted"))
+            elif now[name] != in_file[name]:
+                found.append((kind, name, "replaced"))
+    return found
+
+
 def with_stored(settings: Settings, store: Store) -> tuple[Settings, int]:
     """``settings`` with the objects the config API stored merged on top (as the node
-    runs), and how many objects there are."""
+    runs), and how many objects there are. Each entry of the file that one replaces
+    or deletes is logged."""
     objects = store.config_objects()
     count = sum(len(v) for v in objects.values())
-    return (merge(settings, objects) if objects else settings), count
+    if not objects:
+        return settings, 0
+    merged = merge(settings, objects)
+    for kind, name, action in file_overrides(settings, merged, objects):
+        log.info("file entry overridden by the config API", kind=kind, name=name,
+                 action=action, section=KINDS[kind][0])
+    return merged, count
 
 
 def objects_of(settings: Settings, kind: str) -> dict[str, dict[str, Any]]:
@@ -162,7 +204,8 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
     """Validate one change against ``settings``; returns the new effective settings.
 
     Raises NotFound (update/delete of an unknown object), Conflict (create of an
-    existing name, delete of one still in use) or ConfigInvalid.
+    existing name, delete of one still in use or of the node's own AE title) or
+    ConfigInvalid.
     """
     if kind not in KINDS:
         raise NotFound(f"unknown configuration kind {kind!r}")
@@ -171,6 +214,8 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
         raise Conflict(f"{kind} {name!r} already exists; use PUT to change it")
     if not create and name not in existing:
         raise NotFound(f"no {kind} named {name!r}")
+    if body is None and (why := _undeletable(settings, kind, name)):
+        raise Conflict(why)
     if body is not None:
         key = KINDS[kind][1]
         given = body.get(key, name)

@@ -255,3 +255,93 @@ async def test_objects_are_checked_as_start_up_and_use_check_them(aiohttp_client
                 and "http://host/dw" in await r.text()
         r = await c.post("/config/destination/fileweb/echo", headers=h)
         assert r.status == 200 and "filepw" not in await r.text(), await r.text()
+
+
+def _accepted(port: int, called: str, calling: str = "STRANGER") -> bool:
+    """Whether the node accepts an association (Verification) from ``calling``."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    accepted = bool(assoc.is_established)
+    if accepted:
+        assoc.release()
+    return accepted
+
+
+async def test_the_nodes_own_ae_title_cannot_be_deleted(aiohttp_client: Any,
+                                                       tmp_path: Path) -> None:
+    """Its own AE title is answered even without an entry (C-MOVE retrievals arrive
+    there): a delete would only drop the entry's policy. It is refused (409) saying
+    what to do instead; a delete stored before (a tombstone) no longer drops the file's
+    entry at start-up; entries the stored objects replace or delete are logged."""
+    import asyncio
+
+    import structlog
+
+    data = tmp_path / "data"
+    settings = node_settings(data, **CONFIG, dimse={"ae_title": "PROBENODE"},
+                             ae_titles=[{"ae_title": "PROBENODE",
+                                         "reject_unknown_sources": True}])
+    port = settings.dimse.port
+    async with running_node(settings) as node:
+        c: TestClient = await aiohttp_client(create_app(node))
+        h = headers(data)
+        r = await c.delete("/config/ae/PROBENODE", headers=h)
+        assert r.status == 409, await r.text()
+        message = (await r.json())["message"]
+        assert "'PROBENODE' is this node's own AE title (dimse.ae_title)" in message
+        assert "reject_unknown_sources" in message
+        assert [a["ae_title"] for a in await (await c.get("/config/ae", headers=h)).json()] \
+            == ["PROBENODE"]
+        assert not await asyncio.to_thread(_accepted, port, "PROBENODE")
+        assert node.store is not None
+        # as a version that let the delete through left it
+        node.store.put_config_object("ae", "PROBENODE", None)
+        r = await c.delete("/config/destination/pacs", headers=h)
+        assert r.status == 204
+
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            ae = node.settings.ae_title("PROBENODE")
+            assert ae is not None and ae.reject_unknown_sources
+            assert not await asyncio.to_thread(_accepted, port, "PROBENODE")
+    skipped = [e for e in logs if e["event"] == "runtime config object skipped"]
+    assert [(e["kind"], e["name"]) for e in skipped] == [("ae", "PROBENODE")]
+    overridden = [(e["kind"], e["name"], e["action"]) for e in logs
+                  if e["event"] == "file entry overridden by the config API"]
+    assert overridden == [("destination", "pacs", "deleted")]
+
+
+def test_check_config_names_the_file_entries_stored_objects_override(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from dicom_node.config import load_settings
+    from dicom_node.store import Store
+
+    config = tmp_path / "node.yaml"
+    config.write_text("models: []\npipelines: []\nwatch: []\nae_titles: [{ae_title: DICOMNODE}]\n"
+                      "destinations: [{name: pacs, type: dimse, ae_title: PACS, "
+                      "host: 127.0.0.1, port: 104}]\n")
+    data = tmp_path / "data"
+
+    def check() -> str:
+        r = subprocess.run([sys.executable, "-m", "dicom_node.cli", "check-config", str(config),
+                            "--data-dir", str(data)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return next(ln for ln in r.stdout.splitlines() if "config API" in ln).split(None, 2)[2]
+
+    assert check() == "no objects stored"
+    settings = load_settings(config, overrides={"storage.data_dir": str(data)})
+    data.mkdir()
+    store = Store(settings.database_url).open()
+    try:
+        store.put_config_object("destination", "pacs", None)
+        store.put_config_object("ae", "DICOMNODE", {"ae_title": "DICOMNODE", "timeout_s": 3})
+        store.put_config_object("ae", "CXR", {"ae_title": "CXR"})
+    finally:
+        store.close()
+    assert check() == ("3 objects stored; file entries ae 'DICOMNODE' replaced, "
+                       "destination 'pacs' deleted")
