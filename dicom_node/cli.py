@@ -249,7 +249,33 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
+    print(f"  config API      {_stored_objects_line(s)}")
     return _check_models(s) if args.models else 0
+
+
+def _stored_objects_line(settings: Settings) -> str:
+    """What the objects the config API stored do to the file's entries, when the store
+    is an SQLite file that can be read at once (a database server is not contacted)."""
+    from dicom_node import runtime_config
+
+    url = settings.database_url
+    if not url.startswith("sqlite:///"):
+        return "not read (the store is a database server); the start-up log names the " \
+            "file entries its objects replace or delete"
+    if not Path(url.removeprefix("sqlite:///")).exists():
+        return "no objects stored"
+    store = _open_store(settings)
+    try:
+        objects = store.config_objects()
+    finally:
+        store.close()
+    count = sum(len(v) for v in objects.values())
+    if not count:
+        return "no objects stored"
+    merged = runtime_config.merge(settings, objects)
+    changes = [f"{kind} {name!r} {action}"
+               for kind, name, action in runtime_config.file_overrides(settings, merged, objects)]
+    return f"{count} objects stored; file entries " + (", ".join(changes) or "none overridden")
 
 
 _SOURCES = {"state_dict": "weights (model.pt)", "torchscript": "TorchScript"}

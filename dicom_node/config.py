@@ -735,6 +735,18 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, origin: str) 
         node[last] = value
 
 
+def missing_tls_files(settings: Settings, tls: TlsSettings | None) -> list[tuple[str, str]]:
+    """(field, problem) for each file a TLS block names that does not exist."""
+    if tls is None:
+        return []
+    found = []
+    for field in ("certificate", "private_key", "ca_certificate"):
+        p = getattr(tls, field)
+        if p is not None and not settings.path(p).is_file():
+            found.append((field, f"file not found: {settings.path(p)}"))
+    return found
+
+
 def _check_files(settings: Settings, source: str) -> None:
     """Files the settings name must exist: a typo should stop start-up, not a request."""
     tls_sections: list[tuple[str, TlsSettings | None]] = [
@@ -744,12 +756,8 @@ def _check_files(settings: Settings, source: str) -> None:
     tls_sections += [(f"sources.{i}.tls", s.tls) for i, s in enumerate(settings.sources)]
     tls_sections += [(f"destinations.{i}.tls", d.tls) for i, d in enumerate(settings.destinations)]
     for key, tls in tls_sections:
-        if tls is None:
-            continue
-        for field in ("certificate", "private_key", "ca_certificate"):
-            p = getattr(tls, field)
-            if p is not None and not settings.path(p).is_file():
-                raise ConfigError(source, f"{key}.{field}", f"file not found: {settings.path(p)}")
+        for field, problem in missing_tls_files(settings, tls):
+            raise ConfigError(source, f"{key}.{field}", problem)
     if settings.auth.jwt_public_key_file is not None:
         p = settings.path(settings.auth.jwt_public_key_file)
         if not p.is_file():

@@ -244,7 +244,7 @@ def validate_base_url(url: str) -> str:
         raise InvalidInput(f"malformed DICOMweb URL {url!r}: {exc}") from None
     if parts.scheme.lower() not in _SCHEMES:
         raise InvalidInput(
-            f"DICOMweb URL {_redact(url)!r} must use http or https, not {parts.scheme!r}"
+            f"DICOMweb URL {redact_url(url)!r} must use http or https, not {parts.scheme!r}"
         )
     if "@" in parts.netloc:
         raise InvalidInput("DICOMweb URL must not carry credentials; configure auth instead")
@@ -316,7 +316,7 @@ def url_allowed(url: str, allowed_bases: Sequence[str], allow_any: bool = False)
     return False
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without any userinfo, for messages."""
     try:
         parts = urlsplit(url)

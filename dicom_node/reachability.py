@@ -70,11 +70,11 @@ def _dimse(client: DicomClient, peer_settings: DestinationSettings | SourceSetti
 
 
 def _dicomweb(dest: DestinationSettings) -> EchoOutcome:
-    from dicom_node.dicomweb import DicomWebError
+    from dicom_node.dicomweb import DicomWebError, redact_url
     from dicom_node.errors import InvalidInput
     from dicom_node.export import dicomweb_client
 
-    url = str(dest.url)
+    url = redact_url(str(dest.url))  # the target shown: never a user or password
     start = time.perf_counter()
     try:
         with dicomweb_client(dest) as client:

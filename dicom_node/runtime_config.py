@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from dicom_node.config import Settings, unknown_key_hint
+from dicom_node.config import (
+    DestinationSettings,
+    Settings,
+    SourceSettings,
+    missing_tls_files,
+    unknown_key_hint,
+)
 from dicom_node.errors import Conflict, InvalidInput, NotFound
 from dicom_node.logs import get_logger
 
@@ -58,45 +64,134 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
     current = base
     for kind in KINDS:
         for name, body in sorted(objects.get(kind, {}).items()):
+            if body is None and (why := _undeletable(base, kind, name)):
+                # stored before such deletes were refused: the file's entry applies
+                log.warning("runtime config object skipped", kind=kind, name=name,
+                            problems=[{"field": KINDS[kind][1], "message": why}])
+                continue
             trial = dict(data)
             _apply(trial, kind, name, body)
             try:
-                current = Settings.model_validate(trial)
+                current_try = Settings.model_validate(trial)
+                problems = [] if body is None else _use_problems(current_try, kind, name)
             except ValidationError as exc:
                 problems = _problems(exc, kind)
+            if problems:
                 if strict:
                     raise ConfigInvalid(problems) from None
                 log.warning("runtime config object skipped", kind=kind, name=name,
                             problems=problems)
                 continue
-            data = trial
+            data, current = trial, current_try
     return current
 
 
-def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
-    out = []
+def _raw_problems(exc: ValidationError) -> list[tuple[str, str, Any]]:
+    """Each problem as (key path inside the settings, message, pydantic error type)."""
+    out: list[tuple[str, str, Any]] = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        if loc and loc[0] == KINDS[kind][0]:
-            loc = loc[2:]  # path inside the object, not inside the settings
-        ctx_err = err.get("ctx", {}).get("error")
+        ctx_err: Any = err.get("ctx", {}).get("error")
         key = getattr(ctx_err, "key", None)
-        field = ".".join(loc) or (key.split(".", 2)[-1] if key else "(body)")
-        msg = getattr(ctx_err, "problem", None) or err["msg"]
+        if key is not None:  # a cross-reference problem, and any more found with it
+            out.append((key, ctx_err.problem, err["type"]))
+            out.extend((k, p, err["type"]) for k, p in getattr(ctx_err, "more", ()))
+            continue
+        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field" + unknown_key_hint(Settings, err["loc"])
         elif err["type"] == "missing":
             msg = "required field is missing"
-        out.append({"field": field, "message": msg})
+        out.append((".".join(str(p) for p in err["loc"]), msg, err["type"]))
     return out
+
+
+def _problems(exc: ValidationError, kind: str) -> list[dict[str, str]]:
+    """The problems as the API shows them: a field inside the object changed is named
+    by its path inside the object (``url``); any other by its full key
+    (``watch.0.destinations``)."""
+    section = KINDS[kind][0]
+    out = []
+    for key, msg, _ in _raw_problems(exc):
+        parts = key.split(".")
+        if parts[0] == section and len(parts) > 2:
+            key = ".".join(parts[2:])
+        out.append({"field": key or "(body)", "message": msg})
+    return out
+
+
+# section -> what a person calls one of its entries, and the field that names it
+_USERS = {
+    "ae_titles": ("AE title", "ae_title"),
+    "sources": ("source", "name"),
+    "destinations": ("destination", "name"),
+    "watch": ("drop folder", "name"),
+    "pipelines": ("pipeline", "name"),
+}
+
+
+def _in_use(exc: ValidationError, data: dict[str, Any], kind: str, name: str) -> str | None:
+    """Why deleting ``name`` broke the settings, when it did so by being used elsewhere:
+    "destination 'share' is used by drop folder 'drop' (watch.0.destinations)"."""
+    section = KINDS[kind][0]
+    users = []
+    for key, _, _ in _raw_problems(exc):
+        parts = key.split(".")
+        if parts[0] == section:
+            continue
+        user = key
+        if parts[0] in _USERS and len(parts) > 1 and parts[1].isdigit():
+            label, field = _USERS[parts[0]]
+            entry = data[parts[0]][int(parts[1])]
+            user = f"{label} {entry[field]!r} ({key})"
+        users.append(user)
+    if not users:
+        return None
+    return f"{kind} {name!r} is used by {', '.join(users)}; remove it there first"
+
+
+def _undeletable(settings: Settings, kind: str, name: str) -> str | None:
+    """Why ``name`` must not be deleted, if it must not."""
+    own = settings.dimse.ae_title
+    if kind == "ae" and name == own:
+        # The SCP accepts its own AE title without an entry (C-MOVE retrievals arrive
+        # there), so a delete would only drop this entry's policy and let anyone store.
+        return (f"{own!r} is this node's own AE title (dimse.ae_title), which C-MOVE "
+                "retrievals send to and which is answered even without an entry: deleting "
+                "it would only drop its policy; to limit who may store to it, PUT it with "
+                "reject_unknown_sources: true and the sources allowed")
+    return None
+
+
+def file_overrides(base: Settings, effective: Settings,
+                   objects: Objects) -> list[tuple[str, str, str]]:
+    """(kind, name, "replaced" or "deleted") for each entry of the file that a stored
+    object replaces or deletes in ``effective``."""
+    found = []
+    for kind in KINDS:
+        in_file, now = objects_of(base, kind), objects_of(effective, kind)
+        for name in sorted(objects.get(kind, {})):
+            if name not in in_file:
+                continue
+            if name not in now:
+                found.append((kind, name, "deleted"))
+            elif now[name] != in_file[name]:
+                found.append((kind, name, "replaced"))
+    return found
 
 
 def with_stored(settings: Settings, store: Store) -> tuple[Settings, int]:
     """``settings`` with the objects the config API stored merged on top (as the node
-    runs), and how many objects there are."""
+    runs), and how many objects there are. Each entry of the file that one replaces
+    or deletes is logged."""
     objects = store.config_objects()
     count = sum(len(v) for v in objects.values())
-    return (merge(settings, objects) if objects else settings), count
+    if not objects:
+        return settings, 0
+    merged = merge(settings, objects)
+    for kind, name, action in file_overrides(settings, merged, objects):
+        log.info("file entry overridden by the config API", kind=kind, name=name,
+                 action=action, section=KINDS[kind][0])
+    return merged, count
 
 
 def objects_of(settings: Settings, kind: str) -> dict[str, dict[str, Any]]:
@@ -109,7 +204,8 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
     """Validate one change against ``settings``; returns the new effective settings.
 
     Raises NotFound (update/delete of an unknown object), Conflict (create of an
-    existing name) or ConfigInvalid.
+    existing name, delete of one still in use or of the node's own AE title) or
+    ConfigInvalid.
     """
     if kind not in KINDS:
         raise NotFound(f"unknown configuration kind {kind!r}")
@@ -118,15 +214,53 @@ def change(settings: Settings, kind: str, name: str, body: dict[str, Any] | None
         raise Conflict(f"{kind} {name!r} already exists; use PUT to change it")
     if not create and name not in existing:
         raise NotFound(f"no {kind} named {name!r}")
+    if body is None and (why := _undeletable(settings, kind, name)):
+        raise Conflict(why)
     if body is not None:
         key = KINDS[kind][1]
-        if body.get(key, name) != name:
+        given = body.get(key, name)
+        if isinstance(given, str):  # " CXR " is CXR, as a called AE title's padding is
+            given = given.strip()
+        if given != name:
             raise ConfigInvalid([{"field": key, "message": "cannot be changed; create a new "
                                   "object and delete this one"}])
         body = {**body, key: name}
     base_data = settings.model_dump(mode="json")
     _apply(base_data, kind, name, body)
     try:
-        return Settings.model_validate(base_data)
+        new = Settings.model_validate(base_data)
     except ValidationError as exc:
+        if body is None and (why := _in_use(exc, base_data, kind, name)):
+            raise Conflict(why) from None
         raise ConfigInvalid(_problems(exc, kind)) from None
+    if body is not None and (problems := _use_problems(new, kind, name)):
+        raise ConfigInvalid(problems)
+    return new
+
+
+def _use_problems(settings: Settings, kind: str, name: str) -> list[dict[str, str]]:
+    """What would stop the object from working although the settings are valid: the
+    checks start-up makes of the file (files a TLS block names exist) and those a
+    DICOMweb URL gets when used (no credentials in it, http or https, a host)."""
+    from dicom_node.dicomweb import validate_base_url
+
+    obj: SourceSettings | DestinationSettings | None = None
+    urls: list[tuple[str, str | None]] = []
+    if kind == "source":
+        obj = next(s for s in settings.sources if s.name == name)
+        urls = [("dicomweb_url", obj.dicomweb_url)]
+    elif kind == "destination":
+        obj = next(d for d in settings.destinations if d.name == name)
+        urls = [("url", obj.url)] if obj.type == "dicomweb" else []
+    if obj is None:
+        return []
+    found = [{"field": f"tls.{field}", "message": problem}
+             for field, problem in missing_tls_files(settings, obj.tls)]
+    for field, url in urls:
+        if url is None:
+            continue
+        try:
+            validate_base_url(url)
+        except InvalidInput as exc:
+            found.append({"field": field, "message": str(exc)})
+    return found

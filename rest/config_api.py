@@ -5,7 +5,8 @@ POST (201; 409 if the name exists), PUT (update in place — the safe way to
 change a live AE title's timeout or pipelines), DELETE (204). Changes are kept
 in the store and merged over the YAML file at start-up. A destination's
 ``credentials`` are never shown: answers carry ``"********"`` in their place, and a
-PUT that sends that mask back keeps the credentials the object has.
+PUT that sends that mask back keeps the credentials the object has; the mask where
+there is none to keep (a POST, or a PUT on an object without credentials) is 422.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dicom_node.dicomweb import redact_url
 from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
 from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
@@ -22,9 +24,15 @@ SECRET_FIELDS = ("credentials",)
 MASK = "********"
 
 
+URL_FIELDS = ("url", "dicomweb_url")
+
+
 def _shown(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as an answer shows it: credentials masked."""
-    return {k: MASK if k in SECRET_FIELDS and v else v for k, v in body.items()}
+    """``body`` as an answer shows it: credentials masked, no user or password in a URL
+    (one the file gives; the API refuses them)."""
+    return {k: MASK if k in SECRET_FIELDS and v
+            else redact_url(v) if k in URL_FIELDS and isinstance(v, str)
+            else v for k, v in body.items()}
 
 
 def _kind(request: web.Request) -> str:
@@ -54,6 +62,12 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise ApiError(422, "the body must be a JSON object",
                        [{"field": "(body)", "message": "must be an object"}])
     return body
+
+
+def _mask_refused(field: str) -> ApiError:
+    """The mask sent where there is no stored secret for it to keep."""
+    return ApiError(422, "the configuration object is invalid", [
+        {"field": field, "message": f"give the secret itself; {MASK} only keeps the stored one"}])
 
 
 async def list_objects(request: web.Request) -> web.Response:
@@ -87,8 +101,12 @@ async def create_object(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not name.strip():
         raise ApiError(422, "the configuration object is invalid",
                        [{"field": key, "message": "required field is missing"}])
-    await _change(request, kind, name.strip(), body, create=True)
-    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name.strip()]),
+    for field in SECRET_FIELDS:  # a body copied from another object's GET: no secret in it
+        if body.get(field) == MASK:
+            raise _mask_refused(field)
+    name = name.strip()  # surrounding spaces are not part of a name (nor of an AE title)
+    await _change(request, kind, name, body, create=True)
+    return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name]),
                              status=201)
 
 
@@ -97,7 +115,9 @@ async def update_object(request: web.Request) -> web.Response:
     body = await _body(request)
     current = objects_of(request.app[NODE].settings, kind).get(name) or {}
     for key in SECRET_FIELDS:  # the mask an answer showed, sent back: keep what it hides
-        if body.get(key) == MASK and current.get(key):
+        if body.get(key) == MASK:
+            if not current.get(key):
+                raise _mask_refused(key)
             body[key] = current[key]
     await _change(request, kind, name, body, create=False)
     return web.json_response(_shown(objects_of(request.app[NODE].settings, kind)[name]))
