@@ -71,6 +71,7 @@ from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
 from dicom_node.store import InstanceRecord, Store
+from dicom_node.tls import server_context
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
@@ -832,13 +833,13 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def server_ssl_context(settings: Settings, tls: TlsSettings) -> ssl.SSLContext:
-    """TLS for the DICOM port; peers must present a certificate when a CA is configured."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(settings.path(tls.certificate), settings.path(tls.private_key))
-    if tls.ca_certificate is not None:
-        ctx.load_verify_locations(settings.path(tls.ca_certificate))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    """TLS for the DICOM port; peers must present a certificate when a CA is configured.
+
+    Raises :class:`dicom_node.tls.TlsFileError` for a file that cannot be used (settings
+    loading has already checked them; this is for a file changed since).
+    """
+    ca = settings.path(tls.ca_certificate) if tls.ca_certificate is not None else None
+    return server_context(settings.path(tls.certificate), settings.path(tls.private_key), ca)
 
 
 InstanceCallback = Callable[[ReceivedInstance], None]

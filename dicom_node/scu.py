@@ -57,6 +57,7 @@ from dicom_node.scp import (
     tune_socket,
 )
 from dicom_node.store import Store
+from dicom_node.tls import TlsFileError, client_context
 
 __all__ = [
     "DicomClient",
@@ -299,14 +300,9 @@ class DicomClient:
         if peer.tls is None:
             return None
         tls = peer.tls
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ctx.load_cert_chain(self.settings.path(tls.certificate),
-                            self.settings.path(tls.private_key))
-        if tls.ca_certificate is not None:
-            ctx.load_verify_locations(self.settings.path(tls.ca_certificate))
-        else:  # no CA configured: encrypt, but the peer's certificate cannot be checked
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
+        ca = self.settings.path(tls.ca_certificate) if tls.ca_certificate is not None else None
+        ctx = client_context(self.settings.path(tls.certificate),
+                             self.settings.path(tls.private_key), ca)
         return ctx, peer.host
 
     def _associate(self, ae: AE, peer: Peer, **kwargs: Any) -> tuple[Association | None, str]:
@@ -314,6 +310,8 @@ class DicomClient:
         try:
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                                  tls_args=self._tls(peer), **kwargs)
+        except TlsFileError as exc:  # checked with the settings; changed since
+            return None, f"cannot connect to {peer}: tls.{exc}"
         except (OSError, ssl.SSLError) as exc:
             return None, f"cannot connect to {peer}: {exc}"
         if assoc.is_established:
