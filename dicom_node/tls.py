@@ -8,6 +8,7 @@ protected by a passphrase stops start-up naming the key, not the DICOM port.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import stat
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 __all__ = [
     "TlsFileError",
     "client_context",
+    "handshake_problem",
     "readable_by_others",
     "server_context",
 ]
@@ -123,3 +125,58 @@ def _reason(exc: ssl.SSLError) -> str:
         return f"certificate verify failed: {exc.verify_message}"
     reason = exc.reason or str(exc)
     return reason.replace("_", " ").lower()
+
+
+# What a TLS client sees when the peer does not speak TLS on the port: a DICOM node
+# answers the ClientHello with an A-ABORT or A-ASSOCIATE-RJ (not a TLS record), or
+# closes the connection.
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE",
+            "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"}
+
+
+def handshake_problem(ctx: ssl.SSLContext, host: str, port: int,
+                      timeout_s: float = 3.0) -> str | None:
+    """Why a TLS connection to ``host:port`` with ``ctx`` fails, found by making one;
+    None when the handshake succeeds and the peer does not refuse it at once.
+
+    TLS 1.3 servers judge the client's certificate after the client has finished its
+    handshake, so a short read follows: a refusal arrives as an alert.
+    """
+    where = f"{host}:{port}"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except ConnectionRefusedError:
+        return f"connection refused (nothing listens on port {port})"
+    except TimeoutError:
+        return f"no answer from {where} within {timeout_s:g} s"
+    except OSError as exc:
+        return f"cannot connect ({exc.strerror or exc})"
+    with raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host) as sock:
+                try:
+                    sock.settimeout(min(timeout_s, 1.0))
+                    sock.recv(1)  # a DICOM acceptor sends nothing before our request
+                except TimeoutError:
+                    return None
+                except ssl.SSLError as exc:
+                    return (f"the peer refused the node's certificate in the TLS handshake "
+                            f"with {where}: {_reason(exc)} (is the node's certificate signed "
+                            f"by a CA the peer trusts?)")
+                except OSError:
+                    pass
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            hint = (" (is ca_certificate the CA that signed the peer's certificate?)"
+                    if exc.verify_code in (2, 19, 20, 21) else "")
+            return f"TLS handshake with {where} failed: {_reason(exc)}{hint}"
+        except ssl.SSLError as exc:
+            if exc.reason in _NOT_TLS or isinstance(exc, ssl.SSLEOFError):
+                return (f"the peer does not speak TLS on port {port} "
+                        f"(TLS handshake: {_reason(exc)}; is it a plain DICOM port?)")
+            return f"TLS handshake with {where} failed: {_reason(exc)}"
+        except TimeoutError:
+            return f"no TLS handshake answer from {where} within {timeout_s:g} s"
+        except OSError as exc:  # reset during the handshake: not a TLS server
+            return (f"the peer does not speak TLS on port {port} (the connection "
+                    f"ended during the TLS handshake: {exc.strerror or exc})")
