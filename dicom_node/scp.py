@@ -746,6 +746,17 @@ class _Server(ThreadedAssociationServer):
         return sock, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None and _starts_tls(request, self.handshake_timeout_s):
+            # pynetdicom would read the ClientHello as PDUs of unknown types: five error
+            # lines naming neither the peer nor the cause.
+            if self.log is not None:
+                self.log.warning("TLS handshake on the plain DICOM port",
+                                 peer=f"{client_address[0]}:{client_address[1]}",
+                                 hint="the peer is set up for TLS: turn TLS off there, or "
+                                      "set dimse.tls on the node")
+            with contextlib.suppress(OSError):
+                request.close()
+            return
         if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):
             try:
                 request.settimeout(self.handshake_timeout_s)
@@ -759,6 +770,26 @@ class _Server(ThreadedAssociationServer):
                     request.close()
                 return
         super().process_request_thread(request, client_address)
+
+
+_TLS_HANDSHAKE = 0x16  # a TLS record's content type; no PDU type (PS3.8 9.3.1)
+
+
+def _starts_tls(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer's first byte opens a TLS handshake, peeked (it stays to be read).
+
+    Waits up to ``timeout_s`` for it; a peer that sends nothing, closes, or resets is
+    left to pynetdicom as before.
+    """
+    try:
+        sock.settimeout(timeout_s)
+        first = sock.recv(1, socket.MSG_PEEK)
+    except OSError:  # a timeout, a reset
+        first = b""
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    return first[:1] == bytes([_TLS_HANDSHAKE])
 
 
 class _SharedSyntaxContexts(list[PresentationContext]):

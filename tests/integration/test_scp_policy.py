@@ -209,3 +209,20 @@ def test_failed_outgoing_tls_says_why(tmp_path: Path) -> None:
         export = DicomClient(settings).store_instances(peer, [f], RetrySettings(max_attempts=1))
         assert not export.ok
         assert f"the peer does not speak TLS on port {plain.port}" in export.message
+
+
+def test_tls_client_on_the_plain_port_is_one_warning_naming_the_peer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer set up for TLS on the node's plain DICOM port (dcmtk echoscu +tla) gets
+    one warning that names it and says what it is, not pynetdicom's "Unknown PDU type
+    received" errors; peers speaking plain DICOM go on as before."""
+    import structlog
+
+    settings = node_settings(tmp_path / "data")
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+        assert echoscu(rn.port, NODE_AE, "ECHOSCU", "+tla", "-ic").returncode != 0
+        assert echoscu(rn.port, NODE_AE).returncode == 0
+    warned = [e for e in logs if e["event"] == "TLS handshake on the plain DICOM port"]
+    assert len(warned) == 1 and warned[0]["peer"].startswith("127.0.0.1:")
+    assert warned[0]["log_level"] == "warning"
+    assert not [r for r in caplog.records if "Unknown PDU type" in r.getMessage()]
