@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.digits import ascii_int
+from dicom_node.tls import TlsFileError, client_context, readable_by_others, server_context
 from pipeline.settings import ModelSpec, PipelineSpec
 
 ENV_PREFIX = "DICOM_NODE_"
@@ -519,8 +520,14 @@ class Settings(_Section):
         pipelines is not warned about: an archive AE title that only stores is a
         common, deliberate setup.
         """
-        return [f"watch.{i}.pipelines: drop folder {w.name} has no pipelines: files are "
-                "stored, no job is made" for i, w in enumerate(self.watch) if not w.pipelines]
+        found = [f"watch.{i}.pipelines: drop folder {w.name} has no pipelines: files are "
+                 "stored, no job is made" for i, w in enumerate(self.watch) if not w.pipelines]
+        # A private key others can read is a leaked key; it still works, so not an error.
+        found += [f"{key}.private_key: {self.path(tls.private_key)} is readable by group or "
+                  f"others; make it readable only by the node's user (chmod 600)"
+                  for key, tls in _tls_blocks(self)
+                  if readable_by_others(self.path(tls.private_key))]
+        return found
 
 
 def _resolved(path: Path) -> Path:
@@ -735,8 +742,23 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any, origin: str) 
         node[last] = value
 
 
-def missing_tls_files(settings: Settings, tls: TlsSettings | None) -> list[tuple[str, str]]:
-    """(field, problem) for each file a TLS block names that does not exist."""
+def _tls_blocks(settings: Settings) -> list[tuple[str, TlsSettings]]:
+    """Every TLS block in the settings, with its key path."""
+    blocks: list[tuple[str, TlsSettings | None]] = [
+        ("dimse.tls", settings.dimse.tls),
+        ("rest.tls", settings.rest.tls),
+    ]
+    blocks += [(f"sources.{i}.tls", s.tls) for i, s in enumerate(settings.sources)]
+    blocks += [(f"destinations.{i}.tls", d.tls) for i, d in enumerate(settings.destinations)]
+    return [(key, tls) for key, tls in blocks if tls is not None]
+
+
+def tls_problems(settings: Settings, tls: TlsSettings | None,
+                 *, server: bool = False) -> list[tuple[str, str]]:
+    """(field, problem) for a TLS block: a file that does not exist, else files that do
+    not load together as the node will use them (certificate, key and CA): a key that
+    does not match, a file that is not PEM or a key with a passphrase is a wrong
+    setting, not a failure of the port or of the peer."""
     if tls is None:
         return []
     found = []
@@ -744,19 +766,23 @@ def missing_tls_files(settings: Settings, tls: TlsSettings | None) -> list[tuple
         p = getattr(tls, field)
         if p is not None and not settings.path(p).is_file():
             found.append((field, f"file not found: {settings.path(p)}"))
+    if found:
+        return found
+    ca = settings.path(tls.ca_certificate) if tls.ca_certificate is not None else None
+    build = server_context if server else client_context
+    try:
+        build(settings.path(tls.certificate), settings.path(tls.private_key), ca)
+    except TlsFileError as exc:
+        found.append((exc.field, f"{exc.path}: {exc.problem}"))
     return found
 
 
 def _check_files(settings: Settings, source: str) -> None:
-    """Files the settings name must exist: a typo should stop start-up, not a request."""
-    tls_sections: list[tuple[str, TlsSettings | None]] = [
-        ("dimse.tls", settings.dimse.tls),
-        ("rest.tls", settings.rest.tls),
-    ]
-    tls_sections += [(f"sources.{i}.tls", s.tls) for i, s in enumerate(settings.sources)]
-    tls_sections += [(f"destinations.{i}.tls", d.tls) for i, d in enumerate(settings.destinations)]
-    for key, tls in tls_sections:
-        for field, problem in missing_tls_files(settings, tls):
+    """Files the settings name must exist, and load: a typo should stop start-up, not a
+    request."""
+    for key, tls in _tls_blocks(settings):
+        server = key in ("dimse.tls", "rest.tls")
+        for field, problem in tls_problems(settings, tls, server=server):
             raise ConfigError(source, f"{key}.{field}", problem)
     if settings.auth.jwt_public_key_file is not None:
         p = settings.path(settings.auth.jwt_public_key_file)

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import os
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,12 +25,14 @@ from dicom_node import retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.disk import short_of_space
+from dicom_node.errors import NodeError
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
 from dicom_node.store import NewJob, Store
+from dicom_node.tls import TlsFileError
 from dicom_node.watch import Watcher
 
 if TYPE_CHECKING:
@@ -362,8 +365,11 @@ class Node:
                          on_instance=self.assembler.instance_received,
                          on_association_end=self.assembler.association_ended)
         dimse = self.settings.dimse
-        with _naming_the_port("DICOM", dimse.host, dimse.port):
-            await asyncio.to_thread(scp.start)
+        try:
+            with _naming_the_port("DICOM", dimse.host, dimse.port):
+                await asyncio.to_thread(scp.start)
+        except TlsFileError as exc:  # checked with the settings; changed since
+            raise NodeError(f"dimse.tls.{exc}") from None
         self.scp = scp
         self.dicom = DicomClient(self.settings, self.store, scp)
         try:
@@ -391,9 +397,15 @@ class Node:
 
 @contextlib.contextmanager
 def _naming_the_port(what: str, host: str, port: int) -> Iterator[None]:
-    """An OSError while opening a listening socket says which one: two ports, one error."""
+    """An OSError while opening a listening socket says which one: two ports, one error.
+
+    An ssl.SSLError is an OSError too, but it is about certificate files, not the
+    port: it passes unchanged.
+    """
     try:
         yield
+    except ssl.SSLError:
+        raise
     except OSError as exc:
         where = f"{what} port {port}" + (f" on {host}" if host not in ("", "0.0.0.0") else "")
         raise OSError(exc.errno, f"{where}: {exc.strerror or exc}") from exc

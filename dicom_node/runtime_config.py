@@ -16,7 +16,7 @@ from dicom_node.config import (
     DestinationSettings,
     Settings,
     SourceSettings,
-    missing_tls_files,
+    tls_problems,
     unknown_key_hint,
 )
 from dicom_node.errors import Conflict, InvalidInput, NotFound
@@ -255,7 +255,7 @@ def _use_problems(settings: Settings, kind: str, name: str) -> list[dict[str, st
     if obj is None:
         return []
     found = [{"field": f"tls.{field}", "message": problem}
-             for field, problem in missing_tls_files(settings, obj.tls)]
+             for field, problem in tls_problems(settings, obj.tls)]
     for field, url in urls:
         if url is None:
             continue

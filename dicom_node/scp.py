@@ -71,6 +71,7 @@ from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.logs import get_logger
 from dicom_node.store import InstanceRecord, Store
+from dicom_node.tls import server_context
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
@@ -745,6 +746,17 @@ class _Server(ThreadedAssociationServer):
         return sock, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is None and _starts_tls(request, self.handshake_timeout_s):
+            # pynetdicom would read the ClientHello as PDUs of unknown types: five error
+            # lines naming neither the peer nor the cause.
+            if self.log is not None:
+                self.log.warning("TLS handshake on the plain DICOM port",
+                                 peer=f"{client_address[0]}:{client_address[1]}",
+                                 hint="the peer is set up for TLS: turn TLS off there, or "
+                                      "set dimse.tls on the node")
+            with contextlib.suppress(OSError):
+                request.close()
+            return
         if self.ssl_context is not None and not isinstance(request, ssl.SSLSocket):
             try:
                 request.settimeout(self.handshake_timeout_s)
@@ -758,6 +770,26 @@ class _Server(ThreadedAssociationServer):
                     request.close()
                 return
         super().process_request_thread(request, client_address)
+
+
+_TLS_HANDSHAKE = 0x16  # a TLS record's content type; no PDU type (PS3.8 9.3.1)
+
+
+def _starts_tls(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the peer's first byte opens a TLS handshake, peeked (it stays to be read).
+
+    Waits up to ``timeout_s`` for it; a peer that sends nothing, closes, or resets is
+    left to pynetdicom as before.
+    """
+    try:
+        sock.settimeout(timeout_s)
+        first = sock.recv(1, socket.MSG_PEEK)
+    except OSError:  # a timeout, a reset
+        first = b""
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    return first[:1] == bytes([_TLS_HANDSHAKE])
 
 
 class _SharedSyntaxContexts(list[PresentationContext]):
@@ -832,13 +864,13 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def server_ssl_context(settings: Settings, tls: TlsSettings) -> ssl.SSLContext:
-    """TLS for the DICOM port; peers must present a certificate when a CA is configured."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(settings.path(tls.certificate), settings.path(tls.private_key))
-    if tls.ca_certificate is not None:
-        ctx.load_verify_locations(settings.path(tls.ca_certificate))
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    """TLS for the DICOM port; peers must present a certificate when a CA is configured.
+
+    Raises :class:`dicom_node.tls.TlsFileError` for a file that cannot be used (settings
+    loading has already checked them; this is for a file changed since).
+    """
+    ca = settings.path(tls.ca_certificate) if tls.ca_certificate is not None else None
+    return server_context(settings.path(tls.certificate), settings.path(tls.private_key), ca)
 
 
 InstanceCallback = Callable[[ReceivedInstance], None]

@@ -57,6 +57,7 @@ from dicom_node.scp import (
     tune_socket,
 )
 from dicom_node.store import Store
+from dicom_node.tls import TlsFileError, client_context, handshake_problem
 
 __all__ = [
     "DicomClient",
@@ -299,21 +300,19 @@ class DicomClient:
         if peer.tls is None:
             return None
         tls = peer.tls
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ctx.load_cert_chain(self.settings.path(tls.certificate),
-                            self.settings.path(tls.private_key))
-        if tls.ca_certificate is not None:
-            ctx.load_verify_locations(self.settings.path(tls.ca_certificate))
-        else:  # no CA configured: encrypt, but the peer's certificate cannot be checked
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
+        ca = self.settings.path(tls.ca_certificate) if tls.ca_certificate is not None else None
+        ctx = client_context(self.settings.path(tls.certificate),
+                             self.settings.path(tls.private_key), ca)
         return ctx, peer.host
 
     def _associate(self, ae: AE, peer: Peer, **kwargs: Any) -> tuple[Association | None, str]:
         """Associate; on failure return ``None`` and a message naming the reason."""
         try:
+            tls_args = self._tls(peer)
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                                 tls_args=self._tls(peer), **kwargs)
+                                 tls_args=tls_args, **kwargs)
+        except TlsFileError as exc:  # checked with the settings; changed since
+            return None, f"cannot connect to {peer}: tls.{exc}"
         except (OSError, ssl.SSLError) as exc:
             return None, f"cannot connect to {peer}: {exc}"
         if assoc.is_established:
@@ -323,8 +322,10 @@ class DicomClient:
             rj = assoc.acceptor.primitive
             reason = _reject_text(rj) if rj is not None else "rejected"
             return None, f"{peer} rejected the association: {reason}"
-        # pynetdicom reports a refused TCP connection as an abort too: ask the network.
-        return None, f"cannot associate with {peer}: {_why_no_association(peer)}"
+        # pynetdicom reports a refused TCP connection, and a failed TLS handshake, as an
+        # abort too (the handshake's reason only in its own log): ask the network.
+        ctx = tls_args[0] if tls_args is not None else None
+        return None, f"cannot associate with {peer}: {_why_no_association(peer, ctx)}"
 
     # -- C-ECHO --------------------------------------------------------------------------
 
@@ -788,10 +789,20 @@ def _reject_text(rj: Any) -> str:
             f"{_REASONS.get((source, reason), reason)}")
 
 
-def _why_no_association(peer: Peer, timeout_s: float = 3.0) -> str:
+def _why_no_association(peer: Peer, ctx: ssl.SSLContext | None = None,
+                        timeout_s: float = 3.0) -> str:
     """Why an association that was neither accepted nor rejected failed, found by
-    opening a plain connection to the peer: nothing listens, it does not answer, or it
+    opening a connection to the peer as the association did (with TLS when ``ctx`` is
+    given): nothing listens, it does not answer, the TLS handshake fails and why, or it
     listens but is not speaking DICOM the node's way (a web server, TLS expected)."""
+    if ctx is not None:
+        # The same handshake, to get its own error; a plain connection to a TLS port
+        # would only leave the peer a failed handshake of its own to log.
+        problem = handshake_problem(ctx, peer.host, peer.port, timeout_s)
+        if problem is not None:
+            return problem
+        return (f"the TLS handshake with {peer.host}:{peer.port} succeeds but the peer "
+                f"aborted the association or did not answer as a DICOM node does")
     try:
         with socket.create_connection((peer.host, peer.port), timeout=timeout_s):
             pass
@@ -801,7 +812,6 @@ def _why_no_association(peer: Peer, timeout_s: float = 3.0) -> str:
         return f"no answer from {peer.host}:{peer.port} within {timeout_s:g} s"
     except OSError as exc:
         return f"cannot connect ({exc.strerror or exc})"
-    tls = "" if peer.tls is not None else " or expects TLS"
     return (f"port {peer.port} takes connections but the peer aborted the association "
             f"or did not answer as a DICOM node does (is it the DICOM port? it may be "
-            f"another service{tls})")
+            f"another service or expects TLS)")

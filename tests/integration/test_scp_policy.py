@@ -12,13 +12,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_node.config import TlsSettings
+from dicom_node.config import RetrySettings, TlsSettings
 from dicom_node.scu import DicomClient, Peer
 from dicom_node.spool import SPOOL_DIR_NAME
 from tests.integration.test_scp import _encoded, _send_raw, synthetic
 from tests.support.disk import fill, small_disk
 from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
-from tests.support.peers import echoscu, require
+from tests.support.peers import echoscu, require, storescp
 
 pytestmark = pytest.mark.peers
 
@@ -156,3 +156,73 @@ def test_refusals_are_logged(node: RunningNode, capfd: pytest.CaptureFixture[str
     assert "BADSCU" in out and uid in out
     assert "association rejected" in out and "called AE title not recognised" in out
     assert "Test^Not^Real" not in out  # no patient names in logs
+
+
+def test_failed_outgoing_tls_says_why(tmp_path: Path) -> None:
+    """An echo or export over TLS that fails in the handshake says what the handshake
+    said (the wrong CA, a peer without TLS, a peer refusing the node's certificate),
+    not that the port 'did not answer as a DICOM node does'; and finding out leaves
+    the peer no plain-TCP connection to log as a failed handshake."""
+    import structlog
+
+    pki = make_pki(tmp_path / "pki")
+    other = make_pki(tmp_path / "other")
+    settings = node_settings(tmp_path / "data", dimse={"tls": TlsSettings(
+        certificate=pki["server.pem"], private_key=pki["server.key"],
+        ca_certificate=pki["ca.pem"])})
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+        client = DicomClient(rn.settings)
+        wrong_ca = TlsSettings(certificate=pki["client.pem"], private_key=pki["client.key"],
+                               ca_certificate=other["ca.pem"])
+        result = client.echo(Peer(NODE_AE, "127.0.0.1", rn.port, wrong_ca, "node"))
+        assert not result.ok
+        # OpenSSL's words for the chain vary ("unable to get local issuer certificate",
+        # "self-signed certificate in certificate chain"); the rest is ours.
+        assert (f"TLS handshake with 127.0.0.1:{rn.port} failed: certificate verify failed: "
+                in result.message), result.message
+        assert result.message.endswith(
+            "(is ca_certificate the CA that signed the peer's certificate?)")
+        assert "takes connections" not in result.message
+        # The node logged the handshakes the client broke off, none cut short by a probe.
+        failed = [e["error"] for e in logs if e["event"] == "TLS handshake failed"]
+        assert failed and not [e for e in failed if "EOF" in e], failed
+
+        # The node verifies clients: a certificate from another CA is refused.
+        not_trusted = TlsSettings(certificate=other["client.pem"],
+                                  private_key=other["client.key"],
+                                  ca_certificate=pki["ca.pem"])
+        result = client.echo(Peer(NODE_AE, "127.0.0.1", rn.port, not_trusted, "node"))
+        assert not result.ok
+        assert "the peer refused the node's certificate" in result.message, result.message
+
+    good = TlsSettings(certificate=pki["client.pem"], private_key=pki["client.key"],
+                       ca_certificate=pki["ca.pem"])
+    with storescp(tmp_path / "plain") as plain:  # dcmtk, no TLS
+        peer = Peer(plain.ae_title, "127.0.0.1", plain.port, good, "plain")
+        result = DicomClient(settings).echo(peer)
+        assert not result.ok
+        assert f"the peer does not speak TLS on port {plain.port}" in result.message, \
+            result.message
+        study, series = generate_uid(), generate_uid()
+        f = tmp_path / "one.dcm"
+        synthetic(study, series).save_as(f, enforce_file_format=True)
+        export = DicomClient(settings).store_instances(peer, [f], RetrySettings(max_attempts=1))
+        assert not export.ok
+        assert f"the peer does not speak TLS on port {plain.port}" in export.message
+
+
+def test_tls_client_on_the_plain_port_is_one_warning_naming_the_peer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer set up for TLS on the node's plain DICOM port (dcmtk echoscu +tla) gets
+    one warning that names it and says what it is, not pynetdicom's "Unknown PDU type
+    received" errors; peers speaking plain DICOM go on as before."""
+    import structlog
+
+    settings = node_settings(tmp_path / "data")
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+        assert echoscu(rn.port, NODE_AE, "ECHOSCU", "+tla", "-ic").returncode != 0
+        assert echoscu(rn.port, NODE_AE).returncode == 0
+    warned = [e for e in logs if e["event"] == "TLS handshake on the plain DICOM port"]
+    assert len(warned) == 1 and warned[0]["peer"].startswith("127.0.0.1:")
+    assert warned[0]["log_level"] == "warning"
+    assert not [r for r in caplog.records if "Unknown PDU type" in r.getMessage()]
