@@ -271,11 +271,15 @@ async def store_instances(request: web.Request) -> web.Response:
                                             reason="a nested multipart is not a DICOM part"))
                 continue
             media = parse_mimetype(part.headers.get(CONTENT_TYPE, DICOM))
-            if f"{media.type}/{media.subtype}" != DICOM:
+            # parse_mimetype splits a structured syntax suffix off the subtype:
+            # application/dicom+json is ("application", "dicom", suffix "json").
+            if (media.type, media.subtype, media.suffix) != ("application", "dicom", ""):
                 await part.release()
+                named = f"{media.type}/{media.subtype}" + (f"+{media.suffix}"
+                                                            if media.suffix else "")
                 outcomes.append(PartOutcome(
                     None, None, failure=FailureReason.CANNOT_UNDERSTAND,
-                    reason=f"part of type {media.type}/{media.subtype}, not {DICOM}"))
+                    reason=f"part of type {named}, not {DICOM}"))
                 continue
             spool = await asyncio.to_thread(_Spool, staging)
             try:

@@ -270,3 +270,23 @@ def test_stow_ae_title_must_be_configured(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(cfg)
     assert err.value.key == "rest.stow_ae_title"
+
+
+async def test_dicom_bytes_labelled_json_or_xml_are_refused(api: Api,
+                                                            ct: SyntheticStudy) -> None:
+    # Valid Part 10 bytes: only the part's label says they are not application/dicom.
+    mp = body([(ct.paths[0].read_bytes(), "application/dicom"),
+               (ct.paths[1].read_bytes(), "application/dicom+json"),
+               (ct.paths[2].read_bytes(), "application/dicom+xml")])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 202, await r.text()
+    answer = await r.json()
+    assert uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+    failed = answer[FAILED]["Value"]
+    assert [f[REASON]["Value"][0] for f in failed] == [FailureReason.CANNOT_UNDERSTAND] * 2
+    warnings = r.headers.getall("Warning")
+    assert any("application/dicom+json" in w for w in warnings), warnings
+    assert any("application/dicom+xml" in w for w in warnings), warnings
+    assert api.node.store is not None
+    assert api.node.store.get_instance(ct.sop_uids[1]) is None
+    assert api.node.store.get_instance(ct.sop_uids[2]) is None
