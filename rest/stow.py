@@ -185,8 +185,12 @@ def _response(outcomes: list[PartOutcome], base: str, study: str | None) -> web.
         ds.RetrieveURL = f"{base}/studies/{study}"
     elif len(studies) == 1:
         ds.RetrieveURL = f"{base}/studies/{studies.pop()}"
-    ds.FailedSOPSequence = failed
-    ds.ReferencedSOPSequence = referenced
+    # Both sequences are conditional (PS3.18 §10.5.3): one with no item is left out,
+    # not sent empty.
+    if failed:
+        ds.FailedSOPSequence = failed
+    if referenced:
+        ds.ReferencedSOPSequence = referenced
     status = 200 if not failed else 202 if referenced else 409
     # DICOM JSON is UTF-8 by definition; a charset parameter makes some clients
     # (dicomweb-client compares the whole header) ignore the body.

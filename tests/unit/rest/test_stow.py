@@ -290,3 +290,19 @@ async def test_dicom_bytes_labelled_json_or_xml_are_refused(api: Api,
     assert api.node.store is not None
     assert api.node.store.get_instance(ct.sop_uids[1]) is None
     assert api.node.store.get_instance(ct.sop_uids[2]) is None
+
+
+async def test_a_sequence_with_no_item_is_left_out(api: Api, ct: SyntheticStudy,
+                                                   tmp_path: Path) -> None:
+    mp = body([(ct.paths[0].read_bytes(), "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 200
+    answer = await r.json()
+    assert FAILED not in answer and uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+    other = make_cr_study(tmp_path / "cr", seed="other")
+    mp = body([(other.paths[0].read_bytes(), "application/dicom")])
+    r = await api.client.post(f"/dicomweb/studies/{ct.study_uid}", data=mp,
+                              headers=headers_for(mp, api))
+    assert r.status == 409
+    answer = await r.json()
+    assert REFERENCED not in answer and uids(answer[FAILED]["Value"]) == other.sop_uids
