@@ -45,11 +45,11 @@ from dicom_node.logs import get_logger
 from dicom_node.scp import AssociationEnd, InstanceWriter, ReceivedInstance, safe_uid
 from rest.app import NODE, Route, principal
 from rest.errors import ApiError
+from rest.media import parse_accept, quality
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 CALLING_AE = "STOW-RS"  # what the store and the job record as the sender
-_ACCEPTABLE = {DICOM_JSON, "application/json", "application/*", "*/*"}
 _CHUNK = 1 << 20
 
 log = get_logger("rest.stow")
@@ -100,13 +100,9 @@ def public_base(request: web.Request) -> str:
 
 
 def _accepts_json(header: str | None) -> bool:
-    if not header:
-        return True
-    for item in header.split(","):
-        media = item.split(";", 1)[0].strip().lower()
-        if media in _ACCEPTABLE:
-            return True
-    return False
+    """Whether ``Accept`` allows DICOM JSON (``application/json`` counts as asking for
+    it); a range weighted ``q=0`` refuses it."""
+    return quality(parse_accept(header), DICOM_JSON, aliases=("application/json",)) > 0
 
 
 def _check_content_type(request: web.Request) -> None:

@@ -23,25 +23,18 @@ from dicom_node.scp import safe_uid
 from dicom_node.store import InstanceRecord
 from rest.app import NODE, Route
 from rest.errors import ApiError
+from rest.media import parse_accept, quality
 
 DICOM = "application/dicom"
 
 
 def _accepts_dicom(header: str | None) -> bool:
-    """Whether ``Accept`` allows multipart/related with application/dicom parts."""
-    if not header:
-        return True
-    for item in header.split(","):
-        media, _, params = item.strip().partition(";")
-        media = media.strip().lower()
-        if media in ("*/*", "multipart/*"):
-            return True
-        if media == "multipart/related":
-            inner = [p.split("=", 1)[1].strip().strip('"').lower()
-                     for p in params.split(";") if p.strip().lower().startswith("type=")]
-            if not inner or inner[0] in (DICOM, "application/*"):
-                return True
-    return False
+    """Whether ``Accept`` allows multipart/related with application/dicom parts; a
+    range weighted ``q=0`` refuses what it matches."""
+    ranges = [r for r in parse_accept(header)
+              if r.matches("multipart/related") < 3
+              or r.params.get("type", DICOM).lower() in (DICOM, "application/*")]
+    return quality(ranges, "multipart/related") > 0
 
 
 def _uid(request: web.Request, key: str, name: str) -> str | None:

@@ -306,3 +306,22 @@ async def test_a_sequence_with_no_item_is_left_out(api: Api, ct: SyntheticStudy,
     assert r.status == 409
     answer = await r.json()
     assert REFERENCED not in answer and uids(answer[FAILED]["Value"]) == other.sop_uids
+
+
+async def test_accept_weighted_q0_is_refused(api: Api, ct: SyntheticStudy) -> None:
+    data = ct.paths[0].read_bytes()
+    for accept, status in (("application/dicom+json;q=0, application/dicom+xml", 406),
+                           ("*/*, application/dicom+json; q=0.0", 406),
+                           ("application/dicom+json;q=0.5, application/dicom+xml", 200)):
+        mp = body([(data, "application/dicom")])
+        r = await api.client.post("/dicomweb/studies", data=mp,
+                                  headers={**headers_for(mp, api), "Accept": accept})
+        assert r.status == status, (accept, await r.text())
+    # WADO-RS: the same rule for multipart/related
+    url = f"/dicomweb/studies/{ct.study_uid}"
+    for accept, status in (('multipart/related; type="application/dicom";q=0, '
+                            "application/dicom+json", 406),
+                           ('*/*, multipart/related; q=0', 406),
+                           ('multipart/related; type="application/dicom"; q=0.9', 200)):
+        r = await api.client.get(url, headers={**api.headers, "Accept": accept})
+        assert r.status == status, (accept, await r.text())
