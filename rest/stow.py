@@ -15,6 +15,12 @@ instances with their WADO-RS Retrieve URLs, failed ones with a Failure Reason;
 200 when all were stored, 202 when some failed, 409 when none was stored, 400 for
 a body that holds no readable part or a target study that is not a UID, 415 for
 another media type.
+
+A body that ends before its closing boundary (cut short, over ``rest.stow_max_mb``,
+the client gone) keeps what was stored before: the answer lists it, with 202 (413
+when over the limit) and a ``Warning: 299`` naming why the rest was not read. Such
+a request ends like an aborted association: its groups complete on their timeout,
+so a retry within it joins them.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from enum import IntEnum
 from pathlib import Path
 from typing import IO
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientError, web
 from aiohttp.hdrs import ACCEPT, CONTENT_LENGTH, CONTENT_TYPE
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from pydicom import Dataset, dcmread
 
@@ -51,6 +58,10 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 CALLING_AE = "STOW-RS"  # what the store and the job record as the sender
 _CHUNK = 1 << 20
+# What reading a multipart body raises when it is malformed, cut short or the client
+# hangs up (ConnectionResetError, aiohttp's ClientPayloadError are among these).
+_READ_ERRORS = (ValueError, AssertionError, RuntimeError, OSError, ClientError,
+                HttpProcessingError)
 
 log = get_logger("rest.stow")
 
@@ -257,16 +268,28 @@ async def store_instances(request: web.Request) -> web.Response:
     outcomes: list[PartOutcome] = []
     total = 0
     delivered = False
+    # Why the body ended before its closing boundary (cut short, over the size limit,
+    # the client gone), or None when it was read to its end. What was stored before
+    # stays stored, and the answer says so.
+    ended_early: str | None = None
+    too_large = False
+    whole = False
     try:
         while True:
             try:
                 part = await reader.next()
-            except (ValueError, AssertionError, RuntimeError) as exc:
-                raise ApiError(400, f"the multipart body cannot be read: {exc}") from None
+            except _READ_ERRORS as exc:
+                ended_early = f"the multipart body cannot be read: {exc}"
+                break
             if part is None:
+                whole = True
                 break
             if not isinstance(part, BodyPartReader):  # a nested multipart: not DICOM
-                await part.release()
+                try:
+                    await part.release()
+                except _READ_ERRORS as exc:
+                    ended_early = f"the multipart body cannot be read: {exc}"
+                    break
                 outcomes.append(PartOutcome(None, None, failure=FailureReason.CANNOT_UNDERSTAND,
                                             reason="a nested multipart is not a DICOM part"))
                 continue
@@ -274,7 +297,11 @@ async def store_instances(request: web.Request) -> web.Response:
             # parse_mimetype splits a structured syntax suffix off the subtype:
             # application/dicom+json is ("application", "dicom", suffix "json").
             if (media.type, media.subtype, media.suffix) != ("application", "dicom", ""):
-                await part.release()
+                try:
+                    await part.release()
+                except _READ_ERRORS as exc:
+                    ended_early = f"the multipart body cannot be read: {exc}"
+                    break
                 named = f"{media.type}/{media.subtype}" + (f"+{media.suffix}"
                                                             if media.suffix else "")
                 outcomes.append(PartOutcome(
@@ -283,12 +310,24 @@ async def store_instances(request: web.Request) -> web.Response:
                 continue
             spool = await asyncio.to_thread(_Spool, staging)
             try:
-                while chunk := await part.read_chunk(_CHUNK):
+                while True:
+                    try:
+                        chunk = await part.read_chunk(_CHUNK)
+                    except _READ_ERRORS as exc:
+                        ended_early = f"the multipart body cannot be read: {exc}"
+                        break
+                    if not chunk:
+                        break
                     total += len(chunk)
                     if total > limit:
-                        raise ApiError(413, "the request is larger than rest.stow_max_mb "
+                        too_large = True
+                        ended_early = ("the request is larger than rest.stow_max_mb "
                                        f"({len(outcomes)} parts read before the limit)")
+                        break
+                    # Outside the try: a write failing is the node's, not the body's.
                     spool.file.write(chunk)  # to the page cache; fsync happens when placed
+                if ended_early is not None:
+                    break  # the part being read is incomplete: not stored
                 spool.file.close()
                 outcome = await asyncio.to_thread(_store_part, writer, spool.path, ae, study,
                                                   association_id)
@@ -307,21 +346,35 @@ async def store_instances(request: web.Request) -> web.Response:
                              reason=outcome.reason)
     finally:
         if delivered and node.assembler is not None:
-            # The request is over: like an A-RELEASE, it completes its groups.
+            # The request is over. Read to its end, it completes its groups like an
+            # A-RELEASE; cut short (or cancelled), it ends like an A-ABORT: the groups
+            # complete on their timeout, and a retry within it joins them.
             node.assembler.association_ended(
-                AssociationEnd(association_id, ae.ae_title, CALLING_AE, released=True))
+                AssociationEnd(association_id, ae.ae_title, CALLING_AE, released=whole))
+    stored = sum(1 for o in outcomes if o.failure is None)
+    if ended_early is not None:
+        gone = request.transport is None or request.transport.is_closing()
+        (rlog.info if gone else rlog.warning)(
+            "STOW-RS request ended early" + (": the client went away" if gone else ""),
+            reason=ended_early, parts=len(outcomes), stored=stored)
+        if not outcomes:  # nothing was kept: a plain error, as before
+            raise ApiError(413 if too_large else 400, ended_early)
     if not outcomes:
         raise ApiError(400, "the request holds no part")
-    stored = sum(1 for o in outcomes if o.failure is None)
     rlog.info("STOW-RS request", parts=len(outcomes), stored=stored,
-              failed=len(outcomes) - stored)
+              failed=len(outcomes) - stored, whole=whole)
     base = f"{public_base(request)}/dicomweb"
-    if stored == 0 and all(o.sop_instance_uid is None for o in outcomes):
+    response = _response(outcomes, base, study)
+    if ended_early is not None:
+        # PS3.18 §10.5.3: the instances stored are listed; the status and a Warning say
+        # the rest of the body was not read.
+        response.set_status(413 if too_large else 202 if stored else response.status)
+        response.headers.add("Warning", _warning("the rest of the request was not read",
+                                                 ended_early))
+    elif stored == 0 and all(o.sop_instance_uid is None for o in outcomes):
         # Nothing in the body could even be read as DICOM: the request itself is bad.
-        response = _response(outcomes, base, study)
         response.set_status(400)
-        return response
-    return _response(outcomes, base, study)
+    return response
 
 
 def routes() -> list[Route]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import jwt
 import pydicom
 import pytest
 import requests
+import structlog.testing
 from aiohttp import MultipartWriter
 from aiohttp.test_utils import TestClient
 from dicomweb_client.api import DICOMwebClient
@@ -325,3 +327,116 @@ async def test_accept_weighted_q0_is_refused(api: Api, ct: SyntheticStudy) -> No
                            ('multipart/related; type="application/dicom"; q=0.9', 200)):
         r = await api.client.get(url, headers={**api.headers, "Accept": accept})
         assert r.status == status, (accept, await r.text())
+
+
+async def serialized(mp: MultipartWriter) -> bytes:
+    out: list[bytes] = []
+
+    class Sink:
+        async def write(self, data: bytes) -> None:
+            out.append(bytes(data))
+
+    await mp.write(Sink())  # type: ignore[arg-type]
+    return b"".join(out)
+
+
+def short_timeout(timeout_s: float, **rest: Any) -> dict[str, Any]:
+    return {**CONFIG, "ae_titles": [
+        {"ae_title": "DICOMNODE"},
+        {"ae_title": "AI_STOW", "pipelines": ["cxr", "ct"], "timeout_s": timeout_s}],
+        "rest": {"stow_ae_title": "AI_STOW", **rest}}
+
+
+async def test_a_body_cut_short_answers_what_was_stored_and_a_retry_joins_its_group(
+        aiohttp_client: Any, tmp_path: Path, ct: SyntheticStudy) -> None:
+    async with running_node(node_settings(tmp_path / "data", **short_timeout(3))) as node:
+        client = await aiohttp_client(create_app(node))
+        api = Api(client, node, (tmp_path / "data" / "jwt_secret").read_bytes().strip())
+        mp = body([(p.read_bytes(), "application/dicom") for p in ct.paths])
+        whole = await serialized(mp)
+        second = whole.index(ct.paths[1].read_bytes())
+        cut = whole[:second + 100]  # the first part whole, the second cut short
+        r = await client.post("/dicomweb/studies", data=cut, headers=headers_for(mp, api))
+        assert r.status == 202, await r.text()
+        assert r.content_type == DICOM_JSON
+        answer = await r.json()
+        assert uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+        assert FAILED not in answer
+        [warning] = r.headers.getall("Warning")
+        assert warning.startswith('299 dicom-node "') and "not read" in warning, warning
+        assert node.store is not None and node.store.get_instance(ct.sop_uids[1]) is None
+        # the request ended like an aborted association: its group stays open for the
+        # AE title's timeout, and the client's retry joins it (one job per pipeline,
+        # each with the whole study, not a job for the part and then one for the rest)
+        mp = body([(p.read_bytes(), "application/dicom") for p in ct.paths])
+        r = await client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+        assert r.status == 200, await r.text()
+        jobs = await api.jobs(2)
+        assert sorted(j.pipeline for j in jobs) == ["ct", "cxr"]
+        for j in jobs:
+            assert sorted(j.input["instances"]) == sorted(ct.sop_uids)
+
+
+async def test_a_chunked_body_over_the_limit_answers_what_was_stored(
+        aiohttp_client: Any, tmp_path: Path, ct: SyntheticStudy) -> None:
+    size = ct.paths[0].stat().st_size
+    config = short_timeout(30, stow_max_mb=(size * 1.5) / (1024 * 1024))
+    async with running_node(node_settings(tmp_path / "data", **config)) as node:
+        client = await aiohttp_client(create_app(node))
+        api = Api(client, node, (tmp_path / "data" / "jwt_secret").read_bytes().strip())
+        mp = body([(p.read_bytes(), "application/dicom") for p in ct.paths])
+        whole = await serialized(mp)
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length
+            for i in range(0, len(whole), 1000):
+                yield whole[i:i + 1000]
+
+        r = await client.post("/dicomweb/studies", data=chunked(),
+                              headers=headers_for(mp, api))
+        assert r.status == 413, await r.text()
+        answer = await r.json()
+        assert uids(answer[REFERENCED]["Value"]) == [ct.sop_uids[0]]
+        [warning] = r.headers.getall("Warning")
+        assert "stow_max_mb" in warning
+
+
+@asynccontextmanager
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Node, str, dict[str, str]]]:
+    """A node serving HTTP itself, as in production (aiohttp's TestServer cancels a
+    handler whose client hangs up; the node's own server lets it finish)."""
+    port = free_port()
+    config = {**CONFIG, "rest": {**CONFIG["rest"], "enabled": True, "host": "127.0.0.1",
+                                 "port": port}}
+    async with running_node(node_settings(tmp_path / "data", **config)) as node:
+        secret = (tmp_path / "data" / "jwt_secret").read_bytes().strip()
+        yield node, f"127.0.0.1:{port}", {"Authorization": f"Bearer {tok(secret)}"}
+
+
+@pytest.mark.timeout(60)
+async def test_a_client_hanging_up_mid_upload_is_not_an_error(
+        tmp_path: Path, ct: SyntheticStudy) -> None:
+    mp = body([(p.read_bytes(), "application/dicom") for p in ct.paths])
+    whole = await serialized(mp)
+    second = whole.index(ct.paths[1].read_bytes())
+    with structlog.testing.capture_logs() as logs:
+        async with served(tmp_path) as (node, host, auth):
+            head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: {host}\r\n"
+                    "Content-Type: multipart/related; type=\"application/dicom\"; "
+                    f"boundary=\"{mp.boundary}\"\r\n"
+                    f"Authorization: {auth['Authorization']}\r\n"
+                    f"Content-Length: {len(whole)}\r\n\r\n").encode()
+            ip, port = host.split(":")
+            _, writer = await asyncio.open_connection(ip, int(port))
+            writer.write(head + whole[:second + 100])
+            await writer.drain()
+            assert node.store is not None
+            while node.store.get_instance(ct.sop_uids[0]) is None:
+                await asyncio.sleep(0.05)
+            writer.close()  # the client goes away in the middle of the second part
+            await writer.wait_closed()
+            while not any(e["event"].startswith(("STOW-RS request ended early",
+                                                 "request failed")) for e in logs):
+                await asyncio.sleep(0.05)
+    assert not [e for e in logs if e["event"].startswith("request failed")], logs
+    ended = [e for e in logs if e["event"].startswith("STOW-RS request ended early")]
+    assert ended[0]["log_level"] == "info" and ended[0]["stored"] == 1, ended
