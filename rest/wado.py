@@ -11,14 +11,15 @@ from their recorded paths inside the studies directory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import uuid
 from pathlib import Path
 from typing import IO
 
-from aiohttp import MultipartWriter, web
+from aiohttp import web
 from aiohttp.hdrs import ACCEPT, CONTENT_TYPE
 
 from dicom_node.errors import InvalidInput
+from dicom_node.logs import get_logger
 from dicom_node.scp import safe_uid
 from dicom_node.store import InstanceRecord
 from rest.app import NODE, Route
@@ -26,6 +27,9 @@ from rest.errors import ApiError
 from rest.media import parse_accept, quality
 
 DICOM = "application/dicom"
+_CHUNK = 1 << 20
+
+log = get_logger("rest.wado")
 
 
 def _accepts_dicom(header: str | None) -> bool:
@@ -57,8 +61,26 @@ def _served(records: list[InstanceRecord], root: Path) -> list[Path]:
     return paths
 
 
+def _open(path: Path) -> IO[bytes] | None:
+    """``path`` opened for reading, or None when it is gone."""
+    try:
+        return path.open("rb")
+    except OSError:
+        return None
+
+
+async def _send_file(response: web.StreamResponse, fh: IO[bytes]) -> None:
+    while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+        await response.write(chunk)
+
+
 async def retrieve(request: web.Request) -> web.StreamResponse:
-    """A study, a series or one instance as multipart/related application/dicom."""
+    """A study, a series or one instance as multipart/related application/dicom.
+
+    The status and headers are decided from the records before the first byte; the
+    files are then opened one at a time while the body is written, so a study of any
+    size holds one file open, and a slow client holds no more.
+    """
     node = request.app[NODE]
     if node.store is None:
         raise ApiError(503, "the store is not open")
@@ -76,23 +98,33 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if not paths:
         what = "instance" if sop else "series" if series else "study"
         raise ApiError(404, f"no such {what} is held by this node")
-    mp = MultipartWriter("related")
-    files: list[IO[bytes]] = []
-    try:
-        for p in paths:
-            fh: IO[bytes] = await asyncio.to_thread(p.open, "rb")
-            files.append(fh)
-            mp.append(fh, {CONTENT_TYPE: DICOM})
-        response = web.Response(body=mp, headers={
-            CONTENT_TYPE: f'multipart/related; type="{DICOM}"; boundary="{mp.boundary}"'})
-        # Sent here, not after returning, so that the files are closed only once sent.
-        await response.prepare(request)
-        await response.write_eof()
-        return response
-    finally:
-        for fh in files:
-            with contextlib.suppress(OSError):
-                fh.close()
+    boundary = uuid.uuid4().hex
+    response = web.StreamResponse(headers={
+        CONTENT_TYPE: f'multipart/related; type="{DICOM}"; boundary="{boundary}"'})
+    await response.prepare(request)
+    for path in paths:
+        fh = await asyncio.to_thread(_open, path)
+        if fh is None:  # gone since it was listed: left out, not sent empty
+            log.warning("WADO-RS: a file vanished before it was sent", path=str(path),
+                        study_uid=study, series_uid=series)
+            continue
+        try:
+            await response.write(f"--{boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode())
+            try:
+                await _send_file(response, fh)
+            except OSError as exc:
+                if isinstance(exc, ConnectionError):
+                    raise
+                # Read failed mid-file: the part ends here (the client's parser sees an
+                # instance cut short); the others still go.
+                log.warning("WADO-RS: a file could not be read to its end", path=str(path),
+                            error=str(exc), study_uid=study, series_uid=series)
+            await response.write(b"\r\n")
+        finally:
+            await asyncio.to_thread(fh.close)
+    await response.write(f"--{boundary}--\r\n".encode())
+    await response.write_eof()
+    return response
 
 
 def routes() -> list[Route]:

@@ -8,6 +8,9 @@ bodies dicomweb-client would not send (parts that are not DICOM).
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import resource
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +22,7 @@ import pydicom
 import pytest
 import requests
 import structlog.testing
-from aiohttp import MultipartWriter
+from aiohttp import BodyPartReader, ClientResponse, MultipartReader, MultipartWriter
 from aiohttp.test_utils import TestClient
 from dicomweb_client.api import DICOMwebClient
 
@@ -440,3 +443,30 @@ async def test_a_client_hanging_up_mid_upload_is_not_an_error(
     assert not [e for e in logs if e["event"].startswith("request failed")], logs
     ended = [e for e in logs if e["event"].startswith("STOW-RS request ended early")]
     assert ended[0]["log_level"] == "info" and ended[0]["stored"] == 1, ended
+
+
+async def dicom_parts(r: ClientResponse) -> list[tuple[str, bytes]]:
+    """The parts of a multipart/related answer, read with aiohttp's reader."""
+    parts = []
+    reader = MultipartReader.from_response(r)
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, BodyPartReader)
+        parts.append((part.headers["Content-Type"], bytes(await part.read())))
+    return parts
+
+
+async def test_retrieve_opens_one_file_at_a_time(api: Api, tmp_path: Path) -> None:
+    big = make_ct_study(tmp_path / "big", seed="big", slices=60, size=16)
+    answer = await asyncio.to_thread(api.web().store_instances, datasets(big))
+    assert len(answer.ReferencedSOPSequence) == 60
+    # fewer descriptors left than the study has files (as under `ulimit -n`)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 40, hard))
+    try:
+        r = await api.client.get(f"/dicomweb/studies/{big.study_uid}", headers=api.headers)
+        assert r.status == 200, await r.text()
+        parts = await dicom_parts(r)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = {str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for _, data in parts}
+    assert got == set(big.sop_uids)
