@@ -6,6 +6,13 @@ type="application/dicom"`` with the stored files as they were received (no
 transcoding: the transfer syntax is each instance's own). These are the Retrieve
 URLs of the STOW-RS response. Only instances recorded in the store are served,
 from their recorded paths inside the studies directory.
+
+An instance recorded but whose file is missing is the node's fault, logged with
+the count and UIDs: a study or series is served without it, with a ``Warning: 299``
+saying how many are missing; one instance asked for by its UID answers 404 saying
+its file is missing on the server. 404 rather than 410 Gone: 410 tells clients and
+caches the removal is deliberate and permanent, which the node does not know (the
+file may be restored); 404 is what PS3.18 lists for a resource not found.
 """
 
 from __future__ import annotations
@@ -51,14 +58,15 @@ def _uid(request: web.Request, key: str, name: str) -> str | None:
         raise ApiError(400, str(exc)) from None
 
 
-def _served(records: list[InstanceRecord], root: Path) -> list[Path]:
-    """The recorded files that still exist inside the studies directory."""
-    paths = []
+def _served(records: list[InstanceRecord], root: Path) -> tuple[list[Path], list[Path]]:
+    """The recorded files that exist inside the studies directory, and those that are
+    recorded but missing (or, recorded outside it, not to be served)."""
+    paths: list[Path] = []
+    missing: list[Path] = []
     for rec in records:
         p = Path(rec.path).resolve()
-        if p.is_relative_to(root) and p.is_file():
-            paths.append(p)
-    return paths
+        (paths if p.is_relative_to(root) and p.is_file() else missing).append(p)
+    return paths, missing
 
 
 def _open(path: Path) -> IO[bytes] | None:
@@ -94,13 +102,30 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if sop is not None:
         records = [r for r in records if r.sop_instance_uid == sop]
     root = node.settings.studies_dir.resolve()
-    paths = await asyncio.to_thread(_served, records, root)
-    if not paths:
-        what = "instance" if sop else "series" if series else "study"
+    paths, missing = await asyncio.to_thread(_served, records, root)
+    what = "instance" if sop else "series" if series else "study"
+    if not records:
         raise ApiError(404, f"no such {what} is held by this node")
+    headers: dict[str, str] = {}
+    if missing:
+        # The store says the node holds them; the disk does not: the node's fault,
+        # logged for its operator, and said to the client rather than sent silently short.
+        log.warning("WADO-RS: instances are recorded but their files are missing",
+                    missing=len(missing), served=len(paths), study_uid=study,
+                    series_uid=series, sop_instance_uid=sop,
+                    files=[str(p) for p in missing[:20]])
+        if sop is not None:
+            raise ApiError(404, f"instance {sop} is recorded by this node but its file is "
+                           "missing on the server")
+        text = (f"{len(missing)} instance{'s' if len(missing) > 1 else ''} of the {what} "
+                f"{'are' if len(missing) > 1 else 'is'} recorded but "
+                f"{'their files are' if len(missing) > 1 else 'its file is'} missing")
+        if not paths:
+            raise ApiError(404, f"{text} on the server")
+        headers["Warning"] = f'299 dicom-node "{text}"'
     boundary = uuid.uuid4().hex
-    response = web.StreamResponse(headers={
-        CONTENT_TYPE: f'multipart/related; type="{DICOM}"; boundary="{boundary}"'})
+    headers[CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary="{boundary}"'
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     for path in paths:
         fh = await asyncio.to_thread(_open, path)

@@ -470,3 +470,27 @@ async def test_retrieve_opens_one_file_at_a_time(api: Api, tmp_path: Path) -> No
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     got = {str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for _, data in parts}
     assert got == set(big.sop_uids)
+
+
+async def test_missing_files_are_logged_and_said(api: Api, ct: SyntheticStudy) -> None:
+    await asyncio.to_thread(api.web().store_instances, datasets(ct))
+    assert api.node.store is not None
+    rec = api.node.store.get_instance(ct.sop_uids[1])
+    assert rec is not None
+    Path(rec.path).unlink()  # the store records it; the disk lost it
+    with structlog.testing.capture_logs() as logs:
+        r = await api.client.get(f"/dicomweb/studies/{ct.study_uid}/series/{ct.series_uid}",
+                                 headers=api.headers)
+        assert r.status == 200
+        assert r.headers["Warning"] == ('299 dicom-node "1 instance of the series is '
+                                        'recorded but its file is missing"')
+        parts = await dicom_parts(r)
+        assert len(parts) == len(ct.sop_uids) - 1
+        r = await api.client.get(f"/dicomweb/studies/{ct.study_uid}/series/{ct.series_uid}"
+                                 f"/instances/{ct.sop_uids[1]}", headers=api.headers)
+        assert r.status == 404
+        assert "file is missing on the server" in (await r.json())["message"]
+    missing = [e for e in logs if "files are missing" in e["event"]]
+    assert len(missing) == 2 and missing[0]["missing"] == 1, missing
+    assert missing[0]["study_uid"] == ct.study_uid and missing[0]["series_uid"] == ct.series_uid
+    assert missing[0]["log_level"] == "warning"
