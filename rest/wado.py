@@ -2,10 +2,17 @@
 
 ``GET /dicomweb/studies/{study}``, ``…/series/{series}`` and
 ``…/series/{series}/instances/{instance}`` answer ``multipart/related;
-type="application/dicom"`` with the stored files as they were received (no
-transcoding: the transfer syntax is each instance's own). These are the Retrieve
-URLs of the STOW-RS response. Only instances recorded in the store are served,
-from their recorded paths inside the studies directory.
+type="application/dicom"``, one part per instance, each labelled
+``application/dicom; transfer-syntax=<uid>``. These are the Retrieve URLs of the
+STOW-RS response.
+
+The ``transfer-syntax`` parameter of ``Accept`` chooses the encoding (PS3.18
+§8.7.3.5): ``*`` or the instance's own syntax sends the file as stored; absent
+(also for ``*/*``) or Explicit VR Little Endian sends it in Explicit VR Little
+Endian, rewritten (and decompressed) with pydicom when stored otherwise, one
+instance in memory at a time. Any other syntax answers 406 naming what can be
+given. Ranges are tried in ``q`` order, per instance. Only instances recorded in
+the store are served, from their recorded paths inside the studies directory.
 
 An instance recorded but whose file is missing is the node's fault, logged with
 the count and UIDs: a study or series is served without it, with a ``Warning: 299``
@@ -18,12 +25,17 @@ file may be restored); 404 is what PS3.18 lists for a resource not found.
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from pathlib import Path
 from typing import IO
 
 from aiohttp import web
 from aiohttp.hdrs import ACCEPT, CONTENT_TYPE
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRBigEndian
 
 from dicom_node.errors import InvalidInput
 from dicom_node.logs import get_logger
@@ -31,21 +43,55 @@ from dicom_node.scp import safe_uid
 from dicom_node.store import InstanceRecord
 from rest.app import NODE, Route
 from rest.errors import ApiError
-from rest.media import parse_accept, quality
+from rest.media import MediaRange, parse_accept, quality
 
 DICOM = "application/dicom"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"  # PS3.18's default transfer syntax
+AS_STORED = "*"
 _CHUNK = 1 << 20
 
 log = get_logger("rest.wado")
 
 
-def _accepts_dicom(header: str | None) -> bool:
-    """Whether ``Accept`` allows multipart/related with application/dicom parts; a
-    range weighted ``q=0`` refuses what it matches."""
+def _wanted_syntaxes(header: str | None) -> list[str] | None:
+    """The transfer syntaxes ``Accept`` asks for, most wanted first (``*``: as stored);
+    None when it refuses multipart/related with application/dicom parts altogether.
+
+    A range without a ``transfer-syntax`` parameter (``*/*``, ``multipart/*``, or
+    multipart/related without it) asks for Explicit VR Little Endian, the default of
+    PS3.18 §8.7.3.5. A range weighted ``q=0`` refuses what it matches.
+    """
     ranges = [r for r in parse_accept(header)
               if r.matches("multipart/related") < 3
               or r.params.get("type", DICOM).lower() in (DICOM, "application/*")]
-    return quality(ranges, "multipart/related") > 0
+    if quality(ranges, "multipart/related") <= 0:
+        return None
+
+    def syntax(r: MediaRange) -> str:
+        exact = r.matches("multipart/related") == 3
+        return r.params.get("transfer-syntax", EXPLICIT_LE) if exact else EXPLICIT_LE
+
+    matching = [r for r in ranges if r.matches("multipart/related")]
+    refused = {r.params["transfer-syntax"] for r in matching
+               if r.q == 0 and "transfer-syntax" in r.params}
+    wanted: list[str] = []
+    for r in sorted((r for r in matching if r.q > 0), key=lambda r: -r.q):  # stable
+        ts = syntax(r)
+        if ts not in refused and ts not in wanted:
+            wanted.append(ts)
+    return wanted
+
+
+def _syntax_for(stored: str, wanted: list[str]) -> str | None:
+    """The transfer syntax to send an instance stored in ``stored`` in, or None."""
+    for ts in wanted:
+        if ts in (AS_STORED, stored):
+            return stored
+        if ts == EXPLICIT_LE and stored != ExplicitVRBigEndian:
+            # any other syntax is rewritten (and decompressed) by pydicom; big endian
+            # would need its pixel bytes swapped, which is not done here
+            return EXPLICIT_LE
+    return None
 
 
 def _uid(request: web.Request, key: str, name: str) -> str | None:
@@ -58,15 +104,44 @@ def _uid(request: web.Request, key: str, name: str) -> str | None:
         raise ApiError(400, str(exc)) from None
 
 
-def _served(records: list[InstanceRecord], root: Path) -> tuple[list[Path], list[Path]]:
-    """The recorded files that exist inside the studies directory, and those that are
-    recorded but missing (or, recorded outside it, not to be served)."""
-    paths: list[Path] = []
+def _served(records: list[InstanceRecord],
+            root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The recorded files that exist inside the studies directory, each with its
+    transfer syntax (read from its file meta when the record has none), and those
+    that are recorded but missing (or, recorded outside it, not to be served)."""
+    served: list[tuple[Path, str]] = []
     missing: list[Path] = []
     for rec in records:
         p = Path(rec.path).resolve()
-        (paths if p.is_relative_to(root) and p.is_file() else missing).append(p)
-    return paths, missing
+        if not (p.is_relative_to(root) and p.is_file()):
+            missing.append(p)
+            continue
+        ts = rec.transfer_syntax_uid
+        if not ts:
+            try:
+                ts = str(read_file_meta_info(p).get("TransferSyntaxUID", "")) or EXPLICIT_LE
+            except (OSError, InvalidDicomError):
+                missing.append(p)
+                continue
+        served.append((p, ts))
+    return served, missing
+
+
+def _transcoded(path: Path) -> bytes:
+    """The instance at ``path`` as a Part 10 file in Explicit VR Little Endian, its
+    pixel data decompressed when it was stored compressed."""
+    ds = dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()  # decodes the pixel data; the file meta then says Explicit LE
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _part_head(boundary: str, transfer_syntax: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={transfer_syntax}"
+            "\r\n\r\n").encode()
 
 
 def _open(path: Path) -> IO[bytes] | None:
@@ -96,7 +171,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     series = _uid(request, "series", "SeriesInstanceUID")
     sop = _uid(request, "instance", "SOPInstanceUID")
     assert study is not None
-    if not _accepts_dicom(request.headers.get(ACCEPT)):
+    wanted = _wanted_syntaxes(request.headers.get(ACCEPT))
+    if wanted is None:
         raise ApiError(406, f'only multipart/related; type="{DICOM}" is served')
     records = await asyncio.to_thread(node.store.instances_of, study, series)
     if sop is not None:
@@ -123,18 +199,37 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         if not paths:
             raise ApiError(404, f"{text} on the server")
         headers["Warning"] = f'299 dicom-node "{text}"'
+    plan = [(path, stored, _syntax_for(stored, wanted)) for path, stored in paths]
+    if any(ts is None for _, _, ts in plan):
+        cannot = sorted({stored for _, stored, ts in plan if ts is None})
+        raise ApiError(406, f"transfer syntax {', '.join(wanted) or 'none'} cannot be given "
+                       f"for instances stored in {', '.join(cannot)}; this node gives "
+                       f"transfer-syntax=* (as stored: "
+                       f"{', '.join(sorted({s for _, s, _ in plan}))}) or {EXPLICIT_LE}")
     boundary = uuid.uuid4().hex
     headers[CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary="{boundary}"'
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
-    for path in paths:
+    for path, stored, ts in plan:
+        assert ts is not None
+        if ts != stored:
+            try:
+                data = await asyncio.to_thread(_transcoded, path)
+            except Exception as exc:  # gone, unreadable, or no decoder for its pixels
+                log.warning("WADO-RS: an instance could not be transcoded; left out",
+                            path=str(path), stored=stored, transfer_syntax=ts,
+                            error=f"{type(exc).__name__}: {exc}", study_uid=study,
+                            series_uid=series)
+                continue
+            await response.write(_part_head(boundary, ts) + data + b"\r\n")
+            continue
         fh = await asyncio.to_thread(_open, path)
         if fh is None:  # gone since it was listed: left out, not sent empty
             log.warning("WADO-RS: a file vanished before it was sent", path=str(path),
                         study_uid=study, series_uid=series)
             continue
         try:
-            await response.write(f"--{boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode())
+            await response.write(_part_head(boundary, ts))
             try:
                 await _send_file(response, fh)
             except OSError as exc:

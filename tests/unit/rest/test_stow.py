@@ -25,8 +25,10 @@ import structlog.testing
 from aiohttp import BodyPartReader, ClientResponse, MultipartReader, MultipartWriter
 from aiohttp.test_utils import TestClient
 from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicom_node.config import ConfigError, load_settings
+from dicom_node.dicomweb import BearerAuth, DicomWebClient
 from dicom_node.node import Node
 from dicom_node.store import Job
 from rest.app import create_app
@@ -494,3 +496,44 @@ async def test_missing_files_are_logged_and_said(api: Api, ct: SyntheticStudy) -
     assert len(missing) == 2 and missing[0]["missing"] == 1, missing
     assert missing[0]["study_uid"] == ct.study_uid and missing[0]["series_uid"] == ct.series_uid
     assert missing[0]["log_level"] == "warning"
+
+
+async def test_retrieve_honours_the_transfer_syntax_asked_for(
+        api: Api, ct: SyntheticStudy, tmp_path: Path) -> None:
+    original = pydicom.dcmread(ct.paths[0])
+    j2k = pydicom.dcmread(ct.paths[0])
+    j2k.compress(JPEG2000Lossless, generate_instance_uid=False)  # stored as JPEG 2000
+    out = io.BytesIO()
+    j2k.save_as(out, enforce_file_format=True)
+    mp = body([(out.getvalue(), "application/dicom")])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 200, await r.text()
+    url = (f"/dicomweb/studies/{ct.study_uid}/series/{ct.series_uid}"
+           f"/instances/{original.SOPInstanceUID}")
+    related = 'multipart/related; type="application/dicom"'
+    for accept, expected in (
+            (None, ExplicitVRLittleEndian),  # PS3.18's default
+            (f"{related}; transfer-syntax={ExplicitVRLittleEndian}", ExplicitVRLittleEndian),
+            (f"{related}; transfer-syntax=*", JPEG2000Lossless),
+            (f"{related}; transfer-syntax={JPEG2000Lossless}", JPEG2000Lossless),
+            (f"{related}; transfer-syntax=1.2.840.10008.1.2.4.50, "
+             f"{related}; transfer-syntax=*; q=0.5", JPEG2000Lossless)):
+        headers = {**api.headers, **({"Accept": accept} if accept else {})}
+        r = await api.client.get(url, headers=headers)
+        assert r.status == 200, (accept, await r.text())
+        [(content_type, data)] = await dicom_parts(r)
+        assert content_type == f"application/dicom; transfer-syntax={expected}", accept
+        got = pydicom.dcmread(io.BytesIO(data))
+        assert got.file_meta.TransferSyntaxUID == expected, accept
+        assert (got.pixel_array == original.pixel_array).all()
+    r = await api.client.get(url, headers={
+        **api.headers, "Accept": f"{related}; transfer-syntax=1.2.840.10008.1.2.4.50"})
+    assert r.status == 406
+    message = (await r.json())["message"]
+    assert JPEG2000Lossless in message and ExplicitVRLittleEndian in message, message
+    # the node's own DICOMweb client asks for transfer-syntax=* and gets the file as kept
+    with DicomWebClient(api.base, BearerAuth(api.headers["Authorization"][7:])) as web:
+        got = await asyncio.to_thread(web.retrieve_series, ct.study_uid, ct.series_uid,
+                                      tmp_path / "fetched")
+    assert not got.failed and len(got.paths) == 1
+    assert got.paths[0].read_bytes() == out.getvalue()
