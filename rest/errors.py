@@ -82,6 +82,13 @@ def _store_unavailable(exc: BaseException) -> bool:
         exc, IntegrityError | ProgrammingError | DataError)
 
 
+def _client_gone(request: web.Request) -> bool:
+    """Whether the request's connection is closed or closing (a ConnectionError raised
+    then is the client's hang-up, not a peer the handler talked to refusing it)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -> web.Response:
     """The response for an exception raised while handling ``request``."""
     if isinstance(exc, ApiError):
@@ -97,6 +104,12 @@ def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -
                               "(rest.max_body_mb)")
     if isinstance(exc, web.HTTPException):
         return error_response(style, exc.status, exc.reason)
+    if isinstance(exc, ConnectionError) and _client_gone(request):
+        # The client hung up mid-request (an upload cut off, a download abandoned): not
+        # the node's fault and no one to answer; not worth a traceback.
+        log.info("client went away", method=request.method, path=request.path,
+                 error=str(exc) or type(exc).__name__)
+        return error_response(style, 400, "the client went away")
     error_id = uuid.uuid4().hex[:12]
     if _store_unavailable(exc):
         # The client's request was not at fault, and it may try again later.

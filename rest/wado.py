@@ -209,41 +209,47 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     boundary = uuid.uuid4().hex
     headers[CONTENT_TYPE] = f'multipart/related; type="{DICOM}"; boundary="{boundary}"'
     response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    for path, stored, ts in plan:
-        assert ts is not None
-        if ts != stored:
-            try:
-                data = await asyncio.to_thread(_transcoded, path)
-            except Exception as exc:  # gone, unreadable, or no decoder for its pixels
-                log.warning("WADO-RS: an instance could not be transcoded; left out",
-                            path=str(path), stored=stored, transfer_syntax=ts,
-                            error=f"{type(exc).__name__}: {exc}", study_uid=study,
-                            series_uid=series)
+    try:
+        await response.prepare(request)
+        for path, stored, ts in plan:
+            assert ts is not None
+            if ts != stored:
+                try:
+                    data = await asyncio.to_thread(_transcoded, path)
+                except Exception as exc:  # gone, unreadable, or no decoder for its pixels
+                    log.warning("WADO-RS: an instance could not be transcoded; left out",
+                                path=str(path), stored=stored, transfer_syntax=ts,
+                                error=f"{type(exc).__name__}: {exc}", study_uid=study,
+                                series_uid=series)
+                    continue
+                await response.write(_part_head(boundary, ts) + data + b"\r\n")
                 continue
-            await response.write(_part_head(boundary, ts) + data + b"\r\n")
-            continue
-        fh = await asyncio.to_thread(_open, path)
-        if fh is None:  # gone since it was listed: left out, not sent empty
-            log.warning("WADO-RS: a file vanished before it was sent", path=str(path),
-                        study_uid=study, series_uid=series)
-            continue
-        try:
-            await response.write(_part_head(boundary, ts))
+            fh = await asyncio.to_thread(_open, path)
+            if fh is None:  # gone since it was listed: left out, not sent empty
+                log.warning("WADO-RS: a file vanished before it was sent", path=str(path),
+                            study_uid=study, series_uid=series)
+                continue
             try:
-                await _send_file(response, fh)
-            except OSError as exc:
-                if isinstance(exc, ConnectionError):
-                    raise
-                # Read failed mid-file: the part ends here (the client's parser sees an
-                # instance cut short); the others still go.
-                log.warning("WADO-RS: a file could not be read to its end", path=str(path),
-                            error=str(exc), study_uid=study, series_uid=series)
-            await response.write(b"\r\n")
-        finally:
-            await asyncio.to_thread(fh.close)
-    await response.write(f"--{boundary}--\r\n".encode())
-    await response.write_eof()
+                await response.write(_part_head(boundary, ts))
+                try:
+                    await _send_file(response, fh)
+                except OSError as exc:
+                    if isinstance(exc, ConnectionError):
+                        raise
+                    # Read failed mid-file: the part ends here (the client's parser sees an
+                    # instance cut short); the others still go.
+                    log.warning("WADO-RS: a file could not be read to its end", path=str(path),
+                                error=str(exc), study_uid=study, series_uid=series)
+                await response.write(b"\r\n")
+            finally:
+                await asyncio.to_thread(fh.close)
+        await response.write(f"--{boundary}--\r\n".encode())
+        await response.write_eof()
+    except ConnectionError as exc:
+        # The client hung up (or its connection broke) mid-download: nothing the node
+        # did wrong, and nothing left to answer.
+        log.info("WADO-RS: client went away", study_uid=study, series_uid=series,
+                 sop_instance_uid=sop, error=str(exc) or type(exc).__name__)
     return response
 
 

@@ -537,3 +537,27 @@ async def test_retrieve_honours_the_transfer_syntax_asked_for(
                                       tmp_path / "fetched")
     assert not got.failed and len(got.paths) == 1
     assert got.paths[0].read_bytes() == out.getvalue()
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_hanging_up_mid_download_is_not_an_error(tmp_path: Path) -> None:
+    # more than the loopback socket buffers hold, so the server is still sending
+    big = make_ct_study(tmp_path / "big", seed="big-dl", slices=48, size=512)
+    with structlog.testing.capture_logs() as logs:
+        async with served(tmp_path) as (_, host, auth):
+            web = DICOMwebClient(url=f"http://{host}/dicomweb", headers=auth)
+            await asyncio.to_thread(web.store_instances, datasets(big))
+            ip, port = host.split(":")
+            reader, writer = await asyncio.open_connection(ip, int(port))
+            writer.write(f"GET /dicomweb/studies/{big.study_uid} HTTP/1.1\r\nHost: {host}\r\n"
+                         f"Authorization: {auth['Authorization']}\r\n\r\n".encode())
+            await writer.drain()
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await reader.readexactly(1 << 20)  # the download is under way
+            writer.transport.abort()  # the client goes away, its buffers unread
+            while not any(e["event"] in ("WADO-RS: client went away", "request failed")
+                          for e in logs):
+                await asyncio.sleep(0.05)
+    assert not [e for e in logs if e["event"].startswith("request failed")], logs
+    gone = [e for e in logs if e["event"] == "WADO-RS: client went away"]
+    assert gone[0]["log_level"] == "info" and gone[0]["study_uid"] == big.study_uid
