@@ -784,6 +784,21 @@ def _check_files(settings: Settings, source: str) -> None:
         server = key in ("dimse.tls", "rest.tls")
         for field, problem in tls_problems(settings, tls, server=server):
             raise ConfigError(source, f"{key}.{field}", problem)
+    # DICOMweb base URLs as their first use checks them (a password inside one was taken
+    # here, then refused at the first export, and shown wherever the URL was).
+    urls = [(f"destinations.{i}.url", d.url) for i, d in enumerate(settings.destinations)
+            if d.type == "dicomweb" and d.url]
+    urls += [(f"sources.{i}.dicomweb_url", s.dicomweb_url)
+             for i, s in enumerate(settings.sources) if s.dicomweb_url]
+    if urls:
+        from dicom_node.dicomweb import validate_base_url  # it imports this module
+        from dicom_node.errors import InvalidInput
+
+        for key, url in urls:
+            try:
+                validate_base_url(url)
+            except InvalidInput as exc:
+                raise ConfigError(source, key, str(exc)) from None
     if settings.auth.jwt_public_key_file is not None:
         p = settings.path(settings.auth.jwt_public_key_file)
         if not p.is_file():
