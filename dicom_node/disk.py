@@ -24,19 +24,23 @@ def free_mb(path: Path) -> int:
     return shutil.disk_usage(path).free // MB
 
 
+def _under_reserve(settings: Settings, free: int) -> str | None:
+    reserve = settings.storage.min_free_mb
+    if not reserve or free >= reserve:  # 0 turns the check off
+        return None
+    return f"{free} MB free, under storage.min_free_mb ({reserve} MB)"
+
+
 def short_of_space(settings: Settings, path: Path) -> str | None:
     """Why nothing more should be written under ``path`` now, or None: its disk is
-    under ``storage.min_free_mb`` (0 turns the check off)."""
-    reserve = settings.storage.min_free_mb
-    if not reserve:
+    under ``storage.min_free_mb``."""
+    if not settings.storage.min_free_mb:
         return None
     try:
         free = free_mb(path)
     except OSError:
         return None  # an unreadable disk shows up as the write's own error
-    if free >= reserve:
-        return None
-    return f"{free} MB free, under storage.min_free_mb ({reserve} MB)"
+    return _under_reserve(settings, free)
 
 
 def disk_health(settings: Settings) -> dict[str, Any]:
@@ -45,10 +49,10 @@ def disk_health(settings: Settings) -> dict[str, Any]:
     ok = True
     for name, path in (("studies", settings.studies_dir), ("results", settings.results_dir)):
         try:
-            out[f"{name}_free_mb"] = free_mb(path)
+            free: int | None = free_mb(path)
         except OSError:
-            out[f"{name}_free_mb"] = None
-            continue
-        ok = ok and short_of_space(settings, path) is None
+            free = None
+        out[f"{name}_free_mb"] = free
+        ok = ok and (free is None or _under_reserve(settings, free) is None)
     out["ok"] = ok
     return out

@@ -207,8 +207,6 @@ class _StoreTrouble:
                       error=f"{type(exc).__name__}: {exc}")
 
     def cleared(self, log: Any) -> None:
-        if self.since is None:
-            return
         with self.lock:
             since, self.since = self.since, None
         if since is not None:

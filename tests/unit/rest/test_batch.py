@@ -23,7 +23,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from dicom_node.node import Node
-from dicom_node.store import Job, JobState, NewJob, Store, utcnow
+from dicom_node.store import Batch, Job, JobState, NewJob, Store, utcnow
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from rest.app import create_app
 from rest.auth import hash_api_key
@@ -334,15 +334,19 @@ def test_batch_status_rules() -> None:
     assert batch_status([dataclasses.replace(s, started_at=None), q]) == "Running"
 
 
+def _batch_of_two(store: Store) -> Batch:
+    return store.create_batch(
+        group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
+        sources=[(1, NewJob(pipeline="p", kind="batch")),
+                 (2, NewJob(pipeline="p", kind="batch"))])
+
+
 def test_a_source_is_running_from_its_first_start_until_it_ends(tmp_path: Path) -> None:
     """A job queued again after it started (for an export retry, a retry of its run, or
     after a restart) is still Running: a source never goes back to Queued."""
     store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
     try:
-        batch = store.create_batch(
-            group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
-            sources=[(1, NewJob(pipeline="p", kind="batch")),
-                     (2, NewJob(pipeline="p", kind="batch"))])
+        batch = _batch_of_two(store)
         first = batch.sources[0][1]
         body = status_body(store, store.get_batch(batch.id))
         assert [r["status"] for r in body["results"]] == ["Queued", "Queued"]
@@ -368,10 +372,7 @@ def test_a_source_is_running_from_its_first_start_until_it_ends(tmp_path: Path) 
 def test_a_cancelled_source_says_it_was_cancelled(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'node.db'}").open()
     try:
-        batch = store.create_batch(
-            group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=2,
-            sources=[(1, NewJob(pipeline="p", kind="batch")),
-                     (2, NewJob(pipeline="p", kind="batch"))])
+        batch = _batch_of_two(store)
         cancelled = store.request_cancel(batch.sources[0][1].id)
         body = status_body(store, store.get_batch(batch.id))
         gone, waiting = body["results"]

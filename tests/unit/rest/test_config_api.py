@@ -18,6 +18,8 @@ CONFIG = {
     "destinations": [{"name": "pacs", "type": "dimse", "ae_title": "PACS", "host": "127.0.0.1",
                       "port": 104}],
 }
+WEB = {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
+       "auth": "basic", "credentials": "alice:s3cret"}  # a destination with a secret
 
 
 def headers(data_dir: Path, scope: str = "admin") -> dict[str, str]:
@@ -111,8 +113,7 @@ async def test_credentials_are_never_shown(aiohttp_client: Any, tmp_path: Path) 
     async with running_node(node_settings(data, **CONFIG)) as node:
         c: TestClient = await aiohttp_client(create_app(node))
         h = headers(data)
-        web = {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
-               "auth": "basic", "credentials": "alice:s3cret"}
+        web = dict(WEB)
         r = await c.post("/config/destination", json=web, headers=h)
         assert r.status == 201 and "s3cret" not in await r.text()
         for url in ("/config/destination", "/config/destination/web"):
@@ -184,8 +185,7 @@ async def test_the_mask_is_never_saved_as_the_secret(aiohttp_client: Any,
     async with running_node(node_settings(data, **CONFIG)) as node:
         c: TestClient = await aiohttp_client(create_app(node))
         h = headers(data)
-        web = {"name": "web", "type": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web",
-               "auth": "basic", "credentials": "alice:s3cret"}
+        web = dict(WEB)
         assert (await c.post("/config/destination", json=web, headers=h)).status == 201
         clone = await (await c.get("/config/destination/web", headers=h)).json()
         clone.pop("origin")
