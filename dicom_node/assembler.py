@@ -22,6 +22,9 @@ A complete group's jobs and the record that its instances are queued go to the
 store in one transaction (``queue_group``, the node's
 :meth:`~dicom_node.scheduler.Scheduler.submit_group`): a node that dies at any
 moment leaves either both or neither, so a restart never queues a group twice.
+When that transaction fails (the store is down), the group is tried again with a
+growing pause, up to a minute, until the store answers or the assembler stops; its
+instances stay pending meanwhile, so a stop leaves them to the next start.
 """
 
 from __future__ import annotations
@@ -30,19 +33,30 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_node.config import AETitleSettings, Grouping, Settings, WatchSettings
 from dicom_node.logs import get_logger
 from dicom_node.scp import AssociationEnd, ReceivedInstance
 from dicom_node.store import NewJob
 
-__all__ = ["Assembler", "CompletedGroup", "GroupPolicy"]
+__all__ = ["Assembler", "CompletedGroup", "GroupPolicy", "QueueGroup"]
+
+# How long a group the store refused to queue waits before its next try: doubling
+# from the first pause up to the last.
+QUEUE_RETRY_FIRST_S = 1.0
+QUEUE_RETRY_MAX_S = 60.0
 
 Submit = Callable[[NewJob], Awaitable[Any]]
-# Queues a complete group's jobs (possibly none) and records its instances as queued,
-# all or nothing.
-QueueGroup = Callable[[list[NewJob], "CompletedGroup"], Awaitable[Any]]
+class QueueGroup(Protocol):
+    """Queues a complete group's jobs (possibly none) and records its instances as
+    queued, all or nothing. ``again``: an earlier call for this group failed, and may
+    have committed before it failed; queue only if its instances are still pending."""
+
+    def __call__(self, news: list[NewJob], group: CompletedGroup, *,
+                 again: bool = False) -> Awaitable[Any]: ...
+
+
 # origin ("ae:<called AE>" or "watch:<name>"), study UID, series UID (series grouping)
 GroupKey = tuple[str, str, str | None]
 
@@ -127,11 +141,14 @@ class Assembler:
         self._by_association: dict[int, set[GroupKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: dict[str, Callable[[], int]] = {}  # per drop folder (see hold)
+        self._stopping = asyncio.Event()  # ends the waits of groups the store refused
+        self._unqueued = 0  # complete groups the store refused, waiting to try again
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
 
     async def stop(self) -> None:
         """Stop assembling, then wait for submits.
@@ -157,6 +174,7 @@ class Assembler:
                           instances=sum(len(g.instances) for g in left))
         for key in list(self._groups):
             self._complete(key, "shutdown")
+        self._stopping.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._loop = None
@@ -171,6 +189,11 @@ class Assembler:
     @property
     def open_groups(self) -> int:
         return len(self._groups)
+
+    @property
+    def groups_waiting_for_store(self) -> int:
+        """Complete groups whose jobs the store refused to queue, waiting to try again."""
+        return self._unqueued
 
     def hold(self, watch: str, waiting: Callable[[], int] | None) -> None:
         """Hold drop folder ``watch``'s groups while ``waiting()``, the number of inputs
@@ -319,17 +342,50 @@ class Assembler:
 
     async def _queue(self, group: CompletedGroup, policy: GroupPolicy,
                      queue_group: QueueGroup) -> None:
-        """Queue every pipeline's job and record the group queued, all or nothing."""
+        """Queue every pipeline's job and record the group queued, all or nothing; while
+        the store fails, try again (its instances stay pending) until it answers or the
+        assembler stops."""
         news = [self._new_job(p, group, policy) for p in policy.pipelines]
+        failures = 0
         try:
-            await queue_group(news, group)
+            while not await self._queued(news, group, queue_group, failures, policy):
+                if failures == 0:
+                    self._unqueued += 1
+                failures += 1
+                pause = min(QUEUE_RETRY_MAX_S, QUEUE_RETRY_FIRST_S * 2 ** (failures - 1))
+                # Nothing of it was recorded: a stop now leaves its instances pending
+                # for the next start to assemble again.
+                if await self._stopping_within(pause):
+                    return
+        finally:
+            if failures:
+                self._unqueued -= 1
+
+    async def _queued(self, news: list[NewJob], group: CompletedGroup,
+                      queue_group: QueueGroup, failures: int, policy: GroupPolicy) -> bool:
+        """One try at queuing a group; False (logged) when the store refused it."""
+        try:
+            await queue_group(news, group, again=failures > 0)
         except Exception:
-            # Nothing of it was recorded: its instances are still pending in the store,
-            # and the next start assembles them again.
-            self.log.exception("cannot queue the jobs of a complete group; its instances "
-                               "wait for the next start", watch=policy.watch,
-                               study_uid=group.study_instance_uid,
-                               pipelines=list(policy.pipelines))
+            where = dict(watch=policy.watch, study_uid=group.study_instance_uid,
+                         pipelines=list(policy.pipelines), tries=failures + 1)
+            if failures == 0:
+                self.log.exception("cannot queue the jobs of a complete group; its "
+                                   "instances stay pending, trying again", **where)
+            else:
+                self.log.warning("still cannot queue the jobs of a complete group", **where)
+            return False
+        if failures:
+            self.log.info("queued the jobs of a complete group after the store answered "
+                          "again", study_uid=group.study_instance_uid, tries=failures + 1)
+        return True
+
+    async def _stopping_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     def _new_job(self, pipeline: str, group: CompletedGroup, policy: GroupPolicy) -> NewJob:
         payload: dict[str, Any] = {

@@ -313,11 +313,13 @@ class Node:
             finally:
                 self.settings_listeners.remove(self._update_assembler)
 
-    async def _queue_group(self, news: list[NewJob], group: CompletedGroup) -> None:
+    async def _queue_group(self, news: list[NewJob], group: CompletedGroup, *,
+                           again: bool = False) -> None:
         """A complete group (DICOM, STOW-RS or drop folder): its jobs and the record that
         its instances (and drop-folder inputs) are no longer pending, in one commit."""
         assert self.scheduler is not None
-        await self.scheduler.submit_group(news, group.instances, watch=group.watch)
+        await self.scheduler.submit_group(news, group.instances, watch=group.watch,
+                                          only_pending=again)
 
     async def _recover_groups(self, assembler: Assembler) -> None:
         """Instances acknowledged before the last stop whose group never became jobs (a

@@ -314,11 +314,12 @@ class Scheduler:
         return job
 
     async def submit_group(self, news: list[NewJob], sop_instance_uids: list[str], *,
-                           watch: str | None = None) -> list[Job]:
+                           watch: str | None = None, only_pending: bool = False
+                           ) -> list[Job]:
         """Queue a complete group's jobs and record its instances as queued, in one
         transaction (see :meth:`Store.create_group_jobs`)."""
         jobs = await asyncio.to_thread(self.store.create_group_jobs, news, sop_instance_uids,
-                                       watch=watch)
+                                       watch=watch, only_pending=only_pending)
         for job in jobs:
             self.log.info("job queued", job_id=job.id, pipeline=job.pipeline,
                           priority=job.priority)

@@ -1076,7 +1076,8 @@ class Store:
         return self.get_job(job_id)
 
     def create_group_jobs(self, news: Sequence[NewJob], sop_instance_uids: Sequence[str],
-                          *, watch: str | None = None) -> list[Job]:
+                          *, watch: str | None = None, only_pending: bool = False
+                          ) -> list[Job]:
         """Queue a complete group's jobs and record its instances as queued, in one
         transaction: after a crash either all of it is in the store or none of it (and
         the instances are still pending, so the next start assembles them again), never
@@ -1085,9 +1086,16 @@ class Store:
         ``watch``: the drop folder the instances came from; its inputs move from
         "stored" to "queued" in the same transaction. ``news`` may be empty (an intake
         without pipelines): the instances are then only recorded as queued.
+
+        ``only_pending``: do nothing (and return no jobs) when none of these instances
+        is pending any more. A call tried again after a failure passes it: the failed
+        call may have committed before it failed (the connection lost at the commit's
+        answer, or reading the new jobs back), and its jobs must not be queued twice.
         """
         now = utcnow()
         with self._begin() as conn:
+            if only_pending and not _any_pending(conn, sop_instance_uids):
+                return []
             _mark_queued(conn, sop_instance_uids, now)
             if watch is not None:
                 _mark_watch_inputs(conn, watch, sop_instance_uids, "queued", now)
@@ -1753,6 +1761,18 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _any_pending(conn: Connection, sop_instance_uids: Sequence[str]) -> bool:
+    """Whether any of these instances is recorded and not yet queued."""
+    uids = list(dict.fromkeys(sop_instance_uids))
+    for i in range(0, len(uids), 500):  # bounded IN lists
+        if conn.execute(sa.select(instances.c.id)
+                        .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]),
+                               instances.c.queued_at.is_(None))
+                        .limit(1)).first() is not None:
+            return True
+    return False
 
 
 def _mark_queued(conn: Connection, sop_instance_uids: Sequence[str], now: datetime) -> None:

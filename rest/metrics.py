@@ -3,8 +3,9 @@
 ``/health`` (open) says that the server runs, and the state of the store, the
 DICOM listener, the drop folders and each model; a drop folder's path on the server
 only to a caller with the admin scope. It answers 503 only when the
-store is unreachable (nothing works without it); a failed model or a stopped
-listener makes ``status`` ``degraded``.
+store is unreachable (nothing works without it); a failed model, a stopped
+listener, or studies whose jobs the store refused to queue (``store.groups_waiting``)
+make ``status`` ``degraded``.
 
 ``/metrics`` with ``Accept: application/json`` answers seed 003's
 ``{"modelStats": [...]}`` from the inference engine's statistics. Any other
@@ -125,7 +126,10 @@ async def health(request: web.Request) -> web.Response:
     watch = watch_health(node, with_paths=_admin_asks(request))
     # Under the reserve the node refuses studies and holds jobs back, and a drop folder
     # that is missing, paused or misconfigured takes nothing: each worth an alert.
-    degraded = (not store_ok or dicom["state"] != "running" or not disk["ok"]
+    # Complete groups the store refused to queue: their studies wait for it to take
+    # writes again (it may still answer the read above).
+    waiting = node.assembler.groups_waiting_for_store if node.assembler else 0
+    degraded = (not store_ok or waiting > 0 or dicom["state"] != "running" or not disk["ok"]
                 or any(m["state"] != "ready" for m in models.values())
                 or any(f.get("state") != "watching" for f in watch.values()))
     body: dict[str, Any] = {
@@ -133,7 +137,8 @@ async def health(request: web.Request) -> web.Response:
         "message": RUNNING_MESSAGE,
         "version": dicom_node.__version__,
         "node": node.settings.node_name,
-        "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None},
+        "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None,
+                  "groups_waiting": waiting},
         "dicom": dicom,
         "disk": disk,
         "models": models,

@@ -5,7 +5,8 @@ between writing a group's jobs and recording that its instances (and drop-folder
 inputs) are queued: a restart then finds the instances pending and queues the study a
 second time. A trigger in the real SQLite store makes that record fail, every time and
 at exactly that point: the store is then as a ``kill -9`` there leaves it. The node is
-stopped, the trigger dropped, and the node started again.
+stopped, the trigger dropped, and the node started again; or the trigger is dropped
+while the node runs, as a store that comes back.
 """
 
 from __future__ import annotations
@@ -64,9 +65,28 @@ def _jobs_by_instance(store: Store) -> dict[str, int]:
 
 
 async def _settled(node: Node) -> bool:
-    """Every group that arrived is complete and its queueing has ended, well or not."""
+    """Every group that arrived is complete and its queueing has ended."""
     assert node.assembler is not None
     return node.assembler.open_groups == 0 and not node.assembler._tasks
+
+
+def _refused(node: Node, groups: int) -> bool:
+    """Every group that arrived is complete, and ``groups`` of them wait for the store."""
+    assert node.assembler is not None
+    return (node.assembler.open_groups == 0
+            and node.assembler.groups_waiting_for_store == groups)
+
+
+def _crash_on_queued(store: Store) -> None:
+    with store.engine.begin() as conn:
+        for ddl in CRASH_ON_QUEUED:
+            conn.execute(sa.text(ddl))
+
+
+def _store_back(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER crash_instances"))
+        conn.execute(sa.text("DROP TRIGGER crash_watch_inputs"))
 
 
 async def test_a_group_is_queued_once_when_the_node_dies_before_recording_it(
@@ -77,9 +97,7 @@ async def test_a_group_is_queued_once_when_the_node_dies_before_recording_it(
     (tmp_path / "data").mkdir()
     store = Store(settings.database_url).open()
     try:
-        with store.engine.begin() as conn:
-            for ddl in CRASH_ON_QUEUED:
-                conn.execute(sa.text(ddl))
+        _crash_on_queued(store)
         inbox = tmp_path / "inbox"
         async with running_node(settings) as node:
             await asyncio.to_thread(storescu, settings.dimse.port, pushed.paths, "DICOMNODE",
@@ -87,15 +105,13 @@ async def test_a_group_is_queued_once_when_the_node_dies_before_recording_it(
             shutil.copy(dropped.paths[0], inbox / "image.dcm")
             await wait_until(lambda: (inbox / "done" / "image.dcm").exists())
             await asyncio.sleep(0.05)  # one more turn of the loop: both groups are open
-            await wait_until(lambda: _settled(node))
+            await wait_until(lambda: _refused(node, 2))
         # what the first run left: as if it had died at the worst moment
         left_jobs = len(store.list_jobs())
         left_pending = (len(store.pending_instances())
                         + len(store.pending_watch_instances("inbox")))
 
-        with store.engine.begin() as conn:
-            conn.execute(sa.text("DROP TRIGGER crash_instances"))
-            conn.execute(sa.text("DROP TRIGGER crash_watch_inputs"))
+        _store_back(store)
         async with running_node(settings) as node:
             async def recovered() -> bool:
                 pending = await asyncio.to_thread(store.pending_instances)
@@ -108,6 +124,36 @@ async def test_a_group_is_queued_once_when_the_node_dies_before_recording_it(
         assert _jobs_by_instance(store) == {pushed.sop_uids[0]: 1, dropped.sop_uids[0]: 1}
         # the failed record took the jobs with it: none were left without it
         assert (left_jobs, left_pending) == (0, 2)
+    finally:
+        store.close()
+
+
+async def test_a_group_the_store_refused_becomes_jobs_once_it_takes_writes_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refusing a group's queuing (here the trigger; in life a database
+    restarting, or a full disk) no longer leaves the study to the next start: /health
+    says so meanwhile, and once the store takes writes the group becomes its jobs, once,
+    without a restart."""
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_MAX_S", 0.2)
+    pushed = make_cr_study(tmp_path / "src", seed="queue-later")
+    settings = _settings(tmp_path)
+    (tmp_path / "data").mkdir()
+    store = Store(settings.database_url).open()
+    try:
+        _crash_on_queued(store)
+        async with running_node(settings) as node:
+            await asyncio.to_thread(storescu, settings.dimse.port, pushed.paths, "DICOMNODE",
+                                    "MODALITY")
+            await wait_until(lambda: _refused(node, 1))
+            assert store.list_jobs() == []
+            _store_back(store)
+            await wait_until(lambda: _settled(node))
+            assert node.assembler is not None
+            assert node.assembler.groups_waiting_for_store == 0
+            await wait_until(lambda: all(j.state.final for j in store.list_jobs()))
+        assert _jobs_by_instance(store) == {pushed.sop_uids[0]: 1}
+        assert store.pending_instances() == []
     finally:
         store.close()
 

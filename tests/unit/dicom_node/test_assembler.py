@@ -46,7 +46,8 @@ class Jobs:
         self.jobs.append(new)
         self.at.append(time.monotonic())
 
-    async def queue_group(self, news: list[NewJob], group: CompletedGroup) -> None:
+    async def queue_group(self, news: list[NewJob], group: CompletedGroup, *,
+                          again: bool = False) -> None:
         """As the node's: a group's jobs and its record, all at once."""
         self.jobs.extend(news)
         self.at.extend(time.monotonic() for _ in news)
@@ -258,7 +259,8 @@ async def test_a_group_is_queued_in_one_call_with_all_its_jobs() -> None:
     on with the next group."""
     calls: list[tuple[list[str], list[str]]] = []
 
-    async def queue_group(news: list[NewJob], group: CompletedGroup) -> None:
+    async def queue_group(news: list[NewJob], group: CompletedGroup, *,
+                          again: bool = False) -> None:
         calls.append(([n.pipeline for n in news], group.instances))
         if len(calls) == 1:
             raise RuntimeError("the store is down")
@@ -315,3 +317,57 @@ async def test_a_drop_folder_with_inputs_still_waiting_holds_its_groups() -> Non
             await settle()
     assert [(g.study_instance_uid, g.reason) for g in jobs.queued] == [
         ("1.2.4", "timeout"), ("1.2.3", "timeout")]
+
+
+async def test_a_group_the_store_refused_is_queued_once_it_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing at a group's queuing no longer leaves it to the next start: the
+    group is tried again, with a growing pause, and says on each retry that an earlier
+    try may have committed (``again``); it counts as waiting meanwhile."""
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_FIRST_S", 0.02)
+    tries: list[bool] = []
+    store_down = [True]
+    jobs = Jobs()
+
+    async def queue_group(news: list[NewJob], group: CompletedGroup, *,
+                          again: bool = False) -> None:
+        tries.append(again)
+        if store_down[0]:
+            raise RuntimeError("the store is down")
+        await jobs.queue_group(news, group)
+
+    async with Assembler(settings(), jobs.submit, queue_group=queue_group) as asm:
+        asm.instance_received(inst(1))
+        asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+        while len(tries) < 3:
+            await settle(0.01)
+        assert asm.groups_waiting_for_store == 1 and jobs.jobs == []
+        store_down[0] = False
+        while not jobs.queued:
+            await settle(0.01)
+        assert asm.groups_waiting_for_store == 0
+    assert tries[:2] == [False, True] and all(tries[1:])
+    assert [j.pipeline for j in jobs.jobs] == ["p1", "p2"]
+    assert [g.instances for g in jobs.queued] == [["1.2.3.9.1"]]
+
+
+async def test_a_stop_ends_the_wait_of_a_group_the_store_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping does not wait out a refused group's pause (up to a minute); its
+    instances stay pending for the next start."""
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_FIRST_S", 3600.0)
+    tries: list[bool] = []
+
+    async def queue_group(news: list[NewJob], group: CompletedGroup, *,
+                          again: bool = False) -> None:
+        tries.append(again)
+        raise RuntimeError("the store is down")
+
+    asm = Assembler(settings(), Jobs().submit, queue_group=queue_group)
+    await asm.start()
+    asm.instance_received(inst(1))
+    asm.association_ended(AssociationEnd(1, "AI", "CT1", released=True))
+    while not tries:
+        await settle(0.01)
+    await asyncio.wait_for(asm.stop(), 10)
+    assert tries == [False] and asm.groups_waiting_for_store == 0

@@ -336,6 +336,23 @@ def test_a_groups_jobs_and_its_queued_marks_are_one_transaction(store: Store) ->
     assert store.pending_instances() == []
 
 
+def test_a_group_tried_again_is_not_queued_twice(store: Store) -> None:
+    """A try after a failure (``only_pending``) queues nothing when the failed try had
+    committed after all (every instance already queued), and queues as usual when it
+    had not."""
+    for sop in ("5.1", "5.2", "6.1"):
+        store.record_instance(rec(sop, study=sop[0]))
+    first = store.create_group_jobs([NewJob(pipeline="p", study_instance_uid="5")],
+                                    ["5.1", "5.2"])
+    assert store.create_group_jobs([NewJob(pipeline="p", study_instance_uid="5")],
+                                   ["5.1", "5.2"], only_pending=True) == []
+    assert [j.id for j in store.list_jobs()] == [first[0].id]
+    again = store.create_group_jobs([NewJob(pipeline="p", study_instance_uid="6")],
+                                    ["6.1"], only_pending=True)
+    assert [j.study_instance_uid for j in again] == ["6"]
+    assert store.pending_instances() == []
+
+
 def test_a_dropped_file_and_its_instances_are_recorded_together(store: Store) -> None:
     """One transaction: an input is never known without its instances, nor the reverse."""
     store.add_watch_inputs("inbox", [("d" * 64, "5.1"), ("e" * 64, "5.2")],

@@ -60,7 +60,7 @@ async def test_health_is_open_and_names_every_part(live: LiveNode) -> None:
     assert status == 200
     body = json.loads(text)
     assert body["status"] == "ok" and body["message"] == "The inference server is running."
-    assert body["store"] == {"ok": True, "backend": "sqlite"}
+    assert body["store"] == {"ok": True, "backend": "sqlite", "groups_waiting": 0}
     assert body["dicom"]["state"] == "running" and body["dicom"]["ae_title"] == "DICOMNODE"
     assert body["dicom"]["port"] == live.node.scp.port
     assert body["models"] == {"cxr-findings": {"state": "ready", "versions": ["1.0.0"],
@@ -144,6 +144,45 @@ async def test_health_and_the_apis_say_so_when_the_store_cannot_be_read(
         assert status == 503, text
         assert "job store is unavailable" in text
         db.unlink()  # let the node stop without a store to write to
+
+
+async def test_health_counts_studies_the_store_refused_to_queue(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that answers reads but refuses a study's queuing: /health reads degraded
+    and counts the study in store.groups_waiting until the store takes it."""
+    import sqlalchemy as sa
+
+    from tests.support.dicom_factory import make_cr_study
+    from tests.support.peers import storescu
+
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr("dicom_node.assembler.QUEUE_RETRY_MAX_S", 0.2)
+    root = tmp_path_factory.mktemp("health-queue")
+    study = make_cr_study(root / "src", seed="health-queue")
+    with live_node(serving_settings(root / "data", models=[])) as ln:
+        store = ln.node.store
+        assert store is not None
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF queued_at ON instances WHEN "
+                "NEW.queued_at IS NOT NULL BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        await asyncio.to_thread(storescu, ln.node.scp.port, study.paths, "DICOMNODE",
+                                "MODALITY")
+
+        async def health() -> dict[str, Any]:
+            status, _, text = await get(ln, "/health", auth=False)
+            assert status == 200
+            return dict(json.loads(text))
+
+        while (body := await health())["store"]["groups_waiting"] == 0:
+            await asyncio.sleep(0.05)
+        assert body["status"] == "degraded" and body["store"]["groups_waiting"] == 1
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER refuse"))
+        while (body := await health())["store"]["groups_waiting"]:
+            await asyncio.sleep(0.05)
+        assert body["status"] == "ok"
+        assert store.pending_instances() == []
 
 
 # -- /metrics JSON ---------------------------------------------------------------------------
