@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -216,6 +217,11 @@ class DropFolder:
         self.counters = _Counters()
         self._pending: dict[str, _Entry] = {}
         self._handled: dict[str, Signature] = {}  # kept or refused paths, as last seen
+        # Of those, inputs taken and left in place (``keep``): remembered across restarts
+        # (see load_seen), so that a start does not copy and hash each one again.
+        self._taken_in_place: set[str] = set()
+        self._seen_saved = True  # _taken_in_place as the seen file holds it
+        self._restored: set[str] = set()  # known from the seen file, not yet found again
         self._held: dict[str, int] = {}  # path -> bytes it needs, while disk space is short
         self.unreadable_subfolders = 0  # as the last full sweep found
         self._opened: dict[str, int] = {}  # path -> opens not yet closed, as inotify says
@@ -384,6 +390,10 @@ class DropFolder:
             with self._lock:
                 for path in [p for p in self._handled if p not in seen]:
                     del self._handled[path]
+                    self._restored.discard(path)
+                    if path in self._taken_in_place:
+                        self._taken_in_place.discard(path)
+                        self._seen_saved = False
                 before, self.unreadable_subfolders = self.unreadable_subfolders, len(unreadable)
             # Counted, not named: a subfolder may be named after a patient too.
             if len(unreadable) > before:
@@ -391,6 +401,59 @@ class DropFolder:
                                  unreadable_subfolders=len(unreadable))
             elif before and not unreadable:
                 self.log.info("subfolders can all be read again")
+            self.save_seen()
+
+    # -- inputs taken and left in place, across restarts (worker thread) -----------------
+
+    def _seen_file(self) -> Path:
+        return self.watcher.seen_dir / f"{self.name}.json"
+
+    def load_seen(self) -> None:
+        """Know again the inputs taken and left in place before the last stop (a ``keep``
+        folder: all of them) as they were then. One unchanged since (same size, times
+        and inode) is not copied and hashed again; one that changed is looked at as new.
+        A missing or unreadable file only costs that reading."""
+        try:
+            saved = json.loads(self._seen_file().read_text("utf-8"))
+            if saved.get("root") != str(self.root):
+                return  # the folder moved: its paths mean nothing now
+            entries = {str(path): tuple(int(v) for v in sig)
+                       for path, sig in saved["inputs"].items() if len(sig) == 4}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            self.log.warning("cannot read the list of inputs taken before; each is hashed "
+                             "again to recognise it", error=_describe(exc))
+            return
+        root = str(self.root)
+        with self._lock:
+            for path, sig in entries.items():
+                if _inside(path, root):
+                    self._handled[path] = sig  # type: ignore[assignment]
+                    self._taken_in_place.add(path)
+                    self._restored.add(path)
+
+    def save_seen(self) -> None:
+        """Write the inputs taken and left in place, when that changed (owner-only: the
+        names may name patients)."""
+        with self._lock:
+            if self._seen_saved:
+                return
+            inputs = {p: list(self._handled[p]) for p in self._taken_in_place
+                      if p in self._handled}
+            self._seen_saved = True
+        target = self._seen_file()
+        try:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")  # 0600
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"root": str(self.root), "inputs": inputs}, f)
+            os.replace(tmp, target)
+        except OSError as exc:
+            with self._lock:
+                self._seen_saved = False  # tried again after the next sweep
+            self.log.warning("cannot save the list of inputs taken; a restart hashes them "
+                             "again", error=_describe(exc))
 
     def _walk(self, top: Path, unreadable: list[str]) -> Iterator[str]:
         """Candidate files under ``top``; subfolders that cannot be listed go to
@@ -561,6 +624,9 @@ class DropFolder:
         sig = _sig(st)
         with self._lock:
             if self._handled.get(path) == sig:
+                if path in self._restored:  # taken before the last stop: known again
+                    self._restored.discard(path)
+                    self.counters.known += 1
                 return _Result("known", sig)
         unchanged = prev == sig and prev is not None
         now = time.monotonic()
@@ -742,6 +808,8 @@ class DropFolder:
                              "left in place", sha256=_short(sha), error=_describe(exc))
         with self._lock:
             self._handled[path] = sig
+            self._taken_in_place.add(path)
+            self._seen_saved = False
         return None
 
     def _note_skipped(self, path: str, moved: Path | None, sha: str,
@@ -856,6 +924,7 @@ class Watcher:
         self.log = get_logger("watch")
         # Staging and unpacking happen beside the studies dir, so placing is a rename.
         self.staging_dir = settings.studies_dir / ".watch-staging"
+        self.seen_dir = settings.studies_dir / ".watch-seen"  # see DropFolder.load_seen
         self.private_dir = settings.studies_dir / ".watch-unpack"
         self.stopping = False
         self.folders: dict[str, DropFolder] = {}
@@ -870,6 +939,8 @@ class Watcher:
         """Prepare folders, re-assemble instances a crash left without a job, start polling."""
         self.stopping = False
         await asyncio.to_thread(self._prepare)
+        for folder in self.folders.values():
+            await asyncio.to_thread(folder.load_seen)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="watch")
         for folder in self.folders.values():
             # a study is not cut into jobs while files of the folder still wait to be taken
@@ -920,6 +991,7 @@ class Watcher:
         for folder in self.folders.values():
             folder._pending.clear()
             folder._held.clear()
+            await asyncio.to_thread(folder.save_seen)
 
     async def __aenter__(self) -> Watcher:
         await self.start()

@@ -296,6 +296,44 @@ async def test_on_done_keep_takes_each_file_once_across_restarts(tmp_path: Path)
         assert await instance_count(node) == 1
 
 
+async def test_a_keep_folder_does_not_read_its_files_again_at_each_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start used to copy and hash every file a keep folder holds (and log a line for
+    each) to recognise it; now the files taken before the stop are known by size, times
+    and inode (``<studies>/.watch-seen``), and only a changed one is read."""
+    first = make_cr_study(tmp_path / "src", seed="watch-keep-seen-1")
+    second = make_cr_study(tmp_path / "src", seed="watch-keep-seen-2")
+    inbox = tmp_path / "inbox"
+    settings = settings_for(tmp_path, on_done="keep")
+    opened: list[str] = []
+    real_open = watch_module._open_input
+
+    def open_input(path: str) -> BinaryIO:
+        opened.append(os.path.basename(path))
+        return real_open(path)
+
+    monkeypatch.setattr(watch_module, "_open_input", open_input)
+    async with running_node(settings) as node:
+        shutil.copy(first.paths[0], inbox / "a.dcm")
+        shutil.copy(second.paths[0], inbox / "b.dcm")
+
+        async def two_jobs() -> bool:
+            return len(await watch_jobs(node)) == 2
+        await wait_until(two_jobs)
+    seen = settings.studies_dir / ".watch-seen" / "inbox.json"
+    assert seen.stat().st_mode & 0o777 == 0o600
+    assert set(json.loads(seen.read_text())["inputs"]) == {str(inbox.resolve() / "a.dcm"),
+                                                           str(inbox.resolve() / "b.dcm")}
+    shutil.copy(first.paths[0], inbox / "b.dcm")  # b changed while the node was down
+    opened.clear()
+    async with running_node(settings) as node:
+        await wait_until(lambda: node.watch is not None
+                         and node.watch.status()["inbox"]["known"] == 2)
+        await asyncio.sleep(1.5)  # longer than timeout_s
+        assert len(await watch_jobs(node)) == 2  # b's new content is a's: known by hash
+    assert "a.dcm" not in opened and "b.dcm" in opened
+
+
 async def test_a_deleted_study_dropped_again_is_taken_again(tmp_path: Path) -> None:
     """`dicom-node studies delete` and retention forget the content hashes of a deleted
     study's files (loose or in an archive) in folders that move or delete what they
