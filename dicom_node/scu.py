@@ -9,6 +9,7 @@ from a worker thread (``asyncio.to_thread``), never from the event loop.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import ssl
 import threading
@@ -19,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -111,6 +113,49 @@ _GET_FIRST = [
 GET_STORAGE_CLASSES = list(dict.fromkeys(
     _GET_FIRST + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
 ))[: _MAX_CONTEXTS - 1]
+
+
+# -- log context in pynetdicom's threads -----------------------------------------------
+
+
+class _NodeAE(AE):
+    """An AE for one outgoing operation, with the log context of the caller (the job's
+    id, the peer) for the lines pynetdicom logs from the association's own threads."""
+
+    log_context: dict[str, Any]
+
+
+class _AssociationLogContext(logging.Filter):
+    """Binds an outgoing association's log context in the pynetdicom thread a record
+    comes from (the association's reactor, its DUL), where the caller's context
+    variables are not: those threads start with none. Each serves one association, so
+    what is bound there stays with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _adopt_context(threading.current_thread())
+        return True
+
+
+def _adopt_context(thread: threading.Thread) -> None:
+    """Bind the log context of the node's AE behind ``thread``'s association, if any."""
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    context = getattr(getattr(assoc, "ae", None), "log_context", None)
+    if context and structlog.contextvars.get_contextvars() != context:
+        structlog.contextvars.bind_contextvars(**context)
+
+
+def _install_log_context() -> None:
+    """Put the filter on each of pynetdicom's loggers (a logger's filters see only its
+    own records, not its children's); once."""
+    names = ["pynetdicom", *(n for n in logging.root.manager.loggerDict
+                             if n.startswith("pynetdicom."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _AssociationLogContext) for f in logger.filters):
+            logger.addFilter(_AssociationLogContext())
+
+
+_install_log_context()
 
 
 # -- typed requests and results --------------------------------------------------------
@@ -287,9 +332,10 @@ class DicomClient:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _ae(self) -> AE:
+    def _ae(self) -> _NodeAE:
         d = self.settings.dimse
-        ae = AE(ae_title=d.ae_title)
+        ae = _NodeAE(ae_title=d.ae_title)
+        ae.log_context = structlog.contextvars.get_contextvars()
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
@@ -306,7 +352,12 @@ class DicomClient:
         return ctx, peer.host
 
     def _associate(self, ae: AE, peer: Peer, **kwargs: Any) -> tuple[Association | None, str]:
-        """Associate; on failure return ``None`` and a message naming the reason."""
+        """Associate; on failure return ``None`` and a message naming the reason.
+
+        pynetdicom's own log lines about the association carry the caller's context
+        (the job's id) and the peer."""
+        if isinstance(ae, _NodeAE):
+            ae.log_context = {**ae.log_context, "peer": str(peer)}
         try:
             tls_args = self._tls(peer)
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
@@ -556,6 +607,7 @@ class DicomClient:
         lock = threading.Lock()
 
         def on_store(event: evt.Event) -> int:
+            _adopt_context(threading.current_thread())  # the writer's lines name the job
             req: Any = event.request
             sop = str(req.AffectedSOPInstanceUID or "")
             try:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings, RetrySettings, SourceSettings
+from dicom_node.logs import configure_logging
 from dicom_node.scheduler import ExportOutcome
 from dicom_node.scu import DicomClient, Peer, Query, QueryLevel
 from tests.integration.test_scp import synthetic, write_files
-from tests.support.node import NODE_AE, RunningNode
+from tests.support.node import NODE_AE, RunningNode, node_settings
 from tests.support.peers import dcmqrscp, free_port, storescp, storescu
+from tests.unit.dicom_node.test_logs import restore_logging  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.peers
 
@@ -507,3 +511,26 @@ def test_move_from_a_pacs_that_does_not_know_the_node_says_what_to_register(
     assert not result.ok
     assert "it aborted the association" in result.message, result.message
     assert f"register {node.settings.dimse.ae_title}" in result.message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("restore_logging")
+def test_pynetdicom_lines_about_an_export_carry_the_job_and_the_peer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pynetdicom logs a refused connection from the association's own thread, which
+    does not inherit the job's context variables: its line names the job all the same."""
+    configure_logging("info", fmt="json")
+    client = DicomClient(node_settings(tmp_path / "data"))
+    with structlog.contextvars.bound_contextvars(job_id="job-42"):
+        result = client.export(destination(free_port(), max_attempts=1),
+                               [sample("CT_small.dcm")])
+    assert not result.ok
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    refused = [x for x in lines if "unable to connect" in x["event"]
+               or "TCP Initialisation Error" in x["event"]]
+    assert refused, lines
+    for line in refused:
+        assert line.get("job_id") == "job-42", line
+        assert str(line.get("peer", "")).startswith("pacs(STORESCP@127.0.0.1:"), line
