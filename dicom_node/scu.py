@@ -630,10 +630,14 @@ class DicomClient:
                 return int(Status.OUT_OF_RESOURCES)
             return int(Status.SUCCESS)
 
+        # The classes the peer says the instances have first (a private or newer class is
+        # not in the usual list), then the usual ones, within the 127 places left.
+        learned = self._sop_classes(peer, query)
+        offered = list(dict.fromkeys(learned + GET_STORAGE_CLASSES))[: _MAX_CONTEXTS - 1]
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         roles = []
-        for sop_class in GET_STORAGE_CLASSES[: _MAX_CONTEXTS - 1]:
+        for sop_class in offered:
             ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
             roles.append(build_role(sop_class, scp_role=True))
         assoc, error = self._associate(ae, peer, ext_neg=roles,
@@ -650,6 +654,54 @@ class DicomClient:
         known = {f.sop_instance_uid for f in result.failures}
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)
+
+    def _sop_classes(self, peer: Peer, query: Query) -> list[str]:
+        """The SOP Class UIDs of the instances ``query`` selects, as the peer's C-FIND
+        tells them: SOP Classes in Study at study level, else the SOPClassUID of each
+        instance (image level, series by series). Empty when it cannot tell: the C-GET
+        then offers the usual classes only."""
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            self.log.info("C-GET: SOP classes not asked for", peer=str(peer), message=error)
+            return []
+        found: dict[str, None] = {}
+        try:
+            series: list[tuple[str, str]] = []
+            if query.level is QueryLevel.STUDY:
+                ds = query.to_dataset(for_find=False)
+                ds.SOPClassesInStudy = ""
+                studies = []
+                for match in _find_all(assoc, ds):
+                    studies.append(str(match.get("StudyInstanceUID") or ""))
+                    found.update(dict.fromkeys(_uids(match.get("SOPClassesInStudy"))))
+                if found:
+                    return list(found)
+                for study in filter(None, studies):
+                    ds = Dataset()
+                    ds.QueryRetrieveLevel = "SERIES"
+                    ds.StudyInstanceUID = study
+                    ds.SeriesInstanceUID = ""
+                    series += [(study, str(m.SeriesInstanceUID)) for m in _find_all(assoc, ds)
+                               if m.get("SeriesInstanceUID")]
+            else:
+                assert query.study_instance_uid is not None  # checked by Query
+                series = [(query.study_instance_uid, uid)
+                          for uid in (query.series_instance_uid or "").split("\\") if uid]
+            for study, one in series:
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "IMAGE"
+                ds.StudyInstanceUID = study
+                ds.SeriesInstanceUID = one
+                ds.SOPInstanceUID = (query.sop_instance_uid or ""
+                                     if query.level is QueryLevel.IMAGE else "")
+                ds.SOPClassUID = ""
+                for match in _find_all(assoc, ds):
+                    found.update(dict.fromkeys(_uids(match.get("SOPClassUID"))))
+        finally:
+            _close(assoc)
+        return list(found)
 
     def _no_final_response(self, method: str, r: _RetrieveTally) -> str:
         """Why a retrieval got no final status, in words; for a C-MOVE aborted before any
@@ -767,6 +819,21 @@ def _failed_uids(assoc: Association, context_id: int | None, rsp: C_MOVE | C_GET
         _log.warning("the retrieval's final identifier cannot be decoded", error=str(exc))
         return []
     return [str(u) for u in ([uids] if isinstance(uids, str) else uids) if u]
+
+
+def _find_all(assoc: Association, ds: Dataset) -> list[Dataset]:
+    """The matches of one C-FIND on ``assoc`` (those before a failure or no response)."""
+    if not assoc.is_established:
+        return []
+    return [identifier for rsp, identifier in
+            assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind)
+            if rsp is not None and rsp.get("Status") in _PENDING and identifier is not None]
+
+
+def _uids(value: Any) -> list[str]:
+    """The valid UIDs of a single or multiple UI value (an odd answer is ignored)."""
+    values = [] if value is None else [value] if isinstance(value, str) else list(value)
+    return [str(v) for v in values if v and UID(str(v)).is_valid]
 
 
 def _read_item(path: Path) -> _Item:
