@@ -42,6 +42,9 @@ class SendResult:
 
     sent: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    # The SOP Instance UIDs the destination acknowledged, where it names them (DIMSE,
+    # STOW-RS): a later attempt does not send them again.
+    sent_uids: list[str] = field(default_factory=list)
     # Whether the failures may pass on a later attempt (False: the peer refuses them).
     retryable: bool = True
     message: str = ""  # what went wrong, in the sender's words (else from ``failed``)
@@ -126,7 +129,7 @@ class DicomWebSender:
         with dicomweb_client(dest) as client:
             stored = client.store(files)
         return SendResult(
-            sent=len(stored.referenced),
+            sent=len(stored.referenced), sent_uids=list(stored.referenced),
             failed=[(Path(f.path) if f.path else Path(f.sop_uid or "?"), f.reason)
                     for f in stored.failed],
         )
@@ -146,8 +149,8 @@ class DimseSender:
     def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
         result = self.client.export(dest, files, attempts=1, cancelled=self.cancelled)
         if result.ok:
-            return SendResult(sent=len(result.sent))
-        return SendResult(sent=len(result.sent),
+            return SendResult(sent=len(result.sent), sent_uids=list(result.sent))
+        return SendResult(sent=len(result.sent), sent_uids=list(result.sent),
                           failed=[(Path(f.sop_instance_uid), f.message) for f in result.failures],
                           retryable=result.retryable, message=result.message)
 
@@ -208,49 +211,71 @@ class Exporter:
                 break
             before = earlier.get(dest.name)
             attempt = (before.attempts if before is not None else 0) + 1
-            outcomes.append(self._one(dest, artifacts, attempt))
+            acknowledged = before.acknowledged if before is not None else frozenset()
+            outcomes.append(self._one(dest, artifacts, attempt, acknowledged))
         return outcomes
 
-    def _one(self, dest: DestinationSettings, artifacts: list[Artifact],
-             attempt: int) -> ExportOutcome:
-        """Attempt number ``attempt`` at ``dest``: one send."""
-        files = [a.path for a in artifacts
-                 if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
-        if not files:
+    def _one(self, dest: DestinationSettings, artifacts: list[Artifact], attempt: int,
+             acknowledged: frozenset[str] = frozenset()) -> ExportOutcome:
+        """Attempt number ``attempt`` at ``dest``: one send, of the artifacts whose SOP
+        Instance UID is not among those it ``acknowledged`` in earlier passes."""
+        chosen = [a for a in artifacts
+                  if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
+        if not chosen:
             return ExportOutcome(dest.name, ok=True, attempts=0, sent=0,
                                  message="nothing to send to this kind of destination")
         sender = self.senders.get(dest.type)
         if sender is None:
             return ExportOutcome(dest.name, ok=False, attempts=0,
                                  message=f"{dest.type} export is not available in this build")
+        # What the destination already has (of these results: a run that made new ones
+        # made new UIDs) is not sent again. A folder is written whole each time.
+        has = frozenset() if dest.type == "folder" else frozenset(
+            a.sop_instance_uid for a in chosen
+            if a.sop_instance_uid is not None and a.sop_instance_uid in acknowledged)
+        files = [a.path for a in chosen if a.sop_instance_uid not in has]
+        already = len(chosen) - len(files)
+        earlier = f"{already} already sent, " if already else ""
+        if not files:  # everything acknowledged; the pass that saw it did not record it
+            self.log.info("export done", destination=dest.name, already_sent=already,
+                          sent=0, attempt=attempt)
+            return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=already,
+                                 message=f"{earlier}0 sent now")
         retryable = True
         try:
             result = sender.send(dest, files)
         except Exception as exc:  # connection refused, association rejected, timeout
             message = str(exc) or type(exc).__name__
             sent = 0
+            now: frozenset[str] = frozenset()
         else:
             sent = result.sent
+            now = frozenset(result.sent_uids)
             if not result.failed:
-                self.log.info("export done", destination=dest.name, sent=sent,
-                              attempt=attempt)
-                return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=sent)
+                self.log.info("export done", destination=dest.name, already_sent=already,
+                              sent=sent, attempt=attempt)
+                return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=already + sent,
+                                     message=f"{earlier}{sent} sent now" if already else None)
             retryable = result.retryable
             message = result.message or "; ".join(
                 f"{p.name}: {why}" for p, why in result.failed[:5])
+        if already or sent:
+            message = f"{earlier}{sent} sent now: {message}"
+        has |= now
         limit = dest.retry.max_attempts
         if retryable and attempt < limit:
             delay = dest.retry.delay_after(attempt)
             self.log.warning("export attempt failed; will retry", destination=dest.name,
                              attempt=attempt, max_attempts=limit, retry_in_s=delay,
-                             error=message)
-            return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=sent,
+                             already_sent=already, sent=sent, error=message)
+            return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=already + sent,
                                  message=f"{message} (attempt {attempt} of {limit})",
-                                 retry_in_s=delay)
+                                 retry_in_s=delay, acknowledged=has)
         self.log.error("export failed", destination=dest.name, attempts=attempt,
-                       error=message)
-        return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=sent,
-                             message=f"{message} (after {attempt} attempts)")
+                       already_sent=already, sent=sent, error=message)
+        return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=already + sent,
+                             message=f"{message} (after {attempt} attempts)",
+                             acknowledged=has)
 
 
 def _recorded(record: ExportRecord) -> ExportOutcome:

@@ -65,6 +65,9 @@ class ExportOutcome:
     retry_in_s: float | None = None
     # Settled by an earlier pass (recorded in the store); nothing was sent now.
     recorded: bool = False
+    # SOP Instance UIDs the destination has acknowledged, this pass and earlier ones: a
+    # later pass sends only the others.
+    acknowledged: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -559,7 +562,7 @@ class Scheduler:
                 state = (EXPORT_SUCCEEDED if o.ok else
                          EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
                 await asyncio.to_thread(self.store.record_export, job.id, o.destination,
-                                        state, o.attempts, o.sent, o.message)
+                                        state, o.attempts, o.sent, o.message, o.acknowledged)
             ctx.check_cancelled()  # a cancel during the pass: nothing more is sent
         except asyncio.CancelledError:
             raise

@@ -9,6 +9,7 @@ from a worker thread (``asyncio.to_thread``), never from the event loop.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import ssl
 import threading
@@ -19,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -111,6 +113,49 @@ _GET_FIRST = [
 GET_STORAGE_CLASSES = list(dict.fromkeys(
     _GET_FIRST + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
 ))[: _MAX_CONTEXTS - 1]
+
+
+# -- log context in pynetdicom's threads -----------------------------------------------
+
+
+class _NodeAE(AE):
+    """An AE for one outgoing operation, with the log context of the caller (the job's
+    id, the peer) for the lines pynetdicom logs from the association's own threads."""
+
+    log_context: dict[str, Any]
+
+
+class _AssociationLogContext(logging.Filter):
+    """Binds an outgoing association's log context in the pynetdicom thread a record
+    comes from (the association's reactor, its DUL), where the caller's context
+    variables are not: those threads start with none. Each serves one association, so
+    what is bound there stays with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _adopt_context(threading.current_thread())
+        return True
+
+
+def _adopt_context(thread: threading.Thread) -> None:
+    """Bind the log context of the node's AE behind ``thread``'s association, if any."""
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    context = getattr(getattr(assoc, "ae", None), "log_context", None)
+    if context and structlog.contextvars.get_contextvars() != context:
+        structlog.contextvars.bind_contextvars(**context)
+
+
+def _install_log_context() -> None:
+    """Put the filter on each of pynetdicom's loggers (a logger's filters see only its
+    own records, not its children's); once."""
+    names = ["pynetdicom", *(n for n in logging.root.manager.loggerDict
+                             if n.startswith("pynetdicom."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _AssociationLogContext) for f in logger.filters):
+            logger.addFilter(_AssociationLogContext())
+
+
+_install_log_context()
 
 
 # -- typed requests and results --------------------------------------------------------
@@ -287,9 +332,10 @@ class DicomClient:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _ae(self) -> AE:
+    def _ae(self) -> _NodeAE:
         d = self.settings.dimse
-        ae = AE(ae_title=d.ae_title)
+        ae = _NodeAE(ae_title=d.ae_title)
+        ae.log_context = structlog.contextvars.get_contextvars()
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
@@ -306,7 +352,12 @@ class DicomClient:
         return ctx, peer.host
 
     def _associate(self, ae: AE, peer: Peer, **kwargs: Any) -> tuple[Association | None, str]:
-        """Associate; on failure return ``None`` and a message naming the reason."""
+        """Associate; on failure return ``None`` and a message naming the reason.
+
+        pynetdicom's own log lines about the association carry the caller's context
+        (the job's id) and the peer."""
+        if isinstance(ae, _NodeAE):
+            ae.log_context = {**ae.log_context, "peer": str(peer)}
         try:
             tls_args = self._tls(peer)
             assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
@@ -556,6 +607,7 @@ class DicomClient:
         lock = threading.Lock()
 
         def on_store(event: evt.Event) -> int:
+            _adopt_context(threading.current_thread())  # the writer's lines name the job
             req: Any = event.request
             sop = str(req.AffectedSOPInstanceUID or "")
             try:
@@ -578,10 +630,14 @@ class DicomClient:
                 return int(Status.OUT_OF_RESOURCES)
             return int(Status.SUCCESS)
 
+        # The classes the peer says the instances have first (a private or newer class is
+        # not in the usual list), then the usual ones, within the 127 places left.
+        learned = self._sop_classes(peer, query)
+        offered = list(dict.fromkeys(learned + GET_STORAGE_CLASSES))[: _MAX_CONTEXTS - 1]
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         roles = []
-        for sop_class in GET_STORAGE_CLASSES[: _MAX_CONTEXTS - 1]:
+        for sop_class in offered:
             ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
             roles.append(build_role(sop_class, scp_role=True))
         assoc, error = self._associate(ae, peer, ext_neg=roles,
@@ -598,6 +654,54 @@ class DicomClient:
         known = {f.sop_instance_uid for f in result.failures}
         result.failures.extend(f for f in failures if f.sop_instance_uid not in known)
         return self._retrieve_result(peer, "c-get", query, result, received)
+
+    def _sop_classes(self, peer: Peer, query: Query) -> list[str]:
+        """The SOP Class UIDs of the instances ``query`` selects, as the peer's C-FIND
+        tells them: SOP Classes in Study at study level, else the SOPClassUID of each
+        instance (image level, series by series). Empty when it cannot tell: the C-GET
+        then offers the usual classes only."""
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc, error = self._associate(ae, peer)
+        if assoc is None:
+            self.log.info("C-GET: SOP classes not asked for", peer=str(peer), message=error)
+            return []
+        found: dict[str, None] = {}
+        try:
+            series: list[tuple[str, str]] = []
+            if query.level is QueryLevel.STUDY:
+                ds = query.to_dataset(for_find=False)
+                ds.SOPClassesInStudy = ""
+                studies = []
+                for match in _find_all(assoc, ds):
+                    studies.append(str(match.get("StudyInstanceUID") or ""))
+                    found.update(dict.fromkeys(_uids(match.get("SOPClassesInStudy"))))
+                if found:
+                    return list(found)
+                for study in filter(None, studies):
+                    ds = Dataset()
+                    ds.QueryRetrieveLevel = "SERIES"
+                    ds.StudyInstanceUID = study
+                    ds.SeriesInstanceUID = ""
+                    series += [(study, str(m.SeriesInstanceUID)) for m in _find_all(assoc, ds)
+                               if m.get("SeriesInstanceUID")]
+            else:
+                assert query.study_instance_uid is not None  # checked by Query
+                series = [(query.study_instance_uid, uid)
+                          for uid in (query.series_instance_uid or "").split("\\") if uid]
+            for study, one in series:
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "IMAGE"
+                ds.StudyInstanceUID = study
+                ds.SeriesInstanceUID = one
+                ds.SOPInstanceUID = (query.sop_instance_uid or ""
+                                     if query.level is QueryLevel.IMAGE else "")
+                ds.SOPClassUID = ""
+                for match in _find_all(assoc, ds):
+                    found.update(dict.fromkeys(_uids(match.get("SOPClassUID"))))
+        finally:
+            _close(assoc)
+        return list(found)
 
     def _no_final_response(self, method: str, r: _RetrieveTally) -> str:
         """Why a retrieval got no final status, in words; for a C-MOVE aborted before any
@@ -715,6 +819,21 @@ def _failed_uids(assoc: Association, context_id: int | None, rsp: C_MOVE | C_GET
         _log.warning("the retrieval's final identifier cannot be decoded", error=str(exc))
         return []
     return [str(u) for u in ([uids] if isinstance(uids, str) else uids) if u]
+
+
+def _find_all(assoc: Association, ds: Dataset) -> list[Dataset]:
+    """The matches of one C-FIND on ``assoc`` (those before a failure or no response)."""
+    if not assoc.is_established:
+        return []
+    return [identifier for rsp, identifier in
+            assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind)
+            if rsp is not None and rsp.get("Status") in _PENDING and identifier is not None]
+
+
+def _uids(value: Any) -> list[str]:
+    """The valid UIDs of a single or multiple UI value (an odd answer is ignored)."""
+    values = [] if value is None else [value] if isinstance(value, str) else list(value)
+    return [str(v) for v in values if v and UID(str(v)).is_valid]
 
 
 def _read_item(path: Path) -> _Item:

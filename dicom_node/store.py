@@ -163,6 +163,9 @@ exports = sa.Table(
     sa.Column("sent", sa.Integer, nullable=False, default=0),
     sa.Column("message", sa.Text),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # SOP Instance UIDs the destination acknowledged (C-STORE Success or Warning, STOW-RS
+    # referenced) while its export is not yet done: a later pass sends only the rest.
+    sa.Column("acknowledged", sa.JSON),
 )
 
 
@@ -294,6 +297,14 @@ def _migration_study_called_aes(conn: Connection) -> None:
         ["called_ae", "study_instance_uid", "created_at"], held))
 
 
+def _migration_export_acknowledged(conn: Connection) -> None:
+    """``exports.acknowledged``: the instances a destination already has."""
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("exports")}
+    if "acknowledged" not in columns:  # a store made by an older version
+        ddl = sa.JSON().compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE exports ADD COLUMN acknowledged {ddl}"))
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -303,6 +314,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_batches,  # seed 002 batch jobs, projects and output layers (issue #6)
     _migration_pending_instances,  # received instances whose group is not yet a job
     _migration_study_called_aes,  # a study stays in each AE title's project it came to
+    _migration_export_acknowledged,  # a partly failed export resends only what is missing
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -462,6 +474,8 @@ class ExportRecord:
     sent: int
     message: str | None
     updated_at: datetime
+    # SOP Instance UIDs the destination acknowledged in passes that did not finish it.
+    acknowledged: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -1504,11 +1518,14 @@ class Store:
 
     def record_export(
         self, job_id: str, destination: str, state: str, attempts: int, sent: int,
-        message: str | None = None,
+        message: str | None = None, acknowledged: Iterable[str] = (),
     ) -> None:
         """Record the latest outcome of the job's export to ``destination`` (one record a
-        destination: a later attempt replaces the earlier one's)."""
+        destination: a later attempt replaces the earlier one's), with the SOP Instance
+        UIDs it has acknowledged so far (all passes) while it is not done."""
         values = {"state": state, "attempts": attempts, "sent": sent, "message": message,
+                  "acknowledged": (sorted(set(acknowledged)) or None
+                                   if state != EXPORT_SUCCEEDED else None),
                   "updated_at": utcnow()}
         with self._begin() as conn:
             ids = list(conn.execute(
@@ -1527,7 +1544,8 @@ class Store:
         q = sa.select(exports).where(exports.c.job_id == job_id).order_by(exports.c.id)
         with self.engine.connect() as conn:
             return [ExportRecord(r.job_id, r.destination, r.state, r.attempts, r.sent,
-                                 r.message, r.updated_at) for r in conn.execute(q)]
+                                 r.message, r.updated_at, frozenset(r.acknowledged or ()))
+                    for r in conn.execute(q)]
 
     # -- drop-folder inputs ---------------------------------------------------------------
 

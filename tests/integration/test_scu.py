@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pydicom
 import pytest
+import structlog
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings, RetrySettings, SourceSettings
+from dicom_node.logs import configure_logging
 from dicom_node.scheduler import ExportOutcome
-from dicom_node.scu import DicomClient, Peer, Query, QueryLevel
+from dicom_node.scu import GET_STORAGE_CLASSES, DicomClient, Peer, Query, QueryLevel
 from tests.integration.test_scp import synthetic, write_files
-from tests.support.node import NODE_AE, RunningNode
+from tests.support.node import NODE_AE, RunningNode, node_settings
+from tests.support.orthanc import orthanc_server
 from tests.support.peers import dcmqrscp, free_port, storescp, storescu
+from tests.unit.dicom_node.test_logs import restore_logging  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.peers
 
@@ -507,3 +512,57 @@ def test_move_from_a_pacs_that_does_not_know_the_node_says_what_to_register(
     assert not result.ok
     assert "it aborted the association" in result.message, result.message
     assert f"register {node.settings.dimse.ae_title}" in result.message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("restore_logging")
+def test_pynetdicom_lines_about_an_export_carry_the_job_and_the_peer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pynetdicom logs a refused connection from the association's own thread, which
+    does not inherit the job's context variables: its line names the job all the same."""
+    configure_logging("info", fmt="json")
+    client = DicomClient(node_settings(tmp_path / "data"))
+    with structlog.contextvars.bound_contextvars(job_id="job-42"):
+        result = client.export(destination(free_port(), max_attempts=1),
+                               [sample("CT_small.dcm")])
+    assert not result.ok
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    refused = [x for x in lines if "unable to connect" in x["event"]
+               or "TCP Initialisation Error" in x["event"]]
+    assert refused, lines
+    for line in refused:
+        assert line.get("job_id") == "job-42", line
+        assert str(line.get("peer", "")).startswith("pacs(STORESCP@127.0.0.1:"), line
+
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("level", [QueryLevel.STUDY, QueryLevel.SERIES])
+def test_get_offers_the_classes_a_find_reports_beyond_the_usual_list(
+    node: RunningNode, tmp_path: Path, level: QueryLevel,
+) -> None:
+    """A study holding a class the usual C-GET list lacks (a parametric map) comes back
+    whole from Orthanc: the C-FIND before the C-GET names its class (SOP Classes in
+    Study, or each instance's SOP Class UID), which is offered first. (A private class
+    is offered the same way; Orthanc 1.10 accepts its context but does not grant the
+    SCP role for it, so it cannot serve as the test's peer for one.)"""
+    private = "1.2.840.10008.5.1.4.1.1.30"  # parametric map
+    assert private not in GET_STORAGE_CLASSES
+    study, series = generate_uid(), generate_uid()
+    dss = [synthetic(study, series) for _ in range(2)]
+    dss[1].SOPClassUID = private
+    if "file_meta" in dir(dss[1]):
+        dss[1].file_meta.MediaStorageSOPClassUID = private
+    files = write_files(tmp_path / "src", dss)
+    with orthanc_server(modalities={"NODE": (NODE_AE, "127.0.0.1", node.port)},
+                        extra={"DicomAlwaysAllowGet": True}) as pacs:
+        pacs.upload(files)
+        peer = source(pacs.dicom_port, "c-get")
+        result = client_for(node).retrieve(
+            peer, Query(level, study_instance_uid=study,
+                        series_instance_uid=series if level is QueryLevel.SERIES else None))
+    assert result.ok, result.message
+    assert sorted(r.sop_instance_uid for r in result.received) == sorted(
+        str(d.SOPInstanceUID) for d in dss)

@@ -9,12 +9,17 @@ instance it receives in its own file, so a re-send shows as a second file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.store import JobState, NewJob, utcnow
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
@@ -174,3 +179,73 @@ async def test_a_job_whose_results_are_gone_runs_again_and_lists_them_once(
             ("pacs", "failed"), ("share", "succeeded")]
         mirrored = pydicom.dcmread(share / job.id / "P1" / "P1_sr.dcm")
         assert mirrored.SOPInstanceUID == first_sr  # the share kept the first set alone
+
+
+class FailingOnce:
+    """A pynetdicom storage SCP on loopback whose first association fails at its second
+    instance: ``refuse`` answers it 0xA700 (out of resources) and takes the rest,
+    ``abort`` aborts the association there. Later associations take everything. It
+    records the SOP Instance UIDs each association carried, the failed one included."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.associations: list[list[str]] = []
+        self._lock = threading.Lock()
+        self._seen: dict[int, int] = {}
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            index = self._seen.setdefault(id(event.assoc), len(self._seen))
+            if index == len(self.associations):
+                self.associations.append([])
+            self.associations[index].append(uid)
+            failing = index == 0 and len(self.associations[0]) == 2
+        if failing and self.mode == "abort":
+            event.assoc.abort()
+            return 0xA700  # not sent: the association is gone
+        return 0xA700 if failing else 0x0000
+
+    @contextlib.contextmanager
+    def running(self, port: int) -> Iterator[FailingOnce]:
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        server = ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        try:
+            yield self
+        finally:
+            server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "abort"])
+async def test_a_destination_that_failed_part_way_gets_only_what_it_lacks(
+        tmp_path: Path, mode: str) -> None:
+    """The PACS takes some of the job's objects, then refuses one (or drops the
+    association): the next pass sends it only the objects it did not acknowledge, and
+    the outcome says how many it already had."""
+    port = free_port()
+    settings = _node(tmp_path, [_dimse("pacs", port, backoff_s=0.2)])
+    settings = settings.model_copy(update={"pipelines": [
+        p.model_copy(update={"outputs": ["sr", "sc", "encapsulated_pdf"]})
+        for p in settings.pipelines]})
+    with FailingOnce(mode).running(port) as pacs:
+        async with running_node(settings) as node:
+            job = await _finished(node, await _submit(node, tmp_path, 1, ["pacs"]))
+            assert job.state is JobState.SUCCEEDED, job.error
+            made = sorted(str(a.sop_instance_uid) for a in node.store.artifacts_of(job.id)
+                          if a.sop_instance_uid)
+            assert len(made) == 3
+            first, second = pacs.associations
+            if mode == "refuse":
+                assert sorted(first) == made  # the SCU went on after the refusal
+                assert second == [first[1]]  # only the refused one, once
+                already = 2
+            else:
+                assert len(first) == 2  # nothing more after the abort
+                assert sorted(second) == sorted(set(made) - {first[0]})
+                already = 1
+            (record,) = node.store.exports_of(job.id)
+            assert (record.state, record.attempts, record.sent) == ("succeeded", 2, 3)
+            assert record.message == f"{already} already sent, {3 - already} sent now"
+            assert record.acknowledged == frozenset()  # kept only while not done
