@@ -57,11 +57,15 @@ async def json_body(request: web.Request) -> Any:
 
 
 def _style_of(request: web.Request) -> ErrorStyle:
-    route = request.app[ROUTES].get(request.match_info.route)
+    table = request.app[ROUTES]
+    route = table.get(request.match_info.route)
     if route is not None:
         return route.style
-    return ErrorStyle.SEED_001 if request.path.startswith("/single_inference") \
-        else ErrorStyle.DEFAULT
+    # No route matched (a 404, or a 405 for a method the resource lacks): answer in the
+    # dialect of the API the path belongs to, as its clients parse it.
+    top = request.path.split("/")[1:2]
+    styles = {r.style for r in table.values() if r.path.split("/")[1:2] == top}
+    return styles.pop() if len(styles) == 1 else ErrorStyle.DEFAULT
 
 
 @web.middleware

@@ -28,11 +28,15 @@ class ErrorStyle(StrEnum):
 class ApiError(Exception):
     """An HTTP error with a status, a message for a person and optional details."""
 
-    def __init__(self, status: int, message: str, details: Any = None) -> None:
+    def __init__(self, status: int, message: str, details: Any = None, *,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.details = details
+        # The exception name a TorchServe-style answer carries in "type" when the status
+        # alone does not say it (ModelVersionNotFoundException is a 404 too).
+        self.kind = kind
 
 
 _REASONS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -58,14 +62,15 @@ _TORCHSERVE_TYPES = {400: "BadRequestException", 401: "UnauthorizedException",
 
 
 def error_response(style: ErrorStyle, status: int, message: str,
-                   details: Any = None) -> web.Response:
+                   details: Any = None, *, kind: str | None = None) -> web.Response:
     body: dict[str, Any]
     if style is ErrorStyle.SEED_001:
         body = {"Result": "Failure", "Data": None, "Message": message}
     elif style is ErrorStyle.MESSAGE:
         body = {"message": message}
     elif style is ErrorStyle.TORCHSERVE:
-        body = {"code": status, "type": _TORCHSERVE_TYPES.get(status, "ServiceException"),
+        body = {"code": status,
+                "type": kind or _TORCHSERVE_TYPES.get(status, "ServiceException"),
                 "message": message}
     else:
         body = {"error": _REASONS.get(status) or _reason(status), "message": message}
@@ -92,7 +97,7 @@ def _client_gone(request: web.Request) -> bool:
 def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -> web.Response:
     """The response for an exception raised while handling ``request``."""
     if isinstance(exc, ApiError):
-        return error_response(style, exc.status, exc.message, exc.details)
+        return error_response(style, exc.status, exc.message, exc.details, kind=exc.kind)
     if isinstance(exc, NotFound):
         return error_response(style, 404, str(exc))
     if isinstance(exc, Conflict):
@@ -103,7 +108,10 @@ def map_exception(exc: BaseException, style: ErrorStyle, request: web.Request) -
         return error_response(style, 413, "request body is larger than the configured limit "
                               "(rest.max_body_mb)")
     if isinstance(exc, web.HTTPException):
-        return error_response(style, exc.status, exc.reason)
+        response = error_response(style, exc.status, exc.reason)
+        if "Allow" in exc.headers:  # a 405 must say which methods the resource takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     if isinstance(exc, ConnectionError) and _client_gone(request):
         # The client hung up mid-request (an upload cut off, a download abandoned): not
         # the node's fault and no one to answer; not worth a traceback.

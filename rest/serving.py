@@ -59,7 +59,11 @@ def classifier(runner: PipelineRunner, name: str, version: str | None = None) ->
     try:
         return runner.classifier(name, version)
     except KeyError as exc:
-        raise ApiError(404, str(exc.args[0]) if exc.args else f"unknown model {name!r}") from None
+        message = str(exc.args[0]) if exc.args else f"unknown model {name!r}"
+        # TorchServe names an unknown version of a known model apart
+        kind = ("ModelVersionNotFoundException"
+                if version is not None and name in runner.registry.names() else None)
+        raise ApiError(404, message, kind=kind) from None
     except PipelineError as exc:
         raise ApiError(400, f"{exc}; this route serves image classifiers") from None
 
@@ -189,14 +193,16 @@ async def request_image(request: web.Request) -> bytes:
     """The image of a request: the raw body, or one part of a multipart form.
 
     Of a multipart body, the part named ``data`` (or ``body``, ``file``, ``image``)
-    is used, else the first part with a file name, else the first part. Raises
-    ApiError 400 without an image, HTTPRequestEntityTooLarge beyond the limit.
+    is used, else the part with a file name, else the first part. Raises ApiError 400
+    without an image or with more than one (one prediction answers one image),
+    HTTPRequestEntityTooLarge beyond the limit.
     """
     if not request.content_type.startswith("multipart/"):
         data = await request.read()  # aiohttp enforces client_max_size here
     else:
         budget = body_limit(request)
         named = first_file = first = None
+        images = 0  # parts that carry an image: named as one, or a file
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
@@ -204,9 +210,10 @@ async def request_image(request: web.Request) -> bytes:
                     continue  # a nested multipart is not an image
                 content = await _read_limited(part, budget)
                 budget -= len(content)
-                if part.name in _INPUT_PARTS:
+                if part.name in _INPUT_PARTS or part.filename:
+                    images += 1
+                if part.name in _INPUT_PARTS and named is None:
                     named = content
-                    break
                 if first is None:
                     first = content
                 if first_file is None and part.filename:
@@ -215,6 +222,9 @@ async def request_image(request: web.Request) -> bytes:
             # a malformed body (bad boundary, part headers, encoding)
             raise ApiError(400, f"the multipart body cannot be read ({exc}); send the image "
                            "as the part 'data' (curl -F data=@file)") from None
+        if images > 1:
+            raise ApiError(400, f"the request has {images} images; send one image per "
+                           "request (concurrent requests are batched by the server)")
         data = next((d for d in (named, first_file, first) if d is not None), b"")
     if not data:
         raise ApiError(400, "the request has no image: send a DICOM, PNG or JPEG image as the "
@@ -327,7 +337,8 @@ async def describe_model(request: web.Request) -> web.Response:
 
 def routes() -> list[Route]:
     ts = ErrorStyle.TORCHSERVE
-    table = [Route("GET", "/ping", ping, scope=None, style=ts)]
+    # TorchServe answers /ping to POST as well (some load balancers' health checks)
+    table = [Route(method, "/ping", ping, scope=None, style=ts) for method in ("GET", "POST")]
     for path in ("/predictions/{model}", "/predictions/{model}/{version}"):
         table += [Route(method, path, predictions, scope="infer", style=ts)
                   for method in ("POST", "PUT")]

@@ -71,6 +71,21 @@ async def assert_same_as_pipeline(live: LiveNode, data: bytes, body: Any) -> Non
 
 async def test_ping_is_open(live: LiveNode) -> None:
     assert await call(live, "GET", "/ping", auth={}) == (200, {"health": "healthy!"})
+    # TorchServe answers a POST too (some load balancers' health checks send one)
+    assert await call(live, "POST", "/ping", auth={}) == (200, {"health": "healthy!"})
+
+
+async def test_a_method_the_route_lacks_is_torchserves_405_with_allow(
+        live: LiveNode) -> None:
+    """Unmatched methods and paths of seed 004's API answer in its error shape (they
+    were the node's generic one), and a 405 names the methods allowed, as HTTP asks."""
+    async with aiohttp.ClientSession() as s, s.get(
+            live.base_url + "/predictions/cxr-findings", headers=live.auth()) as r:
+        assert r.status == 405
+        assert set(r.headers["Allow"].split(",")) >= {"POST", "PUT"}
+        assert (await r.json())["type"] == "MethodNotAllowedException"
+    status, body = await call(live, "GET", "/predictions")
+    assert status == 404 and body["type"] == "ModelNotFoundException"
 
 
 # -- /predictions --------------------------------------------------------------------------
@@ -138,15 +153,28 @@ async def test_concurrent_requests_share_batches(live: LiveNode) -> None:
         await assert_same_as_pipeline(live, data, body)
 
 
-@pytest.mark.parametrize("path, message", [
-    ("/predictions/no-such-model", "unknown model 'no-such-model'"),
-    ("/predictions/cxr-findings/9.9", "no version '9.9'"),
+@pytest.mark.parametrize("path, message, kind", [
+    ("/predictions/no-such-model", "unknown model 'no-such-model'", "ModelNotFoundException"),
+    ("/predictions/no-such-model/1.0", "unknown model 'no-such-model'",
+     "ModelNotFoundException"),
+    ("/predictions/cxr-findings/9.9", "no version '9.9'", "ModelVersionNotFoundException"),
 ])
-async def test_unknown_model_or_version_is_404(live: LiveNode, path: str, message: str) -> None:
+async def test_unknown_model_or_version_is_404(live: LiveNode, path: str, message: str,
+                                               kind: str) -> None:
     status, body = await call(live, "POST", path, data=phantom_png(1))
     assert status == 404
-    assert body["code"] == 404 and body["type"] == "ModelNotFoundException"
+    assert body["code"] == 404 and body["type"] == kind  # TorchServe's names
     assert message in body["message"]
+
+
+async def test_two_images_in_one_request_are_refused(live: LiveNode) -> None:
+    """The answer is one prediction: a second image was dropped without a word."""
+    form = aiohttp.FormData()
+    form.add_field("data", phantom_png(1), filename="a.png", content_type="image/png")
+    form.add_field("data", phantom_png(2), filename="b.png", content_type="image/png")
+    status, body = await call(live, "POST", "/predictions/cxr-findings", data=form)
+    assert status == 400 and body["type"] == "BadRequestException"
+    assert "the request has 2 images; send one image per request" in body["message"]
 
 
 @pytest.mark.parametrize("data, message", [
