@@ -5,6 +5,10 @@ studies on the request's sources, tried in order; each study is fetched from
 the first source that has it, by C-MOVE / C-GET or by WADO-RS. Everything that
 arrives is stored like a received instance. Progress per study goes into the
 job's result as it happens.
+
+A study is not fetched when the sources say it belongs to another patient than the
+request names, nor when an accession number matches studies of several patients; one
+whose instances arrive under another patient than expected is not processed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class Target:
     study: str
     series: str | None = None
     instances: list[str] = field(default_factory=list)
+    # the patient the study must belong to: the request's PatientID, else the sources'
+    patient_id: str | None = None
+    refusal: str = ""  # why it is not fetched at all (another patient's study)
 
     def key(self) -> str:
         return "/".join(x for x in (self.study, self.series) if x)
@@ -45,6 +52,25 @@ class Target:
 
 # The status shows this many failed SOP Instance UIDs per study (the count is exact).
 MAX_FAILED_LISTED = 100
+
+
+@dataclass(frozen=True)
+class StudyMatch:
+    """One study a source's C-FIND or QIDO-RS answer names, and its Patient ID there."""
+
+    study: str
+    patient_id: str | None  # None: the answer gave none
+
+
+def dicom_string(value: Any) -> str | None:
+    """A DICOM string as compared: trailing spaces stripped, case kept; None if empty."""
+    text = str(value).rstrip(" ") if value is not None else ""
+    return text or None
+
+
+def wrong_patient(study: str, owner: str, requested: str) -> str:
+    return (f"study {study} belongs to patient {owner} on the PACS, not {requested} "
+            "as the request says; not retrieved")
 
 
 @dataclass
@@ -69,10 +95,12 @@ class Progress:
     failed: int = 0
     failed_instances: list[str] = field(default_factory=list)
     message: str = ""
+    patient_id: str | None = None  # what the sources (or the instances) say
+    refused: bool = False  # not fetched or not processed: another patient's
 
     def as_dict(self) -> dict[str, Any]:
-        return {"study": self.study, "source": self.source, "state": self.state,
-                "received": self.received, "failed": self.failed,
+        return {"study": self.study, "PatientID": self.patient_id, "source": self.source,
+                "state": self.state, "received": self.received, "failed": self.failed,
                 "failed_instances": self.failed_instances[:MAX_FAILED_LISTED],
                 "message": self.message}
 
@@ -119,7 +147,11 @@ class Retriever:
     # -- resolve -------------------------------------------------------------------------
 
     def resolve(self, query: dict[str, Any], sources: list[dict[str, Any]]) -> list[Target]:
+        """The studies (or series, instances) a query names, each with the patient it
+        must belong to; one that belongs to another patient than the request names, or
+        that an accession matching several patients' studies names, carries a refusal."""
         kind = query.get("type")
+        requested = dicom_string(query.get("PatientID"))
         if kind == "DICOM_UID":
             targets = []
             for st in query.get("studies", []):
@@ -130,6 +162,8 @@ class Retriever:
                     sops = [u for inst in se.get("instances") or []
                             for u in inst.get("SOPInstanceUID", [])]
                     targets.append(Target(st["StudyInstanceUID"], se["SeriesInstanceUID"], sops))
+            if requested is not None:
+                self._check_owners(targets, requested, sources)
             return targets
         keys: list[dict[str, str]] = []
         if kind == "DICOM_PATIENT_ID":
@@ -138,9 +172,34 @@ class Retriever:
             keys = [{"accession_number": a} for a in query.get("accessionNumber", [])]
         found: dict[str, Target] = {}
         for key in keys:
+            owners: dict[str, set[str]] = {}  # study -> the Patient IDs the sources give
             for src in sources:
-                for uid in self._find_studies(src, key):
-                    found.setdefault(uid, Target(uid))
+                for m in self._find_studies(src, key):
+                    ids = owners.setdefault(m.study, set())
+                    if m.patient_id is not None:
+                        ids.add(m.patient_id)
+            patients = set().union(*owners.values()) if owners else set()
+            ambiguous = ""
+            if "accession_number" in key and len(patients) > 1:
+                # An accession number names one patient's order; a PACS where it matches
+                # several patients' studies holds a mix-up nobody may guess around.
+                ambiguous = (f"accession number {key['accession_number']} matches studies "
+                             f"of {len(patients)} patients on the PACS "
+                             f"({', '.join(sorted(patients))}); none of them retrieved")
+            for uid, ids in owners.items():
+                target = found.setdefault(uid, Target(uid))
+                owner = next(iter(ids)) if len(ids) == 1 else None
+                target.patient_id = target.patient_id or requested or owner
+                if target.refusal:
+                    continue  # refused for another key of the request: stays refused
+                if ambiguous:
+                    target.patient_id, target.refusal = owner, ambiguous
+                elif len(ids) > 1:  # the sources disagree on whose study it is
+                    target.refusal = (f"study {uid} belongs to {len(ids)} patients on the "
+                                      f"sources ({', '.join(sorted(ids))}); not retrieved")
+                elif requested is not None and owner is not None and owner != requested:
+                    target.patient_id = owner
+                    target.refusal = wrong_patient(uid, owner, requested)
         if not found:
             what = ", ".join(f"{k}={v}" for key in keys for k, v in key.items())
             if self.unreachable:
@@ -150,16 +209,38 @@ class Retriever:
                                     f"{', '.join(self._label(s) for s in sources)}")
         return list(found.values())
 
-    def _find_studies(self, src: dict[str, Any], key: dict[str, str]) -> list[str]:
+    def _check_owners(self, targets: list[Target], requested: str,
+                      sources: list[dict[str, Any]]) -> None:
+        """Refuse each target whose study a source files under another patient than
+        ``requested``. A study no source can find or answer for is left to the fetch
+        (which says it is missing) and to the check of what arrives."""
+        owners: dict[str, set[str]] = {}
+        for study in dict.fromkeys(t.study for t in targets):
+            ids = owners.setdefault(study, set())
+            for src in sources:
+                ids.update(m.patient_id for m in self._find_studies(
+                    src, {"study_instance_uid": study})
+                    if m.study == study and m.patient_id is not None)
+        for t in targets:
+            t.patient_id = requested
+            others = sorted(owners[t.study] - {requested})
+            if others:
+                t.patient_id = ", ".join(others)  # whose study it is, as the status says
+                t.refusal = wrong_patient(t.study, t.patient_id, requested)
+
+    def _find_studies(self, src: dict[str, Any], key: dict[str, str]) -> list[StudyMatch]:
         from dicom_node.dicomweb import DicomWebError
 
         if src["interface"] == "DICOMweb":
             ops = src.get("operations")
             if ops is not None and "QUERY" not in ops:
                 return []  # the request allows this source to be read, not searched
+            web_key = {("study_uid" if k == "study_instance_uid" else k): v
+                       for k, v in key.items()}
             try:
                 with self._web_client(src) as client:
-                    return [s.study_uid for s in client.search_studies(**key)]
+                    return [StudyMatch(s.study_uid, dicom_string(s.patient_id))
+                            for s in client.search_studies(**web_key)]
             except DicomWebError as exc:
                 self.unreachable.append(f"{self._label(src)}: {exc}")
                 return []
@@ -169,8 +250,8 @@ class Retriever:
         result = self.node.dicom_client().find(source, Query(QueryLevel.STUDY, **key))
         if not result.ok:
             self.unreachable.append(f"{source.name}: {result.message}")
-        return [str(m.StudyInstanceUID) for m in result.matches
-                if m.get("StudyInstanceUID")]
+        return [StudyMatch(str(m.StudyInstanceUID), dicom_string(m.get("PatientID")))
+                for m in result.matches if m.get("StudyInstanceUID")]
 
     # -- fetch ---------------------------------------------------------------------------
 
@@ -178,20 +259,41 @@ class Retriever:
         targets: list[Target] = []
         for q in queries:
             targets += self.resolve(q, sources)
-        progress = [Progress(t.key()) for t in targets]
+        progress = [Progress(t.key(), patient_id=t.patient_id) for t in targets]
+        for target, prog in zip(targets, progress, strict=True):
+            if target.refusal:
+                prog.state, prog.message, prog.refused = "failed", target.refusal, True
         self.ctx.publish(retrieval=[p.as_dict() for p in progress])
         paths: list[Path] = []
         for target, prog in zip(targets, progress, strict=True):
+            if prog.refused:
+                continue
             self.ctx.check_cancelled()
             for src in sources:
                 fetched = self._fetch(src, target)
                 got = fetched.paths
                 prog.source = self._label(src)
                 if got:
-                    paths += got
-                    self.by_study.setdefault(target.study, []).extend(fetched.sources)
                     prog.received, prog.failed = len(got), fetched.failed
                     prog.failed_instances = fetched.failed_instances
+                    arrived = {p for s in fetched.sources if (p := _patient_of(s)) is not None}
+                    others = sorted(arrived - {target.patient_id}) if target.patient_id \
+                        else sorted(arrived) if len(arrived) > 1 else []
+                    if others:
+                        # The instances themselves name another patient (a source that
+                        # could not be searched, a PACS whose index and files disagree):
+                        # kept as received, not processed as the request's patient's.
+                        prog.state, prog.refused = "failed", True
+                        prog.patient_id = ", ".join(sorted(arrived))
+                        prog.message = (f"the instances of {target.key()} that arrived "
+                                        f"belong to patient {prog.patient_id}"
+                                        + (f", not {target.patient_id} as expected"
+                                           if target.patient_id else "")
+                                        + "; not processed")
+                        break
+                    paths += got
+                    self.by_study.setdefault(target.study, []).extend(fetched.sources)
+                    prog.patient_id = next(iter(arrived), None) or target.patient_id
                     prog.state = "retrieved" if not fetched.failed else "partial"
                     prog.message = fetched.message
                     break
@@ -199,8 +301,11 @@ class Retriever:
             self.ctx.publish(retrieval=[p.as_dict() for p in progress])
         if not paths:
             reasons = "; ".join(f"{p.study}: {p.message}" for p in progress)
-            if self.unreachable or any("cannot" in p.message or "refused" in p.message
-                                       or "unreachable" in p.message for p in progress):
+            # a study refused as another patient's stays refused however often it is tried
+            tried = [p for p in progress if not p.refused]
+            if tried and (self.unreachable or any(
+                    "cannot" in p.message or "refused" in p.message
+                    or "unreachable" in p.message for p in tried)):
                 raise RetrievalError(f"nothing retrieved ({reasons})")
             raise PermanentJobError(f"nothing retrieved ({reasons})")
         return paths
@@ -279,6 +384,20 @@ class Retriever:
         if unusable and not stored:
             message = f"nothing usable arrived ({len(unusable)} unreadable: {unusable[0]})"
         return Fetched(stored, len(failed), [u for u in failed if u], message, sources)
+
+
+def _patient_of(source: Path | Dataset) -> str | None:
+    """The Patient ID of an arrived instance (its header, else read from its file)."""
+    if isinstance(source, Path):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            source = pydicom.dcmread(source, stop_before_pixels=True,
+                                     specific_tags=["PatientID"])
+        except (OSError, InvalidDicomError):
+            return None  # unreadable: the pipeline fails on it with the reason
+    return dicom_string(source.get("PatientID"))
 
 
 def dimse_failures(result: RetrieveResult) -> tuple[int, list[str]]:

@@ -427,6 +427,16 @@ def _incomplete(retrieval: list[dict[str, Any]]) -> str | None:
     return f"ran on {whole} of {len(retrieval)} studies or series asked for in full; {parts}"
 
 
+def _with_patients(results: list[dict[str, Any]],
+                   retrieval: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each result with the Patient ID of the study it was made from (the one its
+    instances arrived with; null where the job's record has none, e.g. an older job)."""
+    patients = {str(r.get("study", "")).split("/")[0]: r.get("PatientID") for r in retrieval
+                if r.get("state") in ("retrieved", "partial")}
+    return [{**r, "PatientID": patients.get(r.get("study", ""))} if "PatientID" not in r
+            else r for r in results]
+
+
 def status_body(job: Job, exports: list[dict[str, Any]],
                 events: list[JobEvent] | None = None) -> dict[str, Any]:
     def ts(v: Any) -> str | None:
@@ -449,7 +459,7 @@ def status_body(job: Job, exports: list[dict[str, Any]],
         "finished": ts(job.finished_at),
         "retrieval": retrieval,
         "exports": exports,
-        "results": result.get("results", []),
+        "results": _with_patients(result.get("results", []), retrieval),
         "timings": {**phase_timings(job, events or []), **result.get("timings", {})},
         # A success on part of what was asked says so: a RIS reading only status and
         # message would otherwise never learn that a study was not found.

@@ -354,3 +354,126 @@ def test_the_sample_requests_work_as_shipped(site: Site, request_file: str,
     study = str(pydicom.dcmread(SAMPLES / study_files[0], stop_before_pixels=True)
                 .StudyInstanceUID)
     assert result_class in {i["sop_class"] for i in qido_instances(site.pacs, study)}
+
+
+# -- the patient a request names, and accessions of several patients ------------------
+
+
+def chest_of(site: Site, seed: int, patient_id: str,
+             accession: str | None = None) -> pydicom.Dataset:
+    """A CR chest phantom of ``patient_id`` (with ``accession``) loaded into the PACS."""
+    path = write_dicom(make_cxr_phantom(seed), site.tmp / f"cr-{seed}.dcm", modality="CR",
+                       patient_id=patient_id)
+    ds = pydicom.dcmread(path)
+    if accession is not None:
+        ds.AccessionNumber = accession
+        ds.save_as(path)
+    site.pacs.upload([path])
+    return ds
+
+
+def results_in_pacs(pacs: Orthanc, study: pydicom.Dataset) -> int:
+    """How many instances other than the source the PACS holds in the study."""
+    return sum(i["sop"] != str(study.SOPInstanceUID)
+               for i in qido_instances(pacs, str(study.StudyInstanceUID)))
+
+
+def test_a_study_of_another_patient_than_the_request_names_is_not_retrieved(site: Site) -> None:
+    real = chest_of(site, 211, "ACR-REAL")
+    study = str(real.StudyInstanceUID)
+    for source in (dimse("pacs"), web(site.pacs.dicomweb_url)):  # C-FIND, then QIDO-RS
+        for named in ("ACR-OTHER", "acr-real"):  # compared case-sensitively
+            st = site.run(request("cxr-findings", {**by_uid(study), "PatientID": named},
+                                  source, [dimse("pacs-out")]))
+            assert st["state"] == "failed" and st["attempts"] == 1, st
+            why = (f"study {study} belongs to patient ACR-REAL on the PACS, not {named} "
+                   "as the request says; not retrieved")
+            [retrieved] = st["retrieval"]
+            assert retrieved["state"] == "failed" and retrieved["message"] == why
+            assert retrieved["PatientID"] == "ACR-REAL" and retrieved["received"] == 0
+            assert why in st["message"]
+            assert st["results"] == [] and st["exports"] == []
+    assert results_in_pacs(site.pacs, real) == 0
+    assert site.node.node is not None and site.node.node.store is not None
+    assert site.node.node.store.get_instance(str(real.SOPInstanceUID)) is None  # not fetched
+    # the patient it does belong to (trailing spaces are DICOM padding)
+    st = site.run(request("cxr-findings", {**by_uid(study), "PatientID": "ACR-REAL "},
+                          dimse("pacs"), [dimse("pacs-out")]))
+    assert st["state"] == "succeeded", st
+    [result] = st["results"]
+    assert result["study"] == study and result["PatientID"] == "ACR-REAL"
+    assert st["retrieval"][0]["PatientID"] == "ACR-REAL"
+
+
+def test_of_two_studies_only_the_named_patients_is_processed(site: Site) -> None:
+    mine, theirs = chest_of(site, 212, "ACR-MINE"), chest_of(site, 213, "ACR-THEIRS")
+    details = {"type": "DICOM_UID", "PatientID": "ACR-MINE",
+               "studies": [{"StudyInstanceUID": str(mine.StudyInstanceUID)},
+                           {"StudyInstanceUID": str(theirs.StudyInstanceUID)}]}
+    st = site.run(request("cxr-findings", details, dimse("pacs"), [dimse("pacs-out")]))
+    assert st["state"] == "succeeded", st
+    assert [r["study"] for r in st["results"]] == [str(mine.StudyInstanceUID)]
+    assert st["results"][0]["PatientID"] == "ACR-MINE"
+    refused = next(r for r in st["retrieval"] if r["study"] == str(theirs.StudyInstanceUID))
+    assert refused["state"] == "failed" and "belongs to patient ACR-THEIRS" in refused["message"]
+    assert "belongs to patient ACR-THEIRS on the PACS, not ACR-MINE" in st["message"]
+    assert results_in_pacs(site.pacs, theirs) == 0 and results_in_pacs(site.pacs, mine) == 3
+
+
+def test_an_accession_request_naming_another_patient_is_not_retrieved(site: Site) -> None:
+    real = chest_of(site, 214, "ACR-REAL2", accession="ACRPID1")
+    details = {"type": "ACCESSION_NUMBER", "accessionNumber": ["ACRPID1"],
+               "PatientID": "ACR-OTHER"}
+    st = site.run(request("cxr-findings", details, dimse("pacs"), [dimse("pacs-out")]))
+    assert st["state"] == "failed" and st["attempts"] == 1, st
+    assert (f"study {real.StudyInstanceUID} belongs to patient ACR-REAL2 on the PACS, not "
+            "ACR-OTHER as the request says; not retrieved") in st["message"]
+    assert results_in_pacs(site.pacs, real) == 0
+
+
+def test_instances_of_another_patient_from_a_source_not_searched_are_not_processed(
+        site: Site) -> None:
+    """A DICOMweb source the request allows only RETRIEVE cannot be asked whose study it
+    is: what arrives is checked instead."""
+    real = chest_of(site, 215, "ACR-REAL3")
+    read_only = web(site.pacs.dicomweb_url)
+    read_only["connectionDetails"]["operations"] = ["RETRIEVE"]
+    st = site.run(request("cxr-findings",
+                          {**by_uid(str(real.StudyInstanceUID)), "PatientID": "ACR-OTHER"},
+                          read_only, [dimse("pacs-out")]))
+    assert st["state"] == "failed" and st["attempts"] == 1, st
+    [retrieved] = st["retrieval"]
+    assert retrieved["state"] == "failed" and retrieved["PatientID"] == "ACR-REAL3"
+    assert retrieved["message"] == (f"the instances of {real.StudyInstanceUID} that arrived "
+                                    "belong to patient ACR-REAL3, not ACR-OTHER as expected; "
+                                    "not processed")
+    assert st["results"] == [] and results_in_pacs(site.pacs, real) == 0
+
+
+def test_an_accession_matching_studies_of_two_patients_is_refused(site: Site) -> None:
+    p1 = chest_of(site, 216, "ACR-P1", accession="DUPACC")
+    p2 = chest_of(site, 217, "ACR-P2", accession="DUPACC")
+    alone = chest_of(site, 218, "ACR-P3", accession="ONEACC")
+    why = ("accession number DUPACC matches studies of 2 patients on the PACS "
+           "(ACR-P1, ACR-P2); none of them retrieved")
+    for source in (dimse("pacs"), web(site.pacs.dicomweb_url)):
+        st = site.run(request("cxr-findings",
+                              {"type": "ACCESSION_NUMBER", "accessionNumber": ["DUPACC"]},
+                              source, [dimse("pacs-out")]))
+        assert st["state"] == "failed" and st["attempts"] == 1, st
+        assert why in st["message"]
+        assert {(r["study"], r["PatientID"], r["state"], r["message"])
+                for r in st["retrieval"]} == {
+            (str(p1.StudyInstanceUID), "ACR-P1", "failed", why),
+            (str(p2.StudyInstanceUID), "ACR-P2", "failed", why)}
+        assert st["results"] == [] and st["exports"] == []
+    # with an accession of one patient beside it, that one alone is processed
+    st = site.run(request("cxr-findings", {"type": "ACCESSION_NUMBER",
+                                           "accessionNumber": ["DUPACC", "ONEACC"]},
+                          dimse("pacs"), [dimse("pacs-out")]))
+    assert st["state"] == "succeeded", st
+    [result] = st["results"]
+    assert result["study"] == str(alone.StudyInstanceUID) and result["PatientID"] == "ACR-P3"
+    assert why in st["message"]
+    assert results_in_pacs(site.pacs, p1) == 0 and results_in_pacs(site.pacs, p2) == 0
+    assert results_in_pacs(site.pacs, alone) == 3

@@ -27,3 +27,12 @@ def test_progress_lists_at_most_the_first_failed_instances() -> None:
     shown = p.as_dict()
     assert shown["failed"] == MAX_FAILED_LISTED + 50
     assert shown["failed_instances"] == uids[:MAX_FAILED_LISTED]
+
+
+def test_patient_ids_compare_as_dicom_strings() -> None:
+    from dicom_node.retrieve import dicom_string
+
+    assert dicom_string("ACR-REAL  ") == "ACR-REAL"  # padding
+    assert dicom_string(" ACR-REAL") == " ACR-REAL" and dicom_string("acr-real") != "ACR-REAL"
+    assert dicom_string("") is None and dicom_string(None) is None and dicom_string("  ") is None
+    assert Progress("1.2.3", patient_id="P1").as_dict()["PatientID"] == "P1"

@@ -359,3 +359,28 @@ def test_a_cancelled_request_says_when_and_at_which_stage() -> None:
     body = status_body(job, [], events)
     assert body["status"] == "Cancelled"
     assert body["message"] == "cancelled at 2025-01-01T00:00:09+00:00 while it ran"
+
+
+def test_each_result_names_the_patient_of_its_study() -> None:
+    """From the retrieval record: a series entry counts for its study; a study refused as
+    another patient's gives no result its Patient ID; an older job's record has none."""
+    from datetime import UTC, datetime
+
+    from dicom_node.store import Job, JobState
+    from rest.inference import status_body
+
+    retrieval = [
+        {"study": "1.2.3/1.2.3.1", "PatientID": "P1", "state": "retrieved"},
+        {"study": "1.2.4", "PatientID": "P2", "state": "failed",
+         "message": "study 1.2.4 belongs to patient P2 on the PACS, not P1 as the request "
+                    "says; not retrieved"},
+        {"study": "1.2.5", "state": "partial"},
+    ]
+    results = [{"study": "1.2.3", "result": "Normal"}, {"study": "1.2.5", "result": "Normal"}]
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    job = Job(id="j", kind="acr", pipeline="p", state=JobState.SUCCEEDED, priority=128,
+              attempts=1, max_attempts=5, input={}, created_at=now, updated_at=now,
+              result={"retrieval": retrieval, "results": results})
+    assert status_body(job, [])["results"] == [
+        {"study": "1.2.3", "result": "Normal", "PatientID": "P1"},
+        {"study": "1.2.5", "result": "Normal", "PatientID": None}]
