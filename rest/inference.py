@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -31,6 +32,7 @@ from pydantic import (
 
 from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.dicomweb import url_allowed
+from dicom_node.digits import ascii_int
 from dicom_node.store import Job, JobEvent, JobState, NewJob
 from rest.app import NODE, Route, json_body, principal
 from rest.batch import cancelled_message
@@ -50,6 +52,30 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _spelled(*names: str, aliases: dict[str, str] | None = None) -> Any:
+    """A validator that reads a string enum as Clara's JSON reader does: case ignored
+    (``"dimse"``, ``"Query"``), plus its other spellings (``aliases``, lower case)."""
+    known = {n.lower(): n for n in names} | (aliases or {})
+
+    def read(value: Any) -> Any:
+        if isinstance(value, str):
+            return known.get(value.strip().lower(), value)
+        return value
+    return read
+
+
+def _digits_as_int(value: Any) -> Any:
+    if isinstance(value, str):
+        number = ascii_int(value.strip(), max_digits=3)
+        return value if number is None else number
+    return value
+
+
+_interface = _spelled("Algorithm", "DIMSE", "DICOMweb")
+# Clara's InputInterfaceOperations has "WADO Retrieve" beside Retrieve
+_operation = _spelled("QUERY", "RETRIEVE", "STORE", aliases={"wado retrieve": "RETRIEVE"})
+
+
 class InstanceRef(_Model):
     SOPInstanceUID: list[UID] = Field(min_length=1)
 
@@ -65,7 +91,9 @@ class StudyRef(_Model):
 
 
 class Details(_Model):
-    type: Literal["DICOM_UID", "DICOM_PATIENT_ID", "ACCESSION_NUMBER"]
+    type: Annotated[Literal["DICOM_UID", "DICOM_PATIENT_ID", "ACCESSION_NUMBER"],
+                    BeforeValidator(_spelled("DICOM_UID", "DICOM_PATIENT_ID",
+                                             "ACCESSION_NUMBER"))]
     studies: list[StudyRef] | None = None
     PatientID: str | None = Field(default=None, min_length=1, max_length=64,
                                   pattern=_NO_WILDCARDS)
@@ -88,12 +116,17 @@ class InputMetadata(_Model):
 
 class ConnectionDetails(_Model):
     name: str | None = Field(default=None, min_length=1, max_length=128)
+    # Clara's Algorithm resource carries an id beside the name (its examples do); the
+    # node names pipelines by name, so it is taken and not used.
+    id: str | None = Field(default=None, max_length=256)
     uri: str | None = Field(default=None, max_length=2048)
-    authType: Literal["None", "Basic", "Bearer"] = "None"
+    authType: Annotated[Literal["None", "Basic", "Bearer"],
+                        BeforeValidator(_spelled("None", "Basic", "Bearer"))] = "None"
     # Clara spells it authId; the issue (and some RIS) authID: both are accepted.
     authId: str | None = Field(default=None, max_length=4096,
                                validation_alias=AliasChoices("authId", "authID"))
-    operations: list[Literal["QUERY", "RETRIEVE", "STORE"]] | None = None
+    operations: list[Annotated[Literal["QUERY", "RETRIEVE", "STORE"],
+                               BeforeValidator(_operation)]] | None = None
     aeTitle: str | None = None
     host: str | None = Field(default=None, max_length=255)
     port: StrictInt | None = Field(default=None, ge=1, le=65535)
@@ -114,13 +147,17 @@ class ConnectionDetails(_Model):
 
 
 class Resource(_Model):
-    interface: Literal["Algorithm", "DIMSE", "DICOMweb"]
+    interface: Annotated[Literal["Algorithm", "DIMSE", "DICOMweb"],
+                         BeforeValidator(_interface)]
     connectionDetails: ConnectionDetails
 
 
 class InferenceRequest(_Model):
     transactionID: str = Field(min_length=1, max_length=256)
-    priority: StrictInt = Field(default=128, ge=0, le=255)  # "200" or true is a wrong type
+    # A number, or ASCII digits in a string as Clara's own example writes it ("255");
+    # true, 1.5 or "high" is a wrong type.
+    priority: Annotated[StrictInt, BeforeValidator(_digits_as_int)] = Field(
+        default=128, ge=0, le=255)
     inputMetadata: InputMetadata
     inputResources: list[Resource] = Field(min_length=1)
     outputResources: list[Resource]  # required by seed 000 (may be empty: results on disk)

@@ -60,6 +60,29 @@ def body(**changes: Any) -> dict[str, Any]:
     return b
 
 
+async def test_clara_spellings_are_accepted(api: tuple[TestClient, dict]) -> None:
+    """What Clara's own InferenceRequest example and its enum reader accept: priority
+    as a string of digits ("255"), an id beside the Algorithm's name, enum values in
+    any case, "WADO Retrieve" as an operation. They were 422s."""
+    client, h = api
+    clara = body(
+        transactionID="tx-clara", priority="255",
+        inputMetadata={"details": {"type": "dicom_uid",
+                                   "studies": [{"StudyInstanceUID": "1.2.840.1"}]}},
+        inputResources=[
+            {"interface": "algorithm",
+             "connectionDetails": {"name": "cxr", "id": "123456790"}},
+            {"interface": "DICOMWeb",
+             "connectionDetails": {"uri": "http://127.0.0.1:8042/dicom-web",
+                                   "authType": "basic", "authId": "dXNlcjpwdw==",
+                                   "operations": ["Query", "WADO Retrieve"]}},
+        ])
+    r = await client.post("/api/inference", json=clara, headers=h["ris"])
+    assert r.status == 200, await r.text()
+    s = await client.get("/api/inference/status/tx-clara", headers=h["ris"])
+    assert (await s.json())["priority"] == 255
+
+
 async def test_accepts_and_reports_status(api: tuple[TestClient, dict]) -> None:
     client, h = api
     r = await client.post("/api/inference", json=GOOD, headers=h["ris"])
@@ -111,7 +134,9 @@ BAD_CASES = [
     ("not json", "(body)"),
     (body(priority=300), "priority"),
     (body(priority="high"), "priority"),
-    (body(priority="200"), "priority"),  # a string is a wrong type, not a number
+    (body(priority="²⁰⁰"), "priority"),  # digits, but not ASCII ones
+    (body(priority="300"), "priority"),  # in a string, still out of range
+    (body(priority=1.5), "priority"),
     (body(priority=True), "priority"),
     ({k: v for k, v in GOOD.items() if k != "outputResources"}, "outputResources"),
     (body(inputMetadata={"details": {"type": "DICOM_PATIENT_ID", "PatientID": "*"}}),
