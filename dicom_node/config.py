@@ -247,6 +247,11 @@ class RestSettings(_Section):
     # Largest request body of the JSON and image APIs (STOW-RS has stow_max_mb): a large
     # radiograph sent as base64 fits; a 50 MB upload is refused with 413.
     max_body_mb: float = Field(default=32, gt=0)
+    # Connections the HTTP server holds at once (one more is closed at once), and how
+    # long one may take to send a complete request head: a client holding many half-sent
+    # requests must not take the file descriptors DICOM intake needs (rest/connections).
+    max_connections: int = Field(default=256, ge=1, le=100_000)
+    request_head_timeout_s: float = Field(default=30, gt=0, le=3600)
     # Server-side paths named in requests must resolve inside one of these.
     allowed_roots: list[Path] = Field(
         default_factory=lambda: [Path("."), PROJECT_ROOT / "samples"]

@@ -38,6 +38,7 @@ from dicom_node.watch import Watcher
 if TYPE_CHECKING:
     from pipeline.runner import PipelineRunner
     from rest.auth import Authenticator
+    from rest.connections import ConnectionGuard
 
 
 class Node:
@@ -58,6 +59,7 @@ class Node:
         self.scp: StorageSCP | None = None
         self.watch: Watcher | None = None  # drop folders
         self.dicom: DicomClient | None = None  # C-ECHO / export / retrieval for other parts
+        self.http_connections: ConnectionGuard | None = None  # the HTTP server's, while up
         self.parts: dict[str, str] = {}
         self.lock: serve_lock.ServeLock | None = None  # held while the node runs
         self._stop = asyncio.Event()
@@ -383,16 +385,22 @@ class Node:
     @asynccontextmanager
     async def _http(self) -> AsyncIterator[None]:
         from rest.app import create_app
+        from rest.connections import ConnectionGuard
 
         rest = self.settings.rest
         runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
         await runner.setup()
+        guard = ConnectionGuard(rest.max_connections, rest.request_head_timeout_s)
+        assert runner.server is not None
+        guard.install(runner.server)
+        self.http_connections = guard
         try:
             site = web.TCPSite(runner, rest.host, rest.port, reuse_address=True)
             with _naming_the_port("HTTP", rest.host, rest.port):
                 await site.start()
             self.log.info("HTTP listening", host=rest.host, port=rest.port)
-            yield
+            async with guard.running():
+                yield
         finally:
             await runner.cleanup()
 

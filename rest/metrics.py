@@ -141,6 +141,9 @@ async def health(request: web.Request) -> web.Response:
                   "groups_waiting": waiting},
         "dicom": dicom,
         "disk": disk,
+        # connections now, and those closed: over rest.max_connections, or no complete
+        # request head within rest.request_head_timeout_s
+        "http": node.http_connections.status() if node.http_connections else None,
         "models": models,
         "parts": dict(node.parts),
         "watch": watch,
