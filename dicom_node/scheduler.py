@@ -87,6 +87,10 @@ class JobContext:
     # The job's exports so far, by destination (earlier passes, earlier runs): one that
     # succeeded is never sent to again.
     exported: dict[str, ExportRecord] = field(default_factory=dict)
+    # Outcomes of this attempt's export pass not yet in the store (it failed while they
+    # were recorded): recorded before the job is queued again, so that a destination
+    # that got the results is not sent them a second time.
+    unrecorded: list[ExportOutcome] = field(default_factory=list)
     _set_state: Callable[[JobState, str | None], None] | None = None
 
     @property
@@ -180,6 +184,11 @@ def _set_result(fut: asyncio.Future[T], value: T) -> None:
 def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+class _OutcomeNotRecorded(Exception):
+    """The store failed while an export pass's outcomes were recorded: not a failure of
+    the job, which is queued again once they are recorded (Scheduler._run)."""
 
 
 class _StoreTrouble:
@@ -498,16 +507,21 @@ class Scheduler:
             # as soon as the store answers, and this worker goes on with the queue.
             log.exception("the job's outcome could not be recorded; it is queued again "
                           "once the store answers")
-            await self._requeue_when_possible(job, log)
+            await self._requeue_when_possible(job, log, ctx.unrecorded)
         finally:
             await asyncio.to_thread(shutil.rmtree, ctx.work_dir, True)
 
-    async def _requeue_when_possible(self, job: Job, log: Any) -> None:
+    async def _requeue_when_possible(self, job: Job, log: Any,
+                                     unrecorded: list[ExportOutcome]) -> None:
         """Give ``job`` back to the queue, trying until the store takes it or the node
-        stops (a stopping node's job is queued again at the next start)."""
+        stops (a stopping node's job is queued again at the next start); first the
+        export outcomes of its pass that the store did not take (``unrecorded``)."""
         delay = 1.0
         while not self._stopping:
             try:
+                while unrecorded:
+                    await self._record_export(job, unrecorded[0])
+                    unrecorded.pop(0)
                 if not await asyncio.to_thread(
                         self.store.transition, job.id, JobState.QUEUED,
                         token=job.lease_token, uncount_attempt=True,
@@ -556,15 +570,16 @@ class Scheduler:
             ctx.exported = {x.destination: x for x in
                             await asyncio.to_thread(self.store.exports_of, job.id)}
             outcomes = await self._in_thread(ctx, lambda: self.handler.export(ctx, produced))
-            for o in outcomes:
-                if o.recorded:
-                    continue
-                state = (EXPORT_SUCCEEDED if o.ok else
-                         EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
-                await asyncio.to_thread(self.store.record_export, job.id, o.destination,
-                                        state, o.attempts, o.sent, o.message, o.acknowledged)
+            ctx.unrecorded = [o for o in outcomes if not o.recorded]
+            try:
+                while ctx.unrecorded:
+                    await self._record_export(job, ctx.unrecorded[0])
+                    ctx.unrecorded.pop(0)
+            except Exception as exc:
+                # The results went out; the store failed, not the job (see _run).
+                raise _OutcomeNotRecorded(str(exc)) from exc
             ctx.check_cancelled()  # a cancel during the pass: nothing more is sent
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, _OutcomeNotRecorded):
             raise
         except JobCancelled:
             await self._finish(job, JobState.CANCELLED, "cancelled", log)
@@ -601,6 +616,12 @@ class Scheduler:
             outcome = ctx.result.get("outcome")  # the handler's summary, when it gave one
             await self._finish(job, JobState.SUCCEEDED, str(outcome or "done"), log,
                                result=result)
+
+    async def _record_export(self, job: Job, o: ExportOutcome) -> None:
+        state = (EXPORT_SUCCEEDED if o.ok else
+                 EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
+        await asyncio.to_thread(self.store.record_export, job.id, o.destination, state,
+                                o.attempts, o.sent, o.message, o.acknowledged)
 
     async def _export_later(self, job: Job, waiting: list[ExportOutcome], log: Any,
                             result: dict[str, Any]) -> None:

@@ -380,6 +380,43 @@ async def test_a_store_failure_while_an_outcome_is_recorded_costs_no_worker(
     assert sqlite_store.get_job(job.id).attempts == 1  # the store's failures cost none
 
 
+async def test_an_export_the_store_failed_to_record_is_not_sent_again(
+        sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing as an export pass's outcome was recorded: the job was queued
+    again with no record of the destination that got the results, so the next pass sent
+    them to it a second time. Now the outcome is recorded before the job is queued again,
+    and the next pass finds the destination done."""
+    sched, handler = make(sqlite_store, tmp_path, immediate_slot=False)
+    real_record = sqlite_store.record_export
+    down = [2]  # the record fails twice: in the pass, and the first try to queue it again
+    seen: list[dict[str, str]] = []
+
+    def record_export(*args: object, **kw: object) -> None:
+        if down[0]:
+            down[0] -= 1
+            raise StoreError("database or disk is full")
+        real_record(*args, **kw)  # type: ignore[arg-type]
+
+    real_export = handler.export
+
+    def export(ctx, artifacts):  # type: ignore[no-untyped-def]
+        seen.append({d: r.state for d, r in ctx.exported.items()})
+        return real_export(ctx, artifacts)
+
+    monkeypatch.setattr(sqlite_store, "record_export", record_export)
+    monkeypatch.setattr(handler, "export", export)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"name": "once"}))
+        assert await wait_state(sqlite_store, job.id, JobState.SUCCEEDED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    # one pass sent the results; the one after the outage found "folder" done
+    assert seen == [{}, {"folder": "succeeded"}]
+    assert handler.order == ["once"]
+    assert sqlite_store.get_job(job.id).attempts == 1  # the store's failure cost none
+
+
 async def test_a_job_no_worker_holds_loses_its_lease_and_is_queued_again(
         store: Store, tmp_path: Path) -> None:
     """Only the jobs a worker here runs have their leases renewed: one left "running"
