@@ -21,7 +21,7 @@ import contextlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +127,7 @@ class NodeHandler:
             if isinstance(gathered, str):  # an earlier job's run read all of this group
                 ctx.result.update(results=[], outcome=f"skipped: {gathered}")
                 return []
-            whole = gathered
+            whole = gathered  # None: the store has none of its group (runs on its paths)
         paths = self._input_paths(ctx) if whole is None else whole.paths
         if not paths:
             raise PermanentJobError("none of the job's instances is available to run on")
@@ -247,7 +247,7 @@ class NodeHandler:
 
     # -- a series that came in parts -----------------------------------------------------
 
-    def _whole_series(self, ctx: JobContext) -> SeriesRead | str:
+    def _whole_series(self, ctx: JobContext) -> SeriesRead | str | None:
         """What a pushed job whose pipeline reads a series runs on: every instance of the
         series its group has part of that the node holds now and that came the same way
         (what ``jobs retry`` gathers), not only its group's part.
@@ -257,13 +257,16 @@ class NodeHandler:
         still runs. Returns the reason to skip when such a job already ran (its results
         are the series' results: a second set would conflict with them), else what to
         run on, recorded in the job's result (``read``) in one transaction with that
-        decision, so that two parts' jobs never both run on the whole series."""
+        decision, so that two parts' jobs never both run on the whole series. None when
+        the store holds none of the group as having come that way."""
         from dicom_node.retention import instance_file
 
         job = ctx.job
         own = dict.fromkeys(str(u) for u in job.input.get("instances", []))
         held = self.store.held_the_same_way(job)
         series = {r.series_instance_uid for r in held if r.sop_instance_uid in own}
+        if not series:  # none of its group is recorded as having come that way
+            return None
         records = [r for r in held if r.series_instance_uid in series]
         self._wait_for_parts(job, records, own)
 
@@ -271,16 +274,22 @@ class NodeHandler:
         covering: Job | None = None
         superseded: list[Job] = []
 
+        # An instance sent again after a run read it (a deliberate resend) is not
+        # covered by that run: it was not what the run saw.
+        own_latest = max((r.received_at for r in records if r.sop_instance_uid in own),
+                         default=job.created_at)
+
         def decide(others: list[Job]) -> dict[str, Any] | None:
             nonlocal covering, superseded
             claims = [(o, set((o.result or {})["read"])) for o in others if _has_results(o)]
-            covering = next((o for o, saw in claims if own and set(own) <= saw), None)
+            covering = next((o for o, saw in claims if own and set(own) <= saw
+                             and _read_at(o) >= own_latest), None)
             if covering is not None:
                 return None
             mine = set(read)
             superseded = [o for o, saw in claims
                           if o.state is not JobState.RUNNING and saw & mine]
-            ctx.result.update(read=read)
+            ctx.result.update(read=read, read_at=utcnow().isoformat())
             return dict(ctx.result)
 
         if not self.store.claim_for_group_job(job, decide):
@@ -338,12 +347,13 @@ class NodeHandler:
         job = ctx.job
         if not ran:
             ctx.result.pop("read", None)
+            ctx.result.pop("read_at", None)
             return
         now_held = self.store.held_the_same_way(job, whole.series)
         more = {r.sop_instance_uid for r in now_held} - set(whole.read)
         if more and utcnow() - job.created_at <= MAX_WAIT_FOR_STUDY:
-            ctx.result.pop("read", None)
-            ctx.result.pop("results", None)
+            for key in ("read", "read_at", "results"):
+                ctx.result.pop(key, None)
             ctx.publish()
             quiet_s = float(job.input.get("group_timeout_s", 5.0))
             raise DeferJob(f"{len(more)} more instance(s) of the series arrived while it "
@@ -410,6 +420,14 @@ class SeriesRead:
     series: list[str]
     from_group: int  # how many of ``read`` the job's own group brought
     superseded: list[str] = field(default_factory=list)  # jobs that ran on part of it
+
+
+def _read_at(job: Job) -> datetime:
+    """When ``job`` recorded the instances its run read (the epoch when it did not say)."""
+    try:
+        return datetime.fromisoformat(str((job.result or {}).get("read_at")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def _has_results(job: Job) -> bool:

@@ -171,3 +171,22 @@ async def test_one_slice_per_association_gives_one_run_on_the_whole_series(
         for job in jobs:
             if job is not whole:
                 assert job.result is not None and job.result.get("covered_by") == whole.id
+
+
+async def test_a_series_sent_again_after_its_run_runs_again(tmp_path: Path) -> None:
+    """A whole series sent a second time (a deliberate resend) is not what the first
+    run read: it runs again, and says that it supersedes the first result."""
+    study = make_ct_study(tmp_path / "src", seed="sent-again", slices=10, size=32)
+    async with running_node(_settings(tmp_path)) as node:
+        store = node.store
+        assert store is not None
+        await asyncio.to_thread(_send, node, study.paths)
+        (first,) = await _all_final(store, 1)
+        assert first.state.value == "succeeded" and _ran(first), first.error
+        assert (store.events(first.id)[-1].message or "") == "done"  # nothing to say
+
+        await asyncio.to_thread(_send, node, study.paths)
+        first, again = await _all_final(store, 2)
+        assert again.state.value == "succeeded" and _ran(again), again.error
+        assert again.result is not None
+        assert again.result["whole_series"]["supersedes"] == [first.id]
