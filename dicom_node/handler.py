@@ -20,7 +20,8 @@ import base64
 import contextlib
 import re
 from collections import defaultdict
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from dicom_node.config import DestinationSettings, Settings
 from dicom_node.errors import DeferJob, PermanentJobError
 from dicom_node.export import DimseSender, Exporter
 from dicom_node.scheduler import ExportOutcome, JobContext
-from dicom_node.store import Job, Store, utcnow
+from dicom_node.store import InstanceRecord, Job, JobState, Store, utcnow
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
@@ -118,7 +119,16 @@ class NodeHandler:
             runner.spec(job.pipeline)
         except PipelineError as exc:
             raise PermanentJobError(str(exc)) from None
-        paths = self._input_paths(ctx)
+        spec = runner.spec(job.pipeline)
+        whole: SeriesRead | None = None
+        if job.kind in PUSHED_KINDS and spec.series.min_instances > 1 \
+                and "paths" not in ctx.data:
+            gathered = self._whole_series(ctx)  # or DeferJob while the study arrives
+            if isinstance(gathered, str):  # an earlier job's run read all of this group
+                ctx.result.update(results=[], outcome=f"skipped: {gathered}")
+                return []
+            whole = gathered  # None: the store has none of its group (runs on its paths)
+        paths = self._input_paths(ctx) if whole is None else whole.paths
         if not paths:
             raise PermanentJobError("none of the job's instances is available to run on")
         by_study: dict[str, list[Any]] = defaultdict(list)
@@ -133,7 +143,6 @@ class NodeHandler:
         out_dir = self.output_dir(job)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []
-        spec = runner.spec(job.pipeline)
         skipped: list[dict[str, str]] = []
         many = len(by_study) > 1
         for study, files in by_study.items():
@@ -163,6 +172,8 @@ class NodeHandler:
             _add_timings(ctx, out.timings)
             results.append({"study": study, **result_summary(out.result)})
         ctx.result["results"] = results
+        if whole is not None:
+            self._after_whole_series(ctx, whole, ran=bool(results))
         if skipped:
             ctx.result["skipped"] = skipped
             # the job's last word in its history (`dicom-node jobs show`)
@@ -234,6 +245,139 @@ class NodeHandler:
         left = quiet_s - (utcnow() - last).total_seconds()
         return left + 0.5 if left > 0 else 0.0
 
+    # -- a series that came in parts -----------------------------------------------------
+
+    def _whole_series(self, ctx: JobContext) -> SeriesRead | str | None:
+        """What a pushed job whose pipeline reads a series runs on: every instance of the
+        series its group has part of that the node holds now and that came the same way
+        (what ``jobs retry`` gathers), not only its group's part.
+
+        Raises DeferJob while more of the study keeps arriving (its group may be one of
+        several parts), and while another job of the study that read all of this group
+        still runs. Returns the reason to skip when such a job already ran (its results
+        are the series' results: a second set would conflict with them), else what to
+        run on, recorded in the job's result (``read``) in one transaction with that
+        decision, so that two parts' jobs never both run on the whole series. None when
+        the store holds none of the group as having come that way."""
+        from dicom_node.retention import instance_file
+
+        job = ctx.job
+        own = dict.fromkeys(str(u) for u in job.input.get("instances", []))
+        held = self.store.held_the_same_way(job)
+        series = {r.series_instance_uid for r in held if r.sop_instance_uid in own}
+        if not series:  # none of its group is recorded as having come that way
+            return None
+        records = [r for r in held if r.series_instance_uid in series]
+        self._wait_for_parts(job, records, own)
+
+        read = [r.sop_instance_uid for r in records]
+        covering: Job | None = None
+        superseded: list[Job] = []
+
+        # An instance sent again after a run read it (a deliberate resend) is not
+        # covered by that run: it was not what the run saw.
+        own_latest = max((r.received_at for r in records if r.sop_instance_uid in own),
+                         default=job.created_at)
+
+        def decide(others: list[Job]) -> dict[str, Any] | None:
+            nonlocal covering, superseded
+            claims = [(o, set((o.result or {})["read"])) for o in others if _has_results(o)]
+            covering = next((o for o, saw in claims if own and set(own) <= saw
+                             and _read_at(o) >= own_latest), None)
+            if covering is not None:
+                return None
+            mine = set(read)
+            superseded = [o for o, saw in claims
+                          if o.state is not JobState.RUNNING and saw & mine]
+            ctx.result.update(read=read, read_at=utcnow().isoformat())
+            return dict(ctx.result)
+
+        if not self.store.claim_for_group_job(job, decide):
+            if covering is None:  # the lease was lost: another node has the job now
+                raise DeferJob("the job's lease was lost while it chose its series",
+                               delay_s=1.0)
+            total = len(covering.result["read"]) if covering.result else 0
+            if covering.state is JobState.RUNNING:
+                raise DeferJob(f"job {covering.id} runs on the whole series now, all "
+                               f"{len(own)} instance(s) of this group included",
+                               delay_s=_COVERED_RECHECK_S)
+            ctx.result["covered_by"] = covering.id
+            ctx.log.info("group read by an earlier job's run on the whole series",
+                         covered_by=covering.id)
+            return (f"all {len(own)} instance(s) of this group were read by job "
+                    f"{covering.id}'s run on the whole series ({total} instances); its "
+                    "results are this series' results")
+        studies = self.settings.studies_dir.resolve()
+        paths = [p for r in records
+                 if (p := r.path if r.path.exists() else instance_file(r, studies))]
+        from_group = sum(1 for u in read if u in own)
+        if len(own) > from_group:
+            ctx.log.warning("instances of the job are no longer held",
+                            missing=len(own) - from_group)
+        return SeriesRead(paths=paths, read=read, series=sorted(series),
+                          from_group=from_group, superseded=[o.id for o in superseded])
+
+    def _wait_for_parts(self, job: Job, records: list[InstanceRecord],
+                        own: Mapping[str, None]) -> None:
+        """Raise DeferJob while the job's study may still be arriving in other groups:
+        something of it arrived after the job was made, or its series came in several
+        groups lately (a modality that sends one instance per association), until the
+        study has been quiet for the intake's group timeout; at most
+        MAX_WAIT_FOR_STUDY after the job was made. A study sent in one go waits not."""
+        now = utcnow()
+        if now - job.created_at > MAX_WAIT_FOR_STUDY:
+            return
+        quiet = timedelta(seconds=float(job.input.get("group_timeout_s", 5.0)))
+        last = self.store.study_last_received(job.input.get("study_instance_uid", ""))
+        arrived_after = last is not None and last > job.created_at
+        in_parts = any(r.sop_instance_uid not in own and r.received_at > job.created_at - quiet
+                       for r in records)
+        if not (arrived_after or in_parts):
+            return
+        left = (max(last or job.created_at, job.created_at) + quiet - now).total_seconds()
+        if left > 0:
+            raise DeferJob(f"study {job.input.get('study_instance_uid')} is still arriving "
+                           "in other groups; this job runs on the whole series once it has "
+                           f"been quiet for {quiet.total_seconds():g} s", delay_s=left + 0.5)
+
+    def _after_whole_series(self, ctx: JobContext, whole: SeriesRead, *, ran: bool) -> None:
+        """Once the pipeline ran on ``whole``: raise DeferJob (its results are dropped)
+        when more of the series arrived meanwhile, else say what it ran on and which
+        earlier results it supersedes."""
+        job = ctx.job
+        if not ran:
+            ctx.result.pop("read", None)
+            ctx.result.pop("read_at", None)
+            return
+        now_held = self.store.held_the_same_way(job, whole.series)
+        more = {r.sop_instance_uid for r in now_held} - set(whole.read)
+        if more and utcnow() - job.created_at <= MAX_WAIT_FOR_STUDY:
+            for key in ("read", "read_at", "results"):
+                ctx.result.pop(key, None)
+            ctx.publish()
+            quiet_s = float(job.input.get("group_timeout_s", 5.0))
+            raise DeferJob(f"{len(more)} more instance(s) of the series arrived while it "
+                           "ran; it runs again on the whole series, its results of this "
+                           "run are not sent", delay_s=quiet_s + 0.5)
+        others = len(whole.read) - whole.from_group
+        ctx.result["whole_series"] = {
+            "series": whole.series, "instances": len(whole.read),
+            "from_group": whole.from_group, "from_other_groups": others,
+            **({"supersedes": whole.superseded} if whole.superseded else {})}
+        if not others and not whole.superseded:
+            return
+        outcome = (f"ran on {len(whole.read)} instances of the series: {whole.from_group} "
+                   f"from this group, {others} received in other groups")
+        if whole.superseded:
+            ids = ", ".join(whole.superseded)
+            outcome += (f"; supersedes the result of job {ids} for this series (made from "
+                        "part of it and already sent on; it cannot be unsent)")
+            for old in whole.superseded:
+                with contextlib.suppress(Exception):  # a note; the run stands without it
+                    self.store.note(old, f"superseded: job {job.id} ran on the whole "
+                                         f"series ({len(whole.read)} instances)")
+        ctx.result["outcome"] = outcome
+
     # -- export --------------------------------------------------------------------------
 
     def export(self, ctx: JobContext, artifacts: list[Artifact]) -> list[ExportOutcome]:
@@ -262,6 +406,37 @@ class NodeHandler:
 
 # A pushed part no pipeline reads waits at most this long for the rest of its study.
 MAX_WAIT_FOR_STUDY = timedelta(minutes=10)
+
+# How soon a job whose group another job's running whole-series run read looks again.
+_COVERED_RECHECK_S = 2.0
+
+
+@dataclass(frozen=True)
+class SeriesRead:
+    """What a pushed job runs on: the whole of the series its group has part of."""
+
+    paths: list[Path]
+    read: list[str]  # SOP Instance UIDs, in the order they arrived
+    series: list[str]
+    from_group: int  # how many of ``read`` the job's own group brought
+    superseded: list[str] = field(default_factory=list)  # jobs that ran on part of it
+
+
+def _read_at(job: Job) -> datetime:
+    """When ``job`` recorded the instances its run read (the epoch when it did not say)."""
+    try:
+        return datetime.fromisoformat(str((job.result or {}).get("read_at")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _has_results(job: Job) -> bool:
+    """Whether ``job`` ran on the whole of a series as held then and has, or is making,
+    results from it: running, exporting, done, or waiting for an export pass."""
+    if not job.result or not isinstance(job.result.get("read"), list):
+        return False
+    return (job.state in (JobState.RUNNING, JobState.EXPORTING, JobState.SUCCEEDED)
+            or (job.state is JobState.QUEUED and "artifacts" in job.result))
 
 # Jobs made by the assembler for whatever arrived, as opposed to requests naming a pipeline.
 PUSHED_KINDS = frozenset({"dimse", "watch", "stow"})

@@ -949,6 +949,55 @@ class Store:
             value: datetime | None = conn.execute(q).scalar()  # the column's type makes it UTC
         return value
 
+    def held_the_same_way(self, job: Job, series_instance_uids: Collection[str] | None = None,
+                          ) -> list[InstanceRecord]:
+        """Every instance of a group ``job``'s study (of these series, when given) that
+        the store holds now and that came the way its group did: to the same called AE
+        title, or into the same drop folder (what ``retry`` runs on), in the order they
+        arrived; empty when ``job`` was not made from a group."""
+        q = _came_the_same_way(job, instances)
+        if q is None:
+            return []
+        if series_instance_uids is not None:
+            q = q.where(instances.c.series_instance_uid.in_(list(series_instance_uids)))
+        with self.engine.connect() as conn:
+            return [_instance(r) for r in conn.execute(q.order_by(instances.c.id))]
+
+    def claim_for_group_job(self, job: Job,
+                            decide: Callable[[list[Job]], dict[str, Any] | None]) -> bool:
+        """Decide, with the study's other jobs of the same pipeline that came the same way
+        as group ``job`` (see :meth:`held_the_same_way`), whether ``job`` runs: ``decide``
+        gets them and returns the result to record for ``job`` (it runs) or None (it
+        does not). One transaction that first writes the study's row, so two jobs of one
+        study decide one after the other, each seeing what the other recorded. Returns
+        whether the result was recorded (False too when ``job``'s lease was lost)."""
+        study = job.study_instance_uid or job.input.get("study_instance_uid") or ""
+        with self._begin() as conn:
+            # a write first: it serialises the deciders (SQLite's write lock, the row's
+            # lock in PostgreSQL)
+            conn.execute(studies.update().where(studies.c.study_instance_uid == study)
+                         .values(study_instance_uid=studies.c.study_instance_uid))
+            rows = conn.execute(sa.select(jobs).where(
+                jobs.c.study_instance_uid == study, jobs.c.pipeline == job.pipeline,
+                jobs.c.id != job.id).order_by(jobs.c.created_at)).all()
+            others = [o for o in map(Job.from_row, rows) if _same_way(job, o)]
+            result = decide(others)
+            if result is None:
+                return False
+            stmt = jobs.update().where(jobs.c.id == job.id).values(result=result,
+                                                                  updated_at=utcnow())
+            if job.lease_token is not None:
+                stmt = stmt.where(jobs.c.lease_token == job.lease_token)
+            return bool(conn.execute(stmt).rowcount)
+
+    def note(self, job_id: str, message: str) -> None:
+        """Add a line to a job's history (``jobs show``) without changing its state."""
+        now = utcnow()
+        with self._begin() as conn:
+            state = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+            if state is not None:
+                self._event(conn, job_id, JobState(state), message, now)
+
     def study_activity(self, study_instance_uid: str) -> tuple[list[str], int]:
         """What still needs a study: the ids of its jobs that are not final, and how many
         of its instances still wait to become a job (it is still arriving)."""
@@ -1819,27 +1868,44 @@ def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence
 GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
 
 
+def _came_the_same_way(job: Job, *columns: Any) -> sa.Select[Any] | None:
+    """The instances (``columns`` of them) of a group ``job``'s study that came the way
+    its group did: to the same called AE title by the same service, or into the same drop
+    folder; None when ``job`` was not made from a group."""
+    study = job.input.get("study_instance_uid")
+    if job.kind not in GROUP_KINDS or not study:
+        return None
+    q = sa.select(*columns).where(instances.c.study_instance_uid == study)
+    if job.kind == "watch":
+        if not job.input.get("watch"):
+            return None
+        return q.where(instances.c.sop_instance_uid.in_(
+            sa.select(watch_inputs.c.sop_instance_uid)
+            .where(watch_inputs.c.watch == job.input["watch"])))
+    return q.where(instances.c.source == job.kind,
+                   instances.c.called_ae == (job.called_ae or ""))
+
+
+def _same_way(job: Job, other: Job) -> bool:
+    """Whether two group jobs came the same way (see :func:`_came_the_same_way`)."""
+    if job.kind != other.kind:
+        return False
+    if job.kind == "watch":
+        return bool(job.input.get("watch")) and \
+            job.input.get("watch") == other.input.get("watch")
+    return (job.called_ae or "") == (other.called_ae or "")
+
+
 def _regrouped(conn: Connection, job: Job) -> list[str] | None:
     """The instance list of a group's ``job`` with every instance of its study (or
     series) that the store now holds and that came the same way added, in the order
     they arrived; None when that adds none (or ``job`` was not made from a group)."""
     given = job.input.get("instances")
-    study = job.input.get("study_instance_uid")
-    if job.kind not in GROUP_KINDS or not isinstance(given, list) or not study:
+    q = _came_the_same_way(job, instances.c.sop_instance_uid)
+    if q is None or not isinstance(given, list):
         return None
-    q = sa.select(instances.c.sop_instance_uid).where(
-        instances.c.study_instance_uid == study)
     if job.input.get("series_instance_uid"):
         q = q.where(instances.c.series_instance_uid == job.input["series_instance_uid"])
-    if job.kind == "watch":
-        if not job.input.get("watch"):
-            return None
-        q = q.where(instances.c.sop_instance_uid.in_(
-            sa.select(watch_inputs.c.sop_instance_uid)
-            .where(watch_inputs.c.watch == job.input["watch"])))
-    else:
-        q = q.where(instances.c.source == job.kind,
-                    instances.c.called_ae == (job.called_ae or ""))
     known = set(given)
     more = [str(r[0]) for r in conn.execute(q.order_by(instances.c.id))
             if r[0] not in known]

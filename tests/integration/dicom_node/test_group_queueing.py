@@ -197,10 +197,11 @@ async def test_a_study_held_up_by_a_full_disk_still_becomes_one_job(
         assert await asyncio.to_thread(store.count_watch_inputs, "inbox") == {"queued": 6}
 
 
-async def test_a_series_that_came_in_parts_runs_whole_on_retry(tmp_path: Path) -> None:
+async def test_a_series_that_came_in_parts_runs_whole(tmp_path: Path) -> None:
     """A CT series dropped without three of its middle slices fails on the gap, and the
-    message says what to do; the three come in later (their own group). `jobs retry`
-    of the failed job then runs on the whole series, as the store now holds it."""
+    message says what to do; the three come in later (their own group), whose job runs
+    on the whole series as the store now holds it. `jobs retry` of the failed job then
+    gathers the whole series too, and finds it read by that run: no second result."""
     study = make_ct_study(tmp_path / "src", seed="in-parts", slices=12)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -240,9 +241,13 @@ async def test_a_series_that_came_in_parts_runs_whole_on_retry(tmp_path: Path) -
         assert f"or, once the missing instances are in, dicom-node jobs retry {first.id}" \
             in (first.error or "")
 
-        for i in late:  # the rest comes in: a group of its own, which cannot run alone
+        for i in late:  # the rest comes in: a group of its own, too small to run alone
             shutil.copy(study.paths[i], inbox / f"slice{i}.dcm")
         await wait_until(lambda: all_final(2))
+        rest = watch_jobs()[1]
+        assert rest.state.value == "succeeded", rest.error
+        assert rest.result is not None and rest.result["results"][0]["study"] == study.study_uid
+        assert rest.result["whole_series"]["instances"] == 12
 
         retried = await asyncio.to_thread(store.retry, first.id)
         assert sorted(retried.input["instances"]) == sorted(study.sop_uids)
@@ -253,4 +258,5 @@ async def test_a_series_that_came_in_parts_runs_whole_on_retry(tmp_path: Path) -
         await wait_until(lambda: store.get_job(first.id).state.final)
         done = store.get_job(first.id)
         assert done.state.value == "succeeded", done.error
-        assert done.result is not None and done.result["results"][0]["study"] == study.study_uid
+        assert done.result is not None and done.result["covered_by"] == rest.id
+        assert done.result["results"] == []
