@@ -41,7 +41,10 @@ def _drop_phi(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
 # DA: '1958-01-01'", highdicom's 'The string "Doe John" is unlikely to represent ...'),
 # and Python warnings, which carry the same messages.
 _QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
-_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+# From the first quote mark to the last of its kind on the line: a value may hold the
+# other kind, or its own (MILLER "BUDDY" WILLIAM quoted in double quotes); blanking a
+# little more than the value is the safe side.
+_QUOTED = re.compile(r"'[^\n]*'|\"[^\n]*\"")
 
 
 def _drop_quoted_values(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

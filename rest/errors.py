@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from enum import StrEnum
 from http import HTTPStatus
@@ -77,6 +78,19 @@ def error_response(style: ErrorStyle, status: int, message: str,
     if details is not None and style is not ErrorStyle.SEED_001:
         body["details"] = details
     return web.json_response(body, status=status)
+
+
+# An absolute path in a message: a quoted one whole, else from a slash after the start,
+# a space, a bracket, a colon or "=" to the next space, quote, comma or bracket.
+_PATH = re.compile(r"(?<=')/[^'\n]*(?=')|(?<=\")/[^\"\n]*(?=\")"
+                   r"|(?:(?<=^)|(?<=[\s(:=]))/[^\s'\",;)]*")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each absolute filesystem path cut to its last name (``…/metadata.json``):
+    what an open route says of a failure names the file, without mapping the server's
+    disks for anyone who asks."""
+    return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
 
 
 def _store_unavailable(exc: BaseException) -> bool:

@@ -38,6 +38,7 @@ from dicom_node.store import JobState
 from pipeline.engine import BatchedModel, ModelStatistics
 from rest.app import AUTH, NODE, Route
 from rest.auth import AuthError
+from rest.errors import without_paths
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -49,8 +50,9 @@ _PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 # -- /health ---------------------------------------------------------------------------
 
 
-def models_health(node: Node) -> dict[str, dict[str, Any]]:
-    """Per configured model: ``state`` (loading, ready, failed, stopped) and details."""
+def models_health(node: Node, *, with_paths: bool = True) -> dict[str, dict[str, Any]]:
+    """Per configured model: ``state`` (loading, ready, failed, stopped) and details; a
+    failed model's error names the files it lacks only ``with_paths``."""
     runner = node.runner
     if runner is None:
         state = node.parts.get("models", "starting")
@@ -64,7 +66,9 @@ def models_health(node: Node) -> dict[str, dict[str, Any]]:
         if spec.name in out:
             continue
         if spec.name in runner.failed:
-            out[spec.name] = {"state": "failed", "error": runner.failed[spec.name]}
+            error = runner.failed[spec.name]
+            out[spec.name] = {"state": "failed",
+                              "error": error if with_paths else without_paths(error)}
             continue
         versions = served.get(spec.name, [])
         alive = bool(versions) and all(v.alive for v in versions)
@@ -120,10 +124,11 @@ async def health(request: web.Request) -> web.Response:
     (drop folders' paths only for a caller with the admin scope)."""
     node = request.app[NODE]
     store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
-    models = models_health(node)
+    admin = _admin_asks(request)
+    models = models_health(node, with_paths=admin)
     dicom = dicom_health(node)
     disk = await asyncio.to_thread(disk_health, node.settings)
-    watch = watch_health(node, with_paths=_admin_asks(request))
+    watch = watch_health(node, with_paths=admin)
     # Under the reserve the node refuses studies and holds jobs back, and a drop folder
     # that is missing, paused or misconfigured takes nothing: each worth an alert.
     # Complete groups the store refused to queue: their studies wait for it to take

@@ -32,7 +32,7 @@ from pipeline.decode import DecodedImage, decode_image
 from pipeline.io import InputError, series_misfit
 from pipeline.runner import PipelineError, PipelineRunner, Prediction
 from rest.app import NODE, Route
-from rest.errors import ApiError, ErrorStyle
+from rest.errors import ApiError, ErrorStyle, without_paths
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +244,9 @@ async def ping(request: web.Request) -> web.Response:
         problem = "the models are still loading" if state in ("starting", "running") \
             else f"the model runner is {state}"
     elif runner.failed:
-        problem = "; ".join(f"model {n!r} failed to load: {e}" for n, e in runner.failed.items())
+        # an open route: the reason, not where the server keeps its models
+        problem = "; ".join(f"model {n!r} failed to load: {without_paths(e)}"
+                            for n, e in runner.failed.items())
     else:
         dead = [f"{m.name}:{m.version}" for m in runner.engine.models() if not m.alive]
         if dead:

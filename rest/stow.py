@@ -203,12 +203,21 @@ def _response(outcomes: list[PartOutcome], base: str, study: str | None) -> web.
     # (dicomweb-client compares the whole header) ignore the body.
     headers = CIMultiDict({CONTENT_TYPE: DICOM_JSON})
     # A Failure Reason is a code; PS3.18 lets the answer say why in words too, in
-    # Warning header fields (code 299), one per refused part.
-    for i, o in enumerate(outcomes):
-        if o.failure is not None and o.reason:
-            headers.add("Warning", _warning(o.sop_instance_uid or f"part {i + 1}", o.reason))
+    # Warning header fields (code 299), one per refused part: the first ones, and a
+    # count of the rest (20,000 refused parts made headers no client would read).
+    refused = [(i, o) for i, o in enumerate(outcomes) if o.failure is not None and o.reason]
+    for i, o in refused[:MAX_PART_WARNINGS]:
+        headers.add("Warning", _warning(o.sop_instance_uid or f"part {i + 1}", o.reason))
+    if len(refused) > MAX_PART_WARNINGS:
+        headers.add("Warning", _warning(
+            f"{len(refused) - MAX_PART_WARNINGS} more parts", "refused too; the Failed SOP "
+            "Sequence of the response lists every refused instance"))
     return web.Response(body=json.dumps(ds.to_json_dict()).encode("utf-8"), status=status,
                         headers=headers)
+
+
+# Refused parts named one by one, in the response's Warning headers and in the log.
+MAX_PART_WARNINGS = 20
 
 
 def _warning(what: str, reason: str) -> str:
@@ -266,6 +275,7 @@ async def store_instances(request: web.Request) -> web.Response:
     except (ValueError, AssertionError, KeyError) as exc:
         raise ApiError(400, f"the multipart body cannot be read: {exc}") from None
     outcomes: list[PartOutcome] = []
+    refused = 0
     total = 0
     delivered = False
     # Why the body ended before its closing boundary (cut short, over the size limit,
@@ -341,10 +351,16 @@ async def store_instances(request: web.Request) -> web.Response:
                     node.assembler.instance_received(outcome.received, policy)
                     delivered = True
             else:
-                rlog.warning("STOW-RS instance refused", sop_instance_uid=outcome.sop_instance_uid,
-                             failure_reason=f"0x{int(outcome.failure or 0):04X}",
-                             reason=outcome.reason)
+                refused += 1
+                if refused <= MAX_PART_WARNINGS:  # the rest are counted at the end
+                    rlog.warning("STOW-RS instance refused",
+                                 sop_instance_uid=outcome.sop_instance_uid,
+                                 failure_reason=f"0x{int(outcome.failure or 0):04X}",
+                                 reason=outcome.reason)
     finally:
+        if refused > MAX_PART_WARNINGS:
+            rlog.warning("STOW-RS instances refused beyond those logged one by one",
+                         more=refused - MAX_PART_WARNINGS, refused=refused)
         if delivered and node.assembler is not None:
             # The request is over. Read to its end, it completes its groups like an
             # A-RELEASE; cut short (or cancelled), it ends like an A-ABORT: the groups

@@ -63,13 +63,20 @@ def test_library_messages_and_warnings_are_json_lines_without_the_values_they_qu
         warnings.warn("Invalid value for VR DA: '1958-01-01'.", UserWarning, stacklevel=1)
     logging.getLogger("highdicom.base").warning(
         'The string "Doe John" is unlikely to represent the intended person name')
+    # a name with quote marks of its own: all of it goes, not only what the first pair
+    # of marks encloses
+    logging.getLogger("highdicom.base").warning(
+        'The string "MILLER "BUDDY" WILLIAM" is unlikely to represent the intended person '
+        'name')
     logging.getLogger("dicom_node.test").warning("kept: 'as it is'")
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert "1958" not in out + err and "Doe John" not in out + err
-    warning, highdicom, ours = (line["event"] for line in lines)
+    assert "BUDDY" not in out + err and "MILLER" not in out + err
+    warning, highdicom, quoted, ours = (line["event"] for line in lines)
     assert warning.endswith("UserWarning: Invalid value for VR DA: '<value removed>'.")
     assert highdicom.startswith("The string '<value removed>' is unlikely")
+    assert quoted.startswith("The string '<value removed>' is unlikely")
     assert ours == "kept: 'as it is'"  # the node's own lines are its own business
 
 

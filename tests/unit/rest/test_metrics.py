@@ -73,10 +73,15 @@ async def test_health_reports_a_failed_model(tmp_path_factory: pytest.TempPathFa
     models = [CXR, {"name": "bad", "path": str(root / "bad"), "device": "cpu"}]
     with live_node(serving_settings(root / "data", models=models)) as ln:
         status, _, text = await get(ln, "/health", auth=False)
+        _, _, admin = await get(ln, "/health", headers={
+            "Authorization": f"Bearer {ln.token(scope='admin')}"}, auth=False)
     body = json.loads(text)
     assert status == 200 and body["status"] == "degraded"
     assert body["models"]["bad"]["state"] == "failed"
     assert "metadata.json" in body["models"]["bad"]["error"]
+    # the open route gives the reason, not where the server keeps its models
+    assert str(root) not in text and "…/metadata.json" in body["models"]["bad"]["error"]
+    assert str(root / "bad") in json.loads(admin)["models"]["bad"]["error"]
     assert body["models"]["cxr-findings"]["state"] == "ready"
 
 

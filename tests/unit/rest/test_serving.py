@@ -289,6 +289,7 @@ async def test_ping_says_which_model_failed(broken: LiveNode) -> None:
     status, body = await call(broken, "GET", "/ping", auth={})
     assert status == 503 and body["health"] == "unhealthy!"
     assert "'broken' failed to load" in body["reason"] and "corrupt JSON" in body["reason"]
+    assert "broken-model/" not in body["reason"]  # an open route: no server paths
 
 
 async def test_predictions_on_a_failed_model_is_503(broken: LiveNode) -> None:

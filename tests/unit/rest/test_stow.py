@@ -229,6 +229,22 @@ async def test_refused_sop_class_and_truncated_instance(aiohttp_client: Any, tmp
         assert not leftovers
 
 
+async def test_many_refused_parts_give_a_bounded_answer(api: Api, ct: SyntheticStudy) -> None:
+    """20,000 refused parts made 20,000 Warning headers (307 KB: curl gave up before the
+    body) and as many log lines; now the first 20 are named and the rest counted."""
+    from rest.stow import MAX_PART_WARNINGS
+
+    parts = [(b"not DICOM %d" % i, "application/dicom") for i in range(MAX_PART_WARNINGS + 30)]
+    mp = body([(ct.paths[0].read_bytes(), "application/dicom"), *parts])
+    r = await api.client.post("/dicomweb/studies", data=mp, headers=headers_for(mp, api))
+    assert r.status == 202
+    answer = await r.json()
+    assert len(answer[FAILED]["Value"]) == MAX_PART_WARNINGS + 30  # every one, in the body
+    warnings = r.headers.getall("Warning")
+    assert len(warnings) == MAX_PART_WARNINGS + 1
+    assert warnings[-1].startswith('299 dicom-node "30 more parts: refused too')
+
+
 async def test_wrong_media_type_target_auth_and_size(api: Api, ct: SyntheticStudy,
                                                      tmp_path: Path) -> None:
     data = ct.paths[0].read_bytes()
