@@ -34,6 +34,7 @@ from pipeline.artifacts._dicom import (
     declare_utf8_for,
     distinct,
     for_highdicom,
+    frame_reference,
     info_texts,
     save,
     set_times,
@@ -42,6 +43,7 @@ from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
 __all__ = [
+    "COMMENT",
     "CONFIDENCE",
     "MILLILITER",
     "OVERALL_RESULT",
@@ -56,6 +58,10 @@ CONFIDENCE = codes.DCM.CertaintyOfFinding
 MILLILITER = Code("mL", "UCUM", "milliliter")
 #: Name of the qualitative evaluation that carries the overall result.
 OVERALL_RESULT = codes.DCM.Impression
+#: Name of the text items, in the overall result's group, that carry the result's notes.
+COMMENT = codes.DCM.Comment
+# Text Value (UT) holds up to 2^32-2 characters; a note is far shorter, but bounded.
+_TEXT_MAX = 65536
 
 
 def _observation_context(
@@ -134,7 +140,11 @@ def build_classification_sr(
     Raises:
         ValueError: when ``source_ds`` lacks study/instance UIDs (raised by highdicom).
     """
-    source = SourceImageForMeasurementGroup.from_source_image(source_ds)
+    # the frame read, of a multi-frame image, not the whole object (where its SOP class
+    # lets a reference name one; the notes name it always)
+    frame = frame_reference(source_ds, result.frame_number)
+    source = SourceImageForMeasurementGroup.from_source_image(
+        source_ds, referenced_frame_numbers=[frame] if frame else None)
     algorithm = _algorithm(result.model_name, result.model_version)
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     overall = MeasurementsAndQualitativeEvaluations(
@@ -145,6 +155,10 @@ def build_classification_sr(
         ],
         source_images=[source],
     )
+    for note in result.notes:  # which images were read, which not: beside the result
+        overall.append(hd.sr.TextContentItem(
+            name=COMMENT, value=note[:_TEXT_MAX],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     groups.append(overall)
     for finding in result.findings:
         code = (finding_codes or {}).get(finding.name) or concept_for_name(finding.name, "SCT")
@@ -178,7 +192,8 @@ def build_classification_sr(
     )
     sr = _document([source_ds], report, info, series_uid, instance_number, when)
     declare_utf8_for(sr, [result.result, result.model_name, result.model_version,
-                          *(f.name for f in result.findings), *info_texts(info)])
+                          *(f.name for f in result.findings), *result.notes,
+                          *info_texts(info)])
     return sr
 
 

@@ -210,7 +210,7 @@ def write_classification_artifacts(
                 documents.append(
                     write_secondary_capture(
                         overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc, when=generated,
+                        encoding=sc, when=generated, frame_number=result.frame_number,
                     )
                 )
             artifacts += [png.result() for png in pngs]
