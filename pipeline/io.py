@@ -61,6 +61,7 @@ __all__ = [
     "IncompleteSeriesError",
     "InputError",
     "NoPixelDataError",
+    "PatientMismatchError",
     "SelectedSeries",
     "SeriesError",
     "Source",
@@ -68,6 +69,7 @@ __all__ = [
     "UnreadableFileError",
     "Volume",
     "WrongModalityError",
+    "check_one_patient",
     "load_ct_volume",
     "load_image_2d",
     "number_of_frames",
@@ -142,6 +144,11 @@ class SeriesError(InputError):
                  near: Sequence[str] = ()) -> None:
         super().__init__(message, path=path)
         self.near = list(near)
+
+
+class PatientMismatchError(InputError):
+    """The instances of one study name more than one patient (Patient ID, or the same
+    ID from different issuers): an upstream merge error; the study is not run."""
 
 
 class IncompleteSeriesError(SeriesError):
@@ -1094,6 +1101,40 @@ def _image_order(ds: Dataset) -> tuple[tuple[int, int], int, str]:
     then the lowest Instance Number, then the SOP Instance UID (never arrival order)."""
     return (_image_rank(ds), -_number(ds, "InstanceNumber"),
             str(ds.get("SOPInstanceUID", "")))
+
+
+def _patient_of(ds: Dataset) -> tuple[str, str]:
+    return (str(ds.get("PatientID", "") or "").strip(),
+            str(ds.get("IssuerOfPatientID", "") or "").strip())
+
+
+def check_one_patient(sources: Iterable[Source]) -> None:
+    """Refuse a study whose instances name more than one patient: different Patient IDs,
+    or the same Patient ID from different Issuers of Patient ID (an instance that names
+    no issuer agrees with any issuer of its ID). Unreadable sources are left to
+    :func:`select_series` to report.
+
+    Raises:
+        PatientMismatchError: the IDs (with their issuers) in the message, never names.
+    """
+    seen: dict[str, set[str]] = {}
+    for src in sources:
+        try:
+            ds = src if isinstance(src, Dataset) else read_dataset(src, stop_before_pixels=True)
+        except InputError:
+            continue
+        pid, issuer = _patient_of(ds)
+        issuers = seen.setdefault(pid, set())
+        if issuer:
+            issuers.add(issuer)
+    patients = [f"{pid or '(empty)'}" + (f" (issuer {issuer})" if issuer else "")
+                for pid in sorted(seen) for issuer in (sorted(seen[pid]) or [""])]
+    if len(patients) > 1:
+        raise PatientMismatchError(
+            f"the study's instances carry {len(patients)} Patient IDs "
+            f"({', '.join(patients)}): one Study Instance UID holds images of different "
+            "patients (a merge or registration error); fix the study on the sending "
+            "system and send it again; not run")
 
 
 @dataclass(frozen=True)

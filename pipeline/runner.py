@@ -34,6 +34,7 @@ from pipeline.io import (
     Source,
     StudyImage,
     Volume,
+    check_one_patient,
     load_ct_volume,
     load_image_2d,
     number_of_frames,
@@ -655,6 +656,12 @@ class PipelineRunner:
         spec = self.spec(pipeline)
         if not files:
             raise PipelineError("the job has no input files")
+        try:
+            check_one_patient(files)
+        except InputError as exc:  # IDs go to the job's error, not to the log
+            log.warning("pipeline %s: the study's instances name more than one patient; "
+                        "not run", spec.name)
+            raise exc from None
         selected = select_series(list(files), spec.series)
         if patient_id is None:  # results go in <patient_id>/: it must name a folder
             patient_id = folder_patient_id(selected.headers[0], selected.paths[0])

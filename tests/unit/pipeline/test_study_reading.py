@@ -7,17 +7,20 @@ Pneumothorax, pleural-effusion.dcm a Pleural Effusion.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from pipeline.io import PatientMismatchError
 from pipeline.runner import PipelineRunner, result_summary
 from pipeline.settings import ModelSpec, PipelineSpec, SeriesRules
 from pipeline.types import ClassificationResult
@@ -205,6 +208,44 @@ def test_the_later_series_is_read_first_when_the_images_say_when(
     assert "not read: series 5 image 1 (PA)" in out.result.notes[1]  # type: ignore[union-attr]
 
 
+def test_a_study_of_two_patients_is_refused(runner: PipelineRunner, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """One Study Instance UID, instances of two Patient IDs (a merge error upstream): was
+    run as the first patient's, the other's pleural effusion dropped. Refused now."""
+    study = generate_uid()
+    a = as_series("normal.dcm", tmp_path / "in", study_uid=study, series_number=1,
+                  patient_id="S1-PAT-A")
+    b = as_series("pleural-effusion.dcm", tmp_path / "in", study_uid=study, series_number=2,
+                  patient_id="S1-PAT-B")
+    for files in ([a, b], [b, a]):
+        with pytest.raises(PatientMismatchError) as caught:
+            runner.run("cxr", files, tmp_path / "out")
+        assert str(caught.value) == (
+            "the study's instances carry 2 Patient IDs (S1-PAT-A, S1-PAT-B): one Study "
+            "Instance UID holds images of different patients (a merge or registration "
+            "error); fix the study on the sending system and send it again; not run")
+    assert not (tmp_path / "out").exists()
+    logged = caplog.text
+    assert "Doe" not in logged and "Roe" not in logged
+
+
+def test_the_same_patient_id_from_two_issuers_is_two_patients(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    study = generate_uid()
+    a = as_series("normal.dcm", tmp_path / "in", study_uid=study, series_number=1,
+                  patient_id="S1-PAT", issuer="HOSPITAL-A")
+    b = as_series("pneumothorax.dcm", tmp_path / "in", study_uid=study, series_number=2,
+                  patient_id="S1-PAT", issuer="HOSPITAL-B")
+    with pytest.raises(PatientMismatchError, match=r"carry 2 Patient IDs \(S1-PAT \(issuer "
+                                                   r"HOSPITAL-A\), S1-PAT \(issuer HOSPITAL-B"):
+        runner.run("cxr", [a, b], tmp_path / "out")
+    # an instance that names no issuer is not another patient
+    c = as_series("normal.dcm", tmp_path / "in2", study_uid=study, series_number=3,
+                  patient_id="S1-PAT")
+    out = runner.run("cxr", [a, c], tmp_path / "ok", outputs=["json"])
+    assert out.study.patient_id == "S1-PAT"
+
+
 def two_frame_cr(path: Path, sop_class: str) -> Path:
     """A radiograph of two frames: frame 1 the normal phantom, frame 2 the pneumothorax."""
     first = pydicom.dcmread(SAMPLES / "normal.dcm")
@@ -270,3 +311,69 @@ def test_a_lateral_beside_the_pa_is_named_as_not_read(runner: PipelineRunner,
                      outputs=["json"])
     assert out.result.notes == ["classified series 1 image 1 (PA)",  # type: ignore[union-attr]
                                 "not read: series 1 image 2 (LL) (not a frontal view)"]
+
+
+# -- through the node: the job a person sees -------------------------------------------
+
+
+def _node_settings(tmp_path: Path) -> Any:
+    from tests.support.inproc import node_settings
+    from tests.support.peers import free_port
+
+    return node_settings(
+        tmp_path / "data", dimse={"host": "127.0.0.1", "port": free_port()}, watch=[],
+        models=[{"name": "cxr-findings",
+                 "path": str(ROOT / "pipeline" / "models" / "cxr-findings")}],
+        pipelines=[{"name": "cxr", "model": "cxr-findings", "task": "classify",
+                    "series": CXR_RULES, "outputs": ["json"]}],
+        executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
+                  "grace_period_s": 5})
+
+
+async def _job_of(node: Any, files: list[Path]) -> Any:
+    from dicom_node.store import FINAL_STATES, NewJob
+
+    sops = []
+    for path in files:
+        sent = path.with_suffix(".sent")
+        shutil.copy(path, sent)
+        sops.append(node.instance_writer().write(
+            sent, called_ae="DICOMNODE", calling_ae="MODALITY",
+            association_id=0).sop_instance_uid)
+    job = await node.scheduler.submit(NewJob(pipeline="cxr", kind="api",
+                                             input={"instances": sops}))
+    while (job := node.store.get_job(job.id)).state not in FINAL_STATES:
+        await asyncio.sleep(0.05)
+    return job
+
+
+@pytest.mark.timeout(180)
+async def test_the_job_fails_once_on_two_patients_and_notes_two_series(
+        tmp_path: Path) -> None:
+    """The job of a two-patient study fails at once (no retry) with the IDs and what to
+    do; the job of a two-series study carries the notes in its result."""
+    from dicom_node.store import JobState
+    from tests.support.inproc import running_node
+
+    study = generate_uid()
+    a = as_series("normal.dcm", tmp_path / "in", study_uid=study, series_number=1,
+                  patient_id="S1-PAT-A")
+    b = as_series("pleural-effusion.dcm", tmp_path / "in", study_uid=study, series_number=2,
+                  patient_id="S1-PAT-B")
+    other = generate_uid()
+    normal = as_series("normal.dcm", tmp_path / "in2", study_uid=other, series_number=1)
+    ptx = as_series("pneumothorax.dcm", tmp_path / "in2", study_uid=other, series_number=2)
+    async with running_node(_node_settings(tmp_path)) as node:
+        failed = await _job_of(node, [a, b])
+        ran = await _job_of(node, [normal, ptx])
+    assert failed.state is JobState.FAILED and failed.attempts == 1
+    assert failed.error == (
+        f"study {study}: the study's instances carry 2 Patient IDs (S1-PAT-A, S1-PAT-B): "
+        "one Study Instance UID holds images of different patients (a merge or "
+        "registration error); fix the study on the sending system and send it again; "
+        "not run")
+    assert ran.state is JobState.SUCCEEDED, ran.error
+    (summary,) = ran.result["results"]
+    assert summary["result"] == "Abnormal"
+    assert summary["notes"][0].startswith("classified 2 images of the study (series 2 "
+                                          "image 1 (PA); series 1 image 1 (PA))")
