@@ -797,10 +797,19 @@ class PipelineRunner:
             log.log(logging.WARNING if unread else logging.INFO, "pipeline %s: %s",
                     spec.name, note)
         t2 = time.perf_counter()
+        # the SR names, for each finding, the image its confidence came from (the one
+        # shown first when they tie)
+        sources = {}
+        if len(images) > 1:
+            for k, f in enumerate(findings):
+                i = max(range(len(each)), key=lambda i: (
+                    each[i][0].findings[k].confidence, i == shown, -i))
+                frame = images[i].frame_index + 1 if images[i].number_of_frames > 1 else None
+                sources[f.name] = (images[i].header, frame)
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
             series=self._series_info(result.model_name, result.model_version),
-            sc=spec.secondary_capture)
+            sc=spec.secondary_capture, finding_sources=sources)
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 

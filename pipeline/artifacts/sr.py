@@ -127,6 +127,7 @@ def build_classification_sr(
     instance_number: int = 1,
     finding_codes: Mapping[str, Code] | None = None,
     when: datetime | None = None,
+    finding_sources: Mapping[str, tuple[Dataset, int | None]] | None = None,
 ) -> ComprehensiveSR:
     """Build a Comprehensive SR holding a TID 1500 report of ``result``.
 
@@ -135,7 +136,10 @@ def build_classification_sr(
     referencing the source image; plus a group with the overall result. Findings are
     SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
     overrides per name. ``when`` (default: now) is the document's creation and content
-    time, written in UTC.
+    time, written in UTC. ``finding_sources`` (finding name: header and 1-based frame of
+    the image its confidence came from, when several images were read) makes a
+    finding's group reference that image instead of ``source_ds``; each is evidence.
+    The result's notes are Comment items in the overall result's group.
 
     Raises:
         ValueError: when ``source_ds`` lacks study/instance UIDs (raised by highdicom).
@@ -145,6 +149,17 @@ def build_classification_sr(
     frame = frame_reference(source_ds, result.frame_number)
     source = SourceImageForMeasurementGroup.from_source_image(
         source_ds, referenced_frame_numbers=[frame] if frame else None)
+    evidence = {str(source_ds.SOPInstanceUID): source_ds}
+
+    def source_of(name: str) -> SourceImageForMeasurementGroup:
+        if not finding_sources or name not in finding_sources:
+            return source
+        ds, number = finding_sources[name]
+        evidence.setdefault(str(ds.SOPInstanceUID), ds)
+        number = frame_reference(ds, number)
+        return SourceImageForMeasurementGroup.from_source_image(
+            ds, referenced_frame_numbers=[number] if number else None)
+
     algorithm = _algorithm(result.model_name, result.model_version)
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     overall = MeasurementsAndQualitativeEvaluations(
@@ -182,7 +197,7 @@ def build_classification_sr(
                         code, codes.SCT.Present if finding.presence else codes.SCT.Absent
                     )
                 ],
-                source_images=[source],
+                source_images=[source_of(finding.name)],
             )
         )
     report = MeasurementReport(
@@ -190,7 +205,7 @@ def build_classification_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    sr = _document([source_ds], report, info, series_uid, instance_number, when)
+    sr = _document(list(evidence.values()), report, info, series_uid, instance_number, when)
     declare_utf8_for(sr, [result.result, result.model_name, result.model_version,
                           *(f.name for f in result.findings), *result.notes,
                           *info_texts(info)])

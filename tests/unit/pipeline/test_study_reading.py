@@ -114,6 +114,25 @@ def sr_frames(sr: pydicom.Dataset) -> set[tuple[str, tuple[int, ...]]]:
     return found
 
 
+def sr_group_sources(sr: pydicom.Dataset) -> dict[str, set[str]]:
+    """Each measurement group's Tracking Identifier: the SOP Instance UIDs it references."""
+    groups: dict[str, set[str]] = {}
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            children = item.get("ContentSequence", [])
+            names = [c.TextValue for c in children if c.get("ValueType") == "TEXT"
+                     and c.ConceptNameCodeSequence[0].CodeValue == "112039"]
+            if names:
+                groups[str(names[0])] = {
+                    str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                    for c in children if c.get("ValueType") == "IMAGE"}
+            walk(children)
+
+    walk(sr.ContentSequence)
+    return groups
+
+
 def finding(result: ClassificationResult, name: str) -> tuple[bool, float]:
     f = next(f for f in result.findings if f.name == name)
     return f.presence, f.confidence
@@ -160,11 +179,37 @@ def test_two_frontal_series_are_both_read_whatever_their_order(
     assert notes[0] in pdf_text(folder / "S1-PAT_report.pdf")
     sr = pydicom.dcmread(folder / "S1-PAT_sr.dcm")
     assert sr_comments(sr) == notes
-    assert sr_frames(sr) == {(ptx_uid, ())}
+    assert sr_group_sources(sr)["Pneumothorax"] == {ptx_uid}
     assert pydicom.dcmread(folder / "S1-PAT_sc.dcm").SourceImageSequence[0] \
         .ReferencedSOPInstanceUID == ptx_uid
     for name in ("S1-PAT_sr.dcm", "S1-PAT_sc.dcm", "S1-PAT_report.dcm"):
         assert_dciodvfy_clean(folder / name)
+
+
+def test_each_finding_in_the_sr_references_the_image_it_came_from(
+        runner: PipelineRunner, tmp_path: Path) -> None:
+    """A pleural effusion in one series, a pneumothorax in the other: each finding's
+    measurement group references the image its confidence came from (both are the SR's
+    evidence), the overall result the image shown."""
+    study = generate_uid()
+    effusion = as_series("pleural-effusion.dcm", tmp_path / "in", study_uid=study,
+                         series_number=1)
+    ptx = as_series("pneumothorax.dcm", tmp_path / "in", study_uid=study, series_number=2)
+    out = runner.run("cxr", [effusion, ptx], tmp_path / "out", outputs=["sr"])
+    result = out.result
+    assert isinstance(result, ClassificationResult)
+    assert finding(result, "Pleural Effusion")[0] and finding(result, "Pneumothorax")[0]
+    sr = pydicom.dcmread(tmp_path / "out" / "S1-PAT" / "S1-PAT_sr.dcm")
+    uids = {p: str(pydicom.dcmread(p).SOPInstanceUID) for p in (effusion, ptx)}
+    groups = sr_group_sources(sr)
+    assert groups["Pleural Effusion"] == {uids[effusion]}
+    assert groups["Pneumothorax"] == {uids[ptx]}
+    assert groups["Overall result"] == {result.sop_instance_uid}
+    evidence = {str(i.ReferencedSOPInstanceUID)
+                for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
+    assert evidence == set(uids.values())
+    assert_dciodvfy_clean(tmp_path / "out" / "S1-PAT" / "S1-PAT_sr.dcm")
 
 
 @pytest.mark.parametrize("order", ["series 1 first", "series 2 first"])
