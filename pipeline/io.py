@@ -61,12 +61,15 @@ __all__ = [
     "IncompleteSeriesError",
     "InputError",
     "NoPixelDataError",
+    "PatientMismatchError",
     "SelectedSeries",
     "SeriesError",
     "Source",
+    "StudyImage",
     "UnreadableFileError",
     "Volume",
     "WrongModalityError",
+    "check_one_patient",
     "load_ct_volume",
     "load_image_2d",
     "number_of_frames",
@@ -74,6 +77,7 @@ __all__ = [
     "select_series",
     "series_misfit",
     "series_refusal",
+    "study_images",
 ]
 
 Source: TypeAlias = "str | PathLike[str] | Dataset"
@@ -140,6 +144,11 @@ class SeriesError(InputError):
                  near: Sequence[str] = ()) -> None:
         super().__init__(message, path=path)
         self.near = list(near)
+
+
+class PatientMismatchError(InputError):
+    """The instances of one study name more than one patient (Patient ID, or the same
+    ID from different issuers): an upstream merge error; the study is not run."""
 
 
 class IncompleteSeriesError(SeriesError):
@@ -256,6 +265,14 @@ class SelectedSeries:
     paths: list[Path | None]
     headers: list[Dataset]
     rejected: dict[str, str] = field(default_factory=dict)
+    # the other eligible series, best first, each as it would have been chosen (its
+    # images ranked): a classifier reads them too; a volume model reads the chosen one
+    also_eligible: list[SelectedSeries] = field(default_factory=list)
+
+    @property
+    def series_number(self) -> str:
+        """The chosen series' Series Number, or ``""``."""
+        return str(self.headers[0].get("SeriesNumber", "") or "") if self.headers else ""
 
     @property
     def sources(self) -> list[str | PathLike[str] | Dataset]:
@@ -1055,6 +1072,140 @@ def _image_rank(ds: Dataset) -> tuple[int, int]:
     return int(_for_presentation(ds)), int(_is_frontal(ds))
 
 
+def _acquired(ds: Dataset) -> str:
+    """When an image was made, as a string that sorts in time order (``""`` when it does
+    not say): Acquisition DateTime, else Acquisition Date and Time, else Content Date
+    and Time. Used to break ties, never to choose."""
+    value = str(ds.get("AcquisitionDateTime", "") or "").strip()
+    if not value:
+        for date, time_ in (("AcquisitionDate", "AcquisitionTime"),
+                            ("ContentDate", "ContentTime")):
+            day = str(ds.get(date, "") or "").strip()
+            if day:
+                value = day + str(ds.get(time_, "") or "").strip()
+                break
+    digits = re.sub(r"[^0-9.]", "", value.split("+")[0].split("-")[0])
+    whole, _, fraction = digits.partition(".")
+    return whole.ljust(14, "0") + "." + fraction.ljust(6, "0") if whole else ""
+
+
+def _number(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _image_order(ds: Dataset) -> tuple[tuple[int, int], int, str]:
+    """An image's place in its series, best first when sorted in reverse: its rank,
+    then the lowest Instance Number, then the SOP Instance UID (never arrival order)."""
+    return (_image_rank(ds), -_number(ds, "InstanceNumber"),
+            str(ds.get("SOPInstanceUID", "")))
+
+
+def _patient_of(ds: Dataset) -> tuple[str, str]:
+    return (str(ds.get("PatientID", "") or "").strip(),
+            str(ds.get("IssuerOfPatientID", "") or "").strip())
+
+
+def check_one_patient(sources: Iterable[Source]) -> None:
+    """Refuse a study whose instances name more than one patient: different Patient IDs,
+    or the same Patient ID from different Issuers of Patient ID (an instance that names
+    no issuer agrees with any issuer of its ID). Unreadable sources are left to
+    :func:`select_series` to report.
+
+    Raises:
+        PatientMismatchError: the IDs (with their issuers) in the message, never names.
+    """
+    seen: dict[str, set[str]] = {}
+    for src in sources:
+        try:
+            ds = src if isinstance(src, Dataset) else read_dataset(src, stop_before_pixels=True)
+        except InputError:
+            continue
+        pid, issuer = _patient_of(ds)
+        issuers = seen.setdefault(pid, set())
+        if issuer:
+            issuers.add(issuer)
+    patients = [f"{pid or '(empty)'}" + (f" (issuer {issuer})" if issuer else "")
+                for pid in sorted(seen) for issuer in (sorted(seen[pid]) or [""])]
+    if len(patients) > 1:
+        raise PatientMismatchError(
+            f"the study's instances carry {len(patients)} Patient IDs "
+            f"({', '.join(patients)}): one Study Instance UID holds images of different "
+            "patients (a merge or registration error); fix the study on the sending "
+            "system and send it again; not run")
+
+
+@dataclass(frozen=True)
+class StudyImage:
+    """One image of a study a classifier reads: a single-frame instance, or one frame
+    of a multi-frame one (``frame``: 0-based, None for a single-frame instance).
+    ``label`` names it for people: ``series 2 image 1 (PA) frame 2 of 2``."""
+
+    source: Source
+    header: Dataset
+    frame: int | None
+    label: str
+
+
+def _series_label(header: Dataset) -> str:
+    number = str(header.get("SeriesNumber", "") or "").strip()
+    return f"series {number}" if number else f"series {header.get('SeriesInstanceUID', '?')}"
+
+
+def _image_label(header: Dataset, frame: int | None, frames: int) -> str:
+    number = str(header.get("InstanceNumber", "") or "").strip()
+    view = _view(header)
+    text = (f"{_series_label(header)} "
+            + (f"image {number}" if number else f"instance {header.get('SOPInstanceUID', '?')}")
+            + (f" ({view})" if view else ""))
+    return text + (f" frame {frame + 1} of {frames}" if frame is not None else "")
+
+
+def study_images(selected: SelectedSeries, limit: int,
+                 ) -> tuple[list[StudyImage], list[str]]:
+    """The images of a study a classifier reads, and what it leaves unread, why.
+
+    Every image (every frame) of the chosen series and of each other eligible series
+    (:attr:`SelectedSeries.also_eligible`), best series first, that ranks with the best
+    of them (images for presentation before "for processing" ones, a frontal view
+    before a lateral or one that does not say), at most ``limit``. A series of slices
+    (a CT beside the radiographs) is left out. The second list names each image not
+    read with the reason, for the result's notes.
+    """
+    candidates: list[StudyImage] = []
+    unread: list[str] = []
+    for k, series in enumerate([selected, *selected.also_eligible]):
+        frames = sum(number_of_frames(h) for h in series.headers)
+        if k and frames > 1 and (
+                series.modality.upper() in {"CT", "MR", "PT", "NM"}
+                or len({tuple(h.get("ImagePositionPatient") or ()) for h in series.headers}) > 1):
+            unread.append(f"{_series_label(series.headers[0])} (a stack of {frames} "
+                          f"{series.modality or 'image'} slices, not a radiograph)")
+            continue
+        for source, header in zip(series.sources, series.headers, strict=True):
+            n = number_of_frames(header)
+            for frame in range(n) if n > 1 else [None]:
+                candidates.append(StudyImage(source, header, frame,
+                                             _image_label(header, frame, n)))
+    best = max(_image_rank(c.header) for c in candidates)
+    kept: list[StudyImage] = []
+    for c in candidates:
+        rank = _image_rank(c.header)
+        if rank == best:
+            kept.append(c)
+        elif best[0] and not rank[0]:
+            unread.append(f"{c.label} (for processing: raw detector values)")
+        else:
+            unread.append(f"{c.label} (not a frontal view)")
+    over = kept[limit:]
+    if over:
+        unread.append(f"{', '.join(c.label for c in over)} (more than the {limit} images "
+                      "a study is read for: the pipeline's series.max_images)")
+    return kept[:limit], unread
+
+
 def select_series(
     sources: Mapping[str | PathLike[str], Dataset] | Iterable[Source],
     rules: SeriesRules,
@@ -1073,8 +1224,12 @@ def select_series(
     reading; volume models are trained on axial), then a frontal (PA or AP) view to a
     lateral one, then ORIGINAL images, then the most images - so a CT study with a
     scout, an axial series and its reformats picks the axial, and a chest X-ray study
-    its PA view. Within the chosen series the same preferences put the best image
-    first (``paths[0]``: what a classifier takes).
+    its PA view. Ties go to the latest series (Acquisition, else Content, date and
+    time), then the highest Series Number, then the Series Instance UID: never to the
+    order the instances came in. Within the chosen series the same preferences put the
+    best image first (``paths[0]``), then the lowest Instance Number. The other eligible
+    series, ranked, are in ``also_eligible`` (a classifier reads them too: see
+    :func:`study_images`).
 
     Args:
         sources: a mapping path -> header (e.g. read with
@@ -1107,7 +1262,7 @@ def select_series(
     views = {v.upper() for v in rules.view_positions}
     rejected: dict[str, str] = {}
     near: list[str] = []  # refusals of series of a modality the rules take
-    ranked: list[tuple[tuple[int, ...], str]] = []
+    ranked: list[tuple[tuple[Any, ...], str]] = []
     for uid, members in groups.items():
         first = members[0][1]
         modality = str(first.get("Modality", "")).upper()
@@ -1150,6 +1305,11 @@ def select_series(
                     int(all(_is_original(ds) for _, ds in usable)),
                     images,
                 )
+                # ties (two PA series of one study) broken the same way whatever the
+                # order the images came in: the latest, then the highest Series Number
+                tie = (max(_acquired(ds) for _, ds in usable),
+                       max(_number(ds, "SeriesNumber") for _, ds in usable), uid)
+                key = (*key, tie)  # type: ignore[assignment]
                 ranked.append((key, uid))
         if reason:
             rejected[uid] = f"{label}: {reason}"
@@ -1178,19 +1338,24 @@ def select_series(
     best = ranked[0][1]
     for _, uid in ranked[1:]:
         rejected[uid] = f"series {uid}: eligible but ranked after {best}"
-    # The best image first: a classifier takes one (a PA before the lateral beside it).
-    chosen = sorted(groups[best], key=lambda m: _image_rank(m[1]), reverse=True)
-    first = chosen[0][1]
-    return SelectedSeries(
-        series_instance_uid=best,
-        modality=str(first.get("Modality", "")),
-        sop_class_uid=str(first.get("SOPClassUID", "")),
-        body_part=str(first.get("BodyPartExamined", "")),
-        description=str(first.get("SeriesDescription", "")),
-        paths=[p for p, _ in chosen],
-        headers=[ds for _, ds in chosen],
-        rejected=rejected,
-    )
+
+    def selected(uid: str, **extra: Any) -> SelectedSeries:
+        # The best image first: a classifier starts with it (a PA before the lateral).
+        chosen = sorted(groups[uid], key=lambda m: _image_order(m[1]), reverse=True)
+        first = chosen[0][1]
+        return SelectedSeries(
+            series_instance_uid=uid,
+            modality=str(first.get("Modality", "")),
+            sop_class_uid=str(first.get("SOPClassUID", "")),
+            body_part=str(first.get("BodyPartExamined", "")),
+            description=str(first.get("SeriesDescription", "")),
+            paths=[p for p, _ in chosen],
+            headers=[ds for _, ds in chosen],
+            **extra,
+        )
+
+    return selected(best, rejected=rejected,
+                    also_eligible=[selected(uid) for _, uid in ranked[1:]])
 
 
 def _description_misfit(ds: Dataset, rules: SeriesRules) -> str:

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,14 @@ from pipeline.io import (
     Image2D,
     InputError,
     Source,
+    StudyImage,
     Volume,
+    check_one_patient,
     load_ct_volume,
     load_image_2d,
     number_of_frames,
     select_series,
+    study_images,
 )
 from pipeline.resources import memory_left
 from pipeline.settings import ModelSpec, Output, PipelineSpec, Task
@@ -653,6 +656,12 @@ class PipelineRunner:
         spec = self.spec(pipeline)
         if not files:
             raise PipelineError("the job has no input files")
+        try:
+            check_one_patient(files)
+        except InputError as exc:  # IDs go to the job's error, not to the log
+            log.warning("pipeline %s: the study's instances name more than one patient; "
+                        "not run", spec.name)
+            raise exc from None
         selected = select_series(list(files), spec.series)
         if patient_id is None:  # results go in <patient_id>/: it must name a folder
             patient_id = folder_patient_id(selected.headers[0], selected.paths[0])
@@ -667,8 +676,8 @@ class PipelineRunner:
                     f"series it was given is a stack of {images} "
                     f"{selected.modality or 'image'} slices. Send a single image, or give "
                     "the pipeline series rules (modalities) that leave such series out")
-            return self._classify(spec, selected.sources[0], out_dir, patient_id, wanted,
-                                  images)
+            read, unread = study_images(selected, spec.series.max_images)
+            return self._classify(spec, read, unread, out_dir, patient_id, wanted)
         check_memory(selected.headers)
         return self._segment(spec, selected.sources, out_dir, patient_id, wanted)
 
@@ -729,30 +738,78 @@ class PipelineRunner:
             ), patient_study(image.header, pid)))
         return out
 
-    def _classify(self, spec: PipelineSpec, source: Any, out_dir: Path,
-                  patient_id: str | None, wanted: set[Output], images: int = 1) -> RunOutput:
-        """Classify ``source``, one of the ``images`` of its series (frames included)."""
+    def _classify(self, spec: PipelineSpec, read: Sequence[StudyImage],
+                  unread: Sequence[str], out_dir: Path, patient_id: str | None,
+                  wanted: set[Output]) -> RunOutput:
+        """Classify every image of ``read`` (the study's eligible frontal images, see
+        :func:`~pipeline.io.study_images`) and report each finding at its highest
+        probability across them, shown on the image that drove the result: the one
+        with the highest probability of the leading finding present, else the first.
+        ``unread`` (images left out, why) goes to the result's notes."""
         t0 = time.perf_counter()
-        image = load_image_2d(source, modalities=spec.series.modalities or None)
-        if image.upright_from:  # the PNGs and the report then differ from the stored image
-            log.info("image turned upright from Patient Orientation %s", image.upright_from)
+        images = [load_image_2d(ref.source, modalities=spec.series.modalities or None,
+                                frame=ref.frame) for ref in read]
+        for image in images:
+            if image.upright_from:  # the PNGs and the report then differ from the stored image
+                log.info("image turned upright from Patient Orientation %s",
+                         image.upright_from)
         t1 = time.perf_counter()
+        each = self.classify_many(spec, images, [patient_id] * len(images), explain=False)
+        findings = [
+            Finding(first.name, any(r.findings[k].presence for r, _ in each),
+                    max(r.findings[k].confidence for r, _ in each))
+            for k, first in enumerate(each[0][0].findings)]
+        result_name = overall_result(findings)
+        shown = 0
+        if result_name != NORMAL:
+            top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
+            k = [f.name for f in findings].index(top.name)
+            shown = max(range(len(each)), key=lambda i: (each[i][0].findings[k].confidence, -i))
+        chosen, study = each[shown]
+        image = images[shown]
+        model = self.classifier(spec.model, spec.model_version)
+        heatmap = None
         # Grad-CAM (a backward pass) only for outputs that show the heatmap
-        result, study = self.classify(spec, image, patient_id,
-                                      explain=bool(wanted & art.HEATMAP_OUTPUTS))
-        if image.number_of_frames > 1:  # which frame, said (a 2-frame CR: the second)
-            result.notes.append(f"classified frame {image.frame_index + 1} of "
-                                f"{image.number_of_frames} in the multi-frame image")
-        elif images > 1:  # several radiographs (PA and lateral): the preferred one
-            result.notes.append(f"classified 1 image of the {images} in the series (the "
-                                "one the series rules prefer: a frontal view first)")
-        for note in result.notes:
-            log.info("pipeline %s: %s", spec.name, note)
+        if wanted & art.HEATMAP_OUTPUTS and result_name != NORMAL and not model.no_heatmap:
+            top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
+            clone, lock = self._explainer(model)
+            with lock:
+                heatmap = gradcam(clone, image.pixels, top.name)
+        notes: list[str] = []
+        label = read[shown].label
+        if len(read) > 1:
+            notes.append(
+                f"classified {len(read)} images of the study ({'; '.join(r.label for r in read)}); "
+                "each finding is given at its highest probability across them; the image "
+                f"shown and referenced is {label}")
+        elif unread or image.number_of_frames > 1:  # which one, said (a 2-frame CR: frame 2)
+            notes.append(f"classified {label}")
+        if unread:
+            notes.append(f"not read: {'; '.join(unread)}")
+        result = replace(
+            chosen, result=result_name, findings=findings, heatmap=heatmap,
+            heatmap_note=model.no_heatmap if result_name != NORMAL else "",
+            frame_number=image.frame_index + 1 if image.number_of_frames > 1 else None,
+            notes=notes)
+        for note in notes:
+            # an image of the study left unread is worth a warning: the result is not
+            # from everything that was sent
+            log.log(logging.WARNING if unread else logging.INFO, "pipeline %s: %s",
+                    spec.name, note)
         t2 = time.perf_counter()
+        # the SR names, for each finding, the image its confidence came from (the one
+        # shown first when they tie)
+        sources = {}
+        if len(images) > 1:
+            for k, f in enumerate(findings):
+                i = max(range(len(each)), key=lambda i: (
+                    each[i][0].findings[k].confidence, i == shown, -i))
+                frame = images[i].frame_index + 1 if images[i].number_of_frames > 1 else None
+                sources[f.name] = (images[i].header, frame)
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
             series=self._series_info(result.model_name, result.model_version),
-            sc=spec.secondary_capture)
+            sc=spec.secondary_capture, finding_sources=sources)
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 

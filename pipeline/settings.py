@@ -73,6 +73,9 @@ class SeriesRules(_Frozen):
     exclude_series_descriptions: list[str] = Field(default_factory=list)
     # [thinnest, thickest] Slice Thickness in mm (an image that does not say is taken)
     slice_thickness_mm: tuple[float, float] | None = None
+    # a classifier reads every eligible frontal image of a study (each series the rules
+    # accept, each frame): at most this many, the rest named in the result as not read
+    max_images: int = Field(default=8, ge=1, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> SeriesRules:

@@ -47,8 +47,11 @@ class ClassificationResult:
     # why a result that is not Normal has no heatmap (the model cannot be explained by
     # Grad-CAM); the outputs then go without one. Empty: a heatmap is expected.
     heatmap_note: str = ""
-    # what a person should know about how the result was made (which frame was read)
+    # what a person should know about how the result was made (which images were read,
+    # which were not and why)
     notes: list[str] = field(default_factory=list)
+    # the frame (1-based) of a multi-frame source the image shown is; None: single-frame
+    frame_number: int | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+# highdicom's own test of a SOP class whose IOD has frames (not public API; pinned)
+from highdicom._standard_utils import is_multiframe_image
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
@@ -20,6 +22,7 @@ __all__ = [
     "copy_patient_study",
     "declare_private_scheme",
     "for_highdicom",
+    "frame_reference",
     "new_file_dataset",
     "save",
     "set_equipment",
@@ -73,6 +76,19 @@ _TYPE2 = (
     "StudyID",
     "AccessionNumber",
 )
+
+
+def frame_reference(source: Dataset, frame_number: int | None) -> int | None:
+    """``frame_number`` when a reference to ``source`` may name a frame (its SOP class is
+    a multi-frame IOD), else None. A single-frame class sent with several frames (a CR
+    with Number of Frames 2) may not: dciodvfy refuses a Referenced Frame Number to it,
+    and the result's notes say the frame instead."""
+    if not frame_number:
+        return None
+    try:
+        return frame_number if is_multiframe_image(source) else None
+    except (AttributeError, KeyError, ValueError):
+        return None
 
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:

@@ -658,6 +658,9 @@ def write_classification_report(
         _result_box(result.result, st, width),
         _p("Findings", st["h2"]),
         _findings_table(result, st, width),
+        # which images were read and which not: a reader must know the result's basis
+        *([_p("Notes", st["h2"])] + [_p(n, st["body"]) for n in result.notes]
+          if result.notes else []),
     ]
     img_w = (width - 8 * mm) / 2
     img_h = 50 * mm
@@ -680,7 +683,9 @@ def write_classification_report(
     story += [Spacer(1, 8), images]
     story.append(_model_section(
         result.model_name, result.model_version, generated, software,
-        [("Source SOP UID", result.sop_instance_uid or "—")], st, width,
+        [("Source SOP UID", result.sop_instance_uid or "—"),
+         *([("Source frame", str(result.frame_number))] if result.frame_number else [])],
+        st, width,
     ))
     path = Path(path)
     _build(path, story, "AI inference report", model, generated)

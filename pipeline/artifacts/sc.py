@@ -19,6 +19,7 @@ from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate
 from pipeline.artifacts._common import SeriesInfo, utc_now
 from pipeline.artifacts._dicom import (
     copy_patient_study,
+    frame_reference,
     new_file_dataset,
     save,
     set_equipment,
@@ -41,6 +42,7 @@ def build_secondary_capture(
     instance_number: int = 1,
     when: datetime | None = None,
     encoding: SecondaryCaptureSpec | None = None,
+    frame_number: int | None = None,
 ) -> Dataset:
     """Build an SC Image Storage dataset (RGB, 8 bit) of ``image`` in a new series.
 
@@ -78,6 +80,8 @@ def build_secondary_capture(
         ref = Dataset()
         ref.ReferencedSOPClassUID = source_ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
+        if frame := frame_reference(source_ds, frame_number):  # the heatmap's frame
+            ref.ReferencedFrameNumber = frame
         ds.SourceImageSequence = [ref]
     spec = encoding or SecondaryCaptureSpec()
     image = _scaled(image.convert("RGB"), spec.max_size)
@@ -134,6 +138,7 @@ def write_secondary_capture(
     instance_number: int = 1,
     encoding: SecondaryCaptureSpec | None = None,
     when: datetime | None = None,
+    frame_number: int | None = None,
 ) -> Artifact:
     """Write the SC file to ``path`` and return its artifact (kind ``sc``); ``when``
     (default: now) is its creation and content time.
@@ -143,7 +148,7 @@ def write_secondary_capture(
     """
     ds = build_secondary_capture(
         image, source_ds, info, series_uid=series_uid, instance_number=instance_number,
-        encoding=encoding, when=when,
+        encoding=encoding, when=when, frame_number=frame_number,
     )
     save(ds, path)
     return Artifact(

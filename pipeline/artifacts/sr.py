@@ -34,6 +34,7 @@ from pipeline.artifacts._dicom import (
     declare_utf8_for,
     distinct,
     for_highdicom,
+    frame_reference,
     info_texts,
     save,
     set_times,
@@ -42,6 +43,7 @@ from pipeline.artifacts.seg import segment_codes
 from pipeline.types import Artifact, ClassificationResult, SegmentationResult
 
 __all__ = [
+    "COMMENT",
     "CONFIDENCE",
     "MILLILITER",
     "OVERALL_RESULT",
@@ -56,6 +58,10 @@ CONFIDENCE = codes.DCM.CertaintyOfFinding
 MILLILITER = Code("mL", "UCUM", "milliliter")
 #: Name of the qualitative evaluation that carries the overall result.
 OVERALL_RESULT = codes.DCM.Impression
+#: Name of the text items, in the overall result's group, that carry the result's notes.
+COMMENT = codes.DCM.Comment
+# Text Value (UT) holds up to 2^32-2 characters; a note is far shorter, but bounded.
+_TEXT_MAX = 65536
 
 
 def _observation_context(
@@ -121,6 +127,7 @@ def build_classification_sr(
     instance_number: int = 1,
     finding_codes: Mapping[str, Code] | None = None,
     when: datetime | None = None,
+    finding_sources: Mapping[str, tuple[Dataset, int | None]] | None = None,
 ) -> ComprehensiveSR:
     """Build a Comprehensive SR holding a TID 1500 report of ``result``.
 
@@ -129,12 +136,30 @@ def build_classification_sr(
     referencing the source image; plus a group with the overall result. Findings are
     SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
     overrides per name. ``when`` (default: now) is the document's creation and content
-    time, written in UTC.
+    time, written in UTC. ``finding_sources`` (finding name: header and 1-based frame of
+    the image its confidence came from, when several images were read) makes a
+    finding's group reference that image instead of ``source_ds``; each is evidence.
+    The result's notes are Comment items in the overall result's group.
 
     Raises:
         ValueError: when ``source_ds`` lacks study/instance UIDs (raised by highdicom).
     """
-    source = SourceImageForMeasurementGroup.from_source_image(source_ds)
+    # the frame read, of a multi-frame image, not the whole object (where its SOP class
+    # lets a reference name one; the notes name it always)
+    frame = frame_reference(source_ds, result.frame_number)
+    source = SourceImageForMeasurementGroup.from_source_image(
+        source_ds, referenced_frame_numbers=[frame] if frame else None)
+    evidence = {str(source_ds.SOPInstanceUID): source_ds}
+
+    def source_of(name: str) -> SourceImageForMeasurementGroup:
+        if not finding_sources or name not in finding_sources:
+            return source
+        ds, number = finding_sources[name]
+        evidence.setdefault(str(ds.SOPInstanceUID), ds)
+        number = frame_reference(ds, number)
+        return SourceImageForMeasurementGroup.from_source_image(
+            ds, referenced_frame_numbers=[number] if number else None)
+
     algorithm = _algorithm(result.model_name, result.model_version)
     groups: list[MeasurementsAndQualitativeEvaluations] = []
     overall = MeasurementsAndQualitativeEvaluations(
@@ -145,6 +170,10 @@ def build_classification_sr(
         ],
         source_images=[source],
     )
+    for note in result.notes:  # which images were read, which not: beside the result
+        overall.append(hd.sr.TextContentItem(
+            name=COMMENT, value=note[:_TEXT_MAX],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     groups.append(overall)
     for finding in result.findings:
         code = (finding_codes or {}).get(finding.name) or concept_for_name(finding.name, "SCT")
@@ -168,7 +197,7 @@ def build_classification_sr(
                         code, codes.SCT.Present if finding.presence else codes.SCT.Absent
                     )
                 ],
-                source_images=[source],
+                source_images=[source_of(finding.name)],
             )
         )
     report = MeasurementReport(
@@ -176,9 +205,10 @@ def build_classification_sr(
         procedure_reported=codes.SCT.ImagingProcedure,
         imaging_measurements=groups,
     )
-    sr = _document([source_ds], report, info, series_uid, instance_number, when)
+    sr = _document(list(evidence.values()), report, info, series_uid, instance_number, when)
     declare_utf8_for(sr, [result.result, result.model_name, result.model_version,
-                          *(f.name for f in result.findings), *info_texts(info)])
+                          *(f.name for f in result.findings), *result.notes,
+                          *info_texts(info)])
     return sr
 
 

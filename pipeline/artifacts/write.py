@@ -137,6 +137,7 @@ def write_classification_artifacts(
     generated_at: datetime | None = None,
     finding_codes: Mapping[str, Code] | None = None,
     sc: SecondaryCaptureSpec | None = None,
+    finding_sources: Mapping[str, tuple[Dataset, int | None]] | None = None,
 ) -> list[Artifact]:
     """Write the requested classification artifacts; return them in this order: the
     PNGs, the JSON, then the PDF and the DICOM objects.
@@ -149,7 +150,8 @@ def write_classification_artifacts(
     too. ``patient_id`` is ``study.patient_id``.
     For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
     ``generated_at`` (default: now) is the one time every DICOM object and the report
-    carry, written in UTC.
+    carry, written in UTC. ``finding_sources``: the image each finding's confidence came
+    from when several were read (see :func:`build_classification_sr`).
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -203,14 +205,14 @@ def write_classification_artifacts(
             if Output.SR in wanted:
                 sr = build_classification_sr(
                     result, source_ds, _series(base, "sr"), finding_codes=finding_codes,
-                    when=generated,
+                    when=generated, finding_sources=finding_sources,
                 )
                 documents.append(write_sr(sr, folder / f"{pid}_sr.dcm"))
             if Output.SECONDARY_CAPTURE in wanted and overlay is not None:
                 documents.append(
                     write_secondary_capture(
                         overlay, source_ds, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc, when=generated,
+                        encoding=sc, when=generated, frame_number=result.frame_number,
                     )
                 )
             artifacts += [png.result() for png in pngs]

@@ -274,4 +274,8 @@ def test_plain_output_shows_the_result_notes(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "two-frames.dcm")
     done = infer("two-frames.dcm", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "    note: classified frame 2 of 2 in the multi-frame image\n" in done.stdout
+    # both frames are read (identical here: the first is shown)
+    assert ("    note: classified 2 images of the study (series 1 image 1 (PA) frame 1 of 2; "
+            "series 1 image 1 (PA) frame 2 of 2); each finding is given at its highest "
+            "probability across them; the image shown and referenced is series 1 image 1 "
+            "(PA) frame 1 of 2\n") in done.stdout

@@ -700,6 +700,35 @@ def test_select_series_takes_the_frontal_view_for_presentation(tmp_path: Path) -
     assert chosen.paths[0] == in_one[1] and len(chosen.paths) == 3
 
 
+def test_select_series_breaks_ties_the_same_way_whatever_the_order(tmp_path: Path) -> None:
+    """Two equal PA series: the first to arrive was chosen. Now the latest (Acquisition
+    DateTime, else Acquisition or Content Date and Time), then the highest Series
+    Number; the other is kept in ``also_eligible``, and images within a series go by
+    Instance Number."""
+    def xray(series: str, number: int, instance: int = 1, **attrs: Any) -> Path:
+        ds = make_image(np.zeros((8, 8), dtype=np.uint16), modality="DX",
+                        series_uid=series, ViewPosition="PA", SeriesNumber=number,
+                        InstanceNumber=instance, **attrs)
+        return save(ds, tmp_path / f"{generate_uid()}.dcm")
+
+    rules = SeriesRules(modalities=["DX"])
+    one, two = generate_uid(), generate_uid()
+    low, high = xray(one, 1), xray(two, 2)
+    for files in ([low, high], [high, low]):
+        chosen = select_series(files, rules)
+        assert chosen.paths == [high] and chosen.series_number == "2"
+        assert [s.paths for s in chosen.also_eligible] == [[low]]
+    early = xray(generate_uid(), 9, AcquisitionDateTime="20240101080000")
+    late = xray(generate_uid(), 3, AcquisitionDate="20240101", AcquisitionTime="0930")
+    for files in ([early, late], [late, early]):
+        assert select_series(files, rules).paths == [late]
+    content = xray(generate_uid(), 1, ContentDate="20240102", ContentTime="070000")
+    assert select_series([late, content, early], rules).paths == [content]
+    three = generate_uid()
+    second, first = xray(three, 1, instance=2), xray(three, 1, instance=1)
+    assert select_series([second, first], rules).paths == [first, second]
+
+
 def test_select_series_leaves_out_views_the_rules_do_not_take(tmp_path: Path) -> None:
     """A frontal chest model (view positions PA, AP): a lateral view alone is refused
     with the reason (it was classified as if frontal), lateral images of a mixed series
