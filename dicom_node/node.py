@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dicom_node import retention, runtime_config, serve_lock
+from dicom_node import __version__, retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.disk import short_of_space
@@ -31,7 +31,7 @@ from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
-from dicom_node.store import NewJob, Store
+from dicom_node.store import SCHEMA_VERSION, NewJob, Store
 from dicom_node.tls import TlsFileError
 from dicom_node.watch import Watcher
 
@@ -143,7 +143,8 @@ class Node:
                 # idle), and walking those ~360k objects held every thread for 70-100 ms.
                 gc.collect()
                 gc.freeze()
-            self.log.info("node started", dicom_port=self.settings.dimse.port,
+            self.log.info("node started", version=__version__, schema=SCHEMA_VERSION,
+                          dicom_port=self.settings.dimse.port,
                           http_port=self.settings.rest.port,
                           data_dir=str(self.settings.data_dir.resolve()))
             self.started.set()
@@ -199,6 +200,11 @@ class Node:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(Store(self.settings.database_url).open)
         self.store = store
+        if store.migrated is not None:
+            found, now = store.migrated
+            self.log.warning("store schema upgraded", from_version=found, to_version=now,
+                             note="one way: older versions of dicom-node now refuse this "
+                             "store" if found else "a new store")
         settings, count = await asyncio.to_thread(runtime_config.with_stored,
                                                   self.file_settings, store)
         if count:

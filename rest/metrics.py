@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 import dicom_node
 from dicom_node.disk import disk_health
-from dicom_node.store import JobState
+from dicom_node.store import SCHEMA_VERSION, JobState
 from pipeline.engine import BatchedModel, ModelStatistics
 from rest.app import AUTH, NODE, Route
 from rest.auth import AuthError
@@ -136,6 +136,7 @@ async def health(request: web.Request) -> web.Response:
         "status": "degraded" if degraded else "ok",
         "message": RUNNING_MESSAGE,
         "version": dicom_node.__version__,
+        "schema": SCHEMA_VERSION,  # the store schema this version uses
         "node": node.settings.node_name,
         "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None,
                   "groups_waiting": waiting},
