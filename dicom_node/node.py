@@ -295,12 +295,16 @@ class Node:
     async def _warn_of_namesakes(self, owner: str) -> None:
         """Another live node with our node_name on this store (several machines sharing a
         database, each with its own data directory): its jobs stay its own, but logs and
-        job histories cannot tell the two apart."""
+        job histories cannot tell the two apart.
+
+        A lease held by the bare node name is not a namesake's: versions before the
+        ``<node_name>#<id>`` owners wrote that, and it is this node's dead predecessor's
+        (an upgrade after a crash); the scheduler takes those jobs back at start."""
         assert self.store is not None
         name = self.settings.node_name
         leases = await asyncio.to_thread(self.store.live_lease_owners)
         namesakes = {o: n for o, n in leases.items()
-                     if o != owner and (o == name or o.startswith(f"{name}#"))}
+                     if o != owner and o.startswith(f"{name}#")}
         if namesakes:
             self.log.warning("another node with this node_name holds live jobs in the "
                              "store; they are left to it. Give each node sharing a "

@@ -1379,10 +1379,19 @@ class Store:
         Leases of ``owner`` are taken back even when they have not expired yet: the
         caller must know that no live process uses that owner name (``serve`` holds the
         data directory's lock, whose id is part of the name; see dicom_node.serve_lock).
+        So are those of the bare node name before ``#`` in ``owner``: versions before
+        the ``<node_name>#<id>`` owners leased as ``<node_name>``, and a node name
+        belongs to one node (those versions too took back its leases at start), so
+        such a lease is this node's dead predecessor's, on SQLite or on a database
+        several nodes share.
         The interrupted attempt does not count against ``max_attempts``: the job did
         not fail, the process did.
         """
-        return self._requeue(sa.or_(jobs.c.lease_owner == owner,
+        mine = [owner]
+        node_name, sep, _ = owner.rpartition("#")
+        if sep and node_name:
+            mine.append(node_name)
+        return self._requeue(sa.or_(jobs.c.lease_owner.in_(mine),
                                     jobs.c.lease_expires < utcnow()))
 
     def requeue_expired(self) -> list[str]:

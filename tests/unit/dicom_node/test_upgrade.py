@@ -123,3 +123,26 @@ async def test_serve_migrates_and_says_so(aiohttp_client: Any, tmp_path: Path) -
     assert "older versions of dicom-node now refuse this store" in upgraded[0]["note"]
     started = next(e for e in logs if e["event"] == "node started")
     assert started["schema"] == SCHEMA_VERSION
+
+
+async def test_an_older_versions_interrupted_job_is_requeued_at_start(tmp_path: Path) -> None:
+    """An older version (lease owner: the bare node_name) was killed while running a job:
+    the upgraded node queues it again at start, not after its lease, and does not
+    mistake its predecessor for another node with its name."""
+    data = tmp_path / "data"
+    settings = node_settings(data)
+    data.mkdir()
+    store = Store(settings.database_url).open()
+    try:
+        job = store.create_job(NewJob(pipeline="demo"))
+        assert store.claim_next(settings.node_name, 3600) is not None
+    finally:
+        store.close()
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            assert node.store is not None
+            events = [e.message for e in node.store.events(job.id)]
+    assert "interrupted; queued again" in events
+    assert any(e["event"] == "job interrupted by a restart; queued again"
+               and e["job_id"] == job.id for e in logs)
+    assert not [e for e in logs if "another node with this node_name" in e["event"]]
