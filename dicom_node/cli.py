@@ -256,21 +256,31 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
-    print(f"  config API      {_stored_objects_line(s)}")
+    line, invalid = _stored_objects_line(s)
+    print(f"  config API      {line}")
+    for obj in invalid:  # a called AE title gone from a running node is a misconfiguration
+        problems = "; ".join(f"{p['field']}: {p['message']}" for p in obj.problems)
+        print(f"dicom-node: configuration error: the config API's {obj.kind} {obj.name!r} "
+              f"stored in the store does not validate and would not be in force: {problems}; "
+              f"fix it with PUT /config/{obj.kind}/{obj.name} or remove it with DELETE",
+              file=sys.stderr)
+    if invalid:
+        return EXIT_CONFIG
     return _check_models(s) if args.models else 0
 
 
-def _stored_objects_line(settings: Settings) -> str:
+def _stored_objects_line(settings: Settings) -> tuple[str, list[Any]]:
     """What the objects the config API stored do to the file's entries, when the store
     is an SQLite file that can be read at once (a database server is not contacted)."""
     from dicom_node import runtime_config
 
     url = settings.database_url
     if not url.startswith("sqlite:///"):
-        return "not read (the store is a database server); the start-up log names the " \
-            "file entries its objects replace or delete"
+        return ("not read (the store is a database server); the start-up log names the "
+                "file entries its objects replace or delete, and those that do not "
+                "validate"), []
     if not Path(url.removeprefix("sqlite:///")).exists():
-        return "no objects stored"
+        return "no objects stored", []
     from dicom_node.store import SCHEMA_VERSION
 
     store = _open_store(settings, older_ok=True)
@@ -283,11 +293,16 @@ def _stored_objects_line(settings: Settings) -> str:
         print(f"dicom-node: note: {_older_store(store, found)}", file=sys.stderr)
     count = sum(len(v) for v in objects.values())
     if not count:
-        return "no objects stored"
-    merged = runtime_config.merge(settings, objects)
+        return "no objects stored", []
+    invalid: list[runtime_config.SkippedObject] = []
+    merged = runtime_config.merge(settings, objects, skipped=invalid, quiet=True)
     changes = [f"{kind} {name!r} {action}"
                for kind, name, action in runtime_config.file_overrides(settings, merged, objects)]
-    return f"{count} objects stored; file entries " + (", ".join(changes) or "none overridden")
+    line = f"{count} objects stored; file entries " + (", ".join(changes) or "none overridden")
+    if invalid:
+        line += "; invalid (not in force): " + ", ".join(f"{o.kind} {o.name!r}"
+                                                         for o in invalid)
+    return line, invalid
 
 
 _SOURCES = {"state_dict": "weights (model.pt)", "torchscript": "TorchScript"}

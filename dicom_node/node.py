@@ -25,7 +25,7 @@ from dicom_node import __version__, retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.disk import short_of_space
-from dicom_node.errors import NodeError
+from dicom_node.errors import Conflict, NodeError
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
@@ -65,6 +65,9 @@ class Node:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
+        # Stored config API objects left out at start because they do not validate:
+        # shown by the API as invalid until a PUT fixes or a DELETE removes them.
+        self.config_skipped: list[runtime_config.SkippedObject] = []
         # One runtime config change at a time: each builds on the settings the last one
         # left, so ten changes at once must not each start from the same old settings.
         self._config_lock = asyncio.Lock()
@@ -86,15 +89,32 @@ class Node:
         """Validate, persist and apply one runtime config change; tell the listeners."""
         assert self.store is not None
         async with self._config_lock:
-            new = runtime_config.change(self.settings, kind, name, body, create=create)
+            invalid = self.invalid_config(kind, name)
+            live = name in runtime_config.objects_of(self.settings, kind)
+            if invalid is not None and create:
+                raise Conflict(f"{kind} {name!r} already exists (stored, but invalid: not "
+                               "in force); use PUT to fix it or DELETE to remove it")
+            if invalid is not None and not live and body is None:
+                new = self.settings  # not in force: nothing depends on it
+            else:
+                # not in force, PUT: checked as a new object would be
+                new = runtime_config.change(self.settings, kind, name, body,
+                                            create=create or (invalid is not None and not live))
             stored = None if body is None else runtime_config.objects_of(new, kind)[name]
             await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
+            rest = [o for o in self.config_skipped if (o.kind, o.name) != (kind, name)]
+            new, self.config_skipped = runtime_config.reapply(new, rest)
             self.settings = new
             for listener in self.settings_listeners:
                 listener(new)
         self.log.info("configuration changed", kind=kind, name=name,
                       action="create" if create else "delete" if body is None else "update")
         return new
+
+    def invalid_config(self, kind: str, name: str) -> runtime_config.SkippedObject | None:
+        """The stored object ``kind``/``name`` when it was left out as invalid."""
+        return next((o for o in self.config_skipped if (o.kind, o.name) == (kind, name)),
+                    None)
 
     def dicom_client(self) -> DicomClient:
         """The DIMSE client (with the SCP when it runs, so C-MOVE to ourselves works)."""
@@ -205,11 +225,13 @@ class Node:
             self.log.warning("store schema upgraded", from_version=found, to_version=now,
                              note="one way: older versions of dicom-node now refuse this "
                              "store" if found else "a new store")
-        settings, count = await asyncio.to_thread(runtime_config.with_stored,
-                                                  self.file_settings, store)
+        settings, count, skipped = await asyncio.to_thread(runtime_config.with_stored,
+                                                           self.file_settings, store)
+        self.config_skipped = skipped
         if count:
             self.settings = settings
-            self.log.info("runtime configuration applied", objects=count)
+            self.log.info("runtime configuration applied", objects=count,
+                          skipped=len(skipped))
         try:
             yield
         finally:

@@ -131,7 +131,8 @@ async def health(request: web.Request) -> web.Response:
     waiting = node.assembler.groups_waiting_for_store if node.assembler else 0
     degraded = (not store_ok or waiting > 0 or dicom["state"] != "running" or not disk["ok"]
                 or any(m["state"] != "ready" for m in models.values())
-                or any(f.get("state") != "watching" for f in watch.values()))
+                or any(f.get("state") != "watching" for f in watch.values())
+                or bool(node.config_skipped))
     body: dict[str, Any] = {
         "status": "degraded" if degraded else "ok",
         "message": RUNNING_MESSAGE,
@@ -147,6 +148,9 @@ async def health(request: web.Request) -> web.Response:
         "http": node.http_connections.status() if node.http_connections else None,
         "models": models,
         "parts": dict(node.parts),
+        # stored config API objects that do not validate and are not in force
+        "config": {"invalid": len(node.config_skipped),
+                   "objects": [{"kind": o.kind, "name": o.name} for o in node.config_skipped]},
         "watch": watch,
     }
     return web.json_response(body, status=200 if store_ok else 503)
