@@ -222,9 +222,12 @@ class Node:
         self.store = store
         if store.migrated is not None:
             found, now = store.migrated
-            self.log.warning("store schema upgraded", from_version=found, to_version=now,
-                             note="one way: older versions of dicom-node now refuse this "
-                             "store" if found else "a new store")
+            if found:
+                self.log.warning("store schema upgraded", from_version=found, to_version=now,
+                                 note="one way: older versions of dicom-node now refuse "
+                                 "this store")
+            else:
+                self.log.info("store schema created", version=now)
         settings, count, skipped = await asyncio.to_thread(runtime_config.with_stored,
                                                            self.file_settings, store)
         self.config_skipped = skipped
