@@ -43,6 +43,14 @@ Settings come from the YAML file, then DICOM_NODE_* environment variables
 """
 
 
+def version_line() -> str:
+    """``dicom-node 0.1.0 (store schema 7)``: the schema tells which release a store
+    refused as newer or older belongs with."""
+    from dicom_node.store import SCHEMA_VERSION
+
+    return f"dicom-node {dicom_node.__version__} (store schema {SCHEMA_VERSION})"
+
+
 def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
                    help="YAML settings (default: $DICOM_NODE_CONFIG when set, else built-in "
@@ -59,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version",
-                        version=f"dicom-node {dicom_node.__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the node (DICOM, HTTP, drop folders, jobs)",
@@ -249,33 +256,53 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  drop folders    {', '.join(folders) or 'none'}")
     days = s.storage.retention_days
     print(f"  retention       {f'{days:g} days' if days is not None else 'off (keep everything)'}")
-    print(f"  config API      {_stored_objects_line(s)}")
+    line, invalid = _stored_objects_line(s)
+    print(f"  config API      {line}")
+    for obj in invalid:  # a called AE title gone from a running node is a misconfiguration
+        problems = "; ".join(f"{p['field']}: {p['message']}" for p in obj.problems)
+        print(f"dicom-node: configuration error: the config API's {obj.kind} {obj.name!r} "
+              f"stored in the store does not validate and would not be in force: {problems}; "
+              f"fix it with PUT /config/{obj.kind}/{obj.name} or remove it with DELETE",
+              file=sys.stderr)
+    if invalid:
+        return EXIT_CONFIG
     return _check_models(s) if args.models else 0
 
 
-def _stored_objects_line(settings: Settings) -> str:
+def _stored_objects_line(settings: Settings) -> tuple[str, list[Any]]:
     """What the objects the config API stored do to the file's entries, when the store
     is an SQLite file that can be read at once (a database server is not contacted)."""
     from dicom_node import runtime_config
 
     url = settings.database_url
     if not url.startswith("sqlite:///"):
-        return "not read (the store is a database server); the start-up log names the " \
-            "file entries its objects replace or delete"
+        return ("not read (the store is a database server); the start-up log names the "
+                "file entries its objects replace or delete, and those that do not "
+                "validate"), []
     if not Path(url.removeprefix("sqlite:///")).exists():
-        return "no objects stored"
-    store = _open_store(settings)
+        return "no objects stored", []
+    from dicom_node.store import SCHEMA_VERSION
+
+    store = _open_store(settings, older_ok=True)
     try:
-        objects = store.config_objects()
+        objects = _config_objects(store)
+        found = store.schema_version()
     finally:
         store.close()
+    if found < SCHEMA_VERSION:  # a note: check-config is about the settings
+        print(f"dicom-node: note: {_older_store(store, found)}", file=sys.stderr)
     count = sum(len(v) for v in objects.values())
     if not count:
-        return "no objects stored"
-    merged = runtime_config.merge(settings, objects)
+        return "no objects stored", []
+    invalid: list[runtime_config.SkippedObject] = []
+    merged = runtime_config.merge(settings, objects, skipped=invalid, quiet=True)
     changes = [f"{kind} {name!r} {action}"
                for kind, name, action in runtime_config.file_overrides(settings, merged, objects)]
-    return f"{count} objects stored; file entries " + (", ".join(changes) or "none overridden")
+    line = f"{count} objects stored; file entries " + (", ".join(changes) or "none overridden")
+    if invalid:
+        line += "; invalid (not in force): " + ", ".join(f"{o.kind} {o.name!r}"
+                                                         for o in invalid)
+    return line, invalid
 
 
 _SOURCES = {"state_dict": "weights (model.pt)", "torchscript": "TorchScript"}
@@ -337,12 +364,17 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
-def _open_store(settings: Settings) -> Any:
+def _open_store(settings: Settings, *, older_ok: bool = False) -> Any:
     """The node's store, for the commands that read it: an SQLite file that does not exist
-    is an error (it was made empty in the wrong folder, and 'no jobs' was the answer)."""
+    is an error (it was made empty in the wrong folder, and 'no jobs' was the answer).
+
+    Never migrated: only ``serve`` upgrades a store, since an older node may still run
+    on it (and the upgrade is one way). A store older than this program is refused
+    (NodeError) unless ``older_ok`` (the caller reads only what older schemas have).
+    """
     from sqlalchemy.engine import make_url
 
-    from dicom_node.store import Store
+    from dicom_node.store import SCHEMA_VERSION, Store
 
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
@@ -350,7 +382,36 @@ def _open_store(settings: Settings) -> Any:
         if not db.is_file():
             raise NodeError(f"no store at {db.resolve()}: no node has run with this data "
                             "directory (give --data-dir or --config as for serve)")
-    return Store(settings.database_url).open()
+    store = Store(settings.database_url).open(migrate=False)
+    if not older_ok:
+        found = store.schema_version()
+        if found < SCHEMA_VERSION:
+            store.close()
+            raise NodeError(_older_store(store, found))
+    return store
+
+
+def _older_store(store: Any, found: int) -> str:
+    from sqlalchemy.engine import make_url
+
+    from dicom_node.store import SCHEMA_VERSION
+
+    where = make_url(store.url).render_as_string()  # a password as ***
+    if found == 0:
+        return (f"no node has set up the store at {where} yet; `dicom-node serve` creates "
+                "its schema")
+    return (f"the store at {where} has schema version {found}; this version uses "
+            f"{SCHEMA_VERSION}. `dicom-node serve` of this version upgrades it (one way: "
+            "older versions then refuse it); until then use the older version's commands")
+
+
+def _config_objects(store: Any) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """The config API's objects, from a store of any schema (the table came in
+    version 2 and has not changed since)."""
+    if store.schema_version() < 2:
+        return {}
+    objects: dict[str, dict[str, dict[str, Any] | None]] = store.config_objects()
+    return objects
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
@@ -531,8 +592,10 @@ def _with_runtime_objects(settings: Settings) -> Settings:
     url = settings.database_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return settings
-    store = _open_store(settings)
+    store = _open_store(settings, older_ok=True)  # reads only the config API's objects
     try:
+        if store.schema_version() < 2:
+            return settings
         return runtime_config.with_stored(settings, store)[0]
     finally:
         store.close()

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dicom_node import retention, runtime_config, serve_lock
+from dicom_node import __version__, retention, runtime_config, serve_lock
 from dicom_node.assembler import Assembler, CompletedGroup, GroupPolicy
 from dicom_node.config import Settings
 from dicom_node.disk import short_of_space
-from dicom_node.errors import NodeError
+from dicom_node.errors import Conflict, NodeError
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import Scheduler, load_handler
 from dicom_node.scp import InstanceWriter, ReceivedInstance, StorageSCP
 from dicom_node.scu import DicomClient
 from dicom_node.secrets import ensure_jwt_secret, read_jwt_secret
-from dicom_node.store import NewJob, Store
+from dicom_node.store import SCHEMA_VERSION, NewJob, Store
 from dicom_node.tls import TlsFileError
 from dicom_node.watch import Watcher
 
@@ -65,6 +65,9 @@ class Node:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = asyncio.Event()
+        # Stored config API objects left out at start because they do not validate:
+        # shown by the API as invalid until a PUT fixes or a DELETE removes them.
+        self.config_skipped: list[runtime_config.SkippedObject] = []
         # One runtime config change at a time: each builds on the settings the last one
         # left, so ten changes at once must not each start from the same old settings.
         self._config_lock = asyncio.Lock()
@@ -86,15 +89,32 @@ class Node:
         """Validate, persist and apply one runtime config change; tell the listeners."""
         assert self.store is not None
         async with self._config_lock:
-            new = runtime_config.change(self.settings, kind, name, body, create=create)
+            invalid = self.invalid_config(kind, name)
+            live = name in runtime_config.objects_of(self.settings, kind)
+            if invalid is not None and create:
+                raise Conflict(f"{kind} {name!r} already exists (stored, but invalid: not "
+                               "in force); use PUT to fix it or DELETE to remove it")
+            if invalid is not None and not live and body is None:
+                new = self.settings  # not in force: nothing depends on it
+            else:
+                # not in force, PUT: checked as a new object would be
+                new = runtime_config.change(self.settings, kind, name, body,
+                                            create=create or (invalid is not None and not live))
             stored = None if body is None else runtime_config.objects_of(new, kind)[name]
             await asyncio.to_thread(self.store.put_config_object, kind, name, stored)
+            rest = [o for o in self.config_skipped if (o.kind, o.name) != (kind, name)]
+            new, self.config_skipped = runtime_config.reapply(new, rest)
             self.settings = new
             for listener in self.settings_listeners:
                 listener(new)
         self.log.info("configuration changed", kind=kind, name=name,
                       action="create" if create else "delete" if body is None else "update")
         return new
+
+    def invalid_config(self, kind: str, name: str) -> runtime_config.SkippedObject | None:
+        """The stored object ``kind``/``name`` when it was left out as invalid."""
+        return next((o for o in self.config_skipped if (o.kind, o.name) == (kind, name)),
+                    None)
 
     def dicom_client(self) -> DicomClient:
         """The DIMSE client (with the SCP when it runs, so C-MOVE to ourselves works)."""
@@ -143,7 +163,8 @@ class Node:
                 # idle), and walking those ~360k objects held every thread for 70-100 ms.
                 gc.collect()
                 gc.freeze()
-            self.log.info("node started", dicom_port=self.settings.dimse.port,
+            self.log.info("node started", version=__version__, schema=SCHEMA_VERSION,
+                          dicom_port=self.settings.dimse.port,
                           http_port=self.settings.rest.port,
                           data_dir=str(self.settings.data_dir.resolve()))
             self.started.set()
@@ -199,11 +220,21 @@ class Node:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = await asyncio.to_thread(Store(self.settings.database_url).open)
         self.store = store
-        settings, count = await asyncio.to_thread(runtime_config.with_stored,
-                                                  self.file_settings, store)
+        if store.migrated is not None:
+            found, now = store.migrated
+            if found:
+                self.log.warning("store schema upgraded", from_version=found, to_version=now,
+                                 note="one way: older versions of dicom-node now refuse "
+                                 "this store")
+            else:
+                self.log.info("store schema created", version=now)
+        settings, count, skipped = await asyncio.to_thread(runtime_config.with_stored,
+                                                           self.file_settings, store)
+        self.config_skipped = skipped
         if count:
             self.settings = settings
-            self.log.info("runtime configuration applied", objects=count)
+            self.log.info("runtime configuration applied", objects=count,
+                          skipped=len(skipped))
         try:
             yield
         finally:
@@ -289,12 +320,16 @@ class Node:
     async def _warn_of_namesakes(self, owner: str) -> None:
         """Another live node with our node_name on this store (several machines sharing a
         database, each with its own data directory): its jobs stay its own, but logs and
-        job histories cannot tell the two apart."""
+        job histories cannot tell the two apart.
+
+        A lease held by the bare node name is not a namesake's: versions before the
+        ``<node_name>#<id>`` owners wrote that, and it is this node's dead predecessor's
+        (an upgrade after a crash); the scheduler takes those jobs back at start."""
         assert self.store is not None
         name = self.settings.node_name
         leases = await asyncio.to_thread(self.store.live_lease_owners)
         namesakes = {o: n for o, n in leases.items()
-                     if o != owner and (o == name or o.startswith(f"{name}#"))}
+                     if o != owner and o.startswith(f"{name}#")}
         if namesakes:
             self.log.warning("another node with this node_name holds live jobs in the "
                              "store; they are left to it. Give each node sharing a "

@@ -8,6 +8,7 @@ file defines also survives a restart.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -53,15 +54,32 @@ def _apply(data: dict[str, Any], kind: str, name: str, body: dict[str, Any] | No
     data[section] = items
 
 
-def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings:
+@dataclass(frozen=True)
+class SkippedObject:
+    """A stored object that does not validate against the settings it would join (an
+    older version accepted it, or what it refers to is gone): not in force, but kept,
+    shown by the config API as invalid, and fixed with PUT or removed with DELETE."""
+
+    kind: str
+    name: str
+    body: dict[str, Any]
+    problems: list[dict[str, str]]
+
+
+def merge(base: Settings, objects: Objects, *, strict: bool = False,
+          skipped: list[SkippedObject] | None = None, quiet: bool = False) -> Settings:
     """The effective settings: ``base`` with the runtime objects applied.
 
-    With ``strict`` an object that does not fit raises :class:`ConfigInvalid`;
-    otherwise it is skipped with a warning (a start-up must not fail because a
-    runtime object refers to something the file no longer defines).
+    An object that refers to another (an AE title naming a source) applies once that
+    one has, whatever their order. With ``strict`` an object that does not fit raises
+    :class:`ConfigInvalid`; otherwise it is left out (a start-up must not fail because
+    a runtime object refers to something the file no longer defines) and, when
+    ``skipped`` is given, added to it. Each left out is logged: an object as an error
+    saying how to fix it, a delete as a warning (unless ``quiet``).
     """
     data = base.model_dump(mode="json")
     current = base
+    pending: list[tuple[str, str, dict[str, Any] | None]] = []
     for kind in KINDS:
         for name, body in sorted(objects.get(kind, {}).items()):
             if body is None and (why := _undeletable(base, kind, name)):
@@ -69,6 +87,12 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
                 log.warning("runtime config object skipped", kind=kind, name=name,
                             problems=[{"field": KINDS[kind][1], "message": why}])
                 continue
+            pending.append((kind, name, body))
+    failed: dict[tuple[str, str], list[dict[str, str]]] = {}
+    progress = True
+    while pending and progress:  # until a pass applies nothing more
+        progress, left = False, []
+        for kind, name, body in pending:
             trial = dict(data)
             _apply(trial, kind, name, body)
             try:
@@ -77,12 +101,27 @@ def merge(base: Settings, objects: Objects, *, strict: bool = False) -> Settings
             except ValidationError as exc:
                 problems = _problems(exc, kind)
             if problems:
-                if strict:
-                    raise ConfigInvalid(problems) from None
+                failed[kind, name] = problems
+                left.append((kind, name, body))
+                continue
+            data, current, progress = trial, current_try, True
+        pending = left
+    for kind, name, body in pending:
+        problems = failed[kind, name]
+        if strict:
+            raise ConfigInvalid(problems)
+        if body is None:
+            if not quiet:
                 log.warning("runtime config object skipped", kind=kind, name=name,
                             problems=problems)
-                continue
-            data, current = trial, current_try
+            continue
+        if not quiet:
+                log.error("runtime config object skipped: it does not validate, so it is not "
+                      f"in force; fix it with PUT /config/{kind}/{name} or remove it with "
+                      f"DELETE (GET /config/{kind} shows it with its problems)", kind=kind,
+                      name=name, problems=problems)
+        if skipped is not None:
+            skipped.append(SkippedObject(kind, name, body, problems))
     return current
 
 
@@ -179,19 +218,33 @@ def file_overrides(base: Settings, effective: Settings,
     return found
 
 
-def with_stored(settings: Settings, store: Store) -> tuple[Settings, int]:
+def with_stored(settings: Settings, store: Store) -> tuple[Settings, int, list[SkippedObject]]:
     """``settings`` with the objects the config API stored merged on top (as the node
-    runs), and how many objects there are. Each entry of the file that one replaces
-    or deletes is logged."""
+    runs), how many objects there are, and those left out because they do not validate.
+    Each entry of the file that one replaces or deletes is logged."""
     objects = store.config_objects()
     count = sum(len(v) for v in objects.values())
     if not objects:
-        return settings, 0
-    merged = merge(settings, objects)
+        return settings, 0, []
+    skipped: list[SkippedObject] = []
+    merged = merge(settings, objects, skipped=skipped)
     for kind, name, action in file_overrides(settings, merged, objects):
         log.info("file entry overridden by the config API", kind=kind, name=name,
                  action=action, section=KINDS[kind][0])
-    return merged, count
+    return merged, count, skipped
+
+
+def reapply(settings: Settings, skipped: list[SkippedObject]
+            ) -> tuple[Settings, list[SkippedObject]]:
+    """After a change, the objects left out that now validate (their source was fixed)
+    applied; returns the settings and those still left out."""
+    if not skipped:
+        return settings, []
+    objects: Objects = {}
+    for obj in skipped:
+        objects.setdefault(obj.kind, {})[obj.name] = obj.body
+    still: list[SkippedObject] = []
+    return merge(settings, objects, skipped=still, quiet=True), still
 
 
 def objects_of(settings: Settings, kind: str) -> dict[str, dict[str, Any]]:

@@ -624,15 +624,19 @@ def _private_sqlite_file(db: Path) -> None:
 
 
 class Store:
-    """The node's database. ``open()`` connects and migrates; ``close()`` disposes."""
+    """The node's database. ``open()`` connects and migrates (``migrate=False``: only
+    connects, for the commands that must not change a store an older version may still
+    run on); ``close()`` disposes."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._engine: Engine | None = None
+        # (from, to) of the migration the last open() made; None when none was needed
+        self.migrated: tuple[int, int] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def open(self) -> Store:
+    def open(self, *, migrate: bool = True) -> Store:
         url = sa.engine.make_url(self.url)
         if url.drivername == "postgresql":  # psycopg 3, not psycopg2
             url = url.set(drivername="postgresql+psycopg")
@@ -643,7 +647,11 @@ class Store:
             if engine.dialect.name == "sqlite":
                 sa.event.listen(engine, "connect", _sqlite_pragmas)
             self._engine = engine
-            self.migrate()
+            if migrate:
+                found = self.migrate()
+                self.migrated = (found, SCHEMA_VERSION) if found < SCHEMA_VERSION else None
+            else:
+                self._refuse_newer(self.schema_version())
         except SQLAlchemyError as exc:
             self.close()
             raise StoreError(f"cannot open the store at {url.render_as_string()}: {exc}") from exc
@@ -675,7 +683,11 @@ class Store:
             return False
 
     def migrate(self) -> int:
-        """Bring the schema to ``SCHEMA_VERSION``; safe when several processes start at once."""
+        """Bring the schema to ``SCHEMA_VERSION``; safe when several processes start at once.
+
+        Returns the version found (0 for an empty database). One way: once migrated, an
+        older version refuses the store. Raises StoreError when the store is newer.
+        """
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7061757)"))
@@ -684,19 +696,27 @@ class Store:
             if current is None:
                 conn.execute(schema_info.insert().values(version=0))
                 current = 0
-            if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the store's schema is version {current}, newer than this program's "
-                    f"{SCHEMA_VERSION}: upgrade dicom-node"
-                )
+            self._refuse_newer(current)
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](conn)
             conn.execute(schema_info.update().values(version=SCHEMA_VERSION))
-        return SCHEMA_VERSION
+        return int(current)
+
+    @staticmethod
+    def _refuse_newer(current: int) -> None:
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store's schema is version {current}, newer than this program's "
+                f"{SCHEMA_VERSION}: upgrade dicom-node"
+            )
 
     def schema_version(self) -> int:
+        """The schema version the store has: 0 for a database no node has set up."""
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(schema_info.c.version)).scalar_one())
+            if not sa.inspect(conn).has_table(schema_info.name):
+                return 0
+            found = conn.execute(sa.select(schema_info.c.version)).scalar()
+        return 0 if found is None else int(found)
 
     # -- instances and studies -----------------------------------------------------------
 
@@ -1408,10 +1428,19 @@ class Store:
         Leases of ``owner`` are taken back even when they have not expired yet: the
         caller must know that no live process uses that owner name (``serve`` holds the
         data directory's lock, whose id is part of the name; see dicom_node.serve_lock).
+        So are those of the bare node name before ``#`` in ``owner``: versions before
+        the ``<node_name>#<id>`` owners leased as ``<node_name>``, and a node name
+        belongs to one node (those versions too took back its leases at start), so
+        such a lease is this node's dead predecessor's, on SQLite or on a database
+        several nodes share.
         The interrupted attempt does not count against ``max_attempts``: the job did
         not fail, the process did.
         """
-        return self._requeue(sa.or_(jobs.c.lease_owner == owner,
+        mine = [owner]
+        node_name, sep, _ = owner.rpartition("#")
+        if sep and node_name:
+            mine.append(node_name)
+        return self._requeue(sa.or_(jobs.c.lease_owner.in_(mine),
                                     jobs.c.lease_expires < utcnow()))
 
     def requeue_expired(self) -> list[str]:

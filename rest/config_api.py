@@ -7,6 +7,10 @@ in the store and merged over the YAML file at start-up. A destination's
 ``credentials`` are never shown: answers carry ``"********"`` in their place, and a
 PUT that sends that mask back keeps the credentials the object has; the mask where
 there is none to keep (a POST, or a PUT on an object without credentials) is 422.
+
+A stored object that no longer validates (an older version accepted it) is not in
+force, but listed and shown as stored with ``"invalid": true`` and its ``problems``;
+a PUT replaces it (checked as a new object is) and a DELETE removes it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from dicom_node.dicomweb import redact_url
-from dicom_node.runtime_config import KINDS, ConfigInvalid, objects_of
+from dicom_node.runtime_config import KINDS, ConfigInvalid, SkippedObject, objects_of
 from rest.app import NODE, Route, json_body
 from rest.errors import ApiError
 
@@ -70,16 +74,32 @@ def _mask_refused(field: str) -> ApiError:
         {"field": field, "message": f"give the secret itself; {MASK} only keeps the stored one"}])
 
 
+def _invalid_shown(request: web.Request, obj: SkippedObject) -> dict[str, Any]:
+    """A stored object left out at start because it does not validate: as stored
+    (secrets masked), marked invalid with its problems."""
+    shown = {**_shown(obj.body), "origin": "api", "invalid": True, "problems": obj.problems}
+    if obj.name in objects_of(request.app[NODE].settings, obj.kind):
+        shown["file_entry_in_force"] = True  # the file's entry of that name runs meanwhile
+    return shown
+
+
 async def list_objects(request: web.Request) -> web.Response:
     kind = _kind(request)
-    objs = objects_of(request.app[NODE].settings, kind)
-    return web.json_response([{**_shown(body), "origin": _origin(request, kind, name)}
-                              for name, body in objs.items()])
+    node = request.app[NODE]
+    shown = {name: {**_shown(body), "origin": _origin(request, kind, name)}
+             for name, body in objects_of(node.settings, kind).items()}
+    for obj in node.config_skipped:
+        if obj.kind == kind:
+            shown[obj.name] = _invalid_shown(request, obj)
+    return web.json_response(list(shown.values()))
 
 
 async def get_object(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
-    body = objects_of(request.app[NODE].settings, kind).get(name)
+    node = request.app[NODE]
+    if (invalid := node.invalid_config(kind, name)) is not None:
+        return web.json_response(_invalid_shown(request, invalid))
+    body = objects_of(node.settings, kind).get(name)
     if body is None:
         raise ApiError(404, f"no {kind} named {name!r}")
     return web.json_response({**_shown(body), "origin": _origin(request, kind, name)})
@@ -113,7 +133,10 @@ async def create_object(request: web.Request) -> web.Response:
 async def update_object(request: web.Request) -> web.Response:
     kind, name = _kind(request), request.match_info["name"]
     body = await _body(request)
-    current = objects_of(request.app[NODE].settings, kind).get(name) or {}
+    node = request.app[NODE]
+    invalid = node.invalid_config(kind, name)  # the mask keeps what it stored
+    current = invalid.body if invalid is not None \
+        else objects_of(node.settings, kind).get(name) or {}
     for key in SECRET_FIELDS:  # the mask an answer showed, sent back: keep what it hides
         if body.get(key) == MASK:
             if not current.get(key):

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 import dicom_node
 from dicom_node.disk import disk_health
-from dicom_node.store import JobState
+from dicom_node.store import SCHEMA_VERSION, JobState
 from pipeline.engine import BatchedModel, ModelStatistics
 from rest.app import AUTH, NODE, Route
 from rest.auth import AuthError
@@ -136,11 +136,13 @@ async def health(request: web.Request) -> web.Response:
     waiting = node.assembler.groups_waiting_for_store if node.assembler else 0
     degraded = (not store_ok or waiting > 0 or dicom["state"] != "running" or not disk["ok"]
                 or any(m["state"] != "ready" for m in models.values())
-                or any(f.get("state") != "watching" for f in watch.values()))
+                or any(f.get("state") != "watching" for f in watch.values())
+                or bool(node.config_skipped))
     body: dict[str, Any] = {
         "status": "degraded" if degraded else "ok",
         "message": RUNNING_MESSAGE,
         "version": dicom_node.__version__,
+        "schema": SCHEMA_VERSION,  # the store schema this version uses
         "node": node.settings.node_name,
         "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None,
                   "groups_waiting": waiting},
@@ -151,6 +153,9 @@ async def health(request: web.Request) -> web.Response:
         "http": node.http_connections.status() if node.http_connections else None,
         "models": models,
         "parts": dict(node.parts),
+        # stored config API objects that do not validate and are not in force
+        "config": {"invalid": len(node.config_skipped),
+                   "objects": [{"kind": o.kind, "name": o.name} for o in node.config_skipped]},
         "watch": watch,
     }
     return web.json_response(body, status=200 if store_ok else 503)

@@ -135,6 +135,23 @@ def test_requeue_interrupted_and_expired_leases(store: Store) -> None:
         assert again.state is JobState.QUEUED and again.attempts == 0
 
 
+def test_requeue_interrupted_takes_back_an_older_versions_bare_node_name_leases(
+        store: Store) -> None:
+    """Versions before ``<node_name>#<id>`` leased as the bare node name: after a kill -9
+    and an upgrade, those jobs are the node's own and are queued at once, not after
+    their lease; a namesake's (another id) and another node's stay theirs."""
+    old = store.create_job(NewJob(pipeline="p"))
+    namesake = store.create_job(NewJob(pipeline="p"))
+    other = store.create_job(NewJob(pipeline="p"))
+    store.claim_next("node-a", 600)  # as an older version of node-a wrote it
+    store.claim_next("node-a#elsewhere", 600)
+    store.claim_next("node-b", 600)
+    assert store.requeue_interrupted("node-a#mine") == [old.id]
+    assert store.get_job(old.id).state is JobState.QUEUED
+    assert store.get_job(namesake.id).state is not JobState.QUEUED
+    assert store.get_job(other.id).state is not JobState.QUEUED
+
+
 def test_cancel_and_retry(store: Store) -> None:
     q = store.create_job(NewJob(pipeline="p"))
     assert store.request_cancel(q.id).state is JobState.CANCELLED

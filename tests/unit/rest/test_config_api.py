@@ -345,3 +345,116 @@ def test_check_config_names_the_file_entries_stored_objects_override(tmp_path: P
         store.close()
     assert check() == ("3 objects stored; file entries ae 'DICOMNODE' replaced, "
                        "destination 'pacs' deleted")
+
+
+OLD_OBJECTS: list[tuple[str, str, dict[str, Any]]] = [
+    # what older versions accepted and this one refuses, and what depends on it
+    ("source", "pwsrc", {"name": "pwsrc", "ae_title": "PWSRC", "host": "127.0.0.1",
+                         "dicomweb_url": "http://user:secret@127.0.0.1:8042/dicom-web"}),
+    ("ae", "FROMPW", {"ae_title": "FROMPW", "sources": ["pwsrc"],
+                      "reject_unknown_sources": True}),
+    ("destination", "dwpw", {"name": "dwpw", "type": "dicomweb",
+                             "url": "ftp://user:secret@127.0.0.1/dicom-web"}),
+]
+
+
+async def test_stored_objects_that_no_longer_validate_stay_visible_and_fixable(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    """Objects an older version stored that this one refuses were dropped at start with a
+    warning (their dependants with them), and 404 to GET, PUT and DELETE: the secret
+    stayed in the store for good. Now they are listed as invalid with their problems,
+    /health is degraded, a PUT fixes one (and what depends on it comes back into force)
+    and a DELETE removes one and its secret."""
+    import structlog
+
+    from dicom_node.store import Store
+
+    data = tmp_path / "data"
+    settings = node_settings(data, **CONFIG)
+    data.mkdir()
+    store = Store(settings.database_url).open()
+    try:
+        for kind, name, body in OLD_OBJECTS:
+            store.put_config_object(kind, name, body)
+    finally:
+        store.close()
+    with structlog.testing.capture_logs() as logs:
+        async with running_node(settings) as node:
+            assert node.settings.ae_title("FROMPW") is None
+            c: TestClient = await aiohttp_client(create_app(node))
+            h = headers(data)
+            health = await (await c.get("/health")).json()
+            assert health["status"] == "degraded"
+            assert health["config"]["invalid"] == 3
+            assert {"kind": "destination", "name": "dwpw"} in health["config"]["objects"]
+
+            r = await c.get("/config/destination", headers=h)
+            assert r.status == 200 and "secret" not in await r.text()
+            dwpw = next(d for d in await r.json() if d["name"] == "dwpw")
+            assert dwpw["invalid"] is True and dwpw["origin"] == "api"
+            assert [p["field"] for p in dwpw["problems"]] == ["url"]
+            r = await c.get("/config/source/pwsrc", headers=h)
+            assert r.status == 200 and "secret" not in await r.text()
+            assert (await r.json())["problems"][0]["field"] == "dicomweb_url"
+            ae = await (await c.get("/config/ae/FROMPW", headers=h)).json()
+            assert ae["invalid"] is True and "pwsrc" in ae["problems"][0]["message"]
+            r = await c.post("/config/ae", json=OLD_OBJECTS[1][2], headers=h)
+            assert r.status == 409
+
+            # a PUT is checked as any is; a valid one puts it (and its dependant) in force
+            source = dict(OLD_OBJECTS[0][2])
+            r = await c.put("/config/source/pwsrc", json=source, headers=h)
+            assert r.status == 422
+            source["dicomweb_url"] = "http://127.0.0.1:8042/dicom-web"
+            r = await c.put("/config/source/pwsrc", json=source, headers=h)
+            assert r.status == 200, await r.text()
+            assert node.settings.ae_title("FROMPW") is not None
+            ae = await (await c.get("/config/ae/FROMPW", headers=h)).json()
+            assert "invalid" not in ae
+
+            r = await c.delete("/config/destination/dwpw", headers=h)
+            assert r.status == 204
+            assert (await c.get("/config/destination/dwpw", headers=h)).status == 404
+            assert node.store is not None
+            assert node.store.config_objects()["destination"]["dwpw"] is None  # no secret
+            health = await (await c.get("/health")).json()
+            assert health["config"] == {"invalid": 0, "objects": []}
+    errors = [(e["kind"], e["name"]) for e in logs if e["log_level"] == "error"
+              and e["event"].startswith("runtime config object skipped")]
+    assert sorted(errors) == [("ae", "FROMPW"), ("destination", "dwpw"), ("source", "pwsrc")]
+    assert "PUT /config/destination/dwpw" in next(
+        e["event"] for e in logs if e.get("name") == "dwpw" and e["log_level"] == "error")
+
+    async with running_node(settings) as node:  # fixed for good
+        assert node.config_skipped == []
+        assert node.settings.ae_title("FROMPW") is not None
+
+
+def test_check_config_fails_on_stored_objects_that_do_not_validate(tmp_path: Path) -> None:
+    from dicom_node.cli import main
+    from dicom_node.config import load_settings
+    from dicom_node.store import Store
+
+    config = tmp_path / "node.yaml"
+    config.write_text("models: []\npipelines: []\nwatch: []\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    settings = load_settings(config, overrides={"storage.data_dir": str(data)})
+    store = Store(settings.database_url).open()
+    try:
+        for kind, name, body in OLD_OBJECTS:
+            store.put_config_object(kind, name, body)
+    finally:
+        store.close()
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["check-config", str(config), "--data-dir", str(data)]) == 2
+    assert "invalid (not in force): ae 'FROMPW', source 'pwsrc', destination 'dwpw'" \
+        in out.getvalue()
+    assert "the config API's destination 'dwpw' stored in the store does not validate" \
+        in err.getvalue()
+    assert "PUT /config/ae/FROMPW" in err.getvalue()
+    assert "secret" not in out.getvalue() + err.getvalue()
