@@ -236,13 +236,21 @@ def _settings(args: argparse.Namespace, config: Path | None = None) -> Settings:
                          or (Path(env_config) if env_config else None), overrides=overrides)
 
 
+def shown_url(url: str) -> str:
+    """A database URL as it may be printed: its password masked (the systemd unit's
+    check-config before each start writes this into the journal)."""
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url).render_as_string(hide_password=True))
+
+
 def _check_config(args: argparse.Namespace) -> int:
     s = _settings(args, config=args.file)
     print(f"{args.file}: OK")
     for warning in s.warnings():  # valid, but probably not what was meant; exit 0
         print(f"dicom-node: warning: {args.file}: {warning}", file=sys.stderr)
     print(f"  data directory  {s.data_dir.resolve()}")
-    print(f"  store           {s.database_url}")
+    print(f"  store           {shown_url(s.database_url)}")
     # an AE title without pipelines is an archive: it stores what it gets, makes no job
     called = [a.ae_title + ("" if a.pipelines else " (stores only)") for a in s.ae_titles]
     print(f"  DICOM           {s.dimse.ae_title} on port {s.dimse.port}; called AE titles: "
@@ -350,6 +358,9 @@ def _serve(settings: Settings) -> int:
 
     configure_logging(settings.logging.level, settings.logging.format)
     limit_arenas()  # before any thread starts: see dicom_node.memory
+    # Before any file is made: results and reports were world-readable under the usual
+    # umask 022 (received instances, the store and the secret are 0600 regardless).
+    os.umask(int(settings.storage.umask, 8))
     node = Node(settings, freeze_startup_objects=True)
     try:
         asyncio.run(node.run())

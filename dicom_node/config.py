@@ -129,6 +129,29 @@ class StorageSettings(_Section):
     # days after a job finished before its results folder is); null keeps everything.
     retention_days: float | None = Field(default=None, gt=0, le=36_500)
     retention_check_s: float = Field(default=3600, ge=10, le=86_400)
+    # The file mode mask `serve` works under (octal): results, reports and folders it
+    # makes hold patient data. 027: the node's group may read them, other users not.
+    umask: str = Field(default="027", pattern=r"^0?[0-7]{3}$")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        """A URL of a database the store supports; the message never repeats the URL
+        (it may hold a password)."""
+        if v is None:
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(v).get_backend_name()
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL: give sqlite:///FILE or "
+                             "postgresql://USER@HOST/DATABASE") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {backend!r}: the store runs on SQLite "
+                             "(sqlite:///FILE) or PostgreSQL (postgresql://USER@HOST/DB)")
+        return v
 
 
 class DimseSettings(_Section):

@@ -372,3 +372,49 @@ watch:
     warned = [e["event"] for e in logs if e["log_level"] == "warning"]
     assert warned == ["configuration: watch.0.pipelines: drop folder scans has no "
                       "pipelines: files are stored, no job is made"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("mysql://node:pw@db/node", "unsupported database 'mysql'"),
+    ("postgresql://node:pw@db:notaport/node", "not a database URL"),
+])
+def test_a_database_the_store_cannot_use_is_named_at_load(tmp_path: Path, url: str,
+                                                          message: str) -> None:
+    """`mysql://` passed check-config and then crashed serve with a traceback; a
+    malformed URL did too. Neither message repeats the URL (it holds a password)."""
+    config = write(tmp_path, f"storage:\n  database_url: {url}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, environ={})
+    assert "storage.database_url" in str(info.value) and message in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_check_config_masks_the_database_password(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The systemd unit runs check-config before each start: the password went to the
+    journal at every start (serve masked it)."""
+    from dicom_node.cli import main
+
+    config = write(tmp_path, "storage:\n  database_url: "
+                             "postgresql://node:s3cretpw@127.0.0.1:5432/dn\n")
+    assert main(["check-config", str(config), "--data-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "s3cretpw" not in out and "postgresql://node:***@127.0.0.1:5432/dn" in out
+
+
+def test_serve_makes_files_its_group_may_read_and_others_not(tmp_path: Path) -> None:
+    """Results and reports followed the usual umask 022: readable by every user."""
+    assert StorageSettings().umask == "027"
+    probe = (
+        "import os, sys\n"
+        "from dicom_node import cli\n"
+        "def fake_run(self):\n"
+        "    async def run(): open(sys.argv[1], 'w').close()\n"  # a file serve makes
+        "    return run()\n"
+        "import dicom_node.node as n\n"
+        "n.Node.run = fake_run\n"
+        "sys.exit(cli.main(['serve', '--data-dir', sys.argv[2]]))\n")
+    made = tmp_path / "made.txt"
+    subprocess.run([sys.executable, "-c", probe, str(made), str(tmp_path / "d")],
+                   check=True, timeout=120)
+    assert made.stat().st_mode & 0o777 == 0o640
