@@ -10,6 +10,7 @@ models.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import re
@@ -407,6 +408,9 @@ def folder_patient_id(header: Any, path: Path | None = None) -> str | None:
     safe = _folder_safe(pid)
     if not safe and path is not None:
         safe = _folder_safe(path.stem)
+    if len(safe) > art.MAX_PATIENT_ID:  # cut, with a hash that keeps two such IDs apart
+        digest = hashlib.sha256(safe.encode()).hexdigest()[:12]
+        safe = f"{safe[:art.MAX_PATIENT_ID - 13]}-{digest}"
     return safe or "no-patient-id"
 
 

@@ -1,6 +1,6 @@
 """Result artifacts: predictions JSON, PNGs, PDF reports and DICOM outputs."""
 
-from pipeline.artifacts._common import SeriesInfo, validate_patient_id
+from pipeline.artifacts._common import MAX_PATIENT_ID, SeriesInfo, validate_patient_id
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     write_heatmap_png,
@@ -25,6 +25,7 @@ from pipeline.artifacts.write import (
 
 __all__ = [
     "HEATMAP_OUTPUTS",
+    "MAX_PATIENT_ID",
     "SeriesInfo",
     "build_api_data",
     "build_classification_sr",

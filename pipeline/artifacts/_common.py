@@ -35,6 +35,11 @@ PRIVATE_SCHEME = "99DCMNODE"
 _FORBIDDEN = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
+# Patient ID is a DICOM LO: 64 characters at most. A longer one (a broken sender) named
+# a folder the filesystem refused, and its job failed every attempt.
+MAX_PATIENT_ID = 64
+
+
 def validate_patient_id(patient_id: str) -> str:
     """Return ``patient_id`` if it is safe as one path component.
 
@@ -54,6 +59,9 @@ def validate_patient_id(patient_id: str) -> str:
         )
     if any(c in '<>:"|?*' for c in patient_id) or patient_id != patient_id.strip():
         raise ValueError(f"Invalid patient_id: {patient_id!r} (not a safe file name)")
+    if len(patient_id) > MAX_PATIENT_ID:  # DICOM's LO; with our suffixes a file name fits
+        raise ValueError(f"Invalid patient_id: {patient_id[:MAX_PATIENT_ID]!r}... (longer "
+                         f"than {MAX_PATIENT_ID} characters)")
     return patient_id
 
 

@@ -300,7 +300,10 @@ def test_several_versions_of_one_model_each_load_and_serve(tmp_path: Path) -> No
 @pytest.mark.parametrize(("pid", "named"), [(None, "scan-7"), ("", "scan-7"),
                                              ("12/34", "12_34"), ("../..", "scan-7"),
                                              ("SMITH..J", "SMITH.J"),
-                                             ("ÜNÏ/../CODE", "N_._CODE")])
+                                             ("ÜNÏ/../CODE", "N_._CODE"),
+                                             # a broken sender's 5,000 characters: the
+                                             # folder failed ENAMETOOLONG, every attempt
+                                             ("A" * 5000, "A" * 51 + "-260679791fa8")])
 def test_results_of_a_source_whose_patient_id_cannot_name_a_folder(
         runner: PipelineRunner, tmp_path: Path, pid: str | None, named: str) -> None:
     """No PatientID (anonymised), an empty one, one with a path separator or with '..'
