@@ -150,3 +150,18 @@ def test_leases_run_out_by_the_databases_clock(
     monkeypatch.setattr(store_module, "utcnow", lambda: real() - timedelta(seconds=90))
     assert [j for j, _ in a.renew_leases("node-a#1", 60)] == [job.id]
     assert a.get_job(job.id).lease_expires > real()  # type: ignore[operator]
+
+
+def test_a_version_7_store_gets_receiving_nodes_homes_and_liveness(store: Store) -> None:
+    store.record_instance(rec("1.1"))
+    job = store.create_job(NewJob(pipeline="p"))
+    with store.engine.begin() as conn:  # back to what version 7 made
+        conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN received_by")
+        conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN home")
+        conn.exec_driver_sql("DROP TABLE nodes")
+        conn.exec_driver_sql("UPDATE schema_info SET version = 7")
+    assert store.migrate() == store_module.SCHEMA_VERSION == 8
+    assert store.get_job(job.id).home is None
+    assert _sops(store.pending_instances()) == ["1.1"]
+    store.node_alive("node-a", 60)
+    assert store.live_nodes() == ["node-a"]
