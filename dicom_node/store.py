@@ -1874,6 +1874,9 @@ class Store:
                 group_name=group_name, owner=owner, project_id=project_id, pipeline=pipeline,
                 output_layer_id=output_layer_id, created_at=now)).inserted_primary_key[0])
             for position, (source_id, new) in enumerate(sources):
+                # A batch job reads the study's instances where they were received.
+                if self._home is not None and new.home is None:
+                    new = dataclasses.replace(new, home=_holder(conn, new))
                 # distinct creation times: jobs of equal priority are claimed in this order
                 job_id = self._insert_job(conn, new, now + timedelta(microseconds=position))
                 conn.execute(batch_sources.insert().values(
@@ -1938,6 +1941,21 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _holder(conn: Connection, new: NewJob) -> str | None:
+    """The node that received most of ``new``'s input instances (none recorded: None),
+    whose own storage holds their files."""
+    uids = [u for u in new.input.get("instances", []) if isinstance(u, str)]
+    counts: dict[str, int] = {}
+    for i in range(0, len(uids), 500):
+        for node, n in conn.execute(
+                sa.select(instances.c.received_by, sa.func.count())
+                .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]),
+                       instances.c.received_by.is_not(None))
+                .group_by(instances.c.received_by)):
+            counts[str(node)] = counts.get(str(node), 0) + int(n)
+    return max(counts, key=lambda node: counts[node]) if counts else None
 
 
 def _only_home(home: str | None) -> str:

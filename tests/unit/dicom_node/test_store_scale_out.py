@@ -165,3 +165,18 @@ def test_a_version_7_store_gets_receiving_nodes_homes_and_liveness(store: Store)
     assert _sops(store.pending_instances()) == ["1.1"]
     store.node_alive("node-a", 60)
     assert store.live_nodes() == ["node-a"]
+
+
+def test_a_batch_job_runs_on_the_node_that_received_its_study(
+        machines: tuple[Store, Store]) -> None:
+    a, b = machines
+    a.record_instances([rec("1.1"), rec("1.2")])
+    b.record_instance(rec("2.1", study="2.3"))
+    batch = b.create_batch(  # asked of node B's API
+        group_name="g", owner=None, project_id=1, pipeline="p", output_layer_id=1,
+        sources=[(1, NewJob(pipeline="p", kind="batch", input={"instances": ["1.1", "1.2"]})),
+                 (2, NewJob(pipeline="p", kind="batch", input={"instances": ["2.1"]}))])
+    assert [job.home for _, job in batch.sources] == ["node-a", "node-b"]
+    claimed = b.claim_next("node-b#1", 60, node="node-b")
+    assert claimed is not None and claimed.id == batch.sources[1][1].id
+    assert b.claim_next("node-b#1", 60, node="node-b") is None
