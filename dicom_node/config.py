@@ -124,6 +124,10 @@ class StorageSettings(_Section):
     database_url: str | None = None  # default: sqlite:///<data_dir>/node.db
     studies_dir: Path = Path("studies")
     results_dir: Path = Path("results")
+    # studies_dir and results_dir are on a filesystem every node on the database mounts
+    # (absolute paths, the same on each machine): any node may run any job, and take
+    # over a dead node's pending instances. Off: a job runs on the node holding its files.
+    shared: bool = False
     min_free_mb: int = Field(default=500, ge=0)
     # Days after a study last received an instance before its files are deleted (and
     # days after a job finished before its results folder is); null keeps everything.
@@ -453,6 +457,12 @@ class Settings(_Section):
             found.append(("rest.port", f"{self.rest.port} is dimse.port too; the HTTP and "
                                        "DICOM listeners need a port each"))
         self._folders_apart(found)
+        if self.storage.shared:
+            for key in ("studies_dir", "results_dir"):
+                if not getattr(self.storage, key).expanduser().is_absolute():
+                    found.append((f"storage.{key}", "with storage.shared, give the absolute "
+                                  "path of the folder on the filesystem every node mounts "
+                                  "(a relative one is inside each node's own data_dir)"))
         if found:
             raise _KeyedError(*found[0], more=found[1:])
         return self
@@ -555,6 +565,9 @@ class Settings(_Section):
                   f"others; make it readable only by the node's user (chmod 600)"
                   for key, tls in _tls_blocks(self)
                   if readable_by_others(self.path(tls.private_key))]
+        if self.storage.shared and self.database_url.startswith("sqlite"):
+            found.append("storage.shared: the store is SQLite, one machine's: nodes share "
+                         "work only through PostgreSQL (storage.database_url)")
         return found
 
 

@@ -362,9 +362,22 @@ class Node:
         """Instances acknowledged before the last stop whose group never became jobs (a
         study still arriving at a stop, or the node died, or its store failed, first) are
         grouped again before intake opens; each group becomes jobs after its timeout,
-        with what its sender sends again meanwhile."""
+        with what its sender sends again meanwhile.
+
+        Only this node's instances (several nodes on one database: another node's study
+        may still be arriving there, and its files are on that node's disk). With
+        ``storage.shared`` also those of a node that is not alive any more, once they
+        have waited twice its longest group timeout or lease. From here on, what this
+        process stores is recorded as received by this node (intake opens after)."""
         assert self.store is not None
-        pending = await asyncio.to_thread(self.store.pending_instances)
+        settings = self.settings
+        self.store.serve_as(settings.node_name, shared_storage=settings.storage.shared)
+        lease_s = settings.executor.lease_s
+        longest = max([lease_s, settings.stow_ae().timeout_s,
+                       *(a.timeout_s for a in settings.ae_titles)])
+        pending = await asyncio.to_thread(
+            self.store.recoverable_instances, settings.node_name, alive_s=lease_s,
+            take_over_after_s=2 * longest if settings.storage.shared else None)
         if not pending:
             return
         stow = self.settings.stow_ae()

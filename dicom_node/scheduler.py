@@ -236,9 +236,13 @@ class Scheduler:
         owner: str,
         work_root: Path,
         paused: Callable[[], str | None] | None = None,
+        node_name: str | None = None,
     ) -> None:
-        """``paused``: why no job should start now (the results' disk is full), or None."""
+        """``paused``: why no job should start now (the results' disk is full), or None.
+        ``node_name``: the node's name (default: ``owner`` up to its ``#``); it claims
+        only jobs without a home or whose home it is (see ``Store.claim_next``)."""
         self.store = store
+        self.node_name = node_name or owner.rpartition("#")[0] or owner
         self.paused = paused
         self._pause: str | None = None  # the reason logged when the pause began
         self.handler = handler
@@ -259,6 +263,7 @@ class Scheduler:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        await asyncio.to_thread(self._alive)
         requeued = await asyncio.to_thread(self.store.requeue_interrupted, self.owner)
         for job_id in requeued:
             self.log.warning("job interrupted by a restart; queued again", job_id=job_id)
@@ -363,7 +368,7 @@ class Scheduler:
             try:
                 job = await asyncio.to_thread(
                     self.store.claim_next, self.owner, self.settings.lease_s, self._first_state,
-                    min_priority,
+                    min_priority, self.node_name,
                 )
                 self._trouble.cleared(self.log)
             except Exception as exc:
@@ -448,6 +453,7 @@ class Scheduler:
         interval = max(0.2, min(self.settings.lease_s / 3, self.settings.poll_interval_s))
         loop = asyncio.get_running_loop()
         next_sweep = loop.time() + self.settings.lease_s / 2
+        next_alive = loop.time() + self.settings.lease_s / 3
         while True:
             await asyncio.sleep(interval)
             try:
@@ -458,6 +464,9 @@ class Scheduler:
                     self.store.renew_leases, self.owner, self.settings.lease_s,
                     list(self._running),
                 )
+                if loop.time() >= next_alive:
+                    next_alive = loop.time() + self.settings.lease_s / 3
+                    await asyncio.to_thread(self._alive)
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + self.settings.lease_s / 2
                     expired = await asyncio.to_thread(self.store.requeue_expired)
@@ -474,6 +483,12 @@ class Scheduler:
                 if cancel and entry is not None and not entry[0].cancelled.is_set():
                     self.log.info("cancel requested", job_id=job_id)
                     entry[0].cancelled.set()
+
+    def _alive(self) -> None:
+        """Tell the nodes sharing the database that this one runs (see
+        ``Store.node_alive``); renewed like a lease. SQLite: one machine, nobody to tell."""
+        if self.store.dialect != "sqlite":
+            self.store.node_alive(self.node_name, self.settings.lease_s)
 
     def _state_setter(self, job: Job) -> Callable[[JobState, str | None], None]:
         def set_state(state: JobState, message: str | None) -> None:

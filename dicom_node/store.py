@@ -11,6 +11,7 @@ async callers use ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -95,6 +96,10 @@ instances = sa.Table(
     # When the instance's group became jobs; NULL while it waits in the assembler, so a
     # node that died meanwhile finds it again at start-up (see pending_instances).
     sa.Column("queued_at", UTCDateTime),
+    # The node_name of the node that received (stored) it, whose studies folder holds
+    # its file; NULL for instances recorded before migration 8. At start a node
+    # re-assembles only its own pending instances (see Store.recoverable_instances).
+    sa.Column("received_by", sa.String(128)),
     sa.Index("ix_instances_called_ae", "called_ae"),
     sa.Index("ix_instances_queued_at", "queued_at"),
 )
@@ -119,6 +124,9 @@ jobs = sa.Table(
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("transaction_id", sa.String(256)),
     sa.Column("owner", sa.String(256)),
+    # The node_name whose own (not shared) storage holds the job's input files: only
+    # that node claims it. NULL: any node may run it (a retrieval, or shared storage).
+    sa.Column("home", sa.String(128)),
     sa.Column("input", sa.JSON, nullable=False),
     sa.Column("result", sa.JSON),
     sa.Column("error", sa.Text),
@@ -250,6 +258,17 @@ batch_sources = sa.Table(
 )
 
 
+# Nodes sharing the database, by node_name, and until when each is known to be alive
+# (its scheduler renews this like a lease, in the database's time). A dead node's
+# pending instances are taken over only once it is no longer alive (shared storage).
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("alive_until", UTCDateTime, nullable=False),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (studies, instances, jobs, job_events, artifacts, exports):
         table.create(conn, checkfirst=True)
@@ -305,6 +324,17 @@ def _migration_export_acknowledged(conn: Connection) -> None:
         conn.execute(sa.text(f"ALTER TABLE exports ADD COLUMN acknowledged {ddl}"))
 
 
+def _migration_scale_out(conn: Connection) -> None:
+    """``instances.received_by``, ``jobs.home`` and ``nodes``: several machines on one
+    database each re-assemble and run only what their own storage holds."""
+    for table, column in ((instances, "received_by"), (jobs, "home")):
+        columns = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        if column not in columns:  # a store made by an older version
+            ddl = table.c[column].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column} {ddl}"))
+    nodes.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -315,6 +345,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_pending_instances,  # received instances whose group is not yet a job
     _migration_study_called_aes,  # a study stays in each AE title's project it came to
     _migration_export_acknowledged,  # a partly failed export resends only what is missing
+    _migration_scale_out,  # receiving node, job home, node liveness (several machines)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -394,6 +425,7 @@ class NewJob:
     calling_ae: str | None = None
     transaction_id: str | None = None
     owner: str | None = None
+    home: str | None = None  # see jobs.home; set by Store.create_group_jobs
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 255:
@@ -424,6 +456,7 @@ class Job:
     calling_ae: str | None = None
     transaction_id: str | None = None
     owner: str | None = None
+    home: str | None = None  # the node whose own storage holds its input, if only one
     result: dict[str, Any] | None = None
     error: str | None = None
     started_at: datetime | None = None
@@ -538,7 +571,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.close()
 
 
-def _instance_values(rec: InstanceRecord) -> dict[str, Any]:
+def _instance_values(rec: InstanceRecord, received_by: str | None = None) -> dict[str, Any]:
     """An instances row for ``rec``."""
     return {
         "sop_instance_uid": rec.sop_instance_uid,
@@ -555,6 +588,7 @@ def _instance_values(rec: InstanceRecord) -> dict[str, Any]:
         "source": rec.source,
         "received_at": rec.received_at,
         "queued_at": None,  # (again) waiting for its group to become jobs
+        "received_by": received_by,
     }
 
 
@@ -633,6 +667,9 @@ class Store:
         self._engine: Engine | None = None
         # (from, to) of the migration the last open() made; None when none was needed
         self.migrated: tuple[int, int] | None = None
+        # The serving node this store records for (see serve_as); None in the CLI.
+        self.node_name: str | None = None
+        self.shared_storage = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -718,6 +755,107 @@ class Store:
             found = conn.execute(sa.select(schema_info.c.version)).scalar()
         return 0 if found is None else int(found)
 
+    # -- the serving node (several machines on one database) ----------------------------
+
+    def serve_as(self, node_name: str, *, shared_storage: bool = False) -> None:
+        """Record what this process stores as received by ``node_name``, and queue the
+        jobs of its groups for that node alone unless ``shared_storage`` (the studies
+        and results folders are on a filesystem every node mounts) or the store is
+        SQLite (one machine: a renamed node must still run its queued jobs)."""
+        self.node_name = node_name
+        self.shared_storage = shared_storage
+
+    @property
+    def _home(self) -> str | None:
+        """The home of the group jobs this process makes (see ``jobs.home``)."""
+        if self.node_name is None or self.shared_storage or self.dialect == "sqlite":
+            return None
+        return self.node_name
+
+    def _db_now(self) -> Any:
+        """Now, for leases and liveness: the database's clock on PostgreSQL, so that
+        machines whose clocks differ agree on when a lease runs out; this machine's on
+        SQLite (one machine)."""
+        if self.dialect == "postgresql":
+            return sa.func.clock_timestamp()
+        return utcnow()
+
+    def _db_later(self, seconds: float) -> Any:
+        """:meth:`_db_now` plus ``seconds``."""
+        if self.dialect == "postgresql":
+            return sa.func.clock_timestamp() + sa.literal(timedelta(seconds=seconds),
+                                                          sa.Interval())
+        return utcnow() + timedelta(seconds=seconds)
+
+    def node_alive(self, node_name: str, alive_s: float, conn: Connection | None = None
+                   ) -> None:
+        """Note that ``node_name`` runs and is alive for ``alive_s`` more seconds."""
+        if conn is None:
+            with self._begin() as c:
+                self.node_alive(node_name, alive_s, c)
+            return
+        until = self._db_later(alive_s)
+        changed = conn.execute(nodes.update().where(nodes.c.name == node_name)
+                               .values(alive_until=until)).rowcount
+        if not changed:
+            try:
+                with conn.begin_nested():
+                    conn.execute(nodes.insert().values(name=node_name, alive_until=until))
+            except IntegrityError:  # inserted by its namesake meanwhile
+                conn.execute(nodes.update().where(nodes.c.name == node_name)
+                             .values(alive_until=until))
+
+    def live_nodes(self) -> list[str]:
+        """The node_names whose liveness has not run out."""
+        with self.engine.connect() as conn:
+            return sorted(str(r[0]) for r in conn.execute(
+                sa.select(nodes.c.name).where(nodes.c.alive_until > self._db_now())))
+
+    def recoverable_instances(self, node_name: str, *, alive_s: float,
+                              take_over_after_s: float | None = None,
+                              sources: Sequence[str] = ("dimse", "stow"),
+                              ) -> list[InstanceRecord]:
+        """The pending instances (see :meth:`pending_instances`) that ``node_name``
+        must group again at start, oldest first: those it received, not another node's
+        (whose study may still be arriving there).
+
+        Instances recorded before receiving nodes were (migration 8) are taken by the
+        first node starting that finds their files on its disk. With
+        ``take_over_after_s`` (the studies are on shared storage) it also takes those
+        of nodes that are not alive (see :meth:`node_alive`) and were received that
+        long ago. Taking is a conditional update under a lock with the node's own
+        liveness note, so two nodes starting together never both group an instance.
+
+        On SQLite (one machine) every pending instance is this node's.
+        """
+        if self.dialect == "sqlite":
+            return self.pending_instances(sources)
+        i = instances.c
+        pending = sa.and_(i.queued_at.is_(None), i.source.in_(list(sources)))
+        with self._begin() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7061758)"))
+            self.node_alive(node_name, alive_s, conn)
+            unknown = conn.execute(sa.select(i.id, i.path)
+                                   .where(pending, i.received_by.is_(None))).all()
+            found = [r.id for r in unknown if Path(r.path).is_file()]
+            for n in range(0, len(found), 500):
+                conn.execute(instances.update()
+                             .where(i.id.in_(found[n:n + 500]), i.received_by.is_(None))
+                             .values(received_by=node_name))
+            if take_over_after_s is not None:
+                alive = sa.select(nodes.c.name).where(nodes.c.alive_until > self._db_now())
+                conn.execute(
+                    instances.update()
+                    .where(pending, i.received_by.is_not(None), i.received_by != node_name,
+                           i.received_by.not_in(alive),
+                           i.received_at < self._db_later(-take_over_after_s))
+                    .values(received_by=node_name))
+            rows = conn.execute(sa.select(instances)
+                                .where(pending, i.received_by == node_name)
+                                .order_by(i.id)).all()
+        return [_instance(r) for r in rows]
+
     # -- instances and studies -----------------------------------------------------------
 
     def add_instance(self, rec: InstanceRecord, *, overwrite: bool = True) -> bool:
@@ -727,7 +865,7 @@ class Store:
     def _add_instance(self, rec: InstanceRecord, *, overwrite: bool = True,
                       replaced: list[str] | None = None) -> bool:
         now = utcnow()
-        values = _instance_values(rec)
+        values = _instance_values(rec, self.node_name)
         with self._begin() as conn:
             existing = conn.execute(
                 sa.select(instances.c.id, instances.c.study_instance_uid, instances.c.path,
@@ -816,7 +954,8 @@ class Store:
                     for rec in recs]
         if durable:
             with self._begin() as conn:
-                return self._upsert_instances(conn, stmts, recs, overwrite, replaced)
+                return self._upsert_instances(conn, stmts, recs, overwrite, replaced,
+                                              self.node_name)
         with self.engine.connect() as conn:
             if self.dialect == "sqlite":  # a connection setting: set outside the transaction
                 conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
@@ -825,7 +964,8 @@ class Store:
                 with conn.begin():
                     if self.dialect == "postgresql":
                         conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                    return self._upsert_instances(conn, stmts, recs, overwrite, replaced)
+                    return self._upsert_instances(conn, stmts, recs, overwrite, replaced,
+                                                  self.node_name)
             finally:
                 if self.dialect == "sqlite":  # the pooled connection goes back as it came
                     conn.exec_driver_sql("PRAGMA synchronous=FULL")
@@ -834,7 +974,8 @@ class Store:
     @staticmethod
     def _upsert_instances(conn: Connection, stmts: tuple[Any, Any, Any],
                           recs: Sequence[InstanceRecord], overwrite: bool = True,
-                          replaced: list[str] | None = None) -> list[bool]:
+                          replaced: list[str] | None = None,
+                          received_by: str | None = None) -> list[bool]:
         now = utcnow()
         written: list[bool] = []
         studies_seen: set[str] = set()
@@ -842,7 +983,7 @@ class Store:
         for rec in recs:
             before = conn.execute(_PRIOR, {"sop": rec.sop_instance_uid}).first() \
                 if overwrite else None
-            row = conn.execute(stmts[0], _instance_values(rec)).first()
+            row = conn.execute(stmts[0], _instance_values(rec, received_by)).first()
             written.append(row is not None)
             if row is None:  # known, and kept as it was
                 continue
@@ -1182,7 +1323,10 @@ class Store:
             _mark_queued(conn, sop_instance_uids, now)
             if watch is not None:
                 _mark_watch_inputs(conn, watch, sop_instance_uids, "queued", now)
-            ids = [self._insert_job(conn, new, now) for new in news]
+            home = self._home
+            ids = [self._insert_job(conn, new if home is None or new.home is not None
+                                    else dataclasses.replace(new, home=home), now)
+                   for new in news]
         return [self.get_job(job_id) for job_id in ids]
 
     def _insert_job(self, conn: Connection, new: NewJob, now: datetime) -> str:
@@ -1202,12 +1346,13 @@ class Store:
                 calling_ae=new.calling_ae,
                 transaction_id=new.transaction_id,
                 owner=new.owner,
+                home=new.home,
                 input=new.input,
                 created_at=now,
                 updated_at=now,
             )
         )
-        self._event(conn, job_id, JobState.QUEUED, "queued", now)
+        self._event(conn, job_id, JobState.QUEUED, "queued" + _only_home(new.home), now)
         return job_id
 
     def get_job(self, job_id: str) -> Job:
@@ -1275,13 +1420,16 @@ class Store:
 
     def claim_next(
         self, owner: str, lease_s: float, first_state: Callable[[Job], JobState] | None = None,
-        min_priority: int = 0,
+        min_priority: int = 0, node: str | None = None,
     ) -> Job | None:
         """Take the most urgent runnable job: highest priority first, then oldest.
 
-        Only jobs of ``min_priority`` or more are considered. The claim is a conditional
-        update (``WHERE state = 'queued'``), so two workers or two machines never take
-        the same job.
+        Only jobs of ``min_priority`` or more are considered; with ``node`` (the
+        claiming node's node_name) only jobs without a home or whose home it is: a job
+        whose input is on another node's own storage waits for that node. The claim is
+        a conditional update (``WHERE state = 'queued'``), so two workers or two
+        machines never take the same job. The lease runs out ``lease_s`` from now by
+        the database's clock (see :meth:`_db_now`).
         """
         now = utcnow()
         q = (
@@ -1292,6 +1440,8 @@ class Store:
             .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
             .limit(8)
         )
+        if node is not None:
+            q = q.where(sa.or_(jobs.c.home.is_(None), jobs.c.home == node))
         with self.engine.connect() as conn:
             candidates = [Job.from_row(r) for r in conn.execute(q)]
         for job in candidates:
@@ -1306,7 +1456,7 @@ class Store:
                         attempts=jobs.c.attempts + 1,
                         lease_owner=owner,
                         lease_token=token,
-                        lease_expires=now + timedelta(seconds=lease_s),
+                        lease_expires=self._db_later(lease_s),
                         started_at=now,
                         updated_at=now,
                         not_before=None,
@@ -1398,7 +1548,6 @@ class Store:
                      job_ids: Collection[str] | None = None) -> list[tuple[str, bool]]:
         """Extend this owner's leases (only those of ``job_ids`` when given: the jobs a
         worker still runs); returns (job_id, cancel_requested) for each."""
-        now = utcnow()
         active = [s.value for s in ACTIVE_STATES]
         mine = [jobs.c.lease_owner == owner, jobs.c.state.in_(active)]
         if job_ids is not None:
@@ -1407,7 +1556,7 @@ class Store:
             mine.append(jobs.c.id.in_(list(job_ids)))
         with self._begin() as conn:
             conn.execute(jobs.update().where(*mine)
-                         .values(lease_expires=now + timedelta(seconds=lease_s)))
+                         .values(lease_expires=self._db_later(lease_s)))
             rows = conn.execute(sa.select(jobs.c.id, jobs.c.cancel_requested)
                                 .where(*mine)).all()
         return [(r.id, bool(r.cancel_requested)) for r in rows]
@@ -1417,7 +1566,7 @@ class Store:
         active = [s.value for s in ACTIVE_STATES]
         q = (sa.select(jobs.c.lease_owner, sa.func.count())
              .where(jobs.c.state.in_(active), jobs.c.lease_owner.is_not(None),
-                    jobs.c.lease_expires >= utcnow())
+                    jobs.c.lease_expires >= self._db_now())
              .group_by(jobs.c.lease_owner))
         with self.engine.connect() as conn:
             return {str(owner): int(n) for owner, n in conn.execute(q)}
@@ -1441,20 +1590,20 @@ class Store:
         if sep and node_name:
             mine.append(node_name)
         return self._requeue(sa.or_(jobs.c.lease_owner.in_(mine),
-                                    jobs.c.lease_expires < utcnow()))
+                                    jobs.c.lease_expires < self._db_now()))
 
     def requeue_expired(self) -> list[str]:
         """Queue again the jobs whose lease ran out, whoever held it: their node died or
         hangs (a live node renews its leases long before they run out)."""
-        return self._requeue(jobs.c.lease_expires < utcnow())
+        return self._requeue(jobs.c.lease_expires < self._db_now())
 
     def _requeue(self, held: Any) -> list[str]:
         now = utcnow()
         cond = sa.and_(jobs.c.state.in_([s.value for s in ACTIVE_STATES]), held)
         requeued: list[str] = []
         with self._begin() as conn:
-            ids = [r.id for r in conn.execute(sa.select(jobs.c.id).where(cond))]
-            for job_id in ids:
+            held_jobs = conn.execute(sa.select(jobs.c.id, jobs.c.home).where(cond)).all()
+            for job_id, home in held_jobs:
                 changed = conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job_id, cond)  # another node may have been first
@@ -1470,7 +1619,8 @@ class Store:
                     )
                 ).rowcount
                 if changed:
-                    self._event(conn, job_id, JobState.QUEUED, "interrupted; queued again", now)
+                    self._event(conn, job_id, JobState.QUEUED,
+                                "interrupted; queued again" + _only_home(home), now)
                     requeued.append(job_id)
         return requeued
 
@@ -1656,7 +1806,8 @@ class Store:
                  "created_at": now, "updated_at": now} for sha, sop in inputs]
         with self._begin() as conn:
             if stmts is not None:
-                self._upsert_instances(conn, stmts, instances, True, replaced)
+                self._upsert_instances(conn, stmts, instances, True, replaced,
+                                       self.node_name)
             insert = self._watch_input_insert()
             if insert is not None:
                 conn.execute(insert, rows)
@@ -1682,8 +1833,16 @@ class Store:
             .where(watch_inputs.c.watch == watch, watch_inputs.c.state == "stored")
             .order_by(instances.c.id)
         )
+        if self.node_name is None or self.dialect == "sqlite":
+            with self.engine.connect() as conn:
+                return [_instance(r) for r in conn.execute(q)]
+        # Another machine's drop folder of the same name is that machine's; one recorded
+        # before receiving nodes were is the one whose file is on this machine's disk.
+        q = q.where(sa.or_(instances.c.received_by == self.node_name,
+                           instances.c.received_by.is_(None)))
         with self.engine.connect() as conn:
-            return [_instance(r) for r in conn.execute(q)]
+            return [_instance(r) for r in conn.execute(q)
+                    if r.received_by is not None or Path(r.path).is_file()]
 
     def count_watch_inputs(self, watch: str | None = None) -> dict[str, int]:
         """Inputs per state, for one drop folder or all."""
@@ -1793,6 +1952,9 @@ class Store:
                 group_name=group_name, owner=owner, project_id=project_id, pipeline=pipeline,
                 output_layer_id=output_layer_id, created_at=now)).inserted_primary_key[0])
             for position, (source_id, new) in enumerate(sources):
+                # A batch job reads the study's instances where they were received.
+                if self._home is not None and new.home is None:
+                    new = dataclasses.replace(new, home=_holder(conn, new))
                 # distinct creation times: jobs of equal priority are claimed in this order
                 job_id = self._insert_job(conn, new, now + timedelta(microseconds=position))
                 conn.execute(batch_sources.insert().values(
@@ -1859,6 +2021,29 @@ class Store:
                                                 message=message))
 
 
+def _holder(conn: Connection, new: NewJob) -> str | None:
+    """The node that received most of ``new``'s input instances (none recorded: None),
+    whose own storage holds their files."""
+    uids = [u for u in new.input.get("instances", []) if isinstance(u, str)]
+    counts: dict[str, int] = {}
+    for i in range(0, len(uids), 500):
+        for node, n in conn.execute(
+                sa.select(instances.c.received_by, sa.func.count())
+                .where(instances.c.sop_instance_uid.in_(uids[i:i + 500]),
+                       instances.c.received_by.is_not(None))
+                .group_by(instances.c.received_by)):
+            counts[str(node)] = counts.get(str(node), 0) + int(n)
+    return max(counts, key=lambda node: counts[node]) if counts else None
+
+
+def _only_home(home: str | None) -> str:
+    """What a job's history says of its home (see ``jobs.home``)."""
+    if home is None:
+        return ""
+    return (f"; only {home} runs it: its input is in {home}'s own storage "
+            "(storage.shared is off)")
+
+
 def _any_pending(conn: Connection, sop_instance_uids: Sequence[str]) -> bool:
     """Whether any of these instances is recorded and not yet queued."""
     uids = list(dict.fromkeys(sop_instance_uids))
@@ -1900,11 +2085,14 @@ GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
 def _came_the_same_way(job: Job, *columns: Any) -> sa.Select[Any] | None:
     """The instances (``columns`` of them) of a group ``job``'s study that came the way
     its group did: to the same called AE title by the same service, or into the same drop
-    folder; None when ``job`` was not made from a group."""
+    folder, and to its home node when it has one; None when ``job`` was not made from a
+    group."""
     study = job.input.get("study_instance_uid")
     if job.kind not in GROUP_KINDS or not study:
         return None
     q = sa.select(*columns).where(instances.c.study_instance_uid == study)
+    if job.home is not None:  # only what its node holds: the others cannot read it
+        q = q.where(instances.c.received_by == job.home)
     if job.kind == "watch":
         if not job.input.get("watch"):
             return None

@@ -37,7 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         with s.engine.begin() as conn:
             conn.exec_driver_sql("TRUNCATE jobs, job_events, artifacts, exports, instances, "
                                  "watch_inputs, studies, study_called_aes, integer_ids, "
-                                 "batches, batch_sources RESTART IDENTITY CASCADE")
+                                 "batches, batch_sources, nodes RESTART IDENTITY CASCADE")
     yield s
     s.close()
 

@@ -418,3 +418,22 @@ def test_serve_makes_files_its_group_may_read_and_others_not(tmp_path: Path) -> 
     subprocess.run([sys.executable, "-c", probe, str(made), str(tmp_path / "d")],
                    check=True, timeout=120)
     assert made.stat().st_mode & 0o777 == 0o640
+
+
+def test_shared_storage_needs_absolute_folders_and_postgresql(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "storage:\n  shared: true\n  studies_dir: /mnt/shared/studies\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert "storage.results_dir: with storage.shared, give the absolute path" in str(info.value)
+    cfg = write(tmp_path, "storage:\n  shared: true\n  studies_dir: /mnt/shared/studies\n"
+                          "  results_dir: /mnt/shared/results\n")
+    settings = load_settings(cfg, environ={})
+    assert settings.storage.shared
+    assert any(w.startswith("storage.shared: the store is SQLite") for w in settings.warnings())
+
+
+def test_scale_out_example_gives_each_machine_its_own_data_dir() -> None:
+    s = load_settings(EXAMPLES / "scale-out.yaml", environ={})
+    assert s.storage.shared and s.database_url.startswith("postgresql://")
+    for folder in (s.studies_dir, s.results_dir):  # shared, outside the local data_dir
+        assert folder.is_absolute() and not folder.is_relative_to(s.data_dir)
