@@ -138,6 +138,11 @@ def with_model_file(settings: Settings, name: str) -> tuple[Settings, str]:
     configured = {p.name for p in settings.pipelines} | {p.model for p in settings.pipelines}
     if name in configured or not path.exists():
         return settings, name
+    # A configured model's own files (the shipped demo bundles): its pipelines, with
+    # their rules, rather than the same model loaded a second time under its name.
+    for spec in settings.models:
+        if settings.model_path(spec).resolve() == path.resolve() and spec.name in configured:
+            return settings, spec.name
     try:
         task, modality = describe(path)
     except BundleError as exc:
@@ -146,9 +151,17 @@ def with_model_file(settings: Settings, name: str) -> tuple[Settings, str]:
         path.resolve().name
     label = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip("._-")
     label = label or "model"
+    taken = {m.name for m in settings.models} | {p.name for p in settings.pipelines}
+    base, n = label, 2
+    while label in taken:  # another model of that name is configured
+        label, n = f"{base}-{n}", n + 1
+    # A radiograph model takes both kinds of radiograph: CR and DX images are the same
+    # pictures from different detectors, and metadata names one of them.
+    modalities = (["CR", "DX"] if modality in ("CR", "DX") else [modality] if modality
+                  else [])
     model = ModelSpec(name=label, path=path.resolve())
     pipeline = PipelineSpec(name=label, model=label, task=Task(task),
-                            series=SeriesRules(modalities=[modality] if modality else []))
+                            series=SeriesRules(modalities=modalities))
     return settings.model_copy(update={
         "models": [*settings.models, model],
         "pipelines": [p for p in settings.pipelines if p.name != label] + [pipeline]}), label

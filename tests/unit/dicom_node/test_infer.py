@@ -253,6 +253,29 @@ def test_a_bundle_folder_can_be_tried_by_its_path(tmp_path: Path) -> None:
     assert "configs/metadata.json" in bad.stderr
 
 
+def test_the_shipped_bundles_can_be_tried_by_their_paths(tmp_path: Path) -> None:
+    """The README's `infer --model FOLDER` on the only bundles a newcomer has: the CT one
+    failed as "already loaded" (its name clashed with the configured model), the chest
+    one refused every shipped sample (its metadata says DX; the samples are CR). A copy
+    under the configured name elsewhere is loaded beside it, under another name."""
+    models = Path(__file__).resolve().parents[3] / "pipeline" / "models"
+    cr = tmp_path / "normal.dcm"
+    shutil.copy(SAMPLES / "cxr" / "normal.dcm", cr)
+    done = infer(str(cr), "--model", str(models / "cxr-findings"), "--json", "--out",
+                 str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [r["pipeline"] for r in json.loads(done.stdout)["results"]] == ["cxr-findings"]
+
+    copy = tmp_path / "elsewhere" / "cxr-findings"
+    shutil.copytree(models / "cxr-findings", copy)
+    meta = json.loads((copy / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["modality"] == "DX"
+    done = infer(str(cr), "--model", str(copy), "--json", "--out", str(tmp_path / "o2"),
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # a CR image, a bundle that says DX
+    assert [r["pipeline"] for r in json.loads(done.stdout)["results"]] == ["cxr-findings-2"]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_a_device_the_machine_lacks_is_exit_2_with_the_reason(tmp_path: Path) -> None:
     """``--device cuda`` without CUDA ended in torch's AssertionError; it is bad usage."""
