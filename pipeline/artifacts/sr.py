@@ -47,13 +47,17 @@ __all__ = [
     "CONFIDENCE",
     "MILLILITER",
     "OVERALL_RESULT",
+    "PERCENT",
     "build_classification_sr",
     "build_segmentation_sr",
     "write_sr",
 ]
 
-#: Numeric confidence of a finding (CAD "Certainty of Finding"), unit UCUM "1", 0..1.
+#: Numeric confidence of a finding (CAD "Certainty of Finding"), in percent (0..100), as
+#: the CAD templates (TID 4104, TID 4006) have it.
 CONFIDENCE = codes.DCM.CertaintyOfFinding
+#: UCUM percent, the unit of :data:`CONFIDENCE`.
+PERCENT = codes.UCUM.Percent
 #: UCUM millilitre.
 MILLILITER = Code("mL", "UCUM", "milliliter")
 #: Name of the qualitative evaluation that carries the overall result.
@@ -132,7 +136,7 @@ def build_classification_sr(
     """Build a Comprehensive SR holding a TID 1500 report of ``result``.
 
     One measurement group per finding (model label order): a qualitative evaluation
-    (finding: Present/Absent) and a numeric Certainty of Finding (0..1), each
+    (finding: Present/Absent) and a numeric Certainty of Finding (percent, 0..100), each
     referencing the source image; plus a group with the overall result. Findings are
     SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
     overrides per name. ``when`` (default: now) is the document's creation and content
@@ -187,8 +191,9 @@ def build_classification_sr(
                 measurements=[
                     Measurement(
                         name=CONFIDENCE,
-                        value=round(float(finding.confidence), 6),
-                        unit=codes.UCUM.NoUnits,
+                        # the model's 0..1 probability as a percentage
+                        value=round(float(finding.confidence) * 100, 4),
+                        unit=PERCENT,
                         algorithm_id=algorithm,
                     )
                 ],
