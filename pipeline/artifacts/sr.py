@@ -11,6 +11,7 @@ from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -251,7 +252,11 @@ def build_segmentation_sr(
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
     in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
     for number, seg in enumerate(result.segments, start=1):
-        _, kind = segment_codes(seg.name, codes_by_name)
+        coding = segment_codes(seg.name, codes_by_name)
+        kind = coding.type
+        # "right kidney": Kidney, found in the right kidney (TID 1419 Finding Site)
+        sites = None if coding.laterality is None else [
+            FindingSite(anatomic_location=coding.type, laterality=coding.laterality)]
         volume = Measurement(
             name=codes.SCT.Volume,
             value=round(float(seg.volume_ml), 3),
@@ -273,6 +278,7 @@ def build_segmentation_sr(
                     tracking_identifier=tracking,
                     referenced_segment=referenced,
                     finding_type=kind,
+                    finding_sites=sites,
                     algorithm_id=algorithm,
                     measurements=[volume],
                 )
@@ -284,6 +290,7 @@ def build_segmentation_sr(
                 MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
                     finding_type=kind,
+                    finding_sites=sites,
                     algorithm_id=algorithm,
                     measurements=[volume],
                     source_images=sources,

@@ -93,7 +93,7 @@ def test_classification_sr(
     ]
     assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in present} == {
         "Tuberculosis",
-        "Consolidation",
+        "Consolidation of lung",
     }
     images = [i for i in items if i.ValueType == "IMAGE"]
     assert images and all(

@@ -1,0 +1,113 @@
+"""How findings and structures are coded in the SR and SEG (standard codes first)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from pipeline.artifacts import (
+    SeriesInfo,
+    build_classification_sr,
+    build_segmentation_sr,
+    write_segmentation,
+    write_sr,
+)
+from pipeline.artifacts._common import PRIVATE_SCHEME, concept_for_name, lateralized_concept
+from pipeline.settings import LabelCodeSpec, PipelineSpec
+from pipeline.types import ClassificationResult, Segment, SegmentationResult
+
+INFO = SeriesInfo(series_description="AI test")
+
+#: The codes the CXR model's labels get (scheme, value); None: private, none verifiable.
+CXR_CODES = {
+    "Tuberculosis": ("SCT", "56717001"),
+    "Cardiomegaly": ("SCT", "287272002"),
+    "Pleural Thickening": None,
+    "Pleural Effusion": ("SCT", "60046008"),
+    "Pneumothorax": ("SCT", "36118008"),
+    "Consolidation": ("SCT", "95436008"),
+    "Atelectasis": ("SCT", "46621007"),
+    "Nodule Mass": ("SCT", "4147007"),
+    "Fibrosis": ("SCT", "112674009"),
+    "Infiltration": ("DCM", "112121"),
+    "Calcification": ("SCT", "18115005"),
+}
+
+
+def test_every_cxr_finding_but_pleural_thickening_has_a_standard_code(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    assert [f.name for f in tb_result.findings] == list(CXR_CODES)
+    art = write_sr(build_classification_sr(tb_result, dx_ds, INFO), tmp_path / "sr.dcm")
+    groups = hd.sr.srread(art.path).content.get_image_measurement_groups()[1:]
+    got = {g.tracking_identifier: g.finding_type for g in groups}
+    for name, expected in CXR_CODES.items():
+        code = got[name]
+        if expected is None:
+            assert code.scheme_designator == PRIVATE_SCHEME
+        else:
+            assert (code.scheme_designator, code.value) == expected, name
+    dciodvfy(art.path)
+
+
+def test_standard_codes_of_the_shipped_labels_come_from_pydicom_where_it_has_them() -> None:
+    assert concept_for_name("Nodule Mass") == codes.SCT.Mass
+    assert concept_for_name("Infiltration") == codes.DCM.Infiltrate
+    assert concept_for_name("calcification") == codes.SCT.PathologicCalcification
+    assert lateralized_concept("right kidney") == (codes.SCT.Kidney, codes.SCT.Right)
+    assert lateralized_concept("Left Kidney") == (codes.SCT.Kidney, codes.SCT.Left)
+    assert lateralized_concept("liver") == (codes.SCT.Liver, None)
+    # a side before a name with no standard code is not split off
+    code, side = lateralized_concept("left blob organ")
+    assert code.scheme_designator == PRIVATE_SCHEME and side is None
+
+
+def _kidneys(seg_result: SegmentationResult) -> SegmentationResult:
+    names = ["liver", "spleen", "right kidney"]
+    return dataclasses.replace(seg_result, segments=[
+        Segment(s.label, n, s.volume_ml) for s, n in zip(seg_result.segments, names,
+                                                         strict=True)])
+
+
+def test_a_kidney_is_coded_kidney_with_its_laterality_in_seg_and_sr(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    result = _kidneys(seg_result)
+    art, seg_ds = write_segmentation(result, ct_series, tmp_path / "seg.dcm", INFO)
+    kidney = pydicom.dcmread(art.path).SegmentSequence[2]
+    kind = kidney.SegmentedPropertyTypeCodeSequence[0]
+    assert (kind.CodingSchemeDesignator, kind.CodeValue) == ("SCT", "64033007")
+    side = kind.SegmentedPropertyTypeModifierCodeSequence[0]
+    assert (side.CodingSchemeDesignator, side.CodeValue) == ("SCT", "24028007")
+    assert "CodingSchemeIdentificationSequence" not in pydicom.dcmread(art.path)
+    dciodvfy(art.path)
+    sr_art = write_sr(build_segmentation_sr(result, ct_series, INFO, seg_ds=seg_ds),
+                      tmp_path / "sr.dcm")
+    groups = hd.sr.srread(sr_art.path).content.get_volumetric_roi_measurement_groups()
+    assert groups[2].finding_type == codes.SCT.Kidney
+    (site,) = groups[2].finding_sites
+    assert site.value == codes.SCT.Kidney and site.laterality == codes.SCT.Right
+    assert groups[0].finding_sites == []
+    dciodvfy(sr_art.path)
+
+
+def test_a_pipeline_may_set_a_labels_code() -> None:
+    spec = PipelineSpec.model_validate({
+        "name": "p", "model": "m", "task": "segment",
+        "codes": {"right kidney": {"value": "9846003", "scheme": "SCT",
+                                   "meaning": "Right kidney"}}})
+    category, kind = spec.codes["right kidney"].segment_codes()
+    assert category == codes.SCT.AnatomicalStructure
+    assert (kind.value, kind.scheme_designator, kind.meaning) == ("9846003", "SCT",
+                                                                  "Right kidney")
+    with pytest.raises(ValueError, match="scheme"):
+        LabelCodeSpec.model_validate({"value": "1", "scheme": "bad scheme", "meaning": "x"})
