@@ -235,7 +235,8 @@ def build_segmentation_sr(
     the SEG and, as TID 1411's "Source series for segmentation", the source series
     (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
     and took seconds to build); without it, or for a segment with no voxels, the group
-    references the source images directly. ``when``: as in
+    references the source images directly. With ``seg_ds`` each group's Tracking Unique
+    Identifier is its segment's Tracking UID in the SEG. ``when``: as in
     :func:`build_classification_sr`.
 
     Raises:
@@ -251,6 +252,7 @@ def build_segmentation_sr(
     sources: list[SourceImageForMeasurementGroup] = []  # built only when a group needs them
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
     in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
+    tracking_uids = _segment_tracking_uids(seg_ds) if seg_ds is not None else {}
     for number, seg in enumerate(result.segments, start=1):
         coding = segment_codes(seg.name, codes_by_name)
         kind = coding.type
@@ -263,7 +265,9 @@ def build_segmentation_sr(
             unit=MILLILITER,
             algorithm_id=algorithm,
         )
-        tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
+        # one ROI, one Tracking UID: the segment's own in the SEG (TID 1411)
+        tracking = TrackingIdentifier(uid=tracking_uids.get(number) or generate_uid(),
+                                      identifier=seg.name[:64])
         referenced: ReferencedSegment | None = None
         if seg_ds is not None and number in in_seg:  # an empty segment has no frames
             referenced = ReferencedSegment(
@@ -306,6 +310,12 @@ def build_segmentation_sr(
     declare_utf8_for(sr, [result.model_name, result.model_version,
                           *(s.name for s in result.segments), *info_texts(info)])
     return sr
+
+
+def _segment_tracking_uids(seg_ds: Dataset) -> dict[int, str]:
+    """Segment number -> the Tracking UID the SEG gives it."""
+    return {int(item.SegmentNumber): str(item.TrackingUID)
+            for item in seg_ds.get("SegmentSequence", []) if item.get("TrackingUID")}
 
 
 def _segments_with_frames(seg_ds: Dataset) -> set[int]:

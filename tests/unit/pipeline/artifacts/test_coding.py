@@ -111,3 +111,20 @@ def test_a_pipeline_may_set_a_labels_code() -> None:
                                                                   "Right kidney")
     with pytest.raises(ValueError, match="scheme"):
         LabelCodeSpec.model_validate({"value": "1", "scheme": "bad scheme", "meaning": "x"})
+
+
+def test_a_structure_has_one_tracking_uid_in_the_seg_and_the_sr(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult,
+) -> None:
+    """TID 1411: the SR's Tracking Unique Identifier of an ROI is its segment's
+    Tracking UID in the SEG, so that a viewer can pair measurement and region."""
+    art, seg_ds = write_segmentation(seg_result, ct_series, tmp_path / "seg.dcm", INFO)
+    seg = hd.seg.segread(art.path)
+    in_seg = {seg.get_segment_description(n).tracking_id:
+              seg.get_segment_description(n).tracking_uid for n in seg.segment_numbers}
+    sr_art = write_sr(build_segmentation_sr(seg_result, ct_series, INFO, seg_ds=seg_ds),
+                      tmp_path / "sr.dcm")
+    groups = hd.sr.srread(sr_art.path).content.get_volumetric_roi_measurement_groups()
+    in_sr = {g.tracking_identifier: g.tracking_uid for g in groups}
+    assert in_sr == in_seg
+    assert len(set(in_sr.values())) == len(seg_result.segments)
