@@ -7,6 +7,8 @@ from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
+import numpy.typing as npt
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
@@ -47,6 +49,7 @@ __all__ = [
     "COMMENT",
     "CONFIDENCE",
     "MILLILITER",
+    "NOT_FOUND",
     "OVERALL_RESULT",
     "PERCENT",
     "build_classification_sr",
@@ -65,6 +68,8 @@ MILLILITER = Code("mL", "UCUM", "milliliter")
 OVERALL_RESULT = codes.DCM.Impression
 #: Name of the text items, in the overall result's group, that carry the result's notes.
 COMMENT = codes.DCM.Comment
+#: The Comment of a structure's group when the model found none of it.
+NOT_FOUND = "not found in the field of view: no volume measured"
 # Text Value (UT) holds up to 2^32-2 characters; a note is far shorter, but bounded.
 _TEXT_MAX = 65536
 
@@ -235,7 +240,9 @@ def build_segmentation_sr(
     the SEG and, as TID 1411's "Source series for segmentation", the source series
     (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
     and took seconds to build); without it, or for a segment with no voxels, the group
-    references the source images directly. With ``seg_ds`` each group's Tracking Unique
+    references the source images directly. A structure with no voxel in the label map
+    has no Volume: its group holds a Comment (:data:`NOT_FOUND`) instead, never a
+    measured 0 mL. With ``seg_ds`` each group's Tracking Unique
     Identifier is its segment's Tracking UID in the SEG. ``when``: as in
     :func:`build_classification_sr`.
 
@@ -253,18 +260,22 @@ def build_segmentation_sr(
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
     in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
     tracking_uids = _segment_tracking_uids(seg_ds) if seg_ds is not None else {}
+    present = _labels_present(result.labels)
     for number, seg in enumerate(result.segments, start=1):
         coding = segment_codes(seg.name, codes_by_name)
         kind = coding.type
         # "right kidney": Kidney, found in the right kidney (TID 1419 Finding Site)
         sites = None if coding.laterality is None else [
             FindingSite(anatomic_location=coding.type, laterality=coding.laterality)]
-        volume = Measurement(
+        # an organ the model did not find has no volume (not a measured 0 mL): its group
+        # says so in a Comment instead
+        found = seg.label in present
+        measurements = [Measurement(
             name=codes.SCT.Volume,
             value=round(float(seg.volume_ml), 3),
             unit=MILLILITER,
             algorithm_id=algorithm,
-        )
+        )] if found else None
         # one ROI, one Tracking UID: the segment's own in the SEG (TID 1411)
         tracking = TrackingIdentifier(uid=tracking_uids.get(number) or generate_uid(),
                                       identifier=seg.name[:64])
@@ -284,7 +295,7 @@ def build_segmentation_sr(
                     finding_type=kind,
                     finding_sites=sites,
                     algorithm_id=algorithm,
-                    measurements=[volume],
+                    measurements=measurements,
                 )
             )
         else:
@@ -296,10 +307,12 @@ def build_segmentation_sr(
                     finding_type=kind,
                     finding_sites=sites,
                     algorithm_id=algorithm,
-                    measurements=[volume],
+                    measurements=measurements,
                     source_images=sources,
                 )
             )
+        if not found:
+            _comment(groups[-1], NOT_FOUND)
     report = MeasurementReport(
         observation_context=_observation_context(result.model_name, result.model_version, info),
         procedure_reported=codes.SCT.ImagingProcedure,
@@ -310,6 +323,23 @@ def build_segmentation_sr(
     declare_utf8_for(sr, [result.model_name, result.model_version,
                           *(s.name for s in result.segments), *info_texts(info)])
     return sr
+
+
+def _labels_present(labels: npt.NDArray[np.uint8]) -> set[int]:
+    """The labels that at least one voxel of ``labels`` holds (one pass, no sort)."""
+    flat = np.asarray(labels).ravel()
+    if flat.dtype.kind != "u" or flat.dtype.itemsize > 2:
+        return {int(v) for v in np.unique(flat)}
+    return {int(v) for v in np.flatnonzero(np.bincount(flat))}
+
+
+def _comment(group: Sequence[Dataset], text: str) -> None:
+    """Add a Comment (121106) TEXT item inside a measurement group's container, where
+    the group's readers (highdicom's ``get_..._measurement_groups()``) keep it; appended
+    to the group's template list instead, it became a sibling of the groups."""
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT, value=text[:_TEXT_MAX],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
 
 
 def _segment_tracking_uids(seg_ds: Dataset) -> dict[int, str]:

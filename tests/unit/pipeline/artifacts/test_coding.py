@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
@@ -128,3 +129,46 @@ def test_a_structure_has_one_tracking_uid_in_the_seg_and_the_sr(
     in_sr = {g.tracking_identifier: g.tracking_uid for g in groups}
     assert in_sr == in_seg
     assert len(set(in_sr.values())) == len(seg_result.segments)
+
+
+def _comments(group: Any) -> list[str]:
+    """The Comment items inside a measurement group's container (highdicom's group is
+    a list holding that container)."""
+    return [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"
+            and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
+def _top_level_items(path: Path) -> list[Dataset]:
+    """The items of the Imaging Measurements container (126010) itself."""
+    ds = pydicom.dcmread(path)
+    (measurements,) = [i for i in ds.ContentSequence
+                       if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(measurements.ContentSequence)
+
+
+@pytest.mark.parametrize("with_seg", [True, False])
+def test_an_organ_not_found_has_no_volume_but_a_comment_saying_so(
+    tmp_path: Path, ct_series: list[Dataset], seg_result: SegmentationResult,
+    with_seg: bool, dciodvfy: Callable[[Path], str],
+) -> None:
+    """A reporting system must not store "liver volume 0 mL" for a liver the model did
+    not find."""
+    missing = dataclasses.replace(
+        seg_result, segments=[*seg_result.segments, Segment(9, "Kidney", 0.0)])
+    seg_ds = None
+    if with_seg:
+        _, seg_ds = write_segmentation(missing, ct_series, tmp_path / "seg.dcm", INFO)
+    art = write_sr(build_segmentation_sr(missing, ct_series, INFO, seg_ds=seg_ds),
+                   tmp_path / "sr.dcm")
+    content = hd.sr.srread(art.path).content
+    groups = [*content.get_volumetric_roi_measurement_groups(),
+              *content.get_image_measurement_groups()]
+    by_name = {g.tracking_identifier: g for g in groups}
+    assert by_name["Kidney"].get_measurements() == []
+    assert _comments(by_name["Kidney"]) == ["not found in the field of view: no volume "
+                                            "measured"]
+    for name in ("Liver", "Spleen", "Blob organ"):
+        (volume,) = by_name[name].get_measurements()
+        assert volume.value > 0 and _comments(by_name[name]) == []
+    assert all(i.ValueType == "CONTAINER" for i in _top_level_items(art.path))
+    dciodvfy(art.path)
