@@ -181,9 +181,7 @@ def build_classification_sr(
         source_images=[source],
     )
     for note in result.notes:  # which images were read, which not: beside the result
-        overall.append(hd.sr.TextContentItem(
-            name=COMMENT, value=note[:_TEXT_MAX],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        _comment(overall, note)
     groups.append(overall)
     for finding in result.findings:
         code = (finding_codes or {}).get(finding.name) or concept_for_name(finding.name, "SCT")

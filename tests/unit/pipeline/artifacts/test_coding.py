@@ -172,3 +172,18 @@ def test_an_organ_not_found_has_no_volume_but_a_comment_saying_so(
         assert volume.value > 0 and _comments(by_name[name]) == []
     assert all(i.ValueType == "CONTAINER" for i in _top_level_items(art.path))
     dciodvfy(art.path)
+
+
+def test_the_results_notes_are_comments_inside_the_overall_result_group(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    notes = ["read 2 of 3 frontal images", "image 3 not read: lateral view"]
+    result = dataclasses.replace(tb_result, notes=notes)
+    art = write_sr(build_classification_sr(result, dx_ds, INFO), tmp_path / "sr.dcm")
+    overall = hd.sr.srread(art.path).content.get_image_measurement_groups()[0]
+    assert overall.tracking_identifier == "Overall result"
+    assert _comments(overall) == notes
+    # none beside the groups, in the Imaging Measurements container itself
+    assert all(i.ValueType == "CONTAINER" for i in _top_level_items(art.path))
+    dciodvfy(art.path)
