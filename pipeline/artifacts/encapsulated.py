@@ -16,7 +16,6 @@ from pipeline.artifacts._dicom import (
     set_equipment,
     set_series,
     set_times,
-    utc_date_time,
 )
 from pipeline.types import Artifact
 
@@ -47,14 +46,15 @@ def build_encapsulated_pdf(
         raise ValueError("the document is not a PDF")
     when = when or utc_now()
     sop_uid = sop_instance_uid or generate_uid()
-    ds = new_file_dataset(EncapsulatedPDFStorage, sop_uid, when)
+    ds = new_file_dataset(EncapsulatedPDFStorage, sop_uid)
     copy_patient_study(source_ds, ds)
     set_series(ds, info, series_uid or generate_uid(), "DOC")
     set_equipment(ds, info)
     ds.ConversionType = "SYN"
     ds.InstanceNumber = instance_number
-    set_times(ds, when)
-    ds.AcquisitionDateTime = "".join(utc_date_time(when))  # UTC, as the offset says
+    set_times(ds, when, source_ds)
+    # the same instant, in the same time as the creation time (and the offset, if any)
+    ds.AcquisitionDateTime = ds.InstanceCreationDate + ds.InstanceCreationTime
     ds.BurnedInAnnotation = "YES"  # the PDF shows patient identification
     ds.DocumentTitle = title[:64]
     ds.ConceptNameCodeSequence = []

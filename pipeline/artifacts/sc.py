@@ -56,7 +56,7 @@ def build_secondary_capture(
     """
     when = when or utc_now()
     sop_uid = sop_instance_uid or generate_uid()
-    ds = new_file_dataset(SecondaryCaptureImageStorage, sop_uid, when)
+    ds = new_file_dataset(SecondaryCaptureImageStorage, sop_uid)
     copy_patient_study(source_ds, ds)
     set_series(ds, info, series_uid or generate_uid(), "OT")
     set_equipment(ds, info)
@@ -71,7 +71,7 @@ def build_secondary_capture(
     ds.ConversionType = "WSD"
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = source_ds.get("PatientOrientation", "")
-    set_times(ds, when)
+    set_times(ds, when, source_ds)
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "AI heatmap overlaid on the source image"
     ds.BurnedInAnnotation = "NO"

@@ -107,7 +107,7 @@ def build_segmentation(
     ``source_datasets`` are the CT instances in the order of the label map's slices (a
     multi-frame object's header once per frame, with ``result.source_frames``).
     Segment numbers are 1..N in the order of ``result.segments``. ``when`` (default:
-    now) is its creation and content time, written in UTC.
+    now) is its creation and content time, written as :func:`set_times` says.
 
     Raises:
         ValueError: when there are no segments, the slice count differs from the
@@ -169,7 +169,7 @@ def build_segmentation(
         content_label="SEGMENTATION",
         series_description=info.series_description,
     )
-    set_times(seg_ds, when or utc_now())
+    set_times(seg_ds, when or utc_now(), sources[0])
     declare_private_scheme(seg_ds)
     declare_utf8_for(seg_ds, [*(s.name for s in result.segments), result.model_name,
                               result.model_version, *info_texts(info)])

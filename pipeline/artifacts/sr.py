@@ -123,7 +123,7 @@ def _document(
     sr.ManufacturerModelName = info.manufacturer_model_name
     sr.SoftwareVersions = info.software_version
     sr.DeviceSerialNumber = info.device_serial_number
-    set_times(sr, when or utc_now())
+    set_times(sr, when or utc_now(), evidence[0] if evidence else None)
     declare_private_scheme(sr)
     return sr
 
@@ -144,10 +144,11 @@ def build_classification_sr(
     One measurement group per finding (model label order): a qualitative evaluation
     (finding: Present/Absent) and a numeric Certainty of Finding (percent, 0..100), each
     referencing the source image; plus a group with the overall result. Findings are
-    SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
-    overrides per name. ``when`` (default: now) is the document's creation and content
-    time, written in UTC. ``finding_sources`` (finding name: header and 1-based frame of
-    the image its confidence came from, when several images were read) makes a
+    standard-coded where a code is known (see :func:`concept_for_name`), else
+    ``99DCMNODE``; ``finding_codes`` overrides per name. ``when`` (default: now) is the
+    document's creation and content time, written as :func:`set_times` says.
+    ``finding_sources`` (finding name: header and 1-based frame of the image its
+    confidence came from, when several images were read) makes a
     finding's group reference that image instead of ``source_ds``; each is evidence.
     The result's notes are Comment items in the overall result's group.
 

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from pipeline.artifacts._common import SeriesInfo, patient_dir, utc_now
-from pipeline.artifacts._dicom import distinct
+from pipeline.artifacts._dicom import distinct, in_source_time
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     heatmap_overlay,
@@ -51,6 +51,14 @@ def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
         series_number=base.series_number + offset,
         series_description=f"{base.series_description} ({suffix})"[:64],
     )
+
+
+def _report_time(instant: datetime, source: Dataset) -> datetime:
+    """``instant`` as the report shows it: in the source's offset (aware) when it has
+    one, else in local time, naive (the report then says "local time"), as the DICOM
+    objects of the run write it."""
+    local, known = in_source_time(instant, source)
+    return local if known else local.replace(tzinfo=None)
 
 
 def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
@@ -149,8 +157,10 @@ def write_classification_artifacts(
     Capture is encoded). The JSON names the PNG files, so asking for JSON writes the PNGs
     too. ``patient_id`` is ``study.patient_id``.
     For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
-    ``generated_at`` (default: now) is the one time every DICOM object and the report
-    carry, written in UTC. ``finding_sources``: the image each finding's confidence came
+    ``generated_at`` (default: now) is the one instant every DICOM object and the report
+    carry, written in the time the source's study date and time are in (its Timezone
+    Offset From UTC, else local time without an offset; see :func:`set_times`).
+    ``finding_sources``: the image each finding's confidence came
     from when several were read (see :func:`build_classification_sr`).
 
     Raises:
@@ -164,8 +174,10 @@ def write_classification_artifacts(
     folder = patient_dir(out_dir, pid)
     with _nothing_if_failed(folder, pid):
         base = series or SeriesInfo()
-        # One instant for the whole run: every object and the report carry it, in UTC.
+        # One instant for the whole run: every object and the report carry it, in the
+        # time the study's own date and time are in.
         generated = (generated_at or utc_now()).astimezone(UTC)
+        shown = _report_time(generated, source_ds)
         abnormal = result.result != NORMAL
         if abnormal and result.heatmap is None and not result.heatmap_note \
                 and wanted & HEATMAP_OUTPUTS:
@@ -196,7 +208,7 @@ def write_classification_artifacts(
                                             write_png, overlay, heat_path))
             documents += _reports(
                 lambda path: write_classification_report(
-                    result, study, path, generated_at=generated,
+                    result, study, path, generated_at=shown,
                     software=f"{base.manufacturer} {base.software_version}",
                 ),
                 wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
@@ -265,8 +277,10 @@ def write_segmentation_artifacts(
             raise ValueError("no source datasets")
         first = source_datasets[0]
         base = series or SeriesInfo()
-        # One instant for the whole run: every object and the report carry it, in UTC.
+        # One instant for the whole run: every object and the report carry it, in the
+        # time the study's own date and time are in.
         generated = (generated_at or utc_now()).astimezone(UTC)
+        shown = _report_time(generated, first)
         artifacts: list[Artifact] = []
         if Output.JSON in wanted:
             artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
@@ -285,7 +299,7 @@ def write_segmentation_artifacts(
                 )
         artifacts += _reports(
             lambda path: write_segmentation_report(
-                result, study, path, generated_at=generated,
+                result, study, path, generated_at=shown,
                 software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
             ),
             wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",

@@ -318,12 +318,13 @@ def _report_stamp(pdf: Path) -> str:
         pytest.skip("pdftotext (poppler-utils) is not installed")
     text = subprocess.run([exe, str(pdf), "-"], check=True, capture_output=True,
                           text=True, timeout=120).stdout
-    found = re.search(r"generated (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)", text)
+    found = re.search(r"generated (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                      r"(?:UTC(?:[+-]\d\d:\d\d)?|local time))", text)
     assert found, text
     return found.group(1)
 
 
-def test_one_run_stamps_every_object_with_one_utc_instant(
+def test_one_run_stamps_every_object_with_one_instant_in_the_studys_local_time(
     tmp_path: Path,
     dx_ds: Dataset,
     study: PatientStudy,
@@ -331,24 +332,27 @@ def test_one_run_stamps_every_object_with_one_utc_instant(
     host_time_zone: Callable[[str], None],
     dciodvfy: Callable[[Path], str],
 ) -> None:
-    """On a host not on UTC, the SR (highdicom) said local time without an offset while
-    the Secondary Capture and the Encapsulated PDF said UTC: nine hours apart here."""
+    """On a host not on UTC, the SR (highdicom) said local time while the Secondary
+    Capture and the Encapsulated PDF said UTC: nine hours apart here. A source without
+    Timezone Offset From UTC has its study time in local time: the run's objects say
+    local time too, and no offset (which would apply to the copied Study Time as well)."""
     host_time_zone("Asia/Tokyo")
+    assert "TimezoneOffsetFromUTC" not in dx_ds
     arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
     times = _times(arts)
     assert {t[0] for t in times} == {"sr", "sc", "encapsulated_pdf"}
     assert len({t[1:] for t in times}) == 1, times
     _, date, clock, _, _, offset = times.pop()
-    assert offset == "+0000"
+    assert offset is None
     stamp = datetime.strptime(date + clock, "%Y%m%d%H%M%S")
     pdf = next(a.path for a in arts if a.kind == "pdf")
-    assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S local time")
     for art in arts:
         if art.path.suffix == ".dcm":
             dciodvfy(art.path)
 
 
-def test_a_given_time_is_written_in_utc_by_every_writer(
+def test_a_given_time_is_written_in_the_local_time_of_a_source_without_offset(
     tmp_path: Path,
     ct_series: list[Dataset],
     study: PatientStudy,
@@ -357,15 +361,52 @@ def test_a_given_time_is_written_in_utc_by_every_writer(
     dciodvfy: Callable[[Path], str],
 ) -> None:
     host_time_zone("America/Los_Angeles")
-    when = datetime(2026, 11, 25, 4, 3, 29, tzinfo=ZoneInfo("Asia/Tokyo"))
+    when = datetime(2026, 11, 25, 4, 3, 29, tzinfo=ZoneInfo("Asia/Tokyo"))  # 19:03:29 UTC
     arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL,
                                         generated_at=when)
     times = _times(arts)
     assert {t[0] for t in times} == {"seg", "sr", "sc", "encapsulated_pdf"}
-    assert {t[1:] for t in times} == {("20261124", "190329", "20261124", "190329", "+0000")}
+    # Los Angeles, 24 November 2026: UTC-8
+    assert {t[1:] for t in times} == {("20261124", "110329", "20261124", "110329", None)}
     pdf = next(a.path for a in arts if a.kind == "pdf")
-    assert _report_stamp(pdf) == "2026-11-24 19:03:29 UTC"
-    assert b"/CreationDate (D:20261124190329+00'00')" in pdf.read_bytes()
+    assert _report_stamp(pdf) == "2026-11-24 11:03:29 local time"
+    assert b"/CreationDate (D:20261124110329)" in pdf.read_bytes()
+    enc = pydicom.dcmread(next(a.path for a in arts if a.kind == "encapsulated_pdf"))
+    assert enc.AcquisitionDateTime == "20261124110329"
     for art in arts:
         if art.path.suffix == ".dcm":
             dciodvfy(art.path)
+
+
+@pytest.mark.parametrize("offset", ["+0900", "-0330", "+0000"])
+def test_a_source_with_an_offset_gets_every_time_in_that_offset(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    host_time_zone: Callable[[str], None],
+    dciodvfy: Callable[[Path], str],
+    offset: str,
+) -> None:
+    """A study at 09:00 +0900 stays 09:00 +0900 in the results (it read 09:00 UTC when
+    every output said +0000), and the run's time is given in that offset as well."""
+    host_time_zone("America/Los_Angeles")
+    for ds in ct_series:
+        ds.TimezoneOffsetFromUTC = offset
+    when = datetime(2026, 11, 24, 19, 3, 29, tzinfo=ZoneInfo("UTC"))
+    local = {"+0900": ("20261125", "040329", "UTC+09:00"),
+             "-0330": ("20261124", "153329", "UTC-03:30"),
+             "+0000": ("20261124", "190329", "UTC")}[offset]
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL,
+                                        generated_at=when)
+    times = _times(arts)
+    assert {t[0] for t in times} == {"seg", "sr", "sc", "encapsulated_pdf"}
+    assert {t[1:] for t in times} == {(local[0], local[1], local[0], local[1], offset)}
+    for art in arts:
+        if art.path.suffix == ".dcm":  # the copied study time, unchanged, in that offset
+            ds = pydicom.dcmread(art.path)
+            assert (ds.StudyDate, ds.StudyTime) == ("20250314", "101500")
+            dciodvfy(art.path)
+    pdf = next(a.path for a in arts if a.kind == "pdf")
+    assert _report_stamp(pdf) == (f"{local[0][:4]}-{local[0][4:6]}-{local[0][6:]} "
+                                  f"{local[1][:2]}:{local[1][2:4]}:{local[1][4:]} {local[2]}")
