@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +56,7 @@ __all__ = [
     "PERCENT",
     "build_classification_sr",
     "build_segmentation_sr",
+    "device_observer_uid",
     "write_sr",
 ]
 
@@ -74,11 +77,21 @@ NOT_FOUND = "not found in the field of view: no volume measured"
 _TEXT_MAX = 65536
 
 
+def device_observer_uid(model_name: str, model_version: str) -> str:
+    """The Device Observer UID of a model version: the same for every document it makes
+    (a new one per document made each SR look like the work of another device). A
+    UUID-derived UID (root ``2.25``, as the node's other derived UIDs) of the name and
+    version (a name-based UUID, RFC 4122 version 5), so no organisation root is
+    claimed."""
+    name = json.dumps(["dicom-node device observer", model_name, model_version])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
+
+
 def _observation_context(
     model_name: str, model_version: str, info: SeriesInfo
 ) -> ObservationContext:
     device = DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(),
+        uid=device_observer_uid(model_name, model_version),
         name=f"{model_name} {model_version}"[:64],
         manufacturer_name=info.manufacturer,
         model_name=info.manufacturer_model_name,

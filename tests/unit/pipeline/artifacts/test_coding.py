@@ -187,3 +187,25 @@ def test_the_results_notes_are_comments_inside_the_overall_result_group(
     # none beside the groups, in the Imaging Measurements container itself
     assert all(i.ValueType == "CONTAINER" for i in _top_level_items(art.path))
     dciodvfy(art.path)
+
+
+def _device_uid(path: Path) -> str:
+    items = [i for i in pydicom.dcmread(path).ContentSequence
+             if i.ConceptNameCodeSequence[0].CodeValue == "121012"]  # Device Observer UID
+    (item,) = items
+    return str(item.UID)
+
+
+def test_the_device_observer_uid_is_stable_per_model_name_and_version(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
+    ct_series: list[Dataset], seg_result: SegmentationResult,
+) -> None:
+    first = write_sr(build_classification_sr(tb_result, dx_ds, INFO), tmp_path / "a.dcm")
+    again = write_sr(build_classification_sr(tb_result, dx_ds, INFO), tmp_path / "b.dcm")
+    newer = dataclasses.replace(tb_result, model_version="v1.0.2")
+    other = write_sr(build_classification_sr(newer, dx_ds, INFO), tmp_path / "c.dcm")
+    seg = write_sr(build_segmentation_sr(seg_result, ct_series, INFO), tmp_path / "d.dcm")
+    uid = _device_uid(first.path)
+    assert uid == _device_uid(again.path)
+    assert pydicom.uid.UID(uid).is_valid and uid.startswith("2.25.")
+    assert len({uid, _device_uid(other.path), _device_uid(seg.path)}) == 3
