@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -22,6 +23,7 @@ from pipeline.artifacts._dicom import distinct, in_source_time
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     heatmap_overlay,
+    overlay_slices,
     segmentation_overlay,
     write_png,
     write_source_png,
@@ -42,15 +44,36 @@ log = structlog.get_logger(__name__)
 # Offsets from the base series number; each DICOM output gets its own new series
 # (they have different modalities, which one series cannot mix).
 _SERIES = {"sr": (0, "SR"), "sc": (1, "heatmap"), "pdf": (2, "report"), "seg": (3, "SEG")}
+#: Ends every output's Series Description, which viewers show (the PDF says it too).
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+#: The Secondary Capture of a segmentation: a montage of slices, not a heatmap.
+_SEGMENTATION_OVERLAY = "contours"
 
 
-def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
-    offset, suffix = _SERIES[kind]
+def _series(base: SeriesInfo, kind: str, suffix: str | None = None) -> SeriesInfo:
+    """The series of output ``kind``: the base description with what it holds and the
+    not-for-diagnostic-use notice, which is kept whole within LO's 64 characters (the
+    description is shortened instead)."""
+    offset, default = _SERIES[kind]
+    tail = f" ({suffix or default}) {NOT_FOR_DIAGNOSTIC_USE}"
+    head = base.series_description[:max(0, 64 - len(tail))].rstrip()
     return dataclasses.replace(
         base,
         series_number=base.series_number + offset,
-        series_description=f"{base.series_description} ({suffix})"[:64],
+        series_description=f"{head}{tail}".strip()[:64],
     )
+
+
+def _overlay_sources(result: SegmentationResult,
+                     source_datasets: Sequence[Dataset]) -> list[tuple[Dataset, int | None]]:
+    """The slices the segmentation overlay shows, as (header, frame) of their source;
+    all the source instances when the label map's slices are not the sources' (a
+    resampled series)."""
+    frames = list(result.source_frames) or [None] * len(source_datasets)
+    if len(source_datasets) != np.asarray(result.labels).shape[0] \
+            or len(frames) != len(source_datasets):
+        return [(ds, None) for ds in distinct(source_datasets)]
+    return [(source_datasets[z], frames[z]) for z in overlay_slices(result.labels)]
 
 
 def _report_time(instant: datetime, source: Dataset) -> datetime:
@@ -291,10 +314,16 @@ def write_segmentation_artifacts(
             if Output.PNG in wanted:
                 artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
             if Output.SECONDARY_CAPTURE in wanted:
+                slices = _overlay_sources(result, source_datasets)
                 artifacts.append(
                     write_secondary_capture(
-                        overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc, when=generated,
+                        overlay, first, folder / f"{pid}_sc.dcm",
+                        _series(base, "sc", _SEGMENTATION_OVERLAY),
+                        encoding=sc, when=generated, sources=slices,
+                        derivation=(f"AI segmentation ({result.model_name} "
+                                    f"{result.model_version}): label fills and contours "
+                                    f"on {len(slices)} slice(s) of the source series, "
+                                    "with a legend of the volumes"),
                     )
                 )
         artifacts += _reports(

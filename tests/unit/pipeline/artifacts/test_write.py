@@ -19,6 +19,7 @@ from pipeline.artifacts import (
     write_classification_artifacts,
     write_segmentation_artifacts,
 )
+from pipeline.artifacts.images import overlay_slices
 from pipeline.settings import Output
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
@@ -92,7 +93,7 @@ def test_classification_subset_and_series_info(
     pdf_ds = pydicom.dcmread(arts[0].path)
     sr_ds = pydicom.dcmread(arts[1].path)
     assert (sr_ds.SeriesNumber, pdf_ds.SeriesNumber) == (500, 502)
-    assert sr_ds.SeriesDescription == "CXR AI (SR)"
+    assert sr_ds.SeriesDescription == "CXR AI (SR) NOT FOR DIAGNOSTIC USE"
     assert pdf_ds.SoftwareVersions == "2.0"
 
 
@@ -410,3 +411,51 @@ def test_a_source_with_an_offset_gets_every_time_in_that_offset(
     pdf = next(a.path for a in arts if a.kind == "pdf")
     assert _report_stamp(pdf) == (f"{local[0][:4]}-{local[0][4:6]}-{local[0][6:]} "
                                   f"{local[1][:2]}:{local[1][2:4]}:{local[1][4:]} {local[2]}")
+
+
+def test_the_ct_secondary_capture_is_described_as_contours_and_names_the_slices_shown(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """It was labelled a heatmap and referenced the first slice only."""
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path,
+                                        {Output.SECONDARY_CAPTURE})
+    sc = pydicom.dcmread(arts[0].path)
+    assert "heatmap" not in sc.DerivationDescription.lower()
+    assert "heatmap" not in sc.SeriesDescription.lower()
+    assert "contours" in sc.DerivationDescription and "(contours)" in sc.SeriesDescription
+    shown = overlay_slices(seg_result.labels)
+    assert len(shown) == 4
+    assert [r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence] == [
+        ct_series[z].SOPInstanceUID for z in shown]
+    dciodvfy(arts[0].path)
+
+
+def test_every_dicom_output_says_not_for_diagnostic_use_where_a_viewer_shows_it(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    long = SeriesInfo(series_description="AI " + "x" * 70)
+    arts = [*write_classification_artifacts(tb_result, study, dx_ds, tmp_path / "c", ALL,
+                                            series=long),
+            *write_segmentation_artifacts(seg_result, study, ct_series, tmp_path / "s", ALL,
+                                          series=long)]
+    dicom = [a for a in arts if a.path.suffix == ".dcm"]
+    assert sorted(a.kind for a in dicom) == ["encapsulated_pdf", "encapsulated_pdf", "sc",
+                                             "sc", "seg", "sr", "sr"]
+    for art in dicom:
+        ds = pydicom.dcmread(art.path)
+        assert ds.SeriesDescription.startswith("AI xxx"), art.kind
+        assert ds.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE"), art.kind
+        assert len(ds.SeriesDescription) <= 64
+        if art.kind == "sc":
+            assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
+        dciodvfy(art.path)
