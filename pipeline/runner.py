@@ -810,6 +810,7 @@ class PipelineRunner:
             result, study, image.header, out_dir, wanted,
             series=self._series_info(result.model_name, result.model_version),
             sc=spec.secondary_capture, finding_sources=sources,
+            sources=[i.header for i in images],
             finding_codes={label: c.to_code() for label, c in spec.codes.items()})
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)

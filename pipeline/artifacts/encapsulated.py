@@ -59,9 +59,12 @@ def build_encapsulated_pdf(
     ds.DocumentTitle = title[:64]
     ds.ConceptNameCodeSequence = []
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    refs = []
+    refs, seen = [], set()
     for src in sources if sources is not None else [source_ds]:
-        if "SOPInstanceUID" in src and "SOPClassUID" in src:
+        # an instance once (the frames of a multi-frame object come with one header each)
+        if "SOPInstanceUID" in src and "SOPClassUID" in src \
+                and src.SOPInstanceUID not in seen:
+            seen.add(src.SOPInstanceUID)
             ref = Dataset()
             ref.ReferencedSOPClassUID = src.SOPClassUID
             ref.ReferencedSOPInstanceUID = src.SOPInstanceUID

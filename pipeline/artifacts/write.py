@@ -169,6 +169,7 @@ def write_classification_artifacts(
     finding_codes: Mapping[str, Code] | None = None,
     sc: SecondaryCaptureSpec | None = None,
     finding_sources: Mapping[str, tuple[Dataset, int | None]] | None = None,
+    sources: Sequence[Dataset] | None = None,
 ) -> list[Artifact]:
     """Write the requested classification artifacts; return them in this order: the
     PNGs, the JSON, then the PDF and the DICOM objects.
@@ -184,7 +185,9 @@ def write_classification_artifacts(
     carry, written in the time the source's study date and time are in (its Timezone
     Offset From UTC, else local time without an offset; see :func:`set_times`).
     ``finding_sources``: the image each finding's confidence came
-    from when several were read (see :func:`build_classification_sr`).
+    from when several were read (see :func:`build_classification_sr`). ``sources``: every
+    image the result was derived from (default: ``source_ds`` and the images of
+    ``finding_sources``), listed as the Encapsulated PDF's source instances.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -235,6 +238,8 @@ def write_classification_artifacts(
                     software=f"{base.manufacturer} {base.software_version}",
                 ),
                 wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
+                sources=distinct([source_ds, *(sources or []),
+                                  *(ds for ds, _ in (finding_sources or {}).values())]),
                 when=generated,
             )
             if Output.SR in wanted:

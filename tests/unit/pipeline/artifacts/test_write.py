@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 import structlog.testing
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pipeline.artifacts import (
     SeriesInfo,
@@ -459,3 +461,30 @@ def test_every_dicom_output_says_not_for_diagnostic_use_where_a_viewer_shows_it(
         if art.kind == "sc":
             assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
         dciodvfy(art.path)
+
+
+def test_the_encapsulated_pdf_lists_every_image_the_result_came_from(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    other = copy.deepcopy(dx_ds)
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    third = copy.deepcopy(dx_ds)
+    third.SOPInstanceUID = third.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    arts = write_classification_artifacts(
+        tb_result, study, dx_ds, tmp_path, {Output.ENCAPSULATED_PDF},
+        finding_sources={"Consolidation": (other, None)}, sources=[dx_ds, other, third])
+    ds = pydicom.dcmread(arts[0].path)
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [
+        dx_ds.SOPInstanceUID, other.SOPInstanceUID, third.SOPInstanceUID]
+    dciodvfy(arts[0].path)
+    # without ``sources``: the image shown and those the findings came from
+    arts = write_classification_artifacts(
+        tb_result, study, dx_ds, tmp_path / "b", {Output.ENCAPSULATED_PDF},
+        finding_sources={"Consolidation": (other, None), "Tuberculosis": (dx_ds, None)})
+    ds = pydicom.dcmread(arts[0].path)
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [
+        dx_ds.SOPInstanceUID, other.SOPInstanceUID]
