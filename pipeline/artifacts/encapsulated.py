@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import EncapsulatedPDFStorage, generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, utc_now
@@ -19,7 +20,11 @@ from pipeline.artifacts._dicom import (
 )
 from pipeline.types import Artifact
 
-__all__ = ["build_encapsulated_pdf", "write_encapsulated_pdf"]
+__all__ = ["DOCUMENT_TITLE", "build_encapsulated_pdf", "write_encapsulated_pdf"]
+
+#: Concept Name of the Encapsulated PDF: LOINC 18748-4, the usual diagnostic imaging
+#: report title (CID 7000).
+DOCUMENT_TITLE = codes.LN.DiagnosticImagingReport
 
 
 def build_encapsulated_pdf(
@@ -57,7 +62,12 @@ def build_encapsulated_pdf(
     ds.AcquisitionDateTime = ds.InstanceCreationDate + ds.InstanceCreationTime
     ds.BurnedInAnnotation = "YES"  # the PDF shows patient identification
     ds.DocumentTitle = title[:64]
-    ds.ConceptNameCodeSequence = []
+    # the document title's code (CID 7000): LOINC "Diagnostic Imaging Report"
+    title_code = Dataset()
+    title_code.CodeValue = DOCUMENT_TITLE.value
+    title_code.CodingSchemeDesignator = DOCUMENT_TITLE.scheme_designator
+    title_code.CodeMeaning = DOCUMENT_TITLE.meaning
+    ds.ConceptNameCodeSequence = [title_code]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     refs, seen = [], set()
     for src in sources if sources is not None else [source_ds]:

@@ -57,6 +57,7 @@ __all__ = [
     "build_classification_sr",
     "build_segmentation_sr",
     "device_observer_uid",
+    "procedure_reported",
     "write_sr",
 ]
 
@@ -75,6 +76,27 @@ COMMENT = codes.DCM.Comment
 NOT_FOUND = "not found in the field of view: no volume measured"
 # Text Value (UT) holds up to 2^32-2 characters; a note is far shorter, but bounded.
 _TEXT_MAX = 65536
+
+
+#: Procedure Reported by the source's modality: CID 100 (Quantitative Diagnostic Imaging
+#: Procedure) codes, from pydicom's dictionary. No code of "CT of abdomen" or "chest
+#: radiograph" could be verified there; a radiograph of the chest is "Chest imaging".
+_PROCEDURES: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
+}
+
+
+def procedure_reported(source: Dataset) -> Code:
+    """The TID 1500 Procedure Reported of a result on ``source``: by its modality and,
+    for a chest radiograph, its body part; the generic Imaging procedure otherwise."""
+    modality = str(source.get("Modality") or "").upper()
+    chest = str(source.get("BodyPartExamined") or "").upper() == "CHEST"
+    code: Code = codes.SCT.ChestImaging if modality in ("CR", "DX") and chest \
+        else _PROCEDURES.get(modality, codes.SCT.ImagingProcedure)
+    return code
 
 
 def device_observer_uid(model_name: str, model_version: str) -> str:
@@ -225,7 +247,7 @@ def build_classification_sr(
         )
     report = MeasurementReport(
         observation_context=_observation_context(result.model_name, result.model_version, info),
-        procedure_reported=codes.SCT.ImagingProcedure,
+        procedure_reported=procedure_reported(source_ds),
         imaging_measurements=groups,
     )
     sr = _document(list(evidence.values()), report, info, series_uid, instance_number, when)
@@ -327,7 +349,7 @@ def build_segmentation_sr(
             _comment(groups[-1], NOT_FOUND)
     report = MeasurementReport(
         observation_context=_observation_context(result.model_name, result.model_version, info),
-        procedure_reported=codes.SCT.ImagingProcedure,
+        procedure_reported=procedure_reported(source_datasets[0]),
         imaging_measurements=groups,
     )
     evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]

@@ -209,3 +209,33 @@ def test_the_device_observer_uid_is_stable_per_model_name_and_version(
     assert uid == _device_uid(again.path)
     assert pydicom.uid.UID(uid).is_valid and uid.startswith("2.25.")
     assert len({uid, _device_uid(other.path), _device_uid(seg.path)}) == 3
+
+
+def test_the_procedure_reported_says_the_kind_of_imaging(
+    tmp_path: Path, dx_ds: Dataset, tb_result: ClassificationResult,
+    ct_series: list[Dataset], seg_result: SegmentationResult,
+) -> None:
+    cxr = write_sr(build_classification_sr(tb_result, dx_ds, INFO), tmp_path / "a.dcm")
+    ct = write_sr(build_segmentation_sr(seg_result, ct_series, INFO), tmp_path / "b.dcm")
+    assert _procedures(cxr.path) == [("413815006", "SCT")]  # Chest imaging
+    assert _procedures(ct.path) == [("25045-6", "LN")]  # CT unspecified body region
+
+
+def _procedures(path: Path) -> list[tuple[str, str]]:
+    """The Procedure Reported (121058, DCM) items of an SR."""
+    return [(i.ConceptCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodingSchemeDesignator)
+            for i in pydicom.dcmread(path).ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+
+
+def test_the_encapsulated_pdf_has_a_document_title_code(
+    tmp_path: Path, dx_ds: Dataset, dciodvfy: Callable[[Path], str],
+) -> None:
+    from pipeline.artifacts import write_encapsulated_pdf
+
+    pdf = tmp_path / "r.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n%%EOF\n")
+    art = write_encapsulated_pdf(pdf, dx_ds, tmp_path / "r.dcm", INFO)
+    (title,) = pydicom.dcmread(art.path).ConceptNameCodeSequence
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("18748-4", "LN")
+    dciodvfy(art.path)
