@@ -813,7 +813,9 @@ class PipelineRunner:
         files = art.write_classification_artifacts(
             result, study, image.header, out_dir, wanted,
             series=self._series_info(result.model_name, result.model_version),
-            sc=spec.secondary_capture, finding_sources=sources)
+            sc=spec.secondary_capture, finding_sources=sources,
+            sources=[i.header for i in images],
+            finding_codes={label: c.to_code() for label, c in spec.codes.items()})
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 
@@ -865,7 +867,8 @@ class PipelineRunner:
         )
         files = art.write_segmentation_artifacts(
             result, study, volume.headers, out_dir, wanted,
-            series=self._series_info(model.name, model.version), sc=spec.secondary_capture)
+            series=self._series_info(model.name, model.version), sc=spec.secondary_capture,
+            codes_by_name={label: c.segment_codes() for label, c in spec.codes.items()})
         timings = {"load_s": t1 - t0, "compute_s": t2 - t1, "write_s": time.perf_counter() - t2}
         return RunOutput(result, study, files, timings)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.sr.coding import Code
 
 
 class _Frozen(BaseModel):
@@ -101,6 +103,32 @@ class SecondaryCaptureSpec(_Frozen):
     max_size: int | None = Field(default=None, ge=64, le=65535)
 
 
+class CodeSpec(_Frozen):
+    """A coded concept (PS3.3 8.8): code value, coding scheme designator, code meaning."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.-]+$")
+    meaning: str = Field(min_length=1, max_length=64)
+
+    def to_code(self) -> Code:
+        """This concept as pydicom's :class:`~pydicom.sr.coding.Code`."""
+        return Code(self.value, self.scheme, self.meaning)
+
+
+class LabelCodeSpec(CodeSpec):
+    """The code of one model label, in place of the built-in one: the finding type in the
+    SR of a classifier, the Segmented Property Type in the SEG and SR of a segmenter (with
+    ``category``, its Segmented Property Category; default Anatomical structure)."""
+
+    category: CodeSpec | None = None
+
+    def segment_codes(self) -> tuple[Code, Code]:
+        """(category, type) of a segment of this label."""
+        category = (self.category.to_code() if self.category is not None
+                    else dicom_codes.SCT.AnatomicalStructure)
+        return category, self.to_code()
+
+
 class PipelineSpec(_Frozen):
     """A named pipeline: a model, a task, series rules and the artifacts to write."""
 
@@ -113,3 +141,6 @@ class PipelineSpec(_Frozen):
     threshold: float = Field(default=0.5, gt=0, lt=1)
     destinations: list[str] = Field(default_factory=list)
     secondary_capture: SecondaryCaptureSpec = Field(default_factory=SecondaryCaptureSpec)
+    # model label -> its code in the DICOM results (e.g. a local code for a finding that
+    # has no standard one, or SCT 9846003 "Right kidney" in place of Kidney + Right)
+    codes: dict[str, LabelCodeSpec] = Field(default_factory=dict)

@@ -22,6 +22,7 @@ __all__ = [
     "SeriesInfo",
     "atomic_path",
     "concept_for_name",
+    "lateralized_concept",
     "package_version",
     "patient_dir",
     "person_name",
@@ -134,13 +135,44 @@ class SeriesInfo:
     institution_name: str | None = None
 
 
+#: Standard codes of the names the shipped models use that pydicom's dictionary does not
+#: find by their CamelCase form (keys: lower-case words joined by one space).
+#: Mass, Infiltrate and Pathologic calcification are pydicom's own codes (CID 6104 Abnormal
+#: Opacity; CID 6335); Tuberculosis, Atelectasis and Consolidation of lung are not in
+#: pydicom's dictionary, and were checked against published SNOMED CT value sets.
+#: "Nodule Mass" (ChestX-ray14's merged label) is coded Mass (4147007): the label covers
+#: masses as well as nodules, and coding it Nodule (27925004) would say less than a mass.
+#: Pleural thickening has no code here that could be verified: it stays ``99DCMNODE``
+#: (a deployment may set one: ``codes`` of the pipeline's settings).
+_STANDARD: dict[str, Code] = {
+    "tuberculosis": Code("56717001", "SCT", "Tuberculosis"),
+    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "consolidation": Code("95436008", "SCT", "Consolidation of lung"),
+    "nodule mass": codes.SCT.Mass,
+    "infiltration": codes.DCM.Infiltrate,
+    "infiltrate": codes.DCM.Infiltrate,
+    "calcification": codes.SCT.PathologicCalcification,
+}
+
+#: Laterality (CID 244) of a name that starts with one of these words.
+_SIDES: dict[str, Code] = {"right": codes.SCT.Right, "left": codes.SCT.Left}
+
+
+def _words(name: str) -> list[str]:
+    return [part for part in re.split(r"[^A-Za-z0-9]+", name) if part]
+
+
 def concept_for_name(name: str, scheme: str = "SCT") -> Code:
     """Return a coded concept for a human name: the standard code when one is known.
 
-    The name is looked up (as CamelCase) in pydicom's code dictionary for ``scheme``;
-    when absent, a code of the private scheme ``99DCMNODE`` is made from the name.
+    The name is looked up in a small table of standard codes for the shipped models'
+    labels, then (as CamelCase) in pydicom's code dictionary for ``scheme``; when
+    absent from both, a code of the private scheme ``99DCMNODE`` is made from the name.
     """
-    key = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part)
+    words = _words(name)
+    if (known := _STANDARD.get(" ".join(w.lower() for w in words))) is not None:
+        return known
+    key = "".join(part.capitalize() for part in words)
     if key:
         try:
             code: Code = getattr(getattr(codes, scheme), key)
@@ -152,3 +184,18 @@ def concept_for_name(name: str, scheme: str = "SCT") -> Code:
         slug = slug[:7] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8].upper()
     meaning = name.strip()[:64] or "Unnamed"
     return Code(slug, PRIVATE_SCHEME, meaning)
+
+
+def lateralized_concept(name: str, scheme: str = "SCT") -> tuple[Code, Code | None]:
+    """The concept of a structure and its laterality: "right kidney" is Kidney (SCT
+    64033007) with laterality Right (SCT 24028007), every code from pydicom's
+    dictionary. A name without a side, or whose rest has no standard code, is
+    :func:`concept_for_name` of the whole name, without laterality.
+    """
+    words = _words(name)
+    side = _SIDES.get(words[0].lower()) if len(words) > 1 else None
+    if side is not None:
+        rest = concept_for_name(" ".join(words[1:]), scheme)
+        if rest.scheme_designator != PRIVATE_SCHEME:
+            return rest, side
+    return concept_for_name(name, scheme), None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 # highdicom's own test of a SOP class whose IOD has frames (not public API; pinned)
@@ -23,11 +23,13 @@ __all__ = [
     "declare_private_scheme",
     "for_highdicom",
     "frame_reference",
+    "in_source_time",
     "new_file_dataset",
     "save",
     "set_equipment",
     "set_series",
     "set_times",
+    "source_timezone",
     "utc_date_time",
 ]
 
@@ -260,8 +262,9 @@ def set_series(ds: Dataset, info: SeriesInfo, series_uid: str, modality: str) ->
     ds.SeriesDescription = info.series_description
 
 
-def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) -> Dataset:
-    """An empty dataset with file meta and the SOP Common module filled in."""
+def new_file_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """An empty dataset with file meta and the SOP Common module's UIDs filled in (the
+    caller stamps its times with :func:`set_times`)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
@@ -272,7 +275,6 @@ def new_file_dataset(sop_class_uid: str, sop_instance_uid: str, when: datetime) 
     ds.SpecificCharacterSet = UTF8
     ds.SOPClassUID = UID(sop_class_uid)
     ds.SOPInstanceUID = UID(sop_instance_uid)
-    set_times(ds, when, content=False)
     return ds
 
 
@@ -282,17 +284,47 @@ def utc_date_time(when: datetime) -> tuple[str, str]:
     return utc.strftime("%Y%m%d"), utc.strftime("%H%M%S")
 
 
-def set_times(ds: Dataset, when: datetime, *, content: bool = True) -> None:
-    """Stamp ``ds`` with ``when`` in UTC: Instance Creation Date/Time, Content Date/Time
-    (unless ``content`` is false) and Timezone Offset From UTC ``+0000``.
+_OFFSET = re.compile(r"([+-])(\d{2})(\d{2})")
 
-    highdicom fills the first two from the host's local clock and states no offset, so
-    one job's SR and SEG disagreed with its Secondary Capture and PDF by the host's
-    offset; every object of a run is stamped with the same instant, written one way.
+
+def source_timezone(source: Dataset | None) -> timezone | None:
+    """The time zone the source's dates and times are in: its Timezone Offset From UTC
+    (``+0900``), or None when it has none (or one that is not a valid offset): its
+    times are then local time, of an unknown offset."""
+    text = str(source.get("TimezoneOffsetFromUTC") or "").strip() if source else ""
+    if not (m := _OFFSET.fullmatch(text)):
+        return None
+    hours, minutes = int(m.group(2)), int(m.group(3))
+    if hours > 14 or minutes > 59:
+        return None
+    delta = timedelta(hours=hours, minutes=minutes)
+    return timezone(-delta if m.group(1) == "-" else delta)
+
+
+def in_source_time(when: datetime, source: Dataset | None) -> tuple[datetime, bool]:
+    """``when`` in the time the source's study date and time are in, and whether that
+    time has a known offset: in the source's Timezone Offset From UTC when it has one,
+    else in the host's local time (the source's times are then local too, and no
+    offset is written)."""
+    zone = source_timezone(source)
+    return (when.astimezone(zone), True) if zone is not None else (when.astimezone(), False)
+
+
+def set_times(ds: Dataset, when: datetime, source: Dataset | None, *,
+              content: bool = True) -> None:
+    """Stamp ``ds`` with the instant ``when``: Instance Creation Date/Time and Content
+    Date/Time (unless ``content`` is false), in the time the source's study date and
+    time are in (see :func:`in_source_time`). Timezone Offset From UTC is the source's
+    when it has one, and absent when it has none: PS3.3 C.12.1.1.8 applies the offset to
+    every date and time of the instance, the Study Date/Time copied from the source too.
+
+    highdicom fills the first two from the host's local clock, so one run's objects
+    disagreed; every object of a run is stamped with the same instant, written one way.
     The Contribution DateTime highdicom gives itself as processing equipment, also
-    local, becomes that instant too (the offset applies to it).
+    local, becomes that instant too.
     """
-    date, time = utc_date_time(when)
+    local, known = in_source_time(when, source)
+    date, time = local.strftime("%Y%m%d"), local.strftime("%H%M%S")
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = time
     if content:
@@ -302,8 +334,10 @@ def set_times(ds: Dataset, when: datetime, *, content: bool = True) -> None:
         purpose = item.get("PurposeOfReferenceCodeSequence") or [Dataset()]
         if "ContributionDateTime" in item and purpose[0].get("CodeValue") == _PROCESSING:
             item.ContributionDateTime = date + time
-    ds.TimezoneOffsetFromUTC = "+0000"
-
+    if known:
+        ds.TimezoneOffsetFromUTC = source.TimezoneOffsetFromUTC  # type: ignore[union-attr]
+    elif "TimezoneOffsetFromUTC" in ds:
+        del ds.TimezoneOffsetFromUTC
 
 
 def _uses_scheme(ds: Dataset, scheme: str) -> bool:

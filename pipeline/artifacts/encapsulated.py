@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import EncapsulatedPDFStorage, generate_uid
 
 from pipeline.artifacts._common import SeriesInfo, utc_now
@@ -16,11 +17,14 @@ from pipeline.artifacts._dicom import (
     set_equipment,
     set_series,
     set_times,
-    utc_date_time,
 )
 from pipeline.types import Artifact
 
-__all__ = ["build_encapsulated_pdf", "write_encapsulated_pdf"]
+__all__ = ["DOCUMENT_TITLE", "build_encapsulated_pdf", "write_encapsulated_pdf"]
+
+#: Concept Name of the Encapsulated PDF: LOINC 18748-4, the usual diagnostic imaging
+#: report title (CID 7000).
+DOCUMENT_TITLE = codes.LN.DiagnosticImagingReport
 
 
 def build_encapsulated_pdf(
@@ -47,21 +51,30 @@ def build_encapsulated_pdf(
         raise ValueError("the document is not a PDF")
     when = when or utc_now()
     sop_uid = sop_instance_uid or generate_uid()
-    ds = new_file_dataset(EncapsulatedPDFStorage, sop_uid, when)
+    ds = new_file_dataset(EncapsulatedPDFStorage, sop_uid)
     copy_patient_study(source_ds, ds)
     set_series(ds, info, series_uid or generate_uid(), "DOC")
     set_equipment(ds, info)
     ds.ConversionType = "SYN"
     ds.InstanceNumber = instance_number
-    set_times(ds, when)
-    ds.AcquisitionDateTime = "".join(utc_date_time(when))  # UTC, as the offset says
+    set_times(ds, when, source_ds)
+    # the same instant, in the same time as the creation time (and the offset, if any)
+    ds.AcquisitionDateTime = ds.InstanceCreationDate + ds.InstanceCreationTime
     ds.BurnedInAnnotation = "YES"  # the PDF shows patient identification
     ds.DocumentTitle = title[:64]
-    ds.ConceptNameCodeSequence = []
+    # the document title's code (CID 7000): LOINC "Diagnostic Imaging Report"
+    title_code = Dataset()
+    title_code.CodeValue = DOCUMENT_TITLE.value
+    title_code.CodingSchemeDesignator = DOCUMENT_TITLE.scheme_designator
+    title_code.CodeMeaning = DOCUMENT_TITLE.meaning
+    ds.ConceptNameCodeSequence = [title_code]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    refs = []
+    refs, seen = [], set()
     for src in sources if sources is not None else [source_ds]:
-        if "SOPInstanceUID" in src and "SOPClassUID" in src:
+        # an instance once (the frames of a multi-frame object come with one header each)
+        if "SOPInstanceUID" in src and "SOPClassUID" in src \
+                and src.SOPInstanceUID not in seen:
+            seen.add(src.SOPInstanceUID)
             ref = Dataset()
             ref.ReferencedSOPClassUID = src.SOPClassUID
             ref.ReferencedSOPInstanceUID = src.SOPInstanceUID

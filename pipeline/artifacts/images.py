@@ -142,6 +142,12 @@ def _pick_slices(labels: npt.NDArray[np.uint8], count: int) -> list[int]:
     return sorted({round(float(p)) for p in picks})
 
 
+def overlay_slices(labels: npt.ArrayLike, slices: int = 4) -> list[int]:
+    """The slice indices (Z, ascending) :func:`segmentation_overlay` shows of ``labels``
+    with the same ``slices``."""
+    return _pick_slices(np.asarray(labels).astype(np.uint8, copy=False), slices)
+
+
 class _Font:
     """A size of the legend's font: DejaVu Sans when installed (else Pillow's own,
     which has ASCII only), with the CJK fallback for what it lacks (see
@@ -220,7 +226,7 @@ def segmentation_overlay(
     lab = np.asarray(labels)
     if vol.ndim != 3 or lab.shape != vol.shape:
         raise ValueError(f"volume {vol.shape} and labels {lab.shape} must be equal 3D shapes")
-    picks = _pick_slices(lab.astype(np.uint8), slices)
+    picks = overlay_slices(lab, slices)
     ny, nx = vol.shape[1:]
     height, width_mm = ny * pixel_spacing[0], nx * pixel_spacing[1]
     scale = tile / max(height, width_mm)

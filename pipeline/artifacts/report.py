@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -508,11 +508,11 @@ def _model_section(
     width: float,
 ) -> KeepTogether:
     """The "Model" heading and table, kept on one page: model, version, generation time
-    (UTC) and software, then ``more`` (whose last pair spans the full width)."""
+    (see :func:`_stamp`) and software, then ``more`` (whose last pair spans the full width)."""
     rows = [
         ("Model", name or "—"),
         ("Model version", version or "—"),
-        ("Generated", generated.strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("Generated", _stamp(generated)),
         ("Software", software),
         *more,
     ]
@@ -540,11 +540,26 @@ class _Placeholder(Flowable):  # type: ignore[misc]
             y -= 12
 
 
+def _stamp(generated: datetime) -> str:
+    """The generation time as the report prints it: with its offset from UTC (``UTC``,
+    ``UTC+09:00``) when ``generated`` is aware, "local time" when it is naive (the
+    study's times have no known offset, and the report's time is given like them)."""
+    text = generated.strftime("%Y-%m-%d %H:%M:%S")
+    if generated.tzinfo is None:
+        return f"{text} local time"
+    offset = generated.strftime("%z")
+    return f"{text} UTC" if offset == "+0000" else f"{text} UTC{offset[:3]}:{offset[3:5]}"
+
+
 def _footer_factory(model: str, generated: datetime) -> Any:
     regular, _ = _fonts()
-    stamp = generated.strftime("%Y-%m-%d %H:%M:%S UTC")
-    # The PDF's own CreationDate/ModDate: the same instant, not the host's local clock.
-    pdf_date = generated.strftime("D:%Y%m%d%H%M%S+00'00'")
+    stamp = _stamp(generated)
+    # The PDF's own CreationDate/ModDate: the same instant and offset (none when the
+    # time is local), not the host's clock.
+    pdf_date = generated.strftime("D:%Y%m%d%H%M%S")
+    if generated.tzinfo is not None:
+        offset = generated.strftime("%z")
+        pdf_date += f"{offset[:3]}'{offset[3:5]}'"
 
     def footer(canvas: Canvas, doc: SimpleDocTemplate) -> None:
         canvas.setDateFormatter(lambda *_: pdf_date)
@@ -635,13 +650,15 @@ def write_classification_report(
 
     The report shows the patient and study data, the overall result, the findings
     with confidences (present ones highlighted), the source image and heatmap side by
-    side, the model and the generation time (UTC), and a "Not for diagnostic use"
+    side, the model and the generation time (``generated_at``, default now: shown with
+    its offset when aware, as local time when naive), and a "Not for diagnostic use"
     notice.
 
     Raises:
         ValueError: when the image is not 2D. OSError: when writing fails.
     """
-    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
+    # as given: aware, shown with its offset; naive, shown as local time (see _stamp)
+    generated = generated_at or utc_now()
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()
@@ -709,7 +726,8 @@ def write_segmentation_report(
     Raises:
         ValueError: when volume and labels differ in shape. OSError: when writing fails.
     """
-    generated = (generated_at or utc_now()).astimezone(UTC)  # the stamps say UTC
+    # as given: aware, shown with its offset; naive, shown as local time (see _stamp)
+    generated = generated_at or utc_now()
     st = _styles()
     width = A4[0] - 32 * mm
     model = f"{result.model_name} {result.model_version}".strip()

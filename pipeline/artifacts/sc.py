@@ -7,6 +7,7 @@ encapsulates) and for a smaller image (``SecondaryCaptureSpec``).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -29,7 +30,13 @@ from pipeline.artifacts._dicom import (
 from pipeline.settings import SecondaryCaptureSpec
 from pipeline.types import Artifact
 
-__all__ = ["build_secondary_capture", "write_secondary_capture"]
+__all__ = ["HEATMAP", "NOT_FOR_DIAGNOSTIC_USE", "build_secondary_capture",
+           "write_secondary_capture"]
+
+#: Derivation Description of the classifier's Secondary Capture.
+HEATMAP = "AI heatmap overlaid on the source image"
+#: Image Comments of every Secondary Capture (a viewer shows it with the image).
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE: made automatically by an AI model"
 
 
 def build_secondary_capture(
@@ -43,12 +50,16 @@ def build_secondary_capture(
     when: datetime | None = None,
     encoding: SecondaryCaptureSpec | None = None,
     frame_number: int | None = None,
+    derivation: str = HEATMAP,
+    sources: Sequence[tuple[Dataset, int | None]] | None = None,
 ) -> Dataset:
     """Build an SC Image Storage dataset (RGB, 8 bit) of ``image`` in a new series.
 
-    The patient and study modules come from ``source_ds``; the source instance is
-    referenced in the Source Image Sequence. Burned-in annotation is "NO" (the
-    heatmap carries no text). ``encoding`` may scale the image down and compress it
+    The patient and study modules come from ``source_ds``; the images shown are
+    referenced in the Source Image Sequence: ``sources`` (header, 1-based frame or
+    None), default ``source_ds`` (at ``frame_number``). ``derivation`` says what the
+    image shows (Derivation Description). Burned-in annotation is "NO" (the heatmap
+    carries no text). ``encoding`` may scale the image down and compress it
     (JPEG Baseline, YBR_FULL_422, marked lossy); by default it is kept as it is.
 
     Raises:
@@ -56,7 +67,7 @@ def build_secondary_capture(
     """
     when = when or utc_now()
     sop_uid = sop_instance_uid or generate_uid()
-    ds = new_file_dataset(SecondaryCaptureImageStorage, sop_uid, when)
+    ds = new_file_dataset(SecondaryCaptureImageStorage, sop_uid)
     copy_patient_study(source_ds, ds)
     set_series(ds, info, series_uid or generate_uid(), "OT")
     set_equipment(ds, info)
@@ -71,18 +82,15 @@ def build_secondary_capture(
     ds.ConversionType = "WSD"
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = source_ds.get("PatientOrientation", "")
-    set_times(ds, when)
+    set_times(ds, when, source_ds)
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = "AI heatmap overlaid on the source image"
+    ds.DerivationDescription = derivation[:1024]
+    ds.ImageComments = NOT_FOR_DIAGNOSTIC_USE
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    if "SOPInstanceUID" in source_ds and "SOPClassUID" in source_ds:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = source_ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = source_ds.SOPInstanceUID
-        if frame := frame_reference(source_ds, frame_number):  # the heatmap's frame
-            ref.ReferencedFrameNumber = frame
-        ds.SourceImageSequence = [ref]
+    if refs := _source_images(sources if sources is not None
+                              else [(source_ds, frame_number)]):
+        ds.SourceImageSequence = refs
     spec = encoding or SecondaryCaptureSpec()
     image = _scaled(image.convert("RGB"), spec.max_size)
     ds.SamplesPerPixel = 3
@@ -98,6 +106,28 @@ def build_secondary_capture(
         ds.PhotometricInterpretation = "RGB"
         ds.PixelData = np.ascontiguousarray(np.asarray(image, dtype=np.uint8)).tobytes()
     return ds
+
+
+def _source_images(sources: Sequence[tuple[Dataset, int | None]]) -> list[Dataset]:
+    """One Source Image item per instance shown (in order), naming the frames shown of
+    a multi-frame one (where its SOP class lets a reference name them)."""
+    items: dict[str, Dataset] = {}
+    frames: dict[str, list[int]] = {}
+    for src, number in sources:
+        if "SOPInstanceUID" not in src or "SOPClassUID" not in src:
+            continue
+        uid = str(src.SOPInstanceUID)
+        if uid not in items:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            items[uid], frames[uid] = ref, []
+        if (frame := frame_reference(src, number)) and frame not in frames[uid]:
+            frames[uid].append(frame)
+    for uid, ref in items.items():
+        if frames[uid]:
+            ref.ReferencedFrameNumber = frames[uid] if len(frames[uid]) > 1 else frames[uid][0]
+    return list(items.values())
 
 
 def _scaled(image: Image.Image, max_size: int | None) -> Image.Image:
@@ -139,16 +169,20 @@ def write_secondary_capture(
     encoding: SecondaryCaptureSpec | None = None,
     when: datetime | None = None,
     frame_number: int | None = None,
+    derivation: str = HEATMAP,
+    sources: Sequence[tuple[Dataset, int | None]] | None = None,
 ) -> Artifact:
     """Write the SC file to ``path`` and return its artifact (kind ``sc``); ``when``
-    (default: now) is its creation and content time.
+    (default: now) is its creation and content time; the rest as in
+    :func:`build_secondary_capture`.
 
     Raises:
         ValueError: when ``source_ds`` has no StudyInstanceUID. OSError: when writing fails.
     """
     ds = build_secondary_capture(
         image, source_ds, info, series_uid=series_uid, instance_number=instance_number,
-        encoding=encoding, when=when, frame_number=frame_number,
+        encoding=encoding, when=when, frame_number=frame_number, derivation=derivation,
+        sources=sources,
     )
     save(ds, path)
     return Artifact(

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import highdicom as hd
 import numpy as np
@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pipeline.artifacts._common import SeriesInfo, concept_for_name, utc_now
+from pipeline.artifacts._common import SeriesInfo, lateralized_concept, utc_now
 from pipeline.artifacts._dicom import (
     declare_private_scheme,
     declare_utf8_for,
@@ -29,7 +29,7 @@ from pipeline.artifacts.images import segment_color
 from pipeline.io import number_of_frames
 from pipeline.types import Artifact, SegmentationResult
 
-__all__ = ["build_segmentation", "segment_codes", "write_segmentation"]
+__all__ = ["SegmentCoding", "build_segmentation", "segment_codes", "write_segmentation"]
 
 
 def _remember_iod_lookups() -> None:
@@ -66,16 +66,30 @@ def _remember_iod_lookups() -> None:
 _remember_iod_lookups()
 
 
+class SegmentCoding(NamedTuple):
+    """How a structure is coded: Segmented Property Category and Type, and the type's
+    laterality (a Segmented Property Type Modifier in the SEG, the finding site's
+    laterality in the SR), or None."""
+
+    category: Code
+    type: Code
+    laterality: Code | None = None
+
+
 def segment_codes(
     name: str, overrides: Mapping[str, tuple[Code, Code]] | None = None
-) -> tuple[Code, Code]:
-    """(category, type) codes of a structure: SCT where pydicom knows the name.
+) -> SegmentCoding:
+    """The codes of a structure: standard (SCT) where known, "right kidney" as Kidney
+    with laterality Right (see :func:`lateralized_concept`), else ``99DCMNODE``.
 
-    ``overrides`` maps a structure name to explicit codes and wins over the lookup.
+    ``overrides`` maps a structure name to explicit (category, type) codes and wins
+    over the lookup (no laterality: an override names the structure whole).
     """
     if overrides and name in overrides:
-        return overrides[name]
-    return codes.SCT.AnatomicalStructure, concept_for_name(name, "SCT")
+        category, kind = overrides[name]
+        return SegmentCoding(category, kind)
+    kind, side = lateralized_concept(name, "SCT")
+    return SegmentCoding(codes.SCT.AnatomicalStructure, kind, side)
 
 
 def build_segmentation(
@@ -93,7 +107,7 @@ def build_segmentation(
     ``source_datasets`` are the CT instances in the order of the label map's slices (a
     multi-frame object's header once per frame, with ``result.source_frames``).
     Segment numbers are 1..N in the order of ``result.segments``. ``when`` (default:
-    now) is its creation and content time, written in UTC.
+    now) is its creation and content time, written as :func:`set_times` says.
 
     Raises:
         ValueError: when there are no segments, the slice count differs from the
@@ -117,21 +131,24 @@ def build_segmentation(
     descriptions = []
     for number, seg in enumerate(result.segments, start=1):
         mask[labels == seg.label] = number
-        category, kind = segment_codes(seg.name, codes_by_name)
+        coding = segment_codes(seg.name, codes_by_name)
         r, g, b = segment_color(number - 1)
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=seg.name[:64],
-                segmented_property_category=category,
-                segmented_property_type=kind,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                tracking_uid=generate_uid(),
-                tracking_id=seg.name[:64],
-                display_color=hd.color.CIELabColor.from_rgb(r, g, b),
-            )
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=seg.name[:64],
+            segmented_property_category=coding.category,
+            segmented_property_type=coding.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(),
+            tracking_id=seg.name[:64],
+            display_color=hd.color.CIELabColor.from_rgb(r, g, b),
         )
+        if coding.laterality is not None:  # PS3.3 C.8.20.2: Kidney, modified by Right
+            kind = description.SegmentedPropertyTypeCodeSequence[0]
+            kind.SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept.from_code(coding.laterality)]
+        descriptions.append(description)
     sources = distinct(source_datasets)
     if any(result.source_frames):
         mask = _in_frame_order(mask, result.source_frames, sources)
@@ -152,7 +169,7 @@ def build_segmentation(
         content_label="SEGMENTATION",
         series_description=info.series_description,
     )
-    set_times(seg_ds, when or utc_now())
+    set_times(seg_ds, when or utc_now(), sources[0])
     declare_private_scheme(seg_ds)
     declare_utf8_for(seg_ds, [*(s.name for s in result.segments), result.model_name,
                               result.model_version, *info_texts(info)])

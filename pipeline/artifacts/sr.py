@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
+import numpy.typing as npt
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
     DeviceObserverIdentifyingAttributes,
+    FindingSite,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
@@ -46,29 +51,69 @@ __all__ = [
     "COMMENT",
     "CONFIDENCE",
     "MILLILITER",
+    "NOT_FOUND",
     "OVERALL_RESULT",
+    "PERCENT",
     "build_classification_sr",
     "build_segmentation_sr",
+    "device_observer_uid",
+    "procedure_reported",
     "write_sr",
 ]
 
-#: Numeric confidence of a finding (CAD "Certainty of Finding"), unit UCUM "1", 0..1.
+#: Numeric confidence of a finding (CAD "Certainty of Finding"), in percent (0..100), as
+#: the CAD templates (TID 4104, TID 4006) have it.
 CONFIDENCE = codes.DCM.CertaintyOfFinding
+#: UCUM percent, the unit of :data:`CONFIDENCE`.
+PERCENT = codes.UCUM.Percent
 #: UCUM millilitre.
 MILLILITER = Code("mL", "UCUM", "milliliter")
 #: Name of the qualitative evaluation that carries the overall result.
 OVERALL_RESULT = codes.DCM.Impression
 #: Name of the text items, in the overall result's group, that carry the result's notes.
 COMMENT = codes.DCM.Comment
+#: The Comment of a structure's group when the model found none of it.
+NOT_FOUND = "not found in the field of view: no volume measured"
 # Text Value (UT) holds up to 2^32-2 characters; a note is far shorter, but bounded.
 _TEXT_MAX = 65536
+
+
+#: Procedure Reported by the source's modality: CID 100 (Quantitative Diagnostic Imaging
+#: Procedure) codes, from pydicom's dictionary. No code of "CT of abdomen" or "chest
+#: radiograph" could be verified there; a radiograph of the chest is "Chest imaging".
+_PROCEDURES: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
+}
+
+
+def procedure_reported(source: Dataset) -> Code:
+    """The TID 1500 Procedure Reported of a result on ``source``: by its modality and,
+    for a chest radiograph, its body part; the generic Imaging procedure otherwise."""
+    modality = str(source.get("Modality") or "").upper()
+    chest = str(source.get("BodyPartExamined") or "").upper() == "CHEST"
+    code: Code = codes.SCT.ChestImaging if modality in ("CR", "DX") and chest \
+        else _PROCEDURES.get(modality, codes.SCT.ImagingProcedure)
+    return code
+
+
+def device_observer_uid(model_name: str, model_version: str) -> str:
+    """The Device Observer UID of a model version: the same for every document it makes
+    (a new one per document made each SR look like the work of another device). A
+    UUID-derived UID (root ``2.25``, as the node's other derived UIDs) of the name and
+    version (a name-based UUID, RFC 4122 version 5), so no organisation root is
+    claimed."""
+    name = json.dumps(["dicom-node device observer", model_name, model_version])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
 
 
 def _observation_context(
     model_name: str, model_version: str, info: SeriesInfo
 ) -> ObservationContext:
     device = DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(),
+        uid=device_observer_uid(model_name, model_version),
         name=f"{model_name} {model_version}"[:64],
         manufacturer_name=info.manufacturer,
         model_name=info.manufacturer_model_name,
@@ -113,7 +158,7 @@ def _document(
     sr.ManufacturerModelName = info.manufacturer_model_name
     sr.SoftwareVersions = info.software_version
     sr.DeviceSerialNumber = info.device_serial_number
-    set_times(sr, when or utc_now())
+    set_times(sr, when or utc_now(), evidence[0] if evidence else None)
     declare_private_scheme(sr)
     return sr
 
@@ -132,12 +177,13 @@ def build_classification_sr(
     """Build a Comprehensive SR holding a TID 1500 report of ``result``.
 
     One measurement group per finding (model label order): a qualitative evaluation
-    (finding: Present/Absent) and a numeric Certainty of Finding (0..1), each
+    (finding: Present/Absent) and a numeric Certainty of Finding (percent, 0..100), each
     referencing the source image; plus a group with the overall result. Findings are
-    SNOMED CT coded where pydicom knows the name, else ``99DCMNODE``; ``finding_codes``
-    overrides per name. ``when`` (default: now) is the document's creation and content
-    time, written in UTC. ``finding_sources`` (finding name: header and 1-based frame of
-    the image its confidence came from, when several images were read) makes a
+    standard-coded where a code is known (see :func:`concept_for_name`), else
+    ``99DCMNODE``; ``finding_codes`` overrides per name. ``when`` (default: now) is the
+    document's creation and content time, written as :func:`set_times` says.
+    ``finding_sources`` (finding name: header and 1-based frame of the image its
+    confidence came from, when several images were read) makes a
     finding's group reference that image instead of ``source_ds``; each is evidence.
     The result's notes are Comment items in the overall result's group.
 
@@ -171,9 +217,7 @@ def build_classification_sr(
         source_images=[source],
     )
     for note in result.notes:  # which images were read, which not: beside the result
-        overall.append(hd.sr.TextContentItem(
-            name=COMMENT, value=note[:_TEXT_MAX],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        _comment(overall, note)
     groups.append(overall)
     for finding in result.findings:
         code = (finding_codes or {}).get(finding.name) or concept_for_name(finding.name, "SCT")
@@ -187,8 +231,9 @@ def build_classification_sr(
                 measurements=[
                     Measurement(
                         name=CONFIDENCE,
-                        value=round(float(finding.confidence), 6),
-                        unit=codes.UCUM.NoUnits,
+                        # the model's 0..1 probability as a percentage
+                        value=round(float(finding.confidence) * 100, 4),
+                        unit=PERCENT,
                         algorithm_id=algorithm,
                     )
                 ],
@@ -202,7 +247,7 @@ def build_classification_sr(
         )
     report = MeasurementReport(
         observation_context=_observation_context(result.model_name, result.model_version, info),
-        procedure_reported=codes.SCT.ImagingProcedure,
+        procedure_reported=procedure_reported(source_ds),
         imaging_measurements=groups,
     )
     sr = _document(list(evidence.values()), report, info, series_uid, instance_number, when)
@@ -229,7 +274,10 @@ def build_segmentation_sr(
     the SEG and, as TID 1411's "Source series for segmentation", the source series
     (not each of its images: for a 300-slice CT that made the SR ~9,000 content items
     and took seconds to build); without it, or for a segment with no voxels, the group
-    references the source images directly. ``when``: as in
+    references the source images directly. A structure with no voxel in the label map
+    has no Volume: its group holds a Comment (:data:`NOT_FOUND`) instead, never a
+    measured 0 mL. With ``seg_ds`` each group's Tracking Unique
+    Identifier is its segment's Tracking UID in the SEG. ``when``: as in
     :func:`build_classification_sr`.
 
     Raises:
@@ -245,15 +293,26 @@ def build_segmentation_sr(
     sources: list[SourceImageForMeasurementGroup] = []  # built only when a group needs them
     source_series = SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID))
     in_seg = _segments_with_frames(seg_ds) if seg_ds is not None else set()
+    tracking_uids = _segment_tracking_uids(seg_ds) if seg_ds is not None else {}
+    present = _labels_present(result.labels)
     for number, seg in enumerate(result.segments, start=1):
-        _, kind = segment_codes(seg.name, codes_by_name)
-        volume = Measurement(
+        coding = segment_codes(seg.name, codes_by_name)
+        kind = coding.type
+        # "right kidney": Kidney, found in the right kidney (TID 1419 Finding Site)
+        sites = None if coding.laterality is None else [
+            FindingSite(anatomic_location=coding.type, laterality=coding.laterality)]
+        # an organ the model did not find has no volume (not a measured 0 mL): its group
+        # says so in a Comment instead
+        found = seg.label in present
+        measurements = [Measurement(
             name=codes.SCT.Volume,
             value=round(float(seg.volume_ml), 3),
             unit=MILLILITER,
             algorithm_id=algorithm,
-        )
-        tracking = TrackingIdentifier(uid=generate_uid(), identifier=seg.name[:64])
+        )] if found else None
+        # one ROI, one Tracking UID: the segment's own in the SEG (TID 1411)
+        tracking = TrackingIdentifier(uid=tracking_uids.get(number) or generate_uid(),
+                                      identifier=seg.name[:64])
         referenced: ReferencedSegment | None = None
         if seg_ds is not None and number in in_seg:  # an empty segment has no frames
             referenced = ReferencedSegment(
@@ -268,8 +327,9 @@ def build_segmentation_sr(
                     tracking_identifier=tracking,
                     referenced_segment=referenced,
                     finding_type=kind,
+                    finding_sites=sites,
                     algorithm_id=algorithm,
-                    measurements=[volume],
+                    measurements=measurements,
                 )
             )
         else:
@@ -279,14 +339,17 @@ def build_segmentation_sr(
                 MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
                     finding_type=kind,
+                    finding_sites=sites,
                     algorithm_id=algorithm,
-                    measurements=[volume],
+                    measurements=measurements,
                     source_images=sources,
                 )
             )
+        if not found:
+            _comment(groups[-1], NOT_FOUND)
     report = MeasurementReport(
         observation_context=_observation_context(result.model_name, result.model_version, info),
-        procedure_reported=codes.SCT.ImagingProcedure,
+        procedure_reported=procedure_reported(source_datasets[0]),
         imaging_measurements=groups,
     )
     evidence = [*source_datasets, *([seg_ds] if seg_ds is not None else [])]
@@ -294,6 +357,29 @@ def build_segmentation_sr(
     declare_utf8_for(sr, [result.model_name, result.model_version,
                           *(s.name for s in result.segments), *info_texts(info)])
     return sr
+
+
+def _labels_present(labels: npt.NDArray[np.uint8]) -> set[int]:
+    """The labels that at least one voxel of ``labels`` holds (one pass, no sort)."""
+    flat = np.asarray(labels).ravel()
+    if flat.dtype.kind != "u" or flat.dtype.itemsize > 2:
+        return {int(v) for v in np.unique(flat)}
+    return {int(v) for v in np.flatnonzero(np.bincount(flat))}
+
+
+def _comment(group: Sequence[Dataset], text: str) -> None:
+    """Add a Comment (121106) TEXT item inside a measurement group's container, where
+    the group's readers (highdicom's ``get_..._measurement_groups()``) keep it; appended
+    to the group's template list instead, it became a sibling of the groups."""
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT, value=text[:_TEXT_MAX],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+
+
+def _segment_tracking_uids(seg_ds: Dataset) -> dict[int, str]:
+    """Segment number -> the Tracking UID the SEG gives it."""
+    return {int(item.SegmentNumber): str(item.TrackingUID)
+            for item in seg_ds.get("SegmentSequence", []) if item.get("TrackingUID")}
 
 
 def _segments_with_frames(seg_ds: Dataset) -> set[int]:

@@ -13,15 +13,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from pipeline.artifacts._common import SeriesInfo, patient_dir, utc_now
-from pipeline.artifacts._dicom import distinct
+from pipeline.artifacts._dicom import distinct, in_source_time
 from pipeline.artifacts.encapsulated import write_encapsulated_pdf
 from pipeline.artifacts.images import (
     heatmap_overlay,
+    overlay_slices,
     segmentation_overlay,
     write_png,
     write_source_png,
@@ -42,15 +44,44 @@ log = structlog.get_logger(__name__)
 # Offsets from the base series number; each DICOM output gets its own new series
 # (they have different modalities, which one series cannot mix).
 _SERIES = {"sr": (0, "SR"), "sc": (1, "heatmap"), "pdf": (2, "report"), "seg": (3, "SEG")}
+#: Ends every output's Series Description, which viewers show (the PDF says it too).
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+#: The Secondary Capture of a segmentation: a montage of slices, not a heatmap.
+_SEGMENTATION_OVERLAY = "contours"
 
 
-def _series(base: SeriesInfo, kind: str) -> SeriesInfo:
-    offset, suffix = _SERIES[kind]
+def _series(base: SeriesInfo, kind: str, suffix: str | None = None) -> SeriesInfo:
+    """The series of output ``kind``: the base description with what it holds and the
+    not-for-diagnostic-use notice, which is kept whole within LO's 64 characters (the
+    description is shortened instead)."""
+    offset, default = _SERIES[kind]
+    tail = f" ({suffix or default}) {NOT_FOR_DIAGNOSTIC_USE}"
+    head = base.series_description[:max(0, 64 - len(tail))].rstrip()
     return dataclasses.replace(
         base,
         series_number=base.series_number + offset,
-        series_description=f"{base.series_description} ({suffix})"[:64],
+        series_description=f"{head}{tail}".strip()[:64],
     )
+
+
+def _overlay_sources(result: SegmentationResult,
+                     source_datasets: Sequence[Dataset]) -> list[tuple[Dataset, int | None]]:
+    """The slices the segmentation overlay shows, as (header, frame) of their source;
+    all the source instances when the label map's slices are not the sources' (a
+    resampled series)."""
+    frames = list(result.source_frames) or [None] * len(source_datasets)
+    if len(source_datasets) != np.asarray(result.labels).shape[0] \
+            or len(frames) != len(source_datasets):
+        return [(ds, None) for ds in distinct(source_datasets)]
+    return [(source_datasets[z], frames[z]) for z in overlay_slices(result.labels)]
+
+
+def _report_time(instant: datetime, source: Dataset) -> datetime:
+    """``instant`` as the report shows it: in the source's offset (aware) when it has
+    one, else in local time, naive (the report then says "local time"), as the DICOM
+    objects of the run write it."""
+    local, known = in_source_time(instant, source)
+    return local if known else local.replace(tzinfo=None)
 
 
 def _log_done(task: str, artifacts: list[Artifact], started: float) -> None:
@@ -138,6 +169,7 @@ def write_classification_artifacts(
     finding_codes: Mapping[str, Code] | None = None,
     sc: SecondaryCaptureSpec | None = None,
     finding_sources: Mapping[str, tuple[Dataset, int | None]] | None = None,
+    sources: Sequence[Dataset] | None = None,
 ) -> list[Artifact]:
     """Write the requested classification artifacts; return them in this order: the
     PNGs, the JSON, then the PDF and the DICOM objects.
@@ -149,9 +181,13 @@ def write_classification_artifacts(
     Capture is encoded). The JSON names the PNG files, so asking for JSON writes the PNGs
     too. ``patient_id`` is ``study.patient_id``.
     For a Normal result a heatmap PNG or SC left there by an earlier run is removed.
-    ``generated_at`` (default: now) is the one time every DICOM object and the report
-    carry, written in UTC. ``finding_sources``: the image each finding's confidence came
-    from when several were read (see :func:`build_classification_sr`).
+    ``generated_at`` (default: now) is the one instant every DICOM object and the report
+    carry, written in the time the source's study date and time are in (its Timezone
+    Offset From UTC, else local time without an offset; see :func:`set_times`).
+    ``finding_sources``: the image each finding's confidence came
+    from when several were read (see :func:`build_classification_sr`). ``sources``: every
+    image the result was derived from (default: ``source_ds`` and the images of
+    ``finding_sources``), listed as the Encapsulated PDF's source instances.
 
     Raises:
         ValueError: when the patient ID is not a safe path component, an output name is
@@ -164,8 +200,10 @@ def write_classification_artifacts(
     folder = patient_dir(out_dir, pid)
     with _nothing_if_failed(folder, pid):
         base = series or SeriesInfo()
-        # One instant for the whole run: every object and the report carry it, in UTC.
+        # One instant for the whole run: every object and the report carry it, in the
+        # time the study's own date and time are in.
         generated = (generated_at or utc_now()).astimezone(UTC)
+        shown = _report_time(generated, source_ds)
         abnormal = result.result != NORMAL
         if abnormal and result.heatmap is None and not result.heatmap_note \
                 and wanted & HEATMAP_OUTPUTS:
@@ -196,10 +234,12 @@ def write_classification_artifacts(
                                             write_png, overlay, heat_path))
             documents += _reports(
                 lambda path: write_classification_report(
-                    result, study, path, generated_at=generated,
+                    result, study, path, generated_at=shown,
                     software=f"{base.manufacturer} {base.software_version}",
                 ),
                 wanted, folder, pid, source_ds, _series(base, "pdf"), "AI inference report",
+                sources=distinct([source_ds, *(sources or []),
+                                  *(ds for ds, _ in (finding_sources or {}).values())]),
                 when=generated,
             )
             if Output.SR in wanted:
@@ -265,8 +305,10 @@ def write_segmentation_artifacts(
             raise ValueError("no source datasets")
         first = source_datasets[0]
         base = series or SeriesInfo()
-        # One instant for the whole run: every object and the report carry it, in UTC.
+        # One instant for the whole run: every object and the report carry it, in the
+        # time the study's own date and time are in.
         generated = (generated_at or utc_now()).astimezone(UTC)
+        shown = _report_time(generated, first)
         artifacts: list[Artifact] = []
         if Output.JSON in wanted:
             artifacts.append(write_volumes_json(result, study, folder / f"{pid}_volumes.json"))
@@ -277,15 +319,21 @@ def write_segmentation_artifacts(
             if Output.PNG in wanted:
                 artifacts.append(write_png(overlay, folder / f"{pid}_overlay.png"))
             if Output.SECONDARY_CAPTURE in wanted:
+                slices = _overlay_sources(result, source_datasets)
                 artifacts.append(
                     write_secondary_capture(
-                        overlay, first, folder / f"{pid}_sc.dcm", _series(base, "sc"),
-                        encoding=sc, when=generated,
+                        overlay, first, folder / f"{pid}_sc.dcm",
+                        _series(base, "sc", _SEGMENTATION_OVERLAY),
+                        encoding=sc, when=generated, sources=slices,
+                        derivation=(f"AI segmentation ({result.model_name} "
+                                    f"{result.model_version}): label fills and contours "
+                                    f"on {len(slices)} slice(s) of the source series, "
+                                    "with a legend of the volumes"),
                     )
                 )
         artifacts += _reports(
             lambda path: write_segmentation_report(
-                result, study, path, generated_at=generated,
+                result, study, path, generated_at=shown,
                 software=f"{base.manufacturer} {base.software_version}", overlay=overlay,
             ),
             wanted, folder, pid, first, _series(base, "pdf"), "AI segmentation report",

@@ -21,7 +21,13 @@ from pipeline.runner import (
     overall_result,
     parallelism,
 )
-from pipeline.settings import ModelSpec, PipelineSpec, SecondaryCaptureSpec, SeriesRules
+from pipeline.settings import (
+    LabelCodeSpec,
+    ModelSpec,
+    PipelineSpec,
+    SecondaryCaptureSpec,
+    SeriesRules,
+)
 from pipeline.train.phantoms_ct import make_ct_phantom, write_dicom_series
 from pipeline.train.phantoms_cxr import make_cxr_phantom, write_dicom
 from pipeline.types import Finding, SegmentationResult
@@ -64,13 +70,17 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
         [ModelSpec(name="tiny", path=cls, max_batch=4, max_delay_ms=2),
          ModelSpec(name="tinyseg", path=seg)],
         [PipelineSpec(name="cls", model="tiny", task="classify", threshold=0.01,
-                      series=SeriesRules(modalities=["DX", "CR"])),
+                      series=SeriesRules(modalities=["DX", "CR"]),
+                      codes={"a": LabelCodeSpec(value="46621007", scheme="SCT",
+                                                meaning="Atelectasis")}),
          PipelineSpec(name="never-normal", model="tiny", task="classify", threshold=0.99),
          PipelineSpec(name="cls-jpeg", model="tiny", task="classify", threshold=0.01,
                       secondary_capture=SecondaryCaptureSpec(compression="jpeg",
                                                              max_size=100)),
          PipelineSpec(name="seg", model="tinyseg", task="segment",
-                      series=SeriesRules(modalities=["CT"], min_instances=4))],
+                      series=SeriesRules(modalities=["CT"], min_instances=4),
+                      codes={"organ a": LabelCodeSpec(value="10200004", scheme="SCT",
+                                                      meaning="Liver")})],
     )
     r.start()
     yield r
@@ -89,6 +99,12 @@ def test_classification_writes_every_artifact(runner: PipelineRunner, tmp_path: 
     assert pred["metadata"]["patient_id"] == "PAT7"
     sr = pydicom.dcmread(tmp_path / "out" / "PAT7" / "PAT7_sr.dcm")
     assert sr.StudyInstanceUID == pydicom.dcmread(src).StudyInstanceUID
+    # the pipeline's code of label "a" (settings: codes) is its finding type in the SR
+    groups = hd.sr.srread(tmp_path / "out" / "PAT7" / "PAT7_sr.dcm").content\
+        .get_image_measurement_groups()
+    types = {g.tracking_identifier: g.finding_type for g in groups[1:]}
+    assert (types["a"].value, types["a"].scheme_designator) == ("46621007", "SCT")
+    assert types["b"].scheme_designator == "99DCMNODE"
 
 
 
@@ -123,6 +139,11 @@ def test_segmentation_writes_seg_and_volumes(runner: PipelineRunner, tmp_path: P
     assert vols
     seg = pydicom.dcmread(next(a.path for a in out.artifacts if a.kind == "seg"))
     assert seg.Modality == "SEG"
+    # the pipeline's code of "organ a" (settings: codes) is its segmented property type
+    kinds = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0]
+             for s in seg.SegmentSequence}
+    assert kinds["organ a"].CodeValue == "10200004"
+    assert kinds["organ b"].CodingSchemeDesignator == "99DCMNODE"
 
 
 def test_an_enhanced_ct_is_segmented_like_its_slices(runner: PipelineRunner,

@@ -182,6 +182,10 @@ def test_two_frontal_series_are_both_read_whatever_their_order(
     assert sr_group_sources(sr)["Pneumothorax"] == {ptx_uid}
     assert pydicom.dcmread(folder / "S1-PAT_sc.dcm").SourceImageSequence[0] \
         .ReferencedSOPInstanceUID == ptx_uid
+    # the report was derived from both images: its Encapsulated PDF lists both
+    pdf = pydicom.dcmread(folder / "S1-PAT_report.dcm")
+    assert {r.ReferencedSOPInstanceUID for r in pdf.SourceInstanceSequence} == {
+        ptx_uid, pydicom.dcmread(normal).SOPInstanceUID}
     for name in ("S1-PAT_sr.dcm", "S1-PAT_sc.dcm", "S1-PAT_report.dcm"):
         assert_dciodvfy_clean(folder / name)
 

@@ -59,9 +59,9 @@ def test_concept_for_name_uses_snomed_when_known() -> None:
 
 
 def test_concept_for_name_falls_back_to_private_scheme() -> None:
-    code = concept_for_name("Nodule Mass")
+    code = concept_for_name("Pleural Thickening")
     assert code.scheme_designator == PRIVATE_SCHEME
-    assert code.meaning == "Nodule Mass"
+    assert code.meaning == "Pleural Thickening"
     long = concept_for_name("A very long structure name that exceeds sixteen")
     assert len(long.value) <= 16
     assert long != concept_for_name("A very long structure name that exceeds sixteen!")

@@ -84,7 +84,8 @@ def test_classification_sr(
     nums = [i for i in items if i.ValueType == "NUM"]
     assert len(nums) == len(tb_result.findings)
     values = sorted(float(n.MeasuredValueSequence[0].NumericValue) for n in nums)
-    assert values == pytest.approx(sorted(f.confidence for f in tb_result.findings), abs=1e-5)
+    assert values == pytest.approx(sorted(100 * f.confidence for f in tb_result.findings),
+                                   abs=1e-3)
     present = [
         i
         for i in items
@@ -92,7 +93,7 @@ def test_classification_sr(
     ]
     assert {i.ConceptNameCodeSequence[0].CodeMeaning for i in present} == {
         "Tuberculosis",
-        "Consolidation",
+        "Consolidation of lung",
     }
     images = [i for i in items if i.ValueType == "IMAGE"]
     assert images and all(
@@ -105,8 +106,9 @@ def test_classification_sr(
     tb = groups[1]
     assert tb.finding_type.meaning == "Tuberculosis"
     (confidence,) = tb.get_measurements()
-    assert confidence.value == pytest.approx(0.87)
+    assert confidence.value == pytest.approx(87.0)  # percent, as TID 4104 has it
     assert confidence.name.value == "111012"
+    assert (confidence.unit.value, confidence.unit.scheme_designator) == ("%", "UCUM")
     dciodvfy(art.path)
 
 

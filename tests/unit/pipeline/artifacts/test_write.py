@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -13,12 +14,14 @@ import pydicom
 import pytest
 import structlog.testing
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pipeline.artifacts import (
     SeriesInfo,
     write_classification_artifacts,
     write_segmentation_artifacts,
 )
+from pipeline.artifacts.images import overlay_slices
 from pipeline.settings import Output
 from pipeline.types import Artifact, ClassificationResult, PatientStudy, SegmentationResult
 
@@ -92,7 +95,7 @@ def test_classification_subset_and_series_info(
     pdf_ds = pydicom.dcmread(arts[0].path)
     sr_ds = pydicom.dcmread(arts[1].path)
     assert (sr_ds.SeriesNumber, pdf_ds.SeriesNumber) == (500, 502)
-    assert sr_ds.SeriesDescription == "CXR AI (SR)"
+    assert sr_ds.SeriesDescription == "CXR AI (SR) NOT FOR DIAGNOSTIC USE"
     assert pdf_ds.SoftwareVersions == "2.0"
 
 
@@ -318,12 +321,13 @@ def _report_stamp(pdf: Path) -> str:
         pytest.skip("pdftotext (poppler-utils) is not installed")
     text = subprocess.run([exe, str(pdf), "-"], check=True, capture_output=True,
                           text=True, timeout=120).stdout
-    found = re.search(r"generated (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)", text)
+    found = re.search(r"generated (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+                      r"(?:UTC(?:[+-]\d\d:\d\d)?|local time))", text)
     assert found, text
     return found.group(1)
 
 
-def test_one_run_stamps_every_object_with_one_utc_instant(
+def test_one_run_stamps_every_object_with_one_instant_in_the_studys_local_time(
     tmp_path: Path,
     dx_ds: Dataset,
     study: PatientStudy,
@@ -331,24 +335,27 @@ def test_one_run_stamps_every_object_with_one_utc_instant(
     host_time_zone: Callable[[str], None],
     dciodvfy: Callable[[Path], str],
 ) -> None:
-    """On a host not on UTC, the SR (highdicom) said local time without an offset while
-    the Secondary Capture and the Encapsulated PDF said UTC: nine hours apart here."""
+    """On a host not on UTC, the SR (highdicom) said local time while the Secondary
+    Capture and the Encapsulated PDF said UTC: nine hours apart here. A source without
+    Timezone Offset From UTC has its study time in local time: the run's objects say
+    local time too, and no offset (which would apply to the copied Study Time as well)."""
     host_time_zone("Asia/Tokyo")
+    assert "TimezoneOffsetFromUTC" not in dx_ds
     arts = write_classification_artifacts(tb_result, study, dx_ds, tmp_path, ALL)
     times = _times(arts)
     assert {t[0] for t in times} == {"sr", "sc", "encapsulated_pdf"}
     assert len({t[1:] for t in times}) == 1, times
     _, date, clock, _, _, offset = times.pop()
-    assert offset == "+0000"
+    assert offset is None
     stamp = datetime.strptime(date + clock, "%Y%m%d%H%M%S")
     pdf = next(a.path for a in arts if a.kind == "pdf")
-    assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S local time")
     for art in arts:
         if art.path.suffix == ".dcm":
             dciodvfy(art.path)
 
 
-def test_a_given_time_is_written_in_utc_by_every_writer(
+def test_a_given_time_is_written_in_the_local_time_of_a_source_without_offset(
     tmp_path: Path,
     ct_series: list[Dataset],
     study: PatientStudy,
@@ -357,15 +364,127 @@ def test_a_given_time_is_written_in_utc_by_every_writer(
     dciodvfy: Callable[[Path], str],
 ) -> None:
     host_time_zone("America/Los_Angeles")
-    when = datetime(2026, 11, 25, 4, 3, 29, tzinfo=ZoneInfo("Asia/Tokyo"))
+    when = datetime(2026, 11, 25, 4, 3, 29, tzinfo=ZoneInfo("Asia/Tokyo"))  # 19:03:29 UTC
     arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL,
                                         generated_at=when)
     times = _times(arts)
     assert {t[0] for t in times} == {"seg", "sr", "sc", "encapsulated_pdf"}
-    assert {t[1:] for t in times} == {("20261124", "190329", "20261124", "190329", "+0000")}
+    # Los Angeles, 24 November 2026: UTC-8
+    assert {t[1:] for t in times} == {("20261124", "110329", "20261124", "110329", None)}
     pdf = next(a.path for a in arts if a.kind == "pdf")
-    assert _report_stamp(pdf) == "2026-11-24 19:03:29 UTC"
-    assert b"/CreationDate (D:20261124190329+00'00')" in pdf.read_bytes()
+    assert _report_stamp(pdf) == "2026-11-24 11:03:29 local time"
+    assert b"/CreationDate (D:20261124110329)" in pdf.read_bytes()
+    enc = pydicom.dcmread(next(a.path for a in arts if a.kind == "encapsulated_pdf"))
+    assert enc.AcquisitionDateTime == "20261124110329"
     for art in arts:
         if art.path.suffix == ".dcm":
             dciodvfy(art.path)
+
+
+@pytest.mark.parametrize("offset", ["+0900", "-0330", "+0000"])
+def test_a_source_with_an_offset_gets_every_time_in_that_offset(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    host_time_zone: Callable[[str], None],
+    dciodvfy: Callable[[Path], str],
+    offset: str,
+) -> None:
+    """A study at 09:00 +0900 stays 09:00 +0900 in the results (it read 09:00 UTC when
+    every output said +0000), and the run's time is given in that offset as well."""
+    host_time_zone("America/Los_Angeles")
+    for ds in ct_series:
+        ds.TimezoneOffsetFromUTC = offset
+    when = datetime(2026, 11, 24, 19, 3, 29, tzinfo=ZoneInfo("UTC"))
+    local = {"+0900": ("20261125", "040329", "UTC+09:00"),
+             "-0330": ("20261124", "153329", "UTC-03:30"),
+             "+0000": ("20261124", "190329", "UTC")}[offset]
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path, ALL,
+                                        generated_at=when)
+    times = _times(arts)
+    assert {t[0] for t in times} == {"seg", "sr", "sc", "encapsulated_pdf"}
+    assert {t[1:] for t in times} == {(local[0], local[1], local[0], local[1], offset)}
+    for art in arts:
+        if art.path.suffix == ".dcm":  # the copied study time, unchanged, in that offset
+            ds = pydicom.dcmread(art.path)
+            assert (ds.StudyDate, ds.StudyTime) == ("20250314", "101500")
+            dciodvfy(art.path)
+    pdf = next(a.path for a in arts if a.kind == "pdf")
+    assert _report_stamp(pdf) == (f"{local[0][:4]}-{local[0][4:6]}-{local[0][6:]} "
+                                  f"{local[1][:2]}:{local[1][2:4]}:{local[1][4:]} {local[2]}")
+
+
+def test_the_ct_secondary_capture_is_described_as_contours_and_names_the_slices_shown(
+    tmp_path: Path,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    """It was labelled a heatmap and referenced the first slice only."""
+    arts = write_segmentation_artifacts(seg_result, study, ct_series, tmp_path,
+                                        {Output.SECONDARY_CAPTURE})
+    sc = pydicom.dcmread(arts[0].path)
+    assert "heatmap" not in sc.DerivationDescription.lower()
+    assert "heatmap" not in sc.SeriesDescription.lower()
+    assert "contours" in sc.DerivationDescription and "(contours)" in sc.SeriesDescription
+    shown = overlay_slices(seg_result.labels)
+    assert len(shown) == 4
+    assert [r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence] == [
+        ct_series[z].SOPInstanceUID for z in shown]
+    dciodvfy(arts[0].path)
+
+
+def test_every_dicom_output_says_not_for_diagnostic_use_where_a_viewer_shows_it(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    ct_series: list[Dataset],
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    seg_result: SegmentationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    long = SeriesInfo(series_description="AI " + "x" * 70)
+    arts = [*write_classification_artifacts(tb_result, study, dx_ds, tmp_path / "c", ALL,
+                                            series=long),
+            *write_segmentation_artifacts(seg_result, study, ct_series, tmp_path / "s", ALL,
+                                          series=long)]
+    dicom = [a for a in arts if a.path.suffix == ".dcm"]
+    assert sorted(a.kind for a in dicom) == ["encapsulated_pdf", "encapsulated_pdf", "sc",
+                                             "sc", "seg", "sr", "sr"]
+    for art in dicom:
+        ds = pydicom.dcmread(art.path)
+        assert ds.SeriesDescription.startswith("AI xxx"), art.kind
+        assert ds.SeriesDescription.endswith("NOT FOR DIAGNOSTIC USE"), art.kind
+        assert len(ds.SeriesDescription) <= 64
+        if art.kind == "sc":
+            assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
+        dciodvfy(art.path)
+
+
+def test_the_encapsulated_pdf_lists_every_image_the_result_came_from(
+    tmp_path: Path,
+    dx_ds: Dataset,
+    study: PatientStudy,
+    tb_result: ClassificationResult,
+    dciodvfy: Callable[[Path], str],
+) -> None:
+    other = copy.deepcopy(dx_ds)
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    third = copy.deepcopy(dx_ds)
+    third.SOPInstanceUID = third.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    arts = write_classification_artifacts(
+        tb_result, study, dx_ds, tmp_path, {Output.ENCAPSULATED_PDF},
+        finding_sources={"Consolidation": (other, None)}, sources=[dx_ds, other, third])
+    ds = pydicom.dcmread(arts[0].path)
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [
+        dx_ds.SOPInstanceUID, other.SOPInstanceUID, third.SOPInstanceUID]
+    dciodvfy(arts[0].path)
+    # without ``sources``: the image shown and those the findings came from
+    arts = write_classification_artifacts(
+        tb_result, study, dx_ds, tmp_path / "b", {Output.ENCAPSULATED_PDF},
+        finding_sources={"Consolidation": (other, None), "Tuberculosis": (dx_ds, None)})
+    ds = pydicom.dcmread(arts[0].path)
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [
+        dx_ds.SOPInstanceUID, other.SOPInstanceUID]
