@@ -15,8 +15,8 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the dependency list changes. The constraints file pins the CPU
-# build of torch: an unpinned torch would pull ~2.6 GB of CUDA wheels.
+# Reinstall when the dependency list changes. The constraints file pins torch's
+# version, so a build installed first (CPU or CUDA, README "GPU install") is kept.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'

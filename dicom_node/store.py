@@ -1293,9 +1293,14 @@ class Store:
                 job_id = self._insert_job(conn, new, now)
         except IntegrityError as exc:
             if new.transaction_id is not None:
-                raise Conflict(
-                    f"transactionID {new.transaction_id!r} was already used by this caller"
-                ) from exc
+                with self.engine.connect() as conn:
+                    earlier = conn.execute(sa.select(jobs.c.id).where(
+                        jobs.c.transaction_id == new.transaction_id,
+                        jobs.c.owner == new.owner)).scalar()
+                again = (f" (job {earlier}): send a new transactionID, or run that job "
+                         f"again with `dicom-node jobs retry {earlier}`" if earlier else "")
+                raise Conflict(f"transactionID {new.transaction_id!r} was already used by "
+                               f"this caller{again}") from exc
             raise
         return self.get_job(job_id)
 

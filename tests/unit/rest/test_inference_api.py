@@ -102,6 +102,8 @@ async def test_accepts_and_reports_status(api: tuple[TestClient, dict]) -> None:
     # the same caller reusing its transactionID: 409
     again = await client.post("/api/inference", json=GOOD, headers=h["ris"])
     assert again.status == 409 and "tx-1" in (await again.json())["message"]
+    # and what to do instead (a RIS integrator re-sending after fixing the PACS)
+    assert f"dicom-node jobs retry {data['jobId']}" in (await again.json())["message"]
 
 
 async def test_a_submit_only_token_can_poll_its_request(aiohttp_client: Any,
