@@ -358,6 +358,18 @@ OLD_OBJECTS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+def _store_old_objects(url: str) -> None:
+    """OLD_OBJECTS written as an older version accepted them (no checks)."""
+    from dicom_node.store import Store
+
+    store = Store(url).open()
+    try:
+        for kind, name, body in OLD_OBJECTS:
+            store.put_config_object(kind, name, body)
+    finally:
+        store.close()
+
+
 async def test_stored_objects_that_no_longer_validate_stay_visible_and_fixable(
         aiohttp_client: Any, tmp_path: Path) -> None:
     """Objects an older version stored that this one refuses were dropped at start with a
@@ -367,17 +379,11 @@ async def test_stored_objects_that_no_longer_validate_stay_visible_and_fixable(
     and a DELETE removes one and its secret."""
     import structlog
 
-    from dicom_node.store import Store
 
     data = tmp_path / "data"
     settings = node_settings(data, **CONFIG)
     data.mkdir()
-    store = Store(settings.database_url).open()
-    try:
-        for kind, name, body in OLD_OBJECTS:
-            store.put_config_object(kind, name, body)
-    finally:
-        store.close()
+    _store_old_objects(settings.database_url)
     with structlog.testing.capture_logs() as logs:
         async with running_node(settings) as node:
             assert node.settings.ae_title("FROMPW") is None
@@ -433,19 +439,13 @@ async def test_stored_objects_that_no_longer_validate_stay_visible_and_fixable(
 def test_check_config_fails_on_stored_objects_that_do_not_validate(tmp_path: Path) -> None:
     from dicom_node.cli import main
     from dicom_node.config import load_settings
-    from dicom_node.store import Store
 
     config = tmp_path / "node.yaml"
     config.write_text("models: []\npipelines: []\nwatch: []\n")
     data = tmp_path / "data"
     data.mkdir()
     settings = load_settings(config, overrides={"storage.data_dir": str(data)})
-    store = Store(settings.database_url).open()
-    try:
-        for kind, name, body in OLD_OBJECTS:
-            store.put_config_object(kind, name, body)
-    finally:
-        store.close()
+    _store_old_objects(settings.database_url)
     import contextlib
     import io
 

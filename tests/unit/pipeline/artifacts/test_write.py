@@ -28,6 +28,13 @@ from pipeline.types import Artifact, ClassificationResult, PatientStudy, Segment
 ALL = set(Output)
 
 
+def _all_valid(arts: list[Artifact], dciodvfy: Callable[[Path], str]) -> None:
+    """Every DICOM object among ``arts`` passes dciodvfy."""
+    for art in arts:
+        if art.path.suffix == ".dcm":
+            dciodvfy(art.path)
+
+
 def test_classification_all_outputs(
     tmp_path: Path,
     dx_ds: Dataset,
@@ -164,9 +171,7 @@ def test_segmentation_all_outputs(
     }
     assert seg_uid in evidence
     assert {str(d.SOPInstanceUID) for d in ct_series} <= evidence
-    for art in arts:
-        if art.path.suffix == ".dcm":
-            dciodvfy(art.path)
+    _all_valid(arts, dciodvfy)
 
 
 def test_segmentation_requires_sources(
@@ -350,9 +355,7 @@ def test_one_run_stamps_every_object_with_one_instant_in_the_studys_local_time(
     stamp = datetime.strptime(date + clock, "%Y%m%d%H%M%S")
     pdf = next(a.path for a in arts if a.kind == "pdf")
     assert _report_stamp(pdf) == stamp.strftime("%Y-%m-%d %H:%M:%S local time")
-    for art in arts:
-        if art.path.suffix == ".dcm":
-            dciodvfy(art.path)
+    _all_valid(arts, dciodvfy)
 
 
 def test_a_given_time_is_written_in_the_local_time_of_a_source_without_offset(
@@ -376,9 +379,7 @@ def test_a_given_time_is_written_in_the_local_time_of_a_source_without_offset(
     assert b"/CreationDate (D:20261124110329)" in pdf.read_bytes()
     enc = pydicom.dcmread(next(a.path for a in arts if a.kind == "encapsulated_pdf"))
     assert enc.AcquisitionDateTime == "20261124110329"
-    for art in arts:
-        if art.path.suffix == ".dcm":
-            dciodvfy(art.path)
+    _all_valid(arts, dciodvfy)
 
 
 @pytest.mark.parametrize("offset", ["+0900", "-0330", "+0000"])
