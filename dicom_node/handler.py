@@ -263,32 +263,43 @@ class NodeHandler:
 
         job = ctx.job
         own = dict.fromkeys(str(u) for u in job.input.get("instances", []))
-        held = self.store.held_the_same_way(job)
-        series = {r.series_instance_uid for r in held if r.sop_instance_uid in own}
-        if not series:  # none of its group is recorded as having come that way
-            return None
-        records = [r for r in held if r.series_instance_uid in series]
+        # However each instance came: the store keeps only the last way of each (the same
+        # series sent to two AE titles), and an instance is the same object either way.
+        held = self.store.held_the_same_way(job, any_way=True)
+        if not any(r.sop_instance_uid in own for r in held):
+            return None  # none of its group is held: it runs on what it has
+        # The series the pipeline reads of the study as held now (a scout, reformats, a
+        # second axial series are not it): what the run reads, and what a claim is about.
+        chosen = self._series_read(job, held)
+        if chosen is None:
+            return None  # none suits the pipeline: the run says why, on the job's own
+        series = {chosen}
+        records = [r for r in held if r.series_instance_uid == chosen]
         self._wait_for_parts(job, records, own)
 
         read = [r.sop_instance_uid for r in records]
         covering: Job | None = None
         superseded: list[Job] = []
+        partial: set[str] = set()  # of those, the jobs that read part of the series
 
         # An instance sent again after a run read it (a deliberate resend) is not
         # covered by that run: it was not what the run saw.
         own_latest = max((r.received_at for r in records if r.sop_instance_uid in own),
-                         default=job.created_at)
+                         default=datetime.min.replace(tzinfo=UTC))  # none of it is ours
 
         def decide(others: list[Job]) -> dict[str, Any] | None:
             nonlocal covering, superseded
+            mine = set(read)
             claims = [(o, set((o.result or {})["read"])) for o in others if _has_results(o)]
-            covering = next((o for o, saw in claims if own and set(own) <= saw
+            # covered: an earlier run read the whole series as it is held now, after this
+            # group's instances came (this group may hold none of it: reformats only)
+            covering = next((o for o, saw in claims if mine <= saw
                              and _read_at(o) >= own_latest), None)
             if covering is not None:
                 return None
-            mine = set(read)
             superseded = [o for o, saw in claims
                           if o.state is not JobState.RUNNING and saw & mine]
+            partial.update(o.id for o, saw in claims if not mine <= saw)
             ctx.result.update(read=read, read_at=utcnow().isoformat())
             return dict(ctx.result)
 
@@ -304,6 +315,11 @@ class NodeHandler:
             ctx.result["covered_by"] = covering.id
             ctx.log.info("group read by an earlier job's run on the whole series",
                          covered_by=covering.id)
+            mine_in = sum(1 for u in own if u in set(read))
+            if mine_in < len(own):  # parts of other series the pipeline does not read
+                return (f"job {covering.id} ran on the whole series this pipeline reads "
+                        f"({total} instances); {mine_in} of this group's {len(own)} "
+                        "instance(s) are of it, the rest of series it does not read")
             return (f"all {len(own)} instance(s) of this group were read by job "
                     f"{covering.id}'s run on the whole series ({total} instances); its "
                     "results are this series' results")
@@ -311,11 +327,27 @@ class NodeHandler:
         paths = [p for r in records
                  if (p := r.path if r.path.exists() else instance_file(r, studies))]
         from_group = sum(1 for u in read if u in own)
-        if len(own) > from_group:
-            ctx.log.warning("instances of the job are no longer held",
-                            missing=len(own) - from_group)
+        missing = len(set(own) - {r.sop_instance_uid for r in held})
+        if missing:
+            ctx.log.warning("instances of the job are no longer held", missing=missing)
         return SeriesRead(paths=paths, read=read, series=sorted(series),
-                          from_group=from_group, superseded=[o.id for o in superseded])
+                          from_group=from_group, superseded=[o.id for o in superseded],
+                          partial=[o.id for o in superseded if o.id in partial])
+
+    def _series_read(self, job: Job, held: list[InstanceRecord]) -> str | None:
+        """The UID of the series the job's pipeline would choose among ``held`` (its
+        rules and ranking, as the run applies them), or None when none suits it."""
+        from pipeline.io import InputError, select_series
+
+        spec = self.runner.spec(job.pipeline)
+        candidates = [r for r in held if not spec.series.modalities or not r.modality
+                      or r.modality.upper() in {m.upper() for m in spec.series.modalities}]
+        headers = [h for h in _headers([r.path for r in candidates if r.path.is_file()])
+                   if not isinstance(h, Path)]
+        try:
+            return str(select_series(headers, spec.series).series_instance_uid)
+        except (InputError, ValueError):
+            return None
 
     def _wait_for_parts(self, job: Job, records: list[InstanceRecord],
                         own: Mapping[str, None]) -> None:
@@ -349,7 +381,7 @@ class NodeHandler:
             ctx.result.pop("read", None)
             ctx.result.pop("read_at", None)
             return
-        now_held = self.store.held_the_same_way(job, whole.series)
+        now_held = self.store.held_the_same_way(job, whole.series, any_way=True)
         more = {r.sop_instance_uid for r in now_held} - set(whole.read)
         if more and utcnow() - job.created_at <= MAX_WAIT_FOR_STUDY:
             for key in ("read", "read_at", "results"):
@@ -370,8 +402,12 @@ class NodeHandler:
                    f"from this group, {others} received in other groups")
         if whole.superseded:
             ids = ", ".join(whole.superseded)
-            outcome += (f"; supersedes the result of job {ids} for this series (made from "
-                        "part of it and already sent on; it cannot be unsent)")
+            made = ("made from part of it" if set(whole.partial) == set(whole.superseded)
+                    else "made before some of its instances came again"
+                    if not whole.partial else "made from part of it, or before some of "
+                    "its instances came again")
+            outcome += (f"; supersedes the result of job {ids} for this series ({made} "
+                        "and already sent on; it cannot be unsent)")
             for old in whole.superseded:
                 with contextlib.suppress(Exception):  # a note; the run stands without it
                     self.store.note(old, f"superseded: job {job.id} ran on the whole "
@@ -419,7 +455,8 @@ class SeriesRead:
     read: list[str]  # SOP Instance UIDs, in the order they arrived
     series: list[str]
     from_group: int  # how many of ``read`` the job's own group brought
-    superseded: list[str] = field(default_factory=list)  # jobs that ran on part of it
+    superseded: list[str] = field(default_factory=list)  # earlier runs on this series
+    partial: list[str] = field(default_factory=list)  # of those, runs on part of it
 
 
 def _read_at(job: Job) -> datetime:

@@ -1111,12 +1111,16 @@ class Store:
         return value
 
     def held_the_same_way(self, job: Job, series_instance_uids: Collection[str] | None = None,
-                          ) -> list[InstanceRecord]:
+                          *, any_way: bool = False) -> list[InstanceRecord]:
         """Every instance of a group ``job``'s study (of these series, when given) that
         the store holds now and that came the way its group did: to the same called AE
         title, or into the same drop folder (what ``retry`` runs on), in the order they
-        arrived; empty when ``job`` was not made from a group."""
-        q = _came_the_same_way(job, instances)
+        arrived; empty when ``job`` was not made from a group.
+
+        ``any_way``: however they came. The store keeps one record per SOP Instance UID,
+        which says only the last way it came: the same series sent to two AE titles
+        would otherwise lose, for the first, the instances the second received since."""
+        q = _came_the_same_way(job, instances, any_way=any_way)
         if q is None:
             return []
         if series_instance_uids is not None:
@@ -2087,7 +2091,8 @@ def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence
 GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
 
 
-def _came_the_same_way(job: Job, *columns: Any) -> sa.Select[Any] | None:
+def _came_the_same_way(job: Job, *columns: Any, any_way: bool = False
+                       ) -> sa.Select[Any] | None:
     """The instances (``columns`` of them) of a group ``job``'s study that came the way
     its group did: to the same called AE title by the same service, or into the same drop
     folder, and to its home node when it has one; None when ``job`` was not made from a
@@ -2098,6 +2103,8 @@ def _came_the_same_way(job: Job, *columns: Any) -> sa.Select[Any] | None:
     q = sa.select(*columns).where(instances.c.study_instance_uid == study)
     if job.home is not None:  # only what its node holds: the others cannot read it
         q = q.where(instances.c.received_by == job.home)
+    if any_way:
+        return q
     if job.kind == "watch":
         if not job.input.get("watch"):
             return None

@@ -190,3 +190,75 @@ async def test_a_series_sent_again_after_its_run_runs_again(tmp_path: Path) -> N
         assert again.state.value == "succeeded" and _ran(again), again.error
         assert again.result is not None
         assert again.result["whole_series"]["supersedes"] == [first.id]
+
+
+def _other_series(study: Any, tmp_path: Path, n: int) -> list[Path]:
+    """``n`` slices of ``study`` as a second series of it (as a reformat is): new series
+    and instance UIDs, a later series number."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    series_uid, out = generate_uid(), []
+    (tmp_path / "other").mkdir()
+    for i, path in enumerate(study.paths[:n]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 99
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(tmp_path / "other" / f"{i}.dcm")
+        ds.save_as(out[-1])
+    return out
+
+
+async def test_the_rest_of_a_series_the_pipeline_does_not_read_supersedes_nothing(
+        tmp_path: Path) -> None:
+    """A probe's case: the axial series and part of a second series in one association,
+    the rest of the second series later. The later job claimed to run on "the whole
+    series" and to supersede the axial result, with the second series' volumes. The
+    pipeline reads one series of the study (the axial, ranked first): the axial run
+    covers it, and the later job is skipped, saying so."""
+    study = make_ct_study(tmp_path / "src", seed="axial-and-other", slices=16, size=32)
+    other = _other_series(study, tmp_path, 10)
+    async with running_node(_settings(tmp_path)) as node:
+        store = node.store
+        assert store is not None
+        await asyncio.to_thread(_send, node, [*study.paths, *other[:6]])
+        (first,) = await _all_final(store, 1)
+        assert first.result is not None and _ran(first), first.error
+        assert sorted(first.result["read"]) == sorted(study.sop_uids)  # the axial only
+        await asyncio.to_thread(_send, node, other[6:])
+        first, second = await _all_final(store, 2)
+        outcome = store.events(second.id)[-1].message or ""
+        assert not _ran(second) and second.state.value == "succeeded", outcome
+        assert outcome == (f"skipped: job {first.id} ran on the whole series this pipeline "
+                           "reads (16 instances); 0 of this group's 4 instance(s) are of "
+                           "it, the rest of series it does not read")
+        assert not any((e.message or "").startswith("superseded")
+                       for e in store.events(first.id))
+
+
+async def test_a_series_sent_to_two_ae_titles_in_parts_runs_whole_for_each(
+        tmp_path: Path) -> None:
+    """A probe's case: half the series to AI2, the whole to AI1, the other half to AI2.
+    The store keeps one record an instance, naming the last AE title it came to, so
+    AI2's second job found only its own half and ran on it: AI2 exported two half-series
+    results and never a whole one. Now it runs on the whole series the node holds."""
+    study = make_ct_study(tmp_path / "src", seed="two-aes", slices=16, size=32)
+    settings = _settings(tmp_path)
+    settings = settings.model_copy(update={"ae_titles": [
+        *settings.ae_titles, settings.ae_titles[0].model_copy(update={"ae_title": "AI2"})]})
+    async with running_node(settings) as node:
+        store = node.store
+        assert store is not None
+        port = node.settings.dimse.port
+        await asyncio.to_thread(storescu, port, study.paths[:8], "AI2", "MODALITY")
+        await _all_final(store, 1)
+        await asyncio.to_thread(storescu, port, study.paths, "DICOMNODE", "MODALITY")
+        await _all_final(store, 2)
+        await asyncio.to_thread(storescu, port, study.paths[8:], "AI2", "MODALITY")
+        jobs = await _all_final(store, 3)
+        ai2 = [j for j in jobs if j.called_ae == "AI2"]
+        last = ai2[-1]
+        assert last.result is not None and _ran(last), last.error
+        assert last.result["whole_series"]["instances"] == 16
+        assert last.result["whole_series"]["supersedes"] == [ai2[0].id]
+        assert "made from part of it" in (store.events(last.id)[-1].message or "")
