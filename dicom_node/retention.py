@@ -79,7 +79,8 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     studies_root = settings.studies_dir.resolve()
     results_root = settings.results_dir.resolve()
     forget = inputs_to_forget(settings)
-    while not _stopped(stop) and (batch := store.expired_studies(cutoff)):
+    own = files_owner(settings)
+    while not _stopped(stop) and (batch := store.expired_studies(cutoff, node_name=own)):
         for study in batch:
             if _stopped(stop):
                 break
@@ -104,6 +105,15 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
                  drop_folder_files=done.dropped,
                  drop_folder_mb=round(done.dropped_bytes / 1e6, 1))
     return done
+
+
+def files_owner(settings: Settings) -> str | None:
+    """The node whose received studies this node may delete, when others on the same
+    database keep theirs on their own disks (PostgreSQL without storage.shared): its own
+    name. None: every study's files are within reach (one machine, or shared storage)."""
+    if settings.storage.shared or settings.database_url.startswith("sqlite"):
+        return None
+    return settings.node_name
 
 
 def delete_study(store: Store, study: str, studies_root: Path, done: SweepResult, *,

@@ -1091,16 +1091,32 @@ class Store:
 
     # -- retention ------------------------------------------------------------------------
 
-    def expired_studies(self, before: datetime, limit: int = 200) -> list[str]:
+    def expired_studies(self, before: datetime, limit: int = 200, *,
+                        node_name: str | None = None) -> list[str]:
         """Studies that received nothing since ``before`` and that nothing still needs: no
-        job of theirs that is not final, no instance still waiting to become a job."""
+        job of theirs that is not final, no instance still waiting to become a job.
+
+        ``node_name``: only studies none of whose instances another node received (their
+        files are on that node's disk: its own retention deletes them with the records)."""
         study = studies.c.study_instance_uid
         q = (sa.select(study)
              .where(studies.c.updated_at < before, ~sa.exists(_unfinished_jobs(study)),
                     ~sa.exists(_pending_instances(study)))
              .order_by(studies.c.updated_at).limit(limit))
+        if node_name is not None:
+            q = q.where(~sa.exists(sa.select(instances.c.id).where(
+                instances.c.study_instance_uid == study,
+                instances.c.received_by.is_not(None), instances.c.received_by != node_name)))
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
+
+    def received_by_others(self, study_instance_uid: str, node_name: str) -> list[str]:
+        """The other nodes that received instances of the study, by name."""
+        q = sa.select(instances.c.received_by).distinct().where(
+            instances.c.study_instance_uid == study_instance_uid,
+            instances.c.received_by.is_not(None), instances.c.received_by != node_name)
+        with self.engine.connect() as conn:
+            return sorted(str(r[0]) for r in conn.execute(q))
 
     def study_last_received(self, study_instance_uid: str) -> datetime | None:
         """When the node last received an instance of the study (None: holds none)."""

@@ -196,6 +196,13 @@ def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
         print(f"dicom-node: study {uid} is still arriving ({pending} instance(s) not yet "
               "part of a job); try again once it is complete", file=sys.stderr)
         return 1
+    own = retention.files_owner(settings)
+    others = store.received_by_others(uid, own) if own is not None else []
+    if others:  # its files are on those machines; deleting the records here orphans them
+        where = "that node's" if len(others) == 1 else "those nodes'"
+        print(f"dicom-node: study {uid} was received by {', '.join(others)} (its files are "
+              f"on {where} disk): delete it there", file=sys.stderr)
+        return 1
     jobs = store.list_jobs(limit=1000, study_instance_uid=uid)
     what = (f"{study.instances} instance(s), {size_text(_size(series))}, "
             f"of study {uid} (patient {study.patient_id or '?'})")

@@ -181,3 +181,38 @@ def test_a_batch_job_runs_on_the_node_that_received_its_study(
     claimed = b.claim_next("node-b#1", 60, node="node-b")
     assert claimed is not None and claimed.id == batch.sources[1][1].id
     assert b.claim_next("node-b#1", 60, node="node-b") is None
+
+
+def test_retention_leaves_another_nodes_studies_to_it(machines: tuple[Store, Store]) -> None:
+    """Node B's retention deleted the records of a study node A received and left its
+    files on A's disk for good (nothing would find them again); now B's sweep and
+    `studies delete` leave it to A, whose sweep deletes files and records together."""
+    a, b = machines
+    a.record_instance(rec("1.1"))
+    b.record_instance(rec("2.1", study="2.3"))
+    a.create_group_jobs([], ["1.1"])  # both queued: nothing still needs them
+    b.create_group_jobs([], ["2.1"])
+    later = utcnow() + timedelta(days=1)
+    assert b.expired_studies(later, node_name="node-b") == ["2.3"]
+    assert a.expired_studies(later, node_name="node-a") == ["1.2.3"]
+    assert sorted(a.expired_studies(later)) == ["1.2.3", "2.3"]  # one machine: all
+    assert b.received_by_others("1.2.3", "node-b") == ["node-a"]
+    assert b.received_by_others("2.3", "node-b") == []
+
+
+def test_studies_delete_on_another_node_says_where_to_delete(
+        machines: tuple[Store, Store], postgres_url: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node import studies_view
+    from dicom_node.config import Settings
+
+    a, b = machines
+    a.record_instance(rec("1.1"))
+    a.create_group_jobs([], ["1.1"])
+    settings = Settings.model_validate({
+        "node_name": "node-b", "storage": {"data_dir": str(tmp_path),
+                                            "database_url": postgres_url}})
+    assert studies_view.delete_study(settings, b, "1.2.3", results=False, yes=True) == 1
+    assert "was received by node-a (its files are on that node's disk): delete it there" \
+        in capsys.readouterr().err
+    assert b.get_instance("1.1") is not None  # nothing forgotten
