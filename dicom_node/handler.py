@@ -134,6 +134,9 @@ class NodeHandler:
         by_study: dict[str, list[Any]] = defaultdict(list)
         if "studies" in ctx.data:
             by_study.update(ctx.data["studies"])
+        elif whole is not None:  # its headers were read to choose the series
+            for source in whole.sources:
+                by_study[_study_of(source)].append(source)
         else:
             # Each header is read here once, for the grouping, the series checks below
             # and the runner's own series selection; an unreadable file stays a path
@@ -270,7 +273,12 @@ class NodeHandler:
             return None  # none of its group is held: it runs on what it has
         # The series the pipeline reads of the study as held now (a scout, reformats, a
         # second axial series are not it): what the run reads, and what a claim is about.
-        chosen = self._series_read(job, held)
+        studies = self.settings.studies_dir.resolve()
+        located = [(r, p) for r in held
+                   if (p := r.path if r.path.exists() else instance_file(r, studies))]
+        headers = dict(zip((r.sop_instance_uid for r, _ in located),
+                           _headers([p for _, p in located]), strict=True))
+        chosen = self._series_read(job, headers)
         if chosen is None:
             return None  # none suits the pipeline: the run says why, on the job's own
         series = {chosen}
@@ -323,29 +331,27 @@ class NodeHandler:
             return (f"all {len(own)} instance(s) of this group were read by job "
                     f"{covering.id}'s run on the whole series ({total} instances); its "
                     "results are this series' results")
-        studies = self.settings.studies_dir.resolve()
-        paths = [p for r in records
-                 if (p := r.path if r.path.exists() else instance_file(r, studies))]
+        chosen_located = [(r, p) for r, p in located if r.series_instance_uid == chosen]
+        paths = [p for _, p in chosen_located]
+        sources = [headers[r.sop_instance_uid] for r, _ in chosen_located]
         from_group = sum(1 for u in read if u in own)
         missing = len(set(own) - {r.sop_instance_uid for r in held})
         if missing:
             ctx.log.warning("instances of the job are no longer held", missing=missing)
-        return SeriesRead(paths=paths, read=read, series=sorted(series),
+        return SeriesRead(paths=paths, sources=sources, read=read, series=sorted(series),
                           from_group=from_group, superseded=[o.id for o in superseded],
                           partial=[o.id for o in superseded if o.id in partial])
 
-    def _series_read(self, job: Job, held: list[InstanceRecord]) -> str | None:
-        """The UID of the series the job's pipeline would choose among ``held`` (its
-        rules and ranking, as the run applies them), or None when none suits it."""
+    def _series_read(self, job: Job, headers: Mapping[str, Any]) -> str | None:
+        """The UID of the series the job's pipeline would choose among the instances'
+        ``headers`` (its rules and ranking, as the run applies them), or None when none
+        suits it."""
         from pipeline.io import InputError, select_series
 
-        spec = self.runner.spec(job.pipeline)
-        candidates = [r for r in held if not spec.series.modalities or not r.modality
-                      or r.modality.upper() in {m.upper() for m in spec.series.modalities}]
-        headers = [h for h in _headers([r.path for r in candidates if r.path.is_file()])
-                   if not isinstance(h, Path)]
+        readable = [h for h in headers.values() if not isinstance(h, Path)]
         try:
-            return str(select_series(headers, spec.series).series_instance_uid)
+            return str(select_series(readable, self.runner.spec(job.pipeline).series)
+                       .series_instance_uid)
         except (InputError, ValueError):
             return None
 
@@ -452,6 +458,7 @@ class SeriesRead:
     """What a pushed job runs on: the whole of the series its group has part of."""
 
     paths: list[Path]
+    sources: list[Any]  # each path's header (the path when unreadable), read once
     read: list[str]  # SOP Instance UIDs, in the order they arrived
     series: list[str]
     from_group: int  # how many of ``read`` the job's own group brought

@@ -534,9 +534,7 @@ class Scheduler:
         delay = 1.0
         while not self._stopping:
             try:
-                while unrecorded:
-                    await self._record_export(job, unrecorded[0])
-                    unrecorded.pop(0)
+                await self._record_exports(job, unrecorded)
                 if not await asyncio.to_thread(
                         self.store.transition, job.id, JobState.QUEUED,
                         token=job.lease_token, uncount_attempt=True,
@@ -587,9 +585,7 @@ class Scheduler:
             outcomes = await self._in_thread(ctx, lambda: self.handler.export(ctx, produced))
             ctx.unrecorded = [o for o in outcomes if not o.recorded]
             try:
-                while ctx.unrecorded:
-                    await self._record_export(job, ctx.unrecorded[0])
-                    ctx.unrecorded.pop(0)
+                await self._record_exports(job, ctx.unrecorded)
             except Exception as exc:
                 # The results went out; the store failed, not the job (see _run).
                 raise _OutcomeNotRecorded(str(exc)) from exc
@@ -632,11 +628,16 @@ class Scheduler:
             await self._finish(job, JobState.SUCCEEDED, str(outcome or "done"), log,
                                result=result)
 
-    async def _record_export(self, job: Job, o: ExportOutcome) -> None:
-        state = (EXPORT_SUCCEEDED if o.ok else
-                 EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
-        await asyncio.to_thread(self.store.record_export, job.id, o.destination, state,
-                                o.attempts, o.sent, o.message, o.acknowledged)
+    async def _record_exports(self, job: Job, unrecorded: list[ExportOutcome]) -> None:
+        """Record each outcome, removing it from ``unrecorded`` once the store took it
+        (a failure leaves the rest there for the next try)."""
+        while unrecorded:
+            o = unrecorded[0]
+            state = (EXPORT_SUCCEEDED if o.ok else
+                     EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
+            await asyncio.to_thread(self.store.record_export, job.id, o.destination, state,
+                                    o.attempts, o.sent, o.message, o.acknowledged)
+            unrecorded.pop(0)
 
     async def _export_later(self, job: Job, waiting: list[ExportOutcome], log: Any,
                             result: dict[str, Any]) -> None:

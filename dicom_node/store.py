@@ -1104,17 +1104,15 @@ class Store:
                     ~sa.exists(_pending_instances(study)))
              .order_by(studies.c.updated_at).limit(limit))
         if node_name is not None:
-            q = q.where(~sa.exists(sa.select(instances.c.id).where(
-                instances.c.study_instance_uid == study,
-                instances.c.received_by.is_not(None), instances.c.received_by != node_name)))
+            q = q.where(~sa.exists(sa.select(instances.c.id)
+                                   .where(*_received_elsewhere(study, node_name))))
         with self.engine.connect() as conn:
             return [str(r[0]) for r in conn.execute(q)]
 
     def received_by_others(self, study_instance_uid: str, node_name: str) -> list[str]:
         """The other nodes that received instances of the study, by name."""
         q = sa.select(instances.c.received_by).distinct().where(
-            instances.c.study_instance_uid == study_instance_uid,
-            instances.c.received_by.is_not(None), instances.c.received_by != node_name)
+            *_received_elsewhere(study_instance_uid, node_name))
         with self.engine.connect() as conn:
             return sorted(str(r[0]) for r in conn.execute(q))
 
@@ -2105,6 +2103,13 @@ def _mark_watch_inputs(conn: Connection, watch: str, sop_instance_uids: Sequence
 
 # Jobs the assembler makes from a group of pushed instances (see Store.retry).
 GROUP_KINDS = frozenset({"dimse", "stow", "watch"})
+
+
+def _received_elsewhere(study: Any, node_name: str) -> tuple[Any, ...]:
+    """Conditions on ``instances``: of ``study`` (a UID or a column), received by a node
+    other than ``node_name``."""
+    return (instances.c.study_instance_uid == study, instances.c.received_by.is_not(None),
+            instances.c.received_by != node_name)
 
 
 def _came_the_same_way(job: Job, *columns: Any, any_way: bool = False
