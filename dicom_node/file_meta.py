@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 __all__ = ["encode_file_meta", "install"]
 
 _TAG_VR_SHORT = struct.Struct("<HH2sH")  # tag, VR, 2-byte length (UL, UI, SH)
@@ -60,26 +62,26 @@ class _Encoded:
 def install() -> bool:
     """Patch what pynetdicom's DIMSE messages use to write received file meta
     (idempotent); False when this pynetdicom has another layout and nothing changed."""
-    import pynetdicom
     from pynetdicom import dimse_messages
 
     create = getattr(dimse_messages, "create_file_meta", None)
     write = getattr(dimse_messages, "write_file_meta_info", None)
-    uid = getattr(pynetdicom, "PYNETDICOM_IMPLEMENTATION_UID", None)
-    version = getattr(pynetdicom, "PYNETDICOM_IMPLEMENTATION_VERSION", None)
-    if create is None or write is None or uid is None or version is None:
+    if create is None or write is None:
         return False
+    uid, version = IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
     if getattr(create, "_encodes_directly", False):
         return True
 
     def create_file_meta(*, sop_class_uid: str, sop_instance_uid: str,
                          transfer_syntax: str, **kwargs: Any) -> Any:
-        if not kwargs:  # pynetdicom's own implementation UID and version, as it asks
+        if not kwargs:  # the node wrote the file: its implementation UID and version
             try:
                 return _Encoded(encode_file_meta(sop_class_uid, sop_instance_uid,
                                                  transfer_syntax, uid, version))
             except UnicodeEncodeError:
                 pass
+        kwargs.setdefault("implementation_uid", uid)
+        kwargs.setdefault("implementation_version", version)
         return create(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
                       transfer_syntax=transfer_syntax, **kwargs)
 

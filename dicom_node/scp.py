@@ -69,6 +69,7 @@ from dicom_node.dimse_status import (
 )
 from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import get_logger
 from dicom_node.store import InstanceRecord, Store
 from dicom_node.tls import server_context
@@ -917,6 +918,8 @@ class StorageSCP:
         dimse = self.settings.dimse
         self.settings.studies_dir.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=dimse.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         # The limit is enforced in _on_requested, counting only associations we admitted;
         # pynetdicom's own count includes ones being rejected, which under a burst would
         # refuse peers below the limit. Its guard stays, well above ours.

@@ -46,6 +46,7 @@ from dicom_node.config import (
 )
 from dicom_node.dimse_status import Status
 from dicom_node.errors import InvalidInput, StoreError
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import get_logger
 from dicom_node.scheduler import ExportOutcome
 from dicom_node.scp import (
@@ -335,6 +336,8 @@ class DicomClient:
     def _ae(self) -> _NodeAE:
         d = self.settings.dimse
         ae = _NodeAE(ae_title=d.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.log_context = structlog.contextvars.get_contextvars()
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s

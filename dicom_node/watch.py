@@ -53,7 +53,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -76,6 +75,7 @@ from watchdog.observers import Observer
 from dicom_node.assembler import Assembler, GroupPolicy
 from dicom_node.config import Settings, WatchSettings
 from dicom_node.errors import InvalidInput, StoreError
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import get_logger
 from dicom_node.scp import InstanceWriter, ReceivedInstance, safe_uid
 from dicom_node.store import Store
@@ -1246,7 +1246,8 @@ def _ensure_part10(path: str) -> bool | None:
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop)
     meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, False
     write_file_meta_info(buf, meta, enforce_standard=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 from highdicom._standard_utils import is_multiframe_image
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pipeline.artifacts._common import PRIVATE_SCHEME, SeriesInfo, atomic_path
 
 __all__ = [
@@ -269,7 +270,6 @@ def new_file_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = UTF8
@@ -371,5 +371,8 @@ def save(ds: Dataset, path: Path) -> None:
     Raises:
         OSError: when writing fails.
     """
+    # PS3.10 7.1: the file meta names the implementation that wrote the file
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     with atomic_path(Path(path)) as tmp:
         ds.save_as(tmp, enforce_file_format=True)

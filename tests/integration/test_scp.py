@@ -21,7 +21,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_node import __version__
 from dicom_node.config import AETitleSettings
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.store import JobState
 from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
 from tests.support.peers import PROPOSE_FLAG, dataset_bytes, echoscu, storescu
@@ -84,6 +86,29 @@ def wait_for(predicate, what: str, limit_s: float = 30.0):  # type: ignore[no-un
 def test_echo(node: RunningNode) -> None:
     res = echoscu(node.port, NODE_AE)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_node_names_itself_as_dicom_node(node: RunningNode) -> None:
+    """Peers log the implementation the association names, and PS3.10 asks each file's
+    meta to name the one that wrote it: the node's own, not the toolkit's."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+        ds = pydicom.dcmread(sample("CT_small.dcm"))
+        assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+    rec = node.store.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None
+    meta = pydicom.dcmread(rec.path, stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME == "DICOMNODE_" + (
+        __version__[:6])
 
 
 def test_an_echo_is_one_info_line(tmp_path: Path) -> None:

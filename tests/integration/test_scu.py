@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.config import DestinationSettings, RetrySettings, SourceSettings
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler import ExportOutcome
 from dicom_node.scu import GET_STORAGE_CLASSES, DicomClient, Peer, Query, QueryLevel
@@ -112,6 +113,30 @@ def test_echo(node: RunningNode, tmp_path: Path) -> None:
         assert client.echo(Peer("STORESCP", "127.0.0.1", peer.port)).ok
     down = client.echo(Peer("STORESCP", "127.0.0.1", free_port()))
     assert not down.ok and down.message
+
+
+def test_requests_name_the_node_as_their_implementation(node: RunningNode) -> None:
+    """The peer's log shows which implementation asked: the node's, not pynetdicom's."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    seen: list[tuple[str, str | None]] = []
+
+    def on_echo(event: evt.Event) -> int:
+        requestor = event.assoc.requestor
+        seen.append((requestor.implementation_class_uid, requestor.implementation_version_name))
+        return 0
+
+    ae = AE("PEER")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_ECHO, on_echo)])
+    try:
+        assert DicomClient(node.settings).echo(Peer("PEER", "127.0.0.1", port)).ok
+    finally:
+        server.shutdown()
+    assert seen == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)]
 
 
 # -- retrieval from dcmqrscp -------------------------------------------------------------

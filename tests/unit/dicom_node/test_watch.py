@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.watch import (
     ZipLimits,
     _ensure_part10,
@@ -97,6 +98,7 @@ def test_bare_dataset_gets_a_file_meta_group(tmp_path: Path) -> None:
     assert _ensure_part10(str(bare)) is True
     again = dcmread(bare)
     assert again.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert again.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID  # who wrote it
     assert again.SOPInstanceUID == cr.sop_uids[0]
     assert bare.read_bytes().endswith(buf.getvalue())  # the dataset's bytes untouched
 

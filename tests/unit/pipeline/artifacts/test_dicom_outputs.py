@@ -19,6 +19,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pipeline.artifacts import (
     SeriesInfo,
     build_classification_sr,
@@ -52,6 +53,9 @@ def _common(ds: Dataset, source: Dataset, sop_class: str) -> None:
         assert ds[kw].value == source[kw].value, kw
     assert ds.Manufacturer == "dicom-node"
     assert ds.SoftwareVersions == "9.9.9"
+    # PS3.10: the file meta names the node, which wrote the file (not pydicom, highdicom)
+    assert ds.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert ds.file_meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
     assert ds.SeriesNumber == 77
     assert ds.SeriesDescription == "AI test"
 
