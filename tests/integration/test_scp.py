@@ -11,7 +11,15 @@ import pytest
 import structlog.testing
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -109,6 +117,26 @@ def test_the_node_names_itself_as_dicom_node(node: RunningNode) -> None:
     assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME == "DICOMNODE_" + (
         __version__[:6])
+
+
+@pytest.mark.parametrize(("offered", "accepted"), [
+    # one presentation context offering several: explicit VR keeps private elements' VRs
+    ([ImplicitVRLittleEndian, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+    # never ask a sender for a lossy copy of what it could send losslessly
+    ([JPEGBaseline8Bit, JPEGLosslessSV1], JPEGLosslessSV1),
+    ([JPEG2000, RLELossless], RLELossless),
+    ([JPEGBaseline8Bit], JPEGBaseline8Bit),  # lossy when that is all there is
+])
+def test_a_context_offering_several_syntaxes_gets_the_safest(
+        node: RunningNode, offered: list[str], accepted: str) -> None:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, offered)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [accepted]
+    finally:
+        assoc.release()
 
 
 def test_an_echo_is_one_info_line(tmp_path: Path) -> None:
