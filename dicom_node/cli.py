@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("names", nargs="*", metavar="NAME",
                       help="only these sources or destinations (default: all)")
     echo.add_argument("--json", action="store_true", help="one JSON object per check")
+    conformance = sub.add_parser(
+        "conformance", help="print the node's DICOM Conformance Statement (Markdown)",
+        description="Print the DICOM Conformance Statement for these settings: SOP classes, "
+        "transfer syntaxes in order of preference, roles, called AE titles, rejections and "
+        "statuses, written from the lists the node itself uses. docs/conformance.md is the "
+        "one for the built-in defaults.")
+    _config_options(conformance)
     infer = sub.add_parser(
         "infer", help="run the models on DICOM files, a series folder or a tree of studies",
         description="Read the DICOM files under PATH, group them by study and run each "
@@ -206,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _infer(args, settings)
         if args.command == "echo":
             return _echo(args, settings)
+        if args.command == "conformance":
+            from dicom_node.conformance import statement
+
+            print(statement(settings), end="")
+            return 0
     except UsageError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return EXIT_CONFIG

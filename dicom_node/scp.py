@@ -76,6 +76,7 @@ from dicom_node.tls import server_context
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
+    "VERIFICATION_TRANSFER_SYNTAXES",
     "AssociationEnd",
     "DimseCounters",
     "InstanceWriter",
@@ -126,6 +127,7 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 ]
+VERIFICATION_TRANSFER_SYNTAXES = ACCEPTED_TRANSFER_SYNTAXES[:4]  # the uncompressed ones
 
 _TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -936,7 +938,7 @@ class StorageSCP:
         ae.require_called_aet = False
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:4])
+        ae.add_supported_context(Verification, VERIFICATION_TRANSFER_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),

@@ -63,6 +63,8 @@ from dicom_node.store import Store
 from dicom_node.tls import TlsFileError, client_context, handshake_problem
 
 __all__ = [
+    "GET_STORAGE_CLASSES",
+    "UNCOMPRESSED_TRANSFER_SYNTAXES",
     "DicomClient",
     "EchoResult",
     "ExportResult",
@@ -74,7 +76,7 @@ __all__ = [
     "RetrieveResult",
 ]
 
-_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+UNCOMPRESSED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]  # fallback
 _MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 _PENDING = (0xFF00, 0xFF01)  # C-MOVE / C-GET sub-operations continuing (PS3.7 C.4.2, C.4.3)
 
@@ -490,7 +492,8 @@ class DicomClient:
         # Each object's own syntax in its own context, so the peer cannot pick an
         # uncompressed one that would force a decode; uncompressed as the fallback.
         for sop_class, ts in sorted(contexts)[:_MAX_CONTEXTS]:
-            ae.add_requested_context(sop_class, _UNCOMPRESSED if ts == "uncompressed" else [ts])
+            ae.add_requested_context(
+                sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES if ts == "uncompressed" else [ts])
         assoc, error = self._associate(ae, peer)
         if assoc is None:
             failed = [InstanceFailure(i.sop_instance_uid, None, error) for i in items]
@@ -854,7 +857,7 @@ def _dataset_for(it: _Item, accepted: set[tuple[str, str]]) -> Dataset:
     ds = dcmread(it.path)
     if (it.sop_class_uid, it.transfer_syntax_uid) in accepted:
         return ds
-    if any((it.sop_class_uid, ts) in accepted for ts in _UNCOMPRESSED):
+    if any((it.sop_class_uid, ts) in accepted for ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
         if UID(it.transfer_syntax_uid).is_compressed:
             try:
                 ds.decompress()
