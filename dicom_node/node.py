@@ -35,6 +35,8 @@ from dicom_node.store import SCHEMA_VERSION, NewJob, Store
 from dicom_node.tls import TlsFileError
 from dicom_node.watch import Watcher
 
+HTTP_SHUTDOWN_S = 15.0
+
 if TYPE_CHECKING:
     from pipeline.runner import PipelineRunner
     from rest.auth import Authenticator
@@ -170,6 +172,13 @@ class Node:
             self.started.set()
             await self._stop.wait()
             self.log.info("stopping: intake first, then running jobs")
+            # At once, not when the unwinding reaches them: HTTP closes first and waits
+            # for its requests, and meanwhile the DICOM port took studies and the workers
+            # started queued jobs that the grace period then cut off.
+            if self.scp is not None:
+                await asyncio.to_thread(self.scp.stop_listening)
+            if self.scheduler is not None:
+                self.scheduler.stop_claiming()
         self.log.info("node stopped")
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -436,7 +445,10 @@ class Node:
         from rest.connections import ConnectionGuard
 
         rest = self.settings.rest
-        runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False)
+        # Requests in hand get HTTP_SHUTDOWN_S to finish when the node stops (aiohttp's
+        # default, 60 s, let one slow upload hold the whole shutdown past systemd's 90 s)
+        runner = web.AppRunner(create_app(self), access_log=None, handle_signals=False,
+                               shutdown_timeout=HTTP_SHUTDOWN_S)
         await runner.setup()
         guard = ConnectionGuard(rest.max_connections, rest.request_head_timeout_s)
         assert runner.server is not None

@@ -280,11 +280,17 @@ class Scheduler:
         self.log.info("scheduler started", workers=self.settings.workers,
                       immediate_slot=self.settings.immediate_slot, requeued=len(requeued))
 
+    def stop_claiming(self) -> None:
+        """Start no more jobs: the workers finish the job in hand and exit. The first
+        step of a stopping node, long before :meth:`stop` gives the grace period: a job
+        started while the rest of the node closes would only be cut off."""
+        self._stopping = True
+        self.notify()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop claiming; let running jobs finish within the grace period, else re-queue them."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
-        self._stopping = True
-        self.notify()
+        self.stop_claiming()
         # Workers finish the job in hand (also one claimed just now) and then exit.
         workers = [w for w in self._workers if w.get_name() != "lease-keeper"]
         if self._running:
@@ -377,6 +383,9 @@ class Scheduler:
             if job is None:
                 await self._idle()
                 continue
+            if self._stopping:  # claimed as the node began to stop: the next start runs it
+                await self._unclaim(job)
+                break
             ctx = JobContext(job=job, store=self.store, work_dir=self.work_root / job.id)
             ctx._set_state = self._state_setter(job)
             if job.cancel_requested:  # asked for while its last pass was ending
@@ -525,6 +534,15 @@ class Scheduler:
             await self._requeue_when_possible(job, log, ctx.unrecorded)
         finally:
             await asyncio.to_thread(shutil.rmtree, ctx.work_dir, True)
+
+    async def _unclaim(self, job: Job) -> None:
+        try:
+            await asyncio.to_thread(
+                self.store.transition, job.id, JobState.QUEUED, token=job.lease_token,
+                uncount_attempt=True, message="claimed as the node stopped; queued again")
+        except Exception as exc:  # its lease runs out instead, and it is queued again then
+            self.log.warning("could not queue a job again as the node stopped",
+                             job_id=job.id, error=str(exc))
 
     async def _requeue_when_possible(self, job: Job, log: Any,
                                      unrecorded: list[ExportOutcome]) -> None:

@@ -911,6 +911,7 @@ class StorageSCP:
         self.on_association_end = on_association_end
         self.log = get_logger("dimse.scp")
         self._server: _Server | None = None
+        self._listening = False
         self._peers: dict[int, _Peer] = {}
         self._admitted: set[int] = set()  # associations counted against max_associations
         self._collectors: list[_Collector] = []
@@ -960,9 +961,20 @@ class StorageSCP:
                          daemon=True).start()
         ae._servers.append(server)  # as start_server does: its shutdown() takes it out
         self._server = server
+        self._listening = True
         self.log.info("DICOM listening", host=dimse.host, port=self.port,
                       ae_titles=[a.ae_title for a in self.settings.ae_titles],
                       tls=ssl_ctx is not None)
+
+    def stop_listening(self, server: _Server | None = None) -> None:
+        """Refuse new associations (the listening socket closes); open ones go on until
+        :meth:`stop`. The first thing a stopping node does: nothing new comes in."""
+        server = server or self._server
+        if server is None or not self._listening:
+            return
+        self._listening = False
+        server.shutdown()
+        self.log.info("DICOM listener closed: new associations are refused")
 
     def stop(self, join_s: float = 5.0) -> None:
         """Stop listening, then A-ABORT the associations still open.
@@ -975,7 +987,8 @@ class StorageSCP:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
+        if self._listening:
+            self.stop_listening(server)
         with self._lock:
             ours = set(self._peers)
         open_ = [a for a in server.ae.active_associations

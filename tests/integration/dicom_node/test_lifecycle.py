@@ -75,6 +75,52 @@ def test_running_job_finishes_within_grace_on_sigterm(node: NodeProcess) -> None
         store.close()
 
 
+def test_a_stopping_node_takes_nothing_new_while_http_requests_finish(
+        node: NodeProcess) -> None:
+    """SIGTERM closes intake at once: the DICOM port refuses associations and no queued
+    job starts, while the HTTP server gives its requests in hand time to finish. The
+    port stayed open and the workers kept starting queued jobs for as long as HTTP
+    waited (aiohttp's 60 s), and the grace period then cut those jobs off."""
+    import socket
+
+    from tests.support.node import NODE_AE
+    from tests.support.peers import echoscu
+
+    node.start()
+    token = node.cli("token", "--scope", "admin").stdout.strip().splitlines()[-1]
+    marker = node.data_dir / "marker.txt"
+    store = store_of(node)
+    slow = socket.create_connection(("127.0.0.1", node.http_port))
+    try:
+        running = store.create_job(NewJob(pipeline="p",
+                                          input={"sleep": 1.5, "marker": str(marker)}))
+        wait_for(lambda: marker.exists(), "the first job to start", node)
+        queued = [store.create_job(NewJob(pipeline="p", input={"marker": str(marker)}))
+                  for _ in range(3)]
+        # a STOW-RS upload in progress: its handler waits for the rest of the body
+        slow.sendall(b"POST /dicomweb/studies HTTP/1.1\r\nHost: node\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\n"
+                     b'Content-Type: multipart/related; type="application/dicom"; '
+                     b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        time.sleep(0.5)
+        node.signal(signal.SIGTERM)
+        wait_for(lambda: "new associations are refused" in node.log(), "intake to close",
+                 node)
+        assert echoscu(node.dicom_port, NODE_AE).returncode != 0
+        wait_for(lambda: "end" in marker.read_text(), "the running job to end", node)
+        time.sleep(1.0)  # a worker polls every 0.1 s: it would have started another
+        assert node.proc is not None and node.proc.poll() is None  # HTTP still waits
+    finally:
+        slow.close()
+    try:
+        assert node.wait() == 0
+        assert store.get_job(running.id).state is JobState.SUCCEEDED
+        assert [store.get_job(j.id).state for j in queued] == [JobState.QUEUED] * 3
+        assert marker.read_text().count("start") == 1
+    finally:
+        store.close()
+
+
 def start_with_a_running_job(node: NodeProcess) -> tuple[Store, Job, Path]:
     """Start the node and a 2 s job, and wait until the job has started; the marker
     file gets "start" and "end" lines from each run of it."""
