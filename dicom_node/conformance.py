@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 import pydicom
 import pynetdicom
 from pydicom.uid import UID
-from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node import __version__
 from dicom_node.config import Settings
@@ -27,7 +26,12 @@ from dicom_node.dimse_status import (
     Status,
 )
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicom_node.scp import ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION_TRANSFER_SYNTAXES
+from dicom_node.scp import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    RETIRED_STORAGE_CLASSES,
+    VERIFICATION_TRANSFER_SYNTAXES,
+    storage_sop_classes,
+)
 from dicom_node.scu import GET_STORAGE_CLASSES, UNCOMPRESSED_TRANSFER_SYNTAXES
 
 __all__ = ["statement"]
@@ -41,7 +45,8 @@ _RESULT_CLASSES = {
     "sr": ("1.2.840.10008.5.1.4.1.1.88.33", "Explicit VR Little Endian"),
     "seg": ("1.2.840.10008.5.1.4.1.1.66.4", "Explicit VR Little Endian"),
     "sc": ("1.2.840.10008.5.1.4.1.1.7",
-           "JPEG Baseline, or Explicit VR Little Endian when scaled (`secondary_capture`)"),
+           "Explicit VR Little Endian; JPEG Baseline (marked lossy) with a pipeline's "
+           "`secondary_capture.compression: jpeg`"),
     "encapsulated_pdf": ("1.2.840.10008.5.1.4.1.1.104.1", "Explicit VR Little Endian"),
 }
 _STATUS_MEANING = {
@@ -79,7 +84,7 @@ def _syntaxes(uids: Sequence[str]) -> list[str]:
 def statement(settings: Settings) -> str:
     """The conformance statement for ``settings``, as Markdown."""
     d = settings.dimse
-    storage = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    storage = storage_sop_classes()
     lines = [
         f"# DICOM Conformance Statement: dicom-node {__version__}",
         "",
@@ -95,8 +100,9 @@ def statement(settings: Settings) -> str:
         "",
         *_table(["SOP class", "SCU", "SCP"], [
             ("Verification", "yes", "yes"),
-            (f"Storage ({len(storage)} standard classes, and private classes named in "
-             "an AE title's lists)", "results; C-GET sub-operations as SCP", "yes"),
+            (f"Storage ({len(storage) - len(RETIRED_STORAGE_CLASSES)} classes, "
+             f"{len(RETIRED_STORAGE_CLASSES)} retired ones, and private classes named in an "
+             "AE title's lists)", "results; C-GET sub-operations as SCP", "yes"),
             ("Study Root Query/Retrieve - FIND", "yes", "no"),
             ("Study Root Query/Retrieve - MOVE", "yes", "no"),
             ("Study Root Query/Retrieve - GET", "yes", "no"),
@@ -160,7 +166,7 @@ def statement(settings: Settings) -> str:
         "",
         "### 3.3 Storage SCP",
         "",
-        "Every storage SOP class pynetdicom knows (listed in the annex) is accepted, or "
+        "Every storage SOP class in the annex, retired ones included, is accepted, or "
         "only an AE title's `allowed_sop_classes`; a class named in `allowed_sop_classes` "
         "or `ignored_sop_classes` is accepted even when it is private. Of the transfer "
         "syntaxes a sender offers in one presentation context, the first in this list is "
@@ -190,8 +196,11 @@ def statement(settings: Settings) -> str:
         "Each object is offered in its own transfer syntax, in a presentation context of "
         "its own, and in "
         + " or ".join(_name(u) for u in UNCOMPRESSED_TRANSFER_SYNTAXES)
-        + " as the fallback. One association per export; a refused or failed object is "
-        "retried with exponential backoff (`retry` of the destination), and only the "
+        + " as the fallback. One association per export. An object answered 0xA7xx (out of "
+        "resources), or left without an answer because the association could not be "
+        "opened or was lost, is sent again with exponential backoff, up to the "
+        "destination's `retry.max_attempts`; any other failure status fails that object "
+        "at once, and a permanent association rejection fails the export. Only the "
         "objects a destination did not acknowledge are sent again. Warning statuses "
         "count as stored.",
         "",

@@ -85,6 +85,7 @@ __all__ = [
     "StorageSCP",
     "close_wakeup",
     "safe_uid",
+    "storage_sop_classes",
     "tune_socket",
 ]
 
@@ -128,6 +129,38 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 ]
 VERIFICATION_TRANSFER_SYNTAXES = ACCEPTED_TRANSFER_SYNTAXES[:4]  # the uncompressed ones
+
+# Retired storage classes that old devices still send (ultrasound and nuclear medicine
+# from before 1996, trial SR, standalone curves and LUTs). pynetdicom leaves them out;
+# dcmtk's storescp and Orthanc accept them, and so does the node.
+RETIRED_STORAGE_CLASSES = [
+    "1.2.840.10008.5.1.1.27",  # Stored Print Storage
+    "1.2.840.10008.5.1.1.29",  # Hardcopy Grayscale Image Storage
+    "1.2.840.10008.5.1.1.30",  # Hardcopy Color Image Storage
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.5",  # Nuclear Medicine Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.8",  # Standalone Overlay Storage
+    "1.2.840.10008.5.1.4.1.1.9",  # Standalone Curve Storage
+    "1.2.840.10008.5.1.4.1.1.9.1",  # Waveform Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.10",  # Standalone Modality LUT Storage
+    "1.2.840.10008.5.1.4.1.1.11",  # Standalone VOI LUT Storage
+    "1.2.840.10008.5.1.4.1.1.12.3",  # X-Ray Angiographic Bi-Plane Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1",  # VL Image Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.77.2",  # VL Multi-frame Image Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.88.1",  # Text SR Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.88.2",  # Audio SR Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.88.3",  # Detail SR Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.88.4",  # Comprehensive SR Storage - Trial
+    "1.2.840.10008.5.1.4.1.1.129",  # Standalone PET Curve Storage
+    "1.2.840.10008.5.1.4.34.1",  # RT Beams Delivery Instruction Storage - Trial
+]
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class the listener accepts unless an AE title narrows it."""
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+            ] + RETIRED_STORAGE_CLASSES
 
 _TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -706,7 +739,7 @@ def _storable(uid: str) -> bool:
 def negotiable_contexts(ae: AETitleSettings, supported: Sequence[PresentationContext],
                         ) -> list[PresentationContext] | None:
     """The presentation contexts an AE title accepts, from the server's ``supported``
-    ones (every storage SOP class pynetdicom knows, and Verification); None when it
+    ones (every storage SOP class of storage_sop_classes(), and Verification); None when it
     accepts exactly those.
 
     With ``allowed_sop_classes`` only those classes (and Verification); classes named
@@ -937,8 +970,9 @@ class StorageSCP:
         ae.network_timeout = dimse.network_timeout_s
         # Called AE titles are checked per association (several are served); see _on_requested.
         ae.require_called_aet = False
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
+        for uid in storage_sop_classes():
+            if _storage_context(uid) is not None:  # registers the retired ones with pynetdicom
+                ae.add_supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, VERIFICATION_TRANSFER_SYNTAXES)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),

@@ -139,6 +139,27 @@ def test_a_context_offering_several_syntaxes_gets_the_safest(
         assoc.release()
 
 
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.6",  # US (retired)
+                                       "1.2.840.10008.5.1.4.1.1.5"])  # NM (retired)
+def test_a_retired_storage_class_from_an_old_device_is_stored(
+        node: RunningNode, sop_class: str) -> None:
+    """Ultrasound and NM devices from before 1996 still send the retired classes, which
+    pynetdicom leaves out; storescp and Orthanc take them, and so does the node."""
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ae = AE(ae_title="OLDUS")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+    rec = node.store.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None and rec.sop_class_uid == sop_class
+
+
 def test_an_echo_is_one_info_line(tmp_path: Path) -> None:
     """A monitor's C-ECHO every 30 s wrote three info lines each (about 8,600 a day):
     now the association's end alone, counting the echo."""
