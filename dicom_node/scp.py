@@ -983,7 +983,8 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        spool.install(self.writer.studies_dir)  # beside the studies; a full disk -> 0xA700
+        # beside the studies; a full disk -> 0xA700
+        spool.install(self.writer.studies_dir, shared=self.settings.storage.shared)
         ssl_ctx = server_ssl_context(self.settings, dimse.tls) if dimse.tls else None
         # ae.start_server(block=False), with our server class
         server = cast(_Server, ae.make_server((dimse.host, dimse.port), evt_handlers=handlers,

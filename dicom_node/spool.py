@@ -35,8 +35,9 @@ from dicom_node.logs import get_logger
 __all__ = ["SPOOL_DIR_NAME", "SpoolFile", "install", "received_path", "sweep"]
 
 SPOOL_DIR_NAME = ".incoming"
-# A partial file untouched for this long belongs to no live association (pynetdicom's
-# DIMSE and network timeouts are far shorter); an older one is a crash's leftover.
+# With studies shared by several nodes, a partial file untouched for this long belongs
+# to no live association (pynetdicom's DIMSE and network timeouts are far shorter); an
+# older one is a crash's leftover. A node with its own studies sweeps them all at start.
 STALE_AFTER_S = 3600.0
 
 log = get_logger("dimse.spool")
@@ -119,11 +120,13 @@ def _named_temporary_file(*_args: Any, **_kwargs: Any) -> SpoolFile:
     return SpoolFile(_spool_dir)
 
 
-def install(studies_dir: Path) -> Path:
+def install(studies_dir: Path, *, shared: bool = False) -> Path:
     """Make pynetdicom spool incoming datasets as :class:`SpoolFile` s under ``studies_dir``.
 
     Process-wide (pynetdicom has one decoder); the last node started in the process
-    names the folder. Returns the folder, created and swept of stale partial files.
+    names the folder. Returns the folder, created and swept of partial files: all of
+    them, since the serve lock says no other node uses this data directory, or only
+    stale ones when the studies are ``shared`` with nodes that may be receiving now.
     """
     global _spool_dir
     folder = studies_dir / SPOOL_DIR_NAME
@@ -131,7 +134,7 @@ def install(studies_dir: Path) -> Path:
         if _spool_dir == folder and folder.is_dir():
             return folder
         folder.mkdir(parents=True, exist_ok=True)
-        sweep(folder)
+        sweep(folder, STALE_AFTER_S if shared else 0.0)
         _spool_dir = folder
         # pynetdicom looks the name up in its module at each dataset
         _messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined,assignment]
@@ -144,7 +147,7 @@ def sweep(folder: Path, older_than_s: float = STALE_AFTER_S) -> int:
     removed = 0
     for path in folder.glob(".*.part"):
         with contextlib.suppress(OSError):
-            if path.stat().st_mtime < cutoff:
+            if older_than_s <= 0 or path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
     if removed:

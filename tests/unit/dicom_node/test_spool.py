@@ -110,3 +110,20 @@ def test_install_makes_pynetdicom_spool_beside_the_studies(
     assert isinstance(f, SpoolFile) and Path(f.name).parent == folder
     f.close()
     assert install(studies) == folder  # again: nothing to do
+
+
+@pytest.mark.parametrize(("shared", "kept"), [(False, False), (True, True)])
+def test_a_crash_leftover_goes_at_the_next_start_unless_studies_are_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool, kept: bool
+) -> None:
+    """A node killed mid-instance left its partial file for an hour, across restarts (a
+    crash loop piled them up): no other node uses its own studies folder, so they all
+    go. Studies shared by several nodes keep a fresh one: it may be another's."""
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    monkeypatch.setattr(spool, "_spool_dir", None)
+    studies = tmp_path / "studies"
+    fresh = studies / spool.SPOOL_DIR_NAME / ".killed.part"
+    fresh.parent.mkdir(parents=True)
+    fresh.write_bytes(b"x" * 1000)
+    install(studies, shared=shared)
+    assert fresh.exists() is kept
