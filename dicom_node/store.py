@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -657,6 +659,58 @@ def _private_sqlite_file(db: Path) -> None:
         pass  # a read-only folder and the like: opening the store says what is wrong
 
 
+class _WriteWatch:
+    """Whether the store's last write failed: SQLite still answers reads (``ping``) while
+    a lock or a read-only file makes every write fail, and every C-STORE was refused
+    with /health saying "ok". Written from the engine's events: a statement failing as
+    OperationalError marks trouble, a commit of a transaction that wrote clears it."""
+
+    _WRITES = ("INSERT", "UPDATE", "DELETE")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._ok_seq = 0
+        self._failure: tuple[int, float, str] | None = None  # seq, time.time(), error
+
+    def install(self, engine: Engine) -> None:
+        sa.event.listen(engine, "after_cursor_execute", self._executed)
+        sa.event.listen(engine, "commit", self._committed)
+        sa.event.listen(engine, "rollback", self._rolled_back)
+        sa.event.listen(engine, "handle_error", self._failed)
+
+    def _executed(self, conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip()[:6].upper() in self._WRITES:
+            conn.info["dicom_node_wrote"] = True
+
+    def _committed(self, conn: Connection) -> None:
+        # Before the database commits: a commit that then fails comes after, as an error.
+        if conn.info.pop("dicom_node_wrote", False):
+            with self._lock:
+                self._seq += 1
+                self._ok_seq = self._seq
+
+    def _rolled_back(self, conn: Connection) -> None:
+        conn.info.pop("dicom_node_wrote", None)
+
+    def _failed(self, ctx: Any) -> None:
+        if ctx.is_pre_ping or not isinstance(ctx.sqlalchemy_exception,
+                                             sa.exc.OperationalError):
+            return  # a unique key taken by a racing writer, bad input: not the store's state
+        error = str(ctx.original_exception).splitlines()[0][:200]
+        with self._lock:
+            self._seq += 1
+            self._failure = (self._seq, time.time(), error)
+
+    def problem(self) -> str | None:
+        """``"<error> (N s ago)"`` when the last write failed, else None."""
+        with self._lock:
+            failure = self._failure
+            if failure is None or failure[0] < self._ok_seq:
+                return None
+        return f"writes fail: {failure[2]} ({time.time() - failure[1]:.0f} s ago)"
+
+
 class Store:
     """The node's database. ``open()`` connects and migrates (``migrate=False``: only
     connects, for the commands that must not change a store an older version may still
@@ -670,6 +724,7 @@ class Store:
         # The serving node this store records for (see serve_as); None in the CLI.
         self.node_name: str | None = None
         self.shared_storage = False
+        self.writes = _WriteWatch()  # .problem(): the last write failed (for /health)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -683,6 +738,7 @@ class Store:
             engine = sa.create_engine(url, pool_pre_ping=True)
             if engine.dialect.name == "sqlite":
                 sa.event.listen(engine, "connect", _sqlite_pragmas)
+            self.writes.install(engine)
             self._engine = engine
             if migrate:
                 found = self.migrate()

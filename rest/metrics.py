@@ -124,6 +124,10 @@ async def health(request: web.Request) -> web.Response:
     (drop folders' paths only for a caller with the admin scope)."""
     node = request.app[NODE]
     store_ok = await asyncio.to_thread(node.store.ping) if node.store else False
+    # A store that answers reads but refuses writes (a locked or read-only SQLite file)
+    # refuses every instance: as down as one that does not answer.
+    write_problem = node.store.writes.problem() if node.store else None
+    store_ok = store_ok and write_problem is None
     admin = _admin_asks(request)
     models = models_health(node, with_paths=admin)
     dicom = dicom_health(node)
@@ -145,7 +149,8 @@ async def health(request: web.Request) -> web.Response:
         "schema": SCHEMA_VERSION,  # the store schema this version uses
         "node": node.settings.node_name,
         "store": {"ok": store_ok, "backend": node.store.dialect if node.store else None,
-                  "groups_waiting": waiting},
+                  "groups_waiting": waiting,
+                  **({"error": write_problem} if write_problem else {})},
         "dicom": dicom,
         "disk": disk,
         # connections now, and those closed: over rest.max_connections, or no complete

@@ -300,3 +300,40 @@ async def test_openmetrics_when_asked(live: LiveNode) -> None:
 ])
 def test_wants_json(accept: str, expected: bool) -> None:
     assert wants_json(accept) is expected
+
+
+async def test_health_says_the_store_is_down_while_it_refuses_writes(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A locked (or read-only) SQLite file still answers reads: /health said "ok" while
+    every C-STORE was refused 0xA700. The last write failing makes it 503 with the
+    error, until a write goes through again."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from dicom_node.store import NewJob
+
+    root = tmp_path_factory.mktemp("health-writes")
+    with live_node(serving_settings(root / "data", models=[])) as ln:
+        store = ln.node.store
+        assert store is not None
+        # the node waits 30 s for a lock; a test need not
+        sa.event.listen(store.engine, "connect",
+                        lambda conn, _: conn.execute("PRAGMA busy_timeout=50"))
+        store.engine.dispose()
+        holder = sqlite3.connect(root / "data" / "node.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(sa.exc.OperationalError):
+                await asyncio.to_thread(store.create_job, NewJob(pipeline="p", input={}))
+            status, _, text = await get(ln, "/health", auth=False)
+            body = json.loads(text)
+            assert status == 503 and body["status"] == "degraded"
+            assert body["store"]["ok"] is False
+            assert "database is locked" in body["store"]["error"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await asyncio.to_thread(store.create_job, NewJob(pipeline="p", input={}))
+        status, _, text = await get(ln, "/health", auth=False)
+        assert status == 200 and "error" not in json.loads(text)["store"]
