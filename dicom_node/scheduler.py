@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import re
 import shutil
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ExecutorSettings
 from dicom_node.errors import Conflict, DeferJob, JobCancelled, NotFound, PermanentJobError
@@ -223,6 +225,21 @@ class _StoreTrouble:
             since, self.since = self.since, None
         if since is not None:
             log.info("the store answers again", after_s=round(time.monotonic() - since, 1))
+
+
+_PYDICOM_TAG_PREFIX = re.compile(r"^With tag \([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) got exception: ")
+
+
+def failure_message(exc: BaseException) -> str:
+    """One line for a job's history from an unexpected error: a person reads it in `jobs
+    show` and the APIs. pydicom's write errors carry a whole traceback in their text,
+    and SQLAlchemy's the SQL statement with its parameters."""
+    if isinstance(exc, SQLAlchemyError):
+        cause = str(getattr(exc, "orig", None) or exc).splitlines()
+        return "the job store failed: " + (cause[0] if cause else type(exc).__name__)
+    lines = str(exc).splitlines()
+    text = _PYDICOM_TAG_PREFIX.sub("", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Scheduler:
@@ -694,7 +711,7 @@ class Scheduler:
             log.error("job failed", error=message)
 
     async def _failed_attempt(self, job: Job, exc: Exception, log: Any) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+        message = failure_message(exc)
         retry = self.settings.retry
         if job.attempts >= min(job.max_attempts, retry.max_attempts):
             await self._finish(job, JobState.FAILED,

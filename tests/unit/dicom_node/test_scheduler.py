@@ -466,3 +466,34 @@ async def test_jobs_wait_while_the_results_disk_is_short_of_space(
     finally:
         await sched.stop()
     assert store.get_job(job.id).attempts == 1
+
+
+def test_a_failure_is_one_line_a_person_can_read() -> None:
+    """A full disk while results were written put pydicom's whole traceback in the job's
+    history, and a locked store the SQL statement with its parameters."""
+    import errno
+    import io
+    import sqlite3
+
+    import pydicom
+    import sqlalchemy as sa
+    from pydicom.data import get_testdata_file
+
+    from dicom_node.scheduler import failure_message
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            if len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    with pytest.raises(OSError) as full:
+        pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(FullDisk())
+    assert "Traceback" in str(full.value)  # as pydicom raises it
+    assert failure_message(full.value) == "OSError: [Errno 28] No space left on device"
+
+    locked = sa.exc.OperationalError("UPDATE jobs SET state=?", ("exporting",),
+                                     sqlite3.OperationalError("database is locked"))
+    assert failure_message(locked) == "the job store failed: database is locked"
+    assert failure_message(RuntimeError("transient")) == "RuntimeError: transient"
+    assert failure_message(KeyError()) == "KeyError"
