@@ -316,6 +316,7 @@ class InstanceWriter:
                 return ReceivedInstance(sop, sop_class, study, series, Path(known.path),
                                         called_ae, calling_ae, association_id, stored=False)
             overwrite = known is not None  # the first copy did not survive: this replaces it
+        new_file = record and not final.exists()
         size = _place(source_path, final, durable=durable)
         record_row = InstanceRecord(
             sop_instance_uid=sop, sop_class_uid=sop_class, study_instance_uid=study,
@@ -331,6 +332,9 @@ class InstanceWriter:
                 self.store.record_instance(record_row, overwrite=overwrite, durable=durable,
                                            replaced=replaced)
             except SQLAlchemyError as exc:
+                if new_file:  # not acknowledged, in no record: nothing would ever find it
+                    with contextlib.suppress(OSError):
+                        final.unlink()
                 raise StoreError(f"cannot record the instance: {type(exc).__name__}") from exc
             self.discard_replaced(replaced, durable=durable)
         if header is not None:

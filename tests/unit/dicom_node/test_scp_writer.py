@@ -225,3 +225,37 @@ def test_a_study_record_left_without_instances_is_listed_with_none(
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[1].endswith("1.2.3.4") and " 0 " in lines[1]
     assert study.study_uid in lines[2]
+
+
+def test_an_instance_the_store_refused_leaves_no_file(
+        tmp_path: Path, settings: Settings, store: Store) -> None:
+    """Answered 0xA700 and in no record, the file stayed in studies/ for good: no
+    command or retention pass could find it. One already recorded is left alone."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from dicom_node.errors import StoreError
+
+    cr = make_cr_study(tmp_path / "src", seed="refused")
+    writer = scp.InstanceWriter(settings, store)
+    first, second = (shutil.copyfile(p, tmp_path / f"spooled-{i}.dcm")
+                     for i, p in enumerate([cr.paths[0], cr.paths[0]]))
+    kept = writer.write(first, called_ae="NODE", calling_ae="MOD", association_id=0)
+    sa.event.listen(store.engine, "connect",  # the node waits 30 s for a lock
+                    lambda conn, _: conn.execute("PRAGMA busy_timeout=50"))
+    store.engine.dispose()
+    holder = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError):  # the same instance again: its file stays
+            writer.write(second, called_ae="NODE", calling_ae="MOD", association_id=1)
+        assert kept.path.is_file()
+        other = make_cr_study(tmp_path / "src2", seed="refused-2")
+        with pytest.raises(StoreError):
+            writer.write(shutil.copyfile(other.paths[0], tmp_path / "spooled-new.dcm"),
+                         called_ae="NODE", calling_ae="MOD", association_id=2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [p.name for p in settings.studies_dir.rglob("*.dcm")] == [kept.path.name]
