@@ -659,6 +659,12 @@ def _private_sqlite_file(db: Path) -> None:
         pass  # a read-only folder and the like: opening the store says what is wrong
 
 
+# A running job stops at its next step; a DICOM exchange with a peer that stopped
+# answering ends only at its timeout, and until then the cancel was nowhere to be seen.
+CANCEL_PENDING = ("cancel requested: the job stops when the step in progress ends (a "
+                  "DICOM exchange with a peer that does not answer ends at its timeout)")
+
+
 class _WriteWatch:
     """Whether the store's last write failed: SQLite still answers reads (``ping``) while
     a lock or a read-only file makes every write fail, and every C-STORE was refused
@@ -1721,10 +1727,13 @@ class Store:
                 if changed:
                     self._event(conn, job_id, JobState.CANCELLED, "cancelled while queued", now)
             if not changed:
-                conn.execute(
-                    jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True,
-                                                                    updated_at=now)
-                )
+                asked = conn.execute(
+                    jobs.update().where(jobs.c.id == job_id,
+                                        jobs.c.cancel_requested.is_(False))
+                    .values(cancel_requested=True, updated_at=now)
+                ).rowcount
+                if asked:  # the history says so at once, not only when the job ends
+                    self._event(conn, job_id, job.state, CANCEL_PENDING, now)
         return self.get_job(job_id)
 
     def retry(self, job_id: str) -> Job:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from dicom_node.errors import Conflict, NotFound
 from dicom_node.store import (
+    CANCEL_PENDING,
     SCHEMA_VERSION,
     InstanceRecord,
     JobState,
@@ -161,6 +162,9 @@ def test_cancel_and_retry(store: Store) -> None:
     running = store.claim_next("n", 30)
     assert running is not None
     assert store.request_cancel(running.id).cancel_requested
+    assert store.request_cancel(running.id).cancel_requested  # asked twice: said once
+    # the history shows the pending cancel at once, not only when the worker stops
+    assert [e.message for e in store.events(running.id)].count(CANCEL_PENDING) == 1
     assert store.renew_leases("n", 30) == [(running.id, True)]
     with pytest.raises(Conflict, match="only failed or cancelled"):
         store.retry(running.id)
