@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dicom_node.config import DestinationSettings, Settings
 from dicom_node.logs import get_logger
-from dicom_node.scheduler import ExportOutcome
-from dicom_node.store import EXPORT_FAILED, EXPORT_SUCCEEDED, ExportRecord
+from dicom_node.scheduler import ExportOutcome, ExportProgress
+from dicom_node.store import (
+    EXPORT_FAILED,
+    EXPORT_PENDING,
+    EXPORT_RETRYING,
+    EXPORT_SENDING,
+    EXPORT_SUCCEEDED,
+    ExportRecord,
+)
 from pipeline.types import Artifact
 
 if TYPE_CHECKING:
@@ -34,6 +42,11 @@ if TYPE_CHECKING:
 DICOM_MEDIA_TYPE = "application/dicom"
 
 _log = get_logger("export")
+
+# What a destination acknowledged is recorded as it comes, in batches: at its first
+# acknowledgement, then after this many more or this long since the last record.
+ACK_BATCH = 16
+ACK_BATCH_S = 1.0
 
 
 @dataclass
@@ -54,6 +67,17 @@ class Sender(Protocol):
     """Sends files to one kind of destination; raises on a connection-level failure."""
 
     def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult: ...
+
+
+class AcknowledgingSender(Protocol):
+    """A sender that names each object the destination acknowledges as it comes
+    (``acknowledged``, called in the sending thread), so that a pass cut short by a
+    crash does not send it again."""
+
+    reports_acknowledged: bool
+
+    def send(self, dest: DestinationSettings, files: list[Path],
+             acknowledged: Callable[[str], None] | None = None) -> SendResult: ...
 
 
 class FolderSender:
@@ -142,12 +166,16 @@ class DimseSender:
     destination that cannot be reached now is the next export pass's to try again.
     """
 
+    reports_acknowledged = True
+
     def __init__(self, client: DicomClient, cancelled: threading.Event | None = None) -> None:
         self.client = client
         self.cancelled = cancelled
 
-    def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
-        result = self.client.export(dest, files, attempts=1, cancelled=self.cancelled)
+    def send(self, dest: DestinationSettings, files: list[Path],
+             acknowledged: Callable[[str], None] | None = None) -> SendResult:
+        result = self.client.export(dest, files, attempts=1, cancelled=self.cancelled,
+                                    acknowledged=acknowledged)
         if result.ok:
             return SendResult(sent=len(result.sent), sent_uids=list(result.sent))
         return SendResult(sent=len(result.sent), sent_uids=list(result.sent),
@@ -177,13 +205,24 @@ class Exporter:
     def export(self, names: list[str], artifacts: list[Artifact],
                cancelled: threading.Event | None = None,
                extra: list[DestinationSettings] | None = None,
-               earlier: Mapping[str, ExportRecord] | None = None) -> list[ExportOutcome]:
+               earlier: Mapping[str, ExportRecord] | None = None,
+               on_outcome: Callable[[ExportOutcome], None] | None = None,
+               on_progress: Callable[[ExportProgress], None] | None = None,
+               ) -> list[ExportOutcome]:
         """One pass: send ``artifacts`` to each named destination (and ``extra`` ad-hoc
         ones) that the job's ``earlier`` passes did not settle.
 
         A destination ``earlier`` records as succeeded is never sent to again, nor one it
         records as failed for good; their outcomes come back with ``recorded`` set. A
-        cancel stops the pass between destinations (the outcomes so far come back).
+        cancel stops the pass before the next object and between destinations (the
+        outcomes so far come back; a destination it cut short has none, its progress
+        says what it acknowledged).
+
+        ``on_outcome`` gets each destination's outcome as soon as it is known, before the
+        next destination is tried (the job records it then: a crash later in the pass
+        must not send it again); ``on_progress`` where each destination stands meanwhile
+        (``pending`` at the start of the pass, ``sending`` with the objects it has
+        acknowledged so far). Both are called in the pass's thread.
         """
         earlier = earlier or {}
         settled = {n: r for n, r in earlier.items()
@@ -191,13 +230,19 @@ class Exporter:
         by_name = {d.name: d for d in self.settings.destinations}
         outcomes: list[ExportOutcome] = []
         targets: list[DestinationSettings] = []
+
+        def settle(outcome: ExportOutcome) -> None:
+            outcomes.append(outcome)
+            if on_outcome is not None and not outcome.recorded:
+                on_outcome(outcome)
+
         for name in dict.fromkeys(names):  # keep order, drop repeats
             dest = by_name.get(name)
             if name in settled:
                 outcomes.append(_recorded(settled[name]))
             elif dest is None:
-                outcomes.append(ExportOutcome(name, ok=False, attempts=0,
-                                              message="no such destination is configured"))
+                settle(ExportOutcome(name, ok=False, attempts=0,
+                                     message="no such destination is configured"))
             else:
                 targets.append(dest)
         for dest in extra or []:
@@ -205,6 +250,10 @@ class Exporter:
                 outcomes.append(_recorded(settled[dest.name]))
             else:
                 targets.append(dest)
+        if on_progress is not None:  # a polling client sees every destination at once
+            for dest in targets:
+                if dest.name not in earlier:
+                    on_progress(ExportProgress(dest.name, EXPORT_PENDING))
         for dest in targets:
             if cancelled is not None and cancelled.is_set():
                 self.log.info("export stopped: the job was cancelled", destination=dest.name)
@@ -212,13 +261,21 @@ class Exporter:
             before = earlier.get(dest.name)
             attempt = (before.attempts if before is not None else 0) + 1
             acknowledged = before.acknowledged if before is not None else frozenset()
-            outcomes.append(self._one(dest, artifacts, attempt, acknowledged))
+            outcome = self._one(dest, artifacts, attempt, acknowledged, cancelled,
+                                on_progress)
+            if outcome is None:  # cut short by a cancel: its progress is recorded
+                break
+            settle(outcome)
         return outcomes
 
     def _one(self, dest: DestinationSettings, artifacts: list[Artifact], attempt: int,
-             acknowledged: frozenset[str] = frozenset()) -> ExportOutcome:
+             acknowledged: frozenset[str] = frozenset(),
+             cancelled: threading.Event | None = None,
+             on_progress: Callable[[ExportProgress], None] | None = None,
+             ) -> ExportOutcome | None:
         """Attempt number ``attempt`` at ``dest``: one send, of the artifacts whose SOP
-        Instance UID is not among those it ``acknowledged`` in earlier passes."""
+        Instance UID is not among those it ``acknowledged`` in earlier passes. None when
+        a cancel cut it short (what it acknowledged went to ``on_progress``)."""
         chosen = [a for a in artifacts
                   if dest.type == "folder" or a.media_type == DICOM_MEDIA_TYPE]
         if not chosen:
@@ -241,16 +298,22 @@ class Exporter:
                           sent=0, attempt=attempt)
             return ExportOutcome(dest.name, ok=True, attempts=attempt, sent=already,
                                  message=f"{earlier}0 sent now")
+        progress = _Progress(dest.name, attempt - 1, has, on_progress)
+        progress.report(EXPORT_SENDING)
         retryable = True
         try:
-            result = sender.send(dest, files)
+            if getattr(sender, "reports_acknowledged", False):
+                acking: AcknowledgingSender = sender  # type: ignore[assignment]
+                result = acking.send(dest, files, acknowledged=progress.acknowledged)
+            else:
+                result = sender.send(dest, files)
         except Exception as exc:  # connection refused, association rejected, timeout
             message = str(exc) or type(exc).__name__
             sent = 0
-            now: frozenset[str] = frozenset()
+            now: frozenset[str] = frozenset(progress.acked)
         else:
             sent = result.sent
-            now = frozenset(result.sent_uids)
+            now = frozenset(result.sent_uids) | progress.acked
             if not result.failed:
                 self.log.info("export done", destination=dest.name, already_sent=already,
                               sent=sent, attempt=attempt)
@@ -259,9 +322,19 @@ class Exporter:
             retryable = result.retryable
             message = result.message or "; ".join(
                 f"{p.name}: {why}" for p, why in result.failed[:5])
+        has |= now
+        if cancelled is not None and cancelled.is_set():
+            # Stopped before it was done (`jobs cancel`, a stopping node): not an attempt
+            # that failed; what it acknowledged is kept for the next pass.
+            self.log.info("export stopped: the job was cancelled", destination=dest.name,
+                          already_sent=already, sent=sent)
+            if on_progress is not None:
+                on_progress(ExportProgress(
+                    dest.name, EXPORT_RETRYING, attempt - 1, already + sent,
+                    f"stopped before it was done: {earlier}{sent} sent now", has))
+            return None
         if already or sent:
             message = f"{earlier}{sent} sent now: {message}"
-        has |= now
         limit = dest.retry.max_attempts
         if retryable and attempt < limit:
             delay = dest.retry.delay_after(attempt)
@@ -276,6 +349,42 @@ class Exporter:
         return ExportOutcome(dest.name, ok=False, attempts=attempt, sent=already + sent,
                              message=f"{message} (after {attempt} attempts)",
                              acknowledged=has)
+
+
+class _Progress:
+    """A destination's progress in a pass: the objects it acknowledges, recorded in
+    batches (the first at once, then every ``ACK_BATCH`` or ``ACK_BATCH_S``)."""
+
+    def __init__(self, destination: str, attempts: int, had: frozenset[str],
+                 report: Callable[[ExportProgress], None] | None) -> None:
+        self.destination = destination
+        self.attempts = attempts  # finished attempts: the one under way is not counted
+        self.had = had
+        self.acked: set[str] = set()
+        self._report = report
+        self._unreported = 0
+        self._last: float | None = None
+
+    def report(self, state: str) -> None:
+        if self._report is None:
+            return
+        self._unreported = 0
+        self._last = time.monotonic()
+        try:
+            self._report(ExportProgress(self.destination, state, self.attempts,
+                                        len(self.had) + len(self.acked), None,
+                                        self.had | self.acked))
+        except Exception as exc:  # progress only; the outcome is recorded in any case
+            _log.warning("cannot record an export's progress", destination=self.destination,
+                         error=f"{type(exc).__name__}: {exc}")
+
+    def acknowledged(self, sop_instance_uid: str) -> None:
+        self.acked.add(sop_instance_uid)
+        self._unreported += 1
+        first = len(self.acked) == 1
+        if (first or self._unreported >= ACK_BATCH
+                or self._last is None or time.monotonic() - self._last >= ACK_BATCH_S):
+            self.report(EXPORT_SENDING)
 
 
 def _recorded(record: ExportRecord) -> ExportOutcome:

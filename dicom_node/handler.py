@@ -443,7 +443,10 @@ class NodeHandler:
         exporter = Exporter(
             self.settings, {"dimse": DimseSender(self.node.dicom_client(), ctx.cancelled)},
             base=self._results_base(job), log=ctx.log)
-        return exporter.export(names, artifacts, ctx.cancelled, extra, ctx.exported)
+        # Each destination's outcome is recorded as it settles, and what a DIMSE peer
+        # acknowledges as it comes: a crash later in the pass sends none of it again.
+        return exporter.export(names, artifacts, ctx.cancelled, extra, ctx.exported,
+                               on_outcome=ctx.export_settled, on_progress=ctx.export_progress)
 
 
 # A pushed part no pipeline reads waits at most this long for the rest of its study.

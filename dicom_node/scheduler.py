@@ -72,6 +72,27 @@ class ExportOutcome:
     acknowledged: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class ExportProgress:
+    """Where a destination stands while a pass is under way: ``pending`` (not yet tried
+    in this pass), ``sending`` (with what it has acknowledged so far), or ``retrying``
+    (the pass stopped before it was done: a cancel, a stopping node). ``attempts`` counts
+    the finished attempts only: one cut short is not counted."""
+
+    destination: str
+    state: str
+    attempts: int = 0
+    sent: int = 0
+    message: str | None = None
+    acknowledged: frozenset[str] = frozenset()
+
+
+def export_state(outcome: ExportOutcome) -> str:
+    """The state a destination's outcome is recorded with."""
+    return (EXPORT_SUCCEEDED if outcome.ok else
+            EXPORT_RETRYING if outcome.retry_in_s is not None else EXPORT_FAILED)
+
+
 @dataclass
 class JobContext:
     """What a handler gets for one attempt at a job."""
@@ -93,6 +114,9 @@ class JobContext:
     # were recorded): recorded before the job is queued again, so that a destination
     # that got the results is not sent them a second time.
     unrecorded: list[ExportOutcome] = field(default_factory=list)
+    # Outcomes of this pass that ``export_settled`` took (recorded, or kept in
+    # ``unrecorded``): the scheduler does not record them a second time.
+    settled: list[ExportOutcome] = field(default_factory=list)
     _set_state: Callable[[JobState, str | None], None] | None = None
 
     @property
@@ -108,6 +132,43 @@ class JobContext:
         """Record progress in the job's result now, so status requests can show it."""
         self.result.update(values)
         self.store.update_result(self.job.id, self.result, token=self.job.lease_token)
+
+    def export_settled(self, outcome: ExportOutcome) -> None:
+        """Record one destination's outcome of the pass at once, before the next
+        destination is tried: a node that dies (or stops) later in the pass must not send
+        that destination the results again. Called from the export's thread. When the
+        store fails, the outcome waits in ``unrecorded`` (recorded before the job is
+        queued again, see ``Scheduler._requeue_when_possible``); never raises."""
+        self.settled.append(outcome)
+        if outcome.recorded:
+            return
+        if self.unrecorded:  # the store failed for an earlier one: keep their order
+            self.unrecorded.append(outcome)
+            return
+        try:
+            self.store.record_export(self.job.id, outcome.destination, export_state(outcome),
+                                     outcome.attempts, outcome.sent, outcome.message,
+                                     outcome.acknowledged)
+        except Exception as exc:
+            self.log.warning("cannot record an export outcome yet; it is recorded once the "
+                             "store answers", destination=outcome.destination,
+                             error=f"{type(exc).__name__}: {exc}")
+            self.unrecorded.append(outcome)
+
+    def export_progress(self, progress: ExportProgress) -> None:
+        """Record where a destination stands in the pass (see :class:`ExportProgress`):
+        what it acknowledged so far is not sent again after a crash, and status requests
+        show it. Best effort: the outcome is recorded in any case; never raises."""
+        if self.unrecorded:  # the store failed: the outcomes come first
+            return
+        try:
+            self.store.record_export(self.job.id, progress.destination, progress.state,
+                                     progress.attempts, progress.sent, progress.message,
+                                     progress.acknowledged)
+        except Exception as exc:
+            self.log.warning("cannot record an export's progress",
+                             destination=progress.destination,
+                             error=f"{type(exc).__name__}: {exc}")
 
     def set_state(self, state: JobState, message: str | None = None) -> None:
         """Record a stage change (e.g. ``retrieving`` → ``running``)."""
@@ -319,13 +380,20 @@ class Scheduler:
                 continue
             # Queue it again first, which ends its lease: only then ask the thread to stop,
             # or it could record its own end ("cancelled") before the re-queue landed.
-            if await asyncio.to_thread(
-                self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
-                message="node stopped before the job finished; queued again",
-                uncount_attempt=True,  # as after a crash: restarts must not use up retries
-            ):
-                self.log.warning("job re-queued at shutdown", job_id=job_id)
-            ctx.cancelled.set()  # the thread stops; with its lease gone it cannot write
+            try:
+                if await asyncio.to_thread(
+                    self.store.transition, job_id, JobState.QUEUED, token=ctx.job.lease_token,
+                    message="node stopped before the job finished; queued again",
+                    uncount_attempt=True,  # as after a crash: restarts must not use up retries
+                ):
+                    self.log.warning("job re-queued at shutdown", job_id=job_id)
+            except Exception as exc:  # its lease runs out instead; it runs at the next start
+                self.log.warning("could not queue a job again as the node stopped",
+                                 job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                # The thread stops (an export before its next object or destination); with
+                # its lease gone it cannot change the job, only record what it sent.
+                ctx.cancelled.set()
             task.cancel()
         for worker in self._workers:
             worker.cancel()
@@ -614,11 +682,23 @@ class Scheduler:
                     log.warning("job outcome not recorded: its lease was lost",
                                 outcome=JobState.EXPORTING.value)
                     return
+                # What the run made is shown while the results are sent (the status
+                # APIs read the job's result; it was written only when the pass ended).
+                try:
+                    await asyncio.to_thread(self.store.update_result, job.id,
+                                            {**ctx.result, "artifacts": len(produced)},
+                                            token=token)
+                except Exception as exc:  # progress only: the pass's end records it
+                    self._trouble.report(log, "cannot record the job's results yet", exc)
             ctx.check_cancelled()
             ctx.exported = {x.destination: x for x in
                             await asyncio.to_thread(self.store.exports_of, job.id)}
+            ctx.unrecorded, ctx.settled = [], []
             outcomes = await self._in_thread(ctx, lambda: self.handler.export(ctx, produced))
-            ctx.unrecorded = [o for o in outcomes if not o.recorded]
+            # A handler records each destination's outcome as it settles (export_settled);
+            # what it did not is recorded now.
+            ctx.unrecorded += [o for o in outcomes if not o.recorded
+                               and not any(o is s for s in ctx.settled)]
             try:
                 await self._record_exports(job, ctx.unrecorded)
             except Exception as exc:
@@ -668,9 +748,8 @@ class Scheduler:
         (a failure leaves the rest there for the next try)."""
         while unrecorded:
             o = unrecorded[0]
-            state = (EXPORT_SUCCEEDED if o.ok else
-                     EXPORT_RETRYING if o.retry_in_s is not None else EXPORT_FAILED)
-            await asyncio.to_thread(self.store.record_export, job.id, o.destination, state,
+            await asyncio.to_thread(self.store.record_export, job.id, o.destination,
+                                    export_state(o),
                                     o.attempts, o.sent, o.message, o.acknowledged)
             unrecorded.pop(0)
 

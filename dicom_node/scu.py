@@ -406,12 +406,14 @@ class DicomClient:
 
     def export(self, destination: DestinationSettings, paths: Sequence[Path], *,
                attempts: int | None = None,
-               cancelled: threading.Event | None = None) -> ExportResult:
+               cancelled: threading.Event | None = None,
+               acknowledged: Callable[[str], None] | None = None) -> ExportResult:
         """Send ``paths`` to a DIMSE destination, retrying with exponential backoff.
 
         ``attempts``: at most this many associations (default: the destination's
         ``retry.max_attempts``); a job's export makes one each pass and is queued again
         for the next. ``cancelled`` stops it between instances and attempts.
+        ``acknowledged`` gets each SOP Instance UID the peer acknowledges, as it does.
         """
         try:
             peer = Peer.from_settings(destination)
@@ -420,11 +422,13 @@ class DicomClient:
         retry = destination.retry
         if attempts is not None:
             retry = retry.model_copy(update={"max_attempts": attempts})
-        return self.store_instances(peer, paths, retry, cancelled=cancelled)
+        return self.store_instances(peer, paths, retry, cancelled=cancelled,
+                                    acknowledged=acknowledged)
 
     def store_instances(
         self, peer: Peer, paths: Sequence[Path], retry: RetrySettings | None = None, *,
         cancelled: threading.Event | None = None,
+        acknowledged: Callable[[str], None] | None = None,
     ) -> ExportResult:
         retry = retry or RetrySettings()
         items: list[_Item] = []
@@ -452,8 +456,8 @@ class DicomClient:
                 else:
                     self._sleep(delay)
             attempt += 1
-            done, retryable, permanent, last_error = self._store_once(peer, pending,
-                                                                      cancelled)
+            done, retryable, permanent, last_error = self._store_once(
+                peer, pending, cancelled, acknowledged)
             sent += done
             for f in permanent:
                 failures[f.sop_instance_uid] = f
@@ -482,8 +486,12 @@ class DicomClient:
 
     def _store_once(
         self, peer: Peer, items: list[_Item], cancelled: threading.Event | None = None,
+        acknowledged: Callable[[str], None] | None = None,
     ) -> tuple[list[str], list[InstanceFailure], list[InstanceFailure], str]:
-        """One association: (sent, retryable failures, permanent failures, association error)."""
+        """One association: (sent, retryable failures, permanent failures, association error).
+
+        ``cancelled`` stops it before the next instance; ``acknowledged`` gets each SOP
+        Instance UID the peer acknowledges (Success or Warning) as it does."""
         ae = self._ae()
         contexts: set[tuple[str, str]] = set()
         for it in items:
@@ -532,6 +540,12 @@ class DicomClient:
                     retryable.append(InstanceFailure(it.sop_instance_uid, None, error))
                 elif status == 0 or (status & 0xF000) == 0xB000:  # success or warning
                     sent.append(it.sop_instance_uid)
+                    if acknowledged is not None:
+                        try:
+                            acknowledged(it.sop_instance_uid)
+                        except Exception as exc:  # a record of progress; the send goes on
+                            self.log.warning("cannot note an acknowledged instance",
+                                             error=f"{type(exc).__name__}: {exc}")
                 elif (status & 0xFF00) == 0xA700:  # out of resources: may pass later
                     retryable.append(InstanceFailure(it.sop_instance_uid, status,
                                                      f"status 0x{status:04X}"))

@@ -168,7 +168,8 @@ exports = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("job_id", sa.String(36), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True),
     sa.Column("destination", sa.String(128), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),  # succeeded, retrying, failed
+    # succeeded, retrying, failed; pending, sending while a pass is under way
+    sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("sent", sa.Integer, nullable=False, default=0),
     sa.Column("message", sa.Text),
@@ -498,6 +499,10 @@ class ArtifactRecord:
 EXPORT_SUCCEEDED = "succeeded"
 EXPORT_RETRYING = "retrying"
 EXPORT_FAILED = "failed"
+# While a pass is under way: not yet tried in it; being sent to (with what it has
+# acknowledged so far). Neither settles the destination: a later pass sends to it.
+EXPORT_PENDING = "pending"
+EXPORT_SENDING = "sending"
 
 
 @dataclass(frozen=True)

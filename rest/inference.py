@@ -33,7 +33,7 @@ from pydantic import (
 from dicom_node.config import Settings, unknown_key_hint
 from dicom_node.dicomweb import url_allowed
 from dicom_node.digits import ascii_int
-from dicom_node.store import Job, JobEvent, JobState, NewJob
+from dicom_node.store import ExportRecord, Job, JobEvent, JobState, NewJob
 from rest.app import NODE, Route, json_body, principal
 from rest.batch import cancelled_message
 from rest.errors import ApiError
@@ -413,9 +413,16 @@ async def get_status(request: web.Request) -> web.Response:
     job = await asyncio.to_thread(node.store.find_job, ref, principal(request).owner)
     exports = await asyncio.to_thread(node.store.exports_of, job.id)
     events = await asyncio.to_thread(node.store.events, job.id)
-    return web.json_response(status_body(job, [
-        {"destination": x.destination, "state": x.state, "attempts": x.attempts,
-         "sent": x.sent, "message": x.message} for x in exports], events))
+    return web.json_response(status_body(job, export_entries(exports), events))
+
+
+def export_entries(exports: list[ExportRecord]) -> list[dict[str, Any]]:
+    """The status's ``exports``: each destination's latest record. While a pass is under
+    way a destination not yet tried in it is ``pending`` and the one being sent to
+    ``sending`` (``sent``: what it acknowledged so far); each one's outcome replaces that
+    as soon as it settles."""
+    return [{"destination": x.destination, "state": x.state, "attempts": x.attempts,
+             "sent": x.sent, "message": x.message} for x in exports]
 
 
 def phase_timings(job: Job, events: list[JobEvent]) -> dict[str, float]:

@@ -249,3 +249,110 @@ async def test_a_destination_that_failed_part_way_gets_only_what_it_lacks(
             assert (record.state, record.attempts, record.sent) == ("succeeded", 2, 3)
             assert record.message == f"{already} already sent, {3 - already} sent now"
             assert record.acknowledged == frozenset()  # kept only while not done
+
+
+class Gated:
+    """A pynetdicom storage SCP on loopback that, in its first association, holds its
+    answer to the second instance until ``gate`` is set (a slow PACS, or one that hangs);
+    ``holding`` is set when it does. It records the SOP Instance UIDs each association
+    carried."""
+
+    def __init__(self) -> None:
+        self.associations: list[list[str]] = []
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: dict[int, int] = {}
+
+    def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            index = self._seen.setdefault(id(event.assoc), len(self._seen))
+            if index == len(self.associations):
+                self.associations.append([])
+            self.associations[index].append(uid)
+            hold = index == 0 and len(self.associations[0]) == 2
+        if hold:
+            self.holding.set()
+            self.gate.wait(120)  # the test opens it; the bound only ends a broken test
+        return 0x0000
+
+    @contextlib.contextmanager
+    def running(self, port: int) -> Iterator[Gated]:
+        ae = AE(ae_title="SLOW")
+        ae.supported_contexts = AllStoragePresentationContexts
+        server = ae.start_server(("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        try:
+            yield self
+        finally:
+            self.gate.set()
+            server.shutdown()
+
+
+async def test_each_destination_is_recorded_as_it_settles_and_a_stop_resumes_from_there(
+        tmp_path: Path) -> None:
+    """Three destinations: a folder, a slow PACS and a second folder. While the PACS
+    holds its answer to the second object, the store already records the first folder
+    done, the object the PACS acknowledged, and the second folder pending, and the
+    status shows them and the results (they were recorded only when the pass ended: a
+    node that died then sent everything to every destination again at its next start).
+    The node stops: the export stops before the next object, the destination cut short
+    keeps what it acknowledged and its attempts, and the next start sends the PACS only
+    what it lacks and the first folder nothing."""
+    from rest.inference import export_entries, status_body
+
+    port = free_port()
+    share, share2 = tmp_path / "share", tmp_path / "share2"
+    settings = _node(tmp_path, [{"name": "share", "type": "folder", "path": str(share)},
+                                _dimse("slow", port, backoff_s=0.2),
+                                {"name": "share2", "type": "folder", "path": str(share2)}])
+    settings = settings.model_copy(update={"pipelines": [
+        p.model_copy(update={"outputs": ["sr", "sc", "encapsulated_pdf"]})
+        for p in settings.pipelines]})
+    with Gated().running(port) as pacs:
+        async with running_node(settings) as node:
+            job = await _submit(node, tmp_path, 1, ["share", "slow", "share2"])
+            while not pacs.holding.is_set():  # no time limit: pytest-timeout guards
+                await asyncio.sleep(0.05)
+            first_uid = pacs.associations[0][0]
+            records = {x.destination: x for x in node.store.exports_of(job.id)}
+            assert (records["share"].state, records["share"].attempts) == ("succeeded", 1)
+            assert (records["slow"].state, records["slow"].attempts,
+                    records["slow"].acknowledged) == ("sending", 0, frozenset({first_uid}))
+            assert records["share2"].state == "pending"
+            body = status_body(node.store.get_job(job.id),
+                               export_entries(node.store.exports_of(job.id)))
+            assert body["status"] == "InProgress"
+            assert [(x["destination"], x["state"]) for x in body["exports"]] == [
+                ("share", "succeeded"), ("slow", "sending"), ("share2", "pending")]
+            assert body["results"] and body["results"][0]["study"]
+
+            assert node.scheduler is not None
+            await node.scheduler.stop(grace_s=0)  # as the grace period ends: re-queued
+            assert node.store.get_job(job.id).state is JobState.QUEUED
+            pacs.gate.set()  # the object in flight is answered; no other one is sent
+            while node.store.exports_of(job.id)[1].state != "retrying":
+                await asyncio.sleep(0.05)
+            assert len(pacs.associations) == 1 and len(pacs.associations[0]) == 2
+            slow = node.store.exports_of(job.id)[1]
+            assert slow.attempts == 0  # cut short by the stop: not a failed attempt
+            assert slow.acknowledged == frozenset(pacs.associations[0])
+            assert node.store.exports_of(job.id)[2].state == "pending"  # not tried
+            assert not share2.exists()
+        (share / job.id).rename(tmp_path / "share-first")  # a re-send would show
+
+        async with running_node(settings) as node:
+            job = await _finished(node, job)
+            assert job.state is JobState.SUCCEEDED, job.error
+            made = {str(a.sop_instance_uid) for a in node.store.artifacts_of(job.id)
+                    if a.sop_instance_uid}
+            assert len(made) == 3
+            first, second = pacs.associations
+            assert second == sorted(made - set(first))  # only what it lacked
+            assert not share.exists() or not any(share.iterdir())  # sent once, not again
+            assert (share2 / job.id).is_dir()
+            records = {x.destination: x for x in node.store.exports_of(job.id)}
+            assert (records["slow"].state, records["slow"].attempts, records["slow"].message
+                    ) == ("succeeded", 1, "2 already sent, 1 sent now")
+            assert (records["share"].state, records["share"].attempts) == ("succeeded", 1)

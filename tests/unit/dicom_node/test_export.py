@@ -153,3 +153,44 @@ def test_folder_reports_a_file_it_cannot_place(tmp_path: Path) -> None:
     ex = Exporter(settings(tmp_path), base=results)
     (o,) = ex.export(["out"], [Artifact("sr", f, DICOM_MEDIA_TYPE)])
     assert not o.ok and o.sent == 0 and "P1_sr.dcm" in (o.message or "")
+
+
+def test_each_outcome_is_reported_before_the_next_destination_is_tried(
+        tmp_path: Path) -> None:
+    """A pass reported its outcomes only when it ended, so a node that died later in the
+    pass had no record of the destinations already done."""
+    seen: list[str] = []
+
+    class Watching(FlakySender):
+        def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+            seen.append(f"send {dest.name}")
+            return super().send(dest, files)
+
+    ex = Exporter(settings(tmp_path), {"dimse": Watching(failures=1)})
+    out = ex.export(["out", "pacs"], artifacts(tmp_path),
+                    on_outcome=lambda o: seen.append(f"settled {o.destination} {o.ok}"),
+                    on_progress=lambda p: seen.append(f"{p.state} {p.destination}"))
+    assert seen == ["pending out", "pending pacs", "sending out", "settled out True",
+                    "sending pacs", "send pacs", "settled pacs False"]
+    assert [o.destination for o in out] == ["out", "pacs"]
+
+
+def test_a_destination_a_cancel_cuts_short_is_not_a_failed_attempt(tmp_path: Path) -> None:
+    """`jobs cancel` or a stopping node while a destination is sent to: what it took is
+    kept as progress (its attempts unchanged), not recorded as an attempt that failed
+    (at its last attempt, that failed it for good)."""
+    cancelled = threading.Event()
+    progress: list[tuple[str, int]] = []
+
+    class CutShort(FlakySender):
+        def send(self, dest: DestinationSettings, files: list[Path]) -> SendResult:
+            cancelled.set()
+            return SendResult(failed=[(files[0], "cancelled")])
+
+    ex = Exporter(settings(tmp_path), {"dimse": CutShort(failures=0)})
+    out = ex.export(["pacs", "out"], artifacts(tmp_path), cancelled,
+                    earlier={"pacs": _record("pacs", EXPORT_RETRYING, 2)},
+                    on_progress=lambda p: progress.append((p.state, p.attempts)))
+    assert out == []  # no outcome for it, and the next destination was not tried
+    assert progress == [("pending", 0), ("sending", 2), ("retrying", 2)]
+    assert not (tmp_path / "exported").exists()

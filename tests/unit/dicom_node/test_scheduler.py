@@ -215,6 +215,27 @@ async def test_stop_requeues_jobs_that_outlive_the_grace_period(store: Store,
     assert again.state is JobState.QUEUED and again.lease_owner is None
 
 
+async def test_stop_stops_the_job_even_when_it_cannot_queue_it_again(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store failing as a job outliving the grace period is queued again: its thread
+    was never told to stop (an export went on sending to its destinations)."""
+    sched, _ = make(store, tmp_path, grace=0.1)
+    await sched.start()
+    job = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
+    await wait_state(store, job.id, JobState.RUNNING)
+    (ctx, _task), = sched._running.values()
+    real_transition = store.transition
+
+    def transition(job_id: str, state: JobState, **kw: object) -> bool:
+        if state is JobState.QUEUED:
+            raise StoreError("database or disk is full")
+        return real_transition(job_id, state, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "transition", transition)
+    await sched.stop()
+    assert ctx.cancelled.is_set()
+
+
 async def test_stop_lets_short_jobs_finish(store: Store, tmp_path: Path) -> None:
     sched, _ = make(store, tmp_path, grace=30)
     await sched.start()
