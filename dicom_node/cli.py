@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     jl.add_argument("--state", action="append",
                     choices=["queued", "retrieving", "running", "exporting", "succeeded",
                              "failed", "cancelled"], help="only jobs in this state (repeatable)")
-    jl.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    jl.add_argument("--limit", type=_jobs_list_limit, default=20,
+                    help=f"at most this many (default 20, at most {JOBS_LIST_MAX})")
     jl.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (("show", "one job with its history, artifacts and exports"),
                        ("cancel", "cancel a queued job, or stop a running one"),
@@ -437,6 +438,21 @@ def _config_objects(store: Any) -> dict[str, dict[str, dict[str, Any] | None]]:
     return objects
 
 
+JOBS_LIST_MAX = 1000  # rows a `jobs list` prints at most; narrow it down with --state
+
+
+def _jobs_list_limit(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= JOBS_LIST_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{n} is not between 1 and {JOBS_LIST_MAX}: list at most {JOBS_LIST_MAX} jobs "
+            "at a time (narrow it down with --state)")
+    return n
+
+
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.store import JobState
     from dicom_node.studies_view import clip, column_width
@@ -445,7 +461,7 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.jobs_command == "list":
             states = [JobState(s) for s in args.state] if args.state else None
-            rows = store.list_jobs(states, limit=args.limit)
+            rows = store.list_jobs(states, limit=args.limit, with_input=False)
             if args.json:
                 for job in rows:
                     print(json.dumps(_job_json(job)))

@@ -80,12 +80,17 @@ def sweep(settings: Settings, store: Store, now: datetime | None = None,
     results_root = settings.results_dir.resolve()
     forget = inputs_to_forget(settings)
     own = files_owner(settings)
-    while not _stopped(stop) and (batch := store.expired_studies(cutoff, node_name=own)):
+    # batch after batch, each going on where the last stopped (a keyset, not a rescan)
+    for batch in store.expired_study_batches(cutoff, node_name=own):
         for study in batch:
             if _stopped(stop):
                 break
             delete_study(store, study, studies_root, done, forget_inputs_of=forget)
-    while not _stopped(stop) and (expired := store.jobs_finished_before(cutoff)):
+        if _stopped(stop):
+            break
+    for expired in store.expired_job_batches(cutoff):
+        if _stopped(stop):
+            break
         for job_id in expired:
             delete_results(job_id, results_root, done)
         forgotten = store.forget_jobs(expired)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -76,6 +78,8 @@ studies = sa.Table(
     sa.Column("called_ae", sa.String(16)),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # retention's oldest-first pass (keyset on updated_at, id) and ``studies list``
+    sa.Index("ix_studies_updated_at", "updated_at", "id"),
 )
 
 instances = sa.Table(
@@ -136,7 +140,17 @@ jobs = sa.Table(
     sa.Column("started_at", UTCDateTime),
     sa.Column("finished_at", UTCDateTime),
     sa.Column("updated_at", UTCDateTime, nullable=False),
-    sa.Index("ix_jobs_queue", "state", "priority", "created_at"),
+    # Migration 9 (see _migration_job_indexes): each index serves one query's WHERE and
+    # ORDER BY whole, so it reads only the rows it returns however many jobs there are.
+    # claim_next: queued, highest priority first, then oldest (replaces ix_jobs_queue,
+    # whose ascending priority could not give that order without sorting every queued job)
+    # (not_before and home too: the jobs it passes over are skipped in the index alone)
+    sa.Index("ix_jobs_claim", "state", sa.desc("priority"), "created_at", "id", "not_before",
+             "home"),
+    sa.Index("ix_jobs_due", "state", "not_before"),  # next_due
+    sa.Index("ix_jobs_created_at", "created_at"),  # list_jobs, newest first
+    sa.Index("ix_jobs_state_created_at", "state", "created_at"),  # list_jobs --state
+    sa.Index("ix_jobs_finished_at", "finished_at", "id"),  # retention (keyset)
     sa.UniqueConstraint("owner", "transaction_id", name="uq_jobs_owner_transaction"),
 )
 
@@ -338,6 +352,14 @@ def _migration_scale_out(conn: Connection) -> None:
     nodes.create(conn, checkfirst=True)
 
 
+def _migration_job_indexes(conn: Connection) -> None:
+    """Indexes for the job queue, the job listing and retention (see ``jobs``)."""
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_jobs_queue"))
+    for table in (jobs, studies):
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
 # Ordered schema migrations: entry i takes the schema from version i to i + 1.
 # Append, never edit: a deployed store has already run the earlier ones.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -349,6 +371,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_study_called_aes,  # a study stays in each AE title's project it came to
     _migration_export_acknowledged,  # a partly failed export resends only what is missing
     _migration_scale_out,  # receiving node, job home, node liveness (several machines)
+    _migration_job_indexes,  # claim, list and expire jobs and studies without full scans
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1161,20 +1184,39 @@ class Store:
     def expired_studies(self, before: datetime, limit: int = 200, *,
                         node_name: str | None = None) -> list[str]:
         """Studies that received nothing since ``before`` and that nothing still needs: no
-        job of theirs that is not final, no instance still waiting to become a job.
+        job of theirs that is not final, no instance still waiting to become a job; the
+        longest unchanged first, at most ``limit`` (see :meth:`expired_study_batches`).
 
         ``node_name``: only studies none of whose instances another node received (their
         files are on that node's disk: its own retention deletes them with the records)."""
-        study = studies.c.study_instance_uid
-        q = (sa.select(study)
-             .where(studies.c.updated_at < before, ~sa.exists(_unfinished_jobs(study)),
+        return [uid for uid, _ in self._expired_studies(before, limit, node_name, None)]
+
+    def expired_study_batches(self, before: datetime, limit: int = 200, *,
+                              node_name: str | None = None) -> Iterator[list[str]]:
+        """:meth:`expired_studies` batch after batch, each going on after the last study
+        of the one before (by ``updated_at`` and id, which ix_studies_updated_at gives in
+        order): a pass reads each study once, not again the studies a batch left (still
+        needed, another node's) on every batch. Each batch is its own query."""
+        after: tuple[datetime, int] | None = None
+        while rows := self._expired_studies(before, limit, node_name, after):
+            yield [uid for uid, _ in rows]
+            after = rows[-1][1]
+
+    def _expired_studies(self, before: datetime, limit: int, node_name: str | None,
+                         after: tuple[datetime, int] | None
+                         ) -> list[tuple[str, tuple[datetime, int]]]:
+        study, s = studies.c.study_instance_uid, studies.c
+        q = (sa.select(study, s.updated_at, s.id)
+             .where(s.updated_at < before, ~sa.exists(_unfinished_jobs(study)),
                     ~sa.exists(_pending_instances(study)))
-             .order_by(studies.c.updated_at).limit(limit))
+             .order_by(s.updated_at, s.id).limit(limit))
+        if after is not None:
+            q = q.where(sa.tuple_(s.updated_at, s.id) > after)
         if node_name is not None:
             q = q.where(~sa.exists(sa.select(instances.c.id)
                                    .where(*_received_elsewhere(study, node_name))))
         with self.engine.connect() as conn:
-            return [str(r[0]) for r in conn.execute(q)]
+            return [(str(r[0]), (r[1], int(r[2]))) for r in conn.execute(q)]
 
     def received_by_others(self, study_instance_uid: str, node_name: str) -> list[str]:
         """The other nodes that received instances of the study, by name."""
@@ -1277,10 +1319,29 @@ class Store:
         return int(n or 0)
 
     def jobs_finished_before(self, before: datetime, limit: int = 500) -> list[str]:
-        """Ids of final jobs that finished before ``before`` (at most ``limit``), leaving
-        out those of a batch with a job that did not: a batch expires whole."""
+        """Ids of final jobs that finished before ``before`` (at most ``limit``, the
+        earliest first), leaving out those of a batch with a job that did not: a batch
+        expires whole (see :meth:`expired_job_batches`)."""
+        return [job_id for job_id, _ in self._jobs_finished_before(before, limit, None)]
+
+    def expired_job_batches(self, before: datetime, limit: int = 500) -> Iterator[list[str]]:
+        """:meth:`jobs_finished_before` batch after batch, each going on after the last
+        job of the one before (by ``finished_at`` and id: ix_jobs_finished_at), so the
+        jobs a batch left (of a live batch) are not read again by every later batch."""
+        after: tuple[datetime, str] | None = None
+        while rows := self._jobs_finished_before(before, limit, after):
+            yield [job_id for job_id, _ in rows]
+            after = rows[-1][1]
+
+    def _jobs_finished_before(self, before: datetime, limit: int,
+                              after: tuple[datetime, str] | None
+                              ) -> list[tuple[str, tuple[datetime, str]]]:
         final = [s.value for s in FINAL_STATES]
-        expired = sa.and_(jobs.c.state.in_(final), jobs.c.finished_at < before)
+        # SQLite's planner (no statistics) would take ix_jobs_state_created_at for
+        # state IN (...) and sort every final job; ``state || ''`` is no indexed column,
+        # so it walks ix_jobs_finished_at in order and stops at ``limit``
+        state = jobs.c.state.concat("") if self.dialect == "sqlite" else jobs.c.state
+        expired = sa.and_(state.in_(final), jobs.c.finished_at < before)
         other = jobs.alias("other")
         live_batches = (
             sa.select(batch_sources.c.batch_id)
@@ -1288,10 +1349,12 @@ class Store:
             .where(sa.or_(other.c.state.not_in(final), other.c.finished_at.is_(None),
                           other.c.finished_at >= before)))
         kept = sa.select(batch_sources.c.job_id).where(batch_sources.c.batch_id.in_(live_batches))
-        q = (sa.select(jobs.c.id).where(expired, jobs.c.id.not_in(kept))
-             .order_by(jobs.c.finished_at).limit(limit))
+        q = (sa.select(jobs.c.id, jobs.c.finished_at).where(expired, jobs.c.id.not_in(kept))
+             .order_by(jobs.c.finished_at, jobs.c.id).limit(limit))
+        if after is not None:
+            q = q.where(sa.tuple_(jobs.c.finished_at, jobs.c.id) > after)
         with self.engine.connect() as conn:
-            return [str(r[0]) for r in conn.execute(q)]
+            return [(str(r[0]), (r[1], str(r[0]))) for r in conn.execute(q)]
 
     def forget_jobs(self, job_ids: Sequence[str]) -> int:
         """Delete these jobs' records (events, artifacts and exports with them) and the
@@ -1471,7 +1534,7 @@ class Store:
             if len(ref) < min_prefix:
                 raise NotFound(f"no job {ref!r} (give at least {min_prefix} characters "
                                "of its id)") from None
-        pattern = jobs.c.id.startswith(ref.lower(), autoescape=True)
+        pattern = _id_prefix(ref.lower(), self.dialect)
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs).where(pattern).order_by(jobs.c.id)
                                 .limit(6)).all()
@@ -1485,15 +1548,31 @@ class Store:
 
     def list_jobs(
         self, states: Iterable[JobState] | None = None, limit: int = 50, offset: int = 0,
-        *, study_instance_uid: str | None = None,
+        *, study_instance_uid: str | None = None, with_input: bool = True,
     ) -> list[Job]:
-        q = sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit).offset(offset)
-        if states:
-            q = q.where(jobs.c.state.in_([s.value for s in states]))
+        """Jobs, newest first. ``with_input=False`` leaves each job's input unread (its
+        ``input`` is ``{}``): a listing that does not show it reads no instance UIDs.
+
+        Several ``states`` are read one state at a time (ix_jobs_state_created_at gives
+        each newest first, at most ``offset + limit`` rows) and merged: one query over
+        ``state IN (...)`` would sort every job in those states."""
+        columns = [c for c in jobs.c if with_input or c.name != "input"]
+        q = sa.select(*columns).order_by(jobs.c.created_at.desc())
         if study_instance_uid is not None:
             q = q.where(jobs.c.study_instance_uid == study_instance_uid)
+        wanted = list(dict.fromkeys(s.value for s in states)) if states else []
         with self.engine.connect() as conn:
-            return [Job.from_row(r) for r in conn.execute(q)]
+            if len(wanted) <= 1 or study_instance_uid is not None:
+                if wanted:
+                    q = q.where(jobs.c.state.in_(wanted))
+                rows = list(conn.execute(q.limit(limit).offset(offset)))
+            else:
+                per_state = [list(conn.execute(q.where(jobs.c.state == state)
+                                               .limit(offset + limit)))
+                             for state in wanted]
+                merged = heapq.merge(*per_state, key=lambda r: r.created_at, reverse=True)
+                rows = list(itertools.islice(merged, offset, offset + limit))
+        return [Job.from_mapping({"input": {}, **r._mapping}) for r in rows]
 
     def count_jobs(self) -> dict[JobState, int]:
         q = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
@@ -1522,8 +1601,11 @@ class Store:
         the database's clock (see :meth:`_db_now`).
         """
         now = utcnow()
+        # Only ids, in the order of ix_jobs_claim: the index gives them (and filters on
+        # not_before and home) without reading or sorting the queue; each job's whole row
+        # (its input can be thousands of instance UIDs) is read only when trying it.
         q = (
-            sa.select(jobs)
+            sa.select(jobs.c.id)
             .where(jobs.c.state == JobState.QUEUED.value)
             .where(jobs.c.priority >= min_priority)
             .where(sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
@@ -1533,8 +1615,14 @@ class Store:
         if node is not None:
             q = q.where(sa.or_(jobs.c.home.is_(None), jobs.c.home == node))
         with self.engine.connect() as conn:
-            candidates = [Job.from_row(r) for r in conn.execute(q)]
-        for job in candidates:
+            candidates = [str(r[0]) for r in conn.execute(q)]
+        for job_id in candidates:
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(jobs).where(
+                    jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)).first()
+            if row is None:  # taken (or cancelled) meanwhile
+                continue
+            job = Job.from_row(row)
             state = first_state(job) if first_state else JobState.RUNNING
             token = str(uuid.uuid4())
             with self._begin() as conn:
@@ -2112,6 +2200,18 @@ class Store:
     ) -> None:
         conn.execute(job_events.insert().values(job_id=job_id, at=at, state=state.value,
                                                 message=message))
+
+
+def _id_prefix(prefix: str, dialect: str) -> Any:
+    """``jobs.id`` starts with ``prefix``. On SQLite a range (``prefix <= id <
+    prefix_next``), which the primary key's index serves (a LIKE scans the table).
+    PostgreSQL's text order follows the database's collation, in which a range need not
+    hold exactly the strings with that prefix: there, LIKE."""
+    like = jobs.c.id.startswith(prefix, autoescape=True)
+    if dialect != "sqlite" or not prefix or ord(prefix[-1]) >= 0x10FFFF:
+        return like
+    following = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return sa.and_(jobs.c.id >= prefix, jobs.c.id < following)
 
 
 def _holder(conn: Connection, new: NewJob) -> str | None:

@@ -139,7 +139,8 @@ def find_study(store: Store, ref: str) -> tuple[StudyRecord, list[SeriesRecord]]
 def show_study(store: Store, ref: str, *, as_json: bool) -> int:
     """Print one study series by series, with its jobs; returns the exit code."""
     study, series = find_study(store, ref)
-    jobs = store.list_jobs(limit=100, study_instance_uid=study.study_instance_uid)
+    jobs = store.list_jobs(limit=100, study_instance_uid=study.study_instance_uid,
+                           with_input=False)
     if as_json:
         data = _study_json(study, series)
         data["series"] = [{
@@ -203,7 +204,7 @@ def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
         print(f"dicom-node: study {uid} was received by {', '.join(others)} (its files are "
               f"on {where} disk): delete it there", file=sys.stderr)
         return 1
-    jobs = store.list_jobs(limit=1000, study_instance_uid=uid)
+    jobs = store.list_jobs(limit=1000, study_instance_uid=uid, with_input=False)
     what = (f"{study.instances} instance(s), {size_text(_size(series))}, "
             f"of study {uid} (patient {study.patient_id or '?'})")
     if results and jobs:

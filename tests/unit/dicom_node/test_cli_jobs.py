@@ -43,7 +43,7 @@ def test_a_listing_cut_off_by_head_ends_quietly(tmp_path: Path) -> None:
     store.close()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dicom-node"), "jobs", "list", "--data-dir",
-         str(data), "--limit", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         str(data), "--limit", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline().startswith(b"JOB ID")
     proc.stdout.close()

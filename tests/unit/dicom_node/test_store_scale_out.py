@@ -156,12 +156,13 @@ def test_a_version_7_store_gets_receiving_nodes_homes_and_liveness(store: Store)
     store.record_instance(rec("1.1"))
     job = store.create_job(NewJob(pipeline="p"))
     with store.engine.begin() as conn:  # back to what version 7 made
+        conn.exec_driver_sql("DROP INDEX ix_jobs_claim")  # (migration 9's, on jobs.home)
         conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN received_by")
         conn.exec_driver_sql("ALTER TABLE jobs DROP COLUMN home")
         conn.exec_driver_sql("DROP TABLE nodes")
         conn.exec_driver_sql("UPDATE schema_info SET version = 7")
     assert store.migrate() == 7  # the version it found
-    assert store.schema_version() == store_module.SCHEMA_VERSION == 8
+    assert store.schema_version() == store_module.SCHEMA_VERSION >= 8
     assert store.get_job(job.id).home is None
     assert _sops(store.pending_instances()) == ["1.1"]
     store.node_alive("node-a", 60)
