@@ -44,7 +44,7 @@ Settings come from the YAML file, then DICOM_NODE_* environment variables
 
 
 def version_line() -> str:
-    """``dicom-node 0.1.0 (store schema 7)``: the schema tells which release a store
+    """``dicom-node 0.1.0 (store schema 9)``: the schema tells which release a store
     refused as newer or older belongs with."""
     from dicom_node.store import SCHEMA_VERSION
 
