@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import os
 import queue
@@ -207,6 +208,20 @@ class _Peer:
     echoes: int = 0
 
 
+@dataclass
+class ParsedInstance:
+    """A received file's header, read and checked by :meth:`InstanceWriter.read`."""
+
+    source_path: Path
+    ds: Any  # the header (values over 4 KiB unread); dropped once placed
+    elems: dict[str, Any]
+    meta_ts: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
 class InstanceWriter:
     """Writes a received instance durably and records it; shared by the SCP and C-GET."""
 
@@ -244,6 +259,18 @@ class InstanceWriter:
         do not match the request (0xA900 via ``ValueError``), :class:`OSError` or
         :class:`StoreError` when it cannot be kept (0xA700).
         """
+        parsed = self.read(source_path, expected_sop_class=expected_sop_class,
+                           expected_sop_instance=expected_sop_instance)
+        return self.keep(parsed, called_ae=called_ae, calling_ae=calling_ae,
+                         association_id=association_id, source=source,
+                         duplicates=duplicates, durable=durable, keep_header=keep_header,
+                         record=record)
+
+    def read(self, source_path: Path, *, expected_sop_class: str | None = None,
+             expected_sop_instance: str | None = None) -> ParsedInstance:
+        """The first half of :meth:`write`: read the header of the file at
+        ``source_path`` and check it (what the SCP needs to decide where the instance
+        goes: a retrieval or an ordinary push). Raises as :meth:`write` does."""
         try:
             # Every element header is parsed (that is what catches a truncated dataset),
             # but values over 4 KiB (the pixels) are skipped, not read: their declared
@@ -262,10 +289,6 @@ class InstanceWriter:
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
         except Exception as exc:  # pydicom raises many shapes on corrupt input
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
-        if not record and duplicates is not DuplicatePolicy.OVERWRITE:
-            raise ValueError("write(record=False) takes DuplicatePolicy.OVERWRITE only")
-        header = ds if keep_header else None
-        del ds
         sop = safe_uid(elems["SOPInstanceUID"], "SOPInstanceUID")
         sop_class = safe_uid(elems["SOPClassUID"], "SOPClassUID")
         study = safe_uid(elems["StudyInstanceUID"], "StudyInstanceUID")
@@ -274,6 +297,30 @@ class InstanceWriter:
             raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
         if expected_sop_class and sop_class != expected_sop_class.strip():
             raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
+        return ParsedInstance(source_path, ds, elems, meta_ts, sop, sop_class, study, series)
+
+    def keep(
+        self,
+        parsed: ParsedInstance,
+        *,
+        called_ae: str,
+        calling_ae: str,
+        association_id: int,
+        source: str = "dimse",
+        duplicates: DuplicatePolicy = DuplicatePolicy.OVERWRITE,
+        durable: bool = True,
+        keep_header: bool = False,
+        record: bool = True,
+    ) -> ReceivedInstance:
+        """The second half of :meth:`write`: place and record an instance :meth:`read`
+        read. Raises :class:`OSError` or :class:`StoreError` when it cannot be kept."""
+        if not record and duplicates is not DuplicatePolicy.OVERWRITE:
+            raise ValueError("write(record=False) takes DuplicatePolicy.OVERWRITE only")
+        source_path, elems, meta_ts = parsed.source_path, parsed.elems, parsed.meta_ts
+        sop, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
+        study, series = parsed.study_instance_uid, parsed.series_instance_uid
+        header = parsed.ds if keep_header else None
+        parsed.ds = None  # the pixels' file handle goes with it
 
         final = self.studies_dir / study / series / f"{sop}.dcm"
         overwrite = duplicates is DuplicatePolicy.OVERWRITE
@@ -884,13 +931,54 @@ InstanceCallback = Callable[[ReceivedInstance], None]
 EndCallback = Callable[[AssociationEnd], None]
 
 
+@dataclass(frozen=True)
+class RetrievalKeys:
+    """What a C-MOVE asked for: the keys an instance sent without Move Originator
+    attributes must match to be taken as one of its sub-operations (see
+    :meth:`StorageSCP._collector_for`). A key left None is not compared; UIDs may be
+    lists (``a\\b``), as in the query."""
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+
+    def given(self) -> bool:
+        return any((self.study_instance_uid, self.series_instance_uid,
+                    self.sop_instance_uid, self.patient_id, self.accession_number))
+
+    def match(self, parsed: ParsedInstance) -> bool:
+        """Whether the instance is one the C-MOVE asked for (every key given matches);
+        False when no key is given: nothing then tells it from a push."""
+        if not self.given():
+            return False
+        checks = (
+            (self.study_instance_uid, parsed.study_instance_uid, True),
+            (self.series_instance_uid, parsed.series_instance_uid, True),
+            (self.sop_instance_uid, parsed.sop_instance_uid, True),
+            (self.patient_id, _text(parsed.elems.get("PatientID"), 64), False),
+            (self.accession_number, _text(parsed.elems.get("AccessionNumber"), 64), False),
+        )
+        for wanted, value, uid_key in checks:
+            if not wanted:
+                continue
+            if uid_key:
+                if value not in {u.strip() for u in wanted.split("\\")}:
+                    return False
+            elif not fnmatch.fnmatchcase(value.strip(), wanted.strip()):
+                return False  # PatientID / AccessionNumber may hold * and ? wildcards
+        return True
+
+
 @dataclass
 class _Collector:
-    """Instances sent by one peer during a retrieval (C-MOVE to ourselves)."""
+    """Instances sent during a retrieval (C-MOVE to ourselves) from one PACS."""
 
-    calling_ae: str
+    calling_ae: str  # the PACS's (Q/R) AE title
     batch: RetrievedBatch
     message_id: int | None = None  # of our C-MOVE request: the sub-operations carry it
+    keys: RetrievalKeys = field(default_factory=RetrievalKeys)
 
 
 class StorageSCP:
@@ -1032,17 +1120,22 @@ class StorageSCP:
             self._counts[key] += 1
 
     @contextlib.contextmanager
-    def collect_from(self, calling_ae: str,
-                     message_id: int | None = None) -> Iterator[RetrievedBatch]:
-        """Route instances sent by ``calling_ae`` to the yielded batch, not to the assembler.
+    def collect_from(self, calling_ae: str, message_id: int | None = None,
+                     keys: RetrievalKeys | None = None) -> Iterator[RetrievedBatch]:
+        """Route the sub-operations of our C-MOVE ``message_id`` to the yielded batch,
+        not to the assembler.
 
         Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title,
-        each C-STORE naming the C-MOVE's ``message_id`` (Move Originator Message ID), so
-        that two retrievals from one PACS at once each get their own. They are placed
-        without a store record; the caller ends the batch (:meth:`RetrievedBatch.end`)
-        once the C-MOVE is over, which records them together.
+        each C-STORE naming our AE title and the C-MOVE's ``message_id`` (Move Originator
+        AE Title and Message ID), from whatever AE title it stores with; a C-STORE
+        without them is taken only when it comes from ``calling_ae`` (the PACS's Q/R AE
+        title) and matches ``keys`` (what the C-MOVE asked for); see
+        :meth:`_collector_for`. They are placed without a store record; the caller ends
+        the batch (:meth:`RetrievedBatch.end`) once the C-MOVE is over, which records
+        them together.
         """
-        collector = _Collector(calling_ae.strip(), RetrievedBatch(self.writer), message_id)
+        collector = _Collector(calling_ae.strip(), RetrievedBatch(self.writer), message_id,
+                               keys or RetrievalKeys())
         with self._lock:
             self._collectors.append(collector)
         try:
@@ -1188,17 +1281,20 @@ class StorageSCP:
                                 "SOP class does not match the presentation context")
         if sop_class in ae.ignored_sop_classes:
             return self._answer(log, Status.SUCCESS, "SOP class ignored; not kept")
-        collector = self._collector_for(peer, _move_originator_id(event.request))
-        retrieving = collector is not None  # a sub-operation of our C-MOVE
+        collector: _Collector | None = None
         try:
             try:
                 path = spool.received_path(req)  # OSError: the disk filled as it arrived
             except AttributeError:  # chunked mode switched off by someone: use the bytes
                 path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
-            got = self.writer.write(
-                path, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+            parsed = self.writer.read(path, expected_sop_class=sop_class,
+                                      expected_sop_instance=sop)
+            # a sub-operation of our C-MOVE, or None: an ordinary push
+            collector = self._collector_for(peer, req, parsed)
+            retrieving = collector is not None
+            got = self.writer.keep(
+                parsed, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                 association_id=id(event.assoc), duplicates=ae.duplicates,
-                expected_sop_class=sop_class, expected_sop_instance=sop,
                 source="retrieve" if retrieving else "dimse",
                 durable=not retrieving,  # a retrieval that fails is fetched again
                 keep_header=retrieving,  # its job reads the headers next
@@ -1230,19 +1326,40 @@ class StorageSCP:
             log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
         return int(status)
 
-    def _collector_for(self, peer: _Peer, move_id: int | None) -> _Collector | None:
-        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE):
-        the one whose C-MOVE message ID the request names, else the peer's only (or
-        first) one, for a PACS that does not send the Move Originator Message ID."""
-        if peer.called_ae != self.settings.dimse.ae_title:
+    def _collector_for(self, peer: _Peer, request: Any,
+                       parsed: ParsedInstance) -> _Collector | None:
+        """The retrieval a C-STORE is a sub-operation of, or None: an ordinary push
+        (written durably, grouped into jobs).
+
+        PS3.7 C.4.2: a C-MOVE's sub-operations name its requestor and request in Move
+        Originator AE Title and Message ID; the AE title they are sent from is the PACS's
+        to choose (many store from another AE title than their Q/R one). So:
+
+        - with both attributes and the AE title ours, the instance belongs to the
+          retrieval whose C-MOVE has that message ID, whatever AE title sends it; to
+          none (a push) when no C-MOVE in flight has that ID;
+        - a Move Originator AE Title naming another AE makes it a push (a sub-operation
+          of someone else's C-MOVE), except when it names the PACS we sent the C-MOVE
+          to: pynetdicom's Q/R SCP names itself there, so it is taken as the next case;
+        - without usable Move Originator attributes (some PACS send none) it belongs to
+          a retrieval only when it comes from that retrieval's PACS AE title (and names
+          its message ID, if it names one) and matches what the C-MOVE asked for (its
+          Study Instance UID, and the other keys given): a study that PACS pushes
+          meanwhile is not taken into the retrieval.
+        """
+        node_ae = self.settings.dimse.ae_title
+        if peer.called_ae != node_ae:  # sub-operations go to the move destination: us
             return None
+        move_ae, move_id = _move_originator(request)
         with self._lock:
-            mine = [c for c in self._collectors if c.calling_ae == peer.calling_ae]
-        if move_id is not None:
-            for c in mine:
-                if c.message_id == move_id:
-                    return c
-        return mine[0] if mine else None
+            collectors = list(self._collectors)
+        if move_ae == node_ae and move_id is not None:
+            return next((c for c in collectors if c.message_id == move_id), None)
+        return next((c for c in collectors
+                     if c.calling_ae == peer.calling_ae
+                     and move_ae in ("", node_ae, c.calling_ae)
+                     and (move_id is None or c.message_id == move_id)
+                     and c.keys.match(parsed)), None)
 
     def _deliver(self, got: ReceivedInstance, collector: _Collector | None) -> None:
         if collector is not None:
@@ -1328,10 +1445,13 @@ def _spool(data: bytes, studies_dir: Path) -> Path:
     return Path(name)
 
 
-def _move_originator_id(request: Any) -> int | None:
-    """The Move Originator Message ID of a C-STORE request, when the sender gave one."""
+def _move_originator(request: Any) -> tuple[str, int | None]:
+    """The Move Originator AE Title (stripped; "" when absent) and Message ID (None when
+    absent) of a C-STORE request."""
+    ae = _ae_text(getattr(request, "MoveOriginatorApplicationEntityTitle", None) or "")
     value = getattr(request, "MoveOriginatorMessageID", None)
     try:
-        return None if value is None else int(value)
+        move_id = None if value is None else int(value)
     except (TypeError, ValueError):
-        return None
+        move_id = None
+    return ae, move_id
