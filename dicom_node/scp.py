@@ -280,6 +280,7 @@ class InstanceWriter:
             if meta_ts == DeflatedExplicitVRLittleEndian:
                 # offsets are into the inflated stream: nothing to compare with the file
                 ds = dcmread(source_path, force=False)
+            _check_encoding(ds, meta_ts)
             _check_complete(ds, os.stat(source_path).st_size)
             elems = {t: ds.get(t) for t in _TAGS}
         except InvalidInput:
@@ -447,6 +448,32 @@ def _check_complete(ds: Any, file_size: int) -> None:
         tell = getattr(elem, "value_tell", None)
         if value is None and tell is not None and tell + length > file_size:
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
+
+
+def _check_encoding(ds: Any, meta_ts: str) -> None:
+    """Raise when the dataset is not encoded as the transfer syntax it came in says.
+
+    A sender that encodes explicit VR on a presentation context negotiated for implicit
+    VR (or the reverse) sends a dataset no reader can take as its file meta says: pydicom
+    guesses the VR from the first element's bytes and only warns, so it was stored as it
+    came and answered Success (dcmdump cannot read it). What pydicom guessed is kept in
+    the raw elements of the header already read (``is_implicit_VR``; the dataset's
+    ``original_encoding`` says the transfer syntax's): comparing costs nothing more.
+    """
+    try:
+        syntax = UID(meta_ts)
+        expected = syntax.is_implicit_VR if syntax.is_transfer_syntax else None
+    except ValueError:
+        expected = None
+    found = None
+    for elem in ds.values():  # the first one is enough: pydicom guessed once for all
+        found = getattr(elem, "is_implicit_VR", None)  # raw, not yet converted
+        break
+    if expected is None or found is None or found == expected:
+        return
+    said, is_ = ("implicit", "explicit") if expected else ("explicit", "implicit")
+    raise InvalidInput(f"the dataset is encoded with {is_} VR, but its transfer syntax "
+                       f"({meta_ts}) is {said} VR")
 
 
 def _intact(path: Path, size: int) -> bool:

@@ -310,12 +310,13 @@ def test_ae_without_pipelines_just_stores(node: RunningNode, tmp_path: Path) -> 
 
 
 def _send_raw(port: int, called: str, sop_class: str, sop_instance: str, data: bytes,
-              context_class: str | None = None) -> int:
-    """Send a C-STORE with hand-made dataset bytes (explicit VR little endian)."""
+              context_class: str | None = None,
+              syntax: str = ExplicitVRLittleEndian) -> int:
+    """Send a C-STORE with hand-made dataset bytes on a context for ``syntax``."""
     from io import BytesIO
 
     ae = AE(ae_title="BADSCU")
-    ae.add_requested_context(context_class or sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context(context_class or sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established
     try:
@@ -338,13 +339,13 @@ def _send_raw(port: int, called: str, sop_class: str, sop_instance: str, data: b
         assoc.release()
 
 
-def _encoded(ds: Dataset) -> bytes:
+def _encoded(ds: Dataset, *, implicit: bool = False) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
     buf = DicomBytesIO()
     buf.is_little_endian = True
-    buf.is_implicit_VR = False
+    buf.is_implicit_VR = implicit
     write_dataset(buf, ds)
     return buf.getvalue()
 
@@ -356,6 +357,27 @@ def test_truncated_dataset_is_refused_c210(node: RunningNode) -> None:
     assert status == 0xC210
     assert node.store.get_instance(ds.SOPInstanceUID) is None
     assert not list(node.settings.studies_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("explicit_body", [True, False])
+def test_a_dataset_not_encoded_as_its_transfer_syntax_is_refused_c210(
+        node: RunningNode, explicit_body: bool) -> None:
+    """Explicit VR sent on an implicit VR context (or the reverse): pydicom reads it by
+    guessing and only warns, and it was stored unreadable (its file meta says one
+    encoding, its body is the other) with a Success. dcmtk and Orthanc refuse it."""
+    ds = synthetic(generate_uid(), generate_uid())
+    if explicit_body:
+        data, syntax = _encoded(ds), ImplicitVRLittleEndian
+    else:
+        data, syntax = _encoded(ds, implicit=True), ExplicitVRLittleEndian
+    with structlog.testing.capture_logs() as logs:
+        status = _send_raw(node.port, NODE_AE, CTImageStorage, ds.SOPInstanceUID, data,
+                           syntax=syntax)
+    assert status == 0xC210
+    assert node.store.count_instances() == 0
+    assert not list(node.settings.studies_dir.rglob("*.dcm"))
+    refused = [e for e in logs if e["event"] == "C-STORE refused"]
+    assert refused and "encoded with" in refused[0]["message"], logs
 
 
 def test_dataset_without_sop_instance_uid_is_refused_c210(node: RunningNode) -> None:
