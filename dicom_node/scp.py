@@ -48,7 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     register_uid,
     uid_to_service_class,
 )
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -690,7 +690,39 @@ class _TunedSocket(AssociationSocket):
         return readable
 
 
-class _TunedAssociation(Association):
+class _AcceptorAssociation(Association):
+    """An association the node accepts: says when one ends before its A-ASSOCIATE-RQ
+    came whole (pynetdicom closes it at the ARTIM time without a word)."""
+
+    def run(self) -> None:  # the thread's: its target is the reactor bound at __init__
+        opened = time.monotonic()
+        try:
+            super().run()
+        finally:
+            if self.requestor.primitive is None:
+                server = self._server
+                log = getattr(server, "log", None)
+                timeout = float(getattr(server, "handshake_timeout_s", 0) or 0)
+                if log is not None:
+                    held = time.monotonic() - opened
+                    timed_out = held >= timeout * 0.9
+                    (log.warning if timed_out else log.debug)(
+                        "connection closed: no A-ASSOCIATE-RQ within dimse.acse_timeout_s"
+                        if timed_out else "connection closed before an A-ASSOCIATE-RQ came",
+                        peer=f"{self.requestor.address}:{self.requestor.port}",
+                        came="part of one" if timed_out else "nothing whole",
+                        acse_timeout_s=timeout)
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        if type(assoc) is Association and _PYNETDICOM_3_0:
+            assoc.__class__ = _AcceptorAssociation
+        return assoc
+
+
+class _TunedAssociation(_AcceptorAssociation):
     """An accepted association whose reactor wakes when a DIMSE message arrives.
 
     pynetdicom 3.0's acceptor reactor sleeps 1 ms before every look at its message
@@ -827,12 +859,18 @@ class _Server(ThreadedAssociationServer):
         return sock, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is None and _starts_tls(request, self.handshake_timeout_s):
+        peer = f"{client_address[0]}:{client_address[1]}"
+        first = _first_byte(request, self.handshake_timeout_s)
+        if first is None:
+            # The ARTIM timer (PS3.8 9.1.5): pynetdicom's waited as long again after this
+            # wait, so a connection that sent nothing was held for twice the time.
+            self._artim_expired(request, peer, "nothing came")
+            return
+        if self.ssl_context is None and first == bytes([_TLS_HANDSHAKE]):
             # pynetdicom would read the ClientHello as PDUs of unknown types: five error
             # lines naming neither the peer nor the cause.
             if self.log is not None:
-                self.log.warning("TLS handshake on the plain DICOM port",
-                                 peer=f"{client_address[0]}:{client_address[1]}",
+                self.log.warning("TLS handshake on the plain DICOM port", peer=peer,
                                  hint="the peer is set up for TLS: turn TLS off there, or "
                                       "set dimse.tls on the node")
             with contextlib.suppress(OSError):
@@ -842,35 +880,49 @@ class _Server(ThreadedAssociationServer):
             try:
                 request.settimeout(self.handshake_timeout_s)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
             except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
                 if self.log is not None:
                     self.log.warning("TLS handshake failed", error=str(exc) or type(exc).__name__,
-                                     peer=f"{client_address[0]}:{client_address[1]}")
+                                     peer=peer)
                 with contextlib.suppress(OSError):
                     request.close()
                 return
+        # Until its A-ASSOCIATE-RQ is read, a read that stalls (a PDU cut off mid-way)
+        # ends at the ARTIM time: pynetdicom's reads block with no limit. Once it is
+        # read, StorageSCP._on_requested sets the network timeout for the same purpose.
+        with contextlib.suppress(OSError):
+            request.settimeout(self.handshake_timeout_s)
         super().process_request_thread(request, client_address)
+
+    def _artim_expired(self, request: Any, peer: str, what: str) -> None:
+        if self.log is not None:
+            self.log.warning("connection closed: no A-ASSOCIATE-RQ within "
+                             "dimse.acse_timeout_s", peer=peer, came=what,
+                             acse_timeout_s=self.handshake_timeout_s)
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            request.close()
 
 
 _TLS_HANDSHAKE = 0x16  # a TLS record's content type; no PDU type (PS3.8 9.3.1)
 
 
-def _starts_tls(sock: socket.socket, timeout_s: float) -> bool:
-    """Whether the peer's first byte opens a TLS handshake, peeked (it stays to be read).
-
-    Waits up to ``timeout_s`` for it; a peer that sends nothing, closes, or resets is
-    left to pynetdicom as before.
+def _first_byte(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """The peer's first byte, peeked (it stays to be read): whether it opens a TLS
+    handshake tells a TLS peer on the plain port. None when nothing came within
+    ``timeout_s``; empty when the peer closed or reset (left to pynetdicom as before).
     """
     try:
         sock.settimeout(timeout_s)
-        first = sock.recv(1, socket.MSG_PEEK)
-    except OSError:  # a timeout, a reset
-        first = b""
+        return sock.recv(1, socket.MSG_PEEK)[:1]
+    except TimeoutError:
+        return None
+    except OSError:  # a reset
+        return b""
     finally:
         with contextlib.suppress(OSError):
             sock.settimeout(None)
-    return first[:1] == bytes([_TLS_HANDSHAKE])
 
 
 class _SharedSyntaxContexts(list[PresentationContext]):
@@ -934,7 +986,7 @@ def _tune(assoc: Association) -> None:
     """:func:`tune_socket`, and swap in :class:`_TunedAssociation`'s reactor (it runs
     after EVT_REQUESTED, where this is called)."""
     tune_socket(assoc)
-    if type(assoc) is Association and _PYNETDICOM_3_0:
+    if type(assoc) in (Association, _AcceptorAssociation) and _PYNETDICOM_3_0:
         _signal_on_put(assoc.dul.to_user_queue,
                        functools.partial(_notify_all, assoc.dimse.msg_queue.not_empty))
         assoc.__class__ = _TunedAssociation
@@ -1070,6 +1122,7 @@ class StorageSCP:
         server = cast(_Server, ae.make_server((dimse.host, dimse.port), evt_handlers=handlers,
                                               ssl_context=ssl_ctx, server_class=_Server))
         server.contexts = _SharedSyntaxContexts(server.contexts)
+        server.RequestHandlerClass = _RequestHandler
         server.handshake_timeout_s = dimse.acse_timeout_s
         server.log = self.log
         threading.Thread(target=make_target(server.serve_forever), name="dicom-accept",
@@ -1236,6 +1289,12 @@ class StorageSCP:
         if contexts is not None:
             assoc.acceptor.supported_contexts = contexts
         _tune(assoc)
+        raw = getattr(assoc.dul.socket, "socket", None)
+        if raw is not None:
+            # A PDU that stalls mid-way ends the connection at the network timeout: the
+            # DUL reads a PDU's rest with blocking reads (its socket otherwise has none).
+            with contextlib.suppress(OSError):
+                raw.settimeout(self.settings.dimse.network_timeout_s)
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
             self._counts["assoc:accepted"] += 1
