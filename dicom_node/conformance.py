@@ -209,7 +209,12 @@ def statement(settings: Settings) -> str:
         "Study Root only. C-FIND at STUDY, SERIES and IMAGE level with Study, Series and "
         "SOP Instance UIDs, Patient ID and Accession Number as keys. C-MOVE asks for the "
         f"instances to be sent to the node's AE title (`{d.ae_title}`), which the PACS must "
-        "know. C-GET (a source's `retrieve: c-get`) proposes the Get model with the "
+        "know. A C-STORE is taken as one of its sub-operations when its Move Originator "
+        "AE Title is the node's and its Move Originator Message ID that of a C-MOVE in "
+        "flight, whatever AE title the PACS stores from; one without these attributes "
+        "only when it comes from the PACS's AE title and matches the C-MOVE's keys (its "
+        "Study Instance UID). Any other C-STORE, during a C-MOVE too, is an ordinary "
+        "push. C-GET (a source's `retrieve: c-get`) proposes the Get model with the "
         "storage classes the study's C-FIND reports, then the usual ones "
         f"({len(GET_STORAGE_CLASSES)} at most), each with SCP/SCU Role Selection (SCP "
         "role) and every transfer syntax of 3.3.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import os
 import queue
@@ -47,7 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     register_uid,
     uid_to_service_class,
 )
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -240,6 +241,20 @@ class _Peer:
     echoes: int = 0
 
 
+@dataclass
+class ParsedInstance:
+    """A received file's header, read and checked by :meth:`InstanceWriter.read`."""
+
+    source_path: Path
+    ds: Any  # the header (values over 4 KiB unread); dropped once placed
+    elems: dict[str, Any]
+    meta_ts: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
 class InstanceWriter:
     """Writes a received instance durably and records it; shared by the SCP and C-GET."""
 
@@ -277,6 +292,18 @@ class InstanceWriter:
         do not match the request (0xA900 via ``ValueError``), :class:`OSError` or
         :class:`StoreError` when it cannot be kept (0xA700).
         """
+        parsed = self.read(source_path, expected_sop_class=expected_sop_class,
+                           expected_sop_instance=expected_sop_instance)
+        return self.keep(parsed, called_ae=called_ae, calling_ae=calling_ae,
+                         association_id=association_id, source=source,
+                         duplicates=duplicates, durable=durable, keep_header=keep_header,
+                         record=record)
+
+    def read(self, source_path: Path, *, expected_sop_class: str | None = None,
+             expected_sop_instance: str | None = None) -> ParsedInstance:
+        """The first half of :meth:`write`: read the header of the file at
+        ``source_path`` and check it (what the SCP needs to decide where the instance
+        goes: a retrieval or an ordinary push). Raises as :meth:`write` does."""
         try:
             # Every element header is parsed (that is what catches a truncated dataset),
             # but values over 4 KiB (the pixels) are skipped, not read: their declared
@@ -286,6 +313,7 @@ class InstanceWriter:
             if meta_ts == DeflatedExplicitVRLittleEndian:
                 # offsets are into the inflated stream: nothing to compare with the file
                 ds = dcmread(source_path, force=False)
+            _check_encoding(ds, meta_ts)
             _check_complete(ds, os.stat(source_path).st_size)
             elems = {t: ds.get(t) for t in _TAGS}
         except InvalidInput:
@@ -295,10 +323,6 @@ class InstanceWriter:
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
         except Exception as exc:  # pydicom raises many shapes on corrupt input
             raise InvalidInput(f"the dataset cannot be read ({type(exc).__name__})") from exc
-        if not record and duplicates is not DuplicatePolicy.OVERWRITE:
-            raise ValueError("write(record=False) takes DuplicatePolicy.OVERWRITE only")
-        header = ds if keep_header else None
-        del ds
         sop = safe_uid(elems["SOPInstanceUID"], "SOPInstanceUID")
         sop_class = safe_uid(elems["SOPClassUID"], "SOPClassUID")
         study = safe_uid(elems["StudyInstanceUID"], "StudyInstanceUID")
@@ -307,6 +331,30 @@ class InstanceWriter:
             raise _Mismatch("SOPInstanceUID differs from the request's Affected SOP Instance UID")
         if expected_sop_class and sop_class != expected_sop_class.strip():
             raise _Mismatch("SOPClassUID differs from the request's Affected SOP Class UID")
+        return ParsedInstance(source_path, ds, elems, meta_ts, sop, sop_class, study, series)
+
+    def keep(
+        self,
+        parsed: ParsedInstance,
+        *,
+        called_ae: str,
+        calling_ae: str,
+        association_id: int,
+        source: str = "dimse",
+        duplicates: DuplicatePolicy = DuplicatePolicy.OVERWRITE,
+        durable: bool = True,
+        keep_header: bool = False,
+        record: bool = True,
+    ) -> ReceivedInstance:
+        """The second half of :meth:`write`: place and record an instance :meth:`read`
+        read. Raises :class:`OSError` or :class:`StoreError` when it cannot be kept."""
+        if not record and duplicates is not DuplicatePolicy.OVERWRITE:
+            raise ValueError("write(record=False) takes DuplicatePolicy.OVERWRITE only")
+        source_path, elems, meta_ts = parsed.source_path, parsed.elems, parsed.meta_ts
+        sop, sop_class = parsed.sop_instance_uid, parsed.sop_class_uid
+        study, series = parsed.study_instance_uid, parsed.series_instance_uid
+        header = parsed.ds if keep_header else None
+        parsed.ds = None  # the pixels' file handle goes with it
 
         final = self.studies_dir / study / series / f"{sop}.dcm"
         overwrite = duplicates is DuplicatePolicy.OVERWRITE
@@ -437,6 +485,32 @@ def _check_complete(ds: Any, file_size: int) -> None:
         tell = getattr(elem, "value_tell", None)
         if value is None and tell is not None and tell + length > file_size:
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
+
+
+def _check_encoding(ds: Any, meta_ts: str) -> None:
+    """Raise when the dataset is not encoded as the transfer syntax it came in says.
+
+    A sender that encodes explicit VR on a presentation context negotiated for implicit
+    VR (or the reverse) sends a dataset no reader can take as its file meta says: pydicom
+    guesses the VR from the first element's bytes and only warns, so it was stored as it
+    came and answered Success (dcmdump cannot read it). What pydicom guessed is kept in
+    the raw elements of the header already read (``is_implicit_VR``; the dataset's
+    ``original_encoding`` says the transfer syntax's): comparing costs nothing more.
+    """
+    try:
+        syntax = UID(meta_ts)
+        expected = syntax.is_implicit_VR if syntax.is_transfer_syntax else None
+    except ValueError:
+        expected = None
+    found = None
+    for elem in ds.values():  # the first one is enough: pydicom guessed once for all
+        found = getattr(elem, "is_implicit_VR", None)  # raw, not yet converted
+        break
+    if expected is None or found is None or found == expected:
+        return
+    said, is_ = ("implicit", "explicit") if expected else ("explicit", "implicit")
+    raise InvalidInput(f"the dataset is encoded with {is_} VR, but its transfer syntax "
+                       f"({meta_ts}) is {said} VR")
 
 
 def _intact(path: Path, size: int) -> bool:
@@ -653,7 +727,39 @@ class _TunedSocket(AssociationSocket):
         return readable
 
 
-class _TunedAssociation(Association):
+class _AcceptorAssociation(Association):
+    """An association the node accepts: says when one ends before its A-ASSOCIATE-RQ
+    came whole (pynetdicom closes it at the ARTIM time without a word)."""
+
+    def run(self) -> None:  # the thread's: its target is the reactor bound at __init__
+        opened = time.monotonic()
+        try:
+            super().run()
+        finally:
+            if self.requestor.primitive is None:
+                server = self._server
+                log = getattr(server, "log", None)
+                timeout = float(getattr(server, "handshake_timeout_s", 0) or 0)
+                if log is not None:
+                    held = time.monotonic() - opened
+                    timed_out = held >= timeout * 0.9
+                    (log.warning if timed_out else log.debug)(
+                        "connection closed: no A-ASSOCIATE-RQ within dimse.acse_timeout_s"
+                        if timed_out else "connection closed before an A-ASSOCIATE-RQ came",
+                        peer=f"{self.requestor.address}:{self.requestor.port}",
+                        came="part of one" if timed_out else "nothing whole",
+                        acse_timeout_s=timeout)
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        if type(assoc) is Association and _PYNETDICOM_3_0:
+            assoc.__class__ = _AcceptorAssociation
+        return assoc
+
+
+class _TunedAssociation(_AcceptorAssociation):
     """An accepted association whose reactor wakes when a DIMSE message arrives.
 
     pynetdicom 3.0's acceptor reactor sleeps 1 ms before every look at its message
@@ -790,12 +896,18 @@ class _Server(ThreadedAssociationServer):
         return sock, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if self.ssl_context is None and _starts_tls(request, self.handshake_timeout_s):
+        peer = f"{client_address[0]}:{client_address[1]}"
+        first = _first_byte(request, self.handshake_timeout_s)
+        if first is None:
+            # The ARTIM timer (PS3.8 9.1.5): pynetdicom's waited as long again after this
+            # wait, so a connection that sent nothing was held for twice the time.
+            self._artim_expired(request, peer, "nothing came")
+            return
+        if self.ssl_context is None and first == bytes([_TLS_HANDSHAKE]):
             # pynetdicom would read the ClientHello as PDUs of unknown types: five error
             # lines naming neither the peer nor the cause.
             if self.log is not None:
-                self.log.warning("TLS handshake on the plain DICOM port",
-                                 peer=f"{client_address[0]}:{client_address[1]}",
+                self.log.warning("TLS handshake on the plain DICOM port", peer=peer,
                                  hint="the peer is set up for TLS: turn TLS off there, or "
                                       "set dimse.tls on the node")
             with contextlib.suppress(OSError):
@@ -805,35 +917,49 @@ class _Server(ThreadedAssociationServer):
             try:
                 request.settimeout(self.handshake_timeout_s)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
             except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
                 if self.log is not None:
                     self.log.warning("TLS handshake failed", error=str(exc) or type(exc).__name__,
-                                     peer=f"{client_address[0]}:{client_address[1]}")
+                                     peer=peer)
                 with contextlib.suppress(OSError):
                     request.close()
                 return
+        # Until its A-ASSOCIATE-RQ is read, a read that stalls (a PDU cut off mid-way)
+        # ends at the ARTIM time: pynetdicom's reads block with no limit. Once it is
+        # read, StorageSCP._on_requested sets the network timeout for the same purpose.
+        with contextlib.suppress(OSError):
+            request.settimeout(self.handshake_timeout_s)
         super().process_request_thread(request, client_address)
+
+    def _artim_expired(self, request: Any, peer: str, what: str) -> None:
+        if self.log is not None:
+            self.log.warning("connection closed: no A-ASSOCIATE-RQ within "
+                             "dimse.acse_timeout_s", peer=peer, came=what,
+                             acse_timeout_s=self.handshake_timeout_s)
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            request.close()
 
 
 _TLS_HANDSHAKE = 0x16  # a TLS record's content type; no PDU type (PS3.8 9.3.1)
 
 
-def _starts_tls(sock: socket.socket, timeout_s: float) -> bool:
-    """Whether the peer's first byte opens a TLS handshake, peeked (it stays to be read).
-
-    Waits up to ``timeout_s`` for it; a peer that sends nothing, closes, or resets is
-    left to pynetdicom as before.
+def _first_byte(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """The peer's first byte, peeked (it stays to be read): whether it opens a TLS
+    handshake tells a TLS peer on the plain port. None when nothing came within
+    ``timeout_s``; empty when the peer closed or reset (left to pynetdicom as before).
     """
     try:
         sock.settimeout(timeout_s)
-        first = sock.recv(1, socket.MSG_PEEK)
-    except OSError:  # a timeout, a reset
-        first = b""
+        return sock.recv(1, socket.MSG_PEEK)[:1]
+    except TimeoutError:
+        return None
+    except OSError:  # a reset
+        return b""
     finally:
         with contextlib.suppress(OSError):
             sock.settimeout(None)
-    return first[:1] == bytes([_TLS_HANDSHAKE])
 
 
 class _SharedSyntaxContexts(list[PresentationContext]):
@@ -897,7 +1023,7 @@ def _tune(assoc: Association) -> None:
     """:func:`tune_socket`, and swap in :class:`_TunedAssociation`'s reactor (it runs
     after EVT_REQUESTED, where this is called)."""
     tune_socket(assoc)
-    if type(assoc) is Association and _PYNETDICOM_3_0:
+    if type(assoc) in (Association, _AcceptorAssociation) and _PYNETDICOM_3_0:
         _signal_on_put(assoc.dul.to_user_queue,
                        functools.partial(_notify_all, assoc.dimse.msg_queue.not_empty))
         assoc.__class__ = _TunedAssociation
@@ -921,13 +1047,54 @@ InstanceCallback = Callable[[ReceivedInstance], None]
 EndCallback = Callable[[AssociationEnd], None]
 
 
+@dataclass(frozen=True)
+class RetrievalKeys:
+    """What a C-MOVE asked for: the keys an instance sent without Move Originator
+    attributes must match to be taken as one of its sub-operations (see
+    :meth:`StorageSCP._collector_for`). A key left None is not compared; UIDs may be
+    lists (``a\\b``), as in the query."""
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+
+    def given(self) -> bool:
+        return any((self.study_instance_uid, self.series_instance_uid,
+                    self.sop_instance_uid, self.patient_id, self.accession_number))
+
+    def match(self, parsed: ParsedInstance) -> bool:
+        """Whether the instance is one the C-MOVE asked for (every key given matches);
+        False when no key is given: nothing then tells it from a push."""
+        if not self.given():
+            return False
+        checks = (
+            (self.study_instance_uid, parsed.study_instance_uid, True),
+            (self.series_instance_uid, parsed.series_instance_uid, True),
+            (self.sop_instance_uid, parsed.sop_instance_uid, True),
+            (self.patient_id, _text(parsed.elems.get("PatientID"), 64), False),
+            (self.accession_number, _text(parsed.elems.get("AccessionNumber"), 64), False),
+        )
+        for wanted, value, uid_key in checks:
+            if not wanted:
+                continue
+            if uid_key:
+                if value not in {u.strip() for u in wanted.split("\\")}:
+                    return False
+            elif not fnmatch.fnmatchcase(value.strip(), wanted.strip()):
+                return False  # PatientID / AccessionNumber may hold * and ? wildcards
+        return True
+
+
 @dataclass
 class _Collector:
-    """Instances sent by one peer during a retrieval (C-MOVE to ourselves)."""
+    """Instances sent during a retrieval (C-MOVE to ourselves) from one PACS."""
 
-    calling_ae: str
+    calling_ae: str  # the PACS's (Q/R) AE title
     batch: RetrievedBatch
     message_id: int | None = None  # of our C-MOVE request: the sub-operations carry it
+    keys: RetrievalKeys = field(default_factory=RetrievalKeys)
 
 
 class StorageSCP:
@@ -994,6 +1161,7 @@ class StorageSCP:
         server = cast(_Server, ae.make_server((dimse.host, dimse.port), evt_handlers=handlers,
                                               ssl_context=ssl_ctx, server_class=_Server))
         server.contexts = _SharedSyntaxContexts(server.contexts)
+        server.RequestHandlerClass = _RequestHandler
         server.handshake_timeout_s = dimse.acse_timeout_s
         server.log = self.log
         threading.Thread(target=make_target(server.serve_forever), name="dicom-accept",
@@ -1071,17 +1239,22 @@ class StorageSCP:
             self._counts[key] += 1
 
     @contextlib.contextmanager
-    def collect_from(self, calling_ae: str,
-                     message_id: int | None = None) -> Iterator[RetrievedBatch]:
-        """Route instances sent by ``calling_ae`` to the yielded batch, not to the assembler.
+    def collect_from(self, calling_ae: str, message_id: int | None = None,
+                     keys: RetrievalKeys | None = None) -> Iterator[RetrievedBatch]:
+        """Route the sub-operations of our C-MOVE ``message_id`` to the yielded batch,
+        not to the assembler.
 
         Used by C-MOVE retrieval: the PACS sends the moved instances to our own AE title,
-        each C-STORE naming the C-MOVE's ``message_id`` (Move Originator Message ID), so
-        that two retrievals from one PACS at once each get their own. They are placed
-        without a store record; the caller ends the batch (:meth:`RetrievedBatch.end`)
-        once the C-MOVE is over, which records them together.
+        each C-STORE naming our AE title and the C-MOVE's ``message_id`` (Move Originator
+        AE Title and Message ID), from whatever AE title it stores with; a C-STORE
+        without them is taken only when it comes from ``calling_ae`` (the PACS's Q/R AE
+        title) and matches ``keys`` (what the C-MOVE asked for); see
+        :meth:`_collector_for`. They are placed without a store record; the caller ends
+        the batch (:meth:`RetrievedBatch.end`) once the C-MOVE is over, which records
+        them together.
         """
-        collector = _Collector(calling_ae.strip(), RetrievedBatch(self.writer), message_id)
+        collector = _Collector(calling_ae.strip(), RetrievedBatch(self.writer), message_id,
+                               keys or RetrievalKeys())
         with self._lock:
             self._collectors.append(collector)
         try:
@@ -1155,6 +1328,12 @@ class StorageSCP:
         if contexts is not None:
             assoc.acceptor.supported_contexts = contexts
         _tune(assoc)
+        raw = getattr(assoc.dul.socket, "socket", None)
+        if raw is not None:
+            # A PDU that stalls mid-way ends the connection at the network timeout: the
+            # DUL reads a PDU's rest with blocking reads (its socket otherwise has none).
+            with contextlib.suppress(OSError):
+                raw.settimeout(self.settings.dimse.network_timeout_s)
         with self._lock:
             self._peers[id(assoc)] = _Peer(called, calling, address, port)
             self._counts["assoc:accepted"] += 1
@@ -1227,17 +1406,20 @@ class StorageSCP:
                                 "SOP class does not match the presentation context")
         if sop_class in ae.ignored_sop_classes:
             return self._answer(log, Status.SUCCESS, "SOP class ignored; not kept")
-        collector = self._collector_for(peer, _move_originator_id(event.request))
-        retrieving = collector is not None  # a sub-operation of our C-MOVE
+        collector: _Collector | None = None
         try:
             try:
                 path = spool.received_path(req)  # OSError: the disk filled as it arrived
             except AttributeError:  # chunked mode switched off by someone: use the bytes
                 path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
-            got = self.writer.write(
-                path, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
+            parsed = self.writer.read(path, expected_sop_class=sop_class,
+                                      expected_sop_instance=sop)
+            # a sub-operation of our C-MOVE, or None: an ordinary push
+            collector = self._collector_for(peer, req, parsed)
+            retrieving = collector is not None
+            got = self.writer.keep(
+                parsed, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                 association_id=id(event.assoc), duplicates=ae.duplicates,
-                expected_sop_class=sop_class, expected_sop_instance=sop,
                 source="retrieve" if retrieving else "dimse",
                 durable=not retrieving,  # a retrieval that fails is fetched again
                 keep_header=retrieving,  # its job reads the headers next
@@ -1269,19 +1451,40 @@ class StorageSCP:
             log.warning("C-STORE refused", status=f"0x{status:04X}", message=message, **extra)
         return int(status)
 
-    def _collector_for(self, peer: _Peer, move_id: int | None) -> _Collector | None:
-        """The retrieval waiting for this peer's C-STOREs (sub-operations of our C-MOVE):
-        the one whose C-MOVE message ID the request names, else the peer's only (or
-        first) one, for a PACS that does not send the Move Originator Message ID."""
-        if peer.called_ae != self.settings.dimse.ae_title:
+    def _collector_for(self, peer: _Peer, request: Any,
+                       parsed: ParsedInstance) -> _Collector | None:
+        """The retrieval a C-STORE is a sub-operation of, or None: an ordinary push
+        (written durably, grouped into jobs).
+
+        PS3.7 C.4.2: a C-MOVE's sub-operations name its requestor and request in Move
+        Originator AE Title and Message ID; the AE title they are sent from is the PACS's
+        to choose (many store from another AE title than their Q/R one). So:
+
+        - with both attributes and the AE title ours, the instance belongs to the
+          retrieval whose C-MOVE has that message ID, whatever AE title sends it; to
+          none (a push) when no C-MOVE in flight has that ID;
+        - a Move Originator AE Title naming another AE makes it a push (a sub-operation
+          of someone else's C-MOVE), except when it names the PACS we sent the C-MOVE
+          to: pynetdicom's Q/R SCP names itself there, so it is taken as the next case;
+        - without usable Move Originator attributes (some PACS send none) it belongs to
+          a retrieval only when it comes from that retrieval's PACS AE title (and names
+          its message ID, if it names one) and matches what the C-MOVE asked for (its
+          Study Instance UID, and the other keys given): a study that PACS pushes
+          meanwhile is not taken into the retrieval.
+        """
+        node_ae = self.settings.dimse.ae_title
+        if peer.called_ae != node_ae:  # sub-operations go to the move destination: us
             return None
+        move_ae, move_id = _move_originator(request)
         with self._lock:
-            mine = [c for c in self._collectors if c.calling_ae == peer.calling_ae]
-        if move_id is not None:
-            for c in mine:
-                if c.message_id == move_id:
-                    return c
-        return mine[0] if mine else None
+            collectors = list(self._collectors)
+        if move_ae == node_ae and move_id is not None:
+            return next((c for c in collectors if c.message_id == move_id), None)
+        return next((c for c in collectors
+                     if c.calling_ae == peer.calling_ae
+                     and move_ae in ("", node_ae, c.calling_ae)
+                     and (move_id is None or c.message_id == move_id)
+                     and c.keys.match(parsed)), None)
 
     def _deliver(self, got: ReceivedInstance, collector: _Collector | None) -> None:
         if collector is not None:
@@ -1367,10 +1570,13 @@ def _spool(data: bytes, studies_dir: Path) -> Path:
     return Path(name)
 
 
-def _move_originator_id(request: Any) -> int | None:
-    """The Move Originator Message ID of a C-STORE request, when the sender gave one."""
+def _move_originator(request: Any) -> tuple[str, int | None]:
+    """The Move Originator AE Title (stripped; "" when absent) and Message ID (None when
+    absent) of a C-STORE request."""
+    ae = _ae_text(getattr(request, "MoveOriginatorApplicationEntityTitle", None) or "")
     value = getattr(request, "MoveOriginatorMessageID", None)
     try:
-        return None if value is None else int(value)
+        move_id = None if value is None else int(value)
     except (TypeError, ValueError):
-        return None
+        move_id = None
+    return ae, move_id

@@ -53,6 +53,7 @@ from dicom_node.scp import (
     ACCEPTED_TRANSFER_SYNTAXES,
     InstanceWriter,
     ReceivedInstance,
+    RetrievalKeys,
     RetrievedBatch,
     StorageSCP,
     close_wakeup,
@@ -602,7 +603,10 @@ class DicomClient:
         if assoc is None:
             return RetrieveResult(str(peer), "c-move", False, message=error)
         message_id = _next_move_id()
-        with self.scp.collect_from(peer.ae_title, message_id) as batch:
+        keys = RetrievalKeys(query.study_instance_uid, query.series_instance_uid,
+                             query.sop_instance_uid, query.patient_id,
+                             query.accession_number)
+        with self.scp.collect_from(peer.ae_title, message_id, keys) as batch:
             try:
                 # Sends the request; the responses are read by _collect_retrieve, not
                 # through the generator this returns.

@@ -331,12 +331,13 @@ def test_ae_without_pipelines_just_stores(node: RunningNode, tmp_path: Path) -> 
 
 
 def _send_raw(port: int, called: str, sop_class: str, sop_instance: str, data: bytes,
-              context_class: str | None = None) -> int:
-    """Send a C-STORE with hand-made dataset bytes (explicit VR little endian)."""
+              context_class: str | None = None,
+              syntax: str = ExplicitVRLittleEndian) -> int:
+    """Send a C-STORE with hand-made dataset bytes on a context for ``syntax``."""
     from io import BytesIO
 
     ae = AE(ae_title="BADSCU")
-    ae.add_requested_context(context_class or sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context(context_class or sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     assert assoc.is_established
     try:
@@ -359,13 +360,13 @@ def _send_raw(port: int, called: str, sop_class: str, sop_instance: str, data: b
         assoc.release()
 
 
-def _encoded(ds: Dataset) -> bytes:
+def _encoded(ds: Dataset, *, implicit: bool = False) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
     buf = DicomBytesIO()
     buf.is_little_endian = True
-    buf.is_implicit_VR = False
+    buf.is_implicit_VR = implicit
     write_dataset(buf, ds)
     return buf.getvalue()
 
@@ -377,6 +378,27 @@ def test_truncated_dataset_is_refused_c210(node: RunningNode) -> None:
     assert status == 0xC210
     assert node.store.get_instance(ds.SOPInstanceUID) is None
     assert not list(node.settings.studies_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("explicit_body", [True, False])
+def test_a_dataset_not_encoded_as_its_transfer_syntax_is_refused_c210(
+        node: RunningNode, explicit_body: bool) -> None:
+    """Explicit VR sent on an implicit VR context (or the reverse): pydicom reads it by
+    guessing and only warns, and it was stored unreadable (its file meta says one
+    encoding, its body is the other) with a Success. dcmtk and Orthanc refuse it."""
+    ds = synthetic(generate_uid(), generate_uid())
+    if explicit_body:
+        data, syntax = _encoded(ds), ImplicitVRLittleEndian
+    else:
+        data, syntax = _encoded(ds, implicit=True), ExplicitVRLittleEndian
+    with structlog.testing.capture_logs() as logs:
+        status = _send_raw(node.port, NODE_AE, CTImageStorage, ds.SOPInstanceUID, data,
+                           syntax=syntax)
+    assert status == 0xC210
+    assert node.store.count_instances() == 0
+    assert not list(node.settings.studies_dir.rglob("*.dcm"))
+    refused = [e for e in logs if e["event"] == "C-STORE refused"]
+    assert refused and "encoded with" in refused[0]["message"], logs
 
 
 def test_dataset_without_sop_instance_uid_is_refused_c210(node: RunningNode) -> None:
@@ -457,10 +479,8 @@ def test_odd_called_ae_title_is_rejected(node: RunningNode) -> None:
     assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)
 
 
-def _raw_associate(port: int, called: bytes, calling: bytes = b"RAWSCU") -> bytes:
-    """Send an A-ASSOCIATE-RQ built by hand (pynetdicom refuses to send odd AE titles)
-    for Verification, and return the first PDU the node answers with."""
-    import socket
+def _associate_rq(called: bytes, calling: bytes) -> bytes:
+    """An A-ASSOCIATE-RQ PDU for Verification, built by hand."""
     import struct
 
     def item(kind: int, body: bytes) -> bytes:
@@ -473,8 +493,17 @@ def _raw_associate(port: int, called: bytes, calling: bytes = b"RAWSCU") -> byte
     fixed = (struct.pack(">HH", 1, 0) + called.ljust(16, b" ")[:16]
              + calling.ljust(16, b" ")[:16] + bytes(32))
     body = fixed + app + ctx + user
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def _raw_associate(port: int, called: bytes, calling: bytes = b"RAWSCU") -> bytes:
+    """Send an A-ASSOCIATE-RQ built by hand (pynetdicom refuses to send odd AE titles)
+    for Verification, and return the first PDU the node answers with."""
+    import socket
+    import struct
+
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(struct.pack(">BBI", 0x01, 0, len(body)) + body)
+        sock.sendall(_associate_rq(called, calling))
         header = sock.recv(6)
         length = struct.unpack(">I", header[2:6])[0]
         answer = b""
@@ -484,6 +513,88 @@ def _raw_associate(port: int, called: bytes, calling: bytes = b"RAWSCU") -> byte
                 break
             answer += chunk
     return header + answer
+
+
+def _held_until_closed(sock: object, limit_s: float = 60.0) -> bytes:
+    """What the node sends until it closes the connection; fails when it is still open
+    after ``limit_s`` (a generous bound, not a timing: the node's timeouts are 1-2 s)."""
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    sock.settimeout(limit_s)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the node still holds the connection after {limit_s:g} s")
+    return got
+
+
+def _c_echo_rq() -> bytes:
+    """A P-DATA-TF PDU holding a C-ECHO-RQ command on presentation context 1."""
+    import struct
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    cmd.CommandField = 0x0030
+    cmd.MessageID = 1
+    cmd.CommandDataSetType = 0x0101
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, cmd)
+    group = struct.pack("<HHIL", 0, 0, 4, len(body.getvalue())) + body.getvalue()
+    pdv = bytes([1, 0x03]) + group  # context 1; command, last fragment
+    pdata = struct.pack(">I", len(pdv)) + pdv
+    return struct.pack(">BBI", 0x04, 0, len(pdata)) + pdata
+
+
+def test_connections_that_stall_before_or_within_a_pdu_are_closed(tmp_path: Path) -> None:
+    """ARTIM (PS3.8 9.1.5): a connection whose A-ASSOCIATE-RQ has not come whole within
+    dimse.acse_timeout_s is closed, with a log line; one that sent only the 6-byte PDU
+    header was held for good (its read blocked with no limit: a thread each), and one
+    that sent nothing was held for twice the time, silently. A PDU that stalls mid-way
+    on an established association ends at dimse.network_timeout_s."""
+    import socket
+    import struct
+
+    settings = node_settings(tmp_path, dimse={"acse_timeout_s": 1, "network_timeout_s": 5})
+    with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+        with socket.create_connection(("127.0.0.1", rn.port)) as sock:  # nothing
+            assert _held_until_closed(sock) == b""
+        rq = _associate_rq(NODE_AE.encode(), b"RAWSCU")
+        with socket.create_connection(("127.0.0.1", rn.port)) as sock:  # a PDU header
+            sock.sendall(rq[:6])
+            assert _held_until_closed(sock) == b""
+        with socket.create_connection(("127.0.0.1", rn.port)) as sock:  # half a PDU
+            sock.sendall(rq[: len(rq) // 2])
+            assert _held_until_closed(sock) == b""
+        artim = "connection closed: no A-ASSOCIATE-RQ within dimse.acse_timeout_s"
+        # logged as the association's thread ends, just after the socket closes
+        wait_for(lambda: sum(e["event"] == artim for e in logs) == 3, "3 ARTIM lines")
+        with socket.create_connection(("127.0.0.1", rn.port)) as sock:
+            sock.settimeout(10)
+            sock.sendall(rq)
+            header = sock.recv(6, socket.MSG_WAITALL)
+            assert header[0] == 0x02  # A-ASSOCIATE-AC
+            sock.recv(struct.unpack(">I", header[2:])[0], socket.MSG_WAITALL)
+            # A C-ECHO whose PDU pauses past the ARTIM time, within the network timeout:
+            # answered (the ARTIM time bounds the A-ASSOCIATE-RQ only).
+            echo = _c_echo_rq()
+            sock.sendall(echo[:10])
+            time.sleep(2)
+            sock.sendall(echo[10:])
+            assert sock.recv(1) == b"\x04"  # P-DATA-TF: the C-ECHO response
+            sock.recv(4096)
+            sock.sendall(struct.pack(">BBI", 0x04, 0, 1000) + b"\x00" * 10)  # P-DATA, cut
+            _held_until_closed(sock)  # an A-ABORT may come first
+        ok = echoscu(rn.port, NODE_AE, "AFTER")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
 @pytest.mark.parametrize("called", [b"AI\x00\x07", b"A\\B", b"DICOM\nNODE", b"\x1b[31mX"])

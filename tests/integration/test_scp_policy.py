@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from dicom_node.config import RetrySettings, TlsSettings
 from dicom_node.scu import DicomClient, Peer
 from dicom_node.spool import SPOOL_DIR_NAME
-from tests.integration.test_scp import _encoded, _send_raw, synthetic
+from tests.integration.test_scp import _encoded, _send_raw, synthetic, wait_for
 from tests.support.disk import fill, small_disk
 from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
 from tests.support.peers import echoscu, require, storescp
@@ -91,8 +91,10 @@ def test_tls_peer_that_sends_nothing_holds_no_one_off(tmp_path: Path) -> None:
         # the silent connection is open; a real peer still gets its echo
         assert DicomClient(rn.settings).echo(Peer(NODE_AE, "127.0.0.1", rn.port, good)).ok
         assert echoscu(rn.port, NODE_AE).returncode != 0  # plain DICOM on the TLS port
-        failed = [e for e in logs if e["event"] == "TLS handshake failed"]
-        assert failed and failed[0]["peer"].startswith("127.0.0.1:")
+        # ssl sends its alert before it raises: echoscu can be gone before the line is
+        failed = wait_for(lambda: [e for e in logs if e["event"] == "TLS handshake failed"],
+                          "the handshake failure's log line")
+        assert failed[0]["peer"].startswith("127.0.0.1:")
         assert failed[0]["error"]  # the reason ssl gave (wrong version number, ...)
 
 

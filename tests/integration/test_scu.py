@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -215,14 +216,14 @@ def test_move_series_partial_failure_is_reported_per_instance(
     assert node.node is not None and node.node.scp is not None
     writer = node.node.scp.writer
     bad = archive.datasets[1].SOPInstanceUID
-    real = writer.write
+    real = writer.keep
 
-    def failing(path, **kw):  # type: ignore[no-untyped-def]
-        if kw.get("expected_sop_instance") == bad:
+    def failing(parsed, **kw):  # type: ignore[no-untyped-def]
+        if parsed.sop_instance_uid == bad:
             raise OSError(28, "No space left on device")
-        return real(path, **kw)
+        return real(parsed, **kw)
 
-    monkeypatch.setattr(writer, "write", failing)
+    monkeypatch.setattr(writer, "keep", failing)
     result = client_for(node).move(
         Peer.from_settings(source(archive.port)),
         Query(QueryLevel.SERIES, study_instance_uid=archive.study,
@@ -329,16 +330,16 @@ def test_export_retries_out_of_resources_then_succeeds(
     """The node's own SCP answers 0xA700 once (disk full), then accepts: one retry."""
     assert node.node is not None and node.node.scp is not None
     writer = node.node.scp.writer
-    real = writer.write
+    real = writer.keep
     calls: list[str] = []
 
-    def flaky(path, **kw):  # type: ignore[no-untyped-def]
-        calls.append(str(kw.get("expected_sop_instance")))
+    def flaky(parsed, **kw):  # type: ignore[no-untyped-def]
+        calls.append(parsed.sop_instance_uid)
         if len(calls) == 1:
             raise OSError(28, "No space left on device")
-        return real(path, **kw)
+        return real(parsed, **kw)
 
-    monkeypatch.setattr(writer, "write", flaky)
+    monkeypatch.setattr(writer, "keep", flaky)
     slept: list[float] = []
     src = sample("CT_small.dcm")
     result = DicomClient(node.settings, sleep=slept.append).export(
@@ -591,3 +592,148 @@ def test_get_offers_the_classes_a_find_reports_beyond_the_usual_list(
     assert result.ok, result.message
     assert sorted(r.sop_instance_uid for r in result.received) == sorted(
         str(d.SOPInstanceUID) for d in dss)
+
+
+# -- which C-STOREs are a C-MOVE's sub-operations (PS3.7 C.4.2) --------------------------
+
+
+@contextlib.contextmanager
+def _fake_pacs(on_move):  # type: ignore[no-untyped-def]
+    """A Q/R SCP (pynetdicom's, AE title QRSCP) whose C-MOVE handler is ``on_move``."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    ae = AE("QRSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def _push(port: int, calling: str, datasets, *, originator_aet: str | None = None,  # type: ignore[no-untyped-def]
+          originator_id: int | None = None) -> list[int]:
+    """C-STORE ``datasets`` to the node's own AE title from ``calling``, with the Move
+    Originator attributes given; the statuses."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(calling)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds, originator_aet=originator_aet,
+                                       originator_id=originator_id).Status)
+                for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _spy_durability(node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """SOP Instance UID -> the ``durable`` each instance the node's SCP kept was written with."""
+    assert node.node is not None and node.node.scp is not None
+    writer = node.node.scp.writer
+    real = writer.keep
+    durable: dict[str, bool] = {}
+
+    def keep(parsed, **kw):  # type: ignore[no-untyped-def]
+        durable[parsed.sop_instance_uid] = kw.get("durable", True)
+        return real(parsed, **kw)
+
+    monkeypatch.setattr(writer, "keep", keep)
+    return durable
+
+
+def test_pushes_from_the_pacs_during_a_move_are_not_taken_into_it(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a C-MOVE from a PACS runs, that PACS (same AE title) pushes another study:
+    without Move Originator attributes, with our AE title and a message ID of no C-MOVE,
+    and with another originator's AE title. Each is an ordinary push (durable, source
+    dimse), not one of the retrieval's; an instance of the moved study sent without the
+    attributes (a PACS that sends none) still belongs to the retrieval."""
+    import threading
+
+    durable = _spy_durability(node, monkeypatch)
+    study, series = generate_uid(), generate_uid()
+    moved = [synthetic(study, series) for _ in range(2)]
+    other_study, other_series = generate_uid(), generate_uid()
+    pushed = [synthetic(other_study, other_series) for _ in range(3)]
+    moving, go_on = threading.Event(), threading.Event()
+    move_ids: list[int] = []
+
+    def on_move(event):  # type: ignore[no-untyped-def]
+        move_ids.append(int(event.request.MessageID))
+        moving.set()
+        assert go_on.wait(30)
+        yield "127.0.0.1", node.port
+        yield 1
+        yield 0xFF00, moved[0]  # pynetdicom's sub-operation
+
+    results: list[object] = []
+    with _fake_pacs(on_move) as port:
+        mover = threading.Thread(target=lambda: results.append(client_for(node).retrieve(
+            source(port), Query(QueryLevel.STUDY, study_instance_uid=study))))
+        mover.start()
+        try:
+            assert moving.wait(30)
+            statuses = _push(node.port, "QRSCP", [pushed[0]])
+            statuses += _push(node.port, "QRSCP", [pushed[1]], originator_aet=NODE_AE,
+                              originator_id=(move_ids[0] + 7) % 65535 + 1)
+            statuses += _push(node.port, "QRSCP", [pushed[2]], originator_aet="OTHERSCU",
+                              originator_id=move_ids[0])
+            statuses += _push(node.port, "QRSCP", [moved[1]])  # no attributes, moved study
+        finally:
+            go_on.set()
+            mover.join(60)
+    assert statuses == [0, 0, 0, 0]
+    result = results[0]
+    assert result.ok, result.message  # type: ignore[attr-defined]
+    got = sorted(r.sop_instance_uid for r in result.received)  # type: ignore[attr-defined]
+    assert got == sorted(str(ds.SOPInstanceUID) for ds in moved)
+    for ds in pushed:
+        rec = node.store.get_instance(ds.SOPInstanceUID)
+        assert rec is not None and rec.source == "dimse", ds.SOPInstanceUID
+        assert durable[ds.SOPInstanceUID] is True
+    for ds in moved:
+        rec = node.store.get_instance(ds.SOPInstanceUID)
+        assert rec is not None and rec.source == "retrieve"
+        assert durable[ds.SOPInstanceUID] is False
+
+
+def test_sub_operations_from_another_storage_ae_title_belong_to_the_move(
+        node: RunningNode) -> None:
+    """A PACS that stores from another AE title than its Q/R one (QRSCP_STORE), naming
+    our AE title and the C-MOVE's message ID: its instances are the retrieval's; one
+    naming a message ID of no C-MOVE of ours is an ordinary push."""
+    study, series = generate_uid(), generate_uid()
+    moved = synthetic(study, series)
+    stray = synthetic(study, series)
+    statuses: list[int] = []
+
+    def on_move(event):  # type: ignore[no-untyped-def]
+        move_id = int(event.request.MessageID)
+        statuses.extend(_push(node.port, "QRSCP_STORE", [moved], originator_aet=NODE_AE,
+                              originator_id=move_id))
+        statuses.extend(_push(node.port, "QRSCP_STORE", [stray], originator_aet=NODE_AE,
+                              originator_id=move_id % 65535 + 1))
+        yield "127.0.0.1", node.port
+        yield 0  # its own sub-operations are sent above
+
+    with _fake_pacs(on_move) as port:
+        result = client_for(node).retrieve(
+            source(port), Query(QueryLevel.STUDY, study_instance_uid=study))
+    assert statuses == [0, 0]
+    assert result.ok, result.message
+    assert [r.sop_instance_uid for r in result.received] == [moved.SOPInstanceUID]
+    rec = node.store.get_instance(moved.SOPInstanceUID)
+    assert rec is not None and rec.source == "retrieve" and rec.calling_ae == "QRSCP_STORE"
+    rec = node.store.get_instance(stray.SOPInstanceUID)
+    assert rec is not None and rec.source == "dimse"
