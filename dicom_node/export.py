@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +41,6 @@ if TYPE_CHECKING:
 DICOM_MEDIA_TYPE = "application/dicom"
 
 _log = get_logger("export")
-
-# What a destination acknowledged is recorded as it comes, in batches: at its first
-# acknowledgement, then after this many more or this long since the last record.
-ACK_BATCH = 16
-ACK_BATCH_S = 1.0
 
 
 @dataclass
@@ -352,8 +346,10 @@ class Exporter:
 
 
 class _Progress:
-    """A destination's progress in a pass: the objects it acknowledges, recorded in
-    batches (the first at once, then every ``ACK_BATCH`` or ``ACK_BATCH_S``)."""
+    """A destination's progress in a pass: each object it acknowledges is recorded as
+    the answer comes. Batches left the last answers unrecorded while the next object
+    waited on a slow peer, the moment a crash is likely: they were sent again. A pass
+    sends a job's few result objects, so a write per answer costs little."""
 
     def __init__(self, destination: str, attempts: int, had: frozenset[str],
                  report: Callable[[ExportProgress], None] | None) -> None:
@@ -362,14 +358,10 @@ class _Progress:
         self.had = had
         self.acked: set[str] = set()
         self._report = report
-        self._unreported = 0
-        self._last: float | None = None
 
     def report(self, state: str) -> None:
         if self._report is None:
             return
-        self._unreported = 0
-        self._last = time.monotonic()
         try:
             self._report(ExportProgress(self.destination, state, self.attempts,
                                         len(self.had) + len(self.acked), None,
@@ -380,11 +372,7 @@ class _Progress:
 
     def acknowledged(self, sop_instance_uid: str) -> None:
         self.acked.add(sop_instance_uid)
-        self._unreported += 1
-        first = len(self.acked) == 1
-        if (first or self._unreported >= ACK_BATCH
-                or self._last is None or time.monotonic() - self._last >= ACK_BATCH_S):
-            self.report(EXPORT_SENDING)
+        self.report(EXPORT_SENDING)
 
 
 def _recorded(record: ExportRecord) -> ExportOutcome:

@@ -209,6 +209,11 @@ def load_handler(node: Node) -> JobHandler:
     return factory(node)
 
 
+# After the grace period, how long a stopping node waits for the cancelled jobs' threads
+# to end the step in hand (a peer's answer to the object in flight) and record it.
+STOP_JOIN_S = 10.0
+
+
 class _DaemonPool:
     """Worker threads that never keep the process alive.
 
@@ -219,6 +224,8 @@ class _DaemonPool:
     def __init__(self, name: str) -> None:
         self._name = name
         self._count = 0
+        self._live: set[threading.Thread] = set()
+        self._lock = threading.Lock()
 
     def submit(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = loop.create_future()
@@ -230,13 +237,31 @@ class _DaemonPool:
                 deliver: Callable[[], object] = functools.partial(_set_exception, fut, exc)
             else:
                 deliver = functools.partial(_set_result, fut, result)
+            finally:
+                with self._lock:
+                    self._live.discard(threading.current_thread())
             # A job abandoned at shutdown may finish after the loop closed: nobody waits.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(deliver)
 
         self._count += 1
-        threading.Thread(target=target, name=f"{self._name}-{self._count}", daemon=True).start()
+        thread = threading.Thread(target=target, name=f"{self._name}-{self._count}",
+                                  daemon=True)
+        with self._lock:
+            self._live.add(thread)
+        thread.start()
         return fut
+
+    def join(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` in all for the threads still running; how many are
+        left."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            live = list(self._live)
+        for thread in live:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return len(self._live)
 
 
 def _set_result(fut: asyncio.Future[T], value: T) -> None:
@@ -375,9 +400,11 @@ class Scheduler:
             self.log.info("waiting for running jobs", count=len(self._running), grace_s=grace)
         if workers:
             await asyncio.wait(workers, timeout=grace)
+        abandoned = 0
         for job_id, (ctx, task) in list(self._running.items()):
             if task.done():
                 continue
+            abandoned += 1
             # Queue it again first, which ends its lease: only then ask the thread to stop,
             # or it could record its own end ("cancelled") before the re-queue landed.
             try:
@@ -395,6 +422,14 @@ class Scheduler:
                 # its lease gone it cannot change the job, only record what it sent.
                 ctx.cancelled.set()
             task.cancel()
+        if abandoned:
+            # The cancelled threads end the step in hand (an export's object in flight
+            # gets its answer) and record it while the store is still open: an answer
+            # recorded after the store closed was lost, and the object sent again.
+            left = await asyncio.to_thread(self._pool.join, STOP_JOIN_S)
+            if left:
+                self.log.warning("job threads still busy as the node stops; what they do "
+                                 "now is not recorded", threads=left)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -580,8 +615,10 @@ class Scheduler:
 
     def _alive(self) -> None:
         """Tell the nodes sharing the database that this one runs (see
-        ``Store.node_alive``); renewed like a lease. SQLite: one machine, nobody to tell."""
-        if self.store.dialect != "sqlite":
+        ``Store.node_alive``); renewed like a lease. SQLite: one machine, nobody to tell,
+        except while the store's last write failed: this write then tells /health when
+        the store takes writes again (an idle node wrote nothing else, and stayed 503)."""
+        if self.store.dialect != "sqlite" or self.store.writes.problem() is not None:
             self.store.node_alive(self.node_name, self.settings.lease_s)
 
     def _state_setter(self, job: Job) -> Callable[[JobState, str | None], None]:

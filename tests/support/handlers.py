@@ -5,7 +5,8 @@ cancel), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise a
 PermanentJobError), ``marker`` (a file that gets ``start <id>`` and ``end <id>``
 lines, so a test can count how often a job ran and finished), ``pacs_down_passes``
 (the destination "pacs" refuses the first N export passes, each asking for another
-after ``retry_in_s``).
+after ``retry_in_s``), ``linger_s`` (once cancelled, the run takes this long more,
+as a peer's answer to an object in flight does, then marks ``lingered``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class RecordingHandler:
             raise RuntimeError(f"transient failure on attempt {ctx.job.attempts}")
         deadline = time.monotonic() + float(ctx.job.input.get("sleep", 0))
         while time.monotonic() < deadline:
+            if ctx.cancelled.is_set() and ctx.job.input.get("linger_s"):
+                time.sleep(float(ctx.job.input["linger_s"]))
+                _mark(ctx, "lingered")
             ctx.check_cancelled()
             time.sleep(0.02)
         (ctx.work_dir / "scratch.bin").write_bytes(b"scratch")  # the scheduler removes it

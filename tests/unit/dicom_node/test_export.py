@@ -194,3 +194,18 @@ def test_a_destination_a_cancel_cuts_short_is_not_a_failed_attempt(tmp_path: Pat
     assert out == []  # no outcome for it, and the next destination was not tried
     assert progress == [("pending", 0), ("sending", 2), ("retrying", 2)]
     assert not (tmp_path / "exported").exists()
+
+
+def test_each_acknowledgement_is_recorded_as_it_comes() -> None:
+    """In batches, the last answers waited for the next one to be recorded: while the
+    next object waited on a slow peer (when a crash is likely) they were in memory only,
+    and were sent again after a restart."""
+    from dicom_node.export import _Progress
+    from dicom_node.scheduler import ExportProgress
+
+    seen: list[ExportProgress] = []
+    progress = _Progress("slow", 0, frozenset({"1.1"}), seen.append)
+    progress.acknowledged("1.2")
+    progress.acknowledged("1.3")
+    assert [(p.state, p.sent, sorted(p.acknowledged)) for p in seen] == [
+        ("sending", 2, ["1.1", "1.2"]), ("sending", 3, ["1.1", "1.2", "1.3"])]

@@ -518,3 +518,20 @@ def test_a_failure_is_one_line_a_person_can_read() -> None:
     assert failure_message(locked) == "the job store failed: database is locked"
     assert failure_message(RuntimeError("transient")) == "RuntimeError: transient"
     assert failure_message(KeyError()) == "KeyError"
+
+
+async def test_a_stop_waits_for_the_step_in_hand_before_the_store_closes(
+        store: Store, tmp_path: Path) -> None:
+    """After the grace period a job is queued again and its thread told to stop; the
+    step in hand (an export waiting for a peer's answer) ended after the node had closed
+    its store, and what it had to record was lost (the object was sent again)."""
+    sched, _ = make(store, tmp_path, grace=0)
+    marker = tmp_path / "marker.txt"
+    await sched.start()
+    job = await sched.submit(NewJob(pipeline="p", input={
+        "sleep": 30, "linger_s": 0.5, "marker": str(marker)}))
+    while not marker.exists():
+        await asyncio.sleep(0.02)
+    await sched.stop()
+    assert "lingered" in marker.read_text()  # before stop() returned
+    assert store.get_job(job.id).state is JobState.QUEUED

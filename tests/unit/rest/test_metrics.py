@@ -314,7 +314,11 @@ async def test_health_says_the_store_is_down_while_it_refuses_writes(
     from dicom_node.store import NewJob
 
     root = tmp_path_factory.mktemp("health-writes")
-    with live_node(serving_settings(root / "data", models=[])) as ln:
+    settings = serving_settings(root / "data", models=[])
+    # the scheduler's keeper checks every lease_s / 3 (20 s by default)
+    settings = settings.model_copy(update={
+        "executor": settings.executor.model_copy(update={"lease_s": 1.5})})
+    with live_node(settings) as ln:
         store = ln.node.store
         assert store is not None
         # the node waits 30 s for a lock; a test need not
@@ -334,6 +338,9 @@ async def test_health_says_the_store_is_down_while_it_refuses_writes(
         finally:
             holder.execute("ROLLBACK")
             holder.close()
-        await asyncio.to_thread(store.create_job, NewJob(pipeline="p", input={}))
+        # An idle node writes nothing else: the keeper's own write tells /health (it
+        # stayed 503 until the next C-STORE, and a load balancer sent none)
+        while (await get(ln, "/health", auth=False))[0] != 200:
+            await asyncio.sleep(0.1)  # no time limit: pytest-timeout guards the test
         status, _, text = await get(ln, "/health", auth=False)
         assert status == 200 and "error" not in json.loads(text)["store"]
