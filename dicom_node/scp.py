@@ -310,11 +310,12 @@ class InstanceWriter:
             # extent is checked against the file's size instead.
             ds = dcmread(source_path, force=False, defer_size=_DEFER_BYTES)
             meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            if meta_ts == DeflatedExplicitVRLittleEndian:
+            deflated = meta_ts == DeflatedExplicitVRLittleEndian
+            if deflated:
                 # offsets are into the inflated stream: nothing to compare with the file
                 ds = dcmread(source_path, force=False)
             _check_encoding(ds, meta_ts)
-            _check_complete(ds, os.stat(source_path).st_size)
+            _check_complete(ds, None if deflated else os.stat(source_path).st_size)
             elems = {t: ds.get(t) for t in _TAGS}
         except InvalidInput:
             raise  # already says what is wrong (a truncated element)
@@ -467,13 +468,15 @@ class RetrievedBatch:
 _DEFER_BYTES = 4096
 
 
-def _check_complete(ds: Any, file_size: int) -> None:
+def _check_complete(ds: Any, file_size: int | None) -> None:
     """Raise when an element's value is shorter than its declared length (a truncated send).
 
     pydicom reads a short final value without complaint, and skips a deferred one by
     seeking; the raw elements still carry the declared length (and, when deferred, the
     value's offset), so a dataset cut off mid-value shows as a read value shorter than
-    its length or a skipped one that ends past the end of the file.
+    its length or a skipped one that ends past the end of the file. ``file_size`` None
+    (a deflated dataset, read whole: its offsets are into the inflated stream, and an
+    empty element's ended past the compressed file's end) skips that comparison.
     """
     for elem in ds.values():  # raw, not yet converted: cheap
         length = getattr(elem, "length", None)
@@ -483,7 +486,8 @@ def _check_complete(ds: Any, file_size: int) -> None:
         if isinstance(value, bytes) and len(value) != length:
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
         tell = getattr(elem, "value_tell", None)
-        if value is None and tell is not None and tell + length > file_size:
+        if (value is None and tell is not None and file_size is not None
+                and tell + length > file_size):
             raise InvalidInput(f"the dataset is truncated in element {elem.tag}")
 
 

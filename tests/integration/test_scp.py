@@ -225,6 +225,18 @@ def test_storescu_instance_is_stored_byte_identical(node: RunningNode, name: str
     assert same_elements(Path(rec.path), src)
 
 
+def test_a_deflated_dataset_with_an_empty_element_is_stored(node: RunningNode) -> None:
+    """A deflated SR whose empty element lies, in the inflated stream, past the end of
+    the compressed file was refused 0xC210 as truncated (the check compared inflated
+    offsets with the file's size)."""
+    src = sample("reportsi_with_empty_number_tags.dcm")
+    storescu(node.port, [src], NODE_AE, "MODALITY", "-xd")  # raises unless Success
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    rec = node.store.get_instance(str(ds.SOPInstanceUID))
+    assert rec is not None and rec.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    assert same_elements(Path(rec.path), src)
+
+
 @pytest.mark.parametrize("name", TEST_FILES + RAW_ONLY)
 def test_raw_sender_bytes_are_kept_exactly(
     node: RunningNode, name: str, monkeypatch: pytest.MonkeyPatch
