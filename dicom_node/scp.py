@@ -663,12 +663,21 @@ class _TunedSocket(AssociationSocket):
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         got = 0
+        idle = None
         while got < nr_bytes:
             n = sock.recv_into(view[got:], nr_bytes - got)
             if not n:  # connection closed: return what we have, as pynetdicom does
                 del view
                 return buf[:got]
             got += n
+            if got < nr_bytes:
+                # A PDU still arriving is no idle association: pynetdicom restarts its
+                # idle timer once a PDU is whole, so a sender of one large PDU (a 126 MB
+                # dataset at max PDU 0) over a slow link was aborted mid-way at
+                # dimse.network_timeout_s while its bytes kept coming.
+                idle = idle or getattr(getattr(self.assoc, "dul", None), "_idle_timer", None)
+                if idle is not None:
+                    idle.restart()
         del view
         if self._wakeup is None:  # only the polling fallback paces itself by this
             self._busy_until = time.monotonic() + 0.25

@@ -225,6 +225,43 @@ def test_storescu_instance_is_stored_byte_identical(node: RunningNode, name: str
     assert same_elements(Path(rec.path), src)
 
 
+def test_a_slow_sender_of_one_large_pdu_is_not_cut_off_as_idle(tmp_path: Path) -> None:
+    """At maximum PDU 0 a sender may send a whole dataset as one PDU; over a slow link
+    that PDU took longer than dimse.network_timeout_s, and the node aborted the
+    association as idle while its bytes kept coming."""
+    import numpy as np
+
+    class Trickle:
+        """The sender's socket, sending 64 KiB every 50 ms (about 1.3 MB/s)."""
+
+        def __init__(self, sock: object) -> None:
+            self._sock = sock
+
+        def send(self, data: bytes) -> int:
+            time.sleep(0.05)
+            return int(self._sock.send(data[:65536]))  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._sock, name)
+
+    settings = node_settings(tmp_path / "data", dimse={"network_timeout_s": 1.0})
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    ds.Rows = ds.Columns = 1024  # 2 MiB of pixels: ~1.6 s at that rate
+    ds.PixelData = np.zeros((1024, 1024), dtype=np.int16).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    with running_node(settings) as rn:
+        ae = AE(ae_title="SLOWLINK")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", rn.port, ae_title=NODE_AE)
+        assert assoc.is_established and assoc.acceptor.maximum_length == 0
+        assoc.dul.socket.socket = Trickle(assoc.dul.socket.socket)  # type: ignore[union-attr,assignment]
+        try:
+            assert assoc.send_c_store(ds).Status == 0
+        finally:
+            assoc.release()
+        assert rn.store.get_instance(str(ds.SOPInstanceUID)) is not None
+
+
 def test_a_deflated_dataset_with_an_empty_element_is_stored(node: RunningNode) -> None:
     """A deflated SR whose empty element lies, in the inflated stream, past the end of
     the compressed file was refused 0xC210 as truncated (the check compared inflated
