@@ -11,6 +11,7 @@ callbacks, which must be thread-safe.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import fnmatch
@@ -654,6 +655,7 @@ class _TunedSocket(AssociationSocket):
     """
 
     _busy_until: float = 0.0
+    last_recv: float = 0.0  # time.monotonic() of the last bytes read (a retrieval's wait)
     _wakeup: _Wakeup | None = None
     _poller: Any = None  # select.poll, registered on first use by the DUL thread
 
@@ -678,7 +680,9 @@ class _TunedSocket(AssociationSocket):
                 idle = idle or getattr(getattr(self.assoc, "dul", None), "_idle_timer", None)
                 if idle is not None:
                     idle.restart()
+                self.last_recv = time.monotonic()
         del view
+        self.last_recv = time.monotonic()
         if self._wakeup is None:  # only the polling fallback paces itself by this
             self._busy_until = time.monotonic() + 0.25
         if _QUICKACK is not None:
@@ -1132,6 +1136,8 @@ class StorageSCP:
         self._peers: dict[int, _Peer] = {}
         self._admitted: set[int] = set()  # associations counted against max_associations
         self._collectors: list[_Collector] = []
+        # Message IDs of our C-MOVEs that have ended (see _late_sub_operation)
+        self._ended_moves: collections.deque[int] = collections.deque(maxlen=1024)
         self._lock = threading.Lock()
         self._sources = {s.name: s for s in settings.sources}
         self._counts: Counter[str] = Counter()  # guarded by _lock
@@ -1275,6 +1281,35 @@ class StorageSCP:
         finally:
             with self._lock:
                 self._collectors.remove(collector)
+                if message_id is not None:
+                    self._ended_moves.append(message_id)
+
+    def last_inbound_bytes(self, host: str) -> float:
+        """``time.monotonic()`` when an association the node accepted from ``host`` last
+        read bytes (0: none): a C-MOVE whose next response is late still waits while
+        its sub-operations' data is arriving (one large instance from a slow PACS takes
+        longer than dimse.dimse_timeout_s)."""
+        server = self._server
+        if server is None:
+            return 0.0
+        addresses = {host}
+        with contextlib.suppress(OSError):
+            addresses.add(socket.gethostbyname(host))
+        return max((float(getattr(a.dul.socket, "last_recv", 0.0))
+                    for a in list(server.ae.active_associations)
+                    if a.is_acceptor and a.requestor.address in addresses),
+                   default=0.0)
+
+    def _late_sub_operation(self, request: Any) -> bool:
+        """A sub-operation of one of our C-MOVEs that ended before it came (the node
+        stopped waiting for the PACS): kept like a retrieved instance, made no job; it
+        became an ordinary push that ran the pipelines and sent results nobody asked
+        for."""
+        move_ae, move_id = _move_originator(request)
+        if move_ae != self.settings.dimse.ae_title or move_id is None:
+            return False
+        with self._lock:
+            return move_id in self._ended_moves
 
     # -- policy ------------------------------------------------------------------------
 
@@ -1430,6 +1465,14 @@ class StorageSCP:
             # a sub-operation of our C-MOVE, or None: an ordinary push
             collector = self._collector_for(peer, req, parsed)
             retrieving = collector is not None
+            if not retrieving and self._late_sub_operation(req):
+                got = self.writer.keep(parsed, called_ae=peer.called_ae,
+                                       calling_ae=peer.calling_ae,
+                                       association_id=id(event.assoc), source="retrieve")
+                log.warning("a sub-operation of a retrieval that had ended: kept, no job",
+                            study_uid=got.study_instance_uid)
+                peer.instances += 1
+                return self._answer(log, Status.SUCCESS, "stored (late sub-operation)")
             got = self.writer.keep(
                 parsed, called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                 association_id=id(event.assoc), duplicates=ae.duplicates,

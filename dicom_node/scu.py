@@ -614,7 +614,9 @@ class DicomClient:
                     query.to_dataset(for_find=False), self.settings.dimse.ae_title,
                     StudyRootQueryRetrieveInformationModelMove, msg_id=message_id,
                 )
-                result = _collect_retrieve(assoc)
+                # its sub-operations come on other associations from the PACS's host
+                scp, host = self.scp, peer.host
+                result = _collect_retrieve(assoc, lambda: scp.last_inbound_bytes(host))
             finally:
                 _close(assoc)
                 got = batch.end()  # recorded together, also when the C-MOVE broke off
@@ -671,7 +673,9 @@ class DicomClient:
         try:
             assoc.send_c_get(query.to_dataset(for_find=False),  # as for C-MOVE
                              StudyRootQueryRetrieveInformationModelGet)
-            result = _collect_retrieve(assoc)
+            sock = assoc.dul.socket
+            result = _collect_retrieve(  # the instances come on this association
+                assoc, lambda: float(getattr(sock, "last_recv", 0.0)))
         finally:
             _close(assoc)
             received = batch.end()
@@ -784,7 +788,8 @@ class _RetrieveTally:
     ended: str = ""  # with no final status: aborted (A-ABORT), closed, timeout
 
 
-def _collect_retrieve(assoc: Association) -> _RetrieveTally:
+def _collect_retrieve(assoc: Association,
+                      last_bytes: Callable[[], float] | None = None) -> _RetrieveTally:
     """Tally the responses to the C-MOVE / C-GET request just sent on ``assoc``.
 
     pynetdicom's ``send_c_move`` / ``send_c_get`` send the request and return a
@@ -795,13 +800,22 @@ def _collect_retrieve(assoc: Association) -> _RetrieveTally:
     response primitives instead, and handles the rest as pynetdicom does: C-STOREs on a
     C-GET association go to the storage handler; no response (DIMSE timeout or the
     connection gone) or an unexpected message ends the retrieval with no status.
+
+    PS3.7 C.4.2: a Pending response follows each sub-operation, so one large instance
+    from a slow PACS may take longer than dimse.dimse_timeout_s to be followed by one.
+    While ``last_bytes`` (when the sub-operations' data was last read) is within that
+    timeout, the wait goes on.
     """
     tally = _RetrieveTally()
+    timeout = float(assoc.dimse_timeout or 0)
     while True:
         context_id, rsp = assoc.dimse.get_msg(block=True)
         if isinstance(rsp, C_STORE):  # an instance on a C-GET association
             assoc._c_store_scp(rsp)
             continue
+        if (rsp is None and last_bytes is not None and timeout and assoc.is_established
+                and time.monotonic() - last_bytes() < timeout):
+            continue  # the PACS is still sending: not a missing response
         if rsp is None or not isinstance(rsp, (C_MOVE, C_GET)) or not rsp.is_valid_response:
             if rsp is None:
                 # why there was none, before _handle_no_response aborts on a timeout

@@ -737,3 +737,81 @@ def test_sub_operations_from_another_storage_ae_title_belong_to_the_move(
     assert rec is not None and rec.source == "retrieve" and rec.calling_ae == "QRSCP_STORE"
     rec = node.store.get_instance(stray.SOPInstanceUID)
     assert rec is not None and rec.source == "dimse"
+
+
+class _Trickle:
+    """A PACS's socket that sends 64 KiB every 50 ms (about 1.3 MB/s): a slow link."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        import time
+
+        time.sleep(0.05)
+        return int(self._sock.send(data[:65536]))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> None:
+    """PS3.7 C.4.3: a Pending response follows each sub-operation, so one large instance
+    over a slow link may take longer than dimse.dimse_timeout_s. The retrieval ended
+    there ("no final response") while the instance was still arriving."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    from tests.support.node import running_node
+
+    study, series = generate_uid(), generate_uid()
+    big = synthetic(study, series, rows=1024)  # 2 MiB: ~1.6 s on the slow link
+
+    def on_get(event: evt.Event):  # type: ignore[no-untyped-def]
+        event.assoc.dul.socket.socket = _Trickle(event.assoc.dul.socket.socket)
+        yield 1
+        yield 0xFF00, big
+
+    ae = AE("QRSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    settings = node_settings(tmp_path / "data", dimse={"dimse_timeout_s": 1.0})
+    try:
+        with running_node(settings) as rn:
+            result = client_for(rn).retrieve(
+                source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
+    finally:
+        server.shutdown()
+    assert result.ok, result.message
+    assert [r.sop_instance_uid for r in result.received] == [big.SOPInstanceUID]
+
+
+def test_a_sub_operation_after_its_move_ended_is_kept_and_makes_no_job(
+        node: RunningNode) -> None:
+    """When the node stopped waiting for a C-MOVE, the PACS's sub-operations that came
+    after (Move Originator: the node and that C-MOVE) became ordinary pushes: jobs ran
+    on them and sent results nobody asked for. They are kept as retrieved instances."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    assert node.node is not None and node.node.scp is not None
+    with node.node.scp.collect_from("QRSCP", 4242):
+        pass  # the retrieval ended (no final response in time)
+    late = synthetic(generate_uid(), generate_uid())
+    ae = AE("QRSCP")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(late, originator_aet=NODE_AE, originator_id=4242)
+        assert status.Status == 0
+    finally:
+        assoc.release()
+    rec = node.store.get_instance(str(late.SOPInstanceUID))
+    assert rec is not None and rec.source == "retrieve"
