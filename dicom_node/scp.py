@@ -946,6 +946,13 @@ class _Server(ThreadedAssociationServer):
         # read, StorageSCP._on_requested sets the network timeout for the same purpose.
         with contextlib.suppress(OSError):
             request.settimeout(self.handshake_timeout_s)
+        # And the whole request must come within it (PS3.8 9.1.5): a read timeout alone
+        # let a peer trickling a byte every few seconds hold the connection for minutes.
+        artim = threading.Timer(self.handshake_timeout_s, _end_unrequested, (request,))
+        artim.daemon = True
+        with _artim_lock:
+            _artim_timers[id(request)] = artim
+        artim.start()
         super().process_request_thread(request, client_address)
 
     def _artim_expired(self, request: Any, peer: str, what: str) -> None:
@@ -960,6 +967,28 @@ class _Server(ThreadedAssociationServer):
 
 
 _TLS_HANDSHAKE = 0x16  # a TLS record's content type; no PDU type (PS3.8 9.3.1)
+
+# The ARTIM timers of connections whose A-ASSOCIATE-RQ has not come whole yet, by the
+# id of their socket (see _Server.process_request_thread and request_came).
+_artim_timers: dict[int, threading.Timer] = {}
+_artim_lock = threading.Lock()
+
+
+def _end_unrequested(request: Any) -> None:
+    """ARTIM expired before the A-ASSOCIATE-RQ came whole: end the connection (the
+    association thread then logs it, see _AcceptorAssociation)."""
+    with _artim_lock:
+        _artim_timers.pop(id(request), None)
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
+
+
+def request_came(sock: Any) -> None:
+    """The A-ASSOCIATE-RQ on ``sock`` came whole: its ARTIM timer stops."""
+    with _artim_lock:
+        timer = _artim_timers.pop(id(sock), None)
+    if timer is not None:
+        timer.cancel()
 
 
 def _first_byte(sock: socket.socket, timeout_s: float) -> bytes | None:
@@ -1346,6 +1375,7 @@ class StorageSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        request_came(getattr(assoc.dul.socket, "socket", None))  # ARTIM stops (PS3.8 9.1.5)
         rq = assoc.requestor.primitive
         called = _ae_text(getattr(rq, "called_ae_title", ""))
         calling = _ae_text(getattr(rq, "calling_ae_title", ""))

@@ -623,9 +623,25 @@ def test_connections_that_stall_before_or_within_a_pdu_are_closed(tmp_path: Path
         with socket.create_connection(("127.0.0.1", rn.port)) as sock:  # half a PDU
             sock.sendall(rq[: len(rq) // 2])
             assert _held_until_closed(sock) == b""
+        with socket.create_connection(("127.0.0.1", rn.port)) as sock:  # a byte at a time
+            sock.settimeout(0.3)
+            closed_at = None
+            for i, byte in enumerate(rq):  # 0.2 s each: whole only after ~40 s
+                try:
+                    sock.sendall(bytes([byte]))
+                    if sock.recv(1) == b"":
+                        closed_at = i
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed_at = i
+                    break
+            # the whole request must come within the ARTIM time, not each read of it
+            assert closed_at is not None and closed_at < len(rq) - 1
         artim = "connection closed: no A-ASSOCIATE-RQ within dimse.acse_timeout_s"
         # logged as the association's thread ends, just after the socket closes
-        wait_for(lambda: sum(e["event"] == artim for e in logs) == 3, "3 ARTIM lines")
+        wait_for(lambda: sum(e["event"] == artim for e in logs) == 4, "4 ARTIM lines")
         with socket.create_connection(("127.0.0.1", rn.port)) as sock:
             sock.settimeout(10)
             sock.sendall(rq)
