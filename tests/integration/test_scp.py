@@ -225,24 +225,25 @@ def test_storescu_instance_is_stored_byte_identical(node: RunningNode, name: str
     assert same_elements(Path(rec.path), src)
 
 
+class Trickle:
+    """A peer's socket on a slow link: it sends 64 KiB every 50 ms (about 1.3 MB/s)."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        time.sleep(0.05)
+        return int(self._sock.send(data[:65536]))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
 def test_a_slow_sender_of_one_large_pdu_is_not_cut_off_as_idle(tmp_path: Path) -> None:
     """At maximum PDU 0 a sender may send a whole dataset as one PDU; over a slow link
     that PDU took longer than dimse.network_timeout_s, and the node aborted the
     association as idle while its bytes kept coming."""
     import numpy as np
-
-    class Trickle:
-        """The sender's socket, sending 64 KiB every 50 ms (about 1.3 MB/s)."""
-
-        def __init__(self, sock: object) -> None:
-            self._sock = sock
-
-        def send(self, data: bytes) -> int:
-            time.sleep(0.05)
-            return int(self._sock.send(data[:65536]))  # type: ignore[attr-defined]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._sock, name)
 
     settings = node_settings(tmp_path / "data", dimse={"network_timeout_s": 1.0})
     ds = pydicom.dcmread(sample("CT_small.dcm"))

@@ -17,7 +17,7 @@ from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicom_node.logs import configure_logging
 from dicom_node.scheduler import ExportOutcome
 from dicom_node.scu import GET_STORAGE_CLASSES, DicomClient, Peer, Query, QueryLevel
-from tests.integration.test_scp import synthetic, write_files
+from tests.integration.test_scp import Trickle, synthetic, write_files
 from tests.support.node import NODE_AE, RunningNode, node_settings
 from tests.support.orthanc import orthanc_server
 from tests.support.peers import dcmqrscp, free_port, storescp, storescu
@@ -739,22 +739,6 @@ def test_sub_operations_from_another_storage_ae_title_belong_to_the_move(
     assert rec is not None and rec.source == "dimse"
 
 
-class _Trickle:
-    """A PACS's socket that sends 64 KiB every 50 ms (about 1.3 MB/s): a slow link."""
-
-    def __init__(self, sock: object) -> None:
-        self._sock = sock
-
-    def send(self, data: bytes) -> int:
-        import time
-
-        time.sleep(0.05)
-        return int(self._sock.send(data[:65536]))  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._sock, name)
-
-
 def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> None:
     """PS3.7 C.4.3: a Pending response follows each sub-operation, so one large instance
     over a slow link may take longer than dimse.dimse_timeout_s. The retrieval ended
@@ -771,7 +755,7 @@ def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> N
     big = synthetic(study, series, rows=1024)  # 2 MiB: ~1.6 s on the slow link
 
     def on_get(event: evt.Event):  # type: ignore[no-untyped-def]
-        event.assoc.dul.socket.socket = _Trickle(event.assoc.dul.socket.socket)
+        event.assoc.dul.socket.socket = Trickle(event.assoc.dul.socket.socket)
         yield 1
         yield 0xFF00, big
 
