@@ -223,6 +223,8 @@ async def test_stop_stops_the_job_even_when_it_cannot_queue_it_again(
     await sched.start()
     job = await sched.submit(NewJob(pipeline="p", input={"sleep": 60}))
     await wait_state(store, job.id, JobState.RUNNING)
+    while not sched._running:  # claimed ("running") a moment before its worker holds it
+        await asyncio.sleep(0.01)
     (ctx, _task), = sched._running.values()
     real_transition = store.transition
 
