@@ -1700,6 +1700,8 @@ class Store:
             changed = conn.execute(stmt).rowcount
             if changed:
                 self._event(conn, job_id, to, message, now)
+                if to.final:
+                    self._close_exports(conn, job_id, to, now)
         if changed and "input" in values:
             self._forget_old_pages()
         return bool(changed)
@@ -1819,6 +1821,7 @@ class Store:
                 ).rowcount
                 if changed:
                     self._event(conn, job_id, JobState.CANCELLED, "cancelled while queued", now)
+                    self._close_exports(conn, job_id, JobState.CANCELLED, now)
             if not changed:
                 asked = conn.execute(
                     jobs.update().where(jobs.c.id == job_id,
@@ -1828,6 +1831,24 @@ class Store:
                 if asked:  # the history says so at once, not only when the job ends
                     self._event(conn, job_id, job.state, CANCEL_PENDING, now)
         return self.get_job(job_id)
+
+    @staticmethod
+    def _close_exports(conn: Connection, job_id: str, to: JobState, now: datetime) -> None:
+        """A job that ended leaves no destination saying it will be sent to (``pending``,
+        ``sending``, ``retrying``): each becomes ``failed`` with why, keeping what it
+        acknowledged, so that a ``jobs retry`` sends only the rest."""
+        why = "the job was cancelled" if to is JobState.CANCELLED else f"the job {to.value}"
+        open_ = [EXPORT_PENDING, EXPORT_SENDING, EXPORT_RETRYING]
+        rows = conn.execute(sa.select(exports.c.id, exports.c.state, exports.c.message)
+                            .where(exports.c.job_id == job_id,
+                                   exports.c.state.in_(open_))).all()
+        for r in rows:
+            if r.state == EXPORT_PENDING or not r.message:
+                message = f"not sent: {why} before it was tried"
+            else:
+                message = f"{r.message}; not tried again: {why}"
+            conn.execute(exports.update().where(exports.c.id == r.id)
+                         .values(state=EXPORT_FAILED, message=message, updated_at=now))
 
     def retry(self, job_id: str) -> Job:
         """Queue a failed or cancelled job again with a fresh attempt count.

@@ -121,7 +121,9 @@ async def test_a_cancel_while_waiting_for_an_export_pass_sends_nothing_more(
             assert later.state is JobState.SUCCEEDED, later.error
             assert _received(pacs2.directory) == [_sr_uid(node, later.id)]
         assert node.store.get_job(job.id).state is JobState.CANCELLED
-        assert [x.state for x in node.store.exports_of(job.id)] == ["retrying", "retrying"]
+        # neither destination says it will still be sent to
+        assert [(x.state, (x.message or "").endswith("not tried again: the job was cancelled"))
+                for x in node.store.exports_of(job.id)] == [("failed", True), ("failed", True)]
 
 
 async def test_a_retried_job_sends_only_to_the_destination_that_missed_its_results(

@@ -229,6 +229,43 @@ def test_artifacts_and_exports(store: Store) -> None:
     assert counts[JobState.QUEUED] == 1
 
 
+def test_a_job_that_ends_leaves_no_destination_saying_it_will_be_sent_to(
+        store: Store) -> None:
+    """A cancel cut the pass short: the destination being sent to and the one not yet
+    tried said ``retrying`` and ``pending`` for good. They now say the job ended, and
+    a retry sends only what was not acknowledged."""
+    job = store.create_job(NewJob(pipeline="p"))
+    claimed = store.claim_next("n", 30)
+    assert claimed is not None
+    store.record_export(job.id, "share", "succeeded", 1, 2)
+    store.record_export(job.id, "pacs", "retrying", 0, 1, "stopped before it was done: 1 sent now",
+                        acknowledged=["1.2.1"])
+    store.record_export(job.id, "archive", "pending", 0, 0)
+    assert store.transition(job.id, JobState.CANCELLED, token=claimed.lease_token)
+    got = {x.destination: x for x in store.exports_of(job.id)}
+    assert {d: x.state for d, x in got.items()} == {
+        "share": "succeeded", "pacs": "failed", "archive": "failed"}
+    assert got["archive"].message == "not sent: the job was cancelled before it was tried"
+    assert got["pacs"].message == ("stopped before it was done: 1 sent now; "
+                                   "not tried again: the job was cancelled")
+    assert got["pacs"].acknowledged == {"1.2.1"} and got["share"].message is None
+    store.retry(job.id)
+    assert {x.destination: x.state for x in store.exports_of(job.id)} == {
+        "share": "succeeded", "pacs": "retrying", "archive": "retrying"}
+    assert {x.destination: x.acknowledged for x in store.exports_of(job.id)}["pacs"] == {
+        "1.2.1"}
+
+
+def test_a_job_cancelled_while_queued_for_its_next_export_pass_closes_its_exports(
+        store: Store) -> None:
+    job = store.create_job(NewJob(pipeline="p"))
+    store.record_export(job.id, "pacs", "retrying", 1, 0, "refused (attempt 1 of 3)")
+    store.request_cancel(job.id)
+    (x,) = store.exports_of(job.id)
+    assert (x.state, x.message) == (
+        "failed", "refused (attempt 1 of 3); not tried again: the job was cancelled")
+
+
 def test_a_new_run_replaces_the_artifacts_and_each_destination_keeps_its_latest(
         store: Store) -> None:
     """`jobs show` lists each artifact once and each destination's latest outcome, however
