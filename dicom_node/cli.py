@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl = ssub.add_parser("list", help="the most recently received studies first")
     _config_options(sl)
     sl.add_argument("--patient", metavar="ID", help="only this Patient ID's studies")
-    sl.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    sl.add_argument("--limit", type=_list_limit("studies", "--patient"), default=20,
+                    help=f"at most this many (default 20, at most {STUDIES_LIST_MAX})")
     sl.add_argument("--json", action="store_true", help="one JSON object per line")
     ss = ssub.add_parser("show", help="one study series by series, with its jobs")
     _config_options(ss)
@@ -439,18 +440,29 @@ def _config_objects(store: Any) -> dict[str, dict[str, dict[str, Any] | None]]:
 
 
 JOBS_LIST_MAX = 1000  # rows a `jobs list` prints at most; narrow it down with --state
+STUDIES_LIST_MAX = 1000  # the same for `studies list` (each row reads its series too)
 
 
-def _jobs_list_limit(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= n <= JOBS_LIST_MAX:
-        raise argparse.ArgumentTypeError(
-            f"{n} is not between 1 and {JOBS_LIST_MAX}: list at most {JOBS_LIST_MAX} jobs "
-            "at a time (narrow it down with --state)")
-    return n
+def _list_limit(what: str, narrow: str) -> Callable[[str], int]:
+    """An argparse type for a list's ``--limit``: 1 to the list's maximum, so that a
+    slip of the keyboard does not read a store of millions of rows into memory."""
+    top = JOBS_LIST_MAX if what == "jobs" else STUDIES_LIST_MAX
+
+    def limit(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 1 <= n <= top:
+            raise argparse.ArgumentTypeError(
+                f"{n} is not between 1 and {top}: list at most {top} {what} at a time "
+                f"(narrow it down with {narrow})")
+        return n
+
+    return limit
+
+
+_jobs_list_limit = _list_limit("jobs", "--state")
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:

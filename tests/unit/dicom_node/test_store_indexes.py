@@ -153,6 +153,15 @@ def test_listing_more_than_the_cap_is_refused_with_a_reason(
     assert exited.value.code == 2
     assert "list at most 1000 jobs at a time" in capsys.readouterr().err
     assert main(["jobs", "list", "--data-dir", str(data), "--limit", "1000"]) == 0
+    # `studies list` reads each study's series too: the same cap, its own hint
+    for wrong in ("5000", "0", "-3", "many"):
+        with pytest.raises(SystemExit) as exited:
+            main(["studies", "list", "--data-dir", str(data), "--limit", wrong])
+        assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "list at most 1000 studies at a time (narrow it down with --patient)" in err
+    assert "not a number: 'many'" in err
+    assert main(["studies", "list", "--data-dir", str(data), "--limit", "1000"]) == 0
 
 
 def rec(sop: str, study: str) -> InstanceRecord:
