@@ -799,3 +799,76 @@ def test_a_sub_operation_after_its_move_ended_is_kept_and_makes_no_job(
         assoc.release()
     rec = node.store.get_instance(str(late.SOPInstanceUID))
     assert rec is not None and rec.source == "retrieve"
+
+
+@contextlib.contextmanager
+def _slow_link(to_port: int):  # type: ignore[no-untyped-def]
+    """A TCP relay to ``to_port`` on loopback that passes 64 KiB every 50 ms towards it
+    (a slow link, about 1.3 MB/s) and the answers back at once; yields its port."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket, slow: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if slow:
+                    time.sleep(0.05)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def relay() -> None:
+        while not stop.is_set():
+            try:
+                near, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", to_port))
+            threading.Thread(target=pump, args=(near, far, True), daemon=True).start()
+            threading.Thread(target=pump, args=(far, near, False), daemon=True).start()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_move_waits_while_a_large_sub_operation_is_still_coming(tmp_path: Path) -> None:
+    """The C-MOVE side of the wait above: the sub-operation comes on an association the
+    PACS opens to the node, over a slow link, and the PACS's next response only after
+    it; the node counts the bytes arriving from the PACS's host as the C-MOVE going on,
+    instead of ending it after dimse.dimse_timeout_s as 'no final response'."""
+    from tests.support.node import running_node
+
+    study, series = generate_uid(), generate_uid()
+    big = synthetic(study, series, rows=1024)  # 2 MiB: ~1.6 s on the slow link
+    settings = node_settings(tmp_path / "data", dimse={"dimse_timeout_s": 1.0})
+    with running_node(settings) as rn:
+        with _slow_link(rn.port) as relay_port:
+
+            def on_move(event):  # type: ignore[no-untyped-def]
+                yield "127.0.0.1", relay_port  # the node, as the PACS reaches it
+                yield 1
+                yield 0xFF00, big
+
+            with _fake_pacs(on_move) as port:
+                result = client_for(rn).retrieve(
+                    source(port), Query(QueryLevel.STUDY, study_instance_uid=study))
+        assert result.ok, result.message
+        assert [r.sop_instance_uid for r in result.received] == [big.SOPInstanceUID]
+        rec = rn.store.get_instance(str(big.SOPInstanceUID))
+        assert rec is not None and rec.source == "retrieve"
