@@ -240,6 +240,7 @@ class _Peer:
     port: int
     instances: int = 0
     echoes: int = 0
+    out_of_space: int = 0  # instances refused under storage.min_free_mb (logged once)
 
 
 @dataclass
@@ -1490,6 +1491,17 @@ class StorageSCP:
                 path = spool.received_path(req)  # OSError: the disk filled as it arrived
             except AttributeError:  # chunked mode switched off by someone: use the bytes
                 path = _spool(event.encoded_dataset(include_meta=True), self.writer.studies_dir)
+            if short := short_of_space(self.settings, self.writer.studies_dir):
+                # The reserve is checked for each instance, not only when an association
+                # opens: one association of a large study wrote the disk full past it,
+                # and the store on the same disk with it. The spooled file goes.
+                peer.out_of_space += 1
+                self._count(f"store:0x{Status.OUT_OF_RESOURCES:04X}")
+                if peer.out_of_space == 1:  # the association's summary counts the rest
+                    log.warning("C-STORE refused", status=f"0x{Status.OUT_OF_RESOURCES:04X}",
+                                message=f"free disk space is low: {short}; not kept (the "
+                                "sender may send it again later)")
+                return int(Status.OUT_OF_RESOURCES)
             parsed = self.writer.read(path, expected_sop_class=sop_class,
                                       expected_sop_instance=sop)
             # a sub-operation of our C-MOVE, or None: an ordinary push
@@ -1598,7 +1610,9 @@ class StorageSCP:
         self.log.info("association released" if released else "association aborted",
                       called_ae=peer.called_ae, calling_ae=peer.calling_ae,
                       peer=f"{peer.address}:{peer.port}", instances=peer.instances,
-                      **({"echoes": peer.echoes} if peer.echoes else {}))
+                      **({"echoes": peer.echoes} if peer.echoes else {}),
+                      **({"refused_out_of_space": peer.out_of_space}
+                         if peer.out_of_space else {}))
         if self.on_association_end is not None:
             self.on_association_end(
                 AssociationEnd(id(event.assoc), peer.called_ae, peer.calling_ae, released)

@@ -339,8 +339,15 @@ async def store_instances(request: web.Request) -> web.Response:
                 if ended_early is not None:
                     break  # the part being read is incomplete: not stored
                 spool.file.close()
-                outcome = await asyncio.to_thread(_store_part, writer, spool.path, ae, study,
-                                                  association_id)
+                if short := await asyncio.to_thread(short_of_space, settings, staging):
+                    # checked again for each part: one large request began above the
+                    # reserve and wrote the disk full, the store's too
+                    outcome = PartOutcome(None, None, failure=FailureReason.OUT_OF_RESOURCES,
+                                          reason=f"free disk space is low ({short}); "
+                                                 "not kept, send it again later")
+                else:
+                    outcome = await asyncio.to_thread(_store_part, writer, spool.path, ae,
+                                                      study, association_id)
             finally:
                 spool.discard()  # a stored part was renamed away; anything else goes
             outcomes.append(outcome)

@@ -896,6 +896,39 @@ def test_store_failure_answers_a700_and_keeps_nothing_acknowledged_lost(
     assert node.store.get_instance(ok.SOPInstanceUID) is not None
 
 
+def test_the_free_space_reserve_holds_within_an_association(tmp_path: Path) -> None:
+    """storage.min_free_mb was checked only when an association opened: one association
+    of a large study began above the reserve and wrote the disk full, the store's with
+    it. Each instance under the reserve now gets 0xA700 (nothing of it kept), logged
+    once; once there is room again, the same association goes on."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 40) as disk:
+        settings = node_settings(disk / "data", min_free_mb=10)
+        with running_node(settings) as rn, structlog.testing.capture_logs() as logs:
+            study, series = generate_uid(), generate_uid()
+            sent = [synthetic(study, series) for _ in range(4)]
+            ae = AE(ae_title="SCU")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", rn.port, ae_title=NODE_AE)
+            assert assoc.is_established
+            try:
+                assert assoc.send_c_store(sent[0]).Status == 0x0000
+                filler = fill(disk, 6 << 20)  # the association is open: under the reserve
+                assert [assoc.send_c_store(ds).Status for ds in sent[1:3]] == [0xA700, 0xA700]
+                filler.unlink()
+                assert assoc.send_c_store(sent[3]).Status == 0x0000
+            finally:
+                assoc.release()
+            kept = [rn.store.get_instance(str(ds.SOPInstanceUID)) is not None for ds in sent]
+            assert kept == [True, False, False, True]
+            assert not list((disk / "data" / "studies" / ".incoming").glob("*"))
+    refused = [e for e in logs if e["event"] == "C-STORE refused"]
+    assert len(refused) == 1 and "storage.min_free_mb (10 MB)" in refused[0]["message"]
+    ended = [e for e in logs if e["event"] == "association released"]
+    assert ended and ended[-1]["refused_out_of_space"] == 2
+
+
 def test_hundred_associations_at_once_only_25_accepted(node: RunningNode) -> None:
     results: list[tuple[bool, tuple[int, int, int] | None]] = []
     lock = threading.Lock()

@@ -577,3 +577,46 @@ async def test_a_client_hanging_up_mid_download_is_not_an_error(tmp_path: Path) 
     assert not [e for e in logs if e["event"].startswith("request failed")], logs
     gone = [e for e in logs if e["event"] == "WADO-RS: client went away"]
     assert gone[0]["log_level"] == "info" and gone[0]["study_uid"] == big.study_uid
+
+
+async def test_the_free_space_reserve_is_checked_for_each_part(aiohttp_client: Any,
+                                                               tmp_path: Path) -> None:
+    """One request that began above storage.min_free_mb wrote the disk full: it was
+    checked only when the request came. A part that arrives under the reserve is now
+    refused with 0xA700 (the parts before it stay stored)."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 40) as disk:
+        config = {**CONFIG, "storage": {"min_free_mb": 10}}
+        async with running_node(node_settings(disk / "data", **config)) as node:
+            client = await aiohttp_client(create_app(node))
+            secret = (disk / "data" / "jwt_secret").read_bytes().strip()
+            study = make_ct_study(tmp_path / "ct", slices=2, size=32)
+            first, second = (p.read_bytes() for p in study.paths)
+            boundary = "probe-boundary"
+            head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            fillers: list[Path] = []
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield head + first + b"\r\n" + head  # the first part, whole
+                # aiohttp's part reader reads past a part's end before it ends it: the
+                # second part comes a little at a time until the first is stored
+                assert node.store is not None
+                at = 0
+                while node.store.get_instance(study.sop_uids[0]) is None and at < 1024:
+                    yield second[at:at + 16]
+                    at += 16
+                    await asyncio.sleep(0.02)
+                fillers.append(await asyncio.to_thread(fill, disk, 6 << 20))
+                yield second[at:] + f"\r\n--{boundary}--\r\n".encode()
+
+            r = await client.post("/dicomweb/studies", data=chunks(), headers={
+                "Authorization": f"Bearer {tok(secret)}", "Accept": DICOM_JSON,
+                "Content-Type": f'multipart/related; type="application/dicom"; '
+                                f'boundary="{boundary}"'})
+            answer = await r.json()
+            assert fillers
+            assert uids(answer[REFERENCED]["Value"]) == [study.sop_uids[0]]
+            (failed,) = answer[FAILED]["Value"]
+            assert failed[REASON]["Value"] == [int(FailureReason.OUT_OF_RESOURCES)]
+            assert node.store is not None and node.store.get_instance(study.sop_uids[1]) is None
