@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib
 import re
@@ -314,6 +315,21 @@ class _StoreTrouble:
 
 
 _PYDICOM_TAG_PREFIX = re.compile(r"^With tag \([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\) got exception: ")
+
+
+DISK_FULL_RETRY_S = 30.0  # a job that filled a disk tries again this often (uncounted)
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The disk-out-of-space (or quota) error ``exc`` is or was caused by, if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain, not a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def failure_message(exc: BaseException) -> str:
@@ -763,6 +779,9 @@ class Scheduler:
                     self.store.get_job, job.id)).cancel_requested:
                 await self._finish(job, JobState.CANCELLED, "cancelled", log)
                 return
+            if (full := _disk_full(exc)) is not None:
+                await self._wait_for_space(job, full, log)
+                return
             await self._failed_attempt(job, exc, log)
             return
         result = {**ctx.result, "artifacts": len(produced)}
@@ -825,6 +844,21 @@ class Scheduler:
             log.info("job cancelled")
         else:
             log.error("job failed", error=message)
+
+    async def _wait_for_space(self, job: Job, exc: OSError, log: Any) -> None:
+        """A disk filled while the job wrote (above storage.min_free_mb, or with the check
+        off): it waits for space like a job under the reserve, its attempt not counted.
+        It was retried five times in 40 s and failed for good, and nothing ran it again
+        once space was freed."""
+        message = (f"a disk is full ({failure_message(exc)}): the job waits for space; "
+                   f"next try in {DISK_FULL_RETRY_S:g} s")
+        await asyncio.to_thread(
+            self.store.transition, job.id, JobState.QUEUED, token=job.lease_token,
+            message=message, not_before=utcnow() + timedelta(seconds=DISK_FULL_RETRY_S),
+            uncount_attempt=True)
+        log.warning("job waits: a disk is full", error=failure_message(exc),
+                    retry_in_s=DISK_FULL_RETRY_S)
+        self.notify()
 
     async def _failed_attempt(self, job: Job, exc: Exception, log: Any) -> None:
         message = failure_message(exc)

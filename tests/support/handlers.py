@@ -1,7 +1,8 @@
 """A job handler for tests: behaviour comes from the job's input, effects go to a file.
 
 ``input`` keys: ``sleep`` (seconds the run takes, in small steps that honour
-cancel), ``fail_times`` (raise on the first N attempts), ``permanent`` (raise a
+cancel), ``fail_times`` (raise on the first N attempts), ``disk_full_runs`` (the
+first N runs fail as a full disk does, wrapped as a library re-raises it), ``permanent`` (raise a
 PermanentJobError), ``marker`` (a file that gets ``start <id>`` and ``end <id>``
 lines, so a test can count how often a job ran and finished), ``pacs_down_passes``
 (the destination "pacs" refuses the first N export passes, each asking for another
@@ -11,6 +12,7 @@ as a peer's answer to an object in flight does, then marks ``lingered``).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -47,6 +49,12 @@ class RecordingHandler:
         _mark(ctx, "start")
         if ctx.job.input.get("permanent"):
             raise PermanentJobError("this input can never work")
+        if self.order.count(ctx.job.input.get("name", ctx.job.id)) <= int(
+                ctx.job.input.get("disk_full_runs", 0)):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as exc:
+                raise RuntimeError("cannot write the report") from exc
         if ctx.job.attempts <= int(ctx.job.input.get("fail_times", 0)):
             raise RuntimeError(f"transient failure on attempt {ctx.job.attempts}")
         deadline = time.monotonic() + float(ctx.job.input.get("sleep", 0))

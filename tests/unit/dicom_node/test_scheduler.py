@@ -491,6 +491,30 @@ async def test_jobs_wait_while_the_results_disk_is_short_of_space(
     assert store.get_job(job.id).attempts == 1
 
 
+async def test_a_job_that_fills_a_disk_waits_for_space_instead_of_failing(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that filled while the job wrote its results (free space above the reserve
+    when it started) used the job's retries up in 40 s and failed it for good; nothing
+    ran it again once space was freed. It now waits for space, its attempts uncounted."""
+    import dicom_node.scheduler as scheduler
+
+    monkeypatch.setattr(scheduler, "DISK_FULL_RETRY_S", 0.1)
+    sched, handler = make(store, tmp_path, max_attempts=1)
+    await sched.start()
+    try:
+        job = await sched.submit(NewJob(pipeline="p", input={"name": "big",
+                                                             "disk_full_runs": 3}))
+        assert await wait_state(store, job.id, JobState.SUCCEEDED,
+                                JobState.FAILED) is JobState.SUCCEEDED
+    finally:
+        await sched.stop()
+    assert handler.order == ["big"] * 4 and store.get_job(job.id).attempts == 1
+    waits = [e.message for e in store.events(job.id) if e.state is JobState.QUEUED][1:]
+    assert len(waits) == 3 and all(
+        (m or "").startswith("a disk is full (OSError: [Errno 28] No space left on device): "
+                             "the job waits for space") for m in waits)
+
+
 def test_a_failure_is_one_line_a_person_can_read() -> None:
     """A full disk while results were written put pydicom's whole traceback in the job's
     history, and a locked store the SQL statement with its parameters."""
