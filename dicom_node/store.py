@@ -15,6 +15,7 @@ import dataclasses
 import heapq
 import itertools
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -284,6 +285,20 @@ nodes = sa.Table(
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("alive_until", UTCDateTime, nullable=False),
 )
+
+
+def _disk_full_note(database: Path) -> str:
+    """What to say first when an SQLite store cannot be opened on a full disk: SQLite
+    says "disk I/O error" (it cannot make its -wal and -shm files, even to read), which
+    sends an operator looking for failing hardware."""
+    try:
+        free = shutil.disk_usage(database.parent).free
+    except OSError:
+        return ""
+    if free >= 1 << 20:
+        return ""
+    return (f"the disk holding it is full ({free // 1024} KiB free on {database.parent}; "
+            "free space there, then start again); SQLite says: ")
 
 
 def _migration_1(conn: Connection) -> None:
@@ -781,7 +796,11 @@ class Store:
                 self._refuse_newer(self.schema_version())
         except SQLAlchemyError as exc:
             self.close()
-            raise StoreError(f"cannot open the store at {url.render_as_string()}: {exc}") from exc
+            full = (_disk_full_note(Path(url.database))
+                    if url.get_backend_name() == "sqlite" and url.database not in (
+                        None, "", ":memory:") else "")
+            raise StoreError(f"cannot open the store at {url.render_as_string()}: "
+                             f"{full}{exc}") from exc
         return self
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -789,3 +790,23 @@ def test_a_sqlite_store_is_readable_by_its_owner_only(tmp_path: Path) -> None:
             assert path.stat().st_mode & 0o777 == 0o600, path
     finally:
         store.close()
+
+
+def test_a_store_on_a_full_disk_says_so(tmp_path: Path) -> None:
+    """SQLite cannot even read on a full disk (it makes its -wal and -shm files) and says
+    "disk I/O error", which sent an operator looking for failing hardware; the node's
+    message now starts with the full disk and where."""
+    from dicom_node.errors import StoreError
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 8) as disk:
+        url = f"sqlite:///{disk / 'node.db'}"
+        Store(url).open().close()
+        fill(disk, 0)
+        with contextlib.suppress(OSError), open(disk / "crumbs", "wb") as f:
+            while f.write(b"\0" * 512):  # to the last byte
+                f.flush()
+        with pytest.raises(StoreError) as refused:
+            Store(url).open(migrate=False)
+    assert "the disk holding it is full (0 KiB free on " in str(refused.value)
+    assert "free space there, then start again" in str(refused.value)
