@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 import dicom_node
 from dicom_node.config import ConfigError, Settings, load_settings
 from dicom_node.errors import NodeError
@@ -228,6 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except NodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except SQLAlchemyError as exc:
+        # one line, not a traceback: on a full disk `jobs cancel` printed forty
+        cause = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+        hint = ("; free space on the disk of the data directory, then try again"
+                if "full" in cause else "")
+        print(f"dicom-node: the job store failed: {cause}{hint}", file=sys.stderr)
         return EXIT_RUNTIME
     except BrokenPipeError:
         # The reader went away (`dicom-node jobs list | head`): stop quietly, as Unix

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,28 @@ def test_retry_of_a_study_job_says_how_many_instances_it_gained(
         store.close()
     assert main(["jobs", "retry", job.id, "--data-dir", str(data)]) == 0
     assert capsys.readouterr().out.strip() == f"{job.id}: queued again"  # nothing more
+
+
+def test_a_store_that_fails_a_write_is_one_line_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a full disk `jobs cancel` printed SQLAlchemy's forty-line traceback; it is now
+    one line saying what failed and what to do."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 8) as disk:
+        data = disk / "data"
+        data.mkdir()
+        held = Store(f"sqlite:///{data / 'node.db'}").open()  # a running node's hold
+        try:
+            job = held.create_job(NewJob(pipeline="p"))
+            fill(disk, 0)
+            with contextlib.suppress(OSError), open(disk / "crumbs", "wb") as f:
+                while f.write(b"\0" * 512):  # to the last byte
+                    f.flush()
+            code = main(["jobs", "cancel", job.id, "--data-dir", str(data)])
+        finally:
+            held.close()
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("dicom-node: the job store failed: ")
+    assert "free space on the disk of the data directory" in err
