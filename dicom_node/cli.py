@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--group", metavar="NAME",
                        help="the `group` claim: the batch API's groupName (seed 002) whose "
                        "jobs the token may start and read (default: none)")
+    token.add_argument("--project", action="append", metavar="NAME",
+                       help="the `projects` claim (repeatable): the only batch API projects "
+                       "(called AE titles, drop folders) whose sources the token may list "
+                       "and run models on (default: every project)")
     echo = sub.add_parser(
         "echo", help="check that configured sources and destinations answer",
         description="C-ECHO every configured DIMSE source and destination, QIDO-RS every "
@@ -703,6 +707,8 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
                               "scope": " ".join(args.scope or ["infer", "read"])}
     if args.group:
         claims["group"] = args.group
+    if args.project:
+        claims["projects"] = list(dict.fromkeys(args.project))
     if settings.auth.audience:
         claims["aud"] = settings.auth.audience
     if settings.auth.issuer:
@@ -710,6 +716,7 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     token = jwt.encode(claims, secret, algorithm="HS256")
     print(f"# scopes: {claims['scope']}"
           + (f"; group: {args.group}" if args.group else "")
+          + (f"; projects: {', '.join(claims['projects'])}" if args.project else "")
           + f"; expires in {lifetime} s "
           f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))})", file=sys.stderr)
     print(token)

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dicom_node.digits import ascii_int
 from dicom_node.tls import TlsFileError, client_context, readable_by_others, server_context
@@ -326,6 +335,10 @@ class ApiKeySettings(_Section):
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     group: str = "default"
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["infer", "read"]))
+    # Seed 002's "Model Run" permission: the projects (called AE titles or drop folders,
+    # by name, or by the integer id GET /v1/projects shows) whose sources the key may
+    # list and run batches on. None: every project.
+    projects: list[StrictStr | StrictInt] | None = None
 
 
 class AuthSettings(_Section):
@@ -336,6 +349,20 @@ class AuthSettings(_Section):
     issuer: str | None = None
     token_default_expiry_s: int = Field(default=3600, ge=1)
     api_keys: list[ApiKeySettings] = Field(default_factory=list)
+    # The scopes a request without credentials gets on the model-serving routes (seed
+    # 003's, /metrics, seed 004's /predictions and /models): [read] lets Prometheus scrape
+    # /metrics without a token, [infer] lets seed-003 clients on a trusted network
+    # classify. Empty: those routes need credentials, as every other route always does.
+    anonymous_scopes: list[Scope] = Field(default_factory=list)
+
+    @field_validator("anonymous_scopes")
+    @classmethod
+    def _anonymous(cls, scopes: list[Scope]) -> list[Scope]:
+        if "admin" in scopes:
+            raise ValueError("admin is never given to requests without credentials: it "
+                             "changes the configuration; give an API key or a token the "
+                             "admin scope instead")
+        return list(dict.fromkeys(scopes))
 
 
 class ExecutorSettings(_Section):
@@ -568,6 +595,10 @@ class Settings(_Section):
         if self.storage.shared and self.database_url.startswith("sqlite"):
             found.append("storage.shared: the store is SQLite, one machine's: nodes share "
                          "work only through PostgreSQL (storage.database_url)")
+        if "infer" in self.auth.anonymous_scopes:
+            found.append("auth.anonymous_scopes: anyone who reaches the HTTP port runs the "
+                         "models without credentials (/classify_image, /embed_image, /infer, "
+                         "/embed, /predictions); keep it to a trusted network")
         return found
 
 

@@ -19,7 +19,7 @@ import yaml
 from aiohttp import web
 
 import dicom_node
-from rest.auth import Authenticator, AuthError, Principal
+from rest.auth import ANONYMOUS, Authenticator, AuthError, AuthFailure, Principal
 from rest.errors import ErrorStyle, error_response, map_exception
 
 if TYPE_CHECKING:
@@ -41,6 +41,10 @@ class Route:
     # None: open to anyone; a tuple: any one of these scopes will do
     scope: str | tuple[str, ...] | None = "read"
     style: ErrorStyle = ErrorStyle.DEFAULT
+    # A request without credentials gets auth.anonymous_scopes here (none by default).
+    # Only the model-serving routes and /metrics: none that reads or runs on the studies
+    # the node holds, or changes its configuration.
+    anonymous: bool = False
 
 
 def principal(request: web.Request) -> Principal:
@@ -84,8 +88,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if route is None or route.scope is None:  # open routes and 404/405 answers
         return await handler(request)
     try:
-        who = request.app[AUTH].authenticate(request.headers.get("Authorization"))
-        who.require(route.scope)
+        who = request.app[AUTH].authenticate(request.headers.get("Authorization"),
+                                              anonymous=route.anonymous)
+        try:
+            who.require(route.scope)
+        except AuthError:
+            if who.kind == ANONYMOUS:  # what the caller lacks is credentials
+                raise AuthError(AuthFailure.MISSING) from None
+            raise
     except AuthError as exc:
         message = exc.failure.value if route.style is ErrorStyle.SEED_001 else exc.detail
         response = error_response(route.style, exc.status, message)

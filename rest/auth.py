@@ -8,6 +8,11 @@ Accepted ``Authorization`` forms:
 Tokens must carry ``exp``; ``aud``/``iss`` are checked when configured; the
 algorithm must be one the settings allow *and* match the key kind, so neither
 ``alg: none`` nor HS256-signed-with-the-public-key (algorithm confusion) passes.
+
+A request without ``Authorization`` to a route that admits it (the model-serving
+routes) is the anonymous principal, with ``auth.anonymous_scopes`` (none by
+default: refused as ever), no group and no project. Credentials that are sent are
+always checked: wrong ones are refused, never taken as anonymous.
 """
 
 from __future__ import annotations
@@ -50,14 +55,24 @@ class AuthError(Exception):
         return 403 if self.failure is AuthFailure.FORBIDDEN else 401
 
 
+ANONYMOUS = "anonymous"
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token's subject or an API key's name, with scopes and group."""
+    """Who is calling: a token's subject or an API key's name, with scopes, group and the
+    projects it may use (None: every project)."""
 
     subject: str
-    kind: str  # "jwt" or "api_key"
+    kind: str  # "jwt", "api_key" or "anonymous"
     scopes: frozenset[str]
     group: str | None = None
+    projects: frozenset[str | int] | None = None
+
+    def may_use_project(self, project_id: int, name: str) -> bool:
+        """Whether the caller may list the project's sources and run models on them (seed
+        002's "Model Run" permission): listed by name or by integer id, or no list."""
+        return self.projects is None or name in self.projects or project_id in self.projects
 
     def require(self, scope: str | tuple[str, ...]) -> None:
         """Refuse (403) unless the caller holds ``scope`` (any one of a tuple) or admin."""
@@ -97,9 +112,17 @@ class Authenticator:
         # a known token is re-checked against the clock alone: PyJWT's parsing and
         # signature check were ~5 % of a /predictions request's CPU.
         self._verified: dict[str, tuple[Principal, float, float]] = {}
+        self.anonymous = Principal(ANONYMOUS, ANONYMOUS, frozenset(settings.anonymous_scopes),
+                                   group=None, projects=frozenset()) \
+            if settings.anonymous_scopes else None
 
-    def authenticate(self, header: str | None) -> Principal:
+    def authenticate(self, header: str | None, *, anonymous: bool = False) -> Principal:
+        """The caller the ``Authorization`` header names. Without one: the anonymous
+        principal where ``anonymous`` (the route admits it) and the settings give it
+        scopes, else AuthError MISSING."""
         if header is None or not header.strip():
+            if anonymous and self.anonymous is not None:
+                return self.anonymous
             raise AuthError(AuthFailure.MISSING)
         value = header.strip()
         scheme, _, rest = value.partition(" ")
@@ -117,7 +140,8 @@ class Authenticator:
         digest = hash_api_key(key)
         for entry in self._keys:  # compare every entry: no early exit to time
             if hmac.compare_digest(digest, entry.key_sha256):
-                return Principal(entry.name, "api_key", frozenset(entry.scopes), entry.group)
+                return Principal(entry.name, "api_key", frozenset(entry.scopes), entry.group,
+                                 None if entry.projects is None else frozenset(entry.projects))
         raise AuthError(AuthFailure.INVALID, "unknown API key")
 
     def _jwt(self, token: str) -> Principal:
@@ -167,6 +191,7 @@ class Authenticator:
             kind="jwt",
             scopes=_scopes(claims),
             group=claims.get("group"),
+            projects=_projects(claims),
         )
         nbf = claims.get("nbf")
         return (principal, float(nbf) if isinstance(nbf, (int, float)) else float("-inf"),
@@ -180,3 +205,18 @@ def _scopes(claims: dict[str, object]) -> frozenset[str]:
     if isinstance(raw, list):
         return frozenset(str(s) for s in raw)
     return DEFAULT_SCOPES
+
+
+def _projects(claims: dict[str, object]) -> frozenset[str | int] | None:
+    """The ``projects`` claim (names or integer ids, as ``auth.api_keys[].projects``);
+    None without one. Anything else is refused rather than read as "every project"."""
+    raw = claims.get("projects")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(
+            isinstance(p, str | int) and not isinstance(p, bool) for p in raw):
+        raise AuthError(AuthFailure.INVALID,
+                        "the token's projects claim must be a list of project names or ids")
+    return frozenset(raw)

@@ -9,8 +9,8 @@
   attempt: once started, it is not Queued again), then Finished or Errored (failed or
   cancelled). The batch is Queued while no source has started, Running once one has
   and until all have ended, then Finished when all finished, else Errored.
-- ``GET /v1/sources?projectIdentifier=…`` and ``GET /v1/projects`` list what a
-  request can name.
+- ``GET /v1/sources?projectIdentifier=…``, ``GET /v1/projects`` and ``GET /v1/models``
+  list what a request can name.
 
 How the seed's words map onto the node:
 
@@ -19,9 +19,14 @@ How the seed's words map onto the node:
   every AE title and drop folder it came to, also when its instances came again later
   by another way;
 - a **source** is a study the node holds; its id is the study's integer id;
-- the **model** is a configured pipeline (by name), or a model (its first pipeline);
+- the **model** is a configured pipeline, by name or by its stable integer id
+  (``GET /v1/models``), or a model by name (its first pipeline);
 - the **output layer** is a configured destination, with a stable integer id;
-- **groupName** must be the group of the caller's API key (or the JWT's ``group``).
+- **groupName** must be the group of the caller's API key (or the JWT's ``group``);
+- the **"Model Run" permission**: an API key with ``projects`` (a JWT with a
+  ``projects`` claim) may list the sources of, run batches on and read the batches of
+  those projects only; others are answered 404, as the seed answers a permission
+  problem. Without the list, every project.
 
 Each source becomes one node job (so one bad study does not sink the others), all
 created in one store transaction and run by the scheduler like any other job.
@@ -53,6 +58,7 @@ AE_PROJECT = "project:ae"
 WATCH_PROJECT = "project:watch"
 PROJECT_KINDS = (AE_PROJECT, WATCH_PROJECT)
 OUTPUT_LAYER = "destination"
+MODEL = "pipeline"
 MAX_SOURCES = 1000
 
 
@@ -142,14 +148,27 @@ def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
     raise NotFound(f"no project with id {ident}; GET /v1/projects lists them")
 
 
-def find_pipeline(settings: Settings, ident: str | int, failed: dict[str, str]) -> PipelineSpec:
-    """A pipeline by name, or the first pipeline of a model by name."""
-    name = str(ident)
-    spec = next((p for p in settings.pipelines if p.name == name), None) or next(
-        (p for p in settings.pipelines if p.model == name), None)
+def model_ids(settings: Settings, store: Store) -> dict[str, int]:
+    """The stable integer id of each configured pipeline (seed 002's models), by name."""
+    return store.integer_ids(MODEL, [p.name for p in settings.pipelines])
+
+
+def find_pipeline(settings: Settings, store: Store, ident: str | int,
+                  failed: dict[str, str]) -> PipelineSpec:
+    """A pipeline by name or integer id (a digit string too, when no pipeline has that
+    name), or the first pipeline of a model by name. Raises ApiError 400."""
+    spec = None
+    if isinstance(ident, str):
+        spec = next((p for p in settings.pipelines if p.name == ident), None) or next(
+            (p for p in settings.pipelines if p.model == ident), None)
+    number = ident if isinstance(ident, int) else ascii_int(ident.strip())
+    if spec is None and number is not None:
+        name = next((n for n, i in model_ids(settings, store).items() if i == number), None)
+        spec = next((p for p in settings.pipelines if p.name == name), None)
     if spec is None:
-        known = ", ".join(sorted(p.name for p in settings.pipelines)) or "none"
-        raise _bad(f"no model or pipeline {name!r}; configured pipelines: {known}")
+        known = ", ".join(f"{n} (id {i})" for n, i in sorted(model_ids(settings, store).items()))
+        raise _bad(f"no model or pipeline {ident!r}; configured pipelines: {known or 'none'} "
+                   "(GET /v1/models lists them)")
     if spec.model in failed:
         raise _bad(f"model {spec.model!r} failed to load on this node: {failed[spec.model]}")
     return spec
@@ -200,7 +219,10 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
         project = find_project(settings, store, req.projectIdentifier)
     except NotFound as exc:
         raise _bad(str(exc)) from None
-    pipeline = find_pipeline(settings, req.modelIdentifier, failed)
+    if not who.may_use_project(project.id, project.name):
+        raise NotFound(f"these credentials have no Model Run permission on project "
+                       f"{project.name!r}")
+    pipeline = find_pipeline(settings, store, req.modelIdentifier, failed)
     layer_id, layer_name = find_output_layer(settings, store, req.outputLayerIdentifier)
     if len(set(req.sourceIds)) != len(req.sourceIds):
         raise _bad("sourceIds holds the same source twice")
@@ -315,8 +337,16 @@ def status_body(store: Store, batch: Batch) -> dict[str, Any]:
     }
 
 
-def _visible(who: Principal, batch: Batch) -> bool:
-    return "admin" in who.scopes or (who.group is not None and who.group == batch.group_name)
+def _visible(who: Principal, store: Store, batch: Batch) -> bool:
+    """The caller's group's (any group's with admin), on a project it may use.
+
+    Blocking (store) when the caller has a project list."""
+    if "admin" not in who.scopes and (who.group is None or who.group != batch.group_name):
+        return False
+    if who.projects is None:
+        return True
+    project = store.name_of_id(PROJECT_KINDS, batch.project_id)
+    return project is not None and who.may_use_project(batch.project_id, project[1])
 
 
 # -- handlers --------------------------------------------------------------------------
@@ -371,13 +401,18 @@ async def get_batch(request: web.Request) -> web.Response:
     batch_id = ascii_int(raw)
     if batch_id is None:
         raise NotFound(f"no batch inference job {raw!r}")
-    try:
-        batch = await asyncio.to_thread(store.get_batch, batch_id)
-    except NotFound:
-        raise NotFound(f"no batch inference job {raw}") from None
-    if not _visible(principal(request), batch):  # not the caller's: as if it did not exist
-        raise NotFound(f"no batch inference job {raw}")
-    return web.json_response(await asyncio.to_thread(status_body, store, batch))
+    who = principal(request)
+
+    def answer() -> dict[str, Any]:
+        try:
+            batch = store.get_batch(batch_id)
+        except NotFound:
+            raise NotFound(f"no batch inference job {raw}") from None
+        if not _visible(who, store, batch):  # not the caller's: as if it did not exist
+            raise NotFound(f"no batch inference job {raw}")
+        return status_body(store, batch)
+
+    return web.json_response(await asyncio.to_thread(answer))
 
 
 def _int_query(request: web.Request, name: str, default: int, top: int) -> int:
@@ -398,9 +433,13 @@ async def get_sources(request: web.Request) -> web.Response:
         raise _bad("projectIdentifier is required (GET /v1/projects lists the projects)")
     limit = _int_query(request, "limit", 1000, 10_000)
     offset = _int_query(request, "offset", 0, 2**31 - 1)
+    who = principal(request)
 
     def answer() -> dict[str, Any]:
         project = find_project(node.settings, store, ident)
+        if not who.may_use_project(project.id, project.name):
+            raise NotFound(f"these credentials have no permission on project "
+                           f"{project.name!r}")
         return {**project.body(), "sources": [{
             "sourceId": s.id, "studyInstanceUID": s.study_instance_uid,
             "patientId": s.patient_id, "accessionNumber": s.accession_number,
@@ -414,8 +453,19 @@ async def get_sources(request: web.Request) -> web.Response:
 async def get_projects(request: web.Request) -> web.Response:
     node = request.app[NODE]
     store = _store(request)
+    who = principal(request)
     found = await asyncio.to_thread(projects, node.settings, store)
-    return web.json_response({"projects": [p.body() for p in found]})
+    return web.json_response({"projects": [p.body() for p in found
+                                           if who.may_use_project(p.id, p.name)]})
+
+
+async def get_models(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    store = _store(request)
+    ids = await asyncio.to_thread(model_ids, node.settings, store)
+    return web.json_response({"models": [
+        {"modelId": ids[p.name], "modelName": p.name, "model": p.model, "task": p.task}
+        for p in sorted(node.settings.pipelines, key=lambda p: ids[p.name])]})
 
 
 def routes() -> list[Route]:
@@ -426,4 +476,5 @@ def routes() -> list[Route]:
               style=style),
         Route("GET", "/v1/sources", get_sources, scope="read", style=style),
         Route("GET", "/v1/projects", get_projects, scope="read", style=style),
+        Route("GET", "/v1/models", get_models, scope="read", style=style),
     ]

@@ -1,5 +1,5 @@
 """Image classification and embeddings (seed 003): ``/classify_image``, ``/embed_image``,
-``/infer`` and ``/embed_text``.
+``/infer`` (``/embed``) and ``/embed_text``.
 
 Images come as base64 (bare or a ``data:`` URI) or as http(s) URLs, one or a
 list. URLs are downloaded only from hosts an administrator listed in
@@ -16,7 +16,8 @@ a DICOM image the model's pipelines would not take is refused with 400 on each.
 - ``/embed_image`` -> ``embeddings``: the classifier's penultimate features
   (the input of its last linear layer), cut to ``nDims`` and L2-normalised
   when ``normalize`` (the default). Each counts in the model's statistics.
-- ``/infer`` -> ``imageEmbeddings`` and ``probabilities`` for the images, and
+- ``/infer`` (also ``/embed``, where the seed's example and ingrain post it) ->
+  ``imageEmbeddings`` and ``probabilities`` for the images, and
   ``textEmbeddings`` ``null`` (text is not served), as the seed's answer has both.
 - Text (``/embed_text``, ``text`` in ``/infer``) answers 400: the node serves
   image models only, none has a text encoder.
@@ -28,13 +29,14 @@ import asyncio
 import base64
 import binascii
 import math
+import re
 import time
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from dicom_node.config import unknown_key_hint
 from pipeline.io import InputError
@@ -59,6 +61,21 @@ Texts = Annotated[str, Field(min_length=1)] | Annotated[
     list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_IMAGES)]
 
 
+NDims = Annotated[int, Field(ge=1)] | None
+Headers = dict[str, str] | None
+
+
+def _n_dims() -> Any:
+    # The seed's bodies say nDims; ingrain, whose client the seed's Python examples
+    # use, sends its pydantic field names (n_dims, image_download_headers).
+    return Field(default=None, validation_alias=AliasChoices("nDims", "n_dims"))
+
+
+def _download_headers() -> Any:
+    return Field(default=None, validation_alias=AliasChoices("image_download_headers",
+                                                             "imageDownloadHeaders"))
+
+
 class _Request(BaseModel):
     # strict: "true" is not a boolean, "3" is not an integer
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -67,19 +84,19 @@ class _Request(BaseModel):
 class ClassifyImageRequest(_Request):
     name: Name
     image: Images
-    image_download_headers: dict[str, str] | None = None
+    image_download_headers: Headers = _download_headers()
 
 
 class EmbedImageRequest(ClassifyImageRequest):
     normalize: bool = True
-    nDims: Annotated[int, Field(ge=1)] | None = None
+    nDims: NDims = _n_dims()
 
 
 class EmbedTextRequest(_Request):
     name: Name
     text: Texts
     normalize: bool = True
-    nDims: Annotated[int, Field(ge=1)] | None = None
+    nDims: NDims = _n_dims()
 
 
 class InferRequest(_Request):
@@ -87,24 +104,60 @@ class InferRequest(_Request):
     text: Texts | None = None
     image: Images | None = None
     normalize: bool = True
-    nDims: Annotated[int, Field(ge=1)] | None = None
-    image_download_headers: dict[str, str] | None = None
+    nDims: NDims = _n_dims()
+    image_download_headers: Headers = _download_headers()
 
 
 M = TypeVar("M", bound=_Request)
 
 
-def _field_errors(exc: ValidationError, model: type[BaseModel]) -> list[dict[str, str]]:
+# The names pydantic gives the branches of the string-or-list unions (Images, Texts) in
+# an error's location ("constrained-str", "list[constrained-str]"): nothing a client sent.
+_UNION_BRANCH = re.compile(r"^(constrained-)?str$|^list\[")
+ONE_OR_A_LIST = "Input should be a string or a list of strings"
+
+
+def _branch(part: object) -> str | None:
+    return part if isinstance(part, str) and _UNION_BRANCH.match(part) else None
+
+
+def _spellings(model: type[BaseModel]) -> dict[str, list[str]]:
+    """Each key a field takes, with all the keys of its field (``n_dims``: nDims, n_dims)."""
+    out: dict[str, list[str]] = {}
+    for name, field in model.model_fields.items():
+        keys = [str(c) for c in field.validation_alias.choices] \
+            if isinstance(field.validation_alias, AliasChoices) else [field.alias or name]
+        out.update({k: keys for k in keys})
+    return out
+
+
+def _field_errors(exc: ValidationError, model: type[BaseModel],
+                  body: dict[str, Any]) -> list[dict[str, str]]:
     out = []
+    spellings = _spellings(model)
     for err in exc.errors():
-        # a union's branch name ("str", "list[...]") says nothing to a client: leave it out
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("str", "list["))]
+        loc = list(err["loc"])
         msg = err["msg"]
+        branch = _branch(loc[1]) if len(loc) > 1 else None
+        if branch is not None:
+            # A value one or a list may be: pydantic complains once per branch. Of a string
+            # or a list, the complaint of its own branch says what is wrong; of anything
+            # else, that it is neither.
+            value = body.get(str(loc[0]))
+            if isinstance(value, str | list):
+                if isinstance(value, list) != branch.startswith("list["):
+                    continue
+            else:
+                msg = ONE_OR_A_LIST
+        loc = [p for p in loc if _branch(p) is None]
         if err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "extra_forbidden":
-            msg = "unknown field" + unknown_key_hint(model, err["loc"])
-        item = {"field": ".".join(loc) or "(body)", "message": msg}
+            keys = spellings.get(str(loc[-1]), [])
+            given = [k for k in keys if k in body and k != loc[-1]]
+            msg = (f"the same field as {given[0]!r}: send one of them" if given
+                   else "unknown field" + unknown_key_hint(model, err["loc"]))
+        item = {"field": ".".join(str(p) for p in loc) or "(body)", "message": msg}
         if item not in out:
             out.append(item)
     return out
@@ -122,7 +175,7 @@ async def _parse(request: web.Request, model: type[M]) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise ApiError(422, "the request has invalid or missing fields",
-                       _field_errors(exc, model)) from None
+                       _field_errors(exc, model, body)) from None
 
 
 # -- images --------------------------------------------------------------------------------
@@ -327,8 +380,11 @@ async def embed_text(request: web.Request) -> web.Response:
 
 def routes() -> list[Route]:
     return [
-        Route("POST", "/classify_image", classify_image, scope="infer"),
-        Route("POST", "/embed_image", embed_image, scope="infer"),
-        Route("POST", "/infer", infer, scope="infer"),
-        Route("POST", "/embed_text", embed_text, scope="infer"),
+        Route("POST", "/classify_image", classify_image, scope="infer", anonymous=True),
+        Route("POST", "/embed_image", embed_image, scope="infer", anonymous=True),
+        Route("POST", "/infer", infer, scope="infer", anonymous=True),
+        # seed 003's curl example and ingrain's Client.embed() post /embed, under the
+        # heading POST /infer: both are served
+        Route("POST", "/embed", infer, scope="infer", anonymous=True),
+        Route("POST", "/embed_text", embed_text, scope="infer", anonymous=True),
     ]

@@ -7,13 +7,14 @@ store is unreachable (nothing works without it); a failed model, a stopped
 listener, or studies whose jobs the store refused to queue (``store.groups_waiting``)
 make ``status`` ``degraded``.
 
-``/metrics`` with ``Accept: application/json`` answers seed 003's
-``{"modelStats": [...]}`` from the inference engine's statistics. Any other
-``Accept`` gets the Prometheus text format (OpenMetrics when asked for) of the
-same figures plus the DICOM listener's counters, the store's instance count
-and jobs by state. A collector reads the live figures at each scrape into a
-registry of its own (never prometheus-client's global one), so several nodes
-in one process never mix.
+``/metrics`` answers seed 003's ``{"modelStats": [...]}`` from the inference
+engine's statistics, as the seed shows it and its clients read it (ingrain sends
+``Accept: */*``). An ``Accept`` that asks for ``text/plain`` or
+``application/openmetrics-text`` before JSON (Prometheus' scraper always does) gets
+the Prometheus text format (OpenMetrics when asked for) of the same figures plus
+the DICOM listener's counters, the store's instance count and jobs by state. A
+collector reads the live figures at each scrape into a registry of its own (never
+prometheus-client's global one), so several nodes in one process never mix.
 """
 
 from __future__ import annotations
@@ -169,9 +170,15 @@ async def health(request: web.Request) -> web.Response:
 # -- /metrics ----------------------------------------------------------------------------
 
 
-def wants_json(accept: str) -> bool:
-    """True when ``application/json`` is the client's most preferred type in ``accept``."""
-    best_q, best_json = 0.0, False
+# The types a Prometheus scraper asks for; a wildcard (*/*) does not count: it is any
+# client's "whatever you have", answered with seed 003's JSON.
+_PROMETHEUS_TYPES = frozenset({"text/plain", "application/openmetrics-text"})
+
+
+def _accept_items(accept: str) -> list[tuple[str, float]]:
+    """``(media type, q)`` of each item of an ``Accept`` header, in order; a q that is not
+    a number is 0 (not acceptable)."""
+    items = []
     for item in accept.split(","):
         media, *params = (p.strip() for p in item.split(";"))
         if not media:
@@ -181,12 +188,30 @@ def wants_json(accept: str) -> bool:
             key, _, value = param.partition("=")
             if key.strip().lower() == "q":
                 try:
-                    q = float(value)
+                    q = min(max(float(value), 0.0), 1.0)
                 except ValueError:
                     q = 0.0
-        if q > best_q:  # ties keep the earlier type
-            best_q, best_json = q, media.lower() == "application/json"
-    return best_json
+        items.append((media.lower(), q))
+    return items
+
+
+def wants_json(accept: str) -> bool:
+    """Whether ``/metrics`` answers JSON for this ``Accept`` header: yes unless it names
+    ``text/plain`` or ``application/openmetrics-text`` with a higher q than
+    ``application/json`` (an equal q: the one named first), or refuses JSON (``q=0``).
+    No header, ``*/*`` and ``application/*`` get JSON."""
+    as_json: tuple[float, int] | None = None  # (its highest q, where that was named)
+    as_text: tuple[float, int] | None = None
+    for i, (media, q) in enumerate(_accept_items(accept)):
+        if media == "application/json" and (as_json is None or q > as_json[0]):
+            as_json = (q, i)
+        elif media in _PROMETHEUS_TYPES and (as_text is None or q > as_text[0]):
+            as_text = (q, i)
+    if as_text is None or as_text[0] == 0:
+        return as_json is None or as_json[0] > 0  # JSON, unless refused outright
+    if as_json is None or as_json[0] == 0:
+        return False
+    return as_json[0] > as_text[0] or (as_json[0] == as_text[0] and as_json[1] < as_text[1])
 
 
 def _seconds(ns: int) -> float:
@@ -321,16 +346,19 @@ async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     if wants_json(request.headers.get("Accept", "")):
         runner = node.runner
-        return web.json_response(runner.engine.metrics_json() if runner else {"modelStats": []})
-    body, content_type = await asyncio.to_thread(prometheus_text, node,
-                                                 request.headers.get("Accept"))
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
+        response = web.json_response(runner.engine.metrics_json() if runner
+                                     else {"modelStats": []})
+    else:
+        body, content_type = await asyncio.to_thread(prometheus_text, node,
+                                                     request.headers.get("Accept"))
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+    response.headers["Vary"] = "Accept"  # one URL, two formats: caches must not mix them
     return response
 
 
 def routes() -> list[Route]:
     return [
         Route("GET", "/health", health, scope=None),
-        Route("GET", "/metrics", metrics, scope="read"),
+        Route("GET", "/metrics", metrics, scope="read", anonymous=True),
     ]

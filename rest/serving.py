@@ -342,11 +342,13 @@ def routes() -> list[Route]:
     # TorchServe answers /ping to POST as well (some load balancers' health checks)
     table = [Route(method, "/ping", ping, scope=None, style=ts) for method in ("GET", "POST")]
     for path in ("/predictions/{model}", "/predictions/{model}/{version}"):
-        table += [Route(method, path, predictions, scope="infer", style=ts)
+        table += [Route(method, path, predictions, scope="infer", style=ts, anonymous=True)
                   for method in ("POST", "PUT")]
     table += [
-        Route("GET", "/models", list_models, scope="read", style=ts),
-        Route("GET", "/models/{name}", describe_model, scope="read", style=ts),
-        Route("GET", "/models/{name}/{version}", describe_model, scope="read", style=ts),
+        Route("GET", "/models", list_models, scope="read", style=ts, anonymous=True),
+        Route("GET", "/models/{name}", describe_model, scope="read", style=ts,
+              anonymous=True),
+        Route("GET", "/models/{name}/{version}", describe_model, scope="read", style=ts,
+              anonymous=True),
     ]
     return table

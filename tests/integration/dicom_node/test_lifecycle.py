@@ -321,6 +321,13 @@ def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
     claims = jwt.decode(out.stdout.strip().splitlines()[-1], secret, algorithms=["HS256"])
     assert claims["group"] == "radiology" and claims["scope"] == "infer read"
     assert "group: radiology" in out.stderr
+    assert "projects" not in claims  # every project
+    # ... and a projects claim as the projects it has seed 002's Model Run permission on
+    out = node.cli("token", "--group", "radiology", "--project", "AI_CXR", "--project",
+                   "inbox", "--project", "AI_CXR")
+    claims = jwt.decode(out.stdout.strip().splitlines()[-1], secret, algorithms=["HS256"])
+    assert claims["projects"] == ["AI_CXR", "inbox"]
+    assert "projects: AI_CXR, inbox" in out.stderr
 
 
 def test_token_before_first_start_says_what_to_do(node: NodeProcess) -> None:

@@ -437,3 +437,39 @@ def test_scale_out_example_gives_each_machine_its_own_data_dir() -> None:
     assert s.storage.shared and s.database_url.startswith("postgresql://")
     for folder in (s.studies_dir, s.results_dir):  # shared, outside the local data_dir
         assert folder.is_absolute() and not folder.is_relative_to(s.data_dir)
+
+
+def test_anonymous_scopes_are_known_scopes_and_never_admin(tmp_path: Path) -> None:
+    assert load_settings(environ={}).auth.anonymous_scopes == []
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "auth:\n  anonymous_scopes: [read, admin]\n"), environ={})
+    assert "auth.anonymous_scopes: Value error, admin is never given to requests without " \
+        "credentials" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "auth:\n  anonymous_scopes: [metrics]\n"), environ={})
+    assert "auth.anonymous_scopes.0: Input should be 'infer', 'read' or 'admin'" \
+        in str(info.value)
+    read = load_settings(write(tmp_path, "auth:\n  anonymous_scopes: [read, read]\n"),
+                         environ={})
+    assert read.auth.anonymous_scopes == ["read"] and read.warnings() == []
+    infer = load_settings(write(tmp_path, "auth:\n  anonymous_scopes: [infer]\n"), environ={})
+    assert [w for w in infer.warnings() if w.startswith("auth.anonymous_scopes: anyone who "
+                                                        "reaches the HTTP port runs the models")]
+    with pytest.raises(ConfigError, match="admin is never given"):
+        load_settings(environ={"DICOM_NODE_AUTH__ANONYMOUS_SCOPES": "[admin]"})
+    assert load_settings(environ={"DICOM_NODE_AUTH__ANONYMOUS_SCOPES": "[read]"}
+                         ).auth.anonymous_scopes == ["read"]
+
+
+def test_api_key_projects_are_names_or_ids(tmp_path: Path) -> None:
+    key = "0" * 64
+    s = load_settings(write(tmp_path, "auth:\n  api_keys:\n"
+                            f"    - {{name: lab, key_sha256: '{key}', projects: [AI_CXR, 3]}}\n"
+                            f"    - {{name: all, key_sha256: '{key}'}}\n"), environ={})
+    assert s.auth.api_keys[0].projects == ["AI_CXR", 3]
+    assert s.auth.api_keys[1].projects is None
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, "auth:\n  api_keys:\n"
+                            f"    - {{name: lab, key_sha256: '{key}', projects: [1.5]}}\n"),
+                      environ={})
+    assert "auth.api_keys.0.projects.0" in str(info.value)

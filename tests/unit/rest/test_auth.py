@@ -225,3 +225,88 @@ async def test_other_shapes_and_scopes(client: TestClient) -> None:
     assert r.status == 200
     r = await client.get("/health")  # open
     assert r.status in (200, 503)
+
+
+# -- requests without credentials (auth.anonymous_scopes) -----------------------------------
+
+
+def test_no_anonymous_principal_unless_the_settings_give_scopes() -> None:
+    with pytest.raises(AuthError) as info:
+        auth().authenticate(None, anonymous=True)
+    assert info.value.failure is AuthFailure.MISSING
+    a = auth(anonymous_scopes=["read"])
+    with pytest.raises(AuthError):  # the route does not admit it
+        a.authenticate(None)
+    p = a.authenticate(None, anonymous=True)
+    assert (p.kind, p.scopes, p.group) == ("anonymous", {"read"}, None)
+    assert not p.may_use_project(1, "AI_CXR")  # no group, no project
+    assert a.authenticate("  ", anonymous=True) is p
+
+
+@pytest.mark.parametrize("header", ["garbage", "Bearer ", "Api-Key wrong",
+                                    token(key=b"another-secret-of-sufficient-length-0123456789")])
+def test_wrong_credentials_are_never_taken_as_anonymous(header: str) -> None:
+    with pytest.raises(AuthError) as info:
+        auth(anonymous_scopes=["infer", "read"]).authenticate(header, anonymous=True)
+    assert info.value.status == 401
+
+
+@pytest.fixture
+async def open_client(aiohttp_client: Any, tmp_path: Path) -> TestClient:
+    node = Node(Settings.model_validate({"storage": {"data_dir": str(tmp_path)}}))
+    app = create_app(node, auth(anonymous_scopes=["read"]), extra_routes=[
+        Route("GET", "/serving/read", whoami, scope="read", anonymous=True),
+        Route("POST", "/serving/infer", whoami, scope="infer", anonymous=True),
+        Route("GET", "/studies", whoami, scope="read"),
+        Route("POST", "/probe/seed002", whoami, scope="read", style=ErrorStyle.MESSAGE,
+              anonymous=True),
+    ])
+    return await aiohttp_client(app)  # type: ignore[no-any-return]
+
+
+async def test_anonymous_scopes_open_only_the_routes_that_admit_them(
+        open_client: TestClient) -> None:
+    r = await open_client.get("/serving/read")
+    assert r.status == 200 and await r.json() == {"sub": "anonymous"}
+    # a scope not given to anonymous callers: they lack credentials, not a scope
+    r = await open_client.post("/serving/infer")
+    assert r.status == 401 and await r.json() == {"error": "unauthorized",
+                                                  "message": "Token missing"}
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = await open_client.get("/studies")  # a route that does not admit them
+    assert r.status == 401
+    r = await open_client.post("/probe/seed002")
+    assert r.status == 200
+    # credentials sent are checked: wrong ones are refused, right ones are the caller
+    for header in ("garbage", "Api-Key wrong", token({"exp": int(time.time()) - 5})):
+        r = await open_client.get("/serving/read", headers={"Authorization": header})
+        assert r.status == 401, header
+    r = await open_client.post("/serving/infer", headers={"Authorization": token()})
+    assert r.status == 200 and await r.json() == {"sub": "ris"}
+    r = await open_client.get("/serving/read",
+                              headers={"Authorization": f"Api-Key {API_KEY}"})
+    assert r.status == 403  # the key has infer only: its own scopes, not anonymous ones
+
+
+# -- projects (seed 002's "Model Run" permission) -------------------------------------------
+
+
+def test_projects_of_api_keys_and_tokens() -> None:
+    settings = AuthSettings(api_keys=[
+        ApiKeySettings(name="lab", key_sha256=hash_api_key(API_KEY), projects=["AI_CXR", 7]),
+        ApiKeySettings(name="all", key_sha256=hash_api_key("k-all"))])
+    a = Authenticator(settings, SECRET)
+    lab = a.authenticate(f"Api-Key {API_KEY}")
+    assert lab.may_use_project(3, "AI_CXR") and lab.may_use_project(7, "ARCHIVE")
+    assert not lab.may_use_project(3, "ARCHIVE")
+    assert not lab.may_use_project(3, "7")  # a name is a name, an id an id
+    assert a.authenticate("Api-Key k-all").may_use_project(3, "ARCHIVE")
+    assert a.authenticate(token()).projects is None  # no claim: every project
+    one = a.authenticate(token({"projects": "AI_CXR"}))
+    assert one.projects == {"AI_CXR"}
+    assert a.authenticate(token({"projects": ["AI_CXR", 2]})).may_use_project(2, "X")
+    assert not a.authenticate(token({"projects": []})).may_use_project(2, "X")
+    for bad in ({"AI_CXR": 1}, [True], [["AI_CXR"]], 3):
+        with pytest.raises(AuthError) as info:
+            a.authenticate(token({"projects": bad}))
+        assert info.value.failure is AuthFailure.INVALID

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(180)
 
 KEYS = {"lab": ("radiology", ["infer", "read"]), "cardio": ("cardiology", ["infer", "read"]),
         "reader": ("radiology", ["read"]), "root": ("ops", ["admin"]),
-        "submitter": ("radiology", ["infer"])}
+        "submitter": ("radiology", ["infer"]), "cxr-only": ("radiology", ["infer", "read"])}
+PROJECTS = {"cxr-only": ["AI_CXR"]}  # the keys with seed 002's "Model Run" permission list
 
 
 def key(name: str) -> dict[str, str]:
@@ -79,7 +80,8 @@ def settings_for(tmp: Path) -> Any:
         executor={"runner": "dicom_node.handler:create_handler", "poll_interval_s": 0.05,
                   "grace_period_s": 5},
         auth={"api_keys": [{"name": n, "key_sha256": hash_api_key(f"secret-{n}"), "group": g,
-                            "scopes": s} for n, (g, s) in KEYS.items()]},
+                            "scopes": s, "projects": PROJECTS.get(n)}
+                           for n, (g, s) in KEYS.items()]},
     )
 
 
@@ -296,6 +298,60 @@ async def test_credentials(api: Api) -> None:
     r = await api.client.post("/v1/infer/batch", json=good(api),
                               headers={"Authorization": f"Bearer {no_group}"})
     assert r.status == 400 and "no group" in (await r.json())["message"]
+
+
+async def test_a_key_with_projects_may_use_those_only(api: Api) -> None:
+    """Seed 002: running models needs the "Model Run" permission on the project, and a
+    permission problem is 404. A key's projects are all it sees, lists and runs on."""
+    status, got = await api.get("/v1/projects", who="cxr-only")
+    assert status == 200 and [p["projectName"] for p in got["projects"]] == ["AI_CXR"]
+    assert (await api.get("/v1/sources?projectIdentifier=AI_CXR", who="cxr-only"))[0] == 200
+    assert await api.get("/v1/sources?projectIdentifier=DICOMNODE", who="cxr-only") == (
+        404, {"message": "these credentials have no permission on project 'DICOMNODE'"})
+    elsewhere = good(api, projectIdentifier="DICOMNODE", sourceIds=[api.sources["cr3"]])
+    assert await api.post(elsewhere, who="cxr-only") == (
+        404, {"message": "these credentials have no Model Run permission on project "
+                         "'DICOMNODE'"})
+    status, mine = await api.post(good(api), who="cxr-only")
+    assert status == 201, mine
+    # a batch of the same group on a project the key may not use: as if it did not exist
+    status, theirs = await api.post(elsewhere, who="lab")  # no list: every project
+    assert status == 201, theirs
+    status, got = await api.get(f"/v1/infer/batch/{theirs['inferenceJobId']}", who="cxr-only")
+    assert status == 404 and set(got) == {"message"}
+    assert (await api.get(f"/v1/infer/batch/{mine['inferenceJobId']}", who="cxr-only"))[0] \
+        == 200
+    # a JWT's projects claim, here by the project's integer id
+    ids = {p["projectName"]: p["projectId"] for p in (await api.get("/v1/projects"))[1][
+        "projects"]}
+    secret = (api.tmp / "data" / "jwt_secret").read_bytes().strip()
+    token = jwt.encode({"sub": "svc", "group": "radiology", "scope": "infer read",
+                        "projects": [ids["DICOMNODE"]], "exp": int(time.time()) + 60},
+                       secret, algorithm="HS256")
+    headers = {"Authorization": f"Bearer {token}"}
+    r = await api.client.post("/v1/infer/batch", json=elsewhere, headers=headers)
+    assert r.status == 201
+    r = await api.client.post("/v1/infer/batch", json=good(api), headers=headers)
+    assert r.status == 404
+
+
+async def test_models_have_stable_integer_ids(api: Api) -> None:
+    """Seed 002's modelIdentifier is "either id or the unique name of the model"."""
+    status, got = await api.get("/v1/models")
+    assert status == 200
+    assert [(m["modelName"], m["model"], m["task"]) for m in got["models"]] == [
+        ("cxr", "tiny", "classify")]
+    model_id = got["models"][0]["modelId"]
+    assert isinstance(model_id, int) and (await api.get("/v1/models"))[1] == got
+    assert (await api.get("/v1/models", who="submitter"))[0] == 403  # a listing: read
+    for ident in (model_id, str(model_id)):
+        status, body = await api.post(good(api, modelIdentifier=ident))
+        assert status == 201, body
+        status, body = await api.get(f"/v1/infer/batch/{body['inferenceJobId']}")
+        assert body["modelIdentifier"] == "cxr"
+    status, body = await api.post(good(api, modelIdentifier=model_id + 1000))
+    assert status == 400 and body["message"].startswith(
+        f"no model or pipeline {model_id + 1000}; configured pipelines: cxr (id {model_id})")
 
 
 async def test_body_over_the_limit_is_413(api: Api) -> None:

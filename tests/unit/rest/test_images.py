@@ -135,6 +135,9 @@ async def test_download_headers_are_sent(live: LiveNode, image_server: str) -> N
     status, _ = await post(live, "/classify_image", {
         "name": "cxr-findings", "image": url, "image_download_headers": {"X-Token": "s3cret"}})
     assert status == 200
+    status, _ = await post(live, "/classify_image", {
+        "name": "cxr-findings", "image": url, "imageDownloadHeaders": {"X-Token": "s3cret"}})
+    assert status == 200
     status, body = await post(live, "/classify_image", {"name": "cxr-findings", "image": url})
     assert status == 400 and "HTTP 403" in body["message"]
 
@@ -185,6 +188,32 @@ async def test_embeddings_raw_and_cut_to_n_dims(live: LiveNode) -> None:
     assert unit["embeddings"][0] == pytest.approx([v / norm for v in full[:16]])
 
 
+@pytest.mark.parametrize("path, key", [("/embed_image", "embeddings"),
+                                       ("/infer", "imageEmbeddings"),
+                                       ("/embed", "imageEmbeddings")])
+async def test_n_dims_spelt_as_the_seed_or_as_ingrain_sends_it(live: LiveNode, path: str,
+                                                             key: str) -> None:
+    """The seed's bodies say nDims; ingrain (the client of its Python examples) sends its
+    field names: n_dims, image_download_headers, and text: null on /embed."""
+    camel = await post(live, path, {"name": "cxr-findings", "image": B64, "nDims": 8})
+    snake = await post(live, path, {"name": "cxr-findings", "image": B64, "n_dims": 8,
+                                    "normalize": True, "image_download_headers": None,
+                                    **({"text": None} if path != "/embed_image" else {})})
+    assert camel[0] == snake[0] == 200, (camel, snake)
+    assert len(snake[1][key][0]) == 8
+    assert snake[1][key][0] == pytest.approx(camel[1][key][0])
+    status, got = await post(live, path, {"name": "cxr-findings", "image": B64, "n_dims": 0})
+    assert status == 422 and got["details"][0]["field"] == "n_dims"
+
+
+async def test_n_dims_given_both_ways_is_422(live: LiveNode) -> None:
+    status, got = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
+                                                    "nDims": 8, "n_dims": 8})
+    assert status == 422
+    assert got["details"] == [{"field": "n_dims",
+                               "message": "the same field as 'nDims': send one of them"}]
+
+
 async def test_n_dims_larger_than_the_embedding_is_422(live: LiveNode) -> None:
     status, body = await post(live, "/embed_image", {"name": "cxr-findings", "image": B64,
                                                      "nDims": 100_000})
@@ -194,9 +223,10 @@ async def test_n_dims_larger_than_the_embedding_is_422(live: LiveNode) -> None:
 # -- /infer and text -----------------------------------------------------------------------
 
 
-async def test_infer_gives_embeddings_and_probabilities(live: LiveNode) -> None:
-    status, body = await post(live, "/infer", {"name": "cxr-findings", "image": B64,
-                                               "text": None, "nDims": 8})
+@pytest.mark.parametrize("path", ["/infer", "/embed"])  # the seed's heading, its example
+async def test_infer_gives_embeddings_and_probabilities(live: LiveNode, path: str) -> None:
+    status, body = await post(live, path, {"name": "cxr-findings", "image": B64,
+                                           "text": None, "nDims": 8})
     assert status == 200, body
     assert len(body["imageEmbeddings"]) == 1 and len(body["imageEmbeddings"][0]) == 8
     assert len(body["probabilities"][0]) == len(CXR_LABELS)
@@ -210,6 +240,8 @@ async def test_infer_gives_embeddings_and_probabilities(live: LiveNode) -> None:
     ("/embed_text", {"name": "cxr-findings", "text": "sample text"}),
     ("/embed_text", {"name": "anything", "text": ["a", "b"], "normalize": True, "nDims": None}),
     ("/infer", {"name": "cxr-findings", "text": "sample text", "image": B64}),
+    ("/embed", {"name": "cxr-findings", "text": "sample text", "image": B64}),
+    ("/embed_text", {"name": "x", "text": "a", "n_dims": None}),  # as ingrain sends it
 ])
 async def test_text_is_400_no_text_encoder(live: LiveNode, path: str, body: Any) -> None:
     status, got = await post(live, path, body)
@@ -247,6 +279,24 @@ async def test_wrong_types_are_422_by_field(live: LiveNode, body: Any, field: st
     status, got = await post(live, "/embed_image", body)
     assert status == 422, got
     assert field in [d["field"] for d in got["details"]]
+
+
+@pytest.mark.parametrize("image, details", [
+    (5, [{"field": "image", "message": "Input should be a string or a list of strings"}]),
+    (None, [{"field": "image", "message": "Input should be a string or a list of strings"}]),
+    ([], [{"field": "image",
+           "message": "List should have at least 1 item after validation, not 0"}]),
+    ([B64, 7], [{"field": "image.1", "message": "Input should be a valid string"}]),
+    ("", [{"field": "image", "message": "String should have at least 1 character"}]),
+    (["x"] * 65, [{"field": "image",
+                   "message": "List should have at most 64 items after validation, not 65"}]),
+])
+async def test_details_name_the_field_as_sent(live: LiveNode, image: Any,
+                                              details: list[dict[str, str]]) -> None:
+    """One detail for the field, in the client's words: not one per branch of the
+    string-or-list type, nor pydantic's names for them ("image.constrained-str")."""
+    status, got = await post(live, "/classify_image", {"name": "cxr-findings", "image": image})
+    assert status == 422 and got["details"] == details
 
 
 async def test_a_misspelt_field_is_answered_with_the_one_meant(live: LiveNode) -> None:
@@ -298,6 +348,41 @@ async def test_credentials(live: LiveNode, kind: str, status: int) -> None:
     assert got == status and body["error"] in ("unauthorized", "forbidden")
 
 
+@pytest.fixture(scope="module")
+def open_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
+    """A node that gives requests without credentials the infer scope."""
+    data = tmp_path_factory.mktemp("images-open") / "data"
+    settings = serving_settings(data, models=[CXR])
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(
+        update={"anonymous_scopes": ["infer"]})})
+    with live_node(settings) as ln:
+        yield ln
+
+
+@pytest.mark.parametrize("path", ["/classify_image", "/embed_image", "/infer", "/embed"])
+async def test_anonymous_infer_serves_requests_without_credentials(open_live: LiveNode,
+                                                                   path: str) -> None:
+    status, body = await post(open_live, path, {"name": "cxr-findings", "image": B64},
+                              auth={})
+    assert status == 200, body
+    # credentials that are sent are checked all the same
+    status, body = await post(open_live, path, {"name": "cxr-findings", "image": B64},
+                              auth=open_live.auth(secret=b"x" * 40))
+    assert status == 401 and body["error"] == "unauthorized"
+
+
+async def test_anonymous_infer_opens_neither_metrics_nor_the_studies(
+        open_live: LiveNode) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in ("/metrics", "/v1/projects", "/api/inference/status/1"):
+            async with s.get(open_live.base_url + path) as r:
+                assert r.status == 401, path  # read was not given; studies never are
+        async with s.post(open_live.base_url + "/predictions/cxr-findings", data=PNG) as r:
+            assert r.status == 200  # seed 004's serving route admits it too
+        async with s.post(open_live.base_url + "/dicomweb/studies", data=b"") as r:
+            assert r.status == 401
+
+
 # -- the model's input rules, the same on every endpoint ----------------------------------
 
 
@@ -335,7 +420,7 @@ async def cxr_stats(live: LiveNode) -> tuple[dict[str, Any], dict[str, Any]]:
                          headers={"Accept": "application/json"}) as r:
             entry = next(e for e in (await r.json())["modelStats"]
                          if e["name"] == "cxr-findings")
-        async with s.get(live.base_url + "/metrics") as r:
+        async with s.get(live.base_url + "/metrics", headers={"Accept": "text/plain"}) as r:
             prom = {f.name: f for f in text_string_to_metric_families(await r.text())}
     return entry, prom
 

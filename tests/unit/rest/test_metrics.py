@@ -226,6 +226,36 @@ async def test_metrics_need_credentials(live: LiveNode) -> None:
     assert status == 401
 
 
+async def test_anonymous_read_lets_prometheus_scrape_without_a_token(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    data = tmp_path_factory.mktemp("metrics-open") / "data"
+    settings = serving_settings(data, models=[CXR])
+    settings = settings.model_copy(update={"auth": settings.auth.model_copy(
+        update={"anonymous_scopes": ["read"]})})
+    with live_node(settings) as ln:
+        status, ctype, text = await get(ln, "/metrics", {"Accept": PROMETHEUS_SCRAPE},
+                                        auth=False)
+        assert status == 200 and ctype.startswith("application/openmetrics-text")
+        status, ctype, text = await get(ln, "/metrics", auth=False)  # seed 003's clients
+        assert status == 200 and "modelStats" in json.loads(text)
+        status, _, _ = await get(ln, "/models", auth=False)  # seed 004's listing: read too
+        assert status == 200
+        # wrong credentials are refused, not read as none
+        status, _, _ = await get(ln, "/metrics", {"Authorization": "Bearer nonsense"},
+                                 auth=False)
+        assert status == 401
+        # the stored studies are never open: the batch API's listings still need a token
+        for path in ("/v1/projects", "/v1/sources?projectIdentifier=DICOMNODE",
+                     "/dicomweb/studies/1.2.3"):
+            status, _, _ = await get(ln, path, auth=False)
+            assert status == 401, path
+        # infer was not given: the serving routes answer as without the setting
+        async with aiohttp.ClientSession() as s, s.post(
+                ln.base_url + "/classify_image",
+                json={"name": "cxr-findings", "image": "x"}) as r:
+            assert r.status == 401 and (await r.json())["message"] == "Token missing"
+
+
 # -- /metrics Prometheus ---------------------------------------------------------------------
 
 
@@ -241,12 +271,28 @@ def value(fams: dict[str, Any], name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels}")
 
 
-@pytest.mark.parametrize("accept", [None, "*/*", "text/plain;version=0.0.4",
-                                    "text/plain, application/json;q=0.5"])
-async def test_prometheus_text_otherwise(live: LiveNode, accept: str | None) -> None:
+# Prometheus 2.x/3.x's own scrape Accept header
+PROMETHEUS_SCRAPE = ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+                     "application/openmetrics-text;version=0.0.1;q=0.5,"
+                     "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,"
+                     "text/plain;version=0.0.4;q=0.3,*/*;q=0.2")
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "application/*", "application/json, */*"])
+async def test_json_without_an_explicit_text_accept(live: LiveNode, accept: str | None) -> None:
+    """Seed 003's clients get its JSON: ingrain's metrics() sends Accept: */*, others none."""
+    status, ctype, text = await get(live, "/metrics", {"Accept": accept} if accept else {})
+    assert status == 200 and ctype.startswith("application/json")
+    assert [s["name"] for s in json.loads(text)["modelStats"]] == ["cxr-findings"]
+
+
+@pytest.mark.parametrize("accept", ["text/plain", "text/plain;version=0.0.4",
+                                    "text/plain, application/json;q=0.5",
+                                    "text/plain, application/json"])
+async def test_prometheus_text_when_asked(live: LiveNode, accept: str) -> None:
     await predict(live, 4)
     await asyncio.to_thread(echo, live.node.scp.port)
-    status, ctype, text = await get(live, "/metrics", {"Accept": accept} if accept else {})
+    status, ctype, text = await get(live, "/metrics", {"Accept": accept})
     assert status == 200 and ctype.startswith("text/plain")
     fams = families(text)
     mv = {"model": "cxr-findings", "version": "1.0.0"}
@@ -270,7 +316,7 @@ async def test_prometheus_figures_match_the_json(live: LiveNode) -> None:
     await predict(live, 2)
     _, _, text = await get(live, "/metrics", {"Accept": "application/json"})
     stats = json.loads(text)["modelStats"][0]
-    _, _, prom = await get(live, "/metrics")
+    _, _, prom = await get(live, "/metrics", {"Accept": "text/plain"})
     fams = families(prom)
     mv = {"model": "cxr-findings", "version": "1.0.0"}
     # nothing ran between the two scrapes
@@ -281,22 +327,32 @@ async def test_prometheus_figures_match_the_json(live: LiveNode) -> None:
                      batch_size=b["batchSize"]) == int(b["computeInfer"]["count"])
 
 
-async def test_openmetrics_when_asked(live: LiveNode) -> None:
-    status, ctype, text = await get(
-        live, "/metrics", {"Accept": "application/openmetrics-text;version=1.0.0"})
+@pytest.mark.parametrize("accept", ["application/openmetrics-text;version=1.0.0",
+                                    PROMETHEUS_SCRAPE])
+async def test_openmetrics_when_asked(live: LiveNode, accept: str) -> None:
+    status, ctype, text = await get(live, "/metrics", {"Accept": accept})
     assert status == 200 and ctype.startswith("application/openmetrics-text")
     assert text.rstrip().endswith("# EOF")
 
 
 @pytest.mark.parametrize("accept, expected", [
     ("application/json", True),
+    ("Application/JSON; charset=utf-8", True),
     ("application/json, text/plain", True),
-    ("text/plain, application/json", False),
+    ("text/plain, application/json", False),  # an equal q: the first named
     ("text/plain;q=0.5, application/json", True),
-    ("application/json;q=0", False),
-    ("*/*", False),
-    ("", False),
+    ("text/plain, application/json;q=0.5", False),
+    ("application/json;q=0", False),  # JSON refused
+    ("application/json;q=0, */*", False),
+    ("text/plain;q=0", True),  # text refused
+    ("text/plain;q=nonsense", True),
+    ("*/*", True),
+    ("application/*", True),
+    ("text/*", True),  # no explicit Prometheus type
+    ("", True),
+    ("text/plain", False),
     ("application/openmetrics-text;version=1.0.0,text/plain;q=0.5,*/*;q=0.1", False),
+    (PROMETHEUS_SCRAPE, False),
 ])
 def test_wants_json(accept: str, expected: bool) -> None:
     assert wants_json(accept) is expected
