@@ -144,6 +144,7 @@ class NodeHandler:
             for source in _headers(paths):
                 by_study[_study_of(source)].append(source)
         out_dir = self.output_dir(job)
+        _remove_partial_files(out_dir, ctx.log)
         produced: list[Artifact] = []
         results: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
@@ -500,6 +501,20 @@ def _another_reads(job: Job, sources: list[Any], pipelines: Mapping[str, Pipelin
     return any(series_misfit(sources, spec.series) is None
                for name in intake if name != job.pipeline
                and (spec := pipelines.get(name)) is not None)
+
+
+def _remove_partial_files(out_dir: Path, log: Any) -> None:
+    """Remove the temporary files (``.<name>.<pid>.<hex>.part``, see
+    pipeline.artifacts._common.atomic_path) an earlier attempt of this job left in its own
+    results folder when the node died mid-write: nothing else removed them, and one can
+    be as large as a SEG. The folder is the job's alone, and one attempt runs at a time."""
+    if not out_dir.is_dir():
+        return
+    left = [p for p in out_dir.rglob(".*.part") if p.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    if left:
+        log.info("removed partial result files an interrupted attempt left", files=len(left))
 
 
 def _add_timings(ctx: JobContext, timings: dict[str, float]) -> None:

@@ -357,3 +357,32 @@ async def test_a_job_runs_on_its_instances_after_the_data_directory_moved(
             pipeline="cxr", kind="api", input={"instances": [got.sop_instance_uid]}))
         job = await _finished(node, job)
     assert job.state is JobState.SUCCEEDED, job.error
+
+
+async def test_a_rerun_removes_the_partial_files_an_interrupted_attempt_left(
+        tmp_path: Path) -> None:
+    """The node died while a result was being written: the temporary file it was written
+    under stayed in the job's results folder for good (as large as a SEG can be)."""
+    from dicom_node.store import Store
+
+    settings = _settings(tmp_path, [CXR])
+    src = write_dicom(make_cxr_phantom(3, size=64), tmp_path / "cr.dcm", patient_id="P1",
+                      modality="CR")
+    async with running_node(settings) as node:
+        assert node.store is not None
+        got = node.instance_writer().write(src, called_ae="DICOMNODE", calling_ae="MODALITY",
+                                           association_id=0)
+    store = Store(settings.database_url).open()  # the node is down: the job waits for it
+    try:
+        job = store.create_job(NewJob(pipeline="cxr", kind="api",
+                                      input={"instances": [got.sop_instance_uid]}))
+    finally:
+        store.close()
+    left = settings.results_dir / job.id / "P1" / ".P1_predictions.json.4242.0a1b2c3d4e5f.part"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a result")
+    async with running_node(settings) as node:
+        job = await _finished(node, job)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert not left.exists()
+    assert (settings.results_dir / job.id / "P1" / "P1_predictions.json").is_file()
