@@ -8,6 +8,7 @@ disk under the store stops everything else too.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 from dicom_node.config import Settings
 
 MB = 1024 * 1024
+# Fewer free inodes than this is short of space too: a disk of many small instances runs
+# out of them with bytes to spare, and then every instance was refused while /health
+# read "ok". A filesystem that does not count inodes (f_files 0) is never short of them.
+MIN_FREE_INODES = 1000
 
 
 def free_mb(path: Path) -> int:
@@ -22,6 +27,20 @@ def free_mb(path: Path) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free // MB
+
+
+def free_inodes(path: Path) -> int | None:
+    """Free inodes (files) on ``path``'s filesystem, or None where it does not count them."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_favail if st.f_files else None
+
+
+def _few_inodes(inodes: int | None) -> str | None:
+    if inodes is None or inodes >= MIN_FREE_INODES:
+        return None
+    return f"{inodes} inodes (files) free, under {MIN_FREE_INODES}"
 
 
 def _under_reserve(settings: Settings, free: int) -> str | None:
@@ -38,9 +57,10 @@ def short_of_space(settings: Settings, path: Path) -> str | None:
         return None
     try:
         free = free_mb(path)
+        inodes = free_inodes(path)
     except OSError:
         return None  # an unreadable disk shows up as the write's own error
-    return _under_reserve(settings, free)
+    return _under_reserve(settings, free) or _few_inodes(inodes)
 
 
 def disk_health(settings: Settings) -> dict[str, Any]:
@@ -50,9 +70,12 @@ def disk_health(settings: Settings) -> dict[str, Any]:
     for name, path in (("studies", settings.studies_dir), ("results", settings.results_dir)):
         try:
             free: int | None = free_mb(path)
+            inodes = free_inodes(path)
         except OSError:
-            free = None
+            free = inodes = None
         out[f"{name}_free_mb"] = free
-        ok = ok and (free is None or _under_reserve(settings, free) is None)
+        out[f"{name}_free_inodes"] = inodes
+        ok = ok and (free is None or _under_reserve(settings, free) is None) and (
+            not settings.storage.min_free_mb or _few_inodes(inodes) is None)
     out["ok"] = ok
     return out

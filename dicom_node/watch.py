@@ -74,6 +74,7 @@ from watchdog.observers import Observer
 
 from dicom_node.assembler import Assembler, GroupPolicy
 from dicom_node.config import Settings, WatchSettings
+from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import get_logger
@@ -1034,7 +1035,9 @@ class Watcher:
     def has_room(self, need: int) -> bool:
         """Whether ``need`` more bytes leave the reserve free, as the listener requires
         before it accepts an association."""
-        return self.free_bytes() - need >= self.reserve_bytes()
+        if self.free_bytes() - need < self.reserve_bytes():
+            return False
+        return not self.reserve_bytes() or short_of_space(self.settings, self.staging_dir) is None
 
     def stage(self, path: str) -> tuple[str, str]:
         """Copy ``path`` to a private staging file while hashing it; (staged path, sha256)."""

@@ -13,14 +13,16 @@ import pytest
 
 
 @contextlib.contextmanager
-def small_disk(mountpoint: Path, size_mb: int) -> Iterator[Path]:
-    """Mount a ``size_mb`` tmpfs at ``mountpoint`` for the block; skip where mounting is not
-    allowed (not root, or a container without the capability)."""
+def small_disk(mountpoint: Path, size_mb: int, inodes: int | None = None) -> Iterator[Path]:
+    """Mount a ``size_mb`` tmpfs (with at most ``inodes`` files, when given) at
+    ``mountpoint`` for the block; skip where mounting is not allowed (not root, or a
+    container without the capability)."""
     mount = shutil.which("mount")
     if mount is None or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     mountpoint.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+    options = f"size={size_mb}m" + (f",nr_inodes={inodes}" if inodes else "")
+    res = subprocess.run([mount, "-t", "tmpfs", "-o", options, "tmpfs",
                           str(mountpoint)], capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
