@@ -190,8 +190,10 @@ def delete_study(settings: Settings, store: Store, ref: str, *, results: bool,
     uid = study.study_instance_uid
     active, pending = store.study_activity(uid)
     if active:
-        print(f"dicom-node: study {uid} has a job that is not finished ({active[0]}); "
-              f"cancel it first (dicom-node jobs cancel {active[0]})", file=sys.stderr)
+        more = f" and {len(active) - 1} more" if len(active) > 1 else ""
+        print(f"dicom-node: study {uid} has jobs queued or running ({active[0]}{more}); "
+              f"cancel them first (dicom-node jobs cancel {active[0]}), or wait for them "
+              "to end", file=sys.stderr)
         return 1
     if pending:
         print(f"dicom-node: study {uid} is still arriving ({pending} instance(s) not yet "

@@ -179,7 +179,14 @@ def test_delete_is_refused_while_the_study_is_in_use(
     job = store.create_job(NewJob(pipeline="p", study_instance_uid="1.2.7"))
     store.close()
     assert main(argv) == 1
-    assert f"cancel it first (dicom-node jobs cancel {job.id})" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"has jobs queued or running ({job.id}); cancel them first " \
+        f"(dicom-node jobs cancel {job.id})" in err
+    store = _store(data)
+    store.create_job(NewJob(pipeline="q", study_instance_uid="1.2.7"))
+    store.close()
+    assert main(argv) == 1
+    assert f"({job.id} and 1 more)" in capsys.readouterr().err  # a batch made many
     assert all(p.exists() for p in paths)
 
 
