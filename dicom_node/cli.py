@@ -318,7 +318,14 @@ def _stored_objects_line(settings: Settings) -> tuple[str, list[Any]]:
         return "no objects stored", []
     from dicom_node.store import SCHEMA_VERSION
 
-    store = _open_store(settings, older_ok=True)
+    try:
+        store = _open_store(settings, older_ok=True)
+    except NodeError as exc:
+        # The settings are checked and valid; what keeps the store from opening (a full
+        # disk) is `serve`'s to report. It printed "OK", then this error, and exit 1.
+        print(f"dicom-node: warning: the store's config API objects cannot be read: {exc}",
+              file=sys.stderr)
+        return "not read: the store cannot be opened (see the warning)", []
     try:
         objects = _config_objects(store)
         found = store.schema_version()

@@ -137,3 +137,28 @@ def test_a_store_that_fails_a_write_is_one_line_not_a_traceback(
     assert code == 1 and "Traceback" not in err
     assert err.startswith("dicom-node: the job store failed: ")
     assert "free space on the disk of the data directory" in err
+
+
+def test_check_config_on_a_full_disk_is_ok_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config printed "OK", then the store's error, and exited 1: the systemd unit
+    runs it before each start, so the node restarted in a loop blamed on its settings.
+    The settings are valid; the store's trouble is a warning, serve's to report."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 8) as disk:
+        data = disk / "data"
+        data.mkdir()
+        Store(f"sqlite:///{data / 'node.db'}").open().close()
+        fill(disk, 0)
+        with contextlib.suppress(OSError), open(disk / "crumbs", "wb") as f:
+            while f.write(b"\0" * 512):  # to the last byte
+                f.flush()
+        config = tmp_path / "node.yaml"
+        config.write_text(f"storage: {{data_dir: {data}}}\n")
+        code = main(["check-config", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 0 and f"{config}: OK" in out
+    assert "config API      not read: the store cannot be opened" in out
+    assert "warning: the store's config API objects cannot be read: " in err
+    assert "the disk holding it is full" in err
