@@ -160,7 +160,8 @@ def statement(settings: Settings) -> str:
             ("the calling AE title or host is not allowed (`sources`)",
              *REJECT_CALLING_AE[:3], REJECT_CALLING_AE.text),
             ("`max_associations` are open", *REJECT_LOCAL_LIMIT[:3], REJECT_LOCAL_LIMIT.text),
-            (f"free disk space under {settings.storage.min_free_mb} MB",
+            (f"free disk space under {settings.storage.min_free_mb} MB (Verification alone "
+             "is accepted)",
              *REJECT_NO_SPACE[:3], REJECT_NO_SPACE.text),
         ]),
         "",

@@ -1350,9 +1350,11 @@ class StorageSCP:
             return AETitleSettings(ae_title=self.settings.dimse.ae_title)
         return found
 
-    def _decide(self, called: str, calling: str, address: str,
+    def _decide(self, called: str, calling: str, address: str, echo_only: bool = False,
                 ) -> tuple[Rejection, str] | None:
-        """The rejection for an association request, with what the log says of why."""
+        """The rejection for an association request, with what the log says of why.
+        ``echo_only``: it proposes Verification alone, which writes nothing: a PACS's
+        "test connection" still succeeds while the disk is under the reserve."""
         ae = self.ae_settings(called)
         if ae is None:
             known = [a.ae_title for a in self.settings.ae_titles]
@@ -1368,7 +1370,7 @@ class StorageSCP:
                 return REJECT_CALLING_AE, (
                     f"{calling} is not among {called}'s sources "
                     f"({', '.join(f'{s.ae_title}@{s.host}' for s in allowed) or 'none'})")
-        if short := short_of_space(self.settings, self.writer.studies_dir):
+        if not echo_only and (short := short_of_space(self.settings, self.writer.studies_dir)):
             return REJECT_NO_SPACE, short
         return None
 
@@ -1381,7 +1383,10 @@ class StorageSCP:
         called = _ae_text(getattr(rq, "called_ae_title", ""))
         calling = _ae_text(getattr(rq, "calling_ae_title", ""))
         address, port = str(assoc.requestor.address), int(assoc.requestor.port)
-        decided = self._decide(called, calling, address)
+        proposed = {str(getattr(c, "abstract_syntax", "")) for c in
+                    (getattr(rq, "presentation_context_definition_list", None) or [])}
+        decided = self._decide(called, calling, address,
+                               echo_only=proposed == {str(Verification)})
         if decided is None:
             with self._lock:
                 if len(self._admitted) >= self.settings.dimse.max_associations:

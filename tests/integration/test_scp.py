@@ -929,6 +929,29 @@ def test_the_free_space_reserve_holds_within_an_association(tmp_path: Path) -> N
     assert ended and ended[-1]["refused_out_of_space"] == 2
 
 
+def test_under_the_reserve_an_echo_is_answered_and_a_store_association_refused(
+        tmp_path: Path) -> None:
+    """A PACS's "test connection" (C-ECHO alone writes nothing) failed while the disk was
+    under the reserve, which read as a network fault; an association that may store is
+    still refused."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 40) as disk, \
+            running_node(node_settings(disk / "data", min_free_mb=10)) as rn:
+        fill(disk, 6 << 20)
+        echo = AE(ae_title="PACS")
+        echo.add_requested_context(Verification)
+        assoc = echo.associate("127.0.0.1", rn.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        store = AE(ae_title="PACS")
+        store.add_requested_context(Verification)
+        store.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = store.associate("127.0.0.1", rn.port, ae_title=NODE_AE)
+        assert assoc.is_rejected
+
+
 def test_hundred_associations_at_once_only_25_accepted(node: RunningNode) -> None:
     results: list[tuple[bool, tuple[int, int, int] | None]] = []
     lock = threading.Lock()
