@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--group", metavar="NAME",
                        help="the `group` claim: the batch API's groupName (seed 002) whose "
                        "jobs the token may start and read (default: none)")
-    token.add_argument("--project", action="append", metavar="NAME",
+    token.add_argument("--project", action="append", metavar="NAME|ID",
                        help="the `projects` claim (repeatable): the only batch API projects "
                        "(called AE titles, drop folders) whose sources the token may list "
                        "and run models on (default: every project)")
@@ -715,7 +715,9 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     if args.group:
         claims["group"] = args.group
     if args.project:
-        claims["projects"] = list(dict.fromkeys(args.project))
+        # digits name a project by its integer id, as `projects: [2]` does in the config
+        claims["projects"] = list(dict.fromkeys(
+            int(p) if p.isascii() and p.isdigit() else p for p in args.project))
     if settings.auth.audience:
         claims["aud"] = settings.auth.audience
     if settings.auth.issuer:
@@ -723,7 +725,7 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
     token = jwt.encode(claims, secret, algorithm="HS256")
     print(f"# scopes: {claims['scope']}"
           + (f"; group: {args.group}" if args.group else "")
-          + (f"; projects: {', '.join(claims['projects'])}" if args.project else "")
+          + (f"; projects: {', '.join(map(str, claims['projects']))}" if args.project else "")
           + f"; expires in {lifetime} s "
           f"({time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(claims['exp']))})", file=sys.stderr)
     print(token)

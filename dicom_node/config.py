@@ -340,6 +340,16 @@ class ApiKeySettings(_Section):
     # list and run batches on. None: every project.
     projects: list[StrictStr | StrictInt] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _projects_given(cls, data: Any) -> Any:
+        # `projects:` left empty in YAML is null: read as "every project" it failed open,
+        # where its writer meant a list still to be filled in
+        if isinstance(data, dict) and "projects" in data and data["projects"] is None:
+            raise ValueError("projects is empty (null): give a list of project names or "
+                             "ids ([] for none), or leave the key out for every project")
+        return data
+
 
 class AuthSettings(_Section):
     jwt_secret_file: Path = Path("jwt_secret")

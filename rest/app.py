@@ -88,7 +88,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if route is None or route.scope is None:  # open routes and 404/405 answers
         return await handler(request)
     try:
-        who = request.app[AUTH].authenticate(request.headers.get("Authorization"),
+        given = request.headers.getall("Authorization", [])
+        if len(given) > 1:  # only the first was read: an empty one made a wrong token anonymous
+            raise AuthError(AuthFailure.INVALID, "more than one Authorization header")
+        who = request.app[AUTH].authenticate(given[0] if given else None,
                                               anonymous=route.anonymous)
         try:
             who.require(route.scope)

@@ -120,6 +120,10 @@ class Authenticator:
         """The caller the ``Authorization`` header names. Without one: the anonymous
         principal where ``anonymous`` (the route admits it) and the settings give it
         scopes, else AuthError MISSING."""
+        if header is not None and not header.isascii():
+            # aiohttp hands undecodable bytes on as surrogates: the key's hash and the
+            # token's parse raised UnicodeEncodeError, a 500 with a traceback per request
+            raise AuthError(AuthFailure.INVALID, "the Authorization header is not ASCII")
         if header is None or not header.strip():
             if anonymous and self.anonymous is not None:
                 return self.anonymous
@@ -210,9 +214,12 @@ def _scopes(claims: dict[str, object]) -> frozenset[str]:
 def _projects(claims: dict[str, object]) -> frozenset[str | int] | None:
     """The ``projects`` claim (names or integer ids, as ``auth.api_keys[].projects``);
     None without one. Anything else is refused rather than read as "every project"."""
-    raw = claims.get("projects")
-    if raw is None:
+    if "projects" not in claims:
         return None
+    raw = claims["projects"]
+    if raw is None:  # an identity provider's "no assignment": never "every project"
+        raise AuthError(AuthFailure.INVALID, "the token's projects claim is null; give a "
+                        "list of project names or ids, or no claim for every project")
     if isinstance(raw, str):
         raw = [raw]
     if not isinstance(raw, list) or not all(

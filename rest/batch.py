@@ -50,7 +50,7 @@ from dicom_node.store import Batch, Job, JobEvent, JobState, NewJob, Store, Stud
 from pipeline.settings import PipelineSpec
 from rest.app import NODE, Route, json_body, principal
 from rest.auth import Principal
-from rest.errors import ApiError, ErrorStyle
+from rest.errors import ApiError, ErrorStyle, without_paths
 
 log = get_logger("rest.batch")
 
@@ -140,12 +140,22 @@ def find_project(settings: Settings, store: Store, ident: str | int) -> Project:
             return named[0]
         number = ascii_int(ident.strip())
         if number is None:
-            raise NotFound(f"no project {ident!r}; GET /v1/projects lists them")
+            raise NotFound(unknown_project(ident))
         ident = number
     for p in every:
         if p.id == ident:
             return p
-    raise NotFound(f"no project with id {ident}; GET /v1/projects lists them")
+    raise NotFound(unknown_project(ident))
+
+
+def unknown_project(ident: str | int) -> str:
+    """What a caller hears of a project that does not exist, and of one its credentials
+    may not use: the same words, so that walking ids or names tells no one which
+    projects exist (the forbidden one's name was in the message)."""
+    if isinstance(ident, str) and ascii_int(ident.strip()) is None:
+        return f"no project {ident!r}; GET /v1/projects lists them"
+    number = ident if isinstance(ident, int) else ascii_int(ident.strip())
+    return f"no project with id {number}; GET /v1/projects lists them"
 
 
 def model_ids(settings: Settings, store: Store) -> dict[str, int]:
@@ -170,7 +180,8 @@ def find_pipeline(settings: Settings, store: Store, ident: str | int,
         raise _bad(f"no model or pipeline {ident!r}; configured pipelines: {known or 'none'} "
                    "(GET /v1/models lists them)")
     if spec.model in failed:
-        raise _bad(f"model {spec.model!r} failed to load on this node: {failed[spec.model]}")
+        raise _bad(f"model {spec.model!r} failed to load on this node: "
+                   f"{without_paths(failed[spec.model])}")
     return spec
 
 
@@ -219,9 +230,8 @@ def plan(settings: Settings, store: Store, req: BatchRequest, who: Principal,
         project = find_project(settings, store, req.projectIdentifier)
     except NotFound as exc:
         raise _bad(str(exc)) from None
-    if not who.may_use_project(project.id, project.name):
-        raise NotFound(f"these credentials have no Model Run permission on project "
-                       f"{project.name!r}")
+    if not who.may_use_project(project.id, project.name):  # seed 002's "Model Run"
+        raise _bad(unknown_project(req.projectIdentifier))  # as if it did not exist
     pipeline = find_pipeline(settings, store, req.modelIdentifier, failed)
     layer_id, layer_name = find_output_layer(settings, store, req.outputLayerIdentifier)
     if len(set(req.sourceIds)) != len(req.sourceIds):
@@ -438,8 +448,7 @@ async def get_sources(request: web.Request) -> web.Response:
     def answer() -> dict[str, Any]:
         project = find_project(node.settings, store, ident)
         if not who.may_use_project(project.id, project.name):
-            raise NotFound(f"these credentials have no permission on project "
-                           f"{project.name!r}")
+            raise NotFound(unknown_project(ident))  # as if it did not exist
         return {**project.body(), "sources": [{
             "sourceId": s.id, "studyInstanceUID": s.study_instance_uid,
             "patientId": s.patient_id, "accessionNumber": s.accession_number,

@@ -55,7 +55,9 @@ def runner_of(request: web.Request) -> PipelineRunner:
 def classifier(runner: PipelineRunner, name: str, version: str | None = None) -> LoadedModel:
     """The classifier ``name`` (at ``version``): 404 unknown, 503 failed, 400 not a classifier."""
     if name in runner.failed:
-        raise ApiError(503, f"model {name!r} failed to load: {runner.failed[name]}")
+        # no server paths: these routes may be open (auth.anonymous_scopes); /health
+        # with the admin scope and the log have them
+        raise ApiError(503, f"model {name!r} failed to load: {without_paths(runner.failed[name])}")
     try:
         return runner.classifier(name, version)
     except KeyError as exc:
@@ -303,7 +305,7 @@ def _versions(runner: PipelineRunner, name: str) -> list[LoadedModel]:
 
 def _failed(runner: PipelineRunner, name: str) -> dict[str, Any]:
     specs = [s for s in runner.specs if s.name == name]
-    return {"modelName": name, "status": "failed", "error": runner.failed[name],
+    return {"modelName": name, "status": "failed", "error": without_paths(runner.failed[name]),
             "versions": sorted({s.version for s in specs if s.version})}
 
 

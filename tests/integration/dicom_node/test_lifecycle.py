@@ -328,6 +328,9 @@ def test_token_is_signed_with_the_node_secret(node: NodeProcess) -> None:
     claims = jwt.decode(out.stdout.strip().splitlines()[-1], secret, algorithms=["HS256"])
     assert claims["projects"] == ["AI_CXR", "inbox"]
     assert "projects: AI_CXR, inbox" in out.stderr
+    out = node.cli("token", "--group", "radiology", "--project", "2")  # by its id
+    claims = jwt.decode(out.stdout.strip().splitlines()[-1], secret, algorithms=["HS256"])
+    assert claims["projects"] == [2]
 
 
 def test_token_before_first_start_says_what_to_do(node: NodeProcess) -> None:

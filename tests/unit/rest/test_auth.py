@@ -310,3 +310,29 @@ def test_projects_of_api_keys_and_tokens() -> None:
         with pytest.raises(AuthError) as info:
             a.authenticate(token({"projects": bad}))
         assert info.value.failure is AuthFailure.INVALID
+    # an identity provider's null ("no assignment") is never "every project"
+    null = jwt.encode({"sub": "ris", "exp": int(time.time()) + 60, "projects": None}, SECRET,
+                      algorithm="HS256")
+    with pytest.raises(AuthError, match="projects claim is null"):
+        a.authenticate(null)
+    # YAML `projects:` left empty is null: a configuration error, not "every project"
+    with pytest.raises(ValueError, match="projects is empty"):
+        ApiKeySettings.model_validate({"name": "ris", "key_sha256": hash_api_key("k"),
+                                       "projects": None})
+
+
+async def test_two_authorization_headers_and_non_ascii_ones_are_refused(
+        open_client: TestClient) -> None:
+    """Only the first of two Authorization headers was read, so an empty one made a
+    wrong token anonymous; a header with bytes outside ASCII was a 500 with a
+    traceback in the log (the open /health too)."""
+    from multidict import CIMultiDict
+
+    two = CIMultiDict([("Authorization", ""), ("Authorization", "Bearer wrong.token.here")])
+    r = await open_client.get("/serving/read", headers=two)
+    assert r.status == 401 and (await r.json())["message"] == "more than one Authorization header"
+    for header in ("Bearer \u00a0", "Api-Key caf\u00e9"):
+        r = await open_client.get("/serving/read", headers={"Authorization": header})
+        assert r.status == 401, header
+        r = await open_client.get("/health", headers={"Authorization": header})
+        assert r.status in (200, 503), header  # the open route answers as ever

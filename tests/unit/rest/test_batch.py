@@ -306,12 +306,22 @@ async def test_a_key_with_projects_may_use_those_only(api: Api) -> None:
     status, got = await api.get("/v1/projects", who="cxr-only")
     assert status == 200 and [p["projectName"] for p in got["projects"]] == ["AI_CXR"]
     assert (await api.get("/v1/sources?projectIdentifier=AI_CXR", who="cxr-only"))[0] == 200
-    assert await api.get("/v1/sources?projectIdentifier=DICOMNODE", who="cxr-only") == (
-        404, {"message": "these credentials have no permission on project 'DICOMNODE'"})
+    # another project is answered as one that does not exist: the same words, by name
+    # and by id, so walking ids tells no one which projects exist (nor their names)
+    ids = {p["projectName"]: p["projectId"] for p in (await api.get("/v1/projects"))[1][
+        "projects"]}
+    unknown_id = max(ids.values()) + 1
+    for ident, words in (("DICOMNODE", "no project 'DICOMNODE'"),
+                         ("NO_SUCH_AE", "no project 'NO_SUCH_AE'"),
+                         (str(ids["DICOMNODE"]), f"no project with id {ids['DICOMNODE']}"),
+                         (str(unknown_id), f"no project with id {unknown_id}")):
+        assert await api.get(f"/v1/sources?projectIdentifier={ident}", who="cxr-only") == (
+            404, {"message": f"{words}; GET /v1/projects lists them"}), ident
     elsewhere = good(api, projectIdentifier="DICOMNODE", sourceIds=[api.sources["cr3"]])
     assert await api.post(elsewhere, who="cxr-only") == (
-        404, {"message": "these credentials have no Model Run permission on project "
-                         "'DICOMNODE'"})
+        400, {"message": "no project 'DICOMNODE'; GET /v1/projects lists them"})
+    assert await api.post(good(api, projectIdentifier="NO_SUCH_AE"), who="cxr-only") == (
+        400, {"message": "no project 'NO_SUCH_AE'; GET /v1/projects lists them"})
     status, mine = await api.post(good(api), who="cxr-only")
     assert status == 201, mine
     # a batch of the same group on a project the key may not use: as if it did not exist
@@ -322,8 +332,6 @@ async def test_a_key_with_projects_may_use_those_only(api: Api) -> None:
     assert (await api.get(f"/v1/infer/batch/{mine['inferenceJobId']}", who="cxr-only"))[0] \
         == 200
     # a JWT's projects claim, here by the project's integer id
-    ids = {p["projectName"]: p["projectId"] for p in (await api.get("/v1/projects"))[1][
-        "projects"]}
     secret = (api.tmp / "data" / "jwt_secret").read_bytes().strip()
     token = jwt.encode({"sub": "svc", "group": "radiology", "scope": "infer read",
                         "projects": [ids["DICOMNODE"]], "exp": int(time.time()) + 60},
@@ -332,7 +340,7 @@ async def test_a_key_with_projects_may_use_those_only(api: Api) -> None:
     r = await api.client.post("/v1/infer/batch", json=elsewhere, headers=headers)
     assert r.status == 201
     r = await api.client.post("/v1/infer/batch", json=good(api), headers=headers)
-    assert r.status == 404
+    assert r.status == 400  # as if AI_CXR did not exist
 
 
 async def test_models_have_stable_integer_ids(api: Api) -> None:

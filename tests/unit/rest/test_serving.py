@@ -296,6 +296,7 @@ async def test_predictions_on_a_failed_model_is_503(broken: LiveNode) -> None:
     status, body = await call(broken, "POST", "/predictions/broken", data=phantom_png(1))
     assert status == 503 and body["type"] == "ServiceUnavailableException"
     assert "failed to load" in body["message"]
+    assert "broken-model/" not in body["message"]  # may be open (auth.anonymous_scopes)
 
 
 async def test_failed_model_is_listed_with_its_error(broken: LiveNode) -> None:
@@ -303,8 +304,10 @@ async def test_failed_model_is_listed_with_its_error(broken: LiveNode) -> None:
     assert status == 200
     assert body["models"][0]["modelName"] == "broken"
     assert body["models"][0]["status"] == "failed" and "corrupt JSON" in body["models"][0]["error"]
+    assert "broken-model/" not in body["models"][0]["error"]  # /health (admin) has the path
     status, body = await call(broken, "GET", "/models/broken")
     assert status == 200 and body[0]["status"] == "failed"
+    assert "broken-model/" not in body[0]["error"]
 
 
 def test_dicom_images_its_pipelines_would_skip_are_refused(tmp_path: Path) -> None:
