@@ -15,15 +15,23 @@ Display pipeline of :func:`load_image_2d` (PS3.3 C.11, in this order):
    (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B) scaled by their bit depth and
    skip steps 3-4;
 3. modality LUT: Rescale Slope/Intercept or the Modality LUT Sequence
-   (float32; a Modality LUT Sequence through pydicom);
+   (float32);
 4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width
    pair (LINEAR, LINEAR_EXACT or SIGMOID), else min-max of the image;
    pixels equal to Pixel Padding Value (or in its range limit) are left out
-   of the min-max and shown black;
+   of the min-max and shown black. A VOI LUT whose entries contradict its
+   descriptor, or a VOI that turns an image whose values vary into one flat
+   grey, is refused (:class:`VOIError`); a first window that clips the image
+   while others were offered is named in :attr:`Image2D.notes`;
 5. MONOCHROME1 is inverted so that, as for MONOCHROME2, 1.0 is white.
 
+LUTs (Modality and VOI) are applied here, not by pydicom: pydicom 3.0 indexes a
+LUT of 8-bit entries with 8-bit integers, so an input above 255 wraps around
+(a 12-bit image through a [4096, 0, 8] VOI LUT came out as noise).
+
 CT volumes (:func:`load_ct_volume`) keep raw HU, padding included: models clip
-HU in their own pre-processing.
+HU in their own pre-processing. A CT slice without Rescale Slope/Intercept (nor a
+Modality LUT) is refused: its stored values are not HU.
 """
 
 from __future__ import annotations
@@ -44,11 +52,7 @@ import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels.processing import (
-    apply_color_lut,
-    apply_modality_lut,
-    apply_voi_lut,
-)
+from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.tag import BaseTag, Tag
 
@@ -66,7 +70,9 @@ __all__ = [
     "SeriesError",
     "Source",
     "StudyImage",
+    "TruncatedFileError",
     "UnreadableFileError",
+    "VOIError",
     "Volume",
     "WrongModalityError",
     "check_one_patient",
@@ -116,6 +122,10 @@ class UnreadableFileError(InputError):
     """The file is missing, unreadable, or not DICOM."""
 
 
+class TruncatedFileError(UnreadableFileError):
+    """The file ends before its data set does: it was cut short in transfer or on disk."""
+
+
 class NoPixelDataError(InputError):
     """The object carries no image (an SR, RT structure set, RT plan, waveform...)."""
 
@@ -126,6 +136,12 @@ class WrongModalityError(InputError):
 
 class CorruptPixelDataError(InputError):
     """The pixel data cannot be decoded (truncated, corrupted, unsupported codec)."""
+
+
+class VOIError(InputError):
+    """The image's VOI cannot show it: a VOI LUT whose entries contradict its LUT
+    Descriptor, or a VOI LUT or window that turns an image whose values vary into one
+    flat grey (a model would read nothing, or noise)."""
 
 
 class ImageSizeError(InputError):
@@ -172,6 +188,9 @@ class Image2D:
     to the way radiographs are read and models trained (patient's left on the right,
     feet down: ``L\\F``), the header then saying ``L\\F``; ``""`` when they already
     were, or the orientation does not say (a lateral view, none given).
+    ``notes`` says what a person reading a result from these pixels should know: the
+    window they were read through when the image offers several and the first (DICOM's
+    default, applied) clips its values.
     """
 
     pixels: npt.NDArray[np.float32]
@@ -184,6 +203,7 @@ class Image2D:
     number_of_frames: int
     path: Path | None = None
     upright_from: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def modality(self) -> str:
@@ -293,6 +313,8 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
 
     Raises:
         UnreadableFileError: the file is missing, unreadable or not DICOM.
+        TruncatedFileError: the file ends before its data set does (see
+            :func:`_check_whole`).
     """
     if isinstance(source, Dataset):
         if not stop_before_pixels and _pixels_in_file(source):
@@ -300,7 +322,7 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
         return source
     path = Path(source)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         pass
     except (OSError, EOFError) as exc:
@@ -313,6 +335,9 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
             "check that the file is complete and was not altered in transfer",
             path=path,
         ) from exc
+    else:
+        _check_whole(ds, path, stop_before_pixels)
+        return ds
     # No preamble: try a forced read but only accept something that looks like DICOM.
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
@@ -325,7 +350,47 @@ def read_dataset(source: Source, *, stop_before_pixels: bool = False) -> Dataset
             "send a DICOM Part 10 file",
             path=path,
         )
+    _check_whole(ds, path, stop_before_pixels)
     return ds
+
+
+def _check_whole(ds: Dataset, path: Path, stop_before_pixels: bool) -> None:
+    """Refuse a file that ends before its data set does, which pydicom reads without an
+    error: an element of undefined length (compressed Pixel Data, a sequence) that runs
+    to the end of the file without its delimiter loses the whole data set (pydicom only
+    warns, and the file read as an object without pixels); a value the file ends inside
+    comes back short; a file that ends inside an element's header ends the data set
+    there. Pixel Data read (whole or not) ends the check: one cut short is the decoder's
+    to report, and nothing after it matters.
+
+    Raises:
+        TruncatedFileError: the message says where the file ends.
+    """
+    if not ds:
+        why = ("no element of its data set could be read (it ends inside the first one, "
+               "or an element without a defined length - compressed Pixel Data, a sequence "
+               "- runs to the end of the file without its closing delimiter)")
+    else:
+        tag = list(ds.keys())[-1]  # the last read (top-level elements keep file order)
+        elem = ds.get_item(tag, keep_deferred=True)
+        if _has_pixels(ds) or not isinstance(elem, RawDataElement) \
+                or elem.length == 0xFFFFFFFF:
+            return
+        name = f"{pydicom.datadict.keyword_for_tag(tag) or 'element'} {BaseTag(tag)}"
+        size = path.stat().st_size
+        end = elem.value_tell + elem.length
+        if end > size:
+            why = f"it ends {size - elem.value_tell} bytes into the {elem.length}-byte " \
+                  f"value of {name}"
+        # fewer bytes left than an element's header: pydicom stops there without a word
+        # (stopping before the pixels leaves at least Pixel Data's header)
+        elif 0 < size - end < 8 or (size > end and not stop_before_pixels):
+            why = f"it ends {size - end} byte(s) into the header of the element after {name}"
+        else:
+            return
+    raise TruncatedFileError(
+        f"{path} is truncated: {why}; the file is incomplete (cut short in transfer or on "
+        "disk) - resend it", path=path)
 
 
 def _pixels_in_file(ds: Dataset) -> bool:
@@ -472,14 +537,21 @@ def _decode(ds: Dataset, path: Path | None, index: int | None) -> npt.NDArray[An
 # --------------------------------------------------------------------------- 2D images
 
 
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    """An attribute's values as a list ([] when absent or empty)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) \
+        else [value]
+
+
 def _window_pair(ds: Dataset) -> tuple[float, float] | None:
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
-        return None
+    """The first Window Center/Width pair (the one DICOM displays), or None when there is
+    none or it is not a usable window."""
+    centers, widths = _values(ds, "WindowCenter"), _values(ds, "WindowWidth")
     try:
-        c, w = ds.WindowCenter, ds.WindowWidth
-        c = c[0] if isinstance(c, Sequence) and not isinstance(c, str) else c
-        w = w[0] if isinstance(w, Sequence) and not isinstance(w, str) else w
-        center, width = float(c), float(w)
+        center, width = float(centers[0]), float(widths[0])
     except (TypeError, ValueError, IndexError):
         return None
     if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
@@ -497,42 +569,175 @@ def _minmax(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return np.nan_to_num((arr - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
 
 
+def _little_endian(ds: Dataset) -> bool:
+    """Whether ``ds``'s OW values (LUT Data) are little endian: its transfer syntax's, or
+    how it was read; little endian when neither says."""
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if tsyntax is not None and tsyntax.is_transfer_syntax:
+        return bool(tsyntax.is_little_endian)
+    little = ds.original_encoding[1]
+    return True if little is None else bool(little)
+
+
+@dataclass(frozen=True)
+class _Lut:
+    """A Modality or VOI LUT (PS3.3 C.11.1.1, C.11.2.1.1): its LUT Descriptor as written,
+    ``first`` the first input value mapped (signed where its input is), ``entries`` as
+    many as the descriptor says. An input below ``first`` takes the first entry, one past
+    the last entry the last (:meth:`indices`)."""
+
+    descriptor: tuple[int, int, int]
+    first: int
+    entries: npt.NDArray[np.int64]
+
+    @classmethod
+    def from_item(cls, item: Dataset, little: bool, signed_input: bool) -> _Lut:
+        """The LUT of a Modality or VOI LUT Sequence item.
+
+        LUT Data may be US (a list) or OW (16-bit words in the data set's byte order; a
+        LUT of 8-bit entries packed two to a word is taken when the data holds one byte
+        an entry). A first value of 0 in the descriptor means 65536 entries. A second
+        value written as US (pydicom's reading of "US or SS") that is 2**15 or more is
+        taken as negative when the LUT's input is signed.
+
+        Raises:
+            ValueError: a descriptor that is not three numbers, bits per entry outside
+                1-16, LUT Data with fewer entries than declared, or entries beyond what
+                the bits per entry allow; the message says which.
+        """
+        try:
+            count, first, bits = (int(v) for v in _values(item, "LUTDescriptor"))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"its LUT Descriptor {item.get('LUTDescriptor')!r} is not three numbers "
+                "(entries, first value mapped, bits per entry)") from None
+        descriptor = (count, first, bits)
+        n = count or 65536
+        if not 1 <= bits <= 16:
+            raise ValueError(f"its LUT Descriptor {list(descriptor)} declares {bits} bits "
+                             "per entry, more than LUT Data can hold (16)" if bits > 16 else
+                             f"its LUT Descriptor {list(descriptor)} declares {bits} bits "
+                             "per entry")
+        if signed_input and first >= 2**15:
+            first -= 2**16
+        raw = item.get("LUTData")
+        if isinstance(raw, (bytes, bytearray)):
+            if len(raw) >= 2 * n or bits > 8:
+                words = np.frombuffer(raw, dtype="<u2" if little else ">u2",
+                                      count=min(len(raw) // 2, n))
+            else:  # 8-bit entries packed two to a word
+                words = np.frombuffer(raw, dtype=np.uint8, count=min(len(raw), n))
+            entries = words.astype(np.int64)
+        else:
+            entries = np.asarray(_values(item, "LUTData"), dtype=np.int64).ravel()[:n]
+        if entries.size < n:
+            raise ValueError(f"its LUT Data holds {entries.size} entries, fewer than the {n} "
+                             f"its LUT Descriptor {list(descriptor)} declares")
+        if entries.min() < 0 or entries.max() > 2**bits - 1:
+            raise ValueError(
+                f"its entries run from {int(entries.min())} to {int(entries.max())}, beyond "
+                f"the 0 to {2**bits - 1} that the {bits} bits per entry of its LUT "
+                f"Descriptor {list(descriptor)} allow")
+        return cls(descriptor, first, entries)
+
+    def indices(self, values: npt.NDArray[Any]) -> npt.NDArray[np.int32]:
+        """Each input value's index into :attr:`entries` (inputs rounded to integers),
+        in a wide integer type whatever the entries' bits."""
+        # float32 holds every integer a LUT can index exactly, at half float64's memory
+        idx = np.rint(np.asarray(values, dtype=np.float32)) - np.float32(self.first)
+        np.clip(np.nan_to_num(idx, copy=False), 0, self.entries.size - 1, out=idx)
+        return idx.astype(np.int32)
+
+
 def _voi(
-    values: npt.NDArray[Any], ds: Dataset
+    values: npt.NDArray[Any], ds: Dataset, path: Path | None = None
 ) -> tuple[npt.NDArray[Any], str, tuple[float, float] | None]:
-    """Map modality values to [0, 1]: VOI LUT, else first window, else min-max."""
+    """Map modality values to [0, 1]: VOI LUT, else first window, else min-max.
+
+    Raises:
+        VOIError: the first VOI LUT Sequence item contradicts its LUT Descriptor, or its
+            entries are all the same.
+    """
+    where = f"{path}: " if path else ""
     seq = ds.get("VOILUTSequence")
     if seq:
+        item = seq[0]
         try:
-            item = seq[0]
-            mini = Dataset()
-            mini.VOILUTSequence = [item]
-            mini.PhotometricInterpretation = "MONOCHROME2"
-            mini.PixelRepresentation = 0
-            mini.BitsStored = int(ds.get("BitsStored", 16))
-            mini.file_meta = pydicom.dataset.FileMetaDataset()
-            tsyntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian)
-            little = tsyntax.is_little_endian if tsyntax.is_transfer_syntax else True
-            mini.file_meta.TransferSyntaxUID = (
-                pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
-            )
-            indices = np.rint(values).astype(np.int64)  # LUT inputs are stored integers
-            out = np.asarray(apply_voi_lut(indices, mini, index=0, prefer_lut=True), np.float64)
-            raw = item.LUTData
-            if isinstance(raw, bytes):  # OW: 16-bit words whatever the LUT's bit depth
-                lut = np.frombuffer(raw, dtype="<u2" if little else ">u2").astype(np.float64)
-            else:
-                lut = np.asarray(raw, dtype=np.float64).ravel()
-            lo, hi = float(lut.min()), float(lut.max())
-            if hi > lo:
-                return np.clip((out - lo) / (hi - lo), 0.0, 1.0), "lut", None
-        except Exception:  # a broken VOI LUT falls back to the window or min-max
-            pass
+            lut = _Lut.from_item(item, _little_endian(ds), bool(np.min(values) < 0))
+        except ValueError as exc:
+            raise VOIError(f"{where}its VOI LUT cannot be applied: {exc}; the VOI LUT is "
+                           "inconsistent - correct it at the modality and resend the image, "
+                           "or send it without a VOI LUT Sequence", path=path) from None
+        lo, hi = int(lut.entries.min()), int(lut.entries.max())
+        if hi == lo:
+            raise VOIError(f"{where}its VOI LUT (LUT Descriptor {list(lut.descriptor)}) maps "
+                           f"every value to {lo}: the image would show as one flat grey; "
+                           "correct it at the modality and resend the image", path=path)
+        scaled = ((lut.entries - lo) / (hi - lo)).astype(np.float32)
+        return scaled[lut.indices(values)], "lut", None
     pair = _window_pair(ds)
     if pair is not None:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         return apply_window(values, *pair, function), "window", pair
     return _minmax(values), "minmax", None
+
+
+def _voi_name(ds: Dataset, voi: str, window: tuple[float, float] | None) -> str:
+    """The VOI that :func:`_voi` applied, for a message."""
+    if voi == "lut":
+        return f"VOI LUT (LUT Descriptor {list(_values(ds.VOILUTSequence[0], 'LUTDescriptor'))})"
+    if voi == "window" and window is not None:
+        return f"window (Window Center/Width {window[0]:g}/{window[1]:g})"
+    return "min-max scaling"
+
+
+def _check_voi(before: npt.NDArray[Any], after: npt.NDArray[Any],
+               padding: npt.NDArray[np.bool_] | None, name: str,
+               path: Path | None = None) -> None:
+    """Refuse a VOI that turns an image whose values vary into one flat grey (99 % of its
+    pixels, padding left out, within one grey level of 256), on a sample of the pixels
+    (some 16,000: the percentiles' sort is most of the cost of this check).
+
+    Raises:
+        VOIError: the message names the VOI and the values it flattened.
+    """
+    where = f"{path}: " if path else ""
+    step = max(1, round(math.sqrt(before.size / 16_000)))
+    b, a = before[::step, ::step], after[::step, ::step]
+    if padding is not None:
+        keep = ~padding[::step, ::step]
+        b, a = b[keep], a[keep]
+    if b.size == 0:
+        return
+    a_lo, a_hi = np.percentile(a, [0.5, 99.5])
+    if a_hi - a_lo >= 1 / 255:
+        return
+    b_lo, b_hi = np.percentile(b, [0.5, 99.5])
+    if b_hi > b_lo:  # flat by the VOI's doing, not the image's
+        raise VOIError(
+            f"{where}its {name} turns the image into one flat grey ({float(a_lo):.2f} for "
+            f"99 % of the pixels, whose values run from {float(b_lo):g} to {float(b_hi):g}): "
+            "a model would read nothing; check the image's VOI (VOI LUT, Window Center/Width) "
+            "at the modality and resend it", path=path)
+
+
+def _window_note(ds: Dataset, window: tuple[float, float], values: npt.NDArray[Any]) -> str:
+    """A note naming the window applied, when the image offers several and this one (the
+    first, DICOM's default) clips its modality ``values``; ``""`` otherwise."""
+    offered = min(len(_values(ds, "WindowCenter")), len(_values(ds, "WindowWidth")))
+    if offered < 2:
+        return ""
+    center, width = window
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if center - width / 2 <= low and high <= center + width / 2:
+        return ""
+    explanations = _values(ds, "WindowCenterWidthExplanation")
+    said = str(explanations[0]).strip() if explanations else ""
+    return (f"read through Window Center/Width {center:g}/{width:g}"
+            + (f" ({said})" if said else "")
+            + f", the first of the {offered} windows the image offers (DICOM's default), "
+            f"which clips its values ({low:g} to {high:g})")
 
 
 def apply_window(values: npt.NDArray[Any], center: float, width: float,
@@ -580,10 +785,19 @@ def _modality(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.float32]:
 
     Rescale Slope/Intercept are applied here in float32 (exact for any 16-bit
     stored value; pydicom's float64 is twice the memory traffic for nothing a
-    display needs); a Modality LUT Sequence goes through pydicom.
+    display needs); so is a Modality LUT Sequence (:class:`_Lut`).
+
+    Raises:
+        ValueError: a Modality LUT that contradicts its descriptor (the message says how).
     """
-    if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    seq = ds.get("ModalityLUTSequence")
+    if seq:
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        try:
+            lut = _Lut.from_item(seq[0], _little_endian(ds), signed)
+        except ValueError as exc:
+            raise ValueError(f"its Modality LUT cannot be applied: {exc}") from None
+        return lut.entries.astype(np.float32)[lut.indices(arr)]
     slope = ds.get("RescaleSlope")
     intercept = ds.get("RescaleIntercept")
     out = np.asarray(arr, dtype=np.float32).copy()
@@ -620,11 +834,14 @@ def load_image_2d(
         An :class:`Image2D` (see the module docstring for the display steps).
 
     Raises:
-        UnreadableFileError: the file is missing or not DICOM.
+        UnreadableFileError: the file is missing or not DICOM (TruncatedFileError:
+            it was cut short).
         NoPixelDataError: an SR, RT or other object without pixel data.
         WrongModalityError: the modality is not in ``modalities``.
         ImageSizeError: an empty or 1-pixel-wide image, or a bad frame index.
         CorruptPixelDataError: pixel data that cannot be decoded.
+        VOIError: a VOI LUT that contradicts its descriptor, or a VOI LUT or window
+            that turns the image into one flat grey.
         InputError: any other problem with the values (all of the above are
             subclasses of it).
     """
@@ -644,6 +861,7 @@ def load_image_2d(
         )
     arr = _decode(ds, path, index if n_frames > 1 else None)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    notes: list[str] = []
     try:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
@@ -669,7 +887,11 @@ def load_image_2d(
             modality_values = _modality(arr, ds)
             if padding is not None:  # keep padding out of min-max and the LUT
                 modality_values[padding] = modality_values[~padding].min()
-            values, voi, window = _voi(modality_values, ds)
+            values, voi, window = _voi(modality_values, ds, path)
+            if voi != "minmax":
+                _check_voi(modality_values, values, padding, _voi_name(ds, voi, window), path)
+            if window is not None and (note := _window_note(ds, window, modality_values)):
+                notes.append(note)
             inverted = photometric == "MONOCHROME1"
             if inverted:
                 values = 1.0 - values
@@ -701,6 +923,7 @@ def load_image_2d(
         number_of_frames=n_frames,
         path=path,
         upright_from=upright_from,
+        notes=tuple(notes),
     )
 
 
@@ -769,6 +992,15 @@ def _is_enhanced(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
 
+_RESCALE = ("RescaleIntercept", "RescaleSlope")
+# CT Image, Enhanced CT and Legacy Converted Enhanced CT Image Storage
+_CT_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.2.2",
+})
+
+
 # Where each attribute a slice needs lives in an enhanced object's functional groups.
 _FRAME_ATTRIBUTES = (
     ("PlanePositionSequence", "ImagePositionPatient"),
@@ -782,7 +1014,8 @@ _FRAME_ATTRIBUTES = (
 def _frame_geometry(ds: Dataset, index: int) -> Dataset:
     """Position, orientation, pixel spacing and rescale of frame ``index`` (0-based) of an
     enhanced object, as the top-level attributes of a single-frame slice would hold them:
-    the frame's own functional groups first, then the shared ones (PS3.3 C.7.6.16)."""
+    the frame's own functional groups first, then the shared ones (PS3.3 C.7.6.16); a
+    rescale neither holds, from the top level, where some converters leave it."""
     groups: list[Dataset] = []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and index < len(per_frame):
@@ -797,7 +1030,24 @@ def _frame_geometry(ds: Dataset, index: int) -> Dataset:
             if items and keyword in items[0]:
                 setattr(out, keyword, items[0][keyword].value)
                 break
+    for keyword in _RESCALE:
+        if keyword not in out and keyword in ds:
+            setattr(out, keyword, ds[keyword].value)
     return out
+
+
+def _missing_rescale(ds: Dataset, geometry: Dataset) -> list[str]:
+    """The Rescale attributes a CT slice (``geometry``: the slice, or a frame's
+    :func:`_frame_geometry`) lacks; ``[]`` when it has both, has a Modality LUT instead,
+    or is not a CT. They are Type 1 in the CT Image module (PS3.3 C.8.2.1) and in the
+    CT Pixel Value Transformation of Enhanced CT (C.8.15.3.10): without them the stored
+    values are not HU, and a volume model's output is nonsense."""
+    if not (str(ds.get("Modality", "")).strip().upper() == "CT"
+            or str(ds.get("SOPClassUID", "")) in _CT_CLASSES) \
+            or "ModalityLUTSequence" in geometry:
+        return []
+    # a value of 0 is present (and falsy)
+    return [k for k in _RESCALE if (v := geometry.get(k)) is None or str(v).strip() == ""]
 
 
 def _orientation(ds: Dataset) -> Any:
@@ -858,6 +1108,8 @@ def load_ct_volume(
         UnreadableFileError, NoPixelDataError, WrongModalityError,
         CorruptPixelDataError, ImageSizeError: as for :func:`load_image_2d`,
             for any slice.
+        InputError: a CT slice (or frame) without Rescale Intercept/Slope, or whose
+            modality LUT cannot be applied.
         SeriesError: fewer than ``min_slices``, slices of several series,
             mixed orientations, sizes or pixel spacings, missing position or
             orientation, duplicate positions (also several stacks or phases in one
@@ -929,6 +1181,15 @@ def load_ct_volume(
                     f"({ref['spacing'].tolist()} vs {spacing.tolist()})",
                     path=path,
                 )
+            if missing := _missing_rescale(ds, geometry):
+                which = ("Rescale Intercept/Slope" if len(missing) == 2 else
+                         " ".join(re.findall("[A-Z][a-z]+", missing[0])))
+                raise InputError(
+                    f"{at}CT image of series {uid} has no {which} (Type 1 for CT"
+                    + (", in the Pixel Value Transformation functional group, per-frame or "
+                       "shared" if enhanced else "")
+                    + "); Hounsfield units cannot be known; resend it from the modality",
+                    path=path)
             try:
                 hu = _modality(plane, geometry)
             except Exception as exc:

@@ -790,6 +790,10 @@ class PipelineRunner:
             notes.append(f"classified {label}")
         if unread:
             notes.append(f"not read: {'; '.join(unread)}")
+        # how an image was made ready for the model, where a person should know it (the
+        # first of several windows, DICOM's default, clipped it)
+        notes.extend(f"{ref.label}: {note}" for ref, loaded in zip(read, images, strict=True)
+                     for note in loaded.notes)
         result = replace(
             chosen, result=result_name, findings=findings, heatmap=heatmap,
             heatmap_note=model.no_heatmap if result_name != NORMAL else "",
