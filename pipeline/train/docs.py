@@ -14,8 +14,11 @@ findings (multi-label, sigmoid outputs). **It was trained only on synthetic
 phantoms and is meant for demonstrating and testing dicom-node; it says
 nothing about real patients and must not be used clinically.**
 
-- Input: one frontal chest radiograph (DX/CR, MONOCHROME2), resized to
-  128x128 (area), min-max scaled to [0, 1]; see `configs/inference.json`.
+- Input: one frontal chest radiograph (DX/CR, MONOCHROME2), padded to a square
+  with its own minimum when it is not one (`pad_to_square` in
+  `configs/metadata.json`: dicom-node does it, centred, so the proportions are
+  kept), resized to 128x128 (area), min-max scaled to [0, 1]; see
+  `configs/inference.json`.
 - Output: 11 probabilities in the order of `labels` in `configs/metadata.json`.
   The overall result is `TB Presumptive` when Tuberculosis >= threshold,
   `Abnormal` when any other finding is, else `Normal`.
@@ -35,6 +38,12 @@ then `python -m pipeline.train.evaluate --write`.
   (`gradcam_hit_rate_per_finding`): it is worst for Pleural Thickening (0.76),
   whose peak tends to fall on the adjacent chest wall just lateral to the box,
   and Infiltration (0.85). The classification scores are not affected.
+- The phantoms are square and the chest fills them. A non-square radiograph,
+  once padded to a square, shows a smaller chest than the model was trained on,
+  and the model may find what is not there: a normal phantom padded to 312x256
+  reads as Pneumothorax 0.79 (0.93 when it was squashed instead). dicom-node
+  notes in the result every image whose long side is more than 1.1 times its
+  short one.
 - The fused Grad-CAM layers were chosen by looking at held-out seeds
   10,000,000-10,000,100, which are also part of the reported held-out set, so
   the hit-rate is partly measured on the phantoms it was tuned on.

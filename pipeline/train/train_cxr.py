@@ -207,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gradcam_target_layer": GRADCAM_LAYER,
         "gradcam_guided": GRADCAM_GUIDED,
         "gradcam_guided_sigma": GRADCAM_GUIDED_SIGMA,
+        # the phantoms are square; a non-square radiograph keeps its proportions
+        "pad_to_square": True,
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "magnitude", "modality": "DX",
@@ -214,8 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                 "channel_def": {"0": "image"},
                 "preprocessing": "2D frontal chest radiograph, MONOCHROME2 display "
-                                 "convention (air dark); resized (area) to 128x128, then "
-                                 "min-max scaled to [0, 1] (ScaleIntensity)",
+                                 "convention (air dark); a non-square image is padded to "
+                                 "a square with its minimum, centred (pad_to_square, done "
+                                 "by dicom-node); resized (area) to 128x128, then min-max "
+                                 "scaled to [0, 1] (ScaleIntensity)",
             }},
             "outputs": {"pred": {
                 "type": "probabilities", "format": "classes", "num_channels": len(FINDINGS),
