@@ -409,7 +409,10 @@ def demo_pipelines() -> list[PipelineSpec]:
     return [
         PipelineSpec.model_validate({
             "name": "cxr-findings", "model": "cxr-findings", "task": "classify",
-            "series": {"modalities": ["CR", "DX"], "view_positions": ["PA", "AP"]},
+            # configs/node.yaml's: a chest radiograph (an image that names no body part
+            # included), frontal
+            "series": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
+                       "view_positions": ["PA", "AP"]},
             "outputs": ["json", "png", "pdf", "sr", "sc", "encapsulated_pdf"]}),
         PipelineSpec.model_validate({
             "name": "ct-organs", "model": "ct-organs", "task": "segment",

@@ -38,10 +38,17 @@ import torch
 
 from pipeline.settings import ModelSpec
 
-__all__ = ["BundleError", "LoadedModel", "ModelRegistry", "channels_last", "describe",
-           "frozen_trace", "load_model", "resolve_device"]
+__all__ = ["ASPECT_NOTE_RATIO", "BundleError", "LoadedModel", "ModelRegistry", "channels_last",
+           "describe", "frozen_trace", "load_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
+
+
+# A 2-D classifier's result notes an image whose long side is more than this many times
+# its short one (see LoadedModel.aspect_note). The demo chest model, trained on square
+# phantoms, already misreads a normal chest padded from 1.125:1 (a 14 x 17 in cassette is
+# 1.21:1), so the note starts well below the proportions of a usual radiograph.
+ASPECT_NOTE_RATIO = 1.1
 
 
 class BundleError(Exception):
@@ -66,6 +73,10 @@ class LoadedModel:
     gradcam_layer: str | list[str] | None = None  # several layers: maps are averaged
     gradcam_guided: bool = False  # Guided Grad-CAM: times the guided-backprop saliency
     gradcam_sigma: float = 0.0  # Gaussian smoothing of that saliency, in input pixels
+    # a 2-D classifier's image is padded to a square (its minimum, centred) before its
+    # preprocessing, so that a resize to a square input keeps the aspect ratio
+    # (``pad_to_square`` in the metadata; see :meth:`square_frame`)
+    pad_to_square: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     # Model Zoo style: the transforms work on dictionaries (``keys``), from the input
     # key to the output key of ``network_data_format`` (see :meth:`prepare`); None for
@@ -180,12 +191,69 @@ class LoadedModel:
         clone._fast_lock = threading.Lock()
         return clone
 
-    def preprocess(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
-        """Apply the declared preprocessing to one channel-less image/volume -> C x ...."""
-        return self.prepare(array)[0]
+    def preprocess(self, array: np.ndarray[Any, Any], *,
+                   pixel_aspect: float = 1.0) -> torch.Tensor:
+        """Apply the declared preprocessing to one channel-less image/volume -> C x ....
+        ``pixel_aspect``: an image's pixel height over width (see :meth:`square_frame`)."""
+        return self.prepare(array, pixel_aspect=pixel_aspect)[0]
+
+    def square_frame(self, rows: int, columns: int, pixel_aspect: float = 1.0,
+                     ) -> tuple[int, int, int, int] | None:
+        """The frame a rows x columns image is padded to before the preprocessing, as
+        (frame rows, frame columns, top, left): when :attr:`pad_to_square` is set (a 2-D
+        classifier) and the image is not square, the square (in millimetres: pixels
+        ``pixel_aspect`` times as high as wide make a frame of fewer rows) it lies
+        centred in, so that the resize to a square input keeps its proportions. None
+        when nothing is padded. A heatmap at the input's size maps back onto the image
+        through it (:func:`pipeline.explain.gradcam`)."""
+        if not self.pad_to_square or self.task != "classify" or rows < 1 or columns < 1:
+            return None
+        aspect = pixel_aspect if pixel_aspect > 0 else 1.0
+        side = max(rows * aspect, float(columns))  # in column spacings
+        frame_rows = max(rows, round(side / aspect))
+        frame_columns = max(columns, round(side))
+        if (frame_rows, frame_columns) == (rows, columns):
+            return None
+        return (frame_rows, frame_columns, (frame_rows - rows) // 2,
+                (frame_columns - columns) // 2)
+
+    def size_refusal(self, rows: int, columns: int) -> str:
+        """Why a rows x columns image is too small for this classifier ('' when it is
+        not, or the model declares no input size): a side shorter than half the edge of
+        the model's input. Such an image (a 32 x 32 thumbnail for a 128 x 128 model) would
+        be enlarged several times over into something the model never saw."""
+        size = self.spatial_size
+        if self.task != "classify" or not size or len(size) != 2:
+            return ""
+        need = -(-min(size) // 2)  # half the shorter edge, rounded up
+        if min(rows, columns) >= need:
+            return ""
+        return (f"{rows} x {columns} pixels, fewer than {need} a side: less than half the "
+                f"{size[0]} x {size[1]} input of model {self.name!r}, too small to classify")
+
+    def aspect_note(self, rows: int, columns: int, pixel_aspect: float = 1.0) -> str:
+        """A note for the result when a rows x columns image (of pixels ``pixel_aspect``
+        times as high as wide) is far from square, its long side more than
+        :data:`ASPECT_NOTE_RATIO` times its short one, and the model's input is a fixed
+        size: how the image was made to fit ('' otherwise)."""
+        size = self.spatial_size
+        if self.task != "classify" or not size or len(size) != 2 or not rows or not columns:
+            return ""
+        height = rows * (pixel_aspect if pixel_aspect > 0 else 1.0)
+        ratio = max(height, columns) / min(height, columns)
+        if ratio <= ASPECT_NOTE_RATIO:
+            return ""
+        shape = f"{rows} x {columns} pixels (aspect ratio {ratio:.2f})"
+        if self.pad_to_square:
+            return (f"{shape}, padded to a square with its own background (keeping its "
+                    f"proportions) before the resize to the model's {size[0]} x {size[1]} "
+                    "input: a model trained on square images may read it less reliably")
+        return (f"{shape}, resized to the model's {size[0]} x {size[1]} input without keeping "
+                "its proportions (squashed): the model may read it less reliably")
 
     def prepare(self, array: np.ndarray[Any, Any],
-                affine: np.ndarray[Any, Any] | None = None) -> tuple[torch.Tensor, Any]:
+                affine: np.ndarray[Any, Any] | None = None, *,
+                pixel_aspect: float = 1.0) -> tuple[torch.Tensor, Any]:
         """The declared preprocessing of one channel-less image (rows x columns) or volume
         (slices x rows x columns): the network's input (C x ...) and what
         :meth:`finish` needs to undo it.
@@ -196,9 +264,13 @@ class LoadedModel:
         (column, row[, slice]) and, for a volume, ``affine`` (the node's voxel-to-LPS
         matrix, in that index order) as MONAI's RAS affine, so that its Orientationd and
         Spacingd see the geometry. The bundle's own loader is left out: the node reads
-        the DICOM.
+        the DICOM. A model with :attr:`pad_to_square` gets a non-square image (pixels
+        ``pixel_aspect`` times as high as wide) padded to a square first.
         """
         self.build_transforms()
+        if array.ndim == 2 and (frame := self.square_frame(
+                int(array.shape[0]), int(array.shape[1]), pixel_aspect)) is not None:
+            array = _padded_frame(array, *frame)
         if self.io_keys is None:
             assert self._pre is not None
             return self._channels(_plain(self._pre(array))), None
@@ -436,6 +508,15 @@ def _build_transforms(transforms: list[dict[str, Any]], where: Path) -> Callable
         "preprocessing")
 
 
+def _padded_frame(array: np.ndarray[Any, Any], rows: int, columns: int, top: int,
+                  left: int) -> np.ndarray[Any, Any]:
+    """``array`` placed at (top, left) in a rows x columns frame of its own minimum (the
+    background of a radiograph in display convention: air and the unexposed border)."""
+    out = np.full((rows, columns), array.min() if array.size else 0, dtype=array.dtype)
+    out[top:top + array.shape[0], left:left + array.shape[1]] = array
+    return out
+
+
 def _transform_list(section: Any) -> list[dict[str, Any]]:
     if section is None:
         return []
@@ -584,8 +665,9 @@ def _task_from(meta: dict[str, Any]) -> str:
         return "classify"
 
 
-def _gradcam_options(meta: dict[str, Any], where: Path) -> dict[str, Any]:
-    """Grad-CAM settings of a metadata file, validated."""
+def _node_options(meta: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The node's own settings of a metadata file (Grad-CAM, ``pad_to_square``),
+    validated."""
     layer = meta.get("gradcam_target_layer")
     if layer is not None and not (isinstance(layer, str) or (
             isinstance(layer, list) and layer and all(isinstance(x, str) for x in layer))):
@@ -598,7 +680,11 @@ def _gradcam_options(meta: dict[str, Any], where: Path) -> dict[str, Any]:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma <= 64:
         raise BundleError(f"{where}: 'gradcam_guided_sigma' must be a number of input "
                           f"pixels in [0, 64], not {sigma!r}")
-    return {"gradcam_layer": layer, "gradcam_guided": guided, "gradcam_sigma": float(sigma)}
+    pad = meta.get("pad_to_square", False)
+    if not isinstance(pad, bool):
+        raise BundleError(f"{where}: 'pad_to_square' must be true or false, not {pad!r}")
+    return {"gradcam_layer": layer, "gradcam_guided": guided, "gradcam_sigma": float(sigma),
+            "pad_to_square": pad}
 
 
 def _load_torchscript(path: Path) -> torch.nn.Module:
@@ -675,7 +761,7 @@ def _load_bundle(folder: Path) -> LoadedModel:
         metadata=meta,
         io_keys=_io_keys(meta) if _uses_dictionaries(pre) else None,
         inference_config=inference,
-        **_gradcam_options(meta, meta_path),
+        **_node_options(meta, meta_path),
     )
 
 
@@ -731,7 +817,7 @@ def _load_file(path: Path) -> LoadedModel:
         preprocessing=_transform_list(pre) if pre else _default_preprocessing(task, size),
         inferer=meta.get("inferer"),
         metadata=meta,
-        **_gradcam_options(meta, sidecar),
+        **_node_options(meta, sidecar),
     )
 
 

@@ -29,7 +29,7 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 
-from pipeline.io import InputError, load_image_2d
+from pipeline.io import InputError, load_image_2d, pixel_aspect
 
 __all__ = ["MAX_PIXELS", "DecodedImage", "ImageFormat", "NotAnImageError", "decode_image",
            "sniff_format"]
@@ -56,6 +56,8 @@ class DecodedImage:
     pixels: npt.NDArray[np.float32]
     format: ImageFormat
     header: Dataset | None = None  # the DICOM header (no pixel data), for DICOM input
+    # a pixel's height over its width (pipeline.io.pixel_aspect; 1.0 for PNG and JPEG)
+    pixel_aspect: float = 1.0
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -109,7 +111,7 @@ def _dicom(data: bytes, preamble: bool) -> DecodedImage:
     if not preamble and "SOPClassUID" not in ds and "Modality" not in ds:
         raise NotAnImageError("not an image: the data is neither DICOM, PNG nor JPEG")
     image = load_image_2d(ds)
-    return DecodedImage(image.pixels, ImageFormat.DICOM, image.header)
+    return DecodedImage(image.pixels, ImageFormat.DICOM, image.header, pixel_aspect(image))
 
 
 def _pillow(data: bytes, kind: ImageFormat) -> DecodedImage:

@@ -9,7 +9,9 @@ Grad-CAM, Selvaraju et al. 2017), whose magnitude is smoothed with a Gaussian
 of ``gradcam_guided_sigma`` input pixels: the class evidence stays Grad-CAM's,
 and the fine saliency puts its peak on the lesion rather than on a neighbouring
 cell of the coarse grid. The heatmap is returned at the source image size,
-scaled to [0, 1].
+scaled to [0, 1]; for a model that pads the image to a square first
+(``pad_to_square``) it is the image's own part of the padded square, so it lies on
+the image's pixels as the model saw them.
 """
 
 from __future__ import annotations
@@ -95,12 +97,15 @@ def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
             layer: str | Sequence[str] | None = None,
             input_tensor: torch.Tensor | None = None,
             guided: bool | None = None, sigma: float | None = None,
+            pixel_aspect: float = 1.0,
             ) -> npt.NDArray[np.float32]:
     """Grad-CAM of class ``target`` (index or label) for one H x W source ``image``.
 
     ``layer``, ``guided`` and ``sigma`` default to the model's metadata
     (``gradcam_target_layer``, ``gradcam_guided``, ``gradcam_guided_sigma``).
     ``input_tensor`` (C x h x w, already preprocessed) skips the preprocessing.
+    ``pixel_aspect``: the image's pixel height over width, for a model that pads the
+    image to a square (:meth:`~pipeline.bundle.LoadedModel.square_frame`).
     Returns an H x W float32 heatmap in [0, 1] at the source image size.
 
     Raises:
@@ -116,7 +121,8 @@ def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
         raise BundleError(f"{model.path}: Grad-CAM needs an eager network (model.pt + "
                           "network_def), not TorchScript")
     idx = _class_index(model, target)
-    x = input_tensor if input_tensor is not None else model.preprocess(image)
+    x = input_tensor if input_tensor is not None else model.preprocess(
+        image, pixel_aspect=pixel_aspect)
     x = x[None].to(model.device).float()
     layers = [layer] if isinstance(layer, str) else list(layer)
     maps = []
@@ -130,7 +136,14 @@ def gradcam(model: LoadedModel, image: npt.NDArray[Any], target: int | str,
         heat_t = heat_t * guided_saliency(model, x, idx, sigma)
     if model.io_keys is not None:  # a Model Zoo bundle's input is indexed (column, row)
         heat_t = heat_t.transpose(-1, -2)
-    out_size = tuple(int(s) for s in np.asarray(image).shape[-2:])
-    heat_t = torch.nn.functional.interpolate(heat_t, size=out_size, mode="bilinear",
-                                             align_corners=False)[0, 0]
+    rows, columns = (int(s) for s in np.asarray(image).shape[-2:])
+    frame = model.square_frame(rows, columns, pixel_aspect)
+    if frame is None:
+        heat_t = torch.nn.functional.interpolate(heat_t, size=(rows, columns),
+                                                 mode="bilinear", align_corners=False)[0, 0]
+    else:  # the input was made from the image padded to a square: back onto the square,
+        frame_rows, frame_columns, top, left = frame  # then the image's own part of it
+        heat_t = torch.nn.functional.interpolate(
+            heat_t, size=(frame_rows, frame_columns), mode="bilinear",
+            align_corners=False)[0, 0][top:top + rows, left:left + columns]
     return _unit(heat_t).numpy().astype(np.float32)

@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -54,6 +55,8 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
+from pydicom.sr.codedict import Collection, codes
+from pydicom.sr.coding import Code
 from pydicom.tag import BaseTag, Tag
 
 from pipeline.settings import SeriesRules
@@ -79,6 +82,7 @@ __all__ = [
     "load_ct_volume",
     "load_image_2d",
     "number_of_frames",
+    "pixel_aspect",
     "read_dataset",
     "select_series",
     "series_misfit",
@@ -953,6 +957,45 @@ def _upright(pixels: npt.NDArray[np.float32], orientation: Any
     return np.ascontiguousarray(turned), given
 
 
+def pixel_aspect(image: Image2D) -> float:
+    """The height of one of ``image.pixels``' pixels over its width: row spacing over
+    column spacing of Pixel Spacing, else Imager Pixel Spacing (an enhanced object's
+    shared Pixel Measures too), else Pixel Aspect Ratio; inverted when the pixels were
+    turned on their side to be upright. 1.0 for square pixels, and when the header does
+    not say or says something unusable (within 1 %, or beyond 10:1)."""
+    header = image.header
+    ratio = None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = header.get(keyword)
+        if value in (None, ""):
+            with_measures = header.get("SharedFunctionalGroupsSequence")
+            try:
+                value = with_measures[0].PixelMeasuresSequence[0].get(keyword) \
+                    if with_measures else None
+            except (AttributeError, IndexError, KeyError, TypeError):
+                value = None
+        ratio = _ratio(value)
+        if ratio is not None:
+            break
+    if ratio is None:
+        ratio = _ratio(header.get("PixelAspectRatio"))
+    if ratio is None or abs(ratio - 1.0) <= 0.01 or not 0.1 <= ratio <= 10.0:
+        return 1.0
+    orientation = image.upright_from.split("\\")[0][:1]
+    return 1.0 / ratio if orientation in ("H", "F") else ratio  # turned on its side
+
+
+def _ratio(value: Any) -> float | None:
+    """First over second of a two-valued attribute (``[0.2, 0.1]`` -> 2.0), or None."""
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(first) and math.isfinite(second)) or first <= 0 or second <= 0:
+        return None
+    return first / second
+
+
 # --------------------------------------------------------------------------- CT volumes
 
 
@@ -1304,6 +1347,11 @@ _FOR_PROCESSING_CLASSES = frozenset({
 })
 
 
+# Why such an image is not read: in a study's notes beside its presentation image, and in
+# the refusal of a study that holds no other.
+_FOR_PROCESSING_NOTE = "for processing: raw detector values"
+
+
 def _for_presentation(ds: Dataset) -> bool:
     """Not a "for processing" image (by SOP class or Presentation Intent Type)."""
     return (str(ds.get("SOPClassUID", "")) not in _FOR_PROCESSING_CLASSES
@@ -1316,17 +1364,126 @@ def _is_frontal(ds: Dataset) -> bool:
     return _view(ds) in ("PA", "AP")
 
 
+# View Code Sequence (0054,0220) concepts that name a View Position term (CID 4010 "DX
+# View", SNOMED CT codes; a retired SNOMED RT code of the same concept, as older devices
+# send, e.g. SRT R-10236 "left lateral", compares equal through pydicom's mapping).
+# "frontal" says neither PA nor AP: it counts as a view that does not say.
+_VIEW_TERMS: tuple[tuple[Code, str], ...] = (
+    (codes.SCT.PosteroAnterior, "PA"),      # 272479007
+    (codes.SCT.AnteroPosterior, "AP"),      # 399348003
+    (codes.SCT.LeftLateral, "LL"),          # 399173006
+    (codes.SCT.RightLateral, "RL"),         # 399198007
+    (codes.SCT.LateralProjection, "LATERAL"),  # 399067008
+    (codes.SCT.Frontal, ""),                # 399033003
+)
+
+
+@functools.cache
+def _dx_views() -> tuple[Code, ...]:
+    """Every concept of CID 4010 (DX View): an oblique, a lateral-medial view..."""
+    return tuple(Collection("CID4010").concepts.values())
+
+
+@functools.lru_cache(maxsize=512)
+def _coded_term(value: str, scheme: str, kind: str) -> str | None:
+    """The term a code of a ``kind`` ("view" or "region") stands for: its entry in
+    :data:`_VIEW_TERMS` / :data:`_REGION_TERMS`, else the upper-case meaning of the
+    concept of CID 4010 / CID 4031 it is; None for a code of neither."""
+    terms, others = (_VIEW_TERMS, _dx_views()) if kind == "view" else \
+        (_REGION_TERMS, _regions())
+    code = Code(value, scheme, "")
+    for ref, term in terms:
+        if code == ref:
+            return term
+    for ref in others:
+        if code == ref:
+            return ref.meaning.upper()
+    return None
+
+
+def _first_code(ds: Dataset, keyword: str) -> tuple[str, str, str] | None:
+    """(value, scheme, meaning) of the first item of a code sequence, or None."""
+    try:
+        item = (ds.get(keyword) or [None])[0]
+    except (TypeError, IndexError):
+        return None
+    if not isinstance(item, Dataset):
+        return None
+    value = str(item.get("CodeValue") or item.get("LongCodeValue") or "").strip()
+    scheme = str(item.get("CodingSchemeDesignator") or "").strip().upper()
+    if not value or not scheme:
+        return None
+    return value, scheme, str(item.get("CodeMeaning") or "").strip()
+
+
+def _coded_view(ds: Dataset) -> tuple[str, str]:
+    """(View Position term, code meaning) of the image's View Code Sequence: ``LL`` for
+    "left lateral", an upper-case meaning for another DX view ("LEFT POSTERIOR OBLIQUE");
+    ``("", ...)`` for "frontal" or a code of no DX view, ``("", "")`` without one."""
+    coded = _first_code(ds, "ViewCodeSequence")
+    if coded is None:
+        return "", ""
+    value, scheme, meaning = coded
+    return _coded_term(value, scheme, "view") or "", meaning
+
+
 def _view(ds: Dataset) -> str:
-    """View Position's first word: some devices write "AP SUPINE" or "PA_ERECT"."""
+    """View Position's first word (some devices write "AP SUPINE" or "PA_ERECT"); when
+    it is empty, the view the View Code Sequence names (see :func:`_coded_view`)."""
     words = re.split(r"[\s_]+", str(ds.get("ViewPosition", "")).strip().upper())
-    return words[0] if words else ""
+    if words and words[0]:
+        return words[0]
+    return _coded_view(ds)[0]
+
+
+def _view_text(ds: Dataset) -> str:
+    """The image's view for a message: ``LL``, or ``LL (View Code Sequence: left
+    lateral)`` when the code gave it."""
+    view = _view(ds)
+    if view and not str(ds.get("ViewPosition", "") or "").strip():
+        meaning = _coded_view(ds)[1]
+        return f"{view} (View Code Sequence{': ' + meaning if meaning else ''})"
+    return view
 
 
 def _view_fits(ds: Dataset, views: set[str]) -> bool:
-    """Whether an image's View Position is one of ``views`` (any when there are none,
-    or when the image does not say: many radiographs leave it empty)."""
+    """Whether an image's view (View Position, else View Code Sequence) is one of
+    ``views`` (any when there are none, or when the image does not say: many radiographs
+    leave View Position empty)."""
     view = _view(ds)
     return not views or not view or view in views
+
+
+# Anatomic Region Sequence (0008,2218) concepts of the chest, read when Body Part Examined
+# is empty: SNOMED CT 816094009 "Chest" (CID 4031), 51185008 "Thoracic structure" (SNOMED
+# RT T-D3000 "Chest" of older devices) and 43799004 "Thoracic cavity structure" (T-D3200).
+_REGION_TERMS: tuple[tuple[Code, str], ...] = (
+    (codes.SCT.Chest, "CHEST"),
+    (codes.SCT.ThoracicStructure, "CHEST"),
+    (codes.SCT.ThoracicCavityStructure, "CHEST"),
+)
+
+
+@functools.cache
+def _regions() -> tuple[Code, ...]:
+    """Every concept of CID 4031 (Common Anatomic Regions): a knee, a hand..."""
+    return tuple(Collection("CID4031").concepts.values())
+
+
+def _body_part(ds: Dataset) -> tuple[str, str]:
+    """(the image's body part, where it came from): Body Part Examined in upper case, else
+    what its Anatomic Region Sequence names (``CHEST`` for a chest code, the upper-case
+    meaning of another common region: ``KNEE``), with ``"Anatomic Region Sequence:
+    Knee"`` as the source; ``("", "")`` when neither says (both are optional)."""
+    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body:
+        return body, ""
+    coded = _first_code(ds, "AnatomicRegionSequence")
+    if coded is None:
+        return "", ""
+    value, scheme, meaning = coded
+    term = _coded_term(value, scheme, "region")
+    return (term, f"Anatomic Region Sequence: {meaning or value}") if term else ("", "")
 
 
 def _image_rank(ds: Dataset) -> tuple[int, int]:
@@ -1425,6 +1582,7 @@ def _image_label(header: Dataset, frame: int | None, frames: int) -> str:
 
 
 def study_images(selected: SelectedSeries, limit: int,
+                 too_small: Callable[[int, int], str] | None = None,
                  ) -> tuple[list[StudyImage], list[str]]:
     """The images of a study a classifier reads, and what it leaves unread, why.
 
@@ -1432,11 +1590,16 @@ def study_images(selected: SelectedSeries, limit: int,
     (:attr:`SelectedSeries.also_eligible`), best series first, that ranks with the best
     of them (images for presentation before "for processing" ones, a frontal view
     before a lateral or one that does not say), at most ``limit``. A series of slices
-    (a CT beside the radiographs) is left out. The second list names each image not
-    read with the reason, for the result's notes.
+    (a CT beside the radiographs) is left out, and so is an image for which
+    ``too_small(rows, columns)`` (the model's size check) gives a reason. The second
+    list names each image not read with the reason, for the result's notes.
+
+    Raises:
+        ImageSizeError: every image is too small for the model.
     """
     candidates: list[StudyImage] = []
     unread: list[str] = []
+    small: list[str] = []
     for k, series in enumerate([selected, *selected.also_eligible]):
         frames = sum(number_of_frames(h) for h in series.headers)
         if k and frames > 1 and (
@@ -1447,9 +1610,19 @@ def study_images(selected: SelectedSeries, limit: int,
             continue
         for source, header in zip(series.sources, series.headers, strict=True):
             n = number_of_frames(header)
+            rows, columns = _number(header, "Rows"), _number(header, "Columns")
+            why = too_small(rows, columns) if too_small is not None and rows and columns \
+                else ""
             for frame in range(n) if n > 1 else [None]:
-                candidates.append(StudyImage(source, header, frame,
-                                             _image_label(header, frame, n)))
+                label = _image_label(header, frame, n)
+                if why:
+                    small.append(f"{label} ({why})")
+                else:
+                    candidates.append(StudyImage(source, header, frame, label))
+    if not candidates:
+        raise ImageSizeError(f"no image of the study is large enough for the model: "
+                             f"{'; '.join(small)}; send the full-size image")
+    unread.extend(small)
     best = max(_image_rank(c.header) for c in candidates)
     kept: list[StudyImage] = []
     for c in candidates:
@@ -1457,7 +1630,7 @@ def study_images(selected: SelectedSeries, limit: int,
         if rank == best:
             kept.append(c)
         elif best[0] and not rank[0]:
-            unread.append(f"{c.label} (for processing: raw detector values)")
+            unread.append(f"{c.label} ({_FOR_PROCESSING_NOTE})")
         else:
             unread.append(f"{c.label} (not a frontal view)")
     over = kept[limit:]
@@ -1474,12 +1647,19 @@ def select_series(
     """Group instances by Series Instance UID and choose the series the rules accept.
 
     A series is eligible when its modality, SOP class, body part and view position
-    are in the rules' lists (empty lists accept anything; a series without Body Part
-    Examined is accepted but ranked after those that match, an image without View
-    Position is accepted; images of another view are left out), it holds images
+    are in the rules' lists (empty lists accept anything). The body part is Body Part
+    Examined, else what the Anatomic Region Sequence names (a chest code counts as
+    CHEST); a series that names neither is accepted (both are optional: many chest
+    images carry neither) but ranked after those that match, and one that names another
+    body part is refused. The view is View Position, else what the View Code Sequence
+    names ("left lateral" is LL); an image that says neither is accepted, images of
+    another view are left out. It holds images
     (Rows present), it is not a localizer/scout (ImageType LOCALIZER) and it
     has at least ``rules.min_instances`` images (the frames of a multi-frame object
-    count one by one). Among eligible series the
+    count one by one). A study whose eligible images are all "for processing" (raw
+    detector values: a DX, mammography or intra-oral "For Processing" SOP class, or
+    Presentation Intent Type FOR PROCESSING) is refused, unless the rules'
+    ``sop_class_uids`` name such a class. Among eligible series the
     choice prefers a matching body part, then images "for presentation" to raw "for
     processing" ones, then axial slices (a study's sagittal and coronal series are for
     reading; volume models are trained on axial), then a frontal (PA or AP) view to a
@@ -1524,11 +1704,15 @@ def select_series(
     rejected: dict[str, str] = {}
     near: list[str] = []  # refusals of series of a modality the rules take
     ranked: list[tuple[tuple[Any, ...], str]] = []
+    labels: dict[str, str] = {}
     for uid, members in groups.items():
         first = members[0][1]
         modality = str(first.get("Modality", "")).upper()
         sop = str(first.get("SOPClassUID", ""))
-        body = str(first.get("BodyPartExamined", "")).upper()
+        # the first image that names a body part names the series' (most name it in
+        # each image, or in none)
+        body, body_from = next((b for b in (_body_part(ds) for _, ds in members) if b[0]),
+                               ("", ""))
         frames = sum(number_of_frames(ds) for _, ds in members)
         label = (f"series {uid or '(no UID)'} ({modality or '?'}, {len(members)} instance(s)"
                  + (f", {frames} frames)" if frames > len(members) else ")"))
@@ -1544,9 +1728,10 @@ def select_series(
         elif all(_is_localizer(ds) for _, ds in members):
             reason = "localizer/scout images"
         elif body_parts and body and body not in body_parts:
-            reason = f"body part {body} not in {sorted(body_parts)}"
+            reason = (f"body part {body}" + (f" ({body_from})" if body_from else "")
+                      + f" not in {sorted(body_parts)}")
         elif views and not any(_view_fits(ds, views) for _, ds in members):
-            seen = sorted({_view(ds) for _, ds in members})
+            seen = sorted({_view_text(ds) for _, ds in members})
             reason = f"view position {'/'.join(seen)} not in {sorted(views)}"
         elif misfit := _description_misfit(first, rules) or _thickness_misfit(first, rules):
             reason = misfit
@@ -1572,10 +1757,21 @@ def select_series(
                        max(_number(ds, "SeriesNumber") for _, ds in usable), uid)
                 key = (*key, tie)  # type: ignore[assignment]
                 ranked.append((key, uid))
+                labels[uid] = label
         if reason:
             rejected[uid] = f"{label}: {reason}"
             if not (modalities and modality not in modalities):
                 near.append(rejected[uid])
+    if ranked and not any(key[1] for key, _ in ranked) \
+            and not sop_classes & _FOR_PROCESSING_CLASSES:
+        # Only raw detector images: a model reads the images people read (a presentation
+        # image is preferred where there is one; named in the notes, see study_images).
+        # Rules that name a "for processing" SOP class take them.
+        for _, uid in ranked:
+            rejected[uid] = (f"{labels[uid]}: {_FOR_PROCESSING_NOTE}, not for presentation; "
+                             "send the For Presentation image")
+            near.append(rejected[uid])
+        ranked = []
     if not ranked:
         details = list(rejected.values()) + problems
         wanted = (

@@ -31,6 +31,7 @@ from pipeline.engine import EngineError, InferenceEngine
 from pipeline.explain import gradcam
 from pipeline.io import (
     Image2D,
+    ImageSizeError,
     InputError,
     Source,
     StudyImage,
@@ -39,6 +40,7 @@ from pipeline.io import (
     load_ct_volume,
     load_image_2d,
     number_of_frames,
+    pixel_aspect,
     select_series,
     study_images,
 )
@@ -592,7 +594,7 @@ class PipelineRunner:
         return Prediction(model, list(model.labels), _probabilities(model, out))
 
     def embed(self, image: npt.NDArray[np.float32], name: str, version: str | None = None,
-              ) -> list[float]:
+              *, pixel_aspect: float = 1.0) -> list[float]:
         """The classifier's penultimate features (the input of its last linear layer).
 
         They come from the Grad-CAM copy of the network (the batched one's forward pass
@@ -613,7 +615,8 @@ class PipelineRunner:
                 handle = last[-1].register_forward_hook(
                     lambda _m, inp, _out: captured.append(inp[0].detach()))
                 try:
-                    x = clone.preprocess(image)[None].to(clone.device)
+                    x = clone.preprocess(image, pixel_aspect=pixel_aspect)[None].to(
+                        clone.device)
                     t2 = time.perf_counter_ns()
                     with torch.inference_mode():
                         clone.network(x)
@@ -680,7 +683,9 @@ class PipelineRunner:
                     f"series it was given is a stack of {images} "
                     f"{selected.modality or 'image'} slices. Send a single image, or give "
                     "the pipeline series rules (modalities) that leave such series out")
-            read, unread = study_images(selected, spec.series.max_images)
+            model = self.classifier(spec.model, spec.model_version)
+            read, unread = study_images(selected, spec.series.max_images,
+                                        too_small=model.size_refusal)
             return self._classify(spec, read, unread, out_dir, patient_id, wanted)
         check_memory(selected.headers)
         return self._segment(spec, selected.sources, out_dir, patient_id, wanted)
@@ -713,13 +718,19 @@ class PipelineRunner:
         if len(patient_ids) != len(images):
             raise ValueError(f"{len(patient_ids)} patient IDs given for {len(images)} images")
         model = self.classifier(spec.model, spec.model_version)
+        for image in images:  # a thumbnail would be enlarged into what the model never saw
+            if why := model.size_refusal(*image.pixels.shape[-2:]):
+                raise ImageSizeError(f"{why}; send the full-size image", path=image.path)
         # Preprocess everything before the first submit: the batcher's max_delay_ms
         # starts with the first request, and must not be spent waiting for our own
         # preprocessing of the others.
-        tensors = [model.preprocess(image.pixels) for image in images]
+        aspects = [pixel_aspect(image) for image in images]
+        tensors = [model.preprocess(image.pixels, pixel_aspect=aspect)
+                   for image, aspect in zip(images, aspects, strict=True)]
         futures = [self.engine.submit(model.name, t, version=model.version) for t in tensors]
         out: list[tuple[ClassificationResult, PatientStudy]] = []
-        for image, pid, future in zip(images, patient_ids, futures, strict=True):
+        for image, aspect, pid, future in zip(images, aspects, patient_ids, futures,
+                                              strict=True):
             probabilities = _probabilities(model, future.result())
             if len(probabilities) != len(model.labels):  # loaded without a warm-up
                 raise PipelineError(f"model {model.name!r}: "
@@ -732,13 +743,15 @@ class PipelineRunner:
                 top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
                 clone, lock = self._explainer(model)
                 with lock:
-                    heatmap = gradcam(clone, image.pixels, top.name)
+                    heatmap = gradcam(clone, image.pixels, top.name, pixel_aspect=aspect)
+            fitted = model.aspect_note(image.pixels.shape[-2], image.pixels.shape[-1], aspect)
             out.append((ClassificationResult(
                 model_name=model.name, model_version=model.version, result=result,
                 findings=findings, image=image.pixels, heatmap=heatmap, source_path=image.path,
                 sop_instance_uid=image.sop_instance_uid,
                 series_instance_uid=image.series_instance_uid,
                 heatmap_note=model.no_heatmap if result != NORMAL else "",
+                notes=[f"the image is {fitted}"] if fitted else [],
             ), patient_study(image.header, pid)))
         return out
 
@@ -778,7 +791,8 @@ class PipelineRunner:
             top = max((f for f in findings if f.presence), key=lambda f: f.confidence)
             clone, lock = self._explainer(model)
             with lock:
-                heatmap = gradcam(clone, image.pixels, top.name)
+                heatmap = gradcam(clone, image.pixels, top.name,
+                                  pixel_aspect=pixel_aspect(image))
         notes: list[str] = []
         label = read[shown].label
         if len(read) > 1:
@@ -794,6 +808,16 @@ class PipelineRunner:
         # first of several windows, DICOM's default, clipped it)
         notes.extend(f"{ref.label}: {note}" for ref, loaded in zip(read, images, strict=True)
                      for note in loaded.notes)
+        # an image far from square: how it was fitted to the model's input (each frame
+        # of a multi-frame image has the same shape: one note names them together)
+        aspects: dict[str, list[str]] = {}
+        for ref, loaded in zip(read, images, strict=True):
+            if aspect := model.aspect_note(loaded.pixels.shape[-2], loaded.pixels.shape[-1],
+                                           pixel_aspect(loaded)):
+                aspects.setdefault(aspect, []).append(ref.label)
+        for aspect, labels in aspects.items():
+            notes.append(f"the image is {aspect}" if len(read) == 1
+                         else f"{'; '.join(labels)}: {aspect}")
         result = replace(
             chosen, result=result_name, findings=findings, heatmap=heatmap,
             heatmap_note=model.no_heatmap if result_name != NORMAL else "",
@@ -801,9 +825,9 @@ class PipelineRunner:
             notes=notes)
         for note in notes:
             # an image of the study left unread is worth a warning: the result is not
-            # from everything that was sent
-            log.log(logging.WARNING if unread else logging.INFO, "pipeline %s: %s",
-                    spec.name, note)
+            # from everything that was sent; so is one fitted to the model's input
+            log.log(logging.WARNING if unread or aspects else logging.INFO,
+                    "pipeline %s: %s", spec.name, note)
         t2 = time.perf_counter()
         # the SR names, for each finding, the image its confidence came from (the one
         # shown first when they tie)

@@ -61,10 +61,16 @@ class SeriesRules(_Frozen):
     """Which series of a study a pipeline can use; empty lists accept anything."""
 
     modalities: list[str] = Field(default_factory=list)
+    # a "for processing" class here (DX 1.2.840.10008.5.1.4.1.1.1.1.1...) lets a study of
+    # only raw detector images be read; without one such a study is refused
     sop_class_uids: list[str] = Field(default_factory=list)
+    # Body Part Examined (0018,0015) terms, e.g. [CHEST]; an image that does not say is
+    # judged by its Anatomic Region Sequence (a chest code is CHEST, a knee's KNEE), and
+    # one that says neither is taken (both are optional), ranked after those that match
     body_parts: list[str] = Field(default_factory=list)
     # View Position (0018,5101) of the images, e.g. [PA, AP] for a frontal chest model:
-    # a lateral view is left out (an image that does not say is taken)
+    # a lateral view is left out (an image that does not say is taken); when it is empty,
+    # the View Code Sequence's view ("left lateral" is LL; CID 4010 DX View)
     view_positions: list[str] = Field(default_factory=list)
     # fewest images: single-frame instances, or the frames of a multi-frame object
     min_instances: int = Field(default=1, ge=1)

@@ -295,7 +295,8 @@ def _embed_all(runner: PipelineRunner, model: LoadedModel, images: list[DecodedI
     out = []
     for i, image in enumerate(images):
         try:
-            vector = runner.embed(image.pixels, model.name, model.version)
+            vector = runner.embed(image.pixels, model.name, model.version,
+                                  pixel_aspect=image.pixel_aspect)
         except InputError as exc:
             raise ApiError(400, f"{_where(i, len(images))}: {exc.message}") from None
         if n_dims is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -93,6 +94,8 @@ def admit_image(runner: PipelineRunner, model: LoadedModel, data: bytes) -> Deco
             misfits = [series_misfit([image.header], r) for r in rules]
             if all(misfits):
                 raise InputError(f"{model.name} does not take this image: {misfits[0]}")
+        if small := model.size_refusal(*image.pixels.shape[-2:]):
+            raise InputError(f"{model.name} does not take this image: {small}")
     except InputError:
         with contextlib.suppress(KeyError):  # loaded, yet not served: nothing to count in
             runner.engine.get(model.name, model.version).record_failure(
@@ -108,7 +111,8 @@ def _rules_of(runner: PipelineRunner, model: LoadedModel) -> list[SeriesRules]:
 
 def _prepare(runner: PipelineRunner, model: LoadedModel, data: bytes) -> torch.Tensor:
     """Admit and preprocess one image (blocking: runs in a worker thread)."""
-    return model.preprocess(admit_image(runner, model, data).pixels)
+    image = admit_image(runner, model, data)
+    return model.preprocess(image.pixels, pixel_aspect=image.pixel_aspect)
 
 
 _PREP_LOCK = threading.Lock()
@@ -162,7 +166,9 @@ async def classify_admitted(runner: PipelineRunner, model: LoadedModel,
     """Classify one image :func:`admit_image` gave, as :func:`classify_bytes` does."""
     loop = asyncio.get_running_loop()
     try:
-        tensor = await loop.run_in_executor(prep_executor(), model.preprocess, image.pixels)
+        tensor = await loop.run_in_executor(
+            prep_executor(), functools.partial(model.preprocess, image.pixels,
+                                               pixel_aspect=image.pixel_aspect))
     except InputError as exc:
         raise ApiError(400, exc.message) from None
     return await runner.predict_async(model, tensor)

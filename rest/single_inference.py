@@ -194,6 +194,9 @@ def run(runner: PipelineRunner, spec: PipelineSpec, req: SingleInferenceRequest,
     # sent by C-STORE would be skipped, not classified.
     if (misfit := series_misfit([image.header], spec.series)) is not None:
         raise _bad(f"Requested image cannot be analysed by {spec.name}: {misfit}")
+    model = runner.classifier(spec.model, spec.model_version)
+    if small := model.size_refusal(*image.pixels.shape[-2:]):
+        raise _bad(f"Requested image cannot be analysed by {spec.name}: {small}")
     result, study = runner.classify(spec, image, req.patient_id)
     if req.save_to_disk:
         assert req.output_dir is not None

@@ -253,6 +253,29 @@ def test_a_pipeline_names_how_its_secondary_capture_is_encoded(tmp_path: Path) -
 EXAMPLES = Path(__file__).resolve().parents[3] / "configs" / "examples"
 
 
+@pytest.mark.parametrize("where", ["embedded", "node.yaml", "pacs.yaml"])
+def test_the_shipped_chest_rules_take_only_a_chest_frontal_radiograph(where: str) -> None:
+    """A knee or hand CR (PA) got chest findings, an SR and a PDF: the shipped chest
+    pipeline now takes Body Part Examined CHEST (or none: it is optional), a PA or AP
+    view; its CT pipeline names no body part."""
+    path = {"embedded": None, "node.yaml": default_config_path(),
+            "pacs.yaml": EXAMPLES / "pacs.yaml"}[where]
+    pipelines = {p.name: p for p in load_settings(path, environ={}).pipelines}
+    chest = pipelines["cxr-findings"].series
+    assert chest.modalities == ["CR", "DX"]
+    assert chest.body_parts == ["CHEST"] and chest.view_positions == ["PA", "AP"]
+    assert pipelines["ct-organs"].series.body_parts == []
+
+
+def test_the_embedded_default_pipelines_are_node_yaml_s() -> None:
+    shipped = load_settings(default_config_path(), environ={})
+    embedded = load_settings(environ={})
+    for name in ("cxr-findings", "ct-organs"):
+        a = next(p for p in shipped.pipelines if p.name == name)
+        b = next(p for p in embedded.pipelines if p.name == name)
+        assert a.series == b.series, name
+
+
 @pytest.mark.parametrize("name", ["pacs.yaml", "scale-out.yaml"])
 def test_example_configs_are_valid(name: str) -> None:
     load_settings(EXAMPLES / name)
