@@ -11,9 +11,9 @@ Display pipeline of :func:`load_image_2d` (PS3.3 C.11, in this order):
    JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000 through the
    installed pylibjpeg plugins); multi-frame objects give their middle frame
    unless a frame index is asked for;
-2. colour images (RGB, YBR_*, PALETTE COLOR) become luminance
-   (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B) scaled by their bit depth and
-   skip steps 3-4;
+2. colour images (RGB, YBR_*) become luminance (ITU-R BT.601: 0.299 R +
+   0.587 G + 0.114 B) scaled by their bit depth and skip steps 3-4; PALETTE
+   COLOR (pseudo-colour indices) is refused;
 3. modality LUT: Rescale Slope/Intercept or the Modality LUT Sequence
    (float32);
 4. VOI: the first VOI LUT Sequence item, else the first Window Center/Width
@@ -21,8 +21,10 @@ Display pipeline of :func:`load_image_2d` (PS3.3 C.11, in this order):
    pixels equal to Pixel Padding Value (or in its range limit) are left out
    of the min-max and shown black. A VOI LUT whose entries contradict its
    descriptor, or a VOI that turns an image whose values vary into one flat
-   grey, is refused (:class:`VOIError`); a first window that clips the image
-   while others were offered is named in :attr:`Image2D.notes`;
+   grey, into 8 grey levels or fewer, or 90 % pure black or white, is refused
+   (:class:`VOIError`); a first window that clips the image while others were
+   offered, a VOI that shows half the image or more as pure black or white,
+   and the first of several VOI LUTs are named in :attr:`Image2D.notes`;
 5. MONOCHROME1 is inverted so that, as for MONOCHROME2, 1.0 is white.
 
 LUTs (Modality and VOI) are applied here, not by pydicom: pydicom 3.0 indexes a
@@ -53,7 +55,6 @@ import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
 from pydicom.sr.codedict import Collection, codes
 from pydicom.sr.coding import Code
@@ -715,15 +716,62 @@ def _check_voi(before: npt.NDArray[Any], after: npt.NDArray[Any],
     if b.size == 0:
         return
     a_lo, a_hi = np.percentile(a, [0.5, 99.5])
-    if a_hi - a_lo >= 1 / 255:
-        return
     b_lo, b_hi = np.percentile(b, [0.5, 99.5])
-    if b_hi > b_lo:  # flat by the VOI's doing, not the image's
-        raise VOIError(
-            f"{where}its {name} turns the image into one flat grey ({float(a_lo):.2f} for "
-            f"99 % of the pixels, whose values run from {float(b_lo):g} to {float(b_hi):g}): "
-            "a model would read nothing; check the image's VOI (VOI LUT, Window Center/Width) "
-            "at the modality and resend it", path=path)
+    advice = ("check the image's VOI (VOI LUT, Window Center/Width) at the modality and "
+              "resend it")
+    if a_hi - a_lo < 1 / 255:
+        if b_hi > b_lo:  # flat by the VOI's doing, not the image's
+            raise VOIError(
+                f"{where}its {name} turns the image into one flat grey ({float(a_lo):.2f} "
+                f"for 99 % of the pixels, whose values run from {float(b_lo):g} to "
+                f"{float(b_hi):g}): a model would read nothing; {advice}", path=path)
+        return
+    # A window 1 or 2 wide thresholds the image: two levels passed the check above, and a
+    # chest made a black-and-white mask read "TB Presumptive" with six findings.
+    levels = np.unique(np.round(a * 255)).size
+    if levels <= _MIN_VOI_LEVELS and np.unique(b).size > _MIN_VOI_LEVELS:
+        raise VOIError(f"{where}its {name} leaves {levels} grey levels of the image's "
+                       f"{float(b_lo):g} to {float(b_hi):g}: a model would read a "
+                       f"thresholded mask; {advice}", path=path)
+    clipped = _clipped(a)
+    if clipped >= _VOI_CLIP_REFUSE:
+        raise VOIError(f"{where}its {name} shows {clipped:.0%} of the pixels as pure black or "
+                       f"white (values from {float(b_lo):g} to {float(b_hi):g}): a model would "
+                       f"read next to nothing of it; {advice}", path=path)
+
+
+# A VOI whose output has this few grey levels is a threshold, not a view; one that
+# shows this share of the pixels as pure black or white leaves little to read (refused),
+# and this share is noted (a model trained on full-range images reads less of it).
+_MIN_VOI_LEVELS = 8
+_VOI_CLIP_REFUSE = 0.9
+_VOI_CLIP_NOTE = 0.5
+
+
+def _clipped(values: npt.NDArray[Any]) -> float:
+    """The share of ``values`` (in [0, 1]) at pure black or pure white."""
+    if values.size == 0:
+        return 0.0
+    return float(np.count_nonzero((values <= 0.5 / 255) | (values >= 254.5 / 255))
+                 / values.size)
+
+
+def _clip_note(ds: Dataset, name: str, values: npt.NDArray[Any],
+               padding: npt.NDArray[np.bool_] | None) -> str:
+    """A note when the VOI applied shows half the pixels or more as pure black or white
+    (a single narrow window read a chest 97 % black, with five findings and no note), or
+    is the first of several VOI LUTs; ``""`` otherwise."""
+    shown = values if padding is None else values[~padding]
+    step = max(1, round(math.sqrt(shown.size / 16_000)))
+    clipped = _clipped(np.ravel(shown)[::step * step])
+    luts = len(ds.get("VOILUTSequence") or [])
+    several = (f", the first of the {luts} VOI LUTs the image offers (DICOM's default)"
+               if name.startswith("VOI LUT") and luts > 1 else "")
+    if clipped < _VOI_CLIP_NOTE and not several:
+        return ""
+    shows = (f", which shows {clipped:.0%} of the pixels as pure black or white"
+             if clipped >= _VOI_CLIP_NOTE else "")
+    return f"read through its {name}{several}{shows}: a model may read it less reliably"
 
 
 def _window_note(ds: Dataset, window: tuple[float, float], values: npt.NDArray[Any]) -> str:
@@ -804,6 +852,13 @@ def _modality(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.float32]:
         return lut.entries.astype(np.float32)[lut.indices(arr)]
     slope = ds.get("RescaleSlope")
     intercept = ds.get("RescaleIntercept")
+    if (slope is None) != (intercept is None):
+        # they go together (Type 1 where the module has them): one alone was skipped, and
+        # a slope of -1 without its intercept read a chest inverted
+        have, lack = (("Rescale Slope", "Rescale Intercept") if intercept is None
+                      else ("Rescale Intercept", "Rescale Slope"))
+        raise InputError(f"it has a {have} but no {lack}: its stored values cannot be "
+                         "turned into the values they stand for; resend it from the modality")
     out = np.asarray(arr, dtype=np.float32).copy()
     if slope is not None and intercept is not None:
         slope, intercept = float(slope), float(intercept)
@@ -870,10 +925,12 @@ def load_image_2d(
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
         if photometric == "PALETTE COLOR":
-            rgb = apply_color_lut(arr, ds)
-            lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-            values = _luminance(rgb, float(2 ** (16 if lut_bits > 8 else 8) - 1))
-            voi, window, inverted = "colour", None, False
+            # Its pixels index a colour table: a pseudo-colour rendering (an inverted
+            # grey palette read a chest as its negative, with seven findings), not the
+            # greyscale image a model was trained on.
+            raise InputError(f"{where}PALETTE COLOR image: its pixels are indices into a "
+                             "colour table (a pseudo-colour rendering), not the greyscale "
+                             "image a model reads; send the greyscale original", path=path)
         elif samples == 3 or photometric in _COLOUR:
             if arr.ndim != 3 or arr.shape[-1] != 3:
                 raise InputError(
@@ -888,13 +945,19 @@ def load_image_2d(
                     f"{where}expected a 2D monochrome frame, decoded shape {arr.shape}", path=path
                 )
             padding = _padding_mask(arr, ds)
-            modality_values = _modality(arr, ds)
+            try:
+                modality_values = _modality(arr, ds)
+            except InputError as exc:
+                raise InputError(f"{where}{exc}", path=path) from None
             if padding is not None:  # keep padding out of min-max and the LUT
                 modality_values[padding] = modality_values[~padding].min()
             values, voi, window = _voi(modality_values, ds, path)
             if voi != "minmax":
                 _check_voi(modality_values, values, padding, _voi_name(ds, voi, window), path)
-            if window is not None and (note := _window_note(ds, window, modality_values)):
+            note = (_window_note(ds, window, modality_values) if window is not None
+                    else "") or (_clip_note(ds, _voi_name(ds, voi, window), values, padding)
+                                 if voi in ("window", "lut") else "")
+            if note:
                 notes.append(note)
             inverted = photometric == "MONOCHROME1"
             if inverted:
@@ -1436,10 +1499,20 @@ def _view(ds: Dataset) -> str:
     return _coded_view(ds)[0]
 
 
+def _views_said(ds: Dataset) -> tuple[str, str]:
+    """(View Position's first word, the View Code Sequence's view term); '' where absent."""
+    words = re.split(r"[\s_]+", str(ds.get("ViewPosition", "")).strip().upper())
+    return (words[0] if words else ""), _coded_view(ds)[0]
+
+
 def _view_text(ds: Dataset) -> str:
     """The image's view for a message: ``LL``, or ``LL (View Code Sequence: left
-    lateral)`` when the code gave it."""
+    lateral)`` when the code gave it, or ``PA, its View Code Sequence left lateral``
+    when the two say different views."""
     view = _view(ds)
+    position, coded = _views_said(ds)
+    if position and coded and coded != position:
+        return f"{position}, its View Code Sequence {_coded_view(ds)[1] or coded}"
     if view and not str(ds.get("ViewPosition", "") or "").strip():
         meaning = _coded_view(ds)[1]
         return f"{view} (View Code Sequence{': ' + meaning if meaning else ''})"
@@ -1450,8 +1523,11 @@ def _view_fits(ds: Dataset, views: set[str]) -> bool:
     """Whether an image's view (View Position, else View Code Sequence) is one of
     ``views`` (any when there are none, or when the image does not say: many radiographs
     leave View Position empty)."""
-    view = _view(ds)
-    return not views or not view or view in views
+    if not views:
+        return True
+    # both must fit where both are given: a PA whose View Code Sequence says left lateral
+    # may well be a lateral (View Position is often a technologist's default)
+    return all(v in views for v in _views_said(ds) if v)
 
 
 # Anatomic Region Sequence (0008,2218) concepts of the chest, read when Body Part Examined

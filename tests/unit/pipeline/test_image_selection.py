@@ -200,15 +200,21 @@ def test_a_lateral_view_said_only_by_its_view_code_is_refused(
                 in str(info.value))
 
 
-def test_a_frontal_view_code_is_taken_and_view_position_comes_first() -> None:
+def test_a_frontal_view_code_is_taken_and_a_contradicting_one_refuses() -> None:
     for value, scheme in (("272479007", "SCT"), ("399348003", "SCT"), ("R-10206", "SRT"),
                           ("399033003", "SCT"), ("X-PA", "99LOCAL")):
         frontal = sample(ViewPosition="", ViewCodeSequence=code_item(value, scheme, "x"))
         assert select_series([frontal], CHEST).headers == [frontal], value
-    # View Position, when given, is what counts: the code is read only in its absence
+    # a PA whose View Code Sequence says left lateral may be a lateral (View Position is
+    # often a technologist's default): a frontal-only model does not read it
     said = sample(ViewPosition="PA",
                   ViewCodeSequence=code_item("399173006", "SCT", "left lateral"))
-    assert select_series([said], CHEST).headers == [said]
+    with pytest.raises(SeriesError, match="view position PA, its View Code Sequence left "
+                                          "lateral not in"):
+        select_series([said], CHEST)
+    agreeing = sample(ViewPosition="PA",
+                      ViewCodeSequence=code_item("399348003", "SCT", "postero-anterior"))
+    assert select_series([agreeing], CHEST).headers == [agreeing]
     # a coded PA ranks as a frontal view, before an image that does not say
     study = generate_uid()
     coded = sample(ViewPosition="", StudyInstanceUID=study, SeriesNumber=1,

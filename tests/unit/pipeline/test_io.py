@@ -176,11 +176,11 @@ def test_colour_images_become_luminance(name: str) -> None:
     assert img.voi == "colour"
 
 
-def test_palette_colour_image_loads() -> None:
-    img = load_image_2d(bundled("examples_palette.dcm"))
-    _check_image(img)
-    assert img.photometric == "PALETTE COLOR"
-    assert img.pixels.shape == (350, 800)
+def test_palette_colour_image_is_refused() -> None:
+    """Pseudo-colour indices are not the greyscale image a model reads (an inverted grey
+    palette read a chest as its negative); refused, naming what to send instead."""
+    with pytest.raises(InputError, match="PALETTE COLOR image"):
+        load_image_2d(bundled("examples_palette.dcm"))
 
 
 def test_multiframe_uses_middle_frame_by_default() -> None:

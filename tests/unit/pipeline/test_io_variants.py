@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_voi_lut
@@ -329,7 +330,7 @@ def test_whole_files_and_cut_native_pixels_keep_their_reading(tmp_path: Path) ->
 
 def narrow_first(tmp_path: Path) -> Path:
     ds = cxr()
-    ds.WindowCenter, ds.WindowWidth = [3000, 2048], [800, 4096]
+    ds.WindowCenter, ds.WindowWidth = [2400, 2048], [1600, 4096]
     ds.WindowCenterWidthExplanation = ["BONE", "FULL"]
     return written(ds, tmp_path / "bone-first.dcm")
 
@@ -337,8 +338,8 @@ def narrow_first(tmp_path: Path) -> Path:
 def test_a_narrow_first_window_of_several_is_applied_and_named(tmp_path: Path) -> None:
     """DICOM's rule stays (the first pair is displayed), and the image says so."""
     img = load_image_2d(narrow_first(tmp_path))
-    assert img.voi == "window" and img.window == (3000, 800)
-    assert img.notes == ("read through Window Center/Width 3000/800 (BONE), the first of "
+    assert img.voi == "window" and img.window == (2400, 1600)
+    assert img.notes == ("read through Window Center/Width 2400/1600 (BONE), the first of "
                          "the 2 windows the image offers (DICOM's default), which clips "
                          "its values (185 to 3833)",)
 
@@ -355,7 +356,7 @@ def test_the_result_notes_name_the_window_read_through(
     out = runner.run("cxr", [narrow_first(tmp_path)], tmp_path / "out", outputs=["json"])
     assert isinstance(out.result, ClassificationResult)
     assert out.result.notes == [
-        "series 1 image 1 (PA): read through Window Center/Width 3000/800 (BONE), the first "
+        "series 1 image 1 (PA): read through Window Center/Width 2400/1600 (BONE), the first "
         "of the 2 windows the image offers (DICOM's default), which clips its values "
         "(185 to 3833)"]
 
@@ -373,3 +374,59 @@ def test_the_8_bit_voi_lut_gives_the_finding_of_the_unmodified_image(
     assert [f.name for f in lut.findings if f.presence] == ["Pleural Effusion"]
     for a, b in zip(lut.findings, base.findings, strict=True):
         assert a.confidence == pytest.approx(b.confidence, abs=0.02)
+
+
+# -- a second probe: VOIs that threshold or blank the image, and what else reached a model --
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_window_that_thresholds_the_image_is_refused(tmp_path: Path, width: int) -> None:
+    """A window 1 or 2 wide (legal) made the chest a black-and-white mask: two grey
+    levels passed the flat-grey check, and the model read "TB Presumptive"."""
+    ds = cxr()
+    ds.WindowCenter, ds.WindowWidth = 2048, width
+    with pytest.raises(VOIError, match=r"leaves 2 grey levels .* a thresholded mask"):
+        load_image_2d(written(ds, tmp_path / "w.dcm"))
+
+
+def test_a_single_window_that_blanks_most_of_the_image_is_refused_and_half_noted(
+        tmp_path: Path) -> None:
+    """One narrow window (no other offered) read a chest 97 % black, five findings and no
+    note: the note fired only when several windows were offered."""
+    ds = cxr()
+    ds.WindowCenter, ds.WindowWidth = 3000, 800
+    with pytest.raises(VOIError, match=r"shows 97% of the pixels as pure black or white"):
+        load_image_2d(written(ds, tmp_path / "bone.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 2400, 1600
+    img = load_image_2d(written(ds, tmp_path / "narrow.dcm"))
+    assert img.notes == ("read through its window (Window Center/Width 2400/1600), which "
+                         "shows 62% of the pixels as pure black or white: a model may read "
+                         "it less reliably",)
+
+
+def test_the_first_of_several_voi_luts_is_named(tmp_path: Path) -> None:
+    ds = cxr()
+    ds.VOILUTSequence = voi_lut([4096, 0, 12], np.arange(4096))
+    ds.VOILUTSequence.append(voi_lut([4096, 0, 12], np.arange(4096))[0])
+    img = load_image_2d(written(ds, tmp_path / "two.dcm"))
+    assert img.notes == ("read through its VOI LUT (LUT Descriptor [4096, 0, 12]), the first "
+                         "of the 2 VOI LUTs the image offers (DICOM's default): a model may "
+                         "read it less reliably",)
+
+
+def test_a_rescale_slope_without_its_intercept_is_refused(tmp_path: Path) -> None:
+    """A radiograph's slope of -1 without its intercept was skipped with it: the chest
+    was read inverted, with seven findings."""
+    ds = cxr()
+    ds.RescaleSlope = -1
+    if "RescaleIntercept" in ds:
+        del ds.RescaleIntercept
+    with pytest.raises(InputError, match="has a Rescale Slope but no Rescale Intercept"):
+        load_image_2d(written(ds, tmp_path / "slope.dcm"))
+
+
+def test_palette_colour_is_refused(tmp_path: Path) -> None:
+    """An inverted grey palette read a chest as its negative, with seven findings."""
+    ds = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    with pytest.raises(InputError, match="PALETTE COLOR image: .* send the greyscale original"):
+        load_image_2d(written(ds, tmp_path / "palette.dcm"))
