@@ -337,18 +337,9 @@ class ApiKeySettings(_Section):
     scopes: list[Scope] = Field(default_factory=lambda: list[Scope](["infer", "read"]))
     # Seed 002's "Model Run" permission: the projects (called AE titles or drop folders,
     # by name, or by the integer id GET /v1/projects shows) whose sources the key may
-    # list and run batches on. None: every project.
+    # list and run batches on. None: every project (a file's `projects:` left empty is
+    # refused at load: see _empty_projects).
     projects: list[StrictStr | StrictInt] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _projects_given(cls, data: Any) -> Any:
-        # `projects:` left empty in YAML is null: read as "every project" it failed open,
-        # where its writer meant a list still to be filled in
-        if isinstance(data, dict) and "projects" in data and data["projects"] is None:
-            raise ValueError("projects is empty (null): give a list of project names or "
-                             "ids ([] for none), or leave the key out for every project")
-        return data
 
 
 class AuthSettings(_Section):
@@ -689,6 +680,8 @@ def load_settings(
         if value is not None:
             _set_dotted(data, dotted.split("."), value, f"override {dotted}")
             set_by[dotted] = f"override {dotted}"
+    if problem := _empty_projects(data):
+        raise ConfigError(source, *problem)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -697,6 +690,20 @@ def load_settings(
         raise ConfigError(source, *problems[0], more=problems[1:]) from None
     _check_files(settings, source)
     return settings
+
+
+def _empty_projects(data: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, problem) for an API key whose ``projects:`` the file leaves empty (null):
+    read as "every project" it failed open, where its writer meant a list still to be
+    filled in. Checked on the file's data: settings dumped and read again carry None."""
+    auth = data.get("auth")
+    keys = auth.get("api_keys") if isinstance(auth, dict) else None
+    for i, entry in enumerate(keys if isinstance(keys, list) else []):
+        if isinstance(entry, dict) and "projects" in entry and entry["projects"] is None:
+            return (f"auth.api_keys.{i}.projects",
+                    "empty (null): give a list of project names or ids ([] for none), or "
+                    "leave the key out for every project")
+    return None
 
 
 def _with_origin(key: str, problem: str, set_by: dict[str, str]) -> str:

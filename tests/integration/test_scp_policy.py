@@ -18,7 +18,7 @@ from dicom_node.spool import SPOOL_DIR_NAME
 from tests.integration.test_scp import _encoded, _send_raw, synthetic, wait_for
 from tests.support.disk import fill, small_disk
 from tests.support.node import NODE_AE, RunningNode, node_settings, running_node
-from tests.support.peers import echoscu, require, storescp
+from tests.support.peers import echoscu, require, storescp, storescu
 
 pytestmark = pytest.mark.peers
 
@@ -99,12 +99,18 @@ def test_tls_peer_that_sends_nothing_holds_no_one_off(tmp_path: Path) -> None:
 
 
 def test_low_disk_space_refuses_new_associations(tmp_path: Path) -> None:
+    """Under the reserve a sender that may store is rejected (transient); one proposing
+    only C-ECHO (a PACS's "test connection") is still answered."""
     require("echoscu")
     settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # a petabyte free: never
+    sample = tmp_path / "ct.dcm"
+    synthetic(generate_uid(), generate_uid()).save_as(sample, enforce_file_format=True)
     with running_node(settings) as rn:
-        res = echoscu(rn.port, NODE_AE)
-    assert res.returncode != 0
-    assert "Rejected Transient" in res.stdout + res.stderr
+        stored = storescu(rn.port, [sample], NODE_AE, check=False)
+        echoed = echoscu(rn.port, NODE_AE)
+    assert stored.returncode != 0
+    assert "Rejected Transient" in stored.stdout + stored.stderr
+    assert echoed.returncode == 0, echoed.stdout + echoed.stderr
 
 
 def test_disk_filling_during_a_dataset_answers_a700_and_the_association_goes_on(

@@ -291,7 +291,7 @@ async def test_anonymous_scopes_open_only_the_routes_that_admit_them(
 # -- projects (seed 002's "Model Run" permission) -------------------------------------------
 
 
-def test_projects_of_api_keys_and_tokens() -> None:
+def test_projects_of_api_keys_and_tokens(tmp_path: Path) -> None:
     settings = AuthSettings(api_keys=[
         ApiKeySettings(name="lab", key_sha256=hash_api_key(API_KEY), projects=["AI_CXR", 7]),
         ApiKeySettings(name="all", key_sha256=hash_api_key("k-all"))])
@@ -316,9 +316,13 @@ def test_projects_of_api_keys_and_tokens() -> None:
     with pytest.raises(AuthError, match="projects claim is null"):
         a.authenticate(null)
     # YAML `projects:` left empty is null: a configuration error, not "every project"
-    with pytest.raises(ValueError, match="projects is empty"):
-        ApiKeySettings.model_validate({"name": "ris", "key_sha256": hash_api_key("k"),
-                                       "projects": None})
+    from dicom_node.config import ConfigError, load_settings
+
+    config = tmp_path / "node.yaml"
+    config.write_text("auth:\n  api_keys:\n    - name: ris\n"
+                      f"      key_sha256: {hash_api_key('k')}\n      projects:\n")
+    with pytest.raises(ConfigError, match=r"auth.api_keys.0.projects.*empty \(null\)"):
+        load_settings(config, environ={})
 
 
 async def test_two_authorization_headers_and_non_ascii_ones_are_refused(
