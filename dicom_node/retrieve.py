@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.config import SourceSettings
-from dicom_node.errors import InvalidInput, NodeError, PermanentJobError
-from dicom_node.scheduler import JobContext
+from dicom_node.disk import short_of_space
+from dicom_node.errors import DeferJob, InvalidInput, NodeError, PermanentJobError
+from dicom_node.scheduler import DISK_FULL_RETRY_S, JobContext
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -299,6 +300,7 @@ class Retriever:
                     break
                 prog.state, prog.message = "failed", fetched.message
             self.ctx.publish(retrieval=[p.as_dict() for p in progress])
+        self._wait_for_space(progress)
         if not paths:
             reasons = "; ".join(f"{p.study}: {p.message}" for p in progress)
             # a study refused as another patient's stays refused however often it is tried
@@ -309,6 +311,24 @@ class Retriever:
                 raise RetrievalError(f"nothing retrieved ({reasons})")
             raise PermanentJobError(f"nothing retrieved ({reasons})")
         return paths
+
+    def _wait_for_space(self, progress: list[Progress]) -> None:
+        """DeferJob when instances did not come because the node's own disk is short (the
+        reserve refused them, 0xA700, or the disk filled): the job ran on the slices that
+        had come, half a CT made organ volumes sent to the PACS as a success. It waits for
+        space as jobs do, and fetches the study again then."""
+        missed = [p for p in progress if p.state in ("partial", "failed") and not p.refused]
+        if not missed:
+            return
+        settings = self.node.settings
+        why = short_of_space(settings, settings.studies_dir) or next(
+            (p.message for p in missed if "No space left" in p.message
+             or "free disk space is low" in p.message), None)
+        if why:
+            raise DeferJob(f"the disk of the studies is short of space ({why}): "
+                           f"{sum(p.failed for p in missed)} instance(s) of the retrieval "
+                           "were not kept; it is fetched again once there is room",
+                           DISK_FULL_RETRY_S)
 
     def _fetch(self, src: dict[str, Any], t: Target) -> Fetched:
         """What one source gave for one target: stored paths, failures, a message."""

@@ -45,6 +45,7 @@ from dicom_node.config import (
     TlsSettings,
 )
 from dicom_node.dimse_status import Status
+from dicom_node.disk import short_of_space
 from dicom_node.errors import InvalidInput, StoreError
 from dicom_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.logs import get_logger
@@ -636,6 +637,12 @@ class DicomClient:
             _adopt_context(threading.current_thread())  # the writer's lines name the job
             req: Any = event.request
             sop = str(req.AffectedSOPInstanceUID or "")
+            if short := short_of_space(self.settings, writer.studies_dir):
+                # as the listener answers a C-MOVE's: a C-GET wrote the disk to 0 past it
+                with lock:
+                    failures.append(InstanceFailure(sop, int(Status.OUT_OF_RESOURCES),
+                                                    f"free disk space is low: {short}"))
+                return int(Status.OUT_OF_RESOURCES)
             try:
                 got = writer.write(
                     spool.received_path(req), called_ae=self.settings.dimse.ae_title,

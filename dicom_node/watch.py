@@ -335,7 +335,9 @@ class DropFolder:
         """Resume once the smallest held input fits above the reserve (loop)."""
         need = min(self._held.values())
         free = await asyncio.to_thread(self.watcher.free_bytes)
-        if free - need < self.watcher.reserve_bytes():
+        # the test has_room pauses by, inodes included: bytes alone resumed a folder
+        # short of inodes every few seconds, three log lines a turn
+        if not await asyncio.to_thread(self.watcher.has_room, need):
             self._set_state(FolderState.PAUSED, self._space_message(free, need))
             return
         held, self._held = list(self._held), {}
@@ -345,6 +347,10 @@ class DropFolder:
         self._events(held, False)
 
     def _space_message(self, free: int | None, need: int) -> str:
+        inodes = short_of_space(self.watcher.settings, self.watcher.staging_dir) \
+            if free is not None and free - need >= self.watcher.reserve_bytes() else None
+        if inodes:  # bytes to spare: the inodes are what is short
+            return f"disk space under the reserve: {inodes}; inputs wait where they are"
         known = "" if free is None else f"{free >> 20} MB free, "
         return (f"disk space under storage.min_free_mb: {known}"
                 f"{self.watcher.reserve_bytes() >> 20} MB kept free, the next input needs "

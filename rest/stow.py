@@ -394,8 +394,12 @@ async def store_instances(request: web.Request) -> web.Response:
         response.set_status(413 if too_large else 202 if stored else response.status)
         response.headers.add("Warning", _warning("the rest of the request was not read",
                                                  ended_early))
-    elif stored == 0 and all(o.sop_instance_uid is None for o in outcomes):
-        # Nothing in the body could even be read as DICOM: the request itself is bad.
+    elif stored == 0 and all(o.sop_instance_uid is None
+                             and o.failure is not FailureReason.OUT_OF_RESOURCES
+                             for o in outcomes):
+        # Nothing in the body could even be read as DICOM: the request itself is bad (not
+        # parts refused for want of space, unread: a client must not take 400 as "do not
+        # send again")
         response.set_status(400)
     return response
 

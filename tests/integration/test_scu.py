@@ -872,3 +872,41 @@ def test_a_move_waits_while_a_large_sub_operation_is_still_coming(tmp_path: Path
         assert [r.sop_instance_uid for r in result.received] == [big.SOPInstanceUID]
         rec = rn.store.get_instance(str(big.SOPInstanceUID))
         assert rec is not None and rec.source == "retrieve"
+
+
+def test_a_get_under_the_free_space_reserve_keeps_nothing(tmp_path: Path) -> None:
+    """The listener answers a C-MOVE's sub-operations 0xA700 under storage.min_free_mb;
+    a C-GET's came back on its own association and were written past the reserve, the
+    disk to 0."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    from tests.support.node import running_node
+
+    study, series = generate_uid(), generate_uid()
+    sent = [synthetic(study, series) for _ in range(3)]
+
+    def on_get(event: evt.Event):  # type: ignore[no-untyped-def]
+        yield len(sent)
+        for ds in sent:
+            yield 0xFF00, ds
+
+    ae = AE("QRSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # never that much free
+    try:
+        with running_node(settings) as rn:
+            result = client_for(rn).retrieve(
+                source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
+            assert all(rn.store.get_instance(str(ds.SOPInstanceUID)) is None for ds in sent)
+    finally:
+        server.shutdown()
+    assert not result.ok and result.received == []
+    assert len(result.failures) == 3

@@ -730,6 +730,45 @@ async def test_intake_waits_while_disk_space_is_under_the_reserve(
     assert len(paused) == 1 and paused[0]["log_level"] == "warning"
 
 
+async def test_a_folder_short_of_inodes_stays_paused_and_says_so(tmp_path: Path) -> None:
+    """With bytes to spare and inodes short, the folder paused on inodes but resumed on
+    bytes every few seconds (three log lines a turn, ~100,000 a day), its message
+    blaming megabytes; it now stays paused, says inodes, and resumes once they are back."""
+    import structlog
+
+    from dicom_node.disk import MIN_FREE_INODES, free_inodes
+    from tests.support.disk import small_disk
+
+    study = make_ct_study(tmp_path / "src", seed="watch-inodes", slices=1)
+    inbox = tmp_path / "inbox"
+    with small_disk(tmp_path / "disk", 40, inodes=MIN_FREE_INODES + 300) as disk:
+        base = settings_for(tmp_path)
+        settings = base.model_copy(update={"storage": base.storage.model_copy(
+            update={"data_dir": disk / "data", "min_free_mb": 1})})
+        with structlog.testing.capture_logs() as logs:
+            async with running_node(settings) as node:
+                crumbs = disk / "crumbs"
+                crumbs.mkdir()
+                n = 0
+                while (free_inodes(disk) or 0) >= MIN_FREE_INODES:
+                    (crumbs / str(n)).touch()
+                    n += 1
+                shutil.copy(study.paths[0], inbox / "IM1")
+                assert node.watch is not None
+                await wait_until(lambda: node.watch is not None
+                                 and node.watch.status()["inbox"]["held"] == 1)
+                await asyncio.sleep(3)  # several polls: it stays paused
+                status = node.watch.status()["inbox"]
+                assert status["state"] == "paused", status
+                assert "inodes (files) free" in status["message"]
+                shutil.rmtree(crumbs)
+                await wait_until(lambda: len(files_in(inbox / "done")) == 1)
+                assert await instance_count(node) == 1
+    events = [e["event"] for e in logs]
+    assert events.count("drop folder paused") == 1
+    assert events.count("disk space is back: taking inputs again") == 1
+
+
 async def test_intake_resumes_when_disk_space_returns(tmp_path: Path) -> None:
     import structlog
 

@@ -620,3 +620,33 @@ async def test_the_free_space_reserve_is_checked_for_each_part(aiohttp_client: A
             (failed,) = answer[FAILED]["Value"]
             assert failed[REASON]["Value"] == [int(FailureReason.OUT_OF_RESOURCES)]
             assert node.store is not None and node.store.get_instance(study.sop_uids[1]) is None
+
+
+async def test_parts_all_refused_for_space_are_409_not_400(aiohttp_client: Any,
+                                                           tmp_path: Path) -> None:
+    """Every part refused under the reserve read as "nothing in the body is DICOM" (400:
+    a client does not send a malformed request again)."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 40) as disk:
+        config = {**CONFIG, "storage": {"min_free_mb": 10}}
+        async with running_node(node_settings(disk / "data", **config)) as node:
+            client = await aiohttp_client(create_app(node))
+            secret = (disk / "data" / "jwt_secret").read_bytes().strip()
+            (only,) = make_ct_study(tmp_path / "ct", slices=1, size=32).paths
+            data = only.read_bytes()
+            boundary = "probe-boundary"
+            head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield head + data[:-64]  # the request began above the reserve
+                await asyncio.to_thread(fill, disk, 6 << 20)
+                yield data[-64:] + f"\r\n--{boundary}--\r\n".encode()
+
+            r = await client.post("/dicomweb/studies", data=chunks(), headers={
+                "Authorization": f"Bearer {tok(secret)}", "Accept": DICOM_JSON,
+                "Content-Type": f'multipart/related; type="application/dicom"; '
+                                f'boundary="{boundary}"'})
+            assert r.status == 409
+            (failed,) = (await r.json())[FAILED]["Value"]
+            assert failed[REASON]["Value"] == [int(FailureReason.OUT_OF_RESOURCES)]
