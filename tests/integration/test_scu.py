@@ -618,6 +618,27 @@ def _fake_pacs(on_move):  # type: ignore[no-untyped-def]
         server.shutdown()
 
 
+@contextlib.contextmanager
+def _fake_get_pacs(on_get):  # type: ignore[no-untyped-def]
+    """A Q/R SCP (pynetdicom's, AE title QRSCP) whose C-GET handler is ``on_get``."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    ae = AE("QRSCP")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
 def _push(port: int, calling: str, datasets, *, originator_aet: str | None = None,  # type: ignore[no-untyped-def]
           originator_id: int | None = None) -> list[int]:
     """C-STORE ``datasets`` to the node's own AE title from ``calling``, with the Move
@@ -743,11 +764,7 @@ def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> N
     """PS3.7 C.4.3: a Pending response follows each sub-operation, so one large instance
     over a slow link may take longer than dimse.dimse_timeout_s. The retrieval ended
     there ("no final response") while the instance was still arriving."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        CTImageStorage,
-        StudyRootQueryRetrieveInformationModelGet,
-    )
+    from pynetdicom import evt
 
     from tests.support.node import running_node
 
@@ -759,19 +776,10 @@ def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> N
         yield 1
         yield 0xFF00, big
 
-    ae = AE("QRSCP")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_GET, on_get)])
     settings = node_settings(tmp_path / "data", dimse={"dimse_timeout_s": 1.0})
-    try:
-        with running_node(settings) as rn:
-            result = client_for(rn).retrieve(
-                source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
-    finally:
-        server.shutdown()
+    with _fake_get_pacs(on_get) as port, running_node(settings) as rn:
+        result = client_for(rn).retrieve(
+            source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
     assert result.ok, result.message
     assert [r.sop_instance_uid for r in result.received] == [big.SOPInstanceUID]
 
@@ -878,11 +886,7 @@ def test_a_get_under_the_free_space_reserve_keeps_nothing(tmp_path: Path) -> Non
     """The listener answers a C-MOVE's sub-operations 0xA700 under storage.min_free_mb;
     a C-GET's came back on its own association and were written past the reserve, the
     disk to 0."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        CTImageStorage,
-        StudyRootQueryRetrieveInformationModelGet,
-    )
+    from pynetdicom import evt
 
     from tests.support.node import running_node
 
@@ -894,19 +898,10 @@ def test_a_get_under_the_free_space_reserve_keeps_nothing(tmp_path: Path) -> Non
         for ds in sent:
             yield 0xFF00, ds
 
-    ae = AE("QRSCP")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_GET, on_get)])
     settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # never that much free
-    try:
-        with running_node(settings) as rn:
-            result = client_for(rn).retrieve(
-                source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
-            assert all(rn.store.get_instance(str(ds.SOPInstanceUID)) is None for ds in sent)
-    finally:
-        server.shutdown()
+    with _fake_get_pacs(on_get) as port, running_node(settings) as rn:
+        result = client_for(rn).retrieve(
+            source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
+        assert all(rn.store.get_instance(str(ds.SOPInstanceUID)) is None for ds in sent)
     assert not result.ok and result.received == []
     assert len(result.failures) == 3
