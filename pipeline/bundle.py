@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 # A 2-D classifier's result notes an image whose long side is more than this many times
 # its short one (see LoadedModel.aspect_note). The demo chest model, trained on square
-# phantoms, already misreads a normal chest padded from 1.125:1 (a 14 x 17 in cassette is
-# 1.21:1), so the note starts well below the proportions of a usual radiograph.
+# phantoms, already misreads a normal chest fitted (padded or squashed) from 1.125:1 (a
+# 14 x 17 in cassette is 1.21:1), so the note starts below a usual radiograph's proportions.
 ASPECT_NOTE_RATIO = 1.1
 
 
