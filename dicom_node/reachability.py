@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_node.config import DestinationSettings, Settings, SourceSettings
 from dicom_node.scu import DicomClient
@@ -103,5 +104,22 @@ def _folder(settings: Settings, dest: DestinationSettings) -> EchoOutcome:
         ok = ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)
         message = "the folder does not exist yet; the first export creates it" if ok else \
             f"the folder does not exist and cannot be created under {ancestor}"
+    if ok and (full := _full(folder if folder.is_dir() else ancestor)):
+        # writable but full: an export there fails on every file (it was called "ok")
+        ok, message = False, full
     ms = (time.perf_counter() - start) * 1000
     return EchoOutcome(dest.name, "folder", str(folder), ok, None, round(ms, 2), message)
+
+
+def _full(folder: Path) -> str:
+    """Why nothing fits in ``folder``'s filesystem (under 1 MiB or no inode free), or ''."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    if free < 1 << 20:
+        return f"the folder's disk is full ({free // 1024} KiB free): an export there would fail"
+    if st.f_files and not st.f_favail:
+        return "the folder's disk has no inode (file) free: an export there would fail"
+    return ""

@@ -98,3 +98,22 @@ def test_a_port_that_is_not_dicom_fails_in_its_line_only(tmp_path: Path) -> None
     assert out.stdout.split()[:3] == ["FAIL", "destination", "web"]
     assert f"port {port} takes connections but the peer aborted the association" in out.stdout
     assert "Unknown PDU type" not in out.stderr and "Association Aborted" not in out.stderr
+
+
+def test_a_folder_destination_on_a_full_disk_fails(tmp_path: Path) -> None:
+    """A writable folder on a disk with 0 bytes free was reported "ok": every export there
+    failed on its first file."""
+    from tests.support.disk import fill, small_disk
+
+    with small_disk(tmp_path / "share", 4) as share:
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump({
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "destinations": [{"name": "share", "type": "folder", "path": str(share / "out")}],
+        }))
+        assert cli(config).returncode == 0  # room to spare: ok
+        fill(share, 0)
+        out = cli(config)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.split()[:3] == ["FAIL", "destination", "share"]
+    assert "the folder's disk is full (" in out.stdout
