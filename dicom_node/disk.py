@@ -9,7 +9,6 @@ disk under the store stops everything else too.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,24 @@ MB = 1024 * 1024
 MIN_FREE_INODES = 1000
 
 
-def free_mb(path: Path) -> int:
-    """Free megabytes on ``path``'s filesystem (its nearest existing parent's)."""
+def _space(path: Path) -> tuple[int, int | None]:
+    """(free megabytes, free inodes or None where the filesystem does not count them) of
+    ``path``'s filesystem (its nearest existing parent's): one statvfs, as the listener
+    asks for each instance."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free // MB
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize // MB, (st.f_favail if st.f_files else None)
+
+
+def free_mb(path: Path) -> int:
+    """Free megabytes on ``path``'s filesystem (its nearest existing parent's)."""
+    return _space(path)[0]
 
 
 def free_inodes(path: Path) -> int | None:
     """Free inodes (files) on ``path``'s filesystem, or None where it does not count them."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    st = os.statvfs(path)
-    return st.f_favail if st.f_files else None
+    return _space(path)[1]
 
 
 def _few_inodes(inodes: int | None) -> str | None:
@@ -56,8 +60,7 @@ def short_of_space(settings: Settings, path: Path) -> str | None:
     if not settings.storage.min_free_mb:
         return None
     try:
-        free = free_mb(path)
-        inodes = free_inodes(path)
+        free, inodes = _space(path)
     except OSError:
         return None  # an unreadable disk shows up as the write's own error
     return _under_reserve(settings, free) or _few_inodes(inodes)
@@ -68,9 +71,9 @@ def disk_health(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"reserve_mb": settings.storage.min_free_mb}
     ok = True
     for name, path in (("studies", settings.studies_dir), ("results", settings.results_dir)):
+        free: int | None
         try:
-            free: int | None = free_mb(path)
-            inodes = free_inodes(path)
+            free, inodes = _space(path)
         except OSError:
             free = inodes = None
         out[f"{name}_free_mb"] = free

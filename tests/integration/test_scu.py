@@ -598,41 +598,27 @@ def test_get_offers_the_classes_a_find_reports_beyond_the_usual_list(
 
 
 @contextlib.contextmanager
-def _fake_pacs(on_move):  # type: ignore[no-untyped-def]
-    """A Q/R SCP (pynetdicom's, AE title QRSCP) whose C-MOVE handler is ``on_move``."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        CTImageStorage,
-        StudyRootQueryRetrieveInformationModelMove,
-    )
-
-    ae = AE("QRSCP")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
-    ae.add_requested_context(CTImageStorage)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_MOVE, on_move)])
-    try:
-        yield port
-    finally:
-        server.shutdown()
-
-
-@contextlib.contextmanager
-def _fake_get_pacs(on_get):  # type: ignore[no-untyped-def]
-    """A Q/R SCP (pynetdicom's, AE title QRSCP) whose C-GET handler is ``on_get``."""
+def _fake_pacs(on_move=None, on_get=None):  # type: ignore[no-untyped-def]
+    """A Q/R SCP (pynetdicom's, AE title QRSCP) whose C-MOVE handler is ``on_move`` or
+    C-GET handler ``on_get``; yields its port."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         CTImageStorage,
         StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
     )
 
     ae = AE("QRSCP")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+    if on_get is None:
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(CTImageStorage)
+        handler = (evt.EVT_C_MOVE, on_move)
+    else:  # the instances go back on the C-GET's association: the SCP takes both roles
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+        handler = (evt.EVT_C_GET, on_get)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_GET, on_get)])
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[handler])
     try:
         yield port
     finally:
@@ -777,7 +763,7 @@ def test_a_get_waits_while_a_large_instance_is_still_coming(tmp_path: Path) -> N
         yield 0xFF00, big
 
     settings = node_settings(tmp_path / "data", dimse={"dimse_timeout_s": 1.0})
-    with _fake_get_pacs(on_get) as port, running_node(settings) as rn:
+    with _fake_pacs(on_get=on_get) as port, running_node(settings) as rn:
         result = client_for(rn).retrieve(
             source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
     assert result.ok, result.message
@@ -899,7 +885,7 @@ def test_a_get_under_the_free_space_reserve_keeps_nothing(tmp_path: Path) -> Non
             yield 0xFF00, ds
 
     settings = node_settings(tmp_path / "data", min_free_mb=10**9)  # never that much free
-    with _fake_get_pacs(on_get) as port, running_node(settings) as rn:
+    with _fake_pacs(on_get=on_get) as port, running_node(settings) as rn:
         result = client_for(rn).retrieve(
             source(port, "c-get"), Query(QueryLevel.STUDY, study_instance_uid=study))
         assert all(rn.store.get_instance(str(ds.SOPInstanceUID)) is None for ds in sent)
